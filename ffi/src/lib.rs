@@ -1,0 +1,67 @@
+//! Everything in nvmetro that needs `unsafe` lives here, behind safe types:
+//!
+//! * [`DmaBuf`]: a heap buffer aligned to 4 KiB, the unit every block I/O moves (O_DIRECT needs the
+//!   alignment, and the NVMe/TCP path reads and writes sockets straight into it).
+//! * [`SharedMem`]: a large anonymous mapping, on 2 MiB hugepages when they are reserved, shared by
+//!   all reactors. Access goes through stripe locks taken with atomics, so two reactors can never
+//!   copy into the same bytes at once and every copy is free of data races.
+//! * [`Uring`]: an io_uring instance per reactor that owns each buffer while the kernel uses it.
+//! * [`pin_current_thread`] and [`eventfd`] helpers.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod dmabuf;
+mod shmem;
+mod uring;
+
+pub use dmabuf::DmaBuf;
+pub use shmem::{OutOfRange, SharedMem};
+pub use uring::{Uring, UringCompletion, UringOp};
+
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+
+/// Creates a non-blocking, close-on-exec eventfd (used to wake a parked reactor from io_uring).
+pub fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd takes no pointers; the returned descriptor is checked before use.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Drains an eventfd's counter so that level-triggered waiters stop waking.
+pub fn eventfd_drain(fd: &OwnedFd) {
+    use std::os::fd::AsRawFd;
+    let mut value = 0u64;
+    // SAFETY: we pass a valid pointer to 8 writable bytes, which is what eventfd reads need.
+    unsafe {
+        libc::read(fd.as_raw_fd(), (&mut value as *mut u64).cast(), 8);
+    }
+}
+
+/// Pins the calling thread to one CPU. Errors when the CPU does not exist or is not allowed.
+pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; zeroed is its empty value.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "cpu index too large"));
+    }
+    // SAFETY: `cpu` was bounds-checked against CPU_SETSIZE above.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid, initialised cpu_set_t and its size is passed alongside.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Number of free 2 MiB hugepages the kernel currently has reserved.
+pub fn free_hugepages_2m() -> u64 {
+    std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}

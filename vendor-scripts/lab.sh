@@ -1,0 +1,224 @@
+#!/usr/bin/env bash
+# The Linux-host lab: a stock Debian kernel with nvme-cli and fio, booted under QEMU (TCG), used as a
+# real NVMe/TCP host against nvmetro-tgt running on this machine.
+#
+#   vendor-scripts/lab.sh setup     install host packages, build the guest root, kernel and initramfs
+#   vendor-scripts/lab.sh test      start nvmetro-tgt on 127.0.0.1, run the guest's checks, print verdicts
+#   vendor-scripts/lab.sh shell     boot a guest with a shell on the console (for debugging)
+#
+# The guest reaches the host's 127.0.0.1:PORT as 10.0.2.2:PORT through QEMU user networking; nothing
+# else is addressed. Everything comes from Debian's packages; LAB (default /var/tmp/nvmetro-lab) caches
+# the root file system so that a second run skips the downloads.
+set -euo pipefail
+LAB=${LAB:-/var/tmp/nvmetro-lab}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+MIRROR=${MIRROR:-$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)}
+MIRROR=${MIRROR:-http://deb.debian.org/debian}
+T0=$(date +%s)
+step() { echo "[lab $(($(date +%s) - T0))s] $*"; }
+freeport() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+
+setup() {
+  mkdir -p "$LAB"/{bin,share,debs}
+  step "host packages (QEMU from bookworm-backports so the image's qemu-utils stays)"
+  if ! command -v qemu-system-x86_64 >/dev/null || ! command -v debootstrap >/dev/null \
+     || [ ! -x /bin/busybox ] || ! command -v cpio >/dev/null; then
+    local aptd=$LAB/apt-sources.d
+    rm -rf "$aptd"; mkdir -p "$aptd"
+    cp /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list "$aptd"/ 2>/dev/null || true
+    [ -f /etc/apt/sources.list ] && cp /etc/apt/sources.list "$aptd/base.list"
+    printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+      "$MIRROR" > "$aptd/lab-bookworm-backports.sources"
+    local apto=(-o Dir::Etc::SourceParts="$aptd" -o DPkg::Lock::Timeout=900)
+    $SUDO apt-get "${apto[@]}" update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get "${apto[@]}" install -y -qq --no-install-recommends \
+      -t bookworm-backports qemu-system-x86 qemu-utils > "$LAB/apt.log"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get "${apto[@]}" install -y -qq --no-install-recommends \
+      busybox-static debootstrap cpio kmod python3 >> "$LAB/apt.log"
+  fi
+  qemu-system-x86_64 --version | head -1
+
+  step "guest root: debootstrap with nvme-cli, fio"
+  if [ ! -x "$LAB/rootfs/usr/bin/fio" ] || [ ! -x "$LAB/rootfs/usr/sbin/nvme" ]; then
+    $SUDO rm -rf "$LAB/rootfs"
+    $SUDO debootstrap --variant=minbase --include=nvme-cli,fio,iproute2,kmod,busybox,util-linux \
+      bookworm "$LAB/rootfs" "$MIRROR" > "$LAB/debootstrap.log" 2>&1 \
+      || { tail -20 "$LAB/debootstrap.log"; exit 1; }
+  fi
+
+  step "kernel: Debian's linux-image-amd64, unpacked into the guest root"
+  local kpkg k
+  kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+  if [ -z "$kpkg" ]; then $SUDO apt-get update -qq; kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}'); fi
+  k=${kpkg#linux-image-}
+  if [ ! -e "$LAB/rootfs/boot/vmlinuz-$k" ]; then
+    (cd "$LAB/debs" && apt-get download "$kpkg" >/dev/null 2>&1)
+    # --keep-directory-symlink keeps rootfs/lib -> usr/lib (merged /usr); dpkg-deb -x would break /bin/sh
+    dpkg-deb --fsys-tarfile "$LAB"/debs/"${kpkg}"_*.deb | $SUDO tar -x -C "$LAB/rootfs" --keep-directory-symlink
+    $SUDO depmod -b "$LAB/rootfs" "$k"
+  fi
+  echo "K=$k" > "$LAB/kernel.env"
+
+  step "initramfs: static busybox, virtio/9p/overlay modules, /init that switches to the 9p root"
+  cat > "$LAB/bin/init" <<'EOF'
+#!/bin/sh
+export PATH=/bin:/sbin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+for m in virtio_pci virtio_net 9pnet_virtio 9p overlay; do modprobe $m; done
+mkdir -p /mnt/share /ro /rw
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 share /mnt/share
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=loose,ro rootfs /ro
+mount -t tmpfs tmpfs /rw; mkdir -p /rw/up /rw/work
+mount -t overlay overlay -o lowerdir=/ro,upperdir=/rw/up,workdir=/rw/work /newroot
+mkdir -p /newroot/mnt/share; mount --move /mnt/share /newroot/mnt/share
+for d in proc sys dev; do mount --move /$d /newroot/$d; done
+exec switch_root /newroot /bin/sh /mnt/share/guest-init.sh
+EOF
+  local st=$LAB/initramfs.d
+  rm -rf "$st"; mkdir -p "$st"/{bin,sbin,proc,sys,dev,tmp,mnt,newroot,lib/modules/$k}
+  cp /bin/busybox "$st/bin/busybox"
+  for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -sf busybox "$st/bin/$a"; done
+  for m in virtio_pci virtio_net 9p 9pnet_virtio overlay; do
+    modprobe -d "$LAB/rootfs" -S "$k" --show-depends "$m"
+  done | awk '$1=="insmod"{print $2}' | sort -u | while read -r f; do
+    rel=${f#"$LAB"/rootfs/}; rel=${rel#usr/}; mkdir -p "$st/$(dirname "$rel")"; cp "$f" "$st/$rel"; done
+  cp "$LAB/rootfs/lib/modules/$k"/modules.{order,builtin,builtin.modinfo} "$st/lib/modules/$k/"
+  depmod -b "$st" "$k"
+  install -m755 "$LAB/bin/init" "$st/init"
+  (cd "$st" && find . | cpio -o -H newc --quiet | gzip -1) > "$LAB/initramfs.cpio.gz"
+
+  cat > "$LAB/share/guest-init.sh" <<'EOF'
+#!/bin/sh
+# PID 1 in the Debian root (9p read-only + tmpfs overlay): run the job named on the command line.
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
+mount -t tmpfs tmpfs /tmp; mount -t tmpfs tmpfs /run
+arg() { for x in $(cat /proc/cmdline); do case $x in $1=*) echo "${x#*=}";; esac; done; }
+ip link set lo up; ip link set eth0 up; ip addr add 10.0.2.15/24 dev eth0; ip route add default via 10.0.2.2
+JOB=$(arg lab.job)
+echo "LAB: guest up after $(cut -d' ' -f1 /proc/uptime)s, job $JOB"
+if [ -n "$JOB" ] && [ -f "/mnt/share/$JOB" ]; then sh "/mnt/share/$JOB"; echo "LAB: job rc=$?";
+else setsid sh -c 'exec sh </dev/ttyS0 >/dev/ttyS0 2>&1'; fi
+sync; busybox poweroff -f; echo o > /proc/sysrq-trigger; sleep 30
+EOF
+  step "setup done"
+}
+
+boot_guest() { # JOB LOG APPEND-EXTRA
+  . "$LAB/kernel.env"
+  timeout "${GUEST_TIMEOUT:-900}" qemu-system-x86_64 -accel tcg -bios /usr/share/qemu/qboot.rom -m 1536 -smp 2 \
+    -nographic -no-reboot -kernel "$LAB/rootfs/boot/vmlinuz-$K" -initrd "$LAB/initramfs.cpio.gz" \
+    -append "console=ttyS0 quiet panic=-1 lab.job=$1 $3" \
+    -virtfs local,path="$LAB/rootfs",mount_tag=rootfs,security_model=none,readonly=on,id=rootfs \
+    -virtfs local,path="$LAB/share",mount_tag=share,security_model=none,id=share \
+    -netdev user,id=n0 -device virtio-net-pci,netdev=n0,romfile= < /dev/null > "$2" 2>&1 || true
+}
+
+run_test() {
+  [ -f "$LAB/kernel.env" ] && [ -f "$LAB/initramfs.cpio.gz" ] || setup
+  step "build nvmetro-tgt (release)"
+  (cd "$REPO" && cargo build --release -q -p nvmetro-tgt)
+  local tgt port nqn hostnqn cfg
+  tgt=$(cd "$REPO" && cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/nvmetro-tgt
+  port=${PORT:-$(freeport)}
+  nqn=nqn.2026-11.io.nvmetro:lab
+  hostnqn=nqn.2014-08.org.nvmexpress:uuid:6c0a5b8e-0d1b-4c8e-9d6a-1ab0c0ffee01
+  cfg=$LAB/lab-target.toml
+  cat > "$cfg" <<EOF
+# written by vendor-scripts/lab.sh: one 256 MiB malloc namespace for the guest
+[target]
+cores = [0]
+poll_mode = "adaptive"
+
+[[bdev]]
+name = "mal0"
+kind = "malloc"
+size = "256MiB"
+
+[[subsystem]]
+nqn = "$nqn"
+serial = "NVMETRO-LAB-1"
+allowed_hosts = ["$hostnqn"]
+cntlid_range = [1, 999]
+
+[[subsystem.namespace]]
+nsid = 1
+bdev = "mal0"
+nguid = "6e766d6574726f2d6c61622d6e736964"
+
+[[listener]]
+address = "127.0.0.1:$port"
+EOF
+  step "start nvmetro-tgt on 127.0.0.1:$port"
+  "$tgt" --config "$cfg" > "$LAB/target.log" 2>&1 &
+  local tpid=$!
+  trap 'kill $tpid 2>/dev/null || true' EXIT
+  for _ in $(seq 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1',$port),1)" 2>/dev/null && break; sleep 0.1; done
+
+  cat > "$LAB/share/job-host.sh" <<'EOF'
+arg() { for x in $(cat /proc/cmdline); do case $x in $1=*) echo "${x#*=}";; esac; done; }
+PORT=$(arg lab.port); NQN=$(arg lab.nqn); HOSTNQN=$(arg lab.hostnqn)
+mkdir -p /etc/nvme; echo "$HOSTNQN" > /etc/nvme/hostnqn
+modprobe nvme-tcp && echo "CHECK modprobe ok"
+echo "== nvme discover"
+nvme discover -t tcp -a 10.0.2.2 -s "$PORT" && echo "CHECK discover ok"
+echo "== nvme connect"
+nvme connect -t tcp -a 10.0.2.2 -s "$PORT" -n "$NQN" && echo "CHECK connect ok"
+sleep 2
+nvme list
+DEV=$(ls /dev/nvme*n1 2>/dev/null | head -1)
+[ -b "$DEV" ] && echo "CHECK namespace $DEV"
+nvme id-ctrl /dev/nvme0 | grep -E '^(vid|sn|mn|subnqn|cmic|oaes|anacap|anatt|anagrpmax|nanagrpid|kas|mdts|fuses|vwc|oncs) '
+nvme id-ns "$DEV" | grep -E '^(nsze|nmic|nguid|anagrpid|lbaf)'
+nvme ana-log /dev/nvme0 && echo "CHECK ana-log ok"
+nvme list-subsys
+echo "== fio 8k randwrite QD1, verify crc32c"
+fio --name=lab8k --filename="$DEV" --rw=randwrite --bs=8k --iodepth=1 --ioengine=libaio --direct=1 \
+    --size=64m --time_based --runtime=20 --verify=crc32c --verify_backlog=16 --verify_fatal=1 \
+    --lat_percentiles=1 > /tmp/fio.txt 2>&1; rc=$?
+cat /tmp/fio.txt; [ $rc = 0 ] && ! grep -q 'verify: bad' /tmp/fio.txt && grep -q 'IOPS=' /tmp/fio.txt && echo "CHECK fio verify ok"
+echo "FIO $(grep -E 'IOPS=' /tmp/fio.txt | head -1)"
+echo "== fio 8k randread verify of what was written"
+fio --name=lab8k --filename="$DEV" --rw=randwrite --bs=8k --iodepth=4 --ioengine=libaio --direct=1 \
+    --size=8m --verify=crc32c --do_verify=1 --verify_fatal=1 > /tmp/fio2.txt 2>&1 && echo "CHECK fio write-then-verify ok"
+tail -5 /tmp/fio2.txt
+nvme disconnect -n "$NQN" && echo "CHECK disconnect ok"
+EOF
+  step "boot the guest (TCG; a few minutes)"
+  boot_guest job-host.sh "$LAB/guest.log" "lab.port=$port lab.nqn=$nqn lab.hostnqn=$hostnqn"
+  step "guest done"
+  tr -d '\r' < "$LAB/guest.log" | grep -vE '^\s*$' | tail -120
+
+  local npass=0 nfail=0
+  chk() { if tr -d '\r' < "$LAB/guest.log" | grep -qE -- "$2"; then echo "PASS $1"; npass=$((npass+1)); else echo "FAIL $1"; nfail=$((nfail+1)); fi; }
+  chk "guest loaded nvme-tcp" "CHECK modprobe ok"
+  chk "nvme discover" "CHECK discover ok"
+  chk "discovery log names the subsystem" "subnqn: +$nqn"
+  chk "nvme connect" "CHECK connect ok"
+  chk "namespace block device" "CHECK namespace /dev/nvme"
+  chk "id-ctrl cmic multi-controller+ANA" "^cmic +: 0xa"
+  chk "nvme ana-log" "CHECK ana-log ok"
+  chk "fio randwrite with verify" "CHECK fio verify ok"
+  chk "fio write then verify" "CHECK fio write-then-verify ok"
+  chk "nvme disconnect" "CHECK disconnect ok"
+  if kill -0 $tpid 2>/dev/null && python3 -c "import socket; socket.create_connection(('127.0.0.1',$port),1)"; then
+    echo "PASS target healthy after the host left"; npass=$((npass+1))
+  else echo "FAIL target healthy after the host left"; nfail=$((nfail+1)); fi
+  kill -INT $tpid 2>/dev/null || true; wait $tpid 2>/dev/null || true
+  echo "--- target log (tail)"; tail -20 "$LAB/target.log"
+  echo "lab: $npass passed, $nfail failed"
+  [ $nfail = 0 ]
+}
+
+case "${1:-test}" in
+  setup) setup ;;
+  test) run_test ;;
+  shell)
+    . "$LAB/kernel.env"
+    exec qemu-system-x86_64 -accel tcg -bios /usr/share/qemu/qboot.rom -m 1536 -smp 2 -nographic -no-reboot \
+      -kernel "$LAB/rootfs/boot/vmlinuz-$K" -initrd "$LAB/initramfs.cpio.gz" -append "console=ttyS0 panic=-1" \
+      -virtfs local,path="$LAB/rootfs",mount_tag=rootfs,security_model=none,readonly=on,id=rootfs \
+      -virtfs local,path="$LAB/share",mount_tag=share,security_model=none,id=share \
+      -netdev user,id=n0 -device virtio-net-pci,netdev=n0,romfile= ;;
+  *) echo "usage: $0 setup|test|shell" >&2; exit 2 ;;
+esac
