@@ -1,0 +1,398 @@
+//! NVMe/TCP queue state machines, one per connection: [`TargetTransport`] for the controller side
+//! and [`HostTransport`] for the initiator side. Both take received bytes, append bytes to send to
+//! a caller-owned buffer, and report commands or completions as events.
+//!
+//! Writes whose data is not in the capsule are pulled with R2T, one window of at most MAXH2CDATA
+//! at a time (MAXR2T 1). Reads return data in C2HData PDUs padded to the host's HPDA.
+
+use crate::nvme::{sgl, Command, Completion, DataDirection, Status};
+use crate::pdu::{self, fes, Digests, Pdu, PduError};
+use std::collections::HashMap;
+
+/// Limits a target queue enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct TargetLimits {
+    /// Largest in-capsule data accepted (the admin queue takes 8 KiB, as Linux sends).
+    pub in_capsule: usize,
+    /// MAXH2CDATA advertised in ICResp.
+    pub maxh2cdata: u32,
+    /// Largest transfer for one command (MDTS in bytes).
+    pub max_transfer: usize,
+}
+
+impl Default for TargetLimits {
+    fn default() -> Self {
+        TargetLimits { in_capsule: 8192, maxh2cdata: 128 * 1024, max_transfer: 128 * 1024 }
+    }
+}
+
+/// What the transport hands to the controller.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TargetEvent {
+    /// A command with all of its host-to-controller data (empty for other commands).
+    Command { cmd: Command, data: Vec<u8> },
+    /// A command that failed at the transport (bad SGL, too long): send this completion as is.
+    Reject(Completion),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TargetState {
+    AwaitIcReq,
+    Ready,
+}
+
+#[derive(Debug)]
+struct PendingH2C {
+    cmd: Command,
+    buf: Vec<u8>,
+    received: usize,
+    window_end: usize,
+}
+
+/// The controller side of one NVMe/TCP connection.
+#[derive(Debug)]
+pub struct TargetTransport {
+    state: TargetState,
+    limits: TargetLimits,
+    digests: Digests,
+    hpda: u8,
+    pending: HashMap<u16, PendingH2C>,
+}
+
+impl TargetTransport {
+    pub fn new(limits: TargetLimits) -> TargetTransport {
+        TargetTransport { state: TargetState::AwaitIcReq, limits, digests: Digests::default(), hpda: 0, pending: HashMap::new() }
+    }
+
+    pub fn digests(&self) -> Digests {
+        self.digests
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.state == TargetState::Ready
+    }
+
+    /// Changes the in-capsule limit once the queue type is known (after Connect).
+    pub fn set_in_capsule(&mut self, bytes: usize) {
+        self.limits.in_capsule = bytes;
+    }
+
+    /// Consumes complete PDUs from `rx`, returns how many bytes it used. On a fatal error the
+    /// TermReq (if any) has been appended to `tx` and the connection must be closed after sending.
+    pub fn receive(&mut self, rx: &[u8], tx: &mut Vec<u8>, events: &mut Vec<TargetEvent>) -> Result<usize, PduError> {
+        let mut used = 0;
+        loop {
+            let max_data = self.limits.in_capsule.max(self.limits.maxh2cdata as usize);
+            let parsed = match pdu::parse(&rx[used..], self.digests, max_data) {
+                Ok(Some(p)) => p,
+                Ok(None) => return Ok(used),
+                Err(e) => return Err(self.fail(e, tx)),
+            };
+            let (p, n) = parsed;
+            let bad = |fes, fei, reason| PduError::new(fes, fei, reason, &rx[used..used + n]);
+            match (self.state, p) {
+                (TargetState::AwaitIcReq, Pdu::IcReq { hpda, digests, .. }) => {
+                    self.hpda = hpda;
+                    self.digests = digests;
+                    pdu::encode_icresp(tx, 0, digests, self.limits.maxh2cdata);
+                    self.state = TargetState::Ready;
+                }
+                (_, Pdu::TermReq { fes, fei, .. }) => {
+                    return Err(PduError { fes: None, fei, reason: "host sent a TermReq", header: fes.to_le_bytes().to_vec() });
+                }
+                (TargetState::Ready, Pdu::CapsuleCmd { cmd, data }) => self.on_capsule(cmd, data, tx, events),
+                (TargetState::Ready, Pdu::H2CData { cccid, ttag, datao, data, last }) => {
+                    let Some(p) = self.pending.get_mut(&ttag).filter(|p| p.cmd.cid() == cccid) else {
+                        return Err(self.fail(bad(fes::INVALID_HEADER_FIELD, 10, "H2CData for an unknown transfer tag"), tx));
+                    };
+                    let off = datao as usize;
+                    if off != p.received || off + data.len() > p.window_end {
+                        return Err(self.fail(bad(fes::DATA_OUT_OF_RANGE, 12, "H2CData outside the R2T window"), tx));
+                    }
+                    p.buf[off..off + data.len()].copy_from_slice(data);
+                    p.received += data.len();
+                    if p.received == p.window_end {
+                        if p.received == p.buf.len() {
+                            let done = self.pending.remove(&ttag).expect("present");
+                            events.push(TargetEvent::Command { cmd: done.cmd, data: done.buf });
+                        } else {
+                            p.window_end = (p.received + self.limits.maxh2cdata as usize).min(p.buf.len());
+                            let len = (p.window_end - p.received) as u32;
+                            pdu::encode_r2t(tx, cccid, ttag, p.received as u32, len, self.digests);
+                        }
+                    } else if last {
+                        return Err(self.fail(bad(fes::PDU_SEQUENCE_ERROR, 1, "last H2CData before the R2T window was full"), tx));
+                    }
+                }
+                (TargetState::AwaitIcReq, _) => {
+                    return Err(self.fail(bad(fes::PDU_SEQUENCE_ERROR, 0, "PDU before ICReq"), tx));
+                }
+                (TargetState::Ready, _) => {
+                    return Err(self.fail(bad(fes::INVALID_HEADER_FIELD, 0, "PDU type not sent by a host"), tx));
+                }
+            }
+            used += n;
+        }
+    }
+
+    fn fail(&mut self, e: PduError, tx: &mut Vec<u8>) -> PduError {
+        if let Some(code) = e.fes {
+            pdu::encode_term_req(tx, true, code, e.fei, &e.header);
+        }
+        e
+    }
+
+    fn on_capsule(&mut self, cmd: Command, data: &[u8], tx: &mut Vec<u8>, events: &mut Vec<TargetEvent>) {
+        let reject = |status| TargetEvent::Reject(Completion::new(cmd.cid(), status));
+        let len = cmd.sgl_len() as usize;
+        let dir = cmd.direction();
+        match cmd.sgl_type() {
+            sgl::IN_CAPSULE => {
+                if cmd.sgl_addr() != 0 || dir != DataDirection::HostToController {
+                    return events.push(reject(Status::INVALID_FIELD));
+                }
+                if len != data.len() || len > self.limits.in_capsule {
+                    return events.push(reject(Status::SGL_DATA_LENGTH_INVALID));
+                }
+                events.push(TargetEvent::Command { cmd, data: data.to_vec() });
+            }
+            sgl::TRANSPORT => {
+                if !data.is_empty() {
+                    return events.push(reject(Status::INVALID_FIELD));
+                }
+                if len > self.limits.max_transfer {
+                    return events.push(reject(Status::SGL_DATA_LENGTH_INVALID));
+                }
+                if dir == DataDirection::HostToController && len > 0 {
+                    let ttag = cmd.cid();
+                    if self.pending.contains_key(&ttag) {
+                        return events.push(reject(Status::CID_CONFLICT));
+                    }
+                    let window = len.min(self.limits.maxh2cdata as usize);
+                    pdu::encode_r2t(tx, cmd.cid(), ttag, 0, window as u32, self.digests);
+                    self.pending.insert(ttag, PendingH2C { cmd, buf: vec![0; len], received: 0, window_end: window });
+                } else {
+                    events.push(TargetEvent::Command { cmd, data: Vec::new() });
+                }
+            }
+            _ if len == 0 && data.is_empty() => events.push(TargetEvent::Command { cmd, data: Vec::new() }),
+            _ => events.push(reject(Status::SGL_DESCRIPTOR_TYPE_INVALID)),
+        }
+    }
+
+    /// Appends the response to a command: its data (for reads) in C2HData PDUs, then the capsule.
+    pub fn respond(&self, cqe: &Completion, data: &[u8], tx: &mut Vec<u8>) {
+        const CHUNK: usize = 128 * 1024;
+        let chunks = data.len().div_ceil(CHUNK);
+        for (i, chunk) in data.chunks(CHUNK).enumerate() {
+            pdu::encode_c2h_data(tx, cqe.cid, (i * CHUNK) as u32, chunk, i + 1 == chunks, false, self.digests, self.hpda);
+        }
+        pdu::encode_capsule_resp(tx, cqe, self.digests);
+    }
+}
+
+/// Events of the host side.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HostEvent {
+    /// ICResp arrived: the queue can carry commands.
+    Connected,
+    /// A command finished, with the data it returned (reads).
+    Completed { cqe: Completion, data: Vec<u8> },
+}
+
+#[derive(Debug)]
+struct HostPending {
+    write: Vec<u8>,
+    read: Vec<u8>,
+    read_len: usize,
+}
+
+/// The host side of one NVMe/TCP connection.
+#[derive(Debug)]
+pub struct HostTransport {
+    digests: Digests,
+    connected: bool,
+    maxh2cdata: u32,
+    cpda: u8,
+    in_capsule: usize,
+    pending: HashMap<u16, HostPending>,
+}
+
+impl HostTransport {
+    /// Starts a connection: appends the ICReq asking for `digests`; `in_capsule` is the most data
+    /// this queue may put in a capsule (8 KiB on admin queues, IOCCSZ-derived on I/O queues).
+    pub fn new(digests: Digests, in_capsule: usize, tx: &mut Vec<u8>) -> HostTransport {
+        pdu::encode_icreq(tx, 0, digests, 0);
+        HostTransport { digests, connected: false, maxh2cdata: 0, cpda: 0, in_capsule, pending: HashMap::new() }
+    }
+
+    pub fn set_in_capsule(&mut self, bytes: usize) {
+        self.in_capsule = bytes;
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Appends a command. `write` is its host-to-controller data, `read_len` the bytes it returns.
+    pub fn submit(&mut self, mut cmd: Command, write: Vec<u8>, read_len: usize, tx: &mut Vec<u8>) {
+        if !write.is_empty() && write.len() <= self.in_capsule {
+            cmd.set_sgl(0, write.len() as u32, sgl::IN_CAPSULE);
+            pdu::encode_capsule_cmd(tx, &cmd, &write, self.digests, self.cpda);
+            self.pending.insert(cmd.cid(), HostPending { write: Vec::new(), read: Vec::new(), read_len });
+        } else {
+            let len = if write.is_empty() { read_len } else { write.len() };
+            cmd.set_sgl(0, len as u32, sgl::TRANSPORT);
+            pdu::encode_capsule_cmd(tx, &cmd, &[], self.digests, self.cpda);
+            self.pending.insert(cmd.cid(), HostPending { write, read: Vec::new(), read_len });
+        }
+    }
+
+    /// Consumes complete PDUs from `rx`, returns how many bytes it used.
+    pub fn receive(&mut self, rx: &[u8], tx: &mut Vec<u8>, events: &mut Vec<HostEvent>) -> Result<usize, PduError> {
+        let mut used = 0;
+        loop {
+            let max = if self.connected { 4 << 20 } else { 0 };
+            let Some((p, n)) = pdu::parse(&rx[used..], self.digests, max)? else { return Ok(used) };
+            let bad = |fes, fei, reason| PduError::new(fes, fei, reason, &rx[used..used + n]);
+            match p {
+                Pdu::IcResp { digests, maxh2cdata, cpda, .. } if !self.connected => {
+                    if digests != self.digests {
+                        return Err(bad(fes::UNSUPPORTED_PARAMETER, 11, "controller changed the digest settings"));
+                    }
+                    if maxh2cdata < 4096 || maxh2cdata % 4 != 0 {
+                        return Err(bad(fes::INVALID_HEADER_FIELD, 12, "MAXH2CDATA below 4096 or not a multiple of 4"));
+                    }
+                    self.maxh2cdata = maxh2cdata;
+                    self.cpda = cpda;
+                    self.connected = true;
+                    events.push(HostEvent::Connected);
+                }
+                Pdu::CapsuleResp { cqe } => {
+                    let data = self.pending.remove(&cqe.cid).map(|p| p.read).unwrap_or_default();
+                    events.push(HostEvent::Completed { cqe, data });
+                }
+                Pdu::C2HData { cccid, datao, data, last, success } => {
+                    let Some(p) = self.pending.get_mut(&cccid) else {
+                        return Err(bad(fes::INVALID_HEADER_FIELD, 8, "C2HData for an unknown command"));
+                    };
+                    if datao as usize != p.read.len() || p.read.len() + data.len() > p.read_len {
+                        return Err(bad(fes::DATA_OUT_OF_RANGE, 12, "C2HData outside the read buffer"));
+                    }
+                    p.read.extend_from_slice(data);
+                    if last && success {
+                        let p = self.pending.remove(&cccid).expect("present");
+                        events.push(HostEvent::Completed { cqe: Completion::new(cccid, Status::SUCCESS), data: p.read });
+                    }
+                }
+                Pdu::R2T { cccid, ttag, r2to, r2tl } => {
+                    let Some(p) = self.pending.get(&cccid) else {
+                        return Err(bad(fes::INVALID_HEADER_FIELD, 8, "R2T for an unknown command"));
+                    };
+                    let (start, end) = (r2to as usize, r2to as usize + r2tl as usize);
+                    if end > p.write.len() || r2tl == 0 {
+                        return Err(bad(fes::DATA_OUT_OF_RANGE, 12, "R2T outside the write buffer"));
+                    }
+                    let mut off = start;
+                    while off < end {
+                        let len = (end - off).min(self.maxh2cdata as usize);
+                        let last = off + len == end;
+                        pdu::encode_h2c_data(tx, cccid, ttag, off as u32, &p.write[off..off + len], last, self.digests, self.cpda);
+                        off += len;
+                    }
+                }
+                Pdu::TermReq { fes, fei, .. } => {
+                    return Err(PduError { fes: Some(fes), fei, reason: "controller terminated the connection", header: Vec::new() });
+                }
+                _ => return Err(bad(fes::INVALID_HEADER_FIELD, 0, "PDU type not sent by a controller")),
+            }
+            used += n;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nvme::io;
+
+    fn pair(d: Digests, limits: TargetLimits) -> (HostTransport, TargetTransport) {
+        let mut tx = Vec::new();
+        let mut host = HostTransport::new(d, 4096, &mut tx);
+        let mut tgt = TargetTransport::new(limits);
+        let (mut back, mut ev, mut hev) = (Vec::new(), Vec::new(), Vec::new());
+        assert_eq!(tgt.receive(&tx, &mut back, &mut ev).unwrap(), tx.len());
+        assert_eq!(host.receive(&back, &mut Vec::new(), &mut hev).unwrap(), back.len());
+        assert_eq!(hev, vec![HostEvent::Connected]);
+        (host, tgt)
+    }
+
+    #[test]
+    fn large_write_goes_through_r2t_windows() {
+        for d in [Digests::default(), Digests { header: true, data: true }] {
+            let limits = TargetLimits { maxh2cdata: 16384, ..TargetLimits::default() };
+            let (mut host, mut tgt) = pair(d, limits);
+            let data: Vec<u8> = (0..40000u32).map(|i| i as u8).collect();
+            let mut h2t = Vec::new();
+            host.submit(Command::new(io::WRITE, 5), data.clone(), 0, &mut h2t);
+            let mut events = Vec::new();
+            // Bounce bytes until the target has the whole command.
+            for _ in 0..10 {
+                let mut t2h = Vec::new();
+                let used = tgt.receive(&h2t, &mut t2h, &mut events).unwrap();
+                h2t.drain(..used);
+                let used = host.receive(&t2h, &mut h2t, &mut Vec::new()).unwrap();
+                assert_eq!(used, t2h.len());
+            }
+            assert_eq!(events.len(), 1);
+            let TargetEvent::Command { cmd, data: got } = &events[0] else { panic!() };
+            assert_eq!(cmd.cid(), 5);
+            assert_eq!(got, &data);
+        }
+    }
+
+    #[test]
+    fn read_data_and_completion_reach_the_host() {
+        let (mut host, tgt) = pair(Digests { header: true, data: false }, TargetLimits::default());
+        let mut tx = Vec::new();
+        host.submit(Command::new(io::READ, 9), Vec::new(), 300_000, &mut tx);
+        let mut t2h = Vec::new();
+        let payload = vec![0xab; 300_000];
+        tgt.respond(&Completion::new(9, Status::SUCCESS), &payload, &mut t2h);
+        let mut ev = Vec::new();
+        host.receive(&t2h, &mut Vec::new(), &mut ev).unwrap();
+        assert_eq!(ev, vec![HostEvent::Completed { cqe: Completion::new(9, Status::SUCCESS), data: payload }]);
+    }
+
+    #[test]
+    fn hostile_input_ends_with_term_req() {
+        let mut tgt = TargetTransport::new(TargetLimits::default());
+        let mut tx = Vec::new();
+        // A capsule before ICReq.
+        let mut bad = Vec::new();
+        pdu::encode_capsule_cmd(&mut bad, &Command::new(1, 1), &[], Digests::default(), 0);
+        let err = tgt.receive(&bad, &mut tx, &mut Vec::new()).unwrap_err();
+        assert_eq!(err.fes, Some(fes::PDU_SEQUENCE_ERROR));
+        assert_eq!(tx[0], pdu::C2H_TERM_REQ);
+
+        // H2CData nobody asked for.
+        let (_, mut tgt) = pair(Digests::default(), TargetLimits::default());
+        let mut bad = Vec::new();
+        pdu::encode_h2c_data(&mut bad, 1, 77, 0, &[1; 16], true, Digests::default(), 0);
+        let mut tx = Vec::new();
+        let err = tgt.receive(&bad, &mut tx, &mut Vec::new()).unwrap_err();
+        assert_eq!((err.fes, err.fei), (Some(fes::INVALID_HEADER_FIELD), 10));
+    }
+
+    #[test]
+    fn bad_sgl_is_rejected_per_command() {
+        let (_, mut tgt) = pair(Digests::default(), TargetLimits::default());
+        let mut cmd = Command::new(io::WRITE, 3);
+        cmd.set_sgl(0, 1 << 30, sgl::TRANSPORT);
+        let mut bytes = Vec::new();
+        pdu::encode_capsule_cmd(&mut bytes, &cmd, &[], Digests::default(), 0);
+        let mut ev = Vec::new();
+        tgt.receive(&bytes, &mut Vec::new(), &mut ev).unwrap();
+        assert_eq!(ev, vec![TargetEvent::Reject(Completion::new(3, Status::SGL_DATA_LENGTH_INVALID))]);
+    }
+}
