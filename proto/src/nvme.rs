@@ -348,3 +348,14 @@ mod tests {
         assert_eq!(Command::new(io::READ, 0).direction(), DataDirection::ControllerToHost);
     }
 }
+
+/// Little-endian field readers for hosts and tests that inspect returned data.
+pub fn le_u16(b: &[u8], off: usize) -> u16 {
+    le16(b, off)
+}
+pub fn le_u32(b: &[u8], off: usize) -> u32 {
+    le32(b, off)
+}
+pub fn le_u64(b: &[u8], off: usize) -> u64 {
+    le64(b, off)
+}
