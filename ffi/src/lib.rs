@@ -17,6 +17,11 @@ pub use dmabuf::DmaBuf;
 pub use shmem::{OutOfRange, SharedMem};
 pub use uring::{Uring, UringCompletion, UringOp};
 
+/// fallocate mode that frees blocks and keeps the file size: reads of the range return zeroes.
+pub const PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+/// open(2) flag for direct I/O.
+pub const O_DIRECT: i32 = libc::O_DIRECT;
+
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
 

@@ -12,6 +12,8 @@ pub enum UringOp {
     Write { file: Arc<File>, offset: u64, buf: DmaBuf },
     /// fdatasync of the whole file.
     Fsync { file: Arc<File> },
+    /// fallocate with `mode` (punching holes for deallocation).
+    Fallocate { file: Arc<File>, offset: u64, len: u64, mode: i32 },
 }
 
 /// A finished operation: the caller's tag, bytes moved or the OS error, and the buffer back.
@@ -75,6 +77,10 @@ impl Uring {
             }
             UringOp::Fsync { file } => {
                 let e = opcode::Fsync::new(types::Fd(file.as_raw_fd())).flags(types::FsyncFlags::DATASYNC).build();
+                (e, Inflight { tag, expected: 0, buf: None, _file: file })
+            }
+            UringOp::Fallocate { file, offset, len, mode } => {
+                let e = opcode::Fallocate::new(types::Fd(file.as_raw_fd()), len).offset(offset).mode(mode).build();
                 (e, Inflight { tag, expected: 0, buf: None, _file: file })
             }
         };

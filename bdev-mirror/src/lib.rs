@@ -1,0 +1,178 @@
+//! Block devices (SPDK's bdev model): a [`Bdev`] describes a device and opens one [`BdevChannel`]
+//! per reactor; each channel takes operations tagged by the caller and reports completions from
+//! [`BdevChannel::poll`], never blocking. Channels that wait on the kernel expose a file
+//! descriptor that becomes readable when completions arrive, so a parked reactor wakes up.
+//!
+//! * [`malloc`]: RAM, optionally on 2 MiB hugepages, shared by all reactors.
+//! * [`null`]: discards writes, reads zeroes; for measuring the target itself.
+//! * [`file`]: a file or block device through io_uring, O_DIRECT by default.
+//! * [`range_lock`]: lock-free LBA range locks (fused Compare+Write atomicity; resync later).
+//!
+//! The mirror bdev (two-site replication) will live beside these.
+
+pub mod file;
+pub mod malloc;
+pub mod null;
+pub mod range_lock;
+
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+/// What a block device is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BdevInfo {
+    pub name: String,
+    pub block_size: u32,
+    pub blocks: u64,
+    /// Writes may sit in a volatile cache until Flush.
+    pub volatile_cache: bool,
+}
+
+impl BdevInfo {
+    pub fn size_bytes(&self) -> u64 {
+        self.blocks * u64::from(self.block_size)
+    }
+}
+
+/// An operation on a block device; offsets and lengths are in bytes, block-aligned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BdevOp {
+    Read { offset: u64, len: usize },
+    Write { offset: u64, data: Vec<u8>, fua: bool },
+    /// Succeeds with [`BdevOutput::Miscompare`] when the bytes differ.
+    Compare { offset: u64, expected: Vec<u8> },
+    /// Compare, and only if equal write, atomically against every other write to the range.
+    CompareAndWrite { offset: u64, expected: Vec<u8>, data: Vec<u8> },
+    WriteZeroes { offset: u64, len: u64 },
+    Deallocate { offset: u64, len: u64 },
+    Flush,
+}
+
+impl BdevOp {
+    /// The byte range the operation touches, if any.
+    pub fn range(&self) -> Option<(u64, u64)> {
+        match self {
+            BdevOp::Read { offset, len } => Some((*offset, *len as u64)),
+            BdevOp::Write { offset, data, .. } => Some((*offset, data.len() as u64)),
+            BdevOp::Compare { offset, expected } | BdevOp::CompareAndWrite { offset, expected, .. } => {
+                Some((*offset, expected.len() as u64))
+            }
+            BdevOp::WriteZeroes { offset, len } | BdevOp::Deallocate { offset, len } => Some((*offset, *len)),
+            BdevOp::Flush => None,
+        }
+    }
+}
+
+/// What a finished operation returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BdevOutput {
+    Done,
+    Data(Vec<u8>),
+    Miscompare,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BdevError {
+    #[error("range {offset}+{len} is beyond the device's {size} bytes")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("I/O error: {0}")]
+    Io(String),
+    #[error("no space left on the device")]
+    NoSpace,
+}
+
+impl From<std::io::Error> for BdevError {
+    fn from(e: std::io::Error) -> BdevError {
+        if e.raw_os_error() == Some(28) {
+            BdevError::NoSpace
+        } else {
+            BdevError::Io(e.to_string())
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BdevCompletion {
+    pub tag: u64,
+    pub result: Result<BdevOutput, BdevError>,
+}
+
+/// A block device shared by all reactors.
+pub trait Bdev: Send + Sync + std::fmt::Debug {
+    fn info(&self) -> &BdevInfo;
+    /// Opens a channel for the calling reactor.
+    fn channel(self: Arc<Self>) -> std::io::Result<Box<dyn BdevChannel>>;
+}
+
+/// A reactor's handle on a device.
+pub trait BdevChannel: Send {
+    /// Queues an operation; its completion comes from a later [`BdevChannel::poll`].
+    fn submit(&mut self, tag: u64, op: BdevOp);
+    /// Hands queued operations to the device and collects finished ones into `done`.
+    fn poll(&mut self, done: &mut Vec<BdevCompletion>) -> usize;
+    /// Operations submitted and not yet completed.
+    fn outstanding(&self) -> usize;
+    /// A descriptor that becomes readable when completions are ready, for channels that wait on
+    /// the kernel.
+    fn wake_fd(&self) -> Option<RawFd> {
+        None
+    }
+}
+
+/// Checks that an operation fits the device.
+pub fn check_range(info: &BdevInfo, op: &BdevOp) -> Result<(), BdevError> {
+    if let Some((offset, len)) = op.range() {
+        let size = info.size_bytes();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(BdevError::OutOfRange { offset, len, size });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod conformance {
+    //! Behaviour every bdev must show, run against each kind.
+    use super::*;
+
+    pub fn run_to_completion(ch: &mut dyn BdevChannel, tag: u64, op: BdevOp) -> Result<BdevOutput, BdevError> {
+        ch.submit(tag, op);
+        let mut done = Vec::new();
+        for _ in 0..1_000_000 {
+            ch.poll(&mut done);
+            if let Some(c) = done.iter().find(|c| c.tag == tag) {
+                return c.result.clone();
+            }
+            std::thread::yield_now();
+        }
+        panic!("operation {tag} never completed");
+    }
+
+    pub fn check(bdev: Arc<dyn Bdev>) {
+        let bs = bdev.info().block_size as usize;
+        let size = bdev.info().size_bytes();
+        let mut ch = bdev.clone().channel().unwrap();
+        let pattern: Vec<u8> = (0..bs * 2).map(|i| (i * 7) as u8).collect();
+        let run = |ch: &mut Box<dyn BdevChannel>, op| run_to_completion(ch.as_mut(), 1, op);
+        assert_eq!(run(&mut ch, BdevOp::Write { offset: bs as u64, data: pattern.clone(), fua: false }), Ok(BdevOutput::Done));
+        assert_eq!(run(&mut ch, BdevOp::Read { offset: bs as u64, len: bs * 2 }), Ok(BdevOutput::Data(pattern.clone())));
+        assert_eq!(run(&mut ch, BdevOp::Compare { offset: bs as u64, expected: pattern.clone() }), Ok(BdevOutput::Done));
+        let other = vec![0xeeu8; bs * 2];
+        assert_eq!(run(&mut ch, BdevOp::Compare { offset: bs as u64, expected: other.clone() }), Ok(BdevOutput::Miscompare));
+        assert_eq!(
+            run(&mut ch, BdevOp::CompareAndWrite { offset: bs as u64, expected: other.clone(), data: other.clone() }),
+            Ok(BdevOutput::Miscompare)
+        );
+        assert_eq!(
+            run(&mut ch, BdevOp::CompareAndWrite { offset: bs as u64, expected: pattern.clone(), data: other.clone() }),
+            Ok(BdevOutput::Done)
+        );
+        assert_eq!(run(&mut ch, BdevOp::Read { offset: bs as u64, len: bs * 2 }), Ok(BdevOutput::Data(other)));
+        assert_eq!(run(&mut ch, BdevOp::WriteZeroes { offset: bs as u64, len: bs as u64 }), Ok(BdevOutput::Done));
+        assert_eq!(run(&mut ch, BdevOp::Deallocate { offset: 2 * bs as u64, len: bs as u64 }), Ok(BdevOutput::Done));
+        assert_eq!(run(&mut ch, BdevOp::Read { offset: bs as u64, len: bs * 2 }), Ok(BdevOutput::Data(vec![0; bs * 2])));
+        assert_eq!(run(&mut ch, BdevOp::Flush), Ok(BdevOutput::Done));
+        assert!(matches!(run(&mut ch, BdevOp::Read { offset: size, len: bs }), Err(BdevError::OutOfRange { .. })));
+        assert_eq!(ch.outstanding(), 0);
+    }
+}
