@@ -1,0 +1,683 @@
+//! nvmetro's configuration: one TOML file describes reactors, block devices, subsystems with
+//! their namespaces and allowed hosts, and listeners. Unknown keys are errors, and every error
+//! names the file, the line and the key, so an operator can fix it without guessing.
+//!
+//! ```toml
+//! [target]
+//! cores = [0]
+//! poll_mode = "adaptive"      # or "busy" (spin; for benchmarks)
+//! discovery = ["127.0.0.1:8009"]
+//!
+//! [[bdev]]
+//! name = "mal0"
+//! kind = "malloc"             # malloc | null | file
+//! size = "1GiB"
+//!
+//! [[subsystem]]
+//! nqn = "nqn.2026-11.io.nvmetro:demo"
+//! allow_any_host = true
+//!
+//! [[subsystem.namespace]]
+//! nsid = 1
+//! bdev = "mal0"
+//!
+//! [[listener]]
+//! address = "127.0.0.1:4420"
+//! ```
+
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+/// The configuration served when `nvmetro-tgt` runs without `--config`.
+pub const DEFAULT_CONFIG: &str = include_str!("../examples/default.toml");
+
+/// A configuration error: where it is and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}: {key}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub key: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PollMode {
+    /// Spin, then yield, then park until a socket, a completion or a message wakes the reactor.
+    Adaptive,
+    /// Spin forever: lowest latency, one full core per reactor.
+    Busy,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSection {
+    #[serde(default = "default_cores")]
+    pub cores: Spanned<Vec<usize>>,
+    #[serde(default = "default_poll_mode")]
+    pub poll_mode: PollMode,
+    /// Extra discovery-only listeners (the discovery subsystem also answers on every listener).
+    #[serde(default)]
+    pub discovery: Vec<Spanned<String>>,
+    /// Unix socket for management commands (`nvmetro status`, reload).
+    pub socket: Option<PathBuf>,
+}
+
+fn default_cores() -> Spanned<Vec<usize>> {
+    Spanned::new(0..0, vec![0])
+}
+fn default_poll_mode() -> PollMode {
+    PollMode::Adaptive
+}
+
+impl Default for TargetSection {
+    fn default() -> Self {
+        TargetSection { cores: default_cores(), poll_mode: PollMode::Adaptive, discovery: Vec::new(), socket: None }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BdevKind {
+    Malloc,
+    Null,
+    File,
+}
+
+/// A byte size: an integer or a string such as "512MiB", "1GiB", "4k".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl Size {
+    pub fn bytes(self) -> u64 {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Size, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Size;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a size in bytes or a string such as \"512MiB\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Size, E> {
+                u64::try_from(v).map(Size).map_err(|_| E::custom("a size cannot be negative"))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Size, E> {
+                parse_size(s).map(Size).ok_or_else(|| E::custom(format!("`{s}` is not a size (try \"512MiB\" or \"1GiB\")")))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Parses "4096", "4k", "4KiB", "512MiB", "1G", "1GiB", "2T".
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" | "kb" => 1 << 10,
+        "m" | "mib" | "mb" => 1 << 20,
+        "g" | "gib" | "gb" => 1 << 30,
+        "t" | "tib" | "tb" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BdevSection {
+    pub name: Spanned<String>,
+    pub kind: BdevKind,
+    pub size: Option<Spanned<Size>>,
+    #[serde(default = "default_block_size")]
+    pub block_size: Spanned<u32>,
+    /// malloc: back the memory with 2 MiB hugepages when reserved.
+    #[serde(default)]
+    pub hugepages: bool,
+    /// file: path of a file or block device.
+    pub path: Option<Spanned<PathBuf>>,
+    /// file: use O_DIRECT (default true).
+    #[serde(default = "yes")]
+    pub direct: bool,
+}
+
+fn default_block_size() -> Spanned<u32> {
+    Spanned::new(0..0, 512)
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceSection {
+    pub nsid: Spanned<u32>,
+    pub bdev: Spanned<String>,
+    /// 32 hex digits; derived from the subsystem NQN and NSID when absent.
+    pub nguid: Option<Spanned<String>>,
+    /// 16 hex digits; derived like the NGUID when absent.
+    pub eui64: Option<Spanned<String>>,
+    /// RFC 4122 form; none when absent.
+    pub uuid: Option<Spanned<String>>,
+    #[serde(default = "one")]
+    pub ana_group: Spanned<u32>,
+}
+
+fn one() -> Spanned<u32> {
+    Spanned::new(0..0, 1)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubsystemSection {
+    pub nqn: Spanned<String>,
+    #[serde(default = "default_serial")]
+    pub serial: String,
+    #[serde(default = "default_model")]
+    pub model: String,
+    #[serde(default)]
+    pub allowed_hosts: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub allow_any_host: bool,
+    /// Controller IDs this site hands out; give each site of a metro its own range.
+    #[serde(default = "default_cntlid_range")]
+    pub cntlid_range: Spanned<[u16; 2]>,
+    #[serde(default = "default_max_namespaces")]
+    pub max_namespaces: Spanned<u32>,
+    /// ANATT: seconds an ANA transition may take.
+    #[serde(default = "default_anatt")]
+    pub ana_transition_time: u8,
+    #[serde(default, rename = "namespace")]
+    pub namespaces: Vec<NamespaceSection>,
+}
+
+fn default_serial() -> String {
+    "NVMETRO0001".into()
+}
+fn default_model() -> String {
+    "nvmetro".into()
+}
+fn default_cntlid_range() -> Spanned<[u16; 2]> {
+    Spanned::new(0..0, [1, 0xffef])
+}
+fn default_max_namespaces() -> Spanned<u32> {
+    Spanned::new(0..0, 32)
+}
+fn default_anatt() -> u8 {
+    10
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSection {
+    pub address: Spanned<String>,
+    /// ANA state of each group on this listener, e.g. `{ "1" = "optimized", "2" = "non-optimized" }`;
+    /// groups not named are optimized.
+    #[serde(default)]
+    pub ana_states: BTreeMap<String, Spanned<String>>,
+}
+
+/// The file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub target: TargetSection,
+    #[serde(default, rename = "bdev")]
+    pub bdevs: Vec<BdevSection>,
+    #[serde(default, rename = "subsystem")]
+    pub subsystems: Vec<SubsystemSection>,
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<ListenerSection>,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub cores: Vec<usize>,
+    pub poll_mode: PollMode,
+    pub socket: Option<PathBuf>,
+    pub discovery: Vec<SocketAddr>,
+    pub bdevs: Vec<BdevConfig>,
+    pub subsystems: Vec<SubsystemConfig>,
+    pub listeners: Vec<ListenerConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BdevConfig {
+    pub name: String,
+    pub kind: BdevKind,
+    pub size: Option<u64>,
+    pub block_size: u32,
+    pub hugepages: bool,
+    pub path: Option<PathBuf>,
+    pub direct: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespaceConfig {
+    pub nsid: u32,
+    pub bdev: String,
+    pub nguid: [u8; 16],
+    pub eui64: [u8; 8],
+    pub uuid: [u8; 16],
+    pub ana_group: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubsystemConfig {
+    pub nqn: String,
+    pub serial: String,
+    pub model: String,
+    /// Empty with `allow_any_host`.
+    pub allowed_hosts: Vec<String>,
+    pub allow_any_host: bool,
+    pub cntlid_min: u16,
+    pub cntlid_max: u16,
+    pub max_namespaces: u32,
+    pub ana_transition_time: u8,
+    pub ana_groups: u32,
+    pub namespaces: Vec<NamespaceConfig>,
+}
+
+impl SubsystemConfig {
+    pub fn host_allowed(&self, hostnqn: &str) -> bool {
+        self.allow_any_host || self.allowed_hosts.iter().any(|h| h == hostnqn)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    pub address: SocketAddr,
+    /// State per ANA group (index 0 = group 1); groups beyond the list are optimized.
+    pub ana_states: BTreeMap<u32, String>,
+}
+
+struct Ctx<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, span: std::ops::Range<usize>, key: &str, message: impl Into<String>) -> ConfigError {
+        let line = if span.is_empty() && span.start == 0 {
+            0
+        } else {
+            self.text[..span.start.min(self.text.len())].matches('\n').count() + 1
+        };
+        ConfigError { file: self.file.into(), line, key: key.into(), message: message.into() }
+    }
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.display().to_string(),
+        line: 0,
+        key: String::new(),
+        message: format!("cannot read: {e}"),
+    })?;
+    parse(&text, &path.display().to_string())
+}
+
+/// Parses and validates config text; `file` names it in errors.
+pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+    let ctx = Ctx { file, text };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+        let msg = e.message().to_string();
+        let key = msg
+            .split('`')
+            .nth(1)
+            .filter(|_| msg.starts_with("unknown field") || msg.starts_with("missing field"))
+            .unwrap_or("")
+            .to_string();
+        ConfigError { file: file.into(), line, key, message: msg }
+    })?;
+    validate(raw, &ctx)
+}
+
+fn hex<const N: usize>(ctx: &Ctx, s: &Spanned<String>, key: &str) -> Result<[u8; N], ConfigError> {
+    let clean: String = s.get_ref().chars().filter(|c| *c != '-' && *c != ':').collect();
+    if clean.len() != N * 2 || !clean.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(ctx.err(s.span(), key, format!("`{}` is not {} hex digits", s.get_ref(), N * 2)));
+    }
+    let mut out = [0u8; N];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&clean[i * 2..i * 2 + 2], 16).expect("checked hex");
+    }
+    Ok(out)
+}
+
+/// A stable identifier derived from the subsystem NQN and NSID (FNV-1a), so that both sites of a
+/// metro derive the same NGUID for the same namespace without configuring one.
+fn derived_id(nqn: &str, nsid: u32) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    for (half, seed) in [(0usize, 0xcbf2_9ce4_8422_2325u64), (8, 0x6c62_272e_07bb_0142)] {
+        let mut h = seed;
+        for b in nqn.bytes().chain(nsid.to_le_bytes()) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x100_0000_01b3);
+        }
+        out[half..half + 8].copy_from_slice(&h.to_be_bytes());
+    }
+    out
+}
+
+fn valid_nqn(s: &str) -> bool {
+    s.len() <= 223 && s.starts_with("nqn.") && s.len() > 4 && s.is_ascii() && !s.contains(char::is_whitespace)
+}
+
+const ANA_STATES: [&str; 4] = ["optimized", "non-optimized", "inaccessible", "persistent-loss"];
+
+fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError> {
+    let cores = raw.target.cores.get_ref().clone();
+    if cores.is_empty() {
+        return Err(ctx.err(raw.target.cores.span(), "target.cores", "needs at least one core"));
+    }
+    let mut seen = HashSet::new();
+    for c in &cores {
+        if !seen.insert(c) {
+            return Err(ctx.err(raw.target.cores.span(), "target.cores", format!("core {c} is listed twice")));
+        }
+    }
+    let mut discovery = Vec::new();
+    for d in &raw.target.discovery {
+        discovery.push(
+            d.get_ref()
+                .parse()
+                .map_err(|_| ctx.err(d.span(), "target.discovery", format!("`{}` is not an address:port", d.get_ref())))?,
+        );
+    }
+
+    let mut bdevs = Vec::new();
+    let mut bdev_sizes = HashMap::new();
+    for b in &raw.bdevs {
+        let name = b.name.get_ref();
+        if name.is_empty() || bdev_sizes.contains_key(name.as_str()) {
+            return Err(ctx.err(b.name.span(), "bdev.name", format!("`{name}` is empty or used twice")));
+        }
+        let bs = *b.block_size.get_ref();
+        if bs != 512 && bs != 4096 {
+            return Err(ctx.err(b.block_size.span(), "bdev.block_size", format!("{bs} is not 512 or 4096")));
+        }
+        let size = b.size.as_ref().map(|s| s.get_ref().bytes());
+        match (b.kind, &b.size, &b.path) {
+            (BdevKind::Malloc | BdevKind::Null, None, _) => {
+                return Err(ctx.err(b.name.span(), "bdev.size", format!("bdev `{name}` needs a size")))
+            }
+            (BdevKind::File, _, None) => return Err(ctx.err(b.name.span(), "bdev.path", format!("file bdev `{name}` needs a path"))),
+            (BdevKind::Malloc | BdevKind::Null, Some(_), Some(p)) => {
+                return Err(ctx.err(p.span(), "bdev.path", "only file bdevs have a path"))
+            }
+            _ => {}
+        }
+        if let (Some(bytes), Some(s)) = (size, &b.size) {
+            if bytes < u64::from(bs) || bytes % u64::from(bs) != 0 {
+                return Err(ctx.err(s.span(), "bdev.size", format!("{bytes} bytes is not a positive multiple of the {bs}-byte block")));
+            }
+        }
+        bdev_sizes.insert(name.as_str(), ());
+        bdevs.push(BdevConfig {
+            name: name.clone(),
+            kind: b.kind,
+            size,
+            block_size: bs,
+            hugepages: b.hugepages,
+            path: b.path.as_ref().map(|p| p.get_ref().clone()),
+            direct: b.direct,
+        });
+    }
+
+    let mut subsystems = Vec::new();
+    let mut nqns = HashSet::new();
+    let mut used_bdevs = HashSet::new();
+    for s in &raw.subsystems {
+        let nqn = s.nqn.get_ref();
+        if !valid_nqn(nqn) {
+            return Err(ctx.err(s.nqn.span(), "subsystem.nqn", format!("`{nqn}` is not an NQN (nqn.yyyy-mm.reverse.domain:name)")));
+        }
+        if nqn == "nqn.2014-08.org.nvmexpress.discovery" || !nqns.insert(nqn.clone()) {
+            return Err(ctx.err(s.nqn.span(), "subsystem.nqn", format!("`{nqn}` is reserved or used twice")));
+        }
+        for h in &s.allowed_hosts {
+            if !valid_nqn(h.get_ref()) {
+                return Err(ctx.err(h.span(), "subsystem.allowed_hosts", format!("`{}` is not a host NQN", h.get_ref())));
+            }
+        }
+        if s.allowed_hosts.is_empty() && !s.allow_any_host {
+            return Err(ctx.err(
+                s.nqn.span(),
+                "subsystem.allowed_hosts",
+                format!("subsystem `{nqn}` admits no host: list allowed_hosts or set allow_any_host = true"),
+            ));
+        }
+        let [lo, hi] = *s.cntlid_range.get_ref();
+        if lo == 0 || hi > 0xffef || lo > hi {
+            return Err(ctx.err(s.cntlid_range.span(), "subsystem.cntlid_range", format!("[{lo}, {hi}] must lie within [1, 65519], low first")));
+        }
+        let max_ns = *s.max_namespaces.get_ref();
+        if max_ns == 0 || max_ns > 1024 {
+            return Err(ctx.err(s.max_namespaces.span(), "subsystem.max_namespaces", "must be 1 to 1024"));
+        }
+        let mut namespaces = Vec::new();
+        let mut nsids = HashSet::new();
+        let mut groups = HashSet::new();
+        for ns in &s.namespaces {
+            let nsid = *ns.nsid.get_ref();
+            if nsid == 0 || nsid > max_ns {
+                return Err(ctx.err(ns.nsid.span(), "subsystem.namespace.nsid", format!("{nsid} is outside 1..={max_ns}")));
+            }
+            if !nsids.insert(nsid) {
+                return Err(ctx.err(ns.nsid.span(), "subsystem.namespace.nsid", format!("NSID {nsid} is used twice in `{nqn}`")));
+            }
+            let bdev = ns.bdev.get_ref();
+            if !bdev_sizes.contains_key(bdev.as_str()) {
+                return Err(ctx.err(ns.bdev.span(), "subsystem.namespace.bdev", format!("no bdev named `{bdev}`")));
+            }
+            if !used_bdevs.insert(bdev.clone()) {
+                return Err(ctx.err(ns.bdev.span(), "subsystem.namespace.bdev", format!("bdev `{bdev}` already backs another namespace")));
+            }
+            let group = *ns.ana_group.get_ref();
+            if group == 0 || group > 128 {
+                return Err(ctx.err(ns.ana_group.span(), "subsystem.namespace.ana_group", "must be 1 to 128"));
+            }
+            groups.insert(group);
+            let derived = derived_id(nqn, nsid);
+            let nguid = match &ns.nguid {
+                Some(s) => hex::<16>(ctx, s, "subsystem.namespace.nguid")?,
+                None => derived,
+            };
+            let eui64 = match &ns.eui64 {
+                Some(s) => hex::<8>(ctx, s, "subsystem.namespace.eui64")?,
+                None => derived[8..].try_into().expect("8 bytes"),
+            };
+            let uuid = match &ns.uuid {
+                Some(s) => hex::<16>(ctx, s, "subsystem.namespace.uuid")?,
+                None => [0; 16],
+            };
+            namespaces.push(NamespaceConfig { nsid, bdev: bdev.clone(), nguid, eui64, uuid, ana_group: group });
+        }
+        namespaces.sort_by_key(|n| n.nsid);
+        let ana_groups = groups.iter().copied().max().unwrap_or(1);
+        if let Some(gap) = (1..=ana_groups).find(|g| !groups.contains(g)) {
+            return Err(ctx.err(s.nqn.span(), "subsystem.namespace.ana_group", format!("ANA groups must be dense from 1; group {gap} is unused")));
+        }
+        subsystems.push(SubsystemConfig {
+            nqn: nqn.clone(),
+            serial: s.serial.clone(),
+            model: s.model.clone(),
+            allowed_hosts: s.allowed_hosts.iter().map(|h| h.get_ref().clone()).collect(),
+            allow_any_host: s.allow_any_host,
+            cntlid_min: lo,
+            cntlid_max: hi,
+            max_namespaces: max_ns,
+            ana_transition_time: s.ana_transition_time,
+            ana_groups,
+            namespaces,
+        });
+    }
+
+    if raw.listeners.is_empty() {
+        return Err(ctx.err(0..0, "listener", "no [[listener]]: add one with address = \"127.0.0.1:4420\""));
+    }
+    let mut listeners = Vec::new();
+    let mut addrs = HashSet::new();
+    for l in &raw.listeners {
+        let address: SocketAddr = l
+            .address
+            .get_ref()
+            .parse()
+            .map_err(|_| ctx.err(l.address.span(), "listener.address", format!("`{}` is not an address:port", l.address.get_ref())))?;
+        if !addrs.insert(address) || discovery.contains(&address) {
+            return Err(ctx.err(l.address.span(), "listener.address", format!("{address} is listed twice")));
+        }
+        let mut ana_states = BTreeMap::new();
+        for (group, state) in &l.ana_states {
+            let g: u32 = group
+                .parse()
+                .ok()
+                .filter(|g| *g >= 1)
+                .ok_or_else(|| ctx.err(state.span(), "listener.ana_states", format!("`{group}` is not an ANA group number")))?;
+            if !ANA_STATES.contains(&state.get_ref().as_str()) {
+                return Err(ctx.err(state.span(), "listener.ana_states", format!("`{}` is not one of {ANA_STATES:?}", state.get_ref())));
+            }
+            ana_states.insert(g, state.get_ref().clone());
+        }
+        listeners.push(ListenerConfig { address, ana_states });
+    }
+
+    Ok(Config {
+        cores,
+        poll_mode: raw.target.poll_mode,
+        socket: raw.target.socket.clone(),
+        discovery,
+        bdevs,
+        subsystems,
+        listeners,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[target]
+cores = [0, 1]
+poll_mode = "busy"
+
+[[bdev]]
+name = "a"
+kind = "malloc"
+size = "64MiB"
+
+[[bdev]]
+name = "b"
+kind = "file"
+path = "/tmp/x"
+block_size = 4096
+
+[[subsystem]]
+nqn = "nqn.2026-11.io.nvmetro:one"
+allowed_hosts = ["nqn.2014-08.org.nvmexpress:uuid:1"]
+cntlid_range = [1, 100]
+
+[[subsystem.namespace]]
+nsid = 1
+bdev = "a"
+nguid = "00112233445566778899aabbccddeeff"
+
+[[subsystem.namespace]]
+nsid = 2
+bdev = "b"
+ana_group = 2
+
+[[listener]]
+address = "127.0.0.1:4420"
+ana_states = { "2" = "non-optimized" }
+"#;
+
+    #[test]
+    fn good_config_parses() {
+        let c = parse(GOOD, "good.toml").unwrap();
+        assert_eq!(c.cores, vec![0, 1]);
+        assert_eq!(c.poll_mode, PollMode::Busy);
+        assert_eq!(c.bdevs[0].size, Some(64 << 20));
+        let s = &c.subsystems[0];
+        assert_eq!(s.namespaces[0].nguid[0..2], [0x00, 0x11]);
+        assert_eq!(s.ana_groups, 2);
+        assert!(s.host_allowed("nqn.2014-08.org.nvmexpress:uuid:1"));
+        assert!(!s.host_allowed("nqn.2014-08.org.nvmexpress:uuid:2"));
+        assert_eq!(c.listeners[0].ana_states.get(&2).map(String::as_str), Some("non-optimized"));
+        // Derived IDs are stable and differ per namespace.
+        assert_eq!(s.namespaces[1].nguid, derived_id("nqn.2026-11.io.nvmetro:one", 2));
+        assert_ne!(derived_id("nqn.x:y", 1), derived_id("nqn.x:y", 2));
+    }
+
+    fn err(text: &str) -> ConfigError {
+        parse(text, "bad.toml").unwrap_err()
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let e = err(&GOOD.replace("poll_mode = \"busy\"", "poll_mode = \"busy\"\nspeed = 3"));
+        assert_eq!((e.file.as_str(), e.line, e.key.as_str()), ("bad.toml", 5, "speed"), "{e}");
+
+        let e = err(&GOOD.replace("nsid = 2", "nsid = 1"));
+        assert_eq!(e.key, "subsystem.namespace.nsid");
+        assert_eq!(e.line, 28, "{e}");
+        assert!(e.to_string().starts_with("bad.toml:28: subsystem.namespace.nsid: NSID 1 is used twice"), "{e}");
+
+        let e = err(&GOOD.replace("bdev = \"b\"", "bdev = \"missing\""));
+        assert_eq!((e.key.as_str(), e.line), ("subsystem.namespace.bdev", 29));
+        assert!(e.message.contains("no bdev named `missing`"));
+
+        let e = err(&GOOD.replace("[[listener]]", "[[listener"));
+        assert_eq!(e.line, 32, "{e}");
+
+        let e = err(&GOOD.replace("64MiB", "lots"));
+        assert!(e.message.contains("size"), "{e}");
+        let e = err(&GOOD.replace("cntlid_range = [1, 100]", "cntlid_range = [100, 1]"));
+        assert_eq!(e.key, "subsystem.cntlid_range");
+        let e = err(&GOOD.replace("\"non-optimized\"", "\"fast\""));
+        assert_eq!(e.key, "listener.ana_states");
+        let e = err(&GOOD.replace("allowed_hosts = [\"nqn.2014-08.org.nvmexpress:uuid:1\"]", ""));
+        assert_eq!(e.key, "subsystem.allowed_hosts");
+        let e = err(&GOOD.replace("ana_group = 2", "ana_group = 3"));
+        assert!(e.message.contains("group 2 is unused"), "{e}");
+        let e = err(&GOOD.replace("127.0.0.1:4420", "localhost"));
+        assert_eq!(e.key, "listener.address");
+    }
+
+    #[test]
+    fn default_and_examples_are_valid() {
+        parse(DEFAULT_CONFIG, "default.toml").unwrap();
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let p = entry.unwrap().path();
+            load(&p).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1GiB"), Some(1 << 30));
+        assert_eq!(parse_size("4k"), Some(4096));
+        assert_eq!(parse_size("12"), Some(12));
+        assert_eq!(parse_size("1X"), None);
+        assert_eq!(parse_size("99999999999999T"), None);
+    }
+}
