@@ -1,0 +1,590 @@
+//! One NVMe/TCP connection (one queue) on its reactor: bytes in, PDUs through the sans-IO
+//! transport, Connect, then either the admin controller or an I/O queue whose commands become
+//! bdev operations; responses are batched into the connection's send buffer.
+
+use crate::reactor::Channels;
+use crate::subsys::{ConnectRefusal, ControllerHandle, Subsystem};
+use crate::Target;
+use mio::net::TcpStream;
+use nvmetro_bdev::{BdevError, BdevOp, BdevOutput};
+use nvmetro_proto::controller::{self, connect_offset, decode_io, AdminOutcome, Controller, FusePairer, Fused, IoRequest};
+use nvmetro_proto::identify;
+use nvmetro_proto::nvme::{admin, fctype, Command, Completion, Status};
+use nvmetro_proto::subsystem::{SubsystemView, DISCOVERY_NQN};
+use nvmetro_proto::tcp::{TargetEvent, TargetLimits, TargetTransport};
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// Which listener a connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// A `[[listener]]`, by index: serves subsystems and discovery.
+    Subsystems(usize),
+    /// A discovery-only address from `target.discovery`.
+    DiscoveryOnly,
+}
+
+/// What a reactor lends a connection while it works.
+pub struct Ctx<'a> {
+    pub target: &'a Target,
+    pub channels: &'a mut Channels,
+    pub registry: &'a mio::Registry,
+    pub now_ms: u64,
+}
+
+const RX_BUFFER: usize = 512 * 1024;
+
+enum Role {
+    Unconnected,
+    Admin(Box<AdminQueue>),
+    Io(IoQueue),
+}
+
+struct AdminQueue {
+    ctrl: Controller,
+    /// None for a discovery controller.
+    subsystem: Option<(Arc<Subsystem>, Arc<ControllerHandle>)>,
+    /// The discovery log as this host may see it.
+    discovery_view: Option<SubsystemView>,
+}
+
+struct IoQueue {
+    subsystem: Arc<Subsystem>,
+    handle: Arc<ControllerHandle>,
+    generation: u64,
+    pairer: FusePairer,
+}
+
+#[derive(Debug)]
+enum IoKind {
+    Read,
+    Write,
+    Compare,
+    CompareAndWrite { write_cid: u16 },
+    Other,
+}
+
+#[derive(Debug)]
+struct Inflight {
+    cid: u16,
+    kind: IoKind,
+    remaining: u32,
+    status: Status,
+    bytes: u64,
+    data: Vec<u8>,
+}
+
+pub struct Conn {
+    token: u32,
+    sock: TcpStream,
+    peer: SocketAddr,
+    listener: ListenerKind,
+    transport: TargetTransport,
+    rx: Vec<u8>,
+    rx_start: usize,
+    rx_end: usize,
+    tx: Vec<u8>,
+    tx_pos: usize,
+    role: Role,
+    qid: u16,
+    queue_size: u32,
+    sqhd: u32,
+    inflight: Vec<Option<Inflight>>,
+    free_slots: Vec<u32>,
+    events: Vec<TargetEvent>,
+    /// Set when the connection must end once its send buffer is out (or at once if fatal).
+    closing: Option<String>,
+    fatal: bool,
+}
+
+impl Conn {
+    pub fn new(token: u32, sock: TcpStream, peer: SocketAddr, listener: ListenerKind) -> Conn {
+        let limits = TargetLimits {
+            in_capsule: identify::ADMIN_IN_CAPSULE,
+            maxh2cdata: 128 * 1024,
+            max_transfer: identify::MAX_TRANSFER,
+        };
+        Conn {
+            token,
+            sock,
+            peer,
+            listener,
+            transport: TargetTransport::new(limits),
+            rx: vec![0; RX_BUFFER],
+            rx_start: 0,
+            rx_end: 0,
+            tx: Vec::with_capacity(64 * 1024),
+            tx_pos: 0,
+            role: Role::Unconnected,
+            qid: 0,
+            queue_size: 32,
+            sqhd: 0,
+            inflight: Vec::new(),
+            free_slots: Vec::new(),
+            events: Vec::new(),
+            closing: None,
+            fatal: false,
+        }
+    }
+
+    pub fn socket(&mut self) -> &mut TcpStream {
+        &mut self.sock
+    }
+
+    fn close_with(&mut self, reason: String, fatal: bool) {
+        if self.closing.is_none() {
+            self.closing = Some(reason);
+        }
+        self.fatal |= fatal;
+    }
+
+    /// Reads everything the socket has and handles every complete PDU.
+    pub fn on_readable(&mut self, ctx: &mut Ctx) {
+        loop {
+            if self.closing.is_some() && self.fatal {
+                return;
+            }
+            if self.rx_end == self.rx.len() {
+                // Compact: move the partial PDU to the front.
+                self.rx.copy_within(self.rx_start..self.rx_end, 0);
+                self.rx_end -= self.rx_start;
+                self.rx_start = 0;
+                if self.rx_end == self.rx.len() {
+                    return self.close_with("PDU larger than the receive buffer".into(), true);
+                }
+            }
+            match self.sock.read(&mut self.rx[self.rx_end..]) {
+                Ok(0) => {
+                    self.close_with("host closed the connection".into(), true);
+                    return;
+                }
+                Ok(n) => {
+                    self.rx_end += n;
+                    self.process(ctx);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.close_with(format!("read error: {e}"), true);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn process(&mut self, ctx: &mut Ctx) {
+        let mut events = std::mem::take(&mut self.events);
+        let result = self.transport.receive(&self.rx[self.rx_start..self.rx_end], &mut self.tx, &mut events);
+        match result {
+            Ok(used) => self.rx_start += used,
+            Err(e) => {
+                tracing::warn!(peer = %self.peer, "protocol error, closing connection: {e}");
+                self.close_with(format!("protocol error: {}", e.reason), false);
+                self.rx_start = self.rx_end;
+            }
+        }
+        if self.rx_start == self.rx_end {
+            self.rx_start = 0;
+            self.rx_end = 0;
+        }
+        for ev in events.drain(..) {
+            match ev {
+                TargetEvent::Reject(cqe) => self.respond(cqe, &[]),
+                TargetEvent::Command { cmd, data } => self.on_command(cmd, data, ctx),
+            }
+        }
+        self.events = events;
+    }
+
+    fn respond(&mut self, mut cqe: Completion, data: &[u8]) {
+        cqe.sqid = self.qid;
+        cqe.sqhd = self.sqhd as u16;
+        self.transport.respond(&cqe, data, &mut self.tx);
+    }
+
+    fn on_command(&mut self, cmd: Command, data: Vec<u8>, ctx: &mut Ctx) {
+        self.sqhd = (self.sqhd + 1) % self.queue_size.max(1);
+        match &mut self.role {
+            Role::Unconnected => self.on_connect(cmd, data, ctx),
+            Role::Admin(_) => self.on_admin(cmd, data, ctx),
+            Role::Io(_) => {
+                if cmd.opcode() == admin::FABRICS {
+                    let status = if cmd.fctype() == fctype::DISCONNECT { Status::SUCCESS } else { Status::COMMAND_SEQUENCE_ERROR };
+                    self.respond(Completion::new(cmd.cid(), status), &[]);
+                    if cmd.fctype() == fctype::DISCONNECT {
+                        self.close_with("host disconnected the queue".into(), false);
+                    }
+                    return;
+                }
+                let Role::Io(q) = &mut self.role else { unreachable!() };
+                match q.pairer.push(cmd, data) {
+                    Fused::Single(cmd, data) => self.start_io(cmd, data, ctx),
+                    Fused::Waiting => {}
+                    Fused::Pair { compare, write } => self.start_compare_and_write(compare, write, ctx),
+                    Fused::Broken { failed, next } => {
+                        for c in failed {
+                            self.respond(c, &[]);
+                        }
+                        if let Some((cmd, data)) = next {
+                            self.start_io(cmd, data, ctx);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_connect(&mut self, cmd: Command, data: Vec<u8>, ctx: &mut Ctx) {
+        let cid = cmd.cid();
+        let req = match controller::parse_connect(&cmd, &data) {
+            Ok(r) => r,
+            Err(cqe) => {
+                tracing::warn!(peer = %self.peer, "bad Connect: {}", cqe.status());
+                return self.respond(cqe, &[]);
+            }
+        };
+        let refuse = |this: &mut Conn, status, in_data, offset, why: String| {
+            tracing::warn!(peer = %this.peer, host = %req.hostnqn, subsystem = %req.subnqn, "Connect refused: {why}");
+            this.respond(controller::connect_error(cid, status, in_data, offset), &[]);
+        };
+        if req.subnqn == DISCOVERY_NQN {
+            if req.qid != 0 {
+                return refuse(self, Status::CONNECT_INVALID_PARAMETERS, false, 42, "discovery has no I/O queues".into());
+            }
+            let view = ctx.target.discovery.view_for(&req.hostnqn, &ctx.target.subsystems);
+            let cntlid = ctx.target.next_discovery_cntlid();
+            let ctrl = Controller::new(cntlid, &req, &view, ctx.now_ms);
+            tracing::info!(peer = %self.peer, host = %req.hostnqn, cntlid, "discovery controller connected");
+            self.role = Role::Admin(Box::new(AdminQueue { ctrl, subsystem: None, discovery_view: Some(view) }));
+            self.queue_size = req.queue_size;
+            return self.respond(Completion::new(cid, Status::SUCCESS).with_result(u64::from(cntlid)), &[]);
+        }
+        let ListenerKind::Subsystems(listener) = self.listener else {
+            return refuse(self, Status::CONNECT_INVALID_PARAMETERS, true, connect_offset::SUBNQN, "discovery-only listener".into());
+        };
+        let Some(subsystem) = ctx.target.subsystem(&req.subnqn) else {
+            return refuse(self, Status::CONNECT_INVALID_PARAMETERS, true, connect_offset::SUBNQN, "no such subsystem".into());
+        };
+        let refusal_status = |r: &ConnectRefusal| match r {
+            ConnectRefusal::HostNotAllowed(_) => (Status::CONNECT_INVALID_HOST, true, connect_offset::HOSTNQN),
+            ConnectRefusal::NoControllerId => (Status::CONNECT_CONTROLLER_BUSY, false, 0),
+            ConnectRefusal::UnknownController { .. } => (Status::CONNECT_INVALID_PARAMETERS, true, connect_offset::CNTLID),
+            ConnectRefusal::NotReady(_) => (Status::COMMAND_SEQUENCE_ERROR, false, 0),
+        };
+        self.queue_size = req.queue_size;
+        self.qid = req.qid;
+        if req.qid == 0 {
+            let handle = match subsystem.add_controller(&req.hostnqn) {
+                Ok(h) => h,
+                Err(r) => {
+                    let (s, d, o) = refusal_status(&r);
+                    return refuse(self, s, d, o, r.to_string());
+                }
+            };
+            let view = subsystem.view(listener);
+            let ctrl = Controller::new(handle.cntlid, &req, &view, ctx.now_ms);
+            tracing::info!(peer = %self.peer, host = %req.hostnqn, subsystem = %req.subnqn, cntlid = handle.cntlid, kato_ms = req.kato_ms, "controller created");
+            let cntlid = handle.cntlid;
+            self.role = Role::Admin(Box::new(AdminQueue { ctrl, subsystem: Some((subsystem, handle)), discovery_view: None }));
+            self.respond(Completion::new(cid, Status::SUCCESS).with_result(u64::from(cntlid)), &[]);
+        } else {
+            let handle = match subsystem.find_controller(req.cntlid, &req.hostnqn) {
+                Ok(h) => h,
+                Err(r) => {
+                    let (s, d, o) = refusal_status(&r);
+                    return refuse(self, s, d, o, r.to_string());
+                }
+            };
+            if u64::from(req.qid) > handle.io_queues_granted.load(Ordering::Acquire) {
+                return refuse(self, Status::CONNECT_INVALID_PARAMETERS, false, 42, format!("queue {} beyond those granted", req.qid));
+            }
+            tracing::debug!(peer = %self.peer, cntlid = handle.cntlid, qid = req.qid, "I/O queue connected");
+            self.transport.set_in_capsule(identify::IO_IN_CAPSULE);
+            let generation = handle.generation.load(Ordering::Acquire);
+            let cntlid = handle.cntlid;
+            self.role = Role::Io(IoQueue { subsystem, handle, generation, pairer: FusePairer::default() });
+            self.respond(Completion::new(cid, Status::SUCCESS).with_result(u64::from(cntlid)), &[]);
+        }
+    }
+
+    fn on_admin(&mut self, cmd: Command, data: Vec<u8>, ctx: &mut Ctx) {
+        let Role::Admin(q) = &mut self.role else { return };
+        let outcome = match &q.subsystem {
+            Some((subsystem, handle)) => {
+                let ListenerKind::Subsystems(listener) = self.listener else { return };
+                let view = subsystem.view(listener);
+                let out = q.ctrl.handle_admin(&view, &subsystem.health(), &cmd, &data, ctx.now_ms);
+                handle.ready.store(q.ctrl.is_ready(), Ordering::Release);
+                handle.generation.store(q.ctrl.reset_generation(), Ordering::Release);
+                handle.io_queues_granted.store(u64::from(q.ctrl.io_queues()), Ordering::Release);
+                out
+            }
+            None => {
+                let view = q.discovery_view.as_ref().expect("discovery controllers keep a view");
+                q.ctrl.handle_admin(view, &Default::default(), &cmd, &data, ctx.now_ms)
+            }
+        };
+        match outcome {
+            AdminOutcome::Complete(cqe, out) => {
+                let len = out.len().min(cmd.sgl_len() as usize);
+                self.respond(cqe, &out[..len]);
+                if cmd.opcode() == admin::FABRICS && cmd.fctype() == fctype::DISCONNECT {
+                    self.close_with("host disconnected the admin queue".into(), false);
+                }
+            }
+            AdminOutcome::Held => {}
+        }
+    }
+
+    fn alloc(&mut self, f: Inflight) -> u32 {
+        let slot = self.free_slots.pop().unwrap_or_else(|| {
+            self.inflight.push(None);
+            (self.inflight.len() - 1) as u32
+        });
+        self.inflight[slot as usize] = Some(f);
+        slot
+    }
+
+    fn submit(&mut self, bdev: usize, slot: u32, op: BdevOp, ctx: &mut Ctx) {
+        let tag = u64::from(self.token) << 32 | u64::from(slot);
+        match ctx.channels.get(bdev, ctx.target, ctx.registry) {
+            Ok(ch) => ch.submit(tag, op),
+            Err(e) => {
+                tracing::error!("cannot open a channel to bdev {}: {e}", ctx.target.bdevs[bdev].info().name);
+                self.on_completion(slot, Err(BdevError::Io(e.to_string())), ctx);
+            }
+        }
+    }
+
+    fn start_io(&mut self, cmd: Command, data: Vec<u8>, ctx: &mut Ctx) {
+        let cid = cmd.cid();
+        let Role::Io(q) = &self.role else { return };
+        let subsystem = q.subsystem.clone();
+        let ListenerKind::Subsystems(listener) = self.listener else { return };
+        let view = subsystem.view(listener);
+        let req = match decode_io(&view, &cmd, &data) {
+            Ok(r) => r,
+            Err(status) => return self.respond(Completion::new(cid, status), &[]),
+        };
+        let ns_of = |nsid: u32| subsystem.namespace(nsid).expect("decode_io checked the namespace");
+        let new = |kind, remaining, bytes| Inflight { cid, kind, remaining, status: Status::SUCCESS, bytes, data: Vec::new() };
+        match req {
+            IoRequest::Read { nsid, slba, blocks } => {
+                let ns = ns_of(nsid);
+                let bs = u64::from(ns.info.block_size);
+                let len = u64::from(blocks) * bs;
+                let slot = self.alloc(new(IoKind::Read, 1, len));
+                self.submit(ns.bdev, slot, BdevOp::Read { offset: slba * bs, len: len as usize }, ctx);
+            }
+            IoRequest::Write { nsid, slba, fua, .. } => {
+                let ns = ns_of(nsid);
+                let bs = u64::from(ns.info.block_size);
+                let slot = self.alloc(new(IoKind::Write, 1, data.len() as u64));
+                self.submit(ns.bdev, slot, BdevOp::Write { offset: slba * bs, data, fua }, ctx);
+            }
+            IoRequest::Compare { nsid, slba, .. } => {
+                let ns = ns_of(nsid);
+                let bs = u64::from(ns.info.block_size);
+                let slot = self.alloc(new(IoKind::Compare, 1, 0));
+                self.submit(ns.bdev, slot, BdevOp::Compare { offset: slba * bs, expected: data }, ctx);
+            }
+            IoRequest::WriteZeroes { nsid, slba, blocks, .. } => {
+                let ns = ns_of(nsid);
+                let bs = u64::from(ns.info.block_size);
+                let slot = self.alloc(new(IoKind::Other, 1, 0));
+                self.submit(ns.bdev, slot, BdevOp::WriteZeroes { offset: slba * bs, len: u64::from(blocks) * bs }, ctx);
+            }
+            IoRequest::Deallocate { nsid, ranges } => {
+                let ns = ns_of(nsid);
+                let bs = u64::from(ns.info.block_size);
+                let ranges: Vec<_> = ranges.into_iter().filter(|r| r.1 > 0).collect();
+                if ranges.is_empty() {
+                    return self.respond(Completion::new(cid, Status::SUCCESS), &[]);
+                }
+                let slot = self.alloc(new(IoKind::Other, ranges.len() as u32, 0));
+                for (slba, blocks) in ranges {
+                    self.submit(ns.bdev, slot, BdevOp::Deallocate { offset: slba * bs, len: u64::from(blocks) * bs }, ctx);
+                }
+            }
+            IoRequest::Hint => self.respond(Completion::new(cid, Status::SUCCESS), &[]),
+            IoRequest::Flush { nsid } => {
+                let bdevs: Vec<usize> = subsystem
+                    .namespaces
+                    .iter()
+                    .filter(|n| (nsid == 0xffff_ffff || n.info.nsid == nsid) && n.info.volatile_cache)
+                    .map(|n| n.bdev)
+                    .collect();
+                if bdevs.is_empty() {
+                    return self.respond(Completion::new(cid, Status::SUCCESS), &[]);
+                }
+                let slot = self.alloc(new(IoKind::Other, bdevs.len() as u32, 0));
+                for b in bdevs {
+                    self.submit(b, slot, BdevOp::Flush, ctx);
+                }
+            }
+        }
+    }
+
+    fn start_compare_and_write(&mut self, compare: (Command, Vec<u8>), write: (Command, Vec<u8>), ctx: &mut Ctx) {
+        let Role::Io(q) = &self.role else { return };
+        let subsystem = q.subsystem.clone();
+        let ListenerKind::Subsystems(listener) = self.listener else { return };
+        let view = subsystem.view(listener);
+        let (ccmd, cdata) = compare;
+        let (wcmd, wdata) = write;
+        if let Err(status) = decode_io(&view, &ccmd, &cdata).and_then(|_| decode_io(&view, &wcmd, &wdata)) {
+            self.respond(Completion::new(ccmd.cid(), status), &[]);
+            return self.respond(Completion::new(wcmd.cid(), Status::FUSED_FAILED), &[]);
+        }
+        let ns = subsystem.namespace(ccmd.nsid()).expect("checked").clone();
+        let offset = ccmd.slba() * u64::from(ns.info.block_size);
+        let bytes = wdata.len() as u64;
+        let slot = self.alloc(Inflight {
+            cid: ccmd.cid(),
+            kind: IoKind::CompareAndWrite { write_cid: wcmd.cid() },
+            remaining: 1,
+            status: Status::SUCCESS,
+            bytes,
+            data: Vec::new(),
+        });
+        self.submit(ns.bdev, slot, BdevOp::CompareAndWrite { offset, expected: cdata, data: wdata }, ctx);
+    }
+
+    pub fn on_completion(&mut self, slot: u32, result: Result<BdevOutput, BdevError>, ctx: &mut Ctx) {
+        let _ = ctx;
+        let Some(Some(f)) = self.inflight.get_mut(slot as usize) else { return };
+        match result {
+            Ok(BdevOutput::Data(d)) => f.data = d,
+            Ok(BdevOutput::Done) => {}
+            Ok(BdevOutput::Miscompare) => f.status = Status::COMPARE_FAILURE,
+            Err(e) => {
+                let status = match (&e, &f.kind) {
+                    (BdevError::OutOfRange { .. }, _) => Status::LBA_OUT_OF_RANGE,
+                    (BdevError::NoSpace, _) => Status::CAPACITY_EXCEEDED,
+                    (BdevError::Io(_), IoKind::Read | IoKind::Compare) => Status::UNRECOVERED_READ_ERROR,
+                    (BdevError::Io(_), _) => Status::WRITE_FAULT,
+                };
+                tracing::error!(peer = %self.peer, cid = f.cid, "I/O failed: {e}");
+                f.status = status;
+            }
+        }
+        f.remaining -= 1;
+        if f.remaining > 0 {
+            return;
+        }
+        let f = self.inflight[slot as usize].take().expect("present");
+        self.free_slots.push(slot);
+        if let Role::Io(q) = &self.role {
+            let h = &q.subsystem.health;
+            if f.status.is_success() {
+                match f.kind {
+                    IoKind::Read => {
+                        h.read_commands.fetch_add(1, Ordering::Relaxed);
+                        h.bytes_read.fetch_add(f.bytes, Ordering::Relaxed);
+                    }
+                    IoKind::Write | IoKind::CompareAndWrite { .. } => {
+                        h.write_commands.fetch_add(1, Ordering::Relaxed);
+                        h.bytes_written.fetch_add(f.bytes, Ordering::Relaxed);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        match f.kind {
+            IoKind::CompareAndWrite { write_cid } => {
+                let write_status = if f.status.is_success() { Status::SUCCESS } else { Status::FUSED_FAILED };
+                self.respond(Completion::new(f.cid, f.status), &[]);
+                self.respond(Completion::new(write_cid, write_status), &[]);
+            }
+            _ => {
+                let data = if f.status.is_success() { &f.data[..] } else { &[][..] };
+                self.respond(Completion::new(f.cid, f.status), data);
+            }
+        }
+    }
+
+    /// Periodic work: keep-alive, asynchronous events, and noticing a dead controller.
+    pub fn on_tick(&mut self, ctx: &mut Ctx) {
+        let mut aens = Vec::new();
+        match &mut self.role {
+            Role::Admin(q) => {
+                if q.ctrl.keep_alive_expired(ctx.now_ms) {
+                    tracing::warn!(peer = %self.peer, host = %q.ctrl.hostnqn, cntlid = q.ctrl.cntlid, "keep-alive timeout ({} ms); dropping controller", q.ctrl.kato_ms());
+                    self.close_with("keep-alive timeout".into(), true);
+                    return;
+                }
+                match (&q.subsystem, &mut q.discovery_view) {
+                    (Some((subsystem, _)), _) => {
+                        if let ListenerKind::Subsystems(listener) = self.listener {
+                            aens = q.ctrl.poll_events(&subsystem.view(listener));
+                        }
+                    }
+                    (None, Some(view)) => {
+                        if ctx.target.discovery.genctr() != view.discovery_genctr {
+                            *view = ctx.target.discovery.view_for(&q.ctrl.hostnqn, &ctx.target.subsystems);
+                        }
+                        aens = q.ctrl.poll_events(view);
+                    }
+                    (None, None) => {}
+                }
+            }
+            Role::Io(q) => {
+                if !q.handle.alive.load(Ordering::Acquire) || q.handle.generation.load(Ordering::Acquire) != q.generation {
+                    let why = format!("controller {} went away", q.handle.cntlid);
+                    self.close_with(why, true);
+                }
+            }
+            Role::Unconnected => {}
+        }
+        for cqe in aens {
+            self.respond(cqe, &[]);
+        }
+    }
+
+    /// Sends as much of the send buffer as the socket takes.
+    pub fn flush(&mut self) {
+        while self.tx_pos < self.tx.len() {
+            match self.sock.write(&self.tx[self.tx_pos..]) {
+                Ok(0) => break,
+                Ok(n) => self.tx_pos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.close_with(format!("write error: {e}"), true);
+                    self.tx.clear();
+                    self.tx_pos = 0;
+                    return;
+                }
+            }
+        }
+        if self.tx_pos == self.tx.len() {
+            self.tx.clear();
+            self.tx_pos = 0;
+        }
+    }
+
+    /// Whether the connection should be torn down now.
+    pub fn finished(&self) -> bool {
+        self.closing.is_some() && (self.fatal || self.tx.is_empty())
+    }
+
+    /// Releases what the connection holds: its controller, if it was the admin queue.
+    pub fn close(&mut self, _target: &Target) {
+        let reason = self.closing.take().unwrap_or_else(|| "target stopping".into());
+        match &self.role {
+            Role::Admin(q) => {
+                if let Some((subsystem, handle)) = &q.subsystem {
+                    subsystem.remove_controller(handle);
+                    tracing::info!(peer = %self.peer, cntlid = handle.cntlid, "controller removed: {reason}");
+                } else {
+                    tracing::debug!(peer = %self.peer, "discovery controller closed: {reason}");
+                }
+            }
+            Role::Io(q) => tracing::debug!(peer = %self.peer, cntlid = q.handle.cntlid, qid = self.qid, "I/O queue closed: {reason}"),
+            Role::Unconnected => tracing::debug!(peer = %self.peer, "connection closed before Connect: {reason}"),
+        }
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
+}

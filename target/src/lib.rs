@@ -1,0 +1,188 @@
+//! nvmetro-tgt: a polled-mode NVMe-oF target.
+//!
+//! ```text
+//!             hosts (Linux nvme-tcp, ESXi, nvmetro-perf)
+//!                 | NVMe/TCP            | NVMe/TCP
+//!        +--------v---------+   +-------v----------+
+//!        | reactor 0 (core) |   | reactor 1 (core) |   one thread per core, pinned
+//!        |  listeners       |   |                  |   accept on reactor 0, connections
+//!        |  connections ----+---+-> connections    |   spread round-robin by message
+//!        |  proto: PDUs,    |   |  proto ...       |   sans-IO transport + controller
+//!        |  controller      |   |                  |
+//!        |  bdev channels   |   |  bdev channels   |   one channel per bdev per reactor
+//!        +--------+---------+   +--------+---------+
+//!                 |  malloc | null | file (io_uring)   shared Bdev objects
+//! ```
+//!
+//! Subsystems, their per-listener views (ANA states) and the controller registry are shared
+//! through [`Target`]; views are read lock-free on the I/O path.
+
+pub mod conn;
+pub mod reactor;
+pub mod subsys;
+
+use anyhow::Context;
+use nvmetro_bdev::{file::FileBdev, malloc::MallocBdev, null::NullBdev, Bdev};
+use nvmetro_conf::{BdevKind, Config};
+use nvmetro_proto::subsystem::NamespaceInfo;
+use reactor::{Reactor, ReactorHandle};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Instant;
+use subsys::{Discovery, Namespace, Subsystem};
+
+/// Everything reactors share.
+#[derive(Debug)]
+pub struct Target {
+    pub config: Config,
+    pub bdevs: Vec<Arc<dyn Bdev>>,
+    pub subsystems: Vec<Arc<Subsystem>>,
+    pub discovery: Discovery,
+    reactors: OnceLock<Vec<ReactorHandle>>,
+    stop: AtomicBool,
+    epoch: Instant,
+    discovery_cntlid: AtomicU16,
+}
+
+impl Target {
+    pub fn reactors(&self) -> &[ReactorHandle] {
+        self.reactors.get().map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Milliseconds since the target started (the clock the sans-IO controllers are fed).
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    pub fn subsystem(&self, nqn: &str) -> Option<Arc<Subsystem>> {
+        self.subsystems.iter().find(|s| s.config.nqn == nqn).cloned()
+    }
+
+    pub fn next_discovery_cntlid(&self) -> u16 {
+        self.discovery_cntlid.fetch_add(1, Ordering::Relaxed) % 0xffef + 1
+    }
+}
+
+/// A running target: its reactor threads.
+pub struct Running {
+    pub target: Arc<Target>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Asks every reactor to stop and waits for them.
+    pub fn stop(self) {
+        self.target.stop.store(true, Ordering::Release);
+        for r in self.target.reactors() {
+            r.send(Box::new(|_| {}));
+        }
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn open_bdev(b: &nvmetro_conf::BdevConfig) -> anyhow::Result<Arc<dyn Bdev>> {
+    Ok(match b.kind {
+        BdevKind::Malloc => {
+            let size = b.size.context("malloc bdev without size")?;
+            Arc::new(MallocBdev::new(&b.name, b.block_size, size, b.hugepages).with_context(|| format!("bdev {}", b.name))?)
+        }
+        BdevKind::Null => {
+            let size = b.size.context("null bdev without size")?;
+            Arc::new(NullBdev::new(&b.name, b.block_size, size / u64::from(b.block_size)))
+        }
+        BdevKind::File => {
+            let path = b.path.as_ref().context("file bdev without path")?;
+            Arc::new(FileBdev::open(&b.name, path, b.block_size, b.size, b.direct).with_context(|| format!("bdev {}", b.name))?)
+        }
+    })
+}
+
+/// Builds bdevs and subsystems, binds every listener, and starts one reactor per core.
+pub fn start(config: Config) -> anyhow::Result<Running> {
+    let available = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    if let Some(c) = config.cores.iter().find(|c| **c >= available) {
+        anyhow::bail!("target.cores names core {c}, but this machine has {available}");
+    }
+    let mut bdevs = Vec::new();
+    for b in &config.bdevs {
+        bdevs.push(open_bdev(b)?);
+    }
+    let subsystems = config
+        .subsystems
+        .iter()
+        .map(|s| {
+            let namespaces = s
+                .namespaces
+                .iter()
+                .map(|n| {
+                    let bdev = config.bdevs.iter().position(|b| b.name == n.bdev).expect("validated bdev reference");
+                    let info = bdevs[bdev].info();
+                    Namespace {
+                        bdev,
+                        info: NamespaceInfo {
+                            nsid: n.nsid,
+                            block_size: info.block_size,
+                            blocks: info.blocks,
+                            nguid: n.nguid,
+                            eui64: n.eui64,
+                            uuid: n.uuid,
+                            ana_group: n.ana_group,
+                            volatile_cache: info.volatile_cache,
+                        },
+                    }
+                })
+                .collect();
+            Arc::new(Subsystem::new(s.clone(), namespaces, &config.listeners))
+        })
+        .collect();
+    let mut sockets = Vec::new();
+    for (i, l) in config.listeners.iter().enumerate() {
+        sockets.push((bind(l.address)?, conn::ListenerKind::Subsystems(i)));
+    }
+    for addr in &config.discovery {
+        sockets.push((bind(*addr)?, conn::ListenerKind::DiscoveryOnly));
+    }
+    let target = Arc::new(Target {
+        discovery: Discovery::new(&config),
+        config,
+        bdevs,
+        subsystems,
+        reactors: OnceLock::new(),
+        stop: AtomicBool::new(false),
+        epoch: Instant::now(),
+        discovery_cntlid: AtomicU16::new(0),
+    });
+    let mut reactors = Vec::new();
+    let mut handles = Vec::new();
+    for (i, core) in target.config.cores.iter().enumerate() {
+        let (r, h) = Reactor::new(i, *core, target.clone())?;
+        reactors.push(r);
+        handles.push(h);
+    }
+    target.reactors.set(handles).expect("reactors set once");
+    for (sock, kind) in sockets {
+        tracing::info!(address = %sock.local_addr()?, ?kind, "listening");
+        reactors[0].add_listener(sock, kind)?;
+    }
+    let threads = reactors
+        .into_iter()
+        .map(|r| std::thread::Builder::new().name(format!("reactor-{}", r.index)).spawn(move || r.run()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Running { target, threads })
+}
+
+fn bind(addr: std::net::SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into()).with_context(|| format!("cannot listen on {addr}"))?;
+    s.listen(1024)?;
+    Ok(s.into())
+}

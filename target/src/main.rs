@@ -1,0 +1,51 @@
+//! `nvmetro-tgt --config FILE`: runs the target until SIGINT or SIGTERM.
+
+use anyhow::Context;
+use clap::Parser;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Parser, Debug)]
+#[command(name = "nvmetro-tgt", version, about = "nvmetro: a polled-mode NVMe-over-Fabrics (NVMe/TCP) target")]
+struct Args {
+    /// Configuration file (TOML). Without it, a 1 GiB RAM namespace is served on 127.0.0.1:4420.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    check: bool,
+    /// Log filter (tracing syntax), e.g. "info" or "nvmetro_tgt=debug".
+    #[arg(long, default_value = "info", env = "NVMETRO_LOG")]
+    log: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("bad --log filter")?)
+        .with_target(false)
+        .init();
+    let config = match &args.config {
+        Some(path) => nvmetro_conf::load(path)?,
+        None => nvmetro_conf::parse(nvmetro_conf::DEFAULT_CONFIG, "(built-in default config)")?,
+    };
+    if args.check {
+        println!("configuration is valid");
+        return Ok(());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    let running = nvmetro_tgt::start(config)?;
+    for s in &running.target.subsystems {
+        tracing::info!(nqn = %s.config.nqn, namespaces = s.namespaces.len(), "subsystem ready");
+    }
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    tracing::info!("stopping");
+    running.stop();
+    Ok(())
+}

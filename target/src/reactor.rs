@@ -1,0 +1,292 @@
+//! Reactors: one thread per configured core, pinned, owning its connections and its bdev
+//! channels (SPDK's model). Work crosses cores only as messages on a lock-free queue
+//! ([`ReactorHandle::send`], SPDK's `send_msg`).
+//!
+//! Each loop turn drains messages, polls sockets (epoll with a zero timeout), polls bdev channels,
+//! and flushes responses, batching every response of the turn into one send per connection.
+//! In `busy` mode that is all it does. In `adaptive` mode an idle reactor spins for 50 us, then
+//! yields the CPU between turns until 1 ms, then parks in epoll until a socket, a bdev completion
+//! (its eventfd) or a message (a mio waker) arrives, so that two reactors, or a reactor and a
+//! client, can share two cores without starving each other.
+
+use crate::conn::{Conn, Ctx, ListenerKind};
+use crate::Target;
+use crossbeam_queue::SegQueue;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use nvmetro_bdev::{BdevChannel, BdevCompletion};
+use nvmetro_conf::PollMode;
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A message: a closure run on the receiving reactor.
+pub type Message = Box<dyn FnOnce(&mut Reactor) + Send>;
+
+const WAKER: Token = Token(usize::MAX);
+const LISTENER_BASE: usize = 1 << 40;
+const CHANNEL_BASE: usize = 1 << 41;
+const TICK: Duration = Duration::from_millis(100);
+const SPIN: Duration = Duration::from_micros(50);
+const YIELD: Duration = Duration::from_millis(1);
+
+struct Shared {
+    queue: SegQueue<Message>,
+    parked: AtomicBool,
+    waker: Waker,
+}
+
+/// Sends work to a reactor from any thread.
+#[derive(Clone)]
+pub struct ReactorHandle {
+    pub index: usize,
+    pub core: usize,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ReactorHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ReactorHandle({} on core {})", self.index, self.core)
+    }
+}
+
+impl ReactorHandle {
+    pub fn send(&self, msg: Message) {
+        self.shared.queue.push(msg);
+        // Pairs with the reactor's store before it parks: either it sees the message, or we see
+        // it parked and wake it.
+        if self.shared.parked.load(Ordering::SeqCst) {
+            let _ = self.shared.waker.wake();
+        }
+    }
+}
+
+/// The bdev channels a reactor has opened, by bdev index.
+#[derive(Default)]
+pub struct Channels {
+    open: Vec<Option<Box<dyn BdevChannel>>>,
+}
+
+impl Channels {
+    /// The reactor's channel for bdev `index`, opened on first use (its eventfd is registered
+    /// with the reactor's poller so completions wake a parked reactor).
+    pub fn get(&mut self, index: usize, target: &Target, registry: &mio::Registry) -> io::Result<&mut Box<dyn BdevChannel>> {
+        if self.open.len() <= index {
+            self.open.resize_with(index + 1, || None);
+        }
+        if self.open[index].is_none() {
+            let ch = target.bdevs[index].clone().channel()?;
+            if let Some(fd) = ch.wake_fd() {
+                registry.register(&mut mio::unix::SourceFd(&(fd as RawFd)), Token(CHANNEL_BASE + index), Interest::READABLE)?;
+            }
+            self.open[index] = Some(ch);
+        }
+        Ok(self.open[index].as_mut().expect("opened above"))
+    }
+
+    fn poll_all(&mut self, out: &mut Vec<BdevCompletion>) -> usize {
+        let mut n = 0;
+        for ch in self.open.iter_mut().flatten() {
+            if ch.outstanding() > 0 {
+                n += ch.poll(out);
+            }
+        }
+        n
+    }
+}
+
+pub struct Reactor {
+    pub index: usize,
+    pub core: usize,
+    mode: PollMode,
+    poll: Poll,
+    shared: Arc<Shared>,
+    target: Arc<Target>,
+    conns: HashMap<u32, Conn>,
+    listeners: Vec<(TcpListener, ListenerKind)>,
+    channels: Channels,
+    completions: Vec<BdevCompletion>,
+    next_token: u32,
+    next_reactor: usize,
+}
+
+impl Reactor {
+    pub fn new(index: usize, core: usize, target: Arc<Target>) -> io::Result<(Reactor, ReactorHandle)> {
+        let poll = Poll::new()?;
+        let waker = Waker::new(poll.registry(), WAKER)?;
+        let shared = Arc::new(Shared { queue: SegQueue::new(), parked: AtomicBool::new(false), waker });
+        let handle = ReactorHandle { index, core, shared: shared.clone() };
+        let mode = target.config.poll_mode;
+        let reactor = Reactor {
+            index,
+            core,
+            mode,
+            poll,
+            shared,
+            target,
+            conns: HashMap::new(),
+            listeners: Vec::new(),
+            channels: Channels::default(),
+            completions: Vec::new(),
+            next_token: 1,
+            next_reactor: index,
+        };
+        Ok((reactor, handle))
+    }
+
+    /// Takes over a bound listener; its connections are spread over all reactors.
+    pub fn add_listener(&mut self, std_listener: std::net::TcpListener, kind: ListenerKind) -> io::Result<()> {
+        std_listener.set_nonblocking(true)?;
+        let mut l = TcpListener::from_std(std_listener);
+        let token = Token(LISTENER_BASE + self.listeners.len());
+        self.poll.registry().register(&mut l, token, Interest::READABLE)?;
+        self.listeners.push((l, kind));
+        Ok(())
+    }
+
+    /// Takes a connection accepted on another reactor.
+    fn adopt(&mut self, mut sock: TcpStream, peer: SocketAddr, kind: ListenerKind) {
+        let token = self.next_token;
+        self.next_token = self.next_token.wrapping_add(1).max(1);
+        if let Err(e) = self.poll.registry().register(&mut sock, Token(token as usize), Interest::READABLE | Interest::WRITABLE) {
+            tracing::error!(%peer, "cannot register connection: {e}");
+            return;
+        }
+        tracing::debug!(%peer, reactor = self.index, "connection accepted");
+        self.conns.insert(token, Conn::new(token, sock, peer, kind));
+    }
+
+    fn accept(&mut self, listener: usize) {
+        loop {
+            let (sock, peer) = match self.listeners[listener].0.accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    return;
+                }
+            };
+            let _ = sock.set_nodelay(true);
+            let kind = self.listeners[listener].1;
+            let handles = self.target.reactors();
+            self.next_reactor = (self.next_reactor + 1) % handles.len().max(1);
+            let dest = self.next_reactor;
+            if dest == self.index || handles.is_empty() {
+                self.adopt(sock, peer, kind);
+            } else {
+                handles[dest].send(Box::new(move |r: &mut Reactor| r.adopt(sock, peer, kind)));
+            }
+        }
+    }
+
+    /// Runs until the target stops.
+    pub fn run(mut self) {
+        if let Err(e) = nvmetro_ffi::pin_current_thread(self.core) {
+            tracing::warn!(reactor = self.index, core = self.core, "cannot pin to core: {e}");
+        }
+        tracing::info!(reactor = self.index, core = self.core, mode = ?self.mode, "reactor running");
+        let mut events = Events::with_capacity(1024);
+        let mut idle_since: Option<Instant> = None;
+        let mut next_tick = Instant::now() + TICK;
+        let mut dirty: Vec<u32> = Vec::new();
+        while !self.target.stopping() {
+            let mut work = 0usize;
+            while let Some(msg) = self.shared.queue.pop() {
+                msg(&mut self);
+                work += 1;
+            }
+
+            // Decide how long epoll may wait: not at all while busy, until the next tick once idle.
+            let now = Instant::now();
+            let mut timeout = Some(Duration::ZERO);
+            if self.mode == PollMode::Adaptive {
+                if let Some(since) = idle_since {
+                    let idle = now - since;
+                    if idle > YIELD {
+                        self.shared.parked.store(true, Ordering::SeqCst);
+                        if self.shared.queue.is_empty() {
+                            timeout = Some(next_tick.saturating_duration_since(now));
+                        }
+                    } else if idle > SPIN {
+                        std::thread::yield_now();
+                    }
+                }
+            }
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::error!("poll failed: {e}");
+                }
+            }
+            self.shared.parked.store(false, Ordering::SeqCst);
+            let now_ms = self.target.now_ms();
+            for ev in events.iter() {
+                let t = ev.token().0;
+                if t == WAKER.0 || t >= CHANNEL_BASE {
+                    continue; // messages and bdev channels are polled every turn anyway
+                }
+                work += 1;
+                if t >= LISTENER_BASE {
+                    self.accept(t - LISTENER_BASE);
+                    continue;
+                }
+                let token = t as u32;
+                if let Some(conn) = self.conns.get_mut(&token) {
+                    let registry = self.poll.registry();
+                    let mut ctx = Ctx { target: &self.target, channels: &mut self.channels, registry, now_ms };
+                    if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                        conn.on_readable(&mut ctx);
+                    }
+                    dirty.push(token);
+                }
+            }
+
+            self.completions.clear();
+            work += self.channels.poll_all(&mut self.completions);
+            for c in self.completions.drain(..) {
+                let token = (c.tag >> 32) as u32;
+                if let Some(conn) = self.conns.get_mut(&token) {
+                    let registry = self.poll.registry();
+                    let mut ctx = Ctx { target: &self.target, channels: &mut self.channels, registry, now_ms };
+                    conn.on_completion(c.tag as u32, c.result, &mut ctx);
+                    dirty.push(token);
+                }
+            }
+
+            if Instant::now() >= next_tick {
+                next_tick = Instant::now() + TICK;
+                for (token, conn) in self.conns.iter_mut() {
+                    let registry = self.poll.registry();
+                    let mut ctx = Ctx { target: &self.target, channels: &mut self.channels, registry, now_ms };
+                    conn.on_tick(&mut ctx);
+                    dirty.push(*token);
+                }
+            }
+
+            dirty.sort_unstable();
+            dirty.dedup();
+            for token in dirty.drain(..) {
+                let Some(conn) = self.conns.get_mut(&token) else { continue };
+                conn.flush();
+                if conn.finished() {
+                    let mut conn = self.conns.remove(&token).expect("present");
+                    let _ = self.poll.registry().deregister(conn.socket());
+                    conn.close(&self.target);
+                }
+            }
+
+            if work == 0 {
+                idle_since.get_or_insert(now);
+            } else {
+                idle_since = None;
+            }
+        }
+        for (_, mut conn) in self.conns.drain() {
+            conn.close(&self.target);
+        }
+        tracing::info!(reactor = self.index, "reactor stopped");
+    }
+}

@@ -1,0 +1,219 @@
+//! Subsystems at run time: their namespaces over bdevs, the view each listener gives of them
+//! (ANA states), their live controllers, and the discovery service.
+//!
+//! Views are swapped whole (arc-swap), so the I/O path reads them without a lock; the controller
+//! registry takes a mutex, but only on Connect and controller teardown, never per I/O.
+
+use arc_swap::ArcSwap;
+use nvmetro_conf::{Config, SubsystemConfig};
+use nvmetro_proto::subsystem::{AnaState, DiscoveryEntry, Health, NamespaceInfo, SubsystemKind, SubsystemView};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// A namespace: its identity and the index of its bdev in [`Target::bdevs`](crate::Target).
+#[derive(Debug, Clone)]
+pub struct Namespace {
+    pub info: NamespaceInfo,
+    pub bdev: usize,
+}
+
+/// What I/O queues and the admin queue of one controller share across reactors.
+#[derive(Debug)]
+pub struct ControllerHandle {
+    pub cntlid: u16,
+    pub hostnqn: String,
+    /// Cleared when the admin queue goes away (disconnect, keep-alive expiry): I/O queues close.
+    pub alive: AtomicBool,
+    /// CSTS.RDY as last set by the admin queue.
+    pub ready: AtomicBool,
+    /// Controller resets seen so far; I/O queues of an older generation close.
+    pub generation: AtomicU64,
+    pub io_queues_granted: AtomicU64,
+}
+
+/// Per-subsystem counters for the SMART log (relaxed atomics; read rarely).
+#[derive(Debug, Default)]
+pub struct HealthCounters {
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub read_commands: AtomicU64,
+    pub write_commands: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct Subsystem {
+    pub config: SubsystemConfig,
+    pub namespaces: Vec<Namespace>,
+    /// One view per listener, by listener index.
+    views: Vec<ArcSwap<SubsystemView>>,
+    controllers: Mutex<HashMap<u16, Arc<ControllerHandle>>>,
+    pub health: HealthCounters,
+    started: Instant,
+}
+
+/// Why a Connect was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectRefusal {
+    #[error("host {0} is not allowed")]
+    HostNotAllowed(String),
+    #[error("no free controller ID in the configured range")]
+    NoControllerId,
+    #[error("no controller {cntlid} for host {hostnqn}")]
+    UnknownController { cntlid: u16, hostnqn: String },
+    #[error("controller {0} is not enabled")]
+    NotReady(u16),
+}
+
+impl Subsystem {
+    pub fn new(config: SubsystemConfig, namespaces: Vec<Namespace>, listeners: &[nvmetro_conf::ListenerConfig]) -> Subsystem {
+        let views = listeners
+            .iter()
+            .map(|l| {
+                let ana_groups = (1..=config.ana_groups)
+                    .map(|g| l.ana_states.get(&g).and_then(|s| AnaState::parse(s)).unwrap_or(AnaState::Optimized))
+                    .collect();
+                ArcSwap::from_pointee(SubsystemView {
+                    kind: SubsystemKind::Nvm,
+                    nqn: config.nqn.clone(),
+                    serial: config.serial.clone(),
+                    model: config.model.clone(),
+                    firmware: env!("CARGO_PKG_VERSION").into(),
+                    namespaces: namespaces.iter().map(|n| n.info.clone()).collect(),
+                    ana_groups,
+                    ana_change_count: 1,
+                    ns_change_count: 0,
+                    changed_namespaces: Vec::new(),
+                    discovery_log: Vec::new(),
+                    discovery_genctr: 0,
+                    max_namespaces: config.max_namespaces,
+                    ana_transition_time: config.ana_transition_time,
+                })
+            })
+            .collect();
+        Subsystem { config, namespaces, views, controllers: Mutex::new(HashMap::new()), health: HealthCounters::default(), started: Instant::now() }
+    }
+
+    pub fn view(&self, listener: usize) -> Arc<SubsystemView> {
+        self.views[listener].load_full()
+    }
+
+    pub fn namespace(&self, nsid: u32) -> Option<&Namespace> {
+        self.namespaces.iter().find(|n| n.info.nsid == nsid)
+    }
+
+    /// Sets the ANA state of `group` on `listener`; controllers raise the change event.
+    pub fn set_ana_state(&self, listener: usize, group: u32, state: AnaState) -> bool {
+        let Some(slot) = self.views.get(listener) else { return false };
+        let mut v = (*slot.load_full()).clone();
+        let Some(s) = group.checked_sub(1).and_then(|i| v.ana_groups.get_mut(i as usize)) else { return false };
+        if *s != state {
+            *s = state;
+            v.ana_change_count += 1;
+            slot.store(Arc::new(v));
+        }
+        true
+    }
+
+    pub fn health(&self) -> Health {
+        let h = &self.health;
+        Health {
+            bytes_read: h.bytes_read.load(Ordering::Relaxed),
+            bytes_written: h.bytes_written.load(Ordering::Relaxed),
+            read_commands: h.read_commands.load(Ordering::Relaxed),
+            write_commands: h.write_commands.load(Ordering::Relaxed),
+            power_on_seconds: self.started.elapsed().as_secs(),
+        }
+    }
+
+    /// Admits a new controller for `hostnqn`, with the lowest free ID of the configured range.
+    pub fn add_controller(&self, hostnqn: &str) -> Result<Arc<ControllerHandle>, ConnectRefusal> {
+        if !self.config.host_allowed(hostnqn) {
+            return Err(ConnectRefusal::HostNotAllowed(hostnqn.into()));
+        }
+        let mut live = self.controllers.lock().expect("controller registry poisoned");
+        let cntlid = (self.config.cntlid_min..=self.config.cntlid_max)
+            .find(|id| !live.contains_key(id))
+            .ok_or(ConnectRefusal::NoControllerId)?;
+        let handle = Arc::new(ControllerHandle {
+            cntlid,
+            hostnqn: hostnqn.into(),
+            alive: AtomicBool::new(true),
+            ready: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+            io_queues_granted: AtomicU64::new(u64::from(nvmetro_proto::controller::MAX_IO_QUEUES)),
+        });
+        live.insert(cntlid, handle.clone());
+        Ok(handle)
+    }
+
+    /// Finds the controller an I/O queue Connect names.
+    pub fn find_controller(&self, cntlid: u16, hostnqn: &str) -> Result<Arc<ControllerHandle>, ConnectRefusal> {
+        if !self.config.host_allowed(hostnqn) {
+            return Err(ConnectRefusal::HostNotAllowed(hostnqn.into()));
+        }
+        let live = self.controllers.lock().expect("controller registry poisoned");
+        let h = live
+            .get(&cntlid)
+            .filter(|h| h.hostnqn == hostnqn && h.alive.load(Ordering::Acquire))
+            .ok_or_else(|| ConnectRefusal::UnknownController { cntlid, hostnqn: hostnqn.into() })?;
+        if !h.ready.load(Ordering::Acquire) {
+            return Err(ConnectRefusal::NotReady(cntlid));
+        }
+        Ok(h.clone())
+    }
+
+    pub fn remove_controller(&self, handle: &ControllerHandle) {
+        handle.alive.store(false, Ordering::Release);
+        self.controllers.lock().expect("controller registry poisoned").remove(&handle.cntlid);
+    }
+
+    pub fn controller_count(&self) -> usize {
+        self.controllers.lock().expect("controller registry poisoned").len()
+    }
+}
+
+/// The discovery subsystem: one log listing every subsystem on every listener.
+#[derive(Debug)]
+pub struct Discovery {
+    view: ArcSwap<SubsystemView>,
+}
+
+impl Discovery {
+    pub fn new(config: &Config) -> Discovery {
+        let mut entries = Vec::new();
+        for (portid, l) in config.listeners.iter().enumerate() {
+            let entry = |subnqn: &str, subtype| DiscoveryEntry {
+                portid: portid as u16 + 1,
+                ipv6: l.address.is_ipv6(),
+                traddr: l.address.ip().to_string(),
+                trsvcid: l.address.port().to_string(),
+                subnqn: subnqn.into(),
+                subtype,
+            };
+            for s in &config.subsystems {
+                entries.push(entry(&s.nqn, 2));
+            }
+            entries.push(entry(nvmetro_proto::subsystem::DISCOVERY_NQN, 3));
+        }
+        Discovery { view: ArcSwap::from_pointee(SubsystemView::discovery(entries, 1)) }
+    }
+
+    /// The log as `hostnqn` may see it: only subsystems that admit the host.
+    pub fn view_for(&self, hostnqn: &str, subsystems: &[Arc<Subsystem>]) -> SubsystemView {
+        let mut v = (*self.view.load_full()).clone();
+        v.discovery_log.retain(|e| e.subtype == 3 || subsystems.iter().any(|s| s.config.nqn == e.subnqn && s.config.host_allowed(hostnqn)));
+        v
+    }
+
+    pub fn genctr(&self) -> u64 {
+        self.view.load().discovery_genctr
+    }
+}
+
+/// Listener address by index, for logs.
+pub fn listener_addr(config: &Config, index: usize) -> SocketAddr {
+    config.listeners[index].address
+}
