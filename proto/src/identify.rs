@@ -52,7 +52,7 @@ pub fn controller(view: &SubsystemView, cntlid: u16) -> Vec<u8> {
     put16(&mut d, 320, 1); // KAS: keep-alive granularity 100 ms
     if nvm {
         d[342] = view.ana_transition_time;
-        d[343] = 0x1f | 0x40; // ANACAP: all states reported, group id does not change while attached
+        d[343] = 0x1f; // ANACAP: every state reportable (as Linux nvmet; bit 6 would make nvme-cli drop the NSID lists)
         put32(&mut d, 344, view.ana_groups.len().max(1) as u32); // ANAGRPMAX
         put32(&mut d, 348, view.ana_groups.len().max(1) as u32); // NANAGRPID
     }

@@ -1,0 +1,348 @@
+//! The nvmetro initiator: an NVMe/TCP host built on the sans-IO machines of `nvmetro-proto`.
+//!
+//! [`Host::connect`] performs what a Linux host does (ICReq, admin Connect, CC.EN, Identify,
+//! number of queues, I/O queue Connects). Each [`Queue`] is one TCP connection; commands are
+//! submitted without waiting and completions collected with [`Queue::poll`] (busy polling) or
+//! [`Queue::wait_any`] (blocking), so a load generator can keep any queue depth in flight.
+
+pub mod load;
+
+use nvmetro_proto::cmds;
+use nvmetro_proto::controller::prop;
+use nvmetro_proto::identify;
+use nvmetro_proto::nvme::{le_u32, le_u64, Command, Completion, Status};
+use nvmetro_proto::pdu::{Digests, PduError};
+use nvmetro_proto::tcp::{HostEvent, HostTransport};
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("connection to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    #[error("protocol error: {0}")]
+    Protocol(#[from] PduError),
+    #[error("{what} failed: {status}")]
+    Status { what: &'static str, status: Status },
+    #[error("timed out waiting for the controller")]
+    Timeout,
+    #[error("the controller closed the connection")]
+    Closed,
+}
+
+/// How to reach a subsystem.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    pub addr: SocketAddr,
+    pub subnqn: String,
+    pub hostnqn: String,
+    pub hostid: [u8; 16],
+    pub io_queues: u16,
+    pub queue_size: u16,
+    pub kato_ms: u32,
+    pub digests: Digests,
+    /// Spin on non-blocking sockets instead of sleeping in the kernel.
+    pub busy_poll: bool,
+    pub timeout: Duration,
+}
+
+impl ConnectOptions {
+    pub fn new(addr: SocketAddr, subnqn: &str) -> ConnectOptions {
+        ConnectOptions {
+            addr,
+            subnqn: subnqn.into(),
+            hostnqn: "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-4000-8000-6e766d657472".into(),
+            hostid: *b"nvmetro-perf-hid",
+            io_queues: 1,
+            queue_size: 128,
+            kato_ms: 5000,
+            digests: Digests::default(),
+            busy_poll: false,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One NVMe/TCP connection: an admin or an I/O queue.
+#[derive(Debug)]
+pub struct Queue {
+    sock: TcpStream,
+    transport: HostTransport,
+    rx: Vec<u8>,
+    rx_len: usize,
+    tx: Vec<u8>,
+    next_cid: u16,
+    done: HashMap<u16, (Completion, Vec<u8>)>,
+    busy_poll: bool,
+    timeout: Duration,
+    pub qid: u16,
+}
+
+impl Queue {
+    /// Opens the TCP connection and completes the ICReq/ICResp exchange.
+    pub fn open(opts: &ConnectOptions, qid: u16, in_capsule: usize) -> Result<Queue, HostError> {
+        let sock = TcpStream::connect_timeout(&opts.addr, opts.timeout).map_err(|source| HostError::Connect { addr: opts.addr, source })?;
+        sock.set_nodelay(true)?;
+        let mut tx = Vec::new();
+        let transport = HostTransport::new(opts.digests, in_capsule, &mut tx);
+        let mut q = Queue {
+            sock,
+            transport,
+            rx: vec![0; 1 << 20],
+            rx_len: 0,
+            tx,
+            next_cid: 1,
+            done: HashMap::new(),
+            busy_poll: false,
+            timeout: opts.timeout,
+            qid,
+        };
+        q.flush()?;
+        let deadline = Instant::now() + opts.timeout;
+        let mut events = Vec::new();
+        while !events.contains(&HostEvent::Connected) {
+            if Instant::now() > deadline {
+                return Err(HostError::Timeout);
+            }
+            q.read_some(true, &mut events)?;
+        }
+        q.busy_poll = opts.busy_poll;
+        q.sock.set_nonblocking(opts.busy_poll)?;
+        Ok(q)
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.transport.outstanding()
+    }
+
+    /// Queues a command (sent at the next [`Queue::flush`]); returns its command identifier.
+    pub fn submit(&mut self, mut cmd: Command, write: Vec<u8>, read_len: usize) -> u16 {
+        let cid = self.next_cid;
+        self.next_cid = self.next_cid.wrapping_add(1);
+        if self.next_cid == 0xffff {
+            self.next_cid = 1;
+        }
+        cmd.0[2..4].copy_from_slice(&cid.to_le_bytes());
+        self.transport.submit(cmd, write, read_len, &mut self.tx);
+        cid
+    }
+
+    /// Sends everything queued.
+    pub fn flush(&mut self) -> Result<(), HostError> {
+        let mut off = 0;
+        while off < self.tx.len() {
+            match self.sock.write(&self.tx[off..]) {
+                Ok(0) => return Err(HostError::Closed),
+                Ok(n) => off += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.tx.clear();
+        Ok(())
+    }
+
+    fn read_some(&mut self, block: bool, events: &mut Vec<HostEvent>) -> Result<usize, HostError> {
+        if self.rx_len == self.rx.len() {
+            return Err(HostError::Protocol(PduError { fes: None, fei: 0, reason: "PDU larger than the receive buffer", header: vec![] }));
+        }
+        if block && self.busy_poll {
+            self.sock.set_nonblocking(false)?;
+        }
+        self.sock.set_read_timeout(Some(self.timeout))?;
+        let r = self.sock.read(&mut self.rx[self.rx_len..]);
+        if block && self.busy_poll {
+            self.sock.set_nonblocking(true)?;
+        }
+        let n = match r {
+            Ok(0) => return Err(HostError::Closed),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && !block => return Ok(0),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Err(HostError::Timeout),
+            Err(e) => return Err(e.into()),
+        };
+        self.rx_len += n;
+        let used = self.transport.receive(&self.rx[..self.rx_len], &mut self.tx, events)?;
+        self.rx.copy_within(used..self.rx_len, 0);
+        self.rx_len -= used;
+        if !self.tx.is_empty() {
+            self.flush()?; // H2CData answering an R2T
+        }
+        Ok(n)
+    }
+
+    /// Collects finished commands into `out` without blocking; returns how many.
+    pub fn poll(&mut self, out: &mut Vec<(Completion, Vec<u8>)>) -> Result<usize, HostError> {
+        let mut events = Vec::new();
+        self.read_some(false, &mut events)?;
+        Ok(self.collect(events, out))
+    }
+
+    /// Blocks until at least one command finishes; collects finished ones into `out`.
+    pub fn wait_any(&mut self, out: &mut Vec<(Completion, Vec<u8>)>) -> Result<usize, HostError> {
+        loop {
+            let mut events = Vec::new();
+            self.read_some(!self.busy_poll, &mut events)?;
+            let n = self.collect(events, out);
+            if n > 0 {
+                return Ok(n);
+            }
+        }
+    }
+
+    fn collect(&mut self, events: Vec<HostEvent>, out: &mut Vec<(Completion, Vec<u8>)>) -> usize {
+        let mut n = 0;
+        for ev in events {
+            if let HostEvent::Completed { cqe, data } = ev {
+                out.push((cqe, data));
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Submits one command and waits for it (other completions seen meanwhile are kept).
+    pub fn execute(&mut self, cmd: Command, write: Vec<u8>, read_len: usize) -> Result<(Completion, Vec<u8>), HostError> {
+        let cid = self.submit(cmd, write, read_len);
+        self.flush()?;
+        self.wait_for(cid)
+    }
+
+    /// Waits for the completion of `cid`.
+    pub fn wait_for(&mut self, cid: u16) -> Result<(Completion, Vec<u8>), HostError> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            if let Some(r) = self.done.remove(&cid) {
+                return Ok(r);
+            }
+            if Instant::now() > deadline {
+                return Err(HostError::Timeout);
+            }
+            let mut out = Vec::new();
+            self.wait_any(&mut out)?;
+            for (cqe, data) in out {
+                self.done.insert(cqe.cid, (cqe, data));
+            }
+        }
+    }
+}
+
+/// A connected controller: its admin queue and I/O queues.
+#[derive(Debug)]
+pub struct Host {
+    pub admin: Queue,
+    pub io: Vec<Queue>,
+    pub cntlid: u16,
+    /// Identify Controller data.
+    pub id_ctrl: Vec<u8>,
+    opts: ConnectOptions,
+}
+
+fn ok(what: &'static str, r: (Completion, Vec<u8>)) -> Result<(Completion, Vec<u8>), HostError> {
+    if r.0.status().is_success() {
+        Ok(r)
+    } else {
+        Err(HostError::Status { what, status: r.0.status() })
+    }
+}
+
+impl Host {
+    /// Connects the admin queue, enables the controller, identifies it and connects I/O queues.
+    pub fn connect(opts: &ConnectOptions) -> Result<Host, HostError> {
+        let mut admin = Queue::open(opts, 0, identify::ADMIN_IN_CAPSULE)?;
+        let (c, d) = cmds::connect(0, 0, 32, opts.kato_ms, 0xffff, &opts.subnqn, &opts.hostnqn, opts.hostid);
+        let (cqe, _) = ok("Connect", admin.execute(c, d, 0)?)?;
+        let cntlid = cqe.result as u16;
+        ok("Property Set CC", admin.execute(cmds::property_set(0, prop::CC, cmds::CC_ENABLE), vec![], 0)?)?;
+        let deadline = Instant::now() + opts.timeout;
+        loop {
+            let (cqe, _) = ok("Property Get CSTS", admin.execute(cmds::property_get(0, prop::CSTS), vec![], 0)?)?;
+            if cqe.result & 1 == 1 {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(HostError::Timeout);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (_, id_ctrl) = ok("Identify Controller", admin.execute(cmds::identify(0, 1, 0), vec![], 4096)?)?;
+        let mut host = Host { admin, io: Vec::new(), cntlid, id_ctrl, opts: opts.clone() };
+        if host.is_discovery() || opts.io_queues == 0 {
+            return Ok(host);
+        }
+        let want = u32::from(opts.io_queues - 1);
+        let (cqe, _) = ok("Set Features (number of queues)", host.admin.execute(cmds::set_features(0, 0x07, want | want << 16), vec![], 0)?)?;
+        let granted = (cqe.result as u16).min((cqe.result >> 16) as u16) + 1;
+        let in_capsule = (le_u32(&host.id_ctrl, 1792) as usize * 16).saturating_sub(64);
+        for qid in 1..=opts.io_queues.min(granted) {
+            let mut q = Queue::open(opts, qid, identify::ADMIN_IN_CAPSULE)?;
+            let (c, d) = cmds::connect(0, qid, opts.queue_size, 0, cntlid, &opts.subnqn, &opts.hostnqn, opts.hostid);
+            ok("Connect (I/O queue)", q.execute(c, d, 0)?)?;
+            q.transport.set_in_capsule(in_capsule);
+            host.io.push(q);
+        }
+        Ok(host)
+    }
+
+    pub fn is_discovery(&self) -> bool {
+        self.id_ctrl.get(111) == Some(&2)
+    }
+
+    /// Runs an admin command, failing on an error status.
+    pub fn admin_cmd(&mut self, what: &'static str, cmd: Command, write: Vec<u8>, read_len: usize) -> Result<(Completion, Vec<u8>), HostError> {
+        ok(what, self.admin.execute(cmd, write, read_len)?)
+    }
+
+    /// (blocks, block size) of a namespace.
+    pub fn namespace_size(&mut self, nsid: u32) -> Result<(u64, u32), HostError> {
+        let (_, d) = self.admin_cmd("Identify Namespace", cmds::identify(0, 0, nsid), vec![], 4096)?;
+        let lbads = d[128 + 2];
+        Ok((le_u64(&d, 0), 1u32 << lbads))
+    }
+
+    /// Runs an I/O command on queue `q`, returning its completion whatever the status.
+    pub fn io_cmd(&mut self, q: usize, cmd: Command, write: Vec<u8>, read_len: usize) -> Result<(Completion, Vec<u8>), HostError> {
+        self.io[q].execute(cmd, write, read_len)
+    }
+
+    pub fn read(&mut self, nsid: u32, slba: u64, blocks: u32, block_size: u32) -> Result<Vec<u8>, HostError> {
+        let len = blocks as usize * block_size as usize;
+        Ok(ok("Read", self.io_cmd(0, cmds::read(0, nsid, slba, blocks), vec![], len)?)?.1)
+    }
+
+    pub fn write(&mut self, nsid: u32, slba: u64, data: Vec<u8>, block_size: u32) -> Result<(), HostError> {
+        let blocks = (data.len() / block_size as usize) as u32;
+        ok("Write", self.io_cmd(0, cmds::write(0, nsid, slba, blocks), data, 0)?)?;
+        Ok(())
+    }
+
+    pub fn flush(&mut self, nsid: u32) -> Result<(), HostError> {
+        ok("Flush", self.io_cmd(0, cmds::flush(0, nsid), vec![], 0)?)?;
+        Ok(())
+    }
+
+    pub fn keep_alive(&mut self) -> Result<(), HostError> {
+        self.admin_cmd("Keep Alive", cmds::keep_alive(0), vec![], 0)?;
+        Ok(())
+    }
+
+    /// Reads a whole log page of `len` bytes.
+    pub fn log_page(&mut self, lid: u8, len: usize) -> Result<Vec<u8>, HostError> {
+        Ok(self.admin_cmd("Get Log Page", cmds::get_log_page(0, lid, 0, len, 0), vec![], len)?.1)
+    }
+
+    /// Shuts the controller down cleanly (CC.SHN) and closes every queue.
+    pub fn shutdown(mut self) -> Result<(), HostError> {
+        self.admin_cmd("Property Set CC (shutdown)", cmds::property_set(0, prop::CC, cmds::CC_SHUTDOWN), vec![], 0)?;
+        Ok(())
+    }
+
+    pub fn options(&self) -> &ConnectOptions {
+        &self.opts
+    }
+}
