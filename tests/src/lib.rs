@@ -1,0 +1,141 @@
+//! Helpers for end-to-end tests: start the real `nvmetro-tgt` with a config on free ports,
+//! wait until it listens, and kill it when the test ends.
+//!
+//! The binaries must be built first (`cargo build --workspace --bins`, which the README's test
+//! command does); they are looked up next to the test executable.
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary built in the same profile as the running test.
+pub fn binary(name: &str) -> PathBuf {
+    let mut dir = std::env::current_exe().expect("test executable path");
+    dir.pop();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let p = dir.join(name);
+    assert!(p.exists(), "{} is missing: run `cargo build --workspace --bins` first", p.display());
+    p
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port").local_addr().expect("local addr").port()
+}
+
+pub const SUBNQN: &str = "nqn.2026-11.io.nvmetro:e2e";
+pub const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-4000-8000-6e766d657472";
+
+/// A running target process.
+pub struct TargetProcess {
+    child: Child,
+    pub addr: SocketAddr,
+    pub config_path: PathBuf,
+    dir: PathBuf,
+}
+
+impl TargetProcess {
+    /// Starts the target with `config` in which `{PORT}` stands for a free port and `{DIR}` for a
+    /// scratch directory of this test.
+    pub fn start(config: &str) -> TargetProcess {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("nvmetro-e2e-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let text = config.replace("{PORT}", &port.to_string()).replace("{DIR}", &dir.display().to_string());
+        let config_path = dir.join("target.toml");
+        std::fs::write(&config_path, text).expect("write config");
+        let child = Command::new(binary("nvmetro-tgt"))
+            .arg("--config")
+            .arg(&config_path)
+            .env("NVMETRO_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn nvmetro-tgt");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let mut t = TargetProcess { child, addr, config_path, dir };
+        t.wait_listening();
+        t
+    }
+
+    fn wait_listening(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_err() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("nvmetro-tgt exited with {status}: {}", self.stderr());
+            }
+            assert!(Instant::now() < deadline, "nvmetro-tgt did not listen on {}", self.addr);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Kills the process and returns what it logged.
+    pub fn stderr(&mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut s = String::new();
+        if let Some(e) = self.child.stderr.as_mut() {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    }
+
+    pub fn scratch(&self) -> &PathBuf {
+        &self.dir
+    }
+}
+
+impl Drop for TargetProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The usual single-subsystem config: a malloc namespace (and a file one) for one allowed host.
+pub fn basic_config(cores: &str) -> String {
+    format!(
+        r#"
+[target]
+cores = {cores}
+poll_mode = "adaptive"
+
+[[bdev]]
+name = "ram"
+kind = "malloc"
+size = "64MiB"
+
+[[bdev]]
+name = "disk"
+kind = "file"
+path = "{{DIR}}/disk.img"
+size = "16MiB"
+block_size = 4096
+
+[[subsystem]]
+nqn = "{SUBNQN}"
+allowed_hosts = ["{HOSTNQN}"]
+cntlid_range = [10, 20]
+
+[[subsystem.namespace]]
+nsid = 1
+bdev = "ram"
+
+[[subsystem.namespace]]
+nsid = 2
+bdev = "disk"
+
+[[listener]]
+address = "127.0.0.1:{{PORT}}"
+"#
+    )
+}

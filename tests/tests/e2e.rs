@@ -1,0 +1,425 @@
+//! The real nvmetro-tgt binary over 127.0.0.1: a host connects, identifies, reads and writes;
+//! bad input of every kind gets the right status or a clean disconnect, and never hurts other
+//! connections.
+
+use nvmetro_perf::load::{self, Pattern, Workload};
+use nvmetro_perf::{ConnectOptions, Host, HostError, Queue};
+use nvmetro_proto::cmds;
+use nvmetro_proto::nvme::{le_u16, le_u32, le_u64, Command, Status};
+use nvmetro_proto::pdu::{self, Digests};
+use nvmetro_tests::{basic_config, TargetProcess, HOSTNQN, SUBNQN};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+fn opts(t: &TargetProcess) -> ConnectOptions {
+    let mut o = ConnectOptions::new(t.addr, SUBNQN);
+    o.hostnqn = HOSTNQN.into();
+    o
+}
+
+fn status_of(r: Result<(nvmetro_proto::nvme::Completion, Vec<u8>), HostError>) -> Status {
+    r.expect("command completes").0.status()
+}
+
+#[test]
+fn identify_read_write_and_io_errors() {
+    let t = TargetProcess::start(&basic_config("[0]"));
+    let mut h = Host::connect(&opts(&t)).unwrap();
+    assert!(h.cntlid >= 10 && h.cntlid <= 20, "cntlid from the configured range: {}", h.cntlid);
+    assert_eq!(h.id_ctrl[76], 0x0a, "CMIC");
+    assert_eq!(le_u32(&h.id_ctrl, 516), 32, "NN");
+    assert_eq!(le_u32(&h.id_ctrl, 540), 32, "MNAN");
+    assert_eq!(le_u16(&h.id_ctrl, 320), 1, "KAS");
+    let (blocks, bs) = h.namespace_size(1).unwrap();
+    assert_eq!((blocks, bs), (64 * 2048, 512));
+    let (blocks2, bs2) = h.namespace_size(2).unwrap();
+    assert_eq!((blocks2, bs2), (4096, 4096));
+
+    // Active namespace list and descriptors.
+    let (_, list) = h.admin_cmd("Identify", cmds::identify(0, 2, 0), vec![], 4096).unwrap();
+    assert_eq!((le_u32(&list, 0), le_u32(&list, 4), le_u32(&list, 8)), (1, 2, 0));
+    let (_, descs) = h.admin_cmd("Identify", cmds::identify(0, 3, 1), vec![], 4096).unwrap();
+    assert_eq!(descs[0], 1, "EUI-64 first");
+
+    // Writes, in-capsule (8 KiB) and through R2T (64 KiB), read back identically.
+    for (slba, len) in [(0u64, 8192usize), (1000, 65536), (blocks - 16, 8192)] {
+        let data: Vec<u8> = (0..len).map(|i| (i as u64 * 31 + slba) as u8).collect();
+        h.write(1, slba, data.clone(), bs).unwrap();
+        assert_eq!(h.read(1, slba, (len / 512) as u32, bs).unwrap(), data, "LBA {slba}");
+    }
+    h.flush(1).unwrap();
+    h.flush(0xffff_ffff).unwrap();
+
+    // File-backed namespace through io_uring.
+    let data = vec![0x5a; 8192];
+    h.write(2, 7, data.clone(), bs2).unwrap();
+    assert_eq!(h.read(2, 7, 2, bs2).unwrap(), data);
+    h.flush(2).unwrap();
+
+    // Out of range, unknown namespace, unknown opcode, short data.
+    assert_eq!(status_of(h.io_cmd(0, cmds::write(0, 1, blocks - 1, 2), vec![0; 1024], 0)), Status::LBA_OUT_OF_RANGE);
+    assert_eq!(status_of(h.io_cmd(0, cmds::read(0, 1, blocks, 1), vec![], 512)), Status::LBA_OUT_OF_RANGE);
+    assert_eq!(status_of(h.io_cmd(0, cmds::read(0, 9, 0, 1), vec![], 512)), Status::INVALID_NAMESPACE);
+    let mut bad = Command::new(0x7e, 0);
+    bad.set_nsid(1);
+    assert_eq!(status_of(h.io_cmd(0, bad, vec![], 0)), Status::INVALID_OPCODE);
+    assert_eq!(status_of(h.io_cmd(0, cmds::write(0, 1, 0, 4), vec![0; 512], 0)), Status::SGL_DATA_LENGTH_INVALID);
+    assert_eq!(status_of(h.admin.execute(Command::new(0x55, 0), vec![], 0)), Status::INVALID_OPCODE);
+
+    // Write Zeroes and Deallocate read back as zeroes.
+    h.write(1, 50, vec![9; 4096], bs).unwrap();
+    assert_eq!(status_of(h.io_cmd(0, cmds::write_zeroes(0, 1, 50, 4, false), vec![], 0)), Status::SUCCESS);
+    let (c, d) = cmds::deallocate(0, 1, &[(54, 4)]);
+    assert_eq!(status_of(h.io_cmd(0, c, d, 0)), Status::SUCCESS);
+    assert_eq!(h.read(1, 50, 8, bs).unwrap(), vec![0; 4096]);
+
+    // Compare and fused Compare+Write.
+    h.write(1, 60, vec![1; 512], bs).unwrap();
+    assert_eq!(status_of(h.io_cmd(0, cmds::rw(0, 5, 1, 60, 1), vec![1; 512], 0)), Status::SUCCESS);
+    assert_eq!(status_of(h.io_cmd(0, cmds::rw(0, 5, 1, 60, 1), vec![2; 512], 0)), Status::COMPARE_FAILURE);
+    let q = &mut h.io[0];
+    let (cmp, wr) = cmds::compare_and_write(0, 0, 1, 60, 1);
+    let c1 = q.submit(cmp, vec![2; 512], 0);
+    let c2 = q.submit(wr, vec![3; 512], 0);
+    q.flush().unwrap();
+    assert_eq!(q.wait_for(c1).unwrap().0.status(), Status::COMPARE_FAILURE);
+    assert_eq!(q.wait_for(c2).unwrap().0.status(), Status::FUSED_FAILED);
+    let c1 = q.submit(cmp, vec![1; 512], 0);
+    let c2 = q.submit(wr, vec![3; 512], 0);
+    q.flush().unwrap();
+    assert_eq!(q.wait_for(c1).unwrap().0.status(), Status::SUCCESS);
+    assert_eq!(q.wait_for(c2).unwrap().0.status(), Status::SUCCESS);
+    assert_eq!(h.read(1, 60, 1, bs).unwrap(), vec![3; 512]);
+
+    // Logs: SMART counts our writes; ANA; command effects; firmware.
+    let smart = h.log_page(0x02, 512).unwrap();
+    assert!(le_u64(&smart, 80) >= 6, "host write commands counted");
+    let ana = h.log_page(0x0c, 16 + 32 + 8).unwrap();
+    assert_eq!((le_u16(&ana, 8), ana[32], le_u32(&ana, 48), le_u32(&ana, 52)), (1, 1, 1, 2));
+    assert_eq!(le_u32(&h.log_page(0x05, 4096).unwrap(), 1024 + 4) & 1, 1, "write supported");
+    assert_eq!(h.log_page(0x03, 512).unwrap()[0], 1);
+    assert_eq!(status_of(h.admin.execute(cmds::get_log_page(0, 0x42, 0, 512, 0), vec![], 512)), Status::INVALID_LOG_PAGE);
+
+    // Features.
+    let (c, _) = h.admin_cmd("Get Features", cmds::get_features(0, 0x0f), vec![], 0).unwrap();
+    assert_eq!(c.result, 5000, "KATO from Connect");
+    h.keep_alive().unwrap();
+    h.shutdown().unwrap();
+}
+
+#[test]
+fn hosts_not_allowed_and_unknown_subsystems_are_refused() {
+    let t = TargetProcess::start(&basic_config("[0]"));
+    let mut o = opts(&t);
+    o.hostnqn = "nqn.2014-08.org.nvmexpress:uuid:11111111-2222-3333-4444-555555555555".into();
+    match Host::connect(&o) {
+        Err(HostError::Status { status, .. }) => assert_eq!(status, Status::CONNECT_INVALID_HOST),
+        other => panic!("unexpected: {other:?}"),
+    }
+    let mut o = opts(&t);
+    o.subnqn = "nqn.2026-11.io.nvmetro:nope".into();
+    match Host::connect(&o) {
+        Err(HostError::Status { status, .. }) => assert_eq!(status, Status::CONNECT_INVALID_PARAMETERS),
+        other => panic!("unexpected: {other:?}"),
+    }
+    // An I/O queue naming a controller that does not exist.
+    let o = opts(&t);
+    let mut q = Queue::open(&o, 1, 8192).unwrap();
+    let (c, d) = cmds::connect(0, 1, 32, 0, 17, SUBNQN, HOSTNQN, [0; 16]);
+    let (cqe, _) = q.execute(c, d, 0).unwrap();
+    assert_eq!(cqe.status(), Status::CONNECT_INVALID_PARAMETERS);
+    assert_eq!(cqe.result, 1 << 16 | 16, "IATTR=data, IPO=CNTLID offset");
+    // And the allowed host still works.
+    Host::connect(&opts(&t)).unwrap();
+}
+
+/// Sends raw bytes on a fresh connection and returns what the target answered before closing.
+fn raw_exchange(t: &TargetProcess, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(t.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("target neither answered nor closed: {e} (got {} bytes)", out.len()),
+        }
+    }
+}
+
+fn icreq() -> Vec<u8> {
+    let mut v = Vec::new();
+    pdu::encode_icreq(&mut v, 0, Digests::default(), 0);
+    v
+}
+
+#[test]
+fn malformed_pdus_end_only_their_connection() {
+    let t = TargetProcess::start(&basic_config("[0]"));
+    // A healthy host stays connected through all of this.
+    let mut h = Host::connect(&opts(&t)).unwrap();
+
+    // Unknown PDU type: C2HTermReq with the offending offset 0, then close.
+    let mut bad = icreq();
+    bad.extend_from_slice(&[0x42, 0, 24, 0, 24, 0, 0, 0]);
+    bad.resize(bad.len() + 16, 0);
+    let out = raw_exchange(&t, &bad);
+    let term = &out[128..];
+    assert_eq!(term[0], pdu::C2H_TERM_REQ);
+    assert_eq!((le_u16(term, 8), le_u32(term, 10)), (pdu::fes::INVALID_HEADER_FIELD, 0));
+
+    // Wrong header length.
+    let mut bad = icreq();
+    bad.extend_from_slice(&[pdu::CAPSULE_CMD, 0, 60, 0, 60, 0, 0, 0]);
+    bad.resize(bad.len() + 60, 0);
+    let out = raw_exchange(&t, &bad);
+    assert_eq!((out[128], le_u32(&out[128..], 10)), (pdu::C2H_TERM_REQ, 2));
+
+    // A PDU length far beyond any limit.
+    let mut bad = icreq();
+    bad.extend_from_slice(&[pdu::CAPSULE_CMD, 0, 72, 72, 0xff, 0xff, 0xff, 0x7f]);
+    let out = raw_exchange(&t, &bad);
+    assert_eq!((le_u16(&out[128..], 8), le_u32(&out[128..], 10)), (pdu::fes::DATA_LIMIT_EXCEEDED, 4));
+
+    // A capsule before ICReq.
+    let mut bad = Vec::new();
+    pdu::encode_capsule_cmd(&mut bad, &cmds::keep_alive(1), &[], Digests::default(), 0);
+    let out = raw_exchange(&t, &bad);
+    assert_eq!(le_u16(&out, 8), pdu::fes::PDU_SEQUENCE_ERROR);
+
+    // Truncated PDUs, then the peer vanishes.
+    for cut in [3usize, 8, 50, 127] {
+        let mut s = TcpStream::connect(t.addr).unwrap();
+        s.write_all(&icreq()[..cut]).unwrap();
+        drop(s);
+    }
+    // Random garbage.
+    let mut x = 0x1234_5678u64;
+    let garbage: Vec<u8> = (0..5000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let _ = raw_exchange(&t, &garbage);
+
+    // The healthy host never noticed.
+    h.write(1, 3, vec![7; 512], 512).unwrap();
+    assert_eq!(h.read(1, 3, 1, 512).unwrap(), vec![7; 512]);
+}
+
+#[test]
+fn digests_are_negotiated_and_enforced() {
+    let t = TargetProcess::start(&basic_config("[0]"));
+    let mut o = opts(&t);
+    o.digests = Digests { header: true, data: true };
+    let mut h = Host::connect(&o).unwrap();
+    h.write(1, 0, vec![3; 65536], 512).unwrap();
+    assert_eq!(h.read(1, 0, 128, 512).unwrap(), vec![3; 65536]);
+
+    // A corrupted header digest gets a TermReq.
+    let mut bytes = Vec::new();
+    pdu::encode_icreq(&mut bytes, 0, Digests { header: true, data: false }, 0);
+    let mut cap = Vec::new();
+    pdu::encode_capsule_cmd(&mut cap, &cmds::keep_alive(1), &[], Digests { header: true, data: false }, 0);
+    cap[73] ^= 0xff;
+    bytes.extend_from_slice(&cap);
+    let out = raw_exchange(&t, &bytes);
+    assert_eq!((out[128], le_u16(&out[128..], 8)), (pdu::C2H_TERM_REQ, pdu::fes::HEADER_DIGEST_ERROR));
+}
+
+#[test]
+fn keep_alive_timeout_drops_a_silent_host() {
+    let t = TargetProcess::start(&basic_config("[0]"));
+    let mut o = opts(&t);
+    o.kato_ms = 500;
+    let mut h = Host::connect(&o).unwrap();
+    let first = h.cntlid;
+    // Stay silent past KATO: the target closes both queues.
+    std::thread::sleep(Duration::from_millis(1500));
+    let err = h.read(1, 0, 1, 512).unwrap_err();
+    assert!(matches!(err, HostError::Closed | HostError::Io(_)), "{err:?}");
+    // The controller ID was released.
+    let again = Host::connect(&opts(&t)).unwrap();
+    assert_eq!(again.cntlid, first);
+
+    // A host that keeps sending Keep Alive stays.
+    let mut o = opts(&t);
+    o.kato_ms = 500;
+    let mut h = Host::connect(&o).unwrap();
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        h.keep_alive().unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    h.read(1, 0, 1, 512).unwrap();
+}
+
+#[test]
+fn discovery_on_listener_and_discovery_port() {
+    let port = nvmetro_tests::free_port();
+    let cfg = basic_config("[0]").replace("[target]", &format!("[target]\ndiscovery = [\"127.0.0.1:{port}\"]"));
+    let t = TargetProcess::start(&cfg);
+    for addr in [t.addr, format!("127.0.0.1:{port}").parse().unwrap()] {
+        let mut o = ConnectOptions::new(addr, "nqn.2014-08.org.nvmexpress.discovery");
+        o.hostnqn = HOSTNQN.into();
+        o.kato_ms = 0;
+        let mut h = Host::connect(&o).unwrap();
+        assert!(h.is_discovery());
+        let header = h.log_page(0x70, 1024).unwrap();
+        let n = le_u64(&header, 8) as usize;
+        assert_eq!(n, 2, "the subsystem and the discovery subsystem on the one listener");
+        let log = h.log_page(0x70, 1024 * (1 + n)).unwrap();
+        let e = &log[1024..2048];
+        assert_eq!((e[0], e[2]), (3, 2), "TCP, NVM subsystem");
+        let subnqn = nvmetro_proto::nvme::get_str(&e[256..512]);
+        assert_eq!(subnqn, SUBNQN);
+        assert_eq!(nvmetro_proto::nvme::get_str(&e[32..64]), t.addr.port().to_string());
+        // Discovery does not serve I/O queues.
+        let mut q = Queue::open(&o, 1, 8192).unwrap();
+        let (c, d) = cmds::connect(0, 1, 32, 0, h.cntlid, "nqn.2014-08.org.nvmexpress.discovery", HOSTNQN, [0; 16]);
+        assert_eq!(q.execute(c, d, 0).unwrap().0.status(), Status::CONNECT_INVALID_PARAMETERS);
+    }
+    // A host that is not allowed sees no subsystem in the log.
+    let mut o = ConnectOptions::new(t.addr, "nqn.2014-08.org.nvmexpress.discovery");
+    o.hostnqn = "nqn.2014-08.org.nvmexpress:uuid:99999999-2222-3333-4444-555555555555".into();
+    let mut h = Host::connect(&o).unwrap();
+    assert_eq!(le_u64(&h.log_page(0x70, 1024).unwrap(), 8), 1);
+}
+
+#[test]
+fn bad_configs_are_refused_with_file_line_and_key() {
+    let dir = std::env::temp_dir().join(format!("nvmetro-badcfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        ("unknown.toml", basic_config("[0]").replace("poll_mode", "colour = 1\npoll_mode"), ":4: colour"),
+        ("dupnsid.toml", basic_config("[0]").replace("nsid = 2", "nsid = 1"), "subsystem.namespace.nsid: NSID 1 is used twice"),
+        ("nobdev.toml", basic_config("[0]").replace("bdev = \"disk\"", "bdev = \"dsk\""), "no bdev named `dsk`"),
+        ("syntax.toml", basic_config("[0]").replace("[[listener]]", "[[listener"), "syntax.toml:"),
+        ("cores.toml", basic_config("[0, 999]"), "core 999"),
+    ];
+    for (name, text, want) in cases {
+        let path = dir.join(name);
+        std::fs::write(&path, text.replace("{PORT}", "1").replace("{DIR}", "/tmp")).unwrap();
+        let out = std::process::Command::new(nvmetro_tests::binary("nvmetro-tgt")).arg("--config").arg(&path).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name} was accepted");
+        assert!(err.contains(want), "{name}: `{want}` not in: {err}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn two_reactors_many_queues_verified_load() {
+    let t = TargetProcess::start(&basic_config("[0, 1]"));
+    let mut o = opts(&t);
+    o.io_queues = 4;
+    let mut h = Host::connect(&o).unwrap();
+    assert_eq!(h.io.len(), 4);
+    let queues = std::mem::take(&mut h.io);
+    let threads: Vec<_> = queues
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut q)| {
+            std::thread::spawn(move || {
+                let wl = Workload {
+                    nsid: 1,
+                    pattern: Pattern::Random,
+                    read_pct: 50,
+                    block_size: 8192,
+                    qd: 8,
+                    duration: Duration::from_secs(2),
+                    ramp: Duration::ZERO,
+                    max_ios: None,
+                    rate: None,
+                    verify: true,
+                    region: (i as u64 * 16384, 16384),
+                    seed: i as u64 + 1,
+                };
+                let mut gens = HashMap::new();
+                let r = load::run(&mut q, &wl, 512, &mut gens).unwrap();
+                // Read everything back once more after the run.
+                let check = Workload { read_pct: 100, pattern: Pattern::Sequential, max_ios: Some(1024), duration: Duration::from_secs(30), ..wl };
+                let r2 = load::run(&mut q, &check, 512, &mut gens).unwrap();
+                (r, r2)
+            })
+        })
+        .collect();
+    for th in threads {
+        let (r, r2) = th.join().unwrap();
+        assert!(r.ios() > 100, "load ran: {} I/Os", r.ios());
+        assert_eq!((r.errors, r.mismatches.len()), (0, 0), "{:?} {:?}", r.first_error, r.mismatches.first());
+        assert_eq!((r2.errors, r2.mismatches.len()), (0, 0), "{:?}", r2.mismatches.first());
+    }
+}
+
+#[test]
+fn compare_and_write_is_atomic_across_reactors() {
+    // Two queues on two reactors increment one counter block with read + Compare+Write; the final
+    // value must equal the number of successful Compare+Writes, or some were not atomic.
+    let t = TargetProcess::start(&basic_config("[0, 1]"));
+    let mut o = opts(&t);
+    o.io_queues = 2;
+    let mut h = Host::connect(&o).unwrap();
+    h.write(1, 100, vec![0; 512], 512).unwrap();
+    let queues = std::mem::take(&mut h.io);
+    let threads: Vec<_> = queues
+        .into_iter()
+        .map(|mut q| {
+            std::thread::spawn(move || {
+                let mut won = 0u64;
+                for _ in 0..300 {
+                    let (_, cur) = q.execute(cmds::read(0, 1, 100, 1), vec![], 512).unwrap();
+                    let mut next = cur.clone();
+                    let v = u64::from_le_bytes(cur[..8].try_into().unwrap()) + 1;
+                    next[..8].copy_from_slice(&v.to_le_bytes());
+                    let (cmp, wr) = cmds::compare_and_write(0, 0, 1, 100, 1);
+                    let c1 = q.submit(cmp, cur, 0);
+                    let c2 = q.submit(wr, next, 0);
+                    q.flush().unwrap();
+                    let s1 = q.wait_for(c1).unwrap().0.status();
+                    let s2 = q.wait_for(c2).unwrap().0.status();
+                    if s1.is_success() {
+                        assert!(s2.is_success());
+                        won += 1;
+                    } else {
+                        assert_eq!((s1, s2), (Status::COMPARE_FAILURE, Status::FUSED_FAILED));
+                    }
+                }
+                won
+            })
+        })
+        .collect();
+    let total: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    let mut h = Host::connect(&opts(&t)).unwrap();
+    let v = u64::from_le_bytes(h.read(1, 100, 1, 512).unwrap()[..8].try_into().unwrap());
+    assert_eq!(v, total, "every successful Compare+Write counted exactly once");
+    assert!(total >= 300, "at least one side always wins: {total}");
+}
+
+#[test]
+fn target_survives_abrupt_host_loss_with_io_in_flight() {
+    let mut t = TargetProcess::start(&basic_config("[0, 1]"));
+    for _ in 0..5 {
+        let mut o = opts(&t);
+        o.io_queues = 2;
+        let mut h = Host::connect(&o).unwrap();
+        for q in h.io.iter_mut() {
+            for i in 0..32 {
+                q.submit(cmds::write(0, 1, i * 16, 16), vec![1; 8192], 0);
+            }
+            q.flush().unwrap();
+        }
+        drop(h); // sockets close with writes in flight
+    }
+    assert!(t.is_running());
+    let mut h = Host::connect(&opts(&t)).unwrap();
+    h.write(1, 0, vec![2; 512], 512).unwrap();
+    assert_eq!(h.read(1, 0, 1, 512).unwrap(), vec![2; 512]);
+}
