@@ -98,9 +98,14 @@ enum Stage {
     Read,
     Compare(Vec<u8>),
     /// Compare+Write: reading, holding the range exclusive; then the data to write.
-    CawRead { expected: Vec<u8>, data: Vec<u8> },
+    CawRead {
+        expected: Vec<u8>,
+        data: Vec<u8>,
+    },
     CawWrite,
-    Write { fua: bool },
+    Write {
+        fua: bool,
+    },
     WriteSync,
     Zero,
     Flush,

@@ -37,14 +37,34 @@ impl BdevInfo {
 /// An operation on a block device; offsets and lengths are in bytes, block-aligned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BdevOp {
-    Read { offset: u64, len: usize },
-    Write { offset: u64, data: Vec<u8>, fua: bool },
+    Read {
+        offset: u64,
+        len: usize,
+    },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    },
     /// Succeeds with [`BdevOutput::Miscompare`] when the bytes differ.
-    Compare { offset: u64, expected: Vec<u8> },
+    Compare {
+        offset: u64,
+        expected: Vec<u8>,
+    },
     /// Compare, and only if equal write, atomically against every other write to the range.
-    CompareAndWrite { offset: u64, expected: Vec<u8>, data: Vec<u8> },
-    WriteZeroes { offset: u64, len: u64 },
-    Deallocate { offset: u64, len: u64 },
+    CompareAndWrite {
+        offset: u64,
+        expected: Vec<u8>,
+        data: Vec<u8>,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+    },
+    Deallocate {
+        offset: u64,
+        len: u64,
+    },
     Flush,
 }
 

@@ -41,9 +41,7 @@ impl RangeLocks {
             let s = &self.stripes[i];
             let ok = match mode {
                 Mode::Exclusive => s.compare_exchange(0, EXCLUSIVE, Ordering::Acquire, Ordering::Relaxed).is_ok(),
-                Mode::Shared => s
-                    .fetch_update(Ordering::Acquire, Ordering::Relaxed, |c| (c < EXCLUSIVE - 1).then(|| c + 1))
-                    .is_ok(),
+                Mode::Shared => s.fetch_update(Ordering::Acquire, Ordering::Relaxed, |c| (c < EXCLUSIVE - 1).then(|| c + 1)).is_ok(),
             };
             if !ok {
                 for j in *span.start()..i {

@@ -311,11 +311,8 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn err(&self, span: std::ops::Range<usize>, key: &str, message: impl Into<String>) -> ConfigError {
-        let line = if span.is_empty() && span.start == 0 {
-            0
-        } else {
-            self.text[..span.start.min(self.text.len())].matches('\n').count() + 1
-        };
+        let line =
+            if span.is_empty() && span.start == 0 { 0 } else { self.text[..span.start.min(self.text.len())].matches('\n').count() + 1 };
         ConfigError { file: self.file.into(), line, key: key.into(), message: message.into() }
     }
 }
@@ -396,9 +393,7 @@ fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError> {
     let mut discovery = Vec::new();
     for d in &raw.target.discovery {
         discovery.push(
-            d.get_ref()
-                .parse()
-                .map_err(|_| ctx.err(d.span(), "target.discovery", format!("`{}` is not an address:port", d.get_ref())))?,
+            d.get_ref().parse().map_err(|_| ctx.err(d.span(), "target.discovery", format!("`{}` is not an address:port", d.get_ref())))?,
         );
     }
 
@@ -466,7 +461,11 @@ fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError> {
         }
         let [lo, hi] = *s.cntlid_range.get_ref();
         if lo == 0 || hi > 0xffef || lo > hi {
-            return Err(ctx.err(s.cntlid_range.span(), "subsystem.cntlid_range", format!("[{lo}, {hi}] must lie within [1, 65519], low first")));
+            return Err(ctx.err(
+                s.cntlid_range.span(),
+                "subsystem.cntlid_range",
+                format!("[{lo}, {hi}] must lie within [1, 65519], low first"),
+            ));
         }
         let max_ns = *s.max_namespaces.get_ref();
         if max_ns == 0 || max_ns > 1024 {
@@ -513,7 +512,11 @@ fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError> {
         namespaces.sort_by_key(|n| n.nsid);
         let ana_groups = groups.iter().copied().max().unwrap_or(1);
         if let Some(gap) = (1..=ana_groups).find(|g| !groups.contains(g)) {
-            return Err(ctx.err(s.nqn.span(), "subsystem.namespace.ana_group", format!("ANA groups must be dense from 1; group {gap} is unused")));
+            return Err(ctx.err(
+                s.nqn.span(),
+                "subsystem.namespace.ana_group",
+                format!("ANA groups must be dense from 1; group {gap} is unused"),
+            ));
         }
         subsystems.push(SubsystemConfig {
             nqn: nqn.clone(),
@@ -559,15 +562,7 @@ fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError> {
         listeners.push(ListenerConfig { address, ana_states });
     }
 
-    Ok(Config {
-        cores,
-        poll_mode: raw.target.poll_mode,
-        socket: raw.target.socket.clone(),
-        discovery,
-        bdevs,
-        subsystems,
-        listeners,
-    })
+    Ok(Config { cores, poll_mode: raw.target.poll_mode, socket: raw.target.socket.clone(), discovery, bdevs, subsystems, listeners })
 }
 
 #[cfg(test)]

@@ -124,11 +124,7 @@ impl SharedMem {
             let mut spins = 0u32;
             loop {
                 let cur = stripe.load(Ordering::Relaxed);
-                let next = if exclusive {
-                    (cur == 0).then_some(WRITER)
-                } else {
-                    (cur < WRITER - 1).then(|| cur + 1)
-                };
+                let next = if exclusive { (cur == 0).then_some(WRITER) } else { (cur < WRITER - 1).then(|| cur + 1) };
                 if let Some(next) = next {
                     if stripe.compare_exchange_weak(cur, next, Ordering::Acquire, Ordering::Relaxed).is_ok() {
                         break;

@@ -8,12 +8,27 @@ use std::sync::Arc;
 /// One operation for the ring. The ring keeps the file and buffer alive until the kernel is done.
 #[derive(Debug)]
 pub enum UringOp {
-    Read { file: Arc<File>, offset: u64, buf: DmaBuf },
-    Write { file: Arc<File>, offset: u64, buf: DmaBuf },
+    Read {
+        file: Arc<File>,
+        offset: u64,
+        buf: DmaBuf,
+    },
+    Write {
+        file: Arc<File>,
+        offset: u64,
+        buf: DmaBuf,
+    },
     /// fdatasync of the whole file.
-    Fsync { file: Arc<File> },
+    Fsync {
+        file: Arc<File>,
+    },
     /// fallocate with `mode` (punching holes for deallocation).
-    Fallocate { file: Arc<File>, offset: u64, len: u64, mode: i32 },
+    Fallocate {
+        file: Arc<File>,
+        offset: u64,
+        len: u64,
+        mode: i32,
+    },
 }
 
 /// A finished operation: the caller's tag, bytes moved or the OS error, and the buffer back.

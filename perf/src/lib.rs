@@ -276,7 +276,8 @@ impl Host {
             return Ok(host);
         }
         let want = u32::from(opts.io_queues - 1);
-        let (cqe, _) = ok("Set Features (number of queues)", host.admin.execute(cmds::set_features(0, 0x07, want | want << 16), vec![], 0)?)?;
+        let (cqe, _) =
+            ok("Set Features (number of queues)", host.admin.execute(cmds::set_features(0, 0x07, want | want << 16), vec![], 0)?)?;
         let granted = (cqe.result as u16).min((cqe.result >> 16) as u16) + 1;
         let in_capsule = (le_u32(&host.id_ctrl, 1792) as usize * 16).saturating_sub(64);
         for qid in 1..=opts.io_queues.min(granted) {
@@ -294,7 +295,13 @@ impl Host {
     }
 
     /// Runs an admin command, failing on an error status.
-    pub fn admin_cmd(&mut self, what: &'static str, cmd: Command, write: Vec<u8>, read_len: usize) -> Result<(Completion, Vec<u8>), HostError> {
+    pub fn admin_cmd(
+        &mut self,
+        what: &'static str,
+        cmd: Command,
+        write: Vec<u8>,
+        read_len: usize,
+    ) -> Result<(Completion, Vec<u8>), HostError> {
         ok(what, self.admin.execute(cmd, write, read_len)?)
     }
 

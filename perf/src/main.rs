@@ -139,7 +139,7 @@ fn main() -> anyhow::Result<()> {
     opts.digests = Digests { header: a.digest, data: a.digest };
     let mut host = Host::connect(&opts).with_context(|| format!("connecting to {} {}", a.addr, a.nqn))?;
     let (blocks, lba_size) = host.namespace_size(a.nsid)?;
-    if bs % lba_size as usize != 0 || bs == 0 {
+    if bs == 0 || !bs.is_multiple_of(lba_size as usize) {
         bail!("--bs {bs} is not a multiple of the namespace's {lba_size}-byte blocks");
     }
     let usable = a.size.as_deref().map(parse_bytes).transpose()?.map_or(blocks, |b| (b / u64::from(lba_size)).min(blocks));

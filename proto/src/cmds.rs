@@ -4,7 +4,16 @@ use crate::controller::prop;
 use crate::nvme::{admin, fctype, io, put16, put32, put64, put_str, Command, Fuse};
 
 /// Connect for queue `qid` with `queue_size` entries (one-based); returns the command and its data.
-pub fn connect(cid: u16, qid: u16, queue_size: u16, kato_ms: u32, cntlid: u16, subnqn: &str, hostnqn: &str, hostid: [u8; 16]) -> (Command, Vec<u8>) {
+pub fn connect(
+    cid: u16,
+    qid: u16,
+    queue_size: u16,
+    kato_ms: u32,
+    cntlid: u16,
+    subnqn: &str,
+    hostnqn: &str,
+    hostid: [u8; 16],
+) -> (Command, Vec<u8>) {
     let mut c = Command::new(admin::FABRICS, cid);
     c.0[4] = fctype::CONNECT;
     put16(&mut c.0, 42, qid);

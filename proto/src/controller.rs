@@ -428,16 +428,39 @@ impl Controller {
 /// An I/O command, validated against its namespace and path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IoRequest {
-    Read { nsid: u32, slba: u64, blocks: u32 },
-    Write { nsid: u32, slba: u64, blocks: u32, fua: bool },
-    Compare { nsid: u32, slba: u64, blocks: u32 },
-    WriteZeroes { nsid: u32, slba: u64, blocks: u32, deallocate: bool },
+    Read {
+        nsid: u32,
+        slba: u64,
+        blocks: u32,
+    },
+    Write {
+        nsid: u32,
+        slba: u64,
+        blocks: u32,
+        fua: bool,
+    },
+    Compare {
+        nsid: u32,
+        slba: u64,
+        blocks: u32,
+    },
+    WriteZeroes {
+        nsid: u32,
+        slba: u64,
+        blocks: u32,
+        deallocate: bool,
+    },
     /// Dataset Management with the deallocate attribute: (slba, blocks) ranges.
-    Deallocate { nsid: u32, ranges: Vec<(u64, u32)> },
+    Deallocate {
+        nsid: u32,
+        ranges: Vec<(u64, u32)>,
+    },
     /// Dataset Management without deallocate: an accepted hint with nothing to do.
     Hint,
     /// Flush of one namespace or, for NSID FFFFFFFFh, all of them.
-    Flush { nsid: u32 },
+    Flush {
+        nsid: u32,
+    },
 }
 
 impl IoRequest {
@@ -550,7 +573,10 @@ impl FusePairer {
                 let same_range = first.0.nsid() == cmd.nsid() && first.0.slba() == cmd.slba() && first.0.nlb() == cmd.nlb();
                 if cmd.opcode() != io::WRITE || !same_range {
                     return Fused::Broken {
-                        failed: vec![Completion::new(first.0.cid(), Status::FUSED_FAILED), Completion::new(cmd.cid(), Status::INVALID_FIELD)],
+                        failed: vec![
+                            Completion::new(first.0.cid(), Status::FUSED_FAILED),
+                            Completion::new(cmd.cid(), Status::INVALID_FIELD),
+                        ],
                         next: None,
                     };
                 }

@@ -34,7 +34,7 @@ pub fn controller(view: &SubsystemView, cntlid: u16) -> Vec<u8> {
     put_str(&mut d[64..72], &view.firmware, b' ');
     d[72] = 6; // RAB
     d[73..76].copy_from_slice(&[0x6e, 0x76, 0x6d]); // IEEE OUI
-    // CMIC: bit 1 multiple controllers, bit 3 ANA reporting.
+                                                    // CMIC: bit 1 multiple controllers, bit 3 ANA reporting.
     d[76] = if nvm { 0x0a } else { 0 };
     d[77] = MDTS;
     put16(&mut d, 78, cntlid);
@@ -76,7 +76,7 @@ pub fn controller(view: &SubsystemView, cntlid: u16) -> Vec<u8> {
     put16(&mut d, 1800, 0); // ICDOFF
     d[1802] = 0; // FCATT: dynamic controller model
     d[1803] = 1; // MSDBD
-    // Power state 0: 25 W max, so hosts see a valid descriptor.
+                 // Power state 0: 25 W max, so hosts see a valid descriptor.
     put16(&mut d, 2048, 2500);
     d
 }
@@ -138,11 +138,8 @@ pub fn ana_log(view: &SubsystemView, groups_only: bool) -> Vec<u8> {
     put16(&mut d, 8, view.ana_groups.len() as u16);
     for (i, state) in view.ana_groups.iter().enumerate() {
         let group = i as u32 + 1;
-        let nsids: Vec<u32> = if groups_only {
-            Vec::new()
-        } else {
-            view.namespaces.iter().filter(|n| n.ana_group == group).map(|n| n.nsid).collect()
-        };
+        let nsids: Vec<u32> =
+            if groups_only { Vec::new() } else { view.namespaces.iter().filter(|n| n.ana_group == group).map(|n| n.nsid).collect() };
         let start = d.len();
         d.resize(start + 32 + nsids.len() * 4, 0);
         put32(&mut d, start, group);
@@ -207,7 +204,15 @@ pub fn command_effects() -> Vec<u8> {
     let mut d = vec![0u8; PAGE];
     const CSUPP: u32 = 1;
     const LBCC: u32 = 1 << 1;
-    for op in [admin::GET_LOG_PAGE, admin::IDENTIFY, admin::ABORT, admin::SET_FEATURES, admin::GET_FEATURES, admin::ASYNC_EVENT_REQUEST, admin::KEEP_ALIVE] {
+    for op in [
+        admin::GET_LOG_PAGE,
+        admin::IDENTIFY,
+        admin::ABORT,
+        admin::SET_FEATURES,
+        admin::GET_FEATURES,
+        admin::ASYNC_EVENT_REQUEST,
+        admin::KEEP_ALIVE,
+    ] {
         put32(&mut d, op as usize * 4, CSUPP);
     }
     for op in [io::FLUSH, io::READ, io::COMPARE] {

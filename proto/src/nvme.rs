@@ -32,6 +32,17 @@ pub fn get_str(b: &[u8]) -> String {
     String::from_utf8_lossy(&b[..end]).trim_end().to_string()
 }
 
+/// Little-endian field readers for hosts and tests that inspect returned data.
+pub fn le_u16(b: &[u8], off: usize) -> u16 {
+    le16(b, off)
+}
+pub fn le_u32(b: &[u8], off: usize) -> u32 {
+    le32(b, off)
+}
+pub fn le_u64(b: &[u8], off: usize) -> u64 {
+    le64(b, off)
+}
+
 /// Admin command opcodes.
 pub mod admin {
     pub const GET_LOG_PAGE: u8 = 0x02;
@@ -347,15 +358,4 @@ mod tests {
         assert_eq!(c.direction(), DataDirection::HostToController);
         assert_eq!(Command::new(io::READ, 0).direction(), DataDirection::ControllerToHost);
     }
-}
-
-/// Little-endian field readers for hosts and tests that inspect returned data.
-pub fn le_u16(b: &[u8], off: usize) -> u16 {
-    le16(b, off)
-}
-pub fn le_u32(b: &[u8], off: usize) -> u32 {
-    le32(b, off)
-}
-pub fn le_u64(b: &[u8], off: usize) -> u64 {
-    le64(b, off)
 }

@@ -185,9 +185,7 @@ pub fn parse(buf: &[u8], digests: Digests, max_data: usize) -> Result<Option<(Pd
             Pdu::IcReq { pfv, hpda: h[10], digests: Digests::from_bits(h[11]), maxr2t: le32(h, 12) }
         }
         ICRESP => Pdu::IcResp { pfv: le16(h, 8), cpda: h[10], digests: Digests::from_bits(h[11]), maxh2cdata: le32(h, 12) },
-        H2C_TERM_REQ | C2H_TERM_REQ => {
-            Pdu::TermReq { from_controller: ty == C2H_TERM_REQ, fes: le16(h, 8), fei: le32(h, 10) }
-        }
+        H2C_TERM_REQ | C2H_TERM_REQ => Pdu::TermReq { from_controller: ty == C2H_TERM_REQ, fes: le16(h, 8), fei: le32(h, 10) },
         CAPSULE_CMD => Pdu::CapsuleCmd { cmd: Command::from_bytes(&h[8..72]), data },
         CAPSULE_RESP => Pdu::CapsuleResp { cqe: Completion::decode(&h[8..24]) },
         H2C_DATA | C2H_DATA => {

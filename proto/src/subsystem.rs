@@ -115,11 +115,7 @@ impl SubsystemView {
     }
 
     pub fn ana_state(&self, group: u32) -> AnaState {
-        group
-            .checked_sub(1)
-            .and_then(|i| self.ana_groups.get(i as usize))
-            .copied()
-            .unwrap_or(AnaState::Inaccessible)
+        group.checked_sub(1).and_then(|i| self.ana_groups.get(i as usize)).copied().unwrap_or(AnaState::Inaccessible)
     }
 
     /// A discovery subsystem view listing `entries`.

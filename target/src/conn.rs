@@ -101,11 +101,7 @@ pub struct Conn {
 
 impl Conn {
     pub fn new(token: u32, sock: TcpStream, peer: SocketAddr, listener: ListenerKind) -> Conn {
-        let limits = TargetLimits {
-            in_capsule: identify::ADMIN_IN_CAPSULE,
-            maxh2cdata: 128 * 1024,
-            max_transfer: identify::MAX_TRANSFER,
-        };
+        let limits = TargetLimits { in_capsule: identify::ADMIN_IN_CAPSULE, maxh2cdata: 128 * 1024, max_transfer: identify::MAX_TRANSFER };
         Conn {
             token,
             sock,

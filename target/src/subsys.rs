@@ -93,7 +93,14 @@ impl Subsystem {
                 })
             })
             .collect();
-        Subsystem { config, namespaces, views, controllers: Mutex::new(HashMap::new()), health: HealthCounters::default(), started: Instant::now() }
+        Subsystem {
+            config,
+            namespaces,
+            views,
+            controllers: Mutex::new(HashMap::new()),
+            health: HealthCounters::default(),
+            started: Instant::now(),
+        }
     }
 
     pub fn view(&self, listener: usize) -> Arc<SubsystemView> {
@@ -134,9 +141,8 @@ impl Subsystem {
             return Err(ConnectRefusal::HostNotAllowed(hostnqn.into()));
         }
         let mut live = self.controllers.lock().expect("controller registry poisoned");
-        let cntlid = (self.config.cntlid_min..=self.config.cntlid_max)
-            .find(|id| !live.contains_key(id))
-            .ok_or(ConnectRefusal::NoControllerId)?;
+        let cntlid =
+            (self.config.cntlid_min..=self.config.cntlid_max).find(|id| !live.contains_key(id)).ok_or(ConnectRefusal::NoControllerId)?;
         let handle = Arc::new(ControllerHandle {
             cntlid,
             hostnqn: hostnqn.into(),

@@ -345,7 +345,8 @@ fn two_reactors_many_queues_verified_load() {
                 let mut gens = HashMap::new();
                 let r = load::run(&mut q, &wl, 512, &mut gens).unwrap();
                 // Read everything back once more after the run.
-                let check = Workload { read_pct: 100, pattern: Pattern::Sequential, max_ios: Some(1024), duration: Duration::from_secs(30), ..wl };
+                let check =
+                    Workload { read_pct: 100, pattern: Pattern::Sequential, max_ios: Some(1024), duration: Duration::from_secs(30), ..wl };
                 let r2 = load::run(&mut q, &check, 512, &mut gens).unwrap();
                 (r, r2)
             })
