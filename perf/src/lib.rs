@@ -353,3 +353,44 @@ impl Host {
         &self.opts
     }
 }
+
+/// Sends Keep Alive on an admin queue every half KATO from its own thread, as Linux hosts do,
+/// while the I/O queues are busy elsewhere.
+#[derive(Debug)]
+pub struct KeepAlive {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<Queue, HostError>>>,
+}
+
+impl KeepAlive {
+    pub fn start(mut admin: Queue, kato_ms: u32) -> KeepAlive {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let period = Duration::from_millis(u64::from(kato_ms.max(2)) / 2);
+        let thread = std::thread::spawn(move || {
+            let mut last = Instant::now();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if kato_ms > 0 && last.elapsed() >= period {
+                    ok("Keep Alive", admin.execute(cmds::keep_alive(0), vec![], 0)?)?;
+                    last = Instant::now();
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(admin)
+        });
+        KeepAlive { stop, thread: Some(thread) }
+    }
+
+    /// Stops sending and gives the admin queue back.
+    pub fn stop(mut self) -> Result<Queue, HostError> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().expect("joined once").join().map_err(|_| HostError::Closed)?
+    }
+}
+
+impl Host {
+    /// Splits the host into its admin queue and its I/O queues.
+    pub fn into_parts(self) -> (Queue, Vec<Queue>) {
+        (self.admin, self.io)
+    }
+}

@@ -145,7 +145,8 @@ fn main() -> anyhow::Result<()> {
     let usable = a.size.as_deref().map(parse_bytes).transpose()?.map_or(blocks, |b| (b / u64::from(lba_size)).min(blocks));
     let duration = parse_duration(&a.time)?;
     let ramp = parse_duration(&a.ramp)?;
-    let queues = std::mem::take(&mut host.io);
+    let (admin, queues) = host.into_parts();
+    let keep_alive = nvmetro_perf::KeepAlive::start(admin, opts.kato_ms);
     let per_conn = usable / u64::from(a.connections);
     println!(
         "nvmetro-perf: {} {} bs={} qd={} connections={} time={:?} ramp={:?}{}",
@@ -193,6 +194,7 @@ fn main() -> anyhow::Result<()> {
         per_path.push(t.join().map_err(|_| anyhow::anyhow!("load thread panicked"))??);
     }
     let wall = t0.elapsed();
+    keep_alive.stop().context("keep-alive on the admin queue")?;
     let cpu = cpu_seconds() - cpu0;
     let mut total = JobResult::empty();
     for r in &per_path {
