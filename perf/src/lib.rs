@@ -5,7 +5,10 @@
 //! submitted without waiting and completions collected with [`Queue::poll`] (busy polling) or
 //! [`Queue::wait_any`] (blocking), so a load generator can keep any queue depth in flight.
 
+pub mod echo;
 pub mod load;
+pub mod paths;
+pub mod report;
 
 use nvmetro_proto::cmds;
 use nvmetro_proto::controller::prop;
@@ -79,6 +82,8 @@ pub struct Queue {
     done: HashMap<u16, (Completion, Vec<u8>)>,
     busy_poll: bool,
     timeout: Duration,
+    /// The read timeout last set on the socket (setsockopt only when it changes).
+    sock_timeout: Option<Duration>,
     pub qid: u16,
 }
 
@@ -99,6 +104,7 @@ impl Queue {
             done: HashMap::new(),
             busy_poll: false,
             timeout: opts.timeout,
+            sock_timeout: None,
             qid,
         };
         q.flush()?;
@@ -148,21 +154,33 @@ impl Queue {
     }
 
     fn read_some(&mut self, block: bool, events: &mut Vec<HostEvent>) -> Result<usize, HostError> {
+        let wait = if block { Some(self.timeout) } else { None };
+        self.read_with(wait, events)
+    }
+
+    /// Reads once: `None` returns at once if nothing is there, `Some(t)` waits up to `t`.
+    fn read_with(&mut self, wait: Option<Duration>, events: &mut Vec<HostEvent>) -> Result<usize, HostError> {
         if self.rx_len == self.rx.len() {
             return Err(HostError::Protocol(PduError { fes: None, fei: 0, reason: "PDU larger than the receive buffer", header: vec![] }));
         }
-        if block && self.busy_poll {
-            self.sock.set_nonblocking(false)?;
+        let nonblocking = wait.is_none();
+        if nonblocking != self.busy_poll {
+            self.sock.set_nonblocking(nonblocking)?;
         }
-        self.sock.set_read_timeout(Some(self.timeout))?;
+        if let Some(t) = wait {
+            if self.sock_timeout != Some(t) {
+                self.sock.set_read_timeout(Some(t))?;
+                self.sock_timeout = Some(t);
+            }
+        }
         let r = self.sock.read(&mut self.rx[self.rx_len..]);
-        if block && self.busy_poll {
-            self.sock.set_nonblocking(true)?;
+        if nonblocking != self.busy_poll {
+            self.sock.set_nonblocking(self.busy_poll)?;
         }
         let n = match r {
             Ok(0) => return Err(HostError::Closed),
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && !block => return Ok(0),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && nonblocking => return Ok(0),
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Err(HostError::Timeout),
             Err(e) => return Err(e.into()),
         };
@@ -181,6 +199,19 @@ impl Queue {
         let mut events = Vec::new();
         self.read_some(false, &mut events)?;
         Ok(self.collect(events, out))
+    }
+
+    /// Waits up to `timeout` for completions; collects finished ones into `out`.
+    pub fn poll_timeout(&mut self, out: &mut Vec<(Completion, Vec<u8>)>, timeout: Duration) -> Result<usize, HostError> {
+        if self.busy_poll {
+            return self.poll(out);
+        }
+        let mut events = Vec::new();
+        match self.read_with(Some(timeout.max(Duration::from_micros(100))), &mut events) {
+            Ok(_) => Ok(self.collect(events, out)),
+            Err(HostError::Timeout) => Ok(0),
+            Err(e) => Err(e),
+        }
     }
 
     /// Blocks until at least one command finishes; collects finished ones into `out`.

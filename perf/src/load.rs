@@ -8,6 +8,8 @@ use hdrhistogram::Histogram;
 use nvmetro_proto::cmds;
 use nvmetro_proto::nvme::Completion;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +57,15 @@ pub struct JobResult {
     pub elapsed: Duration,
     pub latency_ns: Histogram<u64>,
     pub mismatches: Vec<Mismatch>,
+    /// Times I/O stood still between a path failure and the next success.
+    pub stalls: Vec<Stall>,
+}
+
+/// I/O stood still for `duration` until it resumed on `path`.
+#[derive(Debug, Clone)]
+pub struct Stall {
+    pub path: String,
+    pub duration: Duration,
 }
 
 impl JobResult {
@@ -72,6 +83,7 @@ impl JobResult {
         self.elapsed = self.elapsed.max(o.elapsed);
         let _ = self.latency_ns.add(&o.latency_ns);
         self.mismatches.extend(o.mismatches.iter().cloned());
+        self.stalls.extend(o.stalls.iter().cloned());
     }
     pub fn empty() -> JobResult {
         JobResult {
@@ -83,6 +95,7 @@ impl JobResult {
             elapsed: Duration::ZERO,
             latency_ns: Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("histogram bounds"),
             mismatches: Vec::new(),
+            stalls: Vec::new(),
         }
     }
 }
@@ -127,23 +140,132 @@ pub fn read_stamp(block: &[u8]) -> Result<Option<(u64, u64)>, String> {
     Ok(Some((u64::from_le_bytes(block[0..8].try_into().expect("8")), u64::from_le_bytes(block[8..16].try_into().expect("8")))))
 }
 
-struct Pending {
+/// A path (one controller of the subsystem) as the load engine sees it, shared with the
+/// [`crate::paths::PathMonitor`] that keeps it alive, follows its ANA state and reconnects it.
+#[derive(Debug)]
+pub struct PathShared {
+    pub name: String,
+    /// The admin queue answers; false while the path is down.
+    pub alive: AtomicBool,
+    /// ANA state of the namespace's group on this path (`AnaState as u8`; 0 = not yet known).
+    pub ana: AtomicU8,
+    /// Fresh I/O queues after a reconnect, one per worker.
+    pub mailbox: Mutex<Vec<Option<Queue>>>,
+    pub has_mail: AtomicBool,
+}
+
+impl PathShared {
+    pub fn new(name: &str, workers: usize) -> PathShared {
+        PathShared {
+            name: name.into(),
+            alive: AtomicBool::new(true),
+            ana: AtomicU8::new(0),
+            mailbox: Mutex::new((0..workers).map(|_| None).collect()),
+            has_mail: AtomicBool::new(false),
+        }
+    }
+
+    /// Lower is better: optimized 0, unknown 1, non-optimized 2; `None` when unusable.
+    fn rank(&self) -> Option<u8> {
+        if !self.alive.load(Ordering::Acquire) {
+            return None;
+        }
+        match self.ana.load(Ordering::Acquire) {
+            1 => Some(0),
+            0 => Some(1),
+            2 => Some(2),
+            _ => None,
+        }
+    }
+}
+
+/// One worker's queue on one path.
+pub struct PathIo {
+    pub shared: Arc<PathShared>,
+    pub queue: Option<Queue>,
+    inflight: HashMap<u16, Pending>,
+    /// Set after a path error until the monitor reports a new ANA state.
+    avoid_until_ana_changes: Option<u8>,
+    pub result: JobResult,
+}
+
+impl PathIo {
+    pub fn new(shared: Arc<PathShared>, queue: Option<Queue>) -> PathIo {
+        PathIo { shared, queue, inflight: HashMap::new(), avoid_until_ana_changes: None, result: JobResult::empty() }
+    }
+
+    /// A single path that is always considered usable.
+    pub fn single(queue: Queue) -> PathIo {
+        PathIo::new(Arc::new(PathShared::new("path0", 1)), Some(queue))
+    }
+
+    fn usable_rank(&mut self) -> Option<u8> {
+        self.queue.as_ref()?;
+        let ana = self.shared.ana.load(Ordering::Acquire);
+        if let Some(bad) = self.avoid_until_ana_changes {
+            if bad == ana {
+                return None;
+            }
+            self.avoid_until_ana_changes = None;
+        }
+        self.shared.rank()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Op {
     start: Instant,
     lba: u64,
+    slot: u64,
     write: bool,
     generation: u64,
 }
 
-/// Runs `wl` on one queue. `generations` holds the last acknowledged generation of every block
+/// The data a write carries: stamps when verifying, else the LBA in the first bytes. Derived from
+/// (LBA, generation), so a retry on another path rebuilds it instead of keeping a copy.
+fn write_data(wl: &Workload, lba_size: u32, lba: u64, generation: u64) -> Vec<u8> {
+    let mut data = vec![0u8; wl.block_size];
+    if wl.verify {
+        for (i, b) in data.chunks_mut(lba_size as usize).enumerate() {
+            stamp(b, lba + i as u64, generation);
+        }
+    } else {
+        data[0..8].copy_from_slice(&lba.to_le_bytes());
+    }
+    data
+}
+
+#[derive(Debug)]
+struct Pending {
+    op: Op,
+}
+
+/// Runs `wl` on one path. `generations` holds the last acknowledged generation of every block
 /// of the region (shared across runs, so a later read-back can check earlier writes).
-pub fn run(q: &mut Queue, wl: &Workload, lba_size: u32, generations: &mut HashMap<u64, u64>) -> Result<JobResult, HostError> {
+pub fn run(path: &mut PathIo, wl: &Workload, lba_size: u32, generations: &mut HashMap<u64, u64>) -> Result<JobResult, HostError> {
+    run_paths(std::slice::from_mut(path), wl, lba_size, generations, 0, None)
+}
+
+/// Runs `wl` over several paths of one namespace: commands go to the best path (Optimized, then
+/// Non-Optimized), path errors and lost connections send them to another path, and the time from
+/// the first failure to the next success is recorded as a stall (the failover time).
+/// `progress`, when given, counts completed commands for a live display.
+pub fn run_paths(
+    paths: &mut [PathIo],
+    wl: &Workload,
+    lba_size: u32,
+    generations: &mut HashMap<u64, u64>,
+    worker: usize,
+    progress: Option<&AtomicU64>,
+) -> Result<JobResult, HostError> {
     let blocks_per_io = (wl.block_size / lba_size as usize).max(1) as u64;
     let slots = (wl.region.1 / blocks_per_io).max(1);
     let mut rng = Rng(wl.seed | 1);
     let mut seq = 0u64;
     let mut res = JobResult::empty();
-    let mut inflight: HashMap<u16, Pending> = HashMap::new();
     let mut busy_slots: HashMap<u64, ()> = HashMap::new();
+    let mut retry: Vec<Op> = Vec::new();
+    let mut stall_since: Option<Instant> = None;
     let start = Instant::now();
     let counted_from = start + wl.ramp;
     let end = counted_from + wl.duration;
@@ -151,112 +273,205 @@ pub fn run(q: &mut Queue, wl: &Workload, lba_size: u32, generations: &mut HashMa
     let mut next_due = start;
     let mut done = Vec::new();
     let mut submitted_counted = 0u64;
+    let give_up = wl.duration + wl.ramp + Duration::from_secs(60);
     loop {
+        for p in paths.iter_mut() {
+            if p.shared.has_mail.load(Ordering::Acquire) {
+                let mut mail = p.shared.mailbox.lock().expect("mailbox");
+                if let Some(q) = mail.get_mut(worker).and_then(Option::take) {
+                    p.queue = Some(q);
+                    p.avoid_until_ana_changes = None;
+                }
+                if mail.iter().all(Option::is_none) {
+                    p.shared.has_mail.store(false, Ordering::Release);
+                }
+            }
+        }
+        let inflight: usize = paths.iter().map(|p| p.inflight.len()).sum();
         let now = Instant::now();
         let stop_submitting = now >= end || wl.max_ios.is_some_and(|m| submitted_counted >= m);
-        if stop_submitting && inflight.is_empty() {
+        if stop_submitting && inflight == 0 && retry.is_empty() {
             break;
         }
-        while !stop_submitting && inflight.len() < wl.qd {
-            if let Some(iv) = interval {
-                if Instant::now() < next_due {
+        if now > start + give_up {
+            return Err(HostError::Timeout);
+        }
+        let mut budget = wl.qd.saturating_sub(inflight);
+        while budget > 0 {
+            let best = paths.iter_mut().enumerate().filter_map(|(i, p)| p.usable_rank().map(|r| (r, i))).min().map(|(_, i)| i);
+            let Some(pi) = best else {
+                stall_since.get_or_insert_with(Instant::now);
+                break;
+            };
+            let op = if let Some(op) = retry.pop() {
+                op
+            } else {
+                if stop_submitting {
                     break;
                 }
-                next_due += iv;
-            }
-            let mut slot = match wl.pattern {
-                Pattern::Random => rng.next() % slots,
-                Pattern::Sequential => {
-                    seq += 1;
-                    (seq - 1) % slots
-                }
-            };
-            // Never two commands on one block at once: verify needs a known last writer.
-            let mut tries = 0;
-            while busy_slots.contains_key(&slot) && tries < 64 {
-                slot = (slot + 1) % slots;
-                tries += 1;
-            }
-            if busy_slots.contains_key(&slot) {
-                break;
-            }
-            let lba = wl.region.0 + slot * blocks_per_io;
-            let write = (rng.next() % 100) as u32 >= wl.read_pct;
-            let (cmd, data, read_len, generation) = if write {
-                let generation = generations.get(&lba).copied().unwrap_or(0) + 1;
-                let mut data = vec![0u8; wl.block_size];
-                if wl.verify {
-                    for (i, b) in data.chunks_mut(lba_size as usize).enumerate() {
-                        stamp(b, lba + i as u64, generation);
+                if let Some(iv) = interval {
+                    if Instant::now() < next_due {
+                        break;
                     }
-                } else {
-                    data[0..8].copy_from_slice(&lba.to_le_bytes());
+                    next_due += iv;
                 }
-                (cmds::write(0, wl.nsid, lba, blocks_per_io as u32), data, 0, generation)
-            } else {
-                (cmds::read(0, wl.nsid, lba, blocks_per_io as u32), Vec::new(), wl.block_size, 0)
+                let mut slot = match wl.pattern {
+                    Pattern::Random => rng.next() % slots,
+                    Pattern::Sequential => {
+                        seq += 1;
+                        (seq - 1) % slots
+                    }
+                };
+                // Never two commands on one block at once: verify needs a known last writer.
+                let mut tries = 0;
+                while busy_slots.contains_key(&slot) && tries < 64 {
+                    slot = (slot + 1) % slots;
+                    tries += 1;
+                }
+                if busy_slots.contains_key(&slot) {
+                    break;
+                }
+                busy_slots.insert(slot, ());
+                let lba = wl.region.0 + slot * blocks_per_io;
+                let write = (rng.next() % 100) as u32 >= wl.read_pct;
+                let generation = if write { generations.get(&lba).copied().unwrap_or(0) + 1 } else { 0 };
+                let t = Instant::now();
+                if t >= counted_from {
+                    submitted_counted += 1;
+                }
+                Op { start: t, lba, slot, write, generation }
             };
-            let t = Instant::now();
-            if t >= counted_from {
-                submitted_counted += 1;
-            }
+            let cmd = if op.write {
+                cmds::write(0, wl.nsid, op.lba, blocks_per_io as u32)
+            } else {
+                cmds::read(0, wl.nsid, op.lba, blocks_per_io as u32)
+            };
+            let p = &mut paths[pi];
+            let q = p.queue.as_mut().expect("usable path has a queue");
+            let (data, read_len) =
+                if op.write { (write_data(wl, lba_size, op.lba, op.generation), 0) } else { (Vec::new(), wl.block_size) };
             let cid = q.submit(cmd, data, read_len);
-            inflight.insert(cid, Pending { start: t, lba, write, generation });
-            busy_slots.insert(slot, ());
+            p.inflight.insert(cid, Pending { op });
+            budget -= 1;
         }
-        q.flush()?;
-        done.clear();
-        if inflight.is_empty() {
-            if let Some(iv) = interval {
-                let wait = next_due.saturating_duration_since(Instant::now()).min(iv);
+        let mut failed_paths = Vec::new();
+        for (i, p) in paths.iter_mut().enumerate() {
+            if let Some(q) = p.queue.as_mut() {
+                if q.flush().is_err() {
+                    failed_paths.push(i);
+                }
+            }
+        }
+        for i in failed_paths {
+            lose_path(&mut paths[i], &mut retry, &mut stall_since);
+        }
+        let active: Vec<usize> = paths.iter().enumerate().filter(|(_, p)| !p.inflight.is_empty()).map(|(i, _)| i).collect();
+        if active.is_empty() {
+            let wait = match interval {
+                Some(iv) => next_due.saturating_duration_since(Instant::now()).min(iv),
+                None if !retry.is_empty() || stall_since.is_some() => Duration::from_millis(1),
+                None => Duration::ZERO,
+            };
+            if !wait.is_zero() {
                 std::thread::sleep(wait);
             }
             continue;
         }
-        if interval.is_some() {
-            q.poll(&mut done)?;
-        } else {
-            q.wait_any(&mut done)?;
-        }
-        let now = Instant::now();
-        for (cqe, data) in done.drain(..) {
-            let Some(p) = inflight.remove(&cqe.cid) else { continue };
-            busy_slots.remove(&((p.lba - wl.region.0) / blocks_per_io));
-            complete(&mut res, wl, lba_size, generations, &p, &cqe, &data, now, counted_from);
+        for &i in &active {
+            done.clear();
+            let p = &mut paths[i];
+            let q = p.queue.as_mut().expect("inflight implies a queue");
+            let r = if active.len() == 1 && interval.is_none() {
+                q.poll_timeout(&mut done, Duration::from_millis(5))
+            } else {
+                q.poll(&mut done)
+            };
+            if let Err(e) = r {
+                tracing_note(&p.shared.name, &e);
+                lose_path(p, &mut retry, &mut stall_since);
+                continue;
+            }
+            let now = Instant::now();
+            for (cqe, data) in done.drain(..) {
+                let Some(pending) = p.inflight.remove(&cqe.cid) else { continue };
+                let op = pending.op;
+                if cqe.status().is_path_error() {
+                    // The path cannot serve now: avoid it until its ANA state changes, retry elsewhere.
+                    p.avoid_until_ana_changes = Some(p.shared.ana.load(Ordering::Acquire));
+                    stall_since.get_or_insert(now);
+                    retry.push(op);
+                    continue;
+                }
+                if cqe.status().is_success() {
+                    if let Some(since) = stall_since.take() {
+                        res.stalls.push(Stall { path: p.shared.name.clone(), duration: now.duration_since(since) });
+                    }
+                }
+                busy_slots.remove(&op.slot);
+                if let Some(c) = progress {
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
+                let counted = complete(&mut res, wl, lba_size, generations, &op, &cqe, &data, now, counted_from);
+                if counted {
+                    let ns = now.duration_since(op.start).as_nanos() as u64;
+                    let _ = p.result.latency_ns.record(ns.max(1));
+                    if op.write {
+                        p.result.writes += 1;
+                    } else {
+                        p.result.reads += 1;
+                    }
+                    p.result.bytes += wl.block_size as u64;
+                }
+            }
         }
     }
     res.elapsed = Instant::now().saturating_duration_since(counted_from).min(wl.duration.max(Duration::from_nanos(1)));
     if wl.max_ios.is_some() {
         res.elapsed = Instant::now().saturating_duration_since(counted_from);
     }
+    for p in paths.iter_mut() {
+        p.result.elapsed = res.elapsed;
+    }
     Ok(res)
 }
 
+fn tracing_note(path: &str, e: &HostError) {
+    eprintln!("nvmetro-perf: path {path} lost: {e}");
+}
+
+/// A path's connection failed: everything in flight on it goes to the retry list.
+fn lose_path(p: &mut PathIo, retry: &mut Vec<Op>, stall_since: &mut Option<Instant>) {
+    p.queue = None;
+    stall_since.get_or_insert_with(Instant::now);
+    retry.extend(p.inflight.drain().map(|(_, pending)| pending.op));
+}
+
+/// Records a finished command; returns whether it counted in the figures.
 #[allow(clippy::too_many_arguments)]
 fn complete(
     res: &mut JobResult,
     wl: &Workload,
     lba_size: u32,
     generations: &mut HashMap<u64, u64>,
-    p: &Pending,
+    op: &Op,
     cqe: &Completion,
     data: &[u8],
     now: Instant,
     counted_from: Instant,
-) {
+) -> bool {
     if !cqe.status().is_success() {
         res.errors += 1;
         if res.first_error.is_none() {
-            res.first_error = Some(format!("LBA {}: {}", p.lba, cqe.status()));
+            res.first_error = Some(format!("LBA {}: {}", op.lba, cqe.status()));
         }
-        return;
+        return false;
     }
-    if p.write {
-        generations.insert(p.lba, p.generation);
+    if op.write {
+        generations.insert(op.lba, op.generation);
     } else if wl.verify {
-        let expected = generations.get(&p.lba).copied().unwrap_or(0);
+        let expected = generations.get(&op.lba).copied().unwrap_or(0);
         for (i, b) in data.chunks(lba_size as usize).enumerate() {
-            let lba = p.lba + i as u64;
+            let lba = op.lba + i as u64;
             let found = match read_stamp(b) {
                 Ok(None) if expected == 0 => continue,
                 Ok(Some((l, g))) if l == lba && g == expected => continue,
@@ -269,16 +484,18 @@ fn complete(
             }
         }
     }
-    if p.start >= counted_from {
-        let ns = now.duration_since(p.start).as_nanos() as u64;
-        let _ = res.latency_ns.record(ns.max(1));
-        res.bytes += wl.block_size as u64;
-        if p.write {
-            res.writes += 1;
-        } else {
-            res.reads += 1;
-        }
+    if op.start < counted_from {
+        return false;
     }
+    let ns = now.duration_since(op.start).as_nanos() as u64;
+    let _ = res.latency_ns.record(ns.max(1));
+    res.bytes += wl.block_size as u64;
+    if op.write {
+        res.writes += 1;
+    } else {
+        res.reads += 1;
+    }
+    true
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! bad input of every kind gets the right status or a clean disconnect, and never hurts other
 //! connections.
 
-use nvmetro_perf::load::{self, Pattern, Workload};
+use nvmetro_perf::load::{self, PathIo, Pattern, Workload};
 use nvmetro_perf::{ConnectOptions, Host, HostError, Queue};
 use nvmetro_proto::cmds;
 use nvmetro_proto::nvme::{le_u16, le_u32, le_u64, Command, Status};
@@ -326,8 +326,9 @@ fn two_reactors_many_queues_verified_load() {
     let threads: Vec<_> = queues
         .into_iter()
         .enumerate()
-        .map(|(i, mut q)| {
+        .map(|(i, q)| {
             std::thread::spawn(move || {
+                let mut q = PathIo::single(q);
                 let wl = Workload {
                     nsid: 1,
                     pattern: Pattern::Random,
