@@ -30,7 +30,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run a workload (the default).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Compare two --json results side by side (B/A ratios).
     Compare { a: PathBuf, b: PathBuf },
     /// The standard benchmark cases against a fresh nvmetro-tgt, each with its echo floor.
