@@ -34,6 +34,8 @@ pub const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-4000-80
 pub struct TargetProcess {
     child: Child,
     pub addr: SocketAddr,
+    /// The address `{PORT2}` stood for, if the config used it.
+    pub addr2: SocketAddr,
     pub config_path: PathBuf,
     dir: PathBuf,
 }
@@ -43,9 +45,11 @@ impl TargetProcess {
     /// scratch directory of this test.
     pub fn start(config: &str) -> TargetProcess {
         let port = free_port();
+        let port2 = free_port();
         let dir = std::env::temp_dir().join(format!("nvmetro-e2e-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("scratch dir");
-        let text = config.replace("{PORT}", &port.to_string()).replace("{DIR}", &dir.display().to_string());
+        let text =
+            config.replace("{PORT}", &port.to_string()).replace("{PORT2}", &port2.to_string()).replace("{DIR}", &dir.display().to_string());
         let config_path = dir.join("target.toml");
         std::fs::write(&config_path, text).expect("write config");
         let child = Command::new(binary("nvmetro-tgt"))
@@ -57,7 +61,8 @@ impl TargetProcess {
             .spawn()
             .expect("spawn nvmetro-tgt");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-        let mut t = TargetProcess { child, addr, config_path, dir };
+        let addr2: SocketAddr = format!("127.0.0.1:{port2}").parse().expect("addr");
+        let mut t = TargetProcess { child, addr, addr2, config_path, dir };
         t.wait_listening();
         t
     }
@@ -71,6 +76,12 @@ impl TargetProcess {
             assert!(Instant::now() < deadline, "nvmetro-tgt did not listen on {}", self.addr);
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// SIGKILL, as a site dies.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn is_running(&mut self) -> bool {
