@@ -31,11 +31,7 @@ impl MallocBdev {
         check_range(&self.info, &op)?;
         let oor = |e: nvmetro_ffi::OutOfRange| BdevError::OutOfRange { offset: e.offset, len: e.len as u64, size: e.size as u64 };
         Ok(match op {
-            BdevOp::Read { offset, len } => {
-                let mut out = vec![0u8; len];
-                self.mem.read(offset, &mut out).map_err(oor)?;
-                BdevOutput::Data(out)
-            }
+            BdevOp::Read { offset, len } => BdevOutput::Data(self.mem.read_to_vec(offset, len).map_err(oor)?),
             BdevOp::Write { offset, data, .. } => {
                 self.mem.write(offset, &data).map_err(oor)?;
                 BdevOutput::Done

@@ -81,6 +81,20 @@ impl SharedMem {
         Ok(())
     }
 
+    /// Returns `len` bytes starting at `offset` in a new vector, without zero-filling it first.
+    pub fn read_to_vec(&self, offset: u64, len: usize) -> Result<Vec<u8>, OutOfRange> {
+        let start = self.check(offset, len)?;
+        let mut out = Vec::with_capacity(len);
+        let _guard = self.lock(start, len, false);
+        // SAFETY: in bounds (checked) and held shared, as in `read`; `out` has capacity for `len`
+        // bytes, all of which the copy initialises before `set_len` exposes them.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(start), out.as_mut_ptr(), len);
+            out.set_len(len);
+        }
+        Ok(out)
+    }
+
     /// Copies `data` into the region at `offset`.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), OutOfRange> {
         let start = self.check(offset, data.len())?;
@@ -203,6 +217,8 @@ mod tests {
         m.read(100, &mut out).unwrap();
         assert_eq!(out, [0; 16]);
         m.write(65530, &[9; 12]).unwrap(); // spans two stripes
+        assert_eq!(m.read_to_vec(65530, 12).unwrap(), vec![9; 12]);
+        assert!(m.read_to_vec(1 << 20, 1).is_err());
         m.read(65530, &mut out[..12]).unwrap();
         assert_eq!(&out[..12], &[9; 12]);
         assert!(m.write((1 << 20) - 4, &[0; 8]).is_err());

@@ -51,6 +51,9 @@ pub struct ConnectOptions {
     /// Spin on non-blocking sockets instead of sleeping in the kernel.
     pub busy_poll: bool,
     pub timeout: Duration,
+    /// Ask I/O queues to run without SQ flow control (the target may then end reads with a
+    /// C2HData SUCCESS flag instead of a response capsule).
+    pub disable_sq_flow_control: bool,
 }
 
 impl ConnectOptions {
@@ -66,6 +69,7 @@ impl ConnectOptions {
             digests: Digests::default(),
             busy_poll: false,
             timeout: Duration::from_secs(10),
+            disable_sq_flow_control: true,
         }
     }
 }
@@ -313,7 +317,10 @@ impl Host {
         let in_capsule = (le_u32(&host.id_ctrl, 1792) as usize * 16).saturating_sub(64);
         for qid in 1..=opts.io_queues.min(granted) {
             let mut q = Queue::open(opts, qid, identify::ADMIN_IN_CAPSULE)?;
-            let (c, d) = cmds::connect(0, qid, opts.queue_size, 0, cntlid, &opts.subnqn, &opts.hostnqn, opts.hostid);
+            let (mut c, d) = cmds::connect(0, qid, opts.queue_size, 0, cntlid, &opts.subnqn, &opts.hostnqn, opts.hostid);
+            if opts.disable_sq_flow_control {
+                c.0[46] |= 0x04; // CATTR: disable SQ flow control
+            }
             ok("Connect (I/O queue)", q.execute(c, d, 0)?)?;
             q.transport.set_in_capsule(in_capsule);
             host.io.push(q);

@@ -365,8 +365,8 @@ pub fn run_paths(
         for i in failed_paths {
             lose_path(&mut paths[i], &mut retry, &mut stall_since);
         }
-        let active: Vec<usize> = paths.iter().enumerate().filter(|(_, p)| !p.inflight.is_empty()).map(|(i, _)| i).collect();
-        if active.is_empty() {
+        let active = paths.iter().filter(|p| !p.inflight.is_empty()).count();
+        if active == 0 {
             let wait = match interval {
                 Some(iv) => next_due.saturating_duration_since(Instant::now()).min(iv),
                 None if !retry.is_empty() || stall_since.is_some() => Duration::from_millis(1),
@@ -377,15 +377,10 @@ pub fn run_paths(
             }
             continue;
         }
-        for &i in &active {
+        for p in paths.iter_mut().filter(|p| !p.inflight.is_empty()) {
             done.clear();
-            let p = &mut paths[i];
             let q = p.queue.as_mut().expect("inflight implies a queue");
-            let r = if active.len() == 1 && interval.is_none() {
-                q.poll_timeout(&mut done, Duration::from_millis(5))
-            } else {
-                q.poll(&mut done)
-            };
+            let r = if active == 1 && interval.is_none() { q.poll_timeout(&mut done, Duration::from_millis(5)) } else { q.poll(&mut done) };
             if let Err(e) = r {
                 tracing_note(&p.shared.name, &e);
                 lose_path(p, &mut retry, &mut stall_since);

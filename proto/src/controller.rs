@@ -18,6 +18,8 @@ pub struct ConnectRequest {
     pub cntlid: u16,
     pub subnqn: String,
     pub hostnqn: String,
+    /// CATTR bit 2: the host will not track SQ head pointers.
+    pub sq_flow_disabled: bool,
 }
 
 /// Offsets inside the Connect data, reported as IPO in an invalid-parameter response.
@@ -60,6 +62,7 @@ pub fn parse_connect(cmd: &Command, data: &[u8]) -> Result<ConnectRequest, Compl
         cntlid: le16(data, 16),
         subnqn: get_str(&data[256..512]),
         hostnqn: get_str(&data[512..768]),
+        sq_flow_disabled: cmd.0[46] & 0x04 != 0,
     })
 }
 

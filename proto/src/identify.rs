@@ -163,7 +163,7 @@ pub fn discovery_log(view: &SubsystemView) -> Vec<u8> {
         b[0] = 3; // TRTYPE: TCP
         b[1] = if e.ipv6 { 2 } else { 1 }; // ADRFAM
         b[2] = e.subtype;
-        b[3] = 0x02; // TREQ: secure channel not required
+        b[3] = 0x02 | 0x04; // TREQ: secure channel not required; SQ flow control may be disabled
         put16(b, 4, e.portid);
         put16(b, 6, 0xffff); // CNTLID: dynamic
         put16(b, 8, 32); // ASQSZ

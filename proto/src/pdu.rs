@@ -302,16 +302,47 @@ pub fn encode_r2t(out: &mut Vec<u8>, cccid: u16, ttag: u16, r2to: u32, r2tl: u32
     emit(out, &mut h, digests, None, 0);
 }
 
+/// Appends the header of a data PDU carrying `dlen` bytes (header digest and padding included);
+/// the caller appends the data and then, with data digests, `crc32c(data)` in little-endian.
 #[allow(clippy::too_many_arguments)]
-fn encode_data(out: &mut Vec<u8>, ty: u8, cccid: u16, ttag: u16, datao: u32, data: &[u8], flags: u8, digests: Digests, align: usize) {
+pub fn encode_data_header(
+    out: &mut Vec<u8>,
+    ty: u8,
+    flags: u8,
+    cccid: u16,
+    ttag: u16,
+    datao: u32,
+    dlen: usize,
+    digests: Digests,
+    align: usize,
+) {
+    let hd = digests.hd_len();
+    let dd = digests.dd_len();
+    let pdo = (24 + hd).next_multiple_of(align.max(1));
     let mut h = [0u8; 24];
     h[0] = ty;
-    h[1] = flags;
+    h[1] = flags | if hd == 4 { FLAG_HDGST } else { 0 } | if dd == 4 { FLAG_DDGST } else { 0 };
+    h[2] = 24;
+    h[3] = pdo as u8;
+    put32(&mut h, 4, (pdo + dlen + dd) as u32);
     put16(&mut h, 8, cccid);
     put16(&mut h, 10, ttag);
     put32(&mut h, 12, datao);
-    put32(&mut h, 16, data.len() as u32);
-    emit(out, &mut h, digests, Some(data), align);
+    put32(&mut h, 16, dlen as u32);
+    out.extend_from_slice(&h);
+    if hd == 4 {
+        out.extend_from_slice(&crc32c::crc32c(&h).to_le_bytes());
+    }
+    out.resize(out.len() + pdo - 24 - hd, 0);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn encode_data(out: &mut Vec<u8>, ty: u8, cccid: u16, ttag: u16, datao: u32, data: &[u8], flags: u8, digests: Digests, align: usize) {
+    encode_data_header(out, ty, flags, cccid, ttag, datao, data.len(), digests, align);
+    out.extend_from_slice(data);
+    if digests.data {
+        out.extend_from_slice(&crc32c::crc32c(data).to_le_bytes());
+    }
 }
 
 pub fn encode_h2c_data(out: &mut Vec<u8>, cccid: u16, ttag: u16, datao: u32, data: &[u8], last: bool, digests: Digests, cpda: u8) {

@@ -9,6 +9,22 @@ use crate::nvme::{sgl, Command, Completion, DataDirection, Status};
 use crate::pdu::{self, fes, Digests, Pdu, PduError};
 use std::collections::HashMap;
 
+/// Where a target writes its responses: header bytes, and data buffers handed over whole so they
+/// can be sent without another copy (a plain `Vec<u8>` copies them in).
+pub trait PduSink {
+    fn bytes(&mut self) -> &mut Vec<u8>;
+    fn data(&mut self, data: Vec<u8>);
+}
+
+impl PduSink for Vec<u8> {
+    fn bytes(&mut self) -> &mut Vec<u8> {
+        self
+    }
+    fn data(&mut self, data: Vec<u8>) {
+        self.extend_from_slice(&data);
+    }
+}
+
 /// Limits a target queue enforces.
 #[derive(Debug, Clone, Copy)]
 pub struct TargetLimits {
@@ -177,6 +193,28 @@ impl TargetTransport {
             }
             _ if len == 0 && data.is_empty() => events.push(TargetEvent::Command { cmd, data: Vec::new() }),
             _ => events.push(reject(Status::SGL_DESCRIPTOR_TYPE_INVALID)),
+        }
+    }
+
+    /// Responds with `data` handed over whole. With `success_only` (the host disabled SQ flow
+    /// control and the command succeeded) a read ends with a C2HData carrying the SUCCESS flag and
+    /// no response capsule.
+    pub fn respond_owned(&self, cqe: &Completion, data: Vec<u8>, success_only: bool, sink: &mut impl PduSink) {
+        const CHUNK: usize = 128 * 1024;
+        if data.is_empty() || data.len() > CHUNK {
+            return self.respond(cqe, &data, sink.bytes());
+        }
+        let success = success_only && cqe.status().is_success();
+        let flags = pdu::FLAG_LAST_PDU | if success { pdu::FLAG_SUCCESS } else { 0 };
+        let align = (self.hpda as usize + 1) * 4;
+        pdu::encode_data_header(sink.bytes(), pdu::C2H_DATA, flags, cqe.cid, 0, 0, data.len(), self.digests, align);
+        let digest = self.digests.data.then(|| crc32c::crc32c(&data));
+        sink.data(data);
+        if let Some(d) = digest {
+            sink.bytes().extend_from_slice(&d.to_le_bytes());
+        }
+        if !success {
+            pdu::encode_capsule_resp(sink.bytes(), cqe, self.digests);
         }
     }
 
@@ -362,6 +400,26 @@ mod tests {
         let mut ev = Vec::new();
         host.receive(&t2h, &mut Vec::new(), &mut ev).unwrap();
         assert_eq!(ev, vec![HostEvent::Completed { cqe: Completion::new(9, Status::SUCCESS), data: payload }]);
+    }
+
+    #[test]
+    fn owned_responses_match_copied_ones_and_success_skips_the_capsule() {
+        for d in [Digests::default(), Digests { header: true, data: true }] {
+            let (mut host, tgt) = pair(d, TargetLimits::default());
+            let cqe = Completion::new(4, Status::SUCCESS);
+            let (mut copied, mut owned) = (Vec::new(), Vec::new());
+            tgt.respond(&cqe, &[7; 4096], &mut copied);
+            tgt.respond_owned(&cqe, vec![7; 4096], false, &mut owned);
+            assert_eq!(copied, owned);
+            let mut tx = Vec::new();
+            host.submit(Command::new(io::READ, 4), Vec::new(), 4096, &mut tx);
+            let mut short = Vec::new();
+            tgt.respond_owned(&cqe, vec![7; 4096], true, &mut short);
+            assert_eq!(short.len() + 24 + if d.header { 4 } else { 0 }, owned.len(), "no response capsule");
+            let mut ev = Vec::new();
+            host.receive(&short, &mut Vec::new(), &mut ev).unwrap();
+            assert_eq!(ev, vec![HostEvent::Completed { cqe, data: vec![7; 4096] }]);
+        }
     }
 
     #[test]

@@ -11,8 +11,9 @@ use nvmetro_proto::controller::{self, connect_offset, decode_io, AdminOutcome, C
 use nvmetro_proto::identify;
 use nvmetro_proto::nvme::{admin, fctype, Command, Completion, Status};
 use nvmetro_proto::subsystem::{SubsystemView, DISCOVERY_NQN};
-use nvmetro_proto::tcp::{TargetEvent, TargetLimits, TargetTransport};
-use std::io::{self, Read, Write};
+use nvmetro_proto::tcp::{PduSink, TargetEvent, TargetLimits, TargetTransport};
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Read, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -35,6 +36,81 @@ pub struct Ctx<'a> {
 }
 
 const RX_BUFFER: usize = 512 * 1024;
+
+/// The send side of a connection: header bytes accumulate in `tail`; read data is queued as its own
+/// buffer, and everything goes out with one writev per flush, so data is never copied here.
+#[derive(Default)]
+struct Outbox {
+    segments: VecDeque<Vec<u8>>,
+    /// Bytes of the first segment already sent.
+    sent: usize,
+    tail: Vec<u8>,
+    spare: Vec<Vec<u8>>,
+}
+
+impl PduSink for Outbox {
+    fn bytes(&mut self) -> &mut Vec<u8> {
+        &mut self.tail
+    }
+    fn data(&mut self, data: Vec<u8>) {
+        self.seal_tail();
+        self.segments.push_back(data);
+    }
+}
+
+impl Outbox {
+    fn seal_tail(&mut self) {
+        if !self.tail.is_empty() {
+            let fresh = self.spare.pop().unwrap_or_default();
+            self.segments.push_back(std::mem::replace(&mut self.tail, fresh));
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.segments.is_empty() && self.tail.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.segments.clear();
+        self.tail.clear();
+        self.sent = 0;
+    }
+
+    /// Writes as much as the socket takes.
+    fn flush(&mut self, sock: &mut TcpStream) -> io::Result<()> {
+        self.seal_tail();
+        while !self.segments.is_empty() {
+            let mut slices = [IoSlice::new(&[]); 64];
+            let mut n = 0;
+            for (i, seg) in self.segments.iter().take(64).enumerate() {
+                slices[i] = IoSlice::new(if i == 0 { &seg[self.sent..] } else { seg });
+                n += 1;
+            }
+            let mut written = match sock.write_vectored(&slices[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(w) => w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            while written > 0 {
+                let left = self.segments[0].len() - self.sent;
+                if written < left {
+                    self.sent += written;
+                    break;
+                }
+                written -= left;
+                self.sent = 0;
+                let mut done = self.segments.pop_front().expect("segment");
+                if self.spare.len() < 64 && done.capacity() <= 256 * 1024 {
+                    done.clear();
+                    self.spare.push(done);
+                }
+            }
+        }
+        Ok(())
+    }
+}
 
 enum Role {
     Unconnected,
@@ -85,9 +161,10 @@ pub struct Conn {
     rx: Vec<u8>,
     rx_start: usize,
     rx_end: usize,
-    tx: Vec<u8>,
-    tx_pos: usize,
+    out: Outbox,
     role: Role,
+    /// The host disabled SQ flow control at Connect: reads may end with C2HData SUCCESS.
+    sq_flow_disabled: bool,
     qid: u16,
     queue_size: u32,
     sqhd: u32,
@@ -111,9 +188,9 @@ impl Conn {
             rx: vec![0; RX_BUFFER],
             rx_start: 0,
             rx_end: 0,
-            tx: Vec::with_capacity(64 * 1024),
-            tx_pos: 0,
+            out: Outbox::default(),
             role: Role::Unconnected,
+            sq_flow_disabled: false,
             qid: 0,
             queue_size: 32,
             sqhd: 0,
@@ -172,7 +249,7 @@ impl Conn {
 
     fn process(&mut self, ctx: &mut Ctx) {
         let mut events = std::mem::take(&mut self.events);
-        let result = self.transport.receive(&self.rx[self.rx_start..self.rx_end], &mut self.tx, &mut events);
+        let result = self.transport.receive(&self.rx[self.rx_start..self.rx_end], self.out.bytes(), &mut events);
         match result {
             Ok(used) => self.rx_start += used,
             Err(e) => {
@@ -197,7 +274,14 @@ impl Conn {
     fn respond(&mut self, mut cqe: Completion, data: &[u8]) {
         cqe.sqid = self.qid;
         cqe.sqhd = self.sqhd as u16;
-        self.transport.respond(&cqe, data, &mut self.tx);
+        self.transport.respond(&cqe, data, self.out.bytes());
+    }
+
+    /// Responds with read data handed over whole (sent from its own buffer).
+    fn respond_data(&mut self, mut cqe: Completion, data: Vec<u8>) {
+        cqe.sqid = self.qid;
+        cqe.sqhd = self.sqhd as u16;
+        self.transport.respond_owned(&cqe, data, self.sq_flow_disabled, &mut self.out);
     }
 
     fn on_command(&mut self, cmd: Command, data: Vec<u8>, ctx: &mut Ctx) {
@@ -271,6 +355,7 @@ impl Conn {
         };
         self.queue_size = req.queue_size;
         self.qid = req.qid;
+        self.sq_flow_disabled = req.sq_flow_disabled;
         if req.qid == 0 {
             let handle = match subsystem.add_controller(&req.hostnqn) {
                 Ok(h) => h,
@@ -494,10 +579,8 @@ impl Conn {
                 self.respond(Completion::new(f.cid, f.status), &[]);
                 self.respond(Completion::new(write_cid, write_status), &[]);
             }
-            _ => {
-                let data = if f.status.is_success() { &f.data[..] } else { &[][..] };
-                self.respond(Completion::new(f.cid, f.status), data);
-            }
+            _ if f.status.is_success() && !f.data.is_empty() => self.respond_data(Completion::new(f.cid, f.status), f.data),
+            _ => self.respond(Completion::new(f.cid, f.status), &[]),
         }
     }
 
@@ -541,29 +624,15 @@ impl Conn {
 
     /// Sends as much of the send buffer as the socket takes.
     pub fn flush(&mut self) {
-        while self.tx_pos < self.tx.len() {
-            match self.sock.write(&self.tx[self.tx_pos..]) {
-                Ok(0) => break,
-                Ok(n) => self.tx_pos += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    self.close_with(format!("write error: {e}"), true);
-                    self.tx.clear();
-                    self.tx_pos = 0;
-                    return;
-                }
-            }
-        }
-        if self.tx_pos == self.tx.len() {
-            self.tx.clear();
-            self.tx_pos = 0;
+        if let Err(e) = self.out.flush(&mut self.sock) {
+            self.close_with(format!("write error: {e}"), true);
+            self.out.clear();
         }
     }
 
     /// Whether the connection should be torn down now.
     pub fn finished(&self) -> bool {
-        self.closing.is_some() && (self.fatal || self.tx.is_empty())
+        self.closing.is_some() && (self.fatal || self.out.is_empty())
     }
 
     /// Releases what the connection holds: its controller, if it was the admin queue.
