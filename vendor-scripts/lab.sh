@@ -116,10 +116,11 @@ boot_guest() { # JOB LOG APPEND-EXTRA
 
 run_test() {
   [ -f "$LAB/kernel.env" ] && [ -f "$LAB/initramfs.cpio.gz" ] || setup
-  step "build nvmetro-tgt (release)"
-  (cd "$REPO" && cargo build --release -q -p nvmetro-tgt)
+  step "build nvmetro-tgt and nvmetro-perf (release)"
+  (cd "$REPO" && cargo build --release -q -p nvmetro-tgt -p nvmetro-perf)
   local tgt port nqn hostnqn cfg
   tgt=$(cd "$REPO" && cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/nvmetro-tgt
+  cp "$(dirname "$tgt")/nvmetro-perf" "$LAB/share/nvmetro-perf"
   port=${PORT:-$(freeport)}
   nqn=nqn.2026-11.io.nvmetro:lab
   hostnqn=nqn.2014-08.org.nvmexpress:uuid:6c0a5b8e-0d1b-4c8e-9d6a-1ab0c0ffee01
@@ -191,6 +192,16 @@ fio --name=labverify --filename="$DEV" --offset=64m --rw=randwrite --bs=8k --iod
     --size=32m --verify=crc32c --verify_only --verify_fatal=1 > /tmp/fio3.txt 2>&1 && grep -q 'err= 0' /tmp/fio3.txt && echo "CHECK fio verify after reconnect ok"
 grep -E 'err=|read: IOPS=' /tmp/fio3.txt
 nvme disconnect -n "$NQN" && echo "CHECK disconnect ok"
+echo "== nvmetro-perf (our initiator) against the Linux kernel target, nvmet, on a RAM disk in the guest"
+modprobe configfs; mount -t configfs none /sys/kernel/config 2>/dev/null
+modprobe brd rd_nr=1 rd_size=65536 && modprobe nvmet && modprobe nvmet-tcp
+C=/sys/kernel/config/nvmet; K=nqn.2026-11.io.nvmetro:kernel-target
+mkdir $C/subsystems/$K && echo 1 > $C/subsystems/$K/attr_allow_any_host
+mkdir $C/subsystems/$K/namespaces/1 && echo /dev/ram0 > $C/subsystems/$K/namespaces/1/device_path && echo 1 > $C/subsystems/$K/namespaces/1/enable
+mkdir $C/ports/1 && echo tcp > $C/ports/1/addr_trtype && echo ipv4 > $C/ports/1/addr_adrfam
+echo 127.0.0.1 > $C/ports/1/addr_traddr && echo 4420 > $C/ports/1/addr_trsvcid && ln -s $C/subsystems/$K $C/ports/1/subsystems/$K
+/mnt/share/nvmetro-perf --addr 127.0.0.1:4420 --nqn $K --rw randrw --bs 8k --qd 8 --time 5s --ramp 0s --verify --digest \
+  && echo "CHECK nvmetro-perf verify against nvmet ok"
 EOF
   step "boot the guest (TCG; a few minutes)"
   boot_guest job-host.sh "$LAB/guest.log" "lab.port=$port lab.nqn=$nqn lab.hostnqn=$hostnqn"
@@ -211,6 +222,7 @@ EOF
   chk "fio write then verify" "CHECK fio write-then-verify ok"
   chk "fio verify after reconnect" "CHECK fio verify after reconnect ok"
   chk "nvme disconnect" "CHECK disconnect ok"
+  chk "nvmetro-perf --verify against Linux nvmet" "CHECK nvmetro-perf verify against nvmet ok"
   if kill -0 $tpid 2>/dev/null && python3 -c "import socket; socket.create_connection(('127.0.0.1',$port),1)"; then
     echo "PASS target healthy after the host left"; npass=$((npass+1))
   else echo "FAIL target healthy after the host left"; nfail=$((nfail+1)); fi

@@ -160,7 +160,10 @@ impl Command {
     pub fn sgl_type(&self) -> u8 {
         self.0[39]
     }
+    /// Describes the data with one SGL descriptor and marks the command as using SGLs (PSDT 01b,
+    /// which every fabrics command must carry: Linux's target refuses commands without it).
     pub fn set_sgl(&mut self, addr: u64, len: u32, sgl_type: u8) {
+        self.0[1] = (self.0[1] & 0x3f) | 0x40;
         put64(&mut self.0, 24, addr);
         put32(&mut self.0, 32, len);
         self.0[36..39].fill(0);
@@ -356,6 +359,8 @@ mod tests {
         c.set_fuse(Fuse::Second);
         assert_eq!((c.cid(), c.nsid(), c.slba(), c.nlb(), c.fuse()), (42, 1, 100, 2, Fuse::Second));
         assert_eq!(c.direction(), DataDirection::HostToController);
+        c.set_sgl(0, 4096, sgl::TRANSPORT);
+        assert_eq!((c.0[1] >> 6, c.fuse()), (1, Fuse::Second), "PSDT set, fuse bits kept");
         assert_eq!(Command::new(io::READ, 0).direction(), DataDirection::ControllerToHost);
     }
 }
