@@ -8,10 +8,11 @@
 //! * [`file`]: a file or block device through io_uring, O_DIRECT by default.
 //! * [`range_lock`]: lock-free LBA range locks (fused Compare+Write atomicity; resync later).
 //!
-//! The mirror bdev (two-site replication) will live beside these.
+//! * [`mirror`]: two-site synchronous replication (in progress: wire format, metadata, core).
 
 pub mod file;
 pub mod malloc;
+pub mod mirror;
 pub mod null;
 pub mod range_lock;
 
@@ -99,6 +100,10 @@ pub enum BdevError {
     Io(String),
     #[error("no space left on the device")]
     NoSpace,
+    /// A mirror leg that may not serve now (the peer is lost and this site is not the survivor,
+    /// or it is being resynced): hosts get ANA Inaccessible and retry on another path.
+    #[error("this mirror leg is fenced")]
+    Fenced,
 }
 
 impl From<std::io::Error> for BdevError {

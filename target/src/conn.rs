@@ -544,6 +544,7 @@ impl Conn {
                 let status = match (&e, &f.kind) {
                     (BdevError::OutOfRange { .. }, _) => Status::LBA_OUT_OF_RANGE,
                     (BdevError::NoSpace, _) => Status::CAPACITY_EXCEEDED,
+                    (BdevError::Fenced, _) => Status::ANA_INACCESSIBLE,
                     (BdevError::Io(_), IoKind::Read | IoKind::Compare) => Status::UNRECOVERED_READ_ERROR,
                     (BdevError::Io(_), _) => Status::WRITE_FAULT,
                 };

@@ -1,0 +1,810 @@
+//! One mirror leg as a state machine without I/O: [`MirrorCore::handle`] takes an [`Input`] (a
+//! host write, a local completion, a frame from the peer, the link going up or down, a tick) and
+//! appends [`Output`]s (issue a local operation, send a frame, complete a host operation, make the
+//! metadata durable). The driver executes outputs in order; `Persist` must be durable before it
+//! executes anything after it.
+//!
+//! Ordering, so both copies end byte-identical (active-active):
+//! * The preferred leg orders every write. Its own writes hold an exclusive range lock from issue
+//!   until both legs have them, and are replicated in that order.
+//! * The secondary never applies a host write directly: it forwards it; the preferred executes it
+//!   under the same locks and answers `ForwardDone`; only then does the secondary apply it.
+//! * The secondary applies everything the preferred sends (replicated writes, forwarded writes
+//!   it was told to apply, resync data) in arrival order, overlapping ones one after another.
+//!   Fused compare-and-write runs only on the preferred leg, so it is atomic across both sites.
+//!
+//! Loss: the preferred leg keeps serving alone (dirty bits, made durable before each write, record
+//! what the peer lacks); the secondary fences itself (host I/O fails with `Fenced`, which the
+//! target reports as ANA Inaccessible) until it is resynced. A witness can later replace this
+//! fixed choice.
+
+use super::frame::{status, Frame, Hello, Kind, OpCode};
+use super::meta::{Meta, SyncDirection};
+use super::DiskState;
+use crate::{BdevError, BdevOp, BdevOutput};
+use std::collections::{HashMap, VecDeque};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Preferred,
+    Secondary,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkState {
+    Down,
+    /// Connected, waiting for the peer's Hello.
+    Handshake,
+    /// Connected, resyncing; `source` when this leg sends.
+    Syncing {
+        source: bool,
+    },
+    Connected,
+    /// The peer was refused (split brain, unrelated data, misconfiguration).
+    Refused(String),
+}
+
+#[derive(Debug)]
+pub enum Input {
+    /// A write-type host operation (reads are served by the local leg directly).
+    Host {
+        tag: u64,
+        op: BdevOp,
+    },
+    LocalDone {
+        id: u64,
+        result: Result<BdevOutput, BdevError>,
+    },
+    Frame(Frame),
+    LinkUp,
+    LinkDown,
+    Tick {
+        now_ms: u64,
+    },
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Output {
+    Local {
+        id: u64,
+        op: BdevOp,
+    },
+    Send(Frame),
+    Complete {
+        tag: u64,
+        result: Result<BdevOutput, BdevError>,
+    },
+    /// Make [`MirrorCore::meta`] durable before executing the next output.
+    Persist,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Host(u64),
+    /// Preferred: a write the secondary forwarded (its sequence number).
+    Forwarded(u64),
+    /// Secondary: an operation the preferred replicated, or a resync chunk.
+    Replicated(u64),
+    ResyncIn(u64),
+    /// This leg reading a region to send it.
+    ResyncOut(u64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Waiting for its range.
+    Queued,
+    /// Secondary: forwarded, waiting for ForwardDone.
+    Forwarded,
+    Running,
+}
+
+#[derive(Debug)]
+struct Op {
+    origin: Origin,
+    op: BdevOp,
+    range: Option<(u64, u64)>,
+    stage: Stage,
+    local_done: bool,
+    /// Waiting for the peer's acknowledgement.
+    remote_pending: bool,
+    result: Option<Result<BdevOutput, BdevError>>,
+}
+
+const RESYNC_WINDOW: usize = 4;
+
+pub struct MirrorCore {
+    role: Role,
+    site: u8,
+    size: u64,
+    meta: Meta,
+    disk: DiskState,
+    link: LinkState,
+    peer: Option<Hello>,
+    ops: HashMap<u64, Op>,
+    next_id: u64,
+    active: Vec<u64>,
+    waiting: VecDeque<u64>,
+    /// Preferred: writes in flight per region, not yet confirmed by the peer.
+    unconfirmed: HashMap<u64, u32>,
+    /// Forwarded writes (by the secondary's sequence) awaiting its apply confirmation.
+    forwarded: HashMap<u64, (u64, u64)>,
+    /// Regions this leg must still send (when it is the sync source).
+    to_sync: Vec<u64>,
+    sync_cursor: usize,
+    resync_inflight: usize,
+    /// Resync budget: bytes per second (0 = unlimited), refilled by ticks.
+    resync_rate: u64,
+    tokens: u64,
+    last_tick_ms: u64,
+    resynced_bytes: u64,
+    sync_total: u64,
+    random: u64,
+}
+
+impl std::fmt::Debug for MirrorCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MirrorCore({:?} {:?} {:?} {} ops)", self.role, self.disk, self.link, self.ops.len())
+    }
+}
+
+/// A snapshot for status displays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorStatus {
+    pub role: Role,
+    pub disk: DiskState,
+    pub peer_disk: Option<DiskState>,
+    pub link: LinkState,
+    pub serving: bool,
+    pub out_of_sync_bytes: u64,
+    pub sync_total_bytes: u64,
+    pub synced_bytes: u64,
+}
+
+impl MirrorCore {
+    /// A leg over a device of `size` bytes with the metadata it persisted. `seed` draws new
+    /// generation identifiers.
+    pub fn new(role: Role, site: u8, size: u64, mut meta: Meta, seed: u64) -> (MirrorCore, Vec<Output>) {
+        let mut out = Vec::new();
+        let disk = if role == Role::Preferred || meta.generations.current != 0 { DiskState::UpToDate } else { DiskState::Inconsistent };
+        if role == Role::Preferred && meta.generations.current == 0 {
+            // The first preferred leg founds the data lineage.
+            meta.generations.current = seed | 1;
+            out.push(Output::Persist);
+        }
+        let disk = if role == Role::Secondary && disk == DiskState::UpToDate { DiskState::Outdated } else { disk };
+        let core = MirrorCore {
+            role,
+            site,
+            size,
+            meta,
+            disk,
+            link: LinkState::Down,
+            peer: None,
+            ops: HashMap::new(),
+            next_id: 1,
+            active: Vec::new(),
+            waiting: VecDeque::new(),
+            unconfirmed: HashMap::new(),
+            forwarded: HashMap::new(),
+            to_sync: Vec::new(),
+            sync_cursor: 0,
+            resync_inflight: 0,
+            resync_rate: 0,
+            tokens: 0,
+            last_tick_ms: 0,
+            resynced_bytes: 0,
+            sync_total: 0,
+            random: seed ^ 0x9e37_79b9_7f4a_7c15,
+        };
+        (core, out)
+    }
+
+    pub fn meta(&self) -> &Meta {
+        &self.meta
+    }
+
+    pub fn set_resync_rate(&mut self, bytes_per_second: u64) {
+        self.resync_rate = bytes_per_second;
+    }
+
+    /// Whether host I/O may be served by this leg now.
+    pub fn serving(&self) -> bool {
+        match self.role {
+            Role::Preferred => self.disk == DiskState::UpToDate,
+            Role::Secondary => self.link == LinkState::Connected && self.disk == DiskState::UpToDate,
+        }
+    }
+
+    pub fn status(&self) -> MirrorStatus {
+        let region = 1u64 << self.meta.region_shift;
+        let pending: u64 = self.to_sync[self.sync_cursor.min(self.to_sync.len())..].len() as u64 + self.resync_inflight as u64;
+        MirrorStatus {
+            role: self.role,
+            disk: self.disk,
+            peer_disk: self.peer.map(|p| p.disk),
+            link: self.link.clone(),
+            serving: self.serving(),
+            out_of_sync_bytes: (self.meta.dirty_count().max(pending) * region).min(self.size),
+            sync_total_bytes: self.sync_total,
+            synced_bytes: self.resynced_bytes,
+        }
+    }
+
+    fn fresh_generation(&mut self) -> u64 {
+        self.random ^= self.random << 13;
+        self.random ^= self.random >> 7;
+        self.random ^= self.random << 17;
+        self.random | 1
+    }
+
+    fn peer_reachable(&self) -> bool {
+        matches!(self.link, LinkState::Connected | LinkState::Syncing { .. })
+    }
+
+    pub fn handle(&mut self, input: Input, out: &mut Vec<Output>) {
+        match input {
+            Input::Host { tag, op } => self.on_host(tag, op, out),
+            Input::LocalDone { id, result } => self.on_local_done(id, result, out),
+            Input::Frame(f) => self.on_frame(f, out),
+            Input::LinkUp => {
+                self.link = LinkState::Handshake;
+                let hello = Hello {
+                    site: self.site,
+                    preferred: self.role == Role::Preferred,
+                    generations: self.meta.generations,
+                    disk: self.disk,
+                    size: self.size,
+                };
+                let mut f = Frame::new(Kind::Hello, 0);
+                f.payload = hello.to_payload();
+                out.push(Output::Send(f));
+            }
+            Input::LinkDown => self.on_link_down(out),
+            Input::Tick { now_ms } => {
+                let elapsed = now_ms.saturating_sub(self.last_tick_ms);
+                self.last_tick_ms = now_ms;
+                if self.resync_rate > 0 {
+                    self.tokens = (self.tokens + self.resync_rate * elapsed / 1000).min(self.resync_rate);
+                }
+                self.pump_resync(out);
+                self.sweep(out);
+            }
+        }
+    }
+
+    fn new_op(&mut self, origin: Origin, op: BdevOp) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        let range = op.range();
+        self.ops.insert(id, Op { origin, op, range, stage: Stage::Queued, local_done: false, remote_pending: false, result: None });
+        id
+    }
+
+    fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
+        a.0 < b.0 + b.1.max(1) && b.0 < a.0 + a.1.max(1)
+    }
+
+    fn conflicts(&self, id: u64, ahead: &[u64]) -> bool {
+        let Some(r) = self.ops[&id].range else { return false };
+        self.active.iter().chain(ahead).any(|o| self.ops.get(o).and_then(|x| x.range).is_some_and(|x| Self::overlaps(r, x)))
+    }
+
+    /// Starts `id` when its range is free of running and earlier waiting operations.
+    fn admit(&mut self, id: u64, out: &mut Vec<Output>) {
+        let ahead: Vec<u64> = self.waiting.iter().copied().collect();
+        if self.conflicts(id, &ahead) {
+            self.waiting.push_back(id);
+        } else {
+            self.active.push(id);
+            self.begin(id, out);
+        }
+    }
+
+    fn release(&mut self, id: u64, out: &mut Vec<Output>) {
+        self.active.retain(|x| *x != id);
+        let mut still = VecDeque::new();
+        while let Some(w) = self.waiting.pop_front() {
+            let ahead: Vec<u64> = still.iter().copied().collect();
+            if self.conflicts(w, &ahead) {
+                still.push_back(w);
+            } else {
+                self.active.push(w);
+                self.begin(w, out);
+            }
+        }
+        self.waiting = still;
+    }
+
+    fn mark(&mut self, range: Option<(u64, u64)>, out: &mut Vec<Output>) {
+        if let Some((off, len)) = range {
+            if self.meta.mark(off, len) {
+                out.push(Output::Persist);
+            }
+        }
+    }
+
+    fn on_host(&mut self, tag: u64, op: BdevOp, out: &mut Vec<Output>) {
+        if !self.serving() {
+            return out.push(Output::Complete { tag, result: Err(BdevError::Fenced) });
+        }
+        let id = self.new_op(Origin::Host(tag), op);
+        match self.role {
+            Role::Preferred => self.admit(id, out),
+            Role::Secondary => {
+                let o = self.ops.get_mut(&id).expect("just added");
+                o.stage = Stage::Forwarded;
+                let f = op_frame(Kind::Forward, id, &o.op);
+                out.push(Output::Send(f));
+            }
+        }
+    }
+
+    /// The operation has its range: issue it.
+    fn begin(&mut self, id: u64, out: &mut Vec<Output>) {
+        let (origin, range) = {
+            let o = &self.ops[&id];
+            (o.origin, o.range)
+        };
+        match (self.role, origin) {
+            (Role::Preferred, Origin::Host(_) | Origin::Forwarded(_)) => {
+                if !self.peer_reachable() {
+                    self.diverge(out);
+                }
+                self.mark(range, out);
+                let reachable = self.peer_reachable();
+                let o = self.ops.get_mut(&id).expect("op");
+                o.stage = Stage::Running;
+                let caw = matches!(o.op, BdevOp::CompareAndWrite { .. });
+                // Replicate now, except compare-and-write (only if the compare succeeds) and
+                // forwarded writes (the secondary applies its own copy on ForwardDone).
+                if reachable && !caw && matches!(origin, Origin::Host(_)) {
+                    o.remote_pending = true;
+                    let f = op_frame(Kind::Replicate, id, &o.op);
+                    out.push(Output::Send(f));
+                }
+                if let Some((off, len)) = range.filter(|_| reachable) {
+                    for r in self.meta.regions_of(off, len) {
+                        *self.unconfirmed.entry(r).or_default() += 1;
+                    }
+                }
+                let op = self.ops[&id].op.clone();
+                out.push(Output::Local { id, op });
+            }
+            (_, Origin::ResyncOut(_)) => {
+                let o = self.ops.get_mut(&id).expect("op");
+                o.stage = Stage::Running;
+                let op = o.op.clone();
+                out.push(Output::Local { id, op });
+            }
+            (_, _) => {
+                // Applying what the source/preferred leg ordered (or, on the secondary, a host
+                // write the preferred has executed).
+                if let Some((off, len)) = range {
+                    if self.meta.mark(off, len) {
+                        // The secondary keeps no dirty regions of its own: only `written` matters.
+                        for r in self.meta.regions_of(off, len) {
+                            self.meta.clear_dirty(r);
+                        }
+                        out.push(Output::Persist);
+                    }
+                }
+                let o = self.ops.get_mut(&id).expect("op");
+                o.stage = Stage::Running;
+                let op = match &o.op {
+                    BdevOp::CompareAndWrite { offset, data, .. } => BdevOp::Write { offset: *offset, data: data.clone(), fua: false },
+                    other => other.clone(),
+                };
+                out.push(Output::Local { id, op });
+            }
+        }
+    }
+
+    /// The preferred leg takes writes its peer will not see: start a new generation (once).
+    fn diverge(&mut self, out: &mut Vec<Output>) {
+        if self.meta.generations.bitmap == 0 {
+            let g = &mut self.meta.generations;
+            g.history = g.bitmap;
+            g.bitmap = g.current;
+            let fresh = self.fresh_generation();
+            self.meta.generations.current = fresh;
+            out.push(Output::Persist);
+        }
+    }
+
+    fn on_local_done(&mut self, id: u64, result: Result<BdevOutput, BdevError>, out: &mut Vec<Output>) {
+        let reachable = self.peer_reachable();
+        let Some(o) = self.ops.get_mut(&id) else { return };
+        o.local_done = true;
+        let origin = o.origin;
+        match origin {
+            Origin::Host(_) if self.role == Role::Preferred => {
+                if matches!(o.op, BdevOp::CompareAndWrite { .. })
+                    && result == Ok(BdevOutput::Done)
+                    && reachable
+                    && !o.remote_pending
+                    && o.result.is_none()
+                {
+                    // The compare succeeded and the data is written here: now the peer.
+                    o.result = Some(result);
+                    o.remote_pending = true;
+                    let (offset, data) = match &o.op {
+                        BdevOp::CompareAndWrite { offset, data, .. } => (*offset, data.clone()),
+                        _ => unreachable!("checked above"),
+                    };
+                    let f = op_frame(Kind::Replicate, id, &BdevOp::Write { offset, data, fua: false });
+                    out.push(Output::Send(f));
+                    return;
+                }
+                if o.result.is_none() {
+                    o.result = Some(result);
+                }
+                self.try_finish(id, out);
+            }
+            Origin::Forwarded(seq) => {
+                let code = match &result {
+                    Ok(BdevOutput::Miscompare) => status::MISCOMPARE,
+                    Ok(_) => status::OK,
+                    Err(e) => error_code(e),
+                };
+                let mut f = Frame::new(Kind::ForwardDone, seq);
+                f.arg = code;
+                out.push(Output::Send(f));
+                if let (Some((off, len)), true) = (o.range, code == status::OK) {
+                    self.forwarded.insert(seq, (off, len));
+                } else if let Some((off, len)) = o.range {
+                    self.unconfirm(off, len);
+                }
+                self.ops.remove(&id);
+                self.release(id, out);
+            }
+            Origin::Host(tag) => {
+                // Secondary: the forwarded write is now applied here too.
+                out.push(Output::Complete { tag, result: result.clone() });
+                let mut f = Frame::new(Kind::ReplicateAck, id);
+                f.arg = 1; // confirms a forwarded write
+                out.push(Output::Send(f));
+                self.ops.remove(&id);
+                self.release(id, out);
+            }
+            Origin::Replicated(seq) | Origin::ResyncIn(seq) => {
+                let kind = if matches!(origin, Origin::Replicated(_)) { Kind::ReplicateAck } else { Kind::ResyncAck };
+                let mut f = Frame::new(kind, seq);
+                f.arg = result.as_ref().map_or_else(error_code, |_| status::OK);
+                out.push(Output::Send(f));
+                self.ops.remove(&id);
+                self.release(id, out);
+            }
+            Origin::ResyncOut(region) => {
+                match result {
+                    Ok(BdevOutput::Data(data)) if self.peer_reachable() => {
+                        let offset = region << self.meta.region_shift;
+                        let mut f = Frame::new(Kind::Resync, id);
+                        f.op = OpCode::Write;
+                        f.offset = offset;
+                        f.len = data.len() as u32;
+                        f.payload = data;
+                        out.push(Output::Send(f));
+                    }
+                    _ => {
+                        // Link gone or read failed: the region stays dirty for the next attempt.
+                        self.resync_inflight -= 1;
+                        self.ops.remove(&id);
+                        self.release(id, out);
+                    }
+                }
+            }
+        }
+    }
+
+    fn unconfirm(&mut self, off: u64, len: u64) {
+        for r in self.meta.regions_of(off, len) {
+            if let Some(c) = self.unconfirmed.get_mut(&r) {
+                *c = c.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Completes a preferred-leg host operation once local and remote halves are done.
+    fn try_finish(&mut self, id: u64, out: &mut Vec<Output>) {
+        let o = &self.ops[&id];
+        if !o.local_done || o.remote_pending {
+            return;
+        }
+        let o = self.ops.remove(&id).expect("op");
+        if let Origin::Host(tag) = o.origin {
+            out.push(Output::Complete { tag, result: o.result.unwrap_or(Ok(BdevOutput::Done)) });
+        }
+        self.release(id, out);
+    }
+
+    fn on_frame(&mut self, f: Frame, out: &mut Vec<Output>) {
+        match f.kind {
+            Kind::Hello => self.on_hello(&f, out),
+            Kind::Ping => out.push(Output::Send(Frame::new(Kind::Pong, f.seq))),
+            Kind::Pong => {}
+            Kind::Replicate if self.peer_reachable() || self.link == LinkState::Handshake => {
+                let id = self.new_op(Origin::Replicated(f.seq), frame_op(&f));
+                self.admit(id, out);
+            }
+            Kind::ReplicateAck if f.arg == 1 => {
+                // The secondary applied a forwarded write.
+                if let Some((off, len)) = self.forwarded.remove(&f.seq) {
+                    self.unconfirm(off, len);
+                }
+            }
+            Kind::ReplicateAck => {
+                if let Some(o) = self.ops.get_mut(&f.seq) {
+                    o.remote_pending = false;
+                    if let Some((off, len)) = o.range {
+                        self.unconfirm(off, len);
+                    }
+                    if f.arg != status::OK {
+                        // The peer could not apply it: the region stays dirty for resync.
+                        tracing::warn!(seq = f.seq, "peer failed to apply a replicated write ({})", f.arg);
+                    }
+                    self.try_finish(f.seq, out);
+                }
+            }
+            Kind::Forward => {
+                if !self.serving() {
+                    let mut r = Frame::new(Kind::ForwardDone, f.seq);
+                    r.arg = status::NOT_SERVING;
+                    return out.push(Output::Send(r));
+                }
+                let id = self.new_op(Origin::Forwarded(f.seq), frame_op(&f));
+                self.admit(id, out);
+            }
+            Kind::ForwardDone => {
+                let Some(o) = self.ops.get_mut(&f.seq) else { return };
+                let Origin::Host(tag) = o.origin else { return };
+                if f.arg == status::OK {
+                    o.stage = Stage::Queued;
+                    self.admit(f.seq, out);
+                } else {
+                    let result = match f.arg {
+                        status::MISCOMPARE => Ok(BdevOutput::Miscompare),
+                        status::NOT_SERVING => Err(BdevError::Fenced),
+                        code => Err(code_error(code)),
+                    };
+                    self.ops.remove(&f.seq);
+                    out.push(Output::Complete { tag, result });
+                }
+            }
+            Kind::Resync if f.op == OpCode::None => {
+                // The source has sent everything: this leg is a faithful copy again.
+                self.meta.generations.current = f.offset;
+                self.meta.generations.bitmap = 0;
+                self.disk = DiskState::UpToDate;
+                self.link = LinkState::Connected;
+                if self.role == Role::Secondary {
+                    for w in self.meta.dirty.iter_mut() {
+                        *w = 0;
+                    }
+                }
+                out.push(Output::Persist);
+            }
+            Kind::Resync => {
+                let id = self.new_op(Origin::ResyncIn(f.seq), frame_op(&f));
+                self.admit(id, out);
+            }
+            Kind::ResyncAck => {
+                let Some(o) = self.ops.remove(&f.seq) else { return };
+                if let Origin::ResyncOut(region) = o.origin {
+                    self.resync_inflight -= 1;
+                    if f.arg == status::OK {
+                        self.resynced_bytes += o.range.map_or(0, |r| r.1);
+                        if self.unconfirmed.get(&region).copied().unwrap_or(0) == 0 {
+                            self.meta.clear_dirty(region);
+                            out.push(Output::Persist);
+                        }
+                    }
+                    self.release(f.seq, out);
+                    self.pump_resync(out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_hello(&mut self, f: &Frame, out: &mut Vec<Output>) {
+        let Some(peer) = Hello::from_payload(&f.payload) else {
+            self.link = LinkState::Refused("malformed hello".into());
+            return;
+        };
+        self.peer = Some(peer);
+        if peer.size != self.size {
+            self.link = LinkState::Refused(format!("peer device is {} bytes, this one {}", peer.size, self.size));
+            return;
+        }
+        if peer.preferred == (self.role == Role::Preferred) {
+            self.link = LinkState::Refused("both legs have the same role; exactly one must be preferred".into());
+            return;
+        }
+        let dir = self.meta.generations.compare(&peer.generations);
+        let source = match dir {
+            SyncDirection::InSync => self.role == Role::Preferred,
+            SyncDirection::ThisIsSource | SyncDirection::FullToPeer => true,
+            SyncDirection::PeerIsSource | SyncDirection::FullFromPeer => false,
+            SyncDirection::SplitBrain | SyncDirection::Unrelated => {
+                self.link = LinkState::Refused(format!("{dir:?}: the legs' data diverged; resolve by discarding one leg"));
+                tracing::error!("mirror peer refused: {dir:?}");
+                return;
+            }
+        };
+        if source {
+            if dir == SyncDirection::FullToPeer {
+                self.meta.dirty_all_written();
+            }
+            self.to_sync = (0..self.meta.regions).filter(|r| self.meta.is_dirty(*r)).collect();
+            self.sync_cursor = 0;
+            self.sync_total = self.to_sync.len() as u64 * (1u64 << self.meta.region_shift);
+            self.resynced_bytes = 0;
+            self.link = LinkState::Syncing { source: true };
+            self.pump_resync(out);
+        } else {
+            if self.role == Role::Preferred || dir != SyncDirection::InSync {
+                self.disk = DiskState::Inconsistent;
+            }
+            self.link = LinkState::Syncing { source: false };
+        }
+    }
+
+    /// Sends the next dirty regions, within the window and the rate budget.
+    fn pump_resync(&mut self, out: &mut Vec<Output>) {
+        if self.link != (LinkState::Syncing { source: true }) {
+            return;
+        }
+        let region_len = 1u64 << self.meta.region_shift;
+        while self.resync_inflight < RESYNC_WINDOW && self.sync_cursor < self.to_sync.len() {
+            if self.resync_rate > 0 {
+                if self.tokens < region_len.min(self.resync_rate) {
+                    return;
+                }
+                self.tokens -= region_len.min(self.tokens);
+            }
+            let region = self.to_sync[self.sync_cursor];
+            self.sync_cursor += 1;
+            let offset = region << self.meta.region_shift;
+            let len = region_len.min(self.size - offset);
+            self.resync_inflight += 1;
+            let id = self.new_op(Origin::ResyncOut(region), BdevOp::Read { offset, len: len as usize });
+            self.admit(id, out);
+        }
+        if self.sync_cursor >= self.to_sync.len() && self.resync_inflight == 0 {
+            // Everything sent and acknowledged. Regions missed (a failed read) stay dirty and
+            // are sent at the next connect.
+            let mut f = Frame::new(Kind::Resync, 0);
+            f.offset = self.meta.generations.current;
+            out.push(Output::Send(f));
+            self.meta.generations.bitmap = 0;
+            self.link = LinkState::Connected;
+            self.to_sync.clear();
+            out.push(Output::Persist);
+        }
+    }
+
+    /// Clears dirty bits of regions the peer has fully confirmed (preferred leg, in sync).
+    fn sweep(&mut self, out: &mut Vec<Output>) {
+        if self.role != Role::Preferred || self.link != LinkState::Connected || self.peer.is_none() {
+            return;
+        }
+        let mut cleared = false;
+        for r in 0..self.meta.regions {
+            if self.meta.is_dirty(r) && self.unconfirmed.get(&r).copied().unwrap_or(0) == 0 {
+                self.meta.clear_dirty(r);
+                cleared = true;
+            }
+        }
+        self.unconfirmed.retain(|_, c| *c > 0);
+        if cleared {
+            out.push(Output::Persist);
+        }
+    }
+
+    fn on_link_down(&mut self, out: &mut Vec<Output>) {
+        let was = std::mem::replace(&mut self.link, LinkState::Down);
+        self.peer = None;
+        self.to_sync.clear();
+        self.sync_cursor = 0;
+        match self.role {
+            Role::Preferred => {
+                if was != LinkState::Down {
+                    self.diverge(out);
+                }
+                // Writes waiting for the peer are complete here; their regions stay dirty.
+                let waiting: Vec<u64> = self.ops.iter().filter(|(_, o)| o.remote_pending).map(|(id, _)| *id).collect();
+                for id in waiting {
+                    if let Some(o) = self.ops.get_mut(&id) {
+                        o.remote_pending = false;
+                    }
+                    self.try_finish(id, out);
+                }
+                self.unconfirmed.clear();
+                self.forwarded.clear();
+            }
+            Role::Secondary => {
+                if self.disk == DiskState::UpToDate {
+                    self.disk = DiskState::Outdated;
+                }
+                // Forwarded writes the preferred may or may not have executed: the host must
+                // retry them on a serving path. Its dirty bits cover whatever it applied.
+                let forwarded: Vec<(u64, u64)> = self
+                    .ops
+                    .iter()
+                    .filter(|(_, o)| o.stage == Stage::Forwarded)
+                    .filter_map(|(id, o)| if let Origin::Host(tag) = o.origin { Some((*id, tag)) } else { None })
+                    .collect();
+                for (id, tag) in forwarded {
+                    self.ops.remove(&id);
+                    out.push(Output::Complete { tag, result: Err(BdevError::Fenced) });
+                }
+            }
+        }
+        // Resync reads in flight finish on their own; their data is not sent.
+        let _ = was;
+    }
+}
+
+fn error_code(e: &BdevError) -> u32 {
+    match e {
+        BdevError::NoSpace => status::NO_SPACE,
+        BdevError::OutOfRange { .. } => status::OUT_OF_RANGE,
+        BdevError::Fenced => status::NOT_SERVING,
+        BdevError::Io(_) => status::IO_ERROR,
+    }
+}
+
+fn code_error(code: u32) -> BdevError {
+    match code {
+        status::NO_SPACE => BdevError::NoSpace,
+        status::NOT_SERVING => BdevError::Fenced,
+        _ => BdevError::Io(format!("peer reported error {code}")),
+    }
+}
+
+/// A Replicate or Forward frame for an operation.
+fn op_frame(kind: Kind, seq: u64, op: &BdevOp) -> Frame {
+    let mut f = Frame::new(kind, seq);
+    match op {
+        BdevOp::Write { offset, data, .. } => {
+            f.op = OpCode::Write;
+            f.offset = *offset;
+            f.len = data.len() as u32;
+            f.payload = data.clone();
+        }
+        BdevOp::WriteZeroes { offset, len } => {
+            f.op = OpCode::WriteZeroes;
+            f.offset = *offset;
+            f.len = *len as u32;
+        }
+        BdevOp::Deallocate { offset, len } => {
+            f.op = OpCode::Deallocate;
+            f.offset = *offset;
+            f.len = *len as u32;
+        }
+        BdevOp::CompareAndWrite { offset, expected, data } => {
+            f.op = OpCode::CompareAndWrite;
+            f.offset = *offset;
+            f.len = data.len() as u32;
+            f.payload = [expected.as_slice(), data.as_slice()].concat();
+        }
+        BdevOp::Flush => f.op = OpCode::Flush,
+        BdevOp::Read { .. } | BdevOp::Compare { .. } => unreachable!("reads are not replicated"),
+    }
+    f
+}
+
+/// The operation a Replicate, Forward or Resync frame carries.
+fn frame_op(f: &Frame) -> BdevOp {
+    let len = f.len as usize;
+    match f.op {
+        OpCode::Write => BdevOp::Write { offset: f.offset, data: f.payload.clone(), fua: false },
+        OpCode::WriteZeroes => BdevOp::WriteZeroes { offset: f.offset, len: u64::from(f.len) },
+        OpCode::Deallocate => BdevOp::Deallocate { offset: f.offset, len: u64::from(f.len) },
+        OpCode::CompareAndWrite if f.payload.len() == 2 * len => {
+            BdevOp::CompareAndWrite { offset: f.offset, expected: f.payload[..len].to_vec(), data: f.payload[len..].to_vec() }
+        }
+        OpCode::Flush | OpCode::None | OpCode::CompareAndWrite => BdevOp::Flush,
+    }
+}

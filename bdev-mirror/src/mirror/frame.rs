@@ -1,0 +1,257 @@
+//! The replication link's wire format: a 40-byte header (magic, kind, operation, sequence number,
+//! offset, length, status, payload length, CRC32C of the header), the payload's CRC32C, and the
+//! payload. Parsing never panics and
+//! checks both checksums; a bad frame ends the link (it reconnects), it is never applied.
+
+use std::fmt;
+
+pub const MAGIC: u32 = 0x5244_4d4e; // "NMDR" little-endian: nvmetro mirror
+pub const HEADER: usize = 40;
+/// Largest payload accepted (a 1 MiB resync chunk plus an expected image for compare-and-write).
+pub const MAX_PAYLOAD: usize = 2 << 20;
+
+/// What a frame asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Both sides, on connect: site id and generation identifiers (payload: [`Hello`]).
+    Hello = 1,
+    /// Preferred to secondary: apply this operation, in order, and acknowledge.
+    Replicate = 2,
+    /// Secondary to preferred: the operation is applied.
+    ReplicateAck = 3,
+    /// Secondary to preferred: execute this host operation for me (it is ordered there).
+    Forward = 4,
+    /// Preferred to secondary: the forwarded operation's result; on success the secondary
+    /// applies its copy before completing.
+    ForwardDone = 5,
+    /// Preferred to secondary: resync data for a dirty region.
+    Resync = 6,
+    ResyncAck = 7,
+    Ping = 8,
+    Pong = 9,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Kind> {
+        Some(match v {
+            1 => Kind::Hello,
+            2 => Kind::Replicate,
+            3 => Kind::ReplicateAck,
+            4 => Kind::Forward,
+            5 => Kind::ForwardDone,
+            6 => Kind::Resync,
+            7 => Kind::ResyncAck,
+            8 => Kind::Ping,
+            9 => Kind::Pong,
+            _ => return None,
+        })
+    }
+}
+
+/// The operation a Replicate or Forward frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum OpCode {
+    None = 0,
+    Write = 1,
+    WriteZeroes = 2,
+    Deallocate = 3,
+    Flush = 4,
+    /// Payload: expected image then new data, `len` bytes each.
+    CompareAndWrite = 5,
+}
+
+impl OpCode {
+    fn from_u8(v: u8) -> Option<OpCode> {
+        Some(match v {
+            0 => OpCode::None,
+            1 => OpCode::Write,
+            2 => OpCode::WriteZeroes,
+            3 => OpCode::Deallocate,
+            4 => OpCode::Flush,
+            5 => OpCode::CompareAndWrite,
+            _ => return None,
+        })
+    }
+}
+
+/// Result codes carried in acknowledgements.
+pub mod status {
+    pub const OK: u32 = 0;
+    pub const MISCOMPARE: u32 = 1;
+    pub const IO_ERROR: u32 = 2;
+    pub const NO_SPACE: u32 = 3;
+    pub const OUT_OF_RANGE: u32 = 4;
+    /// The preferred site cannot serve (it is fenced or resyncing as a target).
+    pub const NOT_SERVING: u32 = 5;
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: Kind,
+    pub op: OpCode,
+    pub seq: u64,
+    pub offset: u64,
+    /// Bytes the operation covers (for zeroes and deallocate, the payload is empty).
+    pub len: u32,
+    /// Status in acknowledgements.
+    pub arg: u32,
+    pub payload: Vec<u8>,
+}
+
+impl fmt::Debug for Frame {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Frame({:?} {:?} seq={} off={} len={} arg={} payload={}B)",
+            self.kind,
+            self.op,
+            self.seq,
+            self.offset,
+            self.len,
+            self.arg,
+            self.payload.len()
+        )
+    }
+}
+
+impl Frame {
+    pub fn new(kind: Kind, seq: u64) -> Frame {
+        Frame { kind, op: OpCode::None, seq, offset: 0, len: 0, arg: 0, payload: Vec::new() }
+    }
+
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let mut h = [0u8; HEADER];
+        h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        h[4] = self.kind as u8;
+        h[5] = self.op as u8;
+        h[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        h[16..24].copy_from_slice(&self.offset.to_le_bytes());
+        h[24..28].copy_from_slice(&self.len.to_le_bytes());
+        h[28..32].copy_from_slice(&self.arg.to_le_bytes());
+        let plen = self.payload.len() as u32;
+        h[32..36].copy_from_slice(&plen.to_le_bytes());
+        let hcrc = crc32c::crc32c(&h[..36]);
+        h[36..40].copy_from_slice(&hcrc.to_le_bytes());
+        out.extend_from_slice(&h);
+        out.extend_from_slice(&crc32c::crc32c(&self.payload).to_le_bytes());
+        out.extend_from_slice(&self.payload);
+    }
+
+    /// Parses one frame from the front of `buf`: `Ok(None)` until it is complete.
+    pub fn parse(buf: &[u8]) -> Result<Option<(Frame, usize)>, FrameError> {
+        if buf.len() < HEADER {
+            return Ok(None);
+        }
+        let u32at = |o: usize| u32::from_le_bytes(buf[o..o + 4].try_into().expect("4 bytes"));
+        let u64at = |o: usize| u64::from_le_bytes(buf[o..o + 8].try_into().expect("8 bytes"));
+        if u32at(0) != MAGIC {
+            return Err(FrameError::BadMagic);
+        }
+        if crc32c::crc32c(&buf[..36]) != u32at(36) {
+            return Err(FrameError::HeaderChecksum);
+        }
+        let kind = Kind::from_u8(buf[4]).ok_or(FrameError::UnknownKind(buf[4]))?;
+        let op = OpCode::from_u8(buf[5]).ok_or(FrameError::UnknownOp(buf[5]))?;
+        let plen = u32at(32) as usize;
+        if plen > MAX_PAYLOAD {
+            return Err(FrameError::TooLarge(plen));
+        }
+        let total = HEADER + 4 + plen;
+        if buf.len() < total {
+            return Ok(None);
+        }
+        let payload = &buf[HEADER + 4..total];
+        if crc32c::crc32c(payload) != u32at(HEADER) {
+            return Err(FrameError::PayloadChecksum);
+        }
+        let frame = Frame { kind, op, seq: u64at(8), offset: u64at(16), len: u32at(24), arg: u32at(28), payload: payload.to_vec() };
+        Ok(Some((frame, total)))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("bad magic: not an nvmetro replication link")]
+    BadMagic,
+    #[error("header checksum mismatch")]
+    HeaderChecksum,
+    #[error("payload checksum mismatch")]
+    PayloadChecksum,
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("unknown operation {0}")]
+    UnknownOp(u8),
+    #[error("payload of {0} bytes is over the limit")]
+    TooLarge(usize),
+}
+
+/// The Hello payload: who a site is and what its data descends from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hello {
+    pub site: u8,
+    pub preferred: bool,
+    pub generations: crate::mirror::meta::Generations,
+    pub disk: crate::mirror::DiskState,
+    pub size: u64,
+}
+
+impl Hello {
+    pub fn to_payload(&self) -> Vec<u8> {
+        let mut p = vec![0u8; 40];
+        p[0] = self.site;
+        p[1] = self.preferred as u8;
+        p[2] = self.disk as u8;
+        p[8..16].copy_from_slice(&self.generations.current.to_le_bytes());
+        p[16..24].copy_from_slice(&self.generations.bitmap.to_le_bytes());
+        p[24..32].copy_from_slice(&self.generations.history.to_le_bytes());
+        p[32..40].copy_from_slice(&self.size.to_le_bytes());
+        p
+    }
+
+    pub fn from_payload(p: &[u8]) -> Option<Hello> {
+        if p.len() < 40 {
+            return None;
+        }
+        let u64at = |o: usize| u64::from_le_bytes(p[o..o + 8].try_into().expect("8 bytes"));
+        Some(Hello {
+            site: p[0],
+            preferred: p[1] != 0,
+            disk: crate::mirror::DiskState::from_u8(p[2])?,
+            generations: crate::mirror::meta::Generations { current: u64at(8), bitmap: u64at(16), history: u64at(24) },
+            size: u64at(32),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn round_trip_and_damage() {
+        let f = Frame { kind: Kind::Replicate, op: OpCode::Write, seq: 9, offset: 4096, len: 512, arg: 0, payload: vec![5; 512] };
+        let mut b = Vec::new();
+        f.encode(&mut b);
+        assert_eq!(Frame::parse(&b).unwrap(), Some((f.clone(), b.len())));
+        for cut in 0..b.len() {
+            assert_eq!(Frame::parse(&b[..cut]).unwrap(), None);
+        }
+        let mut bad = b.clone();
+        bad[10] ^= 1;
+        assert_eq!(Frame::parse(&bad), Err(FrameError::HeaderChecksum));
+        let mut bad = b.clone();
+        bad[100] ^= 1;
+        assert_eq!(Frame::parse(&bad), Err(FrameError::PayloadChecksum));
+        assert_eq!(Frame::parse(&[0u8; 64]), Err(FrameError::BadMagic));
+    }
+
+    proptest! {
+        #[test]
+        fn parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Frame::parse(&bytes);
+        }
+    }
+}

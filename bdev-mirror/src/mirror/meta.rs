@@ -1,0 +1,246 @@
+//! A mirror leg's persistent metadata: generation identifiers and two region bitmaps.
+//!
+//! * `dirty`: regions that may differ from the peer. A bit is set, and made durable, before the
+//!   first write to its region is issued; it is cleared only once the peer has confirmed every
+//!   write to the region, or the region was resynced. After any crash, the set bits cover every
+//!   region the two copies could disagree on (DRBD's activity log and bitmap in one).
+//! * `written`: regions ever written; an initial sync copies only these.
+//!
+//! Generations (DRBD's UUIDs): `current` names the data this leg holds; when a leg takes writes
+//! the peer cannot see, it moves `current` to `bitmap` and draws a new `current`. Comparing both
+//! legs' identifiers tells which one is the sync source, or that they diverged (split brain).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Generations {
+    /// 0: this leg has never been in sync with anything (a new replica).
+    pub current: u64,
+    /// The `current` this leg had when it started diverging; 0 when not diverged.
+    pub bitmap: u64,
+    /// The previous `bitmap`, kept for diagnosis.
+    pub history: u64,
+}
+
+/// What the comparison of two legs' generations says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncDirection {
+    /// Same data lineage: only the regions in the bitmaps need copying, from the preferred leg.
+    InSync,
+    /// This leg holds newer data: it is the sync source.
+    ThisIsSource,
+    /// The peer holds newer data.
+    PeerIsSource,
+    /// This leg is new: a full sync (of regions ever written) from the peer.
+    FullFromPeer,
+    /// The peer is new: a full sync from this leg.
+    FullToPeer,
+    /// Both legs took writes the other did not see.
+    SplitBrain,
+    /// No common history: refuse to connect.
+    Unrelated,
+}
+
+impl Generations {
+    pub fn compare(&self, peer: &Generations) -> SyncDirection {
+        let (a, b) = (self, peer);
+        if a.current == 0 && b.current == 0 {
+            SyncDirection::InSync
+        } else if a.current == 0 {
+            SyncDirection::FullFromPeer
+        } else if b.current == 0 {
+            SyncDirection::FullToPeer
+        } else if a.current == b.current {
+            SyncDirection::InSync
+        } else if a.bitmap != 0 && a.bitmap == b.bitmap {
+            SyncDirection::SplitBrain
+        } else if a.bitmap == b.current {
+            SyncDirection::ThisIsSource
+        } else if b.bitmap == a.current {
+            SyncDirection::PeerIsSource
+        } else {
+            SyncDirection::Unrelated
+        }
+    }
+}
+
+/// Metadata in memory; [`MetaFile`] makes it durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    pub region_shift: u32,
+    pub regions: u64,
+    pub generations: Generations,
+    pub dirty: Vec<u64>,
+    pub written: Vec<u64>,
+}
+
+impl Meta {
+    pub fn new(size: u64, region_shift: u32) -> Meta {
+        let regions = size.div_ceil(1 << region_shift);
+        let words = regions.div_ceil(64) as usize;
+        Meta { region_shift, regions, generations: Generations::default(), dirty: vec![0; words], written: vec![0; words] }
+    }
+
+    /// Regions covering `offset..offset+len`.
+    pub fn regions_of(&self, offset: u64, len: u64) -> std::ops::RangeInclusive<u64> {
+        let first = offset >> self.region_shift;
+        let last = (offset + len.max(1) - 1) >> self.region_shift;
+        first..=last.min(self.regions.saturating_sub(1))
+    }
+
+    pub fn is_dirty(&self, region: u64) -> bool {
+        self.dirty[(region / 64) as usize] & (1 << (region % 64)) != 0
+    }
+
+    /// Sets the dirty and written bits of a range; returns whether any bit changed (then the
+    /// metadata must be made durable before the write is issued).
+    pub fn mark(&mut self, offset: u64, len: u64) -> bool {
+        let mut changed = false;
+        for r in self.regions_of(offset, len) {
+            let (w, bit) = ((r / 64) as usize, 1u64 << (r % 64));
+            changed |= self.dirty[w] & bit == 0 || self.written[w] & bit == 0;
+            self.dirty[w] |= bit;
+            self.written[w] |= bit;
+        }
+        changed
+    }
+
+    pub fn clear_dirty(&mut self, region: u64) {
+        self.dirty[(region / 64) as usize] &= !(1 << (region % 64));
+    }
+
+    pub fn dirty_count(&self) -> u64 {
+        self.dirty.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// The first dirty region at or after `from`.
+    pub fn next_dirty(&self, from: u64) -> Option<u64> {
+        (from..self.regions).find(|r| self.is_dirty(*r))
+    }
+
+    /// Marks every region ever written as dirty (before a full sync from this leg).
+    pub fn dirty_all_written(&mut self) {
+        for (d, w) in self.dirty.iter_mut().zip(&self.written) {
+            *d |= *w;
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let words = self.dirty.len();
+        let mut b = vec![0u8; 4096 + 16 * words];
+        b[0..8].copy_from_slice(b"NVMRMETA");
+        b[8..12].copy_from_slice(&self.region_shift.to_le_bytes());
+        b[16..24].copy_from_slice(&self.regions.to_le_bytes());
+        b[24..32].copy_from_slice(&self.generations.current.to_le_bytes());
+        b[32..40].copy_from_slice(&self.generations.bitmap.to_le_bytes());
+        b[40..48].copy_from_slice(&self.generations.history.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..48]);
+        b[48..52].copy_from_slice(&crc.to_le_bytes());
+        for (i, w) in self.dirty.iter().chain(&self.written).enumerate() {
+            b[4096 + i * 8..4096 + i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+        }
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<Meta> {
+        if b.len() < 4096 || &b[0..8] != b"NVMRMETA" {
+            return None;
+        }
+        let u64at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+        if crc32c::crc32c(&b[..48]) != u32::from_le_bytes(b[48..52].try_into().expect("4 bytes")) {
+            return None;
+        }
+        let region_shift = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
+        let regions = u64at(16);
+        let words = regions.div_ceil(64) as usize;
+        if b.len() < 4096 + 16 * words {
+            return None;
+        }
+        let word = |i: usize| u64at(4096 + i * 8);
+        Some(Meta {
+            region_shift,
+            regions,
+            generations: Generations { current: u64at(24), bitmap: u64at(32), history: u64at(40) },
+            dirty: (0..words).map(word).collect(),
+            written: (words..2 * words).map(word).collect(),
+        })
+    }
+}
+
+/// The metadata file of one leg. Writes are synchronous and followed by fdatasync: they happen
+/// only when a region turns dirty, generations change or a resync clears bits.
+#[derive(Debug)]
+pub struct MetaFile {
+    file: File,
+}
+
+impl MetaFile {
+    /// Opens the file, or creates it with fresh metadata for a device of `size` bytes.
+    pub fn open(path: &Path, size: u64, region_shift: u32) -> io::Result<(MetaFile, Meta)> {
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        let mut buf = Vec::new();
+        use std::io::Read;
+        (&file).read_to_end(&mut buf)?;
+        let meta = match Meta::decode(&buf) {
+            Some(m) if m.regions == size.div_ceil(1 << region_shift) && m.region_shift == region_shift => m,
+            Some(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: metadata is for a device of another size", path.display()),
+                ))
+            }
+            None if buf.iter().any(|&b| b != 0) => {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{}: damaged mirror metadata", path.display())))
+            }
+            None => Meta::new(size, region_shift),
+        };
+        let mut mf = MetaFile { file };
+        mf.store(&meta)?;
+        Ok((mf, meta))
+    }
+
+    pub fn store(&mut self, meta: &Meta) -> io::Result<()> {
+        self.file.write_all_at(&meta.encode(), 0)?;
+        self.file.sync_data()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generations_decide_direction() {
+        let g = |c, b| Generations { current: c, bitmap: b, history: 0 };
+        assert_eq!(g(5, 0).compare(&g(5, 0)), SyncDirection::InSync);
+        assert_eq!(g(7, 5).compare(&g(5, 0)), SyncDirection::ThisIsSource);
+        assert_eq!(g(5, 0).compare(&g(7, 5)), SyncDirection::PeerIsSource);
+        assert_eq!(g(7, 5).compare(&g(8, 5)), SyncDirection::SplitBrain);
+        assert_eq!(g(0, 0).compare(&g(5, 0)), SyncDirection::FullFromPeer);
+        assert_eq!(g(5, 0).compare(&g(0, 0)), SyncDirection::FullToPeer);
+        assert_eq!(g(5, 0).compare(&g(6, 0)), SyncDirection::Unrelated);
+    }
+
+    #[test]
+    fn bitmap_survives_a_reopen() {
+        let p = std::env::temp_dir().join(format!("nvmetro-meta-{}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        let (mut f, mut m) = MetaFile::open(&p, 100 << 20, 20).unwrap();
+        assert!(m.mark(5 << 20, 3 << 20));
+        assert!(!m.mark(5 << 20, 4096), "already dirty");
+        m.generations = Generations { current: 42, bitmap: 7, history: 1 };
+        f.store(&m).unwrap();
+        drop(f);
+        let (_, again) = MetaFile::open(&p, 100 << 20, 20).unwrap();
+        assert_eq!(again, m);
+        assert_eq!(again.dirty_count(), 3);
+        assert_eq!(again.next_dirty(0), Some(5));
+        assert!(MetaFile::open(&p, 200 << 20, 20).is_err(), "size change is refused");
+        std::fs::write(&p, b"garbage").unwrap();
+        assert!(MetaFile::open(&p, 100 << 20, 20).is_err(), "damage is refused");
+        std::fs::remove_file(p).unwrap();
+    }
+}

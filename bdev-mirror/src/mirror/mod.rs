@@ -1,0 +1,43 @@
+//! The mirror: one namespace on two sites (DRBD protocol C semantics, active-active).
+//!
+//! * [`frame`]: the replication link's wire format.
+//! * [`meta`]: persistent generations and dirty/written region bitmaps.
+//! * [`core`]: one leg's state machine, without I/O: ordering, loss, resync.
+//!
+//! The driver that binds a core to a local bdev, a transport and the reactors' lock-free queues
+//! comes next; `tests/sim.rs` drives two cores against each other through a simulated link with
+//! cuts and crashes.
+
+pub mod core;
+pub mod frame;
+pub mod meta;
+
+/// A leg's disk state, as DRBD users know them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum DiskState {
+    UpToDate = 1,
+    /// Being resynced (or new): not a faithful copy.
+    Inconsistent = 2,
+    /// Was a faithful copy, but the peer may have moved on.
+    Outdated = 3,
+}
+
+impl DiskState {
+    pub fn from_u8(v: u8) -> Option<DiskState> {
+        Some(match v {
+            1 => DiskState::UpToDate,
+            2 => DiskState::Inconsistent,
+            3 => DiskState::Outdated,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskState::UpToDate => "UpToDate",
+            DiskState::Inconsistent => "Inconsistent",
+            DiskState::Outdated => "Outdated",
+        }
+    }
+}

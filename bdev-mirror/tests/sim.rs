@@ -1,0 +1,337 @@
+//! Two mirror legs driven against each other through a simulated link, with random operation
+//! orders, random completion orders, and one random failure per run (link cut, or a crash of
+//! either leg that tears its in-flight local writes). After healing, both copies must be
+//! byte-identical and no acknowledged write may be lost.
+
+use nvmetro_bdev::mirror::core::{Input, LinkState, MirrorCore, Output, Role};
+use nvmetro_bdev::mirror::frame::Frame;
+use nvmetro_bdev::mirror::meta::Meta;
+use nvmetro_bdev::mirror::DiskState;
+use nvmetro_bdev::{BdevError, BdevOp, BdevOutput};
+use std::collections::{HashMap, VecDeque};
+
+const BLOCK: usize = 512;
+const BLOCKS: usize = 64;
+const SIZE: u64 = (BLOCK * BLOCKS) as u64;
+const REGION_SHIFT: u32 = 12; // 8 blocks per region
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+struct Leg {
+    role: Role,
+    core: Option<MirrorCore>,
+    disk: Vec<u8>,
+    durable: Meta,
+    local: Vec<(u64, BdevOp)>,
+}
+
+#[derive(Debug, Clone)]
+struct WriteRec {
+    id: u64,
+    block: usize,
+    issued: u64,
+    acked: Option<u64>,
+}
+
+struct Sim {
+    legs: [Leg; 2],
+    link: bool,
+    wire: [VecDeque<Frame>; 2],
+    rng: Rng,
+    step: u64,
+    writes: Vec<WriteRec>,
+    tags: HashMap<u64, usize>,
+    next_write: u64,
+}
+
+fn exec(disk: &mut [u8], op: &BdevOp) -> Result<BdevOutput, BdevError> {
+    Ok(match op {
+        BdevOp::Write { offset, data, .. } => {
+            disk[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+            BdevOutput::Done
+        }
+        BdevOp::Read { offset, len } => BdevOutput::Data(disk[*offset as usize..*offset as usize + len].to_vec()),
+        BdevOp::WriteZeroes { offset, len } | BdevOp::Deallocate { offset, len } => {
+            disk[*offset as usize..(*offset + *len) as usize].fill(0);
+            BdevOutput::Done
+        }
+        BdevOp::CompareAndWrite { offset, expected, data } => {
+            let at = *offset as usize..*offset as usize + data.len();
+            if disk[at.clone()] != expected[..] {
+                BdevOutput::Miscompare
+            } else {
+                disk[at].copy_from_slice(data);
+                BdevOutput::Done
+            }
+        }
+        BdevOp::Compare { .. } | BdevOp::Flush => BdevOutput::Done,
+    })
+}
+
+impl Sim {
+    fn new(seed: u64) -> Sim {
+        let mut legs = [Role::Preferred, Role::Secondary].map(|role| Leg {
+            role,
+            core: None,
+            disk: vec![0; BLOCKS * BLOCK],
+            durable: Meta::new(SIZE, REGION_SHIFT),
+            local: Vec::new(),
+        });
+        let mut sim_outputs = Vec::new();
+        for (i, leg) in legs.iter_mut().enumerate() {
+            let (core, out) = MirrorCore::new(leg.role, i as u8 + 1, SIZE, leg.durable.clone(), seed + i as u64);
+            leg.core = Some(core);
+            sim_outputs.push((i, out));
+        }
+        let mut sim = Sim {
+            legs,
+            link: false,
+            wire: [VecDeque::new(), VecDeque::new()],
+            rng: Rng(seed | 1),
+            step: 0,
+            writes: Vec::new(),
+            tags: HashMap::new(),
+            next_write: 1,
+        };
+        for (i, out) in sim_outputs {
+            sim.run_outputs(i, out);
+        }
+        sim.connect();
+        sim
+    }
+
+    fn feed(&mut self, leg: usize, input: Input) {
+        let Some(core) = self.legs[leg].core.as_mut() else { return };
+        let mut out = Vec::new();
+        core.handle(input, &mut out);
+        self.run_outputs(leg, out);
+    }
+
+    fn run_outputs(&mut self, leg: usize, out: Vec<Output>) {
+        for o in out {
+            match o {
+                Output::Local { id, op } => self.legs[leg].local.push((id, op)),
+                Output::Send(f) => {
+                    if self.link {
+                        self.wire[leg].push_back(f);
+                    }
+                }
+                Output::Complete { tag, result } => {
+                    let w = self.tags.remove(&tag).expect("completion for a known write");
+                    if result == Ok(BdevOutput::Done) {
+                        self.writes[w].acked = Some(self.step);
+                    }
+                }
+                Output::Persist => {
+                    self.legs[leg].durable = self.legs[leg].core.as_ref().expect("core").meta().clone();
+                }
+            }
+        }
+    }
+
+    fn connect(&mut self) {
+        if self.legs.iter().all(|l| l.core.is_some()) && !self.link {
+            self.link = true;
+            self.feed(0, Input::LinkUp);
+            self.feed(1, Input::LinkUp);
+        }
+    }
+
+    fn cut(&mut self) {
+        if self.link {
+            self.link = false;
+            self.wire = [VecDeque::new(), VecDeque::new()];
+            self.feed(0, Input::LinkDown);
+            self.feed(1, Input::LinkDown);
+        }
+    }
+
+    fn crash(&mut self, leg: usize) {
+        self.cut();
+        let l = &mut self.legs[leg];
+        l.core = None;
+        // In-flight local operations either reached the disk whole or not at all.
+        let local = std::mem::take(&mut l.local);
+        for (_, op) in local {
+            if self.rng.below(2) == 0 {
+                let _ = exec(&mut l.disk, &op);
+            }
+        }
+        // Host writes in flight at the crashed leg stay unacknowledged (their tags never complete).
+    }
+
+    fn restart(&mut self, leg: usize, seed: u64) {
+        if self.legs[leg].core.is_none() {
+            let l = &self.legs[leg];
+            let (core, out) = MirrorCore::new(l.role, leg as u8 + 1, SIZE, l.durable.clone(), seed);
+            self.legs[leg].core = Some(core);
+            self.run_outputs(leg, out);
+        }
+    }
+
+    fn host_write(&mut self, leg: usize) {
+        if self.legs[leg].core.is_none() {
+            return;
+        }
+        let block = self.rng.below(16) as usize; // few blocks: many conflicts
+        let id = self.next_write;
+        self.next_write += 1;
+        let mut data = vec![0u8; BLOCK];
+        data[..8].copy_from_slice(&id.to_le_bytes());
+        data[8] = leg as u8;
+        let w = self.writes.len();
+        self.writes.push(WriteRec { id, block, issued: self.step, acked: None });
+        let tag = id;
+        self.tags.insert(tag, w);
+        self.feed(leg, Input::Host { tag, op: BdevOp::Write { offset: (block * BLOCK) as u64, data, fua: false } });
+    }
+
+    fn complete_local(&mut self, leg: usize) -> bool {
+        if self.legs[leg].local.is_empty() || self.legs[leg].core.is_none() {
+            return false;
+        }
+        let i = self.rng.below(self.legs[leg].local.len() as u64) as usize;
+        let (id, op) = self.legs[leg].local.swap_remove(i);
+        let result = exec(&mut self.legs[leg].disk, &op);
+        self.feed(leg, Input::LocalDone { id, result });
+        true
+    }
+
+    fn deliver(&mut self, from: usize) -> bool {
+        let Some(f) = self.wire[from].pop_front() else { return false };
+        self.feed(1 - from, Input::Frame(f));
+        true
+    }
+
+    fn tick(&mut self) {
+        let now = self.step;
+        self.feed(0, Input::Tick { now_ms: now });
+        self.feed(1, Input::Tick { now_ms: now });
+    }
+
+    fn random_step(&mut self, writes: bool) {
+        self.step += 1;
+        match self.rng.below(100) {
+            0..=29 if writes => {
+                let leg = self.rng.below(2) as usize;
+                self.host_write(leg);
+            }
+            0..=59 => {
+                let leg = self.rng.below(2) as usize;
+                self.complete_local(leg);
+            }
+            60..=94 => {
+                let from = self.rng.below(2) as usize;
+                self.deliver(from);
+            }
+            _ => self.tick(),
+        }
+    }
+
+    fn quiesce(&mut self) {
+        for _ in 0..200_000 {
+            self.step += 1;
+            let mut busy = self.complete_local(0) | self.complete_local(1);
+            busy |= self.deliver(0) | self.deliver(1);
+            if !busy {
+                self.tick();
+                let synced = self.legs.iter().all(|l| {
+                    let c = l.core.as_ref().expect("core");
+                    c.status().link == LinkState::Connected && c.status().disk == DiskState::UpToDate
+                });
+                if synced && self.wire.iter().all(VecDeque::is_empty) && self.legs.iter().all(|l| l.local.is_empty()) {
+                    return;
+                }
+            }
+        }
+        panic!("did not settle: {:?} / {:?}", self.legs[0].core, self.legs[1].core);
+    }
+
+    fn check(&self, seed: u64) {
+        assert!(self.legs[0].disk == self.legs[1].disk, "seed {seed}: the copies differ after resync");
+        for block in 0..16 {
+            let content = &self.legs[0].disk[block * BLOCK..(block + 1) * BLOCK];
+            let found = u64::from_le_bytes(content[..8].try_into().unwrap());
+            let hist: Vec<&WriteRec> = self.writes.iter().filter(|w| w.block == block).collect();
+            let Some(last) = hist.iter().filter(|w| w.acked.is_some()).max_by_key(|w| w.acked) else { continue };
+            let f = hist.iter().find(|w| w.id == found).unwrap_or_else(|| panic!("seed {seed}: block {block} holds unknown data {found}"));
+            // The content is the last acknowledged write, or one that was still in flight when
+            // that write was issued, or a later one: never something an acknowledgement replaced.
+            let ok = f.id == last.id || f.issued > last.issued || f.acked.is_none_or(|a| a > last.issued);
+            assert!(ok, "seed {seed}: block {block} lost acknowledged write {} (holds {}, acked at {:?})", last.id, f.id, f.acked);
+        }
+    }
+}
+
+fn run(seed: u64) -> (usize, usize) {
+    let mut sim = Sim::new(seed);
+    sim.quiesce();
+    let steps = 400 + sim.rng.below(800);
+    let fail_at = sim.rng.below(steps);
+    let heal_at = fail_at + 50 + sim.rng.below(300);
+    let failure = sim.rng.below(3);
+    for s in 0..steps + 400 {
+        if s == fail_at {
+            match failure {
+                0 => sim.cut(),
+                1 => sim.crash(0),
+                _ => sim.crash(1),
+            }
+        }
+        if s == heal_at {
+            sim.restart(0, seed ^ 0xaaaa);
+            sim.restart(1, seed ^ 0x5555);
+            sim.connect();
+        }
+        sim.random_step(s < steps);
+    }
+    sim.restart(0, seed ^ 0xbbbb);
+    sim.restart(1, seed ^ 0xcccc);
+    sim.connect();
+    sim.quiesce();
+    sim.check(seed);
+    (sim.writes.len(), sim.writes.iter().filter(|w| w.acked.is_some()).count())
+}
+
+#[test]
+fn random_histories_with_one_failure_converge_without_losing_acknowledged_writes() {
+    let (mut issued, mut acked) = (0, 0);
+    for seed in 1..=400u64 {
+        let (i, a) = run(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        issued += i;
+        acked += a;
+    }
+    assert!(acked > issued / 4, "the runs did real work: {acked} of {issued} writes acknowledged");
+}
+
+#[test]
+fn preferred_serves_alone_and_secondary_fences() {
+    let mut sim = Sim::new(77);
+    sim.quiesce();
+    sim.cut();
+    assert!(sim.legs[0].core.as_ref().unwrap().serving());
+    assert!(!sim.legs[1].core.as_ref().unwrap().serving());
+    // A write at the secondary is refused; at the preferred it completes and dirties its region.
+    sim.host_write(1);
+    assert_eq!(sim.writes[0].acked, None);
+    sim.host_write(0);
+    while sim.complete_local(0) {}
+    assert!(sim.writes[1].acked.is_some());
+    assert!(sim.legs[0].durable.dirty_count() > 0, "the dirty bit is durable");
+    assert_ne!(sim.legs[0].durable.generations.bitmap, 0, "the preferred leg started a new generation");
+    sim.connect();
+    sim.quiesce();
+    sim.check(77);
+    assert_eq!(sim.legs[0].durable.dirty_count(), 0, "resync cleared the bitmap");
+}
