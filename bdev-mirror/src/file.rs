@@ -281,8 +281,8 @@ impl BdevChannel for FileChannel {
         self.ring.inflight() + self.waiting.len() + self.done.len()
     }
 
-    fn wake_fd(&self) -> Option<RawFd> {
-        Some(self.ring.eventfd())
+    fn wake_fds(&self) -> Vec<RawFd> {
+        vec![self.ring.eventfd()]
     }
 }
 

@@ -125,6 +125,14 @@ pub struct BdevCompletion {
 /// A block device shared by all reactors.
 pub trait Bdev: Send + Sync + std::fmt::Debug {
     fn info(&self) -> &BdevInfo;
+    /// Whether this device may serve host I/O now (a fenced mirror leg may not).
+    fn serving(&self) -> bool {
+        true
+    }
+    /// Replication state, for devices that have one.
+    fn mirror_status(&self) -> Option<mirror::driver::StatusReport> {
+        None
+    }
     /// Opens a channel for the calling reactor.
     fn channel(self: Arc<Self>) -> std::io::Result<Box<dyn BdevChannel>>;
 }
@@ -137,10 +145,10 @@ pub trait BdevChannel: Send {
     fn poll(&mut self, done: &mut Vec<BdevCompletion>) -> usize;
     /// Operations submitted and not yet completed.
     fn outstanding(&self) -> usize;
-    /// A descriptor that becomes readable when completions are ready, for channels that wait on
-    /// the kernel.
-    fn wake_fd(&self) -> Option<RawFd> {
-        None
+    /// Descriptors that become readable when completions are ready, for channels that wait on
+    /// the kernel or on another thread.
+    fn wake_fds(&self) -> Vec<RawFd> {
+        Vec::new()
     }
 }
 

@@ -86,6 +86,8 @@ pub enum BdevKind {
     Malloc,
     Null,
     File,
+    /// Synchronous two-site mirror over a local (file) bdev.
+    Mirror,
 }
 
 /// A byte size: an integer or a string such as "512MiB", "1GiB", "4k".
@@ -150,6 +152,23 @@ pub struct BdevSection {
     /// file: use O_DIRECT (default true).
     #[serde(default = "yes")]
     pub direct: bool,
+    /// mirror: the local leg (a file bdev).
+    pub local: Option<Spanned<String>>,
+    /// mirror: "preferred" (keeps serving when the peer is lost; listens for the link) or
+    /// "secondary" (fences itself; dials the preferred).
+    pub role: Option<Spanned<String>>,
+    /// mirror: this site's number (1 or 2).
+    pub site: Option<u8>,
+    /// mirror, preferred: where the replication link is accepted.
+    pub listen: Option<Spanned<String>>,
+    /// mirror, secondary: the preferred site's link address.
+    pub peer: Option<Spanned<String>>,
+    /// mirror: the metadata file (generations, dirty-region bitmap).
+    pub metadata: Option<Spanned<PathBuf>>,
+    /// mirror: resync speed limit per second, e.g. "200MiB" (default unlimited).
+    pub resync_rate: Option<Size>,
+    /// mirror: dirty-tracking and resync region, a power of two (default 1MiB).
+    pub region_size: Option<Spanned<Size>>,
 }
 
 fn default_block_size() -> Spanned<u32> {
@@ -263,6 +282,19 @@ pub struct BdevConfig {
     pub hugepages: bool,
     pub path: Option<PathBuf>,
     pub direct: bool,
+    pub mirror: Option<MirrorConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorConfig {
+    pub local: String,
+    pub preferred: bool,
+    pub site: u8,
+    pub listen: Option<SocketAddr>,
+    pub peer: Option<SocketAddr>,
+    pub metadata: PathBuf,
+    pub resync_rate: u64,
+    pub region_shift: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -377,6 +409,51 @@ fn valid_nqn(s: &str) -> bool {
     s.len() <= 223 && s.starts_with("nqn.") && s.len() > 4 && s.is_ascii() && !s.contains(char::is_whitespace)
 }
 
+fn mirror_config(ctx: &Ctx, b: &BdevSection) -> Result<MirrorConfig, ConfigError> {
+    let name = b.name.get_ref();
+    let need = |key: &str| ctx.err(b.name.span(), &format!("bdev.{key}"), format!("mirror `{name}` needs `{key}`"));
+    let local = b.local.as_ref().ok_or_else(|| need("local"))?.get_ref().clone();
+    let role = b.role.as_ref().ok_or_else(|| need("role"))?;
+    let preferred = match role.get_ref().as_str() {
+        "preferred" => true,
+        "secondary" => false,
+        other => return Err(ctx.err(role.span(), "bdev.role", format!("`{other}` is not \"preferred\" or \"secondary\""))),
+    };
+    let addr = |v: &Option<Spanned<String>>, key: &str| -> Result<Option<SocketAddr>, ConfigError> {
+        v.as_ref()
+            .map(|a| {
+                a.get_ref()
+                    .parse()
+                    .map_err(|_| ctx.err(a.span(), &format!("bdev.{key}"), format!("`{}` is not an address:port", a.get_ref())))
+            })
+            .transpose()
+    };
+    let listen = addr(&b.listen, "listen")?;
+    let peer = addr(&b.peer, "peer")?;
+    if preferred && listen.is_none() {
+        return Err(need("listen"));
+    }
+    if !preferred && peer.is_none() {
+        return Err(need("peer"));
+    }
+    let metadata = b.metadata.as_ref().ok_or_else(|| need("metadata"))?.get_ref().clone();
+    let region = b.region_size.as_ref().map_or(1 << 20, |r| r.get_ref().bytes());
+    if !region.is_power_of_two() || !(65536..=(64 << 20)).contains(&region) {
+        let span = b.region_size.as_ref().map_or(b.name.span(), Spanned::span);
+        return Err(ctx.err(span, "bdev.region_size", "must be a power of two from 64KiB to 64MiB"));
+    }
+    Ok(MirrorConfig {
+        local,
+        preferred,
+        site: b.site.unwrap_or(if preferred { 1 } else { 2 }),
+        listen,
+        peer,
+        metadata,
+        resync_rate: b.resync_rate.map_or(0, Size::bytes),
+        region_shift: region.trailing_zeros(),
+    })
+}
+
 const ANA_STATES: [&str; 4] = ["optimized", "non-optimized", "inaccessible", "persistent-loss"];
 
 fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError> {
@@ -409,6 +486,24 @@ fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError> {
             return Err(ctx.err(b.block_size.span(), "bdev.block_size", format!("{bs} is not 512 or 4096")));
         }
         let size = b.size.as_ref().map(|s| s.get_ref().bytes());
+        let mirror_keys = b.local.is_some() || b.role.is_some() || b.listen.is_some() || b.peer.is_some() || b.metadata.is_some();
+        if b.kind != BdevKind::Mirror && mirror_keys {
+            return Err(ctx.err(b.name.span(), "bdev", format!("bdev `{name}`: local/role/listen/peer/metadata belong to mirror bdevs")));
+        }
+        if b.kind == BdevKind::Mirror {
+            bdev_sizes.insert(name.as_str(), ());
+            bdevs.push(BdevConfig {
+                name: name.clone(),
+                kind: b.kind,
+                size: None,
+                block_size: bs,
+                hugepages: false,
+                path: None,
+                direct: false,
+                mirror: Some(mirror_config(ctx, b)?),
+            });
+            continue;
+        }
         match (b.kind, &b.size, &b.path) {
             (BdevKind::Malloc | BdevKind::Null, None, _) => {
                 return Err(ctx.err(b.name.span(), "bdev.size", format!("bdev `{name}` needs a size")))
@@ -433,7 +528,28 @@ fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError> {
             hugepages: b.hugepages,
             path: b.path.as_ref().map(|p| p.get_ref().clone()),
             direct: b.direct,
+            mirror: None,
         });
+    }
+    // A mirror's local leg must be a persistent bdev, and serves only through the mirror.
+    let mut legs = HashSet::new();
+    for b in &raw.bdevs {
+        let Some(local) = &b.local else { continue };
+        let leg = bdevs.iter().find(|x| &x.name == local.get_ref());
+        match leg {
+            None => return Err(ctx.err(local.span(), "bdev.local", format!("no bdev named `{}`", local.get_ref()))),
+            Some(l) if l.kind != BdevKind::File => {
+                return Err(ctx.err(
+                    local.span(),
+                    "bdev.local",
+                    format!("`{}` is a {:?} bdev; a mirror leg must survive a restart (use kind = \"file\")", local.get_ref(), l.kind),
+                ))
+            }
+            Some(_) => {}
+        }
+        if !legs.insert(local.get_ref().clone()) {
+            return Err(ctx.err(local.span(), "bdev.local", format!("`{}` is already the leg of another mirror", local.get_ref())));
+        }
     }
 
     let mut subsystems = Vec::new();
@@ -485,6 +601,13 @@ fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError> {
             let bdev = ns.bdev.get_ref();
             if !bdev_sizes.contains_key(bdev.as_str()) {
                 return Err(ctx.err(ns.bdev.span(), "subsystem.namespace.bdev", format!("no bdev named `{bdev}`")));
+            }
+            if legs.contains(bdev) {
+                return Err(ctx.err(
+                    ns.bdev.span(),
+                    "subsystem.namespace.bdev",
+                    format!("bdev `{bdev}` is a mirror's local leg; export the mirror instead"),
+                ));
             }
             if !used_bdevs.insert(bdev.clone()) {
                 return Err(ctx.err(ns.bdev.span(), "subsystem.namespace.bdev", format!("bdev `{bdev}` already backs another namespace")));
@@ -660,11 +783,51 @@ ana_states = { "2" = "non-optimized" }
     #[test]
     fn default_and_examples_are_valid() {
         parse(DEFAULT_CONFIG, "default.toml").unwrap();
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let p = entry.unwrap().path();
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut files: Vec<_> = std::fs::read_dir(dir.join("examples")).unwrap().map(|e| e.unwrap().path()).collect();
+        files.extend(["site-a.toml", "site-b.toml"].map(|f| dir.join(f)));
+        for p in files {
             load(&p).unwrap_or_else(|e| panic!("{e}"));
         }
+    }
+
+    #[test]
+    fn mirror_bdevs() {
+        let base = r#"
+[[bdev]]
+name = "leg"
+kind = "file"
+path = "/tmp/leg"
+size = "64MiB"
+
+[[bdev]]
+name = "m"
+kind = "mirror"
+local = "leg"
+role = "preferred"
+listen = "127.0.0.1:7700"
+metadata = "/tmp/m.meta"
+
+[[subsystem]]
+nqn = "nqn.2026-11.io.nvmetro:m"
+allow_any_host = true
+
+[[subsystem.namespace]]
+nsid = 1
+bdev = "m"
+
+[[listener]]
+address = "127.0.0.1:4420"
+"#;
+        let c = parse(base, "m.toml").unwrap();
+        let m = c.bdevs[1].mirror.as_ref().unwrap();
+        assert!(m.preferred && m.site == 1 && m.region_shift == 20);
+        let e = err(&base.replace("role = \"preferred\"", "role = \"secondary\""));
+        assert_eq!(e.key, "bdev.peer");
+        let e = err(&base.replace("kind = \"file\"", "kind = \"malloc\"").replace("path = \"/tmp/leg\"\n", ""));
+        assert!(e.message.contains("must survive a restart"), "{e}");
+        let e = err(&base.replace("bdev = \"m\"", "bdev = \"leg\""));
+        assert!(e.message.contains("export the mirror"), "{e}");
     }
 
     #[test]

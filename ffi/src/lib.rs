@@ -46,6 +46,16 @@ pub fn eventfd_drain(fd: &OwnedFd) {
     }
 }
 
+/// Adds one to an eventfd's counter, waking whoever polls it.
+pub fn eventfd_signal(fd: &OwnedFd) {
+    use std::os::fd::AsRawFd;
+    let one = 1u64;
+    // SAFETY: we pass a valid pointer to 8 readable bytes, which is what eventfd writes need.
+    unsafe {
+        libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8);
+    }
+}
+
 /// Pins the calling thread to one CPU. Errors when the CPU does not exist or is not allowed.
 pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
     // SAFETY: cpu_set_t is plain data; zeroed is its empty value.

@@ -22,9 +22,11 @@ pub mod reactor;
 pub mod subsys;
 
 use anyhow::Context;
+use nvmetro_bdev::mirror::core::Role;
+use nvmetro_bdev::mirror::driver::{MirrorBdev, MirrorSettings};
 use nvmetro_bdev::{file::FileBdev, malloc::MallocBdev, null::NullBdev, Bdev};
 use nvmetro_conf::{BdevKind, Config};
-use nvmetro_proto::subsystem::NamespaceInfo;
+use nvmetro_proto::subsystem::{AnaState, NamespaceInfo};
 use reactor::{Reactor, ReactorHandle};
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -63,6 +65,27 @@ impl Target {
         self.subsystems.iter().find(|s| s.config.nqn == nqn).cloned()
     }
 
+    /// Follows each namespace's bdev into ANA: a fenced mirror leg makes its group Inaccessible on
+    /// every listener; serving again restores the configured state. Returns the changes made.
+    pub fn refresh_ana(&self) -> usize {
+        let mut changes = 0;
+        for s in &self.subsystems {
+            for ns in &s.namespaces {
+                let serving = self.bdevs[ns.bdev].serving();
+                for (li, l) in self.config.listeners.iter().enumerate() {
+                    let configured = l.ana_states.get(&ns.info.ana_group).and_then(|st| AnaState::parse(st)).unwrap_or(AnaState::Optimized);
+                    let want = if serving { configured } else { AnaState::Inaccessible };
+                    if s.view(li).ana_state(ns.info.ana_group) != want {
+                        s.set_ana_state(li, ns.info.ana_group, want);
+                        tracing::info!(subsystem = %s.config.nqn, nsid = ns.info.nsid, listener = %l.address, state = want.name(), "ANA state changed");
+                        changes += 1;
+                    }
+                }
+            }
+        }
+        changes
+    }
+
     pub fn next_discovery_cntlid(&self) -> u16 {
         self.discovery_cntlid.fetch_add(1, Ordering::Relaxed) % 0xffef + 1
     }
@@ -87,8 +110,23 @@ impl Running {
     }
 }
 
-fn open_bdev(b: &nvmetro_conf::BdevConfig) -> anyhow::Result<Arc<dyn Bdev>> {
+fn open_bdev(b: &nvmetro_conf::BdevConfig, opened: &[Arc<dyn Bdev>], all: &[nvmetro_conf::BdevConfig]) -> anyhow::Result<Arc<dyn Bdev>> {
     Ok(match b.kind {
+        BdevKind::Mirror => {
+            let m = b.mirror.as_ref().context("mirror bdev without settings")?;
+            let leg = all.iter().position(|x| x.name == m.local).context("mirror leg missing")?;
+            let settings = MirrorSettings {
+                role: if m.preferred { Role::Preferred } else { Role::Secondary },
+                site: m.site,
+                listen: m.listen,
+                peer: m.peer,
+                meta_path: m.metadata.clone(),
+                region_shift: m.region_shift,
+                resync_rate: m.resync_rate,
+                heartbeat_timeout: std::time::Duration::from_secs(3),
+            };
+            MirrorBdev::start(&b.name, opened[leg].clone(), settings).with_context(|| format!("bdev {}", b.name))?
+        }
         BdevKind::Malloc => {
             let size = b.size.context("malloc bdev without size")?;
             Arc::new(MallocBdev::new(&b.name, b.block_size, size, b.hugepages).with_context(|| format!("bdev {}", b.name))?)
@@ -110,10 +148,18 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     if let Some(c) = config.cores.iter().find(|c| **c >= available) {
         anyhow::bail!("target.cores names core {c}, but this machine has {available}");
     }
-    let mut bdevs = Vec::new();
-    for b in &config.bdevs {
-        bdevs.push(open_bdev(b)?);
+    // Mirrors after every other bdev: they open their local legs.
+    let mut bdevs: Vec<Option<Arc<dyn Bdev>>> = vec![None; config.bdevs.len()];
+    for pass_mirrors in [false, true] {
+        for (i, b) in config.bdevs.iter().enumerate() {
+            if (b.kind == BdevKind::Mirror) == pass_mirrors {
+                let opened: Vec<Arc<dyn Bdev>> =
+                    bdevs.iter().map(|x| x.clone().unwrap_or_else(|| Arc::new(NullBdev::new("unopened", 512, 1)))).collect();
+                bdevs[i] = Some(open_bdev(b, &opened, &config.bdevs)?);
+            }
+        }
     }
+    let bdevs: Vec<Arc<dyn Bdev>> = bdevs.into_iter().map(|b| b.expect("every bdev opened")).collect();
     let subsystems = config
         .subsystems
         .iter()

@@ -42,8 +42,10 @@ fn main() -> anyhow::Result<()> {
     for s in &running.target.subsystems {
         tracing::info!(nqn = %s.config.nqn, namespaces = s.namespaces.len(), "subsystem ready");
     }
+    running.target.refresh_ana();
     while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        running.target.refresh_ana();
     }
     tracing::info!("stopping");
     running.stop();

@@ -80,7 +80,7 @@ impl Channels {
         }
         if self.open[index].is_none() {
             let ch = target.bdevs[index].clone().channel()?;
-            if let Some(fd) = ch.wake_fd() {
+            for fd in ch.wake_fds() {
                 registry.register(&mut mio::unix::SourceFd(&(fd as RawFd)), Token(CHANNEL_BASE + index), Interest::READABLE)?;
             }
             self.open[index] = Some(ch);

@@ -4,7 +4,6 @@
 //! The binaries must be built first (`cargo build --workspace --bins`, which the README's test
 //! command does); they are looked up next to the test executable.
 
-use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -44,7 +43,11 @@ impl TargetProcess {
     /// Starts the target with `config` in which `{PORT}` stands for a free port and `{DIR}` for a
     /// scratch directory of this test.
     pub fn start(config: &str) -> TargetProcess {
-        let port = free_port();
+        Self::start_on(config, free_port())
+    }
+
+    /// As [`TargetProcess::start`], with `{PORT}` standing for `port`.
+    pub fn start_on(config: &str, port: u16) -> TargetProcess {
         let port2 = free_port();
         let dir = std::env::temp_dir().join(format!("nvmetro-e2e-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("scratch dir");
@@ -52,14 +55,7 @@ impl TargetProcess {
             config.replace("{PORT}", &port.to_string()).replace("{PORT2}", &port2.to_string()).replace("{DIR}", &dir.display().to_string());
         let config_path = dir.join("target.toml");
         std::fs::write(&config_path, text).expect("write config");
-        let child = Command::new(binary("nvmetro-tgt"))
-            .arg("--config")
-            .arg(&config_path)
-            .env("NVMETRO_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn nvmetro-tgt");
+        let child = spawn(&config_path, &dir);
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         let addr2: SocketAddr = format!("127.0.0.1:{port2}").parse().expect("addr");
         let mut t = TargetProcess { child, addr, addr2, config_path, dir };
@@ -78,6 +74,13 @@ impl TargetProcess {
         }
     }
 
+    /// Starts the process again with the same config, data and port (after [`TargetProcess::kill`]).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = spawn(&self.config_path, &self.dir);
+        self.wait_listening();
+    }
+
     /// SIGKILL, as a site dies.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -92,16 +95,29 @@ impl TargetProcess {
     pub fn stderr(&mut self) -> String {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let mut s = String::new();
-        if let Some(e) = self.child.stderr.as_mut() {
-            let _ = e.read_to_string(&mut s);
-        }
-        s
+        std::fs::read_to_string(self.dir.join("target.log")).unwrap_or_default()
+    }
+
+    /// What the process has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("target.log")).unwrap_or_default()
     }
 
     pub fn scratch(&self) -> &PathBuf {
         &self.dir
     }
+}
+
+fn spawn(config_path: &std::path::Path, dir: &std::path::Path) -> Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("target.log")).expect("log file");
+    Command::new(binary("nvmetro-tgt"))
+        .arg("--config")
+        .arg(config_path)
+        .env("NVMETRO_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn nvmetro-tgt")
 }
 
 impl Drop for TargetProcess {

@@ -9,6 +9,7 @@
 //! cuts and crashes.
 
 pub mod core;
+pub mod driver;
 pub mod frame;
 pub mod meta;
 

@@ -1,0 +1,596 @@
+//! The mirror bdev: binds a [`MirrorCore`] to a local bdev, a TCP replication link, the metadata
+//! file, and the reactors.
+//!
+//! One link thread per mirror owns the core, the connection and a channel on the local bdev.
+//! Reactors hand it write-type operations through a lock-free queue (waking it with a mio waker
+//! when it is parked) and get completions back on a per-channel lock-free queue with an eventfd
+//! that wakes a parked reactor. Reads go straight to the local leg while it is serving.
+//!
+//! The preferred leg listens; the secondary dials it, with backoff. Pings every 500 ms measure
+//! the replication round trip; 3 s without a byte from the peer counts as a lost link.
+
+use super::core::{Input, LinkState, MirrorCore, MirrorStatus, Output, Role};
+use super::frame::{Frame, Kind};
+use super::meta::MetaFile;
+use super::DiskState;
+use crate::{Bdev, BdevChannel, BdevCompletion, BdevError, BdevInfo, BdevOp};
+use arc_swap::ArcSwap;
+use crossbeam_queue::SegQueue;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How a mirror leg is set up.
+#[derive(Debug, Clone)]
+pub struct MirrorSettings {
+    pub role: Role,
+    pub site: u8,
+    /// The preferred leg accepts the link here.
+    pub listen: Option<SocketAddr>,
+    /// The secondary leg dials the preferred here.
+    pub peer: Option<SocketAddr>,
+    pub meta_path: PathBuf,
+    /// Regions of `1 << region_shift` bytes (dirty tracking and resync unit).
+    pub region_shift: u32,
+    /// Resync budget in bytes per second; 0 for unlimited.
+    pub resync_rate: u64,
+    pub heartbeat_timeout: Duration,
+}
+
+/// What `nvmetro status` shows of a mirror.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatusReport {
+    pub role: String,
+    pub disk: String,
+    pub peer_disk: String,
+    pub link: String,
+    pub serving: bool,
+    pub out_of_sync_bytes: u64,
+    pub sync_total_bytes: u64,
+    pub synced_bytes: u64,
+    pub sync_bytes_per_second: u64,
+    pub replication_rtt_us: Option<u64>,
+    pub peer: String,
+}
+
+impl StatusReport {
+    /// Percentage of the current resync done (100 when in sync).
+    pub fn sync_percent(&self) -> f64 {
+        if self.sync_total_bytes == 0 || self.out_of_sync_bytes == 0 {
+            100.0
+        } else {
+            100.0 * self.synced_bytes as f64 / self.sync_total_bytes as f64
+        }
+    }
+
+    /// Seconds left at the current resync speed.
+    pub fn eta_seconds(&self) -> Option<u64> {
+        (self.out_of_sync_bytes > 0 && self.sync_bytes_per_second > 0).then(|| self.out_of_sync_bytes / self.sync_bytes_per_second)
+    }
+}
+
+struct ChanQueue {
+    done: SegQueue<BdevCompletion>,
+    eventfd: OwnedFd,
+}
+
+struct Shared {
+    inbox: SegQueue<(usize, u64, BdevOp)>,
+    channels: ArcSwap<Vec<Arc<ChanQueue>>>,
+    serving: AtomicBool,
+    status: Mutex<StatusReport>,
+    waker: Waker,
+    parked: AtomicBool,
+    stop: AtomicBool,
+}
+
+#[derive(Debug)]
+pub struct MirrorBdev {
+    info: BdevInfo,
+    local: Arc<dyn Bdev>,
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MirrorShared(serving: {})", self.serving.load(Ordering::Relaxed))
+    }
+}
+
+const WAKER: Token = Token(0);
+const LISTENER: Token = Token(1);
+const CONN: Token = Token(2);
+const LOCAL: Token = Token(3);
+
+impl MirrorBdev {
+    /// Opens the metadata and starts the link thread.
+    pub fn start(name: &str, local: Arc<dyn Bdev>, settings: MirrorSettings) -> io::Result<Arc<MirrorBdev>> {
+        let size = local.info().size_bytes();
+        let (meta_file, meta) = MetaFile::open(&settings.meta_path, size, settings.region_shift)?;
+        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+            ^ u64::from(std::process::id());
+        let (mut core, first) = MirrorCore::new(settings.role, settings.site, size, meta, seed);
+        core.set_resync_rate(settings.resync_rate);
+        let poll = Poll::new()?;
+        let waker = Waker::new(poll.registry(), WAKER)?;
+        let shared = Arc::new(Shared {
+            inbox: SegQueue::new(),
+            channels: ArcSwap::from_pointee(Vec::new()),
+            serving: AtomicBool::new(core.serving()),
+            status: Mutex::new(StatusReport::default()),
+            waker,
+            parked: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+        });
+        let mut listener = match settings.listen {
+            Some(addr) => {
+                let std_l = std::net::TcpListener::bind(addr)
+                    .map_err(|e| io::Error::new(e.kind(), format!("mirror {name}: cannot listen on {addr}: {e}")))?;
+                std_l.set_nonblocking(true)?;
+                Some(TcpListener::from_std(std_l))
+            }
+            None => None,
+        };
+        if let Some(l) = listener.as_mut() {
+            poll.registry().register(l, LISTENER, Interest::READABLE)?;
+        }
+        let local_ch = local.clone().channel()?;
+        for fd in local_ch.wake_fds() {
+            poll.registry().register(&mut mio::unix::SourceFd(&fd), LOCAL, Interest::READABLE)?;
+        }
+        let mut link = LinkThread {
+            name: name.to_string(),
+            core,
+            meta_file,
+            local_ch,
+            poll,
+            listener,
+            conn: None,
+            pending: HashMap::new(),
+            next_tag: 1,
+            settings,
+            shared: shared.clone(),
+            next_dial: Instant::now(),
+            backoff: Duration::from_millis(100),
+            ping_sent: None,
+            last_ping: Instant::now(),
+            rtt: None,
+            speed: (Instant::now(), 0, 0),
+            signal: Vec::new(),
+        };
+        link.run_outputs(first);
+        let thread = std::thread::Builder::new().name(format!("mirror-{name}")).spawn(move || link.run())?;
+        let info = BdevInfo { name: name.to_string(), ..local.info().clone() };
+        Ok(Arc::new(MirrorBdev { info, local, shared, thread: Mutex::new(Some(thread)) }))
+    }
+
+    pub fn status(&self) -> StatusReport {
+        self.shared.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for MirrorBdev {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        let _ = self.shared.waker.wake();
+        if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Bdev for MirrorBdev {
+    fn info(&self) -> &BdevInfo {
+        &self.info
+    }
+
+    fn serving(&self) -> bool {
+        self.shared.serving.load(Ordering::Acquire)
+    }
+
+    fn mirror_status(&self) -> Option<StatusReport> {
+        Some(self.status())
+    }
+
+    fn channel(self: Arc<Self>) -> io::Result<Box<dyn BdevChannel>> {
+        let queue = Arc::new(ChanQueue { done: SegQueue::new(), eventfd: nvmetro_ffi::eventfd()? });
+        let mut index = 0;
+        self.shared.channels.rcu(|v| {
+            let mut v = (**v).clone();
+            index = v.len();
+            v.push(queue.clone());
+            v
+        });
+        Ok(Box::new(MirrorChannel {
+            local: self.local.clone().channel()?,
+            queue,
+            index,
+            shared: self.shared.clone(),
+            inflight: 0,
+            refused: Vec::new(),
+        }))
+    }
+}
+
+struct MirrorChannel {
+    local: Box<dyn BdevChannel>,
+    queue: Arc<ChanQueue>,
+    index: usize,
+    shared: Arc<Shared>,
+    inflight: usize,
+    refused: Vec<BdevCompletion>,
+}
+
+impl BdevChannel for MirrorChannel {
+    fn submit(&mut self, tag: u64, op: BdevOp) {
+        match op {
+            BdevOp::Read { .. } | BdevOp::Compare { .. } => {
+                if self.shared.serving.load(Ordering::Acquire) {
+                    self.local.submit(tag, op);
+                } else {
+                    self.refused.push(BdevCompletion { tag, result: Err(BdevError::Fenced) });
+                }
+            }
+            _ => {
+                self.inflight += 1;
+                self.shared.inbox.push((self.index, tag, op));
+                if self.shared.parked.load(Ordering::SeqCst) {
+                    let _ = self.shared.waker.wake();
+                }
+            }
+        }
+    }
+
+    fn poll(&mut self, done: &mut Vec<BdevCompletion>) -> usize {
+        let mut n = self.local.poll(done) + self.refused.len();
+        done.append(&mut self.refused);
+        let mut drained = false;
+        while let Some(c) = self.queue.done.pop() {
+            self.inflight -= 1;
+            done.push(c);
+            n += 1;
+            drained = true;
+        }
+        if drained {
+            nvmetro_ffi::eventfd_drain(&self.queue.eventfd);
+        }
+        n
+    }
+
+    fn outstanding(&self) -> usize {
+        self.local.outstanding() + self.inflight + self.refused.len()
+    }
+
+    fn wake_fds(&self) -> Vec<RawFd> {
+        let mut v = self.local.wake_fds();
+        v.push(self.queue.eventfd.as_raw_fd());
+        v
+    }
+}
+
+struct Conn {
+    sock: TcpStream,
+    rx: Vec<u8>,
+    rx_len: usize,
+    tx: Vec<u8>,
+    last_rx: Instant,
+}
+
+struct LinkThread {
+    name: String,
+    core: MirrorCore,
+    meta_file: MetaFile,
+    local_ch: Box<dyn BdevChannel>,
+    poll: Poll,
+    listener: Option<TcpListener>,
+    conn: Option<Conn>,
+    /// Core tag -> (channel index, reactor tag).
+    pending: HashMap<u64, (usize, u64)>,
+    next_tag: u64,
+    settings: MirrorSettings,
+    shared: Arc<Shared>,
+    next_dial: Instant,
+    backoff: Duration,
+    ping_sent: Option<Instant>,
+    last_ping: Instant,
+    rtt: Option<Duration>,
+    /// (when, synced bytes then, bytes per second)
+    speed: (Instant, u64, u64),
+    signal: Vec<usize>,
+}
+
+impl LinkThread {
+    fn handle(&mut self, input: Input) {
+        let mut out = Vec::new();
+        self.core.handle(input, &mut out);
+        self.run_outputs(out);
+    }
+
+    fn run_outputs(&mut self, out: Vec<Output>) {
+        for o in out {
+            match o {
+                Output::Local { id, op } => self.local_ch.submit(id, op),
+                Output::Send(f) => {
+                    if let Some(c) = self.conn.as_mut() {
+                        f.encode(&mut c.tx);
+                    }
+                }
+                Output::Complete { tag, result } => {
+                    if let Some((chan, orig)) = self.pending.remove(&tag) {
+                        if let Some(q) = self.shared.channels.load().get(chan) {
+                            q.done.push(BdevCompletion { tag: orig, result });
+                            self.signal.push(chan);
+                        }
+                    }
+                }
+                Output::Persist => {
+                    if let Err(e) = self.meta_file.store(self.core.meta()) {
+                        // Without durable metadata nothing may be acknowledged: stop serving.
+                        tracing::error!(mirror = %self.name, "cannot persist mirror metadata: {e}");
+                        self.shared.serving.store(false, Ordering::Release);
+                    }
+                }
+            }
+        }
+    }
+
+    fn link_up(&mut self, sock: TcpStream) {
+        if self.conn.is_some() {
+            self.link_down("replaced by a new connection");
+        }
+        let mut sock = sock;
+        let _ = sock.set_nodelay(true);
+        if self.poll.registry().register(&mut sock, CONN, Interest::READABLE | Interest::WRITABLE).is_err() {
+            return;
+        }
+        tracing::info!(mirror = %self.name, peer = ?sock.peer_addr().ok(), "replication link up");
+        self.conn = Some(Conn { sock, rx: vec![0; 4 << 20], rx_len: 0, tx: Vec::new(), last_rx: Instant::now() });
+        self.backoff = Duration::from_millis(100);
+        self.handle(Input::LinkUp);
+    }
+
+    fn link_down(&mut self, why: &str) {
+        if let Some(mut c) = self.conn.take() {
+            let _ = self.poll.registry().deregister(&mut c.sock);
+            tracing::warn!(mirror = %self.name, "replication link down: {why}");
+            self.ping_sent = None;
+            self.handle(Input::LinkDown);
+        }
+        self.next_dial = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(2));
+    }
+
+    fn connect_or_accept(&mut self) {
+        if let Some(l) = self.listener.as_ref() {
+            match l.accept() {
+                Ok((sock, _)) => self.link_up(sock),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => tracing::warn!(mirror = %self.name, "accept: {e}"),
+            }
+        }
+        if self.conn.is_none() && Instant::now() >= self.next_dial {
+            if let Some(peer) = self.settings.peer {
+                match std::net::TcpStream::connect_timeout(&peer, Duration::from_millis(300)) {
+                    Ok(s) => {
+                        let _ = s.set_nonblocking(true);
+                        self.link_up(TcpStream::from_std(s));
+                    }
+                    Err(_) => {
+                        self.next_dial = Instant::now() + self.backoff;
+                        self.backoff = (self.backoff * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads and handles everything the peer sent; returns whether anything arrived.
+    fn receive(&mut self) -> bool {
+        let mut got = false;
+        loop {
+            let Some(c) = self.conn.as_mut() else { return got };
+            if c.rx_len == c.rx.len() {
+                self.link_down("frame larger than the receive buffer");
+                return got;
+            }
+            match c.sock.read(&mut c.rx[c.rx_len..]) {
+                Ok(0) => {
+                    self.link_down("peer closed the link");
+                    return got;
+                }
+                Ok(n) => {
+                    c.rx_len += n;
+                    c.last_rx = Instant::now();
+                    got = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.link_down(&format!("read: {e}"));
+                    return got;
+                }
+            }
+        }
+        let mut used = 0;
+        let mut frames = Vec::new();
+        {
+            let Some(c) = self.conn.as_mut() else { return got };
+            loop {
+                match Frame::parse(&c.rx[used..c.rx_len]) {
+                    Ok(Some((f, n))) => {
+                        used += n;
+                        frames.push(f);
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        c.rx_len = 0;
+                        let why = format!("bad frame: {e}");
+                        self.link_down(&why);
+                        return got;
+                    }
+                }
+            }
+            c.rx.copy_within(used..c.rx_len, 0);
+            c.rx_len -= used;
+        }
+        for f in frames {
+            if f.kind == Kind::Pong {
+                if let Some(t) = self.ping_sent.take() {
+                    self.rtt = Some(t.elapsed());
+                }
+                continue;
+            }
+            self.handle(Input::Frame(f));
+        }
+        got
+    }
+
+    fn flush(&mut self) {
+        let Some(c) = self.conn.as_mut() else { return };
+        let mut off = 0;
+        while off < c.tx.len() {
+            match c.sock.write(&c.tx[off..]) {
+                Ok(0) => break,
+                Ok(n) => off += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let why = format!("write: {e}");
+                    c.tx.clear();
+                    self.link_down(&why);
+                    return;
+                }
+            }
+        }
+        c.tx.drain(..off);
+    }
+
+    fn publish(&mut self) {
+        let st: MirrorStatus = self.core.status();
+        self.shared.serving.store(st.serving, Ordering::Release);
+        let now = Instant::now();
+        if now.duration_since(self.speed.0) >= Duration::from_secs(1) {
+            let secs = now.duration_since(self.speed.0).as_secs_f64();
+            let delta = st.synced_bytes.saturating_sub(self.speed.1);
+            self.speed = (now, st.synced_bytes, (delta as f64 / secs) as u64);
+        }
+        let link = match &st.link {
+            LinkState::Down => "Disconnected".to_string(),
+            LinkState::Handshake => "Connecting".to_string(),
+            LinkState::Syncing { source: true } => "SyncSource".to_string(),
+            LinkState::Syncing { source: false } => "SyncTarget".to_string(),
+            LinkState::Connected => "Connected".to_string(),
+            LinkState::Refused(why) => format!("StandAlone ({why})"),
+        };
+        let report = StatusReport {
+            role: match st.role {
+                Role::Preferred => "Preferred".into(),
+                Role::Secondary => "Secondary".into(),
+            },
+            disk: st.disk.name().into(),
+            peer_disk: st.peer_disk.map_or("DUnknown", DiskState::name).into(),
+            link,
+            serving: st.serving,
+            out_of_sync_bytes: st.out_of_sync_bytes,
+            sync_total_bytes: st.sync_total_bytes,
+            synced_bytes: st.synced_bytes,
+            sync_bytes_per_second: self.speed.2,
+            replication_rtt_us: self.rtt.map(|d| d.as_micros() as u64),
+            peer: self.settings.peer.or(self.settings.listen).map(|a| a.to_string()).unwrap_or_default(),
+        };
+        if let Ok(mut s) = self.shared.status.lock() {
+            *s = report;
+        }
+    }
+
+    fn run(mut self) {
+        let mut events = Events::with_capacity(64);
+        let mut completions = Vec::new();
+        let start = Instant::now();
+        let mut last_tick = Instant::now();
+        let mut last_publish = Instant::now() - Duration::from_secs(1);
+        let mut idle_since: Option<Instant> = None;
+        while !self.shared.stop.load(Ordering::Acquire) {
+            let mut work = false;
+            let timeout = match idle_since {
+                Some(t) if t.elapsed() > Duration::from_millis(1) => {
+                    self.shared.parked.store(true, Ordering::SeqCst);
+                    if self.shared.inbox.is_empty() {
+                        Some(Duration::from_millis(10))
+                    } else {
+                        Some(Duration::ZERO)
+                    }
+                }
+                Some(t) if t.elapsed() > Duration::from_micros(50) => {
+                    std::thread::yield_now();
+                    Some(Duration::ZERO)
+                }
+                _ => Some(Duration::ZERO),
+            };
+            let _ = self.poll.poll(&mut events, timeout);
+            self.shared.parked.store(false, Ordering::SeqCst);
+            if self.conn.is_none() || self.listener.is_some() {
+                self.connect_or_accept();
+            }
+            while let Some((chan, tag, op)) = self.shared.inbox.pop() {
+                let t = self.next_tag;
+                self.next_tag += 1;
+                self.pending.insert(t, (chan, tag));
+                self.handle(Input::Host { tag: t, op });
+                work = true;
+            }
+            work |= self.receive();
+            completions.clear();
+            if self.local_ch.outstanding() > 0 && self.local_ch.poll(&mut completions) > 0 {
+                work = true;
+                for c in completions.drain(..) {
+                    self.handle(Input::LocalDone { id: c.tag, result: c.result });
+                }
+            }
+            let now = Instant::now();
+            if now.duration_since(last_tick) >= Duration::from_millis(10) {
+                last_tick = now;
+                self.handle(Input::Tick { now_ms: start.elapsed().as_millis() as u64 });
+                if let Some(c) = self.conn.as_ref() {
+                    if c.last_rx.elapsed() > self.settings.heartbeat_timeout {
+                        self.link_down("peer silent past the heartbeat timeout");
+                    } else if self.last_ping.elapsed() >= Duration::from_millis(500) {
+                        self.last_ping = Instant::now();
+                        self.ping_sent = Some(Instant::now());
+                        if let Some(c) = self.conn.as_mut() {
+                            Frame::new(Kind::Ping, 0).encode(&mut c.tx);
+                        }
+                    }
+                }
+            }
+            self.flush();
+            self.signal.sort_unstable();
+            self.signal.dedup();
+            let channels = self.shared.channels.load();
+            for chan in self.signal.drain(..) {
+                if let Some(q) = channels.get(chan) {
+                    nvmetro_ffi::eventfd_signal(&q.eventfd);
+                }
+            }
+            let serving = self.core.serving();
+            if serving != self.shared.serving.load(Ordering::Acquire) || now.duration_since(last_publish) >= Duration::from_millis(100) {
+                last_publish = now;
+                self.publish();
+            }
+            if work {
+                idle_since = None;
+            } else {
+                idle_since.get_or_insert(now);
+            }
+        }
+    }
+}
