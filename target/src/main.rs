@@ -38,7 +38,12 @@ fn main() -> anyhow::Result<()> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone())?;
     }
+    let socket = config.socket.clone();
     let running = nvmetro_tgt::start(config)?;
+    if let Some(path) = &socket {
+        nvmetro_tgt::mgmt::serve(path, running.target.clone()).with_context(|| format!("management socket {}", path.display()))?;
+        tracing::info!(socket = %path.display(), "management socket ready");
+    }
     for s in &running.target.subsystems {
         tracing::info!(nqn = %s.config.nqn, namespaces = s.namespaces.len(), "subsystem ready");
     }

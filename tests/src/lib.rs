@@ -108,6 +108,57 @@ impl TargetProcess {
     }
 }
 
+/// A TCP proxy standing in for the inter-site link: it can be cut (open connections reset, new
+/// ones refused) and restored.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    live: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    pub fn start(to: SocketAddr) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let live = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, l) = (cut.clone(), live.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if c.load(Ordering::Acquire) {
+                    continue; // dropped: the link is cut
+                }
+                let Ok(server) = TcpStream::connect(to) else { continue };
+                let _ = (client.set_nodelay(true), server.set_nodelay(true));
+                for (from, into) in [(&client, &server), (&server, &client)] {
+                    let (mut r, mut w) = (from.try_clone().expect("clone"), into.try_clone().expect("clone"));
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut r, &mut w);
+                        let _ = w.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+                let mut live = l.lock().expect("proxy list");
+                live.push(client);
+                live.push(server);
+            }
+        });
+        Proxy { addr, cut, live }
+    }
+
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::Release);
+        for s in self.live.lock().expect("proxy list").drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
 fn spawn(config_path: &std::path::Path, dir: &std::path::Path) -> Child {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("target.log")).expect("log file");
     Command::new(binary("nvmetro-tgt"))

@@ -5,13 +5,17 @@
 use nvmetro_perf::load::{self, PathIo, Pattern, Workload};
 use nvmetro_perf::{ConnectOptions, Host, HostError};
 use nvmetro_proto::nvme::Status;
-use nvmetro_tests::{free_port, TargetProcess, HOSTNQN};
+use nvmetro_tests::{free_port, Proxy, TargetProcess, HOSTNQN};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 const NQN: &str = "nqn.2026-11.io.nvmetro:metro-e2e";
 
 fn site_config(preferred: bool, link: u16) -> String {
+    site_config_with(preferred, link, "")
+}
+
+fn site_config_with(preferred: bool, link: u16, extra: &str) -> String {
     let (role, range) = if preferred {
         (format!("role = \"preferred\"\nlisten = \"127.0.0.1:{link}\""), "[1, 99]")
     } else {
@@ -36,6 +40,7 @@ local = "leg"
 {role}
 metadata = "{{DIR}}/leg.meta"
 region_size = "256KiB"
+{extra}
 
 [[subsystem]]
 nqn = "{NQN}"
@@ -199,4 +204,70 @@ fn sigkill_of_the_preferred_fences_the_secondary_until_it_returns() {
     let ha = wait_serving(&a);
     verify_all(ha, &mut gens);
     verify_all(wait_serving(&b), &mut gens);
+}
+
+#[test]
+fn cutting_and_restoring_the_link() {
+    let link = free_port();
+    let a = TargetProcess::start(&site_config(true, link));
+    let proxy = Proxy::start(format!("127.0.0.1:{link}").parse().unwrap());
+    let b = TargetProcess::start(&site_config(false, proxy.addr.port()));
+    let _ = wait_serving(&b);
+    let ha = wait_serving(&a);
+    let (_admin, mut io) = ha.into_parts();
+    let mut path = PathIo::single(io.remove(0));
+    let mut gens = HashMap::new();
+    let cutter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        proxy.cut();
+        proxy
+    });
+    let r = load::run(&mut path, &workload(30, 2, true), 512, &mut gens).unwrap();
+    let proxy = cutter.join().unwrap();
+    assert_eq!(r.errors, 0, "the preferred site kept serving through the cut: {:?}", r.first_error);
+    // While cut, B is fenced.
+    let mut hb = connect(&b).unwrap();
+    let (c, _) = hb.io_cmd(0, nvmetro_proto::cmds::read(0, 1, 0, 1), vec![], 512).unwrap();
+    assert_eq!(c.status(), Status::ANA_INACCESSIBLE);
+    proxy.restore();
+    verify_all(wait_serving(&b), &mut gens);
+}
+
+#[test]
+fn restarting_the_survivor_during_a_resync() {
+    // A slow resync (1 MiB/s over 8 MiB of dirty regions) gives time to kill A in the middle.
+    let link = free_port();
+    let extra = "resync_rate = \"1MiB\"";
+    let mut a = TargetProcess::start(&site_config_with(true, link, extra));
+    let mut b = TargetProcess::start(&site_config_with(false, link, extra));
+    let _ = wait_serving(&b);
+    b.kill();
+    let ha = wait_serving(&a);
+    let (_admin, mut io) = ha.into_parts();
+    let mut path = PathIo::single(io.remove(0));
+    let mut gens = HashMap::new();
+    let r = load::run(&mut path, &workload(0, 1, true), 512, &mut gens).unwrap();
+    assert_eq!(r.errors, 0);
+    drop(path);
+    b.restart();
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut hb = connect(&b).unwrap();
+    let (c, _) = hb.io_cmd(0, nvmetro_proto::cmds::read(0, 1, 0, 1), vec![], 512).unwrap();
+    assert_eq!(c.status(), Status::ANA_INACCESSIBLE, "B is still a resync target");
+    a.kill();
+    a.restart();
+    // The resync resumes from the persistent bitmap and completes; nothing acknowledged is lost.
+    let a_host = wait_serving(&a);
+    verify_all(a_host, &mut gens);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let hb = loop {
+        if let Ok(mut h) = connect(&b) {
+            if h.io_cmd(0, nvmetro_proto::cmds::read(0, 1, 0, 1), vec![], 512).is_ok_and(|(c, _)| c.status().is_success()) {
+                break h;
+            }
+        }
+        assert!(Instant::now() < deadline, "resync did not finish");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    verify_all(hb, &mut gens);
 }

@@ -680,6 +680,9 @@ impl MirrorCore {
             self.meta.generations.bitmap = 0;
             self.link = LinkState::Connected;
             self.to_sync.clear();
+            if let Some(p) = self.peer.as_mut() {
+                p.disk = DiskState::UpToDate;
+            }
             out.push(Output::Persist);
         }
     }

@@ -393,65 +393,65 @@ impl LinkThread {
         }
     }
 
-    /// Reads and handles everything the peer sent; returns whether anything arrived.
+    /// Reads and handles everything the peer sent; returns whether anything arrived. Frames are
+    /// handled as they complete, so the receive buffer only ever holds one partial frame.
     fn receive(&mut self) -> bool {
         let mut got = false;
         loop {
             let Some(c) = self.conn.as_mut() else { return got };
-            if c.rx_len == c.rx.len() {
-                self.link_down("frame larger than the receive buffer");
-                return got;
-            }
-            match c.sock.read(&mut c.rx[c.rx_len..]) {
+            let n = match c.sock.read(&mut c.rx[c.rx_len..]) {
                 Ok(0) => {
                     self.link_down("peer closed the link");
                     return got;
                 }
-                Ok(n) => {
-                    c.rx_len += n;
-                    c.last_rx = Instant::now();
-                    got = true;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return got,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     self.link_down(&format!("read: {e}"));
                     return got;
                 }
-            }
-        }
-        let mut used = 0;
-        let mut frames = Vec::new();
-        {
-            let Some(c) = self.conn.as_mut() else { return got };
+            };
+            c.rx_len += n;
+            c.last_rx = Instant::now();
+            got = true;
+            let mut used = 0;
+            let mut frames = Vec::new();
+            let mut bad = None;
             loop {
                 match Frame::parse(&c.rx[used..c.rx_len]) {
-                    Ok(Some((f, n))) => {
-                        used += n;
+                    Ok(Some((f, len))) => {
+                        used += len;
                         frames.push(f);
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        c.rx_len = 0;
-                        let why = format!("bad frame: {e}");
-                        self.link_down(&why);
-                        return got;
+                        bad = Some(e);
+                        break;
                     }
                 }
             }
             c.rx.copy_within(used..c.rx_len, 0);
             c.rx_len -= used;
-        }
-        for f in frames {
-            if f.kind == Kind::Pong {
-                if let Some(t) = self.ping_sent.take() {
-                    self.rtt = Some(t.elapsed());
+            let full = c.rx_len == c.rx.len();
+            for f in frames {
+                if f.kind == Kind::Pong {
+                    if let Some(t) = self.ping_sent.take() {
+                        self.rtt = Some(t.elapsed());
+                    }
+                    continue;
                 }
-                continue;
+                self.handle(Input::Frame(f));
             }
-            self.handle(Input::Frame(f));
+            if let Some(e) = bad {
+                self.link_down(&format!("bad frame: {e}"));
+                return got;
+            }
+            if full {
+                self.link_down("frame larger than the receive buffer");
+                return got;
+            }
         }
-        got
     }
 
     fn flush(&mut self) {

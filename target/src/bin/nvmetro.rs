@@ -1,0 +1,107 @@
+//! `nvmetro --config FILE status`: asks the running target (over the management socket that FILE
+//! names) for its state, and shows it. `nvmetro --config FILE rpc METHOD` prints any method's
+//! JSON result.
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "nvmetro", version, about = "Talk to a running nvmetro-tgt")]
+struct Args {
+    /// The target's configuration file (it names the management socket).
+    #[arg(long, short)]
+    config: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Namespaces, ANA states, and for mirrors: roles, disk and link states, sync progress.
+    Status {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Call a management method and print its JSON result.
+    Rpc { method: String },
+}
+
+fn rpc(socket: &PathBuf, method: &str) -> anyhow::Result<Value> {
+    let mut s = UnixStream::connect(socket).with_context(|| format!("cannot reach the target at {} (is it running?)", socket.display()))?;
+    writeln!(s, "{}", json!({"jsonrpc": "2.0", "id": 1, "method": method}))?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    let reply: Value = serde_json::from_str(&line).context("malformed reply")?;
+    if let Some(e) = reply.get("error") {
+        bail!("{method}: {}", e["message"]);
+    }
+    Ok(reply["result"].clone())
+}
+
+fn bytes(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", units[u])
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = nvmetro_conf::load(&args.config)?;
+    let socket = config.socket.clone().with_context(|| format!("{}: no [target] socket is configured", args.config.display()))?;
+    match args.cmd {
+        Cmd::Rpc { method } => println!("{}", serde_json::to_string_pretty(&rpc(&socket, &method)?)?),
+        Cmd::Status { json } => {
+            let st = rpc(&socket, "nvmetro_status")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+                return Ok(());
+            }
+            println!("nvmetro {} up {:.0} s", st["version"].as_str().unwrap_or("?"), st["uptime_ms"].as_f64().unwrap_or(0.0) / 1000.0);
+            for s in st["subsystems"].as_array().into_iter().flatten() {
+                println!("{}  ({} controllers)", s["nqn"].as_str().unwrap_or("?"), s["controllers"]);
+                for ns in s["namespaces"].as_array().into_iter().flatten() {
+                    let ana: Vec<String> =
+                        ns["ana"].as_object().into_iter().flatten().map(|(l, v)| format!("{l} {}", v.as_str().unwrap_or("?"))).collect();
+                    println!(
+                        "  nsid {}  bdev {}  serving {}  ANA: {}",
+                        ns["nsid"],
+                        ns["bdev"].as_str().unwrap_or("?"),
+                        ns["serving"],
+                        ana.join(", ")
+                    );
+                    let m = &ns["mirror"];
+                    if m.is_object() {
+                        println!(
+                            "    mirror: role {}  disk {}/{}  link {}  peer {}",
+                            m["role"].as_str().unwrap_or("?"),
+                            m["disk"].as_str().unwrap_or("?"),
+                            m["peer_disk"].as_str().unwrap_or("?"),
+                            m["link"].as_str().unwrap_or("?"),
+                            m["peer"].as_str().unwrap_or("?")
+                        );
+                        let speed = m["sync_bytes_per_second"].as_u64().unwrap_or(0);
+                        println!(
+                            "    out of sync {}  synced {:.1}%  speed {}/s  ETA {}  replication RTT {}",
+                            bytes(m["out_of_sync_bytes"].as_u64().unwrap_or(0)),
+                            m["sync_percent"].as_f64().unwrap_or(0.0),
+                            bytes(speed),
+                            m["eta_seconds"].as_u64().map_or("-".into(), |s| format!("{s} s")),
+                            m["replication_rtt_us"].as_u64().map_or("-".into(), |u| format!("{u} us"))
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,128 @@
+//! The management socket: JSON-RPC 2.0 over a local Unix socket (mode 0600), one request per
+//! line. Method names and shapes follow SPDK's where SPDK has the same thing.
+//!
+//! * `nvmetro_status`: subsystems, namespaces, ANA state per listener, mirror state.
+//! * `bdev_get_bdevs`: bdevs with block size, block count and replication state.
+//! * `nvmf_get_subsystems`: subsystems with listeners, hosts and namespaces.
+
+use crate::Target;
+use nvmetro_bdev::mirror::driver::StatusReport;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Binds the socket (replacing a stale one) and serves it from a thread.
+pub fn serve(path: &Path, target: Arc<Target>) -> std::io::Result<()> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, format!("{}: another target is running", path.display())));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    std::thread::Builder::new().name("mgmt".into()).spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let target = target.clone();
+            std::thread::spawn(move || handle(conn, &target));
+        }
+    })?;
+    Ok(())
+}
+
+fn handle(conn: UnixStream, target: &Target) {
+    let Ok(mut out) = conn.try_clone() else { return };
+    for line in BufReader::new(conn).lines() {
+        let Ok(line) = line else { return };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let reply = match serde_json::from_str::<Value>(&line) {
+            Ok(req) => {
+                let id = req.get("id").cloned().unwrap_or(Value::Null);
+                match req.get("method").and_then(Value::as_str) {
+                    Some(m) => match call(target, m) {
+                        Some(result) => json!({"jsonrpc": "2.0", "id": id, "result": result}),
+                        None => json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32601, "message": format!("no method {m}")}}),
+                    },
+                    None => json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32600, "message": "request without a method"}}),
+                }
+            }
+            Err(e) => json!({"jsonrpc": "2.0", "id": null, "error": {"code": -32700, "message": format!("parse error: {e}")}}),
+        };
+        if writeln!(out, "{reply}").is_err() {
+            return;
+        }
+    }
+}
+
+pub fn mirror_json(m: &StatusReport) -> Value {
+    json!({
+        "role": m.role, "disk": m.disk, "peer_disk": m.peer_disk, "link": m.link, "serving": m.serving,
+        "peer": m.peer, "out_of_sync_bytes": m.out_of_sync_bytes, "sync_percent": m.sync_percent(),
+        "sync_bytes_per_second": m.sync_bytes_per_second, "eta_seconds": m.eta_seconds(),
+        "replication_rtt_us": m.replication_rtt_us,
+    })
+}
+
+fn call(t: &Target, method: &str) -> Option<Value> {
+    Some(match method {
+        "nvmetro_status" => {
+            let subsystems: Vec<Value> = t
+                .subsystems
+                .iter()
+                .map(|s| {
+                    let namespaces: Vec<Value> = s
+                        .namespaces
+                        .iter()
+                        .map(|ns| {
+                            let bdev = &t.bdevs[ns.bdev];
+                            let ana: serde_json::Map<String, Value> = t
+                                .config
+                                .listeners
+                                .iter()
+                                .enumerate()
+                                .map(|(i, l)| (l.address.to_string(), json!(s.view(i).ana_state(ns.info.ana_group).name())))
+                                .collect();
+                            json!({"nsid": ns.info.nsid, "bdev": bdev.info().name, "ana_group": ns.info.ana_group, "ana": ana,
+                                   "serving": bdev.serving(), "mirror": bdev.mirror_status().map(|m| mirror_json(&m))})
+                        })
+                        .collect();
+                    json!({"nqn": s.config.nqn, "controllers": s.controller_count(), "namespaces": namespaces})
+                })
+                .collect();
+            json!({"version": env!("CARGO_PKG_VERSION"), "uptime_ms": t.now_ms(), "subsystems": subsystems})
+        }
+        "bdev_get_bdevs" => Value::Array(
+            t.bdevs
+                .iter()
+                .map(|b| {
+                    let i = b.info();
+                    json!({"name": i.name, "block_size": i.block_size, "num_blocks": i.blocks, "volatile_cache": i.volatile_cache,
+                           "mirror": b.mirror_status().map(|m| mirror_json(&m))})
+                })
+                .collect(),
+        ),
+        "nvmf_get_subsystems" => Value::Array(
+            t.subsystems
+                .iter()
+                .map(|s| {
+                    json!({
+                        "nqn": s.config.nqn, "subtype": "NVMe", "serial_number": s.config.serial, "model_number": s.config.model,
+                        "allow_any_host": s.config.allow_any_host,
+                        "hosts": s.config.allowed_hosts.iter().map(|h| json!({"nqn": h})).collect::<Vec<_>>(),
+                        "listen_addresses": t.config.listeners.iter().map(|l| json!({"trtype": "TCP", "adrfam": if l.address.is_ipv4() { "IPv4" } else { "IPv6" },
+                            "traddr": l.address.ip().to_string(), "trsvcid": l.address.port().to_string()})).collect::<Vec<_>>(),
+                        "namespaces": s.namespaces.iter().map(|n| json!({"nsid": n.info.nsid, "bdev_name": t.bdevs[n.bdev].info().name,
+                            "nguid": n.info.nguid.iter().map(|b| format!("{b:02X}")).collect::<String>(), "anagrpid": n.info.ana_group})).collect::<Vec<_>>(),
+                    })
+                })
+                .collect(),
+        ),
+        _ => return None,
+    })
+}
