@@ -150,16 +150,51 @@ nguid = "6e766d6574726f2d6c61622d6e736964"
 [[listener]]
 address = "127.0.0.1:$port"
 EOF
+  local pa pb link
+  pa=$(freeport); pb=$(freeport); link=$(freeport)
+  rm -f "$LAB"/metro-*.img "$LAB"/metro-*.meta
+  for site in a b; do
+    local role lport range
+    if [ $site = a ]; then role="role = \"preferred\"
+listen = \"127.0.0.1:$link\""; lport=$pa; range="1, 99"; else role="role = \"secondary\"
+peer = \"127.0.0.1:$link\""; lport=$pb; range="100, 199"; fi
+    cat > "$LAB/metro-$site.toml" <<METRO
+[[bdev]]
+name = "leg"
+kind = "file"
+path = "$LAB/metro-$site.img"
+size = "128MiB"
+[[bdev]]
+name = "m"
+kind = "mirror"
+local = "leg"
+$role
+metadata = "$LAB/metro-$site.meta"
+[[subsystem]]
+nqn = "nqn.2026-11.io.nvmetro:lab-metro"
+allow_any_host = true
+cntlid_range = [$range]
+[[subsystem.namespace]]
+nsid = 1
+bdev = "m"
+[[listener]]
+address = "127.0.0.1:$lport"
+METRO
+  done
+  "$tgt" --config "$LAB/metro-a.toml" > "$LAB/metro-a.log" 2>&1 &
+  MA=$!
+  "$tgt" --config "$LAB/metro-b.toml" > "$LAB/metro-b.log" 2>&1 &
+  MB=$!
   step "start nvmetro-tgt on 127.0.0.1:$port"
   "$tgt" --config "$cfg" > "$LAB/target.log" 2>&1 &
   TPID=$!
-  trap 'kill $TPID 2>/dev/null || true' EXIT
+  trap 'kill $TPID $MA $MB 2>/dev/null || true' EXIT
   local tpid=$TPID
   for _ in $(seq 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1',$port),1)" 2>/dev/null && break; sleep 0.1; done
 
   cat > "$LAB/share/job-host.sh" <<'EOF'
 arg() { for x in $(cat /proc/cmdline); do case $x in $1=*) echo "${x#*=}";; esac; done; }
-PORT=$(arg lab.port); NQN=$(arg lab.nqn); HOSTNQN=$(arg lab.hostnqn)
+PORT=$(arg lab.port); NQN=$(arg lab.nqn); HOSTNQN=$(arg lab.hostnqn); PA=$(arg lab.pa); PB=$(arg lab.pb)
 mkdir -p /etc/nvme; echo "$HOSTNQN" > /etc/nvme/hostnqn
 modprobe nvme-tcp && echo "CHECK modprobe ok"
 echo "== nvme discover"
@@ -192,6 +227,20 @@ fio --name=labverify --filename="$DEV" --offset=64m --rw=randwrite --bs=8k --iod
     --size=32m --verify=crc32c --verify_only --verify_fatal=1 > /tmp/fio3.txt 2>&1 && grep -q 'err= 0' /tmp/fio3.txt && echo "CHECK fio verify after reconnect ok"
 grep -E 'err=|read: IOPS=' /tmp/fio3.txt
 nvme disconnect -n "$NQN" && echo "CHECK disconnect ok"
+echo "== metro: write through site A, read back and verify through site B"
+M=nqn.2026-11.io.nvmetro:lab-metro
+nvme connect -t tcp -a 10.0.2.2 -s "$PA" -n $M && sleep 2
+MD=$(nvme list | awk '/nvmetro/ {print $1}' | head -1); echo "site A device: $MD"
+fio --name=metro --filename="$MD" --rw=randwrite --bs=8k --iodepth=8 --ioengine=libaio --direct=1 --size=32m \
+    --verify=crc32c --do_verify=0 > /tmp/fio-ma.txt 2>&1 && grep -q 'err= 0' /tmp/fio-ma.txt && echo "CHECK metro write via A ok"
+grep -E 'write: IOPS=' /tmp/fio-ma.txt
+nvme disconnect -n $M; sleep 1
+nvme connect -t tcp -a 10.0.2.2 -s "$PB" -n $M && sleep 2
+MD=$(nvme list | awk '/nvmetro/ {print $1}' | head -1); echo "site B device: $MD"
+fio --name=metro --filename="$MD" --rw=randwrite --bs=8k --iodepth=8 --ioengine=libaio --direct=1 --size=32m \
+    --verify=crc32c --verify_only --verify_fatal=1 > /tmp/fio-mb.txt 2>&1 && grep -q 'err= 0' /tmp/fio-mb.txt && echo "CHECK metro verify via B ok"
+grep -E 'read: IOPS=|verify' /tmp/fio-mb.txt | head -3
+nvme disconnect -n $M
 echo "== nvmetro-perf (our initiator) against the Linux kernel target, nvmet, on a RAM disk in the guest"
 modprobe configfs; mount -t configfs none /sys/kernel/config 2>/dev/null
 modprobe brd rd_nr=1 rd_size=65536 && modprobe nvmet && modprobe nvmet-tcp
@@ -204,12 +253,13 @@ echo 127.0.0.1 > $C/ports/1/addr_traddr && echo 4420 > $C/ports/1/addr_trsvcid &
   && echo "CHECK nvmetro-perf verify against nvmet ok"
 EOF
   step "boot the guest (TCG; a few minutes)"
-  boot_guest job-host.sh "$LAB/guest.log" "lab.port=$port lab.nqn=$nqn lab.hostnqn=$hostnqn"
+  boot_guest job-host.sh "$LAB/guest.log" "lab.port=$port lab.nqn=$nqn lab.hostnqn=$hostnqn lab.pa=$pa lab.pb=$pb"
   step "guest done"
   tr -d '\r' < "$LAB/guest.log" | grep -vE '^\s*$' | tail -120
 
   local npass=0 nfail=0
-  chk() { if tr -d '\r' < "$LAB/guest.log" | grep -qE -- "$2"; then echo "PASS $1"; npass=$((npass+1)); else echo "FAIL $1"; nfail=$((nfail+1)); fi; }
+  # grep without -q reads to the end: with -q, tr may die of SIGPIPE and pipefail calls it a miss.
+  chk() { if tr -d '\r' < "$LAB/guest.log" | grep -E -- "$2" > /dev/null; then echo "PASS $1"; npass=$((npass+1)); else echo "FAIL $1"; nfail=$((nfail+1)); fi; }
   chk "guest loaded nvme-tcp" "CHECK modprobe ok"
   chk "nvme discover" "CHECK discover ok"
   chk "discovery log names the subsystem" "subnqn: +$nqn"
@@ -222,6 +272,8 @@ EOF
   chk "fio write then verify" "CHECK fio write-then-verify ok"
   chk "fio verify after reconnect" "CHECK fio verify after reconnect ok"
   chk "nvme disconnect" "CHECK disconnect ok"
+  chk "metro: fio writes through site A" "CHECK metro write via A ok"
+  chk "metro: fio verifies through site B" "CHECK metro verify via B ok"
   chk "nvmetro-perf --verify against Linux nvmet" "CHECK nvmetro-perf verify against nvmet ok"
   if kill -0 $tpid 2>/dev/null && python3 -c "import socket; socket.create_connection(('127.0.0.1',$port),1)"; then
     echo "PASS target healthy after the host left"; npass=$((npass+1))

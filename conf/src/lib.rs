@@ -169,6 +169,9 @@ pub struct BdevSection {
     pub resync_rate: Option<Size>,
     /// mirror: dirty-tracking and resync region, a power of two (default 1MiB).
     pub region_size: Option<Spanned<Size>>,
+    /// mirror: delay added to every frame this site sends, e.g. "75us" (benchmarks and tests
+    /// emulating distance; a round trip gains twice this when both sites set it).
+    pub link_delay: Option<Spanned<String>>,
 }
 
 fn default_block_size() -> Spanned<u32> {
@@ -295,6 +298,7 @@ pub struct MirrorConfig {
     pub metadata: PathBuf,
     pub resync_rate: u64,
     pub region_shift: u32,
+    pub link_delay_us: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -442,7 +446,14 @@ fn mirror_config(ctx: &Ctx, b: &BdevSection) -> Result<MirrorConfig, ConfigError
         let span = b.region_size.as_ref().map_or(b.name.span(), Spanned::span);
         return Err(ctx.err(span, "bdev.region_size", "must be a power of two from 64KiB to 64MiB"));
     }
+    let link_delay_us = match &b.link_delay {
+        None => 0,
+        Some(d) => parse_micros(d.get_ref()).ok_or_else(|| {
+            ctx.err(d.span(), "bdev.link_delay", format!("`{}` is not a duration such as \"75us\" or \"1ms\"", d.get_ref()))
+        })?,
+    };
     Ok(MirrorConfig {
+        link_delay_us,
         local,
         preferred,
         site: b.site.unwrap_or(if preferred { 1 } else { 2 }),
@@ -451,6 +462,19 @@ fn mirror_config(ctx: &Ctx, b: &BdevSection) -> Result<MirrorConfig, ConfigError
         metadata,
         resync_rate: b.resync_rate.map_or(0, Size::bytes),
         region_shift: region.trailing_zeros(),
+    })
+}
+
+/// Parses "75us", "1ms", "2s" into microseconds.
+pub fn parse_micros(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let n: u64 = s[..split].parse().ok()?;
+    Some(match &s[split..] {
+        "us" => n,
+        "ms" => n * 1000,
+        "s" => n * 1_000_000,
+        _ => return None,
     })
 }
 

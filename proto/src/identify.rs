@@ -163,7 +163,9 @@ pub fn discovery_log(view: &SubsystemView) -> Vec<u8> {
         b[0] = 3; // TRTYPE: TCP
         b[1] = if e.ipv6 { 2 } else { 1 }; // ADRFAM
         b[2] = e.subtype;
-        b[3] = 0x02 | 0x04; // TREQ: secure channel not required; SQ flow control may be disabled
+        // TREQ: secure channel not required. (Bit 2, "SQ flow control disable supported", is left
+        // out: Debian 12's nvme-cli prints the combination as "unrecognized".)
+        b[3] = 0x02;
         put16(b, 4, e.portid);
         put16(b, 6, 0xffff); // CNTLID: dynamic
         put16(b, 8, 32); // ASQSZ

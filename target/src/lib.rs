@@ -125,6 +125,7 @@ fn open_bdev(b: &nvmetro_conf::BdevConfig, opened: &[Arc<dyn Bdev>], all: &[nvme
                 region_shift: m.region_shift,
                 resync_rate: m.resync_rate,
                 heartbeat_timeout: std::time::Duration::from_secs(3),
+                link_delay: std::time::Duration::from_micros(m.link_delay_us),
             };
             MirrorBdev::start(&b.name, opened[leg].clone(), settings).with_context(|| format!("bdev {}", b.name))?
         }

@@ -43,6 +43,8 @@ pub struct MirrorSettings {
     /// Resync budget in bytes per second; 0 for unlimited.
     pub resync_rate: u64,
     pub heartbeat_timeout: Duration,
+    /// Added to every frame this leg sends (emulated distance).
+    pub link_delay: Duration,
 }
 
 /// What `nvmetro status` shows of a mirror.
@@ -282,6 +284,8 @@ struct Conn {
     rx: Vec<u8>,
     rx_len: usize,
     tx: Vec<u8>,
+    /// Frames held back by the emulated link delay: (due, encoded bytes).
+    delayed: std::collections::VecDeque<(Instant, Vec<u8>)>,
     last_rx: Instant,
 }
 
@@ -321,7 +325,13 @@ impl LinkThread {
                 Output::Local { id, op } => self.local_ch.submit(id, op),
                 Output::Send(f) => {
                     if let Some(c) = self.conn.as_mut() {
-                        f.encode(&mut c.tx);
+                        if self.settings.link_delay.is_zero() {
+                            f.encode(&mut c.tx);
+                        } else {
+                            let mut bytes = Vec::new();
+                            f.encode(&mut bytes);
+                            c.delayed.push_back((Instant::now() + self.settings.link_delay, bytes));
+                        }
                     }
                 }
                 Output::Complete { tag, result } => {
@@ -353,7 +363,8 @@ impl LinkThread {
             return;
         }
         tracing::info!(mirror = %self.name, peer = ?sock.peer_addr().ok(), "replication link up");
-        self.conn = Some(Conn { sock, rx: vec![0; 4 << 20], rx_len: 0, tx: Vec::new(), last_rx: Instant::now() });
+        self.conn =
+            Some(Conn { sock, rx: vec![0; 4 << 20], rx_len: 0, tx: Vec::new(), delayed: Default::default(), last_rx: Instant::now() });
         self.backoff = Duration::from_millis(100);
         self.handle(Input::LinkUp);
     }
@@ -456,6 +467,11 @@ impl LinkThread {
 
     fn flush(&mut self) {
         let Some(c) = self.conn.as_mut() else { return };
+        let now = Instant::now();
+        while c.delayed.front().is_some_and(|(due, _)| *due <= now) {
+            let (_, bytes) = c.delayed.pop_front().expect("front");
+            c.tx.extend_from_slice(&bytes);
+        }
         let mut off = 0;
         while off < c.tx.len() {
             match c.sock.write(&c.tx[off..]) {
@@ -521,7 +537,9 @@ impl LinkThread {
         let mut idle_since: Option<Instant> = None;
         while !self.shared.stop.load(Ordering::Acquire) {
             let mut work = false;
+            let holding = self.conn.as_ref().is_some_and(|c| !c.delayed.is_empty());
             let timeout = match idle_since {
+                _ if holding => Some(Duration::ZERO),
                 Some(t) if t.elapsed() > Duration::from_millis(1) => {
                     self.shared.parked.store(true, Ordering::SeqCst);
                     if self.shared.inbox.is_empty() {
