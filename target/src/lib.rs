@@ -111,7 +111,12 @@ impl Running {
     }
 }
 
-fn open_bdev(b: &nvmetro_conf::BdevConfig, opened: &[Arc<dyn Bdev>], all: &[nvmetro_conf::BdevConfig]) -> anyhow::Result<Arc<dyn Bdev>> {
+fn open_bdev(
+    b: &nvmetro_conf::BdevConfig,
+    opened: &[Arc<dyn Bdev>],
+    all: &[nvmetro_conf::BdevConfig],
+    config_poll_mode: nvmetro_conf::PollMode,
+) -> anyhow::Result<Arc<dyn Bdev>> {
     Ok(match b.kind {
         BdevKind::Mirror => {
             let m = b.mirror.as_ref().context("mirror bdev without settings")?;
@@ -126,6 +131,10 @@ fn open_bdev(b: &nvmetro_conf::BdevConfig, opened: &[Arc<dyn Bdev>], all: &[nvme
                 resync_rate: m.resync_rate,
                 heartbeat_timeout: std::time::Duration::from_secs(3),
                 link_delay: std::time::Duration::from_micros(m.link_delay_us),
+                spin: match config_poll_mode {
+                    nvmetro_conf::PollMode::Busy => std::time::Duration::from_millis(1),
+                    nvmetro_conf::PollMode::Adaptive => std::time::Duration::ZERO,
+                },
             };
             MirrorBdev::start(&b.name, opened[leg].clone(), settings).with_context(|| format!("bdev {}", b.name))?
         }
@@ -157,7 +166,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
             if (b.kind == BdevKind::Mirror) == pass_mirrors {
                 let opened: Vec<Arc<dyn Bdev>> =
                     bdevs.iter().map(|x| x.clone().unwrap_or_else(|| Arc::new(NullBdev::new("unopened", 512, 1)))).collect();
-                bdevs[i] = Some(open_bdev(b, &opened, &config.bdevs)?);
+                bdevs[i] = Some(open_bdev(b, &opened, &config.bdevs, config.poll_mode)?);
             }
         }
     }

@@ -112,6 +112,9 @@ struct Op {
 }
 
 const RESYNC_WINDOW: usize = 4;
+/// A confirmed region's dirty bit is cleared only after this long without writes, so a hot
+/// region does not pay a metadata write (and sync) again and again (DRBD's activity log).
+const ACTIVITY_IDLE_MS: u64 = 5_000;
 
 pub struct MirrorCore {
     role: Role,
@@ -127,6 +130,8 @@ pub struct MirrorCore {
     waiting: VecDeque<u64>,
     /// Preferred: writes in flight per region, not yet confirmed by the peer.
     unconfirmed: HashMap<u64, u32>,
+    /// Preferred: when each region was last written (for the activity-log style sweep).
+    last_write: HashMap<u64, u64>,
     /// Forwarded writes (by the secondary's sequence) awaiting its apply confirmation.
     forwarded: HashMap<u64, (u64, u64)>,
     /// Regions this leg must still send (when it is the sync source).
@@ -186,6 +191,7 @@ impl MirrorCore {
             active: Vec::new(),
             waiting: VecDeque::new(),
             unconfirmed: HashMap::new(),
+            last_write: HashMap::new(),
             forwarded: HashMap::new(),
             to_sync: Vec::new(),
             sync_cursor: 0,
@@ -268,7 +274,9 @@ impl MirrorCore {
                     self.tokens = (self.tokens + self.resync_rate * elapsed / 1000).min(self.resync_rate);
                 }
                 self.pump_resync(out);
-                self.sweep(out);
+                if now_ms / 1000 != (now_ms - elapsed) / 1000 {
+                    self.sweep(out);
+                }
             }
         }
     }
@@ -363,9 +371,12 @@ impl MirrorCore {
                     let f = op_frame(Kind::Replicate, id, &o.op);
                     out.push(Output::Send(f));
                 }
-                if let Some((off, len)) = range.filter(|_| reachable) {
+                if let Some((off, len)) = range {
                     for r in self.meta.regions_of(off, len) {
-                        *self.unconfirmed.entry(r).or_default() += 1;
+                        self.last_write.insert(r, self.last_tick_ms);
+                        if reachable {
+                            *self.unconfirmed.entry(r).or_default() += 1;
+                        }
                     }
                 }
                 let op = self.ops[&id].op.clone();
@@ -380,12 +391,9 @@ impl MirrorCore {
             (_, _) => {
                 // Applying what the source/preferred leg ordered (or, on the secondary, a host
                 // write the preferred has executed).
+                // The applying leg keeps no dirty regions of its own: only `written` matters.
                 if let Some((off, len)) = range {
-                    if self.meta.mark(off, len) {
-                        // The secondary keeps no dirty regions of its own: only `written` matters.
-                        for r in self.meta.regions_of(off, len) {
-                            self.meta.clear_dirty(r);
-                        }
+                    if self.meta.mark_written(off, len) {
                         out.push(Output::Persist);
                     }
                 }
@@ -692,10 +700,13 @@ impl MirrorCore {
         if self.role != Role::Preferred || self.link != LinkState::Connected || self.peer.is_none() {
             return;
         }
+        let now = self.last_tick_ms;
         let mut cleared = false;
         for r in 0..self.meta.regions {
-            if self.meta.is_dirty(r) && self.unconfirmed.get(&r).copied().unwrap_or(0) == 0 {
+            let idle = self.last_write.get(&r).is_none_or(|t| now.saturating_sub(*t) >= ACTIVITY_IDLE_MS);
+            if idle && self.meta.is_dirty(r) && self.unconfirmed.get(&r).copied().unwrap_or(0) == 0 {
                 self.meta.clear_dirty(r);
+                self.last_write.remove(&r);
                 cleared = true;
             }
         }

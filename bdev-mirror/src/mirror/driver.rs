@@ -45,6 +45,9 @@ pub struct MirrorSettings {
     pub heartbeat_timeout: Duration,
     /// Added to every frame this leg sends (emulated distance).
     pub link_delay: Duration,
+    /// How long the idle link thread keeps polling (yielding the CPU between turns) before it
+    /// sleeps in epoll; zero sleeps at once, which leaves the cores to reactors on small machines.
+    pub spin: Duration,
 }
 
 /// What `nvmetro status` shows of a mirror.
@@ -540,7 +543,7 @@ impl LinkThread {
             let holding = self.conn.as_ref().is_some_and(|c| !c.delayed.is_empty());
             let timeout = match idle_since {
                 _ if holding => Some(Duration::ZERO),
-                Some(t) if t.elapsed() > Duration::from_millis(1) => {
+                Some(t) if t.elapsed() > self.settings.spin => {
                     self.shared.parked.store(true, Ordering::SeqCst);
                     if self.shared.inbox.is_empty() {
                         Some(Duration::from_millis(10))
@@ -548,7 +551,7 @@ impl LinkThread {
                         Some(Duration::ZERO)
                     }
                 }
-                Some(t) if t.elapsed() > Duration::from_micros(50) => {
+                Some(_) if !self.settings.spin.is_zero() => {
                     std::thread::yield_now();
                     Some(Duration::ZERO)
                 }

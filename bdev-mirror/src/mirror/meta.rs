@@ -108,6 +108,18 @@ impl Meta {
         changed
     }
 
+    /// Sets only the written bits (a leg applying what its peer ordered tracks no dirt of its
+    /// own); returns whether any bit changed.
+    pub fn mark_written(&mut self, offset: u64, len: u64) -> bool {
+        let mut changed = false;
+        for r in self.regions_of(offset, len) {
+            let (w, bit) = ((r / 64) as usize, 1u64 << (r % 64));
+            changed |= self.written[w] & bit == 0;
+            self.written[w] |= bit;
+        }
+        changed
+    }
+
     pub fn clear_dirty(&mut self, region: u64) {
         self.dirty[(region / 64) as usize] &= !(1 << (region % 64));
     }
