@@ -122,12 +122,30 @@ pub struct BdevCompletion {
     pub result: Result<BdevOutput, BdevError>,
 }
 
+/// Work a bdev needs done on a reactor's loop (SPDK's pollers): the mirror's replication link.
+pub trait Poller: Send {
+    /// One turn; returns whether anything was done.
+    fn poll(&mut self) -> bool;
+    /// Descriptors whose readiness must wake the reactor when it sleeps.
+    fn wake_fds(&self) -> Vec<RawFd>;
+    /// The reactor is about to sleep (true) or woke up (false).
+    fn parking(&mut self, parked: bool);
+    /// Whether the reactor must not sleep now (work due without any descriptor turning ready).
+    fn busy(&self) -> bool {
+        false
+    }
+}
+
 /// A block device shared by all reactors.
 pub trait Bdev: Send + Sync + std::fmt::Debug {
     fn info(&self) -> &BdevInfo;
     /// Whether this device may serve host I/O now (a fenced mirror leg may not).
     fn serving(&self) -> bool {
         true
+    }
+    /// A poller the device needs run on a reactor; handed out once.
+    fn take_poller(&self) -> Option<Box<dyn Poller>> {
+        None
     }
     /// Replication state, for devices that have one.
     fn mirror_status(&self) -> Option<mirror::driver::StatusReport> {

@@ -136,7 +136,8 @@ fn open_bdev(
                     nvmetro_conf::PollMode::Adaptive => std::time::Duration::ZERO,
                 },
             };
-            MirrorBdev::start(&b.name, opened[leg].clone(), settings).with_context(|| format!("bdev {}", b.name))?
+            // The link runs as a poller on a reactor (taken in `start`).
+            MirrorBdev::start(&b.name, opened[leg].clone(), settings, true).with_context(|| format!("bdev {}", b.name))?
         }
         BdevKind::Malloc => {
             let size = b.size.context("malloc bdev without size")?;
@@ -224,6 +225,16 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         handles.push(h);
     }
     target.reactors.set(handles).expect("reactors set once");
+    // Bdev pollers (mirror links) go round-robin over the reactors, last reactor first, so that
+    // with several cores the link shares a core with fewer connections.
+    let n = reactors.len();
+    let mut next = n - 1;
+    for b in &target.bdevs {
+        if let Some(p) = b.take_poller() {
+            reactors[next].add_poller(p)?;
+            next = (next + n - 1) % n;
+        }
+    }
     for (sock, kind) in sockets {
         tracing::info!(address = %sock.local_addr()?, ?kind, "listening");
         reactors[0].add_listener(sock, kind)?;

@@ -14,7 +14,7 @@ use crate::Target;
 use crossbeam_queue::SegQueue;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
-use nvmetro_bdev::{BdevChannel, BdevCompletion};
+use nvmetro_bdev::{BdevChannel, BdevCompletion, Poller};
 use nvmetro_conf::PollMode;
 use std::collections::HashMap;
 use std::io;
@@ -30,6 +30,7 @@ pub type Message = Box<dyn FnOnce(&mut Reactor) + Send>;
 const WAKER: Token = Token(usize::MAX);
 const LISTENER_BASE: usize = 1 << 40;
 const CHANNEL_BASE: usize = 1 << 41;
+const POLLER_BASE: usize = 1 << 42;
 const TICK: Duration = Duration::from_millis(100);
 const SPIN: Duration = Duration::from_micros(50);
 const YIELD: Duration = Duration::from_millis(1);
@@ -109,6 +110,7 @@ pub struct Reactor {
     conns: HashMap<u32, Conn>,
     listeners: Vec<(TcpListener, ListenerKind)>,
     channels: Channels,
+    pollers: Vec<Box<dyn Poller>>,
     completions: Vec<BdevCompletion>,
     next_token: u32,
     next_reactor: usize,
@@ -131,6 +133,7 @@ impl Reactor {
             conns: HashMap::new(),
             listeners: Vec::new(),
             channels: Channels::default(),
+            pollers: Vec::new(),
             completions: Vec::new(),
             next_token: 1,
             next_reactor: index,
@@ -145,6 +148,15 @@ impl Reactor {
         let token = Token(LISTENER_BASE + self.listeners.len());
         self.poll.registry().register(&mut l, token, Interest::READABLE)?;
         self.listeners.push((l, kind));
+        Ok(())
+    }
+
+    /// Runs `poller` on this reactor's loop from now on.
+    pub fn add_poller(&mut self, poller: Box<dyn Poller>) -> io::Result<()> {
+        for fd in poller.wake_fds() {
+            self.poll.registry().register(&mut mio::unix::SourceFd(&fd), Token(POLLER_BASE + self.pollers.len()), Interest::READABLE)?;
+        }
+        self.pollers.push(poller);
         Ok(())
     }
 
@@ -199,6 +211,9 @@ impl Reactor {
                 msg(&mut self);
                 work += 1;
             }
+            for p in self.pollers.iter_mut() {
+                work += usize::from(p.poll());
+            }
 
             // Decide how long epoll may wait: not at all while busy, until the next tick once idle.
             let now = Instant::now();
@@ -206,9 +221,12 @@ impl Reactor {
             if self.mode == PollMode::Adaptive {
                 if let Some(since) = idle_since {
                     let idle = now - since;
-                    if idle > YIELD {
+                    if idle > YIELD && !self.pollers.iter().any(|p| p.busy()) {
                         self.shared.parked.store(true, Ordering::SeqCst);
-                        if self.shared.queue.is_empty() {
+                        for p in self.pollers.iter_mut() {
+                            p.parking(true);
+                        }
+                        if self.shared.queue.is_empty() && !self.pollers.iter().any(|p| p.busy()) {
                             timeout = Some(next_tick.saturating_duration_since(now));
                         }
                     } else if idle > SPIN {
@@ -221,12 +239,16 @@ impl Reactor {
                     tracing::error!("poll failed: {e}");
                 }
             }
-            self.shared.parked.store(false, Ordering::SeqCst);
+            if self.shared.parked.swap(false, Ordering::SeqCst) {
+                for p in self.pollers.iter_mut() {
+                    p.parking(false);
+                }
+            }
             let now_ms = self.target.now_ms();
             for ev in events.iter() {
                 let t = ev.token().0;
                 if t == WAKER.0 || t >= CHANNEL_BASE {
-                    continue; // messages and bdev channels are polled every turn anyway
+                    continue; // messages, bdev channels and pollers are polled every turn anyway
                 }
                 work += 1;
                 if t >= LISTENER_BASE {

@@ -138,6 +138,9 @@ pub struct MirrorCore {
     to_sync: Vec<u64>,
     sync_cursor: usize,
     resync_inflight: usize,
+    /// Cleared bits not yet persisted (clearing late is always safe: at worst a region is
+    /// resynced again), written out with the next once-a-second sweep.
+    lazy_persist: bool,
     /// Resync budget: bytes per second (0 = unlimited), refilled by ticks.
     resync_rate: u64,
     tokens: u64,
@@ -194,6 +197,7 @@ impl MirrorCore {
             last_write: HashMap::new(),
             forwarded: HashMap::new(),
             to_sync: Vec::new(),
+            lazy_persist: false,
             sync_cursor: 0,
             resync_inflight: 0,
             resync_rate: 0,
@@ -224,14 +228,24 @@ impl MirrorCore {
 
     pub fn status(&self) -> MirrorStatus {
         let region = 1u64 << self.meta.region_shift;
-        let pending: u64 = self.to_sync[self.sync_cursor.min(self.to_sync.len())..].len() as u64 + self.resync_inflight as u64;
+        // What a resync would have to copy: nothing while connected (hot regions stay marked for
+        // crash safety, but the peer has them), the rest of the sync set while syncing, and the
+        // dirty bitmap while apart.
+        let regions = match self.link {
+            LinkState::Connected => 0,
+            LinkState::Syncing { source: true } => {
+                self.to_sync[self.sync_cursor.min(self.to_sync.len())..].len() as u64 + self.resync_inflight as u64
+            }
+            _ if self.role == Role::Preferred => self.meta.dirty_count(),
+            _ => 0,
+        };
         MirrorStatus {
             role: self.role,
             disk: self.disk,
             peer_disk: self.peer.map(|p| p.disk),
             link: self.link.clone(),
             serving: self.serving(),
-            out_of_sync_bytes: (self.meta.dirty_count().max(pending) * region).min(self.size),
+            out_of_sync_bytes: (regions * region).min(self.size),
             sync_total_bytes: self.sync_total,
             synced_bytes: self.resynced_bytes,
         }
@@ -604,7 +618,7 @@ impl MirrorCore {
                         self.resynced_bytes += o.range.map_or(0, |r| r.1);
                         if self.unconfirmed.get(&region).copied().unwrap_or(0) == 0 {
                             self.meta.clear_dirty(region);
-                            out.push(Output::Persist);
+                            self.lazy_persist = true;
                         }
                     }
                     self.release(f.seq, out);
@@ -698,6 +712,9 @@ impl MirrorCore {
     /// Clears dirty bits of regions the peer has fully confirmed (preferred leg, in sync).
     fn sweep(&mut self, out: &mut Vec<Output>) {
         if self.role != Role::Preferred || self.link != LinkState::Connected || self.peer.is_none() {
+            if std::mem::take(&mut self.lazy_persist) {
+                out.push(Output::Persist);
+            }
             return;
         }
         let now = self.last_tick_ms;
@@ -711,7 +728,7 @@ impl MirrorCore {
             }
         }
         self.unconfirmed.retain(|_, c| *c > 0);
-        if cleared {
+        if cleared || std::mem::take(&mut self.lazy_persist) {
             out.push(Output::Persist);
         }
     }

@@ -103,6 +103,14 @@ pub struct MirrorBdev {
     local: Arc<dyn Bdev>,
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// The link, until a reactor takes it (control path only).
+    poller: Mutex<Option<LinkThread>>,
+}
+
+impl std::fmt::Debug for LinkThread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MirrorLink({})", self.name)
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -117,8 +125,9 @@ const CONN: Token = Token(2);
 const LOCAL: Token = Token(3);
 
 impl MirrorBdev {
-    /// Opens the metadata and starts the link thread.
-    pub fn start(name: &str, local: Arc<dyn Bdev>, settings: MirrorSettings) -> io::Result<Arc<MirrorBdev>> {
+    /// Opens the metadata and starts the link: on its own thread, or (`on_reactor`) as a poller
+    /// that a reactor takes with [`Bdev::take_poller`] and runs on its loop.
+    pub fn start(name: &str, local: Arc<dyn Bdev>, settings: MirrorSettings, on_reactor: bool) -> io::Result<Arc<MirrorBdev>> {
         let size = local.info().size_bytes();
         let (meta_file, meta) = MetaFile::open(&settings.meta_path, size, settings.region_shift)?;
         let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
@@ -171,11 +180,22 @@ impl MirrorBdev {
             rtt: None,
             speed: (Instant::now(), 0, 0),
             signal: Vec::new(),
+            dialing: None,
+            events: Events::with_capacity(64),
+            completions: Vec::new(),
+            started: Instant::now(),
+            last_tick: Instant::now(),
+            last_publish: Instant::now() - Duration::from_secs(1),
         };
         link.run_outputs(first);
-        let thread = std::thread::Builder::new().name(format!("mirror-{name}")).spawn(move || link.run())?;
+        link.publish();
         let info = BdevInfo { name: name.to_string(), ..local.info().clone() };
-        Ok(Arc::new(MirrorBdev { info, local, shared, thread: Mutex::new(Some(thread)) }))
+        let (thread, poller) = if on_reactor {
+            (None, Some(link))
+        } else {
+            (Some(std::thread::Builder::new().name(format!("mirror-{name}")).spawn(move || link.run())?), None)
+        };
+        Ok(Arc::new(MirrorBdev { info, local, shared, thread: Mutex::new(thread), poller: Mutex::new(poller) }))
     }
 
     pub fn status(&self) -> StatusReport {
@@ -204,6 +224,10 @@ impl Bdev for MirrorBdev {
 
     fn mirror_status(&self) -> Option<StatusReport> {
         Some(self.status())
+    }
+
+    fn take_poller(&self) -> Option<Box<dyn crate::Poller>> {
+        self.poller.lock().ok()?.take().map(|l| Box::new(l) as Box<dyn crate::Poller>)
     }
 
     fn channel(self: Arc<Self>) -> io::Result<Box<dyn BdevChannel>> {
@@ -293,6 +317,12 @@ struct Conn {
 }
 
 struct LinkThread {
+    dialing: Option<(TcpStream, Instant)>,
+    events: Events,
+    completions: Vec<BdevCompletion>,
+    started: Instant,
+    last_tick: Instant,
+    last_publish: Instant,
     name: String,
     core: MirrorCore,
     meta_file: MetaFile,
@@ -391,13 +421,24 @@ impl LinkThread {
                 Err(e) => tracing::warn!(mirror = %self.name, "accept: {e}"),
             }
         }
+        // Dialing never blocks: the connect completes in the background and is checked here.
+        if let Some((sock, deadline)) = self.dialing.take() {
+            match (sock.take_error(), sock.peer_addr()) {
+                (Ok(None), Ok(_)) => return self.link_up(sock),
+                (Ok(None), Err(e)) if e.kind() == io::ErrorKind::NotConnected && Instant::now() < deadline => {
+                    self.dialing = Some((sock, deadline));
+                    return;
+                }
+                _ => {
+                    self.next_dial = Instant::now() + self.backoff;
+                    self.backoff = (self.backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
         if self.conn.is_none() && Instant::now() >= self.next_dial {
             if let Some(peer) = self.settings.peer {
-                match std::net::TcpStream::connect_timeout(&peer, Duration::from_millis(300)) {
-                    Ok(s) => {
-                        let _ = s.set_nonblocking(true);
-                        self.link_up(TcpStream::from_std(s));
-                    }
+                match TcpStream::connect(peer) {
+                    Ok(s) => self.dialing = Some((s, Instant::now() + Duration::from_millis(500))),
                     Err(_) => {
                         self.next_dial = Instant::now() + self.backoff;
                         self.backoff = (self.backoff * 2).min(Duration::from_secs(2));
@@ -531,87 +572,115 @@ impl LinkThread {
         }
     }
 
+    /// One turn of the link: returns whether any work was done.
+    fn turn(&mut self, timeout: Duration) -> bool {
+        let mut work = false;
+        let mut events = std::mem::replace(&mut self.events, Events::with_capacity(0));
+        let _ = self.poll.poll(&mut events, Some(timeout));
+        self.events = events;
+        if self.conn.is_none() || self.listener.is_some() {
+            self.connect_or_accept();
+        }
+        while let Some((chan, tag, op)) = self.shared.inbox.pop() {
+            let t = self.next_tag;
+            self.next_tag += 1;
+            self.pending.insert(t, (chan, tag));
+            self.handle(Input::Host { tag: t, op });
+            work = true;
+        }
+        work |= self.receive();
+        let mut completions = std::mem::take(&mut self.completions);
+        if self.local_ch.outstanding() > 0 && self.local_ch.poll(&mut completions) > 0 {
+            work = true;
+            for c in completions.drain(..) {
+                self.handle(Input::LocalDone { id: c.tag, result: c.result });
+            }
+        }
+        self.completions = completions;
+        let now = Instant::now();
+        if now.duration_since(self.last_tick) >= Duration::from_millis(10) {
+            self.last_tick = now;
+            self.handle(Input::Tick { now_ms: self.started.elapsed().as_millis() as u64 });
+            if let Some(c) = self.conn.as_ref() {
+                if c.last_rx.elapsed() > self.settings.heartbeat_timeout {
+                    self.link_down("peer silent past the heartbeat timeout");
+                } else if self.last_ping.elapsed() >= Duration::from_millis(500) {
+                    self.last_ping = Instant::now();
+                    self.ping_sent = Some(Instant::now());
+                    if let Some(c) = self.conn.as_mut() {
+                        Frame::new(Kind::Ping, 0).encode(&mut c.tx);
+                    }
+                }
+            }
+        }
+        self.flush();
+        self.signal.sort_unstable();
+        self.signal.dedup();
+        let channels = self.shared.channels.load();
+        for chan in self.signal.drain(..) {
+            if let Some(q) = channels.get(chan) {
+                nvmetro_ffi::eventfd_signal(&q.eventfd);
+            }
+        }
+        let serving = self.core.serving();
+        if serving != self.shared.serving.load(Ordering::Acquire) || now.duration_since(self.last_publish) >= Duration::from_millis(100) {
+            self.last_publish = now;
+            self.publish();
+        }
+        work
+    }
+
+    fn holding(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| !c.delayed.is_empty()) || self.dialing.is_some()
+    }
+
+    /// The link on its own thread: spin (yielding) for `settings.spin`, then sleep in epoll.
     fn run(mut self) {
-        let mut events = Events::with_capacity(64);
-        let mut completions = Vec::new();
-        let start = Instant::now();
-        let mut last_tick = Instant::now();
-        let mut last_publish = Instant::now() - Duration::from_secs(1);
         let mut idle_since: Option<Instant> = None;
         while !self.shared.stop.load(Ordering::Acquire) {
-            let mut work = false;
-            let holding = self.conn.as_ref().is_some_and(|c| !c.delayed.is_empty());
             let timeout = match idle_since {
-                _ if holding => Some(Duration::ZERO),
+                _ if self.holding() => Duration::ZERO,
                 Some(t) if t.elapsed() > self.settings.spin => {
                     self.shared.parked.store(true, Ordering::SeqCst);
                     if self.shared.inbox.is_empty() {
-                        Some(Duration::from_millis(10))
+                        Duration::from_millis(10)
                     } else {
-                        Some(Duration::ZERO)
+                        Duration::ZERO
                     }
                 }
                 Some(_) if !self.settings.spin.is_zero() => {
                     std::thread::yield_now();
-                    Some(Duration::ZERO)
+                    Duration::ZERO
                 }
-                _ => Some(Duration::ZERO),
+                _ => Duration::ZERO,
             };
-            let _ = self.poll.poll(&mut events, timeout);
+            let work = self.turn(timeout);
             self.shared.parked.store(false, Ordering::SeqCst);
-            if self.conn.is_none() || self.listener.is_some() {
-                self.connect_or_accept();
-            }
-            while let Some((chan, tag, op)) = self.shared.inbox.pop() {
-                let t = self.next_tag;
-                self.next_tag += 1;
-                self.pending.insert(t, (chan, tag));
-                self.handle(Input::Host { tag: t, op });
-                work = true;
-            }
-            work |= self.receive();
-            completions.clear();
-            if self.local_ch.outstanding() > 0 && self.local_ch.poll(&mut completions) > 0 {
-                work = true;
-                for c in completions.drain(..) {
-                    self.handle(Input::LocalDone { id: c.tag, result: c.result });
-                }
-            }
-            let now = Instant::now();
-            if now.duration_since(last_tick) >= Duration::from_millis(10) {
-                last_tick = now;
-                self.handle(Input::Tick { now_ms: start.elapsed().as_millis() as u64 });
-                if let Some(c) = self.conn.as_ref() {
-                    if c.last_rx.elapsed() > self.settings.heartbeat_timeout {
-                        self.link_down("peer silent past the heartbeat timeout");
-                    } else if self.last_ping.elapsed() >= Duration::from_millis(500) {
-                        self.last_ping = Instant::now();
-                        self.ping_sent = Some(Instant::now());
-                        if let Some(c) = self.conn.as_mut() {
-                            Frame::new(Kind::Ping, 0).encode(&mut c.tx);
-                        }
-                    }
-                }
-            }
-            self.flush();
-            self.signal.sort_unstable();
-            self.signal.dedup();
-            let channels = self.shared.channels.load();
-            for chan in self.signal.drain(..) {
-                if let Some(q) = channels.get(chan) {
-                    nvmetro_ffi::eventfd_signal(&q.eventfd);
-                }
-            }
-            let serving = self.core.serving();
-            if serving != self.shared.serving.load(Ordering::Acquire) || now.duration_since(last_publish) >= Duration::from_millis(100) {
-                last_publish = now;
-                self.publish();
-            }
             if work {
                 idle_since = None;
             } else {
-                idle_since.get_or_insert(now);
+                idle_since.get_or_insert(Instant::now());
             }
         }
+    }
+}
+
+impl crate::Poller for LinkThread {
+    fn poll(&mut self) -> bool {
+        self.turn(Duration::ZERO)
+    }
+
+    fn wake_fds(&self) -> Vec<RawFd> {
+        // The link's own epoll set (socket, listener, waker, local completions) is itself a
+        // descriptor that turns readable when any of them does.
+        vec![self.poll.as_raw_fd()]
+    }
+
+    fn parking(&mut self, parked: bool) {
+        self.shared.parked.store(parked, Ordering::SeqCst);
+    }
+
+    fn busy(&self) -> bool {
+        self.holding() || !self.shared.inbox.is_empty()
     }
 }
