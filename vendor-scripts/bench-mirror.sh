@@ -15,10 +15,10 @@ trap 'pkill -f "$W" 2>/dev/null || true; rm -rf "$W"' EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 NQN=nqn.2026-11.io.nvmetro:bench-mirror
 
-target_cfg() { # file listen-port bdev-section
+target_cfg() { # file listen-port bdev-section cntlid-range bdev [core]
   cat > "$1" <<CFG
 [target]
-cores = [0]
+cores = [${6:-0}]
 poll_mode = "adaptive"
 [[bdev]]
 name = "leg"
@@ -40,9 +40,8 @@ CFG
 
 wait_port() { for _ in $(seq 200); do python3 -c "import socket; socket.create_connection(('127.0.0.1',$1),1)" 2>/dev/null && return; sleep 0.05; done; echo "no listener on $1" >&2; exit 1; }
 
-perf() { # port qd busy json
-  local busy=""; [ "$3" = 1 ] && busy=--busy-poll
-  "$BIN/nvmetro-perf" --addr 127.0.0.1:$1 --nqn $NQN --rw randwrite --bs 8k --qd $2 --time ${T}s --ramp 1s --cores 1 -q $busy --json "$4" \
+perf() { # port qd json  (a blocking client on core 1: busy polling would starve site B there)
+  "$BIN/nvmetro-perf" --addr 127.0.0.1:$1 --nqn $NQN --rw randwrite --bs 8k --qd $2 --time ${T}s --ramp 1s --cores 1 -q --json "$3" \
     || echo '{"total": {"iops": 0, "latency_us": {"p50": 0, "p99": 0}}}' > "$4"
 }
 
@@ -53,7 +52,7 @@ for delay in 0 75 500; do
   p0=$(port); target_cfg "$W/plain.toml" $p0 "" "1, 99" leg
   "$BIN/nvmetro-tgt" --config "$W/plain.toml" --log warn & PT=$!
   wait_port $p0
-  perf $p0 1 1 "$W/plain-qd1-$delay.json"; perf $p0 32 0 "$W/plain-qd32-$delay.json"
+  perf $p0 1 "$W/plain-qd1-$delay.json"; perf $p0 32 "$W/plain-qd32-$delay.json"
   kill $PT; wait $PT 2>/dev/null || true; rm -f "$W"/plain.toml.img
   # Replicated pair.
   link=$(port); pa=$(port); pb=$(port)
@@ -73,11 +72,11 @@ local = \"leg\"
 role = \"secondary\"
 peer = \"127.0.0.1:$link\"
 metadata = \"$W/b.meta\"
-$d" "100, 199" m
+$d" "100, 199" m 1
   "$BIN/nvmetro-tgt" --config "$W/a.toml" --log warn & PA=$!
   "$BIN/nvmetro-tgt" --config "$W/b.toml" --log warn & PB=$!
   wait_port $pa; wait_port $pb; sleep 1
-  perf $pa 1 1 "$W/repl-qd1-$delay.json"; perf $pa 32 0 "$W/repl-qd32-$delay.json"
+  perf $pa 1 "$W/repl-qd1-$delay.json"; perf $pa 32 "$W/repl-qd32-$delay.json"
   kill $PA $PB; wait $PA $PB 2>/dev/null || true; rm -f "$W"/a.* "$W"/b.*
   results+=("$delay")
 done
@@ -102,7 +101,7 @@ for d in delays:
             met = ("met" if ratio >= 0.8 else "not met") if rtt == 0 else f"{100 * ratio:.0f}%"
         rows.append(f"| {rtt} us | QD{qd} | {p['iops']:.0f} | {pp:.1f} | {r['iops']:.0f} | {rp:.1f} | {r['latency_us'].get('p99', 0):.1f} | {rp - pp:+.1f} | {goal} | {met} |")
 print("# Replicated vs unreplicated, 8 KiB random writes\n")
-print("Both targets on core 0 (adaptive polling), nvmetro-perf on core 1, legs on /dev/shm; the link delay is added in-process on both sites.\n")
+print("Site A (and the unreplicated target) on core 0, site B on core 1, both adaptive polling; nvmetro-perf (blocking) on core 1; legs on /dev/shm; the link delay is added in-process on both sites.\n")
 print("| link RTT | depth | unreplicated IOPS | p50 us | replicated IOPS | p50 us | p99 us | p50 added us | goal | |")
 print("|---|---|---:|---:|---:|---:|---:|---:|---|---|")
 print("\n".join(rows))
