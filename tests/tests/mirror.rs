@@ -271,3 +271,47 @@ fn restarting_the_survivor_during_a_resync() {
     };
     verify_all(hb, &mut gens);
 }
+
+#[test]
+fn compare_and_write_is_atomic_across_both_sites() {
+    // Hosts at both sites increment one counter block with read + fused Compare+Write (as VMFS
+    // does its locking): the final count must equal the successful Compare+Writes of both.
+    let (a, b) = pair();
+    let _ = wait_serving(&b);
+    let mut ha = wait_serving(&a);
+    ha.write(1, 200, vec![0; 512], 512).unwrap();
+    let run = |h: Host| {
+        std::thread::spawn(move || {
+            let (_admin, mut io) = h.into_parts();
+            let q = &mut io[0];
+            let mut won = 0u64;
+            for _ in 0..150 {
+                let (_, cur) = q.execute(nvmetro_proto::cmds::read(0, 1, 200, 1), vec![], 512).unwrap();
+                let mut next = cur.clone();
+                let v = u64::from_le_bytes(cur[..8].try_into().unwrap()) + 1;
+                next[..8].copy_from_slice(&v.to_le_bytes());
+                let (cmp, wr) = nvmetro_proto::cmds::compare_and_write(0, 0, 1, 200, 1);
+                let c1 = q.submit(cmp, cur, 0);
+                let c2 = q.submit(wr, next, 0);
+                q.flush().unwrap();
+                let s1 = q.wait_for(c1).unwrap().0.status();
+                let s2 = q.wait_for(c2).unwrap().0.status();
+                if s1.is_success() {
+                    assert!(s2.is_success());
+                    won += 1;
+                } else {
+                    assert_eq!((s1, s2), (Status::COMPARE_FAILURE, Status::FUSED_FAILED));
+                }
+            }
+            won
+        })
+    };
+    let (ta, tb) = (run(ha), run(wait_serving(&b)));
+    let total = ta.join().unwrap() + tb.join().unwrap();
+    let mut ha = connect(&a).unwrap();
+    let mut hb = connect(&b).unwrap();
+    let at_a = u64::from_le_bytes(ha.read(1, 200, 1, 512).unwrap()[..8].try_into().unwrap());
+    let at_b = u64::from_le_bytes(hb.read(1, 200, 1, 512).unwrap()[..8].try_into().unwrap());
+    assert_eq!((at_a, at_b), (total, total), "every successful Compare+Write counted once, on both sites");
+    assert!(total >= 150);
+}
