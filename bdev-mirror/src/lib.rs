@@ -170,6 +170,38 @@ pub trait BdevChannel: Send {
     }
 }
 
+/// A device that completes every operation within `submit` (RAM, null).
+pub trait Synchronous: Send + Sync + 'static {
+    fn execute(&self, op: BdevOp) -> Result<BdevOutput, BdevError>;
+}
+
+/// The channel of a [`Synchronous`] device: completions wait in a list for the next poll.
+pub struct SyncChannel<D: Synchronous> {
+    device: Arc<D>,
+    done: Vec<BdevCompletion>,
+}
+
+impl<D: Synchronous> SyncChannel<D> {
+    pub fn boxed(device: Arc<D>) -> Box<dyn BdevChannel> {
+        Box::new(SyncChannel { device, done: Vec::new() })
+    }
+}
+
+impl<D: Synchronous> BdevChannel for SyncChannel<D> {
+    fn submit(&mut self, tag: u64, op: BdevOp) {
+        let result = self.device.execute(op);
+        self.done.push(BdevCompletion { tag, result });
+    }
+    fn poll(&mut self, done: &mut Vec<BdevCompletion>) -> usize {
+        let n = self.done.len();
+        done.append(&mut self.done);
+        n
+    }
+    fn outstanding(&self) -> usize {
+        self.done.len()
+    }
+}
+
 /// Checks that an operation fits the device.
 pub fn check_range(info: &BdevInfo, op: &BdevOp) -> Result<(), BdevError> {
     if let Some((offset, len)) = op.range() {

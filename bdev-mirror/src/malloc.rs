@@ -2,7 +2,7 @@
 //! complete within `submit`; the stripe locks of [`SharedMem`] keep concurrent copies apart and
 //! make Compare+Write atomic.
 
-use crate::{check_range, Bdev, BdevChannel, BdevCompletion, BdevError, BdevInfo, BdevOp, BdevOutput};
+use crate::{check_range, Bdev, BdevChannel, BdevError, BdevInfo, BdevOp, BdevOutput, SyncChannel, Synchronous};
 use nvmetro_ffi::SharedMem;
 use std::sync::Arc;
 
@@ -26,7 +26,9 @@ impl MallocBdev {
     pub fn on_hugepages(&self) -> bool {
         self.mem.on_hugepages()
     }
+}
 
+impl Synchronous for MallocBdev {
     fn execute(&self, op: BdevOp) -> Result<BdevOutput, BdevError> {
         check_range(&self.info, &op)?;
         let oor = |e: nvmetro_ffi::OutOfRange| BdevError::OutOfRange { offset: e.offset, len: e.len as u64, size: e.size as u64 };
@@ -66,27 +68,7 @@ impl Bdev for MallocBdev {
         &self.info
     }
     fn channel(self: Arc<Self>) -> std::io::Result<Box<dyn BdevChannel>> {
-        Ok(Box::new(MallocChannel { bdev: self, done: Vec::new() }))
-    }
-}
-
-struct MallocChannel {
-    bdev: Arc<MallocBdev>,
-    done: Vec<BdevCompletion>,
-}
-
-impl BdevChannel for MallocChannel {
-    fn submit(&mut self, tag: u64, op: BdevOp) {
-        let result = self.bdev.execute(op);
-        self.done.push(BdevCompletion { tag, result });
-    }
-    fn poll(&mut self, done: &mut Vec<BdevCompletion>) -> usize {
-        let n = self.done.len();
-        done.append(&mut self.done);
-        n
-    }
-    fn outstanding(&self) -> usize {
-        self.done.len()
+        Ok(SyncChannel::boxed(self))
     }
 }
 

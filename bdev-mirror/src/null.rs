@@ -1,6 +1,6 @@
 //! The null device: writes vanish, reads return zeroes, everything completes at once.
 
-use crate::{check_range, Bdev, BdevChannel, BdevCompletion, BdevInfo, BdevOp, BdevOutput};
+use crate::{check_range, Bdev, BdevChannel, BdevError, BdevInfo, BdevOp, BdevOutput, SyncChannel, Synchronous};
 use std::sync::Arc;
 
 #[derive(Debug)]
@@ -19,18 +19,13 @@ impl Bdev for NullBdev {
         &self.info
     }
     fn channel(self: Arc<Self>) -> std::io::Result<Box<dyn BdevChannel>> {
-        Ok(Box::new(NullChannel { bdev: self, done: Vec::new() }))
+        Ok(SyncChannel::boxed(self))
     }
 }
 
-struct NullChannel {
-    bdev: Arc<NullBdev>,
-    done: Vec<BdevCompletion>,
-}
-
-impl BdevChannel for NullChannel {
-    fn submit(&mut self, tag: u64, op: BdevOp) {
-        let result = check_range(&self.bdev.info, &op).map(|_| match op {
+impl Synchronous for NullBdev {
+    fn execute(&self, op: BdevOp) -> Result<BdevOutput, BdevError> {
+        check_range(&self.info, &op).map(|_| match op {
             BdevOp::Read { len, .. } => BdevOutput::Data(vec![0; len]),
             BdevOp::Compare { expected, .. } | BdevOp::CompareAndWrite { expected, .. } => {
                 if expected.iter().all(|&b| b == 0) {
@@ -40,16 +35,7 @@ impl BdevChannel for NullChannel {
                 }
             }
             _ => BdevOutput::Done,
-        });
-        self.done.push(BdevCompletion { tag, result });
-    }
-    fn poll(&mut self, done: &mut Vec<BdevCompletion>) -> usize {
-        let n = self.done.len();
-        done.append(&mut self.done);
-        n
-    }
-    fn outstanding(&self) -> usize {
-        self.done.len()
+        })
     }
 }
 

@@ -108,6 +108,33 @@ impl TargetProcess {
     }
 }
 
+/// Increments the counter in the first 8 bytes of block `lba` (NSID 1, 512-byte blocks) `times`
+/// times with a read and a fused Compare+Write, as VMFS takes its locks; returns how many
+/// Compare+Writes succeeded. A failed compare must fail its write too.
+pub fn caw_increment(q: &mut nvmetro_perf::Queue, lba: u64, times: usize) -> u64 {
+    use nvmetro_proto::{cmds, nvme::Status};
+    let mut won = 0;
+    for _ in 0..times {
+        let (_, cur) = q.execute(cmds::read(0, 1, lba, 1), vec![], 512).expect("read the counter");
+        let mut next = cur.clone();
+        let v = u64::from_le_bytes(cur[..8].try_into().expect("8 bytes")) + 1;
+        next[..8].copy_from_slice(&v.to_le_bytes());
+        let (cmp, wr) = cmds::compare_and_write(0, 0, 1, lba, 1);
+        let c1 = q.submit(cmp, cur, 0);
+        let c2 = q.submit(wr, next, 0);
+        q.flush().expect("send");
+        let s1 = q.wait_for(c1).expect("compare completes").0.status();
+        let s2 = q.wait_for(c2).expect("write completes").0.status();
+        if s1.is_success() {
+            assert!(s2.is_success(), "compare succeeded but its write failed: {s2}");
+            won += 1;
+        } else {
+            assert_eq!((s1, s2), (Status::COMPARE_FAILURE, Status::FUSED_FAILED));
+        }
+    }
+    won
+}
+
 /// A TCP proxy standing in for the inter-site link: it can be cut (open connections reset, new
 /// ones refused) and restored.
 pub struct Proxy {

@@ -371,33 +371,8 @@ fn compare_and_write_is_atomic_across_reactors() {
     let mut h = Host::connect(&o).unwrap();
     h.write(1, 100, vec![0; 512], 512).unwrap();
     let queues = std::mem::take(&mut h.io);
-    let threads: Vec<_> = queues
-        .into_iter()
-        .map(|mut q| {
-            std::thread::spawn(move || {
-                let mut won = 0u64;
-                for _ in 0..300 {
-                    let (_, cur) = q.execute(cmds::read(0, 1, 100, 1), vec![], 512).unwrap();
-                    let mut next = cur.clone();
-                    let v = u64::from_le_bytes(cur[..8].try_into().unwrap()) + 1;
-                    next[..8].copy_from_slice(&v.to_le_bytes());
-                    let (cmp, wr) = cmds::compare_and_write(0, 0, 1, 100, 1);
-                    let c1 = q.submit(cmp, cur, 0);
-                    let c2 = q.submit(wr, next, 0);
-                    q.flush().unwrap();
-                    let s1 = q.wait_for(c1).unwrap().0.status();
-                    let s2 = q.wait_for(c2).unwrap().0.status();
-                    if s1.is_success() {
-                        assert!(s2.is_success());
-                        won += 1;
-                    } else {
-                        assert_eq!((s1, s2), (Status::COMPARE_FAILURE, Status::FUSED_FAILED));
-                    }
-                }
-                won
-            })
-        })
-        .collect();
+    let threads: Vec<_> =
+        queues.into_iter().map(|mut q| std::thread::spawn(move || nvmetro_tests::caw_increment(&mut q, 100, 300))).collect();
     let total: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
     let mut h = Host::connect(&opts(&t)).unwrap();
     let v = u64::from_le_bytes(h.read(1, 100, 1, 512).unwrap()[..8].try_into().unwrap());

@@ -283,27 +283,7 @@ fn compare_and_write_is_atomic_across_both_sites() {
     let run = |h: Host| {
         std::thread::spawn(move || {
             let (_admin, mut io) = h.into_parts();
-            let q = &mut io[0];
-            let mut won = 0u64;
-            for _ in 0..150 {
-                let (_, cur) = q.execute(nvmetro_proto::cmds::read(0, 1, 200, 1), vec![], 512).unwrap();
-                let mut next = cur.clone();
-                let v = u64::from_le_bytes(cur[..8].try_into().unwrap()) + 1;
-                next[..8].copy_from_slice(&v.to_le_bytes());
-                let (cmp, wr) = nvmetro_proto::cmds::compare_and_write(0, 0, 1, 200, 1);
-                let c1 = q.submit(cmp, cur, 0);
-                let c2 = q.submit(wr, next, 0);
-                q.flush().unwrap();
-                let s1 = q.wait_for(c1).unwrap().0.status();
-                let s2 = q.wait_for(c2).unwrap().0.status();
-                if s1.is_success() {
-                    assert!(s2.is_success());
-                    won += 1;
-                } else {
-                    assert_eq!((s1, s2), (Status::COMPARE_FAILURE, Status::FUSED_FAILED));
-                }
-            }
-            won
+            nvmetro_tests::caw_increment(&mut io[0], 200, 150)
         })
     };
     let (ta, tb) = (run(ha), run(wait_serving(&b)));
