@@ -25,6 +25,7 @@ pub mod subsys;
 use anyhow::Context;
 use nvmetro_bdev::mirror::core::Role;
 use nvmetro_bdev::mirror::driver::{MirrorBdev, MirrorSettings};
+use nvmetro_bdev::mirror::transport::TcpTransport;
 use nvmetro_bdev::{file::FileBdev, malloc::MallocBdev, null::NullBdev, Bdev};
 use nvmetro_conf::{BdevKind, Config};
 use nvmetro_proto::subsystem::{AnaState, NamespaceInfo};
@@ -121,11 +122,10 @@ fn open_bdev(
         BdevKind::Mirror => {
             let m = b.mirror.as_ref().context("mirror bdev without settings")?;
             let leg = all.iter().position(|x| x.name == m.local).context("mirror leg missing")?;
+            let transport = TcpTransport::new(m.listen, m.peer).with_context(|| format!("mirror {}", b.name))?;
             let settings = MirrorSettings {
                 role: if m.preferred { Role::Preferred } else { Role::Secondary },
                 site: m.site,
-                listen: m.listen,
-                peer: m.peer,
                 meta_path: m.metadata.clone(),
                 region_shift: m.region_shift,
                 resync_rate: m.resync_rate,
@@ -137,7 +137,8 @@ fn open_bdev(
                 },
             };
             // The link runs as a poller on a reactor (taken in `start`).
-            MirrorBdev::start(&b.name, opened[leg].clone(), settings, true).with_context(|| format!("bdev {}", b.name))?
+            MirrorBdev::start(&b.name, opened[leg].clone(), settings, Box::new(transport), true)
+                .with_context(|| format!("bdev {}", b.name))?
         }
         BdevKind::Malloc => {
             let size = b.size.context("malloc bdev without size")?;

@@ -6,21 +6,21 @@
 //! when it is parked) and get completions back on a per-channel lock-free queue with an eventfd
 //! that wakes a parked reactor. Reads go straight to the local leg while it is serving.
 //!
-//! The preferred leg listens; the secondary dials it, with backoff. Pings every 500 ms measure
-//! the replication round trip; 3 s without a byte from the peer counts as a lost link.
+//! The link is a [`Transport`]: over TCP the preferred leg listens and the secondary dials it,
+//! with backoff. Pings every 500 ms measure the replication round trip; 3 s without a byte from
+//! the peer counts as a lost link.
 
 use super::core::{Input, LinkState, MirrorCore, MirrorStatus, Output, Role};
 use super::frame::{Frame, Kind};
 use super::meta::MetaFile;
+use super::transport::{LinkStream, Transport};
 use super::DiskState;
 use crate::{Bdev, BdevChannel, BdevCompletion, BdevError, BdevInfo, BdevOp};
 use arc_swap::ArcSwap;
 use crossbeam_queue::SegQueue;
-use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,10 +33,6 @@ use std::time::{Duration, Instant};
 pub struct MirrorSettings {
     pub role: Role,
     pub site: u8,
-    /// The preferred leg accepts the link here.
-    pub listen: Option<SocketAddr>,
-    /// The secondary leg dials the preferred here.
-    pub peer: Option<SocketAddr>,
     pub meta_path: PathBuf,
     /// Regions of `1 << region_shift` bytes (dirty tracking and resync unit).
     pub region_shift: u32,
@@ -127,7 +123,13 @@ const LOCAL: Token = Token(3);
 impl MirrorBdev {
     /// Opens the metadata and starts the link: on its own thread, or (`on_reactor`) as a poller
     /// that a reactor takes with [`Bdev::take_poller`] and runs on its loop.
-    pub fn start(name: &str, local: Arc<dyn Bdev>, settings: MirrorSettings, on_reactor: bool) -> io::Result<Arc<MirrorBdev>> {
+    pub fn start(
+        name: &str,
+        local: Arc<dyn Bdev>,
+        settings: MirrorSettings,
+        mut transport: Box<dyn Transport>,
+        on_reactor: bool,
+    ) -> io::Result<Arc<MirrorBdev>> {
         let size = local.info().size_bytes();
         let (meta_file, meta) = MetaFile::open(&settings.meta_path, size, settings.region_shift)?;
         let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
@@ -145,18 +147,7 @@ impl MirrorBdev {
             parked: AtomicBool::new(false),
             stop: AtomicBool::new(false),
         });
-        let mut listener = match settings.listen {
-            Some(addr) => {
-                let std_l = std::net::TcpListener::bind(addr)
-                    .map_err(|e| io::Error::new(e.kind(), format!("mirror {name}: cannot listen on {addr}: {e}")))?;
-                std_l.set_nonblocking(true)?;
-                Some(TcpListener::from_std(std_l))
-            }
-            None => None,
-        };
-        if let Some(l) = listener.as_mut() {
-            poll.registry().register(l, LISTENER, Interest::READABLE)?;
-        }
+        transport.register(poll.registry(), LISTENER)?;
         let local_ch = local.clone().channel()?;
         for fd in local_ch.wake_fds() {
             poll.registry().register(&mut mio::unix::SourceFd(&fd), LOCAL, Interest::READABLE)?;
@@ -167,20 +158,17 @@ impl MirrorBdev {
             meta_file,
             local_ch,
             poll,
-            listener,
+            transport,
             conn: None,
             pending: HashMap::new(),
             next_tag: 1,
             settings,
             shared: shared.clone(),
-            next_dial: Instant::now(),
-            backoff: Duration::from_millis(100),
             ping_sent: None,
             last_ping: Instant::now(),
             rtt: None,
             speed: (Instant::now(), 0, 0),
             signal: Vec::new(),
-            dialing: None,
             events: Events::with_capacity(64),
             completions: Vec::new(),
             started: Instant::now(),
@@ -307,7 +295,7 @@ impl BdevChannel for MirrorChannel {
 }
 
 struct Conn {
-    sock: TcpStream,
+    sock: Box<dyn LinkStream>,
     rx: Vec<u8>,
     rx_len: usize,
     tx: Vec<u8>,
@@ -317,7 +305,6 @@ struct Conn {
 }
 
 struct LinkThread {
-    dialing: Option<(TcpStream, Instant)>,
     events: Events,
     completions: Vec<BdevCompletion>,
     started: Instant,
@@ -328,15 +315,13 @@ struct LinkThread {
     meta_file: MetaFile,
     local_ch: Box<dyn BdevChannel>,
     poll: Poll,
-    listener: Option<TcpListener>,
+    transport: Box<dyn Transport>,
     conn: Option<Conn>,
     /// Core tag -> (channel index, reactor tag).
     pending: HashMap<u64, (usize, u64)>,
     next_tag: u64,
     settings: MirrorSettings,
     shared: Arc<Shared>,
-    next_dial: Instant,
-    backoff: Duration,
     ping_sent: Option<Instant>,
     last_ping: Instant,
     rtt: Option<Duration>,
@@ -386,65 +371,32 @@ impl LinkThread {
         }
     }
 
-    fn link_up(&mut self, sock: TcpStream) {
+    fn link_up(&mut self, mut sock: Box<dyn LinkStream>) {
         if self.conn.is_some() {
             self.link_down("replaced by a new connection");
         }
-        let mut sock = sock;
-        let _ = sock.set_nodelay(true);
-        if self.poll.registry().register(&mut sock, CONN, Interest::READABLE | Interest::WRITABLE).is_err() {
+        if sock.register(self.poll.registry(), CONN).is_err() {
             return;
         }
-        tracing::info!(mirror = %self.name, peer = ?sock.peer_addr().ok(), "replication link up");
+        tracing::info!(mirror = %self.name, peer = %self.transport.describe(), "replication link up");
         self.conn =
             Some(Conn { sock, rx: vec![0; 4 << 20], rx_len: 0, tx: Vec::new(), delayed: Default::default(), last_rx: Instant::now() });
-        self.backoff = Duration::from_millis(100);
         self.handle(Input::LinkUp);
     }
 
     fn link_down(&mut self, why: &str) {
         if let Some(mut c) = self.conn.take() {
-            let _ = self.poll.registry().deregister(&mut c.sock);
+            c.sock.deregister(self.poll.registry());
             tracing::warn!(mirror = %self.name, "replication link down: {why}");
             self.ping_sent = None;
             self.handle(Input::LinkDown);
+            self.transport.failed();
         }
-        self.next_dial = Instant::now() + self.backoff;
-        self.backoff = (self.backoff * 2).min(Duration::from_secs(2));
     }
 
     fn connect_or_accept(&mut self) {
-        if let Some(l) = self.listener.as_ref() {
-            match l.accept() {
-                Ok((sock, _)) => self.link_up(sock),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => tracing::warn!(mirror = %self.name, "accept: {e}"),
-            }
-        }
-        // Dialing never blocks: the connect completes in the background and is checked here.
-        if let Some((sock, deadline)) = self.dialing.take() {
-            match (sock.take_error(), sock.peer_addr()) {
-                (Ok(None), Ok(_)) => return self.link_up(sock),
-                (Ok(None), Err(e)) if e.kind() == io::ErrorKind::NotConnected && Instant::now() < deadline => {
-                    self.dialing = Some((sock, deadline));
-                    return;
-                }
-                _ => {
-                    self.next_dial = Instant::now() + self.backoff;
-                    self.backoff = (self.backoff * 2).min(Duration::from_secs(2));
-                }
-            }
-        }
-        if self.conn.is_none() && Instant::now() >= self.next_dial {
-            if let Some(peer) = self.settings.peer {
-                match TcpStream::connect(peer) {
-                    Ok(s) => self.dialing = Some((s, Instant::now() + Duration::from_millis(500))),
-                    Err(_) => {
-                        self.next_dial = Instant::now() + self.backoff;
-                        self.backoff = (self.backoff * 2).min(Duration::from_secs(2));
-                    }
-                }
-            }
+        if let Some(sock) = self.transport.poll_connect(self.conn.is_some()) {
+            self.link_up(sock);
         }
     }
 
@@ -565,7 +517,7 @@ impl LinkThread {
             synced_bytes: st.synced_bytes,
             sync_bytes_per_second: self.speed.2,
             replication_rtt_us: self.rtt.map(|d| d.as_micros() as u64),
-            peer: self.settings.peer.or(self.settings.listen).map(|a| a.to_string()).unwrap_or_default(),
+            peer: self.transport.describe(),
         };
         if let Ok(mut s) = self.shared.status.lock() {
             *s = report;
@@ -578,9 +530,7 @@ impl LinkThread {
         let mut events = std::mem::replace(&mut self.events, Events::with_capacity(0));
         let _ = self.poll.poll(&mut events, Some(timeout));
         self.events = events;
-        if self.conn.is_none() || self.listener.is_some() {
-            self.connect_or_accept();
-        }
+        self.connect_or_accept();
         while let Some((chan, tag, op)) = self.shared.inbox.pop() {
             let t = self.next_tag;
             self.next_tag += 1;
@@ -631,7 +581,7 @@ impl LinkThread {
     }
 
     fn holding(&self) -> bool {
-        self.conn.as_ref().is_some_and(|c| !c.delayed.is_empty()) || self.dialing.is_some()
+        self.conn.as_ref().is_some_and(|c| !c.delayed.is_empty() || c.sock.pending()) || self.transport.connecting()
     }
 
     /// The link on its own thread: spin (yielding) for `settings.spin`, then sleep in epoll.

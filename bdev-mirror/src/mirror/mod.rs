@@ -12,6 +12,7 @@ pub mod core;
 pub mod driver;
 pub mod frame;
 pub mod meta;
+pub mod transport;
 
 /// A leg's disk state, as DRBD users know them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
