@@ -111,7 +111,7 @@ struct Op {
     result: Option<Result<BdevOutput, BdevError>>,
 }
 
-const RESYNC_WINDOW: usize = 4;
+const RESYNC_WINDOW: usize = 16;
 /// A confirmed region's dirty bit is cleared only after this long without writes, so a hot
 /// region does not pay a metadata write (and sync) again and again (DRBD's activity log).
 const ACTIVITY_IDLE_MS: u64 = 5_000;
