@@ -393,7 +393,11 @@ impl MirrorCore {
                         }
                     }
                 }
-                let op = self.ops[&id].op.clone();
+                // The data is not needed here any more, except by a compare-and-write (which
+                // replicates its data once the compare succeeds): move it rather than copy it.
+                let o = self.ops.get_mut(&id).expect("op");
+                let op =
+                    if matches!(o.op, BdevOp::CompareAndWrite { .. }) { o.op.clone() } else { std::mem::replace(&mut o.op, BdevOp::Flush) };
                 out.push(Output::Local { id, op });
             }
             (_, Origin::ResyncOut(_)) => {
@@ -413,9 +417,9 @@ impl MirrorCore {
                 }
                 let o = self.ops.get_mut(&id).expect("op");
                 o.stage = Stage::Running;
-                let op = match &o.op {
-                    BdevOp::CompareAndWrite { offset, data, .. } => BdevOp::Write { offset: *offset, data: data.clone(), fua: false },
-                    other => other.clone(),
+                let op = match std::mem::replace(&mut o.op, BdevOp::Flush) {
+                    BdevOp::CompareAndWrite { offset, data, .. } => BdevOp::Write { offset, data, fua: false },
+                    other => other,
                 };
                 out.push(Output::Local { id, op });
             }
@@ -546,7 +550,7 @@ impl MirrorCore {
             Kind::Ping => out.push(Output::Send(Frame::new(Kind::Pong, f.seq))),
             Kind::Pong => {}
             Kind::Replicate if self.peer_reachable() || self.link == LinkState::Handshake => {
-                let id = self.new_op(Origin::Replicated(f.seq), frame_op(&f));
+                let id = self.new_op(Origin::Replicated(f.seq), frame_op(f));
                 self.admit(id, out);
             }
             Kind::ReplicateAck if f.arg == 1 => {
@@ -574,7 +578,7 @@ impl MirrorCore {
                     r.arg = status::NOT_SERVING;
                     return out.push(Output::Send(r));
                 }
-                let id = self.new_op(Origin::Forwarded(f.seq), frame_op(&f));
+                let id = self.new_op(Origin::Forwarded(f.seq), frame_op(f));
                 self.admit(id, out);
             }
             Kind::ForwardDone => {
@@ -607,7 +611,7 @@ impl MirrorCore {
                 out.push(Output::Persist);
             }
             Kind::Resync => {
-                let id = self.new_op(Origin::ResyncIn(f.seq), frame_op(&f));
+                let id = self.new_op(Origin::ResyncIn(f.seq), frame_op(f));
                 self.admit(id, out);
             }
             Kind::ResyncAck => {
@@ -826,15 +830,16 @@ fn op_frame(kind: Kind, seq: u64, op: &BdevOp) -> Frame {
     f
 }
 
-/// The operation a Replicate, Forward or Resync frame carries.
-fn frame_op(f: &Frame) -> BdevOp {
+/// The operation a Replicate, Forward or Resync frame carries (its payload moves into it).
+fn frame_op(mut f: Frame) -> BdevOp {
     let len = f.len as usize;
     match f.op {
-        OpCode::Write => BdevOp::Write { offset: f.offset, data: f.payload.clone(), fua: false },
+        OpCode::Write => BdevOp::Write { offset: f.offset, data: f.payload, fua: false },
         OpCode::WriteZeroes => BdevOp::WriteZeroes { offset: f.offset, len: u64::from(f.len) },
         OpCode::Deallocate => BdevOp::Deallocate { offset: f.offset, len: u64::from(f.len) },
         OpCode::CompareAndWrite if f.payload.len() == 2 * len => {
-            BdevOp::CompareAndWrite { offset: f.offset, expected: f.payload[..len].to_vec(), data: f.payload[len..].to_vec() }
+            let data = f.payload.split_off(len);
+            BdevOp::CompareAndWrite { offset: f.offset, expected: f.payload, data }
         }
         OpCode::Flush | OpCode::None | OpCode::CompareAndWrite => BdevOp::Flush,
     }
