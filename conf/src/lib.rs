@@ -65,6 +65,8 @@ pub struct TargetSection {
     pub discovery: Vec<Spanned<String>>,
     /// Unix socket for management commands (`nvmetro status`, reload).
     pub socket: Option<PathBuf>,
+    /// The site this target stands at (for hosts' preferred paths, see `[[host]]`).
+    pub site: Option<u8>,
 }
 
 fn default_cores() -> Spanned<Vec<usize>> {
@@ -76,7 +78,7 @@ fn default_poll_mode() -> PollMode {
 
 impl Default for TargetSection {
     fn default() -> Self {
-        TargetSection { cores: default_cores(), poll_mode: PollMode::Adaptive, discovery: Vec::new(), socket: None }
+        TargetSection { cores: default_cores(), poll_mode: PollMode::Adaptive, discovery: Vec::new(), socket: None, site: None }
     }
 }
 
@@ -250,6 +252,14 @@ pub struct ListenerSection {
     pub ana_states: BTreeMap<String, Spanned<String>>,
 }
 
+/// A host's home site: its controllers on other sites report Optimized groups as Non-Optimized.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostSection {
+    pub nqn: Spanned<String>,
+    pub site: u8,
+}
+
 /// The file as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -262,6 +272,8 @@ pub struct RawConfig {
     pub subsystems: Vec<SubsystemSection>,
     #[serde(default, rename = "listener")]
     pub listeners: Vec<ListenerSection>,
+    #[serde(default, rename = "host")]
+    pub hosts: Vec<HostSection>,
 }
 
 /// A validated configuration.
@@ -274,6 +286,16 @@ pub struct Config {
     pub bdevs: Vec<BdevConfig>,
     pub subsystems: Vec<SubsystemConfig>,
     pub listeners: Vec<ListenerConfig>,
+    pub site: Option<u8>,
+    /// Home site of each host NQN that has one.
+    pub host_sites: BTreeMap<String, u8>,
+}
+
+impl Config {
+    /// Whether `hostnqn` belongs to another site than this target's.
+    pub fn host_is_remote(&self, hostnqn: &str) -> bool {
+        matches!((self.site, self.host_sites.get(hostnqn)), (Some(here), Some(home)) if here != *home)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -709,7 +731,29 @@ fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError> {
         listeners.push(ListenerConfig { address, ana_states });
     }
 
-    Ok(Config { cores, poll_mode: raw.target.poll_mode, socket: raw.target.socket.clone(), discovery, bdevs, subsystems, listeners })
+    let mut host_sites = BTreeMap::new();
+    for h in &raw.hosts {
+        if !valid_nqn(h.nqn.get_ref()) {
+            return Err(ctx.err(h.nqn.span(), "host.nqn", format!("`{}` is not a host NQN", h.nqn.get_ref())));
+        }
+        if h.site == 0 || host_sites.insert(h.nqn.get_ref().clone(), h.site).is_some() {
+            return Err(ctx.err(h.nqn.span(), "host", format!("host `{}` is listed twice or has site 0", h.nqn.get_ref())));
+        }
+    }
+    if !host_sites.is_empty() && raw.target.site.is_none() {
+        return Err(ctx.err(0..0, "target.site", "[[host]] sites need this target's own site: set [target] site"));
+    }
+    Ok(Config {
+        cores,
+        poll_mode: raw.target.poll_mode,
+        socket: raw.target.socket.clone(),
+        discovery,
+        bdevs,
+        subsystems,
+        listeners,
+        site: raw.target.site,
+        host_sites,
+    })
 }
 
 #[cfg(test)]
@@ -852,6 +896,18 @@ address = "127.0.0.1:4420"
         assert!(e.message.contains("must survive a restart"), "{e}");
         let e = err(&base.replace("bdev = \"m\"", "bdev = \"leg\""));
         assert!(e.message.contains("export the mirror"), "{e}");
+    }
+
+    #[test]
+    fn host_sites() {
+        let base = GOOD.replace("poll_mode = \"busy\"", "poll_mode = \"busy\"\nsite = 1")
+            + "\n[[host]]\nnqn = \"nqn.2014-08.org.nvmexpress:uuid:1\"\nsite = 1\n\n[[host]]\nnqn = \"nqn.2014-08.org.nvmexpress:uuid:2\"\nsite = 2\n";
+        let c = parse(&base, "h.toml").unwrap();
+        assert!(!c.host_is_remote("nqn.2014-08.org.nvmexpress:uuid:1"));
+        assert!(c.host_is_remote("nqn.2014-08.org.nvmexpress:uuid:2"));
+        assert!(!c.host_is_remote("nqn.2014-08.org.nvmexpress:uuid:3"), "hosts without a site prefer every path alike");
+        assert_eq!(err(&base.replacen("poll_mode = \"busy\"\nsite = 1", "poll_mode = \"busy\"", 1)).key, "target.site");
+        assert_eq!(err(&base.replace("uuid:2", "uuid:1")).key, "host");
     }
 
     #[test]

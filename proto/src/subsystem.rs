@@ -118,6 +118,16 @@ impl SubsystemView {
         group.checked_sub(1).and_then(|i| self.ana_groups.get(i as usize)).copied().unwrap_or(AnaState::Inaccessible)
     }
 
+    /// The view for a host of another site: Optimized groups are reported Non-Optimized, so the
+    /// host prefers its own site's paths; states that cannot serve are left as they are.
+    pub fn for_remote_host(&self) -> SubsystemView {
+        let mut v = self.clone();
+        for s in v.ana_groups.iter_mut().filter(|s| **s == AnaState::Optimized) {
+            *s = AnaState::NonOptimized;
+        }
+        v
+    }
+
     /// A discovery subsystem view listing `entries`.
     pub fn discovery(entries: Vec<DiscoveryEntry>, genctr: u64) -> SubsystemView {
         SubsystemView {

@@ -120,10 +120,24 @@ enum Role {
 
 struct AdminQueue {
     ctrl: Controller,
+    /// The host belongs to another site: its Optimized paths are reported Non-Optimized.
+    remote_host: bool,
     /// None for a discovery controller.
     subsystem: Option<(Arc<Subsystem>, Arc<ControllerHandle>)>,
     /// The discovery log as this host may see it.
     discovery_view: Option<SubsystemView>,
+}
+
+impl AdminQueue {
+    /// The subsystem as this controller's host sees it through `listener`.
+    fn view_of(&self, subsystem: &Subsystem, listener: usize) -> Arc<SubsystemView> {
+        let view = subsystem.view(listener);
+        if self.remote_host {
+            Arc::new(view.for_remote_host())
+        } else {
+            view
+        }
+    }
 }
 
 struct IoQueue {
@@ -337,7 +351,7 @@ impl Conn {
             let cntlid = ctx.target.next_discovery_cntlid();
             let ctrl = Controller::new(cntlid, &req, &view, ctx.now_ms);
             tracing::info!(peer = %self.peer, host = %req.hostnqn, cntlid, "discovery controller connected");
-            self.role = Role::Admin(Box::new(AdminQueue { ctrl, subsystem: None, discovery_view: Some(view) }));
+            self.role = Role::Admin(Box::new(AdminQueue { ctrl, remote_host: false, subsystem: None, discovery_view: Some(view) }));
             self.queue_size = req.queue_size;
             return self.respond(Completion::new(cid, Status::SUCCESS).with_result(u64::from(cntlid)), &[]);
         }
@@ -368,7 +382,8 @@ impl Conn {
             let ctrl = Controller::new(handle.cntlid, &req, &view, ctx.now_ms);
             tracing::info!(peer = %self.peer, host = %req.hostnqn, subsystem = %req.subnqn, cntlid = handle.cntlid, kato_ms = req.kato_ms, "controller created");
             let cntlid = handle.cntlid;
-            self.role = Role::Admin(Box::new(AdminQueue { ctrl, subsystem: Some((subsystem, handle)), discovery_view: None }));
+            let remote_host = ctx.target.config.host_is_remote(&req.hostnqn);
+            self.role = Role::Admin(Box::new(AdminQueue { ctrl, remote_host, subsystem: Some((subsystem, handle)), discovery_view: None }));
             self.respond(Completion::new(cid, Status::SUCCESS).with_result(u64::from(cntlid)), &[]);
         } else {
             let handle = match subsystem.find_controller(req.cntlid, &req.hostnqn) {
@@ -395,7 +410,7 @@ impl Conn {
         let outcome = match &q.subsystem {
             Some((subsystem, handle)) => {
                 let ListenerKind::Subsystems(listener) = self.listener else { return };
-                let view = subsystem.view(listener);
+                let view = q.view_of(subsystem, listener);
                 let out = q.ctrl.handle_admin(&view, &subsystem.health(), &cmd, &data, ctx.now_ms);
                 handle.ready.store(q.ctrl.is_ready(), Ordering::Release);
                 handle.generation.store(q.ctrl.reset_generation(), Ordering::Release);
@@ -598,7 +613,8 @@ impl Conn {
                 match (&q.subsystem, &mut q.discovery_view) {
                     (Some((subsystem, _)), _) => {
                         if let ListenerKind::Subsystems(listener) = self.listener {
-                            aens = q.ctrl.poll_events(&subsystem.view(listener));
+                            let view = q.view_of(subsystem, listener);
+                            aens = q.ctrl.poll_events(&view);
                         }
                     }
                     (None, Some(view)) => {

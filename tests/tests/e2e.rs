@@ -400,3 +400,21 @@ fn target_survives_abrupt_host_loss_with_io_in_flight() {
     h.write(1, 0, vec![2; 512], 512).unwrap();
     assert_eq!(h.read(1, 0, 1, 512).unwrap(), vec![2; 512]);
 }
+
+#[test]
+fn hosts_prefer_their_own_site() {
+    // This target is site 1. A host of site 1 sees its paths Optimized; a host of site 2 sees
+    // them Non-Optimized (so it prefers its own site); a host without a site sees them as set.
+    let cfg = basic_config("[0]").replace("[target]", "[target]\nsite = 1").replace("allowed_hosts = [", "allow_any_host = true\nallowed_hosts = [")
+        + "\n[[host]]\nnqn = \"nqn.2014-08.org.nvmexpress:uuid:00000000-0000-4000-8000-0000000000a1\"\nsite = 1\n\n[[host]]\nnqn = \"nqn.2014-08.org.nvmexpress:uuid:00000000-0000-4000-8000-0000000000b2\"\nsite = 2\n";
+    let t = TargetProcess::start(&cfg);
+    for (host, want) in [("a1", 1u8), ("b2", 2), ("c3", 1)] {
+        let mut o = opts(&t);
+        o.hostnqn = format!("nqn.2014-08.org.nvmexpress:uuid:00000000-0000-4000-8000-0000000000{host}");
+        let mut h = Host::connect(&o).unwrap();
+        let ana = h.log_page(0x0c, 16 + 32 + 8).unwrap();
+        assert_eq!(ana[32], want, "ANA state for host {host}");
+        // Non-Optimized paths still serve I/O.
+        h.write(1, 5, vec![9; 512], 512).unwrap();
+    }
+}
