@@ -252,6 +252,16 @@ pub struct ListenerSection {
     pub ana_states: BTreeMap<String, Spanned<String>>,
 }
 
+/// The Prometheus endpoint: off unless the section is present; loopback unless told otherwise.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    pub address: Option<Spanned<String>>,
+}
+
+/// Where metrics are served when `[metrics]` names no address.
+pub const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:9775";
+
 /// A host's home site: its controllers on other sites report Optimized groups as Non-Optimized.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -274,6 +284,7 @@ pub struct RawConfig {
     pub listeners: Vec<ListenerSection>,
     #[serde(default, rename = "host")]
     pub hosts: Vec<HostSection>,
+    pub metrics: Option<MetricsSection>,
 }
 
 /// A validated configuration.
@@ -289,6 +300,8 @@ pub struct Config {
     pub site: Option<u8>,
     /// Home site of each host NQN that has one.
     pub host_sites: BTreeMap<String, u8>,
+    /// Prometheus endpoint, if enabled.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Config {
@@ -743,7 +756,15 @@ fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError> {
     if !host_sites.is_empty() && raw.target.site.is_none() {
         return Err(ctx.err(0..0, "target.site", "[[host]] sites need this target's own site: set [target] site"));
     }
+    let metrics = match &raw.metrics {
+        None => None,
+        Some(MetricsSection { address: None }) => Some(DEFAULT_METRICS_ADDRESS.parse().expect("valid default")),
+        Some(MetricsSection { address: Some(a) }) => Some(
+            a.get_ref().parse().map_err(|_| ctx.err(a.span(), "metrics.address", format!("`{}` is not an address:port", a.get_ref())))?,
+        ),
+    };
     Ok(Config {
+        metrics,
         cores,
         poll_mode: raw.target.poll_mode,
         socket: raw.target.socket.clone(),

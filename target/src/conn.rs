@@ -164,6 +164,9 @@ struct Inflight {
     status: Status,
     bytes: u64,
     data: Vec<u8>,
+    /// Index of the namespace in its subsystem, for the per-namespace figures.
+    ns: Option<usize>,
+    start: std::time::Instant,
 }
 
 pub struct Conn {
@@ -435,6 +438,9 @@ impl Conn {
     }
 
     fn alloc(&mut self, f: Inflight) -> u32 {
+        if let (Some(ns), Role::Io(q)) = (f.ns, &self.role) {
+            q.subsystem.stats[ns].inflight.fetch_add(1, Ordering::Relaxed);
+        }
         let slot = self.free_slots.pop().unwrap_or_else(|| {
             self.inflight.push(None);
             (self.inflight.len() - 1) as u32
@@ -465,7 +471,17 @@ impl Conn {
             Err(status) => return self.respond(Completion::new(cid, status), &[]),
         };
         let ns_of = |nsid: u32| subsystem.namespace(nsid).expect("decode_io checked the namespace");
-        let new = |kind, remaining, bytes| Inflight { cid, kind, remaining, status: Status::SUCCESS, bytes, data: Vec::new() };
+        let ns_index = subsystem.namespaces.iter().position(|n| n.info.nsid == cmd.nsid());
+        let new = |kind, remaining, bytes| Inflight {
+            cid,
+            kind,
+            remaining,
+            status: Status::SUCCESS,
+            bytes,
+            data: Vec::new(),
+            ns: ns_index,
+            start: std::time::Instant::now(),
+        };
         match req {
             IoRequest::Read { nsid, slba, blocks } => {
                 let ns = ns_of(nsid);
@@ -544,6 +560,8 @@ impl Conn {
             status: Status::SUCCESS,
             bytes,
             data: Vec::new(),
+            ns: subsystem.namespaces.iter().position(|n| n.info.nsid == ccmd.nsid()),
+            start: std::time::Instant::now(),
         });
         self.submit(ns.bdev, slot, BdevOp::CompareAndWrite { offset, expected: cdata, data: wdata }, ctx);
     }
@@ -573,6 +591,14 @@ impl Conn {
         }
         let f = self.inflight[slot as usize].take().expect("present");
         self.free_slots.push(slot);
+        if let (Some(ns), Role::Io(q)) = (f.ns, &self.role) {
+            let st = &q.subsystem.stats[ns];
+            st.inflight.fetch_sub(1, Ordering::Relaxed);
+            if !matches!(f.kind, IoKind::Other) {
+                let write = matches!(f.kind, IoKind::Write | IoKind::CompareAndWrite { .. });
+                st.record(write, f.bytes, f.status.is_success(), f.start.elapsed());
+            }
+        }
         if let Role::Io(q) = &self.role {
             let h = &q.subsystem.health;
             if f.status.is_success() {

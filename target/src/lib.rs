@@ -18,6 +18,7 @@
 //! through [`Target`]; views are read lock-free on the I/O path.
 
 pub mod conn;
+pub mod metrics;
 pub mod mgmt;
 pub mod reactor;
 pub mod subsys;

@@ -39,10 +39,15 @@ fn main() -> anyhow::Result<()> {
         signal_hook::flag::register(sig, stop.clone())?;
     }
     let socket = config.socket.clone();
+    let metrics = config.metrics;
     let running = nvmetro_tgt::start(config)?;
     if let Some(path) = &socket {
         nvmetro_tgt::mgmt::serve(path, running.target.clone()).with_context(|| format!("management socket {}", path.display()))?;
         tracing::info!(socket = %path.display(), "management socket ready");
+    }
+    if let Some(addr) = metrics {
+        let bound = nvmetro_tgt::metrics::serve(addr, running.target.clone()).with_context(|| format!("metrics endpoint {addr}"))?;
+        tracing::info!(address = %bound, "metrics at /metrics");
     }
     for s in &running.target.subsystems {
         tracing::info!(nqn = %s.config.nqn, namespaces = s.namespaces.len(), "subsystem ready");

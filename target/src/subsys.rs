@@ -43,6 +43,43 @@ pub struct HealthCounters {
     pub write_commands: AtomicU64,
 }
 
+/// Upper bounds (microseconds) of the per-namespace latency histogram's buckets.
+pub const LATENCY_BUCKETS_US: [u64; 12] = [10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 50_000, 100_000];
+
+/// Per-namespace I/O figures for the metrics endpoint (relaxed atomics, updated at completion).
+#[derive(Debug, Default)]
+pub struct NamespaceStats {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub write_bytes: AtomicU64,
+    pub errors: AtomicU64,
+    /// Commands submitted to the bdev and not yet completed.
+    pub inflight: AtomicU64,
+    /// Counts per bucket of [`LATENCY_BUCKETS_US`], the last one for slower commands.
+    pub latency: [AtomicU64; 13],
+    pub latency_sum_ns: AtomicU64,
+}
+
+impl NamespaceStats {
+    pub fn record(&self, write: bool, bytes: u64, ok: bool, latency: std::time::Duration) {
+        let r = Ordering::Relaxed;
+        if !ok {
+            self.errors.fetch_add(1, r);
+        } else if write {
+            self.writes.fetch_add(1, r);
+            self.write_bytes.fetch_add(bytes, r);
+        } else {
+            self.reads.fetch_add(1, r);
+            self.read_bytes.fetch_add(bytes, r);
+        }
+        let us = latency.as_micros() as u64;
+        let bucket = LATENCY_BUCKETS_US.iter().position(|b| us <= *b).unwrap_or(LATENCY_BUCKETS_US.len());
+        self.latency[bucket].fetch_add(1, r);
+        self.latency_sum_ns.fetch_add(latency.as_nanos() as u64, r);
+    }
+}
+
 #[derive(Debug)]
 pub struct Subsystem {
     pub config: SubsystemConfig,
@@ -51,6 +88,10 @@ pub struct Subsystem {
     views: Vec<ArcSwap<SubsystemView>>,
     controllers: Mutex<HashMap<u16, Arc<ControllerHandle>>>,
     pub health: HealthCounters,
+    /// Parallel to `namespaces`.
+    pub stats: Vec<NamespaceStats>,
+    /// When each (listener, ANA group) last changed state (control path only).
+    ana_changed: Mutex<HashMap<(usize, u32), std::time::SystemTime>>,
     started: Instant,
 }
 
@@ -93,12 +134,15 @@ impl Subsystem {
                 })
             })
             .collect();
+        let stats = namespaces.iter().map(|_| NamespaceStats::default()).collect();
         Subsystem {
             config,
             namespaces,
             views,
             controllers: Mutex::new(HashMap::new()),
             health: HealthCounters::default(),
+            stats,
+            ana_changed: Mutex::new(HashMap::new()),
             started: Instant::now(),
         }
     }
@@ -120,8 +164,23 @@ impl Subsystem {
             *s = state;
             v.ana_change_count += 1;
             slot.store(Arc::new(v));
+            self.ana_changed.lock().expect("ana change times").insert((listener, group), std::time::SystemTime::now());
         }
         true
+    }
+
+    /// When the state of `group` on `listener` last changed (None: as configured since start).
+    pub fn ana_changed_at(&self, listener: usize, group: u32) -> Option<std::time::SystemTime> {
+        self.ana_changed.lock().ok()?.get(&(listener, group)).copied()
+    }
+
+    /// Live controllers per host NQN.
+    pub fn controllers_by_host(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut m = std::collections::BTreeMap::new();
+        for h in self.controllers.lock().expect("controller registry poisoned").values() {
+            *m.entry(h.hostnqn.clone()).or_default() += 1;
+        }
+        m
     }
 
     pub fn health(&self) -> Health {

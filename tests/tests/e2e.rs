@@ -418,3 +418,54 @@ fn hosts_prefer_their_own_site() {
         h.write(1, 5, vec![9; 512], 512).unwrap();
     }
 }
+
+/// Scrapes the metrics endpoint and returns the value of the sample whose line starts with `prefix`.
+fn scrape(addr: std::net::SocketAddr, prefix: &str) -> f64 {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    body.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no `{prefix}` in:\n{body}"))
+}
+
+#[test]
+fn metrics_match_the_load_tools_own_counts() {
+    let cfg = basic_config("[0]").replace("[target]", "[target]\nsite = 1") + "\n[metrics]\naddress = \"127.0.0.1:{PORT2}\"\n";
+    let t = TargetProcess::start(&cfg);
+    let m = t.addr2;
+    let reads = "nvmetro_namespace_commands_total{subsystem=\"nqn.2026-11.io.nvmetro:e2e\",nsid=\"1\",site=\"1\",op=\"read\"}";
+    let writes = "nvmetro_namespace_commands_total{subsystem=\"nqn.2026-11.io.nvmetro:e2e\",nsid=\"1\",site=\"1\",op=\"write\"}";
+    let count = "nvmetro_namespace_latency_seconds_count{subsystem=\"nqn.2026-11.io.nvmetro:e2e\",nsid=\"1\"";
+    let (r0, w0) = (scrape(m, reads), scrape(m, writes));
+    let mut h = Host::connect(&opts(&t)).unwrap();
+    let mut path = PathIo::single(h.io.remove(0));
+    let wl = Workload {
+        nsid: 1,
+        pattern: Pattern::Random,
+        read_pct: 40,
+        block_size: 4096,
+        qd: 8,
+        duration: Duration::from_secs(1),
+        ramp: Duration::ZERO,
+        max_ios: None,
+        rate: None,
+        verify: true,
+        region: (0, 65536),
+        seed: 9,
+    };
+    let r = load::run(&mut path, &wl, 512, &mut HashMap::new()).unwrap();
+    assert_eq!((r.errors, r.mismatches.len()), (0, 0));
+    let (dr, dw) = (scrape(m, reads) - r0, scrape(m, writes) - w0);
+    let within = |target: f64, tool: u64| (target - tool as f64).abs() <= (tool as f64 * 0.01).max(1.0);
+    assert!(r.reads > 100 && r.writes > 100, "the load ran: {} reads {} writes", r.reads, r.writes);
+    assert!(within(dr, r.reads), "target counted {dr} reads, the load tool {}", r.reads);
+    assert!(within(dw, r.writes), "target counted {dw} writes, the load tool {}", r.writes);
+    assert!(scrape(m, count) >= dr + dw, "the latency histogram counts every command");
+    assert_eq!(scrape(m, "nvmetro_host_controllers{"), 1.0);
+    assert_eq!(scrape(m, "nvmetro_ana_state{subsystem=\"nqn.2026-11.io.nvmetro:e2e\",listener="), 1.0);
+}
