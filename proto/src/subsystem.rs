@@ -37,7 +37,7 @@ impl AnaState {
     pub fn parse(s: &str) -> Option<AnaState> {
         Some(match s {
             "optimized" => AnaState::Optimized,
-            "non-optimized" | "non_optimized" => AnaState::NonOptimized,
+            "non-optimized" | "non_optimized" | "nonoptimized" => AnaState::NonOptimized,
             "inaccessible" => AnaState::Inaccessible,
             "persistent-loss" | "persistent_loss" => AnaState::PersistentLoss,
             "change" => AnaState::Change,

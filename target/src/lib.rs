@@ -45,6 +45,8 @@ pub struct Target {
     pub subsystems: Vec<Arc<Subsystem>>,
     pub discovery: Discovery,
     reactors: OnceLock<Vec<ReactorHandle>>,
+    /// ANA states set by an operator, by (subsystem, listener, group) (control path only).
+    ana_overrides: std::sync::Mutex<std::collections::HashMap<(usize, usize, u32), AnaState>>,
     stop: AtomicBool,
     epoch: Instant,
     discovery_cntlid: AtomicU16,
@@ -70,13 +72,25 @@ impl Target {
 
     /// Follows each namespace's bdev into ANA: a fenced mirror leg makes its group Inaccessible on
     /// every listener; serving again restores the configured state. Returns the changes made.
+    /// Sets the state an operator wants for `group` on `listener` (over the configured one).
+    pub fn override_ana(&self, subsystem: usize, listener: usize, group: u32, state: AnaState) {
+        if let Ok(mut o) = self.ana_overrides.lock() {
+            o.insert((subsystem, listener, group), state);
+        }
+    }
+
     pub fn refresh_ana(&self) -> usize {
         let mut changes = 0;
-        for s in &self.subsystems {
+        let overrides = self.ana_overrides.lock().map(|o| o.clone()).unwrap_or_default();
+        for (si, s) in self.subsystems.iter().enumerate() {
             for ns in &s.namespaces {
                 let serving = self.bdevs[ns.bdev].serving();
                 for (li, l) in self.config.listeners.iter().enumerate() {
-                    let configured = l.ana_states.get(&ns.info.ana_group).and_then(|st| AnaState::parse(st)).unwrap_or(AnaState::Optimized);
+                    let configured = overrides
+                        .get(&(si, li, ns.info.ana_group))
+                        .copied()
+                        .or_else(|| l.ana_states.get(&ns.info.ana_group).and_then(|st| AnaState::parse(st)))
+                        .unwrap_or(AnaState::Optimized);
                     let want = if serving { configured } else { AnaState::Inaccessible };
                     if s.view(li).ana_state(ns.info.ana_group) != want {
                         s.set_ana_state(li, ns.info.ana_group, want);
@@ -215,6 +229,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         bdevs,
         subsystems,
         reactors: OnceLock::new(),
+        ana_overrides: Default::default(),
         stop: AtomicBool::new(false),
         epoch: Instant::now(),
         discovery_cntlid: AtomicU16::new(0),

@@ -4,6 +4,7 @@
 //! * `nvmetro_status`: subsystems, namespaces, ANA state per listener, mirror state.
 //! * `bdev_get_bdevs`: bdevs with block size, block count and replication state.
 //! * `nvmf_get_subsystems`: subsystems with listeners, hosts and namespaces.
+//! * `nvmf_subsystem_listener_set_ana_state`: set a listener's ANA state (SPDK's parameters).
 
 use crate::Target;
 use nvmetro_bdev::mirror::driver::StatusReport;
@@ -44,10 +45,11 @@ fn handle(conn: UnixStream, target: &Target) {
         let reply = match serde_json::from_str::<Value>(&line) {
             Ok(req) => {
                 let id = req.get("id").cloned().unwrap_or(Value::Null);
+                let params = req.get("params").cloned().unwrap_or(Value::Null);
                 match req.get("method").and_then(Value::as_str) {
-                    Some(m) => match call(target, m) {
-                        Some(result) => json!({"jsonrpc": "2.0", "id": id, "result": result}),
-                        None => json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32601, "message": format!("no method {m}")}}),
+                    Some(m) => match call(target, m, &params) {
+                        Ok(result) => json!({"jsonrpc": "2.0", "id": id, "result": result}),
+                        Err((code, message)) => json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}}),
                     },
                     None => json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32600, "message": "request without a method"}}),
                 }
@@ -69,8 +71,38 @@ pub fn mirror_json(m: &StatusReport) -> Value {
     })
 }
 
-fn call(t: &Target, method: &str) -> Option<Value> {
-    Some(match method {
+/// SPDK's `nvmf_subsystem_listener_set_ana_state`: params `nqn`, `listen_address` (`traddr`,
+/// `trsvcid`), `ana_state` (`optimized`, `non_optimized`, `inaccessible`, `persistent_loss`) and
+/// optionally `anagrpid` (default: every group). A fenced mirror leg stays inaccessible.
+fn set_ana_state(t: &Target, p: &Value) -> Result<Value, (i64, String)> {
+    let bad = |m: &str| (-32602, m.to_string());
+    let nqn = p["nqn"].as_str().ok_or_else(|| bad("missing nqn"))?;
+    let si = t.subsystems.iter().position(|s| s.config.nqn == nqn).ok_or_else(|| bad("no such subsystem"))?;
+    let la = &p["listen_address"];
+    let (addr, port) = (la["traddr"].as_str().unwrap_or(""), la["trsvcid"].as_str().unwrap_or(""));
+    let li = t
+        .config
+        .listeners
+        .iter()
+        .position(|l| l.address.ip().to_string() == addr && l.address.port().to_string() == port)
+        .ok_or_else(|| bad("no listener at that listen_address"))?;
+    let state = p["ana_state"].as_str().and_then(|s| nvmetro_proto::subsystem::AnaState::parse(s)).ok_or_else(|| bad("bad ana_state"))?;
+    let groups: Vec<u32> = match p["anagrpid"].as_u64() {
+        Some(g) => vec![g as u32],
+        None => (1..=t.subsystems[si].config.ana_groups).collect(),
+    };
+    for g in groups {
+        t.override_ana(si, li, g, state);
+    }
+    t.refresh_ana();
+    Ok(Value::Bool(true))
+}
+
+fn call(t: &Target, method: &str, params: &Value) -> Result<Value, (i64, String)> {
+    if method == "nvmf_subsystem_listener_set_ana_state" {
+        return set_ana_state(t, params);
+    }
+    Ok(match method {
         "nvmetro_status" => {
             let subsystems: Vec<Value> = t
                 .subsystems
@@ -123,6 +155,6 @@ fn call(t: &Target, method: &str) -> Option<Value> {
                 })
                 .collect(),
         ),
-        _ => return None,
+        _ => return Err((-32601, format!("no method {method}"))),
     })
 }

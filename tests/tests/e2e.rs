@@ -469,3 +469,49 @@ fn metrics_match_the_load_tools_own_counts() {
     assert_eq!(scrape(m, "nvmetro_host_controllers{"), 1.0);
     assert_eq!(scrape(m, "nvmetro_ana_state{subsystem=\"nqn.2026-11.io.nvmetro:e2e\",listener="), 1.0);
 }
+
+fn rpc(socket: &std::path::Path, request: &str) -> String {
+    use std::io::BufRead;
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    writeln!(s, "{request}").unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line).unwrap();
+    line
+}
+
+#[test]
+fn ana_change_by_the_operator_reaches_the_host() {
+    let cfg = basic_config("[0]").replace("[target]", "[target]\nsocket = \"{DIR}/mgmt.sock\"");
+    let t = TargetProcess::start(&cfg);
+    let socket = t.scratch().join("mgmt.sock");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777, 0o600, "the socket is root-only");
+    let mut h = Host::connect(&opts(&t)).unwrap();
+    h.admin_cmd("Set Features (async event config)", cmds::set_features(0, 0x0b, 1 << 11), vec![], 0).unwrap();
+    let aer = h.admin.submit(cmds::async_event_request(0), vec![], 0);
+    h.admin.flush().unwrap();
+
+    let set = |state: &str| {
+        let port = t.addr.port();
+        rpc(
+            &socket,
+            &format!(
+                r#"{{"jsonrpc":"2.0","id":7,"method":"nvmf_subsystem_listener_set_ana_state","params":{{"nqn":"{SUBNQN}","listen_address":{{"trtype":"tcp","adrfam":"ipv4","traddr":"127.0.0.1","trsvcid":"{port}"}},"ana_state":"{state}"}}}}"#
+            ),
+        )
+    };
+    assert!(set("inaccessible").contains("\"result\":true"));
+    let (cqe, _) = h.admin.wait_for(aer).unwrap();
+    assert_eq!(cqe.result, 0x0c0302, "ANA change notice for log page 0Ch");
+    let ana = h.log_page(0x0c, 16 + 32 + 8).unwrap();
+    assert_eq!(ana[32], 3, "inaccessible in the ANA log");
+    assert_eq!(status_of(h.io_cmd(0, cmds::read(0, 1, 0, 1), vec![], 512)), Status::ANA_INACCESSIBLE);
+
+    assert!(set("optimized").contains("\"result\":true"));
+    h.read(1, 0, 1, 512).unwrap();
+    // Bad requests get JSON-RPC errors, not silence.
+    assert!(rpc(&socket, r#"{"jsonrpc":"2.0","id":1,"method":"no_such_method"}"#).contains("-32601"));
+    assert!(rpc(&socket, "not json").contains("-32700"));
+    assert!(set("sideways").contains("-32602"));
+    assert!(rpc(&socket, r#"{"jsonrpc":"2.0","id":2,"method":"nvmf_get_subsystems"}"#).contains(SUBNQN));
+}
