@@ -86,7 +86,7 @@ fn set_ana_state(t: &Target, p: &Value) -> Result<Value, (i64, String)> {
         .iter()
         .position(|l| l.address.ip().to_string() == addr && l.address.port().to_string() == port)
         .ok_or_else(|| bad("no listener at that listen_address"))?;
-    let state = p["ana_state"].as_str().and_then(|s| nvmetro_proto::subsystem::AnaState::parse(s)).ok_or_else(|| bad("bad ana_state"))?;
+    let state = p["ana_state"].as_str().and_then(nvmetro_proto::subsystem::AnaState::parse).ok_or_else(|| bad("bad ana_state"))?;
     let groups: Vec<u32> = match p["anagrpid"].as_u64() {
         Some(g) => vec![g as u32],
         None => (1..=t.subsystems[si].config.ana_groups).collect(),
