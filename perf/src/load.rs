@@ -382,7 +382,7 @@ pub fn run_paths(
             let q = p.queue.as_mut().expect("inflight implies a queue");
             let r = if active == 1 && interval.is_none() { q.poll_timeout(&mut done, Duration::from_millis(5)) } else { q.poll(&mut done) };
             if let Err(e) = r {
-                tracing_note(&p.shared.name, &e);
+                eprintln!("nvmetro-perf: path {} lost: {e}", p.shared.name);
                 lose_path(p, &mut retry, &mut stall_since);
                 continue;
             }
@@ -428,10 +428,6 @@ pub fn run_paths(
         p.result.elapsed = res.elapsed;
     }
     Ok(res)
-}
-
-fn tracing_note(path: &str, e: &HostError) {
-    eprintln!("nvmetro-perf: path {path} lost: {e}");
 }
 
 /// A path's connection failed: everything in flight on it goes to the retry list.

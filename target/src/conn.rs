@@ -455,7 +455,7 @@ impl Conn {
             Ok(ch) => ch.submit(tag, op),
             Err(e) => {
                 tracing::error!("cannot open a channel to bdev {}: {e}", ctx.target.bdevs[bdev].info().name);
-                self.on_completion(slot, Err(BdevError::Io(e.to_string())), ctx);
+                self.on_completion(slot, Err(BdevError::Io(e.to_string())));
             }
         }
     }
@@ -566,8 +566,7 @@ impl Conn {
         self.submit(ns.bdev, slot, BdevOp::CompareAndWrite { offset, expected: cdata, data: wdata }, ctx);
     }
 
-    pub fn on_completion(&mut self, slot: u32, result: Result<BdevOutput, BdevError>, ctx: &mut Ctx) {
-        let _ = ctx;
+    pub fn on_completion(&mut self, slot: u32, result: Result<BdevOutput, BdevError>) {
         let Some(Some(f)) = self.inflight.get_mut(slot as usize) else { return };
         match result {
             Ok(BdevOutput::Data(d)) => f.data = d,

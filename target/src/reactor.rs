@@ -271,9 +271,7 @@ impl Reactor {
             for c in self.completions.drain(..) {
                 let token = (c.tag >> 32) as u32;
                 if let Some(conn) = self.conns.get_mut(&token) {
-                    let registry = self.poll.registry();
-                    let mut ctx = Ctx { target: &self.target, channels: &mut self.channels, registry, now_ms };
-                    conn.on_completion(c.tag as u32, c.result, &mut ctx);
+                    conn.on_completion(c.tag as u32, c.result);
                     dirty.push(token);
                 }
             }

@@ -8,7 +8,6 @@ use arc_swap::ArcSwap;
 use nvmetro_conf::{Config, SubsystemConfig};
 use nvmetro_proto::subsystem::{AnaState, DiscoveryEntry, Health, NamespaceInfo, SubsystemKind, SubsystemView};
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -276,9 +275,4 @@ impl Discovery {
     pub fn genctr(&self) -> u64 {
         self.view.load().discovery_genctr
     }
-}
-
-/// Listener address by index, for logs.
-pub fn listener_addr(config: &Config, index: usize) -> SocketAddr {
-    config.listeners[index].address
 }

@@ -777,7 +777,6 @@ impl MirrorCore {
             }
         }
         // Resync reads in flight finish on their own; their data is not sent.
-        let _ = was;
     }
 }
 
