@@ -470,8 +470,9 @@ impl Conn {
             Ok(r) => r,
             Err(status) => return self.respond(Completion::new(cid, status), &[]),
         };
-        let ns_of = |nsid: u32| subsystem.namespace(nsid).expect("decode_io checked the namespace");
         let ns_index = subsystem.namespaces.iter().position(|n| n.info.nsid == cmd.nsid());
+        // decode_io checked the namespace; one lookup serves the bdev and the statistics.
+        let ns_of = |_: u32| &subsystem.namespaces[ns_index.expect("decode_io checked the namespace")];
         let new = |kind, remaining, bytes| Inflight {
             cid,
             kind,
