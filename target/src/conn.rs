@@ -472,7 +472,7 @@ impl Conn {
         };
         let ns_index = subsystem.namespaces.iter().position(|n| n.info.nsid == cmd.nsid());
         // decode_io checked the namespace; one lookup serves the bdev and the statistics.
-        let ns_of = |_: u32| &subsystem.namespaces[ns_index.expect("decode_io checked the namespace")];
+        let ns_of = || &subsystem.namespaces[ns_index.expect("decode_io checked the namespace")];
         let new = |kind, remaining, bytes| Inflight {
             cid,
             kind,
@@ -484,33 +484,33 @@ impl Conn {
             start: std::time::Instant::now(),
         };
         match req {
-            IoRequest::Read { nsid, slba, blocks } => {
-                let ns = ns_of(nsid);
+            IoRequest::Read { slba, blocks, .. } => {
+                let ns = ns_of();
                 let bs = u64::from(ns.info.block_size);
                 let len = u64::from(blocks) * bs;
                 let slot = self.alloc(new(IoKind::Read, 1, len));
                 self.submit(ns.bdev, slot, BdevOp::Read { offset: slba * bs, len: len as usize }, ctx);
             }
-            IoRequest::Write { nsid, slba, fua, .. } => {
-                let ns = ns_of(nsid);
+            IoRequest::Write { slba, fua, .. } => {
+                let ns = ns_of();
                 let bs = u64::from(ns.info.block_size);
                 let slot = self.alloc(new(IoKind::Write, 1, data.len() as u64));
                 self.submit(ns.bdev, slot, BdevOp::Write { offset: slba * bs, data, fua }, ctx);
             }
-            IoRequest::Compare { nsid, slba, .. } => {
-                let ns = ns_of(nsid);
+            IoRequest::Compare { slba, .. } => {
+                let ns = ns_of();
                 let bs = u64::from(ns.info.block_size);
                 let slot = self.alloc(new(IoKind::Compare, 1, 0));
                 self.submit(ns.bdev, slot, BdevOp::Compare { offset: slba * bs, expected: data }, ctx);
             }
-            IoRequest::WriteZeroes { nsid, slba, blocks, .. } => {
-                let ns = ns_of(nsid);
+            IoRequest::WriteZeroes { slba, blocks, .. } => {
+                let ns = ns_of();
                 let bs = u64::from(ns.info.block_size);
                 let slot = self.alloc(new(IoKind::Other, 1, 0));
                 self.submit(ns.bdev, slot, BdevOp::WriteZeroes { offset: slba * bs, len: u64::from(blocks) * bs }, ctx);
             }
-            IoRequest::Deallocate { nsid, ranges } => {
-                let ns = ns_of(nsid);
+            IoRequest::Deallocate { ranges, .. } => {
+                let ns = ns_of();
                 let bs = u64::from(ns.info.block_size);
                 let ranges: Vec<_> = ranges.into_iter().filter(|r| r.1 > 0).collect();
                 if ranges.is_empty() {

@@ -129,7 +129,7 @@ impl Running {
 
 fn open_bdev(
     b: &nvmetro_conf::BdevConfig,
-    opened: &[Arc<dyn Bdev>],
+    opened: &[Option<Arc<dyn Bdev>>],
     all: &[nvmetro_conf::BdevConfig],
     config_poll_mode: nvmetro_conf::PollMode,
 ) -> anyhow::Result<Arc<dyn Bdev>> {
@@ -152,8 +152,8 @@ fn open_bdev(
                 },
             };
             // The link runs as a poller on a reactor (taken in `start`).
-            MirrorBdev::start(&b.name, opened[leg].clone(), settings, Box::new(transport), true)
-                .with_context(|| format!("bdev {}", b.name))?
+            let leg = opened[leg].clone().context("mirror leg not opened yet")?;
+            MirrorBdev::start(&b.name, leg, settings, Box::new(transport), true).with_context(|| format!("bdev {}", b.name))?
         }
         BdevKind::Malloc => {
             let size = b.size.context("malloc bdev without size")?;
@@ -181,9 +181,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     for pass_mirrors in [false, true] {
         for (i, b) in config.bdevs.iter().enumerate() {
             if (b.kind == BdevKind::Mirror) == pass_mirrors {
-                let opened: Vec<Arc<dyn Bdev>> =
-                    bdevs.iter().map(|x| x.clone().unwrap_or_else(|| Arc::new(NullBdev::new("unopened", 512, 1)))).collect();
-                bdevs[i] = Some(open_bdev(b, &opened, &config.bdevs, config.poll_mode)?);
+                bdevs[i] = Some(open_bdev(b, &bdevs, &config.bdevs, config.poll_mode)?);
             }
         }
     }

@@ -307,15 +307,19 @@ impl MirrorCore {
         a.0 < b.0 + b.1.max(1) && b.0 < a.0 + a.1.max(1)
     }
 
-    fn conflicts(&self, id: u64, ahead: &[u64]) -> bool {
+    /// Whether `id` overlaps a running operation or one of `ahead` (earlier waiting ones).
+    fn conflicts<'a>(&self, id: u64, ahead: impl IntoIterator<Item = &'a u64>) -> bool {
         let Some(r) = self.ops[&id].range else { return false };
-        self.active.iter().chain(ahead).any(|o| self.ops.get(o).and_then(|x| x.range).is_some_and(|x| Self::overlaps(r, x)))
+        self.active
+            .iter()
+            .copied()
+            .chain(ahead.into_iter().copied())
+            .any(|o| self.ops.get(&o).and_then(|x| x.range).is_some_and(|x| Self::overlaps(r, x)))
     }
 
     /// Starts `id` when its range is free of running and earlier waiting operations.
     fn admit(&mut self, id: u64, out: &mut Vec<Output>) {
-        let ahead: Vec<u64> = self.waiting.iter().copied().collect();
-        if self.conflicts(id, &ahead) {
+        if self.conflicts(id, &self.waiting) {
             self.waiting.push_back(id);
         } else {
             self.active.push(id);
@@ -327,8 +331,7 @@ impl MirrorCore {
         self.active.retain(|x| *x != id);
         let mut still = VecDeque::new();
         while let Some(w) = self.waiting.pop_front() {
-            let ahead: Vec<u64> = still.iter().copied().collect();
-            if self.conflicts(w, &ahead) {
+            if self.conflicts(w, &still) {
                 still.push_back(w);
             } else {
                 self.active.push(w);
