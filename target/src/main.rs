@@ -38,15 +38,22 @@ fn main() -> anyhow::Result<()> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone())?;
     }
-    let socket = config.socket.clone();
-    let metrics = config.metrics;
+    // Management and metrics are bound first: once hosts can connect, operators can too.
+    let mgmt = match &config.socket {
+        Some(path) => Some((nvmetro_tgt::mgmt::bind(path).with_context(|| format!("management socket {}", path.display()))?, path.clone())),
+        None => None,
+    };
+    let metrics = match config.metrics {
+        Some(addr) => Some(std::net::TcpListener::bind(addr).with_context(|| format!("metrics endpoint {addr}"))?),
+        None => None,
+    };
     let running = nvmetro_tgt::start(config)?;
-    if let Some(path) = &socket {
-        nvmetro_tgt::mgmt::serve(path, running.target.clone()).with_context(|| format!("management socket {}", path.display()))?;
+    if let Some((listener, path)) = mgmt {
+        nvmetro_tgt::mgmt::serve(listener, running.target.clone())?;
         tracing::info!(socket = %path.display(), "management socket ready");
     }
-    if let Some(addr) = metrics {
-        let bound = nvmetro_tgt::metrics::serve(addr, running.target.clone()).with_context(|| format!("metrics endpoint {addr}"))?;
+    if let Some(listener) = metrics {
+        let bound = nvmetro_tgt::metrics::serve(listener, running.target.clone())?;
         tracing::info!(address = %bound, "metrics at /metrics");
     }
     for s in &running.target.subsystems {

@@ -6,12 +6,14 @@ use crate::Target;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
+
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
-pub fn serve(addr: SocketAddr, target: Arc<Target>) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)?;
+/// Serves `/metrics` on a listener bound before the target started (so it answers as soon as the
+/// NVMe listeners do).
+pub fn serve(listener: TcpListener, target: Arc<Target>) -> std::io::Result<SocketAddr> {
     let bound = listener.local_addr()?;
     std::thread::Builder::new().name("metrics".into()).spawn(move || {
         for conn in listener.incoming() {

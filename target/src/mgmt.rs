@@ -15,8 +15,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
 
-/// Binds the socket (replacing a stale one) and serves it from a thread.
-pub fn serve(path: &Path, target: Arc<Target>) -> std::io::Result<()> {
+/// Binds the socket (replacing a stale one), mode 0600. Bound before the target starts, so that
+/// it answers as soon as the NVMe listeners do.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
             return Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, format!("{}: another target is running", path.display())));
@@ -25,6 +26,11 @@ pub fn serve(path: &Path, target: Arc<Target>) -> std::io::Result<()> {
     }
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves the bound socket from a thread.
+pub fn serve(listener: UnixListener, target: Arc<Target>) -> std::io::Result<()> {
     std::thread::Builder::new().name("mgmt".into()).spawn(move || {
         for conn in listener.incoming() {
             let Ok(conn) = conn else { continue };
