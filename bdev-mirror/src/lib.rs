@@ -16,6 +16,8 @@ pub mod mirror;
 pub mod null;
 pub mod range_lock;
 
+pub use mirror::core::Access;
+
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
@@ -104,6 +106,10 @@ pub enum BdevError {
     /// or it is being resynced): hosts get ANA Inaccessible and retry on another path.
     #[error("this mirror leg is fenced")]
     Fenced,
+    /// A metro leg deciding whether it serves (its peer was just lost, the witness is being
+    /// asked): hosts get ANA Transition and retry.
+    #[error("this mirror leg is changing state")]
+    Transition,
 }
 
 impl From<std::io::Error> for BdevError {
@@ -141,7 +147,16 @@ pub trait Bdev: Send + Sync + std::fmt::Debug {
     fn info(&self) -> &BdevInfo;
     /// Whether this device may serve host I/O now (a fenced mirror leg may not).
     fn serving(&self) -> bool {
-        true
+        matches!(self.access(), Access::Serving | Access::Sole)
+    }
+    /// How hosts should see paths to this device (a metro mirror leg may be serving alone,
+    /// deciding, or fenced).
+    fn access(&self) -> Access {
+        Access::Serving
+    }
+    /// Metro mirror, manual failback: let a resynced leg serve again. Returns whether it was held.
+    fn failback(&self) -> bool {
+        false
     }
     /// A poller the device needs run on a reactor; handed out once.
     fn take_poller(&self) -> Option<Box<dyn Poller>> {

@@ -24,6 +24,7 @@ fn leg(name: &str, role: Role, transport: mem::MemTransport, dir: &std::path::Pa
         heartbeat_timeout: Duration::from_secs(3),
         link_delay: Duration::ZERO,
         spin: Duration::ZERO,
+        metro: None,
     };
     let m = MirrorBdev::start(name, local.clone(), settings, Box::new(transport), false).unwrap();
     (m, local)

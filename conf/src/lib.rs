@@ -174,6 +174,12 @@ pub struct BdevSection {
     /// mirror: delay added to every frame this site sends, e.g. "75us" (benchmarks and tests
     /// emulating distance; a round trip gains twice this when both sites set it).
     pub link_delay: Option<Spanned<String>>,
+    /// mirror: silence from the peer after which the link counts as lost (default "3s"; "1s"
+    /// with a witness). In metro mode a leg stops serving after half of it.
+    pub heartbeat_timeout: Option<Spanned<String>>,
+    /// mirror, metro mode: "automatic" (default) or "manual": whether a resynced leg serves again
+    /// on its own or waits for `nvmetro failback`.
+    pub failback: Option<Spanned<String>>,
 }
 
 fn default_block_size() -> Spanned<u32> {
@@ -259,6 +265,24 @@ pub struct MetricsSection {
     pub address: Option<Spanned<String>>,
 }
 
+/// The metro witness this site's mirrors consult when they lose their peer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WitnessSection {
+    pub address: Spanned<String>,
+    /// The secret shared with the witness and the other site (at least 16 characters).
+    pub secret: Option<Spanned<String>>,
+    /// A file holding the secret (instead of `secret`).
+    pub secret_file: Option<Spanned<PathBuf>>,
+}
+
+/// Where the witness is, for the target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WitnessConfig {
+    pub address: SocketAddr,
+    pub secret: Vec<u8>,
+}
+
 /// Where metrics are served when `[metrics]` names no address.
 pub const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:9775";
 
@@ -285,6 +309,7 @@ pub struct RawConfig {
     #[serde(default, rename = "host")]
     pub hosts: Vec<HostSection>,
     pub metrics: Option<MetricsSection>,
+    pub witness: Option<WitnessSection>,
 }
 
 /// A validated configuration.
@@ -302,6 +327,8 @@ pub struct Config {
     pub host_sites: BTreeMap<String, u8>,
     /// Prometheus endpoint, if enabled.
     pub metrics: Option<SocketAddr>,
+    /// Metro mode: every mirror consults this witness.
+    pub witness: Option<WitnessConfig>,
 }
 
 impl Config {
@@ -334,6 +361,8 @@ pub struct MirrorConfig {
     pub resync_rate: u64,
     pub region_shift: u32,
     pub link_delay_us: u64,
+    pub heartbeat_timeout_ms: Option<u64>,
+    pub manual_failback: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -388,6 +417,82 @@ impl Ctx<'_> {
     }
 }
 
+fn witness_config(ctx: &Ctx, w: &WitnessSection) -> Result<WitnessConfig, ConfigError> {
+    let address = w
+        .address
+        .get_ref()
+        .parse()
+        .map_err(|_| ctx.err(w.address.span(), "witness.address", format!("`{}` is not an address:port", w.address.get_ref())))?;
+    let secret = read_secret(ctx, "witness", w.secret.as_ref(), w.secret_file.as_ref(), &w.address)?;
+    Ok(WitnessConfig { address, secret })
+}
+
+/// A shared secret given inline or in a file; at least 16 bytes.
+fn read_secret(
+    ctx: &Ctx,
+    section: &str,
+    inline: Option<&Spanned<String>>,
+    file: Option<&Spanned<PathBuf>>,
+    anchor: &Spanned<String>,
+) -> Result<Vec<u8>, ConfigError> {
+    let (secret, span, key) = match (inline, file) {
+        (Some(s), None) => (s.get_ref().as_bytes().to_vec(), s.span(), "secret"),
+        (None, Some(f)) => {
+            let text = std::fs::read_to_string(f.get_ref())
+                .map_err(|e| ctx.err(f.span(), &format!("{section}.secret_file"), format!("cannot read {}: {e}", f.get_ref().display())))?;
+            (text.trim().as_bytes().to_vec(), f.span(), "secret_file")
+        }
+        _ => return Err(ctx.err(anchor.span(), &format!("{section}.secret"), "give exactly one of `secret` and `secret_file`")),
+    };
+    if secret.len() < 16 {
+        return Err(ctx.err(span, &format!("{section}.{key}"), "the shared secret needs at least 16 characters"));
+    }
+    Ok(secret)
+}
+
+/// The witness daemon's file (`conf/witness.toml`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WitnessDaemonSection {
+    /// UDP address to answer on.
+    pub listen: Spanned<String>,
+    pub secret: Option<Spanned<String>>,
+    pub secret_file: Option<Spanned<PathBuf>>,
+    /// Where decisions are kept across restarts.
+    pub state: Spanned<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WitnessDaemonConfig {
+    pub listen: SocketAddr,
+    pub secret: Vec<u8>,
+    pub state: PathBuf,
+}
+
+/// Reads and validates the witness daemon's config file.
+pub fn load_witness(path: &Path) -> Result<WitnessDaemonConfig, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        line: 0,
+        key: String::new(),
+        message: format!("cannot read: {e}"),
+    })?;
+    parse_witness(&text, &file)
+}
+
+pub fn parse_witness(text: &str, file: &str) -> Result<WitnessDaemonConfig, ConfigError> {
+    let ctx = Ctx { file, text };
+    let raw: WitnessDaemonSection = toml::from_str(text).map_err(|e| toml_error(&e, text, file))?;
+    let listen = raw
+        .listen
+        .get_ref()
+        .parse()
+        .map_err(|_| ctx.err(raw.listen.span(), "listen", format!("`{}` is not an address:port", raw.listen.get_ref())))?;
+    let secret = read_secret(&ctx, "witness", raw.secret.as_ref(), raw.secret_file.as_ref(), &raw.listen)?;
+    Ok(WitnessDaemonConfig { listen, secret, state: raw.state.get_ref().clone() })
+}
+
 /// Reads and validates a config file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -402,19 +507,17 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// Parses and validates config text; `file` names it in errors.
 pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
     let ctx = Ctx { file, text };
-    let raw: RawConfig = toml::from_str(text).map_err(|e| {
-        let span = e.span().unwrap_or(0..0);
-        let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-        let msg = e.message().to_string();
-        let key = msg
-            .split('`')
-            .nth(1)
-            .filter(|_| msg.starts_with("unknown field") || msg.starts_with("missing field"))
-            .unwrap_or("")
-            .to_string();
-        ConfigError { file: file.into(), line, key, message: msg }
-    })?;
+    let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(&e, text, file))?;
     validate(raw, &ctx)
+}
+
+fn toml_error(e: &toml::de::Error, text: &str, file: &str) -> ConfigError {
+    let span = e.span().unwrap_or(0..0);
+    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+    let msg = e.message().to_string();
+    let key =
+        msg.split('`').nth(1).filter(|_| msg.starts_with("unknown field") || msg.starts_with("missing field")).unwrap_or("").to_string();
+    ConfigError { file: file.into(), line, key, message: msg }
 }
 
 fn hex<const N: usize>(ctx: &Ctx, s: &Spanned<String>, key: &str) -> Result<[u8; N], ConfigError> {
@@ -487,7 +590,24 @@ fn mirror_config(ctx: &Ctx, b: &BdevSection) -> Result<MirrorConfig, ConfigError
             ctx.err(d.span(), "bdev.link_delay", format!("`{}` is not a duration such as \"75us\" or \"1ms\"", d.get_ref()))
         })?,
     };
+    let heartbeat_timeout_ms = match &b.heartbeat_timeout {
+        None => None,
+        Some(d) => match parse_micros(d.get_ref()) {
+            Some(us) if (100_000..=60_000_000).contains(&us) => Some(us / 1000),
+            _ => return Err(ctx.err(d.span(), "bdev.heartbeat_timeout", format!("`{}` is not a duration from 100ms to 60s", d.get_ref()))),
+        },
+    };
+    let manual_failback = match &b.failback {
+        None => false,
+        Some(f) => match f.get_ref().as_str() {
+            "automatic" => false,
+            "manual" => true,
+            other => return Err(ctx.err(f.span(), "bdev.failback", format!("`{other}` is not \"automatic\" or \"manual\""))),
+        },
+    };
     Ok(MirrorConfig {
+        heartbeat_timeout_ms,
+        manual_failback,
         link_delay_us,
         local,
         preferred,
@@ -545,7 +665,13 @@ fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError> {
             return Err(ctx.err(b.block_size.span(), "bdev.block_size", format!("{bs} is not 512 or 4096")));
         }
         let size = b.size.as_ref().map(|s| s.get_ref().bytes());
-        let mirror_keys = b.local.is_some() || b.role.is_some() || b.listen.is_some() || b.peer.is_some() || b.metadata.is_some();
+        let mirror_keys = b.local.is_some()
+            || b.role.is_some()
+            || b.listen.is_some()
+            || b.peer.is_some()
+            || b.metadata.is_some()
+            || b.failback.is_some()
+            || b.heartbeat_timeout.is_some();
         if b.kind != BdevKind::Mirror && mirror_keys {
             return Err(ctx.err(b.name.span(), "bdev", format!("bdev `{name}`: local/role/listen/peer/metadata belong to mirror bdevs")));
         }
@@ -763,7 +889,12 @@ fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError> {
             a.get_ref().parse().map_err(|_| ctx.err(a.span(), "metrics.address", format!("`{}` is not an address:port", a.get_ref())))?,
         ),
     };
+    let witness = match &raw.witness {
+        None => None,
+        Some(w) => Some(witness_config(ctx, w)?),
+    };
     Ok(Config {
+        witness,
         metrics,
         cores,
         poll_mode: raw.target.poll_mode,

@@ -25,6 +25,7 @@ fuzz_target!(|input: &[u8]| {
         discovery_genctr: 0,
         max_namespaces: 8,
         ana_transition_time: 10,
+        sole_groups: Vec::new(),
     };
     let Some((&split, bytes)) = input.split_first() else { return };
     let mut stream = Vec::new();

@@ -107,6 +107,8 @@ pub struct SubsystemView {
     pub max_namespaces: u32,
     /// Seconds within which an ANA transition completes (ANATT).
     pub ana_transition_time: u8,
+    /// Groups this site serves alone (its metro peer is lost): Optimized for every host.
+    pub sole_groups: Vec<u32>,
 }
 
 impl SubsystemView {
@@ -122,8 +124,10 @@ impl SubsystemView {
     /// host prefers its own site's paths; states that cannot serve are left as they are.
     pub fn for_remote_host(&self) -> SubsystemView {
         let mut v = self.clone();
-        for s in v.ana_groups.iter_mut().filter(|s| **s == AnaState::Optimized) {
-            *s = AnaState::NonOptimized;
+        for (i, s) in v.ana_groups.iter_mut().enumerate() {
+            if *s == AnaState::Optimized && !self.sole_groups.contains(&(i as u32 + 1)) {
+                *s = AnaState::NonOptimized;
+            }
         }
         v
     }
@@ -145,6 +149,7 @@ impl SubsystemView {
             discovery_genctr: genctr,
             max_namespaces: 0,
             ana_transition_time: 0,
+            sole_groups: Vec::new(),
         }
     }
 }

@@ -33,6 +33,7 @@ fn view() -> SubsystemView {
         discovery_genctr: 0,
         max_namespaces: 32,
         ana_transition_time: 10,
+        sole_groups: Vec::new(),
     }
 }
 

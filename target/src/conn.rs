@@ -578,6 +578,7 @@ impl Conn {
                     (BdevError::OutOfRange { .. }, _) => Status::LBA_OUT_OF_RANGE,
                     (BdevError::NoSpace, _) => Status::CAPACITY_EXCEEDED,
                     (BdevError::Fenced, _) => Status::ANA_INACCESSIBLE,
+                    (BdevError::Transition, _) => Status::ANA_TRANSITION,
                     (BdevError::Io(_), IoKind::Read | IoKind::Compare) => Status::UNRECOVERED_READ_ERROR,
                     (BdevError::Io(_), _) => Status::WRITE_FAULT,
                 };

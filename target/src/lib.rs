@@ -25,9 +25,9 @@ pub mod subsys;
 
 use anyhow::Context;
 use nvmetro_bdev::mirror::core::Role;
-use nvmetro_bdev::mirror::driver::{MirrorBdev, MirrorSettings};
+use nvmetro_bdev::mirror::driver::{MetroSettings, MirrorBdev, MirrorSettings};
 use nvmetro_bdev::mirror::transport::TcpTransport;
-use nvmetro_bdev::{file::FileBdev, malloc::MallocBdev, null::NullBdev, Bdev};
+use nvmetro_bdev::{file::FileBdev, malloc::MallocBdev, null::NullBdev, Access, Bdev};
 use nvmetro_conf::{BdevKind, Config};
 use nvmetro_proto::subsystem::{AnaState, NamespaceInfo};
 use reactor::{Reactor, ReactorHandle};
@@ -84,14 +84,25 @@ impl Target {
         let overrides = self.ana_overrides.lock().map(|o| o.clone()).unwrap_or_default();
         for (si, s) in self.subsystems.iter().enumerate() {
             for ns in &s.namespaces {
-                let serving = self.bdevs[ns.bdev].serving();
+                let access = self.bdevs[ns.bdev].access();
                 for (li, l) in self.config.listeners.iter().enumerate() {
                     let configured = overrides
                         .get(&(si, li, ns.info.ana_group))
                         .copied()
                         .or_else(|| l.ana_states.get(&ns.info.ana_group).and_then(|st| AnaState::parse(st)))
                         .unwrap_or(AnaState::Optimized);
-                    let want = if serving { configured } else { AnaState::Inaccessible };
+                    let want = match access {
+                        Access::Serving => configured,
+                        // Alone, this site is every host's best path (unless the operator
+                        // made the group unusable here).
+                        Access::Sole if matches!(configured, AnaState::Optimized | AnaState::NonOptimized) => AnaState::Optimized,
+                        Access::Sole => configured,
+                        Access::Transition => AnaState::Change,
+                        Access::Fenced => AnaState::Inaccessible,
+                    };
+                    if s.set_sole(li, ns.info.ana_group, access == Access::Sole) {
+                        changes += 1;
+                    }
                     if s.view(li).ana_state(ns.info.ana_group) != want {
                         s.set_ana_state(li, ns.info.ana_group, want);
                         tracing::info!(subsystem = %s.config.nqn, nsid = ns.info.nsid, listener = %l.address, state = want.name(), "ANA state changed");
@@ -132,19 +143,24 @@ fn open_bdev(
     opened: &[Option<Arc<dyn Bdev>>],
     all: &[nvmetro_conf::BdevConfig],
     config_poll_mode: nvmetro_conf::PollMode,
+    witness: Option<&nvmetro_conf::WitnessConfig>,
 ) -> anyhow::Result<Arc<dyn Bdev>> {
     Ok(match b.kind {
         BdevKind::Mirror => {
             let m = b.mirror.as_ref().context("mirror bdev without settings")?;
             let leg = all.iter().position(|x| x.name == m.local).context("mirror leg missing")?;
             let transport = TcpTransport::new(m.listen, m.peer).with_context(|| format!("mirror {}", b.name))?;
+            let heartbeat = std::time::Duration::from_millis(m.heartbeat_timeout_ms.unwrap_or(if witness.is_some() { 1000 } else { 3000 }));
+            let metro =
+                witness.map(|w| MetroSettings::new(w.address, w.secret.clone(), &b.name, m.preferred, m.manual_failback, heartbeat));
             let settings = MirrorSettings {
+                metro,
                 role: if m.preferred { Role::Preferred } else { Role::Secondary },
                 site: m.site,
                 meta_path: m.metadata.clone(),
                 region_shift: m.region_shift,
                 resync_rate: m.resync_rate,
-                heartbeat_timeout: std::time::Duration::from_secs(3),
+                heartbeat_timeout: heartbeat,
                 link_delay: std::time::Duration::from_micros(m.link_delay_us),
                 spin: match config_poll_mode {
                     nvmetro_conf::PollMode::Busy => std::time::Duration::from_millis(1),
@@ -181,7 +197,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     for pass_mirrors in [false, true] {
         for (i, b) in config.bdevs.iter().enumerate() {
             if (b.kind == BdevKind::Mirror) == pass_mirrors {
-                bdevs[i] = Some(open_bdev(b, &bdevs, &config.bdevs, config.poll_mode)?);
+                bdevs[i] = Some(open_bdev(b, &bdevs, &config.bdevs, config.poll_mode, config.witness.as_ref())?);
             }
         }
     }

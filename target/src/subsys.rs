@@ -130,6 +130,7 @@ impl Subsystem {
                     discovery_genctr: 0,
                     max_namespaces: config.max_namespaces,
                     ana_transition_time: config.ana_transition_time,
+                    sole_groups: Vec::new(),
                 })
             })
             .collect();
@@ -165,6 +166,25 @@ impl Subsystem {
             slot.store(Arc::new(v));
             self.ana_changed.lock().expect("ana change times").insert((listener, group), std::time::SystemTime::now());
         }
+        true
+    }
+
+    /// Marks `group` on `listener` as served alone by this site (remote hosts see it Optimized
+    /// too); a change raises the ANA change event like a state change.
+    pub fn set_sole(&self, listener: usize, group: u32, sole: bool) -> bool {
+        let Some(slot) = self.views.get(listener) else { return false };
+        let mut v = (*slot.load_full()).clone();
+        if v.sole_groups.contains(&group) == sole {
+            return false;
+        }
+        if sole {
+            v.sole_groups.push(group);
+        } else {
+            v.sole_groups.retain(|g| *g != group);
+        }
+        v.ana_change_count += 1;
+        slot.store(Arc::new(v));
+        self.ana_changed.lock().expect("ana change times").insert((listener, group), std::time::SystemTime::now());
         true
     }
 

@@ -13,10 +13,24 @@
 //!   it was told to apply, resync data) in arrival order, overlapping ones one after another.
 //!   Fused compare-and-write runs only on the preferred leg, so it is atomic across both sites.
 //!
-//! Loss: the preferred leg keeps serving alone (dirty bits, made durable before each write, record
-//! what the peer lacks); the secondary fences itself (host I/O fails with `Fenced`, which the
-//! target reports as ANA Inaccessible) until it is resynced. A witness can later replace this
-//! fixed choice.
+//! Loss, without a witness: the preferred leg keeps serving alone (dirty bits, made durable
+//! before each write, record what the peer lacks); the secondary fences itself (host I/O fails
+//! with `Fenced`, which the target reports as ANA Inaccessible) until it is resynced.
+//!
+//! Loss in metro mode ([`Metro`], with a witness): the role that orders writes is not fixed.
+//! * Connected, both legs serve; each stops serving the moment it has heard nothing from its peer
+//!   for `fence_ms` (its lease from the peer ran out), before the peer can declare the link lost.
+//! * A leg that loses its peer holds the writes waiting for it, answers new I/O with
+//!   `Transition` (ANA Change) and asks the witness ([`super::witness`]). Granted, it takes the
+//!   new generation the witness recorded, becomes the ordering leg and, once `settle_ms` have
+//!   passed since the loss (so the other leg's lease has surely run out), serves alone and
+//!   completes the held writes. Denied, it is Outdated and fences (ANA Inaccessible).
+//! * Pre-election: while connected, the legs tell each other whether they reach the witness. When
+//!   neither does, the non-survivor defers (durably) and the survivor arms: a later link loss is
+//!   then decided without the witness. The non-survivor is released only over the link, once it
+//!   reaches the witness again, so the two can never both believe they may serve.
+//! * The leg that was lost comes back Outdated, is resynced (the union of both legs' dirty
+//!   bitmaps) and serves again on its own (automatic failback), or after the operator says so.
 
 use super::frame::{status, Frame, Hello, Kind, OpCode};
 use super::meta::{Meta, SyncDirection};
@@ -44,6 +58,84 @@ pub enum LinkState {
     Refused(String),
 }
 
+/// Metro-mode settings: a witness decides who serves when the legs lose each other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metro {
+    /// The witness's name for this mirror (both sites use the same).
+    pub resource: String,
+    /// This site survives a link loss when the witness was lost first (pre-election).
+    pub survivor: bool,
+    /// After a resync, wait for [`Input::Failback`] before serving again.
+    pub manual_failback: bool,
+    /// Stop serving after this long without a frame from the connected peer.
+    pub fence_ms: u64,
+    /// After losing the peer, serve alone no sooner than this (must exceed the peer's `fence_ms`).
+    pub settle_ms: u64,
+    /// At start, wait this long for the peer before asking the witness.
+    pub startup_grace_ms: u64,
+    /// Report Transition (ANA Change) at most this long, then Inaccessible while undecided.
+    pub transition_ms: u64,
+}
+
+/// How hosts should see this leg's paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Serving with its peer: hosts of this site Optimized, others Non-Optimized.
+    Serving,
+    /// Serving alone: every host's path here is Optimized (the other site cannot serve).
+    Sole,
+    /// Deciding (ANA Change).
+    Transition,
+    /// Not serving (ANA Inaccessible).
+    Fenced,
+}
+
+/// Where the leg stands in metro mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Quorum {
+    /// Just started: waiting for the peer before asking the witness.
+    Starting,
+    /// With the peer (or resyncing it from a state that needed no election).
+    Peer,
+    /// Asking the witness; `next` is the generation to write under once granted.
+    Electing {
+        since_ms: u64,
+        next: u64,
+        nonce: u64,
+        last_ask_ms: u64,
+    },
+    /// Granted (or pre-elected): serves alone from `at_ms` on.
+    Won {
+        at_ms: u64,
+    },
+    Solo,
+    Fenced,
+}
+
+/// Witness `arg` values in [`Kind::Witness`] frames.
+mod wit {
+    pub const UNREACHABLE: u32 = 0;
+    pub const REACHABLE: u32 = 1;
+    /// The sender defers to the receiver: it will not serve alone after a link loss.
+    pub const DEFER: u32 = 2;
+    /// The receiver no longer counts on the sender deferring.
+    pub const RELEASE: u32 = 3;
+}
+
+/// What status displays show of the witness and the election.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MetroStatus {
+    pub witness_reachable: bool,
+    /// Milliseconds since the witness last answered.
+    pub witness_seen_ms_ago: Option<u64>,
+    pub witness_authority: u64,
+    pub witness_holder: u8,
+    pub quorum: String,
+    pub why: String,
+    pub pre_elected: String,
+    pub failback_pending: bool,
+}
+
 #[derive(Debug)]
 pub enum Input {
     /// A write-type host operation (reads are served by the local leg directly).
@@ -61,6 +153,10 @@ pub enum Input {
     Tick {
         now_ms: u64,
     },
+    /// Metro mode: the witness answered.
+    Witness(super::witness::Reply),
+    /// Metro mode, manual failback: the operator lets a resynced leg serve again.
+    Failback,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -76,6 +172,8 @@ pub enum Output {
     },
     /// Make [`MirrorCore::meta`] durable before executing the next output.
     Persist,
+    /// Metro mode: send this to the witness.
+    Witness(super::witness::Request),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +186,9 @@ enum Origin {
     ResyncIn(u64),
     /// This leg reading a region to send it.
     ResyncOut(u64),
+    /// A host write whose leg changed role while it ran: already answered; only its range is
+    /// released when it ends.
+    Orphan,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,6 +249,22 @@ pub struct MirrorCore {
     resynced_bytes: u64,
     sync_total: u64,
     random: u64,
+    configured_preferred: bool,
+    /// Source: the peer's dirty bitmap has not arrived yet (resync waits for it).
+    awaiting_bitmap: bool,
+    metro: Option<Metro>,
+    quorum: Quorum,
+    why: String,
+    last_heard_ms: u64,
+    link_lost_ms: u64,
+    witness_seen_ms: Option<u64>,
+    witness_authority: u64,
+    witness_holder: u8,
+    peer_reaches_witness: bool,
+    /// Survivor: the peer deferred to this leg.
+    armed: bool,
+    failback_hold: bool,
+    last_report_ms: u64,
 }
 
 impl std::fmt::Debug for MirrorCore {
@@ -167,7 +284,14 @@ pub struct MirrorStatus {
     pub out_of_sync_bytes: u64,
     pub sync_total_bytes: u64,
     pub synced_bytes: u64,
+    pub access: Access,
+    pub metro: Option<MetroStatus>,
 }
+
+/// How often the legs report to the witness and to each other (metro mode).
+const WITNESS_INTERVAL_MS: u64 = 250;
+/// The witness counts as reachable while it answered within this.
+const WITNESS_ALIVE_MS: u64 = 1_000;
 
 impl MirrorCore {
     /// A leg over a device of `size` bytes with the metadata it persisted. `seed` draws new
@@ -206,8 +330,33 @@ impl MirrorCore {
             resynced_bytes: 0,
             sync_total: 0,
             random: seed ^ 0x9e37_79b9_7f4a_7c15,
+            configured_preferred: role == Role::Preferred,
+            awaiting_bitmap: false,
+            metro: None,
+            quorum: Quorum::Peer,
+            why: String::new(),
+            last_heard_ms: 0,
+            link_lost_ms: 0,
+            witness_seen_ms: None,
+            witness_authority: 0,
+            witness_holder: 0,
+            peer_reaches_witness: true,
+            armed: false,
+            failback_hold: false,
+            last_report_ms: 0,
         };
         (core, out)
+    }
+
+    /// Switches to metro mode (before the first input): the witness decides who serves alone.
+    pub fn set_metro(&mut self, metro: Metro) {
+        if self.meta.generations.current != 0 {
+            // Whether this copy is current is the witness's call (its authority generation).
+            self.disk = DiskState::UpToDate;
+        }
+        self.quorum = Quorum::Starting;
+        self.why = "starting: waiting for the peer".into();
+        self.metro = Some(metro);
     }
 
     pub fn meta(&self) -> &Meta {
@@ -220,9 +369,44 @@ impl MirrorCore {
 
     /// Whether host I/O may be served by this leg now.
     pub fn serving(&self) -> bool {
-        match self.role {
-            Role::Preferred => self.disk == DiskState::UpToDate,
-            Role::Secondary => self.link == LinkState::Connected && self.disk == DiskState::UpToDate,
+        let Some(m) = &self.metro else {
+            return match self.role {
+                Role::Preferred => self.disk == DiskState::UpToDate,
+                Role::Secondary => self.link == LinkState::Connected && self.disk == DiskState::UpToDate,
+            };
+        };
+        if self.disk != DiskState::UpToDate || self.failback_hold {
+            return false;
+        }
+        let solo = self.quorum == Quorum::Solo;
+        match self.link {
+            LinkState::Connected | LinkState::Syncing { source: true } => {
+                solo || self.last_tick_ms.saturating_sub(self.last_heard_ms) <= m.fence_ms
+            }
+            _ => solo,
+        }
+    }
+
+    /// How hosts should see this leg's paths.
+    pub fn access(&self) -> Access {
+        if self.serving() {
+            return if self.metro.is_some() && self.quorum == Quorum::Solo { Access::Sole } else { Access::Serving };
+        }
+        match (&self.metro, &self.quorum) {
+            (Some(_), Quorum::Won { .. }) => Access::Transition,
+            (Some(m), Quorum::Electing { since_ms, .. }) if self.last_tick_ms.saturating_sub(*since_ms) < m.transition_ms => {
+                Access::Transition
+            }
+            _ => Access::Fenced,
+        }
+    }
+
+    /// The error host I/O gets while this leg does not serve.
+    fn refusal(&self) -> BdevError {
+        if self.access() == Access::Transition {
+            BdevError::Transition
+        } else {
+            BdevError::Fenced
         }
     }
 
@@ -248,7 +432,36 @@ impl MirrorCore {
             out_of_sync_bytes: (regions * region).min(self.size),
             sync_total_bytes: self.sync_total,
             synced_bytes: self.resynced_bytes,
+            access: self.access(),
+            metro: self.metro.as_ref().map(|_| MetroStatus {
+                witness_reachable: self.witness_reachable(),
+                witness_seen_ms_ago: self.witness_seen_ms.map(|t| self.last_tick_ms.saturating_sub(t)),
+                witness_authority: self.witness_authority,
+                witness_holder: self.witness_holder,
+                quorum: match self.quorum {
+                    Quorum::Starting => "starting",
+                    Quorum::Peer => "with peer",
+                    Quorum::Electing { .. } => "electing",
+                    Quorum::Won { .. } => "won, settling",
+                    Quorum::Solo => "serving alone",
+                    Quorum::Fenced => "fenced",
+                }
+                .into(),
+                why: self.why.clone(),
+                pre_elected: if self.armed {
+                    "this site survives a link loss (witness lost)".into()
+                } else if self.meta.deferred {
+                    "the peer survives a link loss (witness lost)".into()
+                } else {
+                    String::new()
+                },
+                failback_pending: self.failback_hold,
+            }),
         }
+    }
+
+    fn witness_reachable(&self) -> bool {
+        self.witness_seen_ms.is_some_and(|t| self.last_tick_ms.saturating_sub(t) <= WITNESS_ALIVE_MS)
     }
 
     fn fresh_generation(&mut self) -> u64 {
@@ -269,9 +482,19 @@ impl MirrorCore {
             Input::Frame(f) => self.on_frame(f, out),
             Input::LinkUp => {
                 self.link = LinkState::Handshake;
+                if matches!(self.quorum, Quorum::Electing { .. }) {
+                    // The peer is back before the witness answered: the handshake decides (a
+                    // grant that arrives now is ignored; the witness heals it once both legs
+                    // report being in sync).
+                    self.quorum = Quorum::Starting;
+                    self.why = "peer back during the election".into();
+                    // Writes held for the verdict never reached the peer: hosts retry them (their
+                    // regions are dirty, so the resync covers whatever this leg applied).
+                    self.release_held(Err(BdevError::Transition), out);
+                }
                 let hello = Hello {
                     site: self.site,
-                    preferred: self.role == Role::Preferred,
+                    preferred: self.configured_preferred,
                     generations: self.meta.generations,
                     disk: self.disk,
                     size: self.size,
@@ -291,7 +514,239 @@ impl MirrorCore {
                 if now_ms / 1000 != (now_ms - elapsed) / 1000 {
                     self.sweep(out);
                 }
+                if self.metro.is_some() {
+                    self.metro_tick(out);
+                }
             }
+            Input::Witness(reply) => self.on_witness(reply, out),
+            Input::Failback => {
+                if self.failback_hold {
+                    self.failback_hold = false;
+                    self.why = "failed back by the operator".into();
+                }
+            }
+        }
+    }
+
+    /// Metro mode, every tick: reports to the witness and the peer, elections, settling.
+    fn metro_tick(&mut self, out: &mut Vec<Output>) {
+        let Some(m) = self.metro.clone() else { return };
+        let now = self.last_tick_ms;
+        match self.quorum {
+            Quorum::Starting if self.link == LinkState::Connected => self.quorum = Quorum::Peer,
+            Quorum::Starting if now >= m.startup_grace_ms && self.link != LinkState::Handshake && !self.peer_reachable() => {
+                self.link_lost_ms = now.saturating_sub(m.settle_ms);
+                self.elect(out);
+            }
+            Quorum::Solo | Quorum::Fenced if self.link == LinkState::Connected && self.disk == DiskState::UpToDate => {
+                self.quorum = Quorum::Peer;
+                if !self.failback_hold {
+                    self.why = "in sync with the peer".into();
+                }
+            }
+            Quorum::Won { at_ms } if now >= at_ms => {
+                self.quorum = Quorum::Solo;
+                self.why = if self.armed {
+                    "serving alone: pre-elected survivor (peer and witness lost)".into()
+                } else {
+                    format!("serving alone: granted by the witness (generation {:x})", self.meta.generations.current)
+                };
+                tracing::warn!("{}", self.why);
+                self.release_held(Ok(()), out);
+            }
+            _ => {}
+        }
+        // The witness: elections ask often; everything else reports at the interval.
+        let due = match self.quorum {
+            Quorum::Electing { last_ask_ms, .. } => now.saturating_sub(last_ask_ms) >= 100,
+            _ => now.saturating_sub(self.last_report_ms) >= WITNESS_INTERVAL_MS,
+        };
+        if due {
+            self.last_report_ms = now;
+            let in_sync = self.link == LinkState::Connected
+                && self.disk == DiskState::UpToDate
+                && self.peer.is_some_and(|p| p.disk == DiskState::UpToDate);
+            let g = self.meta.generations;
+            let alone = !self.peer_reachable();
+            let (ask, next, nonce) = match &mut self.quorum {
+                Quorum::Electing { next, nonce, last_ask_ms, .. } => {
+                    *last_ask_ms = now;
+                    (super::witness::Ask::Acquire, *next, *nonce)
+                }
+                // Serving alone: confirm the grant (and, after a pre-election, record it).
+                Quorum::Solo | Quorum::Won { .. } if alone => (super::witness::Ask::Acquire, 0, 0),
+                _ => (super::witness::Ask::Report, 0, 0),
+            };
+            out.push(Output::Witness(super::witness::Request {
+                ask,
+                site: self.site,
+                in_sync,
+                nonce,
+                current: g.current,
+                bitmap: g.bitmap,
+                next,
+                resource: m.resource.clone(),
+            }));
+            if self.link == LinkState::Connected {
+                self.pre_elect(&m, out);
+            }
+        }
+    }
+
+    /// While connected: tell the peer whether the witness answers; when neither leg reaches it,
+    /// agree that the survivor serves after a link loss.
+    fn pre_elect(&mut self, m: &Metro, out: &mut Vec<Output>) {
+        let reachable = self.witness_reachable();
+        let mut arg = if reachable { wit::REACHABLE } else { wit::UNREACHABLE };
+        if !m.survivor && !reachable && !self.peer_reaches_witness && self.disk == DiskState::UpToDate {
+            if !self.meta.deferred {
+                self.meta.deferred = true;
+                out.push(Output::Persist);
+                tracing::warn!("witness lost by both sites: the pre-elected peer survives a link loss");
+            }
+            arg = wit::DEFER;
+        }
+        let mut f = Frame::new(Kind::Witness, 0);
+        f.arg = arg;
+        out.push(Output::Send(f));
+    }
+
+    fn on_witness_frame(&mut self, arg: u32, out: &mut Vec<Output>) {
+        let survivor = self.metro.as_ref().is_some_and(|m| m.survivor);
+        match arg {
+            wit::DEFER if survivor => {
+                self.peer_reaches_witness = false;
+                if !self.armed {
+                    tracing::warn!("witness lost by both sites: this site survives a link loss");
+                }
+                self.armed = true;
+            }
+            wit::REACHABLE | wit::UNREACHABLE => {
+                self.peer_reaches_witness = arg == wit::REACHABLE;
+                if survivor && self.armed && arg == wit::REACHABLE {
+                    self.armed = false;
+                }
+                if survivor && !self.armed {
+                    let mut f = Frame::new(Kind::Witness, 0);
+                    f.arg = wit::RELEASE;
+                    out.push(Output::Send(f));
+                }
+            }
+            wit::RELEASE if self.meta.deferred && self.witness_reachable() => {
+                self.meta.deferred = false;
+                out.push(Output::Persist);
+            }
+            _ => {}
+        }
+    }
+
+    /// Lost the peer (or started without it): decide how to ask for the right to serve alone.
+    fn elect(&mut self, out: &mut Vec<Output>) {
+        let now = self.last_tick_ms;
+        if self.meta.deferred {
+            self.quorum = Quorum::Fenced;
+            self.disk = DiskState::Outdated;
+            self.why = "fenced: the pre-elected peer survives (the witness was lost first)".into();
+            self.release_held(Err(BdevError::Fenced), out);
+        } else if self.armed {
+            self.diverge(out);
+            self.become_orderer(out);
+            self.quorum = Quorum::Won { at_ms: self.settle_at() };
+            self.why = "pre-elected survivor: settling".into();
+        } else if self.disk != DiskState::UpToDate {
+            self.quorum = Quorum::Fenced;
+            self.why = format!("fenced: this copy is {}", self.disk.name());
+            self.release_held(Err(BdevError::Fenced), out);
+        } else {
+            let next = if self.meta.generations.bitmap == 0 { self.fresh_generation() } else { 0 };
+            let nonce = self.fresh_generation();
+            self.quorum = Quorum::Electing { since_ms: now, next, nonce, last_ask_ms: 0 };
+            self.why = "peer lost: asking the witness".into();
+        }
+    }
+
+    fn settle_at(&self) -> u64 {
+        let settle = self.metro.as_ref().map_or(0, |m| m.settle_ms);
+        (self.link_lost_ms + settle).max(self.last_tick_ms)
+    }
+
+    fn on_witness(&mut self, reply: super::witness::Reply, out: &mut Vec<Output>) {
+        use super::witness::Verdict;
+        self.witness_seen_ms = Some(self.last_tick_ms);
+        self.witness_authority = reply.authority;
+        self.witness_holder = reply.holder;
+        match (self.quorum.clone(), reply.verdict) {
+            (Quorum::Electing { nonce, next, .. }, Verdict::Granted) if nonce == reply.nonce => {
+                let g = &mut self.meta.generations;
+                if next != 0 && g.bitmap == 0 {
+                    g.history = 0;
+                    g.bitmap = g.current;
+                    g.current = next;
+                    out.push(Output::Persist);
+                }
+                self.become_orderer(out);
+                self.quorum = Quorum::Won { at_ms: self.settle_at() };
+                self.why = "granted by the witness: settling".into();
+            }
+            (Quorum::Electing { nonce, .. }, Verdict::Denied) if nonce == reply.nonce => {
+                self.quorum = Quorum::Fenced;
+                self.disk = DiskState::Outdated;
+                self.why = format!("fenced: site {} won the witness; waiting to be resynced", reply.holder);
+                tracing::warn!("{}", self.why);
+                self.release_held(Err(BdevError::Fenced), out);
+            }
+            (Quorum::Solo, Verdict::Denied) if reply.nonce == 0 && !self.peer_reachable() => {
+                // The witness says another lineage holds the authority (an operator reset it):
+                // stop, never risk two writers.
+                self.quorum = Quorum::Fenced;
+                self.disk = DiskState::Outdated;
+                self.why = format!("fenced: the witness no longer grants this site (holder: site {})", reply.holder);
+                tracing::error!("{}", self.why);
+            }
+            _ => {}
+        }
+    }
+
+    /// Becomes the leg that orders writes (a secondary promoted by an election).
+    fn become_orderer(&mut self, out: &mut Vec<Output>) {
+        if self.role != Role::Preferred {
+            self.switch_role(Role::Preferred, out);
+        }
+    }
+
+    fn switch_role(&mut self, role: Role, out: &mut Vec<Output>) {
+        let err = self.refusal();
+        // Host writes in flight were started under the old role's rules: answer them (hosts
+        // retry) and only release their ranges when the local halves end.
+        let ids: Vec<u64> = self.ops.iter().filter(|(_, o)| matches!(o.origin, Origin::Host(_))).map(|(id, _)| *id).collect();
+        for id in ids {
+            let o = self.ops.get_mut(&id).expect("listed");
+            if let Origin::Host(tag) = o.origin {
+                out.push(Output::Complete { tag, result: Err(err.clone()) });
+            }
+            o.origin = Origin::Orphan;
+            if o.stage != Stage::Running || o.local_done {
+                self.ops.remove(&id);
+                self.active.retain(|x| *x != id);
+                self.waiting.retain(|x| *x != id);
+            }
+        }
+        tracing::info!("mirror leg role: {:?} -> {:?}", self.role, role);
+        self.role = role;
+    }
+
+    /// Ends the wait of writes held since the peer was lost: complete them (this leg serves
+    /// alone) or fail them (hosts retry where the data is served).
+    fn release_held(&mut self, verdict: Result<(), BdevError>, out: &mut Vec<Output>) {
+        let held: Vec<u64> = self.ops.iter().filter(|(_, o)| o.remote_pending).map(|(id, _)| *id).collect();
+        for id in held {
+            if let Some(o) = self.ops.get_mut(&id) {
+                o.remote_pending = false;
+                if let Err(e) = &verdict {
+                    o.result = Some(Err(e.clone()));
+                }
+            }
+            self.try_finish(id, out);
         }
     }
 
@@ -351,7 +806,7 @@ impl MirrorCore {
 
     fn on_host(&mut self, tag: u64, op: BdevOp, out: &mut Vec<Output>) {
         if !self.serving() {
-            return out.push(Output::Complete { tag, result: Err(BdevError::Fenced) });
+            return out.push(Output::Complete { tag, result: Err(self.refusal()) });
         }
         let id = self.new_op(Origin::Host(tag), op);
         match self.role {
@@ -447,6 +902,10 @@ impl MirrorCore {
         o.local_done = true;
         let origin = o.origin;
         match origin {
+            Origin::Orphan => {
+                self.ops.remove(&id);
+                self.release(id, out);
+            }
             Origin::Host(_) if self.role == Role::Preferred => {
                 if matches!(o.op, BdevOp::CompareAndWrite { .. })
                     && result == Ok(BdevOutput::Done)
@@ -548,7 +1007,10 @@ impl MirrorCore {
     }
 
     fn on_frame(&mut self, f: Frame, out: &mut Vec<Output>) {
+        self.last_heard_ms = self.last_tick_ms;
         match f.kind {
+            Kind::Witness => self.on_witness_frame(f.arg, out),
+            Kind::Bitmap => self.on_peer_bitmap(&f.payload, out),
             Kind::Hello => self.on_hello(&f, out),
             Kind::Ping => out.push(Output::Send(Frame::new(Kind::Pong, f.seq))),
             Kind::Pong => {}
@@ -593,7 +1055,7 @@ impl MirrorCore {
                 } else {
                     let result = match f.arg {
                         status::MISCOMPARE => Ok(BdevOutput::Miscompare),
-                        status::NOT_SERVING => Err(BdevError::Fenced),
+                        status::NOT_SERVING => Err(self.refusal()),
                         code => Err(code_error(code)),
                     };
                     self.ops.remove(&f.seq);
@@ -610,6 +1072,10 @@ impl MirrorCore {
                     for w in self.meta.dirty.iter_mut() {
                         *w = 0;
                     }
+                }
+                if self.metro.as_ref().is_some_and(|m| m.manual_failback) && self.quorum != Quorum::Peer {
+                    self.failback_hold = true;
+                    self.why = "resynced: waiting for the operator's failback".into();
                 }
                 out.push(Output::Persist);
             }
@@ -646,13 +1112,13 @@ impl MirrorCore {
             self.link = LinkState::Refused(format!("peer device is {} bytes, this one {}", peer.size, self.size));
             return;
         }
-        if peer.preferred == (self.role == Role::Preferred) {
+        if peer.preferred == self.configured_preferred {
             self.link = LinkState::Refused("both legs have the same role; exactly one must be preferred".into());
             return;
         }
         let dir = self.meta.generations.compare(&peer.generations);
         let source = match dir {
-            SyncDirection::InSync => self.role == Role::Preferred,
+            SyncDirection::InSync => self.configured_preferred,
             SyncDirection::ThisIsSource | SyncDirection::FullToPeer => true,
             SyncDirection::PeerIsSource | SyncDirection::FullFromPeer => false,
             SyncDirection::SplitBrain | SyncDirection::Unrelated => {
@@ -661,6 +1127,11 @@ impl MirrorCore {
                 return;
             }
         };
+        // The sync source orders writes (after a failover that may be the configured secondary).
+        let role = if source { Role::Preferred } else { Role::Secondary };
+        if role != self.role {
+            self.switch_role(role, out);
+        }
         if source {
             if dir == SyncDirection::FullToPeer {
                 self.meta.dirty_all_written();
@@ -670,18 +1141,44 @@ impl MirrorCore {
             self.sync_total = self.to_sync.len() as u64 * (1u64 << self.meta.region_shift);
             self.resynced_bytes = 0;
             self.link = LinkState::Syncing { source: true };
-            self.pump_resync(out);
+            // Wait for the target's bitmap: it may have written regions this leg never saw.
+            self.awaiting_bitmap = true;
         } else {
-            if self.role == Role::Preferred || dir != SyncDirection::InSync {
+            if dir != SyncDirection::InSync || self.meta.dirty_count() > 0 {
                 self.disk = DiskState::Inconsistent;
             }
             self.link = LinkState::Syncing { source: false };
+            let mut f = Frame::new(Kind::Bitmap, 0);
+            f.payload = self.meta.dirty.iter().flat_map(|w| w.to_le_bytes()).collect();
+            out.push(Output::Send(f));
         }
+    }
+
+    /// Source: the target's dirty regions join the resync.
+    fn on_peer_bitmap(&mut self, payload: &[u8], out: &mut Vec<Output>) {
+        if !self.awaiting_bitmap || self.link != (LinkState::Syncing { source: true }) {
+            return;
+        }
+        self.awaiting_bitmap = false;
+        let mut added = false;
+        for (i, chunk) in payload.chunks_exact(8).enumerate().take(self.meta.dirty.len()) {
+            let w = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+            added |= w & !self.meta.dirty[i] != 0;
+            self.meta.dirty[i] |= w;
+        }
+        if added {
+            out.push(Output::Persist);
+        }
+        // Everything dirty now: this leg's bits (including writes since the Hello) and the peer's.
+        self.to_sync = (0..self.meta.regions).filter(|r| self.meta.is_dirty(*r)).collect();
+        self.sync_cursor = 0;
+        self.sync_total = self.to_sync.len() as u64 * (1u64 << self.meta.region_shift);
+        self.pump_resync(out);
     }
 
     /// Sends the next dirty regions, within the window and the rate budget.
     fn pump_resync(&mut self, out: &mut Vec<Output>) {
-        if self.link != (LinkState::Syncing { source: true }) {
+        if self.link != (LinkState::Syncing { source: true }) || self.awaiting_bitmap {
             return;
         }
         let region_len = 1u64 << self.meta.region_shift;
@@ -708,6 +1205,10 @@ impl MirrorCore {
             out.push(Output::Send(f));
             self.meta.generations.bitmap = 0;
             self.link = LinkState::Connected;
+            if self.disk == DiskState::Outdated {
+                // Outdated only by a lost election in the same lineage: both copies now match.
+                self.disk = DiskState::UpToDate;
+            }
             self.to_sync.clear();
             if let Some(p) = self.peer.as_mut() {
                 p.disk = DiskState::UpToDate;
@@ -745,6 +1246,10 @@ impl MirrorCore {
         self.peer = None;
         self.to_sync.clear();
         self.sync_cursor = 0;
+        self.awaiting_bitmap = false;
+        if self.metro.is_some() {
+            return self.metro_link_down(was, out);
+        }
         match self.role {
             Role::Preferred => {
                 if was != LinkState::Down {
@@ -781,13 +1286,41 @@ impl MirrorCore {
         }
         // Resync reads in flight finish on their own; their data is not sent.
     }
+
+    fn metro_link_down(&mut self, was: LinkState, out: &mut Vec<Output>) {
+        self.link_lost_ms = self.last_tick_ms;
+        self.unconfirmed.clear();
+        self.forwarded.clear();
+        // Writes this leg forwarded may or may not have run on the peer: hosts retry them.
+        let forwarded: Vec<(u64, u64)> = self
+            .ops
+            .iter()
+            .filter(|(_, o)| o.stage == Stage::Forwarded)
+            .filter_map(|(id, o)| if let Origin::Host(tag) = o.origin { Some((*id, tag)) } else { None })
+            .collect();
+        for (id, tag) in forwarded {
+            self.ops.remove(&id);
+            out.push(Output::Complete { tag, result: Err(BdevError::Transition) });
+        }
+        match self.quorum {
+            // Already serving alone (the peer was resyncing) or already out: nothing to decide.
+            Quorum::Solo | Quorum::Won { .. } => self.release_held(Ok(()), out),
+            Quorum::Fenced | Quorum::Electing { .. } => {}
+            Quorum::Starting | Quorum::Peer => {
+                if matches!(was, LinkState::Syncing { source: false }) && self.disk == DiskState::UpToDate {
+                    self.disk = DiskState::Inconsistent;
+                }
+                self.elect(out);
+            }
+        }
+    }
 }
 
 fn error_code(e: &BdevError) -> u32 {
     match e {
         BdevError::NoSpace => status::NO_SPACE,
         BdevError::OutOfRange { .. } => status::OUT_OF_RANGE,
-        BdevError::Fenced => status::NOT_SERVING,
+        BdevError::Fenced | BdevError::Transition => status::NOT_SERVING,
         BdevError::Io(_) => status::IO_ERROR,
     }
 }

@@ -7,10 +7,13 @@
 //! that wakes a parked reactor. Reads go straight to the local leg while it is serving.
 //!
 //! The link is a [`Transport`]: over TCP the preferred leg listens and the secondary dials it,
-//! with backoff. Pings every 500 ms measure the replication round trip; 3 s without a byte from
-//! the peer counts as a lost link.
+//! with backoff. Pings every fifth of the heartbeat timeout measure the replication round trip;
+//! a heartbeat timeout without a byte from the peer counts as a lost link.
+//!
+//! In metro mode the link thread also talks to the witness over UDP (one datagram per report,
+//! see [`super::witness`]), and publishes the leg's [`Access`] for reactors to check on every read.
 
-use super::core::{Input, LinkState, MirrorCore, MirrorStatus, Output, Role};
+use super::core::{Access, Input, LinkState, Metro, MirrorCore, MirrorStatus, Output, Role};
 use super::frame::{Frame, Kind};
 use super::meta::MetaFile;
 use super::transport::{LinkStream, Transport};
@@ -23,7 +26,7 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -44,6 +47,38 @@ pub struct MirrorSettings {
     /// How long the idle link thread keeps polling (yielding the CPU between turns) before it
     /// sleeps in epoll; zero sleeps at once, which leaves the cores to reactors on small machines.
     pub spin: Duration,
+    /// Metro mode: a witness decides who serves alone.
+    pub metro: Option<MetroSettings>,
+}
+
+/// A metro leg's witness and timers.
+#[derive(Debug, Clone)]
+pub struct MetroSettings {
+    pub witness: std::net::SocketAddr,
+    pub secret: Vec<u8>,
+    pub core: Metro,
+}
+
+impl MetroSettings {
+    /// Timers derived from the link's heartbeat timeout `h`: a leg stops serving after `h/2` of
+    /// silence from its peer; a leg that lost its peer (after `h`) serves alone only `h/2 + 100 ms`
+    /// later, when the other leg has surely stopped.
+    pub fn new(witness: std::net::SocketAddr, secret: Vec<u8>, resource: &str, survivor: bool, manual_failback: bool, h: Duration) -> Self {
+        let h = h.as_millis() as u64;
+        MetroSettings {
+            witness,
+            secret,
+            core: Metro {
+                resource: resource.to_string(),
+                survivor,
+                manual_failback,
+                fence_ms: h / 2,
+                settle_ms: h / 2 + 100,
+                startup_grace_ms: 2 * h,
+                transition_ms: 10_000,
+            },
+        }
+    }
 }
 
 /// What `nvmetro status` shows of a mirror.
@@ -60,6 +95,10 @@ pub struct StatusReport {
     pub sync_bytes_per_second: u64,
     pub replication_rtt_us: Option<u64>,
     pub peer: String,
+    /// "serving", "serving alone", "transition" or "fenced".
+    pub access: String,
+    pub metro: Option<super::core::MetroStatus>,
+    pub witness_rtt_us: Option<u64>,
 }
 
 impl StatusReport {
@@ -86,8 +125,11 @@ struct ChanQueue {
 struct Shared {
     inbox: SegQueue<(usize, u64, BdevOp)>,
     channels: ArcSwap<Vec<Arc<ChanQueue>>>,
-    serving: AtomicBool,
+    /// [`Access`] as a number (see [`access_code`]).
+    access: AtomicU8,
     status: Mutex<StatusReport>,
+    /// Operator requests for the link thread (manual failback).
+    failback: AtomicBool,
     waker: Waker,
     parked: AtomicBool,
     stop: AtomicBool,
@@ -111,7 +153,25 @@ impl std::fmt::Debug for LinkThread {
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "MirrorShared(serving: {})", self.serving.load(Ordering::Relaxed))
+        write!(f, "MirrorShared(access: {})", self.access.load(Ordering::Relaxed))
+    }
+}
+
+fn access_code(a: Access) -> u8 {
+    match a {
+        Access::Serving => 0,
+        Access::Sole => 1,
+        Access::Transition => 2,
+        Access::Fenced => 3,
+    }
+}
+
+fn access_of(code: u8) -> Access {
+    match code {
+        0 => Access::Serving,
+        1 => Access::Sole,
+        2 => Access::Transition,
+        _ => Access::Fenced,
     }
 }
 
@@ -119,6 +179,7 @@ const WAKER: Token = Token(0);
 const LISTENER: Token = Token(1);
 const CONN: Token = Token(2);
 const LOCAL: Token = Token(3);
+const WITNESS: Token = Token(4);
 
 impl MirrorBdev {
     /// Opens the metadata and starts the link: on its own thread, or (`on_reactor`) as a poller
@@ -136,13 +197,17 @@ impl MirrorBdev {
             ^ u64::from(std::process::id());
         let (mut core, first) = MirrorCore::new(settings.role, settings.site, size, meta, seed);
         core.set_resync_rate(settings.resync_rate);
+        if let Some(m) = &settings.metro {
+            core.set_metro(m.core.clone());
+        }
         let poll = Poll::new()?;
         let waker = Waker::new(poll.registry(), WAKER)?;
         let shared = Arc::new(Shared {
             inbox: SegQueue::new(),
             channels: ArcSwap::from_pointee(Vec::new()),
-            serving: AtomicBool::new(core.serving()),
+            access: AtomicU8::new(access_code(core.access())),
             status: Mutex::new(StatusReport::default()),
+            failback: AtomicBool::new(false),
             waker,
             parked: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -152,7 +217,17 @@ impl MirrorBdev {
         for fd in local_ch.wake_fds() {
             poll.registry().register(&mut mio::unix::SourceFd(&fd), LOCAL, Interest::READABLE)?;
         }
+        let witness = match &settings.metro {
+            Some(m) => {
+                let bind: std::net::SocketAddr = if m.witness.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal");
+                let mut sock = mio::net::UdpSocket::bind(bind)?;
+                poll.registry().register(&mut sock, WITNESS, Interest::READABLE)?;
+                Some(WitnessLink { sock, addr: m.witness, secret: m.secret.clone(), sent: None, rtt: None })
+            }
+            None => None,
+        };
         let mut link = LinkThread {
+            witness,
             name: name.to_string(),
             core,
             meta_file,
@@ -206,8 +281,15 @@ impl Bdev for MirrorBdev {
         &self.info
     }
 
-    fn serving(&self) -> bool {
-        self.shared.serving.load(Ordering::Acquire)
+    fn access(&self) -> Access {
+        access_of(self.shared.access.load(Ordering::Acquire))
+    }
+
+    fn failback(&self) -> bool {
+        let held = self.status().metro.is_some_and(|m| m.failback_pending);
+        self.shared.failback.store(true, Ordering::Release);
+        let _ = self.shared.waker.wake();
+        held
     }
 
     fn mirror_status(&self) -> Option<StatusReport> {
@@ -250,13 +332,11 @@ struct MirrorChannel {
 impl BdevChannel for MirrorChannel {
     fn submit(&mut self, tag: u64, op: BdevOp) {
         match op {
-            BdevOp::Read { .. } | BdevOp::Compare { .. } => {
-                if self.shared.serving.load(Ordering::Acquire) {
-                    self.local.submit(tag, op);
-                } else {
-                    self.refused.push(BdevCompletion { tag, result: Err(BdevError::Fenced) });
-                }
-            }
+            BdevOp::Read { .. } | BdevOp::Compare { .. } => match access_of(self.shared.access.load(Ordering::Acquire)) {
+                Access::Serving | Access::Sole => self.local.submit(tag, op),
+                Access::Transition => self.refused.push(BdevCompletion { tag, result: Err(BdevError::Transition) }),
+                Access::Fenced => self.refused.push(BdevCompletion { tag, result: Err(BdevError::Fenced) }),
+            },
             _ => {
                 self.inflight += 1;
                 self.shared.inbox.push((self.index, tag, op));
@@ -304,7 +384,18 @@ struct Conn {
     last_rx: Instant,
 }
 
+/// The metro leg's UDP socket to the witness.
+struct WitnessLink {
+    sock: mio::net::UdpSocket,
+    addr: std::net::SocketAddr,
+    secret: Vec<u8>,
+    /// When the last request went out (for the round trip).
+    sent: Option<Instant>,
+    rtt: Option<Duration>,
+}
+
 struct LinkThread {
+    witness: Option<WitnessLink>,
     events: Events,
     completions: Vec<BdevCompletion>,
     started: Instant,
@@ -364,7 +455,15 @@ impl LinkThread {
                     if let Err(e) = self.meta_file.store(self.core.meta()) {
                         // Without durable metadata nothing may be acknowledged: stop serving.
                         tracing::error!(mirror = %self.name, "cannot persist mirror metadata: {e}");
-                        self.shared.serving.store(false, Ordering::Release);
+                        self.shared.access.store(access_code(Access::Fenced), Ordering::Release);
+                    }
+                }
+                Output::Witness(req) => {
+                    if let Some(w) = self.witness.as_mut() {
+                        let bytes = req.encode(&w.secret);
+                        if w.sock.send_to(&bytes, w.addr).is_ok() && w.sent.is_none() {
+                            w.sent = Some(Instant::now());
+                        }
                     }
                 }
             }
@@ -461,6 +560,31 @@ impl LinkThread {
         }
     }
 
+    /// Hands the witness's answers to the core; datagrams that fail authentication are dropped.
+    fn receive_witness(&mut self) -> bool {
+        let mut got = false;
+        let mut buf = [0u8; 512];
+        loop {
+            let Some(w) = self.witness.as_mut() else { return got };
+            let n = match w.sock.recv_from(&mut buf) {
+                Ok((n, from)) if from == w.addr => n,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return got,
+            };
+            match super::witness::Reply::parse(&buf[..n], &w.secret) {
+                Ok(reply) => {
+                    if let Some(t) = w.sent.take() {
+                        w.rtt = Some(t.elapsed());
+                    }
+                    got = true;
+                    self.handle(Input::Witness(reply));
+                }
+                Err(e) => tracing::warn!(mirror = %self.name, "witness reply dropped: {e}"),
+            }
+        }
+    }
+
     fn flush(&mut self) {
         let Some(c) = self.conn.as_mut() else { return };
         let now = Instant::now();
@@ -488,7 +612,7 @@ impl LinkThread {
 
     fn publish(&mut self) {
         let st: MirrorStatus = self.core.status();
-        self.shared.serving.store(st.serving, Ordering::Release);
+        self.shared.access.store(access_code(st.access), Ordering::Release);
         let now = Instant::now();
         if now.duration_since(self.speed.0) >= Duration::from_secs(1) {
             let secs = now.duration_since(self.speed.0).as_secs_f64();
@@ -518,6 +642,15 @@ impl LinkThread {
             sync_bytes_per_second: self.speed.2,
             replication_rtt_us: self.rtt.map(|d| d.as_micros() as u64),
             peer: self.transport.describe(),
+            witness_rtt_us: self.witness.as_ref().and_then(|w| w.rtt).map(|d| d.as_micros() as u64),
+            access: match st.access {
+                Access::Serving => "serving",
+                Access::Sole => "serving alone",
+                Access::Transition => "transition",
+                Access::Fenced => "fenced",
+            }
+            .into(),
+            metro: st.metro,
         };
         if let Ok(mut s) = self.shared.status.lock() {
             *s = report;
@@ -539,6 +672,10 @@ impl LinkThread {
             work = true;
         }
         work |= self.receive();
+        work |= self.receive_witness();
+        if self.shared.failback.swap(false, Ordering::AcqRel) {
+            self.handle(Input::Failback);
+        }
         let mut completions = std::mem::take(&mut self.completions);
         if self.local_ch.outstanding() > 0 && self.local_ch.poll(&mut completions) > 0 {
             work = true;
@@ -554,7 +691,7 @@ impl LinkThread {
             if let Some(c) = self.conn.as_ref() {
                 if c.last_rx.elapsed() > self.settings.heartbeat_timeout {
                     self.link_down("peer silent past the heartbeat timeout");
-                } else if self.last_ping.elapsed() >= Duration::from_millis(500) {
+                } else if self.last_ping.elapsed() >= self.settings.heartbeat_timeout / 5 {
                     self.last_ping = Instant::now();
                     self.ping_sent = Some(Instant::now());
                     if let Some(c) = self.conn.as_mut() {
@@ -572,8 +709,8 @@ impl LinkThread {
                 nvmetro_ffi::eventfd_signal(&q.eventfd);
             }
         }
-        let serving = self.core.serving();
-        if serving != self.shared.serving.load(Ordering::Acquire) || now.duration_since(self.last_publish) >= Duration::from_millis(100) {
+        let access = access_code(self.core.access());
+        if access != self.shared.access.load(Ordering::Acquire) || now.duration_since(self.last_publish) >= Duration::from_millis(100) {
             self.last_publish = now;
             self.publish();
         }

@@ -30,6 +30,12 @@ pub enum Kind {
     ResyncAck = 7,
     Ping = 8,
     Pong = 9,
+    /// Sync target to source, after Hello: its own dirty bitmap (payload: little-endian words),
+    /// which the source adds to what it sends.
+    Bitmap = 10,
+    /// Metro mode, both ways: witness reachability and pre-election (`arg`: see
+    /// [`crate::mirror::core`]).
+    Witness = 11,
 }
 
 impl Kind {
@@ -44,6 +50,8 @@ impl Kind {
             7 => Kind::ResyncAck,
             8 => Kind::Ping,
             9 => Kind::Pong,
+            10 => Kind::Bitmap,
+            11 => Kind::Witness,
             _ => return None,
         })
     }

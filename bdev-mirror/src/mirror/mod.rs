@@ -13,6 +13,7 @@ pub mod driver;
 pub mod frame;
 pub mod meta;
 pub mod transport;
+pub mod witness;
 
 /// A leg's disk state, as DRBD users know them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,332 @@
+//! The witness: a small arbiter at a third site that decides which site of a metro pair keeps a
+//! namespace when the two sites lose each other. It holds no user data, only, per mirror, the
+//! *authority*: the generation identifier of the data that may be served.
+//!
+//! Protocol (UDP, one datagram each way, HMAC-SHA256 over every byte with a shared secret):
+//! * `Report`: a site tells what it holds (`current`, and whether it is connected and in sync
+//!   with its peer). When both sites report being in sync on the same generation, that
+//!   generation becomes the authority (this also heals an election whose winner crashed before
+//!   it could use its grant).
+//! * `Acquire`: a site that lost its peer asks to serve alone. The witness grants it when the
+//!   site's `current` (or the `bitmap` it diverged from) is the authority, and moves the
+//!   authority to the `next` generation the site will write under. The first site to reach the
+//!   witness therefore wins; the other one's data no longer descends from the authority, so it
+//!   is denied, now and after any restart, until it has been resynced from the winner.
+//!   Retrying with the same `next` is idempotent, so a late or lost reply cannot strand a grant.
+//!
+//! [`WitnessState`] is sans-IO; the daemon (`nvmetro-witness`) persists it after every change so
+//! that a restarted witness decides exactly as before.
+
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use std::collections::BTreeMap;
+
+const MAGIC: &[u8; 4] = b"NVMW";
+const VERSION: u8 = 1;
+const TAG: usize = 32;
+/// Largest mirror name carried.
+pub const MAX_NAME: usize = 200;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ask {
+    Report = 1,
+    Acquire = 2,
+}
+
+/// What a site sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub ask: Ask,
+    pub site: u8,
+    /// Report: connected to the peer and both up to date.
+    pub in_sync: bool,
+    /// Echoed in the reply: matches replies to requests (a late reply to an old request is
+    /// recognised and ignored).
+    pub nonce: u64,
+    pub current: u64,
+    pub bitmap: u64,
+    /// Acquire: the generation this site will write under once granted (0: it already diverged
+    /// under a grant and only confirms it).
+    pub next: u64,
+    pub resource: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Noted = 0,
+    Granted = 1,
+    Denied = 2,
+}
+
+/// What the witness answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub verdict: Verdict,
+    pub nonce: u64,
+    pub authority: u64,
+    /// The site granted last (0: none since both were last in sync).
+    pub holder: u8,
+    pub resource: String,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WitnessError {
+    #[error("datagram too short or malformed")]
+    Malformed,
+    #[error("not a witness datagram")]
+    BadMagic,
+    #[error("authentication failed (wrong shared secret?)")]
+    BadTag,
+}
+
+fn sign(secret: &[u8], body: &[u8]) -> [u8; TAG] {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
+    mac.update(body);
+    mac.finalize().into_bytes().into()
+}
+
+fn verify<'a>(secret: &[u8], b: &'a [u8]) -> Result<&'a [u8], WitnessError> {
+    if b.len() < 8 + TAG {
+        return Err(WitnessError::Malformed);
+    }
+    if &b[..4] != MAGIC || b[4] != VERSION {
+        return Err(WitnessError::BadMagic);
+    }
+    let (body, tag) = b.split_at(b.len() - TAG);
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
+    mac.update(body);
+    mac.verify_slice(tag).map_err(|_| WitnessError::BadTag)?;
+    Ok(body)
+}
+
+fn put_name(b: &mut Vec<u8>, name: &str) {
+    let n = &name.as_bytes()[..name.len().min(MAX_NAME)];
+    b.extend_from_slice(&(n.len() as u16).to_le_bytes());
+    b.extend_from_slice(n);
+}
+
+fn u64_at(b: &[u8], o: usize) -> Result<u64, WitnessError> {
+    b.get(o..o + 8).map(|x| u64::from_le_bytes(x.try_into().expect("8 bytes"))).ok_or(WitnessError::Malformed)
+}
+
+fn name_at(b: &[u8], o: usize) -> Result<String, WitnessError> {
+    let len = b.get(o..o + 2).map(|x| u16::from_le_bytes([x[0], x[1]]) as usize).ok_or(WitnessError::Malformed)?;
+    let bytes = b.get(o + 2..o + 2 + len).ok_or(WitnessError::Malformed)?;
+    if o + 2 + len != b.len() {
+        return Err(WitnessError::Malformed);
+    }
+    String::from_utf8(bytes.to_vec()).map_err(|_| WitnessError::Malformed)
+}
+
+impl Request {
+    pub fn encode(&self, secret: &[u8]) -> Vec<u8> {
+        let mut b = Vec::with_capacity(96);
+        b.extend_from_slice(MAGIC);
+        b.extend_from_slice(&[VERSION, self.ask as u8, self.site, u8::from(self.in_sync)]);
+        for v in [self.nonce, self.current, self.bitmap, self.next] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        put_name(&mut b, &self.resource);
+        let tag = sign(secret, &b);
+        b.extend_from_slice(&tag);
+        b
+    }
+
+    pub fn parse(b: &[u8], secret: &[u8]) -> Result<Request, WitnessError> {
+        let body = verify(secret, b)?;
+        let ask = match body.get(5) {
+            Some(1) => Ask::Report,
+            Some(2) => Ask::Acquire,
+            _ => return Err(WitnessError::Malformed),
+        };
+        Ok(Request {
+            ask,
+            site: *body.get(6).ok_or(WitnessError::Malformed)?,
+            in_sync: body.get(7) == Some(&1),
+            nonce: u64_at(body, 8)?,
+            current: u64_at(body, 16)?,
+            bitmap: u64_at(body, 24)?,
+            next: u64_at(body, 32)?,
+            resource: name_at(body, 40)?,
+        })
+    }
+}
+
+impl Reply {
+    pub fn encode(&self, secret: &[u8]) -> Vec<u8> {
+        let mut b = Vec::with_capacity(80);
+        b.extend_from_slice(MAGIC);
+        b.extend_from_slice(&[VERSION, 0x80 | self.verdict as u8, self.holder, 0]);
+        b.extend_from_slice(&self.nonce.to_le_bytes());
+        b.extend_from_slice(&self.authority.to_le_bytes());
+        put_name(&mut b, &self.resource);
+        let tag = sign(secret, &b);
+        b.extend_from_slice(&tag);
+        b
+    }
+
+    pub fn parse(b: &[u8], secret: &[u8]) -> Result<Reply, WitnessError> {
+        let body = verify(secret, b)?;
+        let verdict = match body.get(5) {
+            Some(0x80) => Verdict::Noted,
+            Some(0x81) => Verdict::Granted,
+            Some(0x82) => Verdict::Denied,
+            _ => return Err(WitnessError::Malformed),
+        };
+        Ok(Reply {
+            verdict,
+            holder: *body.get(6).ok_or(WitnessError::Malformed)?,
+            nonce: u64_at(body, 8)?,
+            authority: u64_at(body, 16)?,
+            resource: name_at(body, 24)?,
+        })
+    }
+}
+
+/// One site's last report, as the witness saw it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteReport {
+    pub current: u64,
+    pub in_sync: bool,
+    /// Witness clock, milliseconds.
+    #[serde(skip)]
+    pub at_ms: u64,
+}
+
+/// What the witness knows of one mirror.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resource {
+    /// The generation that may be served (0: not known yet; the first site to ask sets it).
+    pub authority: u64,
+    /// The site granted last; 0 once both sites were seen in sync again.
+    pub holder: u8,
+    #[serde(skip)]
+    pub sites: BTreeMap<u8, SiteReport>,
+}
+
+/// The witness's decisions, without I/O. `changed` tells the daemon to persist.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct WitnessState {
+    pub resources: BTreeMap<String, Resource>,
+    #[serde(skip)]
+    pub changed: bool,
+}
+
+/// Two in-sync reports older than this do not count as agreement.
+const AGREEMENT_WINDOW_MS: u64 = 5_000;
+
+impl WitnessState {
+    pub fn handle(&mut self, req: &Request, now_ms: u64) -> Reply {
+        let r = self.resources.entry(req.resource.clone()).or_default();
+        r.sites.insert(req.site, SiteReport { current: req.current, in_sync: req.in_sync, at_ms: now_ms });
+        let before = (r.authority, r.holder);
+        let verdict = match req.ask {
+            Ask::Report => {
+                if req.in_sync && req.current != 0 {
+                    let agreed = r
+                        .sites
+                        .iter()
+                        .filter(|(s, _)| **s != req.site)
+                        .any(|(_, o)| o.in_sync && o.current == req.current && now_ms.saturating_sub(o.at_ms) <= AGREEMENT_WINDOW_MS);
+                    if r.authority == 0 || agreed {
+                        r.authority = req.current;
+                        r.holder = 0;
+                    } else if r.authority == req.current && r.holder == req.site {
+                        // The site that served alone has resynced its peer.
+                        r.holder = 0;
+                    }
+                }
+                Verdict::Noted
+            }
+            Ask::Acquire => {
+                let descends = r.authority == 0
+                    || r.authority == req.current
+                    || (req.bitmap != 0 && r.authority == req.bitmap)
+                    || (req.next != 0 && r.authority == req.next);
+                if descends && req.current != 0 {
+                    if req.next != 0 {
+                        r.authority = req.next;
+                    } else if r.authority == req.bitmap {
+                        r.authority = req.current;
+                    }
+                    r.holder = req.site;
+                    Verdict::Granted
+                } else {
+                    Verdict::Denied
+                }
+            }
+        };
+        self.changed |= before != (r.authority, r.holder);
+        Reply { verdict, nonce: req.nonce, authority: r.authority, holder: r.holder, resource: req.resource.clone() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(ask: Ask, site: u8, current: u64, bitmap: u64, next: u64) -> Request {
+        Request { ask, site, in_sync: false, nonce: 9, current, bitmap, next, resource: "m".into() }
+    }
+
+    #[test]
+    fn datagrams_round_trip_and_are_authenticated() {
+        let r = Request { in_sync: true, ..req(Ask::Report, 2, 5, 6, 7) };
+        let b = r.encode(b"secret");
+        assert_eq!(Request::parse(&b, b"secret"), Ok(r));
+        assert_eq!(Request::parse(&b, b"other"), Err(WitnessError::BadTag));
+        let mut flipped = b.clone();
+        flipped[20] ^= 1;
+        assert_eq!(Request::parse(&flipped, b"secret"), Err(WitnessError::BadTag));
+        assert_eq!(Request::parse(&b[..10], b"secret"), Err(WitnessError::Malformed));
+        let rep = Reply { verdict: Verdict::Denied, nonce: 3, authority: 8, holder: 1, resource: "m".into() };
+        assert_eq!(Reply::parse(&rep.encode(b"k"), b"k"), Ok(rep));
+    }
+
+    #[test]
+    fn first_site_to_ask_wins_and_the_other_stays_out() {
+        let mut w = WitnessState::default();
+        let mut insync = req(Ask::Report, 1, 5, 0, 0);
+        insync.in_sync = true;
+        w.handle(&insync, 0);
+        assert_eq!(w.resources["m"].authority, 5);
+        assert_eq!(w.handle(&req(Ask::Acquire, 2, 5, 0, 77), 10).verdict, Verdict::Granted);
+        assert_eq!(w.handle(&req(Ask::Acquire, 1, 5, 0, 88), 11).verdict, Verdict::Denied);
+        // The winner retries (its reply was lost): still granted, nothing moves.
+        assert_eq!(w.handle(&req(Ask::Acquire, 2, 5, 0, 77), 12).verdict, Verdict::Granted);
+        // The winner, diverged, confirms later; the loser restarted is still out.
+        assert_eq!(w.handle(&req(Ask::Acquire, 2, 77, 5, 0), 13).verdict, Verdict::Granted);
+        assert_eq!(w.handle(&req(Ask::Acquire, 1, 5, 0, 99), 14).verdict, Verdict::Denied);
+        // A stale in-sync report from the loser does not move the authority back.
+        w.handle(&Request { site: 1, ..insync.clone() }, 15);
+        assert_eq!(w.resources["m"].authority, 77);
+        // Resynced: both report 77 in sync; the holder is released.
+        for site in [1, 2] {
+            w.handle(&Request { site, current: 77, ..insync.clone() }, 20);
+        }
+        assert_eq!((w.resources["m"].authority, w.resources["m"].holder), (77, 0));
+    }
+
+    #[test]
+    fn both_sites_in_sync_heal_a_grant_nobody_used() {
+        let mut w = WitnessState::default();
+        w.handle(&req(Ask::Acquire, 1, 5, 0, 77), 0); // granted, then site 1 crashed
+        let insync = Request { in_sync: true, ..req(Ask::Report, 1, 5, 0, 0) };
+        w.handle(&insync, 100);
+        assert_eq!(w.resources["m"].authority, 77, "one site alone cannot move it back");
+        w.handle(&Request { site: 2, ..insync }, 200);
+        assert_eq!(w.resources["m"].authority, 5);
+    }
+
+    #[test]
+    fn state_survives_serialisation() {
+        let mut w = WitnessState::default();
+        w.handle(&req(Ask::Acquire, 1, 5, 0, 77), 0);
+        assert!(w.changed);
+        let text = serde_json::to_string(&w).unwrap();
+        let back: WitnessState = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.resources["m"].authority, 77);
+        assert_eq!(back.resources["m"].holder, 1);
+    }
+}
