@@ -73,7 +73,13 @@ pub fn mirror_json(m: &StatusReport) -> Value {
         "role": m.role, "disk": m.disk, "peer_disk": m.peer_disk, "link": m.link, "serving": m.serving,
         "peer": m.peer, "out_of_sync_bytes": m.out_of_sync_bytes, "sync_percent": m.sync_percent(),
         "sync_bytes_per_second": m.sync_bytes_per_second, "eta_seconds": m.eta_seconds(),
-        "replication_rtt_us": m.replication_rtt_us,
+        "replication_rtt_us": m.replication_rtt_us, "access": m.access,
+        "metro": m.metro.as_ref().map(|x| json!({
+            "witness_reachable": x.witness_reachable, "witness_seen_ms_ago": x.witness_seen_ms_ago,
+            "witness_rtt_us": m.witness_rtt_us,
+            "witness_authority": format!("{:x}", x.witness_authority), "witness_holder_site": x.witness_holder,
+            "quorum": x.quorum, "why": x.why, "pre_election": x.pre_elected, "failback_pending": x.failback_pending,
+        })),
     })
 }
 
@@ -104,9 +110,22 @@ fn set_ana_state(t: &Target, p: &Value) -> Result<Value, (i64, String)> {
     Ok(Value::Bool(true))
 }
 
+/// `mirror_failback`, params `name` (a mirror bdev): a leg held after its resync (manual
+/// failback) serves again. Returns whether it was held.
+fn failback(t: &Target, p: &Value) -> Result<Value, (i64, String)> {
+    let name = p["name"].as_str().ok_or((-32602, "missing name".to_string()))?;
+    let bdev = t.bdevs.iter().find(|b| b.info().name == name).ok_or((-32602, format!("no bdev {name}")))?;
+    if bdev.mirror_status().is_none() {
+        return Err((-32602, format!("{name} is not a mirror")));
+    }
+    Ok(Value::Bool(bdev.failback()))
+}
+
 fn call(t: &Target, method: &str, params: &Value) -> Result<Value, (i64, String)> {
-    if method == "nvmf_subsystem_listener_set_ana_state" {
-        return set_ana_state(t, params);
+    match method {
+        "nvmf_subsystem_listener_set_ana_state" => return set_ana_state(t, params),
+        "mirror_failback" => return failback(t, params),
+        _ => {}
     }
     Ok(match method {
         "nvmetro_status" => {

@@ -244,3 +244,61 @@ address = "127.0.0.1:{{PORT}}"
 "#
     )
 }
+
+/// A running `nvmetro-witness` on a free UDP port of 127.0.0.1, its state in a scratch dir.
+pub struct WitnessProcess {
+    child: Child,
+    pub addr: SocketAddr,
+    config_path: PathBuf,
+    dir: PathBuf,
+}
+
+/// The secret the tests' witness and sites share.
+pub const WITNESS_SECRET: &str = "e2e-metro-witness-secret";
+
+impl WitnessProcess {
+    pub fn start() -> WitnessProcess {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("free udp port").port();
+        let dir = std::env::temp_dir().join(format!("nvmetro-witness-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let config_path = dir.join("witness.toml");
+        let text =
+            format!("listen = \"127.0.0.1:{port}\"\nsecret = \"{WITNESS_SECRET}\"\nstate = \"{}\"\n", dir.join("state.json").display());
+        std::fs::write(&config_path, text).expect("write witness config");
+        let addr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let child = Self::spawn(&config_path, &dir);
+        WitnessProcess { child, addr, config_path, dir }
+    }
+
+    fn spawn(config_path: &std::path::Path, dir: &std::path::Path) -> Child {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("witness.log")).expect("log file");
+        Command::new(binary("nvmetro-witness"))
+            .arg("--config")
+            .arg(config_path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn nvmetro-witness")
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Self::spawn(&self.config_path, &self.dir);
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("witness.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for WitnessProcess {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -27,13 +27,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Call a management method and print its JSON result.
-    Rpc { method: String },
+    /// Call a management method and print its JSON result; PARAMS is a JSON object.
+    Rpc { method: String, params: Option<String> },
+    /// Metro, manual failback: let a resynced mirror leg serve again.
+    Failback {
+        /// The mirror bdev's name.
+        bdev: String,
+    },
 }
 
-fn rpc(socket: &PathBuf, method: &str) -> anyhow::Result<Value> {
+fn rpc(socket: &PathBuf, method: &str, params: Value) -> anyhow::Result<Value> {
     let mut s = UnixStream::connect(socket).with_context(|| format!("cannot reach the target at {} (is it running?)", socket.display()))?;
-    writeln!(s, "{}", json!({"jsonrpc": "2.0", "id": 1, "method": method}))?;
+    writeln!(s, "{}", json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}))?;
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;
     let reply: Value = serde_json::from_str(&line).context("malformed reply")?;
@@ -59,9 +64,19 @@ fn main() -> anyhow::Result<()> {
     let config = nvmetro_conf::load(&args.config)?;
     let socket = config.socket.clone().with_context(|| format!("{}: no [target] socket is configured", args.config.display()))?;
     match args.cmd {
-        Cmd::Rpc { method } => println!("{}", serde_json::to_string_pretty(&rpc(&socket, &method)?)?),
+        Cmd::Rpc { method, params } => {
+            let params = match params {
+                Some(p) => serde_json::from_str(&p).context("PARAMS is not JSON")?,
+                None => json!({}),
+            };
+            println!("{}", serde_json::to_string_pretty(&rpc(&socket, &method, params)?)?)
+        }
+        Cmd::Failback { bdev } => {
+            let held = rpc(&socket, "mirror_failback", json!({"name": bdev}))?;
+            println!("{bdev}: {}", if held == Value::Bool(true) { "failed back: serving again" } else { "was not waiting for a failback" });
+        }
         Cmd::Status { json } => {
-            let st = rpc(&socket, "nvmetro_status")?;
+            let st = rpc(&socket, "nvmetro_status", json!({}))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
                 return Ok(());
@@ -98,6 +113,31 @@ fn main() -> anyhow::Result<()> {
                             m["eta_seconds"].as_u64().map_or("-".into(), |s| format!("{s} s")),
                             m["replication_rtt_us"].as_u64().map_or("-".into(), |u| format!("{u} us"))
                         );
+                        let x = &m["metro"];
+                        if x.is_object() {
+                            println!(
+                                "    metro: {}  ({})  witness {}  authority {} held by {}{}",
+                                m["access"].as_str().unwrap_or("?"),
+                                x["why"].as_str().unwrap_or(""),
+                                if x["witness_reachable"] == Value::Bool(true) {
+                                    format!("reachable (RTT {})", x["witness_rtt_us"].as_u64().map_or("-".into(), |u| format!("{u} us")))
+                                } else {
+                                    format!(
+                                        "UNREACHABLE (last answer {})",
+                                        x["witness_seen_ms_ago"].as_u64().map_or("never".into(), |t| format!("{t} ms ago"))
+                                    )
+                                },
+                                x["witness_authority"].as_str().unwrap_or("?"),
+                                match x["witness_holder_site"].as_u64() {
+                                    Some(0) | None => "both sites".to_string(),
+                                    Some(s) => format!("site {s}"),
+                                },
+                                match x["pre_election"].as_str() {
+                                    Some(p) if !p.is_empty() => format!("  pre-election: {p}"),
+                                    _ => String::new(),
+                                }
+                            );
+                        }
                     }
                 }
             }

@@ -1,0 +1,98 @@
+//! `nvmetro-witness --config conf/witness.toml`: the metro witness for a third site.
+//!
+//! Answers the sites' reports and elections over UDP (see `nvmetro_bdev::mirror::witness`). Every
+//! decision that changes its state is written to the state file (write, fsync, rename, fsync of
+//! the directory) before the reply leaves, so a restarted witness decides exactly as before. It
+//! holds no user data.
+
+use anyhow::Context;
+use clap::Parser;
+use nvmetro_bdev::mirror::witness::{Request, Verdict, WitnessState};
+use std::io::Write;
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Parser, Debug)]
+#[command(name = "nvmetro-witness", version, about = "nvmetro metro witness: decides which site serves when the sites lose each other")]
+struct Args {
+    /// Configuration file (TOML): listen, secret or secret_file, state.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    check: bool,
+    #[arg(long, default_value = "info", env = "NVMETRO_LOG")]
+    log: String,
+}
+
+fn load_state(path: &Path) -> anyhow::Result<WitnessState> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text).with_context(|| format!("{}: damaged witness state", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(WitnessState::default()),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+fn store_state(path: &Path, state: &WitnessState) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(serde_json::to_string_pretty(state).map_err(std::io::Error::other)?.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("bad --log filter")?)
+        .with_target(false)
+        .init();
+    let config = nvmetro_conf::load_witness(&args.config)?;
+    if args.check {
+        println!("configuration is valid");
+        return Ok(());
+    }
+    let mut state = load_state(&config.state)?;
+    let sock = UdpSocket::bind(config.listen).with_context(|| format!("bind {}", config.listen))?;
+    tracing::info!(listen = %config.listen, state = %config.state.display(), resources = state.resources.len(), "witness ready");
+    let epoch = Instant::now();
+    let mut buf = [0u8; 1024];
+    let mut last_auth_warning: Option<Instant> = None;
+    loop {
+        let (n, from) = match sock.recv_from(&mut buf) {
+            Ok(x) => x,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).context("receive"),
+        };
+        let req = match Request::parse(&buf[..n], &config.secret) {
+            Ok(r) => r,
+            Err(e) => {
+                if last_auth_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    last_auth_warning = Some(Instant::now());
+                    tracing::warn!(%from, "datagram dropped: {e}");
+                }
+                continue;
+            }
+        };
+        let reply = state.handle(&req, epoch.elapsed().as_millis() as u64);
+        if std::mem::take(&mut state.changed) {
+            if let Err(e) = store_state(&config.state, &state) {
+                // Unrecorded decisions are not handed out: the sites retry.
+                tracing::error!(state = %config.state.display(), "cannot persist witness state: {e}; not answering");
+                state = load_state(&config.state).unwrap_or_default();
+                continue;
+            }
+            let r = &state.resources[&req.resource];
+            tracing::info!(resource = %req.resource, site = req.site, authority = format!("{:x}", r.authority), holder = r.holder, "witness state changed");
+        }
+        if reply.verdict != Verdict::Noted {
+            tracing::info!(resource = %req.resource, site = req.site, verdict = ?reply.verdict, "election");
+        }
+        let _ = sock.send_to(&reply.encode(&config.secret), from);
+    }
+}

@@ -1,0 +1,317 @@
+//! Metro HA end to end: site A, site B and the witness as separate processes on 127.0.0.1, a
+//! verifying workload through the multipath initiator. SIGKILL of a site, a cut link, a lost
+//! witness and restarts of each: at most one site serves while they are apart, no acknowledged
+//! write is lost, and the initiator resumes on the surviving path.
+
+use nvmetro_perf::load::{run_paths, PathIo, PathShared, Pattern, Workload};
+use nvmetro_perf::paths::{ana_state, PathMonitor};
+use nvmetro_perf::{ConnectOptions, Host};
+use nvmetro_proto::nvme::Status;
+use nvmetro_tests::{free_port, Proxy, TargetProcess, WitnessProcess, HOSTNQN, WITNESS_SECRET};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const NQN: &str = "nqn.2026-11.io.nvmetro:metro-ha";
+/// ANA states as the log page reports them.
+const OPTIMIZED: u8 = 1;
+const NON_OPTIMIZED: u8 = 2;
+
+/// Site 1 (preferred, the pre-elected survivor) listens for the link on `link`; site 2 dials
+/// `peer`. The test host belongs to site 1.
+fn site(n: u8, link: u16, witness: SocketAddr, extra: &str) -> String {
+    let (role, range) = if n == 1 {
+        (format!("role = \"preferred\"\nlisten = \"127.0.0.1:{link}\""), "[1, 99]")
+    } else {
+        (format!("role = \"secondary\"\npeer = \"127.0.0.1:{link}\""), "[100, 199]")
+    };
+    format!(
+        r#"
+[target]
+cores = [0]
+site = {n}
+
+[witness]
+address = "{witness}"
+secret = "{WITNESS_SECRET}"
+
+[[host]]
+nqn = "{HOSTNQN}"
+site = 1
+
+[[bdev]]
+name = "leg"
+kind = "file"
+path = "{{DIR}}/leg.img"
+size = "32MiB"
+direct = false
+
+[[bdev]]
+name = "m"
+kind = "mirror"
+local = "leg"
+{role}
+metadata = "{{DIR}}/leg.meta"
+region_size = "256KiB"
+{extra}
+
+[[subsystem]]
+nqn = "{NQN}"
+allow_any_host = true
+cntlid_range = {range}
+
+[[subsystem.namespace]]
+nsid = 1
+bdev = "m"
+
+[[listener]]
+address = "127.0.0.1:{{PORT}}"
+"#
+    )
+}
+
+struct Metro {
+    a: TargetProcess,
+    b: TargetProcess,
+    w: WitnessProcess,
+    /// Between B and A's link port, when the test cuts the link.
+    proxy: Option<Proxy>,
+}
+
+fn metro(with_proxy: bool, extra: &str) -> Metro {
+    let w = WitnessProcess::start();
+    let link = free_port();
+    let a = TargetProcess::start(&site(1, link, w.addr, extra));
+    let proxy = with_proxy.then(|| Proxy::start(format!("127.0.0.1:{link}").parse().unwrap()));
+    let b_link = proxy.as_ref().map_or(link, |p| p.addr.port());
+    let b = TargetProcess::start(&site(2, b_link, w.addr, extra));
+    let m = Metro { a, b, w, proxy };
+    wait_until("both sites serve", Duration::from_secs(30), || serves(&m.a) == Some(true) && serves(&m.b) == Some(true));
+    m
+}
+
+fn connect(t: &TargetProcess) -> Option<Host> {
+    let mut o = ConnectOptions::new(t.addr, NQN);
+    o.hostnqn = HOSTNQN.into();
+    o.timeout = Duration::from_secs(3);
+    Host::connect(&o).ok()
+}
+
+/// Whether a write through `t` succeeds now (None: the site is down).
+fn serves(t: &TargetProcess) -> Option<bool> {
+    let mut h = connect(t)?;
+    let (c, _) = h.io_cmd(0, nvmetro_proto::cmds::write(0, 1, 60_000, 1), vec![7; 512], 0).ok()?;
+    Some(c.status().is_success())
+}
+
+/// The status a write gets at `t` (None: the site is down).
+fn write_status(t: &TargetProcess) -> Option<Status> {
+    let mut h = connect(t)?;
+    let (c, _) = h.io_cmd(0, nvmetro_proto::cmds::write(0, 1, 60_001, 1), vec![8; 512], 0).ok()?;
+    Some(c.status())
+}
+
+fn ana_of(t: &TargetProcess) -> Option<u8> {
+    let h = connect(t)?;
+    let (mut admin, _) = h.into_parts();
+    ana_state(&mut admin, 1).ok()
+}
+
+fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn workload(secs: u64, seed: u64) -> Workload {
+    Workload {
+        nsid: 1,
+        pattern: Pattern::Random,
+        read_pct: 30,
+        block_size: 4096,
+        qd: 4,
+        duration: Duration::from_secs(secs),
+        ramp: Duration::ZERO,
+        max_ios: None,
+        rate: None,
+        verify: true,
+        region: (0, 8192),
+        seed,
+    }
+}
+
+/// One worker's queues on each site, with path monitors that follow ANA and reconnect.
+fn connect_paths(sites: &[&TargetProcess]) -> (Vec<PathIo>, Vec<PathMonitor>) {
+    let mut paths = Vec::new();
+    let mut monitors = Vec::new();
+    for (i, t) in sites.iter().enumerate() {
+        let mut o = ConnectOptions::new(t.addr, NQN);
+        o.hostnqn = HOSTNQN.into();
+        let h = Host::connect(&o).unwrap();
+        let (mut admin, mut io) = h.into_parts();
+        let shared = Arc::new(PathShared::new(&format!("site{}", i + 1), 1));
+        shared.ana.store(ana_state(&mut admin, 1).unwrap(), Ordering::Release);
+        monitors.push(PathMonitor::start(shared.clone(), Some(admin), o, 1));
+        paths.push(PathIo::new(shared, io.pop()));
+    }
+    (paths, monitors)
+}
+
+/// Reads the whole region through `t` and checks every acknowledged stamp.
+fn verify_at(t: &TargetProcess, gens: &mut HashMap<u64, u64>) {
+    let (mut paths, monitors) = connect_paths(&[t]);
+    let check = Workload {
+        read_pct: 100,
+        pattern: Pattern::Sequential,
+        max_ios: Some(8192 / 8),
+        duration: Duration::from_secs(120),
+        ..workload(0, 1)
+    };
+    let r = run_paths(&mut paths, &check, 512, gens, 0, None).unwrap();
+    monitors.into_iter().for_each(PathMonitor::stop);
+    assert_eq!(r.errors, 0, "{:?}", r.first_error);
+    assert!(r.mismatches.is_empty(), "acknowledged data lost at {}: {:?}", t.addr, &r.mismatches[..r.mismatches.len().min(5)]);
+}
+
+/// SIGKILL of site A under a verifying multipath workload; returns the longest I/O stall.
+fn kill_a_under_load(m: &mut Metro, gens: &mut HashMap<u64, u64>, seed: u64) -> Duration {
+    let (mut paths, monitors) = connect_paths(&[&m.a, &m.b]);
+    assert_eq!(paths[0].shared.ana.load(Ordering::Acquire), OPTIMIZED, "the host's own site is Optimized");
+    assert_eq!(paths[1].shared.ana.load(Ordering::Acquire), NON_OPTIMIZED, "the other site is Non-Optimized");
+    let a = &mut m.a;
+    let r = std::thread::scope(|s| {
+        s.spawn(move || {
+            std::thread::sleep(Duration::from_millis(1500));
+            a.kill();
+        });
+        run_paths(&mut paths, &workload(5, seed), 512, gens, 0, None).unwrap()
+    });
+    monitors.into_iter().for_each(PathMonitor::stop);
+    assert_eq!(r.errors, 0, "every command completed on one site or the other: {:?}", r.first_error);
+    assert!(r.mismatches.is_empty(), "{:?}", &r.mismatches[..r.mismatches.len().min(5)]);
+    assert!(paths[0].result.ios() > 0 && paths[1].result.ios() > 0, "I/O ran on A, then on B");
+    r.stalls.iter().map(|s| s.duration).max().expect("the failover was measured")
+}
+
+#[test]
+fn sigkill_of_a_site_fails_over_and_the_site_fails_back_after_its_resync() {
+    let mut m = metro(false, "");
+    let mut gens = HashMap::new();
+    let stall = kill_a_under_load(&mut m, &mut gens, 1);
+    eprintln!("failover after SIGKILL of site A: I/O stood still for {stall:?}");
+    // B serves alone: the host's path there is Optimized now.
+    assert_eq!(ana_of(&m.b), Some(OPTIMIZED));
+    // A returns: the witness keeps it out until it is resynced, then it serves again and the
+    // paths go back to Optimized (A) and Non-Optimized (B).
+    m.a.restart();
+    wait_until("A serves again", Duration::from_secs(30), || serves(&m.a) == Some(true));
+    wait_until("A is Optimized again", Duration::from_secs(10), || ana_of(&m.a) == Some(OPTIMIZED));
+    wait_until("B is Non-Optimized again", Duration::from_secs(10), || ana_of(&m.b) == Some(NON_OPTIMIZED));
+    verify_at(&m.a, &mut gens);
+    verify_at(&m.b, &mut gens);
+}
+
+#[test]
+fn a_cut_link_leaves_exactly_one_writer_and_heals() {
+    let m = metro(true, "");
+    let proxy = m.proxy.as_ref().unwrap();
+    let (mut paths, monitors) = connect_paths(&[&m.a, &m.b]);
+    let mut gens = HashMap::new();
+    let p = std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(1000));
+            proxy.cut();
+        });
+        run_paths(&mut paths, &workload(5, 2), 512, &mut gens, 0, None).unwrap()
+    });
+    monitors.into_iter().for_each(PathMonitor::stop);
+    assert_eq!(p.errors, 0, "{:?}", p.first_error);
+    assert!(p.mismatches.is_empty());
+    // Exactly one site serves; the other reports ANA Inaccessible.
+    let (sa, sb) = (write_status(&m.a).unwrap(), write_status(&m.b).unwrap());
+    assert!(sa.is_success() != sb.is_success(), "exactly one writer while cut: A {sa:?}, B {sb:?}");
+    let loser = if sa.is_success() { &m.b } else { &m.a };
+    assert_eq!(write_status(loser), Some(Status::ANA_INACCESSIBLE));
+    proxy.restore();
+    wait_until("both serve after the heal", Duration::from_secs(30), || serves(&m.a) == Some(true) && serves(&m.b) == Some(true));
+    verify_at(&m.a, &mut gens);
+    verify_at(&m.b, &mut gens);
+}
+
+#[test]
+fn witness_lost_first_then_the_link_the_pre_elected_site_survives() {
+    let mut m = metro(true, "");
+    let mut gens = HashMap::new();
+    m.w.kill();
+    // Both sites notice and agree on the survivor (site 1) over the link.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(serves(&m.a), Some(true), "losing only the witness changes nothing for hosts");
+    assert_eq!(serves(&m.b), Some(true));
+    m.proxy.as_ref().unwrap().cut();
+    wait_until("B fences", Duration::from_secs(10), || write_status(&m.b) == Some(Status::ANA_INACCESSIBLE));
+    wait_until("A serves alone", Duration::from_secs(10), || serves(&m.a) == Some(true));
+    let (mut paths, monitors) = connect_paths(&[&m.a]);
+    let r = run_paths(&mut paths, &workload(1, 3), 512, &mut gens, 0, None).unwrap();
+    monitors.into_iter().for_each(PathMonitor::stop);
+    assert_eq!(r.errors, 0);
+    // The witness returns and B restarts: B still may not serve (it deferred, durably).
+    m.w.restart();
+    m.b.restart();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(write_status(&m.b), Some(Status::ANA_INACCESSIBLE), "B stays out until resynced");
+    m.proxy.as_ref().unwrap().restore();
+    wait_until("B serves after its resync", Duration::from_secs(30), || serves(&m.b) == Some(true));
+    verify_at(&m.b, &mut gens);
+}
+
+#[test]
+fn a_restarted_witness_and_a_returning_site_keep_the_decision() {
+    let mut m = metro(true, "");
+    let mut gens = HashMap::new();
+    // B dies; A is granted and serves alone; the link to B is also cut.
+    m.b.kill();
+    m.proxy.as_ref().unwrap().cut();
+    wait_until("A serves alone", Duration::from_secs(10), || serves(&m.a) == Some(true));
+    let (mut paths, monitors) = connect_paths(&[&m.a]);
+    let r = run_paths(&mut paths, &workload(1, 4), 512, &mut gens, 0, None).unwrap();
+    monitors.into_iter().for_each(PathMonitor::stop);
+    assert_eq!(r.errors, 0);
+    // The witness restarts (its decision is on disk); B returns, still cut off from A: the
+    // witness must not let the stale copy serve.
+    m.w.restart();
+    m.b.restart();
+    std::thread::sleep(Duration::from_millis(3000));
+    assert_eq!(write_status(&m.b), Some(Status::ANA_INACCESSIBLE), "a stale site never serves:\n{}", m.w.log());
+    assert_eq!(serves(&m.a), Some(true));
+    m.proxy.as_ref().unwrap().restore();
+    wait_until("B serves after its resync", Duration::from_secs(30), || serves(&m.b) == Some(true));
+    verify_at(&m.b, &mut gens);
+}
+
+/// Failover time, measured: `cargo test --release -p nvmetro-tests --test metro -- --ignored
+/// --nocapture` (vendor-scripts/bench-failover.sh). Prints the median and worst of 10 runs.
+#[test]
+#[ignore]
+fn failover_time_benchmark() {
+    let runs: usize = std::env::var("FAILOVER_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let mut stalls = Vec::new();
+    for i in 0..runs {
+        let mut m = metro(false, "");
+        let mut gens = HashMap::new();
+        let stall = kill_a_under_load(&mut m, &mut gens, i as u64 + 10);
+        eprintln!("run {}: I/O stood still for {:.0} ms", i + 1, stall.as_secs_f64() * 1000.0);
+        stalls.push(stall);
+    }
+    stalls.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "failover (SIGKILL of the host's own site, default timers): median {:.0} ms, worst {:.0} ms, best {:.0} ms over {runs} runs",
+        ms(stalls[runs / 2]),
+        ms(stalls[runs - 1]),
+        ms(stalls[0])
+    );
+}
