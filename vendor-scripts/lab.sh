@@ -150,15 +150,32 @@ nguid = "6e766d6574726f2d6c61622d6e736964"
 [[listener]]
 address = "127.0.0.1:$port"
 EOF
-  local pa pb link
-  pa=$(freeport); pb=$(freeport); link=$(freeport)
-  rm -f "$LAB"/metro-*.img "$LAB"/metro-*.meta
+  local pa pb link wport
+  pa=$(freeport); pb=$(freeport); link=$(freeport); wport=$(freeport)
+  rm -f "$LAB"/metro-*.img "$LAB"/metro-*.meta "$LAB"/witness-state.json "$LAB"/share/kill-a "$LAB"/share/restart-a
+  # Metro HA: the witness (a third site) and two sites; the guest's host NQN belongs to site 1.
+  cat > "$LAB/witness.toml" <<WIT
+listen = "127.0.0.1:$wport"
+secret = "lab-metro-witness-secret"
+state = "$LAB/witness-state.json"
+WIT
+  "$(dirname "$tgt")/nvmetro-witness" --config "$LAB/witness.toml" > "$LAB/witness.log" 2>&1 &
+  WP=$!
   for site in a b; do
     local role lport range
     if [ $site = a ]; then role="role = \"preferred\"
 listen = \"127.0.0.1:$link\""; lport=$pa; range="1, 99"; else role="role = \"secondary\"
 peer = \"127.0.0.1:$link\""; lport=$pb; range="100, 199"; fi
     cat > "$LAB/metro-$site.toml" <<METRO
+[target]
+cores = [0]
+site = $([ $site = a ] && echo 1 || echo 2)
+[witness]
+address = "127.0.0.1:$wport"
+secret = "lab-metro-witness-secret"
+[[host]]
+nqn = "$hostnqn"
+site = 1
 [[bdev]]
 name = "leg"
 kind = "file"
@@ -182,13 +199,21 @@ address = "127.0.0.1:$lport"
 METRO
   done
   "$tgt" --config "$LAB/metro-a.toml" > "$LAB/metro-a.log" 2>&1 &
-  MA=$!
+  echo $! > "$LAB/metro-a.pid"
   "$tgt" --config "$LAB/metro-b.toml" > "$LAB/metro-b.log" 2>&1 &
   MB=$!
+  # The guest asks for site A's death and return through files in the shared folder.
+  ( while :; do
+      if [ -f "$LAB/share/kill-a" ]; then rm -f "$LAB/share/kill-a"; kill -9 "$(cat "$LAB/metro-a.pid")"; echo "$(date +%T.%N) site A killed" >> "$LAB/metro-events.log"; fi
+      if [ -f "$LAB/share/restart-a" ]; then rm -f "$LAB/share/restart-a"
+        "$tgt" --config "$LAB/metro-a.toml" >> "$LAB/metro-a.log" 2>&1 & echo $! > "$LAB/metro-a.pid"; echo "$(date +%T.%N) site A restarted" >> "$LAB/metro-events.log"; fi
+      sleep 0.1
+    done ) &
+  WATCH=$!
   step "start nvmetro-tgt on 127.0.0.1:$port"
   "$tgt" --config "$cfg" > "$LAB/target.log" 2>&1 &
   TPID=$!
-  trap 'kill $TPID $MA $MB 2>/dev/null || true' EXIT
+  trap 'kill $TPID $MB $WP $WATCH $(cat "$LAB/metro-a.pid") 2>/dev/null || true' EXIT
   local tpid=$TPID
   for _ in $(seq 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1',$port),1)" 2>/dev/null && break; sleep 0.1; done
 
@@ -240,6 +265,36 @@ MD=$(nvme list | awk '/nvmetro/ {print $1}' | head -1); echo "site B device: $MD
 fio --name=metro --filename="$MD" --rw=randwrite --bs=8k --iodepth=8 --ioengine=libaio --direct=1 --size=32m \
     --verify=crc32c --verify_only --verify_fatal=1 > /tmp/fio-mb.txt 2>&1 && grep -q 'err= 0' /tmp/fio-mb.txt && echo "CHECK metro verify via B ok"
 grep -E 'read: IOPS=|verify' /tmp/fio-mb.txt | head -3
+nvme disconnect -n $M; sleep 1
+echo "== metro HA: native multipath to both sites, fio with verify while site A is killed"
+echo "native multipath: $(cat /sys/module/nvme_core/parameters/multipath)"
+nvme connect -t tcp -a 10.0.2.2 -s "$PA" -n $M -c 1 -l 120 && nvme connect -t tcp -a 10.0.2.2 -s "$PB" -n $M -c 1 -l 120 && sleep 3
+# Each path's ANA state as the kernel sees it: "A optimized" / "B non-optimized".
+paths() { for c in /sys/class/nvme/nvme*; do [ "$(cat $c/subsysnqn 2>/dev/null)" = $M ] || continue
+  port=$(sed -n 's/.*trsvcid=\([0-9]*\).*/\1/p' $c/address); site=B; [ "$port" = "$PA" ] && site=A
+  echo "$site $(cat $c/state) $(cat $c/nvme*c*n1/ana_state 2>/dev/null | head -1)"; done | sort; }
+nvme list-subsys
+paths | tee /tmp/paths.txt
+for c in /sys/class/nvme/nvme*; do [ "$(cat $c/subsysnqn)" = $M ] && nvme ana-log /dev/$(basename $c) | grep -E '^(state|nsid)' | head -2; done
+grep -q '^A live optimized' /tmp/paths.txt && grep -q '^B live non-optimized' /tmp/paths.txt && echo "CHECK metro paths optimized and non-optimized"
+MD=/dev/$(ls /sys/block | grep -E '^nvme[0-9]+n1$' | while read d; do [ "$(cat /sys/block/$d/device/subsysnqn 2>/dev/null || cat /sys/block/$d/device/../subsysnqn 2>/dev/null)" = $M ] && echo $d; done | head -1)
+[ "$MD" = /dev/ ] && MD=$(nvme list | awk '/nvmetro/ {print $1}' | tail -1)
+echo "multipath device: $MD"
+( sleep 8; touch /mnt/share/kill-a; echo "asked the host to kill site A" ) &
+fio --name=metroha --filename="$MD" --rw=randwrite --bs=8k --iodepth=4 --ioengine=libaio --direct=1 --size=16m \
+    --rate_iops=150 --verify=crc32c --do_verify=1 --verify_fatal=1 > /tmp/fio-ha.txt 2>&1; rc=$?
+grep -E 'err=|IOPS=|verify|lat \(msec\)|clat \(msec\)' /tmp/fio-ha.txt | head -8
+[ $rc = 0 ] && grep -q 'err= 0' /tmp/fio-ha.txt && grep -qE 'read: IOPS=' /tmp/fio-ha.txt && echo "CHECK metro fio verify through the death of site A ok"
+paths | tee /tmp/paths2.txt
+grep -q '^B live optimized' /tmp/paths2.txt && echo "CHECK metro surviving site B optimized"
+touch /mnt/share/restart-a; echo "asked the host to restart site A"
+for i in $(seq 120); do
+  paths > /tmp/paths3.txt
+  grep -q '^A live optimized' /tmp/paths3.txt && grep -q '^B live non-optimized' /tmp/paths3.txt && break; sleep 1; done
+cat /tmp/paths3.txt
+grep -q '^A live optimized' /tmp/paths3.txt && grep -q '^B live non-optimized' /tmp/paths3.txt && echo "CHECK metro back to optimized and non-optimized after A returned ($i s)"
+fio --name=metroha --filename="$MD" --rw=randwrite --bs=8k --iodepth=4 --ioengine=libaio --direct=1 --size=16m \
+    --verify=crc32c --verify_only --verify_fatal=1 > /tmp/fio-ha2.txt 2>&1 && grep -q 'err= 0' /tmp/fio-ha2.txt && echo "CHECK metro data verifies after failback"
 nvme disconnect -n $M
 echo "== nvmetro-perf (our initiator) against the Linux kernel target, nvmet, on a RAM disk in the guest"
 modprobe configfs; mount -t configfs none /sys/kernel/config 2>/dev/null
@@ -254,6 +309,8 @@ echo 127.0.0.1 > $C/ports/1/addr_traddr && echo 4420 > $C/ports/1/addr_trsvcid &
 EOF
   step "boot the guest (TCG; a few minutes)"
   boot_guest job-host.sh "$LAB/guest.log" "lab.port=$port lab.nqn=$nqn lab.hostnqn=$hostnqn lab.pa=$pa lab.pb=$pb"
+  kill $WATCH 2>/dev/null || true
+  cat "$LAB/metro-events.log" 2>/dev/null || true
   step "guest done"
   tr -d '\r' < "$LAB/guest.log" | grep -vE '^\s*$' | tail -120
 
@@ -274,6 +331,11 @@ EOF
   chk "nvme disconnect" "CHECK disconnect ok"
   chk "metro: fio writes through site A" "CHECK metro write via A ok"
   chk "metro: fio verifies through site B" "CHECK metro verify via B ok"
+  chk "metro HA: host paths Optimized (own site) and Non-Optimized" "CHECK metro paths optimized and non-optimized"
+  chk "metro HA: fio with verify through SIGKILL of site A" "CHECK metro fio verify through the death of site A ok"
+  chk "metro HA: surviving site reports Optimized" "CHECK metro surviving site B optimized"
+  chk "metro HA: paths go back after site A returns" "CHECK metro back to optimized and non-optimized"
+  chk "metro HA: data verifies after failback" "CHECK metro data verifies after failback"
   chk "nvmetro-perf --verify against Linux nvmet" "CHECK nvmetro-perf verify against nvmet ok"
   if kill -0 $tpid 2>/dev/null && python3 -c "import socket; socket.create_connection(('127.0.0.1',$port),1)"; then
     echo "PASS target healthy after the host left"; npass=$((npass+1))
