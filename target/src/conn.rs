@@ -122,6 +122,8 @@ struct AdminQueue {
     ctrl: Controller,
     /// The host belongs to another site: its Optimized paths are reported Non-Optimized.
     remote_host: bool,
+    /// The config generation `remote_host` was computed for (a reload may move the host).
+    config_generation: u64,
     /// None for a discovery controller.
     subsystem: Option<(Arc<Subsystem>, Arc<ControllerHandle>)>,
     /// The discovery log as this host may see it.
@@ -130,7 +132,12 @@ struct AdminQueue {
 
 impl AdminQueue {
     /// The subsystem as this controller's host sees it through `listener`.
-    fn view_of(&self, subsystem: &Subsystem, listener: usize) -> Arc<SubsystemView> {
+    fn view_of(&mut self, subsystem: &Subsystem, listener: usize, target: &crate::Target) -> Arc<SubsystemView> {
+        let generation = target.config_generation();
+        if generation != self.config_generation {
+            self.config_generation = generation;
+            self.remote_host = target.config().host_is_remote(&self.ctrl.hostnqn);
+        }
         let view = subsystem.view(listener);
         if self.remote_host {
             Arc::new(view.for_remote_host())
@@ -165,7 +172,7 @@ struct Inflight {
     bytes: u64,
     data: Vec<u8>,
     /// Index of the namespace in its subsystem, for the per-namespace figures.
-    ns: Option<usize>,
+    ns: Option<Arc<crate::subsys::NamespaceStats>>,
     start: std::time::Instant,
 }
 
@@ -350,11 +357,17 @@ impl Conn {
             if req.qid != 0 {
                 return refuse(self, Status::CONNECT_INVALID_PARAMETERS, false, 42, "discovery has no I/O queues".into());
             }
-            let view = ctx.target.discovery.view_for(&req.hostnqn, &ctx.target.subsystems);
+            let view = ctx.target.discovery.view_for(&req.hostnqn, &ctx.target.subsystems());
             let cntlid = ctx.target.next_discovery_cntlid();
             let ctrl = Controller::new(cntlid, &req, &view, ctx.now_ms);
             tracing::info!(peer = %self.peer, host = %req.hostnqn, cntlid, "discovery controller connected");
-            self.role = Role::Admin(Box::new(AdminQueue { ctrl, remote_host: false, subsystem: None, discovery_view: Some(view) }));
+            self.role = Role::Admin(Box::new(AdminQueue {
+                ctrl,
+                remote_host: false,
+                config_generation: 0,
+                subsystem: None,
+                discovery_view: Some(view),
+            }));
             self.queue_size = req.queue_size;
             return self.respond(Completion::new(cid, Status::SUCCESS).with_result(u64::from(cntlid)), &[]);
         }
@@ -385,8 +398,15 @@ impl Conn {
             let ctrl = Controller::new(handle.cntlid, &req, &view, ctx.now_ms);
             tracing::info!(peer = %self.peer, host = %req.hostnqn, subsystem = %req.subnqn, cntlid = handle.cntlid, kato_ms = req.kato_ms, "controller created");
             let cntlid = handle.cntlid;
-            let remote_host = ctx.target.config.host_is_remote(&req.hostnqn);
-            self.role = Role::Admin(Box::new(AdminQueue { ctrl, remote_host, subsystem: Some((subsystem, handle)), discovery_view: None }));
+            let remote_host = ctx.target.config().host_is_remote(&req.hostnqn);
+            let config_generation = ctx.target.config_generation();
+            self.role = Role::Admin(Box::new(AdminQueue {
+                ctrl,
+                remote_host,
+                config_generation,
+                subsystem: Some((subsystem, handle)),
+                discovery_view: None,
+            }));
             self.respond(Completion::new(cid, Status::SUCCESS).with_result(u64::from(cntlid)), &[]);
         } else {
             let handle = match subsystem.find_controller(req.cntlid, &req.hostnqn) {
@@ -410,10 +430,10 @@ impl Conn {
 
     fn on_admin(&mut self, cmd: Command, data: Vec<u8>, ctx: &mut Ctx) {
         let Role::Admin(q) = &mut self.role else { return };
-        let outcome = match &q.subsystem {
+        let outcome = match q.subsystem.clone() {
             Some((subsystem, handle)) => {
                 let ListenerKind::Subsystems(listener) = self.listener else { return };
-                let view = q.view_of(subsystem, listener);
+                let view = q.view_of(&subsystem, listener, ctx.target);
                 let out = q.ctrl.handle_admin(&view, &subsystem.health(), &cmd, &data, ctx.now_ms);
                 handle.ready.store(q.ctrl.is_ready(), Ordering::Release);
                 handle.generation.store(q.ctrl.reset_generation(), Ordering::Release);
@@ -438,8 +458,8 @@ impl Conn {
     }
 
     fn alloc(&mut self, f: Inflight) -> u32 {
-        if let (Some(ns), Role::Io(q)) = (f.ns, &self.role) {
-            q.subsystem.stats[ns].inflight.fetch_add(1, Ordering::Relaxed);
+        if let Some(st) = &f.ns {
+            st.inflight.fetch_add(1, Ordering::Relaxed);
         }
         let slot = self.free_slots.pop().unwrap_or_else(|| {
             self.inflight.push(None);
@@ -454,7 +474,7 @@ impl Conn {
         match ctx.channels.get(bdev, ctx.target, ctx.registry) {
             Ok(ch) => ch.submit(tag, op),
             Err(e) => {
-                tracing::error!("cannot open a channel to bdev {}: {e}", ctx.target.bdevs[bdev].info().name);
+                tracing::error!("cannot open a channel to bdev {}: {e}", ctx.target.bdev(bdev).info().name);
                 self.on_completion(slot, Err(BdevError::Io(e.to_string())));
             }
         }
@@ -470,9 +490,15 @@ impl Conn {
             Ok(r) => r,
             Err(status) => return self.respond(Completion::new(cid, status), &[]),
         };
-        let ns_index = subsystem.namespaces.iter().position(|n| n.info.nsid == cmd.nsid());
-        // decode_io checked the namespace; one lookup serves the bdev and the statistics.
-        let ns_of = || &subsystem.namespaces[ns_index.expect("decode_io checked the namespace")];
+        // One lookup serves the bdev and the statistics. The view decode_io checked and the
+        // namespace table may differ for an instant while a reload swaps them: then the
+        // namespace is treated as gone.
+        let table = subsystem.namespaces();
+        let ns_found = table.iter().find(|n| n.info.nsid == cmd.nsid());
+        if ns_found.is_none() && !matches!(req, IoRequest::Flush { .. } | IoRequest::Hint) {
+            return self.respond(Completion::new(cid, Status::INVALID_NAMESPACE), &[]);
+        }
+        let ns_of = || ns_found.expect("checked above");
         let new = |kind, remaining, bytes| Inflight {
             cid,
             kind,
@@ -480,7 +506,7 @@ impl Conn {
             status: Status::SUCCESS,
             bytes,
             data: Vec::new(),
-            ns: ns_index,
+            ns: ns_found.map(|n| n.stats.clone()),
             start: std::time::Instant::now(),
         };
         match req {
@@ -523,8 +549,7 @@ impl Conn {
             }
             IoRequest::Hint => self.respond(Completion::new(cid, Status::SUCCESS), &[]),
             IoRequest::Flush { nsid } => {
-                let bdevs: Vec<usize> = subsystem
-                    .namespaces
+                let bdevs: Vec<usize> = table
                     .iter()
                     .filter(|n| (nsid == 0xffff_ffff || n.info.nsid == nsid) && n.info.volatile_cache)
                     .map(|n| n.bdev)
@@ -551,7 +576,10 @@ impl Conn {
             self.respond(Completion::new(ccmd.cid(), status), &[]);
             return self.respond(Completion::new(wcmd.cid(), Status::FUSED_FAILED), &[]);
         }
-        let ns = subsystem.namespace(ccmd.nsid()).expect("checked").clone();
+        let Some(ns) = subsystem.namespace(ccmd.nsid()) else {
+            self.respond(Completion::new(ccmd.cid(), Status::INVALID_NAMESPACE), &[]);
+            return self.respond(Completion::new(wcmd.cid(), Status::FUSED_FAILED), &[]);
+        };
         let offset = ccmd.slba() * u64::from(ns.info.block_size);
         let bytes = wdata.len() as u64;
         let slot = self.alloc(Inflight {
@@ -561,7 +589,7 @@ impl Conn {
             status: Status::SUCCESS,
             bytes,
             data: Vec::new(),
-            ns: subsystem.namespaces.iter().position(|n| n.info.nsid == ccmd.nsid()),
+            ns: Some(ns.stats.clone()),
             start: std::time::Instant::now(),
         });
         self.submit(ns.bdev, slot, BdevOp::CompareAndWrite { offset, expected: cdata, data: wdata }, ctx);
@@ -592,8 +620,7 @@ impl Conn {
         }
         let f = self.inflight[slot as usize].take().expect("present");
         self.free_slots.push(slot);
-        if let (Some(ns), Role::Io(q)) = (f.ns, &self.role) {
-            let st = &q.subsystem.stats[ns];
+        if let Some(st) = &f.ns {
             st.inflight.fetch_sub(1, Ordering::Relaxed);
             if !matches!(f.kind, IoKind::Other) {
                 let write = matches!(f.kind, IoKind::Write | IoKind::CompareAndWrite { .. });
@@ -637,16 +664,16 @@ impl Conn {
                     self.close_with("keep-alive timeout".into(), true);
                     return;
                 }
-                match (&q.subsystem, &mut q.discovery_view) {
+                match (q.subsystem.clone(), &mut q.discovery_view) {
                     (Some((subsystem, _)), _) => {
                         if let ListenerKind::Subsystems(listener) = self.listener {
-                            let view = q.view_of(subsystem, listener);
+                            let view = q.view_of(&subsystem, listener, ctx.target);
                             aens = q.ctrl.poll_events(&view);
                         }
                     }
                     (None, Some(view)) => {
                         if ctx.target.discovery.genctr() != view.discovery_genctr {
-                            *view = ctx.target.discovery.view_for(&q.ctrl.hostnqn, &ctx.target.subsystems);
+                            *view = ctx.target.discovery.view_for(&q.ctrl.hostnqn, &ctx.target.subsystems());
                         }
                         aens = q.ctrl.poll_events(view);
                     }

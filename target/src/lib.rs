@@ -15,15 +15,19 @@
 //! ```
 //!
 //! Subsystems, their per-listener views (ANA states) and the controller registry are shared
-//! through [`Target`]; views are read lock-free on the I/O path.
+//! through [`Target`]; views are read lock-free on the I/O path. The config, the bdev table, the
+//! subsystem table and each subsystem's namespaces are swapped whole by a reload ([`reload`]),
+//! so reactors never wait for one.
 
 pub mod conn;
 pub mod metrics;
 pub mod mgmt;
 pub mod reactor;
+pub mod reload;
 pub mod subsys;
 
 use anyhow::Context;
+use arc_swap::ArcSwap;
 use nvmetro_bdev::mirror::core::Role;
 use nvmetro_bdev::mirror::driver::{MetroSettings, MirrorBdev, MirrorSettings};
 use nvmetro_bdev::mirror::transport::TcpTransport;
@@ -40,13 +44,22 @@ use subsys::{Discovery, Namespace, Subsystem};
 /// Everything reactors share.
 #[derive(Debug)]
 pub struct Target {
-    pub config: Config,
-    pub bdevs: Vec<Arc<dyn Bdev>>,
-    pub subsystems: Vec<Arc<Subsystem>>,
+    config: ArcSwap<Config>,
+    /// By bdev index; only grows (a removed bdev leaves a retired slot; see [`reload`]).
+    bdevs: ArcSwap<Vec<Arc<dyn Bdev>>>,
+    subsystems: ArcSwap<Vec<Arc<Subsystem>>>,
+    /// The address of each listener slot; slots only grow, a removed listener's slot is retired.
+    listener_slots: ArcSwap<Vec<std::net::SocketAddr>>,
+    /// The file the config came from (None: the built-in default); reload reads it again.
+    pub config_path: Option<std::path::PathBuf>,
+    /// One reload at a time (control path only).
+    reload_lock: std::sync::Mutex<()>,
+    /// Bumped by every applied reload (connections re-derive what they cached from the config).
+    config_generation: std::sync::atomic::AtomicU64,
     pub discovery: Discovery,
     reactors: OnceLock<Vec<ReactorHandle>>,
-    /// ANA states set by an operator, by (subsystem, listener, group) (control path only).
-    ana_overrides: std::sync::Mutex<std::collections::HashMap<(usize, usize, u32), AnaState>>,
+    /// ANA states set by an operator, by (subsystem NQN, listener address, group).
+    ana_overrides: std::sync::Mutex<std::collections::HashMap<(String, std::net::SocketAddr, u32), AnaState>>,
     stop: AtomicBool,
     epoch: Instant,
     discovery_cntlid: AtomicU16,
@@ -66,28 +79,69 @@ impl Target {
         self.epoch.elapsed().as_millis() as u64
     }
 
+    pub fn config_generation(&self) -> u64 {
+        self.config_generation.load(Ordering::Acquire)
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    pub fn bdevs(&self) -> Arc<Vec<Arc<dyn Bdev>>> {
+        self.bdevs.load_full()
+    }
+
+    /// The bdevs the running config names, with their slots (a name re-added by a reload maps
+    /// to its newest slot).
+    pub fn live_bdevs(&self) -> Vec<(usize, Arc<dyn Bdev>)> {
+        let bdevs = self.bdevs();
+        self.config()
+            .bdevs
+            .iter()
+            .filter_map(|c| bdevs.iter().enumerate().rev().find(|(_, b)| b.info().name == c.name).map(|(i, b)| (i, b.clone())))
+            .collect()
+    }
+
+    pub fn bdev(&self, index: usize) -> Arc<dyn Bdev> {
+        self.bdevs.load()[index].clone()
+    }
+
+    pub fn subsystems(&self) -> Arc<Vec<Arc<Subsystem>>> {
+        self.subsystems.load_full()
+    }
+
     pub fn subsystem(&self, nqn: &str) -> Option<Arc<Subsystem>> {
-        self.subsystems.iter().find(|s| s.config.nqn == nqn).cloned()
+        self.subsystems.load().iter().find(|s| s.config().nqn == nqn).cloned()
+    }
+
+    /// Listener slots with the config of each (None: retired by a reload).
+    pub fn listeners(&self) -> Vec<(std::net::SocketAddr, Option<nvmetro_conf::ListenerConfig>)> {
+        let config = self.config();
+        self.listener_slots.load().iter().map(|a| (*a, config.listeners.iter().find(|l| l.address == *a).cloned())).collect()
     }
 
     /// Follows each namespace's bdev into ANA: a fenced mirror leg makes its group Inaccessible on
     /// every listener; serving again restores the configured state. Returns the changes made.
     /// Sets the state an operator wants for `group` on `listener` (over the configured one).
-    pub fn override_ana(&self, subsystem: usize, listener: usize, group: u32, state: AnaState) {
+    pub fn override_ana(&self, subsystem: &str, listener: std::net::SocketAddr, group: u32, state: AnaState) {
         if let Ok(mut o) = self.ana_overrides.lock() {
-            o.insert((subsystem, listener, group), state);
+            o.insert((subsystem.to_string(), listener, group), state);
         }
     }
 
     pub fn refresh_ana(&self) -> usize {
         let mut changes = 0;
         let overrides = self.ana_overrides.lock().map(|o| o.clone()).unwrap_or_default();
-        for (si, s) in self.subsystems.iter().enumerate() {
-            for ns in &s.namespaces {
-                let access = self.bdevs[ns.bdev].access();
-                for (li, l) in self.config.listeners.iter().enumerate() {
+        let listeners = self.listeners();
+        let bdevs = self.bdevs();
+        for s in self.subsystems().iter() {
+            let nqn = s.config().nqn.clone();
+            for ns in s.namespaces().iter() {
+                let access = bdevs[ns.bdev].access();
+                for (li, (addr, l)) in listeners.iter().enumerate() {
+                    let Some(l) = l else { continue };
                     let configured = overrides
-                        .get(&(si, li, ns.info.ana_group))
+                        .get(&(nqn.clone(), *addr, ns.info.ana_group))
                         .copied()
                         .or_else(|| l.ana_states.get(&ns.info.ana_group).and_then(|st| AnaState::parse(st)))
                         .unwrap_or(AnaState::Optimized);
@@ -105,7 +159,7 @@ impl Target {
                     }
                     if s.view(li).ana_state(ns.info.ana_group) != want {
                         s.set_ana_state(li, ns.info.ana_group, want);
-                        tracing::info!(subsystem = %s.config.nqn, nsid = ns.info.nsid, listener = %l.address, state = want.name(), "ANA state changed");
+                        tracing::info!(subsystem = %nqn, nsid = ns.info.nsid, listener = %l.address, state = want.name(), "ANA state changed");
                         changes += 1;
                     }
                 }
@@ -138,17 +192,15 @@ impl Running {
     }
 }
 
-fn open_bdev(
+pub(crate) fn open_bdev(
     b: &nvmetro_conf::BdevConfig,
-    opened: &[Option<Arc<dyn Bdev>>],
-    all: &[nvmetro_conf::BdevConfig],
+    leg_of: &dyn Fn(&str) -> Option<Arc<dyn Bdev>>,
     config_poll_mode: nvmetro_conf::PollMode,
     witness: Option<&nvmetro_conf::WitnessConfig>,
 ) -> anyhow::Result<Arc<dyn Bdev>> {
     Ok(match b.kind {
         BdevKind::Mirror => {
             let m = b.mirror.as_ref().context("mirror bdev without settings")?;
-            let leg = all.iter().position(|x| x.name == m.local).context("mirror leg missing")?;
             let transport = TcpTransport::new(m.listen, m.peer).with_context(|| format!("mirror {}", b.name))?;
             let heartbeat = std::time::Duration::from_millis(m.heartbeat_timeout_ms.unwrap_or(if witness.is_some() { 1000 } else { 3000 }));
             let metro =
@@ -168,7 +220,7 @@ fn open_bdev(
                 },
             };
             // The link runs as a poller on a reactor (taken in `start`).
-            let leg = opened[leg].clone().context("mirror leg not opened yet")?;
+            let leg = leg_of(&m.local).context("mirror leg not opened yet")?;
             MirrorBdev::start(&b.name, leg, settings, Box::new(transport), true).with_context(|| format!("bdev {}", b.name))?
         }
         BdevKind::Malloc => {
@@ -186,8 +238,28 @@ fn open_bdev(
     })
 }
 
+/// A namespace over bdev `index`.
+pub(crate) fn namespace(n: &nvmetro_conf::NamespaceConfig, index: usize, bdev: &dyn Bdev) -> Namespace {
+    let info = bdev.info();
+    Namespace {
+        bdev: index,
+        stats: Arc::new(subsys::NamespaceStats::default()),
+        info: NamespaceInfo {
+            nsid: n.nsid,
+            block_size: info.block_size,
+            blocks: info.blocks,
+            nguid: n.nguid,
+            eui64: n.eui64,
+            uuid: n.uuid,
+            ana_group: n.ana_group,
+            volatile_cache: info.volatile_cache,
+        },
+    }
+}
+
 /// Builds bdevs and subsystems, binds every listener, and starts one reactor per core.
-pub fn start(config: Config) -> anyhow::Result<Running> {
+/// `config_path` is where a reload reads the config again.
+pub fn start(config: Config, config_path: Option<std::path::PathBuf>) -> anyhow::Result<Running> {
     let available = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     if let Some(c) = config.cores.iter().find(|c| **c >= available) {
         anyhow::bail!("target.cores names core {c}, but this machine has {available}");
@@ -197,11 +269,13 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     for pass_mirrors in [false, true] {
         for (i, b) in config.bdevs.iter().enumerate() {
             if (b.kind == BdevKind::Mirror) == pass_mirrors {
-                bdevs[i] = Some(open_bdev(b, &bdevs, &config.bdevs, config.poll_mode, config.witness.as_ref())?);
+                let leg_of = |name: &str| config.bdevs.iter().position(|x| x.name == name).and_then(|j| bdevs[j].clone());
+                bdevs[i] = Some(open_bdev(b, &leg_of, config.poll_mode, config.witness.as_ref())?);
             }
         }
     }
     let bdevs: Vec<Arc<dyn Bdev>> = bdevs.into_iter().map(|b| b.expect("every bdev opened")).collect();
+    let listeners: Vec<Option<nvmetro_conf::ListenerConfig>> = config.listeners.iter().cloned().map(Some).collect();
     let subsystems = config
         .subsystems
         .iter()
@@ -210,24 +284,11 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
                 .namespaces
                 .iter()
                 .map(|n| {
-                    let bdev = config.bdevs.iter().position(|b| b.name == n.bdev).expect("validated bdev reference");
-                    let info = bdevs[bdev].info();
-                    Namespace {
-                        bdev,
-                        info: NamespaceInfo {
-                            nsid: n.nsid,
-                            block_size: info.block_size,
-                            blocks: info.blocks,
-                            nguid: n.nguid,
-                            eui64: n.eui64,
-                            uuid: n.uuid,
-                            ana_group: n.ana_group,
-                            volatile_cache: info.volatile_cache,
-                        },
-                    }
+                    let bdev = bdevs.iter().position(|b| b.info().name == n.bdev).expect("validated bdev reference");
+                    namespace(n, bdev, bdevs[bdev].as_ref())
                 })
                 .collect();
-            Arc::new(Subsystem::new(s.clone(), namespaces, &config.listeners))
+            Arc::new(Subsystem::new(s.clone(), namespaces, &listeners))
         })
         .collect();
     let mut sockets = Vec::new();
@@ -239,9 +300,13 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     }
     let target = Arc::new(Target {
         discovery: Discovery::new(&config),
-        config,
-        bdevs,
-        subsystems,
+        listener_slots: ArcSwap::from_pointee(config.listeners.iter().map(|l| l.address).collect()),
+        config: ArcSwap::from_pointee(config),
+        bdevs: ArcSwap::from_pointee(bdevs),
+        subsystems: ArcSwap::from_pointee(subsystems),
+        config_path,
+        reload_lock: std::sync::Mutex::new(()),
+        config_generation: std::sync::atomic::AtomicU64::new(1),
         reactors: OnceLock::new(),
         ana_overrides: Default::default(),
         stop: AtomicBool::new(false),
@@ -250,7 +315,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     });
     let mut reactors = Vec::new();
     let mut handles = Vec::new();
-    for (i, core) in target.config.cores.iter().enumerate() {
+    for (i, core) in target.config().cores.iter().enumerate() {
         let (r, h) = Reactor::new(i, *core, target.clone())?;
         reactors.push(r);
         handles.push(h);
@@ -260,7 +325,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     // with several cores the link shares a core with fewer connections.
     let n = reactors.len();
     let mut next = n - 1;
-    for b in &target.bdevs {
+    for b in target.bdevs().iter() {
         if let Some(p) = b.take_poller() {
             reactors[next].add_poller(p)?;
             next = (next + n - 1) % n;
@@ -277,7 +342,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     Ok(Running { target, threads })
 }
 
-fn bind(addr: std::net::SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+pub(crate) fn bind(addr: std::net::SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     s.set_reuse_address(true)?;

@@ -1,4 +1,4 @@
-//! `nvmetro-tgt --config FILE`: runs the target until SIGINT or SIGTERM.
+//! `nvmetro-tgt --config FILE`: runs the target until SIGINT or SIGTERM; SIGHUP reloads FILE.
 
 use anyhow::Context;
 use clap::Parser;
@@ -38,6 +38,8 @@ fn main() -> anyhow::Result<()> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone())?;
     }
+    let hangup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, hangup.clone())?;
     // Management and metrics are bound first: once hosts can connect, operators can too.
     let mgmt = match &config.socket {
         Some(path) => Some((nvmetro_tgt::mgmt::bind(path).with_context(|| format!("management socket {}", path.display()))?, path.clone())),
@@ -47,7 +49,7 @@ fn main() -> anyhow::Result<()> {
         Some(addr) => Some(std::net::TcpListener::bind(addr).with_context(|| format!("metrics endpoint {addr}"))?),
         None => None,
     };
-    let running = nvmetro_tgt::start(config)?;
+    let running = nvmetro_tgt::start(config, args.config.clone())?;
     if let Some((listener, path)) = mgmt {
         nvmetro_tgt::mgmt::serve(listener, running.target.clone())?;
         tracing::info!(socket = %path.display(), "management socket ready");
@@ -56,13 +58,21 @@ fn main() -> anyhow::Result<()> {
         let bound = nvmetro_tgt::metrics::serve(listener, running.target.clone())?;
         tracing::info!(address = %bound, "metrics at /metrics");
     }
-    for s in &running.target.subsystems {
-        tracing::info!(nqn = %s.config.nqn, namespaces = s.namespaces.len(), "subsystem ready");
+    for s in running.target.subsystems().iter() {
+        tracing::info!(nqn = %s.config().nqn, namespaces = s.namespaces().len(), "subsystem ready");
     }
     running.target.refresh_ana();
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(std::time::Duration::from_millis(20));
         running.target.refresh_ana();
+        if hangup.swap(false, Ordering::AcqRel) {
+            match nvmetro_tgt::reload::reload(&running.target, false) {
+                Ok(o) if o.changes.is_empty() => tracing::info!("SIGHUP: the config file has not changed"),
+                Ok(_) => {}
+                // The running config stays; the error names the file, line and key.
+                Err(e) => tracing::error!("SIGHUP: reload refused: {e}"),
+            }
+        }
     }
     tracing::info!("stopping");
     running.stop();

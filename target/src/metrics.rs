@@ -40,23 +40,25 @@ fn escape(s: &str) -> String {
 /// The metrics, in Prometheus' text format.
 pub fn render(t: &Target) -> String {
     let mut o = String::new();
-    let site = t.config.site.map_or(String::new(), |s| s.to_string());
+    let site = t.config().site.map_or(String::new(), |s| s.to_string());
     let r = Ordering::Relaxed;
     let help = |o: &mut String, name: &str, kind: &str, text: &str| {
         let _ = writeln!(o, "# HELP {name} {text}\n# TYPE {name} {kind}");
     };
     help(&mut o, "nvmetro_namespace_commands_total", "counter", "Completed read and write commands.");
-    for s in &t.subsystems {
-        for (ns, st) in s.namespaces.iter().zip(&s.stats) {
-            let l = format!("subsystem=\"{}\",nsid=\"{}\",site=\"{site}\"", escape(&s.config.nqn), ns.info.nsid);
+    for s in t.subsystems().iter() {
+        for ns in s.namespaces().iter() {
+            let st = &ns.stats;
+            let l = format!("subsystem=\"{}\",nsid=\"{}\",site=\"{site}\"", escape(&s.config().nqn), ns.info.nsid);
             let _ = writeln!(o, "nvmetro_namespace_commands_total{{{l},op=\"read\"}} {}", st.reads.load(r));
             let _ = writeln!(o, "nvmetro_namespace_commands_total{{{l},op=\"write\"}} {}", st.writes.load(r));
         }
     }
     help(&mut o, "nvmetro_namespace_bytes_total", "counter", "Bytes read and written.");
-    for s in &t.subsystems {
-        for (ns, st) in s.namespaces.iter().zip(&s.stats) {
-            let l = format!("subsystem=\"{}\",nsid=\"{}\",site=\"{site}\"", escape(&s.config.nqn), ns.info.nsid);
+    for s in t.subsystems().iter() {
+        for ns in s.namespaces().iter() {
+            let st = &ns.stats;
+            let l = format!("subsystem=\"{}\",nsid=\"{}\",site=\"{site}\"", escape(&s.config().nqn), ns.info.nsid);
             let _ = writeln!(o, "nvmetro_namespace_bytes_total{{{l},op=\"read\"}} {}", st.read_bytes.load(r));
             let _ = writeln!(o, "nvmetro_namespace_bytes_total{{{l},op=\"write\"}} {}", st.write_bytes.load(r));
         }
@@ -64,9 +66,10 @@ pub fn render(t: &Target) -> String {
     help(&mut o, "nvmetro_namespace_errors_total", "counter", "Read and write commands that failed.");
     help(&mut o, "nvmetro_namespace_queue_depth", "gauge", "Commands in flight at the block device.");
     help(&mut o, "nvmetro_namespace_latency_seconds", "histogram", "Read and write latency inside the target.");
-    for s in &t.subsystems {
-        for (ns, st) in s.namespaces.iter().zip(&s.stats) {
-            let l = format!("subsystem=\"{}\",nsid=\"{}\",site=\"{site}\"", escape(&s.config.nqn), ns.info.nsid);
+    for s in t.subsystems().iter() {
+        for ns in s.namespaces().iter() {
+            let st = &ns.stats;
+            let l = format!("subsystem=\"{}\",nsid=\"{}\",site=\"{site}\"", escape(&s.config().nqn), ns.info.nsid);
             let _ = writeln!(o, "nvmetro_namespace_errors_total{{{l}}} {}", st.errors.load(r));
             let _ = writeln!(o, "nvmetro_namespace_queue_depth{{{l}}} {}", st.inflight.load(r));
             let mut cumulative = 0;
@@ -87,12 +90,15 @@ pub fn render(t: &Target) -> String {
         "gauge",
         "When the group's state last changed on the listener (0: as configured since start).",
     );
-    for s in &t.subsystems {
-        let groups: std::collections::BTreeSet<u32> = s.namespaces.iter().map(|n| n.info.ana_group).collect();
-        for (li, lc) in t.config.listeners.iter().enumerate() {
+    for s in t.subsystems().iter() {
+        let groups: std::collections::BTreeSet<u32> = s.namespaces().iter().map(|n| n.info.ana_group).collect();
+        for (li, (address, lc)) in t.listeners().iter().enumerate() {
+            if lc.is_none() {
+                continue;
+            }
             let view = s.view(li);
             for g in &groups {
-                let l = format!("subsystem=\"{}\",listener=\"{}\",group=\"{g}\",site=\"{site}\"", escape(&s.config.nqn), lc.address);
+                let l = format!("subsystem=\"{}\",listener=\"{}\",group=\"{g}\",site=\"{site}\"", escape(&s.config().nqn), address);
                 let _ = writeln!(o, "nvmetro_ana_state{{{l},state=\"{}\"}} 1", view.ana_state(*g).name());
                 let when = s.ana_changed_at(li, *g).and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0.0, |d| d.as_secs_f64());
                 let _ = writeln!(o, "nvmetro_ana_state_changed_timestamp_seconds{{{l}}} {when}");
@@ -100,9 +106,9 @@ pub fn render(t: &Target) -> String {
         }
     }
     help(&mut o, "nvmetro_host_controllers", "gauge", "Live controllers per host.");
-    for s in &t.subsystems {
+    for s in t.subsystems().iter() {
         for (host, n) in s.controllers_by_host() {
-            let _ = writeln!(o, "nvmetro_host_controllers{{subsystem=\"{}\",host=\"{}\"}} {n}", escape(&s.config.nqn), escape(&host));
+            let _ = writeln!(o, "nvmetro_host_controllers{{subsystem=\"{}\",host=\"{}\"}} {n}", escape(&s.config().nqn), escape(&host));
         }
     }
     help(&mut o, "nvmetro_mirror_out_of_sync_bytes", "gauge", "Bytes a resync would have to copy to the peer.");
@@ -110,7 +116,7 @@ pub fn render(t: &Target) -> String {
     help(&mut o, "nvmetro_mirror_sync_bytes_per_second", "gauge", "Resync speed.");
     help(&mut o, "nvmetro_mirror_replication_rtt_seconds", "gauge", "Last measured round trip to the peer.");
     help(&mut o, "nvmetro_mirror_serving", "gauge", "1 when this leg serves host I/O.");
-    for b in &t.bdevs {
+    for (_, b) in t.live_bdevs() {
         let Some(m) = b.mirror_status() else { continue };
         let l = format!(
             "bdev=\"{}\",role=\"{}\",link=\"{}\",disk=\"{}\",site=\"{site}\"",

@@ -89,22 +89,23 @@ pub fn mirror_json(m: &StatusReport) -> Value {
 fn set_ana_state(t: &Target, p: &Value) -> Result<Value, (i64, String)> {
     let bad = |m: &str| (-32602, m.to_string());
     let nqn = p["nqn"].as_str().ok_or_else(|| bad("missing nqn"))?;
-    let si = t.subsystems.iter().position(|s| s.config.nqn == nqn).ok_or_else(|| bad("no such subsystem"))?;
+    let subsystem = t.subsystem(nqn).ok_or_else(|| bad("no such subsystem"))?;
     let la = &p["listen_address"];
     let (addr, port) = (la["traddr"].as_str().unwrap_or(""), la["trsvcid"].as_str().unwrap_or(""));
-    let li = t
-        .config
-        .listeners
-        .iter()
-        .position(|l| l.address.ip().to_string() == addr && l.address.port().to_string() == port)
+    let listener = t
+        .listeners()
+        .into_iter()
+        .filter(|(_, l)| l.is_some())
+        .map(|(a, _)| a)
+        .find(|a| a.ip().to_string() == addr && a.port().to_string() == port)
         .ok_or_else(|| bad("no listener at that listen_address"))?;
     let state = p["ana_state"].as_str().and_then(nvmetro_proto::subsystem::AnaState::parse).ok_or_else(|| bad("bad ana_state"))?;
     let groups: Vec<u32> = match p["anagrpid"].as_u64() {
         Some(g) => vec![g as u32],
-        None => (1..=t.subsystems[si].config.ana_groups).collect(),
+        None => (1..=subsystem.config().ana_groups).collect(),
     };
     for g in groups {
-        t.override_ana(si, li, g, state);
+        t.override_ana(nqn, listener, g, state);
     }
     t.refresh_ana();
     Ok(Value::Bool(true))
@@ -114,7 +115,8 @@ fn set_ana_state(t: &Target, p: &Value) -> Result<Value, (i64, String)> {
 /// failback) serves again. Returns whether it was held.
 fn failback(t: &Target, p: &Value) -> Result<Value, (i64, String)> {
     let name = p["name"].as_str().ok_or((-32602, "missing name".to_string()))?;
-    let bdev = t.bdevs.iter().find(|b| b.info().name == name).ok_or((-32602, format!("no bdev {name}")))?;
+    let live = t.live_bdevs();
+    let bdev = live.iter().map(|(_, b)| b).find(|b| b.info().name == name).ok_or((-32602, format!("no bdev {name}")))?;
     if bdev.mirror_status().is_none() {
         return Err((-32602, format!("{name} is not a mirror")));
     }
@@ -125,39 +127,46 @@ fn call(t: &Target, method: &str, params: &Value) -> Result<Value, (i64, String)
     match method {
         "nvmf_subsystem_listener_set_ana_state" => return set_ana_state(t, params),
         "mirror_failback" => return failback(t, params),
+        "nvmetro_reload" => {
+            let dry_run = params["dry_run"].as_bool().unwrap_or(false);
+            return match crate::reload::reload(t, dry_run) {
+                Ok(o) => Ok(json!({"applied": o.applied, "dry_run": dry_run, "changes": o.changes})),
+                Err(e) => Err((-32000, e.to_string())),
+            };
+        }
         _ => {}
     }
     Ok(match method {
         "nvmetro_status" => {
+            let listeners = t.listeners();
             let subsystems: Vec<Value> = t
-                .subsystems
+                .subsystems()
                 .iter()
                 .map(|s| {
                     let namespaces: Vec<Value> = s
-                        .namespaces
+                        .namespaces()
                         .iter()
                         .map(|ns| {
-                            let bdev = &t.bdevs[ns.bdev];
-                            let ana: serde_json::Map<String, Value> = t
-                                .config
-                                .listeners
+                            let bdev = t.bdev(ns.bdev);
+                            let ana: serde_json::Map<String, Value> = listeners
                                 .iter()
                                 .enumerate()
-                                .map(|(i, l)| (l.address.to_string(), json!(s.view(i).ana_state(ns.info.ana_group).name())))
+                                .filter(|(_, (_, l))| l.is_some())
+                                .map(|(i, (a, _))| (a.to_string(), json!(s.view(i).ana_state(ns.info.ana_group).name())))
                                 .collect();
                             json!({"nsid": ns.info.nsid, "bdev": bdev.info().name, "ana_group": ns.info.ana_group, "ana": ana,
                                    "serving": bdev.serving(), "mirror": bdev.mirror_status().map(|m| mirror_json(&m))})
                         })
                         .collect();
-                    json!({"nqn": s.config.nqn, "controllers": s.controller_count(), "namespaces": namespaces})
+                    json!({"nqn": s.config().nqn, "controllers": s.controller_count(), "namespaces": namespaces})
                 })
                 .collect();
             json!({"version": env!("CARGO_PKG_VERSION"), "uptime_ms": t.now_ms(), "subsystems": subsystems})
         }
         "bdev_get_bdevs" => Value::Array(
-            t.bdevs
+            t.live_bdevs()
                 .iter()
-                .map(|b| {
+                .map(|(_, b)| {
                     let i = b.info();
                     json!({"name": i.name, "block_size": i.block_size, "num_blocks": i.blocks, "volatile_cache": i.volatile_cache,
                            "mirror": b.mirror_status().map(|m| mirror_json(&m))})
@@ -165,16 +174,17 @@ fn call(t: &Target, method: &str, params: &Value) -> Result<Value, (i64, String)
                 .collect(),
         ),
         "nvmf_get_subsystems" => Value::Array(
-            t.subsystems
+            t.subsystems()
                 .iter()
                 .map(|s| {
+                    let c = s.config();
                     json!({
-                        "nqn": s.config.nqn, "subtype": "NVMe", "serial_number": s.config.serial, "model_number": s.config.model,
-                        "allow_any_host": s.config.allow_any_host,
-                        "hosts": s.config.allowed_hosts.iter().map(|h| json!({"nqn": h})).collect::<Vec<_>>(),
-                        "listen_addresses": t.config.listeners.iter().map(|l| json!({"trtype": "TCP", "adrfam": if l.address.is_ipv4() { "IPv4" } else { "IPv6" },
+                        "nqn": c.nqn, "subtype": "NVMe", "serial_number": c.serial, "model_number": c.model,
+                        "allow_any_host": c.allow_any_host,
+                        "hosts": c.allowed_hosts.iter().map(|h| json!({"nqn": h})).collect::<Vec<_>>(),
+                        "listen_addresses": t.config().listeners.iter().map(|l| json!({"trtype": "TCP", "adrfam": if l.address.is_ipv4() { "IPv4" } else { "IPv6" },
                             "traddr": l.address.ip().to_string(), "trsvcid": l.address.port().to_string()})).collect::<Vec<_>>(),
-                        "namespaces": s.namespaces.iter().map(|n| json!({"nsid": n.info.nsid, "bdev_name": t.bdevs[n.bdev].info().name,
+                        "namespaces": s.namespaces().iter().map(|n| json!({"nsid": n.info.nsid, "bdev_name": t.bdev(n.bdev).info().name,
                             "nguid": n.info.nguid.iter().map(|b| format!("{b:02X}")).collect::<String>(), "anagrpid": n.info.ana_group})).collect::<Vec<_>>(),
                     })
                 })

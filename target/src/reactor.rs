@@ -80,13 +80,20 @@ impl Channels {
             self.open.resize_with(index + 1, || None);
         }
         if self.open[index].is_none() {
-            let ch = target.bdevs[index].clone().channel()?;
+            let ch = target.bdev(index).channel()?;
             for fd in ch.wake_fds() {
                 registry.register(&mut mio::unix::SourceFd(&(fd as RawFd)), Token(CHANNEL_BASE + index), Interest::READABLE)?;
             }
             self.open[index] = Some(ch);
         }
         Ok(self.open[index].as_mut().expect("opened above"))
+    }
+
+    /// Closes the channel to a bdev a reload removed (after its namespaces drained).
+    pub fn close(&mut self, index: usize) {
+        if let Some(slot) = self.open.get_mut(index) {
+            *slot = None;
+        }
     }
 
     fn poll_all(&mut self, out: &mut Vec<BdevCompletion>) -> usize {
@@ -108,7 +115,8 @@ pub struct Reactor {
     shared: Arc<Shared>,
     target: Arc<Target>,
     conns: HashMap<u32, Conn>,
-    listeners: Vec<(TcpListener, ListenerKind)>,
+    /// By token; a removed listener leaves None so the others keep their tokens.
+    listeners: Vec<Option<(TcpListener, ListenerKind)>>,
     channels: Channels,
     pollers: Vec<Box<dyn Poller>>,
     completions: Vec<BdevCompletion>,
@@ -122,7 +130,7 @@ impl Reactor {
         let waker = Waker::new(poll.registry(), WAKER)?;
         let shared = Arc::new(Shared { queue: SegQueue::new(), parked: AtomicBool::new(false), waker });
         let handle = ReactorHandle { index, core, shared: shared.clone() };
-        let mode = target.config.poll_mode;
+        let mode = target.config().poll_mode;
         let reactor = Reactor {
             index,
             core,
@@ -147,8 +155,28 @@ impl Reactor {
         let mut l = TcpListener::from_std(std_listener);
         let token = Token(LISTENER_BASE + self.listeners.len());
         self.poll.registry().register(&mut l, token, Interest::READABLE)?;
-        self.listeners.push((l, kind));
+        self.listeners.push(Some((l, kind)));
         Ok(())
+    }
+
+    /// Stops accepting on the listener bound to `address` (a reload removed it).
+    pub fn remove_listener(&mut self, address: SocketAddr) {
+        for entry in self.listeners.iter_mut() {
+            if entry.as_ref().is_some_and(|(l, _)| l.local_addr().is_ok_and(|a| a == address)) {
+                if let Some((mut l, _)) = entry.take() {
+                    let _ = self.poll.registry().deregister(&mut l);
+                }
+            }
+        }
+    }
+
+    /// A reload changed the poll mode.
+    pub fn set_mode(&mut self, mode: PollMode) {
+        self.mode = mode;
+    }
+
+    pub fn channels(&mut self) -> &mut Channels {
+        &mut self.channels
     }
 
     /// Runs `poller` on this reactor's loop from now on.
@@ -174,7 +202,9 @@ impl Reactor {
 
     fn accept(&mut self, listener: usize) {
         loop {
-            let (sock, peer) = match self.listeners[listener].0.accept() {
+            let Some((l, kind)) = self.listeners.get(listener).and_then(Option::as_ref) else { return };
+            let kind = *kind;
+            let (sock, peer) = match l.accept() {
                 Ok(s) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
@@ -183,7 +213,6 @@ impl Reactor {
                 }
             };
             let _ = sock.set_nodelay(true);
-            let kind = self.listeners[listener].1;
             let handles = self.target.reactors();
             self.next_reactor = (self.next_reactor + 1) % handles.len().max(1);
             let dest = self.next_reactor;

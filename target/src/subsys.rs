@@ -12,11 +12,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-/// A namespace: its identity and the index of its bdev in [`Target::bdevs`](crate::Target).
+/// A namespace: its identity, the index of its bdev in [`Target::bdevs`](crate::Target), and
+/// its I/O figures (kept across reloads that leave it in place).
 #[derive(Debug, Clone)]
 pub struct Namespace {
     pub info: NamespaceInfo,
     pub bdev: usize,
+    pub stats: Arc<NamespaceStats>,
 }
 
 /// What I/O queues and the admin queue of one controller share across reactors.
@@ -79,16 +81,16 @@ impl NamespaceStats {
     }
 }
 
+/// A subsystem at run time. Its settings, namespaces and per-listener views are swapped whole
+/// by a reload (arc-swap); the I/O path only ever loads them.
 #[derive(Debug)]
 pub struct Subsystem {
-    pub config: SubsystemConfig,
-    pub namespaces: Vec<Namespace>,
-    /// One view per listener, by listener index.
-    views: Vec<ArcSwap<SubsystemView>>,
+    config: ArcSwap<SubsystemConfig>,
+    namespaces: ArcSwap<Vec<Namespace>>,
+    /// One view per listener slot (slots only grow; see [`crate::Target::listener_slots`]).
+    views: ArcSwap<Vec<Arc<ArcSwap<SubsystemView>>>>,
     controllers: Mutex<HashMap<u16, Arc<ControllerHandle>>>,
     pub health: HealthCounters,
-    /// Parallel to `namespaces`.
-    pub stats: Vec<NamespaceStats>,
     /// When each (listener, ANA group) last changed state (control path only).
     ana_changed: Mutex<HashMap<(usize, u32), std::time::SystemTime>>,
     started: Instant,
@@ -108,56 +110,115 @@ pub enum ConnectRefusal {
 }
 
 impl Subsystem {
-    pub fn new(config: SubsystemConfig, namespaces: Vec<Namespace>, listeners: &[nvmetro_conf::ListenerConfig]) -> Subsystem {
-        let views = listeners
-            .iter()
-            .map(|l| {
-                let ana_groups = (1..=config.ana_groups)
-                    .map(|g| l.ana_states.get(&g).and_then(|s| AnaState::parse(s)).unwrap_or(AnaState::Optimized))
-                    .collect();
-                ArcSwap::from_pointee(SubsystemView {
-                    kind: SubsystemKind::Nvm,
-                    nqn: config.nqn.clone(),
-                    serial: config.serial.clone(),
-                    model: config.model.clone(),
-                    firmware: env!("CARGO_PKG_VERSION").into(),
-                    namespaces: namespaces.iter().map(|n| n.info.clone()).collect(),
-                    ana_groups,
-                    ana_change_count: 1,
-                    ns_change_count: 0,
-                    changed_namespaces: Vec::new(),
-                    discovery_log: Vec::new(),
-                    discovery_genctr: 0,
-                    max_namespaces: config.max_namespaces,
-                    ana_transition_time: config.ana_transition_time,
-                    sole_groups: Vec::new(),
-                })
-            })
-            .collect();
-        let stats = namespaces.iter().map(|_| NamespaceStats::default()).collect();
+    /// `listeners` by slot; `None` for a retired slot.
+    pub fn new(config: SubsystemConfig, namespaces: Vec<Namespace>, listeners: &[Option<nvmetro_conf::ListenerConfig>]) -> Subsystem {
+        let views = listeners.iter().map(|l| Arc::new(ArcSwap::from_pointee(Self::fresh_view(&config, &namespaces, l.as_ref())))).collect();
         Subsystem {
-            config,
-            namespaces,
-            views,
+            config: ArcSwap::from_pointee(config),
+            namespaces: ArcSwap::from_pointee(namespaces),
+            views: ArcSwap::from_pointee(views),
             controllers: Mutex::new(HashMap::new()),
             health: HealthCounters::default(),
-            stats,
             ana_changed: Mutex::new(HashMap::new()),
             started: Instant::now(),
         }
     }
 
-    pub fn view(&self, listener: usize) -> Arc<SubsystemView> {
-        self.views[listener].load_full()
+    fn fresh_view(config: &SubsystemConfig, namespaces: &[Namespace], l: Option<&nvmetro_conf::ListenerConfig>) -> SubsystemView {
+        let ana_groups = (1..=config.ana_groups)
+            .map(|g| match l {
+                Some(l) => l.ana_states.get(&g).and_then(|s| AnaState::parse(s)).unwrap_or(AnaState::Optimized),
+                None => AnaState::Inaccessible,
+            })
+            .collect();
+        SubsystemView {
+            kind: SubsystemKind::Nvm,
+            nqn: config.nqn.clone(),
+            serial: config.serial.clone(),
+            model: config.model.clone(),
+            firmware: env!("CARGO_PKG_VERSION").into(),
+            namespaces: namespaces.iter().map(|n| n.info.clone()).collect(),
+            ana_groups,
+            ana_change_count: 1,
+            ns_change_count: 0,
+            changed_namespaces: Vec::new(),
+            discovery_log: Vec::new(),
+            discovery_genctr: 0,
+            max_namespaces: config.max_namespaces,
+            ana_transition_time: config.ana_transition_time,
+            sole_groups: Vec::new(),
+        }
     }
 
-    pub fn namespace(&self, nsid: u32) -> Option<&Namespace> {
-        self.namespaces.iter().find(|n| n.info.nsid == nsid)
+    pub fn config(&self) -> Arc<SubsystemConfig> {
+        self.config.load_full()
+    }
+
+    pub fn namespaces(&self) -> Arc<Vec<Namespace>> {
+        self.namespaces.load_full()
+    }
+
+    pub fn view(&self, listener: usize) -> Arc<SubsystemView> {
+        self.views.load().get(listener).map_or_else(|| Arc::new(Self::fresh_view(&self.config(), &[], None)), |v| v.load_full())
+    }
+
+    pub fn namespace(&self, nsid: u32) -> Option<Namespace> {
+        self.namespaces.load().iter().find(|n| n.info.nsid == nsid).cloned()
+    }
+
+    /// A view for a new listener slot (reload).
+    pub fn add_listener(&self, l: &nvmetro_conf::ListenerConfig) {
+        let v = Arc::new(ArcSwap::from_pointee(Self::fresh_view(&self.config(), &self.namespaces(), Some(l))));
+        self.views.rcu(|views| {
+            let mut views = (**views).clone();
+            views.push(v.clone());
+            views
+        });
+    }
+
+    /// Swaps settings and the namespace table (reload) and tells every listener's controllers:
+    /// the views list the new namespaces (and ANA groups), `changed` goes into the Changed
+    /// Namespace List with a namespace-attribute notice, and an ANA change notice follows.
+    pub fn update(&self, config: SubsystemConfig, namespaces: Vec<Namespace>, changed: Vec<u32>) {
+        let infos: Vec<NamespaceInfo> = namespaces.iter().map(|n| n.info.clone()).collect();
+        self.namespaces.store(Arc::new(namespaces));
+        for slot in self.views.load().iter() {
+            let mut v = (*slot.load_full()).clone();
+            v.namespaces = infos.clone();
+            // New groups start Optimized; the next ANA refresh applies what they should be.
+            v.ana_groups.resize(config.ana_groups as usize, AnaState::Optimized);
+            v.max_namespaces = config.max_namespaces;
+            v.ana_transition_time = config.ana_transition_time;
+            if !changed.is_empty() {
+                v.ns_change_count += 1;
+                v.changed_namespaces = changed.clone();
+                v.ana_change_count += 1;
+            }
+            slot.store(Arc::new(v));
+        }
+        self.config.store(Arc::new(config));
+    }
+
+    /// Ends every controller (the subsystem was removed): their queues close.
+    pub fn remove_all_controllers(&self) {
+        for (_, h) in self.controllers.lock().expect("controller registry poisoned").drain() {
+            h.alive.store(false, Ordering::Release);
+        }
+    }
+
+    /// Every controller re-reads its ANA log (a host's preferred site changed).
+    pub fn announce_ana_change(&self) {
+        for slot in self.views.load().iter() {
+            let mut v = (*slot.load_full()).clone();
+            v.ana_change_count += 1;
+            slot.store(Arc::new(v));
+        }
     }
 
     /// Sets the ANA state of `group` on `listener`; controllers raise the change event.
     pub fn set_ana_state(&self, listener: usize, group: u32, state: AnaState) -> bool {
-        let Some(slot) = self.views.get(listener) else { return false };
+        let views = self.views.load();
+        let Some(slot) = views.get(listener) else { return false };
         let mut v = (*slot.load_full()).clone();
         let Some(s) = group.checked_sub(1).and_then(|i| v.ana_groups.get_mut(i as usize)) else { return false };
         if *s != state {
@@ -172,7 +233,8 @@ impl Subsystem {
     /// Marks `group` on `listener` as served alone by this site (remote hosts see it Optimized
     /// too); a change raises the ANA change event like a state change.
     pub fn set_sole(&self, listener: usize, group: u32, sole: bool) -> bool {
-        let Some(slot) = self.views.get(listener) else { return false };
+        let views = self.views.load();
+        let Some(slot) = views.get(listener) else { return false };
         let mut v = (*slot.load_full()).clone();
         if v.sole_groups.contains(&group) == sole {
             return false;
@@ -215,12 +277,12 @@ impl Subsystem {
 
     /// Admits a new controller for `hostnqn`, with the lowest free ID of the configured range.
     pub fn add_controller(&self, hostnqn: &str) -> Result<Arc<ControllerHandle>, ConnectRefusal> {
-        if !self.config.host_allowed(hostnqn) {
+        if !self.config.load().host_allowed(hostnqn) {
             return Err(ConnectRefusal::HostNotAllowed(hostnqn.into()));
         }
         let mut live = self.controllers.lock().expect("controller registry poisoned");
-        let cntlid =
-            (self.config.cntlid_min..=self.config.cntlid_max).find(|id| !live.contains_key(id)).ok_or(ConnectRefusal::NoControllerId)?;
+        let config = self.config.load();
+        let cntlid = (config.cntlid_min..=config.cntlid_max).find(|id| !live.contains_key(id)).ok_or(ConnectRefusal::NoControllerId)?;
         let handle = Arc::new(ControllerHandle {
             cntlid,
             hostnqn: hostnqn.into(),
@@ -235,7 +297,7 @@ impl Subsystem {
 
     /// Finds the controller an I/O queue Connect names.
     pub fn find_controller(&self, cntlid: u16, hostnqn: &str) -> Result<Arc<ControllerHandle>, ConnectRefusal> {
-        if !self.config.host_allowed(hostnqn) {
+        if !self.config.load().host_allowed(hostnqn) {
             return Err(ConnectRefusal::HostNotAllowed(hostnqn.into()));
         }
         let live = self.controllers.lock().expect("controller registry poisoned");
@@ -267,6 +329,17 @@ pub struct Discovery {
 
 impl Discovery {
     pub fn new(config: &Config) -> Discovery {
+        Discovery { view: ArcSwap::from_pointee(SubsystemView::discovery(Self::entries(config), 1)) }
+    }
+
+    /// After a reload: the log lists the new config's subsystems and listeners, under a new
+    /// generation counter (discovery controllers raise the log-change notice).
+    pub fn rebuild(&self, config: &Config) {
+        let genctr = self.genctr() + 1;
+        self.view.store(Arc::new(SubsystemView::discovery(Self::entries(config), genctr)));
+    }
+
+    fn entries(config: &Config) -> Vec<DiscoveryEntry> {
         let mut entries = Vec::new();
         for (portid, l) in config.listeners.iter().enumerate() {
             let entry = |subnqn: &str, subtype| DiscoveryEntry {
@@ -282,13 +355,14 @@ impl Discovery {
             }
             entries.push(entry(nvmetro_proto::subsystem::DISCOVERY_NQN, 3));
         }
-        Discovery { view: ArcSwap::from_pointee(SubsystemView::discovery(entries, 1)) }
+        entries
     }
 
     /// The log as `hostnqn` may see it: only subsystems that admit the host.
     pub fn view_for(&self, hostnqn: &str, subsystems: &[Arc<Subsystem>]) -> SubsystemView {
         let mut v = (*self.view.load_full()).clone();
-        v.discovery_log.retain(|e| e.subtype == 3 || subsystems.iter().any(|s| s.config.nqn == e.subnqn && s.config.host_allowed(hostnqn)));
+        v.discovery_log
+            .retain(|e| e.subtype == 3 || subsystems.iter().any(|s| s.config().nqn == e.subnqn && s.config().host_allowed(hostnqn)));
         v
     }
 

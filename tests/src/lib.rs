@@ -6,7 +6,7 @@
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// Path of a workspace binary built in the same profile as the running test.
@@ -106,6 +106,12 @@ impl TargetProcess {
     pub fn scratch(&self) -> &PathBuf {
         &self.dir
     }
+
+    /// Sends a signal (e.g. "HUP") to the target process.
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status().is_ok_and(|s| s.success());
+        assert!(ok, "kill -{name} failed");
+    }
 }
 
 /// Increments the counter in the first 8 bytes of block `lba` (NSID 1, 512-byte blocks) `times`
@@ -192,7 +198,8 @@ fn spawn(config_path: &std::path::Path, dir: &std::path::Path) -> Child {
         .arg("--config")
         .arg(config_path)
         .env("NVMETRO_LOG", "info")
-        .stdout(Stdio::null())
+        // tracing writes to stdout; panics go to stderr: both into the log.
+        .stdout(log.try_clone().expect("log file"))
         .stderr(log)
         .spawn()
         .expect("spawn nvmetro-tgt")
@@ -275,7 +282,7 @@ impl WitnessProcess {
         Command::new(binary("nvmetro-witness"))
             .arg("--config")
             .arg(config_path)
-            .stdout(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
             .stderr(log)
             .spawn()
             .expect("spawn nvmetro-witness")

@@ -130,6 +130,8 @@ struct Shared {
     status: Mutex<StatusReport>,
     /// Operator requests for the link thread (manual failback).
     failback: AtomicBool,
+    /// A new resync rate for the link thread; `u64::MAX` when none is pending.
+    new_resync_rate: std::sync::atomic::AtomicU64,
     waker: Waker,
     parked: AtomicBool,
     stop: AtomicBool,
@@ -208,6 +210,7 @@ impl MirrorBdev {
             access: AtomicU8::new(access_code(core.access())),
             status: Mutex::new(StatusReport::default()),
             failback: AtomicBool::new(false),
+            new_resync_rate: std::sync::atomic::AtomicU64::new(u64::MAX),
             waker,
             parked: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -283,6 +286,11 @@ impl Bdev for MirrorBdev {
 
     fn access(&self) -> Access {
         access_of(self.shared.access.load(Ordering::Acquire))
+    }
+
+    fn set_resync_rate(&self, bytes_per_second: u64) {
+        self.shared.new_resync_rate.store(bytes_per_second.min(u64::MAX - 1), Ordering::Release);
+        let _ = self.shared.waker.wake();
     }
 
     fn failback(&self) -> bool {
@@ -675,6 +683,10 @@ impl LinkThread {
         work |= self.receive_witness();
         if self.shared.failback.swap(false, Ordering::AcqRel) {
             self.handle(Input::Failback);
+        }
+        let rate = self.shared.new_resync_rate.swap(u64::MAX, Ordering::AcqRel);
+        if rate != u64::MAX {
+            self.core.set_resync_rate(rate);
         }
         let mut completions = std::mem::take(&mut self.completions);
         if self.local_ch.outstanding() > 0 && self.local_ch.poll(&mut completions) > 0 {

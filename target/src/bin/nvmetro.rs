@@ -29,6 +29,11 @@ enum Cmd {
     },
     /// Call a management method and print its JSON result; PARAMS is a JSON object.
     Rpc { method: String, params: Option<String> },
+    /// Re-read the target's config file and apply what changed, live (`--dry-run`: only show it).
+    Reload {
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Metro, manual failback: let a resynced mirror leg serve again.
     Failback {
         /// The mirror bdev's name.
@@ -59,10 +64,30 @@ fn bytes(n: u64) -> String {
     format!("{v:.1} {}", units[u])
 }
 
+/// The management socket a config file names. A reload must reach the target even when the
+/// edited file is broken (the target then says why), so this falls back to reading just
+/// `[target] socket` from the text.
+fn socket_of(path: &std::path::Path) -> anyhow::Result<PathBuf> {
+    match nvmetro_conf::load(path) {
+        Ok(c) => c.socket.with_context(|| format!("{}: no [target] socket is configured", path.display())),
+        Err(e) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let mut in_target = false;
+            for line in text.lines().map(str::trim) {
+                if line.starts_with('[') {
+                    in_target = line == "[target]";
+                } else if let Some(v) = line.strip_prefix("socket").map(str::trim).and_then(|r| r.strip_prefix('=')).filter(|_| in_target) {
+                    return Ok(PathBuf::from(v.trim().trim_matches('"')));
+                }
+            }
+            Err(e.into())
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let config = nvmetro_conf::load(&args.config)?;
-    let socket = config.socket.clone().with_context(|| format!("{}: no [target] socket is configured", args.config.display()))?;
+    let socket = socket_of(&args.config)?;
     match args.cmd {
         Cmd::Rpc { method, params } => {
             let params = match params {
@@ -70,6 +95,18 @@ fn main() -> anyhow::Result<()> {
                 None => json!({}),
             };
             println!("{}", serde_json::to_string_pretty(&rpc(&socket, &method, params)?)?)
+        }
+        Cmd::Reload { dry_run } => {
+            let r = rpc(&socket, "nvmetro_reload", json!({"dry_run": dry_run}))?;
+            let changes: Vec<&str> = r["changes"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+            if changes.is_empty() {
+                println!("nothing to change: the running target matches {}", args.config.display());
+            } else {
+                println!("{}", if dry_run { "would change (dry run; nothing changed):" } else { "changed:" });
+                for c in changes {
+                    println!("  {c}");
+                }
+            }
         }
         Cmd::Failback { bdev } => {
             let held = rpc(&socket, "mirror_failback", json!({"name": bdev}))?;

@@ -1,0 +1,477 @@
+//! Reload (SIGHUP, `nvmetro reload`, RPC `nvmetro_reload`): read the config file again, validate
+//! all of it, compute what differs from the running target, and apply only that, live, the way
+//! `drbdadm adjust` does. Connections and I/O that a change does not concern are not touched.
+//!
+//! The plan is computed first ([`plan`]); a dry run stops there. Applying goes in an order that
+//! keeps every step safe for running I/O:
+//! 1. everything that can fail is prepared first (new bdevs opened, new listeners bound); a
+//!    failure there changes nothing;
+//! 2. new bdevs join the bdev table, new listener slots get views in every subsystem;
+//! 3. the config, then each subsystem's settings and namespace table are swapped (arc-swap):
+//!    new commands for a removed namespace fail with *Invalid Namespace*, those already at the
+//!    bdev complete (the namespace drains before its bdev is released), connected hosts get the
+//!    namespace-attribute and ANA change notices, and added namespaces appear;
+//! 4. removed listeners stop accepting; removed bdevs are released once drained; ANA states,
+//!    host sites and the discovery log follow the new config.
+//!
+//! What cannot change live is refused up front (the whole reload is then refused, with the
+//! reason), so a reload is all or nothing.
+
+use crate::subsys::{Namespace, Subsystem};
+use crate::Target;
+use nvmetro_bdev::Bdev;
+use nvmetro_conf::{BdevConfig, BdevKind, Config, SubsystemConfig};
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What a reload would do.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// One line per change, for operators.
+    pub changes: Vec<String>,
+    /// Changes that cannot be made live; any of them refuses the reload.
+    pub refused: Vec<String>,
+    new_bdevs: Vec<BdevConfig>,
+    removed_bdevs: Vec<String>,
+    resync_rates: Vec<(String, u64)>,
+    added_listeners: Vec<nvmetro_conf::ListenerConfig>,
+    removed_listeners: Vec<std::net::SocketAddr>,
+    added_subsystems: Vec<SubsystemConfig>,
+    removed_subsystems: Vec<String>,
+    changed_subsystems: Vec<SubsystemConfig>,
+    poll_mode: Option<nvmetro_conf::PollMode>,
+    sites_changed: bool,
+}
+
+/// The outcome reported to operators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub changes: Vec<String>,
+    pub applied: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("the target runs the built-in default config: there is no file to reload")]
+    NoFile,
+    /// The file is invalid: nothing changed.
+    #[error("{0}")]
+    Invalid(#[from] nvmetro_conf::ConfigError),
+    #[error("cannot be changed without a restart (nothing was changed): {}", .0.join("; "))]
+    Refused(Vec<String>),
+    #[error("applying failed before anything changed: {0}")]
+    Prepare(String),
+    #[error("another reload is running")]
+    Busy,
+}
+
+fn describe_ns(n: &nvmetro_conf::NamespaceConfig) -> String {
+    format!("NSID {} on bdev {}", n.nsid, n.bdev)
+}
+
+/// Compares the running config with `new`.
+pub fn plan(old: &Config, new: &Config) -> Plan {
+    let mut p = Plan::default();
+    if old.cores != new.cores {
+        p.refused.push(format!("target.cores {:?} -> {:?} (reactors are pinned threads)", old.cores, new.cores));
+    }
+    if old.socket != new.socket {
+        p.refused.push("target.socket (the management socket this reload came through)".into());
+    }
+    if old.metrics != new.metrics {
+        p.refused.push("metrics.address".into());
+    }
+    if old.discovery != new.discovery {
+        p.refused.push("target.discovery listeners".into());
+    }
+    if old.witness != new.witness {
+        p.refused.push("[witness] (mirrors hold their witness for their lifetime)".into());
+    }
+    if old.poll_mode != new.poll_mode {
+        p.changes.push(format!("poll mode {:?} -> {:?}", old.poll_mode, new.poll_mode));
+        p.poll_mode = Some(new.poll_mode);
+    }
+    if old.site != new.site || old.host_sites != new.host_sites {
+        p.sites_changed = true;
+        if old.site != new.site {
+            p.changes.push(format!("this target's site {:?} -> {:?}", old.site, new.site));
+        }
+        for (host, site) in &new.host_sites {
+            match old.host_sites.get(host) {
+                None => p.changes.push(format!("host {host}: home site {site}")),
+                Some(was) if was != site => p.changes.push(format!("host {host}: home site {was} -> {site}")),
+                _ => {}
+            }
+        }
+        for host in old.host_sites.keys().filter(|h| !new.host_sites.contains_key(*h)) {
+            p.changes.push(format!("host {host}: no home site"));
+        }
+    }
+    // Bdevs, by name.
+    for b in &new.bdevs {
+        match old.bdevs.iter().find(|o| o.name == b.name) {
+            None => {
+                p.changes.push(format!("add bdev {} ({:?})", b.name, b.kind));
+                p.new_bdevs.push(b.clone());
+            }
+            Some(o) if o == b => {}
+            Some(o) => {
+                let rate_only = match (&o.mirror, &b.mirror) {
+                    (Some(om), Some(nm)) => {
+                        let same_but_rate = nvmetro_conf::MirrorConfig { resync_rate: nm.resync_rate, ..om.clone() } == *nm;
+                        same_but_rate && BdevConfig { mirror: b.mirror.clone(), ..o.clone() } == *b
+                    }
+                    _ => false,
+                };
+                if rate_only {
+                    let rate = b.mirror.as_ref().map_or(0, |m| m.resync_rate);
+                    p.changes.push(format!(
+                        "bdev {}: resync rate {}",
+                        b.name,
+                        if rate == 0 { "unlimited".into() } else { format!("{rate} B/s") }
+                    ));
+                    p.resync_rates.push((b.name.clone(), rate));
+                } else {
+                    p.refused.push(format!(
+                        "bdev {}: its settings changed; remove it (and its namespace), reload, then add it under a new name",
+                        b.name
+                    ));
+                }
+            }
+        }
+    }
+    for o in old.bdevs.iter().filter(|o| !new.bdevs.iter().any(|b| b.name == o.name)) {
+        if o.kind == BdevKind::Mirror {
+            p.refused.push(format!("removing mirror bdev {} (its replication link runs for the target's lifetime)", o.name));
+        } else if old.bdevs.iter().any(|m| m.mirror.as_ref().is_some_and(|m| m.local == o.name)) {
+            p.refused.push(format!("removing bdev {}: it is a mirror's leg", o.name));
+        } else {
+            p.changes.push(format!("remove bdev {}", o.name));
+            p.removed_bdevs.push(o.name.clone());
+        }
+    }
+    // Listeners, by address.
+    for l in &new.listeners {
+        match old.listeners.iter().find(|o| o.address == l.address) {
+            None => {
+                p.changes.push(format!("add listener {}", l.address));
+                p.added_listeners.push(l.clone());
+            }
+            Some(o) if o.ana_states != l.ana_states => p.changes.push(format!("listener {}: ANA states {:?}", l.address, l.ana_states)),
+            Some(_) => {}
+        }
+    }
+    for o in old.listeners.iter().filter(|o| !new.listeners.iter().any(|l| l.address == o.address)) {
+        p.changes.push(format!("remove listener {} (no new connections; connected hosts stay)", o.address));
+        p.removed_listeners.push(o.address);
+    }
+    // Subsystems, by NQN.
+    for s in &new.subsystems {
+        let Some(o) = old.subsystems.iter().find(|o| o.nqn == s.nqn) else {
+            p.changes.push(format!("add subsystem {} with {} namespace(s)", s.nqn, s.namespaces.len()));
+            p.added_subsystems.push(s.clone());
+            continue;
+        };
+        if o == s {
+            continue;
+        }
+        if o.serial != s.serial || o.model != s.model {
+            p.refused.push(format!("subsystem {}: serial/model (hosts identify the subsystem by them)", s.nqn));
+        }
+        if o.allowed_hosts != s.allowed_hosts || o.allow_any_host != s.allow_any_host {
+            p.changes.push(format!(
+                "subsystem {}: allowed hosts {}",
+                s.nqn,
+                if s.allow_any_host { "any".to_string() } else { format!("{:?}", s.allowed_hosts) }
+            ));
+        }
+        if (o.cntlid_min, o.cntlid_max, o.max_namespaces, o.ana_transition_time)
+            != (s.cntlid_min, s.cntlid_max, s.max_namespaces, s.ana_transition_time)
+        {
+            p.changes.push(format!("subsystem {}: controller ID range, namespace limit or ANATT", s.nqn));
+        }
+        for n in &s.namespaces {
+            match o.namespaces.iter().find(|x| x.nsid == n.nsid) {
+                None => p.changes.push(format!("subsystem {}: add {}", s.nqn, describe_ns(n))),
+                Some(x) if x != n => p.changes.push(format!("subsystem {}: replace {} by {}", s.nqn, describe_ns(x), describe_ns(n))),
+                _ => {}
+            }
+        }
+        for x in o.namespaces.iter().filter(|x| !s.namespaces.iter().any(|n| n.nsid == x.nsid)) {
+            p.changes.push(format!("subsystem {}: remove {} (drained first)", s.nqn, describe_ns(x)));
+        }
+        p.changed_subsystems.push(s.clone());
+    }
+    for o in old.subsystems.iter().filter(|o| !new.subsystems.iter().any(|s| s.nqn == o.nqn)) {
+        p.changes.push(format!("remove subsystem {} (its namespaces drain, its controllers end)", o.nqn));
+        p.removed_subsystems.push(o.nqn.clone());
+    }
+    p
+}
+
+/// Reads the target's config file again and applies (or, with `dry_run`, only describes) the
+/// difference.
+pub fn reload(t: &Target, dry_run: bool) -> Result<Outcome, ReloadError> {
+    let path = t.config_path.clone().ok_or(ReloadError::NoFile)?;
+    let new = nvmetro_conf::load(&path)?;
+    let _one = t.reload_lock.try_lock().map_err(|_| ReloadError::Busy)?;
+    let old = t.config();
+    let p = plan(&old, &new);
+    if !p.refused.is_empty() {
+        return Err(ReloadError::Refused(p.refused));
+    }
+    if dry_run || p.changes.is_empty() {
+        return Ok(Outcome { changes: p.changes, applied: false });
+    }
+    apply(t, p, new)
+}
+
+/// Waits until none of `namespaces` has a command at its bdev (bounded: a stuck bdev must not
+/// hold the reload forever; it is then released with commands still at it, which complete
+/// against the retired bdev).
+fn drain(namespaces: &[Namespace]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while namespaces.iter().any(|n| n.stats.inflight.load(Ordering::Acquire) > 0) {
+        if Instant::now() > deadline {
+            tracing::warn!("namespaces still busy after 30 s of draining; releasing them anyway");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn apply(t: &Target, p: Plan, new: Config) -> Result<Outcome, ReloadError> {
+    // 1. Prepare what can fail.
+    let live: Vec<(usize, Arc<dyn Bdev>)> = t.live_bdevs();
+    let mut opened: Vec<Arc<dyn Bdev>> = Vec::new();
+    for b in &p.new_bdevs {
+        let leg_of = |name: &str| {
+            opened
+                .iter()
+                .find(|x| x.info().name == name)
+                .cloned()
+                .or_else(|| live.iter().find(|(_, x)| x.info().name == name).map(|(_, x)| x.clone()))
+        };
+        let bdev = crate::open_bdev(b, &leg_of, new.poll_mode, new.witness.as_ref()).map_err(|e| ReloadError::Prepare(format!("{e:#}")))?;
+        opened.push(bdev);
+    }
+    let mut sockets = Vec::new();
+    for l in &p.added_listeners {
+        sockets.push((l.address, crate::bind(l.address).map_err(|e| ReloadError::Prepare(format!("{e:#}")))?));
+    }
+    // 2. New bdevs and listener slots.
+    let reactors = t.reactors();
+    if !opened.is_empty() {
+        t.bdevs.rcu(|v| {
+            let mut v = (**v).clone();
+            v.extend(opened.iter().cloned());
+            v
+        });
+        for (i, b) in opened.iter().enumerate() {
+            if let (Some(poller), Some(r)) = (b.take_poller(), reactors.get((reactors.len() - 1 + i) % reactors.len().max(1))) {
+                r.send(Box::new(move |r| {
+                    if let Err(e) = r.add_poller(poller) {
+                        tracing::error!("cannot run a new bdev's poller: {e}");
+                    }
+                }));
+            }
+        }
+    }
+    for l in &p.added_listeners {
+        t.listener_slots.rcu(|v| {
+            let mut v = (**v).clone();
+            v.push(l.address);
+            v
+        });
+        for s in t.subsystems().iter() {
+            s.add_listener(l);
+        }
+    }
+    // 3. The config, then subsystems.
+    t.config.store(Arc::new(new.clone()));
+    let bdevs = t.bdevs();
+    let slot_of = |name: &str| bdevs.iter().rposition(|b| b.info().name == name).expect("validated: every namespace's bdev exists");
+    let mut retired_namespaces = Vec::new();
+    for sc in &p.changed_subsystems {
+        let Some(s) = t.subsystem(&sc.nqn) else { continue };
+        let old_ns = s.namespaces();
+        let mut changed = Vec::new();
+        let namespaces: Vec<Namespace> = sc
+            .namespaces
+            .iter()
+            .map(|n| {
+                let slot = slot_of(&n.bdev);
+                match old_ns.iter().find(|x| x.info.nsid == n.nsid && x.bdev == slot) {
+                    Some(kept) if kept.info.nguid == n.nguid && kept.info.ana_group == n.ana_group => kept.clone(),
+                    _ => {
+                        changed.push(n.nsid);
+                        crate::namespace(n, slot, bdevs[slot].as_ref())
+                    }
+                }
+            })
+            .collect();
+        for x in old_ns.iter() {
+            if !namespaces.iter().any(|n| n.info.nsid == x.info.nsid && Arc::ptr_eq(&n.stats, &x.stats)) {
+                if !changed.contains(&x.info.nsid) {
+                    changed.push(x.info.nsid);
+                }
+                retired_namespaces.push(x.clone());
+            }
+        }
+        changed.sort_unstable();
+        s.update(sc.clone(), namespaces, changed);
+    }
+    let listeners: Vec<Option<nvmetro_conf::ListenerConfig>> = t.listeners().into_iter().map(|(_, l)| l).collect();
+    let mut removed_subsystems = Vec::new();
+    if !p.added_subsystems.is_empty() || !p.removed_subsystems.is_empty() {
+        let mut table: Vec<Arc<Subsystem>> = t.subsystems().iter().cloned().collect();
+        for s in table.iter().filter(|s| p.removed_subsystems.contains(&s.config().nqn)) {
+            retired_namespaces.extend(s.namespaces().iter().cloned());
+            removed_subsystems.push(s.clone());
+        }
+        table.retain(|s| !p.removed_subsystems.contains(&s.config().nqn));
+        for sc in &p.added_subsystems {
+            let namespaces =
+                sc.namespaces.iter().map(|n| crate::namespace(n, slot_of(&n.bdev), bdevs[slot_of(&n.bdev)].as_ref())).collect();
+            table.push(Arc::new(Subsystem::new(sc.clone(), namespaces, &listeners)));
+        }
+        t.subsystems.store(Arc::new(table));
+    }
+    for (address, sock) in sockets {
+        if let Some(r0) = reactors.first() {
+            let kind = crate::conn::ListenerKind::Subsystems(
+                t.listener_slots.load().iter().position(|a| *a == address).expect("slot added above"),
+            );
+            r0.send(Box::new(move |r| {
+                if let Err(e) = r.add_listener(sock, kind) {
+                    tracing::error!(%address, "cannot serve the new listener: {e}");
+                } else {
+                    tracing::info!(%address, "listening (added by reload)");
+                }
+            }));
+        }
+    }
+    // 4. What goes away, after its I/O drained.
+    drain(&retired_namespaces);
+    for s in &removed_subsystems {
+        s.remove_all_controllers();
+    }
+    for address in p.removed_listeners {
+        if let Some(r0) = reactors.first() {
+            r0.send(Box::new(move |r| r.remove_listener(address)));
+        }
+    }
+    for name in &p.removed_bdevs {
+        if let Some(slot) = t.bdevs().iter().rposition(|b| b.info().name == *name) {
+            let retired: Arc<dyn Bdev> = Arc::new(Retired(t.bdev(slot).info().clone()));
+            t.bdevs.rcu(|v| {
+                let mut v = (**v).clone();
+                v[slot] = retired.clone();
+                v
+            });
+            for r in reactors {
+                r.send(Box::new(move |r| r.channels().close(slot)));
+            }
+        }
+    }
+    for (name, rate) in &p.resync_rates {
+        if let Some((_, b)) = t.live_bdevs().into_iter().find(|(_, b)| b.info().name == *name) {
+            b.set_resync_rate(*rate);
+        }
+    }
+    if let Some(mode) = p.poll_mode {
+        for r in reactors {
+            r.send(Box::new(move |r| r.set_mode(mode)));
+        }
+    }
+    t.config_generation.fetch_add(1, Ordering::AcqRel);
+    if p.sites_changed {
+        for s in t.subsystems().iter() {
+            s.announce_ana_change();
+        }
+    }
+    t.discovery.rebuild(&new);
+    t.refresh_ana();
+    let active: BTreeSet<String> = t.subsystems().iter().map(|s| s.config().nqn.clone()).collect();
+    tracing::info!(subsystems = ?active, changes = p.changes.len(), "reload applied");
+    for c in &p.changes {
+        tracing::info!("reload: {c}");
+    }
+    Ok(Outcome { changes: p.changes, applied: true })
+}
+
+/// What a removed bdev's slot holds once its namespaces drained: the device itself is released
+/// when the last reactor closes its channel.
+#[derive(Debug)]
+struct Retired(nvmetro_bdev::BdevInfo);
+
+impl Bdev for Retired {
+    fn info(&self) -> &nvmetro_bdev::BdevInfo {
+        &self.0
+    }
+
+    fn access(&self) -> nvmetro_bdev::Access {
+        nvmetro_bdev::Access::Fenced
+    }
+
+    fn channel(self: Arc<Self>) -> std::io::Result<Box<dyn nvmetro_bdev::BdevChannel>> {
+        Err(std::io::Error::other(format!("bdev {} was removed by a reload", self.0.name)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[[bdev]]
+name = "a"
+kind = "malloc"
+size = "8MiB"
+[[bdev]]
+name = "b"
+kind = "malloc"
+size = "8MiB"
+[[subsystem]]
+nqn = "nqn.2026-11.io.nvmetro:r"
+allow_any_host = true
+[[subsystem.namespace]]
+nsid = 1
+bdev = "a"
+[[subsystem.namespace]]
+nsid = 2
+bdev = "b"
+[[listener]]
+address = "127.0.0.1:4420"
+"#;
+
+    fn cfg(text: &str) -> Config {
+        nvmetro_conf::parse(text, "t.toml").unwrap()
+    }
+
+    #[test]
+    fn the_plan_names_each_difference_and_nothing_else() {
+        let old = cfg(BASE);
+        assert!(plan(&old, &old).changes.is_empty());
+        let new = BASE.replace("nsid = 2\nbdev = \"b\"", "nsid = 3\nbdev = \"b\"")
+            + "[[listener]]\naddress = \"127.0.0.1:4421\"\n[[bdev]]\nname = \"c\"\nkind = \"null\"\nsize = \"1MiB\"\n";
+        let p = plan(&old, &cfg(&new));
+        assert!(p.refused.is_empty(), "{:?}", p.refused);
+        let text = p.changes.join("\n");
+        for want in ["add bdev c", "add listener 127.0.0.1:4421", "add NSID 3 on bdev b", "remove NSID 2 on bdev b"] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+        assert_eq!(p.changes.len(), 4, "{text}");
+    }
+
+    #[test]
+    fn what_cannot_change_live_is_refused() {
+        let old = cfg(BASE);
+        let p = plan(&old, &cfg(&BASE.replace("size = \"8MiB\"\n[[bdev]]\nname = \"b\"", "size = \"16MiB\"\n[[bdev]]\nname = \"b\"")));
+        assert!(p.refused.iter().any(|r| r.contains("bdev a")), "{:?}", p.refused);
+        let p = plan(&old, &cfg(&format!("[target]\ncores = [0, 1]\n{BASE}")));
+        assert!(p.refused.iter().any(|r| r.contains("cores")));
+    }
+}
