@@ -152,6 +152,7 @@ address = "127.0.0.1:$port"
 EOF
   local pa pb link wport
   pa=$(freeport); pb=$(freeport); link=$(freeport); wport=$(freeport)
+  rm -f "$LAB/tgt.pid" "$LAB/share/reload-add-ns"
   rm -f "$LAB"/metro-*.img "$LAB"/metro-*.meta "$LAB"/witness-state.json "$LAB"/share/kill-a "$LAB"/share/restart-a
   # Metro HA: the witness (a third site) and two sites; the guest's host NQN belongs to site 1.
   cat > "$LAB/witness.toml" <<WIT
@@ -207,12 +208,25 @@ METRO
       if [ -f "$LAB/share/kill-a" ]; then rm -f "$LAB/share/kill-a"; kill -9 "$(cat "$LAB/metro-a.pid")"; echo "$(date +%T.%N) site A killed" >> "$LAB/metro-events.log"; fi
       if [ -f "$LAB/share/restart-a" ]; then rm -f "$LAB/share/restart-a"
         "$tgt" --config "$LAB/metro-a.toml" >> "$LAB/metro-a.log" 2>&1 & echo $! > "$LAB/metro-a.pid"; echo "$(date +%T.%N) site A restarted" >> "$LAB/metro-events.log"; fi
+      if [ -f "$LAB/share/reload-add-ns" ] && [ -f "$LAB/tgt.pid" ]; then rm -f "$LAB/share/reload-add-ns"
+        # An operator's edit: a second namespace, then SIGHUP; the guest stays connected.
+        printf '\n[[bdev]]\nname = "mal1"\nkind = "malloc"\nsize = "64MiB"\n\n[[subsystem]]\nnqn = "%s"\nserial = "NVMETRO-LAB-1"\nallowed_hosts = ["%s"]\ncntlid_range = [1, 999]\n\n[[subsystem.namespace]]\nnsid = 1\nbdev = "mal0"\nnguid = "6e766d6574726f2d6c61622d6e736964"\n\n[[subsystem.namespace]]\nnsid = 2\nbdev = "mal1"\n' "$nqn" "$hostnqn" > "$LAB/lab-target.extra"
+        python3 - "$cfg" "$LAB/lab-target.extra" <<'PY'
+import sys
+cfg, extra = sys.argv[1], open(sys.argv[2]).read()
+text = open(cfg).read()
+head, tail = text.split("[[subsystem]]", 1)
+listener = "[[listener]]" + tail.split("[[listener]]", 1)[1]
+open(cfg, "w").write(head + extra + "\n" + listener)
+PY
+        kill -HUP "$(cat "$LAB/tgt.pid")"; echo "$(date +%T.%N) target reloaded with a second namespace" >> "$LAB/metro-events.log"; fi
       sleep 0.1
     done ) &
   WATCH=$!
   step "start nvmetro-tgt on 127.0.0.1:$port"
   "$tgt" --config "$cfg" > "$LAB/target.log" 2>&1 &
   TPID=$!
+  echo $TPID > "$LAB/tgt.pid"
   trap 'kill $TPID $MB $WP $WATCH $(cat "$LAB/metro-a.pid") 2>/dev/null || true' EXIT
   local tpid=$TPID
   for _ in $(seq 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1',$port),1)" 2>/dev/null && break; sleep 0.1; done
@@ -251,6 +265,11 @@ DEV=$(ls /dev/nvme*n1 2>/dev/null | head -1)
 fio --name=labverify --filename="$DEV" --offset=64m --rw=randwrite --bs=8k --iodepth=8 --ioengine=libaio --direct=1 \
     --size=32m --verify=crc32c --verify_only --verify_fatal=1 > /tmp/fio3.txt 2>&1 && grep -q 'err= 0' /tmp/fio3.txt && echo "CHECK fio verify after reconnect ok"
 grep -E 'err=|read: IOPS=' /tmp/fio3.txt
+echo "== reload: the operator adds a namespace; it appears here without a reconnect"
+touch /mnt/share/reload-add-ns
+for i in $(seq 60); do [ -b "${DEV%n1}n2" ] && break; sleep 0.5; done
+nvme list
+nvme list | grep -q "${DEV%n1}n2" && echo "CHECK reload namespace appeared without reconnect ($i polls)"
 nvme disconnect -n "$NQN" && echo "CHECK disconnect ok"
 echo "== metro: write through site A, read back and verify through site B"
 M=nqn.2026-11.io.nvmetro:lab-metro
@@ -328,6 +347,7 @@ EOF
   chk "fio timed 8k randwrite" "CHECK fio timed randwrite ok"
   chk "fio write then verify" "CHECK fio write-then-verify ok"
   chk "fio verify after reconnect" "CHECK fio verify after reconnect ok"
+  chk "reload: added namespace in nvme list without reconnect" "CHECK reload namespace appeared without reconnect"
   chk "nvme disconnect" "CHECK disconnect ok"
   chk "metro: fio writes through site A" "CHECK metro write via A ok"
   chk "metro: fio verifies through site B" "CHECK metro verify via B ok"

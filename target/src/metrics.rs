@@ -116,6 +116,8 @@ pub fn render(t: &Target) -> String {
     help(&mut o, "nvmetro_mirror_sync_bytes_per_second", "gauge", "Resync speed.");
     help(&mut o, "nvmetro_mirror_replication_rtt_seconds", "gauge", "Last measured round trip to the peer.");
     help(&mut o, "nvmetro_mirror_serving", "gauge", "1 when this leg serves host I/O.");
+    help(&mut o, "nvmetro_mirror_access", "gauge", "1 for the leg's access state (serving, serving alone, transition, fenced).");
+    help(&mut o, "nvmetro_mirror_witness_reachable", "gauge", "Metro mode: 1 when the witness answered within the last second.");
     for (_, b) in t.live_bdevs() {
         let Some(m) = b.mirror_status() else { continue };
         let l = format!(
@@ -132,6 +134,10 @@ pub fn render(t: &Target) -> String {
             let _ = writeln!(o, "nvmetro_mirror_replication_rtt_seconds{{{l}}} {}", us as f64 / 1e6);
         }
         let _ = writeln!(o, "nvmetro_mirror_serving{{{l}}} {}", u8::from(m.serving));
+        let _ = writeln!(o, "nvmetro_mirror_access{{{l},state=\"{}\"}} 1", m.access);
+        if let Some(x) = &m.metro {
+            let _ = writeln!(o, "nvmetro_mirror_witness_reachable{{{l}}} {}", u8::from(x.witness_reachable));
+        }
     }
     o
 }

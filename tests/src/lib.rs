@@ -213,6 +213,52 @@ impl Drop for TargetProcess {
     }
 }
 
+/// One site of a two-site mirror on 127.0.0.1 exporting `nqn` NSID 1 over a 32 MiB file leg:
+/// the preferred site accepts the link on `link`, the secondary dials it. `target_extra` follows
+/// `[target] cores` (more target keys, then whole sections); `mirror_extra` adds mirror keys.
+pub fn mirror_site_config(nqn: &str, preferred: bool, link: u16, target_extra: &str, mirror_extra: &str) -> String {
+    let (role, range) = if preferred {
+        (format!("role = \"preferred\"\nlisten = \"127.0.0.1:{link}\""), "[1, 99]")
+    } else {
+        (format!("role = \"secondary\"\npeer = \"127.0.0.1:{link}\""), "[100, 199]")
+    };
+    format!(
+        r#"
+[target]
+cores = [0]
+{target_extra}
+
+[[bdev]]
+name = "leg"
+kind = "file"
+path = "{{DIR}}/leg.img"
+size = "32MiB"
+direct = false
+
+[[bdev]]
+name = "m"
+kind = "mirror"
+local = "leg"
+{role}
+metadata = "{{DIR}}/leg.meta"
+region_size = "256KiB"
+{mirror_extra}
+
+[[subsystem]]
+nqn = "{nqn}"
+allow_any_host = true
+cntlid_range = {range}
+
+[[subsystem.namespace]]
+nsid = 1
+bdev = "m"
+
+[[listener]]
+address = "127.0.0.1:{{PORT}}"
+"#
+    )
+}
+
 /// The usual single-subsystem config: a malloc namespace (and a file one) for one allowed host.
 pub fn basic_config(cores: &str) -> String {
     format!(

@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const NQN: &str = "nqn.2026-11.io.nvmetro:metro-ha";
+/// A host of site B.
+const HOST_B: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-4000-8000-0000000000b2";
 /// ANA states as the log page reports them.
 const OPTIMIZED: u8 = 1;
 const NON_OPTIMIZED: u8 = 2;
@@ -22,54 +24,10 @@ const NON_OPTIMIZED: u8 = 2;
 /// Site 1 (preferred, the pre-elected survivor) listens for the link on `link`; site 2 dials
 /// `peer`. The test host belongs to site 1.
 fn site(n: u8, link: u16, witness: SocketAddr, extra: &str) -> String {
-    let (role, range) = if n == 1 {
-        (format!("role = \"preferred\"\nlisten = \"127.0.0.1:{link}\""), "[1, 99]")
-    } else {
-        (format!("role = \"secondary\"\npeer = \"127.0.0.1:{link}\""), "[100, 199]")
-    };
-    format!(
-        r#"
-[target]
-cores = [0]
-site = {n}
-
-[witness]
-address = "{witness}"
-secret = "{WITNESS_SECRET}"
-
-[[host]]
-nqn = "{HOSTNQN}"
-site = 1
-
-[[bdev]]
-name = "leg"
-kind = "file"
-path = "{{DIR}}/leg.img"
-size = "32MiB"
-direct = false
-
-[[bdev]]
-name = "m"
-kind = "mirror"
-local = "leg"
-{role}
-metadata = "{{DIR}}/leg.meta"
-region_size = "256KiB"
-{extra}
-
-[[subsystem]]
-nqn = "{NQN}"
-allow_any_host = true
-cntlid_range = {range}
-
-[[subsystem.namespace]]
-nsid = 1
-bdev = "m"
-
-[[listener]]
-address = "127.0.0.1:{{PORT}}"
-"#
-    )
+    let target = format!(
+        "site = {n}\n\n[witness]\naddress = \"{witness}\"\nsecret = \"{WITNESS_SECRET}\"\n\n[[host]]\nnqn = \"{HOSTNQN}\"\nsite = 1\n\n[[host]]\nnqn = \"{HOST_B}\"\nsite = 2\n"
+    );
+    nvmetro_tests::mirror_site_config(NQN, n == 1, link, &target, extra)
 }
 
 struct Metro {
@@ -78,16 +36,22 @@ struct Metro {
     w: WitnessProcess,
     /// Between B and A's link port, when the test cuts the link.
     proxy: Option<Proxy>,
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
 
+/// One metro (three processes) at a time: on a 2-core machine several at once would starve the
+/// sites' heartbeats and test the scheduler instead.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn metro(with_proxy: bool, extra: &str) -> Metro {
+    let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let w = WitnessProcess::start();
     let link = free_port();
     let a = TargetProcess::start(&site(1, link, w.addr, extra));
     let proxy = with_proxy.then(|| Proxy::start(format!("127.0.0.1:{link}").parse().unwrap()));
     let b_link = proxy.as_ref().map_or(link, |p| p.addr.port());
     let b = TargetProcess::start(&site(2, b_link, w.addr, extra));
-    let m = Metro { a, b, w, proxy };
+    let m = Metro { a, b, w, proxy, _serial: guard };
     wait_until("both sites serve", Duration::from_secs(30), || serves(&m.a) == Some(true) && serves(&m.b) == Some(true));
     m
 }
@@ -290,6 +254,50 @@ fn a_restarted_witness_and_a_returning_site_keep_the_decision() {
     m.proxy.as_ref().unwrap().restore();
     wait_until("B serves after its resync", Duration::from_secs(30), || serves(&m.b) == Some(true));
     verify_at(&m.b, &mut gens);
+}
+
+#[test]
+fn uniform_and_non_uniform_hosts() {
+    let mut m = metro(false, "");
+    // Uniform: the site-A host has paths to both sites (see the other tests). Non-uniform: a
+    // host of site B connects to site B only; its path there is Optimized, and stays usable
+    // when site A dies.
+    let connect_b = |t: &TargetProcess| {
+        let mut o = ConnectOptions::new(t.addr, NQN);
+        o.hostnqn = HOST_B.into();
+        Host::connect(&o).unwrap()
+    };
+    let (mut admin_a, _) = connect_b(&m.a).into_parts();
+    assert_eq!(ana_state(&mut admin_a, 1).unwrap(), NON_OPTIMIZED, "site A is the other site for this host");
+    let h = connect_b(&m.b);
+    let (mut admin, mut io) = h.into_parts();
+    assert_eq!(ana_state(&mut admin, 1).unwrap(), OPTIMIZED);
+    let shared = Arc::new(PathShared::new("siteB", 1));
+    shared.ana.store(OPTIMIZED, Ordering::Release);
+    let mut o = ConnectOptions::new(m.b.addr, NQN);
+    o.hostnqn = HOST_B.into();
+    let monitor = PathMonitor::start(shared.clone(), Some(admin), o, 1);
+    let mut paths = vec![PathIo::new(shared, io.pop())];
+    let mut gens = HashMap::new();
+    let a = &mut m.a;
+    let r = std::thread::scope(|s| {
+        s.spawn(move || {
+            std::thread::sleep(Duration::from_millis(1000));
+            a.kill();
+        });
+        run_paths(&mut paths, &workload(3, 9), 512, &mut gens, 0, None).unwrap()
+    });
+    monitor.stop();
+    assert_eq!(r.errors, 0, "{:?}", r.first_error);
+    assert!(r.mismatches.is_empty());
+    assert_eq!(ana_of_host(&m.b, HOST_B), Some(OPTIMIZED), "alone, site B is Optimized for its own host");
+}
+
+fn ana_of_host(t: &TargetProcess, host: &str) -> Option<u8> {
+    let mut o = ConnectOptions::new(t.addr, NQN);
+    o.hostnqn = host.into();
+    let (mut admin, _) = Host::connect(&o).ok()?.into_parts();
+    ana_state(&mut admin, 1).ok()
 }
 
 /// Failover time, measured: `cargo test --release -p nvmetro-tests --test metro -- --ignored

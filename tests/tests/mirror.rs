@@ -16,45 +16,7 @@ fn site_config(preferred: bool, link: u16) -> String {
 }
 
 fn site_config_with(preferred: bool, link: u16, extra: &str) -> String {
-    let (role, range) = if preferred {
-        (format!("role = \"preferred\"\nlisten = \"127.0.0.1:{link}\""), "[1, 99]")
-    } else {
-        (format!("role = \"secondary\"\npeer = \"127.0.0.1:{link}\""), "[100, 199]")
-    };
-    format!(
-        r#"
-[target]
-cores = [0]
-
-[[bdev]]
-name = "leg"
-kind = "file"
-path = "{{DIR}}/leg.img"
-size = "32MiB"
-direct = false
-
-[[bdev]]
-name = "m"
-kind = "mirror"
-local = "leg"
-{role}
-metadata = "{{DIR}}/leg.meta"
-region_size = "256KiB"
-{extra}
-
-[[subsystem]]
-nqn = "{NQN}"
-allow_any_host = true
-cntlid_range = {range}
-
-[[subsystem.namespace]]
-nsid = 1
-bdev = "m"
-
-[[listener]]
-address = "127.0.0.1:{{PORT}}"
-"#
-    )
+    nvmetro_tests::mirror_site_config(NQN, preferred, link, "", extra)
 }
 
 fn connect(t: &TargetProcess) -> Result<Host, HostError> {

@@ -1270,28 +1270,15 @@ impl MirrorCore {
                 if self.disk == DiskState::UpToDate {
                     self.disk = DiskState::Outdated;
                 }
-                // Forwarded writes the preferred may or may not have executed: the host must
-                // retry them on a serving path. Its dirty bits cover whatever it applied.
-                let forwarded: Vec<(u64, u64)> = self
-                    .ops
-                    .iter()
-                    .filter(|(_, o)| o.stage == Stage::Forwarded)
-                    .filter_map(|(id, o)| if let Origin::Host(tag) = o.origin { Some((*id, tag)) } else { None })
-                    .collect();
-                for (id, tag) in forwarded {
-                    self.ops.remove(&id);
-                    out.push(Output::Complete { tag, result: Err(BdevError::Fenced) });
-                }
+                self.fail_forwarded(BdevError::Fenced, out);
             }
         }
         // Resync reads in flight finish on their own; their data is not sent.
     }
 
-    fn metro_link_down(&mut self, was: LinkState, out: &mut Vec<Output>) {
-        self.link_lost_ms = self.last_tick_ms;
-        self.unconfirmed.clear();
-        self.forwarded.clear();
-        // Writes this leg forwarded may or may not have run on the peer: hosts retry them.
+    /// Writes this leg forwarded that the peer may or may not have executed: the hosts retry them
+    /// on a serving path (the peer's dirty bits cover whatever it applied).
+    fn fail_forwarded(&mut self, error: BdevError, out: &mut Vec<Output>) {
         let forwarded: Vec<(u64, u64)> = self
             .ops
             .iter()
@@ -1300,8 +1287,15 @@ impl MirrorCore {
             .collect();
         for (id, tag) in forwarded {
             self.ops.remove(&id);
-            out.push(Output::Complete { tag, result: Err(BdevError::Transition) });
+            out.push(Output::Complete { tag, result: Err(error.clone()) });
         }
+    }
+
+    fn metro_link_down(&mut self, was: LinkState, out: &mut Vec<Output>) {
+        self.link_lost_ms = self.last_tick_ms;
+        self.unconfirmed.clear();
+        self.forwarded.clear();
+        self.fail_forwarded(BdevError::Transition, out);
         match self.quorum {
             // Already serving alone (the peer was resyncing) or already out: nothing to decide.
             Quorum::Solo | Quorum::Won { .. } => self.release_held(Ok(()), out),
