@@ -154,8 +154,8 @@ pub trait Bdev: Send + Sync + std::fmt::Debug {
     fn access(&self) -> Access {
         Access::Serving
     }
-    /// Mirror: a new resync speed limit (bytes per second, 0 = unlimited), applied live.
-    fn set_resync_rate(&self, _bytes_per_second: u64) {}
+    /// Mirror: replication settings changed by a reload, applied live.
+    fn tune(&self, _tuning: mirror::driver::MirrorTuning) {}
     /// Metro mirror, manual failback: let a resynced leg serve again. Returns whether it was held.
     fn failback(&self) -> bool {
         false

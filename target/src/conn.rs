@@ -230,6 +230,28 @@ impl Conn {
         &mut self.sock
     }
 
+    /// Ends this connection (a reload removed its listener or its subsystem).
+    pub fn end(&mut self, reason: &str) {
+        self.close_with(reason.into(), true);
+    }
+
+    /// The listener slot the connection came through (None: a discovery-only listener).
+    pub fn listener_slot(&self) -> Option<usize> {
+        match self.listener {
+            ListenerKind::Subsystems(i) => Some(i),
+            ListenerKind::DiscoveryOnly => None,
+        }
+    }
+
+    /// Whether the connection belongs to subsystem `nqn`.
+    pub fn serves(&self, nqn: &str) -> bool {
+        match &self.role {
+            Role::Admin(q) => q.subsystem.as_ref().is_some_and(|(s, _)| s.config().nqn == nqn),
+            Role::Io(q) => q.subsystem.config().nqn == nqn,
+            Role::Unconnected => false,
+        }
+    }
+
     fn close_with(&mut self, reason: String, fatal: bool) {
         if self.closing.is_none() {
             self.closing = Some(reason);

@@ -202,7 +202,7 @@ pub(crate) fn open_bdev(
         BdevKind::Mirror => {
             let m = b.mirror.as_ref().context("mirror bdev without settings")?;
             let transport = TcpTransport::new(m.listen, m.peer).with_context(|| format!("mirror {}", b.name))?;
-            let heartbeat = std::time::Duration::from_millis(m.heartbeat_timeout_ms.unwrap_or(if witness.is_some() { 1000 } else { 3000 }));
+            let heartbeat = mirror_tuning(m, witness.is_some()).heartbeat_timeout;
             let metro =
                 witness.map(|w| MetroSettings::new(w.address, w.secret.clone(), &b.name, m.preferred, m.manual_failback, heartbeat));
             let settings = MirrorSettings {
@@ -236,6 +236,16 @@ pub(crate) fn open_bdev(
             Arc::new(FileBdev::open(&b.name, path, b.block_size, b.size, b.direct).with_context(|| format!("bdev {}", b.name))?)
         }
     })
+}
+
+/// The live-changeable part of a mirror's config.
+pub(crate) fn mirror_tuning(m: &nvmetro_conf::MirrorConfig, metro: bool) -> nvmetro_bdev::mirror::driver::MirrorTuning {
+    nvmetro_bdev::mirror::driver::MirrorTuning {
+        resync_rate: m.resync_rate,
+        link_delay: std::time::Duration::from_micros(m.link_delay_us),
+        heartbeat_timeout: std::time::Duration::from_millis(m.heartbeat_timeout_ms.unwrap_or(if metro { 1000 } else { 3000 })),
+        manual_failback: m.manual_failback,
+    }
 }
 
 /// A namespace over bdev `index`.

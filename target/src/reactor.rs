@@ -170,6 +170,13 @@ impl Reactor {
         }
     }
 
+    /// Ends the connections `which` selects (a reload removed what they serve).
+    pub fn end_connections(&mut self, which: impl Fn(&Conn) -> bool, reason: &str) {
+        for conn in self.conns.values_mut().filter(|c| which(c)) {
+            conn.end(reason);
+        }
+    }
+
     /// A reload changed the poll mode.
     pub fn set_mode(&mut self, mode: PollMode) {
         self.mode = mode;

@@ -35,7 +35,7 @@ pub struct Plan {
     pub refused: Vec<String>,
     new_bdevs: Vec<BdevConfig>,
     removed_bdevs: Vec<String>,
-    resync_rates: Vec<(String, u64)>,
+    tunings: Vec<(String, nvmetro_conf::MirrorConfig)>,
     added_listeners: Vec<nvmetro_conf::ListenerConfig>,
     removed_listeners: Vec<std::net::SocketAddr>,
     added_subsystems: Vec<SubsystemConfig>,
@@ -118,21 +118,40 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
             }
             Some(o) if o == b => {}
             Some(o) => {
-                let rate_only = match (&o.mirror, &b.mirror) {
+                // A mirror's replication settings change live; its identity (role, site,
+                // addresses, metadata, leg, region size) does not.
+                let tunable = match (&o.mirror, &b.mirror) {
                     (Some(om), Some(nm)) => {
-                        let same_but_rate = nvmetro_conf::MirrorConfig { resync_rate: nm.resync_rate, ..om.clone() } == *nm;
-                        same_but_rate && BdevConfig { mirror: b.mirror.clone(), ..o.clone() } == *b
+                        let same_identity = nvmetro_conf::MirrorConfig {
+                            resync_rate: nm.resync_rate,
+                            link_delay_us: nm.link_delay_us,
+                            heartbeat_timeout_ms: nm.heartbeat_timeout_ms,
+                            manual_failback: nm.manual_failback,
+                            ..om.clone()
+                        } == *nm;
+                        same_identity && BdevConfig { mirror: b.mirror.clone(), ..o.clone() } == *b
                     }
                     _ => false,
                 };
-                if rate_only {
-                    let rate = b.mirror.as_ref().map_or(0, |m| m.resync_rate);
-                    p.changes.push(format!(
-                        "bdev {}: resync rate {}",
-                        b.name,
-                        if rate == 0 { "unlimited".into() } else { format!("{rate} B/s") }
-                    ));
-                    p.resync_rates.push((b.name.clone(), rate));
+                if let (true, Some(om), Some(nm)) = (tunable, &o.mirror, &b.mirror) {
+                    let mut what = Vec::new();
+                    if om.resync_rate != nm.resync_rate {
+                        what.push(format!(
+                            "resync rate {}",
+                            if nm.resync_rate == 0 { "unlimited".into() } else { format!("{} B/s", nm.resync_rate) }
+                        ));
+                    }
+                    if om.link_delay_us != nm.link_delay_us {
+                        what.push(format!("link delay {} us", nm.link_delay_us));
+                    }
+                    if om.heartbeat_timeout_ms != nm.heartbeat_timeout_ms {
+                        what.push(format!("heartbeat timeout {:?} ms", nm.heartbeat_timeout_ms));
+                    }
+                    if om.manual_failback != nm.manual_failback {
+                        what.push(format!("failback {}", if nm.manual_failback { "manual" } else { "automatic" }));
+                    }
+                    p.changes.push(format!("bdev {}: {}", b.name, what.join(", ")));
+                    p.tunings.push((b.name.clone(), nm.clone()));
                 } else {
                     p.refused.push(format!(
                         "bdev {}: its settings changed; remove it (and its namespace), reload, then add it under a new name",
@@ -164,7 +183,7 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
         }
     }
     for o in old.listeners.iter().filter(|o| !new.listeners.iter().any(|l| l.address == o.address)) {
-        p.changes.push(format!("remove listener {} (no new connections; connected hosts stay)", o.address));
+        p.changes.push(format!("remove listener {} (its connections end)", o.address));
         p.removed_listeners.push(o.address);
     }
     // Subsystems, by NQN.
@@ -280,13 +299,16 @@ fn apply(t: &Target, p: Plan, new: Config) -> Result<Outcome, ReloadError> {
         }
     }
     for l in &p.added_listeners {
-        t.listener_slots.rcu(|v| {
-            let mut v = (**v).clone();
-            v.push(l.address);
-            v
-        });
-        for s in t.subsystems().iter() {
-            s.add_listener(l);
+        // An address removed by an earlier reload comes back in its old slot (its views kept).
+        if !t.listener_slots.load().contains(&l.address) {
+            t.listener_slots.rcu(|v| {
+                let mut v = (**v).clone();
+                v.push(l.address);
+                v
+            });
+            for s in t.subsystems().iter() {
+                s.add_listener(l);
+            }
         }
     }
     // 3. The config, then subsystems.
@@ -357,10 +379,19 @@ fn apply(t: &Target, p: Plan, new: Config) -> Result<Outcome, ReloadError> {
     drain(&retired_namespaces);
     for s in &removed_subsystems {
         s.remove_all_controllers();
+        for r in reactors {
+            let nqn = s.config().nqn.clone();
+            r.send(Box::new(move |r| r.end_connections(|c| c.serves(&nqn), "subsystem removed by a reload")));
+        }
     }
     for address in p.removed_listeners {
+        let slot = t.listener_slots.load().iter().position(|a| *a == address);
         if let Some(r0) = reactors.first() {
             r0.send(Box::new(move |r| r.remove_listener(address)));
+        }
+        // Its hosts go (they reconnect through the listeners that remain).
+        for r in reactors {
+            r.send(Box::new(move |r| r.end_connections(|c| slot.is_some() && c.listener_slot() == slot, "listener removed by a reload")));
         }
     }
     for name in &p.removed_bdevs {
@@ -376,9 +407,9 @@ fn apply(t: &Target, p: Plan, new: Config) -> Result<Outcome, ReloadError> {
             }
         }
     }
-    for (name, rate) in &p.resync_rates {
+    for (name, m) in &p.tunings {
         if let Some((_, b)) = t.live_bdevs().into_iter().find(|(_, b)| b.info().name == *name) {
-            b.set_resync_rate(*rate);
+            b.tune(crate::mirror_tuning(m, new.witness.is_some()));
         }
     }
     if let Some(mode) = p.poll_mode {
@@ -464,6 +495,25 @@ address = "127.0.0.1:4420"
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }
         assert_eq!(p.changes.len(), 4, "{text}");
+    }
+
+    #[test]
+    fn replication_settings_change_live_but_a_mirror_s_identity_does_not() {
+        let mirror = |extra: &str, role: &str| {
+            format!(
+                "[[bdev]]\nname = \"leg\"\nkind = \"file\"\npath = \"/tmp/leg\"\nsize = \"8MiB\"\n\
+                 [[bdev]]\nname = \"m\"\nkind = \"mirror\"\nlocal = \"leg\"\n{role}\nmetadata = \"/tmp/leg.meta\"\n{extra}\n\
+                 [[subsystem]]\nnqn = \"nqn.2026-11.io.nvmetro:m\"\nallow_any_host = true\n[[subsystem.namespace]]\nnsid = 1\nbdev = \"m\"\n\
+                 [[listener]]\naddress = \"127.0.0.1:4420\"\n"
+            )
+        };
+        let preferred = "role = \"preferred\"\nlisten = \"127.0.0.1:7700\"";
+        let old = cfg(&mirror("", preferred));
+        let p = plan(&old, &cfg(&mirror("resync_rate = \"100MiB\"\nheartbeat_timeout = \"2s\"", preferred)));
+        assert!(p.refused.is_empty(), "{:?}", p.refused);
+        assert!(p.changes[0].contains("resync rate") && p.changes[0].contains("heartbeat timeout"), "{:?}", p.changes);
+        let p = plan(&old, &cfg(&mirror("", "role = \"secondary\"\npeer = \"127.0.0.1:7700\"")));
+        assert!(p.refused.iter().any(|r| r.contains("bdev m")), "a role change is refused: {:?}", p.refused);
     }
 
     #[test]

@@ -187,4 +187,16 @@ fn reload_under_a_verifying_workload_changes_only_what_differs() {
     // Reloading the same file again changes nothing.
     let (ok, out) = cli_reload(&t, false);
     assert!(ok && out.contains("nothing to change"), "{out}");
+
+    // Removing the listener again ends its connections only.
+    rewrite(&t, &good.replace("[[listener]]\naddress = \"127.0.0.1:{PORT2}\"\n", ""));
+    let (ok, out) = cli_reload(&t, false);
+    assert!(ok && out.contains("remove listener"), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while h2.read(1, 0, 1, 512).is_ok() {
+        assert!(Instant::now() < deadline, "the removed listener's connection still serves");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(std::net::TcpStream::connect(t.addr2).is_err(), "the removed listener no longer accepts");
+    h.read(1, 0, 1, 512).expect("the other listener's host is untouched");
 }

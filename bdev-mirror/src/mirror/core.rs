@@ -367,6 +367,13 @@ impl MirrorCore {
         self.resync_rate = bytes_per_second;
     }
 
+    /// Metro mode: new timers and failback policy (a reload); the election state is kept.
+    pub fn set_metro_timers(&mut self, metro: Metro) {
+        if self.metro.is_some() {
+            self.metro = Some(metro);
+        }
+    }
+
     /// Whether host I/O may be served by this leg now.
     pub fn serving(&self) -> bool {
         let Some(m) = &self.metro else {

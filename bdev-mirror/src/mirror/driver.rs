@@ -51,6 +51,16 @@ pub struct MirrorSettings {
     pub metro: Option<MetroSettings>,
 }
 
+/// The replication settings a running mirror takes without a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MirrorTuning {
+    /// Bytes per second; 0 for unlimited.
+    pub resync_rate: u64,
+    pub link_delay: Duration,
+    pub heartbeat_timeout: Duration,
+    pub manual_failback: bool,
+}
+
 /// A metro leg's witness and timers.
 #[derive(Debug, Clone)]
 pub struct MetroSettings {
@@ -130,8 +140,9 @@ struct Shared {
     status: Mutex<StatusReport>,
     /// Operator requests for the link thread (manual failback).
     failback: AtomicBool,
-    /// A new resync rate for the link thread; `u64::MAX` when none is pending.
-    new_resync_rate: std::sync::atomic::AtomicU64,
+    /// New settings for the link thread (taken on its next turn).
+    tuning: Mutex<Option<MirrorTuning>>,
+    tuning_pending: AtomicBool,
     waker: Waker,
     parked: AtomicBool,
     stop: AtomicBool,
@@ -210,7 +221,8 @@ impl MirrorBdev {
             access: AtomicU8::new(access_code(core.access())),
             status: Mutex::new(StatusReport::default()),
             failback: AtomicBool::new(false),
-            new_resync_rate: std::sync::atomic::AtomicU64::new(u64::MAX),
+            tuning: Mutex::new(None),
+            tuning_pending: AtomicBool::new(false),
             waker,
             parked: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -288,8 +300,11 @@ impl Bdev for MirrorBdev {
         access_of(self.shared.access.load(Ordering::Acquire))
     }
 
-    fn set_resync_rate(&self, bytes_per_second: u64) {
-        self.shared.new_resync_rate.store(bytes_per_second.min(u64::MAX - 1), Ordering::Release);
+    fn tune(&self, tuning: MirrorTuning) {
+        if let Ok(mut t) = self.shared.tuning.lock() {
+            *t = Some(tuning);
+            self.shared.tuning_pending.store(true, Ordering::Release);
+        }
         let _ = self.shared.waker.wake();
     }
 
@@ -684,9 +699,25 @@ impl LinkThread {
         if self.shared.failback.swap(false, Ordering::AcqRel) {
             self.handle(Input::Failback);
         }
-        let rate = self.shared.new_resync_rate.swap(u64::MAX, Ordering::AcqRel);
-        if rate != u64::MAX {
-            self.core.set_resync_rate(rate);
+        if self.shared.tuning_pending.swap(false, Ordering::AcqRel) {
+            if let Some(t) = self.shared.tuning.lock().ok().and_then(|mut t| t.take()) {
+                self.core.set_resync_rate(t.resync_rate);
+                self.settings.link_delay = t.link_delay;
+                self.settings.heartbeat_timeout = t.heartbeat_timeout;
+                if let Some(m) = self.settings.metro.as_mut() {
+                    let fresh = MetroSettings::new(
+                        m.witness,
+                        m.secret.clone(),
+                        &m.core.resource,
+                        m.core.survivor,
+                        t.manual_failback,
+                        t.heartbeat_timeout,
+                    );
+                    m.core = fresh.core.clone();
+                    self.core.set_metro_timers(fresh.core);
+                }
+                tracing::info!(mirror = %self.name, ?t, "replication settings changed");
+            }
         }
         let mut completions = std::mem::take(&mut self.completions);
         if self.local_ch.outstanding() > 0 && self.local_ch.poll(&mut completions) > 0 {
