@@ -197,14 +197,19 @@ pub(crate) fn open_bdev(
     leg_of: &dyn Fn(&str) -> Option<Arc<dyn Bdev>>,
     config_poll_mode: nvmetro_conf::PollMode,
     witness: Option<&nvmetro_conf::WitnessConfig>,
+    anatt_secs: u8,
 ) -> anyhow::Result<Arc<dyn Bdev>> {
     Ok(match b.kind {
         BdevKind::Mirror => {
             let m = b.mirror.as_ref().context("mirror bdev without settings")?;
             let transport = TcpTransport::new(m.listen, m.peer).with_context(|| format!("mirror {}", b.name))?;
             let heartbeat = mirror_tuning(m, witness.is_some()).heartbeat_timeout;
-            let metro =
-                witness.map(|w| MetroSettings::new(w.address, w.secret.clone(), &b.name, m.preferred, m.manual_failback, heartbeat));
+            let metro = witness.map(|w| {
+                let mut s = MetroSettings::new(w.address, w.secret.clone(), &b.name, m.preferred, m.manual_failback, heartbeat);
+                // ANA Change may last ANATT at most (then Inaccessible while still undecided).
+                s.core.transition_ms = u64::from(anatt_secs.max(1)) * 1000;
+                s
+            });
             let settings = MirrorSettings {
                 metro,
                 role: if m.preferred { Role::Preferred } else { Role::Secondary },
@@ -236,6 +241,11 @@ pub(crate) fn open_bdev(
             Arc::new(FileBdev::open(&b.name, path, b.block_size, b.size, b.direct).with_context(|| format!("bdev {}", b.name))?)
         }
     })
+}
+
+/// The shortest ANATT any subsystem promises its hosts.
+pub(crate) fn min_anatt(config: &Config) -> u8 {
+    config.subsystems.iter().map(|s| s.ana_transition_time).min().unwrap_or(10)
 }
 
 /// The live-changeable part of a mirror's config.
@@ -280,7 +290,7 @@ pub fn start(config: Config, config_path: Option<std::path::PathBuf>) -> anyhow:
         for (i, b) in config.bdevs.iter().enumerate() {
             if (b.kind == BdevKind::Mirror) == pass_mirrors {
                 let leg_of = |name: &str| config.bdevs.iter().position(|x| x.name == name).and_then(|j| bdevs[j].clone());
-                bdevs[i] = Some(open_bdev(b, &leg_of, config.poll_mode, config.witness.as_ref())?);
+                bdevs[i] = Some(open_bdev(b, &leg_of, config.poll_mode, config.witness.as_ref(), min_anatt(&config))?);
             }
         }
     }

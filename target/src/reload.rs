@@ -273,7 +273,8 @@ fn apply(t: &Target, p: Plan, new: Config) -> Result<Outcome, ReloadError> {
                 .cloned()
                 .or_else(|| live.iter().find(|(_, x)| x.info().name == name).map(|(_, x)| x.clone()))
         };
-        let bdev = crate::open_bdev(b, &leg_of, new.poll_mode, new.witness.as_ref()).map_err(|e| ReloadError::Prepare(format!("{e:#}")))?;
+        let bdev = crate::open_bdev(b, &leg_of, new.poll_mode, new.witness.as_ref(), crate::min_anatt(&new))
+            .map_err(|e| ReloadError::Prepare(format!("{e:#}")))?;
         opened.push(bdev);
     }
     let mut sockets = Vec::new();

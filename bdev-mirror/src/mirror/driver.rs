@@ -713,8 +713,9 @@ impl LinkThread {
                         t.manual_failback,
                         t.heartbeat_timeout,
                     );
-                    m.core = fresh.core.clone();
-                    self.core.set_metro_timers(fresh.core);
+                    let transition_ms = m.core.transition_ms;
+                    m.core = Metro { transition_ms, ..fresh.core };
+                    self.core.set_metro_timers(m.core.clone());
                 }
                 tracing::info!(mirror = %self.name, ?t, "replication settings changed");
             }
