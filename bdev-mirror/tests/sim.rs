@@ -60,6 +60,8 @@ struct Sim {
     /// Metro mode: the witness's state, and whether it is reachable.
     witness: Option<WitnessState>,
     witness_up: bool,
+    /// Requests on their way to the witness (answered when delivered: late, reordered).
+    witness_wire: Vec<(usize, nvmetro_bdev::mirror::witness::Request)>,
 }
 
 fn metro(site: usize) -> Metro {
@@ -123,7 +125,7 @@ impl Sim {
         for (i, leg) in legs.iter_mut().enumerate() {
             let (mut core, out) = MirrorCore::new(leg.role, i as u8 + 1, SIZE, leg.durable.clone(), seed + i as u64);
             if metro_mode {
-                core.set_metro(metro(i));
+                core.set_metro(metro(i), 0);
             }
             leg.core = Some(core);
             sim_outputs.push((i, out));
@@ -139,6 +141,7 @@ impl Sim {
             next_write: 1,
             witness: metro_mode.then(WitnessState::default),
             witness_up: true,
+            witness_wire: Vec::new(),
         };
         for (i, out) in sim_outputs {
             sim.run_outputs(i, out);
@@ -172,10 +175,8 @@ impl Sim {
                     self.legs[leg].durable = self.legs[leg].core.as_ref().expect("core").meta().clone();
                 }
                 Output::Witness(req) => {
-                    let now = self.step;
-                    if let (Some(w), true) = (self.witness.as_mut(), self.witness_up) {
-                        let reply = w.handle(&req, now);
-                        self.feed(leg, Input::Witness(reply));
+                    if self.witness_up {
+                        self.witness_wire.push((leg, req));
                     }
                 }
             }
@@ -218,7 +219,7 @@ impl Sim {
             let l = &self.legs[leg];
             let (mut core, out) = MirrorCore::new(l.role, leg as u8 + 1, SIZE, l.durable.clone(), seed);
             if self.witness.is_some() {
-                core.set_metro(metro(leg));
+                core.set_metro(metro(leg), self.step * 1000);
             }
             self.legs[leg].core = Some(core);
             self.run_outputs(leg, out);
@@ -272,6 +273,23 @@ impl Sim {
         true
     }
 
+    /// The witness answers one request picked at random (requests arrive late, out of order,
+    /// sometimes twice; some are lost with the witness).
+    fn deliver_witness(&mut self) -> bool {
+        if self.witness_wire.is_empty() {
+            return false;
+        }
+        let i = self.rng.below(self.witness_wire.len() as u64) as usize;
+        // Now and then the network delivers a datagram twice.
+        let (leg, req) = if self.rng.below(8) == 0 { self.witness_wire[i].clone() } else { self.witness_wire.swap_remove(i) };
+        let now = self.step;
+        if let (Some(w), true) = (self.witness.as_mut(), self.witness_up) {
+            let reply = w.handle(&req, now);
+            self.feed(leg, Input::Witness(reply));
+        }
+        true
+    }
+
     fn tick(&mut self) {
         let now = self.step;
         self.feed(0, Input::Tick { now_ms: now });
@@ -282,7 +300,13 @@ impl Sim {
         self.step += 1;
         if !self.link {
             let serving = self.legs.iter().filter(|l| l.core.as_ref().is_some_and(MirrorCore::serving)).count();
-            assert!(serving <= 1, "two legs serve while apart at step {}", self.step);
+            assert!(
+                serving <= 1,
+                "two legs serve while apart at step {}: {:?} / {:?}",
+                self.step,
+                self.legs[0].core.as_ref().map(|c| c.status()),
+                self.legs[1].core.as_ref().map(|c| c.status())
+            );
         }
         match self.rng.below(100) {
             0..=29 if writes => {
@@ -293,9 +317,12 @@ impl Sim {
                 let leg = self.rng.below(2) as usize;
                 self.complete_local(leg);
             }
-            60..=94 => {
+            60..=89 => {
                 let from = self.rng.below(2) as usize;
                 self.deliver(from);
+            }
+            90..=94 => {
+                self.deliver_witness();
             }
             _ => self.tick(),
         }
@@ -305,7 +332,7 @@ impl Sim {
         for _ in 0..200_000 {
             self.step += 1;
             let mut busy = self.complete_local(0) | self.complete_local(1);
-            busy |= self.deliver(0) | self.deliver(1);
+            busy |= self.deliver(0) | self.deliver(1) | self.deliver_witness();
             if !busy {
                 self.tick();
                 let synced = self.legs.iter().all(|l| {
@@ -449,6 +476,7 @@ fn metro_secondary_takes_over_when_the_preferred_dies() {
     for _ in 0..400 {
         sim.step += 1;
         sim.tick();
+        while sim.deliver_witness() {}
         while sim.complete_local(1) {}
     }
     let b = sim.legs[1].core.as_ref().unwrap();
@@ -462,6 +490,7 @@ fn metro_secondary_takes_over_when_the_preferred_dies() {
     for _ in 0..400 {
         sim.step += 1;
         sim.tick();
+        while sim.deliver_witness() {}
     }
     assert!(!sim.legs[0].core.as_ref().unwrap().serving(), "the stale leg must not serve");
     sim.connect();
@@ -478,6 +507,7 @@ fn metro_manual_failback_waits_for_the_operator() {
     for _ in 0..400 {
         sim.step += 1;
         sim.tick();
+        while sim.deliver_witness() {}
     }
     assert!(sim.legs[1].core.as_ref().unwrap().serving(), "B took over");
     // A returns with manual failback configured: resynced, but held until the operator says.
@@ -486,7 +516,7 @@ fn metro_manual_failback_waits_for_the_operator() {
     manual.manual_failback = true;
     let fresh = MirrorCore::new(Role::Preferred, 1, SIZE, sim.legs[0].durable.clone(), 8);
     let (mut core, _) = fresh;
-    core.set_metro(manual);
+    core.set_metro(manual, sim.step * 1000);
     sim.legs[0].core = Some(core);
     sim.connect();
     sim.quiesce();
@@ -508,6 +538,7 @@ fn metro_pre_election_decides_a_link_loss_after_the_witness_was_lost() {
     for _ in 0..3000 {
         sim.step += 1;
         sim.tick();
+        while sim.deliver_witness() {}
         while sim.deliver(0) | sim.deliver(1) {}
     }
     assert!(sim.legs[1].durable.deferred, "the non-survivor deferred, durably");
@@ -515,6 +546,7 @@ fn metro_pre_election_decides_a_link_loss_after_the_witness_was_lost() {
     for _ in 0..200 {
         sim.step += 1;
         sim.tick();
+        while sim.deliver_witness() {}
     }
     assert!(sim.legs[0].core.as_ref().unwrap().serving(), "the pre-elected survivor serves");
     assert!(!sim.legs[1].core.as_ref().unwrap().serving());
@@ -524,6 +556,7 @@ fn metro_pre_election_decides_a_link_loss_after_the_witness_was_lost() {
     for _ in 0..1000 {
         sim.step += 1;
         sim.tick();
+        while sim.deliver_witness() {}
     }
     assert!(!sim.legs[1].core.as_ref().unwrap().serving(), "a restarted non-survivor stays out");
     sim.connect();

@@ -265,6 +265,8 @@ pub struct MirrorCore {
     armed: bool,
     failback_hold: bool,
     last_report_ms: u64,
+    /// The last witness request's sequence number (grows for the site's whole life).
+    witness_seq: u64,
 }
 
 impl std::fmt::Debug for MirrorCore {
@@ -344,12 +346,16 @@ impl MirrorCore {
             armed: false,
             failback_hold: false,
             last_report_ms: 0,
+            witness_seq: 0,
         };
         (core, out)
     }
 
     /// Switches to metro mode (before the first input): the witness decides who serves alone.
-    pub fn set_metro(&mut self, metro: Metro) {
+    /// `seq_base` must exceed every sequence number an earlier run of this site sent (the
+    /// driver uses the wall clock in microseconds).
+    pub fn set_metro(&mut self, metro: Metro, seq_base: u64) {
+        self.witness_seq = seq_base;
         if self.meta.generations.current != 0 {
             // Whether this copy is current is the witness's call (its authority generation).
             self.disk = DiskState::UpToDate;
@@ -584,8 +590,10 @@ impl MirrorCore {
                 Quorum::Solo | Quorum::Won { .. } if alone => (super::witness::Ask::Acquire, 0, 0),
                 _ => (super::witness::Ask::Report, 0, 0),
             };
+            self.witness_seq += 1;
             out.push(Output::Witness(super::witness::Request {
                 ask,
+                seq: self.witness_seq,
                 site: self.site,
                 in_sync,
                 nonce,
@@ -836,6 +844,20 @@ impl MirrorCore {
         match (self.role, origin) {
             (Role::Preferred, Origin::Host(_) | Origin::Forwarded(_)) => {
                 if !self.peer_reachable() {
+                    if self.metro.is_some() && self.quorum != Quorum::Solo {
+                        // The peer was lost while this write waited for its range, and this leg
+                        // has not been granted to serve alone: it must not run. Answer the host
+                        // (it retries where the data is served); a no-op keeps the range until
+                        // the queue behind it moves on.
+                        let err = self.refusal();
+                        let o = self.ops.get_mut(&id).expect("op");
+                        if let Origin::Host(tag) = o.origin {
+                            out.push(Output::Complete { tag, result: Err(err) });
+                        }
+                        o.origin = Origin::Orphan;
+                        o.stage = Stage::Running;
+                        return out.push(Output::Local { id, op: BdevOp::Flush });
+                    }
                     self.diverge(out);
                 }
                 self.mark(range, out);
@@ -914,6 +936,19 @@ impl MirrorCore {
                 self.release(id, out);
             }
             Origin::Host(_) if self.role == Role::Preferred => {
+                let undecided = self.metro.is_some() && self.quorum != Quorum::Solo;
+                if matches!(o.op, BdevOp::CompareAndWrite { .. })
+                    && result == Ok(BdevOutput::Done)
+                    && !reachable
+                    && undecided
+                    && o.result.is_none()
+                {
+                    // Written here after the peer was lost: held like every write waiting for
+                    // the peer, until the election says whether this leg serves alone.
+                    o.result = Some(result);
+                    o.remote_pending = true;
+                    return;
+                }
                 if matches!(o.op, BdevOp::CompareAndWrite { .. })
                     && result == Ok(BdevOutput::Done)
                     && reachable

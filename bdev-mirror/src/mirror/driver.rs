@@ -211,7 +211,8 @@ impl MirrorBdev {
         let (mut core, first) = MirrorCore::new(settings.role, settings.site, size, meta, seed);
         core.set_resync_rate(settings.resync_rate);
         if let Some(m) = &settings.metro {
-            core.set_metro(m.core.clone());
+            let now_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+            core.set_metro(m.core.clone(), now_us);
         }
         let poll = Poll::new()?;
         let waker = Waker::new(poll.registry(), WAKER)?;

@@ -13,6 +13,11 @@
 //!   witness therefore wins; the other one's data no longer descends from the authority, so it
 //!   is denied, now and after any restart, until it has been resynced from the winner.
 //!   Retrying with the same `next` is idempotent, so a late or lost reply cannot strand a grant.
+//! * Every request carries a sequence number that grows for the site's whole life (it starts
+//!   from the wall clock). The witness ignores a request older than one it already took from
+//!   that site, so a datagram delayed in the network cannot speak for a site's past: a stale
+//!   in-sync report cannot undo an election the site made since (the grant's sequence number is
+//!   kept across witness restarts).
 //!
 //! [`WitnessState`] is sans-IO; the daemon (`nvmetro-witness`) persists it after every change so
 //! that a restarted witness decides exactly as before.
@@ -44,6 +49,8 @@ pub struct Request {
     /// Echoed in the reply: matches replies to requests (a late reply to an old request is
     /// recognised and ignored).
     pub nonce: u64,
+    /// Grows with every request of this site (see the module docs).
+    pub seq: u64,
     pub current: u64,
     pub bitmap: u64,
     /// Acquire: the generation this site will write under once granted (0: it already diverged
@@ -124,7 +131,7 @@ impl Request {
         let mut b = Vec::with_capacity(96);
         b.extend_from_slice(MAGIC);
         b.extend_from_slice(&[VERSION, self.ask as u8, self.site, u8::from(self.in_sync)]);
-        for v in [self.nonce, self.current, self.bitmap, self.next] {
+        for v in [self.nonce, self.current, self.bitmap, self.next, self.seq] {
             b.extend_from_slice(&v.to_le_bytes());
         }
         put_name(&mut b, &self.resource);
@@ -148,7 +155,8 @@ impl Request {
             current: u64_at(body, 16)?,
             bitmap: u64_at(body, 24)?,
             next: u64_at(body, 32)?,
-            resource: name_at(body, 40)?,
+            seq: u64_at(body, 40)?,
+            resource: name_at(body, 48)?,
         })
     }
 }
@@ -189,6 +197,8 @@ impl Reply {
 pub struct SiteReport {
     pub current: u64,
     pub in_sync: bool,
+    #[serde(skip)]
+    pub seq: u64,
     /// Witness clock, milliseconds.
     #[serde(skip)]
     pub at_ms: u64,
@@ -201,6 +211,9 @@ pub struct Resource {
     pub authority: u64,
     /// The site granted last; 0 once both sites were seen in sync again.
     pub holder: u8,
+    /// The sequence number of the holder's granted request: anything older from it is stale.
+    #[serde(default)]
+    pub holder_seq: u64,
     #[serde(skip)]
     pub sites: BTreeMap<u8, SiteReport>,
 }
@@ -219,7 +232,12 @@ const AGREEMENT_WINDOW_MS: u64 = 5_000;
 impl WitnessState {
     pub fn handle(&mut self, req: &Request, now_ms: u64) -> Reply {
         let r = self.resources.entry(req.resource.clone()).or_default();
-        r.sites.insert(req.site, SiteReport { current: req.current, in_sync: req.in_sync, at_ms: now_ms });
+        let stale = r.sites.get(&req.site).is_some_and(|s| req.seq <= s.seq) || (req.site == r.holder && req.seq <= r.holder_seq);
+        if stale {
+            // A delayed datagram: it cannot speak for the site any more. The site retries.
+            return Reply { verdict: Verdict::Noted, nonce: 0, authority: r.authority, holder: r.holder, resource: req.resource.clone() };
+        }
+        r.sites.insert(req.site, SiteReport { current: req.current, in_sync: req.in_sync, seq: req.seq, at_ms: now_ms });
         let before = (r.authority, r.holder);
         let verdict = match req.ask {
             Ask::Report => {
@@ -251,6 +269,7 @@ impl WitnessState {
                         r.authority = req.current;
                     }
                     r.holder = req.site;
+                    r.holder_seq = req.seq;
                     Verdict::Granted
                 } else {
                     Verdict::Denied
@@ -267,7 +286,7 @@ mod tests {
     use super::*;
 
     fn req(ask: Ask, site: u8, current: u64, bitmap: u64, next: u64) -> Request {
-        Request { ask, site, in_sync: false, nonce: 9, current, bitmap, next, resource: "m".into() }
+        Request { ask, site, in_sync: false, nonce: 9, seq: 0, current, bitmap, next, resource: "m".into() }
     }
 
     #[test]
@@ -284,38 +303,65 @@ mod tests {
         assert_eq!(Reply::parse(&rep.encode(b"k"), b"k"), Ok(rep));
     }
 
+    /// Handles `req` at `now`, as sent at `now` (its sequence number).
+    fn at(w: &mut WitnessState, req: &Request, now: u64) -> Reply {
+        w.handle(&Request { seq: now + 1, ..req.clone() }, now)
+    }
+
     #[test]
     fn first_site_to_ask_wins_and_the_other_stays_out() {
         let mut w = WitnessState::default();
-        let mut insync = req(Ask::Report, 1, 5, 0, 0);
-        insync.in_sync = true;
-        w.handle(&insync, 0);
+        let insync = Request { in_sync: true, ..req(Ask::Report, 1, 5, 0, 0) };
+        at(&mut w, &insync, 0);
         assert_eq!(w.resources["m"].authority, 5);
-        assert_eq!(w.handle(&req(Ask::Acquire, 2, 5, 0, 77), 10).verdict, Verdict::Granted);
-        assert_eq!(w.handle(&req(Ask::Acquire, 1, 5, 0, 88), 11).verdict, Verdict::Denied);
+        assert_eq!(at(&mut w, &req(Ask::Acquire, 2, 5, 0, 77), 10).verdict, Verdict::Granted);
+        assert_eq!(at(&mut w, &req(Ask::Acquire, 1, 5, 0, 88), 11).verdict, Verdict::Denied);
         // The winner retries (its reply was lost): still granted, nothing moves.
-        assert_eq!(w.handle(&req(Ask::Acquire, 2, 5, 0, 77), 12).verdict, Verdict::Granted);
+        assert_eq!(at(&mut w, &req(Ask::Acquire, 2, 5, 0, 77), 12).verdict, Verdict::Granted);
         // The winner, diverged, confirms later; the loser restarted is still out.
-        assert_eq!(w.handle(&req(Ask::Acquire, 2, 77, 5, 0), 13).verdict, Verdict::Granted);
-        assert_eq!(w.handle(&req(Ask::Acquire, 1, 5, 0, 99), 14).verdict, Verdict::Denied);
-        // A stale in-sync report from the loser does not move the authority back.
-        w.handle(&Request { site: 1, ..insync.clone() }, 15);
+        assert_eq!(at(&mut w, &req(Ask::Acquire, 2, 77, 5, 0), 13).verdict, Verdict::Granted);
+        assert_eq!(at(&mut w, &req(Ask::Acquire, 1, 5, 0, 99), 14).verdict, Verdict::Denied);
+        // An in-sync report from the loser alone does not move the authority back.
+        at(&mut w, &Request { site: 1, ..insync.clone() }, 15);
         assert_eq!(w.resources["m"].authority, 77);
         // Resynced: both report 77 in sync; the holder is released.
         for site in [1, 2] {
-            w.handle(&Request { site, current: 77, ..insync.clone() }, 20);
+            at(&mut w, &Request { site, current: 77, ..insync.clone() }, 20 + u64::from(site));
         }
         assert_eq!((w.resources["m"].authority, w.resources["m"].holder), (77, 0));
     }
 
     #[test]
+    fn delayed_datagrams_cannot_undo_an_election() {
+        let mut w = WitnessState::default();
+        let insync = |site| Request { in_sync: true, seq: 10 + u64::from(site), ..req(Ask::Report, site, 5, 0, 0) };
+        // Both sites reported in sync at 5; a second pair of such reports is still in flight.
+        w.handle(&insync(1), 0);
+        w.handle(&insync(2), 0);
+        // The link breaks; site 2 wins.
+        let won = Request { seq: 20, ..req(Ask::Acquire, 2, 5, 0, 77) };
+        assert_eq!(w.handle(&won, 1).verdict, Verdict::Granted);
+        // The stale reports arrive: ignored (older than what each site sent since, or than
+        // the grant), so site 1 is still denied.
+        w.handle(&Request { seq: 15, ..insync(1) }, 2);
+        w.handle(&Request { seq: 15, ..insync(2) }, 2);
+        assert_eq!(w.resources["m"].authority, 77);
+        assert_eq!(w.handle(&Request { seq: 30, ..req(Ask::Acquire, 1, 5, 0, 88) }, 3).verdict, Verdict::Denied);
+        // Also after a witness restart (the grant's sequence number is persisted).
+        let mut back: WitnessState = serde_json::from_str(&serde_json::to_string(&w).unwrap()).unwrap();
+        back.handle(&Request { seq: 16, ..insync(2) }, 0);
+        back.handle(&Request { seq: 31, ..insync(1) }, 0);
+        assert_eq!(back.resources["m"].authority, 77, "a stale report from the winner cannot heal");
+    }
+
+    #[test]
     fn both_sites_in_sync_heal_a_grant_nobody_used() {
         let mut w = WitnessState::default();
-        w.handle(&req(Ask::Acquire, 1, 5, 0, 77), 0); // granted, then site 1 crashed
+        at(&mut w, &req(Ask::Acquire, 1, 5, 0, 77), 0); // granted, then site 1 crashed
         let insync = Request { in_sync: true, ..req(Ask::Report, 1, 5, 0, 0) };
-        w.handle(&insync, 100);
+        at(&mut w, &insync, 100);
         assert_eq!(w.resources["m"].authority, 77, "one site alone cannot move it back");
-        w.handle(&Request { site: 2, ..insync }, 200);
+        at(&mut w, &Request { site: 2, ..insync }, 200);
         assert_eq!(w.resources["m"].authority, 5);
     }
 
