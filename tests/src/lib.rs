@@ -146,6 +146,8 @@ pub fn caw_increment(q: &mut nvmetro_perf::Queue, lba: u64, times: usize) -> u64
 pub struct Proxy {
     pub addr: SocketAddr,
     cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Bytes are held while set: a silent link loss (no FIN, no RST), as when packets are lost.
+    silent: std::sync::Arc<std::sync::atomic::AtomicBool>,
     live: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
 }
 
@@ -155,8 +157,9 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr");
         let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let silent = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let live = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (c, l) = (cut.clone(), live.clone());
+        let (c, l, q) = (cut.clone(), live.clone(), silent.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
@@ -167,8 +170,23 @@ impl Proxy {
                 let _ = (client.set_nodelay(true), server.set_nodelay(true));
                 for (from, into) in [(&client, &server), (&server, &client)] {
                     let (mut r, mut w) = (from.try_clone().expect("clone"), into.try_clone().expect("clone"));
+                    let quiet = q.clone();
                     std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut r, &mut w);
+                        use std::io::{Read, Write};
+                        let mut buf = vec![0u8; 1 << 16];
+                        while let Ok(n) = r.read(&mut buf) {
+                            if n == 0 {
+                                break;
+                            }
+                            // Silent: hold the bytes, as TCP does while packets are lost; they
+                            // arrive if the link heals before either end gives up.
+                            while quiet.load(Ordering::Acquire) {
+                                std::thread::sleep(std::time::Duration::from_millis(5));
+                            }
+                            if w.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
                         let _ = w.shutdown(std::net::Shutdown::Both);
                     });
                 }
@@ -177,7 +195,12 @@ impl Proxy {
                 live.push(server);
             }
         });
-        Proxy { addr, cut, live }
+        Proxy { addr, cut, silent, live }
+    }
+
+    /// Delivers nothing from now on, without closing anything: only heartbeats can tell.
+    pub fn go_silent(&self) {
+        self.silent.store(true, std::sync::atomic::Ordering::Release);
     }
 
     pub fn cut(&self) {
@@ -189,6 +212,7 @@ impl Proxy {
 
     pub fn restore(&self) {
         self.cut.store(false, std::sync::atomic::Ordering::Release);
+        self.silent.store(false, std::sync::atomic::Ordering::Release);
     }
 }
 

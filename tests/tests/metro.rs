@@ -181,6 +181,17 @@ fn sigkill_of_a_site_fails_over_and_the_site_fails_back_after_its_resync() {
 
 #[test]
 fn a_cut_link_leaves_exactly_one_writer_and_heals() {
+    link_loss_leaves_exactly_one_writer_and_heals(false);
+}
+
+#[test]
+fn a_silent_link_loss_leaves_exactly_one_writer_and_heals() {
+    link_loss_leaves_exactly_one_writer_and_heals(true);
+}
+
+/// The link is cut (connections reset) or goes silent (only heartbeats tell) under a verifying
+/// multipath workload.
+fn link_loss_leaves_exactly_one_writer_and_heals(silent: bool) {
     let m = metro(true, "");
     let proxy = m.proxy.as_ref().unwrap();
     let (mut paths, monitors) = connect_paths(&[&m.a, &m.b]);
@@ -188,7 +199,11 @@ fn a_cut_link_leaves_exactly_one_writer_and_heals() {
     let p = std::thread::scope(|s| {
         s.spawn(|| {
             std::thread::sleep(Duration::from_millis(1000));
-            proxy.cut();
+            if silent {
+                proxy.go_silent();
+            } else {
+                proxy.cut();
+            }
         });
         run_paths(&mut paths, &workload(5, 2), 512, &mut gens, 0, None).unwrap()
     });
@@ -201,7 +216,12 @@ fn a_cut_link_leaves_exactly_one_writer_and_heals() {
     let loser = if sa.is_success() { &m.b } else { &m.a };
     assert_eq!(write_status(loser), Some(Status::ANA_INACCESSIBLE));
     proxy.restore();
-    wait_until("both serve after the heal", Duration::from_secs(30), || serves(&m.a) == Some(true) && serves(&m.b) == Some(true));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(serves(&m.a) == Some(true) && serves(&m.b) == Some(true)) {
+        let tail = |log: String| log.lines().filter(|l| !l.contains("controller")).rev().take(15).collect::<Vec<_>>().join("\n");
+        assert!(Instant::now() < deadline, "both serve after the heal:\nA:\n{}\nB:\n{}", tail(m.a.log()), tail(m.b.log()));
+        std::thread::sleep(Duration::from_millis(100));
+    }
     verify_at(&m.a, &mut gens);
     verify_at(&m.b, &mut gens);
 }
@@ -300,26 +320,59 @@ fn ana_of_host(t: &TargetProcess, host: &str) -> Option<u8> {
     ana_state(&mut admin, 1).ok()
 }
 
+/// A failure under a verifying multipath workload from a host of site A, 1.5 s into a 5 s run;
+/// returns the longest interruption the load tool saw.
+fn stall_under_load(mut paths: Vec<PathIo>, monitors: Vec<PathMonitor>, seed: u64, fail: impl FnOnce() + Send) -> Duration {
+    let mut gens = HashMap::new();
+    let r = std::thread::scope(|s| {
+        s.spawn(move || {
+            std::thread::sleep(Duration::from_millis(1500));
+            fail();
+        });
+        run_paths(&mut paths, &workload(5, seed), 512, &mut gens, 0, None).unwrap()
+    });
+    monitors.into_iter().for_each(PathMonitor::stop);
+    assert_eq!(r.errors, 0, "{:?}", r.first_error);
+    assert!(r.mismatches.is_empty());
+    // The interruption a host saw: the longest stall (failed commands until one succeeded) or
+    // the slowest command (writes held while the sites decided), whichever is longer.
+    let slowest = paths.iter().map(|p| Duration::from_nanos(p.result.latency_ns.max())).max().unwrap_or_default();
+    r.stalls.iter().map(|s| s.duration).max().unwrap_or_default().max(slowest)
+}
+
 /// Failover time, measured: `cargo test --release -p nvmetro-tests --test metro -- --ignored
-/// --nocapture` (vendor-scripts/bench-failover.sh). Prints the median and worst of 10 runs.
+/// --nocapture` (vendor-scripts/bench-failover.sh). Prints the median and worst of 10 runs
+/// (FAILOVER_RUNS) for SIGKILL of the host's own site and for a cut replication link.
 #[test]
 #[ignore]
 fn failover_time_benchmark() {
     let runs: usize = std::env::var("FAILOVER_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
-    let mut stalls = Vec::new();
-    for i in 0..runs {
-        let mut m = metro(false, "");
-        let mut gens = HashMap::new();
-        let stall = kill_a_under_load(&mut m, &mut gens, i as u64 + 10);
-        eprintln!("run {}: I/O stood still for {:.0} ms", i + 1, stall.as_secs_f64() * 1000.0);
-        stalls.push(stall);
-    }
-    stalls.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    println!(
-        "failover (SIGKILL of the host's own site, default timers): median {:.0} ms, worst {:.0} ms, best {:.0} ms over {runs} runs",
-        ms(stalls[runs / 2]),
-        ms(stalls[runs - 1]),
-        ms(stalls[0])
-    );
+    for (what, mode) in
+        [("SIGKILL of the host's own site", 0), ("replication link cut (connections reset)", 1), ("silent link loss (heartbeats)", 2)]
+    {
+        let mut stalls = Vec::new();
+        for i in 0..runs {
+            let mut m = metro(mode > 0, "");
+            let (paths, monitors) = connect_paths(&[&m.a, &m.b]);
+            let seed = i as u64 + 10;
+            let stall = match (m.proxy.as_ref(), mode) {
+                (Some(p), 1) => stall_under_load(paths, monitors, seed, move || p.cut()),
+                (Some(p), _) => stall_under_load(paths, monitors, seed, move || p.go_silent()),
+                (None, _) => {
+                    let a = &mut m.a;
+                    stall_under_load(paths, monitors, seed, move || a.kill())
+                }
+            };
+            eprintln!("run {} ({what}): I/O interrupted for {:.0} ms", i + 1, ms(stall));
+            stalls.push(stall);
+        }
+        stalls.sort();
+        println!(
+            "failover ({what}, default timers): median {:.0} ms, worst {:.0} ms, best {:.0} ms over {runs} runs",
+            ms(stalls[runs / 2]),
+            ms(stalls[runs - 1]),
+            ms(stalls[0])
+        );
+    }
 }

@@ -611,7 +611,8 @@ impl MirrorCore {
     /// While connected: tell the peer whether the witness answers; when neither leg reaches it,
     /// agree that the survivor serves after a link loss.
     fn pre_elect(&mut self, m: &Metro, out: &mut Vec<Output>) {
-        let reachable = self.witness_reachable();
+        // Just started and not heard from yet is not lost: give the witness the startup grace.
+        let reachable = self.witness_reachable() || (self.witness_seen_ms.is_none() && self.last_tick_ms < m.startup_grace_ms);
         let mut arg = if reachable { wit::REACHABLE } else { wit::UNREACHABLE };
         if !m.survivor && !reachable && !self.peer_reaches_witness && self.disk == DiskState::UpToDate {
             if !self.meta.deferred {
