@@ -290,6 +290,15 @@ impl Sim {
         true
     }
 
+    /// `steps` quiet steps: ticks, and the witness answers everything asked.
+    fn advance(&mut self, steps: u64) {
+        for _ in 0..steps {
+            self.step += 1;
+            self.tick();
+            while self.deliver_witness() {}
+        }
+    }
+
     fn tick(&mut self) {
         let now = self.step;
         self.feed(0, Input::Tick { now_ms: now });
@@ -487,11 +496,7 @@ fn metro_secondary_takes_over_when_the_preferred_dies() {
     assert!(sim.writes[0].acked.is_some());
     // The old preferred returns: the witness keeps it out until it is resynced.
     sim.restart(0, 99);
-    for _ in 0..400 {
-        sim.step += 1;
-        sim.tick();
-        while sim.deliver_witness() {}
-    }
+    sim.advance(400);
     assert!(!sim.legs[0].core.as_ref().unwrap().serving(), "the stale leg must not serve");
     sim.connect();
     sim.quiesce();
@@ -504,11 +509,7 @@ fn metro_manual_failback_waits_for_the_operator() {
     let mut sim = Sim::new_metro(21);
     sim.quiesce();
     sim.crash(0);
-    for _ in 0..400 {
-        sim.step += 1;
-        sim.tick();
-        while sim.deliver_witness() {}
-    }
+    sim.advance(400);
     assert!(sim.legs[1].core.as_ref().unwrap().serving(), "B took over");
     // A returns with manual failback configured: resynced, but held until the operator says.
     sim.restart(0, 7);
@@ -543,21 +544,13 @@ fn metro_pre_election_decides_a_link_loss_after_the_witness_was_lost() {
     }
     assert!(sim.legs[1].durable.deferred, "the non-survivor deferred, durably");
     sim.cut();
-    for _ in 0..200 {
-        sim.step += 1;
-        sim.tick();
-        while sim.deliver_witness() {}
-    }
+    sim.advance(200);
     assert!(sim.legs[0].core.as_ref().unwrap().serving(), "the pre-elected survivor serves");
     assert!(!sim.legs[1].core.as_ref().unwrap().serving());
     // The witness returns; the survivor records its lineage there; the other is still out.
     sim.witness_up = true;
     sim.restart(1, 3);
-    for _ in 0..1000 {
-        sim.step += 1;
-        sim.tick();
-        while sim.deliver_witness() {}
-    }
+    sim.advance(1000);
     assert!(!sim.legs[1].core.as_ref().unwrap().serving(), "a restarted non-survivor stays out");
     sim.connect();
     sim.quiesce();

@@ -379,3 +379,45 @@ impl Drop for WitnessProcess {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// One worker's queues to namespace 1 of `subnqn` on each of `addrs` (as host `hostnqn`), with
+/// path monitors that follow ANA and reconnect: the multipath initiator's view of the paths.
+pub fn connect_paths(
+    addrs: &[SocketAddr],
+    subnqn: &str,
+    hostnqn: &str,
+) -> (Vec<nvmetro_perf::load::PathIo>, Vec<nvmetro_perf::paths::PathMonitor>) {
+    use nvmetro_perf::load::{PathIo, PathShared};
+    use nvmetro_perf::paths::{ana_state, PathMonitor};
+    let mut paths = Vec::new();
+    let mut monitors = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        let mut o = nvmetro_perf::ConnectOptions::new(*addr, subnqn);
+        o.hostnqn = hostnqn.into();
+        let h = nvmetro_perf::Host::connect(&o).expect("connect a path");
+        let (mut admin, mut io) = h.into_parts();
+        let shared = std::sync::Arc::new(PathShared::new(&format!("path{}", i + 1), 1));
+        shared.ana.store(ana_state(&mut admin, 1).expect("ANA log"), std::sync::atomic::Ordering::Release);
+        monitors.push(PathMonitor::start(shared.clone(), Some(admin), o, 1));
+        paths.push(PathIo::new(shared, io.pop()));
+    }
+    (paths, monitors)
+}
+
+/// Random 4 KiB commands, 30 % reads, at `qd` over the first 4 MiB of NSID 1 for `secs`.
+pub fn mixed_workload(secs: u64, qd: usize, verify: bool, seed: u64) -> nvmetro_perf::load::Workload {
+    nvmetro_perf::load::Workload {
+        nsid: 1,
+        pattern: nvmetro_perf::load::Pattern::Random,
+        read_pct: 30,
+        block_size: 4096,
+        qd,
+        duration: Duration::from_secs(secs),
+        ramp: Duration::ZERO,
+        max_ios: None,
+        rate: None,
+        verify,
+        region: (0, 8192),
+        seed,
+    }
+}

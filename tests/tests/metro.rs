@@ -92,37 +92,13 @@ fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
 }
 
 fn workload(secs: u64, seed: u64) -> Workload {
-    Workload {
-        nsid: 1,
-        pattern: Pattern::Random,
-        read_pct: 30,
-        block_size: 4096,
-        qd: 4,
-        duration: Duration::from_secs(secs),
-        ramp: Duration::ZERO,
-        max_ios: None,
-        rate: None,
-        verify: true,
-        region: (0, 8192),
-        seed,
-    }
+    nvmetro_tests::mixed_workload(secs, 4, true, seed)
 }
 
 /// One worker's queues on each site, with path monitors that follow ANA and reconnect.
 fn connect_paths(sites: &[&TargetProcess]) -> (Vec<PathIo>, Vec<PathMonitor>) {
-    let mut paths = Vec::new();
-    let mut monitors = Vec::new();
-    for (i, t) in sites.iter().enumerate() {
-        let mut o = ConnectOptions::new(t.addr, NQN);
-        o.hostnqn = HOSTNQN.into();
-        let h = Host::connect(&o).unwrap();
-        let (mut admin, mut io) = h.into_parts();
-        let shared = Arc::new(PathShared::new(&format!("site{}", i + 1), 1));
-        shared.ana.store(ana_state(&mut admin, 1).unwrap(), Ordering::Release);
-        monitors.push(PathMonitor::start(shared.clone(), Some(admin), o, 1));
-        paths.push(PathIo::new(shared, io.pop()));
-    }
-    (paths, monitors)
+    let addrs: Vec<SocketAddr> = sites.iter().map(|t| t.addr).collect();
+    nvmetro_tests::connect_paths(&addrs, NQN, HOSTNQN)
 }
 
 /// Reads the whole region through `t` and checks every acknowledged stamp.

@@ -1,48 +1,21 @@
 //! The multipath initiator against real targets: it prefers Optimized paths and, when the
 //! target behind a path dies, resumes on another path and reports the stall.
 
-use nvmetro_perf::load::{run_paths, PathIo, PathShared, Pattern, Workload};
-use nvmetro_perf::paths::{ana_state, PathMonitor};
-use nvmetro_perf::{ConnectOptions, Host};
+use nvmetro_perf::load::{run_paths, PathIo, Workload};
+use nvmetro_perf::paths::PathMonitor;
 use nvmetro_tests::{basic_config, TargetProcess, HOSTNQN, SUBNQN};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
 fn workload(secs: u64) -> Workload {
-    Workload {
-        nsid: 1,
-        pattern: Pattern::Random,
-        read_pct: 30,
-        block_size: 4096,
-        qd: 4,
-        duration: Duration::from_secs(secs),
-        ramp: Duration::ZERO,
-        max_ios: None,
-        rate: None,
-        verify: false,
-        region: (0, 8192),
-        seed: 7,
-    }
+    nvmetro_tests::mixed_workload(secs, 4, false, 7)
 }
 
-/// Connects one worker's queues on each path and starts the path monitors.
+/// One worker's queues on each path, with path monitors.
 fn connect_paths(addrs: &[SocketAddr]) -> (Vec<PathIo>, Vec<PathMonitor>) {
-    let mut paths = Vec::new();
-    let mut monitors = Vec::new();
-    for (i, addr) in addrs.iter().enumerate() {
-        let mut o = ConnectOptions::new(*addr, SUBNQN);
-        o.hostnqn = HOSTNQN.into();
-        let h = Host::connect(&o).unwrap();
-        let (mut admin, mut io) = h.into_parts();
-        let shared = Arc::new(PathShared::new(&format!("path{i}"), 1));
-        shared.ana.store(ana_state(&mut admin, 1).unwrap(), Ordering::Release);
-        monitors.push(PathMonitor::start(shared.clone(), Some(admin), o, 1));
-        paths.push(PathIo::new(shared, io.pop()));
-    }
-    (paths, monitors)
+    nvmetro_tests::connect_paths(addrs, SUBNQN, HOSTNQN)
 }
 
 #[test]
