@@ -78,7 +78,7 @@ pub fn mirror_json(m: &StatusReport) -> Value {
             "witness_reachable": x.witness_reachable, "witness_seen_ms_ago": x.witness_seen_ms_ago,
             "witness_rtt_us": m.witness_rtt_us,
             "witness_authority": format!("{:x}", x.witness_authority), "witness_holder_site": x.witness_holder,
-            "quorum": x.quorum, "why": x.why, "pre_election": x.pre_elected, "failback_pending": x.failback_pending,
+            "quorum": x.quorum, "lease": x.lease, "why": x.why, "pre_election": x.pre_elected, "failback_pending": x.failback_pending,
         })),
     })
 }

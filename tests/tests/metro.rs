@@ -25,7 +25,7 @@ const NON_OPTIMIZED: u8 = 2;
 /// `peer`. The test host belongs to site 1.
 fn site(n: u8, link: u16, witness: SocketAddr, extra: &str) -> String {
     let target = format!(
-        "site = {n}\n\n[witness]\naddress = \"{witness}\"\nsecret = \"{WITNESS_SECRET}\"\n\n[[host]]\nnqn = \"{HOSTNQN}\"\nsite = 1\n\n[[host]]\nnqn = \"{HOST_B}\"\nsite = 2\n"
+        "site = {n}\nsocket = \"{{DIR}}/mgmt.sock\"\n\n[witness]\naddress = \"{witness}\"\nsecret = \"{WITNESS_SECRET}\"\n\n[[host]]\nnqn = \"{HOSTNQN}\"\nsite = 1\n\n[[host]]\nnqn = \"{HOST_B}\"\nsite = 2\n"
     );
     nvmetro_tests::mirror_site_config(NQN, n == 1, link, &target, extra)
 }
@@ -143,8 +143,14 @@ fn sigkill_of_a_site_fails_over_and_the_site_fails_back_after_its_resync() {
     let mut gens = HashMap::new();
     let stall = kill_a_under_load(&mut m, &mut gens, 1);
     eprintln!("failover after SIGKILL of site A: I/O stood still for {stall:?}");
-    // B serves alone: the host's path there is Optimized now.
+    // B serves alone: the host's path there is Optimized now, and `nvmetro status` says so.
     assert_eq!(ana_of(&m.b), Some(OPTIMIZED));
+    let status =
+        std::process::Command::new(nvmetro_tests::binary("nvmetro")).arg("--config").arg(&m.b.config_path).arg("status").output().unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    for want in ["serving alone", "granted by the witness", "witness reachable", "lease: witness grant"] {
+        assert!(status.contains(want), "status shows {want:?}:\n{status}");
+    }
     // A returns: the witness keeps it out until it is resynced, then it serves again and the
     // paths go back to Optimized (A) and Non-Optimized (B).
     m.a.restart();

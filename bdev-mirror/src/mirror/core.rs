@@ -131,6 +131,8 @@ pub struct MetroStatus {
     pub witness_authority: u64,
     pub witness_holder: u8,
     pub quorum: String,
+    /// What this leg's right to serve rests on now, and when it lapses.
+    pub lease: String,
     pub why: String,
     pub pre_elected: String,
     pub failback_pending: bool,
@@ -460,6 +462,7 @@ impl MirrorCore {
                     Quorum::Fenced => "fenced",
                 }
                 .into(),
+                lease: self.lease(),
                 why: self.why.clone(),
                 pre_elected: if self.armed {
                     "this site survives a link loss (witness lost)".into()
@@ -470,6 +473,27 @@ impl MirrorCore {
                 },
                 failback_pending: self.failback_hold,
             }),
+        }
+    }
+
+    fn lease(&self) -> String {
+        let Some(m) = &self.metro else { return String::new() };
+        match (&self.quorum, &self.link) {
+            (Quorum::Solo, _) if self.witness_authority == self.meta.generations.current => {
+                format!("witness grant for generation {:x} (held until the peer is resynced)", self.meta.generations.current)
+            }
+            (Quorum::Solo, _) => {
+                format!("pre-election (generation {:x}; recorded at the witness when it answers)", self.meta.generations.current)
+            }
+            (_, LinkState::Connected | LinkState::Syncing { source: true }) => {
+                let silent = self.last_tick_ms.saturating_sub(self.last_heard_ms);
+                if silent <= m.fence_ms {
+                    format!("from the peer: heard {silent} ms ago, lapses after {} ms of silence", m.fence_ms)
+                } else {
+                    format!("lapsed: the peer silent for {silent} ms")
+                }
+            }
+            _ => "none".into(),
         }
     }
 

@@ -174,6 +174,7 @@ fn main() -> anyhow::Result<()> {
                                     _ => String::new(),
                                 }
                             );
+                            println!("    lease: {}", x["lease"].as_str().unwrap_or("?"));
                         }
                     }
                 }
