@@ -62,6 +62,8 @@ struct Sim {
     witness_up: bool,
     /// Requests on their way to the witness (answered when delivered: late, reordered).
     witness_wire: Vec<(usize, nvmetro_bdev::mirror::witness::Request)>,
+    /// A half-dead link: connected, but nothing gets through.
+    mute: bool,
 }
 
 fn metro(site: usize) -> Metro {
@@ -142,6 +144,7 @@ impl Sim {
             witness: metro_mode.then(WitnessState::default),
             witness_up: true,
             witness_wire: Vec::new(),
+            mute: false,
         };
         for (i, out) in sim_outputs {
             sim.run_outputs(i, out);
@@ -161,7 +164,7 @@ impl Sim {
             match o {
                 Output::Local { id, op } => self.legs[leg].local.push((id, op)),
                 Output::Send(f) => {
-                    if self.link {
+                    if self.link && !self.mute {
                         self.wire[leg].push_back(f);
                     }
                 }
@@ -184,7 +187,21 @@ impl Sim {
     }
 
     fn connect(&mut self) {
+        if self.legs.iter().all(|l| l.core.is_some()) && (!self.link || self.mute) {
+            if self.mute {
+                self.cut();
+            }
+            self.mute = false;
+            self.link = true;
+            self.feed(0, Input::LinkUp);
+            self.feed(1, Input::LinkUp);
+        }
+    }
+
+    /// The link connects but passes nothing (a half-dead path), until the next cut.
+    fn flap(&mut self) {
         if self.legs.iter().all(|l| l.core.is_some()) && !self.link {
+            self.mute = true;
             self.link = true;
             self.feed(0, Input::LinkUp);
             self.feed(1, Input::LinkUp);
@@ -194,6 +211,7 @@ impl Sim {
     fn cut(&mut self) {
         if self.link {
             self.link = false;
+            self.mute = false;
             self.wire = [VecDeque::new(), VecDeque::new()];
             self.feed(0, Input::LinkDown);
             self.feed(1, Input::LinkDown);
@@ -307,7 +325,7 @@ impl Sim {
 
     fn random_step(&mut self, writes: bool) {
         self.step += 1;
-        if !self.link {
+        if !self.link || self.mute {
             let serving = self.legs.iter().filter(|l| l.core.as_ref().is_some_and(MirrorCore::serving)).count();
             assert!(
                 serving <= 1,
@@ -428,7 +446,16 @@ fn run_metro(seed: u64) -> (usize, usize) {
         _ => None,
     };
     let witness_back = witness_down.map(|d| d + 100 + sim.rng.below(900));
+    // Half the cuts come with a half-dead link that connects and passes nothing, again and again.
+    let flaps = failure == 0 && sim.rng.below(2) == 0;
     for s in 0..steps + 600 {
+        if flaps && s > fail_at && s < heal_at {
+            match (s - fail_at) % 40 {
+                10 => sim.flap(),
+                30 => sim.cut(),
+                _ => {}
+            }
+        }
         if Some(s) == witness_down {
             sim.witness_up = false;
         }

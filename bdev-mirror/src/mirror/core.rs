@@ -269,6 +269,8 @@ pub struct MirrorCore {
     last_report_ms: u64,
     /// The last witness request's sequence number (grows for the site's whole life).
     witness_seq: u64,
+    /// A grant that arrived while a connection was in its handshake (see `on_witness`).
+    pending_grant: Option<u64>,
 }
 
 impl std::fmt::Debug for MirrorCore {
@@ -349,6 +351,7 @@ impl MirrorCore {
             failback_hold: false,
             last_report_ms: 0,
             witness_seq: 0,
+            pending_grant: None,
         };
         (core, out)
     }
@@ -518,17 +521,9 @@ impl MirrorCore {
             Input::LocalDone { id, result } => self.on_local_done(id, result, out),
             Input::Frame(f) => self.on_frame(f, out),
             Input::LinkUp => {
+                // A connection is not yet a peer (a half-dead path connects and then says
+                // nothing): an election goes on until the peer's Hello arrives.
                 self.link = LinkState::Handshake;
-                if matches!(self.quorum, Quorum::Electing { .. }) {
-                    // The peer is back before the witness answered: the handshake decides (a
-                    // grant that arrives now is ignored; the witness heals it once both legs
-                    // report being in sync).
-                    self.quorum = Quorum::Starting;
-                    self.why = "peer back during the election".into();
-                    // Writes held for the verdict never reached the peer: hosts retry them (their
-                    // regions are dirty, so the resync covers whatever this leg applied).
-                    self.release_held(Err(BdevError::Transition), out);
-                }
                 let hello = Hello {
                     site: self.site,
                     preferred: self.configured_preferred,
@@ -701,6 +696,7 @@ impl MirrorCore {
             let next = if self.meta.generations.bitmap == 0 { self.fresh_generation() } else { 0 };
             let nonce = self.fresh_generation();
             self.quorum = Quorum::Electing { since_ms: now, next, nonce, last_ask_ms: 0 };
+            self.pending_grant = None;
             self.why = "peer lost: asking the witness".into();
         }
     }
@@ -716,17 +712,13 @@ impl MirrorCore {
         self.witness_authority = reply.authority;
         self.witness_holder = reply.holder;
         match (self.quorum.clone(), reply.verdict) {
+            (Quorum::Electing { nonce, next, .. }, Verdict::Granted) if nonce == reply.nonce && self.link == LinkState::Handshake => {
+                // Our Hello went out with the old generations: diverging now would confuse the
+                // handshake. Keep the grant for the case the connection dies without a Hello.
+                self.pending_grant = Some(next);
+            }
             (Quorum::Electing { nonce, next, .. }, Verdict::Granted) if nonce == reply.nonce => {
-                let g = &mut self.meta.generations;
-                if next != 0 && g.bitmap == 0 {
-                    g.history = 0;
-                    g.bitmap = g.current;
-                    g.current = next;
-                    out.push(Output::Persist);
-                }
-                self.become_orderer(out);
-                self.quorum = Quorum::Won { at_ms: self.settle_at() };
-                self.why = "granted by the witness: settling".into();
+                self.take_grant(next, out);
             }
             (Quorum::Electing { nonce, .. }, Verdict::Denied) if nonce == reply.nonce => {
                 self.quorum = Quorum::Fenced;
@@ -745,6 +737,20 @@ impl MirrorCore {
             }
             _ => {}
         }
+    }
+
+    /// The witness granted this leg the right to serve alone under generation `next`.
+    fn take_grant(&mut self, next: u64, out: &mut Vec<Output>) {
+        let g = &mut self.meta.generations;
+        if next != 0 && g.bitmap == 0 {
+            g.history = 0;
+            g.bitmap = g.current;
+            g.current = next;
+            out.push(Output::Persist);
+        }
+        self.become_orderer(out);
+        self.quorum = Quorum::Won { at_ms: self.settle_at() };
+        self.why = "granted by the witness: settling".into();
     }
 
     /// Becomes the leg that orders writes (a secondary promoted by an election).
@@ -1194,6 +1200,16 @@ impl MirrorCore {
                 return;
             }
         };
+        if matches!(self.quorum, Quorum::Electing { .. }) {
+            // The peer is back before the election ended: the handshake decides. A grant held
+            // back meanwhile is dropped (the witness heals it once both legs report in sync).
+            self.quorum = Quorum::Starting;
+            self.pending_grant = None;
+            self.why = "peer back during the election".into();
+            // Writes held for the verdict never reached the peer: hosts retry them (their regions
+            // are dirty, so the resync covers whatever this leg applied).
+            self.release_held(Err(BdevError::Transition), out);
+        }
         // The sync source orders writes (after a failover that may be the configured secondary).
         let role = if source { Role::Preferred } else { Role::Secondary };
         if role != self.role {
@@ -1366,7 +1382,13 @@ impl MirrorCore {
         match self.quorum {
             // Already serving alone (the peer was resyncing) or already out: nothing to decide.
             Quorum::Solo | Quorum::Won { .. } => self.release_held(Ok(()), out),
-            Quorum::Fenced | Quorum::Electing { .. } => {}
+            Quorum::Electing { .. } => {
+                // The connection that held a grant back died without a Hello: take it now.
+                if let Some(next) = self.pending_grant.take() {
+                    self.take_grant(next, out);
+                }
+            }
+            Quorum::Fenced => {}
             Quorum::Starting | Quorum::Peer => {
                 if matches!(was, LinkState::Syncing { source: false }) && self.disk == DiskState::UpToDate {
                     self.disk = DiskState::Inconsistent;
