@@ -70,6 +70,8 @@ impl ReactorHandle {
 #[derive(Default)]
 pub struct Channels {
     open: Vec<Option<Box<dyn BdevChannel>>>,
+    /// Channels to close once their last operation completed.
+    closing: Vec<usize>,
 }
 
 impl Channels {
@@ -90,10 +92,22 @@ impl Channels {
     }
 
     /// Closes the channel to a bdev a reload removed (after its namespaces drained).
+    /// (A command that raced the reload may still be at it: the channel closes when it is done.)
     pub fn close(&mut self, index: usize) {
-        if let Some(slot) = self.open.get_mut(index) {
-            *slot = None;
-        }
+        self.closing.push(index);
+        self.close_idle();
+    }
+
+    fn close_idle(&mut self) {
+        let open = &mut self.open;
+        self.closing.retain(|&i| match open.get_mut(i) {
+            Some(slot) if slot.as_ref().is_some_and(|ch| ch.outstanding() > 0) => true,
+            Some(slot) => {
+                *slot = None;
+                false
+            }
+            None => false,
+        });
     }
 
     fn poll_all(&mut self, out: &mut Vec<BdevCompletion>) -> usize {
@@ -102,6 +116,9 @@ impl Channels {
             if ch.outstanding() > 0 {
                 n += ch.poll(out);
             }
+        }
+        if !self.closing.is_empty() {
+            self.close_idle();
         }
         n
     }
