@@ -28,7 +28,7 @@ pub mod subsys;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use nvmetro_bdev::mirror::core::Role;
+use nvmetro_bdev::mirror::core::{Metro, Role};
 use nvmetro_bdev::mirror::driver::{MetroSettings, MirrorBdev, MirrorSettings};
 use nvmetro_bdev::mirror::transport::TcpTransport;
 use nvmetro_bdev::{file::FileBdev, malloc::MallocBdev, null::NullBdev, Access, Bdev};
@@ -205,10 +205,10 @@ pub(crate) fn open_bdev(
             let transport = TcpTransport::new(m.listen, m.peer).with_context(|| format!("mirror {}", b.name))?;
             let heartbeat = mirror_tuning(m, witness.is_some()).heartbeat_timeout;
             let metro = witness.map(|w| {
-                let mut s = MetroSettings::new(w.address, w.secret.clone(), &b.name, m.preferred, m.manual_failback, heartbeat);
+                let mut core = Metro::new(&b.name, m.manual_failback, heartbeat.as_millis() as u64);
                 // ANA Change may last ANATT at most (then Inaccessible while still undecided).
-                s.core.transition_ms = u64::from(anatt_secs.max(1)) * 1000;
-                s
+                core.transition_ms = u64::from(anatt_secs.max(1)) * 1000;
+                MetroSettings { witness: w.address, secret: w.secret.clone(), core }
             });
             let settings = MirrorSettings {
                 metro,

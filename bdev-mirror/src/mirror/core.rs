@@ -61,10 +61,9 @@ pub enum LinkState {
 /// Metro-mode settings: a witness decides who serves when the legs lose each other.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Metro {
-    /// The witness's name for this mirror (both sites use the same).
+    /// The witness's name for this mirror (both sites use the same). The pre-elected survivor
+    /// (when the witness was lost first) is the configured preferred leg.
     pub resource: String,
-    /// This site survives a link loss when the witness was lost first (pre-election).
-    pub survivor: bool,
     /// After a resync, wait for [`Input::Failback`] before serving again.
     pub manual_failback: bool,
     /// Stop serving after this long without a frame from the connected peer.
@@ -75,6 +74,30 @@ pub struct Metro {
     pub startup_grace_ms: u64,
     /// Report Transition (ANA Change) at most this long, then Inaccessible while undecided.
     pub transition_ms: u64,
+}
+
+impl Metro {
+    /// Settings for mirror `resource` with timers derived from the link's heartbeat timeout.
+    pub fn new(resource: &str, manual_failback: bool, heartbeat_ms: u64) -> Metro {
+        let mut m = Metro {
+            resource: resource.to_string(),
+            manual_failback,
+            fence_ms: 0,
+            settle_ms: 0,
+            startup_grace_ms: 0,
+            transition_ms: 10_000,
+        };
+        m.set_heartbeat(heartbeat_ms);
+        m
+    }
+
+    /// A leg stops serving after `h/2` of silence from its peer; a leg that lost its peer (after
+    /// `h`) serves alone only `h/2 + 100 ms` later, when the other leg has surely stopped.
+    pub fn set_heartbeat(&mut self, h: u64) {
+        self.fence_ms = h / 2;
+        self.settle_ms = h / 2 + 100;
+        self.startup_grace_ms = 2 * h;
+    }
 }
 
 /// How hosts should see this leg's paths.
@@ -633,7 +656,7 @@ impl MirrorCore {
         // Just started and not heard from yet is not lost: give the witness the startup grace.
         let reachable = self.witness_reachable() || (self.witness_seen_ms.is_none() && self.last_tick_ms < m.startup_grace_ms);
         let mut arg = if reachable { wit::REACHABLE } else { wit::UNREACHABLE };
-        if !m.survivor && !reachable && !self.peer_reaches_witness && self.disk == DiskState::UpToDate {
+        if !self.configured_preferred && !reachable && !self.peer_reaches_witness && self.disk == DiskState::UpToDate {
             if !self.meta.deferred {
                 self.meta.deferred = true;
                 out.push(Output::Persist);
@@ -647,7 +670,7 @@ impl MirrorCore {
     }
 
     fn on_witness_frame(&mut self, arg: u32, out: &mut Vec<Output>) {
-        let survivor = self.metro.as_ref().is_some_and(|m| m.survivor);
+        let survivor = self.configured_preferred;
         match arg {
             wit::DEFER if survivor => {
                 self.peer_reaches_witness = false;

@@ -69,28 +69,6 @@ pub struct MetroSettings {
     pub core: Metro,
 }
 
-impl MetroSettings {
-    /// Timers derived from the link's heartbeat timeout `h`: a leg stops serving after `h/2` of
-    /// silence from its peer; a leg that lost its peer (after `h`) serves alone only `h/2 + 100 ms`
-    /// later, when the other leg has surely stopped.
-    pub fn new(witness: std::net::SocketAddr, secret: Vec<u8>, resource: &str, survivor: bool, manual_failback: bool, h: Duration) -> Self {
-        let h = h.as_millis() as u64;
-        MetroSettings {
-            witness,
-            secret,
-            core: Metro {
-                resource: resource.to_string(),
-                survivor,
-                manual_failback,
-                fence_ms: h / 2,
-                settle_ms: h / 2 + 100,
-                startup_grace_ms: 2 * h,
-                transition_ms: 10_000,
-            },
-        }
-    }
-}
-
 /// What `nvmetro status` shows of a mirror.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StatusReport {
@@ -706,16 +684,8 @@ impl LinkThread {
                 self.settings.link_delay = t.link_delay;
                 self.settings.heartbeat_timeout = t.heartbeat_timeout;
                 if let Some(m) = self.settings.metro.as_mut() {
-                    let fresh = MetroSettings::new(
-                        m.witness,
-                        m.secret.clone(),
-                        &m.core.resource,
-                        m.core.survivor,
-                        t.manual_failback,
-                        t.heartbeat_timeout,
-                    );
-                    let transition_ms = m.core.transition_ms;
-                    m.core = Metro { transition_ms, ..fresh.core };
+                    m.core.manual_failback = t.manual_failback;
+                    m.core.set_heartbeat(t.heartbeat_timeout.as_millis() as u64);
                     self.core.set_metro_timers(m.core.clone());
                 }
                 tracing::info!(mirror = %self.name, ?t, "replication settings changed");
