@@ -66,16 +66,8 @@ struct Sim {
     mute: bool,
 }
 
-fn metro(site: usize) -> Metro {
-    Metro {
-        resource: "m".into(),
-        survivor: site == 0,
-        manual_failback: false,
-        fence_ms: 20,
-        settle_ms: 40,
-        startup_grace_ms: 50,
-        transition_ms: 5_000,
-    }
+fn metro() -> Metro {
+    Metro { resource: "m".into(), manual_failback: false, fence_ms: 20, settle_ms: 40, startup_grace_ms: 50, transition_ms: 5_000 }
 }
 
 fn exec(disk: &mut [u8], op: &BdevOp) -> Result<BdevOutput, BdevError> {
@@ -127,7 +119,7 @@ impl Sim {
         for (i, leg) in legs.iter_mut().enumerate() {
             let (mut core, out) = MirrorCore::new(leg.role, i as u8 + 1, SIZE, leg.durable.clone(), seed + i as u64);
             if metro_mode {
-                core.set_metro(metro(i), 0);
+                core.set_metro(metro(), 0);
             }
             leg.core = Some(core);
             sim_outputs.push((i, out));
@@ -237,11 +229,38 @@ impl Sim {
             let l = &self.legs[leg];
             let (mut core, out) = MirrorCore::new(l.role, leg as u8 + 1, SIZE, l.durable.clone(), seed);
             if self.witness.is_some() {
-                core.set_metro(metro(leg), self.step * 1000);
+                core.set_metro(metro(), self.step * 1000);
             }
             self.legs[leg].core = Some(core);
             self.run_outputs(leg, out);
         }
+    }
+
+    /// Failure `kind`: 0 cuts the link, 1 crashes leg 0, 2 crashes leg 1.
+    fn fail(&mut self, kind: u64) {
+        match kind {
+            0 => self.cut(),
+            1 => self.crash(0),
+            _ => self.crash(1),
+        }
+    }
+
+    /// Restarts what crashed and reconnects.
+    fn heal(&mut self, seed: u64) {
+        self.restart(0, seed ^ 0xaaaa);
+        self.restart(1, seed ^ 0x5555);
+        self.connect();
+    }
+
+    /// Heals everything, lets the legs settle, checks the copies; returns (issued, acknowledged).
+    fn finish(mut self, seed: u64) -> (usize, usize) {
+        self.witness_up = true;
+        self.restart(0, seed ^ 0xbbbb);
+        self.restart(1, seed ^ 0xcccc);
+        self.connect();
+        self.quiesce();
+        self.check(seed);
+        (self.writes.len(), self.writes.iter().filter(|w| w.acked.is_some()).count())
     }
 
     fn host_write(&mut self, leg: usize) {
@@ -268,19 +287,6 @@ impl Sim {
         let i = self.rng.below(self.legs[leg].local.len() as u64) as usize;
         let (id, op) = self.legs[leg].local.swap_remove(i);
         let result = exec(&mut self.legs[leg].disk, &op);
-        if std::env::var("SIM_DEBUG").is_ok() {
-            if let BdevOp::Write { offset, data, .. } = &op {
-                if *offset <= 7 * 512 && offset + data.len() as u64 > 7 * 512 {
-                    let o = (7 * 512 - offset) as usize;
-                    eprintln!("step {} leg {leg} writes block 7 <- {}", self.step, u64::from_le_bytes(data[o..o + 8].try_into().unwrap()));
-                }
-            }
-            if let BdevOp::Read { offset, len } = &op {
-                if *offset <= 7 * 512 && offset + *len as u64 > 7 * 512 {
-                    eprintln!("step {} leg {leg} reads region with block 7", self.step);
-                }
-            }
-        }
         self.feed(leg, Input::LocalDone { id, result });
         true
     }
@@ -409,25 +415,14 @@ fn run(seed: u64) -> (usize, usize) {
     let failure = sim.rng.below(3);
     for s in 0..steps + 400 {
         if s == fail_at {
-            match failure {
-                0 => sim.cut(),
-                1 => sim.crash(0),
-                _ => sim.crash(1),
-            }
+            sim.fail(failure);
         }
         if s == heal_at {
-            sim.restart(0, seed ^ 0xaaaa);
-            sim.restart(1, seed ^ 0x5555);
-            sim.connect();
+            sim.heal(seed);
         }
         sim.random_step(s < steps);
     }
-    sim.restart(0, seed ^ 0xbbbb);
-    sim.restart(1, seed ^ 0xcccc);
-    sim.connect();
-    sim.quiesce();
-    sim.check(seed);
-    (sim.writes.len(), sim.writes.iter().filter(|w| w.acked.is_some()).count())
+    sim.finish(seed)
 }
 
 /// Metro: a failure (cut, crash of either leg), possibly with the witness lost before or after
@@ -463,32 +458,14 @@ fn run_metro(seed: u64) -> (usize, usize) {
             sim.witness_up = true;
         }
         if s == fail_at {
-            match failure {
-                0 => sim.cut(),
-                1 => sim.crash(0),
-                _ => sim.crash(1),
-            }
+            sim.fail(failure);
         }
         if s == heal_at {
-            sim.restart(0, seed ^ 0xaaaa);
-            sim.restart(1, seed ^ 0x5555);
-            sim.connect();
+            sim.heal(seed);
         }
         sim.random_step(s < steps);
     }
-    sim.witness_up = true;
-    sim.restart(0, seed ^ 0xbbbb);
-    sim.restart(1, seed ^ 0xcccc);
-    sim.connect();
-    sim.quiesce();
-    if std::env::var("SIM_DEBUG").is_ok() {
-        eprintln!("failure {failure} at {fail_at} heal {heal_at} witness {witness_down:?}..{witness_back:?}");
-        for l in &sim.legs {
-            eprintln!("{:?} {:?}", l.durable.generations, l.core.as_ref().map(|c| c.status()));
-        }
-    }
-    sim.check(seed);
-    (sim.writes.len(), sim.writes.iter().filter(|w| w.acked.is_some()).count())
+    sim.finish(seed)
 }
 
 #[test]
@@ -540,7 +517,7 @@ fn metro_manual_failback_waits_for_the_operator() {
     assert!(sim.legs[1].core.as_ref().unwrap().serving(), "B took over");
     // A returns with manual failback configured: resynced, but held until the operator says.
     sim.restart(0, 7);
-    let mut manual = metro(0);
+    let mut manual = metro();
     manual.manual_failback = true;
     let fresh = MirrorCore::new(Role::Preferred, 1, SIZE, sim.legs[0].durable.clone(), 8);
     let (mut core, _) = fresh;

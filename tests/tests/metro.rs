@@ -3,7 +3,7 @@
 //! witness and restarts of each: at most one site serves while they are apart, no acknowledged
 //! write is lost, and the initiator resumes on the surviving path.
 
-use nvmetro_perf::load::{run_paths, PathIo, PathShared, Pattern, Workload};
+use nvmetro_perf::load::{run_paths, JobResult, PathIo, PathShared, Pattern, Workload};
 use nvmetro_perf::paths::{ana_state, PathMonitor};
 use nvmetro_perf::{ConnectOptions, Host};
 use nvmetro_proto::nvme::Status;
@@ -117,22 +117,36 @@ fn verify_at(t: &TargetProcess, gens: &mut HashMap<u64, u64>) {
     assert!(r.mismatches.is_empty(), "acknowledged data lost at {}: {:?}", t.addr, &r.mismatches[..r.mismatches.len().min(5)]);
 }
 
+/// Runs `wl` over `paths` while `fail` happens `after` into it, then stops the monitors:
+/// every command must complete (on one site or the other) and read back what was acknowledged.
+fn load_through(
+    paths: &mut [PathIo],
+    monitors: Vec<PathMonitor>,
+    wl: &Workload,
+    gens: &mut HashMap<u64, u64>,
+    after: Duration,
+    fail: impl FnOnce() + Send,
+) -> JobResult {
+    let r = std::thread::scope(|s| {
+        s.spawn(move || {
+            std::thread::sleep(after);
+            fail();
+        });
+        run_paths(paths, wl, 512, gens, 0, None).unwrap()
+    });
+    monitors.into_iter().for_each(PathMonitor::stop);
+    assert_eq!(r.errors, 0, "every command completed on one site or the other: {:?}", r.first_error);
+    assert!(r.mismatches.is_empty(), "{:?}", &r.mismatches[..r.mismatches.len().min(5)]);
+    r
+}
+
 /// SIGKILL of site A under a verifying multipath workload; returns the longest I/O stall.
 fn kill_a_under_load(m: &mut Metro, gens: &mut HashMap<u64, u64>, seed: u64) -> Duration {
     let (mut paths, monitors) = connect_paths(&[&m.a, &m.b]);
     assert_eq!(paths[0].shared.ana.load(Ordering::Acquire), OPTIMIZED, "the host's own site is Optimized");
     assert_eq!(paths[1].shared.ana.load(Ordering::Acquire), NON_OPTIMIZED, "the other site is Non-Optimized");
     let a = &mut m.a;
-    let r = std::thread::scope(|s| {
-        s.spawn(move || {
-            std::thread::sleep(Duration::from_millis(1500));
-            a.kill();
-        });
-        run_paths(&mut paths, &workload(5, seed), 512, gens, 0, None).unwrap()
-    });
-    monitors.into_iter().for_each(PathMonitor::stop);
-    assert_eq!(r.errors, 0, "every command completed on one site or the other: {:?}", r.first_error);
-    assert!(r.mismatches.is_empty(), "{:?}", &r.mismatches[..r.mismatches.len().min(5)]);
+    let r = load_through(&mut paths, monitors, &workload(5, seed), gens, Duration::from_millis(1500), move || a.kill());
     assert!(paths[0].result.ios() > 0 && paths[1].result.ios() > 0, "I/O ran on A, then on B");
     r.stalls.iter().map(|s| s.duration).max().expect("the failover was measured")
 }
@@ -178,20 +192,13 @@ fn link_loss_leaves_exactly_one_writer_and_heals(silent: bool) {
     let proxy = m.proxy.as_ref().unwrap();
     let (mut paths, monitors) = connect_paths(&[&m.a, &m.b]);
     let mut gens = HashMap::new();
-    let p = std::thread::scope(|s| {
-        s.spawn(|| {
-            std::thread::sleep(Duration::from_millis(1000));
-            if silent {
-                proxy.go_silent();
-            } else {
-                proxy.cut();
-            }
-        });
-        run_paths(&mut paths, &workload(5, 2), 512, &mut gens, 0, None).unwrap()
+    load_through(&mut paths, monitors, &workload(5, 2), &mut gens, Duration::from_millis(1000), move || {
+        if silent {
+            proxy.go_silent();
+        } else {
+            proxy.cut();
+        }
     });
-    monitors.into_iter().for_each(PathMonitor::stop);
-    assert_eq!(p.errors, 0, "{:?}", p.first_error);
-    assert!(p.mismatches.is_empty());
     // Exactly one site serves; the other reports ANA Inaccessible.
     let (sa, sb) = (write_status(&m.a).unwrap(), write_status(&m.b).unwrap());
     assert!(sa.is_success() != sb.is_success(), "exactly one writer while cut: A {sa:?}, B {sb:?}");
@@ -280,18 +287,8 @@ fn uniform_and_non_uniform_hosts() {
     o.hostnqn = HOST_B.into();
     let monitor = PathMonitor::start(shared.clone(), Some(admin), o, 1);
     let mut paths = vec![PathIo::new(shared, io.pop())];
-    let mut gens = HashMap::new();
     let a = &mut m.a;
-    let r = std::thread::scope(|s| {
-        s.spawn(move || {
-            std::thread::sleep(Duration::from_millis(1000));
-            a.kill();
-        });
-        run_paths(&mut paths, &workload(3, 9), 512, &mut gens, 0, None).unwrap()
-    });
-    monitor.stop();
-    assert_eq!(r.errors, 0, "{:?}", r.first_error);
-    assert!(r.mismatches.is_empty());
+    load_through(&mut paths, vec![monitor], &workload(3, 9), &mut HashMap::new(), Duration::from_millis(1000), move || a.kill());
     assert_eq!(ana_of_host(&m.b, HOST_B), Some(OPTIMIZED), "alone, site B is Optimized for its own host");
 }
 
@@ -305,17 +302,7 @@ fn ana_of_host(t: &TargetProcess, host: &str) -> Option<u8> {
 /// A failure under a verifying multipath workload from a host of site A, 1.5 s into a 5 s run;
 /// returns the longest interruption the load tool saw.
 fn stall_under_load(mut paths: Vec<PathIo>, monitors: Vec<PathMonitor>, seed: u64, fail: impl FnOnce() + Send) -> Duration {
-    let mut gens = HashMap::new();
-    let r = std::thread::scope(|s| {
-        s.spawn(move || {
-            std::thread::sleep(Duration::from_millis(1500));
-            fail();
-        });
-        run_paths(&mut paths, &workload(5, seed), 512, &mut gens, 0, None).unwrap()
-    });
-    monitors.into_iter().for_each(PathMonitor::stop);
-    assert_eq!(r.errors, 0, "{:?}", r.first_error);
-    assert!(r.mismatches.is_empty());
+    let r = load_through(&mut paths, monitors, &workload(5, seed), &mut HashMap::new(), Duration::from_millis(1500), fail);
     // The interruption a host saw: the longest stall (failed commands until one succeeded) or
     // the slowest command (writes held while the sites decided), whichever is longer.
     let slowest = paths.iter().map(|p| Duration::from_nanos(p.result.latency_ns.max())).max().unwrap_or_default();
