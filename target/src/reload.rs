@@ -356,8 +356,14 @@ fn apply(t: &Target, p: Plan, new: Config) -> Result<Outcome, ReloadError> {
         }
         table.retain(|s| !p.removed_subsystems.contains(&s.config().nqn));
         for sc in &p.added_subsystems {
-            let namespaces =
-                sc.namespaces.iter().map(|n| crate::namespace(n, slot_of(&n.bdev), bdevs[slot_of(&n.bdev)].as_ref())).collect();
+            let namespaces = sc
+                .namespaces
+                .iter()
+                .map(|n| {
+                    let i = slot_of(&n.bdev);
+                    crate::namespace(n, i, bdevs[i].as_ref())
+                })
+                .collect();
             table.push(Arc::new(Subsystem::new(sc.clone(), namespaces, &listeners)));
         }
         t.subsystems.store(Arc::new(table));
