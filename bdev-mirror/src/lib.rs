@@ -165,6 +165,10 @@ pub trait Bdev: Send + Sync + std::fmt::Debug {
         None
     }
     /// Replication state, for devices that have one.
+    /// The mirror behind this bdev, for mirror-only operations (resync).
+    fn as_mirror(&self) -> Option<&mirror::driver::MirrorBdev> {
+        None
+    }
     fn mirror_status(&self) -> Option<mirror::driver::StatusReport> {
         None
     }

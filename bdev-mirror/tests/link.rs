@@ -22,6 +22,7 @@ fn leg(name: &str, role: Role, transport: mem::MemTransport, dir: &std::path::Pa
         region_shift: 16,
         resync_rate: 0,
         heartbeat_timeout: Duration::from_secs(3),
+        retry_interval: Duration::from_secs(30),
         link_delay: Duration::ZERO,
         spin: Duration::ZERO,
         metro: None,

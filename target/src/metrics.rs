@@ -118,6 +118,8 @@ pub fn render(t: &Target) -> String {
     help(&mut o, "nvmetro_mirror_serving", "gauge", "1 when this leg serves host I/O.");
     help(&mut o, "nvmetro_mirror_access", "gauge", "1 for the leg's access state (serving, serving alone, transition, fenced).");
     help(&mut o, "nvmetro_mirror_witness_reachable", "gauge", "Metro mode: 1 when the witness answered within the last second.");
+    help(&mut o, "nvmetro_mirror_failed_seconds", "gauge", "Seconds since this leg's device failed (present only while Failed).");
+    help(&mut o, "nvmetro_mirror_peer_failed", "gauge", "1 while the peer's device is Failed.");
     for (_, b) in t.live_bdevs() {
         let Some(m) = b.mirror_status() else { continue };
         let l = format!(
@@ -138,6 +140,10 @@ pub fn render(t: &Target) -> String {
         if let Some(x) = &m.metro {
             let _ = writeln!(o, "nvmetro_mirror_witness_reachable{{{l}}} {}", u8::from(x.witness_reachable));
         }
+        if let Some(s) = m.failed_for_seconds {
+            let _ = writeln!(o, "nvmetro_mirror_failed_seconds{{{l}}} {s}");
+        }
+        let _ = writeln!(o, "nvmetro_mirror_peer_failed{{{l}}} {}", u8::from(m.peer_failure.is_some()));
     }
     o
 }

@@ -74,6 +74,7 @@ pub fn mirror_json(m: &StatusReport) -> Value {
         "peer": m.peer, "out_of_sync_bytes": m.out_of_sync_bytes, "sync_percent": m.sync_percent(),
         "sync_bytes_per_second": m.sync_bytes_per_second, "eta_seconds": m.eta_seconds(),
         "replication_rtt_us": m.replication_rtt_us, "access": m.access,
+        "failure": m.failure, "peer_failure": m.peer_failure,
         "metro": m.metro.as_ref().map(|x| json!({
             "witness_reachable": x.witness_reachable, "witness_seen_ms_ago": x.witness_seen_ms_ago,
             "witness_rtt_us": m.witness_rtt_us,
@@ -123,8 +124,19 @@ fn failback(t: &Target, p: &Value) -> Result<Value, (i64, String)> {
     Ok(Value::Bool(bdev.failback()))
 }
 
+/// `mirror_resync`, params `name`: a leg whose device failed retries its resync now. Returns
+/// whether the leg was Failed.
+fn resync(t: &Target, p: &Value) -> Result<Value, (i64, String)> {
+    let name = p["name"].as_str().ok_or((-32602, "missing name".to_string()))?;
+    let live = t.live_bdevs();
+    let bdev = live.iter().map(|(_, b)| b).find(|b| b.info().name == name).ok_or((-32602, format!("no bdev {name}")))?;
+    let mirror = bdev.as_mirror().ok_or((-32602, format!("{name} is not a mirror")))?;
+    Ok(Value::Bool(mirror.resync()))
+}
+
 fn call(t: &Target, method: &str, params: &Value) -> Result<Value, (i64, String)> {
     match method {
+        "mirror_resync" => return resync(t, params),
         "nvmf_subsystem_listener_set_ana_state" => return set_ana_state(t, params),
         "mirror_failback" => return failback(t, params),
         "nvmetro_reload" => {

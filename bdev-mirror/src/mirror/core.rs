@@ -31,8 +31,29 @@
 //!   reaches the witness again, so the two can never both believe they may serve.
 //! * The leg that was lost comes back Outdated, is resynced (the union of both legs' dirty
 //!   bitmaps) and serves again on its own (automatic failback), or after the operator says so.
+//!
+//! Leases (both modes, wherever a leg serves only while it has its peer): a leg may serve until
+//! `T = t_ping + fence`, where `t_ping` is the time *on its own clock* at which it sent a Ping
+//! that the peer answered. Frames that sat in a socket while a site was paused therefore extend
+//! nothing: only the echo of a Ping sent after the pause does. The driver gives the core the
+//! clock before every input ([`MirrorCore::observe_clock`]) and publishes `T`
+//! ([`MirrorCore::lease_deadline_ms`]), which reactors compare with the clock when they admit a
+//! read and again before they complete it. The peer answered that Ping no later than its last
+//! Pong, sent at `p`; the leg that takes over serves alone only from `p + settle`. With clocks
+//! whose rates differ by at most ρ, `T` has passed in real time by then when
+//! `settle ≥ fence·(1 + ρ) + ε` ([`Metro::check`]: ρ = 10 %, ε = 25 ms). With the default 1 s
+//! heartbeat: fence 500 ms, settle 600 ms ≥ 575 ms; Pings every 200 ms.
+//!
+//! Failing legs (DRBD's `on-io-error detach`, Mayastor's child faulting): a leg whose device fails
+//! a write (or a resync read) records itself `Failed` durably (and the failed range dirty), sends
+//! `Failed` to its peer, and only then acknowledges anything; it serves nothing (ANA
+//! Inaccessible). Its peer, on `Failed` or on an error acknowledgement, starts a new generation
+//! (durable before any completion that follows), keeps every dirty region (the sweep stops) and
+//! becomes the ordering leg if it was not. The failed leg retries ([`MirrorCore::set_retry_ms`],
+//! [`Input::Resync`]) with a new Hello on the live connection: a resync of the dirty regions makes
+//! it UpToDate again, or it fails again.
 
-use super::frame::{status, Frame, Hello, Kind, OpCode};
+use super::frame::{flags, status, Frame, Hello, Kind, OpCode};
 use super::meta::{Meta, SyncDirection};
 use super::DiskState;
 use crate::{BdevError, BdevOp, BdevOutput};
@@ -76,6 +97,11 @@ pub struct Metro {
     pub transition_ms: u64,
 }
 
+/// Clock-rate difference the lease inequality allows between two sites (10 %).
+const CLOCK_RATE_MARGIN_PERCENT: u64 = 10;
+/// Scheduling slack the lease inequality allows, in milliseconds.
+const LEASE_SLACK_MS: u64 = 25;
+
 impl Metro {
     /// Settings for mirror `resource` with timers derived from the link's heartbeat timeout.
     pub fn new(resource: &str, manual_failback: bool, heartbeat_ms: u64) -> Metro {
@@ -97,6 +123,39 @@ impl Metro {
         self.fence_ms = h / 2;
         self.settle_ms = h / 2 + 100;
         self.startup_grace_ms = 2 * h;
+    }
+
+    /// The lease inequality (module docs): a leg that takes over waits until its peer's lease has
+    /// surely run out, even if the peer's clock runs 10 % slower.
+    pub fn check(&self) -> Result<(), String> {
+        let needed = lease_settle(self.fence_ms);
+        if self.fence_ms == 0 || self.settle_ms < needed {
+            return Err(format!(
+                "metro timers unsafe: settle {} ms must be at least fence {} ms x 1.{} + {} ms = {needed} ms",
+                self.settle_ms, self.fence_ms, CLOCK_RATE_MARGIN_PERCENT, LEASE_SLACK_MS
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The least settle time that is safe for a lease of `fence_ms` (the module docs' inequality).
+fn lease_settle(fence_ms: u64) -> u64 {
+    fence_ms + fence_ms * CLOCK_RATE_MARGIN_PERCENT / 100 + LEASE_SLACK_MS
+}
+
+/// Why a leg's device is Failed: what failed, where, and since when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub error: String,
+    pub offset: u64,
+    pub len: u64,
+    pub since_ms: u64,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} at bytes {}..{}", self.error, self.offset, self.offset + self.len)
     }
 }
 
@@ -134,6 +193,12 @@ enum Quorum {
     Solo,
     Fenced,
 }
+
+/// A resync's final frame's `arg`: regions could not be copied, the target stays Failed.
+const RESYNC_INCOMPLETE: u32 = 1;
+
+/// A Hello's `arg`: a Failed leg asks for a new handshake (and a resync) on a live connection.
+const HELLO_AGAIN: u32 = 1;
 
 /// Witness `arg` values in [`Kind::Witness`] frames.
 mod wit {
@@ -182,6 +247,8 @@ pub enum Input {
     Witness(super::witness::Reply),
     /// Metro mode, manual failback: the operator lets a resynced leg serve again.
     Failback,
+    /// The operator asks a Failed leg to retry now (`nvmetro resync NAME`).
+    Resync,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -280,8 +347,6 @@ pub struct MirrorCore {
     metro: Option<Metro>,
     quorum: Quorum,
     why: String,
-    last_heard_ms: u64,
-    link_lost_ms: u64,
     witness_seen_ms: Option<u64>,
     witness_authority: u64,
     witness_holder: u8,
@@ -294,6 +359,29 @@ pub struct MirrorCore {
     witness_seq: u64,
     /// A grant that arrived while a connection was in its handshake (see `on_witness`).
     pending_grant: Option<u64>,
+    /// When the last tick came (resync budget and the once-a-second sweep); `last_tick_ms` is
+    /// the clock, advanced before every input.
+    prev_tick_ms: u64,
+    /// Outside metro mode: how long an answered Ping lets the leg serve (metro: `fence_ms`).
+    lease_ms: u64,
+    /// This leg may serve with its peer until then (see the module docs).
+    peer_lease_until_ms: u64,
+    /// When this leg last answered a Ping: the last moment it extended its peer's lease.
+    last_pong_sent_ms: Option<u64>,
+    last_ping_ms: u64,
+    /// Outside metro mode, the preferred leg after losing its peer: writes complete alone only
+    /// from then on (the peer's lease has surely run out).
+    alone_at_ms: Option<u64>,
+    /// Why this leg's device is Failed.
+    failure: Option<Failure>,
+    /// Why the peer's device is Failed, as it told this leg.
+    peer_failure: Option<Failure>,
+    /// A Failed leg retries this often (0: only when the operator asks).
+    retry_ms: u64,
+    last_retry_ms: u64,
+    /// The current resync lost a region (a failed read here or write there): the target is not
+    /// a faithful copy at its end.
+    sync_errors: bool,
 }
 
 impl std::fmt::Debug for MirrorCore {
@@ -315,12 +403,17 @@ pub struct MirrorStatus {
     pub synced_bytes: u64,
     pub access: Access,
     pub metro: Option<MetroStatus>,
+    /// Why this leg is Failed, and since when (core clock).
+    pub failure: Option<Failure>,
+    pub peer_failure: Option<Failure>,
 }
 
 /// How often the legs report to the witness and to each other (metro mode).
 const WITNESS_INTERVAL_MS: u64 = 250;
 /// The witness counts as reachable while it answered within this.
 const WITNESS_ALIVE_MS: u64 = 1_000;
+/// Outside metro mode, the lease an answered Ping gives (half the default 3 s heartbeat).
+const DEFAULT_LEASE_MS: u64 = 1_500;
 
 impl MirrorCore {
     /// A leg over a device of `size` bytes with the metadata it persisted. `seed` draws new
@@ -334,6 +427,7 @@ impl MirrorCore {
             out.push(Output::Persist);
         }
         let disk = if role == Role::Secondary && disk == DiskState::UpToDate { DiskState::Outdated } else { disk };
+        let disk = if meta.failed { DiskState::Failed } else { disk };
         let core = MirrorCore {
             role,
             site,
@@ -364,8 +458,6 @@ impl MirrorCore {
             metro: None,
             quorum: Quorum::Peer,
             why: String::new(),
-            last_heard_ms: 0,
-            link_lost_ms: 0,
             witness_seen_ms: None,
             witness_authority: 0,
             witness_holder: 0,
@@ -375,6 +467,17 @@ impl MirrorCore {
             last_report_ms: 0,
             witness_seq: 0,
             pending_grant: None,
+            prev_tick_ms: 0,
+            lease_ms: DEFAULT_LEASE_MS,
+            peer_lease_until_ms: 0,
+            last_pong_sent_ms: None,
+            last_ping_ms: 0,
+            alone_at_ms: None,
+            failure: None,
+            peer_failure: None,
+            retry_ms: 30_000,
+            last_retry_ms: 0,
+            sync_errors: false,
         };
         (core, out)
     }
@@ -384,7 +487,7 @@ impl MirrorCore {
     /// driver uses the wall clock in microseconds).
     pub fn set_metro(&mut self, metro: Metro, seq_base: u64) {
         self.witness_seq = seq_base;
-        if self.meta.generations.current != 0 {
+        if self.meta.generations.current != 0 && !self.meta.failed {
             // Whether this copy is current is the witness's call (its authority generation).
             self.disk = DiskState::UpToDate;
         }
@@ -401,6 +504,44 @@ impl MirrorCore {
         self.resync_rate = bytes_per_second;
     }
 
+    /// Outside metro mode: how long an answered Ping lets this leg serve with its peer.
+    pub fn set_lease_ms(&mut self, ms: u64) {
+        self.lease_ms = ms;
+    }
+
+    /// How often a Failed leg retries to resync (0: only on [`Input::Resync`]).
+    pub fn set_retry_ms(&mut self, ms: u64) {
+        self.retry_ms = ms;
+    }
+
+    /// The time now (milliseconds, this leg's monotonic clock). The driver calls this before
+    /// every input, so no decision is taken on a clock that stood still while the site was paused.
+    pub fn observe_clock(&mut self, now_ms: u64) {
+        self.last_tick_ms = self.last_tick_ms.max(now_ms);
+    }
+
+    /// The lease this leg serves on: the peer's (`fence_ms` in metro mode).
+    fn fence(&self) -> u64 {
+        self.metro.as_ref().map_or(self.lease_ms, |m| m.fence_ms)
+    }
+
+    /// Until when (core clock) host I/O may be served: `u64::MAX` when no peer's lease bounds it
+    /// (serving alone), 0 when not serving. Reactors check it against the clock per command.
+    pub fn lease_deadline_ms(&self) -> u64 {
+        if !self.serving() {
+            return 0;
+        }
+        let bounded = match &self.metro {
+            Some(_) => self.quorum != Quorum::Solo,
+            None => self.role == Role::Secondary,
+        };
+        if bounded {
+            self.peer_lease_until_ms
+        } else {
+            u64::MAX
+        }
+    }
+
     /// Metro mode: new timers and failback policy (a reload); the election state is kept.
     pub fn set_metro_timers(&mut self, metro: Metro) {
         if self.metro.is_some() {
@@ -410,20 +551,19 @@ impl MirrorCore {
 
     /// Whether host I/O may be served by this leg now.
     pub fn serving(&self) -> bool {
-        let Some(m) = &self.metro else {
+        let leased = self.last_tick_ms < self.peer_lease_until_ms;
+        if self.metro.is_none() {
             return match self.role {
                 Role::Preferred => self.disk == DiskState::UpToDate,
-                Role::Secondary => self.link == LinkState::Connected && self.disk == DiskState::UpToDate,
+                Role::Secondary => self.link == LinkState::Connected && self.disk == DiskState::UpToDate && leased,
             };
-        };
+        }
         if self.disk != DiskState::UpToDate || self.failback_hold {
             return false;
         }
         let solo = self.quorum == Quorum::Solo;
         match self.link {
-            LinkState::Connected | LinkState::Syncing { source: true } => {
-                solo || self.last_tick_ms.saturating_sub(self.last_heard_ms) <= m.fence_ms
-            }
+            LinkState::Connected | LinkState::Syncing { source: true } => solo || leased,
             _ => solo,
         }
     }
@@ -431,7 +571,8 @@ impl MirrorCore {
     /// How hosts should see this leg's paths.
     pub fn access(&self) -> Access {
         if self.serving() {
-            return if self.metro.is_some() && self.quorum == Quorum::Solo { Access::Sole } else { Access::Serving };
+            let alone = self.metro.is_some() && (self.quorum == Quorum::Solo || self.peer_failure.is_some());
+            return if alone { Access::Sole } else { Access::Serving };
         }
         match (&self.metro, &self.quorum) {
             (Some(_), Quorum::Won { .. }) => Access::Transition,
@@ -474,6 +615,8 @@ impl MirrorCore {
             sync_total_bytes: self.sync_total,
             synced_bytes: self.resynced_bytes,
             access: self.access(),
+            failure: self.failure.clone(),
+            peer_failure: self.peer_failure.clone(),
             metro: self.metro.as_ref().map(|_| MetroStatus {
                 witness_reachable: self.witness_reachable(),
                 witness_seen_ms_ago: self.witness_seen_ms.map(|t| self.last_tick_ms.saturating_sub(t)),
@@ -512,11 +655,15 @@ impl MirrorCore {
                 format!("pre-election (generation {:x}; recorded at the witness when it answers)", self.meta.generations.current)
             }
             (_, LinkState::Connected | LinkState::Syncing { source: true }) => {
-                let silent = self.last_tick_ms.saturating_sub(self.last_heard_ms);
-                if silent <= m.fence_ms {
-                    format!("from the peer: heard {silent} ms ago, lapses after {} ms of silence", m.fence_ms)
+                let now = self.last_tick_ms;
+                if now < self.peer_lease_until_ms {
+                    format!(
+                        "from the peer: lapses in {} ms unless a Ping is answered ({} ms each)",
+                        self.peer_lease_until_ms - now,
+                        m.fence_ms
+                    )
                 } else {
-                    format!("lapsed: the peer silent for {silent} ms")
+                    format!("lapsed {} ms ago: no Ping answered", now - self.peer_lease_until_ms)
                 }
             }
             _ => "none".into(),
@@ -538,7 +685,34 @@ impl MirrorCore {
         matches!(self.link, LinkState::Connected | LinkState::Syncing { .. })
     }
 
+    /// Whether writes go to the peer: it is connected and its device works (or it is being
+    /// resynced, which must see every write made meanwhile).
+    fn replicating(&self) -> bool {
+        self.peer_reachable() && (self.peer_failure.is_none() || matches!(self.link, LinkState::Syncing { source: true }))
+    }
+
     pub fn handle(&mut self, input: Input, out: &mut Vec<Output>) {
+        self.dispatch(input, out);
+        self.ping_if_due(out);
+    }
+
+    /// Pings the peer every 2/5 of the lease: each answer extends the lease (module docs).
+    fn ping_if_due(&mut self, out: &mut Vec<Output>) {
+        let now = self.last_tick_ms;
+        if matches!(self.link, LinkState::Down | LinkState::Refused(_)) || now.saturating_sub(self.last_ping_ms) < self.fence() * 2 / 5 {
+            return;
+        }
+        self.send_ping(out);
+    }
+
+    fn send_ping(&mut self, out: &mut Vec<Output>) {
+        self.last_ping_ms = self.last_tick_ms;
+        let mut f = Frame::new(Kind::Ping, 0);
+        f.offset = self.last_tick_ms;
+        out.push(Output::Send(f));
+    }
+
+    fn dispatch(&mut self, input: Input, out: &mut Vec<Output>) {
         match input {
             Input::Host { tag, op } => self.on_host(tag, op, out),
             Input::LocalDone { id, result } => self.on_local_done(id, result, out),
@@ -547,21 +721,25 @@ impl MirrorCore {
                 // A connection is not yet a peer (a half-dead path connects and then says
                 // nothing): an election goes on until the peer's Hello arrives.
                 self.link = LinkState::Handshake;
-                let hello = Hello {
-                    site: self.site,
-                    preferred: self.configured_preferred,
-                    generations: self.meta.generations,
-                    disk: self.disk,
-                    size: self.size,
-                };
                 let mut f = Frame::new(Kind::Hello, 0);
-                f.payload = hello.to_payload();
+                f.payload = self.hello().to_payload();
                 out.push(Output::Send(f));
+                // The first answered Ping gives the lease.
+                self.send_ping(out);
             }
             Input::LinkDown => self.on_link_down(out),
             Input::Tick { now_ms } => {
-                let elapsed = now_ms.saturating_sub(self.last_tick_ms);
-                self.last_tick_ms = now_ms;
+                self.observe_clock(now_ms);
+                let now_ms = self.last_tick_ms;
+                let elapsed = now_ms.saturating_sub(self.prev_tick_ms);
+                self.prev_tick_ms = now_ms;
+                if self.alone_at_ms.is_some_and(|t| now_ms >= t) {
+                    self.alone_at_ms = None;
+                    self.release_held(Ok(()), out);
+                }
+                if self.disk == DiskState::Failed && self.retry_ms > 0 && now_ms.saturating_sub(self.last_retry_ms) >= self.retry_ms {
+                    self.retry_failed(out);
+                }
                 if self.resync_rate > 0 {
                     self.tokens = (self.tokens + self.resync_rate * elapsed / 1000).min(self.resync_rate);
                 }
@@ -580,6 +758,106 @@ impl MirrorCore {
                     self.why = "failed back by the operator".into();
                 }
             }
+            Input::Resync => {
+                if self.disk == DiskState::Failed {
+                    self.retry_failed(out);
+                }
+            }
+        }
+    }
+
+    /// This leg's device failed an operation on `range`: record it durably (with the range dirty,
+    /// so whichever way the next resync goes it covers the range), tell the peer, stop serving.
+    /// Everything output after this runs only once the Persist is durable.
+    fn local_failed(&mut self, error: &BdevError, range: Option<(u64, u64)>, out: &mut Vec<Output>) {
+        let (offset, len) = range.unwrap_or((0, 0));
+        if let Some(r) = range {
+            self.meta.mark(r.0, r.1);
+        }
+        let first = self.failure.is_none();
+        self.disk = DiskState::Failed;
+        self.meta.failed = true;
+        out.push(Output::Persist);
+        // Every failure is told (a resync under way must know it did not make a copy).
+        if self.peer_reachable() || self.link == LinkState::Handshake {
+            let mut f = Frame::new(Kind::Failed, 0);
+            f.arg = error_code(error);
+            f.offset = offset;
+            f.len = len;
+            out.push(Output::Send(f));
+        }
+        if !first {
+            return;
+        }
+        let failure = Failure { error: error.to_string(), offset, len, since_ms: self.last_tick_ms };
+        self.why = format!("fenced: this leg's device failed: {failure}");
+        tracing::error!("mirror leg failed: {failure}; fenced until a resync from the peer");
+        self.failure = Some(failure);
+        self.last_retry_ms = self.last_tick_ms;
+        // The peer orders writes from now on (it takes over on our Failed frame); writes this
+        // leg ordered and has not answered are answered with an error: hosts retry there.
+        if self.role == Role::Preferred && self.peer_reachable() && self.peer.is_some_and(|p| p.disk == DiskState::UpToDate) {
+            self.switch_role(Role::Secondary, out);
+        }
+        if self.metro.is_some() {
+            self.quorum = Quorum::Fenced;
+        }
+        self.release_held(Err(BdevError::Fenced), out);
+    }
+
+    /// The peer's device failed (its `Failed` frame, or an error acknowledgement): it is no
+    /// longer a copy. Start a new generation (durable before anything output after this), keep
+    /// every dirty region until a resync, and order writes here.
+    fn peer_failed(&mut self, code: u32, offset: u64, len: u64, out: &mut Vec<Output>) {
+        // A resync under way cannot make the peer a faithful copy any more.
+        self.sync_errors = true;
+        if self.peer_failure.is_some() {
+            return;
+        }
+        let failure = Failure { error: code_error(code).to_string(), offset, len, since_ms: self.last_tick_ms };
+        tracing::error!("mirror peer's device failed: {failure}; serving without it until it is resynced");
+        self.peer_failure = Some(failure);
+        if let Some(p) = self.peer.as_mut() {
+            p.disk = DiskState::Failed;
+        }
+        if self.disk != DiskState::UpToDate {
+            // Neither leg is a faithful copy: nothing may be served.
+            self.why = "fenced: both legs failed or are out of date".into();
+            return;
+        }
+        self.diverge(out);
+        if self.role != Role::Preferred {
+            self.fail_forwarded(BdevError::Transition, out);
+            self.switch_role(Role::Preferred, out);
+        }
+        if self.metro.is_some() {
+            self.quorum = Quorum::Peer;
+        }
+        self.why = "serving without the peer: its device failed".into();
+    }
+
+    /// A Failed leg tries again: a new Hello on the live connection asks the peer for a resync
+    /// (the peer answers with its own). Without a connection, the next one resyncs anyway.
+    fn retry_failed(&mut self, out: &mut Vec<Output>) {
+        self.last_retry_ms = self.last_tick_ms;
+        if !self.peer_reachable() {
+            return;
+        }
+        tracing::info!("mirror leg failed: retrying (resync from the peer)");
+        self.link = LinkState::Handshake;
+        let mut f = Frame::new(Kind::Hello, 0);
+        f.arg = HELLO_AGAIN;
+        f.payload = self.hello().to_payload();
+        out.push(Output::Send(f));
+    }
+
+    fn hello(&self) -> Hello {
+        Hello {
+            site: self.site,
+            preferred: self.configured_preferred,
+            generations: self.meta.generations,
+            disk: self.disk,
+            size: self.size,
         }
     }
 
@@ -590,7 +868,6 @@ impl MirrorCore {
         match self.quorum {
             Quorum::Starting if self.link == LinkState::Connected => self.quorum = Quorum::Peer,
             Quorum::Starting if now >= m.startup_grace_ms && self.link != LinkState::Handshake && !self.peer_reachable() => {
-                self.link_lost_ms = now.saturating_sub(m.settle_ms);
                 self.elect(out);
             }
             Quorum::Solo | Quorum::Fenced if self.link == LinkState::Connected && self.disk == DiskState::UpToDate => {
@@ -706,15 +983,15 @@ impl MirrorCore {
             self.disk = DiskState::Outdated;
             self.why = "fenced: the pre-elected peer survives (the witness was lost first)".into();
             self.release_held(Err(BdevError::Fenced), out);
+        } else if self.disk != DiskState::UpToDate {
+            self.quorum = Quorum::Fenced;
+            self.why = format!("fenced: this copy is {}", self.disk.name());
+            self.release_held(Err(BdevError::Fenced), out);
         } else if self.armed {
             self.diverge(out);
             self.become_orderer(out);
             self.quorum = Quorum::Won { at_ms: self.settle_at() };
             self.why = "pre-elected survivor: settling".into();
-        } else if self.disk != DiskState::UpToDate {
-            self.quorum = Quorum::Fenced;
-            self.why = format!("fenced: this copy is {}", self.disk.name());
-            self.release_held(Err(BdevError::Fenced), out);
         } else {
             let next = if self.meta.generations.bitmap == 0 { self.fresh_generation() } else { 0 };
             let nonce = self.fresh_generation();
@@ -724,9 +1001,11 @@ impl MirrorCore {
         }
     }
 
+    /// When this leg may serve alone: once the lease its last Pong could have given the peer has
+    /// surely run out (module docs), and not before now.
     fn settle_at(&self) -> u64 {
-        let settle = self.metro.as_ref().map_or(0, |m| m.settle_ms);
-        (self.link_lost_ms + settle).max(self.last_tick_ms)
+        let settle = self.metro.as_ref().map_or(lease_settle(self.lease_ms), |m| m.settle_ms);
+        self.last_pong_sent_ms.map_or(self.last_tick_ms, |p| (p + settle).max(self.last_tick_ms))
     }
 
     fn on_witness(&mut self, reply: super::witness::Reply, out: &mut Vec<Output>) {
@@ -915,9 +1194,12 @@ impl MirrorCore {
                     self.diverge(out);
                 }
                 self.mark(range, out);
-                let reachable = self.peer_reachable();
+                let reachable = self.replicating();
+                let hold = self.alone_at_ms.is_some();
                 let o = self.ops.get_mut(&id).expect("op");
                 o.stage = Stage::Running;
+                // Alone, but the peer's lease may not have run out yet: complete later.
+                o.remote_pending |= hold && !reachable;
                 let caw = matches!(o.op, BdevOp::CompareAndWrite { .. });
                 // Replicate now, except compare-and-write (only if the compare succeeds) and
                 // forwarded writes (the secondary applies its own copy on ForwardDone).
@@ -980,7 +1262,14 @@ impl MirrorCore {
     }
 
     fn on_local_done(&mut self, id: u64, result: Result<BdevOutput, BdevError>, out: &mut Vec<Output>) {
-        let reachable = self.peer_reachable();
+        if let (Err(e @ (BdevError::Io(_) | BdevError::NoSpace)), Some(o)) = (&result, self.ops.get(&id)) {
+            let range = o.range;
+            if matches!(o.origin, Origin::ResyncOut(_)) {
+                self.sync_errors = true;
+            }
+            self.local_failed(e, range, out);
+        }
+        let reachable = self.replicating();
         let Some(o) = self.ops.get_mut(&id) else { return };
         o.local_done = true;
         let origin = o.origin;
@@ -1066,7 +1355,7 @@ impl MirrorCore {
                         let mut f = Frame::new(Kind::Resync, id);
                         f.op = OpCode::Write;
                         f.offset = offset;
-                        f.len = data.len() as u32;
+                        f.len = data.len() as u64;
                         f.payload = data;
                         out.push(Output::Send(f));
                     }
@@ -1103,13 +1392,31 @@ impl MirrorCore {
     }
 
     fn on_frame(&mut self, f: Frame, out: &mut Vec<Output>) {
-        self.last_heard_ms = self.last_tick_ms;
         match f.kind {
             Kind::Witness => self.on_witness_frame(f.arg, out),
             Kind::Bitmap => self.on_peer_bitmap(&f.payload, out),
+            Kind::Hello if f.arg == HELLO_AGAIN && self.peer_reachable() => {
+                // The peer's device failed and it asks for a resync: a new handshake on this
+                // connection.
+                let mut h = Frame::new(Kind::Hello, 0);
+                h.payload = self.hello().to_payload();
+                out.push(Output::Send(h));
+                self.on_hello(&f, out);
+            }
             Kind::Hello => self.on_hello(&f, out),
-            Kind::Ping => out.push(Output::Send(Frame::new(Kind::Pong, f.seq))),
+            Kind::Ping => {
+                self.last_pong_sent_ms = Some(self.last_tick_ms);
+                let mut p = Frame::new(Kind::Pong, f.seq);
+                p.offset = f.offset;
+                out.push(Output::Send(p));
+            }
+            // The echo of one of our Pings: the peer was alive after we sent it. An echo from the
+            // future is not ours.
+            Kind::Pong if f.offset <= self.last_tick_ms => {
+                self.peer_lease_until_ms = self.peer_lease_until_ms.max(f.offset + self.fence());
+            }
             Kind::Pong => {}
+            Kind::Failed => self.peer_failed(f.arg, f.offset, f.len, out),
             Kind::Replicate if self.peer_reachable() || self.link == LinkState::Handshake => {
                 let id = self.new_op(Origin::Replicated(f.seq), frame_op(f));
                 self.admit(id, out);
@@ -1121,17 +1428,20 @@ impl MirrorCore {
                 }
             }
             Kind::ReplicateAck => {
-                if let Some(o) = self.ops.get_mut(&f.seq) {
-                    o.remote_pending = false;
-                    if let Some((off, len)) = o.range {
-                        self.unconfirm(off, len);
-                    }
-                    if f.arg != status::OK {
-                        // The peer could not apply it: the region stays dirty for resync.
-                        tracing::warn!(seq = f.seq, "peer failed to apply a replicated write ({})", f.arg);
-                    }
-                    self.try_finish(f.seq, out);
+                let Some(o) = self.ops.get_mut(&f.seq) else { return };
+                o.remote_pending = false;
+                let range = o.range;
+                if let Some((off, len)) = range {
+                    self.unconfirm(off, len);
                 }
+                if f.arg != status::OK {
+                    // The peer could not apply it: it is Failed, and this leg records that (a
+                    // new generation, durable) before the write completes here; the region stays
+                    // dirty until a resync.
+                    let (off, len) = range.unwrap_or((0, 0));
+                    self.peer_failed(f.arg, off, len, out);
+                }
+                self.try_finish(f.seq, out);
             }
             Kind::Forward => {
                 if !self.serving() {
@@ -1158,8 +1468,33 @@ impl MirrorCore {
                     out.push(Output::Complete { tag, result });
                 }
             }
+            Kind::Resync if f.op == OpCode::None && f.arg == RESYNC_INCOMPLETE => {
+                // A write failed here during the resync: still not a copy; the next retry tries
+                // again.
+                self.link = LinkState::Connected;
+                self.disk = DiskState::Failed;
+                self.meta.failed = true;
+                self.last_retry_ms = self.last_tick_ms;
+                out.push(Output::Persist);
+            }
+            Kind::Resync if f.op == OpCode::None && self.disk == DiskState::Failed => {
+                // The source sent everything, but a write failed here after its last
+                // acknowledgement left: this leg holds the source's generation except in its own
+                // dirty regions (the failed ranges among them), which it keeps. The source learns
+                // of the failure from our Failed frame and starts a new generation.
+                self.meta.generations.current = f.offset;
+                self.meta.generations.bitmap = 0;
+                self.link = LinkState::Connected;
+                self.last_retry_ms = self.last_tick_ms;
+                out.push(Output::Persist);
+            }
             Kind::Resync if f.op == OpCode::None => {
                 // The source has sent everything: this leg is a faithful copy again.
+                if self.meta.failed {
+                    tracing::info!("mirror leg resynced after its device failed: UpToDate again");
+                }
+                self.meta.failed = false;
+                self.failure = None;
                 self.meta.generations.current = f.offset;
                 self.meta.generations.bitmap = 0;
                 self.disk = DiskState::UpToDate;
@@ -1189,6 +1524,10 @@ impl MirrorCore {
                             self.meta.clear_dirty(region);
                             self.lazy_persist = true;
                         }
+                    } else {
+                        self.sync_errors = true;
+                        let (off, len) = o.range.unwrap_or((0, 0));
+                        self.peer_failed(f.arg, off, len, out);
                     }
                     self.release(f.seq, out);
                     self.pump_resync(out);
@@ -1223,6 +1562,16 @@ impl MirrorCore {
                 return;
             }
         };
+        // Same lineage: a Failed leg is never the source.
+        let source = match (dir, self.disk == DiskState::Failed, peer.disk == DiskState::Failed) {
+            (SyncDirection::InSync, true, true) => {
+                self.link = LinkState::Refused("both legs' devices failed".into());
+                return;
+            }
+            (SyncDirection::InSync, true, false) => false,
+            (SyncDirection::InSync, false, true) => true,
+            _ => source,
+        };
         if matches!(self.quorum, Quorum::Electing { .. }) {
             // The peer is back before the election ended: the handshake decides. A grant held
             // back meanwhile is dropped (the witness heals it once both legs report in sync).
@@ -1246,6 +1595,7 @@ impl MirrorCore {
             self.sync_cursor = 0;
             self.sync_total = self.to_sync.len() as u64 * (1u64 << self.meta.region_shift);
             self.resynced_bytes = 0;
+            self.sync_errors = false;
             self.link = LinkState::Syncing { source: true };
             // Wait for the target's bitmap: it may have written regions this leg never saw.
             self.awaiting_bitmap = true;
@@ -1303,9 +1653,20 @@ impl MirrorCore {
             let id = self.new_op(Origin::ResyncOut(region), BdevOp::Read { offset, len: len as usize });
             self.admit(id, out);
         }
+        if self.sync_cursor >= self.to_sync.len() && self.resync_inflight == 0 && self.sync_errors {
+            // A region could not be copied: it stays dirty, the target stays Failed (and
+            // retries), this leg keeps its diverged generation.
+            let mut f = Frame::new(Kind::Resync, 0);
+            f.arg = RESYNC_INCOMPLETE;
+            out.push(Output::Send(f));
+            self.link = LinkState::Connected;
+            self.to_sync.clear();
+            tracing::warn!("mirror resync ended with regions not copied; they stay dirty");
+            return;
+        }
         if self.sync_cursor >= self.to_sync.len() && self.resync_inflight == 0 {
-            // Everything sent and acknowledged. Regions missed (a failed read) stay dirty and
-            // are sent at the next connect.
+            // Everything sent and acknowledged: the peer is a faithful copy again.
+            self.peer_failure = None;
             let mut f = Frame::new(Kind::Resync, 0);
             f.offset = self.meta.generations.current;
             out.push(Output::Send(f));
@@ -1325,7 +1686,8 @@ impl MirrorCore {
 
     /// Clears dirty bits of regions the peer has fully confirmed (preferred leg, in sync).
     fn sweep(&mut self, out: &mut Vec<Output>) {
-        if self.role != Role::Preferred || self.link != LinkState::Connected || self.peer.is_none() {
+        // A Failed peer confirms nothing: every region stays dirty until its resync.
+        if self.role != Role::Preferred || self.link != LinkState::Connected || self.peer.is_none() || self.peer_failure.is_some() {
             if std::mem::take(&mut self.lazy_persist) {
                 out.push(Output::Persist);
             }
@@ -1350,6 +1712,7 @@ impl MirrorCore {
     fn on_link_down(&mut self, out: &mut Vec<Output>) {
         let was = std::mem::replace(&mut self.link, LinkState::Down);
         self.peer = None;
+        self.peer_lease_until_ms = 0;
         self.to_sync.clear();
         self.sync_cursor = 0;
         self.awaiting_bitmap = false;
@@ -1361,16 +1724,16 @@ impl MirrorCore {
                 if was != LinkState::Down {
                     self.diverge(out);
                 }
-                // Writes waiting for the peer are complete here; their regions stay dirty.
-                let waiting: Vec<u64> = self.ops.iter().filter(|(_, o)| o.remote_pending).map(|(id, _)| *id).collect();
-                for id in waiting {
-                    if let Some(o) = self.ops.get_mut(&id) {
-                        o.remote_pending = false;
-                    }
-                    self.try_finish(id, out);
-                }
                 self.unconfirmed.clear();
                 self.forwarded.clear();
+                // Writes waiting for the peer complete here (their regions stay dirty), but only
+                // once the peer's lease has surely run out: until then it may still serve reads.
+                let at = self.settle_at();
+                if self.last_tick_ms >= at {
+                    self.release_held(Ok(()), out);
+                } else {
+                    self.alone_at_ms = Some(at);
+                }
             }
             Role::Secondary => {
                 if self.disk == DiskState::UpToDate {
@@ -1398,7 +1761,6 @@ impl MirrorCore {
     }
 
     fn metro_link_down(&mut self, was: LinkState, out: &mut Vec<Output>) {
-        self.link_lost_ms = self.last_tick_ms;
         self.unconfirmed.clear();
         self.forwarded.clear();
         self.fail_forwarded(BdevError::Transition, out);
@@ -1443,26 +1805,29 @@ fn code_error(code: u32) -> BdevError {
 fn op_frame(kind: Kind, seq: u64, op: &BdevOp) -> Frame {
     let mut f = Frame::new(kind, seq);
     match op {
-        BdevOp::Write { offset, data, .. } => {
+        BdevOp::Write { offset, data, fua } => {
             f.op = OpCode::Write;
             f.offset = *offset;
-            f.len = data.len() as u32;
+            f.len = data.len() as u64;
             f.payload = data.clone();
+            if *fua {
+                f.flags |= flags::FUA;
+            }
         }
         BdevOp::WriteZeroes { offset, len } => {
             f.op = OpCode::WriteZeroes;
             f.offset = *offset;
-            f.len = *len as u32;
+            f.len = *len;
         }
         BdevOp::Deallocate { offset, len } => {
             f.op = OpCode::Deallocate;
             f.offset = *offset;
-            f.len = *len as u32;
+            f.len = *len;
         }
         BdevOp::CompareAndWrite { offset, expected, data } => {
             f.op = OpCode::CompareAndWrite;
             f.offset = *offset;
-            f.len = data.len() as u32;
+            f.len = data.len() as u64;
             f.payload = [expected.as_slice(), data.as_slice()].concat();
         }
         BdevOp::Flush => f.op = OpCode::Flush,
@@ -1473,11 +1838,11 @@ fn op_frame(kind: Kind, seq: u64, op: &BdevOp) -> Frame {
 
 /// The operation a Replicate, Forward or Resync frame carries (its payload moves into it).
 fn frame_op(mut f: Frame) -> BdevOp {
-    let len = f.len as usize;
+    let len = usize::try_from(f.len).unwrap_or(usize::MAX);
     match f.op {
-        OpCode::Write => BdevOp::Write { offset: f.offset, data: f.payload, fua: false },
-        OpCode::WriteZeroes => BdevOp::WriteZeroes { offset: f.offset, len: u64::from(f.len) },
-        OpCode::Deallocate => BdevOp::Deallocate { offset: f.offset, len: u64::from(f.len) },
+        OpCode::Write => BdevOp::Write { offset: f.offset, data: f.payload, fua: f.flags & flags::FUA != 0 },
+        OpCode::WriteZeroes => BdevOp::WriteZeroes { offset: f.offset, len: f.len },
+        OpCode::Deallocate => BdevOp::Deallocate { offset: f.offset, len: f.len },
         OpCode::CompareAndWrite if f.payload.len() == 2 * len => {
             let data = f.payload.split_off(len);
             BdevOp::CompareAndWrite { offset: f.offset, expected: f.payload, data }

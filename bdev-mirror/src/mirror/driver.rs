@@ -11,7 +11,13 @@
 //! a heartbeat timeout without a byte from the peer counts as a lost link.
 //!
 //! In metro mode the link thread also talks to the witness over UDP (one datagram per report,
-//! see [`super::witness`]), and publishes the leg's [`Access`] for reactors to check on every read.
+//! see [`super::witness`]). After every input it publishes the leg's [`Access`] (for ANA) and the
+//! deadline of its lease: reactors read the clock on every read they admit and again before they
+//! complete it, and serve it only before the deadline (see [`super::core`] on leases), so a site
+//! that was paused never answers from a lapsed lease.
+//!
+//! A metadata store that fails stops the batch of outputs it belongs to (nothing after it is
+//! issued, sent or completed), fences the leg for good (until a restart) and drops the link.
 
 use super::core::{Access, Input, LinkState, Metro, MirrorCore, MirrorStatus, Output, Role};
 use super::frame::{Frame, Kind};
@@ -26,7 +32,7 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -49,6 +55,8 @@ pub struct MirrorSettings {
     pub spin: Duration,
     /// Metro mode: a witness decides who serves alone.
     pub metro: Option<MetroSettings>,
+    /// How often a leg whose device failed retries to resync (zero: only `nvmetro resync`).
+    pub retry_interval: Duration,
 }
 
 /// The replication settings a running mirror takes without a restart.
@@ -87,6 +95,12 @@ pub struct StatusReport {
     pub access: String,
     pub metro: Option<super::core::MetroStatus>,
     pub witness_rtt_us: Option<u64>,
+    /// Why this leg's device is Failed (what, where, for how long).
+    pub failure: Option<String>,
+    /// Why the peer's device is Failed, as it reported.
+    pub peer_failure: Option<String>,
+    /// Seconds this leg's device has been Failed.
+    pub failed_for_seconds: Option<u64>,
 }
 
 impl StatusReport {
@@ -115,6 +129,13 @@ struct Shared {
     channels: ArcSwap<Vec<Arc<ChanQueue>>>,
     /// [`Access`] as a number (see [`access_code`]).
     access: AtomicU8,
+    /// Host I/O may be served until then (milliseconds since `started`; see
+    /// [`MirrorCore::lease_deadline_ms`]).
+    lease_until_ms: AtomicU64,
+    /// The link thread's clock origin, shared with the reactors' lease checks.
+    started: Instant,
+    /// Operator request: a Failed leg retries now.
+    resync: AtomicBool,
     status: Mutex<StatusReport>,
     /// Operator requests for the link thread (manual failback).
     failback: AtomicBool,
@@ -188,7 +209,10 @@ impl MirrorBdev {
             ^ u64::from(std::process::id());
         let (mut core, first) = MirrorCore::new(settings.role, settings.site, size, meta, seed);
         core.set_resync_rate(settings.resync_rate);
+        core.set_lease_ms(settings.heartbeat_timeout.as_millis() as u64 / 2);
+        core.set_retry_ms(settings.retry_interval.as_millis() as u64);
         if let Some(m) = &settings.metro {
+            m.core.check().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
             let now_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
             core.set_metro(m.core.clone(), now_us);
         }
@@ -198,6 +222,9 @@ impl MirrorBdev {
             inbox: SegQueue::new(),
             channels: ArcSwap::from_pointee(Vec::new()),
             access: AtomicU8::new(access_code(core.access())),
+            lease_until_ms: AtomicU64::new(core.lease_deadline_ms()),
+            started: Instant::now(),
+            resync: AtomicBool::new(false),
             status: Mutex::new(StatusReport::default()),
             failback: AtomicBool::new(false),
             tuning: Mutex::new(None),
@@ -234,14 +261,14 @@ impl MirrorBdev {
             settings,
             shared: shared.clone(),
             ping_sent: None,
-            last_ping: Instant::now(),
             rtt: None,
             speed: (Instant::now(), 0, 0),
             signal: Vec::new(),
             events: Events::with_capacity(64),
             completions: Vec::new(),
-            started: Instant::now(),
+            started: shared.started,
             last_tick: Instant::now(),
+            broken: false,
             last_publish: Instant::now() - Duration::from_secs(1),
         };
         link.run_outputs(first);
@@ -257,6 +284,26 @@ impl MirrorBdev {
 
     pub fn status(&self) -> StatusReport {
         self.shared.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// A Failed leg retries its resync now (`nvmetro resync NAME`); returns whether the leg is
+    /// Failed (otherwise there is nothing to retry).
+    pub fn resync(&self) -> bool {
+        let failed = self.status().disk == DiskState::Failed.name();
+        self.shared.resync.store(true, Ordering::Release);
+        let _ = self.shared.waker.wake();
+        failed
+    }
+}
+
+impl Shared {
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Whether host I/O may be served at this instant.
+    fn leased(&self) -> bool {
+        self.now_ms() < self.lease_until_ms.load(Ordering::Acquire)
     }
 }
 
@@ -298,6 +345,10 @@ impl Bdev for MirrorBdev {
         Some(self.status())
     }
 
+    fn as_mirror(&self) -> Option<&MirrorBdev> {
+        Some(self)
+    }
+
     fn take_poller(&self) -> Option<Box<dyn crate::Poller>> {
         self.poller.lock().ok()?.take().map(|l| Box::new(l) as Box<dyn crate::Poller>)
     }
@@ -335,8 +386,10 @@ impl BdevChannel for MirrorChannel {
     fn submit(&mut self, tag: u64, op: BdevOp) {
         match op {
             BdevOp::Read { .. } | BdevOp::Compare { .. } => match access_of(self.shared.access.load(Ordering::Acquire)) {
-                Access::Serving | Access::Sole => self.local.submit(tag, op),
-                Access::Transition => self.refused.push(BdevCompletion { tag, result: Err(BdevError::Transition) }),
+                Access::Serving | Access::Sole if self.shared.leased() => self.local.submit(tag, op),
+                Access::Serving | Access::Sole | Access::Transition => {
+                    self.refused.push(BdevCompletion { tag, result: Err(BdevError::Transition) })
+                }
                 Access::Fenced => self.refused.push(BdevCompletion { tag, result: Err(BdevError::Fenced) }),
             },
             _ => {
@@ -350,7 +403,16 @@ impl BdevChannel for MirrorChannel {
     }
 
     fn poll(&mut self, done: &mut Vec<BdevCompletion>) -> usize {
-        let mut n = self.local.poll(done) + self.refused.len();
+        let first = done.len();
+        let mut n = self.local.poll(done);
+        // Reads completed by the local leg: answered only while the lease still holds (the data
+        // may be stale once the peer could have taken over).
+        if n > 0 && !self.shared.leased() {
+            for c in &mut done[first..] {
+                c.result = Err(BdevError::Transition);
+            }
+        }
+        n += self.refused.len();
         done.append(&mut self.refused);
         let mut drained = false;
         while let Some(c) = self.queue.done.pop() {
@@ -403,6 +465,8 @@ struct LinkThread {
     started: Instant,
     last_tick: Instant,
     last_publish: Instant,
+    /// The metadata could not be stored: fenced until a restart.
+    broken: bool,
     name: String,
     core: MirrorCore,
     meta_file: MetaFile,
@@ -416,7 +480,6 @@ struct LinkThread {
     settings: MirrorSettings,
     shared: Arc<Shared>,
     ping_sent: Option<Instant>,
-    last_ping: Instant,
     rtt: Option<Duration>,
     /// (when, synced bytes then, bytes per second)
     speed: (Instant, u64, u64),
@@ -425,9 +488,39 @@ struct LinkThread {
 
 impl LinkThread {
     fn handle(&mut self, input: Input) {
+        if self.broken {
+            // The core's state is ahead of its durable metadata: it decides nothing any more.
+            if let Input::Host { tag, .. } = input {
+                self.complete(tag, Err(BdevError::Fenced));
+            }
+            return;
+        }
+        self.core.observe_clock(self.started.elapsed().as_millis() as u64);
         let mut out = Vec::new();
         self.core.handle(input, &mut out);
         self.run_outputs(out);
+        self.publish_access();
+    }
+
+    /// Access and lease for the reactors, at once (not at the end of the turn): a leg that just
+    /// fenced itself must not serve one more read while its answers leave.
+    fn publish_access(&mut self) {
+        let (access, lease) = if self.broken { (Access::Fenced, 0) } else { (self.core.access(), self.core.lease_deadline_ms()) };
+        self.shared.lease_until_ms.store(lease, Ordering::Release);
+        self.shared.access.store(access_code(access), Ordering::Release);
+    }
+
+    fn core_now(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn complete(&mut self, tag: u64, result: Result<crate::BdevOutput, BdevError>) {
+        if let Some((chan, orig)) = self.pending.remove(&tag) {
+            if let Some(q) = self.shared.channels.load().get(chan) {
+                q.done.push(BdevCompletion { tag: orig, result });
+                self.signal.push(chan);
+            }
+        }
     }
 
     fn run_outputs(&mut self, out: Vec<Output>) {
@@ -435,6 +528,9 @@ impl LinkThread {
             match o {
                 Output::Local { id, op } => self.local_ch.submit(id, op),
                 Output::Send(f) => {
+                    if f.kind == Kind::Ping {
+                        self.ping_sent = Some(Instant::now());
+                    }
                     if let Some(c) = self.conn.as_mut() {
                         if self.settings.link_delay.is_zero() {
                             f.encode(&mut c.tx);
@@ -445,19 +541,20 @@ impl LinkThread {
                         }
                     }
                 }
-                Output::Complete { tag, result } => {
-                    if let Some((chan, orig)) = self.pending.remove(&tag) {
-                        if let Some(q) = self.shared.channels.load().get(chan) {
-                            q.done.push(BdevCompletion { tag: orig, result });
-                            self.signal.push(chan);
-                        }
-                    }
-                }
+                Output::Complete { tag, result } => self.complete(tag, result),
                 Output::Persist => {
                     if let Err(e) = self.meta_file.store(self.core.meta()) {
-                        // Without durable metadata nothing may be acknowledged: stop serving.
-                        tracing::error!(mirror = %self.name, "cannot persist mirror metadata: {e}");
-                        self.shared.access.store(access_code(Access::Fenced), Ordering::Release);
+                        // Without durable metadata nothing after it may happen: not the writes it
+                        // was to precede, not a frame, not a completion.
+                        tracing::error!(mirror = %self.name, "cannot persist mirror metadata: {e}; fenced until restarted");
+                        self.broken = true;
+                        self.publish_access();
+                        self.link_down("metadata cannot be stored");
+                        let tags: Vec<u64> = self.pending.keys().copied().collect();
+                        for tag in tags {
+                            self.complete(tag, Err(BdevError::Fenced));
+                        }
+                        return;
                     }
                 }
                 Output::Witness(req) => {
@@ -473,6 +570,9 @@ impl LinkThread {
     }
 
     fn link_up(&mut self, mut sock: Box<dyn LinkStream>) {
+        if self.broken {
+            return;
+        }
         if self.conn.is_some() {
             self.link_down("replaced by a new connection");
         }
@@ -547,7 +647,6 @@ impl LinkThread {
                     if let Some(t) = self.ping_sent.take() {
                         self.rtt = Some(t.elapsed());
                     }
-                    continue;
                 }
                 self.handle(Input::Frame(f));
             }
@@ -614,7 +713,7 @@ impl LinkThread {
 
     fn publish(&mut self) {
         let st: MirrorStatus = self.core.status();
-        self.shared.access.store(access_code(st.access), Ordering::Release);
+        self.publish_access();
         let now = Instant::now();
         if now.duration_since(self.speed.0) >= Duration::from_secs(1) {
             let secs = now.duration_since(self.speed.0).as_secs_f64();
@@ -653,6 +752,9 @@ impl LinkThread {
             }
             .into(),
             metro: st.metro,
+            failed_for_seconds: st.failure.as_ref().map(|f| self.core_now().saturating_sub(f.since_ms) / 1000),
+            failure: st.failure.as_ref().map(|f| format!("{f}, {} s ago", self.core_now().saturating_sub(f.since_ms) / 1000)),
+            peer_failure: st.peer_failure.as_ref().map(|f| format!("{f}, {} s ago", self.core_now().saturating_sub(f.since_ms) / 1000)),
         };
         if let Ok(mut s) = self.shared.status.lock() {
             *s = report;
@@ -677,6 +779,9 @@ impl LinkThread {
         work |= self.receive_witness();
         if self.shared.failback.swap(false, Ordering::AcqRel) {
             self.handle(Input::Failback);
+        }
+        if self.shared.resync.swap(false, Ordering::AcqRel) {
+            self.handle(Input::Resync);
         }
         if self.shared.tuning_pending.swap(false, Ordering::AcqRel) {
             if let Some(t) = self.shared.tuning.lock().ok().and_then(|mut t| t.take()) {
@@ -703,16 +808,9 @@ impl LinkThread {
         if now.duration_since(self.last_tick) >= Duration::from_millis(10) {
             self.last_tick = now;
             self.handle(Input::Tick { now_ms: self.started.elapsed().as_millis() as u64 });
-            if let Some(c) = self.conn.as_ref() {
-                if c.last_rx.elapsed() > self.settings.heartbeat_timeout {
-                    self.link_down("peer silent past the heartbeat timeout");
-                } else if self.last_ping.elapsed() >= self.settings.heartbeat_timeout / 5 {
-                    self.last_ping = Instant::now();
-                    self.ping_sent = Some(Instant::now());
-                    if let Some(c) = self.conn.as_mut() {
-                        Frame::new(Kind::Ping, 0).encode(&mut c.tx);
-                    }
-                }
+            // (The core pings the peer; its answers keep the lease.)
+            if self.conn.as_ref().is_some_and(|c| c.last_rx.elapsed() > self.settings.heartbeat_timeout) {
+                self.link_down("peer silent past the heartbeat timeout");
             }
         }
         self.flush();
@@ -724,8 +822,7 @@ impl LinkThread {
                 nvmetro_ffi::eventfd_signal(&q.eventfd);
             }
         }
-        let access = access_code(self.core.access());
-        if access != self.shared.access.load(Ordering::Acquire) || now.duration_since(self.last_publish) >= Duration::from_millis(100) {
+        if now.duration_since(self.last_publish) >= Duration::from_millis(100) {
             self.last_publish = now;
             self.publish();
         }

@@ -1,12 +1,12 @@
-//! The replication link's wire format: a 40-byte header (magic, kind, operation, sequence number,
-//! offset, length, status, payload length, CRC32C of the header), the payload's CRC32C, and the
-//! payload. Parsing never panics and
-//! checks both checksums; a bad frame ends the link (it reconnects), it is never applied.
+//! The replication link's wire format: a 48-byte header (magic, kind, operation, flags, sequence
+//! number, offset, 64-bit length, status, payload length, CRC32C of the header), the payload's
+//! CRC32C, and the payload. Parsing never panics and checks both checksums; a bad frame ends the
+//! link (it reconnects), it is never applied.
 
 use std::fmt;
 
 pub const MAGIC: u32 = 0x5244_4d4e; // "NMDR" little-endian: nvmetro mirror
-pub const HEADER: usize = 40;
+pub const HEADER: usize = 48;
 /// Largest payload accepted (a 1 MiB resync chunk plus an expected image for compare-and-write).
 pub const MAX_PAYLOAD: usize = 2 << 20;
 
@@ -36,6 +36,9 @@ pub enum Kind {
     /// Metro mode, both ways: witness reachability and pre-election (`arg`: see
     /// [`crate::mirror::core`]).
     Witness = 11,
+    /// Either way: the sender's leg failed I/O and is now `Failed` (durably, and fenced);
+    /// `arg`: the status code, `offset`/`len`: the byte range that failed.
+    Failed = 12,
 }
 
 impl Kind {
@@ -52,6 +55,7 @@ impl Kind {
             9 => Kind::Pong,
             10 => Kind::Bitmap,
             11 => Kind::Witness,
+            12 => Kind::Failed,
             _ => return None,
         })
     }
@@ -95,14 +99,22 @@ pub mod status {
     pub const NOT_SERVING: u32 = 5;
 }
 
+/// Frame flags.
+pub mod flags {
+    /// A write the host sent with Force Unit Access: durable on the peer before it is acknowledged.
+    pub const FUA: u8 = 1;
+}
+
 #[derive(Clone, PartialEq, Eq)]
 pub struct Frame {
     pub kind: Kind,
     pub op: OpCode,
+    /// [`flags`].
+    pub flags: u8,
     pub seq: u64,
     pub offset: u64,
     /// Bytes the operation covers (for zeroes and deallocate, the payload is empty).
-    pub len: u32,
+    pub len: u64,
     /// Status in acknowledgements.
     pub arg: u32,
     pub payload: Vec<u8>,
@@ -126,7 +138,7 @@ impl fmt::Debug for Frame {
 
 impl Frame {
     pub fn new(kind: Kind, seq: u64) -> Frame {
-        Frame { kind, op: OpCode::None, seq, offset: 0, len: 0, arg: 0, payload: Vec::new() }
+        Frame { kind, op: OpCode::None, flags: 0, seq, offset: 0, len: 0, arg: 0, payload: Vec::new() }
     }
 
     pub fn encode(&self, out: &mut Vec<u8>) {
@@ -134,14 +146,15 @@ impl Frame {
         h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
         h[4] = self.kind as u8;
         h[5] = self.op as u8;
+        h[6] = self.flags;
         h[8..16].copy_from_slice(&self.seq.to_le_bytes());
         h[16..24].copy_from_slice(&self.offset.to_le_bytes());
-        h[24..28].copy_from_slice(&self.len.to_le_bytes());
-        h[28..32].copy_from_slice(&self.arg.to_le_bytes());
+        h[24..32].copy_from_slice(&self.len.to_le_bytes());
+        h[32..36].copy_from_slice(&self.arg.to_le_bytes());
         let plen = self.payload.len() as u32;
-        h[32..36].copy_from_slice(&plen.to_le_bytes());
-        let hcrc = crc32c::crc32c(&h[..36]);
-        h[36..40].copy_from_slice(&hcrc.to_le_bytes());
+        h[36..40].copy_from_slice(&plen.to_le_bytes());
+        let hcrc = crc32c::crc32c(&h[..44]);
+        h[44..48].copy_from_slice(&hcrc.to_le_bytes());
         out.extend_from_slice(&h);
         out.extend_from_slice(&crc32c::crc32c(&self.payload).to_le_bytes());
         out.extend_from_slice(&self.payload);
@@ -157,12 +170,12 @@ impl Frame {
         if u32at(0) != MAGIC {
             return Err(FrameError::BadMagic);
         }
-        if crc32c::crc32c(&buf[..36]) != u32at(36) {
+        if crc32c::crc32c(&buf[..44]) != u32at(44) {
             return Err(FrameError::HeaderChecksum);
         }
         let kind = Kind::from_u8(buf[4]).ok_or(FrameError::UnknownKind(buf[4]))?;
         let op = OpCode::from_u8(buf[5]).ok_or(FrameError::UnknownOp(buf[5]))?;
-        let plen = u32at(32) as usize;
+        let plen = u32at(36) as usize;
         if plen > MAX_PAYLOAD {
             return Err(FrameError::TooLarge(plen));
         }
@@ -174,7 +187,8 @@ impl Frame {
         if crc32c::crc32c(payload) != u32at(HEADER) {
             return Err(FrameError::PayloadChecksum);
         }
-        let frame = Frame { kind, op, seq: u64at(8), offset: u64at(16), len: u32at(24), arg: u32at(28), payload: payload.to_vec() };
+        let frame =
+            Frame { kind, op, flags: buf[6], seq: u64at(8), offset: u64at(16), len: u64at(24), arg: u32at(32), payload: payload.to_vec() };
         Ok(Some((frame, total)))
     }
 }
@@ -240,7 +254,16 @@ mod tests {
 
     #[test]
     fn round_trip_and_damage() {
-        let f = Frame { kind: Kind::Replicate, op: OpCode::Write, seq: 9, offset: 4096, len: 512, arg: 0, payload: vec![5; 512] };
+        let f = Frame {
+            kind: Kind::Replicate,
+            op: OpCode::Write,
+            flags: flags::FUA,
+            seq: 9,
+            offset: 4096,
+            len: 512,
+            arg: 0,
+            payload: vec![5; 512],
+        };
         let mut b = Vec::new();
         f.encode(&mut b);
         assert_eq!(Frame::parse(&b).unwrap(), Some((f.clone(), b.len())));
@@ -254,6 +277,13 @@ mod tests {
         bad[100] ^= 1;
         assert_eq!(Frame::parse(&bad), Err(FrameError::PayloadChecksum));
         assert_eq!(Frame::parse(&[0u8; 64]), Err(FrameError::BadMagic));
+        // Lengths beyond 4 GiB (Write Zeroes, Deallocate) survive the link.
+        let mut big = Frame::new(Kind::Replicate, 1);
+        big.op = OpCode::Deallocate;
+        big.len = 5 << 30;
+        let mut b = Vec::new();
+        big.encode(&mut b);
+        assert_eq!(Frame::parse(&b).unwrap().unwrap().0.len, 5 << 30);
     }
 
     proptest! {

@@ -78,13 +78,23 @@ pub struct Meta {
     /// Metro mode: this leg agreed, while the witness was lost, that the peer survives a link
     /// loss; until the peer releases it, it must not ask the witness to serve alone.
     pub deferred: bool,
+    /// This leg's device failed I/O: it is not a faithful copy until resynced from the peer.
+    pub failed: bool,
 }
 
 impl Meta {
     pub fn new(size: u64, region_shift: u32) -> Meta {
         let regions = size.div_ceil(1 << region_shift);
         let words = regions.div_ceil(64) as usize;
-        Meta { region_shift, regions, generations: Generations::default(), dirty: vec![0; words], written: vec![0; words], deferred: false }
+        Meta {
+            region_shift,
+            regions,
+            generations: Generations::default(),
+            dirty: vec![0; words],
+            written: vec![0; words],
+            deferred: false,
+            failed: false,
+        }
     }
 
     /// Regions covering `offset..offset+len`.
@@ -148,7 +158,7 @@ impl Meta {
         let mut b = vec![0u8; 4096 + 16 * words];
         b[0..8].copy_from_slice(b"NVMRMETA");
         b[8..12].copy_from_slice(&self.region_shift.to_le_bytes());
-        b[12..16].copy_from_slice(&u32::from(self.deferred).to_le_bytes());
+        b[12..16].copy_from_slice(&(u32::from(self.deferred) | u32::from(self.failed) << 1).to_le_bytes());
         b[16..24].copy_from_slice(&self.regions.to_le_bytes());
         b[24..32].copy_from_slice(&self.generations.current.to_le_bytes());
         b[32..40].copy_from_slice(&self.generations.bitmap.to_le_bytes());
@@ -183,6 +193,7 @@ impl Meta {
             dirty: (0..words).map(word).collect(),
             written: (words..2 * words).map(word).collect(),
             deferred: u32::from_le_bytes(b[12..16].try_into().expect("4 bytes")) & 1 != 0,
+            failed: u32::from_le_bytes(b[12..16].try_into().expect("4 bytes")) & 2 != 0,
         })
     }
 }
@@ -250,6 +261,7 @@ mod tests {
         assert!(!m.mark(5 << 20, 4096), "already dirty");
         m.generations = Generations { current: 42, bitmap: 7, history: 1 };
         m.deferred = true;
+        m.failed = true;
         f.store(&m).unwrap();
         drop(f);
         let (_, again) = MetaFile::open(&p, 100 << 20, 20).unwrap();

@@ -4,9 +4,12 @@
 //! * [`meta`]: persistent generations and dirty/written region bitmaps.
 //! * [`core`]: one leg's state machine, without I/O: ordering, loss, resync.
 //!
-//! The driver that binds a core to a local bdev, a transport and the reactors' lock-free queues
-//! comes next; `tests/sim.rs` drives two cores against each other through a simulated link with
-//! cuts and crashes.
+//! * [`driver`]: binds a core to a local bdev, a transport, the metadata file and the reactors.
+//! * [`transport`]: how a leg reaches its peer (TCP; an in-memory pair for tests).
+//! * [`witness`]: the third-site arbiter's protocol and state.
+//!
+//! `tests/sim.rs` drives two cores against each other through a simulated link with cuts,
+//! crashes, failing legs and paused sites.
 
 pub mod core;
 pub mod driver;
@@ -24,6 +27,9 @@ pub enum DiskState {
     Inconsistent = 2,
     /// Was a faithful copy, but the peer may have moved on.
     Outdated = 3,
+    /// This leg's device failed I/O (recorded durably): it serves nothing until a resync from
+    /// the peer brings it back.
+    Failed = 4,
 }
 
 impl DiskState {
@@ -32,6 +38,7 @@ impl DiskState {
             1 => DiskState::UpToDate,
             2 => DiskState::Inconsistent,
             3 => DiskState::Outdated,
+            4 => DiskState::Failed,
             _ => return None,
         })
     }
@@ -41,6 +48,7 @@ impl DiskState {
             DiskState::UpToDate => "UpToDate",
             DiskState::Inconsistent => "Inconsistent",
             DiskState::Outdated => "Outdated",
+            DiskState::Failed => "Failed",
         }
     }
 }

@@ -39,6 +39,11 @@ enum Cmd {
         /// The mirror bdev's name.
         bdev: String,
     },
+    /// A mirror leg whose device failed: retry the resync from the peer now.
+    Resync {
+        /// The mirror bdev's name.
+        bdev: String,
+    },
 }
 
 fn rpc(socket: &PathBuf, method: &str, params: Value) -> anyhow::Result<Value> {
@@ -108,6 +113,13 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
+        Cmd::Resync { bdev } => {
+            let failed = rpc(&socket, "mirror_resync", json!({"name": bdev}))?;
+            println!(
+                "{bdev}: {}",
+                if failed == Value::Bool(true) { "retrying: resync from the peer" } else { "not Failed: nothing to retry" }
+            );
+        }
         Cmd::Failback { bdev } => {
             let held = rpc(&socket, "mirror_failback", json!({"name": bdev}))?;
             println!("{bdev}: {}", if held == Value::Bool(true) { "failed back: serving again" } else { "was not waiting for a failback" });
@@ -150,6 +162,15 @@ fn main() -> anyhow::Result<()> {
                             m["eta_seconds"].as_u64().map_or("-".into(), |s| format!("{s} s")),
                             m["replication_rtt_us"].as_u64().map_or("-".into(), |u| format!("{u} us"))
                         );
+                        if let Some(f) = m["failure"].as_str() {
+                            println!(
+                                "    this leg FAILED: {f} (fenced; retries, or `nvmetro resync {}`)",
+                                ns["bdev"].as_str().unwrap_or("?")
+                            );
+                        }
+                        if let Some(f) = m["peer_failure"].as_str() {
+                            println!("    the peer's leg FAILED: {f} (serving without it; its regions stay dirty)");
+                        }
                         let x = &m["metro"];
                         if x.is_object() {
                             println!(
