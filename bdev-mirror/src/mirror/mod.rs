@@ -8,6 +8,7 @@
 //! comes next; `tests/sim.rs` drives two cores against each other through a simulated link with
 //! cuts and crashes.
 
+pub mod auth;
 pub mod core;
 pub mod driver;
 pub mod frame;
