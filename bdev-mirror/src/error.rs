@@ -919,4 +919,47 @@ mod tests {
         }
         assert!(ErrorControl::new().set(vec![FaultRule::default()]).is_err());
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+        /// Whatever the mix of faults, every command not dropped completes exactly once and
+        /// `outstanding` counts exactly those that have not.
+        #[test]
+        fn every_command_completes_once_and_outstanding_tells_the_truth(
+            ops in proptest::collection::vec((0u8..4, 0u64..16), 1..40),
+            delay_us in 0u64..500,
+            fail_fraction in 0.0f64..1.0,
+            drops in 0u64..3,
+        ) {
+            let dev = device();
+            dev.control().set(vec![
+                FaultRule { ops: OpKind::Write, drop: true, count: Some(drops), ..FaultRule::default() },
+                FaultRule { fraction: Some(fail_fraction), ..FaultRule::fail(OpKind::Read, BdevError::Io("EIO".into())) },
+                FaultRule { delay: Some(Duration::from_micros(delay_us)), fraction: Some(0.5), ..FaultRule::default() },
+            ]).unwrap();
+            let mut ch = dev.clone().channel().unwrap();
+            for (tag, &(kind, block)) in ops.iter().enumerate() {
+                let op = match kind {
+                    0 => read(block * 512),
+                    1 => write(block * 512),
+                    2 => BdevOp::Flush,
+                    _ => BdevOp::WriteZeroes { offset: block * 512, len: 512 },
+                };
+                ch.submit(tag as u64, op);
+            }
+            let mut done = Vec::new();
+            let start = Instant::now();
+            let dropped = || dev.control().stats().dropped as usize;
+            while done.len() + dropped() < ops.len() {
+                proptest::prop_assert!(start.elapsed() < Duration::from_secs(10), "commands never completed");
+                ch.poll(&mut done);
+                proptest::prop_assert_eq!(ch.outstanding(), ops.len() - done.len());
+            }
+            let mut tags: Vec<u64> = done.iter().map(|c| c.tag).collect();
+            tags.sort_unstable();
+            tags.dedup();
+            proptest::prop_assert_eq!(tags.len(), done.len());
+            proptest::prop_assert_eq!(ch.outstanding(), dropped());
+        }
+    }
 }
