@@ -10,6 +10,7 @@
 //!
 //! * [`mirror`]: two-site synchronous replication (in progress: wire format, metadata, core).
 
+pub mod error;
 pub mod file;
 pub mod malloc;
 pub mod mirror;

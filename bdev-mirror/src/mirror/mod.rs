@@ -11,6 +11,7 @@
 //! `tests/sim.rs` drives two cores against each other through a simulated link with cuts,
 //! crashes, failing legs and paused sites.
 
+pub mod auth;
 pub mod core;
 pub mod driver;
 pub mod frame;
