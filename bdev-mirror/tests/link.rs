@@ -23,6 +23,7 @@ fn leg(name: &str, role: Role, transport: mem::MemTransport, dir: &std::path::Pa
         resync_rate: 0,
         heartbeat_timeout: Duration::from_secs(3),
         retry_interval: Duration::from_secs(30),
+        secret: b"link test secret".to_vec(),
         link_delay: Duration::ZERO,
         spin: Duration::ZERO,
         metro: None,

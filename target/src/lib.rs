@@ -219,6 +219,7 @@ pub(crate) fn open_bdev(
                 resync_rate: m.resync_rate,
                 heartbeat_timeout: heartbeat,
                 retry_interval: std::time::Duration::from_secs(30),
+                secret: Vec::new(),
                 link_delay: std::time::Duration::from_micros(m.link_delay_us),
                 spin: match config_poll_mode {
                     nvmetro_conf::PollMode::Busy => std::time::Duration::from_millis(1),

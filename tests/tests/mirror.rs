@@ -208,7 +208,9 @@ fn restarting_the_survivor_during_a_resync() {
     let (_admin, mut io) = ha.into_parts();
     let mut path = PathIo::single(io.remove(0));
     let mut gens = HashMap::new();
-    let r = load::run(&mut path, &workload(0, 1, true), 512, &mut gens).unwrap();
+    // (The first writes alone wait until B's lease has surely lapsed: long enough a run leaves
+    // many regions dirty after that.)
+    let r = load::run(&mut path, &workload(0, 4, true), 512, &mut gens).unwrap();
     assert_eq!(r.errors, 0);
     drop(path);
     b.restart();

@@ -7,7 +7,10 @@
 //! that wakes a parked reactor. Reads go straight to the local leg while it is serving.
 //!
 //! The link is a [`Transport`]: over TCP the preferred leg listens and the secondary dials it,
-//! with backoff. Pings every fifth of the heartbeat timeout measure the replication round trip;
+//! with backoff. A new connection first proves that it knows the shared secret ([`super::auth`],
+//! HMAC-SHA256 challenge-response both ways); only then does it become the link, replacing the
+//! old one if there was one. Connections that fail, stay silent past [`AUTH_TIMEOUT`] or exceed
+//! [`MAX_PENDING`] are closed (and logged, at most once a second) without touching the live link. Pings every fifth of the heartbeat timeout measure the replication round trip;
 //! a heartbeat timeout without a byte from the peer counts as a lost link.
 //!
 //! In metro mode the link thread also talks to the witness over UDP (one datagram per report,
@@ -57,7 +60,16 @@ pub struct MirrorSettings {
     pub metro: Option<MetroSettings>,
     /// How often a leg whose device failed retries to resync (zero: only `nvmetro resync`).
     pub retry_interval: Duration,
+    /// The replication link's shared secret (both sites the same). Empty: connections still
+    /// make the handshake (a stray or garbled connection never becomes the link), but anyone
+    /// who speaks the protocol passes it.
+    pub secret: Vec<u8>,
 }
+
+/// A connection must finish the authentication handshake within this.
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(3);
+/// Connections in their handshake at once; a newer one closes the oldest.
+pub const MAX_PENDING: usize = 8;
 
 /// The replication settings a running mirror takes without a restart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,6 +204,22 @@ const LISTENER: Token = Token(1);
 const CONN: Token = Token(2);
 const LOCAL: Token = Token(3);
 const WITNESS: Token = Token(4);
+const PENDING: Token = Token(5);
+
+/// A connection proving itself (see [`super::auth`]).
+struct PendingConn {
+    sock: Box<dyn LinkStream>,
+    handshake: super::auth::Handshake,
+    /// Handshake bytes not yet written.
+    tx: Vec<u8>,
+    since: Instant,
+}
+
+/// Log lines about refused connections: at most one a second, with a count of the rest.
+struct RefusalLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
 
 impl MirrorBdev {
     /// Opens the metadata and starts the link: on its own thread, or (`on_reactor`) as a poller
@@ -269,6 +297,8 @@ impl MirrorBdev {
             started: shared.started,
             last_tick: Instant::now(),
             broken: false,
+            pending_conns: Vec::new(),
+            refusals: RefusalLog { last: None, suppressed: 0 },
             last_publish: Instant::now() - Duration::from_secs(1),
         };
         link.run_outputs(first);
@@ -467,6 +497,9 @@ struct LinkThread {
     last_publish: Instant,
     /// The metadata could not be stored: fenced until a restart.
     broken: bool,
+    /// Connections in their authentication handshake.
+    pending_conns: Vec<PendingConn>,
+    refusals: RefusalLog,
     name: String,
     core: MirrorCore,
     meta_file: MetaFile,
@@ -569,20 +602,128 @@ impl LinkThread {
         }
     }
 
-    fn link_up(&mut self, mut sock: Box<dyn LinkStream>) {
+    /// An authenticated connection becomes the link; `early` are frame bytes that arrived with
+    /// the end of the handshake.
+    fn link_up(&mut self, mut sock: Box<dyn LinkStream>, early: &[u8]) {
         if self.broken {
             return;
         }
         if self.conn.is_some() {
-            self.link_down("replaced by a new connection");
+            self.link_down("replaced by the peer's new, authenticated connection");
         }
         if sock.register(self.poll.registry(), CONN).is_err() {
             return;
         }
-        tracing::info!(mirror = %self.name, peer = %self.transport.describe(), "replication link up");
-        self.conn =
-            Some(Conn { sock, rx: vec![0; 4 << 20], rx_len: 0, tx: Vec::new(), delayed: Default::default(), last_rx: Instant::now() });
+        tracing::info!(mirror = %self.name, peer = %self.transport.describe(), "replication link up (authenticated)");
+        let mut rx = vec![0; 4 << 20];
+        rx[..early.len()].copy_from_slice(early);
+        self.conn = Some(Conn { sock, rx, rx_len: early.len(), tx: Vec::new(), delayed: Default::default(), last_rx: Instant::now() });
         self.handle(Input::LinkUp);
+    }
+
+    fn refused(&mut self, why: &str) {
+        let now = Instant::now();
+        if self.refusals.last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+            let more = std::mem::take(&mut self.refusals.suppressed);
+            let more = if more > 0 { format!(" ({more} more refused in the last second)") } else { String::new() };
+            tracing::warn!(mirror = %self.name, "replication connection refused: {why}{more}");
+            self.refusals.last = Some(now);
+        } else {
+            self.refusals.suppressed += 1;
+        }
+    }
+
+    /// A new connection starts its handshake (the live link, if any, is not touched).
+    fn start_handshake(&mut self, mut sock: Box<dyn LinkStream>) {
+        let nonce = match super::auth::fresh_nonce() {
+            Ok(n) => n,
+            Err(e) => return self.refused(&format!("no randomness for a nonce: {e}")),
+        };
+        if sock.register(self.poll.registry(), PENDING).is_err() {
+            return;
+        }
+        if self.pending_conns.len() >= MAX_PENDING {
+            let mut oldest = self.pending_conns.remove(0);
+            oldest.sock.deregister(self.poll.registry());
+            self.refused("too many connections in their handshake: closed the oldest");
+        }
+        let mut handshake = super::auth::Handshake::new(&self.settings.secret, self.transport.side(), nonce);
+        let tx = handshake.take_output();
+        self.pending_conns.push(PendingConn { sock, handshake, tx, since: Instant::now() });
+    }
+
+    /// Moves every handshake on; promotes the first that completes to the link.
+    fn drive_handshakes(&mut self) -> bool {
+        let mut work = false;
+        let mut i = 0;
+        while i < self.pending_conns.len() {
+            let p = &mut self.pending_conns[i];
+            let mut outcome: Result<Option<Vec<u8>>, String> = Ok(None);
+            // Write what the handshake has to say.
+            while !p.tx.is_empty() {
+                match p.sock.write(&p.tx) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        p.tx.drain(..n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        outcome = Err(format!("write: {e}"));
+                        break;
+                    }
+                }
+            }
+            let mut buf = [0u8; 4096];
+            while outcome == Ok(None) {
+                match p.sock.read(&mut buf) {
+                    Ok(0) => {
+                        outcome = Err(p.handshake.on_eof().err().map_or("closed".to_string(), |e| e.to_string()));
+                    }
+                    Ok(n) => {
+                        work = true;
+                        match p.handshake.on_bytes(&buf[..n]) {
+                            Ok(progress) => {
+                                p.tx.extend(p.handshake.take_output());
+                                if progress.done {
+                                    outcome = Ok(Some(buf[progress.consumed..n].to_vec()));
+                                }
+                            }
+                            Err(e) => outcome = Err(e.to_string()),
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => outcome = Err(format!("read: {e}")),
+                }
+            }
+            if outcome == Ok(None) && p.since.elapsed() > AUTH_TIMEOUT {
+                outcome = Err("no handshake within the timeout".into());
+            }
+            match outcome {
+                Ok(None) => i += 1,
+                Ok(Some(early)) => {
+                    let mut p = self.pending_conns.remove(i);
+                    // Our proof may still be on its way: it goes out before any frame.
+                    let mut rest = std::mem::take(&mut p.tx);
+                    rest.extend(p.handshake.take_output());
+                    p.sock.deregister(self.poll.registry());
+                    self.link_up(p.sock, &early);
+                    if let Some(c) = self.conn.as_mut() {
+                        rest.append(&mut c.tx);
+                        c.tx = rest;
+                    }
+                    work = true;
+                }
+                Err(why) => {
+                    let mut p = self.pending_conns.remove(i);
+                    p.sock.deregister(self.poll.registry());
+                    self.transport.failed();
+                    self.refused(&why);
+                }
+            }
+        }
+        work
     }
 
     fn link_down(&mut self, why: &str) {
@@ -596,8 +737,8 @@ impl LinkThread {
     }
 
     fn connect_or_accept(&mut self) {
-        if let Some(sock) = self.transport.poll_connect(self.conn.is_some()) {
-            self.link_up(sock);
+        if let Some(sock) = self.transport.poll_connect(self.conn.is_some() || !self.pending_conns.is_empty()) {
+            self.start_handshake(sock);
         }
     }
 
@@ -768,6 +909,7 @@ impl LinkThread {
         let _ = self.poll.poll(&mut events, Some(timeout));
         self.events = events;
         self.connect_or_accept();
+        work |= self.drive_handshakes();
         while let Some((chan, tag, op)) = self.shared.inbox.pop() {
             let t = self.next_tag;
             self.next_tag += 1;
@@ -830,7 +972,9 @@ impl LinkThread {
     }
 
     fn holding(&self) -> bool {
-        self.conn.as_ref().is_some_and(|c| !c.delayed.is_empty() || c.sock.pending()) || self.transport.connecting()
+        self.conn.as_ref().is_some_and(|c| !c.delayed.is_empty() || c.sock.pending())
+            || self.transport.connecting()
+            || self.pending_conns.iter().any(|p| !p.tx.is_empty() || p.sock.pending())
     }
 
     /// The link on its own thread: spin (yielding) for `settings.spin`, then sleep in epoll.

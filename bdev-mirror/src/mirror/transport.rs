@@ -31,6 +31,8 @@ pub trait Transport: Send {
     fn connecting(&self) -> bool;
     /// The peer's address, for status displays.
     fn describe(&self) -> String;
+    /// Which end of the authentication handshake this leg's connections are.
+    fn side(&self) -> super::auth::Side;
 }
 
 impl LinkStream for TcpStream {
@@ -121,6 +123,14 @@ impl Transport for TcpTransport {
 
     fn connecting(&self) -> bool {
         self.dialing.is_some()
+    }
+
+    fn side(&self) -> super::auth::Side {
+        if self.listener.is_some() {
+            super::auth::Side::Acceptor
+        } else {
+            super::auth::Side::Dialer
+        }
     }
 
     fn describe(&self) -> String {
@@ -291,6 +301,14 @@ pub mod mem {
 
         fn describe(&self) -> String {
             format!("in-memory link, side {}", self.side)
+        }
+
+        fn side(&self) -> crate::mirror::auth::Side {
+            if self.side == 0 {
+                crate::mirror::auth::Side::Acceptor
+            } else {
+                crate::mirror::auth::Side::Dialer
+            }
         }
     }
 }
