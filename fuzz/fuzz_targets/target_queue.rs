@@ -3,6 +3,7 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use nvmetro_proto::controller::{decode_io, parse_connect, Controller};
+use nvmetro_proto::nvme::{Completion, Status};
 use nvmetro_proto::pdu::{self, Digests};
 use nvmetro_proto::subsystem::{AnaState, Health, NamespaceInfo, SubsystemKind, SubsystemView};
 use nvmetro_proto::tcp::{TargetEvent, TargetLimits, TargetTransport};
@@ -38,6 +39,7 @@ fuzz_target!(|input: &[u8]| {
     let mut buf = Vec::new();
     for piece in stream.chunks(chunk) {
         buf.extend_from_slice(piece);
+        tx.clear();
         match t.receive(&buf, &mut tx, &mut events) {
             Ok(used) => {
                 buf.drain(..used);
@@ -45,15 +47,34 @@ fuzz_target!(|input: &[u8]| {
             Err(_) => return,
         }
         for ev in events.drain(..) {
-            let TargetEvent::Command { cmd, data } = ev else { continue };
-            match ctrl.as_mut() {
-                None => {
-                    if let Ok(req) = parse_connect(&cmd, &data) {
-                        ctrl = Some(Controller::new(1, &req, &view, 0));
-                    }
+            let (cmd, data) = match ev {
+                TargetEvent::Command { cmd, data } => (cmd, data),
+                TargetEvent::Reject(cqe) => {
+                    t.respond(&cqe, &[], &mut tx);
+                    continue;
                 }
+            };
+            match ctrl.as_mut() {
+                None => match parse_connect(&cmd, &data) {
+                    Ok(req) => {
+                        ctrl = Some(Controller::new(1, &req, &view, 0));
+                        t.set_connected(req.queue_size);
+                        t.respond(&Completion::new(cmd.cid(), Status::SUCCESS), &[], &mut tx);
+                    }
+                    Err(cqe) => t.respond(&cqe, &[], &mut tx),
+                },
                 Some(c) => {
-                    let _ = c.handle_admin(&view, &Health::default(), &cmd, &data, 1);
+                    // Answer every command, as the target does, so the queue bound is exercised
+                    // and not just hit.
+                    if let nvmetro_proto::controller::AdminOutcome::Complete(cqe, out) =
+                        c.handle_admin(&view, &Health::default(), &cmd, &data, 1)
+                    {
+                        t.respond(&cqe, &out, &mut tx);
+                    }
+                    t.forget_commands(c.take_dropped_commands());
+                    if c.take_shutdown_request() {
+                        c.shutdown_complete();
+                    }
                     let _ = c.poll_events(&view);
                     let _ = decode_io(&view, &cmd, &data);
                 }

@@ -76,7 +76,13 @@ pub mod prop {
 
 const CC_EN: u32 = 1;
 const CSTS_RDY: u32 = 1;
+const CSTS_SHST_MASK: u32 = 3 << 2;
+const CSTS_SHST_PROCESSING: u32 = 1 << 2;
 const CSTS_SHST_COMPLETE: u32 = 2 << 2;
+
+/// The most data one Get Log Page returns: every log this controller has is smaller, and no
+/// transfer may exceed MDTS anyway.
+pub const MAX_LOG_TRANSFER: usize = identify::MAX_TRANSFER;
 
 /// What an admin command resulted in.
 #[derive(Debug, PartialEq, Eq)]
@@ -109,6 +115,11 @@ pub struct Controller {
     ns_armed: bool,
     discovery_armed: bool,
     reset_generation: u64,
+    /// CC.SHN was written: the caller must flush every namespace, then call
+    /// [`Controller::shutdown_complete`].
+    shutdown_requested: bool,
+    /// Held Async Event Requests a reset dropped (the transport stops counting them).
+    dropped_commands: usize,
 }
 
 /// Most I/O queues a controller grants.
@@ -136,6 +147,8 @@ impl Controller {
             ns_armed: true,
             discovery_armed: true,
             reset_generation: 0,
+            shutdown_requested: false,
+            dropped_commands: 0,
         }
     }
 
@@ -144,8 +157,36 @@ impl Controller {
         self.csts & CSTS_RDY != 0
     }
 
+    /// CSTS.SHST reads "shutdown processing complete".
     pub fn is_shut_down(&self) -> bool {
-        self.csts & CSTS_SHST_COMPLETE != 0
+        self.csts & CSTS_SHST_MASK == CSTS_SHST_COMPLETE
+    }
+
+    /// Whether the host asked for a shutdown since the last call: the caller flushes every
+    /// namespace and then calls [`Controller::shutdown_complete`]; until then CSTS.SHST reads
+    /// "shutdown processing occurring".
+    pub fn take_shutdown_request(&mut self) -> bool {
+        std::mem::take(&mut self.shutdown_requested)
+    }
+
+    /// Every namespace is flushed: CSTS.SHST reads "shutdown processing complete" (unless a
+    /// reset came in between).
+    pub fn shutdown_complete(&mut self) {
+        if self.csts & CSTS_SHST_MASK == CSTS_SHST_PROCESSING {
+            self.csts = (self.csts & !CSTS_SHST_MASK) | CSTS_SHST_COMPLETE;
+        }
+    }
+
+    /// Whether the host enabled the volatile write cache (Set Features 06h; on by default).
+    /// While it is off every write must be durable before it completes.
+    pub fn write_cache(&self) -> bool {
+        self.write_cache
+    }
+
+    /// Commands that ended without a completion since the last call (Async Event Requests held
+    /// when the controller was reset).
+    pub fn take_dropped_commands(&mut self) -> usize {
+        std::mem::take(&mut self.dropped_commands)
     }
 
     /// Bumped by every disable: I/O queues of an older generation must be dropped.
@@ -263,9 +304,10 @@ impl Controller {
         } else if !enable && was_enabled {
             self.reset();
         }
-        if (new >> 14) & 3 != 0 {
-            // Shutdown: every acknowledged write is already durable, so it completes at once.
-            self.csts |= CSTS_SHST_COMPLETE;
+        if (new >> 14) & 3 != 0 && self.csts & CSTS_SHST_MASK == 0 {
+            // Shutdown: complete once the caller flushed every namespace's volatile cache.
+            self.csts |= CSTS_SHST_PROCESSING;
+            self.shutdown_requested = true;
         }
         self.cc = new;
         AdminOutcome::Complete(Completion::new(cid, Status::SUCCESS), Vec::new())
@@ -273,6 +315,8 @@ impl Controller {
 
     fn reset(&mut self) {
         self.csts = 0;
+        self.shutdown_requested = false;
+        self.dropped_commands += self.held_aers.len();
         self.held_aers.clear();
         self.queued_events.clear();
         self.reset_generation += 1;
@@ -284,9 +328,11 @@ impl Controller {
         let lid = dw10 & 0xff;
         let lsp = (dw10 >> 8) & 0x7f;
         let retain = dw10 & (1 << 15) != 0;
-        let numd = ((dw11 & 0xffff) << 16 | dw10 >> 16) as usize + 1;
+        let numd = u64::from((dw11 & 0xffff) << 16 | dw10 >> 16) + 1;
         let offset = u64::from(cmd.cdw(12)) | u64::from(cmd.cdw(13)) << 32;
-        let len = numd * 4;
+        // What the host asked for, before anything is allocated: at most what it has room for
+        // and what one transfer may carry (NUMD alone could ask for 16 GiB).
+        let asked = (numd * 4).min(u64::from(cmd.sgl_len())).min(MAX_LOG_TRANSFER as u64) as usize;
         if offset % 4 != 0 {
             return AdminOutcome::Complete(Completion::new(cid, Status::INVALID_FIELD), Vec::new());
         }
@@ -316,16 +362,13 @@ impl Controller {
             }
             _ => return AdminOutcome::Complete(Completion::new(cid, Status::INVALID_LOG_PAGE), Vec::new()),
         };
-        let mut out = vec![0u8; len];
-        if let Ok(start) = usize::try_from(offset) {
-            if start < page.len() {
-                let n = (page.len() - start).min(len);
-                out[..n].copy_from_slice(&page[start..start + n]);
-            } else if start > page.len() {
-                return AdminOutcome::Complete(Completion::new(cid, Status::INVALID_FIELD), Vec::new());
-            }
-        }
-        AdminOutcome::Complete(Completion::new(cid, Status::SUCCESS), out)
+        // Only what the log has from `offset` on is returned.
+        let start = match usize::try_from(offset) {
+            Ok(start) if start <= page.len() => start,
+            _ => return AdminOutcome::Complete(Completion::new(cid, Status::INVALID_FIELD), Vec::new()),
+        };
+        let n = (page.len() - start).min(asked);
+        AdminOutcome::Complete(Completion::new(cid, Status::SUCCESS), page[start..start + n].to_vec())
     }
 
     fn set_features(&mut self, view: &SubsystemView, cmd: &Command, _data: &[u8]) -> AdminOutcome {
@@ -371,16 +414,18 @@ impl Controller {
         let fid = cmd.cdw(10) & 0xff;
         let sel = (cmd.cdw(10) >> 8) & 7;
         let ok = |r: u64| AdminOutcome::Complete(Completion::new(cid, Status::SUCCESS).with_result(r), Vec::new());
+        let vwc = view.namespaces.iter().any(|n| n.volatile_cache);
         if sel == 3 {
             // Supported capabilities: changeable, not saveable.
             return match fid {
-                0x06 | 0x07 | 0x0b | 0x0f => ok(0b100),
+                0x06 if vwc => ok(0b100),
+                0x07 | 0x0b | 0x0f => ok(0b100),
                 _ => AdminOutcome::Complete(Completion::new(cid, Status::INVALID_FIELD), Vec::new()),
             };
         }
         let default = sel == 1;
         match fid {
-            0x06 if view.namespaces.iter().any(|n| n.volatile_cache) => ok(u64::from(default || self.write_cache)),
+            0x06 if vwc => ok(u64::from(default || self.write_cache)),
             0x07 => {
                 let granted = u64::from(if default { MAX_IO_QUEUES } else { self.io_queues } - 1);
                 ok(granted | granted << 16)
@@ -469,6 +514,15 @@ pub enum IoRequest {
 impl IoRequest {
     pub fn writes(&self) -> bool {
         matches!(self, IoRequest::Write { .. } | IoRequest::WriteZeroes { .. } | IoRequest::Deallocate { .. })
+    }
+
+    /// The request as the controller's volatile write cache setting makes it: with the cache
+    /// disabled (Set Features 06h, WCE = 0) every write is Force Unit Access.
+    pub fn under_write_cache(self, enabled: bool) -> IoRequest {
+        match self {
+            IoRequest::Write { nsid, slba, blocks, fua } => IoRequest::Write { nsid, slba, blocks, fua: fua || !enabled },
+            other => other,
+        }
     }
 }
 

@@ -4,8 +4,13 @@
 //!
 //! Writes whose data is not in the capsule are pulled with R2T, one window of at most MAXH2CDATA
 //! at a time (MAXR2T 1). Reads return data in C2HData PDUs padded to the host's HPDA.
+//!
+//! A target queue bounds what a hostile host can make it hold: at most the queue's depth of
+//! commands outstanding (received and not yet answered; one, the Connect, before Connect
+//! succeeded), so at most depth x MDTS bytes of R2T buffers; and no R2T buffer at all before
+//! Connect but the Connect's own 1 KiB.
 
-use crate::nvme::{sgl, Command, Completion, DataDirection, Status};
+use crate::nvme::{admin, fctype, sgl, Command, Completion, DataDirection, Status};
 use crate::pdu::{self, fes, Digests, Pdu, PduError};
 use std::collections::HashMap;
 
@@ -73,11 +78,56 @@ pub struct TargetTransport {
     digests: Digests,
     hpda: u8,
     pending: HashMap<u16, PendingH2C>,
+    /// Most commands the host may have outstanding (the queue size once connected).
+    queue_depth: u32,
+    /// Commands received and not yet answered through [`TargetTransport::respond`] & co.
+    outstanding: u32,
+    /// The queue's Connect succeeded: commands other than Connect may pull data.
+    connected: bool,
 }
+
+/// Bytes of data a Connect carries.
+const CONNECT_DATA: usize = 1024;
 
 impl TargetTransport {
     pub fn new(limits: TargetLimits) -> TargetTransport {
-        TargetTransport { state: TargetState::AwaitIcReq, limits, digests: Digests::default(), hpda: 0, pending: HashMap::new() }
+        TargetTransport {
+            state: TargetState::AwaitIcReq,
+            limits,
+            digests: Digests::default(),
+            hpda: 0,
+            pending: HashMap::new(),
+            queue_depth: 1,
+            outstanding: 0,
+            connected: false,
+        }
+    }
+
+    /// The queue's Connect succeeded with `entries` (one-based) queue entries: the host may have
+    /// that many commands outstanding from now on, and may send data for any of them.
+    pub fn set_connected(&mut self, entries: u32) {
+        self.queue_depth = entries.max(1);
+        self.connected = true;
+    }
+
+    /// Commands received and not yet answered.
+    pub fn outstanding(&self) -> u32 {
+        self.outstanding
+    }
+
+    /// Bytes of R2T buffers held for commands whose data is still coming.
+    pub fn buffered_bytes(&self) -> usize {
+        self.pending.values().map(|p| p.buf.len()).sum()
+    }
+
+    /// `n` outstanding commands end without a response (Async Event Requests a controller
+    /// reset dropped).
+    pub fn forget_commands(&mut self, n: usize) {
+        self.outstanding = self.outstanding.saturating_sub(n as u32);
+    }
+
+    fn answered(&mut self) {
+        self.outstanding = self.outstanding.saturating_sub(1);
     }
 
     pub fn digests(&self) -> Digests {
@@ -116,7 +166,18 @@ impl TargetTransport {
                 (_, Pdu::TermReq { fes, fei, .. }) => {
                     return Err(PduError { fes: None, fei, reason: "host sent a TermReq", header: fes.to_le_bytes().to_vec() });
                 }
-                (TargetState::Ready, Pdu::CapsuleCmd { cmd, data }) => self.on_capsule(cmd, data, tx, events),
+                (TargetState::Ready, Pdu::CapsuleCmd { cmd, data }) => {
+                    if self.outstanding >= self.queue_depth {
+                        let why = if self.connected {
+                            "more commands outstanding than the queue size"
+                        } else {
+                            "a command before the queue's Connect completed"
+                        };
+                        return Err(self.fail(bad(fes::PDU_SEQUENCE_ERROR, 0, why), tx));
+                    }
+                    self.outstanding += 1;
+                    self.on_capsule(cmd, data, tx, events)
+                }
                 (TargetState::Ready, Pdu::H2CData { cccid, ttag, datao, data, last }) => {
                     let Some(p) = self.pending.get_mut(&ttag).filter(|p| p.cmd.cid() == cccid) else {
                         return Err(self.fail(bad(fes::INVALID_HEADER_FIELD, 10, "H2CData for an unknown transfer tag"), tx));
@@ -180,6 +241,15 @@ impl TargetTransport {
                     return events.push(reject(Status::SGL_DATA_LENGTH_INVALID));
                 }
                 if dir == DataDirection::HostToController && len > 0 {
+                    if !self.connected {
+                        // Nothing but the Connect's own data is buffered before Connect.
+                        if cmd.opcode() != admin::FABRICS || cmd.fctype() != fctype::CONNECT {
+                            return events.push(reject(Status::COMMAND_SEQUENCE_ERROR));
+                        }
+                        if len != CONNECT_DATA {
+                            return events.push(reject(Status::SGL_DATA_LENGTH_INVALID));
+                        }
+                    }
                     let ttag = cmd.cid();
                     if self.pending.contains_key(&ttag) {
                         return events.push(reject(Status::CID_CONFLICT));
@@ -199,11 +269,12 @@ impl TargetTransport {
     /// Responds with `data` handed over whole. With `success_only` (the host disabled SQ flow
     /// control and the command succeeded) a read ends with a C2HData carrying the SUCCESS flag and
     /// no response capsule.
-    pub fn respond_owned(&self, cqe: &Completion, data: Vec<u8>, success_only: bool, sink: &mut impl PduSink) {
+    pub fn respond_owned(&mut self, cqe: &Completion, data: Vec<u8>, success_only: bool, sink: &mut impl PduSink) {
         const CHUNK: usize = 128 * 1024;
         if data.is_empty() || data.len() > CHUNK {
             return self.respond(cqe, &data, sink.bytes());
         }
+        self.answered();
         let success = success_only && cqe.status().is_success();
         let flags = pdu::FLAG_LAST_PDU | if success { pdu::FLAG_SUCCESS } else { 0 };
         let align = (self.hpda as usize + 1) * 4;
@@ -219,7 +290,8 @@ impl TargetTransport {
     }
 
     /// Appends the response to a command: its data (for reads) in C2HData PDUs, then the capsule.
-    pub fn respond(&self, cqe: &Completion, data: &[u8], tx: &mut Vec<u8>) {
+    pub fn respond(&mut self, cqe: &Completion, data: &[u8], tx: &mut Vec<u8>) {
+        self.answered();
         const CHUNK: usize = 128 * 1024;
         let chunks = data.len().div_ceil(CHUNK);
         for (i, chunk) in data.chunks(CHUNK).enumerate() {
@@ -354,7 +426,15 @@ mod tests {
     use super::*;
     use crate::nvme::io;
 
+    /// A host and a target past ICReq/ICResp whose queue is connected with 128 entries.
     fn pair(d: Digests, limits: TargetLimits) -> (HostTransport, TargetTransport) {
+        let (host, mut tgt) = pair_unconnected(d, limits);
+        tgt.set_connected(128);
+        (host, tgt)
+    }
+
+    /// A host and a target past ICReq/ICResp, before the Fabrics Connect.
+    fn pair_unconnected(d: Digests, limits: TargetLimits) -> (HostTransport, TargetTransport) {
         let mut tx = Vec::new();
         let mut host = HostTransport::new(d, 4096, &mut tx);
         let mut tgt = TargetTransport::new(limits);
@@ -391,7 +471,7 @@ mod tests {
 
     #[test]
     fn read_data_and_completion_reach_the_host() {
-        let (mut host, tgt) = pair(Digests { header: true, data: false }, TargetLimits::default());
+        let (mut host, mut tgt) = pair(Digests { header: true, data: false }, TargetLimits::default());
         let mut tx = Vec::new();
         host.submit(Command::new(io::READ, 9), Vec::new(), 300_000, &mut tx);
         let mut t2h = Vec::new();
@@ -405,7 +485,7 @@ mod tests {
     #[test]
     fn owned_responses_match_copied_ones_and_success_skips_the_capsule() {
         for d in [Digests::default(), Digests { header: true, data: true }] {
-            let (mut host, tgt) = pair(d, TargetLimits::default());
+            let (mut host, mut tgt) = pair(d, TargetLimits::default());
             let cqe = Completion::new(4, Status::SUCCESS);
             let (mut copied, mut owned) = (Vec::new(), Vec::new());
             tgt.respond(&cqe, &[7; 4096], &mut copied);
@@ -452,5 +532,87 @@ mod tests {
         let mut ev = Vec::new();
         tgt.receive(&bytes, &mut Vec::new(), &mut ev).unwrap();
         assert_eq!(ev, vec![TargetEvent::Reject(Completion::new(3, Status::SGL_DATA_LENGTH_INVALID))]);
+    }
+
+    #[test]
+    fn commands_beyond_the_queue_size_end_the_connection() {
+        let limits = TargetLimits::default();
+        let (mut host, mut tgt) = pair_unconnected(Digests::default(), limits);
+        tgt.set_connected(4);
+        // Four writes whose data the host never sends: each holds an R2T buffer.
+        let mut h2t = Vec::new();
+        for cid in 1..=4 {
+            host.submit(Command::new(io::WRITE, cid), vec![0; 128 * 1024], 0, &mut h2t);
+        }
+        let (mut t2h, mut ev) = (Vec::new(), Vec::new());
+        assert_eq!(tgt.receive(&h2t, &mut t2h, &mut ev).unwrap(), h2t.len());
+        assert!(ev.is_empty());
+        assert_eq!(tgt.outstanding(), 4);
+        assert_eq!(tgt.buffered_bytes(), 4 * limits.max_transfer, "bounded by queue depth x MDTS");
+        // One more, still without waiting for anything: the connection ends, and no buffer grew.
+        let mut h2t = Vec::new();
+        host.submit(Command::new(io::WRITE, 5), vec![0; 128 * 1024], 0, &mut h2t);
+        let mut t2h = Vec::new();
+        let err = tgt.receive(&h2t, &mut t2h, &mut ev).unwrap_err();
+        assert_eq!((err.fes, err.reason), (Some(fes::PDU_SEQUENCE_ERROR), "more commands outstanding than the queue size"));
+        assert_eq!(t2h[0], pdu::C2H_TERM_REQ);
+        assert_eq!(tgt.buffered_bytes(), 4 * limits.max_transfer);
+    }
+
+    #[test]
+    fn answered_commands_free_their_queue_entries() {
+        let (mut host, mut tgt) = pair_unconnected(Digests::default(), TargetLimits::default());
+        tgt.set_connected(2);
+        let mut ev = Vec::new();
+        let send = |host: &mut HostTransport, tgt: &mut TargetTransport, cid: u16, ev: &mut Vec<TargetEvent>| {
+            let mut h2t = Vec::new();
+            host.submit(Command::new(io::READ, cid), Vec::new(), 512, &mut h2t);
+            tgt.receive(&h2t, &mut Vec::new(), ev).map(|_| ())
+        };
+        send(&mut host, &mut tgt, 1, &mut ev).unwrap();
+        send(&mut host, &mut tgt, 2, &mut ev).unwrap();
+        // The first is answered (plain and owned responses both count): room for one more.
+        tgt.respond(&Completion::new(1, Status::SUCCESS), &[], &mut Vec::new());
+        send(&mut host, &mut tgt, 3, &mut ev).unwrap();
+        tgt.respond_owned(&Completion::new(2, Status::SUCCESS), vec![1; 512], true, &mut Vec::new());
+        send(&mut host, &mut tgt, 4, &mut ev).unwrap();
+        assert_eq!(tgt.outstanding(), 2);
+        assert!(send(&mut host, &mut tgt, 5, &mut ev).is_err(), "a third outstanding command on a 2-entry queue");
+        assert_eq!(ev.len(), 4);
+    }
+
+    #[test]
+    fn no_data_buffer_before_connect() {
+        let (mut host, mut tgt) = pair_unconnected(Digests::default(), TargetLimits::default());
+        host.set_in_capsule(0);
+        // A write before Connect: refused without an R2T or a buffer.
+        let mut h2t = Vec::new();
+        host.submit(Command::new(io::WRITE, 1), vec![0; 128 * 1024], 0, &mut h2t);
+        let (mut t2h, mut ev) = (Vec::new(), Vec::new());
+        tgt.receive(&h2t, &mut t2h, &mut ev).unwrap();
+        assert_eq!(ev, vec![TargetEvent::Reject(Completion::new(1, Status::COMMAND_SEQUENCE_ERROR))]);
+        assert!(t2h.is_empty(), "no R2T");
+        assert_eq!(tgt.buffered_bytes(), 0);
+        // Unsolicited H2CData for it ends the connection.
+        let mut bad = Vec::new();
+        pdu::encode_h2c_data(&mut bad, 1, 1, 0, &[0; 4096], false, Digests::default(), 0);
+        let (mut tgt2, mut tx) = (pair_unconnected(Digests::default(), TargetLimits::default()).1, Vec::new());
+        assert!(tgt2.receive(&bad, &mut tx, &mut Vec::new()).is_err());
+        assert_eq!(tgt2.buffered_bytes(), 0);
+        tgt.respond(&Completion::new(1, Status::COMMAND_SEQUENCE_ERROR), &[], &mut Vec::new());
+
+        // A Connect whose data comes by R2T is pulled (its 1 KiB is the only buffer), but
+        // nothing else may be sent while it is outstanding.
+        let (c, d) = crate::cmds::connect(2, 1, 32, 0, 1, "s", "h", [0; 16]);
+        let mut h2t = Vec::new();
+        host.submit(c, d, 0, &mut h2t);
+        let mut t2h = Vec::new();
+        tgt.receive(&h2t, &mut t2h, &mut ev).unwrap();
+        assert_eq!(t2h[0], pdu::R2T);
+        assert_eq!(tgt.buffered_bytes(), CONNECT_DATA);
+        let mut h2t = Vec::new();
+        host.submit(Command::new(io::READ, 3), Vec::new(), 512, &mut h2t);
+        let err = tgt.receive(&h2t, &mut Vec::new(), &mut ev).unwrap_err();
+        assert_eq!(err.reason, "a command before the queue's Connect completed");
     }
 }

@@ -3,7 +3,7 @@
 
 use nvmetro_proto::cmds;
 use nvmetro_proto::controller::{self, decode_io, prop, AdminOutcome, Controller, FusePairer, Fused, IoRequest};
-use nvmetro_proto::nvme::{le_u16, le_u32, Command, Completion, Status};
+use nvmetro_proto::nvme::{le_u16, le_u32, sgl, Command, Completion, Status};
 use nvmetro_proto::pdu::Digests;
 use nvmetro_proto::subsystem::{AnaState, Health, NamespaceInfo, SubsystemKind, SubsystemView};
 use nvmetro_proto::tcp::{HostEvent, HostTransport, TargetEvent, TargetLimits, TargetTransport};
@@ -96,6 +96,7 @@ impl Rig {
                 Err(c) => return Some((c, Vec::new())),
             };
             self.ctrl = Some(Controller::new(5, &req, &self.view, self.now));
+            self.target.set_connected(req.queue_size);
             return Some((Completion::new(cmd.cid(), Status::SUCCESS).with_result(5), Vec::new()));
         };
         match ctrl.handle_admin(&self.view, &Health::default(), cmd, data, self.now) {
@@ -244,4 +245,118 @@ fn fused_pairs_and_broken_sequences() {
     );
     // A second half alone.
     assert_eq!(p.push(wr, vec![]), Fused::Broken { failed: vec![Completion::new(2, Status::FUSED_MISSING)], next: None });
+}
+
+fn admin_data(outcome: AdminOutcome) -> (Status, Vec<u8>) {
+    match outcome {
+        AdminOutcome::Complete(c, d) => (c.status(), d),
+        AdminOutcome::Held => panic!("held"),
+    }
+}
+
+#[test]
+fn get_log_page_returns_only_what_the_log_has() {
+    let mut rig = Rig::new(Digests::default());
+    rig.connect_and_enable();
+    let ctrl = rig.ctrl.as_mut().unwrap();
+    // NUMD at its maximum (16 GiB) with a host buffer just as large.
+    let max_numd = |lid: u8, offset: u64| {
+        let mut c = cmds::get_log_page(7, lid, 0, 4, offset);
+        c.set_cdw(10, c.cdw(10) | 0xffff << 16);
+        c.set_cdw(11, 0xffff);
+        c.set_sgl(0, u32::MAX, sgl::TRANSPORT);
+        c
+    };
+    let (status, smart) = admin_data(ctrl.handle_admin(&rig.view, &Health::default(), &max_numd(0x02, 0), &[], 0));
+    assert_eq!((status, smart.len()), (Status::SUCCESS, 512), "the SMART log is 512 bytes");
+    assert!(smart.capacity() <= 4096, "nothing near NUMD x 4 was allocated: {}", smart.capacity());
+    let (status, tail) = admin_data(ctrl.handle_admin(&rig.view, &Health::default(), &max_numd(0x02, 500), &[], 0));
+    assert_eq!((status, tail), (Status::SUCCESS, smart[500..].to_vec()));
+    let (status, _) = admin_data(ctrl.handle_admin(&rig.view, &Health::default(), &max_numd(0x02, 516), &[], 0));
+    assert_eq!(status, Status::INVALID_FIELD, "offset beyond the log");
+    // The host's buffer bounds it too; and through the transport it arrives whole.
+    let mut small = max_numd(0x05, 0);
+    small.set_sgl(0, 100, sgl::TRANSPORT);
+    let (_, effects) = admin_data(ctrl.handle_admin(&rig.view, &Health::default(), &small, &[], 0));
+    assert_eq!(effects.len(), 100);
+    let (cqe, ana) = rig.cmd(max_numd(0x0c, 0), vec![], 128 * 1024);
+    assert_eq!((cqe.status(), ana.len()), (Status::SUCCESS, 16 + 32 + 4), "one group, one namespace");
+}
+
+#[test]
+fn volatile_write_cache_off_makes_every_write_fua() {
+    let mut rig = Rig::new(Digests::default());
+    rig.view.namespaces[0].volatile_cache = true;
+    rig.connect_and_enable();
+    let (_, id) = rig.cmd(cmds::identify(0, 1, 0), vec![], 4096);
+    assert_eq!(id[525] & 1, 1, "VWC present");
+    let get = |rig: &mut Rig| rig.cmd(cmds::get_features(0, 0x06), vec![], 0).0.result;
+    assert_eq!(get(&mut rig), 1, "enabled by default");
+    let w = cmds::write(1, 1, 0, 1);
+    let decoded = |rig: &Rig| decode_io(&rig.view, &w, &[0; 512]).unwrap().under_write_cache(rig.ctrl.as_ref().unwrap().write_cache());
+    assert_eq!(decoded(&rig), IoRequest::Write { nsid: 1, slba: 0, blocks: 1, fua: false });
+
+    assert_eq!(rig.cmd(cmds::set_features(0, 0x06, 0), vec![], 0).0.status(), Status::SUCCESS);
+    assert_eq!(get(&mut rig), 0, "Get Features returns what was set");
+    assert_eq!(decoded(&rig), IoRequest::Write { nsid: 1, slba: 0, blocks: 1, fua: true });
+    let (_, id) = rig.cmd(cmds::identify(0, 1, 0), vec![], 4096);
+    assert_eq!(id[525] & 1, 1, "the cache is still present, only disabled");
+    // Reads and other commands are untouched.
+    let mut read = cmds::read(1, 1, 0, 1);
+    read.set_sgl(0, 512, sgl::TRANSPORT);
+    let r = decode_io(&rig.view, &read, &[]).unwrap();
+    assert_eq!(r.clone().under_write_cache(false), r);
+
+    assert_eq!(rig.cmd(cmds::set_features(0, 0x06, 1), vec![], 0).0.status(), Status::SUCCESS);
+    assert_eq!(get(&mut rig), 1);
+    assert_eq!(decoded(&rig), IoRequest::Write { nsid: 1, slba: 0, blocks: 1, fua: false });
+}
+
+#[test]
+fn volatile_write_cache_feature_needs_a_cache() {
+    let mut rig = Rig::new(Digests::default());
+    rig.connect_and_enable();
+    let (_, id) = rig.cmd(cmds::identify(0, 1, 0), vec![], 4096);
+    assert_eq!(id[525] & 1, 0, "no VWC");
+    assert_eq!(rig.cmd(cmds::set_features(0, 0x06, 0), vec![], 0).0.status(), Status::INVALID_FIELD);
+    assert_eq!(rig.cmd(cmds::get_features(0, 0x06), vec![], 0).0.status(), Status::INVALID_FIELD);
+    let mut caps = cmds::get_features(0, 0x06);
+    caps.set_cdw(10, caps.cdw(10) | 3 << 8);
+    assert_eq!(rig.cmd(caps, vec![], 0).0.status(), Status::INVALID_FIELD, "no capabilities for a missing feature");
+}
+
+#[test]
+fn shutdown_completes_only_after_the_flush() {
+    let mut rig = Rig::new(Digests::default());
+    rig.connect_and_enable();
+    let csts = |rig: &mut Rig| rig.cmd(cmds::property_get(0, prop::CSTS), vec![], 0).0.result;
+    assert_eq!(rig.cmd(cmds::property_set(0, prop::CC, cmds::CC_SHUTDOWN), vec![], 0).0.status(), Status::SUCCESS);
+    assert_eq!((csts(&mut rig) >> 2) & 3, 1, "shutdown processing occurring");
+    let ctrl = rig.ctrl.as_mut().unwrap();
+    assert!(!ctrl.is_shut_down());
+    assert!(ctrl.take_shutdown_request(), "the caller is asked to flush");
+    assert!(!ctrl.take_shutdown_request(), "once");
+    // Writing CC.SHN again while it is processing asks for nothing new.
+    assert_eq!(rig.cmd(cmds::property_set(0, prop::CC, cmds::CC_SHUTDOWN), vec![], 0).0.status(), Status::SUCCESS);
+    assert!(!rig.ctrl.as_mut().unwrap().take_shutdown_request());
+    assert_eq!((csts(&mut rig) >> 2) & 3, 1);
+    rig.ctrl.as_mut().unwrap().shutdown_complete();
+    assert_eq!((csts(&mut rig) >> 2) & 3, 2, "shutdown processing complete");
+    assert!(rig.ctrl.as_ref().unwrap().is_shut_down());
+}
+
+#[test]
+fn a_reset_drops_held_event_requests() {
+    let mut rig = Rig::new(Digests::default());
+    rig.connect_and_enable();
+    let mut tx = Vec::new();
+    rig.host.submit(cmds::async_event_request(900), vec![], 0, &mut tx);
+    rig.host.submit(cmds::async_event_request(901), vec![], 0, &mut tx);
+    assert!(rig.pump(tx).is_empty());
+    assert_eq!(rig.target.outstanding(), 2);
+    assert_eq!(rig.cmd(cmds::property_set(0, prop::CC, 0), vec![], 0).0.status(), Status::SUCCESS);
+    let dropped = rig.ctrl.as_mut().unwrap().take_dropped_commands();
+    assert_eq!(dropped, 2);
+    rig.target.forget_commands(dropped);
+    assert_eq!(rig.target.outstanding(), 0);
 }

@@ -37,11 +37,18 @@ pub struct Ctx<'a> {
 
 const RX_BUFFER: usize = 512 * 1024;
 
+/// A connection with this much queued to send is not read until the socket took some of it
+/// (backpressure): a host that does not read its responses cannot make the target queue more than
+/// this plus what its outstanding commands return (at most queue depth x MDTS).
+pub const OUTBOX_LIMIT: usize = 4 << 20;
+
 /// The send side of a connection: header bytes accumulate in `tail`; read data is queued as its own
 /// buffer, and everything goes out with one writev per flush, so data is never copied here.
 #[derive(Default)]
 struct Outbox {
     segments: VecDeque<Vec<u8>>,
+    /// Bytes in `segments`, sent ones included.
+    queued: usize,
     /// Bytes of the first segment already sent.
     sent: usize,
     tail: Vec<u8>,
@@ -54,6 +61,7 @@ impl PduSink for Outbox {
     }
     fn data(&mut self, data: Vec<u8>) {
         self.seal_tail();
+        self.queued += data.len();
         self.segments.push_back(data);
     }
 }
@@ -62,6 +70,7 @@ impl Outbox {
     fn seal_tail(&mut self) {
         if !self.tail.is_empty() {
             let fresh = self.spare.pop().unwrap_or_default();
+            self.queued += self.tail.len();
             self.segments.push_back(std::mem::replace(&mut self.tail, fresh));
         }
     }
@@ -70,8 +79,14 @@ impl Outbox {
         self.segments.is_empty() && self.tail.is_empty()
     }
 
+    /// Bytes waiting to be sent.
+    fn len(&self) -> usize {
+        self.queued - self.sent + self.tail.len()
+    }
+
     fn clear(&mut self) {
         self.segments.clear();
+        self.queued = 0;
         self.tail.clear();
         self.sent = 0;
     }
@@ -102,6 +117,7 @@ impl Outbox {
                 written -= left;
                 self.sent = 0;
                 let mut done = self.segments.pop_front().expect("segment");
+                self.queued -= done.len();
                 if self.spare.len() < 64 && done.capacity() <= 256 * 1024 {
                     done.clear();
                     self.spare.push(done);
@@ -159,8 +175,12 @@ enum IoKind {
     Read,
     Write,
     Compare,
-    CompareAndWrite { write_cid: u16 },
+    CompareAndWrite {
+        write_cid: u16,
+    },
     Other,
+    /// The flushes of a controller shutdown (CC.SHN): no completion is sent.
+    Shutdown,
 }
 
 #[derive(Debug)]
@@ -174,6 +194,9 @@ struct Inflight {
     /// Index of the namespace in its subsystem, for the per-namespace figures.
     ns: Option<Arc<crate::subsys::NamespaceStats>>,
     start: std::time::Instant,
+    /// Flush this bdev once the operation succeeded, before completing (the host disabled the
+    /// volatile write cache and the operation has no FUA of its own).
+    flush_after: Option<usize>,
 }
 
 pub struct Conn {
@@ -198,6 +221,10 @@ pub struct Conn {
     /// Set when the connection must end once its send buffer is out (or at once if fatal).
     closing: Option<String>,
     fatal: bool,
+    /// Reading stopped because the send buffer is over [`OUTBOX_LIMIT`].
+    read_paused: bool,
+    /// Whether reading was ever paused (logged the first time only).
+    was_paused: bool,
 }
 
 impl Conn {
@@ -223,6 +250,8 @@ impl Conn {
             events: Vec::new(),
             closing: None,
             fatal: false,
+            read_paused: false,
+            was_paused: false,
         }
     }
 
@@ -259,12 +288,24 @@ impl Conn {
         self.fatal |= fatal;
     }
 
-    /// Reads everything the socket has and handles every complete PDU.
+    /// Reads everything the socket has and handles every complete PDU, until the send buffer
+    /// is over [`OUTBOX_LIMIT`]: then reading waits for [`Conn::should_resume_reading`].
     pub fn on_readable(&mut self, ctx: &mut Ctx) {
         loop {
-            if self.closing.is_some() && self.fatal {
+            if self.closing.is_some() {
+                // Ending: nothing more the host sends is acted on (after a TermReq in particular).
                 return;
             }
+            let queued = self.out.len();
+            if queued >= OUTBOX_LIMIT {
+                if !self.was_paused {
+                    tracing::info!(peer = %self.peer, qid = self.qid, queued, "host is not taking its responses; not reading until they drain");
+                }
+                self.read_paused = true;
+                self.was_paused = true;
+                return;
+            }
+            self.read_paused = false;
             if self.rx_end == self.rx.len() {
                 // Compact: move the partial PDU to the front.
                 self.rx.copy_within(self.rx_start..self.rx_end, 0);
@@ -299,9 +340,12 @@ impl Conn {
         match result {
             Ok(used) => self.rx_start += used,
             Err(e) => {
-                tracing::warn!(peer = %self.peer, "protocol error, closing connection: {e}");
+                tracing::warn!(peer = %self.peer, qid = self.qid, "protocol error, closing connection: {e}");
                 self.close_with(format!("protocol error: {}", e.reason), false);
                 self.rx_start = self.rx_end;
+                // The TermReq is the last thing the host hears: the commands that came with the
+                // offending PDU are not acted on.
+                events.clear();
             }
         }
         if self.rx_start == self.rx_end {
@@ -391,6 +435,7 @@ impl Conn {
                 discovery_view: Some(view),
             }));
             self.queue_size = req.queue_size;
+            self.transport.set_connected(req.queue_size);
             return self.respond(Completion::new(cid, Status::SUCCESS).with_result(u64::from(cntlid)), &[]);
         }
         let ListenerKind::Subsystems(listener) = self.listener else {
@@ -429,6 +474,7 @@ impl Conn {
                 subsystem: Some((subsystem, handle)),
                 discovery_view: None,
             }));
+            self.transport.set_connected(req.queue_size);
             self.respond(Completion::new(cid, Status::SUCCESS).with_result(u64::from(cntlid)), &[]);
         } else {
             let handle = match subsystem.find_controller(req.cntlid, &req.hostnqn) {
@@ -446,6 +492,7 @@ impl Conn {
             let generation = handle.generation.load(Ordering::Acquire);
             let cntlid = handle.cntlid;
             self.role = Role::Io(IoQueue { subsystem, handle, generation, pairer: FusePairer::default() });
+            self.transport.set_connected(req.queue_size);
             self.respond(Completion::new(cid, Status::SUCCESS).with_result(u64::from(cntlid)), &[]);
         }
     }
@@ -460,6 +507,7 @@ impl Conn {
                 handle.ready.store(q.ctrl.is_ready(), Ordering::Release);
                 handle.generation.store(q.ctrl.reset_generation(), Ordering::Release);
                 handle.io_queues_granted.store(u64::from(q.ctrl.io_queues()), Ordering::Release);
+                handle.write_cache.store(q.ctrl.write_cache(), Ordering::Release);
                 out
             }
             None => {
@@ -467,6 +515,9 @@ impl Conn {
                 q.ctrl.handle_admin(view, &Default::default(), &cmd, &data, ctx.now_ms)
             }
         };
+        let dropped = q.ctrl.take_dropped_commands();
+        let shutdown = q.ctrl.take_shutdown_request();
+        self.transport.forget_commands(dropped);
         match outcome {
             AdminOutcome::Complete(cqe, out) => {
                 let len = out.len().min(cmd.sgl_len() as usize);
@@ -476,6 +527,37 @@ impl Conn {
                 }
             }
             AdminOutcome::Held => {}
+        }
+        if shutdown {
+            self.start_shutdown(ctx);
+        }
+    }
+
+    /// CC.SHN: flushes every namespace's bdev; CSTS.SHST reads "processing" until all are done.
+    fn start_shutdown(&mut self, ctx: &mut Ctx) {
+        let Role::Admin(q) = &mut self.role else { return };
+        let namespaces = match &q.subsystem {
+            Some((subsystem, _)) => subsystem.namespaces(),
+            None => Arc::new(Vec::new()),
+        };
+        if namespaces.is_empty() {
+            return q.ctrl.shutdown_complete();
+        }
+        tracing::info!(peer = %self.peer, cntlid = q.ctrl.cntlid, "shutdown: flushing {} namespaces", namespaces.len());
+        let slot = self.alloc(Inflight {
+            cid: 0,
+            kind: IoKind::Shutdown,
+            remaining: namespaces.len() as u32,
+            status: Status::SUCCESS,
+            bytes: 0,
+            data: Vec::new(),
+            ns: None,
+            start: std::time::Instant::now(),
+            flush_after: None,
+        });
+        for ns in namespaces.iter() {
+            ns.stats.flushes.fetch_add(1, Ordering::Relaxed);
+            self.submit(ns.bdev, slot, BdevOp::Flush, ctx);
         }
     }
 
@@ -497,7 +579,7 @@ impl Conn {
             Ok(ch) => ch.submit(tag, op),
             Err(e) => {
                 tracing::error!("cannot open a channel to bdev {}: {e}", ctx.target.bdev(bdev).info().name);
-                self.on_completion(slot, Err(BdevError::Io(e.to_string())));
+                self.on_completion(slot, Err(BdevError::Io(e.to_string())), ctx);
             }
         }
     }
@@ -506,10 +588,11 @@ impl Conn {
         let cid = cmd.cid();
         let Role::Io(q) = &self.role else { return };
         let subsystem = q.subsystem.clone();
+        let write_cache = q.handle.write_cache.load(Ordering::Acquire);
         let ListenerKind::Subsystems(listener) = self.listener else { return };
         let view = subsystem.view(listener);
         let req = match decode_io(&view, &cmd, &data) {
-            Ok(r) => r,
+            Ok(r) => r.under_write_cache(write_cache),
             Err(status) => return self.respond(Completion::new(cid, status), &[]),
         };
         // One lookup serves the bdev and the statistics. The view decode_io checked and the
@@ -521,6 +604,8 @@ impl Conn {
             return self.respond(Completion::new(cid, Status::INVALID_NAMESPACE), &[]);
         }
         let ns_of = || ns_found.expect("checked above");
+        // With the host's write cache off, writes without a FUA of their own are flushed.
+        let durable = |ns: &crate::subsys::Namespace| (!write_cache && ns.info.volatile_cache).then_some(ns.bdev);
         let new = |kind, remaining, bytes| Inflight {
             cid,
             kind,
@@ -530,6 +615,7 @@ impl Conn {
             data: Vec::new(),
             ns: ns_found.map(|n| n.stats.clone()),
             start: std::time::Instant::now(),
+            flush_after: None,
         };
         match req {
             IoRequest::Read { slba, blocks, .. } => {
@@ -543,6 +629,9 @@ impl Conn {
                 let ns = ns_of();
                 let bs = u64::from(ns.info.block_size);
                 let slot = self.alloc(new(IoKind::Write, 1, data.len() as u64));
+                if fua {
+                    ns.stats.fua_writes.fetch_add(1, Ordering::Relaxed);
+                }
                 self.submit(ns.bdev, slot, BdevOp::Write { offset: slba * bs, data, fua }, ctx);
             }
             IoRequest::Compare { slba, .. } => {
@@ -554,7 +643,7 @@ impl Conn {
             IoRequest::WriteZeroes { slba, blocks, .. } => {
                 let ns = ns_of();
                 let bs = u64::from(ns.info.block_size);
-                let slot = self.alloc(new(IoKind::Other, 1, 0));
+                let slot = self.alloc(Inflight { flush_after: durable(ns), ..new(IoKind::Other, 1, 0) });
                 self.submit(ns.bdev, slot, BdevOp::WriteZeroes { offset: slba * bs, len: u64::from(blocks) * bs }, ctx);
             }
             IoRequest::Deallocate { ranges, .. } => {
@@ -564,7 +653,7 @@ impl Conn {
                 if ranges.is_empty() {
                     return self.respond(Completion::new(cid, Status::SUCCESS), &[]);
                 }
-                let slot = self.alloc(new(IoKind::Other, ranges.len() as u32, 0));
+                let slot = self.alloc(Inflight { flush_after: durable(ns), ..new(IoKind::Other, ranges.len() as u32, 0) });
                 for (slba, blocks) in ranges {
                     self.submit(ns.bdev, slot, BdevOp::Deallocate { offset: slba * bs, len: u64::from(blocks) * bs }, ctx);
                 }
@@ -580,6 +669,9 @@ impl Conn {
                     return self.respond(Completion::new(cid, Status::SUCCESS), &[]);
                 }
                 let slot = self.alloc(new(IoKind::Other, bdevs.len() as u32, 0));
+                for n in table.iter().filter(|n| bdevs.contains(&n.bdev) && (nsid == 0xffff_ffff || n.info.nsid == nsid)) {
+                    n.stats.flushes.fetch_add(1, Ordering::Relaxed);
+                }
                 for b in bdevs {
                     self.submit(b, slot, BdevOp::Flush, ctx);
                 }
@@ -590,6 +682,7 @@ impl Conn {
     fn start_compare_and_write(&mut self, compare: (Command, Vec<u8>), write: (Command, Vec<u8>), ctx: &mut Ctx) {
         let Role::Io(q) = &self.role else { return };
         let subsystem = q.subsystem.clone();
+        let write_cache = q.handle.write_cache.load(Ordering::Acquire);
         let ListenerKind::Subsystems(listener) = self.listener else { return };
         let view = subsystem.view(listener);
         let (ccmd, cdata) = compare;
@@ -613,11 +706,13 @@ impl Conn {
             data: Vec::new(),
             ns: Some(ns.stats.clone()),
             start: std::time::Instant::now(),
+            // Compare and Write has no FUA of its own: with the cache off it is flushed.
+            flush_after: (!write_cache && ns.info.volatile_cache).then_some(ns.bdev),
         });
         self.submit(ns.bdev, slot, BdevOp::CompareAndWrite { offset, expected: cdata, data: wdata }, ctx);
     }
 
-    pub fn on_completion(&mut self, slot: u32, result: Result<BdevOutput, BdevError>) {
+    pub fn on_completion(&mut self, slot: u32, result: Result<BdevOutput, BdevError>, ctx: &mut Ctx) {
         let Some(Some(f)) = self.inflight.get_mut(slot as usize) else { return };
         match result {
             Ok(BdevOutput::Data(d)) => f.data = d,
@@ -639,6 +734,14 @@ impl Conn {
         f.remaining -= 1;
         if f.remaining > 0 {
             return;
+        }
+        if let Some(bdev) = f.flush_after.take().filter(|_| f.status.is_success()) {
+            // Durable before it completes: the flush finishes this command.
+            f.remaining = 1;
+            if let Some(st) = &f.ns {
+                st.flushes.fetch_add(1, Ordering::Relaxed);
+            }
+            return self.submit(bdev, slot, BdevOp::Flush, ctx);
         }
         let f = self.inflight[slot as usize].take().expect("present");
         self.free_slots.push(slot);
@@ -666,6 +769,16 @@ impl Conn {
             }
         }
         match f.kind {
+            IoKind::Shutdown => {
+                let Role::Admin(q) = &mut self.role else { return };
+                if f.status.is_success() {
+                    q.ctrl.shutdown_complete();
+                    tracing::info!(peer = %self.peer, cntlid = q.ctrl.cntlid, "shutdown complete");
+                } else {
+                    // Not reported complete: the host must not take its data for durable.
+                    tracing::error!(peer = %self.peer, cntlid = q.ctrl.cntlid, "shutdown: a namespace flush failed; CSTS.SHST stays at processing");
+                }
+            }
             IoKind::CompareAndWrite { write_cid } => {
                 let write_status = if f.status.is_success() { Status::SUCCESS } else { Status::FUSED_FAILED };
                 self.respond(Completion::new(f.cid, f.status), &[]);
@@ -713,6 +826,12 @@ impl Conn {
         for cqe in aens {
             self.respond(cqe, &[]);
         }
+    }
+
+    /// Reading was paused for backpressure and the send buffer is below the limit again: the
+    /// reactor must call [`Conn::on_readable`] (the socket will not signal the unread bytes again).
+    pub fn should_resume_reading(&self) -> bool {
+        self.read_paused && self.closing.is_none() && self.out.len() < OUTBOX_LIMIT
     }
 
     /// Sends as much of the send buffer as the socket takes.

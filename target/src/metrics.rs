@@ -63,6 +63,15 @@ pub fn render(t: &Target) -> String {
             let _ = writeln!(o, "nvmetro_namespace_bytes_total{{{l},op=\"write\"}} {}", st.write_bytes.load(r));
         }
     }
+    help(&mut o, "nvmetro_namespace_durability_total", "counter", "Force Unit Access writes and flushes sent to the block device.");
+    for s in t.subsystems().iter() {
+        for ns in s.namespaces().iter() {
+            let st = &ns.stats;
+            let l = format!("subsystem=\"{}\",nsid=\"{}\",site=\"{site}\"", escape(&s.config().nqn), ns.info.nsid);
+            let _ = writeln!(o, "nvmetro_namespace_durability_total{{{l},op=\"fua_write\"}} {}", st.fua_writes.load(r));
+            let _ = writeln!(o, "nvmetro_namespace_durability_total{{{l},op=\"flush\"}} {}", st.flushes.load(r));
+        }
+    }
     help(&mut o, "nvmetro_namespace_errors_total", "counter", "Read and write commands that failed.");
     help(&mut o, "nvmetro_namespace_queue_depth", "gauge", "Commands in flight at the block device.");
     help(&mut o, "nvmetro_namespace_latency_seconds", "histogram", "Read and write latency inside the target.");

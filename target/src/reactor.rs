@@ -324,7 +324,9 @@ impl Reactor {
             for c in self.completions.drain(..) {
                 let token = (c.tag >> 32) as u32;
                 if let Some(conn) = self.conns.get_mut(&token) {
-                    conn.on_completion(c.tag as u32, c.result);
+                    let registry = self.poll.registry();
+                    let mut ctx = Ctx { target: &self.target, channels: &mut self.channels, registry, now_ms };
+                    conn.on_completion(c.tag as u32, c.result, &mut ctx);
                     dirty.push(token);
                 }
             }
@@ -344,6 +346,15 @@ impl Reactor {
             for token in dirty.drain(..) {
                 let Some(conn) = self.conns.get_mut(&token) else { continue };
                 conn.flush();
+                // Backpressure lifted: read what the socket will not announce again. Each turn
+                // either reads the socket dry or pauses with a send buffer the socket would not
+                // take (a writable event follows).
+                while conn.should_resume_reading() {
+                    let registry = self.poll.registry();
+                    let mut ctx = Ctx { target: &self.target, channels: &mut self.channels, registry, now_ms };
+                    conn.on_readable(&mut ctx);
+                    conn.flush();
+                }
                 if conn.finished() {
                     let mut conn = self.conns.remove(&token).expect("present");
                     let _ = self.poll.registry().deregister(conn.socket());

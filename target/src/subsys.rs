@@ -33,6 +33,9 @@ pub struct ControllerHandle {
     /// Controller resets seen so far; I/O queues of an older generation close.
     pub generation: AtomicU64,
     pub io_queues_granted: AtomicU64,
+    /// The volatile write cache as the host set it (Set Features 06h): while it is off, every
+    /// write on every I/O queue is made durable before it completes.
+    pub write_cache: AtomicBool,
 }
 
 /// Per-subsystem counters for the SMART log (relaxed atomics; read rarely).
@@ -57,6 +60,10 @@ pub struct NamespaceStats {
     pub errors: AtomicU64,
     /// Commands submitted to the bdev and not yet completed.
     pub inflight: AtomicU64,
+    /// Writes submitted with Force Unit Access (the host's or because it disabled the cache).
+    pub fua_writes: AtomicU64,
+    /// Flushes submitted to the bdev (host Flush commands, shutdown, durable writes).
+    pub flushes: AtomicU64,
     /// Counts per bucket of [`LATENCY_BUCKETS_US`], the last one for slower commands.
     pub latency: [AtomicU64; 13],
     pub latency_sum_ns: AtomicU64,
@@ -290,6 +297,7 @@ impl Subsystem {
             ready: AtomicBool::new(false),
             generation: AtomicU64::new(0),
             io_queues_granted: AtomicU64::new(u64::from(nvmetro_proto::controller::MAX_IO_QUEUES)),
+            write_cache: AtomicBool::new(true),
         });
         live.insert(cntlid, handle.clone());
         Ok(handle)

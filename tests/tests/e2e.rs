@@ -515,3 +515,242 @@ fn ana_change_by_the_operator_reaches_the_host() {
     assert!(set("sideways").contains("-32602"));
     assert!(rpc(&socket, r#"{"jsonrpc":"2.0","id":2,"method":"nvmf_get_subsystems"}"#).contains(SUBNQN));
 }
+
+/// The PDUs a raw connection received, parsed (C2HTermReq included).
+fn pdus(bytes: &[u8]) -> Vec<pdu::Pdu<'_>> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while let Some((p, n)) = pdu::parse(&bytes[at..], Digests::default(), 1 << 20).expect("well-formed PDUs from the target") {
+        out.push(p);
+        at += n;
+    }
+    assert_eq!(at, bytes.len(), "trailing bytes");
+    out
+}
+
+/// A raw connection past ICReq/ICResp.
+fn raw_connection(t: &TargetProcess) -> TcpStream {
+    let mut s = TcpStream::connect(t.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&icreq()).unwrap();
+    let mut icresp = [0u8; 128];
+    s.read_exact(&mut icresp).unwrap();
+    assert_eq!(icresp[0], pdu::ICRESP);
+    s
+}
+
+fn read_to_end(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    match s.read_to_end(&mut out) {
+        Ok(_) => out,
+        Err(e) => panic!("target neither answered nor closed: {e} (got {} bytes)", out.len()),
+    }
+}
+
+/// A capsule carrying `data`.
+fn in_capsule(mut c: Command, data: &[u8]) -> Vec<u8> {
+    c.set_sgl(0, data.len() as u32, nvmetro_proto::nvme::sgl::IN_CAPSULE);
+    let mut v = Vec::new();
+    pdu::encode_capsule_cmd(&mut v, &c, data, Digests::default(), 0);
+    v
+}
+
+/// A write of `len` bytes whose data is to be pulled with R2T.
+fn r2t_write(cid: u16, nsid: u32, len: u32) -> Vec<u8> {
+    let mut c = cmds::write(cid, nsid, 0, len / 512);
+    c.set_sgl(0, len, nvmetro_proto::nvme::sgl::TRANSPORT);
+    let mut v = Vec::new();
+    pdu::encode_capsule_cmd(&mut v, &c, &[], Digests::default(), 0);
+    v
+}
+
+#[test]
+fn a_host_beyond_its_queue_size_is_cut_off() {
+    let t = TargetProcess::start(&basic_config("[0]"));
+    let mut o = opts(&t);
+    o.io_queues = 0;
+    let mut h = Host::connect(&o).unwrap();
+    // An I/O queue of 8 entries, then 8 + 2 writes of 128 KiB sent without waiting, whose data
+    // never comes: each of the first 8 gets its R2T, the 9th ends the connection.
+    let mut s = raw_connection(&t);
+    let (c, d) = cmds::connect(1, 1, 8, 0, h.cntlid, SUBNQN, HOSTNQN, [3; 16]);
+    let bytes = in_capsule(c, &d);
+    s.write_all(&bytes).unwrap();
+    let mut resp = [0u8; 24];
+    s.read_exact(&mut resp).unwrap();
+    let [pdu::Pdu::CapsuleResp { cqe }] = pdus(&resp)[..] else { panic!("no Connect response") };
+    assert_eq!(cqe.status(), Status::SUCCESS);
+    let mut burst = Vec::new();
+    for cid in 10..20 {
+        burst.extend_from_slice(&r2t_write(cid, 1, 128 * 1024));
+    }
+    s.write_all(&burst).unwrap();
+    let out = read_to_end(&mut s);
+    let got = pdus(&out);
+    assert_eq!(got.len(), 9, "{got:?}");
+    for (i, p) in got[..8].iter().enumerate() {
+        assert!(matches!(p, pdu::Pdu::R2T { cccid, r2to: 0, .. } if *cccid == 10 + i as u16), "{p:?}");
+    }
+    assert!(matches!(got[8], pdu::Pdu::TermReq { fes: pdu::fes::PDU_SEQUENCE_ERROR, .. }), "{:?}", got[8]);
+    assert!(t.log().contains("more commands outstanding than the queue size"), "a clear error in the log:\n{}", t.log());
+    // The controller and its other queues are unharmed.
+    h.keep_alive().unwrap();
+}
+
+#[test]
+fn nothing_is_buffered_for_a_queue_before_connect() {
+    let t = TargetProcess::start(&basic_config("[0]"));
+    // A 128 KiB write before Connect: refused at once, without an R2T (so without a buffer).
+    let mut s = raw_connection(&t);
+    s.write_all(&r2t_write(4, 1, 128 * 1024)).unwrap();
+    let mut resp = [0u8; 24];
+    s.read_exact(&mut resp).unwrap();
+    let [pdu::Pdu::CapsuleResp { cqe }] = pdus(&resp)[..] else { panic!("not a response: {resp:?}") };
+    assert_eq!((cqe.cid, cqe.status()), (4, Status::COMMAND_SEQUENCE_ERROR));
+    // Its data sent anyway is a protocol error.
+    let mut h2c = Vec::new();
+    pdu::encode_h2c_data(&mut h2c, 4, 4, 0, &[0; 8192], false, Digests::default(), 0);
+    s.write_all(&h2c).unwrap();
+    let out = read_to_end(&mut s);
+    assert!(matches!(pdus(&out)[..], [pdu::Pdu::TermReq { fes: pdu::fes::INVALID_HEADER_FIELD, .. }]), "{out:?}");
+
+    // Commands piled up behind a Connect that has not completed end the connection.
+    let mut s = raw_connection(&t);
+    let (c, d) = cmds::connect(1, 0, 32, 0, 0xffff, SUBNQN, HOSTNQN, [3; 16]);
+    let mut bytes = in_capsule(c, &d);
+    for cid in 2..6 {
+        bytes.extend_from_slice(&r2t_write(cid, 1, 4096));
+    }
+    s.write_all(&bytes).unwrap();
+    let out = read_to_end(&mut s);
+    assert!(matches!(pdus(&out)[..], [pdu::Pdu::TermReq { fes: pdu::fes::PDU_SEQUENCE_ERROR, .. }]), "{:?}", pdus(&out));
+    assert!(t.log().contains("a command before the queue's Connect completed"), "{}", t.log());
+}
+
+#[test]
+fn a_host_that_does_not_read_stops_being_read() {
+    let cfg = basic_config("[0]").replace("[target]", "[target]\nsite = 1") + "\n[metrics]\naddress = \"127.0.0.1:{PORT2}\"\n";
+    let t = TargetProcess::start(&cfg);
+    let reads = format!("nvmetro_namespace_commands_total{{subsystem=\"{SUBNQN}\",nsid=\"1\",site=\"1\",op=\"read\"}}");
+    let paused = "host is not taking its responses; not reading until they drain";
+    let mut h = Host::connect(&opts(&t)).unwrap();
+    let q = &mut h.io[0];
+    // Batches of 100 reads of 128 KiB, each sent once the target answered the one before, and
+    // none of the answers read: the target must stop reading rather than queue them all.
+    let (mut cids, mut batches) = (Vec::new(), 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !t.log().contains(paused) {
+        assert!(batches < 20, "{} MiB of responses queued and the target still reads", batches * 100 / 8);
+        for i in 0..100u64 {
+            cids.push(q.submit(cmds::read(0, 1, i * 256, 256), vec![], 128 * 1024));
+        }
+        q.flush().unwrap();
+        batches += 1;
+        while scrape(t.addr2, &reads) < cids.len() as f64 && !t.log().contains(paused) {
+            assert!(Instant::now() < deadline, "reads never completed:\n{}", t.log());
+            std::thread::yield_now();
+        }
+    }
+    let queued: usize = strip_ansi(&t.log())
+        .lines()
+        .find(|l| l.contains(paused))
+        .and_then(|l| l.split("queued=").nth(1))
+        .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|v| v.parse().ok())
+        .expect("the queued bytes are logged");
+    let bound = OUTBOX_LIMIT + o_queue_size(&h) * 128 * 1024;
+    assert!((OUTBOX_LIMIT..bound).contains(&queued), "paused with {queued} bytes queued");
+    // Once the host reads, the target reads again: every command completes.
+    let q = &mut h.io[0];
+    for cid in cids {
+        let (cqe, data) = q.wait_for(cid).unwrap();
+        assert_eq!((cqe.status(), data.len()), (Status::SUCCESS, 128 * 1024));
+    }
+    h.read(1, 0, 1, 512).unwrap();
+}
+
+/// The target's send-buffer bound (`conn::OUTBOX_LIMIT`).
+const OUTBOX_LIMIT: usize = 4 << 20;
+
+fn o_queue_size(h: &Host) -> usize {
+    usize::from(h.options().queue_size)
+}
+
+/// The log without terminal colours.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn durability(m: std::net::SocketAddr, nsid: u32, op: &str) -> f64 {
+    scrape(m, &format!("nvmetro_namespace_durability_total{{subsystem=\"{SUBNQN}\",nsid=\"{nsid}\",site=\"1\",op=\"{op}\"}}"))
+}
+
+#[test]
+fn write_cache_off_makes_every_write_durable() {
+    let cfg = basic_config("[0]").replace("[target]", "[target]\nsite = 1") + "\n[metrics]\naddress = \"127.0.0.1:{PORT2}\"\n";
+    let t = TargetProcess::start(&cfg);
+    let m = t.addr2;
+    let mut h = Host::connect(&opts(&t)).unwrap();
+    assert_eq!(h.id_ctrl[525] & 1, 1, "VWC present: namespace 2 is a file with a page cache");
+    let get = |h: &mut Host| h.admin_cmd("Get Features (VWC)", cmds::get_features(0, 0x06), vec![], 0).unwrap().0.result;
+    assert_eq!(get(&mut h), 1);
+    h.write(2, 0, vec![1; 4096], 4096).unwrap();
+    assert_eq!(durability(m, 2, "fua_write"), 0.0, "the cache is on: no FUA");
+
+    h.admin_cmd("Set Features (VWC off)", cmds::set_features(0, 0x06, 0), vec![], 0).unwrap();
+    assert_eq!(get(&mut h), 0, "Get Features returns the value set");
+    assert_eq!(h.id_ctrl[525] & 1, 1);
+    for i in 0..3 {
+        h.write(2, i, vec![2; 4096], 4096).unwrap();
+    }
+    h.write(1, 0, vec![2; 512], 512).unwrap();
+    assert_eq!(durability(m, 2, "fua_write"), 3.0, "every write carries FUA");
+    assert_eq!(durability(m, 1, "fua_write"), 1.0);
+    // Write Zeroes has no FUA: it is flushed before it completes.
+    let flushes = durability(m, 2, "flush");
+    assert_eq!(status_of(h.io_cmd(0, cmds::write_zeroes(0, 2, 8, 1, false), vec![], 0)), Status::SUCCESS);
+    assert_eq!(durability(m, 2, "flush"), flushes + 1.0);
+    assert_eq!(h.read(2, 0, 1, 4096).unwrap(), vec![2; 4096]);
+
+    h.admin_cmd("Set Features (VWC on)", cmds::set_features(0, 0x06, 1), vec![], 0).unwrap();
+    assert_eq!(get(&mut h), 1);
+    h.write(2, 0, vec![3; 4096], 4096).unwrap();
+    assert_eq!(durability(m, 2, "fua_write"), 3.0, "back to cached writes");
+}
+
+#[test]
+fn shutdown_flushes_every_namespace_first() {
+    let cfg = basic_config("[0]").replace("[target]", "[target]\nsite = 1") + "\n[metrics]\naddress = \"127.0.0.1:{PORT2}\"\n";
+    let t = TargetProcess::start(&cfg);
+    let m = t.addr2;
+    let mut h = Host::connect(&opts(&t)).unwrap();
+    h.write(2, 0, vec![5; 4096], 4096).unwrap();
+    let before = (durability(m, 1, "flush"), durability(m, 2, "flush"));
+    assert_eq!(before, (0.0, 0.0));
+    h.admin_cmd("Property Set CC.SHN", cmds::property_set(0, nvmetro_proto::controller::prop::CC, cmds::CC_SHUTDOWN), vec![], 0).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (cqe, _) = h.admin_cmd("Property Get CSTS", cmds::property_get(0, nvmetro_proto::controller::prop::CSTS), vec![], 0).unwrap();
+        let shst = (cqe.result >> 2) & 3;
+        if shst == 2 {
+            break;
+        }
+        assert_eq!(shst, 1, "shutdown processing occurring meanwhile");
+        assert!(Instant::now() < deadline, "shutdown never completed");
+    }
+    assert_eq!((durability(m, 1, "flush"), durability(m, 2, "flush")), (1.0, 1.0), "each namespace flushed once");
+    assert!(t.log().contains("shutdown complete"), "{}", t.log());
+}
