@@ -63,6 +63,37 @@ impl TargetProcess {
         t
     }
 
+    /// Starts a target on `config` whose `{DIR}` is `dir` (another process's scratch directory)
+    /// and expects it to refuse to start: returns what it logged. Panics if it serves instead.
+    pub fn start_expecting_refusal(config: &str, dir: &std::path::Path) -> String {
+        let port = free_port();
+        let own = std::env::temp_dir().join(format!("nvmetro-e2e-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&own).expect("scratch dir");
+        let text = config
+            .replace("{PORT}", &port.to_string())
+            .replace("{PORT2}", &free_port().to_string())
+            .replace("{DIR}", &dir.display().to_string());
+        let config_path = own.join("target.toml");
+        std::fs::write(&config_path, text).expect("write config");
+        let mut child = spawn(&config_path, &own);
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                break status;
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+                let _ = (child.kill(), child.wait());
+                panic!("the second target started serving: {}", std::fs::read_to_string(own.join("target.log")).unwrap_or_default());
+            }
+            assert!(Instant::now() < deadline, "the second target neither served nor exited");
+        };
+        assert!(!status.success(), "a refused start exits with an error");
+        let log = std::fs::read_to_string(own.join("target.log")).unwrap_or_default();
+        let _ = std::fs::remove_dir_all(own);
+        log
+    }
+
     fn wait_listening(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_err() {

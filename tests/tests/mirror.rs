@@ -259,3 +259,17 @@ fn compare_and_write_is_atomic_across_both_sites() {
     assert_eq!((at_a, at_b), (total, total), "every successful Compare+Write counted once, on both sites");
     assert!(total >= 150);
 }
+
+#[test]
+fn a_second_process_on_the_same_files_refuses_to_start() {
+    let link = free_port();
+    let a = TargetProcess::start(&site_config_with(true, link, ""));
+    let _ = wait_serving(&a);
+    // The same leg and metadata files, other ports and socket: a second writer to be.
+    let log = TargetProcess::start_expecting_refusal(&site_config_with(true, free_port(), ""), a.scratch());
+    let leg = a.scratch().join("leg.img");
+    assert!(log.contains(&leg.display().to_string()), "the refusal names the file: {log}");
+    assert!(log.contains("holds its lock"), "and says which process holds it: {log}");
+    // The first site never noticed.
+    let _ = wait_serving(&a);
+}

@@ -153,67 +153,112 @@ impl Meta {
         }
     }
 
-    fn encode(&self) -> Vec<u8> {
+    /// Bytes of one slot: a 4 KiB header block, then the dirty and written bitmaps, rounded up
+    /// to 4 KiB so the two slots never share a block.
+    fn slot_len(words: usize) -> u64 {
+        (4096 + 16 * words as u64).next_multiple_of(4096)
+    }
+
+    /// One slot: header (magic, region shift, flags, regions, generations, sequence number,
+    /// CRC32C of the header and both bitmaps) and the bitmaps.
+    fn encode(&self, seq: u64) -> Vec<u8> {
         let words = self.dirty.len();
-        let mut b = vec![0u8; 4096 + 16 * words];
-        b[0..8].copy_from_slice(b"NVMRMETA");
+        let mut b = vec![0u8; Self::slot_len(words) as usize];
+        b[0..8].copy_from_slice(SLOT_MAGIC);
         b[8..12].copy_from_slice(&self.region_shift.to_le_bytes());
         b[12..16].copy_from_slice(&(u32::from(self.deferred) | u32::from(self.failed) << 1).to_le_bytes());
         b[16..24].copy_from_slice(&self.regions.to_le_bytes());
         b[24..32].copy_from_slice(&self.generations.current.to_le_bytes());
         b[32..40].copy_from_slice(&self.generations.bitmap.to_le_bytes());
         b[40..48].copy_from_slice(&self.generations.history.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..48]);
-        b[48..52].copy_from_slice(&crc.to_le_bytes());
+        b[48..56].copy_from_slice(&seq.to_le_bytes());
         for (i, w) in self.dirty.iter().chain(&self.written).enumerate() {
             b[4096 + i * 8..4096 + i * 8 + 8].copy_from_slice(&w.to_le_bytes());
         }
+        let crc = slot_crc(&b, words);
+        b[56..60].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
-    fn decode(b: &[u8]) -> Option<Meta> {
-        if b.len() < 4096 || &b[0..8] != b"NVMRMETA" {
+    /// A slot's metadata and sequence number, if the slot is whole (its checksum matches).
+    fn decode(b: &[u8]) -> Option<(Meta, u64)> {
+        if b.len() < 4096 {
             return None;
         }
         let u64at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
-        if crc32c::crc32c(&b[..48]) != u32::from_le_bytes(b[48..52].try_into().expect("4 bytes")) {
-            return None;
-        }
+        let flags = u32::from_le_bytes(b[12..16].try_into().expect("4 bytes"));
         let region_shift = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
         let regions = u64at(16);
-        let words = regions.div_ceil(64) as usize;
-        if b.len() < 4096 + 16 * words {
-            return None;
-        }
+        let words = usize::try_from(regions.div_ceil(64)).ok()?;
+        let seq = match &b[0..8] {
+            m if m == SLOT_MAGIC => {
+                if b.len() < 4096 + 16 * words || slot_crc(b, words) != u32::from_le_bytes(b[56..60].try_into().expect("4 bytes")) {
+                    return None;
+                }
+                u64at(48)
+            }
+            // The first format: one copy, a checksum over the header only.
+            m if m == b"NVMRMETA" => {
+                if crc32c::crc32c(&b[..48]) != u32::from_le_bytes(b[48..52].try_into().expect("4 bytes")) || b.len() < 4096 + 16 * words {
+                    return None;
+                }
+                0
+            }
+            _ => return None,
+        };
         let word = |i: usize| u64at(4096 + i * 8);
-        Some(Meta {
+        let meta = Meta {
             region_shift,
             regions,
             generations: Generations { current: u64at(24), bitmap: u64at(32), history: u64at(40) },
             dirty: (0..words).map(word).collect(),
             written: (words..2 * words).map(word).collect(),
-            deferred: u32::from_le_bytes(b[12..16].try_into().expect("4 bytes")) & 1 != 0,
-            failed: u32::from_le_bytes(b[12..16].try_into().expect("4 bytes")) & 2 != 0,
-        })
+            deferred: flags & 1 != 0,
+            failed: flags & 2 != 0,
+        };
+        Some((meta, seq))
     }
 }
 
-/// The metadata file of one leg. Writes are synchronous and followed by fdatasync: they happen
-/// only when a region turns dirty, generations change or a resync clears bits.
+const SLOT_MAGIC: &[u8; 8] = b"NVMRMET2";
+
+fn slot_crc(b: &[u8], words: usize) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&b[..56]), &b[4096..4096 + 16 * words])
+}
+
+/// The metadata file of one leg: two slots written alternately, each with a sequence number and
+/// a checksum over all of it, so a write torn by a crash leaves the other (older) slot whole.
+/// Writes are synchronous and followed by fdatasync: they happen only when a region turns dirty,
+/// generations change or a resync clears bits. The file is locked (one owner per copy).
 #[derive(Debug)]
 pub struct MetaFile {
     file: File,
+    slot_len: u64,
+    /// The sequence number of the newest slot on disk.
+    seq: u64,
 }
 
 impl MetaFile {
-    /// Opens the file, or creates it with fresh metadata for a device of `size` bytes.
+    /// Opens the file, or creates it with fresh metadata for a device of `size` bytes (and makes
+    /// the new directory entry durable).
     pub fn open(path: &Path, size: u64, region_shift: u32) -> io::Result<(MetaFile, Meta)> {
+        let existed = path.exists();
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        nvmetro_ffi::lock_exclusive(&file, path)?;
+        if !existed {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                File::open(dir)?.sync_all()?;
+            }
+        }
         let mut buf = Vec::new();
         use std::io::Read;
         (&file).read_to_end(&mut buf)?;
-        let meta = match Meta::decode(&buf) {
-            Some(m) if m.regions == size.div_ceil(1 << region_shift) && m.region_shift == region_shift => m,
+        let regions = size.div_ceil(1 << region_shift);
+        let slot_len = Meta::slot_len(regions.div_ceil(64) as usize);
+        let slots = [Meta::decode(&buf), buf.get(slot_len as usize..).and_then(Meta::decode)];
+        let newest = slots.into_iter().flatten().max_by_key(|(_, seq)| *seq);
+        let (meta, seq) = match newest {
+            Some((m, seq)) if m.regions == regions && m.region_shift == region_shift => (m, seq),
             Some(_) => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -221,18 +266,25 @@ impl MetaFile {
                 ))
             }
             None if buf.iter().any(|&b| b != 0) => {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{}: damaged mirror metadata", path.display())))
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: damaged mirror metadata (both copies)", path.display()),
+                ))
             }
-            None => Meta::new(size, region_shift),
+            None => (Meta::new(size, region_shift), 0),
         };
-        let mut mf = MetaFile { file };
+        let mut mf = MetaFile { file, slot_len, seq };
         mf.store(&meta)?;
         Ok((mf, meta))
     }
 
+    /// Writes the slot the newest one is not, then syncs: the newest stays whole until then.
     pub fn store(&mut self, meta: &Meta) -> io::Result<()> {
-        self.file.write_all_at(&meta.encode(), 0)?;
-        self.file.sync_data()
+        let seq = self.seq + 1;
+        self.file.write_all_at(&meta.encode(seq), (seq % 2) * self.slot_len)?;
+        self.file.sync_data()?;
+        self.seq = seq;
+        Ok(())
     }
 }
 
@@ -269,8 +321,74 @@ mod tests {
         assert_eq!(again.dirty_count(), 3);
         assert_eq!(again.next_dirty(0), Some(5));
         assert!(MetaFile::open(&p, 200 << 20, 20).is_err(), "size change is refused");
+        {
+            let (_held, _) = MetaFile::open(&p, 100 << 20, 20).unwrap();
+            let e = MetaFile::open(&p, 100 << 20, 20).unwrap_err();
+            assert!(e.to_string().contains(&p.display().to_string()), "a second owner is refused, naming the file: {e}");
+        }
         std::fs::write(&p, b"garbage").unwrap();
         assert!(MetaFile::open(&p, 100 << 20, 20).is_err(), "damage is refused");
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn a_torn_store_keeps_the_previous_copy() {
+        let p = std::env::temp_dir().join(format!("nvmetro-meta-torn-{}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        let (mut f, mut m) = MetaFile::open(&p, 64 << 20, 20).unwrap();
+        m.generations.current = 11;
+        f.store(&m).unwrap();
+        let older = m.clone();
+        m.generations.current = 12;
+        m.mark(0, 4096);
+        f.store(&m).unwrap();
+        let slot = f.slot_len;
+        let newest_at = (f.seq % 2) * slot;
+        drop(f);
+        // A crash in the middle of the newest store: half of its slot is garbage.
+        let mut bytes = std::fs::read(&p).unwrap();
+        for b in &mut bytes[newest_at as usize + 20..newest_at as usize + 4200] {
+            *b = 0xee;
+        }
+        std::fs::write(&p, &bytes).unwrap();
+        let (f, back) = MetaFile::open(&p, 64 << 20, 20).unwrap();
+        assert_eq!(back, older, "the torn copy is ignored, the previous one is whole");
+        drop(f);
+        // Both copies damaged: refused, never taken for fresh metadata.
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes[30] ^= 1;
+        bytes[slot as usize + 30] ^= 1;
+        std::fs::write(&p, &bytes).unwrap();
+        let e = MetaFile::open(&p, 64 << 20, 20).unwrap_err();
+        assert!(e.to_string().contains("damaged"), "{e}");
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn the_first_format_is_read_and_rewritten() {
+        let p = std::env::temp_dir().join(format!("nvmetro-meta-v1-{}", std::process::id()));
+        let mut m = Meta::new(64 << 20, 20);
+        m.generations = Generations { current: 9, bitmap: 3, history: 0 };
+        m.mark(5 << 20, 1);
+        // The first format: one copy, "NVMRMETA", a CRC over the 48-byte header.
+        let words = m.dirty.len();
+        let mut b = vec![0u8; 4096 + 16 * words];
+        b[0..8].copy_from_slice(b"NVMRMETA");
+        b[8..12].copy_from_slice(&20u32.to_le_bytes());
+        b[16..24].copy_from_slice(&m.regions.to_le_bytes());
+        b[24..32].copy_from_slice(&9u64.to_le_bytes());
+        b[32..40].copy_from_slice(&3u64.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..48]);
+        b[48..52].copy_from_slice(&crc.to_le_bytes());
+        for (i, w) in m.dirty.iter().chain(&m.written).enumerate() {
+            b[4096 + i * 8..4096 + i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+        }
+        std::fs::write(&p, &b).unwrap();
+        let (f, back) = MetaFile::open(&p, 64 << 20, 20).unwrap();
+        assert_eq!(back, m);
+        drop(f);
+        let (_, again) = MetaFile::open(&p, 64 << 20, 20).unwrap();
+        assert_eq!(again, m, "rewritten in the two-slot format");
         std::fs::remove_file(p).unwrap();
     }
 }
