@@ -109,7 +109,7 @@ fn strangers(link: SocketAddr, replay: Vec<u8>, until: Instant) -> u64 {
             }
             _ => std::thread::sleep(Duration::from_millis(50)), // silent for a while
         }
-        if kind % 5 != 0 {
+        if !kind.is_multiple_of(5) {
             // The target closes a refused connection: wait for it (read returns 0 or an error).
             let mut buf = [0u8; 256];
             while matches!(s.read(&mut buf), Ok(n) if n > 0) {}

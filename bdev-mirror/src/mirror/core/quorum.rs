@@ -1,0 +1,230 @@
+//! Metro mode: reports to the witness and the peer, pre-election, elections and their outcome,
+//! settling until the other leg's lease has surely run out.
+
+use super::*;
+
+impl MirrorCore {
+    /// Metro mode, every tick: reports to the witness and the peer, elections, settling.
+    pub(super) fn metro_tick(&mut self, out: &mut Vec<Output>) {
+        let Some(m) = self.metro.clone() else { return };
+        let now = self.last_tick_ms;
+        match self.quorum {
+            Quorum::Starting if self.link == LinkState::Connected => self.quorum = Quorum::Peer,
+            Quorum::Starting if now >= m.startup_grace_ms && self.link != LinkState::Handshake && !self.peer_reachable() => {
+                self.elect(out);
+            }
+            Quorum::Solo | Quorum::Fenced if self.link == LinkState::Connected && self.disk == DiskState::UpToDate => {
+                self.quorum = Quorum::Peer;
+                if !self.failback_hold {
+                    self.why = "in sync with the peer".into();
+                }
+            }
+            Quorum::Won { at_ms } if now >= at_ms => {
+                self.quorum = Quorum::Solo;
+                self.why = if self.armed {
+                    "serving alone: pre-elected survivor (peer and witness lost)".into()
+                } else {
+                    format!("serving alone: granted by the witness (generation {:x})", self.meta.generations.current)
+                };
+                tracing::warn!("{}", self.why);
+                self.release_held(Ok(()), out);
+            }
+            _ => {}
+        }
+        // The witness: elections ask often; everything else reports at the interval.
+        let due = match self.quorum {
+            Quorum::Electing { last_ask_ms, .. } => now.saturating_sub(last_ask_ms) >= 100,
+            _ => now.saturating_sub(self.last_report_ms) >= WITNESS_INTERVAL_MS,
+        };
+        if due {
+            self.last_report_ms = now;
+            let in_sync = self.link == LinkState::Connected
+                && self.disk == DiskState::UpToDate
+                && self.peer.is_some_and(|p| p.disk == DiskState::UpToDate);
+            let g = self.meta.generations;
+            let alone = !self.peer_reachable();
+            let (ask, next, nonce) = match &mut self.quorum {
+                Quorum::Electing { next, nonce, last_ask_ms, .. } => {
+                    *last_ask_ms = now;
+                    (crate::mirror::witness::Ask::Acquire, *next, *nonce)
+                }
+                // Serving alone: confirm the grant (and, after a pre-election, record it).
+                Quorum::Solo | Quorum::Won { .. } if alone => (crate::mirror::witness::Ask::Acquire, 0, 0),
+                _ => (crate::mirror::witness::Ask::Report, 0, 0),
+            };
+            self.witness_seq += 1;
+            out.push(Output::Witness(crate::mirror::witness::Request {
+                ask,
+                seq: self.witness_seq,
+                site: self.site,
+                in_sync,
+                nonce,
+                current: g.current,
+                bitmap: g.bitmap,
+                next,
+                resource: m.resource.clone(),
+            }));
+            if self.link == LinkState::Connected {
+                self.pre_elect(&m, out);
+            }
+        }
+    }
+
+    /// While connected: tell the peer whether the witness answers; when neither leg reaches it,
+    /// agree that the survivor serves after a link loss.
+    pub(super) fn pre_elect(&mut self, m: &Metro, out: &mut Vec<Output>) {
+        // Just started and not heard from yet is not lost: give the witness the startup grace.
+        let reachable = self.witness_reachable() || (self.witness_seen_ms.is_none() && self.last_tick_ms < m.startup_grace_ms);
+        let mut arg = if reachable { wit::REACHABLE } else { wit::UNREACHABLE };
+        if !self.configured_preferred && !reachable && !self.peer_reaches_witness && self.disk == DiskState::UpToDate {
+            if !self.meta.deferred {
+                self.meta.deferred = true;
+                out.push(Output::Persist);
+                tracing::warn!("witness lost by both sites: the pre-elected peer survives a link loss");
+            }
+            arg = wit::DEFER;
+        }
+        let mut f = Frame::new(Kind::Witness, 0);
+        f.arg = arg;
+        out.push(Output::Send(f));
+    }
+
+    pub(super) fn on_witness_frame(&mut self, arg: u32, out: &mut Vec<Output>) {
+        let survivor = self.configured_preferred;
+        match arg {
+            wit::DEFER if survivor => {
+                self.peer_reaches_witness = false;
+                if !self.armed {
+                    tracing::warn!("witness lost by both sites: this site survives a link loss");
+                }
+                self.armed = true;
+            }
+            wit::REACHABLE | wit::UNREACHABLE => {
+                self.peer_reaches_witness = arg == wit::REACHABLE;
+                if survivor && self.armed && arg == wit::REACHABLE {
+                    self.armed = false;
+                }
+                if survivor && !self.armed {
+                    let mut f = Frame::new(Kind::Witness, 0);
+                    f.arg = wit::RELEASE;
+                    out.push(Output::Send(f));
+                }
+            }
+            wit::RELEASE if self.meta.deferred && self.witness_reachable() => {
+                self.meta.deferred = false;
+                out.push(Output::Persist);
+            }
+            _ => {}
+        }
+    }
+
+    /// Lost the peer (or started without it): decide how to ask for the right to serve alone.
+    pub(super) fn elect(&mut self, out: &mut Vec<Output>) {
+        let now = self.last_tick_ms;
+        if self.meta.deferred {
+            self.quorum = Quorum::Fenced;
+            self.disk = DiskState::Outdated;
+            self.why = "fenced: the pre-elected peer survives (the witness was lost first)".into();
+            self.release_held(Err(BdevError::Fenced), out);
+        } else if self.disk != DiskState::UpToDate {
+            self.quorum = Quorum::Fenced;
+            self.why = format!("fenced: this copy is {}", self.disk.name());
+            self.release_held(Err(BdevError::Fenced), out);
+        } else if self.armed {
+            self.diverge(out);
+            self.become_orderer(out);
+            self.quorum = Quorum::Won { at_ms: self.settle_at() };
+            self.why = "pre-elected survivor: settling".into();
+        } else {
+            let next = if self.meta.generations.bitmap == 0 { self.fresh_generation() } else { 0 };
+            let nonce = self.fresh_generation();
+            self.quorum = Quorum::Electing { since_ms: now, next, nonce, last_ask_ms: 0 };
+            self.pending_grant = None;
+            self.why = "peer lost: asking the witness".into();
+        }
+    }
+
+    /// When this leg may serve alone: once the lease its last Pong could have given the peer has
+    /// surely run out (module docs), and not before now.
+    pub(super) fn settle_at(&self) -> u64 {
+        let settle = self.metro.as_ref().map_or(lease_settle(self.lease_ms), |m| m.settle_ms);
+        self.last_pong_sent_ms.map_or(self.last_tick_ms, |p| (p + settle).max(self.last_tick_ms))
+    }
+
+    pub(super) fn on_witness(&mut self, reply: crate::mirror::witness::Reply, out: &mut Vec<Output>) {
+        use crate::mirror::witness::Verdict;
+        self.witness_seen_ms = Some(self.last_tick_ms);
+        self.witness_authority = reply.authority;
+        self.witness_holder = reply.holder;
+        match (self.quorum.clone(), reply.verdict) {
+            (Quorum::Electing { nonce, next, .. }, Verdict::Granted) if nonce == reply.nonce && self.link == LinkState::Handshake => {
+                // Our Hello went out with the old generations: diverging now would confuse the
+                // handshake. Keep the grant for the case the connection dies without a Hello.
+                self.pending_grant = Some(next);
+            }
+            (Quorum::Electing { nonce, next, .. }, Verdict::Granted) if nonce == reply.nonce => {
+                self.take_grant(next, out);
+            }
+            (Quorum::Electing { nonce, .. }, Verdict::Denied) if nonce == reply.nonce => {
+                self.quorum = Quorum::Fenced;
+                self.disk = DiskState::Outdated;
+                self.why = format!("fenced: site {} won the witness; waiting to be resynced", reply.holder);
+                tracing::warn!("{}", self.why);
+                self.release_held(Err(BdevError::Fenced), out);
+            }
+            (Quorum::Solo, Verdict::Denied) if reply.nonce == 0 && !self.peer_reachable() => {
+                // The witness says another lineage holds the authority (an operator reset it):
+                // stop, never risk two writers.
+                self.quorum = Quorum::Fenced;
+                self.disk = DiskState::Outdated;
+                self.why = format!("fenced: the witness no longer grants this site (holder: site {})", reply.holder);
+                tracing::error!("{}", self.why);
+            }
+            _ => {}
+        }
+    }
+
+    /// The witness granted this leg the right to serve alone under generation `next`.
+    pub(super) fn take_grant(&mut self, next: u64, out: &mut Vec<Output>) {
+        let g = &mut self.meta.generations;
+        if next != 0 && g.bitmap == 0 {
+            g.history = 0;
+            g.bitmap = g.current;
+            g.current = next;
+            out.push(Output::Persist);
+        }
+        self.become_orderer(out);
+        self.quorum = Quorum::Won { at_ms: self.settle_at() };
+        self.why = "granted by the witness: settling".into();
+    }
+
+    /// Becomes the leg that orders writes (a secondary promoted by an election).
+    pub(super) fn become_orderer(&mut self, out: &mut Vec<Output>) {
+        if self.role != Role::Preferred {
+            self.switch_role(Role::Preferred, out);
+        }
+    }
+
+    pub(super) fn metro_link_down(&mut self, was: LinkState, out: &mut Vec<Output>) {
+        self.unconfirmed.clear();
+        self.forwarded.clear();
+        self.fail_forwarded(BdevError::Transition, out);
+        match self.quorum {
+            // Already serving alone (the peer was resyncing) or already out: nothing to decide.
+            Quorum::Solo | Quorum::Won { .. } => self.release_held(Ok(()), out),
+            Quorum::Electing { .. } => {
+                // The connection that held a grant back died without a Hello: take it now.
+                if let Some(next) = self.pending_grant.take() {
+                    self.take_grant(next, out);
+                }
+            }
+            Quorum::Fenced => {}
+            Quorum::Starting | Quorum::Peer => {
+                if matches!(was, LinkState::Syncing { source: false }) && self.disk == DiskState::UpToDate {
+                    self.disk = DiskState::Inconsistent;
+                }
+                self.elect(out);
+            }
+        }
+    }
+}

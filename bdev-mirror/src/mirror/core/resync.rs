@@ -1,0 +1,179 @@
+//! Handshake and resync: who is the source (generations, failed disks), the union of both
+//! legs' dirty bitmaps, sending dirty regions within the window and rate, and the sweep that
+//! clears confirmed regions.
+
+use super::*;
+
+impl MirrorCore {
+    pub(super) fn on_hello(&mut self, f: &Frame, out: &mut Vec<Output>) {
+        let Some(peer) = Hello::from_payload(&f.payload) else {
+            self.link = LinkState::Refused("malformed hello".into());
+            return;
+        };
+        self.peer = Some(peer);
+        if peer.size != self.size {
+            self.link = LinkState::Refused(format!("peer device is {} bytes, this one {}", peer.size, self.size));
+            return;
+        }
+        if peer.preferred == self.configured_preferred {
+            self.link = LinkState::Refused("both legs have the same role; exactly one must be preferred".into());
+            return;
+        }
+        let dir = self.meta.generations.compare(&peer.generations);
+        let source = match dir {
+            SyncDirection::InSync => self.configured_preferred,
+            SyncDirection::ThisIsSource | SyncDirection::FullToPeer => true,
+            SyncDirection::PeerIsSource | SyncDirection::FullFromPeer => false,
+            SyncDirection::SplitBrain | SyncDirection::Unrelated => {
+                self.link = LinkState::Refused(format!("{dir:?}: the legs' data diverged; resolve by discarding one leg"));
+                tracing::error!("mirror peer refused: {dir:?}");
+                return;
+            }
+        };
+        // Same lineage: a Failed leg is never the source.
+        let source = match (dir, self.disk == DiskState::Failed, peer.disk == DiskState::Failed) {
+            (SyncDirection::InSync, true, true) => {
+                self.link = LinkState::Refused("both legs' devices failed".into());
+                return;
+            }
+            (SyncDirection::InSync, true, false) => false,
+            (SyncDirection::InSync, false, true) => true,
+            _ => source,
+        };
+        if matches!(self.quorum, Quorum::Electing { .. }) {
+            // The peer is back before the election ended: the handshake decides. A grant held
+            // back meanwhile is dropped (the witness heals it once both legs report in sync).
+            self.quorum = Quorum::Starting;
+            self.pending_grant = None;
+            self.why = "peer back during the election".into();
+            // Writes held for the verdict never reached the peer: hosts retry them (their regions
+            // are dirty, so the resync covers whatever this leg applied).
+            self.release_held(Err(BdevError::Transition), out);
+        }
+        // The sync source orders writes (after a failover that may be the configured secondary).
+        let role = if source { Role::Preferred } else { Role::Secondary };
+        if role != self.role {
+            self.switch_role(role, out);
+        }
+        if source {
+            if dir == SyncDirection::FullToPeer {
+                self.meta.dirty_all_written();
+            }
+            self.to_sync = (0..self.meta.regions).filter(|r| self.meta.is_dirty(*r)).collect();
+            self.sync_cursor = 0;
+            self.sync_total = self.to_sync.len() as u64 * (1u64 << self.meta.region_shift);
+            self.resynced_bytes = 0;
+            self.sync_errors = false;
+            self.link = LinkState::Syncing { source: true };
+            // Wait for the target's bitmap: it may have written regions this leg never saw.
+            self.awaiting_bitmap = true;
+        } else {
+            if dir != SyncDirection::InSync || self.meta.dirty_count() > 0 {
+                self.disk = DiskState::Inconsistent;
+            }
+            self.link = LinkState::Syncing { source: false };
+            let mut f = Frame::new(Kind::Bitmap, 0);
+            f.payload = self.meta.dirty.iter().flat_map(|w| w.to_le_bytes()).collect();
+            out.push(Output::Send(f));
+        }
+    }
+
+    /// Source: the target's dirty regions join the resync.
+    pub(super) fn on_peer_bitmap(&mut self, payload: &[u8], out: &mut Vec<Output>) {
+        if !self.awaiting_bitmap || self.link != (LinkState::Syncing { source: true }) {
+            return;
+        }
+        self.awaiting_bitmap = false;
+        let mut added = false;
+        for (i, chunk) in payload.chunks_exact(8).enumerate().take(self.meta.dirty.len()) {
+            let w = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+            added |= w & !self.meta.dirty[i] != 0;
+            self.meta.dirty[i] |= w;
+        }
+        if added {
+            out.push(Output::Persist);
+        }
+        // Everything dirty now: this leg's bits (including writes since the Hello) and the peer's.
+        self.to_sync = (0..self.meta.regions).filter(|r| self.meta.is_dirty(*r)).collect();
+        self.sync_cursor = 0;
+        self.sync_total = self.to_sync.len() as u64 * (1u64 << self.meta.region_shift);
+        self.pump_resync(out);
+    }
+
+    /// Sends the next dirty regions, within the window and the rate budget.
+    pub(super) fn pump_resync(&mut self, out: &mut Vec<Output>) {
+        if self.link != (LinkState::Syncing { source: true }) || self.awaiting_bitmap {
+            return;
+        }
+        let region_len = 1u64 << self.meta.region_shift;
+        while self.resync_inflight < RESYNC_WINDOW && self.sync_cursor < self.to_sync.len() {
+            if self.resync_rate > 0 {
+                if self.tokens < region_len.min(self.resync_rate) {
+                    return;
+                }
+                self.tokens -= region_len.min(self.tokens);
+            }
+            let region = self.to_sync[self.sync_cursor];
+            self.sync_cursor += 1;
+            let offset = region << self.meta.region_shift;
+            let len = region_len.min(self.size - offset);
+            self.resync_inflight += 1;
+            let id = self.new_op(Origin::ResyncOut(region), BdevOp::Read { offset, len: len as usize });
+            self.admit(id, out);
+        }
+        if self.sync_cursor >= self.to_sync.len() && self.resync_inflight == 0 && self.sync_errors {
+            // A region could not be copied: it stays dirty, the target stays Failed (and
+            // retries), this leg keeps its diverged generation.
+            let mut f = Frame::new(Kind::Resync, 0);
+            f.arg = RESYNC_INCOMPLETE;
+            out.push(Output::Send(f));
+            self.link = LinkState::Connected;
+            self.to_sync.clear();
+            tracing::warn!("mirror resync ended with regions not copied; they stay dirty");
+            return;
+        }
+        if self.sync_cursor >= self.to_sync.len() && self.resync_inflight == 0 {
+            // Everything sent and acknowledged: the peer is a faithful copy again.
+            self.peer_failure = None;
+            let mut f = Frame::new(Kind::Resync, 0);
+            f.offset = self.meta.generations.current;
+            out.push(Output::Send(f));
+            self.meta.generations.bitmap = 0;
+            self.link = LinkState::Connected;
+            if self.disk == DiskState::Outdated {
+                // Outdated only by a lost election in the same lineage: both copies now match.
+                self.disk = DiskState::UpToDate;
+            }
+            self.to_sync.clear();
+            if let Some(p) = self.peer.as_mut() {
+                p.disk = DiskState::UpToDate;
+            }
+            out.push(Output::Persist);
+        }
+    }
+
+    /// Clears dirty bits of regions the peer has fully confirmed (preferred leg, in sync).
+    pub(super) fn sweep(&mut self, out: &mut Vec<Output>) {
+        // A Failed peer confirms nothing: every region stays dirty until its resync.
+        if self.role != Role::Preferred || self.link != LinkState::Connected || self.peer.is_none() || self.peer_failure.is_some() {
+            if std::mem::take(&mut self.lazy_persist) {
+                out.push(Output::Persist);
+            }
+            return;
+        }
+        let now = self.last_tick_ms;
+        let mut cleared = false;
+        for r in 0..self.meta.regions {
+            let idle = self.last_write.get(&r).is_none_or(|t| now.saturating_sub(*t) >= ACTIVITY_IDLE_MS);
+            if idle && self.meta.is_dirty(r) && self.unconfirmed.get(&r).copied().unwrap_or(0) == 0 {
+                self.meta.clear_dirty(r);
+                self.last_write.remove(&r);
+                cleared = true;
+            }
+        }
+        self.unconfirmed.retain(|_, c| *c > 0);
+        if cleared || std::mem::take(&mut self.lazy_persist) {
+            out.push(Output::Persist);
+        }
+    }
+}
