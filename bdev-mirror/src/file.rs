@@ -24,7 +24,9 @@ pub struct FileBdev {
 
 impl FileBdev {
     /// Opens `path`; a regular file that does not exist or is smaller is created/extended to
-    /// `size` (when given). Block devices keep their own size.
+    /// `size` (when given). Block devices keep their own size. The file is locked exclusively
+    /// for as long as the bdev lives: opening it while another process or bdev has it open
+    /// fails, naming the file and, where it can be known, the holder's PID.
     pub fn open(name: &str, path: &Path, block_size: u32, size: Option<u64>, direct: bool) -> io::Result<FileBdev> {
         let open = |direct: bool| {
             let mut o = OpenOptions::new();
@@ -45,6 +47,8 @@ impl FileBdev {
             }
             Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
         };
+        // One owner per copy: another target (or bdev) writing the same file would corrupt it.
+        nvmetro_ffi::lock_exclusive(&file, path)?;
         let meta = file.metadata()?;
         let mut bytes = if meta.file_type().is_block_device() {
             use std::io::Seek;
@@ -321,6 +325,49 @@ mod tests {
         assert_eq!(done[0].tag, 1, "compare-and-write finished first");
         let r = crate::conformance::run_to_completion(a.as_mut(), 3, BdevOp::Read { offset: 0, len: 4096 });
         assert_eq!(r, Ok(BdevOutput::Data(vec![2; 4096])));
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn a_file_has_one_owner_in_this_process() {
+        let p = temp("owner");
+        let first = FileBdev::open("a", &p, 4096, Some(1 << 20), false).unwrap();
+        let e = FileBdev::open("b", &p, 4096, Some(1 << 20), false).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ResourceBusy);
+        assert!(e.to_string().contains(&p.display().to_string()), "{e}");
+        drop(first);
+        FileBdev::open("b", &p, 4096, Some(1 << 20), false).expect("free once the first bdev is gone");
+        std::fs::remove_file(p).unwrap();
+    }
+
+    /// Run by `a_file_open_in_another_process_is_refused`: keeps a file bdev open until stdin closes.
+    #[test]
+    fn file_owner_helper() {
+        let Some(p) = std::env::var_os("NVMETRO_FILE_OWNER_HELPER") else { return };
+        let _b = FileBdev::open("other", Path::new(&p), 4096, Some(1 << 20), false).unwrap();
+        println!("opened");
+        let _ = io::Read::read_to_end(&mut io::stdin(), &mut Vec::new());
+    }
+
+    #[test]
+    fn a_file_open_in_another_process_is_refused() {
+        use io::BufRead;
+        let p = temp("owner-child");
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "file::tests::file_owner_helper", "--nocapture", "--test-threads=1"])
+            .env("NVMETRO_FILE_OWNER_HELPER", &p)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = io::BufReader::new(child.stdout.take().unwrap()).lines();
+        assert!(lines.any(|l| l.unwrap().ends_with("opened")), "the helper did not open the file");
+        let e = FileBdev::open("f", &p, 4096, Some(1 << 20), false).unwrap_err().to_string();
+        assert!(e.contains(&p.display().to_string()), "{e}");
+        assert!(e.contains(&format!("process {}", child.id())), "{e}");
+        drop(child.stdin.take());
+        assert!(child.wait().unwrap().success());
+        FileBdev::open("f", &p, 4096, Some(1 << 20), false).expect("free once the other process exited");
         std::fs::remove_file(p).unwrap();
     }
 

@@ -6,14 +6,17 @@
 //!   all reactors. Access goes through stripe locks taken with atomics, so two reactors can never
 //!   copy into the same bytes at once and every copy is free of data races.
 //! * [`Uring`]: an io_uring instance per reactor that owns each buffer while the kernel uses it.
+//! * [`lock_exclusive`]: one owner per copy, an exclusive OFD lock on a bdev's or a metadata file.
 //! * [`pin_current_thread`] and [`eventfd`] helpers.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod dmabuf;
+mod lock;
 mod shmem;
 mod uring;
 
 pub use dmabuf::DmaBuf;
+pub use lock::lock_exclusive;
 pub use shmem::{OutOfRange, SharedMem};
 pub use uring::{Uring, UringCompletion, UringOp};
 
