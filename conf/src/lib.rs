@@ -34,14 +34,25 @@ use toml::Spanned;
 /// The configuration served when `nvmetro-tgt` runs without `--config`.
 pub const DEFAULT_CONFIG: &str = include_str!("../examples/default.toml");
 
-/// A configuration error: where it is and what is wrong.
+/// A configuration error: where it is and what is wrong, shown as `file:line: key: message`
+/// (line 0: the key has no line of its own, e.g. a missing section). Only an error about the
+/// whole file (it cannot be read) has no key, and is shown as `file: message`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{file}:{line}: {key}: {message}")]
 pub struct ConfigError {
     pub file: String,
     pub line: usize,
     pub key: String,
     pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file, self.message)
+        } else {
+            write!(f, "{}:{}: {}: {}", self.file, self.line, self.key, self.message)
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -64,7 +75,7 @@ pub struct TargetSection {
     #[serde(default)]
     pub discovery: Vec<Spanned<String>>,
     /// Unix socket for management commands (`nvmetro status`, reload).
-    pub socket: Option<PathBuf>,
+    pub socket: Option<Spanned<PathBuf>>,
     /// The site this target stands at (for hosts' preferred paths, see `[[host]]`).
     pub site: Option<u8>,
 }
@@ -92,7 +103,7 @@ pub enum BdevKind {
     Mirror,
 }
 
-/// A byte size: an integer or a string such as "512MiB", "1GiB", "4k".
+/// A byte size: an integer or a string such as "512MiB", "1GiB", "4k", "1TB" (see [`parse_size`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Size(pub u64);
 
@@ -114,28 +125,54 @@ impl<'de> Deserialize<'de> for Size {
                 u64::try_from(v).map(Size).map_err(|_| E::custom("a size cannot be negative"))
             }
             fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Size, E> {
-                parse_size(s).map(Size).ok_or_else(|| E::custom(format!("`{s}` is not a size (try \"512MiB\" or \"1GiB\")")))
+                parse_size(s).map(Size).ok_or_else(|| {
+                    E::custom(format!(
+                        "`{s}` is not a size: use KiB/MiB/GiB/TiB (or K/M/G/T) for powers of 1024, kB/MB/GB/TB for powers of 1000, e.g. \"512MiB\""
+                    ))
+                })
             }
         }
         d.deserialize_any(V)
     }
 }
 
-/// Parses "4096", "4k", "4KiB", "512MiB", "1G", "1GiB", "2T".
+/// Parses a byte size as `dd` and the SI/IEC standards read it: "4096" or "4096B" bytes;
+/// "KiB", "MiB", "GiB", "TiB", "PiB" and the bare "K", "M", "G", "T", "P" are powers of 1024;
+/// "kB"/"KB", "MB", "GB", "TB", "PB" are powers of 1000 (so "1TB" is 10^12 bytes, "1TiB" 2^40).
+/// Units are case-insensitive except that "m"/"mb" never mean milli. A fraction is allowed when
+/// it comes to whole bytes ("1.5GiB"). `None`: not a size, or more than 2^64 - 1 bytes.
 pub fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().ok()?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" | "kb" => 1 << 10,
-        "m" | "mib" | "mb" => 1 << 20,
-        "g" | "gib" | "gb" => 1 << 30,
-        "t" | "tib" | "tb" => 1 << 40,
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    if int.is_empty() || frac.len() > 18 || (num.contains('.') && frac.is_empty()) {
+        return None;
+    }
+    let unit = unit.trim().to_ascii_lowercase();
+    let (base, power): (u128, u32) = match unit.as_str() {
+        "" | "b" => (1, 0),
+        "k" | "kib" => (1024, 1),
+        "m" | "mib" => (1024, 2),
+        "g" | "gib" => (1024, 3),
+        "t" | "tib" => (1024, 4),
+        "p" | "pib" => (1024, 5),
+        "kb" => (1000, 1),
+        "mb" => (1000, 2),
+        "gb" => (1000, 3),
+        "tb" => (1000, 4),
+        "pb" => (1000, 5),
         _ => return None,
     };
-    n.checked_mul(mult)
+    let mult = base.pow(power);
+    let scale = 10u128.pow(frac.len() as u32);
+    let int: u128 = int.parse().ok()?;
+    let frac: u128 = if frac.is_empty() { 0 } else { frac.parse().ok()? };
+    let scaled = int.checked_mul(scale)?.checked_add(frac)?.checked_mul(mult)?;
+    if scaled % scale != 0 {
+        return None; // not a whole number of bytes
+    }
+    u64::try_from(scaled / scale).ok()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -180,6 +217,15 @@ pub struct BdevSection {
     /// mirror, metro mode: "automatic" (default) or "manual": whether a resynced leg serves again
     /// on its own or waits for `nvmetro failback`.
     pub failback: Option<Spanned<String>>,
+    /// mirror: the secret shared with the other site that authenticates the replication link
+    /// (at least 16 characters), as the `[witness]` secret is given.
+    pub secret: Option<Spanned<String>>,
+    /// mirror: a file holding that secret (instead of `secret`); it must not be readable by
+    /// group or others.
+    pub secret_file: Option<Spanned<PathBuf>>,
+    /// mirror: how often a leg whose disk failed I/O retries to resync (default "30s"; "0s": only
+    /// when the operator asks).
+    pub retry_interval: Option<Spanned<String>>,
 }
 
 fn default_block_size() -> Spanned<u32> {
@@ -363,7 +409,15 @@ pub struct MirrorConfig {
     pub link_delay_us: u64,
     pub heartbeat_timeout_ms: Option<u64>,
     pub manual_failback: bool,
+    /// The replication link's shared secret (`secret` or `secret_file`); `None`: not configured.
+    pub secret: Option<Vec<u8>>,
+    /// How often a leg whose disk failed I/O retries to resync; `None` ("0s"): only when the
+    /// operator asks.
+    pub retry_interval: Option<std::time::Duration>,
 }
+
+/// The default of a mirror's `retry_interval`.
+pub const DEFAULT_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NamespaceConfig {
@@ -423,31 +477,55 @@ fn witness_config(ctx: &Ctx, w: &WitnessSection) -> Result<WitnessConfig, Config
         .get_ref()
         .parse()
         .map_err(|_| ctx.err(w.address.span(), "witness.address", format!("`{}` is not an address:port", w.address.get_ref())))?;
-    let secret = read_secret(ctx, "witness", w.secret.as_ref(), w.secret_file.as_ref(), &w.address)?;
+    let secret = read_secret(ctx, "witness.", w.secret.as_ref(), w.secret_file.as_ref(), &w.address)?;
     Ok(WitnessConfig { address, secret })
 }
 
-/// A shared secret given inline or in a file; at least 16 bytes.
+/// A shared secret given inline or in a file; at least 16 bytes. `prefix` is the keys' section
+/// ("witness.", "bdev.", or "" at the top level); `anchor` places the error when neither is given.
 fn read_secret(
     ctx: &Ctx,
-    section: &str,
+    prefix: &str,
     inline: Option<&Spanned<String>>,
     file: Option<&Spanned<PathBuf>>,
     anchor: &Spanned<String>,
 ) -> Result<Vec<u8>, ConfigError> {
+    read_optional_secret(ctx, prefix, inline, file)?
+        .ok_or_else(|| ctx.err(anchor.span(), &format!("{prefix}secret"), "give exactly one of `secret` and `secret_file`"))
+}
+
+/// As [`read_secret`], where giving neither key is allowed (`None`).
+fn read_optional_secret(
+    ctx: &Ctx,
+    prefix: &str,
+    inline: Option<&Spanned<String>>,
+    file: Option<&Spanned<PathBuf>>,
+) -> Result<Option<Vec<u8>>, ConfigError> {
     let (secret, span, key) = match (inline, file) {
+        (None, None) => return Ok(None),
         (Some(s), None) => (s.get_ref().as_bytes().to_vec(), s.span(), "secret"),
         (None, Some(f)) => {
-            let text = std::fs::read_to_string(f.get_ref())
-                .map_err(|e| ctx.err(f.span(), &format!("{section}.secret_file"), format!("cannot read {}: {e}", f.get_ref().display())))?;
+            let key = format!("{prefix}secret_file");
+            let path = f.get_ref();
+            let meta = std::fs::metadata(path).map_err(|e| ctx.err(f.span(), &key, format!("cannot read {}: {e}", path.display())))?;
+            let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
+            if mode & 0o077 != 0 {
+                return Err(ctx.err(
+                    f.span(),
+                    &key,
+                    format!("{} is readable by group or others (mode {:o}): chmod 600 it", path.display(), mode & 0o777),
+                ));
+            }
+            let text =
+                std::fs::read_to_string(path).map_err(|e| ctx.err(f.span(), &key, format!("cannot read {}: {e}", path.display())))?;
             (text.trim().as_bytes().to_vec(), f.span(), "secret_file")
         }
-        _ => return Err(ctx.err(anchor.span(), &format!("{section}.secret"), "give exactly one of `secret` and `secret_file`")),
+        (Some(s), Some(_)) => return Err(ctx.err(s.span(), &format!("{prefix}secret"), "give exactly one of `secret` and `secret_file`")),
     };
     if secret.len() < 16 {
-        return Err(ctx.err(span, &format!("{section}.{key}"), "the shared secret needs at least 16 characters"));
+        return Err(ctx.err(span, &format!("{prefix}{key}"), "the shared secret needs at least 16 characters"));
     }
-    Ok(secret)
+    Ok(Some(secret))
 }
 
 /// The witness daemon's file (`conf/witness.toml`).
@@ -471,13 +549,7 @@ pub struct WitnessDaemonConfig {
 
 /// Reads and validates the witness daemon's config file.
 pub fn load_witness(path: &Path) -> Result<WitnessDaemonConfig, ConfigError> {
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: file.clone(),
-        line: 0,
-        key: String::new(),
-        message: format!("cannot read: {e}"),
-    })?;
+    let (text, file) = read(path)?;
     parse_witness(&text, &file)
 }
 
@@ -489,19 +561,135 @@ pub fn parse_witness(text: &str, file: &str) -> Result<WitnessDaemonConfig, Conf
         .get_ref()
         .parse()
         .map_err(|_| ctx.err(raw.listen.span(), "listen", format!("`{}` is not an address:port", raw.listen.get_ref())))?;
-    let secret = read_secret(&ctx, "witness", raw.secret.as_ref(), raw.secret_file.as_ref(), &raw.listen)?;
+    let secret = read_secret(&ctx, "", raw.secret.as_ref(), raw.secret_file.as_ref(), &raw.listen)?;
     Ok(WitnessDaemonConfig { listen, secret, state: raw.state.get_ref().clone() })
 }
 
 /// Reads and validates a config file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: path.display().to_string(),
-        line: 0,
-        key: String::new(),
-        message: format!("cannot read: {e}"),
-    })?;
-    parse(&text, &path.display().to_string())
+    let (text, file) = read(path)?;
+    parse(&text, &file)
+}
+
+fn read(path: &Path) -> Result<(String, String), ConfigError> {
+    let file = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok((text, file)),
+        Err(e) => Err(ConfigError { file, line: 0, key: String::new(), message: format!("cannot read: {e}") }),
+    }
+}
+
+/// `--check`: validates like [`load`], then checks every path the file names the way the target
+/// will use it: a file bdev's `path` and a mirror's `metadata` must be writable, or, when absent,
+/// creatable (the directory they go in exists and is writable; a file bdev also needs a `size`
+/// to be created); the management socket's directory must exist and be writable. Every problem
+/// is reported, each as `file:line: key: message`.
+pub fn check(path: &Path) -> Result<Config, Vec<ConfigError>> {
+    let (text, file) = read(path).map_err(|e| vec![e])?;
+    let config = parse(&text, &file).map_err(|e| vec![e])?;
+    let raw: RawConfig = toml::from_str(&text).map_err(|e| vec![toml_error(&e, &text, &file)])?;
+    let ctx = Ctx { file: &file, text: &text };
+    let mut errors = Vec::new();
+    if let Some(s) = &raw.target.socket {
+        errors.extend(check_parent(&ctx, s, "target.socket"));
+    }
+    for b in &raw.bdevs {
+        match (b.kind, &b.path, &b.metadata) {
+            (BdevKind::File, Some(p), _) => {
+                let creatable = if b.size.is_some() { Ok(()) } else { Err("`size` is not set, so it cannot be created") };
+                errors.extend(check_file(&ctx, p, "bdev.path", creatable));
+            }
+            (BdevKind::Mirror, _, Some(m)) => errors.extend(check_file(&ctx, m, "bdev.metadata", Ok(()))),
+            _ => {}
+        }
+    }
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(errors)
+    }
+}
+
+/// `nvmetro-witness --check`: validates like [`load_witness`], then checks that the state file
+/// can be written: its directory exists and is writable, or can be created (the witness creates
+/// it at start).
+pub fn check_witness(path: &Path) -> Result<WitnessDaemonConfig, Vec<ConfigError>> {
+    let (text, file) = read(path).map_err(|e| vec![e])?;
+    let config = parse_witness(&text, &file).map_err(|e| vec![e])?;
+    let raw: WitnessDaemonSection = toml::from_str(&text).map_err(|e| vec![toml_error(&e, &text, &file)])?;
+    let ctx = Ctx { file: &file, text: &text };
+    let state = raw.state.get_ref();
+    let dir = parent_of(state);
+    let mut existing = dir.as_path();
+    while !existing.exists() {
+        match existing.parent() {
+            Some(up) if !up.as_os_str().is_empty() => existing = up,
+            _ => {
+                existing = Path::new(".");
+                break;
+            }
+        }
+    }
+    let problem = if existing == dir {
+        check_parent(&ctx, &raw.state, "state")
+    } else {
+        match (existing.is_dir(), nvmetro_ffi::check_writable(existing)) {
+            (true, Ok(())) => None,
+            (false, _) => {
+                Some(format!("the state directory {} cannot be created: {} is not a directory", dir.display(), existing.display()))
+            }
+            (true, Err(e)) => {
+                Some(format!("the state directory {} cannot be created: {} is not writable ({e})", dir.display(), existing.display()))
+            }
+        }
+        .map(|m| ctx.err(raw.state.span(), "state", m))
+    };
+    match problem {
+        None => Ok(config),
+        Some(e) => Err(vec![e]),
+    }
+}
+
+/// The directory `p` is created in ("." for a bare name).
+fn parent_of(p: &Path) -> PathBuf {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// A file opened for writing and created when absent (unless `creatable` says why not).
+fn check_file(ctx: &Ctx, p: &Spanned<PathBuf>, key: &str, creatable: Result<(), &str>) -> Option<ConfigError> {
+    let path = p.get_ref();
+    let problem = match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Some(format!("{} is a directory", path.display())),
+        Ok(_) => nvmetro_ffi::check_writable(path).err().map(|e| format!("{} is not writable: {e}", path.display())),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => {
+            if let Some(e) = check_parent(ctx, p, key) {
+                return Some(e);
+            }
+            creatable.err().map(|why| format!("{} does not exist and {why}", path.display()))
+        }
+        Err(e) => Some(format!("{}: {e}", path.display())),
+    };
+    problem.map(|m| ctx.err(p.span(), key, m))
+}
+
+/// A path created (or replaced) in its directory: that directory must exist and be writable.
+fn check_parent(ctx: &Ctx, p: &Spanned<PathBuf>, key: &str) -> Option<ConfigError> {
+    let path = p.get_ref();
+    let dir = parent_of(path);
+    let problem = match std::fs::metadata(&dir) {
+        Ok(m) if !m.is_dir() => Some(format!("cannot create {}: {} is not a directory", path.display(), dir.display())),
+        Ok(_) => nvmetro_ffi::check_writable(&dir)
+            .err()
+            .map(|e| format!("cannot create {}: its directory {} is not writable ({e})", path.display(), dir.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Some(format!("cannot create {}: its directory {} does not exist", path.display(), dir.display()))
+        }
+        Err(e) => Some(format!("cannot create {}: {}: {e}", path.display(), dir.display())),
+    };
+    problem.map(|m| ctx.err(p.span(), key, m))
 }
 
 /// Parses and validates config text; `file` names it in errors.
@@ -515,9 +703,47 @@ fn toml_error(e: &toml::de::Error, text: &str, file: &str) -> ConfigError {
     let span = e.span().unwrap_or(0..0);
     let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
     let msg = e.message().to_string();
-    let key =
-        msg.split('`').nth(1).filter(|_| msg.starts_with("unknown field") || msg.starts_with("missing field")).unwrap_or("").to_string();
+    let field = msg.split('`').nth(1).filter(|_| msg.starts_with("unknown field") || msg.starts_with("missing field"));
+    let (section, line_key) = key_at(text, span.start);
+    let key = match (field.or(line_key.as_deref()), section.is_empty()) {
+        (Some(k), true) => k.to_string(),
+        (Some(k), false) => format!("{section}.{k}"),
+        (None, false) => section,
+        (None, true) => "(top level)".to_string(),
+    };
     ConfigError { file: file.into(), line, key, message: msg }
+}
+
+/// Whether `name` (what stands between a header's brackets) is a table name.
+fn table_name(header: &str) -> Option<&str> {
+    let name = header.trim().trim_start_matches('[').split(']').next()?.trim();
+    let ok = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "_-.\"' ".contains(c));
+    ok.then_some(name)
+}
+
+/// The table (`bdev`, `subsystem.namespace`, "" at the top) and the key written on the line of
+/// byte `pos` of `text`, found from the text itself (for errors the TOML parser reports with a
+/// position only).
+fn key_at(text: &str, pos: usize) -> (String, Option<String>) {
+    let pos = pos.min(text.len());
+    let line_end = text[pos..].find('\n').map_or(text.len(), |i| pos + i);
+    let mut section = String::new();
+    let mut here = "";
+    for l in text[..line_end].lines() {
+        let t = l.trim();
+        if t.starts_with('[') {
+            if let Some(name) = table_name(t) {
+                section = name.replace(['"', '\'', ' '], "");
+            }
+        }
+        here = t;
+    }
+    let line_key = if here.starts_with('[') || here.starts_with('#') {
+        None
+    } else {
+        here.split_once('=').map(|(k, _)| k.trim().replace(['"', '\''], "")).filter(|k| !k.is_empty())
+    };
+    (section, line_key)
 }
 
 fn hex<const N: usize>(ctx: &Ctx, s: &Spanned<String>, key: &str) -> Result<[u8; N], ConfigError> {
@@ -605,7 +831,24 @@ fn mirror_config(ctx: &Ctx, b: &BdevSection) -> Result<MirrorConfig, ConfigError
             other => return Err(ctx.err(f.span(), "bdev.failback", format!("`{other}` is not \"automatic\" or \"manual\""))),
         },
     };
+    let secret = read_optional_secret(ctx, "bdev.", b.secret.as_ref(), b.secret_file.as_ref())?;
+    let retry_interval = match &b.retry_interval {
+        None => Some(DEFAULT_RETRY_INTERVAL),
+        Some(d) => match parse_duration(d.get_ref()) {
+            Some(t) if t.is_zero() => None,
+            Some(t) => Some(t),
+            None => {
+                return Err(ctx.err(
+                    d.span(),
+                    "bdev.retry_interval",
+                    format!("`{}` is not a duration such as \"30s\", \"5m\" or \"1h 30m\" (\"0s\": only on request)", d.get_ref()),
+                ))
+            }
+        },
+    };
     Ok(MirrorConfig {
+        secret,
+        retry_interval,
         heartbeat_timeout_ms,
         manual_failback,
         link_delay_us,
@@ -618,6 +861,45 @@ fn mirror_config(ctx: &Ctx, b: &BdevSection) -> Result<MirrorConfig, ConfigError
         resync_rate: b.resync_rate.map_or(0, Size::bytes),
         region_shift: region.trailing_zeros(),
     })
+}
+
+/// Parses a duration as humantime writes them: one or more `<number><unit>` terms, optionally
+/// separated by spaces ("30s", "1m 30s", "1h30m", "250ms"), units ns, us/µs, ms, s/sec/secs/
+/// second/seconds, m/min/mins/minute/minutes, h/hr/hrs/hour/hours, d/day/days; a bare "0" is
+/// zero. `None`: not a duration.
+pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let s = s.trim();
+    if s == "0" {
+        return Some(Duration::ZERO);
+    }
+    let mut rest = s;
+    let mut total = Duration::ZERO;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        if digits == 0 {
+            return None;
+        }
+        let n: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c.is_whitespace()).unwrap_or(rest.len());
+        let term = match &rest[..unit_len] {
+            "ns" | "nsec" => Duration::from_nanos(n),
+            "us" | "µs" | "usec" => Duration::from_micros(n),
+            "ms" | "msec" => Duration::from_millis(n),
+            "s" | "sec" | "secs" | "second" | "seconds" => Duration::from_secs(n),
+            "m" | "min" | "mins" | "minute" | "minutes" => Duration::from_secs(n.checked_mul(60)?),
+            "h" | "hr" | "hrs" | "hour" | "hours" => Duration::from_secs(n.checked_mul(3600)?),
+            "d" | "day" | "days" => Duration::from_secs(n.checked_mul(86400)?),
+            _ => return None,
+        };
+        total = total.checked_add(term)?;
+        rest = rest[unit_len..].trim_start();
+    }
+    Some(total)
 }
 
 /// Parses "75us", "1ms", "2s" into microseconds.
@@ -671,9 +953,16 @@ fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError> {
             || b.peer.is_some()
             || b.metadata.is_some()
             || b.failback.is_some()
-            || b.heartbeat_timeout.is_some();
+            || b.heartbeat_timeout.is_some()
+            || b.secret.is_some()
+            || b.secret_file.is_some()
+            || b.retry_interval.is_some();
         if b.kind != BdevKind::Mirror && mirror_keys {
-            return Err(ctx.err(b.name.span(), "bdev", format!("bdev `{name}`: local/role/listen/peer/metadata belong to mirror bdevs")));
+            return Err(ctx.err(
+                b.name.span(),
+                "bdev",
+                format!("bdev `{name}`: local/role/listen/peer/metadata/secret/retry_interval belong to mirror bdevs"),
+            ));
         }
         if b.kind == BdevKind::Mirror {
             bdev_sizes.insert(name.as_str(), ());
@@ -898,7 +1187,7 @@ fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError> {
         metrics,
         cores,
         poll_mode: raw.target.poll_mode,
-        socket: raw.target.socket.clone(),
+        socket: raw.target.socket.as_ref().map(|s| s.get_ref().clone()),
         discovery,
         bdevs,
         subsystems,
@@ -972,7 +1261,7 @@ ana_states = { "2" = "non-optimized" }
     #[test]
     fn errors_name_file_line_and_key() {
         let e = err(&GOOD.replace("poll_mode = \"busy\"", "poll_mode = \"busy\"\nspeed = 3"));
-        assert_eq!((e.file.as_str(), e.line, e.key.as_str()), ("bad.toml", 5, "speed"), "{e}");
+        assert_eq!((e.file.as_str(), e.line, e.key.as_str()), ("bad.toml", 5, "target.speed"), "{e}");
 
         let e = err(&GOOD.replace("nsid = 2", "nsid = 1"));
         assert_eq!(e.key, "subsystem.namespace.nsid");
@@ -984,10 +1273,11 @@ ana_states = { "2" = "non-optimized" }
         assert!(e.message.contains("no bdev named `missing`"));
 
         let e = err(&GOOD.replace("[[listener]]", "[[listener"));
-        assert_eq!(e.line, 32, "{e}");
+        assert_eq!((e.line, e.key.as_str()), (32, "listener"), "{e}");
 
         let e = err(&GOOD.replace("64MiB", "lots"));
         assert!(e.message.contains("size"), "{e}");
+        assert_eq!((e.line, e.key.as_str()), (9, "bdev.size"), "{e}");
         let e = err(&GOOD.replace("cntlid_range = [1, 100]", "cntlid_range = [100, 1]"));
         assert_eq!(e.key, "subsystem.cntlid_range");
         let e = err(&GOOD.replace("\"non-optimized\"", "\"fast\""));
@@ -1069,5 +1359,245 @@ address = "127.0.0.1:4420"
         assert_eq!(parse_size("12"), Some(12));
         assert_eq!(parse_size("1X"), None);
         assert_eq!(parse_size("99999999999999T"), None);
+    }
+
+    #[test]
+    fn si_and_iec_sizes_mean_what_they_say() {
+        // SI: powers of 1000; "1TB" is not a TiB.
+        assert_eq!(parse_size("1TB"), Some(1_000_000_000_000));
+        assert_eq!(parse_size("1tb"), Some(1_000_000_000_000));
+        assert_eq!(parse_size("500GB"), Some(500_000_000_000));
+        assert_eq!(parse_size("4kB"), Some(4000));
+        assert_eq!(parse_size("2MB"), Some(2_000_000));
+        assert_eq!(parse_size("1PB"), Some(10u64.pow(15)));
+        // IEC (and the bare letters, as dd reads them): powers of 1024.
+        assert_eq!(parse_size("1TiB"), Some(1 << 40));
+        assert_eq!(parse_size("1T"), Some(1 << 40));
+        assert_eq!(parse_size("4KiB"), Some(4096));
+        assert_eq!(parse_size("512MiB"), Some(512 << 20));
+        assert_eq!(parse_size("1 GiB"), Some(1 << 30));
+        assert_eq!(parse_size("1PiB"), Some(1 << 50));
+        assert_eq!(parse_size("4096B"), Some(4096));
+        // Fractions that come to whole bytes.
+        assert_eq!(parse_size("1.5GiB"), Some(3 << 29));
+        assert_eq!(parse_size("1.5TB"), Some(1_500_000_000_000));
+        assert_eq!(parse_size("0.5k"), Some(512));
+        assert_eq!(parse_size("1.3B"), None);
+        assert_eq!(parse_size("1."), None);
+        assert_eq!(parse_size(".5G"), None);
+        assert_eq!(parse_size("1..5G"), None);
+        // Overflow and junk.
+        assert_eq!(parse_size("16EiB"), None);
+        assert_eq!(parse_size("18446744073709551615"), Some(u64::MAX));
+        assert_eq!(parse_size("18446744073709551616"), None);
+        assert_eq!(parse_size("1TiBs"), None);
+        assert_eq!(parse_size("GiB"), None);
+        assert_eq!(parse_size(""), None);
+        // In a file: 1GB is 10^9 bytes (not a block multiple of 4096 here, so it is refused).
+        let c = parse(&GOOD.replace("64MiB", "64MB"), "si.toml").unwrap();
+        assert_eq!(c.bdevs[0].size, Some(64_000_000));
+        let e = err(&GOOD.replace("64MiB", "64XB"));
+        assert!(e.message.contains("powers of 1000") && e.message.contains("powers of 1024"), "{e}");
+        assert_eq!(e.key, "bdev.size");
+    }
+
+    #[test]
+    fn every_error_names_its_key() {
+        let cases = [
+            GOOD.replace("cores = [0, 1]", "cores = \"two\""),
+            GOOD.replace("block_size = 4096", "block_size = \"big\""),
+            GOOD.replace("nsid = 2", "nsid = -2"),
+            GOOD.replace("[[subsystem]]", "[[subsystem]]\nmodel = 3"),
+            GOOD.replace("ana_states = { \"2\" = \"non-optimized\" }", "ana_states = { \"2\" = 2 }"),
+            GOOD.replace("name = \"a\"\n", ""),
+            GOOD.replace("poll_mode = \"busy\"", "poll_mode = \"busy\"\npoll_mode = \"busy\""),
+            GOOD.replace("kind = \"malloc\"", "kind = \"ramdisk\""),
+            GOOD.replace("size = \"64MiB\"", "size = 64MiB"),
+            "= 3\n".to_string(),
+        ];
+        for text in &cases {
+            let e = err(text);
+            assert!(!e.key.is_empty(), "{e}");
+            assert!(!e.to_string().contains(": : "), "{e}");
+        }
+        assert_eq!(err(&cases[0]).key, "target.cores");
+        assert_eq!(err(&cases[1]).key, "bdev.block_size");
+        assert_eq!(err(&cases[3]).key, "subsystem.model");
+        assert_eq!(err(&cases[4]).key, "listener.ana_states");
+        assert_eq!(err(&cases[5]).key, "bdev.name");
+        assert_eq!(err(&cases[7]).key, "bdev.kind");
+        assert_eq!(parse_witness("listen = 3\n", "w.toml").unwrap_err().key, "listen");
+        // A file that cannot be read has no key: it is named alone.
+        let e = load(Path::new("/nonexistent/nvmetro.toml")).unwrap_err();
+        assert!(e.to_string().starts_with("/nonexistent/nvmetro.toml: cannot read"), "{e}");
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("nvmetro-conf-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    const MIRROR: &str = r#"
+[target]
+socket = "{DIR}/sock/mgmt.sock"
+
+[[bdev]]
+name = "leg"
+kind = "file"
+path = "{DIR}/data/leg.img"
+size = "64MiB"
+
+[[bdev]]
+name = "m"
+kind = "mirror"
+local = "leg"
+role = "preferred"
+listen = "127.0.0.1:7700"
+metadata = "{DIR}/meta/m.meta"
+
+[[subsystem]]
+nqn = "nqn.2026-11.io.nvmetro:m"
+allow_any_host = true
+
+[[subsystem.namespace]]
+nsid = 1
+bdev = "m"
+
+[[listener]]
+address = "127.0.0.1:4420"
+"#;
+
+    #[test]
+    fn check_verifies_every_path_can_be_written() {
+        let dir = scratch("check");
+        let file = dir.join("target.toml");
+        std::fs::write(&file, MIRROR.replace("{DIR}", &dir.display().to_string())).unwrap();
+        // None of the directories exists: three errors, each with its line and key.
+        let errors = check(&file).unwrap_err();
+        let found: Vec<(usize, &str)> = errors.iter().map(|e| (e.line, e.key.as_str())).collect();
+        assert_eq!(found, [(3, "target.socket"), (8, "bdev.path"), (17, "bdev.metadata")], "{errors:?}");
+        for e in &errors {
+            assert!(e.message.contains("does not exist"), "{e}");
+            assert!(e.to_string().starts_with(&format!("{}:{}: {}: ", file.display(), e.line, e.key)), "{e}");
+        }
+        assert!(errors[1].message.contains(&format!("{}/data", dir.display())), "{}", errors[1]);
+        for d in ["sock", "data", "meta"] {
+            std::fs::create_dir(dir.join(d)).unwrap();
+        }
+        let c = check(&file).unwrap();
+        assert_eq!(c.bdevs.len(), 2);
+        // A parent that is a file, not a directory.
+        std::fs::remove_dir(dir.join("meta")).unwrap();
+        std::fs::write(dir.join("meta"), b"").unwrap();
+        let errors = check(&file).unwrap_err();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].key, "bdev.metadata");
+        assert!(errors[0].message.contains("is not a directory"), "{}", errors[0]);
+        // A file bdev that does not exist and has no size cannot be created.
+        std::fs::remove_file(dir.join("meta")).unwrap();
+        std::fs::create_dir(dir.join("meta")).unwrap();
+        std::fs::write(&file, MIRROR.replace("{DIR}", &dir.display().to_string()).replace("size = \"64MiB\"\n", "")).unwrap();
+        let errors = check(&file).unwrap_err();
+        assert_eq!((errors.len(), errors[0].key.as_str()), (1, "bdev.path"), "{errors:?}");
+        assert!(errors[0].message.contains("`size` is not set"), "{}", errors[0]);
+        // It exists: fine without a size.
+        std::fs::write(dir.join("data/leg.img"), vec![0u8; 4096]).unwrap();
+        check(&file).unwrap();
+        // A path that is a directory.
+        std::fs::create_dir(dir.join("meta/m.meta")).unwrap();
+        let errors = check(&file).unwrap_err();
+        assert!(errors[0].message.contains("is a directory"), "{}", errors[0]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn check_witness_state_directory() {
+        let dir = scratch("check-witness");
+        let file = dir.join("witness.toml");
+        let write = |state: &str| {
+            std::fs::write(&file, format!("listen = \"127.0.0.1:7900\"\nsecret = \"0123456789abcdef\"\nstate = \"{state}\"\n")).unwrap()
+        };
+        // Absent directories the witness creates at start are fine.
+        write(&format!("{}/a/b/state.json", dir.display()));
+        check_witness(&file).unwrap();
+        // Under a regular file they cannot be created.
+        std::fs::write(dir.join("plain"), b"").unwrap();
+        write(&format!("{}/plain/b/state.json", dir.display()));
+        let errors = check_witness(&file).unwrap_err();
+        assert_eq!((errors[0].line, errors[0].key.as_str()), (3, "state"), "{errors:?}");
+        assert!(errors[0].message.contains("cannot be created"), "{}", errors[0]);
+        write(&format!("{}/plain/state.json", dir.display()));
+        let errors = check_witness(&file).unwrap_err();
+        assert!(errors[0].message.contains("is not a directory"), "{}", errors[0]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn mirror_secret_and_retry_interval() {
+        let base = MIRROR.replace("{DIR}", "/tmp");
+        let c = parse(&base, "m.toml").unwrap();
+        let m = c.bdevs[1].mirror.as_ref().unwrap();
+        assert_eq!((m.secret.as_deref(), m.retry_interval), (None, Some(DEFAULT_RETRY_INTERVAL)));
+        let with = |extra: &str| base.replace("metadata = ", &format!("{extra}\nmetadata = "));
+        let mirror = |text: &str| parse(text, "m.toml").unwrap().bdevs[1].mirror.clone().unwrap();
+
+        let m = mirror(&with("secret = \"replication-secret-16\"\nretry_interval = \"1m 30s\""));
+        assert_eq!(m.secret.as_deref(), Some(&b"replication-secret-16"[..]));
+        assert_eq!(m.retry_interval, Some(std::time::Duration::from_secs(90)));
+        assert_eq!(mirror(&with("retry_interval = \"0s\"")).retry_interval, None, "0s: only on request");
+        assert_eq!(mirror(&with("retry_interval = \"250ms\"")).retry_interval, Some(std::time::Duration::from_millis(250)));
+
+        let e = err(&with("retry_interval = \"soon\""));
+        assert_eq!((e.key.as_str(), e.line), ("bdev.retry_interval", 17), "{e}");
+        let e = err(&with("secret = \"short\""));
+        assert_eq!(e.key, "bdev.secret");
+        assert!(e.message.contains("16 characters"), "{e}");
+        let e = err(&with("secret = \"replication-secret-16\"\nsecret_file = \"/tmp/x\""));
+        assert_eq!(e.key, "bdev.secret");
+        assert!(e.message.contains("exactly one"), "{e}");
+        // Mirror keys on another kind of bdev.
+        let e = err(&base.replace("size = \"64MiB\"", "size = \"64MiB\"\nretry_interval = \"1s\""));
+        assert_eq!(e.key, "bdev");
+
+        // A secret file: only its owner may read it.
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("secret");
+        let secret = dir.join("link.secret");
+        std::fs::write(&secret, "replication-secret-from-file\n").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let text = with(&format!("secret_file = \"{}\"", secret.display()));
+        let e = err(&text);
+        assert_eq!((e.key.as_str(), e.line), ("bdev.secret_file", 17), "{e}");
+        assert!(e.message.contains(&secret.display().to_string()) && e.message.contains("group or others"), "{e}");
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(mirror(&text).secret.as_deref(), Some(&b"replication-secret-from-file"[..]));
+        // The witness's secret file is held to the same rule (one code path).
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let w = format!("listen = \"127.0.0.1:7900\"\nsecret_file = \"{}\"\nstate = \"/tmp/s.json\"\n", secret.display());
+        let e = parse_witness(&w, "w.toml").unwrap_err();
+        assert_eq!(e.key, "secret_file", "{e}");
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o400)).unwrap();
+        assert_eq!(parse_witness(&w, "w.toml").unwrap().secret, b"replication-secret-from-file");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn durations() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("0s"), Some(Duration::ZERO));
+        assert_eq!(parse_duration("0"), Some(Duration::ZERO));
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1h 30m 15s"), Some(Duration::from_secs(5415)));
+        assert_eq!(parse_duration("2 days"), None, "the unit follows the number");
+        assert_eq!(parse_duration("2days"), Some(Duration::from_secs(172_800)));
+        assert_eq!(parse_duration("75us"), Some(Duration::from_micros(75)));
+        assert_eq!(parse_duration("10"), None, "a unit is needed");
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration(""), None);
+        assert_eq!(parse_duration("1.5s"), None);
     }
 }

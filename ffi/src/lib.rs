@@ -83,3 +83,16 @@ pub fn free_hugepages_2m() -> u64 {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0)
 }
+
+/// Whether this process may write `path` (a file, or a directory to create files in), as
+/// access(2) answers it: also refused on a read-only file system.
+pub fn check_writable(path: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `c` is a NUL-terminated string that outlives the call; access only reads it.
+    let rc = unsafe { libc::access(c.as_ptr(), libc::W_OK) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -26,6 +26,15 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("bad --log filter")?)
         .with_target(false)
         .init();
+    if let (true, Some(path)) = (args.check, &args.config) {
+        // Also whether every path the file names can be written.
+        if let Err(errors) = nvmetro_conf::check(path) {
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            std::process::exit(1);
+        }
+    }
     let config = match &args.config {
         Some(path) => nvmetro_conf::load(path)?,
         None => nvmetro_conf::parse(nvmetro_conf::DEFAULT_CONFIG, "(built-in default config)")?,

@@ -46,18 +46,36 @@ fn store_state(path: &Path, state: &WitnessState) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Makes sure decisions can be kept before any is taken: creates the state directory, reads the
+/// state, and writes it back once (so a witness that cannot persist refuses to start instead of
+/// announcing itself ready).
+fn open_state(path: &Path) -> anyhow::Result<WitnessState> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create the witness state directory {}", dir.display()))?;
+    }
+    let state = load_state(path)?;
+    store_state(path, &state).with_context(|| format!("cannot persist the witness state to {}", path.display()))?;
+    Ok(state)
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("bad --log filter")?)
         .with_target(false)
         .init();
-    let config = nvmetro_conf::load_witness(&args.config)?;
     if args.check {
+        if let Err(errors) = nvmetro_conf::check_witness(&args.config) {
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            std::process::exit(1);
+        }
         println!("configuration is valid");
         return Ok(());
     }
-    let mut state = load_state(&config.state)?;
+    let config = nvmetro_conf::load_witness(&args.config)?;
+    let mut state = open_state(&config.state)?;
     let sock = UdpSocket::bind(config.listen).with_context(|| format!("bind {}", config.listen))?;
     tracing::info!(listen = %config.listen, state = %config.state.display(), resources = state.resources.len(), "witness ready");
     let epoch = Instant::now();
@@ -94,5 +112,51 @@ fn main() -> anyhow::Result<()> {
             tracing::info!(resource = %req.resource, site = req.site, verdict = ?reply.verdict, "election");
         }
         let _ = sock.send_to(&reply.encode(&config.secret), from);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("nvmetro-witness-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_missing_state_directory_is_created_and_written_before_ready() {
+        let dir = scratch("create");
+        let state = dir.join("not/yet/state.json");
+        let w = open_state(&state).unwrap();
+        assert!(w.resources.is_empty());
+        assert!(state.is_file(), "the state is persisted before the witness serves");
+        // A restart reads it back.
+        open_state(&state).unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_state_directory_that_cannot_be_created_refuses_the_start() {
+        let dir = scratch("refuse");
+        std::fs::write(dir.join("plain"), b"").unwrap();
+        let state = dir.join("plain/sub/state.json");
+        let e = format!("{:#}", open_state(&state).unwrap_err());
+        assert!(e.contains(&dir.join("plain/sub").display().to_string()), "{e}");
+        assert!(e.contains("cannot create the witness state directory"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_state_that_cannot_be_written_refuses_the_start() {
+        let dir = scratch("unwritable");
+        // The state path is a directory: reading and replacing it both fail.
+        let state = dir.join("state.json");
+        std::fs::create_dir(&state).unwrap();
+        let e = format!("{:#}", open_state(&state).unwrap_err());
+        assert!(e.contains(&state.display().to_string()), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }
