@@ -218,8 +218,17 @@ pub(crate) fn open_bdev(
                 region_shift: m.region_shift,
                 resync_rate: m.resync_rate,
                 heartbeat_timeout: heartbeat,
-                retry_interval: std::time::Duration::from_secs(30),
-                secret: Vec::new(),
+                retry_interval: m.retry_interval.unwrap_or(std::time::Duration::ZERO),
+                secret: match &m.secret {
+                    Some(s) => s.clone(),
+                    None => {
+                        tracing::warn!(
+                            mirror = %b.name,
+                            "replication link not authenticated by a secret: set `secret` or `secret_file` on both sites"
+                        );
+                        Vec::new()
+                    }
+                },
                 link_delay: std::time::Duration::from_micros(m.link_delay_us),
                 spin: match config_poll_mode {
                     nvmetro_conf::PollMode::Busy => std::time::Duration::from_millis(1),
