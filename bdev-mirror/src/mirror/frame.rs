@@ -173,6 +173,9 @@ impl Frame {
         if crc32c::crc32c(&buf[..44]) != u32at(44) {
             return Err(FrameError::HeaderChecksum);
         }
+        if buf[7] != 0 || buf[40..44] != [0; 4] {
+            return Err(FrameError::Reserved);
+        }
         let kind = Kind::from_u8(buf[4]).ok_or(FrameError::UnknownKind(buf[4]))?;
         let op = OpCode::from_u8(buf[5]).ok_or(FrameError::UnknownOp(buf[5]))?;
         let plen = u32at(36) as usize;
@@ -207,6 +210,8 @@ pub enum FrameError {
     UnknownOp(u8),
     #[error("payload of {0} bytes is over the limit")]
     TooLarge(usize),
+    #[error("reserved header bytes are not zero")]
+    Reserved,
 }
 
 /// The Hello payload: who a site is and what its data descends from.
