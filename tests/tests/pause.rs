@@ -11,7 +11,9 @@ use nvmetro_proto::cmds;
 use nvmetro_proto::nvme::{Completion, Status};
 use nvmetro_tests::{metro, serves, wait_until, Metro, TargetProcess, HOSTNQN, METRO_NQN};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Blocks of 512 bytes holding `(stamp, lba)` 32 times over; 0 is a block never written.
@@ -381,4 +383,285 @@ fn a_paused_site_never_answers_a_read_from_a_lapsed_lease() {
     assert!(totals.stale.is_empty(), "stale reads:\n{}", totals.stale.join("\n"));
     assert!(totals.unexpected.is_empty(), "unexpected answers:\n{}", totals.unexpected.join("\n"));
     assert!(totals.not_acked.is_empty(), "{}", totals.not_acked.join("\n"));
+}
+
+/// The workload's blocks: `BASE..BASE + BLOCKS`.
+const BASE: u64 = 1000;
+const BLOCKS: u64 = 32;
+
+/// One write of a block: its stamp, when it was sent and when its acknowledgement was seen.
+struct Written {
+    stamp: u64,
+    sent: Instant,
+    acked: Option<Instant>,
+}
+
+#[derive(Default)]
+struct BlockLog {
+    /// A write of the block is outstanding: no other is sent (so writes of a block are applied in
+    /// the order of their stamps).
+    busy: bool,
+    /// A write's outcome is unknown (its connection failed): the block is not written again.
+    retired: bool,
+    writes: Vec<Written>,
+}
+
+impl BlockLog {
+    /// The stamp a read sent at `sent` must return at least: the last acknowledged before it.
+    fn floor(&self, sent: Instant) -> u64 {
+        self.writes.iter().filter(|w| w.acked.is_some_and(|a| a < sent)).map(|w| w.stamp).max().unwrap_or(0)
+    }
+
+    fn describe(&self, stamp: u64, t0: Instant) -> String {
+        let at = |t: Instant| format!("{} ms", ms(t.saturating_duration_since(t0)));
+        match self.writes.iter().find(|w| w.stamp == stamp) {
+            Some(w) => format!("stamp {stamp} (sent {}, {})", at(w.sent), w.acked.map_or("not acknowledged".into(), |a| format!("acknowledged {}", at(a)))),
+            None => format!("stamp {stamp} (never written)"),
+        }
+    }
+}
+
+struct Shared {
+    blocks: Vec<Mutex<BlockLog>>,
+    next_stamp: AtomicU64,
+    stop: AtomicBool,
+    t0: Instant,
+}
+
+#[derive(Default)]
+struct Figures {
+    reads_checked: usize,
+    stale: Vec<String>,
+    garbled: Vec<String>,
+    hung: Vec<String>,
+    writes_sent: usize,
+    writes_acked: usize,
+    write_refusals: Vec<String>,
+    read_errors: Vec<String>,
+    /// Commands whose connection failed before they completed.
+    lost: usize,
+}
+
+impl Figures {
+    fn add(&mut self, o: Figures) {
+        self.reads_checked += o.reads_checked;
+        self.stale.extend(o.stale);
+        self.garbled.extend(o.garbled);
+        self.hung.extend(o.hung);
+        self.writes_sent += o.writes_sent;
+        self.writes_acked += o.writes_acked;
+        self.write_refusals.extend(o.write_refusals);
+        self.read_errors.extend(o.read_errors);
+        self.lost += o.lost;
+    }
+}
+
+struct Op {
+    lba: u64,
+    /// The stamp written, or None for a read.
+    write: Option<u64>,
+    sent: Instant,
+}
+
+/// Checks a read of `lba` sent at `sent` that returned `data`.
+fn check_read(sh: &Shared, site: &str, lba: u64, sent: Instant, data: &[u8], fig: &mut Figures) {
+    let log = sh.blocks[(lba - BASE) as usize].lock().expect("block log");
+    let floor = log.floor(sent);
+    match stamp_of(data, lba) {
+        Ok(s) if s >= floor && (s == 0 || log.writes.iter().any(|w| w.stamp == s)) => fig.reads_checked += 1,
+        Ok(s) if s < floor => fig.stale.push(format!(
+            "{site}: a read of block {lba} sent {} ms in returned {} though {} was acknowledged before it was sent",
+            ms(sent.saturating_duration_since(sh.t0)),
+            log.describe(s, sh.t0),
+            log.describe(floor, sh.t0)
+        )),
+        Ok(s) => fig.garbled.push(format!("{site}: block {lba} returned stamp {s}, which was never written to it")),
+        Err(e) => fig.garbled.push(format!("{site}: {e}")),
+    }
+}
+
+/// Writes stamped blocks and reads them back through `t` until told to stop: up to 4 commands in
+/// flight, and while the site does not answer, one more read every 50 ms (they wait in its
+/// socket) up to 48.
+fn worker(site: &str, t: &TargetProcess, sh: &Shared, seed: u64) -> Figures {
+    let mut rng = Rng(seed);
+    let mut fig = Figures::default();
+    let mut sess: Option<Session> = None;
+    let mut pending: HashMap<u16, Op> = HashMap::new();
+    let (mut last_sent, mut hold_until) = (Instant::now(), Instant::now());
+    let mut drain_until = None;
+    loop {
+        let stop = sh.stop.load(Ordering::Acquire);
+        if stop {
+            let until = *drain_until.get_or_insert_with(|| Instant::now() + Duration::from_secs(25));
+            if pending.is_empty() || Instant::now() > until {
+                break;
+            }
+        }
+        let Some(s) = sess.as_mut() else {
+            if stop {
+                break;
+            }
+            match session(t) {
+                Ok(s) => sess = Some(s),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)), // reconnect backoff
+            }
+            continue;
+        };
+        let now = Instant::now();
+        while !stop && now >= hold_until && (pending.len() < 4 || (pending.len() < 48 && now - last_sent >= Duration::from_millis(50))) {
+            let lba = BASE + rng.below(BLOCKS);
+            let mut write = None;
+            if pending.len() < 4 && rng.below(2) == 0 {
+                let mut log = sh.blocks[(lba - BASE) as usize].lock().expect("block log");
+                if !log.busy && !log.retired {
+                    let stamp = sh.next_stamp.fetch_add(1, Ordering::AcqRel);
+                    log.busy = true;
+                    log.writes.push(Written { stamp, sent: Instant::now(), acked: None });
+                    write = Some(stamp);
+                }
+            }
+            let sent = Instant::now();
+            let cid = match write {
+                Some(stamp) => {
+                    fig.writes_sent += 1;
+                    s.q.submit(cmds::write(0, 1, lba, 1), block(stamp, lba), 0)
+                }
+                None => s.q.submit(cmds::read(0, 1, lba, 1), vec![], 512),
+            };
+            pending.insert(cid, Op { lba, write, sent });
+            last_sent = sent;
+        }
+        let mut out = Vec::new();
+        let r = s.q.flush().and_then(|()| s.q.poll_timeout(&mut out, Duration::from_millis(10)));
+        for (c, data) in out {
+            let Some(op) = pending.remove(&c.cid) else { continue };
+            let done = Instant::now();
+            match op.write {
+                Some(stamp) => {
+                    let mut log = sh.blocks[(op.lba - BASE) as usize].lock().expect("block log");
+                    log.busy = false;
+                    if c.status().is_success() {
+                        fig.writes_acked += 1;
+                        if let Some(w) = log.writes.iter_mut().find(|w| w.stamp == stamp) {
+                            w.acked = Some(done);
+                        }
+                    } else {
+                        fig.write_refusals.push(c.status().to_string());
+                        hold_until = done + Duration::from_millis(20);
+                    }
+                }
+                None if c.status().is_success() => check_read(sh, site, op.lba, op.sent, &data, &mut fig),
+                None => {
+                    fig.read_errors.push(c.status().to_string());
+                    hold_until = done + Duration::from_millis(20);
+                }
+            }
+        }
+        let oldest = pending.values().map(|o| o.sent).min();
+        let hung = oldest.filter(|o| o.elapsed() > Duration::from_secs(25));
+        if let Some(o) = hung {
+            fig.hung.push(format!("{site}: a command sent {} ms in had no answer after 25 s", ms(o.saturating_duration_since(sh.t0))));
+        }
+        if r.is_err() || hung.is_some() {
+            // The connection failed: what was outstanding has an unknown outcome.
+            for op in pending.drain().map(|(_, op)| op) {
+                fig.lost += 1;
+                if op.write.is_some() {
+                    let mut log = sh.blocks[(op.lba - BASE) as usize].lock().expect("block log");
+                    log.busy = false;
+                    log.retired = true;
+                }
+            }
+            sess = None;
+            hold_until = Instant::now() + Duration::from_millis(50);
+        }
+    }
+    fig
+}
+
+#[test]
+fn reads_under_load_are_never_stale_while_sites_pause_at_random() {
+    let seed = seed("reads_under_load_are_never_stale_while_sites_pause_at_random");
+    let mut rng = Rng(seed);
+    let m = metro(false, "");
+    let sh = Shared {
+        blocks: (0..BLOCKS).map(|_| Mutex::new(BlockLog::default())).collect(),
+        next_stamp: AtomicU64::new(1),
+        stop: AtomicBool::new(false),
+        t0: Instant::now(),
+    };
+    // Below the lease (500 ms), around it and the takeover (about 1 s), above both; four each.
+    let classes = [("below", 100, 400), ("around", 450, 800), ("above", 1200, 3000)];
+    let mut plan: Vec<(usize, usize)> = (0..12).map(|i| (i % 3, rng.below(2) as usize)).collect();
+    rng.shuffle(&mut plan);
+    let mut pauses = Vec::new();
+    let mut figs = Figures::default();
+    std::thread::scope(|s| {
+        let workers: Vec<_> = [(&m.a, "A"), (&m.b, "B")]
+            .into_iter()
+            .enumerate()
+            .map(|(i, (t, name))| {
+                let (sh, seed) = (&sh, seed.wrapping_add(i as u64 + 1));
+                s.spawn(move || worker(name, t, sh, seed))
+            })
+            .collect();
+        for (class, site) in plan {
+            if sh.t0.elapsed() > Duration::from_secs(55) {
+                break;
+            }
+            std::thread::sleep(rng.ms(300, 1200)); // a random moment under load
+            let (name, lo, hi) = classes[class];
+            let d = rng.ms(lo, hi);
+            let t = sites(&m, site).0;
+            let at = ms(sh.t0.elapsed());
+            t.signal("STOP");
+            std::thread::sleep(d);
+            t.signal("CONT");
+            let resumed = Instant::now();
+            wait_until("both sites serve again", Duration::from_secs(60), || serves(&m.a) == Some(true) && serves(&m.b) == Some(true));
+            let line = format!("{} {} ms ({name}) at {at} ms, both serve {} ms after SIGCONT", SITES[site], ms(d), ms(resumed.elapsed()));
+            eprintln!("pause: {line}");
+            pauses.push(line);
+        }
+        std::thread::sleep(rng.ms(300, 1000)); // more load once both serve
+        sh.stop.store(true, Ordering::Release);
+        for w in workers {
+            figs.add(w.join().expect("worker"));
+        }
+    });
+    // Both copies hold, for every block, at least what was acknowledged last.
+    let end = Instant::now();
+    let mut final_reads = 0;
+    for (i, t) in [&m.a, &m.b].into_iter().enumerate() {
+        let mut s = session(t).expect("connect at the end");
+        for lba in BASE..BASE + BLOCKS {
+            let (c, data) = s.q.execute(cmds::read(0, 1, lba, 1), vec![], 512).expect("read at the end");
+            assert!(c.status().is_success(), "read of {lba} at {} once both serve: {}", SITES[i], c.status());
+            check_read(&sh, &format!("{} at the end", SITES[i]), lba, end, &data, &mut figs);
+            final_reads += 1;
+        }
+    }
+    eprintln!(
+        "{} pauses tried: {}\nreads checked {} (of which {final_reads} at the end), stale reads {}, garbled {}; writes acknowledged {} of {} sent; \
+         write refusals {} [{}]; read errors {} [{}]; commands lost with their connection {}; {:.1} s",
+        pauses.len(),
+        pauses.join("; "),
+        figs.reads_checked,
+        figs.stale.len(),
+        figs.garbled.len(),
+        figs.writes_acked,
+        figs.writes_sent,
+        figs.write_refusals.len(),
+        tally(&figs.write_refusals),
+        figs.read_errors.len(),
+        tally(&figs.read_errors),
+        figs.lost,
+        sh.t0.elapsed().as_secs_f64()
+    );
+    assert!(figs.stale.is_empty(), "stale reads:\n{}", figs.stale.join("\n"));
+    assert!(figs.garbled.is_empty(), "{}", figs.garbled.join("\n"));
+    assert!(figs.hung.is_empty(), "{}", figs.hung.join("\n"));
+    assert!(pauses.len() >= 6, "only {} pauses fitted in the time", pauses.len());
+    assert!(figs.writes_acked > 0 && figs.reads_checked > final_reads, "the workload ran");
 }
