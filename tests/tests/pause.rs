@@ -67,9 +67,10 @@ impl Rng {
 }
 
 fn seed(test: &str) -> u64 {
-    let seed = std::env::var("PAUSE_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
-    });
+    let seed = std::env::var("PAUSE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64));
     eprintln!("{test}: seed {seed} (PAUSE_SEED={seed} repeats it)");
     seed
 }
@@ -280,12 +281,11 @@ fn pause_scenario(m: &Metro, sc: &Scenario, lba: u64, x: u64, y: u64, rng: &mut 
             }
         }
         for r in &reads {
-            if !answers.contains_key(&r.cid) {
-                let a = match sp.q.wait_for(r.cid) {
+            if let std::collections::hash_map::Entry::Vacant(e) = answers.entry(r.cid) {
+                e.insert(match sp.q.wait_for(r.cid) {
                     Ok((c, data)) => answer(&c, &data, lba),
                     Err(e) => Answer::Lost(e.to_string()),
-                };
-                answers.insert(r.cid, a);
+                });
             }
         }
         (y_ack, writer.join().expect("writer"))
@@ -415,7 +415,11 @@ impl BlockLog {
     fn describe(&self, stamp: u64, t0: Instant) -> String {
         let at = |t: Instant| format!("{} ms", ms(t.saturating_duration_since(t0)));
         match self.writes.iter().find(|w| w.stamp == stamp) {
-            Some(w) => format!("stamp {stamp} (sent {}, {})", at(w.sent), w.acked.map_or("not acknowledged".into(), |a| format!("acknowledged {}", at(a)))),
+            Some(w) => format!(
+                "stamp {stamp} (sent {}, {})",
+                at(w.sent),
+                w.acked.map_or("not acknowledged".into(), |a| format!("acknowledged {}", at(a)))
+            ),
             None => format!("stamp {stamp} (never written)"),
         }
     }
