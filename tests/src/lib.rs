@@ -452,3 +452,69 @@ pub fn mixed_workload(secs: u64, qd: usize, verify: bool, seed: u64) -> nvmetro_
         seed,
     }
 }
+
+/// The subsystem of the metro tests ([`metro`]).
+pub const METRO_NQN: &str = "nqn.2026-11.io.nvmetro:metro-ha";
+/// A host of site B (the test host, [`HOSTNQN`], belongs to site A).
+pub const HOST_B: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-4000-8000-0000000000b2";
+
+/// The config of metro site `n`: site 1 (preferred, the pre-elected survivor) listens for the
+/// link on `link`; site 2 dials it. The test host belongs to site 1, [`HOST_B`] to site 2.
+pub fn site(n: u8, link: u16, witness: SocketAddr, extra: &str) -> String {
+    let target = format!(
+        "site = {n}\nsocket = \"{{DIR}}/mgmt.sock\"\n\n[witness]\naddress = \"{witness}\"\nsecret = \"{WITNESS_SECRET}\"\n\n[[host]]\nnqn = \"{HOSTNQN}\"\nsite = 1\n\n[[host]]\nnqn = \"{HOST_B}\"\nsite = 2\n"
+    );
+    mirror_site_config(METRO_NQN, n == 1, link, &target, extra)
+}
+
+/// A metro: site A, site B and the witness, as separate processes.
+pub struct Metro {
+    pub a: TargetProcess,
+    pub b: TargetProcess,
+    pub w: WitnessProcess,
+    /// Between B and A's link port, when the test cuts the link.
+    pub proxy: Option<Proxy>,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+/// One metro (three processes) at a time: on a 2-core machine several at once would starve the
+/// sites' heartbeats and test the scheduler instead.
+pub static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Starts a metro (`extra`: more mirror keys for both sites) and waits until both sites serve.
+pub fn metro(with_proxy: bool, extra: &str) -> Metro {
+    let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let w = WitnessProcess::start();
+    let link = free_port();
+    let a = TargetProcess::start(&site(1, link, w.addr, extra));
+    let proxy = with_proxy.then(|| Proxy::start(format!("127.0.0.1:{link}").parse().expect("addr")));
+    let b_link = proxy.as_ref().map_or(link, |p| p.addr.port());
+    let b = TargetProcess::start(&site(2, b_link, w.addr, extra));
+    let m = Metro { a, b, w, proxy, _serial: guard };
+    wait_until("both sites serve", Duration::from_secs(30), || serves(&m.a) == Some(true) && serves(&m.b) == Some(true));
+    m
+}
+
+/// A controller of [`METRO_NQN`] at `t` for the test host (None: the site does not answer).
+pub fn connect(t: &TargetProcess) -> Option<nvmetro_perf::Host> {
+    let mut o = nvmetro_perf::ConnectOptions::new(t.addr, METRO_NQN);
+    o.hostnqn = HOSTNQN.into();
+    o.timeout = Duration::from_secs(3);
+    nvmetro_perf::Host::connect(&o).ok()
+}
+
+/// Whether a write through `t` succeeds now (None: the site is down).
+pub fn serves(t: &TargetProcess) -> Option<bool> {
+    let mut h = connect(t)?;
+    let (c, _) = h.io_cmd(0, nvmetro_proto::cmds::write(0, 1, 60_000, 1), vec![7; 512], 0).ok()?;
+    Some(c.status().is_success())
+}
+
+/// Polls `cond` every 100 ms; panics after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

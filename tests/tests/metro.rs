@@ -7,68 +7,16 @@ use nvmetro_perf::load::{run_paths, JobResult, PathIo, PathShared, Pattern, Work
 use nvmetro_perf::paths::{ana_state, PathMonitor};
 use nvmetro_perf::{ConnectOptions, Host};
 use nvmetro_proto::nvme::Status;
-use nvmetro_tests::{free_port, Proxy, TargetProcess, WitnessProcess, HOSTNQN, WITNESS_SECRET};
+use nvmetro_tests::{connect, metro, serves, wait_until, Metro, TargetProcess, HOSTNQN, HOST_B, METRO_NQN as NQN};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const NQN: &str = "nqn.2026-11.io.nvmetro:metro-ha";
-/// A host of site B.
-const HOST_B: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-4000-8000-0000000000b2";
 /// ANA states as the log page reports them.
 const OPTIMIZED: u8 = 1;
 const NON_OPTIMIZED: u8 = 2;
-
-/// Site 1 (preferred, the pre-elected survivor) listens for the link on `link`; site 2 dials
-/// `peer`. The test host belongs to site 1.
-fn site(n: u8, link: u16, witness: SocketAddr, extra: &str) -> String {
-    let target = format!(
-        "site = {n}\nsocket = \"{{DIR}}/mgmt.sock\"\n\n[witness]\naddress = \"{witness}\"\nsecret = \"{WITNESS_SECRET}\"\n\n[[host]]\nnqn = \"{HOSTNQN}\"\nsite = 1\n\n[[host]]\nnqn = \"{HOST_B}\"\nsite = 2\n"
-    );
-    nvmetro_tests::mirror_site_config(NQN, n == 1, link, &target, extra)
-}
-
-struct Metro {
-    a: TargetProcess,
-    b: TargetProcess,
-    w: WitnessProcess,
-    /// Between B and A's link port, when the test cuts the link.
-    proxy: Option<Proxy>,
-    _serial: std::sync::MutexGuard<'static, ()>,
-}
-
-/// One metro (three processes) at a time: on a 2-core machine several at once would starve the
-/// sites' heartbeats and test the scheduler instead.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn metro(with_proxy: bool, extra: &str) -> Metro {
-    let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let w = WitnessProcess::start();
-    let link = free_port();
-    let a = TargetProcess::start(&site(1, link, w.addr, extra));
-    let proxy = with_proxy.then(|| Proxy::start(format!("127.0.0.1:{link}").parse().unwrap()));
-    let b_link = proxy.as_ref().map_or(link, |p| p.addr.port());
-    let b = TargetProcess::start(&site(2, b_link, w.addr, extra));
-    let m = Metro { a, b, w, proxy, _serial: guard };
-    wait_until("both sites serve", Duration::from_secs(30), || serves(&m.a) == Some(true) && serves(&m.b) == Some(true));
-    m
-}
-
-fn connect(t: &TargetProcess) -> Option<Host> {
-    let mut o = ConnectOptions::new(t.addr, NQN);
-    o.hostnqn = HOSTNQN.into();
-    o.timeout = Duration::from_secs(3);
-    Host::connect(&o).ok()
-}
-
-/// Whether a write through `t` succeeds now (None: the site is down).
-fn serves(t: &TargetProcess) -> Option<bool> {
-    let mut h = connect(t)?;
-    let (c, _) = h.io_cmd(0, nvmetro_proto::cmds::write(0, 1, 60_000, 1), vec![7; 512], 0).ok()?;
-    Some(c.status().is_success())
-}
 
 /// The status a write gets at `t` (None: the site is down).
 fn write_status(t: &TargetProcess) -> Option<Status> {
@@ -81,14 +29,6 @@ fn ana_of(t: &TargetProcess) -> Option<u8> {
     let h = connect(t)?;
     let (mut admin, _) = h.into_parts();
     ana_state(&mut admin, 1).ok()
-}
-
-fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn workload(secs: u64, seed: u64) -> Workload {
