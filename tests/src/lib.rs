@@ -4,6 +4,8 @@
 //! The binaries must be built first (`cargo build --workspace --bins`, which the README's test
 //! command does); they are looked up next to the test executable.
 
+pub mod stamped;
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command};
