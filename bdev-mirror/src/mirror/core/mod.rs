@@ -129,11 +129,12 @@ impl Metro {
         m
     }
 
-    /// A leg stops serving after `h/2` of silence from its peer; a leg that lost its peer (after
-    /// `h`) serves alone only `h/2 + 100 ms` later, when the other leg has surely stopped.
+    /// A leg's lease lasts `h/2` from a Ping its peer answered; a leg that lost its peer serves
+    /// alone only `max(h/2 + 100 ms, h/2 × 1.1 + 25 ms)` after the last Pong it sent, when the
+    /// other leg's lease has surely run out ([`Metro::check`] holds for every `h`).
     pub fn set_heartbeat(&mut self, h: u64) {
         self.fence_ms = h / 2;
-        self.settle_ms = h / 2 + 100;
+        self.settle_ms = (h / 2 + 100).max(lease_settle(h / 2));
         self.startup_grace_ms = 2 * h;
     }
 
@@ -827,5 +828,23 @@ impl MirrorCore {
             self.ops.remove(&id);
             out.push(Output::Complete { tag, result: Err(error.clone()) });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lease_inequality_holds_for_every_heartbeat() {
+        for h in [2, 10, 100, 500, 1000, 1500, 2000, 3000, 10_000, 60_000] {
+            let m = Metro::new("m", false, h);
+            assert_eq!(m.check(), Ok(()), "heartbeat {h} ms: {m:?}");
+            assert!(m.settle_ms >= m.fence_ms * 11 / 10 + 25);
+        }
+        let d = Metro::new("m", false, 1000);
+        assert_eq!((d.fence_ms, d.settle_ms), (500, 600), "the default timers");
+        let unsafe_timers = Metro { settle_ms: 520, ..d };
+        assert!(unsafe_timers.check().is_err(), "a settle within the lease's clock margin is refused");
     }
 }
