@@ -41,7 +41,10 @@ impl Rng {
 struct Leg {
     role: Role,
     core: Option<MirrorCore>,
+    /// What reads see: the device's volatile cache over its media.
     disk: Vec<u8>,
+    /// What survives a power loss: FUA writes and everything completed before a Flush.
+    media: Vec<u8>,
     durable: Meta,
     local: Vec<(u64, BdevOp)>,
     /// The device fails writes (ENOSPC) to blocks below this.
@@ -58,6 +61,12 @@ struct WriteRec {
     blocks: std::ops::Range<usize>,
     issued: u64,
     acked: Option<u64>,
+    /// Acknowledged FUA, or a host Flush issued after its acknowledgement completed: it must
+    /// survive even a power loss.
+    durable: bool,
+    fua: bool,
+    /// Not durable when a device lost its cache: a later Flush cannot bring it back.
+    maybe_lost: bool,
 }
 
 /// Steps of silence after which a leg's driver drops the link (the heartbeat timeout).
@@ -82,11 +91,18 @@ struct Sim {
     /// When each leg last received a frame (for the heartbeat).
     last_rx: [u64; 2],
     reads: u64,
+    /// Host flushes in flight: tag -> step issued.
+    flushes: HashMap<u64, u64>,
+    /// A crash lost writes from a device's volatile cache: from then on only durable writes must
+    /// survive (NVMe's volatile write cache semantics).
+    cache_lost: bool,
 }
 
 /// Sim timers: leases of 60 steps (both modes), Failed legs retry every 150.
 fn configure(core: &mut MirrorCore, metro_mode: bool, seq_base: u64) {
     core.set_lease_ms(60);
+    // Sweeps clear dirty bits within a history.
+    core.set_activity_idle_ms(40);
     core.set_retry_ms(150);
     if metro_mode {
         core.set_metro(metro(), seq_base);
@@ -139,6 +155,7 @@ impl Sim {
             role,
             core: None,
             disk: vec![0; BLOCKS * BLOCK],
+            media: vec![0; BLOCKS * BLOCK],
             durable: Meta::new(SIZE, REGION_SHIFT),
             local: Vec::new(),
             failing_below: 0,
@@ -167,6 +184,8 @@ impl Sim {
             mute: false,
             last_rx: [0; 2],
             reads: 0,
+            flushes: HashMap::new(),
+            cache_lost: false,
         };
         for (i, out) in sim_outputs {
             sim.run_outputs(i, out);
@@ -196,9 +215,18 @@ impl Sim {
                     }
                 }
                 Output::Complete { tag, result } => {
+                    if let Some(issued) = self.flushes.remove(&tag) {
+                        if result.is_ok() {
+                            for w in self.writes.iter_mut().filter(|w| w.acked.is_some_and(|a| a < issued) && !w.maybe_lost) {
+                                w.durable = true;
+                            }
+                        }
+                        continue;
+                    }
                     let w = self.tags.remove(&tag).expect("completion for a known write");
                     if result == Ok(BdevOutput::Done) {
                         self.writes[w].acked = Some(self.step);
+                        self.writes[w].durable |= self.writes[w].fua;
                     }
                 }
                 Output::Persist => {
@@ -303,6 +331,17 @@ impl Sim {
         }
     }
 
+    /// A host flushes at `leg`: once it completes, every write acknowledged before is durable.
+    fn host_flush(&mut self, leg: usize) {
+        if self.legs[leg].core.is_none() || self.legs[leg].paused.is_some() {
+            return;
+        }
+        let tag = 1 << 40 | self.next_write;
+        self.next_write += 1;
+        self.flushes.insert(tag, self.step);
+        self.feed(leg, Input::Host { tag, op: BdevOp::Flush });
+    }
+
     /// A host reads a random block at `leg`: served only while the leg may serve at this instant
     /// (what the reactor checks); the data must not be older than any acknowledged write.
     fn host_read(&mut self, leg: usize) {
@@ -331,12 +370,21 @@ impl Sim {
     /// write, or one not yet acknowledged when that one was issued, or a later one.
     fn fresh(&self, block: usize, found: u64) -> bool {
         let hist: Vec<&WriteRec> = self.writes.iter().filter(|w| w.blocks.contains(&block)).collect();
-        let Some(last) = hist.iter().filter(|w| w.acked.is_some()).max_by_key(|w| w.acked) else { return true };
+        let must = |w: &&&WriteRec| w.acked.is_some() && (w.durable || !self.cache_lost);
+        let Some(last) = hist.iter().filter(must).max_by_key(|w| w.acked) else { return true };
         let Some(f) = hist.iter().find(|w| w.id == found) else { return false };
         f.id == last.id || f.issued > last.issued || f.acked.is_none_or(|a| a > last.issued)
     }
 
     fn crash(&mut self, leg: usize) {
+        // Half the crashes are power losses: each block the volatile cache had not written back
+        // may be lost (the media's older content comes back).
+        let loss = if self.rng.below(2) == 0 { 50 } else { 0 };
+        self.crash_losing(leg, loss);
+    }
+
+    /// A crash in which each block not yet on the media is lost with `loss_percent` chance.
+    fn crash_losing(&mut self, leg: usize, loss_percent: u64) {
         self.cut();
         self.legs[leg].failing_below = 0;
         let l = &mut self.legs[leg];
@@ -346,8 +394,22 @@ impl Sim {
         for (_, op) in local {
             if self.rng.below(2) == 0 {
                 let _ = exec(&mut l.disk, &op);
+                let _ = exec(&mut l.media, &op);
             }
         }
+        if loss_percent > 0 {
+            for b in 0..BLOCKS {
+                let r = b * BLOCK..(b + 1) * BLOCK;
+                if l.disk[r.clone()] != l.media[r.clone()] && self.rng.below(100) < loss_percent {
+                    l.disk[r.clone()].copy_from_slice(&l.media[r]);
+                    self.cache_lost = true;
+                }
+            }
+            for w in self.writes.iter_mut().filter(|w| !w.durable) {
+                w.maybe_lost = true;
+            }
+        }
+        l.media.clone_from(&l.disk);
         // Host writes in flight at the crashed leg stay unacknowledged (their tags never complete).
     }
 
@@ -422,10 +484,10 @@ impl Sim {
             data[b * BLOCK + 8] = leg as u8;
         }
         let w = self.writes.len();
-        self.writes.push(WriteRec { id, blocks: block..block + n, issued: self.step, acked: None });
+        let fua = self.rng.below(4) == 0;
+        self.writes.push(WriteRec { id, blocks: block..block + n, issued: self.step, acked: None, durable: false, fua, maybe_lost: false });
         let tag = id;
         self.tags.insert(tag, w);
-        let fua = self.rng.below(4) == 0;
         self.feed(leg, Input::Host { tag, op: BdevOp::Write { offset: (block * BLOCK) as u64, data, fua } });
     }
 
@@ -442,6 +504,21 @@ impl Sim {
             BdevOp::WriteZeroes { offset, .. } | BdevOp::Deallocate { offset, .. } if hits(*offset) => Err(BdevError::NoSpace),
             _ => exec(&mut self.legs[leg].disk, &op),
         };
+        let l = &mut self.legs[leg];
+        match &op {
+            // Completed FUA writes are on the media; a completed Flush put everything there.
+            BdevOp::Write { fua: true, .. } if result.is_ok() => {
+                let _ = exec(&mut l.media, &op);
+            }
+            BdevOp::Flush if result.is_ok() => l.media.clone_from(&l.disk),
+            // Now and then the cache writes a block back on its own.
+            _ if self.rng.below(8) == 0 => {
+                let b = self.rng.below(BLOCKS as u64) as usize * BLOCK;
+                let (disk, media) = (&l.disk, &mut l.media);
+                media[b..b + BLOCK].copy_from_slice(&disk[b..b + BLOCK]);
+            }
+            _ => {}
+        }
         self.feed(leg, Input::LocalDone { id, result });
         true
     }
@@ -520,9 +597,13 @@ impl Sim {
                 let leg = self.rng.below(2) as usize;
                 self.host_write(leg);
             }
-            20..=29 => {
+            20..=27 => {
                 let leg = self.rng.below(2) as usize;
                 self.host_read(leg);
+            }
+            28..=29 if writes => {
+                let leg = self.rng.below(2) as usize;
+                self.host_flush(leg);
             }
             0..=59 => {
                 let leg = self.rng.below(2) as usize;
@@ -912,5 +993,25 @@ fn a_paused_leg_serves_nothing_after_its_lease_and_the_other_takes_over_only_aft
         sim.connect();
         sim.quiesce();
         sim.check(51);
+    }
+}
+
+#[test]
+fn a_dirty_bit_is_cleared_only_once_both_legs_flushed_its_writes() {
+    for (seed, lost) in [(61u64, 1usize), (62, 0)] {
+        let mut sim = Sim::new(seed);
+        sim.quiesce();
+        for i in 0..6 {
+            sim.host_write(i % 2);
+        }
+        // Long enough for the once-a-second sweep after the activity window.
+        sim.run_quiet(2500);
+        assert_eq!(sim.legs[0].durable.dirty_count(), 0, "the sweep cleared the bits");
+        // A leg loses power: whatever its cache held that no flush covered is gone. Had the
+        // sweep cleared the bits before both legs flushed, the resync would miss those blocks.
+        sim.crash_losing(lost, 100);
+        sim.heal(seed);
+        sim.quiesce();
+        sim.check(seed);
     }
 }

@@ -294,6 +294,8 @@ enum Origin {
     /// A host write whose leg changed role while it ran: already answered; only its range is
     /// released when it ends.
     Orphan,
+    /// Preferred: the flush of both legs that lets the sweep clear dirty bits.
+    Sweep,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -321,6 +323,17 @@ const RESYNC_WINDOW: usize = 16;
 /// A confirmed region's dirty bit is cleared only after this long without writes, so a hot
 /// region does not pay a metadata write (and sync) again and again (DRBD's activity log).
 const ACTIVITY_IDLE_MS: u64 = 5_000;
+
+/// A sweep under way: regions to clear once both legs have flushed everything written before
+/// `started_ms`.
+#[derive(Debug)]
+struct SweepFlush {
+    id: u64,
+    regions: Vec<u64>,
+    started_ms: u64,
+    local_ok: bool,
+    remote_ok: bool,
+}
 
 pub struct MirrorCore {
     role: Role,
@@ -395,6 +408,9 @@ pub struct MirrorCore {
     /// The current resync lost a region (a failed read here or write there): the target is not
     /// a faithful copy at its end.
     sync_errors: bool,
+    sweep_flush: Option<SweepFlush>,
+    /// Regions written within this are not swept (DRBD's activity log).
+    activity_idle_ms: u64,
 }
 
 impl std::fmt::Debug for MirrorCore {
@@ -491,6 +507,8 @@ impl MirrorCore {
             retry_ms: 30_000,
             last_retry_ms: 0,
             sync_errors: false,
+            sweep_flush: None,
+            activity_idle_ms: ACTIVITY_IDLE_MS,
         };
         (core, out)
     }
@@ -520,6 +538,11 @@ impl MirrorCore {
     /// Outside metro mode: how long an answered Ping lets this leg serve with its peer.
     pub fn set_lease_ms(&mut self, ms: u64) {
         self.lease_ms = ms;
+    }
+
+    /// Regions written within `ms` keep their dirty bits (tests shorten it).
+    pub fn set_activity_idle_ms(&mut self, ms: u64) {
+        self.activity_idle_ms = ms;
     }
 
     /// How often a Failed leg retries to resync (0: only on [`Input::Resync`]).

@@ -290,11 +290,19 @@ impl MirrorCore {
                 self.ops.remove(&id);
                 self.release(id, out);
             }
+            Origin::Sweep => {
+                let o = self.ops.get_mut(&id).expect("op");
+                o.result = Some(result);
+                self.try_finish(id, out);
+            }
             Origin::ResyncOut(region) => {
                 match result {
                     Ok(BdevOutput::Data(data)) if self.peer_reachable() => {
                         let offset = region << self.meta.region_shift;
                         let mut f = Frame::new(Kind::Resync, id);
+                        // Durable on the target before it is acknowledged: the region's bit is
+                        // cleared on that acknowledgement.
+                        f.flags = flags::FUA;
                         f.op = OpCode::Write;
                         f.offset = offset;
                         f.len = data.len() as u64;
@@ -327,6 +335,12 @@ impl MirrorCore {
             return;
         }
         let o = self.ops.remove(&id).expect("op");
+        if o.origin == Origin::Sweep {
+            if let Some(s) = self.sweep_flush.as_mut().filter(|s| s.id == id) {
+                s.local_ok = o.result.as_ref().is_some_and(|r| r.is_ok());
+            }
+            self.finish_sweep(out);
+        }
         if let Origin::Host(tag) = o.origin {
             out.push(Output::Complete { tag, result: o.result.unwrap_or(Ok(BdevOutput::Done)) });
         }

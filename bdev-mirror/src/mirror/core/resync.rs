@@ -2,6 +2,7 @@
 //! legs' dirty bitmaps, sending dirty regions within the window and rate, and the sweep that
 //! clears confirmed regions.
 
+use super::ordering::op_frame;
 use super::*;
 
 impl MirrorCore {
@@ -161,18 +162,50 @@ impl MirrorCore {
             }
             return;
         }
+        if std::mem::take(&mut self.lazy_persist) {
+            out.push(Output::Persist);
+        }
+        if self.sweep_flush.is_some() {
+            return;
+        }
         let now = self.last_tick_ms;
+        self.unconfirmed.retain(|_, c| *c > 0);
+        let regions: Vec<u64> = (0..self.meta.regions)
+            .filter(|r| {
+                let idle = self.last_write.get(r).is_none_or(|t| now.saturating_sub(*t) >= self.activity_idle_ms);
+                idle && self.meta.is_dirty(*r) && !self.unconfirmed.contains_key(r)
+            })
+            .collect();
+        if regions.is_empty() {
+            return;
+        }
+        // Confirmed writes may still sit in either device's volatile cache: a bit is cleared only
+        // once a flush of both legs, started after the region's last write, has completed.
+        let id = self.new_op(Origin::Sweep, BdevOp::Flush);
+        let o = self.ops.get_mut(&id).expect("just added");
+        o.stage = Stage::Running;
+        o.remote_pending = true;
+        self.sweep_flush = Some(SweepFlush { id, regions, started_ms: now, local_ok: false, remote_ok: false });
+        out.push(Output::Send(op_frame(Kind::Replicate, id, &BdevOp::Flush)));
+        out.push(Output::Local { id, op: BdevOp::Flush });
+    }
+
+    /// The sweep's flushes ended (or the peer was lost meanwhile): clear what is still clean.
+    pub(super) fn finish_sweep(&mut self, out: &mut Vec<Output>) {
+        let Some(s) = self.sweep_flush.take() else { return };
+        if !(s.local_ok && s.remote_ok) || self.role != Role::Preferred || self.peer_failure.is_some() {
+            return;
+        }
         let mut cleared = false;
-        for r in 0..self.meta.regions {
-            let idle = self.last_write.get(&r).is_none_or(|t| now.saturating_sub(*t) >= ACTIVITY_IDLE_MS);
-            if idle && self.meta.is_dirty(r) && self.unconfirmed.get(&r).copied().unwrap_or(0) == 0 {
+        for r in s.regions {
+            let untouched = self.last_write.get(&r).is_none_or(|t| *t < s.started_ms);
+            if untouched && self.meta.is_dirty(r) && !self.unconfirmed.contains_key(&r) {
                 self.meta.clear_dirty(r);
                 self.last_write.remove(&r);
                 cleared = true;
             }
         }
-        self.unconfirmed.retain(|_, c| *c > 0);
-        if cleared || std::mem::take(&mut self.lazy_persist) {
+        if cleared {
             out.push(Output::Persist);
         }
     }

@@ -44,6 +44,11 @@ impl MirrorCore {
                 let Some(o) = self.ops.get_mut(&f.seq) else { return };
                 o.remote_pending = false;
                 let range = o.range;
+                if o.origin == Origin::Sweep {
+                    if let Some(s) = self.sweep_flush.as_mut().filter(|s| s.id == f.seq) {
+                        s.remote_ok = f.arg == status::OK;
+                    }
+                }
                 if let Some((off, len)) = range {
                     self.unconfirm(off, len);
                 }
