@@ -298,7 +298,7 @@ fn bad_configs_are_refused_with_file_line_and_key() {
     let dir = std::env::temp_dir().join(format!("nvmetro-badcfg-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cases = [
-        ("unknown.toml", basic_config("[0]").replace("poll_mode", "colour = 1\npoll_mode"), ":4: colour"),
+        ("unknown.toml", basic_config("[0]").replace("poll_mode", "colour = 1\npoll_mode"), ":4: target.colour"),
         ("dupnsid.toml", basic_config("[0]").replace("nsid = 2", "nsid = 1"), "subsystem.namespace.nsid: NSID 1 is used twice"),
         ("nobdev.toml", basic_config("[0]").replace("bdev = \"disk\"", "bdev = \"dsk\""), "no bdev named `dsk`"),
         ("syntax.toml", basic_config("[0]").replace("[[listener]]", "[[listener"), "syntax.toml:"),
