@@ -25,6 +25,8 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("bad --log filter")?)
         .with_target(false)
+        // Colour codes only on a terminal: log files and journald get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     if let (true, Some(path)) = (args.check, &args.config) {
         // Also whether every path the file names can be written.
@@ -84,6 +86,11 @@ fn main() -> anyhow::Result<()> {
         }
     }
     tracing::info!("stopping");
+    let socket = running.target.config().socket.clone();
     running.stop();
+    if let Some(path) = socket {
+        // A clean stop leaves no socket behind.
+        let _ = std::fs::remove_file(path);
+    }
     Ok(())
 }

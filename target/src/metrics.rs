@@ -154,5 +154,67 @@ pub fn render(t: &Target) -> String {
         }
         let _ = writeln!(o, "nvmetro_mirror_peer_failed{{{l}}} {}", u8::from(m.peer_failure.is_some()));
     }
-    o
+    grouped(&o)
+}
+
+/// The text format wants each family's samples right after its HELP and TYPE lines (parsers read
+/// samples under the last TYPE: interleaved families come out untyped, histograms split).
+fn grouped(text: &str) -> String {
+    let mut order: Vec<&str> = Vec::new();
+    let mut heads: std::collections::HashMap<&str, Vec<&str>> = Default::default();
+    let mut samples: std::collections::HashMap<&str, Vec<&str>> = Default::default();
+    let mut histograms = std::collections::HashSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ").or_else(|| line.strip_prefix("# TYPE ")) {
+            let mut words = rest.split(' ');
+            let name = words.next().unwrap_or_default();
+            if line.starts_with("# TYPE ") && words.next() == Some("histogram") {
+                histograms.insert(name);
+            }
+            if !heads.contains_key(name) {
+                order.push(name);
+            }
+            heads.entry(name).or_default().push(line);
+        } else if !line.is_empty() {
+            let metric = line.split(['{', ' ']).next().unwrap_or_default();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .filter_map(|suffix| metric.strip_suffix(suffix))
+                .find(|base| histograms.contains(base))
+                .unwrap_or(metric);
+            samples.entry(family).or_default().push(line);
+        }
+    }
+    let mut out = String::with_capacity(text.len());
+    for name in &order {
+        for line in heads.get(name).into_iter().flatten().chain(samples.get(name).into_iter().flatten()) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    // Samples of a family without HELP (none today) go last.
+    for (family, lines) in &samples {
+        if !heads.contains_key(family) {
+            for line in lines {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_family_is_one_block_under_its_help_and_type() {
+        let text = "# HELP a_total A.\n# TYPE a_total counter\n# HELP h_seconds H.\n# TYPE h_seconds histogram\n\
+                    a_total{x=\"1\"} 3\nh_seconds_bucket{le=\"+Inf\"} 2\nh_seconds_sum 0.5\nh_seconds_count 2\na_total{x=\"2\"} 4\n";
+        let g = super::grouped(text);
+        assert_eq!(
+            g,
+            "# HELP a_total A.\n# TYPE a_total counter\na_total{x=\"1\"} 3\na_total{x=\"2\"} 4\n\
+             # HELP h_seconds H.\n# TYPE h_seconds histogram\nh_seconds_bucket{le=\"+Inf\"} 2\nh_seconds_sum 0.5\nh_seconds_count 2\n"
+        );
+    }
 }

@@ -426,11 +426,31 @@ fn scrape(addr: std::net::SocketAddr, prefix: &str) -> f64 {
     let mut body = String::new();
     s.read_to_string(&mut body).unwrap();
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    families_are_blocks(&body);
     body.lines()
         .find(|l| l.starts_with(prefix))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no `{prefix}` in:\n{body}"))
+}
+
+/// As a text-format parser reads it: every sample belongs to the family of the last TYPE line
+/// (a histogram's `_bucket`, `_sum` and `_count` to the histogram), and no family comes twice.
+fn families_are_blocks(body: &str) {
+    let (mut current, mut kind, mut seen) = (String::new(), String::new(), std::collections::HashSet::new());
+    for line in body.lines().skip_while(|l| !l.is_empty()).skip(1) {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut w = rest.split(' ');
+            current = w.next().unwrap().to_string();
+            kind = w.next().unwrap().to_string();
+            assert!(seen.insert(current.clone()), "family {current} comes twice");
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let metric = line.split(['{', ' ']).next().unwrap();
+            let ok = metric == current
+                || (kind == "histogram" && ["_bucket", "_sum", "_count"].iter().any(|x| metric.strip_suffix(x) == Some(current.as_str())));
+            assert!(ok, "sample `{line}` sits under the TYPE of {current}");
+        }
+    }
 }
 
 #[test]
@@ -753,4 +773,22 @@ fn shutdown_flushes_every_namespace_first() {
     }
     assert_eq!((durability(m, 1, "flush"), durability(m, 2, "flush")), (1.0, 1.0), "each namespace flushed once");
     assert!(t.log().contains("shutdown complete"), "{}", t.log());
+}
+
+#[test]
+fn a_clean_stop_leaves_no_socket_and_the_log_has_no_colour_codes() {
+    let cfg = basic_config("[0]").replace("[target]", "[target]\nsocket = \"{DIR}/mgmt.sock\"");
+    let mut t = TargetProcess::start(&cfg);
+    let socket = t.scratch().join("mgmt.sock");
+    assert!(socket.exists());
+    t.signal("TERM");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while t.is_running() {
+        assert!(std::time::Instant::now() < deadline, "the target did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!socket.exists(), "the socket file was removed");
+    let log = t.log();
+    assert!(log.contains("stopping"), "{log}");
+    assert!(!log.contains('\x1b'), "no terminal colour codes in a log file: {log:?}");
 }
