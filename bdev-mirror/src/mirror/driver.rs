@@ -116,12 +116,15 @@ pub struct StatusReport {
 }
 
 impl StatusReport {
-    /// Percentage of the current resync done (100 when in sync).
-    pub fn sync_percent(&self) -> f64 {
-        if self.sync_total_bytes == 0 || self.out_of_sync_bytes == 0 {
-            100.0
+    /// Percentage of the current resync done: 100 when in sync, none while out of sync with no
+    /// resync under way (disconnected, or the peer Failed).
+    pub fn sync_percent(&self) -> Option<f64> {
+        if self.out_of_sync_bytes == 0 {
+            Some(100.0)
+        } else if self.sync_total_bytes == 0 || !self.link.starts_with("Sync") {
+            None
         } else {
-            100.0 * self.synced_bytes as f64 / self.sync_total_bytes as f64
+            Some(100.0 * self.synced_bytes as f64 / self.sync_total_bytes as f64)
         }
     }
 

@@ -155,9 +155,9 @@ fn main() -> anyhow::Result<()> {
                         );
                         let speed = m["sync_bytes_per_second"].as_u64().unwrap_or(0);
                         println!(
-                            "    out of sync {}  synced {:.1}%  speed {}/s  ETA {}  replication RTT {}",
+                            "    out of sync {}  synced {}  speed {}/s  ETA {}  replication RTT {}",
                             bytes(m["out_of_sync_bytes"].as_u64().unwrap_or(0)),
-                            m["sync_percent"].as_f64().unwrap_or(0.0),
+                            m["sync_percent"].as_f64().map_or("- (no resync under way)".into(), |p| format!("{p:.1}%")),
                             bytes(speed),
                             m["eta_seconds"].as_u64().map_or("-".into(), |s| format!("{s} s")),
                             m["replication_rtt_us"].as_u64().map_or("-".into(), |u| format!("{u} us"))

@@ -9,7 +9,10 @@ impl MirrorCore {
         let Some(m) = self.metro.clone() else { return };
         let now = self.last_tick_ms;
         match self.quorum {
-            Quorum::Starting if self.link == LinkState::Connected => self.quorum = Quorum::Peer,
+            Quorum::Starting if self.link == LinkState::Connected => {
+                self.quorum = Quorum::Peer;
+                self.why = "serving with the peer".into();
+            }
             Quorum::Starting if now >= m.startup_grace_ms && self.link != LinkState::Handshake && !self.peer_reachable() => {
                 self.elect(out);
             }

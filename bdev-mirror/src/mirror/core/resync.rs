@@ -66,6 +66,7 @@ impl MirrorCore {
             self.resynced_bytes = 0;
             self.sync_errors = false;
             self.link = LinkState::Syncing { source: true };
+            tracing::info!("resync to the peer starting: {} regions dirty here (the peer's bitmap adds its own)", self.to_sync.len());
             // Wait for the target's bitmap: it may have written regions this leg never saw.
             self.awaiting_bitmap = true;
         } else {
@@ -135,6 +136,7 @@ impl MirrorCore {
         }
         if self.sync_cursor >= self.to_sync.len() && self.resync_inflight == 0 {
             // Everything sent and acknowledged: the peer is a faithful copy again.
+            tracing::info!("resync to the peer finished: {} bytes copied; the peer is UpToDate", self.resynced_bytes);
             self.peer_failure = None;
             let mut f = Frame::new(Kind::Resync, 0);
             f.offset = self.meta.generations.current;

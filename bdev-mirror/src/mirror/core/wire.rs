@@ -108,9 +108,10 @@ impl MirrorCore {
             }
             Kind::Resync if f.op == OpCode::None => {
                 // The source has sent everything: this leg is a faithful copy again.
-                if self.meta.failed {
-                    tracing::info!("mirror leg resynced after its device failed: UpToDate again");
-                }
+                tracing::info!(
+                    "resync from the peer finished: this leg is UpToDate{}",
+                    if self.meta.failed { " (its device had failed)" } else { "" }
+                );
                 self.meta.failed = false;
                 self.failure = None;
                 self.meta.generations.current = f.offset;
