@@ -210,7 +210,8 @@ fn leg_fails(preferred: bool, error: &str, recovery: Recovery) -> Figures {
         (Some("UpToDate"), Some("Failed"), Some(true)),
         "{mp}"
     );
-    assert_eq!(mp["role"], "preferred", "the peer orders writes now: {mp}");
+    assert_eq!(mp["role"], "Preferred", "the peer orders writes now: {mp}");
+    assert!(mp["out_of_sync_bytes"].as_u64().is_some_and(|b| b > 0), "the regions the Failed leg lacks: {mp}");
     for write in [false, true] {
         let st = io_status(failing, write).expect("the failed site answers");
         assert_eq!(st, Status::ANA_INACCESSIBLE, "a {} at the Failed leg: {st}", if write { "write" } else { "read" });
