@@ -66,6 +66,12 @@ fn metrics(t: &TargetProcess) -> String {
     body
 }
 
+/// The last lines of a log.
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
 fn sample(body: &str, name: &str) -> Option<f64> {
     body.lines().find(|l| l.starts_with(name) && l.contains("bdev=\"m\"")).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
 }
@@ -185,7 +191,19 @@ fn leg_fails(preferred: bool, error: &str, recovery: Recovery) -> Figures {
         std::thread::sleep(Duration::from_millis(1500));
         let st = rpc(failing, "bdev_error_inject", json!({"name": "flaky", "rules": rules})).unwrap();
         assert_eq!(st["rules"].as_array().map(Vec::len), Some(1), "{st}");
-        (wa.join().unwrap(), wb.join().unwrap())
+        let (ra, rb) = (wa.join(), wb.join());
+        if ra.is_err() || rb.is_err() {
+            panic!(
+                "a worker failed (A's: {}, B's: {}); A: {}\n{}\nB: {}\n{}",
+                ra.is_err(),
+                rb.is_err(),
+                mirror_status(&p.a),
+                tail(&p.a.log()),
+                mirror_status(&p.b),
+                tail(&p.b.log())
+            );
+        }
+        (ra.unwrap(), rb.unwrap())
     });
     // Each worker wrote on its own site until the fault, and the failing site's worker then
     // moved to the peer.
