@@ -172,20 +172,31 @@ pub fn parse_rule(json: &str) -> Result<FaultRule, RuleError> {
     Ok(rule)
 }
 
-/// Parses a JSON array of rules, or a single rule.
+/// Parses a JSON array of rules, or a single rule. Errors say which rule of an array is wrong
+/// and why (an unknown field, a bad value, a rule that injects nothing).
 pub fn parse_rules(json: &str) -> Result<Vec<FaultRule>, RuleError> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        Many(Vec<FaultRule>),
-        One(Box<FaultRule>),
-    }
-    let rules = match serde_json::from_str(json).map_err(|e| RuleError::Json(e.to_string()))? {
-        OneOrMany::Many(v) => v,
-        OneOrMany::One(r) => vec![*r],
+    let value: serde_json::Value = serde_json::from_str(json).map_err(|e| RuleError::Json(e.to_string()))?;
+    let one = |v: serde_json::Value| -> Result<FaultRule, RuleError> {
+        if !v.is_object() {
+            return Err(RuleError::Json(format!("a rule is a JSON object, not {v}")));
+        }
+        let rule: FaultRule = serde_json::from_value(v).map_err(|e| RuleError::Json(e.to_string()))?;
+        rule.validate()?;
+        Ok(rule)
     };
-    rules.iter().try_for_each(FaultRule::validate)?;
-    Ok(rules)
+    match value {
+        serde_json::Value::Array(items) => items
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| {
+                one(v).map_err(|e| match e {
+                    RuleError::Json(m) => RuleError::Json(format!("rule {}: {m}", i + 1)),
+                    RuleError::Invalid(m) => RuleError::Json(format!("rule {}: {m}", i + 1)),
+                })
+            })
+            .collect(),
+        v => Ok(vec![one(v)?]),
+    }
 }
 
 /// The JSON names of the errors a rule injects.
@@ -461,6 +472,12 @@ impl Bdev for ErrorBdev {
     }
     fn mirror_status(&self) -> Option<crate::mirror::driver::StatusReport> {
         self.inner.mirror_status()
+    }
+    fn as_mirror(&self) -> Option<&crate::mirror::driver::MirrorBdev> {
+        self.inner.as_mirror()
+    }
+    fn as_error(&self) -> Option<&ErrorBdev> {
+        Some(self)
     }
     fn channel(self: Arc<Self>) -> std::io::Result<Box<dyn BdevChannel>> {
         let inner = self.inner.clone().channel()?;

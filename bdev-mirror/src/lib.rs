@@ -7,6 +7,7 @@
 //! * [`null`]: discards writes, reads zeroes; for measuring the target itself.
 //! * [`file`]: a file or block device through io_uring, O_DIRECT by default.
 //! * [`range_lock`]: lock-free LBA range locks (fused Compare+Write atomicity; resync later).
+//! * [`error`]: error injection over another bdev (fails, delays or drops selected commands).
 //!
 //! * [`mirror`]: two-site synchronous replication (in progress: wire format, metadata, core).
 
@@ -168,6 +169,10 @@ pub trait Bdev: Send + Sync + std::fmt::Debug {
     /// Replication state, for devices that have one.
     /// The mirror behind this bdev, for mirror-only operations (resync).
     fn as_mirror(&self) -> Option<&mirror::driver::MirrorBdev> {
+        None
+    }
+    /// The error-injection device behind this bdev, for setting its fault rules.
+    fn as_error(&self) -> Option<&error::ErrorBdev> {
         None
     }
     fn mirror_status(&self) -> Option<mirror::driver::StatusReport> {

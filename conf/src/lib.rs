@@ -10,7 +10,7 @@
 //!
 //! [[bdev]]
 //! name = "mal0"
-//! kind = "malloc"             # malloc | null | file
+//! kind = "malloc"             # malloc | null | file | mirror | error
 //! size = "1GiB"
 //!
 //! [[subsystem]]
@@ -101,6 +101,9 @@ pub enum BdevKind {
     File,
     /// Synchronous two-site mirror over a local (file) bdev.
     Mirror,
+    /// Error injection over another bdev (`base`): fails, delays or drops the commands its
+    /// fault rules select (initial `rules` here; changed live over the management socket).
+    Error,
 }
 
 /// A byte size: an integer or a string such as "512MiB", "1GiB", "4k", "1TB" (see [`parse_size`]).
@@ -226,6 +229,11 @@ pub struct BdevSection {
     /// mirror: how often a leg whose disk failed I/O retries to resync (default "30s"; "0s": only
     /// when the operator asks).
     pub retry_interval: Option<Spanned<String>>,
+    /// error: the bdev whose commands it passes on (or fails).
+    pub base: Option<Spanned<String>>,
+    /// error: the fault rules it starts with, as JSON (one rule or an array of them, e.g.
+    /// `'[{"op":"write","error":"nospace","after":100}]'`; see `nvmetro_bdev::error::parse_rules`).
+    pub rules: Option<Spanned<String>>,
 }
 
 fn default_block_size() -> Spanned<u32> {
@@ -394,6 +402,63 @@ pub struct BdevConfig {
     pub path: Option<PathBuf>,
     pub direct: bool,
     pub mirror: Option<MirrorConfig>,
+    pub error: Option<ErrorConfig>,
+}
+
+impl BdevConfig {
+    /// The bdev this one is built on (a mirror's local leg, an error bdev's base), which must be
+    /// opened first.
+    pub fn depends_on(&self) -> Option<&str> {
+        match (&self.mirror, &self.error) {
+            (Some(m), _) => Some(&m.local),
+            (_, Some(e)) => Some(&e.base),
+            _ => None,
+        }
+    }
+}
+
+/// An error-injection bdev.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorConfig {
+    pub base: String,
+    /// The initial fault rules as JSON (validated: `nvmetro_bdev::error::parse_rules` accepts
+    /// them); `None`: none, every command passes.
+    pub rules: Option<String>,
+}
+
+impl Config {
+    /// Bdev indexes in an order where each comes after the bdev it is built on.
+    pub fn open_order(&self) -> Vec<usize> {
+        dependency_order(&self.bdevs, |_| false)
+    }
+}
+
+/// Indexes of `bdevs` ordered so that each comes after the one it depends on, unless that one is
+/// already open (`open`). Bdevs whose dependency is neither (validation rules that out) go last.
+pub fn dependency_order(bdevs: &[BdevConfig], open: impl Fn(&str) -> bool) -> Vec<usize> {
+    let mut order = Vec::new();
+    let mut placed = vec![false; bdevs.len()];
+    loop {
+        let before = order.len();
+        for (i, b) in bdevs.iter().enumerate() {
+            if placed[i] {
+                continue;
+            }
+            let ready = match b.depends_on() {
+                None => true,
+                Some(d) => open(d) || bdevs.iter().enumerate().any(|(j, x)| placed[j] && x.name == d),
+            };
+            if ready {
+                placed[i] = true;
+                order.push(i);
+            }
+        }
+        if order.len() == before {
+            break;
+        }
+    }
+    order.extend((0..bdevs.len()).filter(|i| !placed[*i]));
+    order
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -964,6 +1029,53 @@ fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError> {
                 format!("bdev `{name}`: local/role/listen/peer/metadata/secret/retry_interval belong to mirror bdevs"),
             ));
         }
+        if b.kind != BdevKind::Error && (b.base.is_some() || b.rules.is_some()) {
+            return Err(ctx.err(b.name.span(), "bdev", format!("bdev `{name}`: base/rules belong to error bdevs")));
+        }
+        if b.kind == BdevKind::Error {
+            if let Some(p) = &b.path {
+                return Err(ctx.err(p.span(), "bdev.path", "an error bdev has no path: it passes commands on to its `base`"));
+            }
+            if let Some(s) = &b.size {
+                return Err(ctx.err(s.span(), "bdev.size", "an error bdev has no size of its own: it has its `base`'s"));
+            }
+            if b.block_size.span() != (0..0) {
+                return Err(ctx.err(b.block_size.span(), "bdev.block_size", "an error bdev has its `base`'s block size"));
+            }
+            let base = b
+                .base
+                .as_ref()
+                .ok_or_else(|| ctx.err(b.name.span(), "bdev.base", format!("error bdev `{name}` needs `base` (the bdev it wraps)")))?;
+            if base.get_ref() == name {
+                return Err(ctx.err(base.span(), "bdev.base", format!("error bdev `{name}` cannot wrap itself")));
+            }
+            let rules = match &b.rules {
+                None => None,
+                Some(r) => {
+                    nvmetro_bdev::error::parse_rules(r.get_ref()).map_err(|e| {
+                        ctx.err(
+                            r.span(),
+                            "bdev.rules",
+                            format!("{e} (rules are JSON: one rule or an array, e.g. '[{{\"op\":\"write\",\"error\":\"eio\"}}]')"),
+                        )
+                    })?;
+                    Some(r.get_ref().clone())
+                }
+            };
+            bdev_sizes.insert(name.as_str(), ());
+            bdevs.push(BdevConfig {
+                name: name.clone(),
+                kind: b.kind,
+                size: None,
+                block_size: bs,
+                hugepages: false,
+                path: None,
+                direct: false,
+                mirror: None,
+                error: Some(ErrorConfig { base: base.get_ref().clone(), rules }),
+            });
+            continue;
+        }
         if b.kind == BdevKind::Mirror {
             bdev_sizes.insert(name.as_str(), ());
             bdevs.push(BdevConfig {
@@ -975,6 +1087,7 @@ fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError> {
                 path: None,
                 direct: false,
                 mirror: Some(mirror_config(ctx, b)?),
+                error: None,
             });
             continue;
         }
@@ -1003,26 +1116,59 @@ fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError> {
             path: b.path.as_ref().map(|p| p.get_ref().clone()),
             direct: b.direct,
             mirror: None,
+            error: None,
         });
     }
-    // A mirror's local leg must be a persistent bdev, and serves only through the mirror.
+    // An error bdev's base must exist, and chains of bdevs built on each other end somewhere.
+    for b in &raw.bdevs {
+        let (Some(base), BdevKind::Error) = (&b.base, b.kind) else { continue };
+        let Some(under) = bdevs.iter().find(|x| &x.name == base.get_ref()) else {
+            return Err(ctx.err(base.span(), "bdev.base", format!("no bdev named `{}`", base.get_ref())));
+        };
+        let mut seen = HashSet::from([b.name.get_ref().as_str()]);
+        let mut at = under;
+        while let Some(next) = at.depends_on() {
+            if !seen.insert(at.name.as_str()) {
+                return Err(ctx.err(base.span(), "bdev.base", format!("bdev `{}` is built on itself (a cycle)", b.name.get_ref())));
+            }
+            match bdevs.iter().find(|x| x.name == next) {
+                Some(x) => at = x,
+                None => break, // reported at that bdev
+            }
+        }
+    }
+    // A mirror's local leg must be a persistent bdev (a file bdev, or an error bdev over one),
+    // and serves only through the mirror.
     let mut legs = HashSet::new();
     for b in &raw.bdevs {
         let Some(local) = &b.local else { continue };
         let leg = bdevs.iter().find(|x| &x.name == local.get_ref());
+        let persistent = |l: &BdevConfig| l.kind == BdevKind::File;
+        let base_of = |l: &BdevConfig| l.error.as_ref().and_then(|e| bdevs.iter().find(|x| x.name == e.base));
+        let mut beneath = None;
         match leg {
             None => return Err(ctx.err(local.span(), "bdev.local", format!("no bdev named `{}`", local.get_ref()))),
-            Some(l) if l.kind != BdevKind::File => {
+            Some(l) if persistent(l) => {}
+            Some(l) if l.kind == BdevKind::Error && base_of(l).is_some_and(persistent) => beneath = base_of(l),
+            Some(l) => {
                 return Err(ctx.err(
                     local.span(),
                     "bdev.local",
-                    format!("`{}` is a {:?} bdev; a mirror leg must survive a restart (use kind = \"file\")", local.get_ref(), l.kind),
+                    format!(
+                        "`{}` is {}; a mirror leg must survive a restart (use kind = \"file\", or an error bdev over a file bdev)",
+                        local.get_ref(),
+                        match base_of(l) {
+                            Some(under) => format!("an error bdev over a {:?} bdev", under.kind),
+                            None => format!("a {:?} bdev", l.kind),
+                        }
+                    ),
                 ))
             }
-            Some(_) => {}
         }
-        if !legs.insert(local.get_ref().clone()) {
-            return Err(ctx.err(local.span(), "bdev.local", format!("`{}` is already the leg of another mirror", local.get_ref())));
+        for name in std::iter::once(local.get_ref()).chain(beneath.map(|x| &x.name)) {
+            if !legs.insert(name.clone()) {
+                return Err(ctx.err(local.span(), "bdev.local", format!("`{name}` is already the leg of another mirror")));
+            }
         }
     }
 
@@ -1338,6 +1484,117 @@ address = "127.0.0.1:4420"
         assert!(e.message.contains("must survive a restart"), "{e}");
         let e = err(&base.replace("bdev = \"m\"", "bdev = \"leg\""));
         assert!(e.message.contains("export the mirror"), "{e}");
+    }
+
+    #[test]
+    fn error_bdevs() {
+        // The mirror's leg is an error bdev over the file bdev, defined after the mirror (order
+        // does not matter, as for a mirror's `local`).
+        let base = r#"
+[[bdev]]
+name = "disk"
+kind = "file"
+path = "/tmp/leg"
+size = "64MiB"
+
+[[bdev]]
+name = "m"
+kind = "mirror"
+local = "flaky"
+role = "preferred"
+listen = "127.0.0.1:7700"
+metadata = "/tmp/m.meta"
+
+[[bdev]]
+name = "flaky"
+kind = "error"
+base = "disk"
+rules = '[{"op":"write","error":"nospace","after":3}]'
+
+[[subsystem]]
+nqn = "nqn.2026-11.io.nvmetro:m"
+allow_any_host = true
+
+[[subsystem.namespace]]
+nsid = 1
+bdev = "m"
+
+[[listener]]
+address = "127.0.0.1:4420"
+"#;
+        let c = parse(base, "e.toml").unwrap();
+        let e = c.bdevs[2].error.as_ref().unwrap();
+        assert_eq!((c.bdevs[2].kind, e.base.as_str()), (BdevKind::Error, "disk"));
+        assert_eq!(nvmetro_bdev::error::parse_rules(e.rules.as_deref().unwrap()).unwrap().len(), 1);
+        assert_eq!(c.bdevs[1].depends_on(), Some("flaky"));
+        let order = c.open_order();
+        let pos = |n: &str| order.iter().position(|&i| c.bdevs[i].name == n).unwrap();
+        assert!(pos("disk") < pos("flaky") && pos("flaky") < pos("m"), "{order:?}");
+        // No rules: every command passes. A single rule object is accepted too.
+        assert_eq!(
+            parse(&base.replace("rules = '[{\"op\":\"write\",\"error\":\"nospace\",\"after\":3}]'\n", ""), "e.toml").unwrap().bdevs[2]
+                .error
+                .as_ref()
+                .unwrap()
+                .rules,
+            None
+        );
+        parse(
+            &base.replace("'[{\"op\":\"write\",\"error\":\"nospace\",\"after\":3}]'", "'{\"error\":\"eio\",\"fraction\":0.5}'"),
+            "e.toml",
+        )
+        .unwrap();
+
+        // Bad rules are refused with the rule's problem, at the rules' line.
+        let rules = "'[{\"op\":\"write\",\"error\":\"nospace\",\"after\":3}]'";
+        for (bad, says) in [
+            ("'[{\"op\":\"write\"}]'", "injects nothing"),
+            ("'{\"error\":\"bogus\"}'", "bad fault rule"),
+            ("'{\"error\":\"eio\",\"fraction\":2}'", "fraction"),
+            ("'not json'", "bad fault rule"),
+            ("'{\"error\":\"eio\",\"colour\":\"red\"}'", "colour"),
+        ] {
+            let e = err(&base.replace(rules, bad));
+            assert_eq!((e.key.as_str(), e.line), ("bdev.rules", 20), "{e}");
+            assert!(e.message.contains(says), "{bad}: {e}");
+            assert!(e.to_string().starts_with("bad.toml:20: bdev.rules: "), "{e}");
+        }
+        // The base must exist, not be the bdev itself, and not lead back to it.
+        let e = err(&base.replace("base = \"disk\"", "base = \"nothere\""));
+        assert_eq!((e.key.as_str(), e.line), ("bdev.base", 19), "{e}");
+        assert!(e.message.contains("no bdev named `nothere`"), "{e}");
+        let e = err(&base.replace("base = \"disk\"", "base = \"flaky\""));
+        assert!(e.key == "bdev.base" && e.message.contains("itself"), "{e}");
+        let e = err(&base.replace("base = \"disk\"", "base = \"m\""));
+        assert!(e.key == "bdev.base" && e.message.contains("cycle"), "{e}");
+        let e = err(&base.replace("base = \"disk\"\n", ""));
+        assert_eq!((e.key.as_str(), e.line), ("bdev.base", 17), "{e}");
+        // Keys that belong elsewhere.
+        let e = err(&base.replace("base = \"disk\"", "base = \"disk\"\nsize = \"1MiB\""));
+        assert_eq!(e.key, "bdev.size", "{e}");
+        let e = err(&base.replace("base = \"disk\"", "base = \"disk\"\npath = \"/tmp/x\""));
+        assert_eq!(e.key, "bdev.path", "{e}");
+        let e = err(&base.replace("base = \"disk\"", "base = \"disk\"\nblock_size = 4096"));
+        assert_eq!(e.key, "bdev.block_size", "{e}");
+        let e = err(&base.replace("size = \"64MiB\"", "size = \"64MiB\"\nrules = '{\"error\":\"eio\"}'"));
+        assert_eq!(e.key, "bdev", "{e}");
+        assert!(e.message.contains("error bdevs"), "{e}");
+        // A mirror leg over RAM is refused even behind an error bdev; the leg and the file under
+        // it are the mirror's, not exportable on their own.
+        let ram = base.replace("kind = \"file\"\npath = \"/tmp/leg\"", "kind = \"malloc\"");
+        let e = err(&ram);
+        assert_eq!(e.key, "bdev.local", "{e}");
+        assert!(e.message.contains("an error bdev over a Malloc bdev") && e.message.contains("survive a restart"), "{e}");
+        for leg in ["flaky", "disk"] {
+            let e = err(&base.replace("bdev = \"m\"", &format!("bdev = \"{leg}\"")));
+            assert!(e.message.contains("export the mirror"), "{leg}: {e}");
+        }
+        // An error bdev over a plain bdev can be exported itself.
+        let plain = GOOD
+            .replace("[[subsystem]]", "[[bdev]]\nname = \"e\"\nkind = \"error\"\nbase = \"a\"\n\n[[subsystem]]")
+            .replace("bdev = \"b\"", "bdev = \"e\"");
+        let c = parse(&plain, "p.toml").unwrap();
+        assert_eq!(c.subsystems[0].namespaces[1].bdev, "e");
     }
 
     #[test]

@@ -179,13 +179,18 @@ impl PathShared {
     }
 }
 
+/// How long a path that answered with a path error is avoided while its ANA state stays the same.
+pub const PATH_ERROR_BACKOFF: Duration = Duration::from_millis(250);
+
 /// One worker's queue on one path.
 pub struct PathIo {
     pub shared: Arc<PathShared>,
     pub queue: Option<Queue>,
     inflight: HashMap<u16, Pending>,
-    /// Set after a path error until the monitor reports a new ANA state.
-    avoid_until_ana_changes: Option<u8>,
+    /// Set after a path error until the monitor reports a new ANA state, or (as a host that
+    /// re-reads the ANA log and finds the path usable) until [`PATH_ERROR_BACKOFF`] has passed:
+    /// a transient ANA Transition answer may never show in the log.
+    avoid_until_ana_changes: Option<(u8, Instant)>,
     pub result: JobResult,
 }
 
@@ -202,8 +207,8 @@ impl PathIo {
     fn usable_rank(&mut self) -> Option<u8> {
         self.queue.as_ref()?;
         let ana = self.shared.ana.load(Ordering::Acquire);
-        if let Some(bad) = self.avoid_until_ana_changes {
-            if bad == ana {
+        if let Some((bad, until)) = self.avoid_until_ana_changes {
+            if bad == ana && Instant::now() < until {
                 return None;
             }
             self.avoid_until_ana_changes = None;
@@ -392,7 +397,7 @@ pub fn run_paths(
                 let op = pending.op;
                 if cqe.status().is_path_error() {
                     // The path cannot serve now: avoid it until its ANA state changes, retry elsewhere.
-                    p.avoid_until_ana_changes = Some(p.shared.ana.load(Ordering::Acquire));
+                    p.avoid_until_ana_changes = Some((p.shared.ana.load(Ordering::Acquire), now + PATH_ERROR_BACKOFF));
                     stall_since.get_or_insert(now);
                     retry.push(op);
                     continue;

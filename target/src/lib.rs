@@ -11,7 +11,7 @@
 //!        |  controller      |   |                  |
 //!        |  bdev channels   |   |  bdev channels   |   one channel per bdev per reactor
 //!        +--------+---------+   +--------+---------+
-//!                 |  malloc | null | file (io_uring)   shared Bdev objects
+//!                 |  malloc | null | file (io_uring) | mirror | error   shared Bdev objects
 //! ```
 //!
 //! Subsystems, their per-listener views (ANA states) and the controller registry are shared
@@ -31,7 +31,7 @@ use arc_swap::ArcSwap;
 use nvmetro_bdev::mirror::core::{Metro, Role};
 use nvmetro_bdev::mirror::driver::{MetroSettings, MirrorBdev, MirrorSettings};
 use nvmetro_bdev::mirror::transport::TcpTransport;
-use nvmetro_bdev::{file::FileBdev, malloc::MallocBdev, null::NullBdev, Access, Bdev};
+use nvmetro_bdev::{error::ErrorBdev, file::FileBdev, malloc::MallocBdev, null::NullBdev, Access, Bdev};
 use nvmetro_conf::{BdevKind, Config};
 use nvmetro_proto::subsystem::{AnaState, NamespaceInfo};
 use reactor::{Reactor, ReactorHandle};
@@ -239,6 +239,17 @@ pub(crate) fn open_bdev(
             let leg = leg_of(&m.local).context("mirror leg not opened yet")?;
             MirrorBdev::start(&b.name, leg, settings, Box::new(transport), true).with_context(|| format!("bdev {}", b.name))?
         }
+        BdevKind::Error => {
+            let e = b.error.as_ref().context("error bdev without settings")?;
+            let base = leg_of(&e.base).with_context(|| format!("bdev {}: its base {} is not opened yet", b.name, e.base))?;
+            let dev = ErrorBdev::new(&b.name, base);
+            if let Some(rules) = &e.rules {
+                let rules = nvmetro_bdev::error::parse_rules(rules).with_context(|| format!("bdev {}", b.name))?;
+                tracing::warn!(bdev = %b.name, ?rules, "error injection armed from the config");
+                dev.control().set(rules).with_context(|| format!("bdev {}", b.name))?;
+            }
+            Arc::new(dev)
+        }
         BdevKind::Malloc => {
             let size = b.size.context("malloc bdev without size")?;
             Arc::new(MallocBdev::new(&b.name, b.block_size, size, b.hugepages).with_context(|| format!("bdev {}", b.name))?)
@@ -295,15 +306,12 @@ pub fn start(config: Config, config_path: Option<std::path::PathBuf>) -> anyhow:
     if let Some(c) = config.cores.iter().find(|c| **c >= available) {
         anyhow::bail!("target.cores names core {c}, but this machine has {available}");
     }
-    // Mirrors after every other bdev: they open their local legs.
+    // Each bdev after the one it is built on (a mirror's local leg, an error bdev's base).
     let mut bdevs: Vec<Option<Arc<dyn Bdev>>> = vec![None; config.bdevs.len()];
-    for pass_mirrors in [false, true] {
-        for (i, b) in config.bdevs.iter().enumerate() {
-            if (b.kind == BdevKind::Mirror) == pass_mirrors {
-                let leg_of = |name: &str| config.bdevs.iter().position(|x| x.name == name).and_then(|j| bdevs[j].clone());
-                bdevs[i] = Some(open_bdev(b, &leg_of, config.poll_mode, config.witness.as_ref(), min_anatt(&config))?);
-            }
-        }
+    for i in config.open_order() {
+        let b = &config.bdevs[i];
+        let leg_of = |name: &str| config.bdevs.iter().position(|x| x.name == name).and_then(|j| bdevs[j].clone());
+        bdevs[i] = Some(open_bdev(b, &leg_of, config.poll_mode, config.witness.as_ref(), min_anatt(&config))?);
     }
     let bdevs: Vec<Arc<dyn Bdev>> = bdevs.into_iter().map(|b| b.expect("every bdev opened")).collect();
     let listeners: Vec<Option<nvmetro_conf::ListenerConfig>> = config.listeners.iter().cloned().map(Some).collect();

@@ -5,6 +5,10 @@
 //! * `bdev_get_bdevs`: bdevs with block size, block count and replication state.
 //! * `nvmf_get_subsystems`: subsystems with listeners, hosts and namespaces.
 //! * `nvmf_subsystem_listener_set_ana_state`: set a listener's ANA state (SPDK's parameters).
+//! * `mirror_resync`, `mirror_failback`, `nvmetro_reload`: see each function.
+//! * `bdev_error_inject` (`name`, `rules`: one fault rule or an array, replacing the rules),
+//!   `bdev_error_clear` (`name`) and `bdev_error_stats` (`name`: rules, their counters, faults
+//!   injected) for error bdevs (SPDK's `bdev_error_inject_error`, with nvmetro's rules).
 
 use crate::Target;
 use nvmetro_bdev::mirror::driver::StatusReport;
@@ -134,8 +138,55 @@ fn resync(t: &Target, p: &Value) -> Result<Value, (i64, String)> {
     Ok(Value::Bool(mirror.resync()))
 }
 
+/// The error bdev `params.name` names.
+fn error_bdev(t: &Target, p: &Value) -> Result<(String, Arc<dyn nvmetro_bdev::Bdev>), (i64, String)> {
+    let name = p["name"].as_str().ok_or((-32602, "missing name".to_string()))?;
+    let live = t.live_bdevs();
+    let bdev = live.into_iter().map(|(_, b)| b).find(|b| b.info().name == name).ok_or((-32602, format!("no bdev {name}")))?;
+    if bdev.as_error().is_none() {
+        return Err((-32602, format!("{name} is not an error bdev (kind = \"error\")")));
+    }
+    Ok((name.to_string(), bdev))
+}
+
+/// What an error bdev injects: its rules with their counters, and the faults so far.
+pub fn error_json(e: &nvmetro_bdev::error::ErrorBdev) -> Value {
+    let c = e.control();
+    let rules: Vec<Value> =
+        c.rules().iter().zip(c.rule_stats()).map(|(r, st)| json!({"rule": r, "matched": st.matched, "fired": st.fired})).collect();
+    json!({"base": e.inner().info().name, "rules": rules, "injected": c.stats()})
+}
+
+/// `bdev_error_inject`: params `name` and `rules` (a rule object or an array of them, as JSON or
+/// as a string of JSON); replaces the device's rules. Returns the new state.
+fn error_inject(t: &Target, p: &Value) -> Result<Value, (i64, String)> {
+    let (name, bdev) = error_bdev(t, p)?;
+    let text = match &p["rules"] {
+        Value::Null => return Err((-32602, "missing rules".into())),
+        Value::String(s) => s.clone(),
+        v => v.to_string(),
+    };
+    let rules = nvmetro_bdev::error::parse_rules(&text).map_err(|e| (-32602, e.to_string()))?;
+    let e = bdev.as_error().expect("checked");
+    e.control().set(rules.clone()).map_err(|e| (-32602, e.to_string()))?;
+    tracing::warn!(bdev = %name, ?rules, "error injection: rules set");
+    Ok(error_json(e))
+}
+
 fn call(t: &Target, method: &str, params: &Value) -> Result<Value, (i64, String)> {
     match method {
+        "bdev_error_inject" => return error_inject(t, params),
+        "bdev_error_clear" => {
+            let (name, bdev) = error_bdev(t, params)?;
+            let e = bdev.as_error().expect("checked");
+            e.control().clear();
+            tracing::warn!(bdev = %name, "error injection: rules cleared");
+            return Ok(error_json(e));
+        }
+        "bdev_error_stats" => {
+            let (_, bdev) = error_bdev(t, params)?;
+            return Ok(error_json(bdev.as_error().expect("checked")));
+        }
         "mirror_resync" => return resync(t, params),
         "nvmf_subsystem_listener_set_ana_state" => return set_ana_state(t, params),
         "mirror_failback" => return failback(t, params),
@@ -181,7 +232,7 @@ fn call(t: &Target, method: &str, params: &Value) -> Result<Value, (i64, String)
                 .map(|(_, b)| {
                     let i = b.info();
                     json!({"name": i.name, "block_size": i.block_size, "num_blocks": i.blocks, "volatile_cache": i.volatile_cache,
-                           "mirror": b.mirror_status().map(|m| mirror_json(&m))})
+                           "mirror": b.mirror_status().map(|m| mirror_json(&m)), "error": b.as_error().map(error_json)})
                 })
                 .collect(),
         ),

@@ -36,6 +36,8 @@ pub struct Plan {
     new_bdevs: Vec<BdevConfig>,
     removed_bdevs: Vec<String>,
     tunings: Vec<(String, nvmetro_conf::MirrorConfig)>,
+    /// Error bdevs whose configured fault rules changed (JSON; `None`: none).
+    fault_rules: Vec<(String, Option<String>)>,
     added_listeners: Vec<nvmetro_conf::ListenerConfig>,
     removed_listeners: Vec<std::net::SocketAddr>,
     added_subsystems: Vec<SubsystemConfig>,
@@ -117,6 +119,15 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
                 p.new_bdevs.push(b.clone());
             }
             Some(o) if o == b => {}
+            // An error bdev's rules are replaced live, as `bdev_error_inject` does.
+            Some(o)
+                if matches!((&o.error, &b.error), (Some(oe), Some(ne)) if oe.base == ne.base)
+                    && BdevConfig { error: b.error.clone(), ..o.clone() } == *b =>
+            {
+                let rules = b.error.as_ref().and_then(|e| e.rules.clone());
+                p.changes.push(format!("bdev {}: fault rules {}", b.name, rules.as_deref().unwrap_or("cleared")));
+                p.fault_rules.push((b.name.clone(), rules));
+            }
             Some(o) => {
                 // A mirror's replication settings change live; its identity (role, site,
                 // addresses, metadata, leg, region size) does not.
@@ -265,7 +276,9 @@ fn apply(t: &Target, p: Plan, new: Config) -> Result<Outcome, ReloadError> {
     // 1. Prepare what can fail.
     let live: Vec<(usize, Arc<dyn Bdev>)> = t.live_bdevs();
     let mut opened: Vec<Arc<dyn Bdev>> = Vec::new();
-    for b in &p.new_bdevs {
+    // Each after the bdev it is built on (which may be running already).
+    let order = nvmetro_conf::dependency_order(&p.new_bdevs, |name| live.iter().any(|(_, x)| x.info().name == name));
+    for b in order.iter().map(|&i| &p.new_bdevs[i]) {
         let leg_of = |name: &str| {
             opened
                 .iter()
@@ -314,6 +327,19 @@ fn apply(t: &Target, p: Plan, new: Config) -> Result<Outcome, ReloadError> {
     }
     // 3. The config, then subsystems.
     t.config.store(Arc::new(new.clone()));
+    for (name, rules) in &p.fault_rules {
+        let rules = match rules {
+            Some(json) => nvmetro_bdev::error::parse_rules(json).unwrap_or_default(), // validated with the config
+            None => Vec::new(),
+        };
+        for (_, b) in live.iter().filter(|(_, b)| b.info().name == *name) {
+            if let Some(e) = b.as_error() {
+                if let Err(err) = e.control().set(rules.clone()) {
+                    tracing::error!(bdev = %name, "fault rules not applied: {err}");
+                }
+            }
+        }
+    }
     let bdevs = t.bdevs();
     let slot_of = |name: &str| bdevs.iter().rposition(|b| b.info().name == name).expect("validated: every namespace's bdev exists");
     let mut retired_namespaces = Vec::new();

@@ -1,6 +1,7 @@
 //! `nvmetro --config FILE status`: asks the running target (over the management socket that FILE
 //! names) for its state, and shows it. `nvmetro --config FILE rpc METHOD` prints any method's
-//! JSON result.
+//! JSON result. `nvmetro --config FILE error BDEV [--set JSON | --clear]` shows or changes an
+//! error bdev's fault rules.
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -44,6 +45,40 @@ enum Cmd {
         /// The mirror bdev's name.
         bdev: String,
     },
+    /// An error bdev: show its fault rules and what they injected; `--set` replaces the rules,
+    /// `--clear` removes them.
+    Error {
+        /// The error bdev's name.
+        bdev: String,
+        /// The new rules: JSON, one rule or an array, e.g. '{"op":"write","error":"nospace"}'.
+        #[arg(long, conflicts_with = "clear")]
+        set: Option<String>,
+        /// Remove every rule: commands pass through again.
+        #[arg(long)]
+        clear: bool,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// An error bdev's state as `bdev_error_stats` reports it, for operators.
+fn show_error(bdev: &str, st: &Value) {
+    let inj = &st["injected"];
+    println!(
+        "{bdev} (over {}): injected {} errors, {} delayed, {} dropped",
+        st["base"].as_str().unwrap_or("?"),
+        inj["errors"],
+        inj["delayed"],
+        inj["dropped"]
+    );
+    let rules = st["rules"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if rules.is_empty() {
+        println!("  no rules: every command passes");
+    }
+    for (i, r) in rules.iter().enumerate() {
+        println!("  rule {}: {}  (matched {}, fired {})", i + 1, r["rule"], r["matched"], r["fired"]);
+    }
 }
 
 fn rpc(socket: &PathBuf, method: &str, params: Value) -> anyhow::Result<Value> {
@@ -119,6 +154,21 @@ fn main() -> anyhow::Result<()> {
                 "{bdev}: {}",
                 if failed == Value::Bool(true) { "retrying: resync from the peer" } else { "not Failed: nothing to retry" }
             );
+        }
+        Cmd::Error { bdev, set, clear, json } => {
+            let st = match (set, clear) {
+                (Some(rules), _) => {
+                    let rules: Value = serde_json::from_str(&rules).context("--set: the rules are not JSON")?;
+                    rpc(&socket, "bdev_error_inject", json!({"name": bdev, "rules": rules}))?
+                }
+                (None, true) => rpc(&socket, "bdev_error_clear", json!({"name": bdev}))?,
+                (None, false) => rpc(&socket, "bdev_error_stats", json!({"name": bdev}))?,
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                show_error(&bdev, &st);
+            }
         }
         Cmd::Failback { bdev } => {
             let held = rpc(&socket, "mirror_failback", json!({"name": bdev}))?;

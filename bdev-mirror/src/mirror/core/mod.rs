@@ -632,9 +632,10 @@ impl MirrorCore {
         let region = 1u64 << self.meta.region_shift;
         // What a resync would have to copy: nothing while connected (hot regions stay marked for
         // crash safety, but the peer has them), the rest of the sync set while syncing, and the
-        // dirty bitmap while apart.
+        // dirty bitmap while apart or while the peer's device is Failed (connected, it gets
+        // nothing until its resync).
         let regions = match self.link {
-            LinkState::Connected => 0,
+            LinkState::Connected if self.peer_failure.is_none() => 0,
             LinkState::Syncing { source: true } => {
                 self.to_sync[self.sync_cursor.min(self.to_sync.len())..].len() as u64 + self.resync_inflight as u64
             }

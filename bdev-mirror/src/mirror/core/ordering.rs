@@ -274,8 +274,15 @@ impl MirrorCore {
                 self.release(id, out);
             }
             Origin::Host(tag) => {
-                // Secondary: the forwarded write is now applied here too.
-                out.push(Output::Complete { tag, result: result.clone() });
+                // Secondary: the forwarded write is now applied here too. If this leg's device
+                // failed it, the leg is Failed and fenced (recorded above, durable before this
+                // completion): the host gets the fence's path error and retries at the peer,
+                // which holds the write; never the device's error, which a host would not retry.
+                let result = match result {
+                    Err(BdevError::Io(_) | BdevError::NoSpace) => Err(self.refusal()),
+                    r => r,
+                };
+                out.push(Output::Complete { tag, result });
                 let mut f = Frame::new(Kind::ReplicateAck, id);
                 f.arg = 1; // confirms a forwarded write
                 out.push(Output::Send(f));
