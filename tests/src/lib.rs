@@ -485,13 +485,18 @@ pub static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Starts a metro (`extra`: more mirror keys for both sites) and waits until both sites serve.
 pub fn metro(with_proxy: bool, extra: &str) -> Metro {
+    metro_with(with_proxy, extra, |c| c)
+}
+
+/// As [`metro`], with both sites' configs passed through `edit` (e.g. [`with_error_leg`]).
+pub fn metro_with(with_proxy: bool, extra: &str, edit: fn(String) -> String) -> Metro {
     let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let w = WitnessProcess::start();
     let link = free_port();
-    let a = TargetProcess::start(&site(1, link, w.addr, extra));
+    let a = TargetProcess::start(&edit(site(1, link, w.addr, extra)));
     let proxy = with_proxy.then(|| Proxy::start(format!("127.0.0.1:{link}").parse().expect("addr")));
     let b_link = proxy.as_ref().map_or(link, |p| p.addr.port());
-    let b = TargetProcess::start(&site(2, b_link, w.addr, extra));
+    let b = TargetProcess::start(&edit(site(2, b_link, w.addr, extra)));
     let m = Metro { a, b, w, proxy, _serial: guard };
     wait_until("both sites serve", Duration::from_secs(30), || serves(&m.a) == Some(true) && serves(&m.b) == Some(true));
     m
@@ -518,5 +523,28 @@ pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A [`mirror_site_config`] whose mirror leg is the error bdev `flaky` over the file bdev `leg`
+/// (faults are injected with [`rpc`] `bdev_error_inject`).
+pub fn with_error_leg(config: String) -> String {
+    config
+        .replace("local = \"leg\"", "local = \"flaky\"")
+        .replace("[[bdev]]\nname = \"m\"", "[[bdev]]\nname = \"flaky\"\nkind = \"error\"\nbase = \"leg\"\n\n[[bdev]]\nname = \"m\"")
+}
+
+/// One JSON-RPC call on a site's management socket (`{DIR}/mgmt.sock`); the result, or the
+/// error's message.
+pub fn rpc(t: &TargetProcess, method: &str, params: serde_json::Value) -> Result<serde_json::Value, String> {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(t.scratch().join("mgmt.sock")).expect("management socket");
+    writeln!(s, "{}", serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params})).expect("send");
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line).expect("reply");
+    let reply: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{method}: bad reply {line:?}: {e}"));
+    match reply.get("error") {
+        Some(e) => Err(e["message"].as_str().unwrap_or("?").to_string()),
+        None => Ok(reply["result"].clone()),
     }
 }

@@ -13,12 +13,11 @@ use nvmetro_perf::load::{run_paths, JobResult, Pattern, Workload};
 use nvmetro_perf::paths::{ana_state, PathMonitor};
 use nvmetro_perf::{ConnectOptions, Host};
 use nvmetro_proto::nvme::Status;
-use nvmetro_tests::{free_port, TargetProcess, HOSTNQN};
+use nvmetro_tests::{free_port, rpc, with_error_leg, TargetProcess, HOSTNQN};
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 const NQN: &str = "nqn.2026-11.io.nvmetro:faults-e2e";
@@ -32,22 +31,7 @@ const REGION_B: (u64, u64) = (4096, 4096);
 /// socket and a metrics endpoint; `retry` is the mirror's retry_interval.
 fn site_config(preferred: bool, link: u16, retry: &str) -> String {
     let target = "socket = \"{DIR}/mgmt.sock\"\n\n[metrics]\naddress = \"127.0.0.1:{PORT2}\"\n";
-    nvmetro_tests::mirror_site_config(NQN, preferred, link, target, &format!("retry_interval = \"{retry}\""))
-        .replace("local = \"leg\"", "local = \"flaky\"")
-        .replace("[[bdev]]\nname = \"m\"", "[[bdev]]\nname = \"flaky\"\nkind = \"error\"\nbase = \"leg\"\n\n[[bdev]]\nname = \"m\"")
-}
-
-/// One JSON-RPC call on a site's management socket; the result, or the error's message.
-fn rpc(t: &TargetProcess, method: &str, params: Value) -> Result<Value, String> {
-    let mut s = UnixStream::connect(t.scratch().join("mgmt.sock")).expect("management socket");
-    writeln!(s, "{}", json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params})).unwrap();
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).unwrap();
-    let reply: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{method}: bad reply {line:?}: {e}"));
-    match reply.get("error") {
-        Some(e) => Err(e["message"].as_str().unwrap_or("?").to_string()),
-        None => Ok(reply["result"].clone()),
-    }
+    with_error_leg(nvmetro_tests::mirror_site_config(NQN, preferred, link, target, &format!("retry_interval = \"{retry}\"")))
 }
 
 /// The mirror's status at `t` (nvmetro_status → namespace 1 → mirror).

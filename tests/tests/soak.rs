@@ -2,7 +2,7 @@
 //! random faults, one after another, under a stamped verifying workload through both sites.
 //! Faults: SIGKILL of either site (restarted after a while), SIGSTOP/SIGCONT of either site for
 //! below, around or above its lease, a cut link (restored later), the witness killed (restarted
-//! later). After each, both sites must serve again; throughout, no read at either site may
+//! later), either site's leg failing writes with ENOSPC or EIO (cleared later, then resynced). After each, both sites must serve again; throughout, no read at either site may
 //! return data older than a write acknowledged before it was sent; at the end every block at
 //! both sites holds at least its last acknowledged write (nothing acknowledged is lost).
 //!
@@ -10,7 +10,8 @@
 
 use nvmetro_proto::cmds;
 use nvmetro_tests::stamped::{check_read, ms, seed, session, tally, worker, BlockLog, Figures, Rng, Shared, BASE, BLOCKS};
-use nvmetro_tests::{metro, serves, wait_until, Metro};
+use nvmetro_tests::{metro_with, rpc, serves, wait_until, with_error_leg, Metro};
+use serde_json::json;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -19,7 +20,17 @@ use std::time::{Duration, Instant};
 fn fault(m: &mut Metro, rng: &mut Rng) -> String {
     let site = rng.below(2) as usize;
     let name = ["A", "B"][site];
-    match rng.below(4) {
+    match rng.below(5) {
+        4 => {
+            let d = rng.ms(300, 2000);
+            let t = if site == 0 { &m.a } else { &m.b };
+            let error = ["nospace", "eio"][rng.below(2) as usize];
+            rpc(t, "bdev_error_inject", json!({"name": "flaky", "rules": [{"op": "writes", "error": error}]})).expect("inject");
+            std::thread::sleep(d);
+            rpc(t, "bdev_error_clear", json!({"name": "flaky"})).expect("clear");
+            rpc(t, "mirror_resync", json!({"name": "m"})).expect("resync");
+            return format!("{name}'s leg failing writes with {error} for {} ms, then resynced", ms(d));
+        }
         0 => {
             let down = rng.ms(200, 2000);
             let t = if site == 0 { &mut m.a } else { &mut m.b };
@@ -59,7 +70,7 @@ fn a_bounded_soak_of_random_faults_loses_nothing_and_never_reads_stale() {
     let seed = seed("a_bounded_soak_of_random_faults_loses_nothing_and_never_reads_stale");
     let budget = Duration::from_secs(std::env::var("SOAK_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(60));
     let mut rng = Rng(seed);
-    let mut m = metro(true, "");
+    let mut m = metro_with(true, "retry_interval = \"1s\"", with_error_leg);
     let (addr_a, addr_b) = (m.a.addr, m.b.addr);
     let sh = Shared {
         blocks: (0..BLOCKS).map(|_| Mutex::new(BlockLog::default())).collect(),
