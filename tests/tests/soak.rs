@@ -29,7 +29,7 @@ fn fault(m: &mut Metro, rng: &mut Rng) -> String {
             std::thread::sleep(d);
             rpc(t, "bdev_error_clear", json!({"name": "flaky"})).expect("clear");
             rpc(t, "mirror_resync", json!({"name": "m"})).expect("resync");
-            return format!("{name}'s leg failing writes with {error} for {} ms, then resynced", ms(d));
+            format!("{name}'s leg failing writes with {error} for {} ms, then resynced", ms(d))
         }
         0 => {
             let down = rng.ms(200, 2000);
