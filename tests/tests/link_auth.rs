@@ -4,7 +4,7 @@
 //! failed host I/O at either, no link down.
 
 use nvmetro_bdev::mirror::auth::{Handshake, Side, HANDSHAKE_LEN};
-use nvmetro_perf::load::{self, PathIo, Pattern, Workload};
+use nvmetro_perf::load::{self, PathIo, Workload};
 use nvmetro_perf::{ConnectOptions, Host};
 use nvmetro_tests::{free_port, TargetProcess, HOSTNQN};
 use std::collections::HashMap;
@@ -68,20 +68,7 @@ fn recording_relay(to: SocketAddr) -> (u16, Arc<Mutex<Vec<u8>>>) {
 }
 
 fn workload(region: (u64, u64)) -> Workload {
-    Workload {
-        nsid: 1,
-        pattern: Pattern::Random,
-        read_pct: 30,
-        block_size: 4096,
-        qd: 4,
-        duration: Duration::from_secs(5),
-        ramp: Duration::ZERO,
-        max_ios: None,
-        rate: None,
-        verify: true,
-        region,
-        seed: 7,
-    }
+    Workload { region, ..nvmetro_tests::mixed_workload(5, 4, true, 7) }
 }
 
 /// One stranger's attempt of each kind, in turn, until `until`; returns how many were made.
