@@ -139,7 +139,7 @@ fn strangers_on_the_link_port_never_disturb_the_live_link() {
         rb.ios(),
         rb.errors
     );
-    assert!(attempts >= 20, "the strangers kept trying");
+    assert!(attempts >= 10, "the strangers kept trying (each kind at least twice): {attempts}");
     assert_eq!((ra.errors, rb.errors), (0, 0), "no host I/O failed: {:?} / {:?}", ra.first_error, rb.first_error);
     assert!(ra.ios() > 0 && rb.ios() > 0);
     assert!(ra.mismatches.is_empty() && rb.mismatches.is_empty(), "verify found mismatches");
