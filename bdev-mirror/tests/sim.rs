@@ -12,7 +12,7 @@
 //! the reads that waited for it, then what sat in its socket, then the closed connection. Hosts
 //! read at both legs throughout: no read may return data older than an acknowledged write.
 
-use nvmetro_bdev::mirror::core::{Input, LinkState, Metro, MirrorCore, Output, Role};
+use nvmetro_bdev::mirror::core::{Access, Input, LinkState, Metro, MirrorCore, Output, Role};
 use nvmetro_bdev::mirror::frame::Frame;
 use nvmetro_bdev::mirror::meta::Meta;
 use nvmetro_bdev::mirror::witness::WitnessState;
@@ -93,6 +93,8 @@ struct Sim {
     reads: u64,
     /// Host flushes in flight: tag -> step issued.
     flushes: HashMap<u64, u64>,
+    /// Reads a leg serves through its peer, in flight: tag -> (block, step sent).
+    remote_reads: HashMap<u64, (usize, u64)>,
     /// A crash lost writes from a device's volatile cache: from then on only durable writes must
     /// survive (NVMe's volatile write cache semantics).
     cache_lost: bool,
@@ -185,6 +187,7 @@ impl Sim {
             last_rx: [0; 2],
             reads: 0,
             flushes: HashMap::new(),
+            remote_reads: HashMap::new(),
             cache_lost: false,
         };
         for (i, out) in sim_outputs {
@@ -215,6 +218,17 @@ impl Sim {
                     }
                 }
                 Output::Complete { tag, result } => {
+                    if let Some((block, sent)) = self.remote_reads.remove(&tag) {
+                        if let Ok(BdevOutput::Data(d)) = result {
+                            let found = u64::from_le_bytes(d[..8].try_into().unwrap());
+                            assert!(
+                                self.fresh_at(block, found, sent),
+                                "stale read through the peer at leg {leg} (sent at step {sent}): block {block} holds {found}"
+                            );
+                            self.reads += 1;
+                        }
+                        continue;
+                    }
                     if let Some(issued) = self.flushes.remove(&tag) {
                         if result.is_ok() {
                             for w in self.writes.iter_mut().filter(|w| w.acked.is_some_and(|a| a < issued) && !w.maybe_lost) {
@@ -354,6 +368,14 @@ impl Sim {
             return;
         }
         let block = self.rng.below(16) as usize;
+        if core.access() == Access::Remote {
+            // Its device failed: the read goes to the peer.
+            let tag = 2 << 40 | self.next_write;
+            self.next_write += 1;
+            self.remote_reads.insert(tag, (block, self.step));
+            let op = BdevOp::Read { offset: (block * BLOCK) as u64, len: BLOCK };
+            return self.feed(leg, Input::Host { tag, op });
+        }
         self.reads += 1;
         let found = u64::from_le_bytes(self.legs[leg].disk[block * BLOCK..block * BLOCK + 8].try_into().unwrap());
         if !self.fresh(block, found) {
@@ -369,8 +391,13 @@ impl Sim {
     /// Whether write `found` (0: none) may be what `block` holds: it is the last acknowledged
     /// write, or one not yet acknowledged when that one was issued, or a later one.
     fn fresh(&self, block: usize, found: u64) -> bool {
+        self.fresh_at(block, found, u64::MAX)
+    }
+
+    /// As [`Sim::fresh`] for a read sent at step `sent`: writes acknowledged later may be missing.
+    fn fresh_at(&self, block: usize, found: u64, sent: u64) -> bool {
         let hist: Vec<&WriteRec> = self.writes.iter().filter(|w| w.blocks.contains(&block)).collect();
-        let must = |w: &&&WriteRec| w.acked.is_some() && (w.durable || !self.cache_lost);
+        let must = |w: &&&WriteRec| w.acked.is_some_and(|a| a < sent) && (w.durable || !self.cache_lost);
         let Some(last) = hist.iter().filter(must).max_by_key(|w| w.acked) else { return true };
         let Some(f) = hist.iter().find(|w| w.id == found) else { return false };
         f.id == last.id || f.issued > last.issued || f.acked.is_none_or(|a| a > last.issued)
@@ -921,12 +948,19 @@ fn a_secondary_leg_that_fails_writes_is_fenced_recorded_and_resynced_once_space_
         let b = sim.core(1).status();
         assert_eq!(b.disk, DiskState::Failed);
         assert!(sim.legs[1].durable.failed, "Failed is durable on the failing leg");
-        assert!(!sim.serves_now(1), "a Failed leg serves nothing");
-        // Writes go on at the preferred, and through the failed site they are refused.
+        // The failed leg serves through its peer (ANA Non-Optimized): nothing from its own device.
+        assert_eq!(sim.core(1).access(), Access::Remote);
+        assert!(sim.serves_now(1));
         sim.host_write(1);
         sim.host_write(0);
+        let reads = sim.reads;
+        for _ in 0..20 {
+            sim.host_read(1); // checked for staleness when the peer answers
+        }
+        sim.run_quiet(5);
+        assert!(sim.writes[1].acked.is_some() && sim.writes[2].acked.is_some(), "writes at both sites");
+        assert_eq!(sim.reads, reads + 20, "reads at the failed site were answered by the peer");
         sim.run_quiet(300);
-        assert!(sim.writes[1].acked.is_none() && sim.writes[2].acked.is_some());
         assert_eq!(sim.core(1).status().disk, DiskState::Failed, "retries fail while the device is full");
         // Space returns: the next retry resyncs the dirty regions.
         sim.legs[1].failing_below = 0;
@@ -948,7 +982,7 @@ fn a_preferred_leg_that_fails_hands_ordering_to_its_peer() {
     sim.run_quiet(5);
     assert!(sim.writes[0].acked.is_none(), "the failed write is not acknowledged");
     assert_eq!(sim.core(0).status().disk, DiskState::Failed);
-    assert!(!sim.serves_now(0));
+    assert_eq!(sim.core(0).access(), Access::Remote, "the failed site serves through its peer");
     let b = sim.core(1).status();
     assert_eq!(b.role, Role::Preferred, "the peer orders writes now: {b:?}");
     assert!(sim.serves_now(1));

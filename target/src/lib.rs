@@ -153,6 +153,9 @@ impl Target {
                         Access::Sole => configured,
                         Access::Transition => AnaState::Change,
                         Access::Fenced => AnaState::Inaccessible,
+                        // Every command crosses the link: a worse path than the peer's own.
+                        Access::Remote if matches!(configured, AnaState::Optimized | AnaState::NonOptimized) => AnaState::NonOptimized,
+                        Access::Remote => configured,
                     };
                     if s.set_sole(li, ns.info.ana_group, access == Access::Sole) {
                         changes += 1;

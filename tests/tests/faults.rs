@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 const NQN: &str = "nqn.2026-11.io.nvmetro:faults-e2e";
 /// ANA states as the ANA log reports them.
-const ANA_INACCESSIBLE: u8 = 3;
+const ANA_NON_OPTIMIZED: u8 = 2;
 /// Each worker's region, in 512-byte blocks: A's worker writes the first 2 MiB, B's the next.
 const REGION_A: (u64, u64) = (0, 4096);
 const REGION_B: (u64, u64) = (4096, 4096);
@@ -154,7 +154,7 @@ struct Figures {
     reads_verified: u64,
     faults_injected: u64,
     commands_on_failing_site: u64,
-    commands_moved_to_peer: u64,
+    _commands_moved_to_peer: u64,
 }
 
 /// The scenario: the leg at `failing` (A when `preferred`) fails every write with `error`
@@ -189,22 +189,21 @@ fn leg_fails(preferred: bool, error: &str, recovery: Recovery) -> Figures {
         }
         (ra.unwrap(), rb.unwrap())
     });
-    // Each worker wrote on its own site until the fault, and the failing site's worker then
-    // moved to the peer.
+    // Each worker wrote on its own site throughout (the failing site serving through its peer
+    // once Failed), moving to the other only for path errors during the change.
     let (own, moved) = if preferred { (ra.1, ra.1[1]) } else { (rb.1, rb.1[1]) };
-    assert!(own[0] > 0 && moved > 0, "the failing site's worker ran there, then on the peer: {own:?}");
+    assert!(own[0] > 0, "the failing site's worker ran there: {own:?}");
     let writes_acknowledged = ra.0.writes + rb.0.writes;
     let faults = rpc(failing, "bdev_error_stats", json!({"name": "flaky"})).unwrap();
     let faults_injected = faults["injected"]["errors"].as_u64().unwrap();
     assert!(faults_injected > 0, "the leg failed writes: {faults}");
     assert_eq!(rpc(peer, "bdev_error_stats", json!({"name": "flaky"})).unwrap()["injected"]["errors"], 0);
 
-    // The failing leg is Failed, fenced (ANA Inaccessible, path errors for reads and writes),
-    // and says so; the peer serves without it and says so.
+    // The failing leg is Failed and says so; its site serves through the peer (ANA
+    // Non-Optimized, every command over the link); the peer serves without it and says so.
     let m = mirror_status(failing);
     assert_eq!(m["disk"], "Failed", "{m}");
     assert!(m["failure"].is_string(), "{m}");
-    assert_eq!(m["serving"], false, "{m}");
     let mp = mirror_status(peer);
     assert!(mp["peer_failure"].is_string(), "{mp}");
     assert_eq!(
@@ -214,23 +213,28 @@ fn leg_fails(preferred: bool, error: &str, recovery: Recovery) -> Figures {
     );
     assert_eq!(mp["role"], "Preferred", "the peer orders writes now: {mp}");
     assert!(mp["out_of_sync_bytes"].as_u64().is_some_and(|b| b > 0), "the regions the Failed leg lacks: {mp}");
+    // (With a retry timer the leg retries its resync every second: a moment of ANA Change.)
+    wait_until("the failed site serves through its peer", Duration::from_secs(10), || {
+        let m = mirror_status(failing);
+        m["serving"] == true && m["access"].as_str().is_some_and(|a| a.starts_with("serving through the peer"))
+    });
     for write in [false, true] {
-        let st = io_status(failing, write).expect("the failed site answers");
-        assert_eq!(st, Status::ANA_INACCESSIBLE, "a {} at the Failed leg: {st}", if write { "write" } else { "read" });
+        wait_until("reads and writes at the failed site succeed (through the peer)", Duration::from_secs(10), || {
+            io_status(failing, write).is_some_and(Status::is_success)
+        });
         assert!(io_status(peer, write).unwrap().is_success(), "the peer serves");
     }
-    assert_eq!(ana_of(failing), Some(ANA_INACCESSIBLE), "the Failed leg's ANA state");
+    wait_until("the failed site's paths are Non-Optimized", Duration::from_secs(10), || ana_of(failing) == Some(ANA_NON_OPTIMIZED));
     let (mf, mpe) = (metrics(failing), metrics(peer));
     assert!(sample(&mf, "nvmetro_mirror_failed_seconds").is_some_and(|s| s >= 0.0), "{mf}");
-    assert_eq!(sample(&mf, "nvmetro_mirror_serving"), Some(0.0));
     assert_eq!(sample(&mpe, "nvmetro_mirror_peer_failed"), Some(1.0), "{mpe}");
     assert_eq!(sample(&mpe, "nvmetro_mirror_failed_seconds"), None, "the peer's own leg did not fail");
 
-    // A verifying workload only at the peer while the leg stays failed (with a timer, its
-    // retries fail again meanwhile).
+    // A verifying workload at the failed site, served through the peer, while the leg stays
+    // failed (with a timer, its retries fail again meanwhile).
     let (r, _) = run_through(
-        peer,
         failing,
+        peer,
         &workload(if preferred { REGION_A } else { REGION_B }, 2, 31),
         if preferred { &mut gens_a } else { &mut gens_b },
     );
@@ -268,7 +272,7 @@ fn leg_fails(preferred: bool, error: &str, recovery: Recovery) -> Figures {
         reads_verified,
         faults_injected,
         commands_on_failing_site: own[0],
-        commands_moved_to_peer: moved,
+        _commands_moved_to_peer: moved,
     };
     eprintln!("{} leg, {error}: {figures:?}", if preferred { "preferred" } else { "secondary" });
     figures
@@ -278,7 +282,7 @@ impl Figures {
     fn check(&self) {
         assert!(self.writes_acknowledged > 100, "{self:?}");
         assert!(self.faults_injected > 0, "{self:?}");
-        assert!(self.commands_on_failing_site > 0 && self.commands_moved_to_peer > 0, "{self:?}");
+        assert!(self.commands_on_failing_site > 0, "{self:?}");
         // Both regions read back whole at both sites.
         assert_eq!(self.reads_verified, 2 * (REGION_A.1 + REGION_B.1) / 8, "{self:?}");
     }

@@ -190,6 +190,7 @@ fn access_code(a: Access) -> u8 {
         Access::Sole => 1,
         Access::Transition => 2,
         Access::Fenced => 3,
+        Access::Remote => 4,
     }
 }
 
@@ -198,6 +199,7 @@ fn access_of(code: u8) -> Access {
         0 => Access::Serving,
         1 => Access::Sole,
         2 => Access::Transition,
+        4 => Access::Remote,
         _ => Access::Fenced,
     }
 }
@@ -417,14 +419,16 @@ struct MirrorChannel {
 
 impl BdevChannel for MirrorChannel {
     fn submit(&mut self, tag: u64, op: BdevOp) {
+        let access = access_of(self.shared.access.load(Ordering::Acquire));
         match op {
-            BdevOp::Read { .. } | BdevOp::Compare { .. } => match access_of(self.shared.access.load(Ordering::Acquire)) {
+            BdevOp::Read { .. } | BdevOp::Compare { .. } if access != Access::Remote => match access {
                 Access::Serving | Access::Sole if self.shared.leased() => self.local.submit(tag, op),
-                Access::Serving | Access::Sole | Access::Transition => {
+                Access::Serving | Access::Sole | Access::Transition | Access::Remote => {
                     self.refused.push(BdevCompletion { tag, result: Err(BdevError::Transition) })
                 }
                 Access::Fenced => self.refused.push(BdevCompletion { tag, result: Err(BdevError::Fenced) }),
             },
+            // Writes, and every command of a leg serving through its peer, go to the link.
             _ => {
                 self.inflight += 1;
                 self.shared.inbox.push((self.index, tag, op));
@@ -893,6 +897,7 @@ impl LinkThread {
                 Access::Sole => "serving alone",
                 Access::Transition => "transition",
                 Access::Fenced => "fenced",
+                Access::Remote => "serving through the peer (this leg's device failed)",
             }
             .into(),
             metro: st.metro,

@@ -72,6 +72,10 @@ pub enum OpCode {
     Flush = 4,
     /// Payload: expected image then new data, `len` bytes each.
     CompareAndWrite = 5,
+    /// Forwarded by a leg serving through its peer: the ForwardDone carries the data.
+    Read = 6,
+    /// Forwarded by a leg serving through its peer; payload: the expected image.
+    Compare = 7,
 }
 
 impl OpCode {
@@ -83,6 +87,8 @@ impl OpCode {
             3 => OpCode::Deallocate,
             4 => OpCode::Flush,
             5 => OpCode::CompareAndWrite,
+            6 => OpCode::Read,
+            7 => OpCode::Compare,
             _ => return None,
         })
     }

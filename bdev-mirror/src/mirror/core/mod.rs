@@ -50,10 +50,12 @@
 //!
 //! Failing legs (DRBD's `on-io-error detach`, Mayastor's child faulting): a leg whose device fails
 //! a write (or a resync read) records itself `Failed` durably (and the failed range dirty), sends
-//! `Failed` to its peer, and only then acknowledges anything; it serves nothing (ANA
-//! Inaccessible). Its peer, on `Failed` or on an error acknowledgement, starts a new generation
-//! (durable before any completion that follows), keeps every dirty region (the sweep stops) and
-//! becomes the ordering leg if it was not. The failed leg retries ([`MirrorCore::set_retry_ms`],
+//! `Failed` to its peer, and only then acknowledges anything; from then on nothing is read from
+//! or written to its device. Its peer, on `Failed` or on an error acknowledgement, starts a new
+//! generation (durable before any completion that follows), keeps every dirty region (the sweep
+//! stops) and becomes the ordering leg if it was not. While connected to that UpToDate peer, the
+//! failed leg serves through it ([`Access::Remote`], ANA Non-Optimized): reads, compares and
+//! writes are forwarded, and the peer's answer is the answer; otherwise it serves nothing. The failed leg retries ([`MirrorCore::set_retry_ms`],
 //! [`Input::Resync`]) with a new Hello on the live connection: a resync of the dirty regions makes
 //! it UpToDate again, or it fails again.
 
@@ -183,6 +185,9 @@ pub enum Access {
     Transition,
     /// Not serving (ANA Inaccessible).
     Fenced,
+    /// This leg's device failed: it serves through its peer, every read and write going over
+    /// the link (ANA Non-Optimized for every host).
+    Remote,
 }
 
 /// Where the leg stands in metro mode.
@@ -568,7 +573,7 @@ impl MirrorCore {
             return 0;
         }
         let bounded = match &self.metro {
-            Some(_) => self.quorum != Quorum::Solo,
+            Some(_) => self.quorum != Quorum::Solo || self.through_peer(),
             None => self.role == Role::Secondary,
         };
         if bounded {
@@ -588,6 +593,9 @@ impl MirrorCore {
     /// Whether host I/O may be served by this leg now.
     pub fn serving(&self) -> bool {
         let leased = self.last_tick_ms < self.peer_lease_until_ms;
+        if self.through_peer() {
+            return true;
+        }
         if self.metro.is_none() {
             return match self.role {
                 Role::Preferred => self.disk == DiskState::UpToDate,
@@ -604,8 +612,21 @@ impl MirrorCore {
         }
     }
 
+    /// A Failed leg whose peer orders writes and holds the data: it serves every host command by
+    /// forwarding it (reads too), while its lease from the peer holds.
+    pub(super) fn through_peer(&self) -> bool {
+        self.disk == DiskState::Failed
+            && self.role == Role::Secondary
+            && self.link == LinkState::Connected
+            && self.peer.is_some_and(|p| p.disk == DiskState::UpToDate)
+            && self.last_tick_ms < self.peer_lease_until_ms
+    }
+
     /// How hosts should see this leg's paths.
     pub fn access(&self) -> Access {
+        if self.through_peer() {
+            return Access::Remote;
+        }
         if self.serving() {
             let alone = self.metro.is_some() && (self.quorum == Quorum::Solo || self.peer_failure.is_some());
             return if alone { Access::Sole } else { Access::Serving };

@@ -117,6 +117,14 @@ impl MirrorCore {
             (o.origin, o.range)
         };
         match (self.role, origin) {
+            (Role::Preferred, Origin::Forwarded(_)) if matches!(self.ops[&id].op, BdevOp::Read { .. } | BdevOp::Compare { .. }) => {
+                // A read for a peer serving through this leg: under the range lock (ordered with
+                // the writes around it), nothing to mark or replicate.
+                let o = self.ops.get_mut(&id).expect("op");
+                o.stage = Stage::Running;
+                let op = std::mem::replace(&mut o.op, BdevOp::Flush);
+                out.push(Output::Local { id, op });
+            }
             (Role::Preferred, Origin::Host(_) | Origin::Forwarded(_)) => {
                 if !self.peer_reachable() {
                     if self.metro.is_some() && self.quorum != Quorum::Solo {
@@ -264,8 +272,14 @@ impl MirrorCore {
                 };
                 let mut f = Frame::new(Kind::ForwardDone, seq);
                 f.arg = code;
+                let read = matches!(&result, Ok(BdevOutput::Data(_)));
+                if let Ok(BdevOutput::Data(data)) = result {
+                    f.payload = data;
+                }
                 out.push(Output::Send(f));
-                if let (Some((off, len)), true) = (o.range, code == status::OK) {
+                if read {
+                    // A forwarded read: no confirmation follows.
+                } else if let (Some((off, len)), true) = (o.range, code == status::OK) {
                     self.forwarded.insert(seq, (off, len));
                 } else if let Some((off, len)) = o.range {
                     self.unconfirm(off, len);
@@ -402,7 +416,18 @@ pub(super) fn op_frame(kind: Kind, seq: u64, op: &BdevOp) -> Frame {
             f.payload = [expected.as_slice(), data.as_slice()].concat();
         }
         BdevOp::Flush => f.op = OpCode::Flush,
-        BdevOp::Read { .. } | BdevOp::Compare { .. } => unreachable!("reads are not replicated"),
+        // Only forwarded (a leg serving through its peer), never replicated.
+        BdevOp::Read { offset, len } => {
+            f.op = OpCode::Read;
+            f.offset = *offset;
+            f.len = *len as u64;
+        }
+        BdevOp::Compare { offset, expected } => {
+            f.op = OpCode::Compare;
+            f.offset = *offset;
+            f.len = expected.len() as u64;
+            f.payload = expected.clone();
+        }
     }
     f
 }
@@ -418,6 +443,8 @@ pub(super) fn frame_op(mut f: Frame) -> BdevOp {
             let data = f.payload.split_off(len);
             BdevOp::CompareAndWrite { offset: f.offset, expected: f.payload, data }
         }
+        OpCode::Read => BdevOp::Read { offset: f.offset, len },
+        OpCode::Compare => BdevOp::Compare { offset: f.offset, expected: f.payload },
         OpCode::Flush | OpCode::None | OpCode::CompareAndWrite => BdevOp::Flush,
     }
 }

@@ -73,7 +73,25 @@ impl MirrorCore {
             Kind::ForwardDone => {
                 let Some(o) = self.ops.get_mut(&f.seq) else { return };
                 let Origin::Host(tag) = o.origin else { return };
-                if f.arg == status::OK {
+                let remote_only = matches!(o.op, BdevOp::Read { .. } | BdevOp::Compare { .. }) || self.disk == DiskState::Failed;
+                if remote_only && matches!(f.arg, status::OK | status::MISCOMPARE) {
+                    // Served through the peer: its answer is the answer. A write is not applied
+                    // here (this leg's device failed; the peer keeps the region dirty for the
+                    // resync) but is confirmed, so the peer's bookkeeping moves on.
+                    let result = match (&o.op, f.arg) {
+                        (_, status::MISCOMPARE) => Ok(BdevOutput::Miscompare),
+                        (BdevOp::Read { .. }, _) => Ok(BdevOutput::Data(f.payload)),
+                        _ => Ok(BdevOutput::Done),
+                    };
+                    let write = !matches!(o.op, BdevOp::Read { .. } | BdevOp::Compare { .. });
+                    self.ops.remove(&f.seq);
+                    out.push(Output::Complete { tag, result });
+                    if write {
+                        let mut c = Frame::new(Kind::ReplicateAck, f.seq);
+                        c.arg = 1; // confirms a forwarded write
+                        out.push(Output::Send(c));
+                    }
+                } else if f.arg == status::OK {
                     o.stage = Stage::Queued;
                     self.admit(f.seq, out);
                 } else {
