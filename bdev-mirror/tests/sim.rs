@@ -1049,3 +1049,113 @@ fn a_dirty_bit_is_cleared_only_once_both_legs_flushed_its_writes() {
         sim.check(seed);
     }
 }
+
+#[test]
+fn a_preferred_that_handed_ordering_away_does_not_come_back_ordering_after_a_restart() {
+    // Without a witness: A (configured preferred) fails, B orders; A is resynced; then A
+    // restarts while the link is down. Only B may serve: A must not come back as the preferred.
+    let mut sim = Sim::new(71);
+    sim.quiesce();
+    sim.legs[0].failing_below = 16;
+    sim.host_write(0);
+    sim.run_quiet(5);
+    assert_eq!(sim.core(1).status().role, Role::Preferred, "B orders writes");
+    sim.legs[0].failing_below = 0;
+    sim.feed(0, Input::Resync);
+    sim.run_quiet(400);
+    assert_eq!(sim.core(0).status().disk, DiskState::UpToDate, "A resynced");
+    assert_eq!(sim.legs[0].durable.ordering, Some(false), "A's metadata says the peer orders");
+    sim.crash(0);
+    sim.restart(0, 5);
+    sim.run_quiet(200);
+    assert_eq!(sim.core(0).status().role, Role::Secondary);
+    assert!(!sim.serves_now(0), "the restarted A does not serve alone");
+    assert!(sim.serves_now(1), "B serves alone");
+    sim.host_write(1);
+    sim.run_quiet(200);
+    sim.connect();
+    sim.quiesce();
+    sim.check(71);
+}
+
+#[test]
+fn the_taking_over_leg_waits_out_the_peers_lease_even_when_their_timers_differ() {
+    // Leg 1 runs with a longer lease (its site's heartbeat was reloaded to a larger value).
+    let mut sim = Sim::new_metro(81);
+    let long = Metro { fence_ms: 200, settle_ms: 300, ..metro() };
+    sim.legs[1].core.as_mut().unwrap().set_metro_timers(long);
+    sim.quiesce();
+    sim.run_quiet(100);
+    assert!(sim.serves_now(0) && sim.serves_now(1));
+    sim.pause(1);
+    for _ in 0..600 {
+        sim.run_quiet(1);
+        // Whenever leg 0 serves without the link, the paused leg's lease has run out.
+        assert!(sim.link || !(sim.serves_now(0) && sim.serves_now(1)), "both serve at step {}", sim.step);
+    }
+    assert!(sim.serves_now(0), "leg 0 took over");
+    sim.resume(1);
+    sim.connect();
+    sim.quiesce();
+    sim.check(81);
+}
+
+#[test]
+fn answers_owed_to_an_earlier_connection_are_never_sent_on_a_later_one() {
+    // B applies a write A replicated; the connection drops and a new one comes up (A may have
+    // restarted and numbers its operations from 1 again) before B's device completes it: B's
+    // acknowledgement must not go out on the new connection, where it would name another write.
+    let mut sim = Sim::new(91);
+    sim.quiesce();
+    sim.host_write(0);
+    while sim.deliver(0) {}
+    let (id, _) = *sim.legs[1].local.first().expect("B applies the replicated write");
+    sim.cut();
+    sim.connect();
+    sim.wire[1].clear();
+    let b = sim.legs[1].core.as_mut().unwrap();
+    let mut out = Vec::new();
+    b.handle(Input::LocalDone { id, result: Ok(BdevOutput::Done) }, &mut out);
+    let acks: Vec<&Frame> = out
+        .iter()
+        .filter_map(|o| if let Output::Send(f) = o { Some(f) } else { None })
+        .filter(|f| f.kind == nvmetro_bdev::mirror::frame::Kind::ReplicateAck)
+        .collect();
+    assert!(acks.is_empty(), "an answer owed to the old connection went out on the new one: {acks:?}");
+}
+
+#[test]
+fn a_link_lost_during_a_resync_frees_the_regions_in_flight() {
+    let mut sim = Sim::new(101);
+    sim.quiesce();
+    sim.cut();
+    for _ in 0..12 {
+        sim.host_write(0);
+    }
+    sim.run_quiet(100);
+    sim.connect();
+    // A sends resync regions; none reaches B before the link goes.
+    let resync = |sim: &Sim| sim.wire[0].iter().any(|f| f.kind == nvmetro_bdev::mirror::frame::Kind::Resync);
+    for _ in 0..40 {
+        loop {
+            let next_is_resync = sim.wire[0].front().is_some_and(|f| f.kind == nvmetro_bdev::mirror::frame::Kind::Resync);
+            if !((!next_is_resync && sim.deliver(0)) | sim.deliver(1) | sim.complete_local(0) | sim.complete_local(1)) {
+                break;
+            }
+        }
+        sim.step += 1;
+        sim.tick();
+    }
+    assert!(resync(&sim), "resync frames on their way");
+    sim.cut();
+    // Writes to those regions complete, and the next resync ends.
+    let before = sim.writes.len();
+    for _ in 0..8 {
+        sim.host_write(0);
+    }
+    sim.run_quiet(200);
+    assert!(sim.writes[before..].iter().all(|w| w.acked.is_some()), "no write waits for a range held by a lost resync");
+    sim.connect();
+    sim.quiesce();
+    sim.check(101);
+}

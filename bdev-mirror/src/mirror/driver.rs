@@ -297,6 +297,7 @@ impl MirrorBdev {
             rtt: None,
             speed: (Instant::now(), 0, 0),
             signal: Vec::new(),
+            ready: Vec::new(),
             events: Events::with_capacity(64),
             completions: Vec::new(),
             started: shared.started,
@@ -308,6 +309,7 @@ impl MirrorBdev {
         };
         link.run_outputs(first);
         link.publish();
+        link.deliver();
         let info = BdevInfo { name: name.to_string(), ..local.info().clone() };
         let (thread, poller) = if on_reactor {
             (None, Some(link))
@@ -524,6 +526,8 @@ struct LinkThread {
     /// (when, synced bytes then, bytes per second)
     speed: (Instant, u64, u64),
     signal: Vec<usize>,
+    /// Completions waiting for [`LinkThread::deliver`].
+    ready: Vec<(u64, Result<crate::BdevOutput, BdevError>)>,
 }
 
 impl LinkThread {
@@ -533,13 +537,28 @@ impl LinkThread {
             if let Input::Host { tag, .. } = input {
                 self.complete(tag, Err(BdevError::Fenced));
             }
-            return;
+            return self.deliver();
         }
         self.core.observe_clock(self.started.elapsed().as_millis() as u64);
         let mut out = Vec::new();
         self.core.handle(input, &mut out);
         self.run_outputs(out);
+        // Narrower access first, completions after: a host that saw an answer never finds this
+        // leg serving a read on the state before it.
         self.publish_access();
+        self.deliver();
+    }
+
+    /// Hands the completions of the last input to the reactors.
+    fn deliver(&mut self) {
+        for (tag, result) in std::mem::take(&mut self.ready) {
+            if let Some((chan, orig)) = self.pending.remove(&tag) {
+                if let Some(q) = self.shared.channels.load().get(chan) {
+                    q.done.push(BdevCompletion { tag: orig, result });
+                    self.signal.push(chan);
+                }
+            }
+        }
     }
 
     /// Access and lease for the reactors, at once (not at the end of the turn): a leg that just
@@ -554,13 +573,9 @@ impl LinkThread {
         self.started.elapsed().as_millis() as u64
     }
 
+    /// A host operation's completion, delivered by [`LinkThread::deliver`].
     fn complete(&mut self, tag: u64, result: Result<crate::BdevOutput, BdevError>) {
-        if let Some((chan, orig)) = self.pending.remove(&tag) {
-            if let Some(q) = self.shared.channels.load().get(chan) {
-                q.done.push(BdevCompletion { tag: orig, result });
-                self.signal.push(chan);
-            }
-        }
+        self.ready.push((tag, result));
     }
 
     fn run_outputs(&mut self, out: Vec<Output>) {

@@ -80,6 +80,10 @@ pub struct Meta {
     pub deferred: bool,
     /// This leg's device failed I/O: it is not a faithful copy until resynced from the peer.
     pub failed: bool,
+    /// Which leg orders writes, once it is not the configured one (a failed preferred handed it
+    /// over, an election moved it): `Some(true)` this leg, `Some(false)` the peer. A restart keeps
+    /// it, so a configured preferred that handed ordering away never comes back serving alone.
+    pub ordering: Option<bool>,
 }
 
 impl Meta {
@@ -94,6 +98,7 @@ impl Meta {
             written: vec![0; words],
             deferred: false,
             failed: false,
+            ordering: None,
         }
     }
 
@@ -166,7 +171,12 @@ impl Meta {
         let mut b = vec![0u8; Self::slot_len(words) as usize];
         b[0..8].copy_from_slice(SLOT_MAGIC);
         b[8..12].copy_from_slice(&self.region_shift.to_le_bytes());
-        b[12..16].copy_from_slice(&(u32::from(self.deferred) | u32::from(self.failed) << 1).to_le_bytes());
+        let ordering = match self.ordering {
+            None => 0,
+            Some(false) => 4,
+            Some(true) => 12,
+        };
+        b[12..16].copy_from_slice(&(u32::from(self.deferred) | u32::from(self.failed) << 1 | ordering).to_le_bytes());
         b[16..24].copy_from_slice(&self.regions.to_le_bytes());
         b[24..32].copy_from_slice(&self.generations.current.to_le_bytes());
         b[32..40].copy_from_slice(&self.generations.bitmap.to_le_bytes());
@@ -215,6 +225,7 @@ impl Meta {
             written: (words..2 * words).map(word).collect(),
             deferred: flags & 1 != 0,
             failed: flags & 2 != 0,
+            ordering: (flags & 4 != 0).then_some(flags & 8 != 0),
         };
         Some((meta, seq))
     }
@@ -314,6 +325,7 @@ mod tests {
         m.generations = Generations { current: 42, bitmap: 7, history: 1 };
         m.deferred = true;
         m.failed = true;
+        m.ordering = Some(false);
         f.store(&m).unwrap();
         drop(f);
         let (_, again) = MetaFile::open(&p, 100 << 20, 20).unwrap();

@@ -322,6 +322,9 @@ struct Op {
     /// Waiting for the peer's acknowledgement.
     remote_pending: bool,
     result: Option<Result<BdevOutput, BdevError>>,
+    /// The connection it came with: answers owed to an earlier connection are never sent on a
+    /// later one (the peer may have restarted and reused the sequence number).
+    epoch: u64,
 }
 
 const RESYNC_WINDOW: usize = 16;
@@ -416,6 +419,11 @@ pub struct MirrorCore {
     sweep_flush: Option<SweepFlush>,
     /// Regions written within this are not swept (DRBD's activity log).
     activity_idle_ms: u64,
+    /// Counts connections (LinkUp).
+    link_epoch: u64,
+    /// The longest lease this leg's Pongs granted (the peer sends its fence in each Ping): the
+    /// settle time covers it even when the sites' timers differ.
+    peer_fence_ms: u64,
 }
 
 impl std::fmt::Debug for MirrorCore {
@@ -454,12 +462,19 @@ impl MirrorCore {
     /// generation identifiers.
     pub fn new(role: Role, site: u8, size: u64, mut meta: Meta, seed: u64) -> (MirrorCore, Vec<Output>) {
         let mut out = Vec::new();
-        let disk = if role == Role::Preferred || meta.generations.current != 0 { DiskState::UpToDate } else { DiskState::Inconsistent };
+        let configured = role;
         if role == Role::Preferred && meta.generations.current == 0 {
             // The first preferred leg founds the data lineage.
             meta.generations.current = seed | 1;
             out.push(Output::Persist);
         }
+        // Who orders writes survives a restart (see `Meta::ordering`).
+        let role = match meta.ordering {
+            Some(true) => Role::Preferred,
+            Some(false) => Role::Secondary,
+            None => role,
+        };
+        let disk = if role == Role::Preferred || meta.generations.current != 0 { DiskState::UpToDate } else { DiskState::Inconsistent };
         let disk = if role == Role::Secondary && disk == DiskState::UpToDate { DiskState::Outdated } else { disk };
         let disk = if meta.failed { DiskState::Failed } else { disk };
         let core = MirrorCore {
@@ -487,7 +502,7 @@ impl MirrorCore {
             resynced_bytes: 0,
             sync_total: 0,
             random: seed ^ 0x9e37_79b9_7f4a_7c15,
-            configured_preferred: role == Role::Preferred,
+            configured_preferred: configured == Role::Preferred,
             awaiting_bitmap: false,
             metro: None,
             quorum: Quorum::Peer,
@@ -514,6 +529,8 @@ impl MirrorCore {
             sync_errors: false,
             sweep_flush: None,
             activity_idle_ms: ACTIVITY_IDLE_MS,
+            link_epoch: 0,
+            peer_fence_ms: 0,
         };
         (core, out)
     }
@@ -767,6 +784,8 @@ impl MirrorCore {
         self.last_ping_ms = self.last_tick_ms;
         let mut f = Frame::new(Kind::Ping, 0);
         f.offset = self.last_tick_ms;
+        // The lease an answer gives this leg: the peer's settle time must cover it.
+        f.len = self.fence();
         out.push(Output::Send(f));
     }
 
@@ -779,6 +798,7 @@ impl MirrorCore {
                 // A connection is not yet a peer (a half-dead path connects and then says
                 // nothing): an election goes on until the peer's Hello arrives.
                 self.link = LinkState::Handshake;
+                self.link_epoch += 1;
                 let mut f = Frame::new(Kind::Hello, 0);
                 f.payload = self.hello().to_payload();
                 out.push(Output::Send(f));
@@ -831,6 +851,14 @@ impl MirrorCore {
         self.to_sync.clear();
         self.sync_cursor = 0;
         self.awaiting_bitmap = false;
+        // Regions sent whose acknowledgement will never come: they stay dirty; their ranges free.
+        let sent: Vec<u64> =
+            self.ops.iter().filter(|(_, o)| matches!(o.origin, Origin::ResyncOut(_)) && o.local_done).map(|(id, _)| *id).collect();
+        for id in sent {
+            self.ops.remove(&id);
+            self.resync_inflight = self.resync_inflight.saturating_sub(1);
+            self.release(id, out);
+        }
         if self.metro.is_some() {
             return self.metro_link_down(was, out);
         }

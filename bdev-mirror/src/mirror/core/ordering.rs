@@ -23,6 +23,10 @@ impl MirrorCore {
         }
         tracing::info!("mirror leg role: {:?} -> {:?}", self.role, role);
         self.role = role;
+        // Durable, so a restart does not bring back the old role (two legs ordering writes).
+        let configured = if self.configured_preferred { Role::Preferred } else { Role::Secondary };
+        self.meta.ordering = (role != configured).then_some(role == Role::Preferred);
+        out.push(Output::Persist);
     }
 
     /// Ends the wait of writes held since the peer was lost: complete them (this leg serves
@@ -44,7 +48,8 @@ impl MirrorCore {
         let id = self.next_id;
         self.next_id += 1;
         let range = op.range();
-        self.ops.insert(id, Op { origin, op, range, stage: Stage::Queued, local_done: false, remote_pending: false, result: None });
+        let epoch = self.link_epoch;
+        self.ops.insert(id, Op { origin, op, range, stage: Stage::Queued, local_done: false, remote_pending: false, result: None, epoch });
         id
     }
 
@@ -223,6 +228,8 @@ impl MirrorCore {
         let Some(o) = self.ops.get_mut(&id) else { return };
         o.local_done = true;
         let origin = o.origin;
+        // Answers are owed only on the connection the operation came with.
+        let answer = o.epoch == self.link_epoch;
         match origin {
             Origin::Orphan => {
                 self.ops.remove(&id);
@@ -276,7 +283,9 @@ impl MirrorCore {
                 if let Ok(BdevOutput::Data(data)) = result {
                     f.payload = data;
                 }
-                out.push(Output::Send(f));
+                if answer {
+                    out.push(Output::Send(f));
+                }
                 if read {
                     // A forwarded read: no confirmation follows.
                 } else if let (Some((off, len)), true) = (o.range, code == status::OK) {
@@ -297,9 +306,11 @@ impl MirrorCore {
                     r => r,
                 };
                 out.push(Output::Complete { tag, result });
-                let mut f = Frame::new(Kind::ReplicateAck, id);
-                f.arg = 1; // confirms a forwarded write
-                out.push(Output::Send(f));
+                if answer {
+                    let mut f = Frame::new(Kind::ReplicateAck, id);
+                    f.arg = 1; // confirms a forwarded write
+                    out.push(Output::Send(f));
+                }
                 self.ops.remove(&id);
                 self.release(id, out);
             }
@@ -307,7 +318,9 @@ impl MirrorCore {
                 let kind = if matches!(origin, Origin::Replicated(_)) { Kind::ReplicateAck } else { Kind::ResyncAck };
                 let mut f = Frame::new(kind, seq);
                 f.arg = result.as_ref().map_or_else(error_code, |_| status::OK);
-                out.push(Output::Send(f));
+                if answer {
+                    out.push(Output::Send(f));
+                }
                 self.ops.remove(&id);
                 self.release(id, out);
             }

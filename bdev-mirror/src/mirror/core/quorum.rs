@@ -150,7 +150,9 @@ impl MirrorCore {
     /// When this leg may serve alone: once the lease its last Pong could have given the peer has
     /// surely run out (module docs), and not before now.
     pub(super) fn settle_at(&self) -> u64 {
-        let settle = self.metro.as_ref().map_or(lease_settle(self.lease_ms), |m| m.settle_ms);
+        let own = self.metro.as_ref().map_or(lease_settle(self.lease_ms), |m| m.settle_ms);
+        // The peer's fence, as its Pings said, may be longer than ours.
+        let settle = own.max(lease_settle(self.peer_fence_ms));
         self.last_pong_sent_ms.map_or(self.last_tick_ms, |p| (p + settle).max(self.last_tick_ms))
     }
 

@@ -19,6 +19,8 @@ impl MirrorCore {
             Kind::Hello => self.on_hello(&f, out),
             Kind::Ping => {
                 self.last_pong_sent_ms = Some(self.last_tick_ms);
+                // (Bounded: an hour of lease is already absurd.)
+                self.peer_fence_ms = self.peer_fence_ms.max(f.len.min(3_600_000));
                 let mut p = Frame::new(Kind::Pong, f.seq);
                 p.offset = f.offset;
                 out.push(Output::Send(p));
@@ -62,7 +64,8 @@ impl MirrorCore {
                 self.try_finish(f.seq, out);
             }
             Kind::Forward => {
-                if !self.serving() {
+                // Only the ordering leg, on its own UpToDate device, executes forwarded commands.
+                if !self.serving() || self.role != Role::Preferred || self.disk != DiskState::UpToDate {
                     let mut r = Frame::new(Kind::ForwardDone, f.seq);
                     r.arg = status::NOT_SERVING;
                     return out.push(Output::Send(r));
