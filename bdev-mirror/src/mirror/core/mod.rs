@@ -47,6 +47,8 @@
 //! whose rates differ by at most ρ, `T` has passed in real time by then when
 //! `settle ≥ fence·(1 + ρ) + ε` ([`Metro::check`]: ρ = 10 %, ε = 25 ms). With the default 1 s
 //! heartbeat: fence 500 ms, settle 600 ms ≥ 575 ms; Pings every 200 ms.
+//! Each Ping carries its sender's fence; the leg that takes over settles for at least
+//! `fence·1.1 + 25 ms` of the longest fence it granted, so sites with different timers are safe.
 //!
 //! Failing legs (DRBD's `on-io-error detach`, Mayastor's child faulting): a leg whose device fails
 //! a write (or a resync read) records itself `Failed` durably (and the failed range dirty), sends
