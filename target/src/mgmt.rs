@@ -192,7 +192,8 @@ fn call(t: &Target, method: &str, params: &Value) -> Result<Value, (i64, String)
         "mirror_failback" => return failback(t, params),
         "nvmetro_reload" => {
             let dry_run = params["dry_run"].as_bool().unwrap_or(false);
-            return match crate::reload::reload(t, dry_run) {
+            let candidate = params["config"].as_str().map(std::path::Path::new);
+            return match crate::reload::reload_from(t, dry_run, candidate) {
                 Ok(o) => Ok(json!({"applied": o.applied, "dry_run": dry_run, "changes": o.changes})),
                 Err(e) => Err((-32000, e.to_string())),
             };

@@ -67,6 +67,8 @@ pub enum ReloadError {
     Prepare(String),
     #[error("another reload is running")]
     Busy,
+    #[error("{0} is not the file the target runs with ({1}): preview it with --dry-run, or edit that file and reload")]
+    NotTheRunningFile(String, String),
 }
 
 fn describe_ns(n: &nvmetro_conf::NamespaceConfig) -> String {
@@ -244,7 +246,21 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
 /// Reads the target's config file again and applies (or, with `dry_run`, only describes) the
 /// difference.
 pub fn reload(t: &Target, dry_run: bool) -> Result<Outcome, ReloadError> {
-    let path = t.config_path.clone().ok_or(ReloadError::NoFile)?;
+    reload_from(t, dry_run, None)
+}
+
+/// As [`reload`], reading `candidate` instead of the file the target runs with: a dry run
+/// previews an edited copy; applying is only from the running file.
+pub fn reload_from(t: &Target, dry_run: bool, candidate: Option<&std::path::Path>) -> Result<Outcome, ReloadError> {
+    let running = t.config_path.clone();
+    let path = match (candidate, &running) {
+        (Some(c), Some(r)) if !dry_run && !same_file(c, r) => {
+            return Err(ReloadError::NotTheRunningFile(c.display().to_string(), r.display().to_string()))
+        }
+        (Some(c), _) if dry_run => c.to_path_buf(),
+        (_, Some(r)) => r.clone(),
+        (_, None) => return Err(ReloadError::NoFile),
+    };
     let new = nvmetro_conf::load(&path)?;
     let _one = t.reload_lock.try_lock().map_err(|_| ReloadError::Busy)?;
     let old = t.config();
@@ -256,6 +272,13 @@ pub fn reload(t: &Target, dry_run: bool) -> Result<Outcome, ReloadError> {
         return Ok(Outcome { changes: p.changes, applied: false });
     }
     apply(t, p, new)
+}
+
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
 }
 
 /// Waits until none of `namespaces` has a command at its bdev (bounded: a stuck bdev must not

@@ -200,3 +200,39 @@ fn reload_under_a_verifying_workload_changes_only_what_differs() {
     assert!(std::net::TcpStream::connect(t.addr2).is_err(), "the removed listener no longer accepts");
     h.read(1, 0, 1, 512).expect("the other listener's host is untouched");
 }
+
+#[test]
+fn a_dry_run_previews_the_file_it_is_given_and_applies_only_the_running_one() {
+    let t = TargetProcess::start(&config(1, false));
+    let candidate = t.scratch().join("candidate.toml");
+    let write = |text: &str| {
+        let text = text
+            .replace("{PORT}", &t.addr.port().to_string())
+            .replace("{PORT2}", &t.addr2.port().to_string())
+            .replace("{DIR}", &t.scratch().display().to_string());
+        std::fs::write(&candidate, text).unwrap();
+    };
+    let cli = |dry_run: bool| {
+        let mut c = Command::new(binary("nvmetro"));
+        c.arg("--config").arg(&candidate).arg("reload");
+        if dry_run {
+            c.arg("--dry-run");
+        }
+        let out = c.output().unwrap();
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    };
+    // An edited copy: previewed, nothing changes.
+    write(&config(1, true));
+    let (ok, out) = cli(true);
+    assert!(ok && out.contains("would change") && out.contains("fresh"), "{out}");
+    let (ok, out) = cli_reload(&t, true);
+    assert!(ok && out.contains("nothing to change"), "the running target is as it was: {out}");
+    // An invalid copy: the error names the copy, its line and key.
+    write(&config(1, true).replace("size = \"8MiB\"", "size = \"8 parsecs\""));
+    let (ok, out) = cli(true);
+    assert!(!ok && out.contains("candidate.toml:") && out.contains("bdev.size"), "{out}");
+    // Applying is only from the file the target runs with.
+    write(&config(1, true));
+    let (ok, out) = cli(false);
+    assert!(!ok && out.contains("is not the file the target runs with"), "{out}");
+}

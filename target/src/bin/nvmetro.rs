@@ -137,7 +137,9 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&rpc(&socket, &method, params)?)?)
         }
         Cmd::Reload { dry_run } => {
-            let r = rpc(&socket, "nvmetro_reload", json!({"dry_run": dry_run}))?;
+            // The file named on the command line is the one to preview or apply.
+            let config = std::fs::canonicalize(&args.config).unwrap_or_else(|_| args.config.clone());
+            let r = rpc(&socket, "nvmetro_reload", json!({"dry_run": dry_run, "config": config}))?;
             let changes: Vec<&str> = r["changes"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
             if changes.is_empty() {
                 println!("nothing to change: the running target matches {}", args.config.display());
