@@ -28,8 +28,9 @@ fn main() -> anyhow::Result<()> {
         // Colour codes only on a terminal: log files and journald get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
-    if let (true, Some(path)) = (args.check, &args.config) {
-        // Also whether every path the file names can be written.
+    if let Some(path) = &args.config {
+        // Also whether every path the file names can be written: a start that would fail on
+        // one (a metadata directory that does not exist) refuses before creating any file.
         if let Err(errors) = nvmetro_conf::check(path) {
             for e in &errors {
                 eprintln!("{e}");

@@ -792,3 +792,21 @@ fn a_clean_stop_leaves_no_socket_and_the_log_has_no_colour_codes() {
     assert!(log.contains("stopping"), "{log}");
     assert!(!log.contains('\x1b'), "no terminal colour codes in a log file: {log:?}");
 }
+
+#[test]
+fn a_start_refused_for_a_bad_path_creates_no_file() {
+    let dir = std::env::temp_dir().join(format!("nvmetro-badpath-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = nvmetro_tests::mirror_site_config("nqn.2026-11.io.nvmetro:badpath", true, 1, "", "")
+        .replace("{DIR}/leg.meta", "{DIR}/no-such-dir/leg.meta")
+        .replace("{PORT}", "1")
+        .replace("{DIR}", &dir.display().to_string());
+    let path = dir.join("t.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let out = std::process::Command::new(nvmetro_tests::binary("nvmetro-tgt")).arg("--config").arg(&path).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started: {err}");
+    assert!(err.contains("bdev.metadata") && err.contains("no-such-dir"), "{err}");
+    assert!(!dir.join("leg.img").exists(), "no leg image was created by the refused start");
+    let _ = std::fs::remove_dir_all(dir);
+}
