@@ -134,7 +134,8 @@ pub fn render(t: &Target) -> String {
         let l = format!(
             "bdev=\"{}\",role=\"{}\",link=\"{}\",disk=\"{}\",site=\"{site}\"",
             escape(&b.info().name),
-            m.role,
+            // The role that orders now, without the explanation status adds.
+            m.role.split(' ').next().unwrap_or_default(),
             escape(&m.link),
             m.disk
         );

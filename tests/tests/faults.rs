@@ -211,7 +211,7 @@ fn leg_fails(preferred: bool, error: &str, recovery: Recovery) -> Figures {
         (Some("UpToDate"), Some("Failed"), Some(true)),
         "{mp}"
     );
-    assert_eq!(mp["role"], "Preferred", "the peer orders writes now: {mp}");
+    assert!(mp["role"].as_str().is_some_and(|r| r.starts_with("Preferred")), "the peer orders writes now: {mp}");
     assert!(mp["out_of_sync_bytes"].as_u64().is_some_and(|b| b > 0), "the regions the Failed leg lacks: {mp}");
     // (With a retry timer the leg retries its resync every second: a moment of ANA Change.)
     wait_until("the failed site serves through its peer", Duration::from_secs(10), || {

@@ -892,9 +892,11 @@ impl LinkThread {
             LinkState::Refused(why) => format!("StandAlone ({why})"),
         };
         let report = StatusReport {
-            role: match st.role {
-                Role::Preferred => "Preferred".into(),
-                Role::Secondary => "Secondary".into(),
+            role: match (st.role, st.configured_role) {
+                (Role::Preferred, Role::Preferred) => "Preferred".into(),
+                (Role::Secondary, Role::Secondary) => "Secondary".into(),
+                (Role::Preferred, Role::Secondary) => "Preferred (orders writes; configured secondary)".into(),
+                (Role::Secondary, Role::Preferred) => "Secondary (the peer orders writes; configured preferred)".into(),
             },
             disk: st.disk.name().into(),
             peer_disk: st.peer_disk.map_or("DUnknown", DiskState::name).into(),

@@ -437,7 +437,10 @@ impl std::fmt::Debug for MirrorCore {
 /// A snapshot for status displays.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MirrorStatus {
+    /// Whether this leg orders writes now (a failover or a failed leg can move it).
     pub role: Role,
+    /// The role the configuration gives.
+    pub configured_role: Role,
     pub disk: DiskState,
     pub peer_disk: Option<DiskState>,
     pub link: LinkState,
@@ -684,6 +687,7 @@ impl MirrorCore {
         };
         MirrorStatus {
             role: self.role,
+            configured_role: if self.configured_preferred { Role::Preferred } else { Role::Secondary },
             disk: self.disk,
             peer_disk: self.peer.map(|p| p.disk),
             link: self.link.clone(),
