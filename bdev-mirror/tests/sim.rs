@@ -244,17 +244,6 @@ impl Sim {
                     }
                 }
                 Output::Persist => {
-                    if std::env::var("SIM_TRACE").is_ok()
-                        && self.legs[leg].durable.generations != self.legs[leg].core.as_ref().expect("core").meta().generations
-                    {
-                        eprintln!(
-                            "step {} leg {leg} generations {:?} -> {:?} ({:?})",
-                            self.step,
-                            self.legs[leg].durable.generations,
-                            self.legs[leg].core.as_ref().unwrap().meta().generations,
-                            self.legs[leg].core.as_ref().unwrap().status()
-                        );
-                    }
                     self.legs[leg].durable = self.legs[leg].core.as_ref().expect("core").meta().clone();
                 }
                 Output::Witness(req) => {
@@ -454,9 +443,6 @@ impl Sim {
     /// Failure `kind`: 0 cuts the link, 1 crashes leg 0, 2 crashes leg 1, 3 and 4 make leg 0 or
     /// leg 1's device fail writes (to some blocks), 5 and 6 pause leg 0 or leg 1.
     fn fail(&mut self, kind: u64) {
-        if std::env::var("SIM_TRACE").is_ok() {
-            eprintln!("step {} fault {kind}", self.step);
-        }
         match kind {
             0 => self.cut(),
             1 => self.crash(0),
@@ -555,11 +541,6 @@ impl Sim {
             return false;
         }
         let Some(f) = self.wire[from].pop_front() else { return false };
-        if std::env::var("SIM_TRACE").is_ok()
-            && !matches!(f.kind, nvmetro_bdev::mirror::frame::Kind::Ping | nvmetro_bdev::mirror::frame::Kind::Pong)
-        {
-            eprintln!("step {} {from}->{} {f:?}", self.step, 1 - from);
-        }
         self.last_rx[1 - from] = self.step;
         self.feed(1 - from, Input::Frame(f));
         true
@@ -867,9 +848,6 @@ fn random_histories_with_one_failure_converge_without_losing_acknowledged_writes
     let seeds = std::env::var("SIM_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(600u64);
     let mut reads = 0;
     for seed in 1..=seeds {
-        if std::env::var("SIM_TRACE").is_ok() {
-            eprintln!("SEED {seed}");
-        }
         let (i, a, r) = run(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         issued += i;
         acked += a;
