@@ -10,8 +10,9 @@
 //! with backoff. A new connection first proves that it knows the shared secret ([`super::auth`],
 //! HMAC-SHA256 challenge-response both ways); only then does it become the link, replacing the
 //! old one if there was one. Connections that fail, stay silent past [`AUTH_TIMEOUT`] or exceed
-//! [`MAX_PENDING`] are closed (and logged, at most once a second) without touching the live link. Pings every fifth of the heartbeat timeout measure the replication round trip;
-//! a heartbeat timeout without a byte from the peer counts as a lost link.
+//! [`MAX_PENDING`] are closed (and logged, at most once a second) without touching the live link.
+//! The core's Pings (every fifth of the heartbeat timeout) keep the lease and measure the
+//! replication round trip; a heartbeat timeout without a byte from the peer counts as a lost link.
 //!
 //! In metro mode the link thread also talks to the witness over UDP (one datagram per report,
 //! see [`super::witness`]). After every input it publishes the leg's [`Access`] (for ANA) and the
@@ -300,7 +301,6 @@ impl MirrorBdev {
             ready: Vec::new(),
             events: Events::with_capacity(64),
             completions: Vec::new(),
-            started: shared.started,
             last_tick: Instant::now(),
             broken: false,
             pending_conns: Vec::new(),
@@ -501,7 +501,6 @@ struct LinkThread {
     witness: Option<WitnessLink>,
     events: Events,
     completions: Vec<BdevCompletion>,
-    started: Instant,
     last_tick: Instant,
     last_publish: Instant,
     /// The metadata could not be stored: fenced until a restart.
@@ -539,7 +538,7 @@ impl LinkThread {
             }
             return self.deliver();
         }
-        self.core.observe_clock(self.started.elapsed().as_millis() as u64);
+        self.core.observe_clock(self.shared.now_ms());
         let mut out = Vec::new();
         self.core.handle(input, &mut out);
         self.run_outputs(out);
@@ -567,10 +566,6 @@ impl LinkThread {
         let (access, lease) = if self.broken { (Access::Fenced, 0) } else { (self.core.access(), self.core.lease_deadline_ms()) };
         self.shared.lease_until_ms.store(lease, Ordering::Release);
         self.shared.access.store(access_code(access), Ordering::Release);
-    }
-
-    fn core_now(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
     }
 
     /// A host operation's completion, delivered by [`LinkThread::deliver`].
@@ -891,6 +886,8 @@ impl LinkThread {
             LinkState::Connected => "Connected".to_string(),
             LinkState::Refused(why) => format!("StandAlone ({why})"),
         };
+        let now_ms = self.shared.now_ms();
+        let ago = |f: &super::core::Failure| now_ms.saturating_sub(f.since_ms) / 1000;
         let report = StatusReport {
             role: match (st.role, st.configured_role) {
                 (Role::Preferred, Role::Preferred) => "Preferred".into(),
@@ -918,9 +915,9 @@ impl LinkThread {
             }
             .into(),
             metro: st.metro,
-            failed_for_seconds: st.failure.as_ref().map(|f| self.core_now().saturating_sub(f.since_ms) / 1000),
-            failure: st.failure.as_ref().map(|f| format!("{f}, {} s ago", self.core_now().saturating_sub(f.since_ms) / 1000)),
-            peer_failure: st.peer_failure.as_ref().map(|f| format!("{f}, {} s ago", self.core_now().saturating_sub(f.since_ms) / 1000)),
+            failed_for_seconds: st.failure.as_ref().map(&ago),
+            failure: st.failure.as_ref().map(|f| format!("{f}, {} s ago", ago(f))),
+            peer_failure: st.peer_failure.as_ref().map(|f| format!("{f}, {} s ago", ago(f))),
         };
         if let Ok(mut s) = self.shared.status.lock() {
             *s = report;
@@ -974,7 +971,7 @@ impl LinkThread {
         let now = Instant::now();
         if now.duration_since(self.last_tick) >= Duration::from_millis(10) {
             self.last_tick = now;
-            self.handle(Input::Tick { now_ms: self.started.elapsed().as_millis() as u64 });
+            self.handle(Input::Tick { now_ms: self.shared.now_ms() });
             // (The core pings the peer; its answers keep the lease.)
             if self.conn.as_ref().is_some_and(|c| c.last_rx.elapsed() > self.settings.heartbeat_timeout) {
                 self.link_down("peer silent past the heartbeat timeout");

@@ -83,19 +83,6 @@ impl MirrorCore {
         }
         tracing::info!("mirror leg failed: retrying (resync from the peer)");
         self.link = LinkState::Handshake;
-        let mut f = Frame::new(Kind::Hello, 0);
-        f.arg = HELLO_AGAIN;
-        f.payload = self.hello().to_payload();
-        out.push(Output::Send(f));
-    }
-
-    pub(super) fn hello(&self) -> Hello {
-        Hello {
-            site: self.site,
-            preferred: self.configured_preferred,
-            generations: self.meta.generations,
-            disk: self.disk,
-            size: self.size,
-        }
+        out.push(Output::Send(self.hello_frame(HELLO_AGAIN)));
     }
 }

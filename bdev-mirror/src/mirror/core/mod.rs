@@ -805,9 +805,7 @@ impl MirrorCore {
                 // nothing): an election goes on until the peer's Hello arrives.
                 self.link = LinkState::Handshake;
                 self.link_epoch += 1;
-                let mut f = Frame::new(Kind::Hello, 0);
-                f.payload = self.hello().to_payload();
-                out.push(Output::Send(f));
+                out.push(Output::Send(self.hello_frame(0)));
                 // The first answered Ping gives the lease.
                 self.send_ping(out);
             }

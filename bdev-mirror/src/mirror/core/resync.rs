@@ -6,6 +6,21 @@ use super::ordering::op_frame;
 use super::*;
 
 impl MirrorCore {
+    /// This leg's Hello (who it is, what its data descends from); `arg` 0, or [`HELLO_AGAIN`].
+    pub(super) fn hello_frame(&self, arg: u32) -> Frame {
+        let hello = Hello {
+            site: self.site,
+            preferred: self.configured_preferred,
+            generations: self.meta.generations,
+            disk: self.disk,
+            size: self.size,
+        };
+        let mut f = Frame::new(Kind::Hello, 0);
+        f.arg = arg;
+        f.payload = hello.to_payload();
+        f
+    }
+
     pub(super) fn on_hello(&mut self, f: &Frame, out: &mut Vec<Output>) {
         let Some(peer) = Hello::from_payload(&f.payload) else {
             self.link = LinkState::Refused("malformed hello".into());

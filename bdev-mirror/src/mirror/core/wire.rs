@@ -11,9 +11,7 @@ impl MirrorCore {
             Kind::Hello if f.arg == HELLO_AGAIN && self.peer_reachable() => {
                 // The peer's device failed and it asks for a resync: a new handshake on this
                 // connection.
-                let mut h = Frame::new(Kind::Hello, 0);
-                h.payload = self.hello().to_payload();
-                out.push(Output::Send(h));
+                out.push(Output::Send(self.hello_frame(0)));
                 self.on_hello(&f, out);
             }
             Kind::Hello => self.on_hello(&f, out),
