@@ -86,6 +86,11 @@ impl BdevOp {
             BdevOp::Flush => None,
         }
     }
+
+    /// Whether the operation only reads (Read, Compare): nothing to replicate or mark dirty.
+    pub fn reads_only(&self) -> bool {
+        matches!(self, BdevOp::Read { .. } | BdevOp::Compare { .. })
+    }
 }
 
 /// What a finished operation returns.

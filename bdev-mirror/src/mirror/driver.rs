@@ -423,7 +423,7 @@ impl BdevChannel for MirrorChannel {
     fn submit(&mut self, tag: u64, op: BdevOp) {
         let access = access_of(self.shared.access.load(Ordering::Acquire));
         match op {
-            BdevOp::Read { .. } | BdevOp::Compare { .. } if access != Access::Remote => match access {
+            _ if op.reads_only() && access != Access::Remote => match access {
                 Access::Serving | Access::Sole if self.shared.leased() => self.local.submit(tag, op),
                 Access::Serving | Access::Sole | Access::Transition | Access::Remote => {
                     self.refused.push(BdevCompletion { tag, result: Err(BdevError::Transition) })

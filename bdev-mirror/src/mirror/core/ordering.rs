@@ -122,7 +122,7 @@ impl MirrorCore {
             (o.origin, o.range)
         };
         match (self.role, origin) {
-            (Role::Preferred, Origin::Forwarded(_)) if matches!(self.ops[&id].op, BdevOp::Read { .. } | BdevOp::Compare { .. }) => {
+            (Role::Preferred, Origin::Forwarded(_)) if self.ops[&id].op.reads_only() => {
                 // A read for a peer serving through this leg: under the range lock (ordered with
                 // the writes around it), nothing to mark or replicate.
                 let o = self.ops.get_mut(&id).expect("op");

@@ -74,7 +74,7 @@ impl MirrorCore {
             Kind::ForwardDone => {
                 let Some(o) = self.ops.get_mut(&f.seq) else { return };
                 let Origin::Host(tag) = o.origin else { return };
-                let remote_only = matches!(o.op, BdevOp::Read { .. } | BdevOp::Compare { .. }) || self.disk == DiskState::Failed;
+                let remote_only = o.op.reads_only() || self.disk == DiskState::Failed;
                 if remote_only && matches!(f.arg, status::OK | status::MISCOMPARE) {
                     // Served through the peer: its answer is the answer. A write is not applied
                     // here (this leg's device failed; the peer keeps the region dirty for the
@@ -84,7 +84,7 @@ impl MirrorCore {
                         (BdevOp::Read { .. }, _) => Ok(BdevOutput::Data(f.payload)),
                         _ => Ok(BdevOutput::Done),
                     };
-                    let write = !matches!(o.op, BdevOp::Read { .. } | BdevOp::Compare { .. });
+                    let write = !o.op.reads_only();
                     self.ops.remove(&f.seq);
                     out.push(Output::Complete { tag, result });
                     if write {
