@@ -276,9 +276,9 @@ fn read(path: &Path) -> Result<(String, String), ConfigError> {
 /// is reported, each as `file:line: key: message`.
 pub fn check(path: &Path) -> Result<Config, Vec<ConfigError>> {
     let (text, file) = read(path).map_err(|e| vec![e])?;
-    let config = parse(&text, &file).map_err(|e| vec![e])?;
     let raw: RawConfig = toml::from_str(&text).map_err(|e| vec![toml_error(&e, &text, &file)])?;
     let ctx = Ctx { file: &file, text: &text };
+    let config = validate(raw.clone(), &ctx).map_err(|e| vec![e])?;
     let mut errors = Vec::new();
     if let Some(s) = &raw.target.socket {
         errors.extend(check_parent(&ctx, s, "target.socket"));

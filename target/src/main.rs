@@ -28,18 +28,15 @@ fn main() -> anyhow::Result<()> {
         // Colour codes only on a terminal: log files and journald get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
-    if let Some(path) = &args.config {
-        // Also whether every path the file names can be written: a start that would fail on
+    let config = match &args.config {
+        // Validated, and every path the file names can be written: a start that would fail on
         // one (a metadata directory that does not exist) refuses before creating any file.
-        if let Err(errors) = nvmetro_conf::check(path) {
+        Some(path) => nvmetro_conf::check(path).unwrap_or_else(|errors| {
             for e in &errors {
                 eprintln!("{e}");
             }
-            std::process::exit(1);
-        }
-    }
-    let config = match &args.config {
-        Some(path) => nvmetro_conf::load(path)?,
+            std::process::exit(1)
+        }),
         None => nvmetro_conf::parse(nvmetro_conf::DEFAULT_CONFIG, "(built-in default config)")?,
     };
     if args.check {
