@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# Replicated vs unreplicated 8 KiB random writes, QD1 and QD32, measured in one run, with the
-# replication link delayed in-process by 0, 150 us and 1 ms round trip. Legs are files on
-# /dev/shm (RAM), so the figures show the cost of replication itself.
+# Replicated vs unreplicated 8 KiB random writes, all measured in one run:
+#   * unreplicated: one target on core 0;
+#   * shared: sites A and B both on core 0 (two sites sharing a core);
+#   * split: site A on core 0, site B on core 1, with 0, 150 us and 1 ms of link round trip
+#     added in-process;
+#   * busy host: the split layout with a busy-polling host spinning on core 1 beside site B;
+#   * during a resync: QD1 writes at A while B, restarted after 2 s of QD32 writes without it,
+#     resyncs (and how long the resync took).
+# Every target polls in adaptive mode; the host is nvmetro-perf on core 1 (blocking unless the
+# case says busy). Legs are files on /dev/shm (RAM), so the figures show the cost of replication.
 #
 #   vendor-scripts/bench-mirror.sh [SECONDS]      (default 5 s per case)
 # Prints a Markdown table and writes it, with the raw JSON, to bench-mirror.md.
@@ -11,15 +18,16 @@ T=${1:-5}
 cargo build --release -q --workspace --bins
 BIN=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release
 W=$(mktemp -d /dev/shm/nvmetro-bench.XXXX)
-trap 'pkill -f "$W" 2>/dev/null || true; rm -rf "$W"' EXIT
+trap 'pkill -f "$W" 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$W"' EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 NQN=nqn.2026-11.io.nvmetro:bench-mirror
 
-target_cfg() { # file listen-port bdev-section cntlid-range bdev [core]
+target_cfg() { # file listen-port bdev-section cntlid-range bdev core
   cat > "$1" <<CFG
 [target]
-cores = [${6:-0}]
+cores = [$6]
 poll_mode = "adaptive"
+socket = "$1.sock"
 [[bdev]]
 name = "leg"
 kind = "file"
@@ -40,71 +48,120 @@ CFG
 
 wait_port() { for _ in $(seq 200); do python3 -c "import socket; socket.create_connection(('127.0.0.1',$1),1)" 2>/dev/null && return; sleep 0.05; done; echo "no listener on $1" >&2; exit 1; }
 
-perf() { # port qd json  (a blocking client on core 1: busy polling would starve site B there)
-  "$BIN/nvmetro-perf" --addr 127.0.0.1:$1 --nqn $NQN --rw randwrite --bs 8k --qd $2 --time ${T}s --ramp 1s --cores 1 -q --json "$3" \
-    || echo '{"total": {"iops": 0, "latency_us": {"p50": 0, "p99": 0}}}' > "$4"
+perf() { # port qd json [extra flags]
+  local p=$1 qd=$2 out=$3; shift 3
+  "$BIN/nvmetro-perf" --addr 127.0.0.1:$p --nqn $NQN --rw randwrite --bs 8k --qd $qd --time ${T}s --ramp 1s --cores 1 -q --json "$out" "$@" \
+    || echo '{"total": {"iops": 0, "latency_us": {"p50": 0, "p99": 0}}}' > "$out"
 }
 
-results=()
-for delay in 0 75 500; do
-  rtt=$((delay * 2))
-  # Unreplicated baseline.
-  p0=$(port); target_cfg "$W/plain.toml" $p0 "" "1, 99" leg
-  "$BIN/nvmetro-tgt" --config "$W/plain.toml" --log warn & PT=$!
-  wait_port $p0
-  perf $p0 1 "$W/plain-qd1-$delay.json"; perf $p0 32 "$W/plain-qd32-$delay.json"
-  kill $PT; wait $PT 2>/dev/null || true; rm -f "$W"/plain.toml.img
-  # Replicated pair.
+mirror_section() { # role link-port meta delay
+  local end="peer = \"127.0.0.1:$2\""
+  [ "$1" = preferred ] && end="listen = \"127.0.0.1:$2\""
+  printf '[[bdev]]\nname = "m"\nkind = "mirror"\nlocal = "leg"\nrole = "%s"\n%s\nmetadata = "%s"\nsecret = "bench-mirror-secret-0123"\n%s\n' \
+    "$1" "$end" "$3" "$([ "$4" -gt 0 ] && echo "link_delay = \"${4}us\"")"
+}
+
+in_sync() { # config: the leg and its peer UpToDate and connected
+  "$BIN/nvmetro" --config "$1" rpc bdev_get_bdevs 2>/dev/null | python3 -c '
+import json, sys
+ms = [b["mirror"] for b in json.load(sys.stdin) if b.get("mirror")]
+sys.exit(0 if ms and all(m["disk"] == "UpToDate" and m["peer_disk"] == "UpToDate" and m["link"] == "Connected" for m in ms) else 1)'
+}
+
+wait_sync() { # config -> prints seconds until in sync
+  local start=$(date +%s.%N)
+  for _ in $(seq 1200); do in_sync "$1" && { python3 -c "print(f'{$(date +%s.%N) - $start:.2f}')"; return; }; sleep 0.05; done
+  echo "nan"
+}
+
+start_pair() { # name core-of-B delay -> sets PA PB pa pb
+  local name=$1 bcore=$2 delay=$3 link
   link=$(port); pa=$(port); pb=$(port)
-  d=""; [ $delay -gt 0 ] && d="link_delay = \"${delay}us\""
-  target_cfg "$W/a.toml" $pa "[[bdev]]
-name = \"m\"
-kind = \"mirror\"
-local = \"leg\"
-role = \"preferred\"
-listen = \"127.0.0.1:$link\"
-metadata = \"$W/a.meta\"
-$d" "1, 99" m
-  target_cfg "$W/b.toml" $pb "[[bdev]]
-name = \"m\"
-kind = \"mirror\"
-local = \"leg\"
-role = \"secondary\"
-peer = \"127.0.0.1:$link\"
-metadata = \"$W/b.meta\"
-$d" "100, 199" m 1
-  "$BIN/nvmetro-tgt" --config "$W/a.toml" --log warn & PA=$!
-  "$BIN/nvmetro-tgt" --config "$W/b.toml" --log warn & PB=$!
-  wait_port $pa; wait_port $pb; sleep 1
-  perf $pa 1 "$W/repl-qd1-$delay.json"; perf $pa 32 "$W/repl-qd32-$delay.json"
-  kill $PA $PB; wait $PA $PB 2>/dev/null || true; rm -f "$W"/a.* "$W"/b.*
-  results+=("$delay")
+  target_cfg "$W/$name-a.toml" $pa "$(mirror_section preferred $link "$W/$name-a.meta" $delay)" "1, 99" m 0
+  target_cfg "$W/$name-b.toml" $pb "$(mirror_section secondary $link "$W/$name-b.meta" $delay)" "100, 199" m $bcore
+  "$BIN/nvmetro-tgt" --config "$W/$name-a.toml" --log warn & PA=$!
+  "$BIN/nvmetro-tgt" --config "$W/$name-b.toml" --log warn & PB=$!
+  wait_port $pa; wait_port $pb
+  wait_sync "$W/$name-a.toml" > /dev/null
+}
+
+stop_pair() { kill $PA $PB 2>/dev/null || true; wait $PA $PB 2>/dev/null || true; rm -f "$W/$1"-a.* "$W/$1"-b.*; }
+
+# Unreplicated baseline.
+p0=$(port); target_cfg "$W/plain.toml" $p0 "" "1, 99" leg 0
+"$BIN/nvmetro-tgt" --config "$W/plain.toml" --log warn & PT=$!
+wait_port $p0
+perf $p0 1 "$W/plain-qd1.json"; perf $p0 32 "$W/plain-qd32.json"
+kill $PT; wait $PT 2>/dev/null || true; rm -f "$W"/plain.toml*
+
+# Both sites on core 0.
+start_pair shared 0 0
+perf $pa 1 "$W/shared-qd1.json"; perf $pa 32 "$W/shared-qd32.json"
+stop_pair shared
+
+# Site B on core 1, with distance.
+for delay in 0 75 500; do
+  start_pair split$delay 1 $delay
+  perf $pa 1 "$W/split$delay-qd1.json"; perf $pa 32 "$W/split$delay-qd32.json"
+  if [ $delay = 0 ]; then
+    perf $pa 1 "$W/busyhost-qd1.json" --busy-poll
+    # During a resync: B stops, A takes 2 s of writes alone, B comes back and resyncs under load.
+    kill -9 $PB; wait $PB 2>/dev/null || true
+    "$BIN/nvmetro-perf" --addr 127.0.0.1:$pa --nqn $NQN --rw randwrite --bs 8k --qd 32 --time 2s --ramp 0s --cores 1 -q > /dev/null
+    "$BIN/nvmetro-tgt" --config "$W/split$delay-b.toml" --log warn & PB=$!
+    wait_port $pb
+    (wait_sync "$W/split$delay-a.toml" > "$W/resync-seconds") &
+    SYNC=$!
+    perf $pa 1 "$W/resync-qd1.json"
+    wait $SYNC
+  fi
+  stop_pair split$delay
 done
 
-python3 - "$W" "${results[@]}" > bench-mirror.md <<'PY'
+python3 - "$W" "$T" > bench-mirror.md <<'PY'
 import json, sys
-w, delays = sys.argv[1], sys.argv[2:]
-rows, raw = [], {}
-for d in delays:
-    rtt = 2 * int(d)
+w, secs = sys.argv[1], sys.argv[2]
+def load(name):
+    return json.load(open(f"{w}/{name}.json"))["total"]
+def lat(r, p):
+    return r["latency_us"].get(p, 0)
+plain = {qd: load(f"plain-qd{qd}") for qd in (1, 32)}
+rows, raw = [], {"unreplicated": plain}
+def row(case, qd, r, rtt, goal_kind):
+    p = plain[qd]
+    pp, rp = lat(p, "p50"), lat(r, "p50")
+    ratio = r["iops"] / p["iops"] if p["iops"] else 0
+    if goal_kind == "shared1":
+        goal, met = f"p50 <= {pp:.1f} + 40 us", rp and rp <= pp + 40
+    elif goal_kind == "shared32":
+        goal, met = ">= 70% of unreplicated IOPS", ratio >= 0.7
+    elif goal_kind == "split1":
+        goal, met = f"p50 <= {pp:.1f} + loopback RTT + {rtt} + 15 us", None
+    elif goal_kind == "split32":
+        goal, met = ">= 80% of unreplicated IOPS" if rtt == 0 else "-", (ratio >= 0.8) if rtt == 0 else None
+    else:
+        goal, met = goal_kind, None
+    mark = "" if met is None else ("met" if met else "not met")
+    rows.append(f"| {case} | QD{qd} | {p['iops']:.0f} / {pp:.1f} | {r['iops']:.0f} / {rp:.1f} / {lat(r, 'p99'):.1f} | {rp - pp:+.1f} | {100 * ratio:.0f}% | {goal} | {mark} |")
+for qd in (1, 32):
+    r = load(f"shared-qd{qd}"); raw[f"shared-qd{qd}"] = r
+    row("both sites on core 0", qd, r, 0, f"shared{qd}")
+for d in (0, 75, 500):
     for qd in (1, 32):
-        p = json.load(open(f"{w}/plain-qd{qd}-{d}.json"))["total"]
-        r = json.load(open(f"{w}/repl-qd{qd}-{d}.json"))["total"]
-        raw[f"rtt{rtt}-qd{qd}"] = {"unreplicated": p, "replicated": r}
-        pp, rp = p["latency_us"].get("p50", 0), r["latency_us"].get("p50", 0)
-        if qd == 1:
-            goal = f"p50 <= {pp:.1f} + {rtt} + 15 = {pp + rtt + 15:.1f} us"
-            met = "met" if rp and rp <= pp + rtt + 15 else "not met"
-        else:
-            ratio = r["iops"] / p["iops"] if p["iops"] else 0
-            goal = ">= 80% of unreplicated IOPS" if rtt == 0 else "-"
-            met = ("met" if ratio >= 0.8 else "not met") if rtt == 0 else f"{100 * ratio:.0f}%"
-        rows.append(f"| {rtt} us | QD{qd} | {p['iops']:.0f} | {pp:.1f} | {r['iops']:.0f} | {rp:.1f} | {r['latency_us'].get('p99', 0):.1f} | {rp - pp:+.1f} | {goal} | {met} |")
+        r = load(f"split{d}-qd{qd}"); raw[f"split{d}-qd{qd}"] = r
+        row(f"B on core 1, +{2 * d} us RTT", qd, r, 2 * d, f"split{qd}")
+split1 = load("split0-qd1")
+busy = load("busyhost-qd1"); raw["busyhost-qd1"] = busy
+row("B on core 1 beside a busy-polling host", 1, busy, 0, f"p50 <= 2 x {lat(split1, 'p50'):.1f} (blocking host)")
+res = load("resync-qd1"); raw["resync-qd1"] = res
+resync_s = open(f"{w}/resync-seconds").read().strip()
+ratio = res["iops"] / split1["iops"] if split1["iops"] else 0
 print("# Replicated vs unreplicated, 8 KiB random writes\n")
-print("Site A (and the unreplicated target) on core 0, site B on core 1, both adaptive polling; nvmetro-perf (blocking) on core 1; legs on /dev/shm; the link delay is added in-process on both sites.\n")
-print("| link RTT | depth | unreplicated IOPS | p50 us | replicated IOPS | p50 us | p99 us | p50 added us | goal | |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---|---|")
+print(f"All targets adaptive polling; nvmetro-perf on core 1 (blocking unless stated); legs on /dev/shm; {secs} s per case; link delay added in-process on both sites.\n")
+print("| case | depth | unreplicated IOPS / p50 us | replicated IOPS / p50 / p99 us | p50 added us | IOPS ratio | goal | |")
+print("|---|---|---:|---:|---:|---:|---|---|")
 print("\n".join(rows))
-print("\n```json\n" + json.dumps(raw, indent=1) + "\n```")
+print(f"\nDuring a resync (B restarted after 2 s of QD32 writes at A alone): QD1 {res['iops']:.0f} IOPS, p50 {lat(res, 'p50'):.1f} us, p99 {lat(res, 'p99'):.1f} us = {100 * ratio:.0f}% of the IOPS without a resync (goal >= 80%); back in sync {resync_s} s after B restarted.\n")
+print("```json\n" + json.dumps(raw, indent=1) + "\n```")
 PY
-cat bench-mirror.md | sed -n 1,12p
+sed -n 1,20p bench-mirror.md

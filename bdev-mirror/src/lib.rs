@@ -137,15 +137,18 @@ pub struct BdevCompletion {
 
 /// Work a bdev needs done on a reactor's loop (SPDK's pollers): the mirror's replication link.
 pub trait Poller: Send {
-    /// One turn; returns whether anything was done.
-    fn poll(&mut self) -> bool;
+    /// One turn; returns whether anything was done. `ready`: one of its [`Poller::wake_fds`]
+    /// turned ready since the last turn (without it, a poller skips the syscalls that would only
+    /// find nothing).
+    fn poll(&mut self, ready: bool) -> bool;
     /// Descriptors whose readiness must wake the reactor when it sleeps.
     fn wake_fds(&self) -> Vec<RawFd>;
     /// The reactor is about to sleep (true) or woke up (false).
     fn parking(&mut self, parked: bool);
-    /// Whether the reactor must not sleep now (work due without any descriptor turning ready).
-    fn busy(&self) -> bool {
-        false
+    /// The next moment work falls due without any descriptor turning ready (a timer, a frame
+    /// held back by an emulated delay): a sleeping reactor wakes then. `None`: nothing is due.
+    fn next_deadline(&self) -> Option<std::time::Instant> {
+        None
     }
 }
 

@@ -7,16 +7,20 @@
 //!   copy into the same bytes at once and every copy is free of data races.
 //! * [`Uring`]: an io_uring instance per reactor that owns each buffer while the kernel uses it.
 //! * [`lock_exclusive`]: one owner per copy, an exclusive OFD lock on a bdev's or a metadata file.
+//! * [`Timer`] and [`involuntary_switches`]: how a polling reactor parks precisely and notices
+//!   that it shares its core.
 //! * [`pin_current_thread`] and [`eventfd`] helpers.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod dmabuf;
 mod lock;
+mod sched;
 mod shmem;
 mod uring;
 
 pub use dmabuf::DmaBuf;
 pub use lock::lock_exclusive;
+pub use sched::{involuntary_switches, Timer};
 pub use shmem::{OutOfRange, SharedMem};
 pub use uring::{Uring, UringCompletion, UringOp};
 

@@ -2,12 +2,16 @@
 //! channels (SPDK's model). Work crosses cores only as messages on a lock-free queue
 //! ([`ReactorHandle::send`], SPDK's `send_msg`).
 //!
-//! Each loop turn drains messages, polls sockets (epoll with a zero timeout), polls bdev channels,
-//! and flushes responses, batching every response of the turn into one send per connection.
-//! In `busy` mode that is all it does. In `adaptive` mode an idle reactor spins for 50 us, then
-//! yields the CPU between turns until 1 ms, then parks in epoll until a socket, a bdev completion
-//! (its eventfd) or a message (a mio waker) arrives, so that two reactors, or a reactor and a
-//! client, can share two cores without starving each other.
+//! Each loop turn drains messages, runs pollers, polls sockets (epoll with a zero timeout), polls
+//! bdev channels, and flushes responses, batching every response of the turn into one send per
+//! connection. In `busy` mode that is all it does. In `adaptive` mode an idle reactor polls on for
+//! up to [`SPIN`] and then parks in epoll until a socket, a bdev completion (its eventfd), a
+//! message (a mio waker), a poller's descriptor or the earliest deadline a poller named (a
+//! timerfd, for sub-millisecond precision) wakes it. It never `sched_yield`s: a yielding thread
+//! waits out the time slice of whatever else runs on its core, a parked one is woken at once.
+//! A reactor that finds it shares its core (the scheduler switched it out involuntarily within
+//! the last [`CONTENDED_FOR`]: another reactor, a second site, a spinning host) does not spin at
+//! all, so that whatever it waits for can run.
 
 use crate::conn::{Conn, Ctx, ListenerKind};
 use crate::Target;
@@ -31,14 +35,45 @@ const WAKER: Token = Token(usize::MAX);
 const LISTENER_BASE: usize = 1 << 40;
 const CHANNEL_BASE: usize = 1 << 41;
 const POLLER_BASE: usize = 1 << 42;
+const TIMER: Token = Token(usize::MAX - 1);
 const TICK: Duration = Duration::from_millis(100);
-const SPIN: Duration = Duration::from_micros(50);
-const YIELD: Duration = Duration::from_millis(1);
+/// How long an idle reactor that has its core to itself keeps polling before it parks.
+pub const SPIN: Duration = Duration::from_millis(1);
+/// After the scheduler took the core from the reactor, it parks as soon as it is idle for this long.
+pub const CONTENDED_FOR: Duration = Duration::from_millis(100);
+/// How often an idle reactor asks the kernel whether it was switched out (one getrusage).
+const CONTENTION_CHECK: Duration = Duration::from_micros(250);
+/// Deadlines nearer than this use the timerfd (epoll's timeout counts whole milliseconds).
+const PRECISE: Duration = Duration::from_millis(2);
 
 struct Shared {
     queue: SegQueue<Message>,
     parked: AtomicBool,
     waker: Waker,
+}
+
+/// Whether the reactor shares its core: the scheduler switched it out involuntarily lately.
+#[derive(Default)]
+struct Contention {
+    switches: u64,
+    checked: Option<Instant>,
+    until: Option<Instant>,
+}
+
+impl Contention {
+    fn contended(&mut self, now: Instant) -> bool {
+        if self.checked.is_none_or(|t| now - t >= CONTENTION_CHECK) {
+            self.checked = Some(now);
+            let switches = nvmetro_ffi::involuntary_switches();
+            if switches != self.switches {
+                if self.switches != 0 {
+                    self.until = Some(now + CONTENDED_FOR);
+                }
+                self.switches = switches;
+            }
+        }
+        self.until.is_some_and(|t| now < t)
+    }
 }
 
 /// Sends work to a reactor from any thread.
@@ -136,6 +171,10 @@ pub struct Reactor {
     listeners: Vec<Option<(TcpListener, ListenerKind)>>,
     channels: Channels,
     pollers: Vec<Box<dyn Poller>>,
+    /// Per poller: one of its descriptors turned ready since its last turn.
+    poller_ready: Vec<bool>,
+    timer: nvmetro_ffi::Timer,
+    contention: Contention,
     completions: Vec<BdevCompletion>,
     next_token: u32,
     next_reactor: usize,
@@ -148,6 +187,8 @@ impl Reactor {
         let shared = Arc::new(Shared { queue: SegQueue::new(), parked: AtomicBool::new(false), waker });
         let handle = ReactorHandle { index, core, shared: shared.clone() };
         let mode = target.config().poll_mode;
+        let timer = nvmetro_ffi::Timer::new()?;
+        poll.registry().register(&mut mio::unix::SourceFd(&timer.fd()), TIMER, Interest::READABLE)?;
         let reactor = Reactor {
             index,
             core,
@@ -159,6 +200,9 @@ impl Reactor {
             listeners: Vec::new(),
             channels: Channels::default(),
             pollers: Vec::new(),
+            poller_ready: Vec::new(),
+            timer,
+            contention: Contention::default(),
             completions: Vec::new(),
             next_token: 1,
             next_reactor: index,
@@ -209,6 +253,7 @@ impl Reactor {
             self.poll.registry().register(&mut mio::unix::SourceFd(&fd), Token(POLLER_BASE + self.pollers.len()), Interest::READABLE)?;
         }
         self.pollers.push(poller);
+        self.poller_ready.push(true);
         Ok(())
     }
 
@@ -248,6 +293,33 @@ impl Reactor {
         }
     }
 
+    /// Parks: tells the pollers, then waits until the earliest deadline (none while messages
+    /// wait or a poller has work due now). Returns epoll's timeout.
+    fn park_timeout(&mut self, now: Instant, next_tick: Instant) -> Option<Duration> {
+        self.shared.parked.store(true, Ordering::SeqCst);
+        for p in self.pollers.iter_mut() {
+            p.parking(true);
+        }
+        // After `parked` is visible: a message or a poller's work that came before it is seen
+        // here, one that comes after it wakes the poll.
+        if !self.shared.queue.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let deadline = self.pollers.iter().filter_map(|p| p.next_deadline()).fold(next_tick, Instant::min);
+        let wait = deadline.saturating_duration_since(now);
+        if wait.is_zero() {
+            return Some(Duration::ZERO);
+        }
+        if wait < PRECISE {
+            if let Err(e) = self.timer.arm(wait) {
+                tracing::warn!("cannot arm the reactor's timer: {e}");
+                return Some(Duration::ZERO);
+            }
+            return Some(next_tick.saturating_duration_since(now));
+        }
+        Some(wait)
+    }
+
     /// Runs until the target stops.
     pub fn run(mut self) {
         if let Err(e) = nvmetro_ffi::pin_current_thread(self.core) {
@@ -264,26 +336,19 @@ impl Reactor {
                 msg(&mut self);
                 work += 1;
             }
-            for p in self.pollers.iter_mut() {
-                work += usize::from(p.poll());
+            for (p, ready) in self.pollers.iter_mut().zip(self.poller_ready.iter_mut()) {
+                work += usize::from(p.poll(std::mem::take(ready)));
             }
 
-            // Decide how long epoll may wait: not at all while busy, until the next tick once idle.
+            // Decide how long epoll may wait: not at all while busy or spinning, until the
+            // earliest deadline once parked.
             let now = Instant::now();
             let mut timeout = Some(Duration::ZERO);
             if self.mode == PollMode::Adaptive {
                 if let Some(since) = idle_since {
-                    let idle = now - since;
-                    if idle > YIELD && !self.pollers.iter().any(|p| p.busy()) {
-                        self.shared.parked.store(true, Ordering::SeqCst);
-                        for p in self.pollers.iter_mut() {
-                            p.parking(true);
-                        }
-                        if self.shared.queue.is_empty() && !self.pollers.iter().any(|p| p.busy()) {
-                            timeout = Some(next_tick.saturating_duration_since(now));
-                        }
-                    } else if idle > SPIN {
-                        std::thread::yield_now();
+                    let spin = if self.contention.contended(now) { Duration::ZERO } else { SPIN };
+                    if now - since >= spin {
+                        timeout = self.park_timeout(now, next_tick);
                     }
                 }
             }
@@ -300,8 +365,18 @@ impl Reactor {
             let now_ms = self.target.now_ms();
             for ev in events.iter() {
                 let t = ev.token().0;
+                if t == TIMER.0 {
+                    self.timer.clear();
+                    continue;
+                }
+                if (POLLER_BASE..TIMER.0).contains(&t) {
+                    if let Some(ready) = self.poller_ready.get_mut(t - POLLER_BASE) {
+                        *ready = true;
+                    }
+                    continue;
+                }
                 if t == WAKER.0 || t >= CHANNEL_BASE {
-                    continue; // messages, bdev channels and pollers are polled every turn anyway
+                    continue; // messages and bdev channels are polled every turn anyway
                 }
                 work += 1;
                 if t >= LISTENER_BASE {

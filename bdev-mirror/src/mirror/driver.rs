@@ -211,6 +211,9 @@ const CONN: Token = Token(2);
 const LOCAL: Token = Token(3);
 const WITNESS: Token = Token(4);
 const PENDING: Token = Token(5);
+/// How often the link thread ticks the core (timers, resync budget) and looks at every
+/// descriptor whether or not it announced anything.
+const TICK: Duration = Duration::from_millis(10);
 
 /// A connection proving itself (see [`super::auth`]).
 struct PendingConn {
@@ -300,6 +303,7 @@ impl MirrorBdev {
             signal: Vec::new(),
             ready: Vec::new(),
             events: Events::with_capacity(64),
+            more_events: false,
             completions: Vec::new(),
             last_tick: Instant::now(),
             broken: false,
@@ -500,6 +504,8 @@ struct WitnessLink {
 struct LinkThread {
     witness: Option<WitnessLink>,
     events: Events,
+    /// The last poll filled its event buffer: more may be waiting.
+    more_events: bool,
     completions: Vec<BdevCompletion>,
     last_tick: Instant,
     last_publish: Instant,
@@ -924,14 +930,37 @@ impl LinkThread {
         }
     }
 
-    /// One turn of the link: returns whether any work was done.
-    fn turn(&mut self, timeout: Duration) -> bool {
+    /// One turn of the link: returns whether any work was done. `ready`: the link's descriptors
+    /// may have something (on a reactor, its epoll set turned readable). Without it, and with no
+    /// tick due, the turn makes no syscall that could only find nothing: the host operations,
+    /// local completions and operator requests it looks at are in memory.
+    fn turn(&mut self, timeout: Duration, ready: bool) -> bool {
         let mut work = false;
-        let mut events = std::mem::replace(&mut self.events, Events::with_capacity(0));
-        let _ = self.poll.poll(&mut events, Some(timeout));
-        self.events = events;
-        self.connect_or_accept();
-        work |= self.drive_handshakes();
+        // Every tick looks at everything: a safety net under the readiness events.
+        let look_everywhere = |l: &LinkThread| Instant::now().duration_since(l.last_tick) >= TICK || l.more_events || l.needs_io();
+        let (mut conn, mut witness, mut accept) = (false, false, false);
+        if ready || !timeout.is_zero() || look_everywhere(self) {
+            let mut events = std::mem::replace(&mut self.events, Events::with_capacity(0));
+            let _ = self.poll.poll(&mut events, Some(timeout));
+            // A full batch may leave events behind that no new edge will announce.
+            self.more_events = events.iter().count() >= events.capacity();
+            for ev in events.iter() {
+                match ev.token() {
+                    CONN => conn = true,
+                    WITNESS => witness = true,
+                    LISTENER | PENDING => accept = true,
+                    _ => {}
+                }
+            }
+            self.events = events;
+        }
+        if look_everywhere(self) {
+            (conn, witness, accept) = (true, true, true);
+        }
+        if accept {
+            self.connect_or_accept();
+            work |= self.drive_handshakes();
+        }
         while let Some((chan, tag, op)) = self.shared.inbox.pop() {
             let t = self.next_tag;
             self.next_tag += 1;
@@ -939,8 +968,12 @@ impl LinkThread {
             self.handle(Input::Host { tag: t, op });
             work = true;
         }
-        work |= self.receive();
-        work |= self.receive_witness();
+        if conn {
+            work |= self.receive();
+        }
+        if witness {
+            work |= self.receive_witness();
+        }
         if self.shared.failback.swap(false, Ordering::AcqRel) {
             self.handle(Input::Failback);
         }
@@ -969,7 +1002,7 @@ impl LinkThread {
         }
         self.completions = completions;
         let now = Instant::now();
-        if now.duration_since(self.last_tick) >= Duration::from_millis(10) {
+        if now.duration_since(self.last_tick) >= TICK {
             self.last_tick = now;
             self.handle(Input::Tick { now_ms: self.shared.now_ms() });
             // (The core pings the peer; its answers keep the lease.)
@@ -991,6 +1024,14 @@ impl LinkThread {
             self.publish();
         }
         work
+    }
+
+    /// Descriptors must be looked at whether or not they announced anything: an in-memory link
+    /// with bytes due, a dial in progress, a handshake with bytes to write.
+    fn needs_io(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.sock.pending())
+            || self.transport.connecting()
+            || self.pending_conns.iter().any(|p| !p.tx.is_empty() || p.sock.pending())
     }
 
     fn holding(&self) -> bool {
@@ -1019,7 +1060,7 @@ impl LinkThread {
                 }
                 _ => Duration::ZERO,
             };
-            let work = self.turn(timeout);
+            let work = self.turn(timeout, true);
             self.shared.parked.store(false, Ordering::SeqCst);
             if work {
                 idle_since = None;
@@ -1031,8 +1072,8 @@ impl LinkThread {
 }
 
 impl crate::Poller for LinkThread {
-    fn poll(&mut self) -> bool {
-        self.turn(Duration::ZERO)
+    fn poll(&mut self, ready: bool) -> bool {
+        self.turn(Duration::ZERO, ready)
     }
 
     fn wake_fds(&self) -> Vec<RawFd> {
@@ -1045,7 +1086,21 @@ impl crate::Poller for LinkThread {
         self.shared.parked.store(parked, Ordering::SeqCst);
     }
 
-    fn busy(&self) -> bool {
-        self.holding() || !self.shared.inbox.is_empty()
+    fn next_deadline(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let in_memory =
+            self.conn.as_ref().is_some_and(|c| c.sock.pending()) || self.pending_conns.iter().any(|p| !p.tx.is_empty() || p.sock.pending());
+        if in_memory || self.more_events || !self.shared.inbox.is_empty() {
+            return Some(now);
+        }
+        let mut at = self.last_tick + TICK;
+        if let Some((due, _)) = self.conn.as_ref().and_then(|c| c.delayed.front()) {
+            at = at.min(*due);
+        }
+        if self.transport.connecting() {
+            // A dial in progress announces nothing: look again soon.
+            at = at.min(now + Duration::from_millis(1));
+        }
+        Some(at)
     }
 }
