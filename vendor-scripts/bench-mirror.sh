@@ -10,13 +10,19 @@
 # Every target polls in adaptive mode; the host is nvmetro-perf on core 1 (blocking unless the
 # case says busy). Legs are files on /dev/shm (RAM), so the figures show the cost of replication.
 #
-#   vendor-scripts/bench-mirror.sh [SECONDS]      (default 5 s per case)
+#   vendor-scripts/bench-mirror.sh [SECONDS]      (default 5 s per case; NVMETRO_BIN=DIR for
+#                                                  another build's binaries)
 # Prints a Markdown table and writes it, with the raw JSON, to bench-mirror.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=${1:-5}
-cargo build --release -q --workspace --bins
-BIN=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release
+# NVMETRO_BIN: the directory of another build's binaries (a baseline), instead of this tree's.
+if [ -z "${NVMETRO_BIN:-}" ]; then
+  cargo build --release -q --workspace --bins
+  BIN=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release
+else
+  BIN=$NVMETRO_BIN
+fi
 W=$(mktemp -d /dev/shm/nvmetro-bench.XXXX)
 trap 'pkill -f "$W" 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$W"' EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -118,7 +124,7 @@ for delay in 0 75 500; do
   stop_pair split$delay
 done
 
-python3 - "$W" "$T" > bench-mirror.md <<'PY'
+python3 - "$W" "$T" > "${OUT:-bench-mirror.md}" <<'PY'
 import json, sys
 w, secs = sys.argv[1], sys.argv[2]
 def load(name):
@@ -164,4 +170,4 @@ print("\n".join(rows))
 print(f"\nDuring a resync (B restarted after 2 s of QD32 writes at A alone): QD1 {res['iops']:.0f} IOPS, p50 {lat(res, 'p50'):.1f} us, p99 {lat(res, 'p99'):.1f} us = {100 * ratio:.0f}% of the IOPS without a resync (goal >= 80%); back in sync {resync_s} s after B restarted.\n")
 print("```json\n" + json.dumps(raw, indent=1) + "\n```")
 PY
-sed -n 1,20p bench-mirror.md
+sed -n 1,20p "${OUT:-bench-mirror.md}"

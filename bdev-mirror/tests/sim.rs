@@ -100,9 +100,11 @@ struct Sim {
     cache_lost: bool,
 }
 
-/// Sim timers: leases of 60 steps (both modes), Failed legs retry every 150.
+/// Sim timers: leases of 60 steps (both modes), Failed legs retry every 150; regions resync in
+/// four chunks each (so chunks of one region arrive, fail and get lost separately).
 fn configure(core: &mut MirrorCore, metro_mode: bool, seq_base: u64) {
     core.set_lease_ms(60);
+    core.set_resync_chunk((1 << REGION_SHIFT) / 4);
     // Sweeps clear dirty bits within a history.
     core.set_activity_idle_ms(40);
     core.set_retry_ms(150);

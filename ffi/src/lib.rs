@@ -80,6 +80,18 @@ pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
     Ok(())
 }
 
+/// Bytes a TCP socket holds that the peer has not acknowledged yet (SIOCOUTQ): how much a new
+/// frame would queue behind.
+pub fn tcp_unsent_bytes(fd: std::os::fd::RawFd) -> io::Result<usize> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int through the valid pointer passed.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(queued.max(0) as usize)
+}
+
 /// Number of free 2 MiB hugepages the kernel currently has reserved.
 pub fn free_hugepages_2m() -> u64 {
     std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")

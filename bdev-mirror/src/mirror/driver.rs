@@ -26,6 +26,7 @@
 use super::core::{Access, Input, LinkState, Metro, MirrorCore, MirrorStatus, Output, Role};
 use super::frame::{Frame, Kind};
 use super::meta::MetaFile;
+use super::outbox::{Conn, RESYNC_RECHECK};
 use super::transport::{LinkStream, Transport};
 use super::DiskState;
 use crate::{Bdev, BdevChannel, BdevCompletion, BdevError, BdevInfo, BdevOp};
@@ -481,16 +482,6 @@ impl BdevChannel for MirrorChannel {
     }
 }
 
-struct Conn {
-    sock: Box<dyn LinkStream>,
-    rx: Vec<u8>,
-    rx_len: usize,
-    tx: Vec<u8>,
-    /// Frames held back by the emulated link delay: (due, encoded bytes).
-    delayed: std::collections::VecDeque<(Instant, Vec<u8>)>,
-    last_rx: Instant,
-}
-
 /// The metro leg's UDP socket to the witness.
 struct WitnessLink {
     sock: mio::net::UdpSocket,
@@ -588,12 +579,17 @@ impl LinkThread {
                         self.ping_sent = Some(Instant::now());
                     }
                     if let Some(c) = self.conn.as_mut() {
-                        if self.settings.link_delay.is_zero() {
+                        let resync_data = f.kind == Kind::Resync && !f.payload.is_empty();
+                        if self.settings.link_delay.is_zero() && !resync_data {
                             f.encode(&mut c.tx);
                         } else {
-                            let mut bytes = Vec::new();
+                            let mut bytes = Vec::with_capacity(f.payload.len() + 64);
                             f.encode(&mut bytes);
-                            c.delayed.push_back((Instant::now() + self.settings.link_delay, bytes));
+                            if self.settings.link_delay.is_zero() {
+                                c.bulk.push_back(bytes);
+                            } else {
+                                c.delayed.push_back((Instant::now() + self.settings.link_delay, bytes, resync_data));
+                            }
                         }
                     }
                 }
@@ -640,7 +636,7 @@ impl LinkThread {
         tracing::info!(mirror = %self.name, peer = %self.transport.describe(), "replication link up (authenticated)");
         let mut rx = vec![0; 4 << 20];
         rx[..early.len()].copy_from_slice(early);
-        self.conn = Some(Conn { sock, rx, rx_len: early.len(), tx: Vec::new(), delayed: Default::default(), last_rx: Instant::now() });
+        self.conn = Some(Conn::new(sock, rx, early.len()));
         self.handle(Input::LinkUp);
     }
 
@@ -853,26 +849,19 @@ impl LinkThread {
     fn flush(&mut self) {
         let Some(c) = self.conn.as_mut() else { return };
         let now = Instant::now();
-        while c.delayed.front().is_some_and(|(due, _)| *due <= now) {
-            let (_, bytes) = c.delayed.pop_front().expect("front");
-            c.tx.extend_from_slice(&bytes);
-        }
-        let mut off = 0;
-        while off < c.tx.len() {
-            match c.sock.write(&c.tx[off..]) {
-                Ok(0) => break,
-                Ok(n) => off += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    let why = format!("write: {e}");
-                    c.tx.clear();
-                    self.link_down(&why);
-                    return;
-                }
+        while c.delayed.front().is_some_and(|(due, _, _)| *due <= now) {
+            let (_, bytes, resync_data) = c.delayed.pop_front().expect("front");
+            if resync_data {
+                c.bulk.push_back(bytes);
+            } else {
+                c.tx.extend_from_slice(&bytes);
             }
         }
-        c.tx.drain(..off);
+        if let Err(why) = c.write_out(now) {
+            c.tx.clear();
+            c.bulk.clear();
+            self.link_down(&why);
+        }
     }
 
     fn publish(&mut self) {
@@ -1035,7 +1024,7 @@ impl LinkThread {
     }
 
     fn holding(&self) -> bool {
-        self.conn.as_ref().is_some_and(|c| !c.delayed.is_empty() || c.sock.pending())
+        self.conn.as_ref().is_some_and(|c| !c.delayed.is_empty() || c.fill_blocked || c.sock.pending())
             || self.transport.connecting()
             || self.pending_conns.iter().any(|p| !p.tx.is_empty() || p.sock.pending())
     }
@@ -1094,8 +1083,11 @@ impl crate::Poller for LinkThread {
             return Some(now);
         }
         let mut at = self.last_tick + TICK;
-        if let Some((due, _)) = self.conn.as_ref().and_then(|c| c.delayed.front()) {
+        if let Some((due, _, _)) = self.conn.as_ref().and_then(|c| c.delayed.front()) {
             at = at.min(*due);
+        }
+        if self.conn.as_ref().is_some_and(|c| c.fill_blocked) {
+            at = at.min(now + RESYNC_RECHECK);
         }
         if self.transport.connecting() {
             // A dial in progress announces nothing: look again soon.

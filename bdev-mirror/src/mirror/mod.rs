@@ -16,6 +16,7 @@ pub mod core;
 pub mod driver;
 pub mod frame;
 pub mod meta;
+mod outbox;
 pub mod transport;
 pub mod witness;
 

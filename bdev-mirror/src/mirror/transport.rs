@@ -16,6 +16,10 @@ pub trait LinkStream: Read + Write + Send {
     fn pending(&self) -> bool {
         false
     }
+    /// Bytes written but not yet acknowledged by the peer (None: not known).
+    fn unsent(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Establishes connections to the peer.
@@ -42,6 +46,10 @@ impl LinkStream for TcpStream {
     }
     fn deregister(&mut self, registry: &Registry) {
         let _ = registry.deregister(self);
+    }
+    fn unsent(&self) -> Option<usize> {
+        use std::os::fd::AsRawFd;
+        nvmetro_ffi::tcp_unsent_bytes(self.as_raw_fd()).ok()
     }
 }
 

@@ -327,9 +327,18 @@ struct Op {
     /// The connection it came with: answers owed to an earlier connection are never sent on a
     /// later one (the peer may have restarted and reused the sequence number).
     epoch: u64,
+    /// A region being resynced: chunks sent whose acknowledgement has not come yet.
+    parts: u32,
 }
 
 const RESYNC_WINDOW: usize = 16;
+/// Regions in flight while hosts write: the resync's reads and writes leave the devices to them.
+const RESYNC_WINDOW_BUSY: usize = 2;
+/// Host writes within this count as hosts writing.
+const HOST_ACTIVE_MS: u64 = 50;
+/// A region travels in Resync frames of at most this many bytes, so that the frames of host
+/// writes (and Pings) never wait behind a whole region on the link.
+pub const RESYNC_CHUNK: usize = 64 * 1024;
 /// A confirmed region's dirty bit is cleared only after this long without writes, so a hot
 /// region does not pay a metadata write (and sync) again and again (DRBD's activity log).
 const ACTIVITY_IDLE_MS: u64 = 5_000;
@@ -423,6 +432,10 @@ pub struct MirrorCore {
     activity_idle_ms: u64,
     /// Counts connections (LinkUp).
     link_epoch: u64,
+    /// When the last host write-type operation arrived (the resync's window shrinks meanwhile).
+    last_host_ms: Option<u64>,
+    /// Largest Resync frame payload ([`RESYNC_CHUNK`] unless a test sets it).
+    resync_chunk: usize,
     /// The longest lease this leg's Pongs granted (the peer sends its fence in each Ping): the
     /// settle time covers it even when the sites' timers differ.
     peer_fence_ms: u64,
@@ -535,6 +548,8 @@ impl MirrorCore {
             sweep_flush: None,
             activity_idle_ms: ACTIVITY_IDLE_MS,
             link_epoch: 0,
+            resync_chunk: RESYNC_CHUNK,
+            last_host_ms: None,
             peer_fence_ms: 0,
         };
         (core, out)
@@ -565,6 +580,12 @@ impl MirrorCore {
     /// Outside metro mode: how long an answered Ping lets this leg serve with its peer.
     pub fn set_lease_ms(&mut self, ms: u64) {
         self.lease_ms = ms;
+    }
+
+    /// Resync frames carry at most `bytes` (a multiple of the block size; tests shrink it so
+    /// that every region travels in several chunks).
+    pub fn set_resync_chunk(&mut self, bytes: usize) {
+        self.resync_chunk = bytes.max(1);
     }
 
     /// Regions written within `ms` keep their dirty bits (tests shorten it).

@@ -49,7 +49,10 @@ impl MirrorCore {
         self.next_id += 1;
         let range = op.range();
         let epoch = self.link_epoch;
-        self.ops.insert(id, Op { origin, op, range, stage: Stage::Queued, local_done: false, remote_pending: false, result: None, epoch });
+        self.ops.insert(
+            id,
+            Op { origin, op, range, stage: Stage::Queued, local_done: false, remote_pending: false, result: None, epoch, parts: 0 },
+        );
         id
     }
 
@@ -100,6 +103,7 @@ impl MirrorCore {
     }
 
     pub(super) fn on_host(&mut self, tag: u64, op: BdevOp, out: &mut Vec<Output>) {
+        self.last_host_ms = Some(self.last_tick_ms);
         if !self.serving() {
             return out.push(Output::Complete { tag, result: Err(self.refusal()) });
         }
@@ -333,15 +337,22 @@ impl MirrorCore {
                 match result {
                     Ok(BdevOutput::Data(data)) if self.peer_reachable() => {
                         let offset = region << self.meta.region_shift;
-                        let mut f = Frame::new(Kind::Resync, id);
-                        // Durable on the target before it is acknowledged: the region's bit is
-                        // cleared on that acknowledgement.
-                        f.flags = flags::FUA;
-                        f.op = OpCode::Write;
-                        f.offset = offset;
-                        f.len = data.len() as u64;
-                        f.payload = data;
-                        out.push(Output::Send(f));
+                        let chunk_len = self.resync_chunk;
+                        let chunks = data.chunks(chunk_len);
+                        if let Some(o) = self.ops.get_mut(&id) {
+                            o.parts = chunks.len() as u32;
+                        }
+                        for (i, chunk) in chunks.enumerate() {
+                            let mut f = Frame::new(Kind::Resync, id);
+                            // Durable on the target before it is acknowledged: the region's bit
+                            // is cleared once every chunk was acknowledged.
+                            f.flags = flags::FUA;
+                            f.op = OpCode::Write;
+                            f.offset = offset + (i * chunk_len) as u64;
+                            f.len = chunk.len() as u64;
+                            f.payload = chunk.to_vec();
+                            out.push(Output::Send(f));
+                        }
                     }
                     _ => {
                         // Link gone or read failed: the region stays dirty for the next attempt.

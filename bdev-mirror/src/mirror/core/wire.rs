@@ -153,23 +153,30 @@ impl MirrorCore {
                 self.admit(id, out);
             }
             Kind::ResyncAck => {
-                let Some(o) = self.ops.remove(&f.seq) else { return };
-                if let Origin::ResyncOut(region) = o.origin {
-                    self.resync_inflight -= 1;
-                    if f.arg == status::OK {
-                        self.resynced_bytes += o.range.map_or(0, |r| r.1);
-                        if self.unconfirmed.get(&region).copied().unwrap_or(0) == 0 {
-                            self.meta.clear_dirty(region);
-                            self.lazy_persist = true;
-                        }
-                    } else {
-                        self.sync_errors = true;
-                        let (off, len) = o.range.unwrap_or((0, 0));
-                        self.peer_failed(f.arg, off, len, out);
-                    }
-                    self.release(f.seq, out);
-                    self.pump_resync(out);
+                let Some(o) = self.ops.get_mut(&f.seq).filter(|o| matches!(o.origin, Origin::ResyncOut(_)) && o.parts > 0) else {
+                    return;
+                };
+                o.parts -= 1;
+                if f.arg != status::OK && o.result.is_none() {
+                    // The first chunk the target could not write: the region is not copied.
+                    o.result = Some(Err(code_error(f.arg)));
+                    self.sync_errors = true;
+                    let (off, len) = o.range.unwrap_or((0, 0));
+                    self.peer_failed(f.arg, off, len, out);
                 }
+                let Some(o) = self.ops.get(&f.seq).filter(|o| o.parts == 0) else { return };
+                let (copied, range) = (o.result.is_none(), o.range);
+                let Some(Op { origin: Origin::ResyncOut(region), .. }) = self.ops.remove(&f.seq) else { return };
+                self.resync_inflight -= 1;
+                if copied {
+                    self.resynced_bytes += range.map_or(0, |r| r.1);
+                    if self.unconfirmed.get(&region).copied().unwrap_or(0) == 0 {
+                        self.meta.clear_dirty(region);
+                        self.lazy_persist = true;
+                    }
+                }
+                self.release(f.seq, out);
+                self.pump_resync(out);
             }
             _ => {}
         }
