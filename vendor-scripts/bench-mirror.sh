@@ -60,6 +60,23 @@ perf() { # port qd json [extra flags]
     || echo '{"total": {"iops": 0, "latency_us": {"p50": 0, "p99": 0}}}' > "$out"
 }
 
+# SPDK_PERF=path/to/spdk_nvme_perf: the unreplicated and both-on-core-0 cases also run with SPDK's
+# host (busy polling on core 1; it wants 2 MiB hugepages reserved and hugetlbfs on /dev/hugepages).
+spdk_perf() { # port qd json
+  [ -n "${SPDK_PERF:-}" ] || return 0
+  "$SPDK_PERF" -c 0x2 -q $2 -o 8192 -w randwrite -t $T -L \
+    -r "trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:$1 subnqn:$NQN" > "$3.txt" 2>&1 || true
+  python3 - "$3.txt" > "$3" <<'PY'
+import json, re, sys
+text = open(sys.argv[1]).read()
+iops = re.search(r"^Total\s*:\s*([\d.]+)", text, re.M)
+pct = {float(p): float(v) for p, v in re.findall(r"^\s*([\d.]+)%\s*:\s*([\d.]+)us", text, re.M)}
+def at(p):
+    return min((v for q, v in pct.items() if q >= p), default=0)
+print(json.dumps({"total": {"iops": float(iops.group(1)) if iops else 0, "latency_us": {"p50": at(50), "p99": at(99)}}}))
+PY
+}
+
 mirror_section() { # role link-port meta delay
   local end="peer = \"127.0.0.1:$2\""
   [ "$1" = preferred ] && end="listen = \"127.0.0.1:$2\""
@@ -98,11 +115,13 @@ p0=$(port); target_cfg "$W/plain.toml" $p0 "" "1, 99" leg 0
 "$BIN/nvmetro-tgt" --config "$W/plain.toml" --log warn & PT=$!
 wait_port $p0
 perf $p0 1 "$W/plain-qd1.json"; perf $p0 32 "$W/plain-qd32.json"
+spdk_perf $p0 1 "$W/spdk-plain-qd1.json"; spdk_perf $p0 32 "$W/spdk-plain-qd32.json"
 kill $PT; wait $PT 2>/dev/null || true; rm -f "$W"/plain.toml*
 
 # Both sites on core 0.
 start_pair shared 0 0
 perf $pa 1 "$W/shared-qd1.json"; perf $pa 32 "$W/shared-qd32.json"
+spdk_perf $pa 1 "$W/spdk-shared-qd1.json"; spdk_perf $pa 32 "$W/spdk-shared-qd32.json"
 stop_pair shared
 
 # Site B on core 1, with distance.
@@ -168,6 +187,19 @@ print("| case | depth | unreplicated IOPS / p50 us | replicated IOPS / p50 / p99
 print("|---|---|---:|---:|---:|---:|---|---|")
 print("\n".join(rows))
 print(f"\nDuring a resync (B restarted after 2 s of QD32 writes at A alone): QD1 {res['iops']:.0f} IOPS, p50 {lat(res, 'p50'):.1f} us, p99 {lat(res, 'p99'):.1f} us = {100 * ratio:.0f}% of the IOPS without a resync (goal >= 80%); back in sync {resync_s} s after B restarted.\n")
+import os
+if os.path.exists(f"{w}/spdk-plain-qd1.json"):
+    print("With SPDK's `spdk_nvme_perf` as the host (busy polling on core 1), both sites on core 0:\n")
+    print("| depth | unreplicated IOPS / p50 us | replicated IOPS / p50 / p99 us | p50 added us | IOPS ratio | goal | |")
+    print("|---|---:|---:|---:|---:|---|---|")
+    for qd in (1, 32):
+        p, r = load(f"spdk-plain-qd{qd}"), load(f"spdk-shared-qd{qd}")
+        raw[f"spdk-plain-qd{qd}"], raw[f"spdk-shared-qd{qd}"] = p, r
+        pp, rp = lat(p, "p50"), lat(r, "p50")
+        ratio = r["iops"] / p["iops"] if p["iops"] else 0
+        goal, met = (f"p50 <= {pp:.1f} + 40 us", rp and rp <= pp + 40) if qd == 1 else (">= 70% of unreplicated IOPS", ratio >= 0.7)
+        print(f"| QD{qd} | {p['iops']:.0f} / {pp:.1f} | {r['iops']:.0f} / {rp:.1f} / {lat(r, 'p99'):.1f} | {rp - pp:+.1f} | {100 * ratio:.0f}% | {goal} | {'met' if met else 'not met'} |")
+    print()
 print("```json\n" + json.dumps(raw, indent=1) + "\n```")
 PY
 sed -n 1,20p "${OUT:-bench-mirror.md}"

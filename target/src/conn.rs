@@ -315,6 +315,7 @@ impl Conn {
                     return self.close_with("PDU larger than the receive buffer".into(), true);
                 }
             }
+            let space = self.rx.len() - self.rx_end;
             match self.sock.read(&mut self.rx[self.rx_end..]) {
                 Ok(0) => {
                     self.close_with("host closed the connection".into(), true);
@@ -323,6 +324,11 @@ impl Conn {
                 Ok(n) => {
                     self.rx_end += n;
                     self.process(ctx);
+                    if n < space {
+                        // A short read emptied the socket (epoll announces the next byte): no
+                        // second read that could only say EAGAIN.
+                        return;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

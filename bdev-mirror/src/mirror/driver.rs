@@ -767,6 +767,7 @@ impl LinkThread {
         let mut got = false;
         loop {
             let Some(c) = self.conn.as_mut() else { return got };
+            let space = c.rx.len() - c.rx_len;
             let n = match c.sock.read(&mut c.rx[c.rx_len..]) {
                 Ok(0) => {
                     self.link_down("peer closed the link");
@@ -816,6 +817,11 @@ impl LinkThread {
             }
             if full {
                 self.link_down("frame larger than the receive buffer");
+                return got;
+            }
+            if n < space {
+                // A short read emptied the socket: the next byte brings a new readiness edge
+                // (and the tick looks anyway), so no read that would only say EAGAIN.
                 return got;
             }
         }
