@@ -92,6 +92,7 @@ impl Bdev for FileBdev {
             free: Vec::new(),
             done: Vec::new(),
             reaped: Vec::new(),
+            pool: Vec::new(),
         }))
     }
 }
@@ -129,9 +130,44 @@ struct FileChannel {
     free: Vec<usize>,
     done: Vec<BdevCompletion>,
     reaped: Vec<UringCompletion>,
+    /// I/O buffers of finished operations, reused (no allocation and no zeroing per I/O once
+    /// the channel has seen its queue depth).
+    pool: Vec<DmaBuf>,
 }
 
+/// Buffers kept per channel: the ring's depth.
+const POOL_BUFFERS: usize = 256;
+/// Larger buffers are not kept (a rare large transfer does not pin its memory).
+const POOL_MAX_BYTES: usize = 128 * 1024;
+
 impl FileChannel {
+    /// A buffer of `len` bytes from the pool (its bytes are whatever an earlier operation left;
+    /// every caller overwrites them), or a new one.
+    fn buffer(&mut self, len: usize) -> DmaBuf {
+        match self.pool.iter().rposition(|b| b.capacity() >= len) {
+            Some(i) => {
+                let mut b = self.pool.swap_remove(i);
+                b.set_len(len);
+                b
+            }
+            None => DmaBuf::zeroed(len),
+        }
+    }
+
+    fn buffer_with(&mut self, data: &[u8]) -> DmaBuf {
+        let mut b = self.buffer(data.len());
+        b.copy_from_slice(data);
+        b
+    }
+
+    fn recycle(&mut self, buf: Option<DmaBuf>) {
+        if let Some(b) = buf.filter(|b| b.capacity() <= POOL_MAX_BYTES) {
+            if self.pool.len() < POOL_BUFFERS {
+                self.pool.push(b);
+            }
+        }
+    }
+
     fn alloc(&mut self, st: OpState) -> u64 {
         let i = self.free.pop().unwrap_or_else(|| {
             self.ops.push(None);
@@ -181,21 +217,25 @@ impl FileChannel {
         match op {
             BdevOp::Read { offset, len } => {
                 let id = self.alloc(OpState { tag, stage: Stage::Read, lock });
-                self.push(id, UringOp::Read { file, offset, buf: DmaBuf::zeroed(len) });
+                let buf = self.buffer(len);
+                self.push(id, UringOp::Read { file, offset, buf });
             }
             BdevOp::Compare { offset, expected } => {
                 let len = expected.len();
                 let id = self.alloc(OpState { tag, stage: Stage::Compare(expected), lock });
-                self.push(id, UringOp::Read { file, offset, buf: DmaBuf::zeroed(len) });
+                let buf = self.buffer(len);
+                self.push(id, UringOp::Read { file, offset, buf });
             }
             BdevOp::CompareAndWrite { offset, expected, data } => {
                 let len = expected.len();
                 let id = self.alloc(OpState { tag, stage: Stage::CawRead { expected, data }, lock });
-                self.push(id, UringOp::Read { file, offset, buf: DmaBuf::zeroed(len) });
+                let buf = self.buffer(len);
+                self.push(id, UringOp::Read { file, offset, buf });
             }
             BdevOp::Write { offset, data, fua } => {
                 let id = self.alloc(OpState { tag, stage: Stage::Write { fua }, lock });
-                self.push(id, UringOp::Write { file, offset, buf: DmaBuf::from_slice(&data) });
+                let buf = self.buffer_with(&data);
+                self.push(id, UringOp::Write { file, offset, buf });
             }
             BdevOp::WriteZeroes { offset, len } | BdevOp::Deallocate { offset, len } => {
                 let id = self.alloc(OpState { tag, stage: Stage::Zero, lock });
@@ -211,34 +251,47 @@ impl FileChannel {
 
     fn advance(&mut self, c: UringCompletion) {
         let id = c.tag as usize;
-        let Some(st) = self.ops.get_mut(id).and_then(Option::as_mut) else { return };
+        let buf = c.buf;
+        let Some(st) = self.ops.get_mut(id).and_then(Option::as_mut) else { return self.recycle(buf) };
         if let Err(e) = c.result {
+            self.recycle(buf);
             return self.finish(id, Err(e.into()));
         }
         let file = self.bdev.file.clone();
         let (offset, _, _) = st.lock.unwrap_or((0, 0, Mode::Shared));
         match std::mem::replace(&mut st.stage, Stage::Flush) {
             Stage::Read => {
-                let data = c.buf.map(|b| b.to_vec()).unwrap_or_default();
+                let data = buf.as_ref().map(|b| b.to_vec()).unwrap_or_default();
+                self.recycle(buf);
                 self.finish(id, Ok(BdevOutput::Data(data)));
             }
             Stage::Compare(expected) => {
-                let same = c.buf.is_some_and(|b| *b == *expected);
+                let same = buf.as_ref().is_some_and(|b| **b == *expected);
+                self.recycle(buf);
                 self.finish(id, Ok(if same { BdevOutput::Done } else { BdevOutput::Miscompare }));
             }
             Stage::CawRead { expected, data } => {
-                if c.buf.is_some_and(|b| *b == *expected) {
-                    st.stage = Stage::CawWrite;
-                    self.push(id as u64, UringOp::Write { file, offset, buf: DmaBuf::from_slice(&data) });
+                let same = buf.as_ref().is_some_and(|b| **b == *expected);
+                self.recycle(buf);
+                if same {
+                    if let Some(st) = self.ops.get_mut(id).and_then(Option::as_mut) {
+                        st.stage = Stage::CawWrite;
+                    }
+                    let buf = self.buffer_with(&data);
+                    self.push(id as u64, UringOp::Write { file, offset, buf });
                 } else {
                     self.finish(id, Ok(BdevOutput::Miscompare));
                 }
             }
             Stage::Write { fua: true } => {
-                st.stage = Stage::WriteSync;
+                self.recycle(buf);
+                if let Some(st) = self.ops.get_mut(id).and_then(Option::as_mut) {
+                    st.stage = Stage::WriteSync;
+                }
                 self.push(id as u64, UringOp::Fsync { file });
             }
             Stage::CawWrite | Stage::Write { .. } | Stage::WriteSync | Stage::Zero | Stage::Flush => {
+                self.recycle(buf);
                 self.finish(id, Ok(BdevOutput::Done));
             }
         }

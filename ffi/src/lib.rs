@@ -9,15 +9,19 @@
 //! * [`lock_exclusive`]: one owner per copy, an exclusive OFD lock on a bdev's or a metadata file.
 //! * [`Timer`] and [`involuntary_switches`]: how a polling reactor parks precisely and notices
 //!   that it shares its core.
+//! * [`CountingAllocator`]: a global allocator that counts, for tests proving a path allocates
+//!   nothing per I/O.
 //! * [`pin_current_thread`] and [`eventfd`] helpers.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod counting;
 mod dmabuf;
 mod lock;
 mod sched;
 mod shmem;
 mod uring;
 
+pub use counting::CountingAllocator;
 pub use dmabuf::DmaBuf;
 pub use lock::lock_exclusive;
 pub use sched::{involuntary_switches, Timer};

@@ -102,7 +102,13 @@ mod tests {
         assert!(msg.contains(&p.display().to_string()), "{msg}");
         assert!(msg.contains(&format!("PID {}", std::process::id())), "{msg}");
         drop(first);
-        lock_exclusive(&second, &p).expect("free once the first owner closed it");
+        // A child another test forks at this moment holds a copy of every descriptor until its
+        // exec closes them (close-on-exec): the lock is free once that copy is gone too.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while let Err(e) = lock_exclusive(&second, &p) {
+            assert!(std::time::Instant::now() < deadline, "still locked after the first owner closed it: {e}");
+            std::thread::yield_now();
+        }
         std::fs::remove_file(p).unwrap();
     }
 
