@@ -458,15 +458,12 @@ impl BdevChannel for MirrorChannel {
         }
         n += self.refused.len();
         done.append(&mut self.refused);
-        let mut drained = false;
+        // The eventfd is never drained: reactors watch it edge-triggered, and every signal is a
+        // new edge whatever its count, so a read here would be a syscall for nothing.
         while let Some(c) = self.queue.done.pop() {
             self.inflight -= 1;
             done.push(c);
             n += 1;
-            drained = true;
-        }
-        if drained {
-            nvmetro_ffi::eventfd_drain(&self.queue.eventfd);
         }
         n
     }
