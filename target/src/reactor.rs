@@ -9,7 +9,7 @@
 //! (its eventfd) or a message (a mio waker) arrives, so that two reactors, or a reactor and a
 //! client, can share two cores without starving each other.
 
-use crate::conn::{Conn, Ctx, ListenerKind};
+use crate::conn::{Conn, ConnLimits, Ctx, ListenerKind};
 use crate::Target;
 use crossbeam_queue::SegQueue;
 use mio::net::{TcpListener, TcpStream};
@@ -221,7 +221,9 @@ impl Reactor {
             return;
         }
         tracing::debug!(%peer, reactor = self.index, "connection accepted");
-        self.conns.insert(token, Conn::new(token, sock, peer, kind));
+        let cfg = self.target.config();
+        let limits = ConnLimits { io_in_capsule: cfg.in_capsule_data_size, maxh2cdata: cfg.max_h2c_data_size };
+        self.conns.insert(token, Conn::new(token, sock, peer, kind, limits));
     }
 
     fn accept(&mut self, listener: usize) {
