@@ -7,6 +7,8 @@
 //! cores = [0]
 //! poll_mode = "adaptive"      # or "busy" (spin; for benchmarks)
 //! discovery = ["127.0.0.1:8009"]
+//! in_capsule_data_size = "8KiB"  # data in an I/O command capsule; larger writes use R2T
+//! max_h2c_data_size = "128KiB"   # MAXH2CDATA: the largest H2CData PDU, one R2T's window
 //!
 //! [[bdev]]
 //! name = "mal0"
@@ -70,6 +72,13 @@ pub struct WitnessConfig {
     pub secret: Vec<u8>,
 }
 
+/// In-capsule data accepted on I/O queues when `[target] in_capsule_data_size` is not set.
+pub const DEFAULT_IN_CAPSULE_DATA_SIZE: usize = 8192;
+/// The most `in_capsule_data_size` and `max_h2c_data_size` may be (one command's largest transfer).
+pub const MAX_IN_CAPSULE_DATA_SIZE: usize = 128 * 1024;
+/// MAXH2CDATA when `[target] max_h2c_data_size` is not set.
+pub const DEFAULT_MAX_H2C_DATA_SIZE: u32 = 128 * 1024;
+
 /// Where metrics are served when `[metrics]` names no address.
 pub const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:9775";
 
@@ -84,6 +93,10 @@ pub struct Config {
     pub subsystems: Vec<SubsystemConfig>,
     pub listeners: Vec<ListenerConfig>,
     pub site: Option<u8>,
+    /// In-capsule data accepted on I/O queues, in bytes (IOCCSZ reports it).
+    pub in_capsule_data_size: usize,
+    /// MAXH2CDATA offered in ICResp, in bytes.
+    pub max_h2c_data_size: u32,
     /// Home site of each host NQN that has one.
     pub host_sites: BTreeMap<String, u8>,
     /// Prometheus endpoint, if enabled.
@@ -406,6 +419,25 @@ ana_states = { "2" = "non-optimized" }
 
     fn err(text: &str) -> ConfigError {
         parse(text, "bad.toml").unwrap_err()
+    }
+
+    #[test]
+    fn transport_sizes_default_and_are_validated() {
+        let c = parse(GOOD, "good.toml").unwrap();
+        assert_eq!((c.in_capsule_data_size, c.max_h2c_data_size), (8192, 128 * 1024));
+        let with = |keys: &str| GOOD.replace("poll_mode = \"busy\"", &format!("poll_mode = \"busy\"\n{keys}"));
+        let c = parse(&with("in_capsule_data_size = \"4KiB\"\nmax_h2c_data_size = \"8KiB\""), "t.toml").unwrap();
+        assert_eq!((c.in_capsule_data_size, c.max_h2c_data_size), (4096, 8192));
+        assert_eq!(parse(&with("in_capsule_data_size = 0"), "t.toml").unwrap().in_capsule_data_size, 0);
+        for (bad, key) in [
+            ("in_capsule_data_size = 4100", "target.in_capsule_data_size"),
+            ("in_capsule_data_size = \"1MiB\"", "target.in_capsule_data_size"),
+            ("max_h2c_data_size = 2048", "target.max_h2c_data_size"),
+            ("max_h2c_data_size = 4098", "target.max_h2c_data_size"),
+        ] {
+            let e = err(&with(bad));
+            assert_eq!((e.key.as_str(), e.line), (key, 5), "{bad}: {e}");
+        }
     }
 
     #[test]

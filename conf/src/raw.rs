@@ -25,6 +25,12 @@ pub struct TargetSection {
     pub socket: Option<Spanned<PathBuf>>,
     /// The site this target stands at (for hosts' preferred paths, see `[[host]]`).
     pub site: Option<u8>,
+    /// Data a host may put in an I/O command capsule (Identify IOCCSZ); larger writes are pulled
+    /// with R2T. 8 KiB unless set.
+    pub in_capsule_data_size: Option<Spanned<Size>>,
+    /// The largest H2CData PDU a host may send (ICResp MAXH2CDATA), so the window of one R2T.
+    /// 128 KiB unless set.
+    pub max_h2c_data_size: Option<Spanned<Size>>,
 }
 
 fn default_cores() -> Spanned<Vec<usize>> {
@@ -36,7 +42,15 @@ fn default_poll_mode() -> PollMode {
 
 impl Default for TargetSection {
     fn default() -> Self {
-        TargetSection { cores: default_cores(), poll_mode: PollMode::Adaptive, discovery: Vec::new(), socket: None, site: None }
+        TargetSection {
+            cores: default_cores(),
+            poll_mode: PollMode::Adaptive,
+            discovery: Vec::new(),
+            socket: None,
+            site: None,
+            in_capsule_data_size: None,
+            max_h2c_data_size: None,
+        }
     }
 }
 

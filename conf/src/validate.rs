@@ -607,7 +607,29 @@ pub(crate) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
         None => None,
         Some(w) => Some(witness_config(ctx, w)?),
     };
+    let in_capsule_data_size = match &raw.target.in_capsule_data_size {
+        None => DEFAULT_IN_CAPSULE_DATA_SIZE,
+        Some(s) => {
+            let b = s.get_ref().bytes();
+            if b % 16 != 0 || b > MAX_IN_CAPSULE_DATA_SIZE as u64 {
+                return Err(ctx.err(s.span(), "target.in_capsule_data_size", "must be a multiple of 16 bytes from 0 to 128KiB"));
+            }
+            b as usize
+        }
+    };
+    let max_h2c_data_size = match &raw.target.max_h2c_data_size {
+        None => DEFAULT_MAX_H2C_DATA_SIZE,
+        Some(s) => {
+            let b = s.get_ref().bytes();
+            if b % 4 != 0 || !(4096..=MAX_IN_CAPSULE_DATA_SIZE as u64).contains(&b) {
+                return Err(ctx.err(s.span(), "target.max_h2c_data_size", "must be a multiple of 4 bytes from 4KiB to 128KiB"));
+            }
+            b as u32
+        }
+    };
     Ok(Config {
+        in_capsule_data_size,
+        max_h2c_data_size,
         witness,
         metrics,
         cores,

@@ -116,3 +116,47 @@ pub fn check_writable(path: &std::path::Path) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Reads what `fd` (a socket) holds without waiting, whatever its O_NONBLOCK setting: recv(2)
+/// with MSG_DONTWAIT, so a blocking socket needs no fcntl round trip for a single poll.
+/// `Ok(0)` means the peer closed; an empty socket gives `ErrorKind::WouldBlock`.
+pub fn recv_nonblocking(fd: std::os::fd::BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    loop {
+        // SAFETY: `buf` is valid for `buf.len()` writable bytes for the duration of the call, and
+        // `fd` is a descriptor the borrow keeps open.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Waits until at least one of `fds` is readable (or has an error or hang-up pending), or
+/// `timeout` has passed: poll(2). Sets `ready[i]` for each such descriptor and returns how many
+/// there are (0 on timeout). `ready` must be as long as `fds`.
+pub fn wait_readable(fds: &[std::os::fd::BorrowedFd<'_>], timeout: std::time::Duration, ready: &mut [bool]) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    assert_eq!(fds.len(), ready.len(), "one ready flag per descriptor");
+    let mut pfds: Vec<libc::pollfd> = fds.iter().map(|fd| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+    let ms = i32::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
+    // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd structures for the duration of the
+    // call, and every descriptor in it is kept open by its borrow.
+    let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            ready.fill(false);
+            return Ok(0);
+        }
+        return Err(e);
+    }
+    for (r, p) in ready.iter_mut().zip(&pfds) {
+        *r = p.revents != 0;
+    }
+    Ok(n as usize)
+}

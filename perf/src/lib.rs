@@ -19,6 +19,7 @@ use nvmetro_proto::tcp::{HostEvent, HostTransport};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +75,15 @@ impl ConnectOptions {
     }
 }
 
+/// How long one blocking read waits before the caller gets control back to check its deadlines
+/// (the socket's SO_RCVTIMEO, set once when the queue opens).
+pub const READ_TICK: Duration = Duration::from_millis(50);
+
 /// One NVMe/TCP connection: an admin or an I/O queue.
+///
+/// The socket's mode is set once: non-blocking with `busy_poll`, else blocking with a receive
+/// timeout of [`READ_TICK`]. A non-blocking look at a blocking socket is one `recv(MSG_DONTWAIT)`,
+/// so no read costs more than one system call.
 #[derive(Debug)]
 pub struct Queue {
     sock: TcpStream,
@@ -86,8 +95,7 @@ pub struct Queue {
     done: HashMap<u16, (Completion, Vec<u8>)>,
     busy_poll: bool,
     timeout: Duration,
-    /// The read timeout last set on the socket (setsockopt only when it changes).
-    sock_timeout: Option<Duration>,
+    events: Vec<HostEvent>,
     pub qid: u16,
 }
 
@@ -96,6 +104,7 @@ impl Queue {
     pub fn open(opts: &ConnectOptions, qid: u16, in_capsule: usize) -> Result<Queue, HostError> {
         let sock = TcpStream::connect_timeout(&opts.addr, opts.timeout).map_err(|source| HostError::Connect { addr: opts.addr, source })?;
         sock.set_nodelay(true)?;
+        sock.set_read_timeout(Some(READ_TICK))?;
         let mut tx = Vec::new();
         let transport = HostTransport::new(opts.digests, in_capsule, &mut tx);
         let mut q = Queue {
@@ -108,7 +117,7 @@ impl Queue {
             done: HashMap::new(),
             busy_poll: false,
             timeout: opts.timeout,
-            sock_timeout: None,
+            events: Vec::new(),
             qid,
         };
         q.flush()?;
@@ -118,7 +127,7 @@ impl Queue {
             if Instant::now() > deadline {
                 return Err(HostError::Timeout);
             }
-            q.read_some(true, &mut events)?;
+            q.read_once(true, &mut events)?;
         }
         q.busy_poll = opts.busy_poll;
         q.sock.set_nonblocking(opts.busy_poll)?;
@@ -127,6 +136,15 @@ impl Queue {
 
     pub fn outstanding(&self) -> usize {
         self.transport.outstanding()
+    }
+
+    /// The socket, for waiting on several queues at once ([`nvmetro_ffi::wait_readable`]).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+
+    pub fn is_busy_poll(&self) -> bool {
+        self.busy_poll
     }
 
     /// Queues a command (sent at the next [`Queue::flush`]); returns its command identifier.
@@ -157,35 +175,19 @@ impl Queue {
         Ok(())
     }
 
-    fn read_some(&mut self, block: bool, events: &mut Vec<HostEvent>) -> Result<usize, HostError> {
-        let wait = if block { Some(self.timeout) } else { None };
-        self.read_with(wait, events)
-    }
-
-    /// Reads once: `None` returns at once if nothing is there, `Some(t)` waits up to `t`.
-    fn read_with(&mut self, wait: Option<Duration>, events: &mut Vec<HostEvent>) -> Result<usize, HostError> {
+    /// Reads once and hands the bytes to the transport; returns the bytes read (0 when nothing was
+    /// there). `wait`: on a blocking socket, block until bytes come or [`READ_TICK`] passes; on a
+    /// busy-polling one, return at once either way. Without `wait` it never blocks.
+    fn read_once(&mut self, wait: bool, events: &mut Vec<HostEvent>) -> Result<usize, HostError> {
         if self.rx_len == self.rx.len() {
             return Err(HostError::Protocol(PduError { fes: None, fei: 0, reason: "PDU larger than the receive buffer", header: vec![] }));
         }
-        let nonblocking = wait.is_none();
-        if nonblocking != self.busy_poll {
-            self.sock.set_nonblocking(nonblocking)?;
-        }
-        if let Some(t) = wait {
-            if self.sock_timeout != Some(t) {
-                self.sock.set_read_timeout(Some(t))?;
-                self.sock_timeout = Some(t);
-            }
-        }
-        let r = self.sock.read(&mut self.rx[self.rx_len..]);
-        if nonblocking != self.busy_poll {
-            self.sock.set_nonblocking(self.busy_poll)?;
-        }
+        let buf = &mut self.rx[self.rx_len..];
+        let r = if wait || self.busy_poll { self.sock.read(buf) } else { nvmetro_ffi::recv_nonblocking(self.sock.as_fd(), buf) };
         let n = match r {
             Ok(0) => return Err(HostError::Closed),
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && nonblocking => return Ok(0),
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Err(HostError::Timeout),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => return Ok(0),
             Err(e) => return Err(e.into()),
         };
         self.rx_len += n;
@@ -193,46 +195,64 @@ impl Queue {
         self.rx.copy_within(used..self.rx_len, 0);
         self.rx_len -= used;
         if !self.tx.is_empty() {
-            self.flush()?; // H2CData answering an R2T
+            self.flush()?; // H2CData answering an R2T, sent at once
         }
         Ok(n)
     }
 
     /// Collects finished commands into `out` without blocking; returns how many.
     pub fn poll(&mut self, out: &mut Vec<(Completion, Vec<u8>)>) -> Result<usize, HostError> {
-        let mut events = Vec::new();
-        self.read_some(false, &mut events)?;
-        Ok(self.collect(events, out))
+        let mut events = std::mem::take(&mut self.events);
+        let r = self.read_once(false, &mut events);
+        let n = self.collect(&mut events, out);
+        self.events = events;
+        r.map(|_| n)
     }
 
-    /// Waits up to `timeout` for completions; collects finished ones into `out`.
+    /// Waits until bytes arrive (at most [`READ_TICK`]; busy-polling queues do not wait) and
+    /// collects finished commands into `out`; returns how many (0 if the wait ended first).
+    pub fn poll_wait(&mut self, out: &mut Vec<(Completion, Vec<u8>)>) -> Result<usize, HostError> {
+        let mut events = std::mem::take(&mut self.events);
+        let r = self.read_once(true, &mut events);
+        let n = self.collect(&mut events, out);
+        self.events = events;
+        r.map(|_| n)
+    }
+
+    /// Waits up to `timeout` for bytes (poll(2), then one non-blocking read) and collects finished
+    /// commands into `out`; returns how many. Busy-polling queues do not wait.
     pub fn poll_timeout(&mut self, out: &mut Vec<(Completion, Vec<u8>)>, timeout: Duration) -> Result<usize, HostError> {
-        if self.busy_poll {
-            return self.poll(out);
+        if !self.busy_poll && self.rx_len < self.rx.len() {
+            let mut ready = [false];
+            nvmetro_ffi::wait_readable(&[self.sock.as_fd()], timeout, &mut ready)?;
         }
-        let mut events = Vec::new();
-        match self.read_with(Some(timeout.max(Duration::from_micros(100))), &mut events) {
-            Ok(_) => Ok(self.collect(events, out)),
-            Err(HostError::Timeout) => Ok(0),
-            Err(e) => Err(e),
-        }
+        self.poll(out)
     }
 
-    /// Blocks until at least one command finishes; collects finished ones into `out`.
+    /// Blocks until at least one command finishes (or the queue's timeout passes without any
+    /// bytes); collects finished ones into `out`.
     pub fn wait_any(&mut self, out: &mut Vec<(Completion, Vec<u8>)>) -> Result<usize, HostError> {
+        let mut quiet_since = Instant::now();
         loop {
-            let mut events = Vec::new();
-            self.read_some(!self.busy_poll, &mut events)?;
-            let n = self.collect(events, out);
-            if n > 0 {
-                return Ok(n);
+            let mut events = std::mem::take(&mut self.events);
+            let r = self.read_once(true, &mut events);
+            let got = self.collect(&mut events, out);
+            self.events = events;
+            let read = r?;
+            if got > 0 {
+                return Ok(got);
+            }
+            if read > 0 {
+                quiet_since = Instant::now();
+            } else if quiet_since.elapsed() > self.timeout {
+                return Err(HostError::Timeout);
             }
         }
     }
 
-    fn collect(&mut self, events: Vec<HostEvent>, out: &mut Vec<(Completion, Vec<u8>)>) -> usize {
+    fn collect(&mut self, events: &mut Vec<HostEvent>, out: &mut Vec<(Completion, Vec<u8>)>) -> usize {
         let mut n = 0;
-        for ev in events {
+        for ev in events.drain(..) {
             if let HostEvent::Completed { cqe, data } = ev {
                 out.push((cqe, data));
                 n += 1;

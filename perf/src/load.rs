@@ -278,12 +278,16 @@ pub fn run_paths(
     let mut next_due = start;
     let mut done = Vec::new();
     let mut submitted_counted = 0u64;
+    let mut turn = 0usize;
+    let mut ready = Vec::new();
     let give_up = wl.duration + wl.ramp + Duration::from_secs(60);
     loop {
         for p in paths.iter_mut() {
             if p.shared.has_mail.load(Ordering::Acquire) {
                 let mut mail = p.shared.mailbox.lock().expect("mailbox");
                 if let Some(q) = mail.get_mut(worker).and_then(Option::take) {
+                    // Commands still in flight on the replaced queue will never be answered there.
+                    retry.extend(p.inflight.drain().map(|(_, pending)| pending.op));
                     p.queue = Some(q);
                     p.avoid_until_ana_changes = None;
                 }
@@ -303,11 +307,17 @@ pub fn run_paths(
         }
         let mut budget = wl.qd.saturating_sub(inflight);
         while budget > 0 {
-            let best = paths.iter_mut().enumerate().filter_map(|(i, p)| p.usable_rank().map(|r| (r, i))).min().map(|(_, i)| i);
-            let Some(pi) = best else {
+            // The best rank present, and among the paths of that rank the next in turn: two
+            // Optimized paths share the load.
+            let ranks: Vec<Option<u8>> = paths.iter_mut().map(PathIo::usable_rank).collect();
+            let Some(best) = ranks.iter().flatten().min().copied() else {
                 stall_since.get_or_insert_with(Instant::now);
                 break;
             };
+            let candidates = ranks.iter().filter(|r| **r == Some(best)).count();
+            let pick = turn % candidates;
+            turn = turn.wrapping_add(1);
+            let pi = ranks.iter().enumerate().filter(|(_, r)| **r == Some(best)).nth(pick).map(|(i, _)| i).expect("counted above");
             let op = if let Some(op) = retry.pop() {
                 op
             } else {
@@ -339,7 +349,7 @@ pub fn run_paths(
                 busy_slots.insert(slot, ());
                 let lba = wl.region.0 + slot * blocks_per_io;
                 let write = (rng.next() % 100) as u32 >= wl.read_pct;
-                let generation = if write { generations.get(&lba).copied().unwrap_or(0) + 1 } else { 0 };
+                let generation = if write { known_generation(generations, lba) + 1 } else { 0 };
                 let t = Instant::now();
                 if t >= counted_from {
                     submitted_counted += 1;
@@ -382,10 +392,35 @@ pub fn run_paths(
             }
             continue;
         }
-        for p in paths.iter_mut().filter(|p| !p.inflight.is_empty()) {
+        // Completions: a busy-polling worker looks at each active queue without waiting; one
+        // active queue is read with one blocking read (it returns as soon as bytes come); several,
+        // or a fixed rate whose next command is due sooner, wait in poll(2) for whichever
+        // is readable first. Nothing here sleeps past the arrival of a response.
+        let busy = paths.iter().any(|p| p.queue.as_ref().is_some_and(Queue::is_busy_poll));
+        let rate_due =
+            interval.filter(|_| !stop_submitting && budget_left(wl.qd, paths)).map(|_| next_due.saturating_duration_since(Instant::now()));
+        let single_blocking = !busy && active == 1 && rate_due.is_none();
+        ready.clear();
+        ready.resize(paths.len(), true);
+        if !busy && !single_blocking {
+            let idx: Vec<usize> = (0..paths.len()).filter(|&i| !paths[i].inflight.is_empty()).collect();
+            let fds: Vec<_> = idx.iter().map(|&i| paths[i].queue.as_ref().expect("inflight implies a queue").fd()).collect();
+            let mut got = vec![false; fds.len()];
+            let limit = rate_due.unwrap_or(crate::READ_TICK).min(crate::READ_TICK);
+            nvmetro_ffi::wait_readable(&fds, limit, &mut got)?;
+            drop(fds);
+            ready.fill(false);
+            for (&i, g) in idx.iter().zip(got) {
+                ready[i] = g;
+            }
+        }
+        for (pi, p) in paths.iter_mut().enumerate() {
+            if p.inflight.is_empty() || !ready[pi] {
+                continue;
+            }
             done.clear();
             let q = p.queue.as_mut().expect("inflight implies a queue");
-            let r = if active == 1 && interval.is_none() { q.poll_timeout(&mut done, Duration::from_millis(5)) } else { q.poll(&mut done) };
+            let r = if single_blocking { q.poll_wait(&mut done) } else { q.poll(&mut done) };
             if let Err(e) = r {
                 eprintln!("nvmetro-perf: path {} lost: {e}", p.shared.name);
                 lose_path(p, &mut retry, &mut stall_since);
@@ -435,6 +470,107 @@ pub fn run_paths(
     Ok(res)
 }
 
+/// Generation recorded for an I/O unit whose content is not this tool's stamps of that unit (data
+/// of another tool, another block size, or unreadable): reads of it are not checked until it is
+/// written in this run.
+pub const UNKNOWN_GENERATION: u64 = u64::MAX;
+
+/// The last generation known for the unit at `lba` (0 for zeroes and unknown content).
+fn known_generation(generations: &HashMap<u64, u64>, lba: u64) -> u64 {
+    generations.get(&lba).copied().filter(|&g| g != UNKNOWN_GENERATION).unwrap_or(0)
+}
+
+/// What [`learn_stamps`] found in the region.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Learned {
+    /// I/O units holding this tool's stamps of themselves (their generation is now known).
+    pub stamped: u64,
+    /// Units reading as zeroes.
+    pub zero: u64,
+    /// Units with other content: not checked until written.
+    pub foreign: u64,
+    /// Units whose read failed: not checked until written.
+    pub unreadable: u64,
+}
+
+/// The generation of a unit read back whole: `Some(0)` for zeroes, `Some(g)` when every block is
+/// this tool's stamp of itself with generation `g`, `None` for anything else.
+fn unit_generation(data: &[u8], lba: u64, lba_size: u32) -> Option<u64> {
+    let mut unit = None;
+    for (i, b) in data.chunks(lba_size as usize).enumerate() {
+        let g = match read_stamp(b) {
+            Ok(None) => 0,
+            Ok(Some((l, g))) if l == lba + i as u64 && g != UNKNOWN_GENERATION => g,
+            _ => return None,
+        };
+        if *unit.get_or_insert(g) != g {
+            return None;
+        }
+    }
+    unit
+}
+
+/// Reads every I/O unit of `wl.region` once, before a verifying run on a namespace that may
+/// already hold data (stamps of an earlier run, or anything else), and records in `generations`
+/// what each holds, so the run checks its reads against what is really there instead of expecting
+/// zeroes. Uses the best usable path; reads run at `wl.qd`, at least 32 deep.
+pub fn learn_stamps(paths: &mut [PathIo], wl: &Workload, lba_size: u32, generations: &mut HashMap<u64, u64>) -> Result<Learned, HostError> {
+    let blocks_per_io = (wl.block_size / lba_size as usize).max(1) as u64;
+    let slots = (wl.region.1 / blocks_per_io).max(1);
+    let mut learned = Learned::default();
+    let best = paths.iter_mut().enumerate().filter_map(|(i, p)| p.usable_rank().map(|r| (r, i))).min().map(|(_, i)| i);
+    let Some(pi) = best else {
+        // No path to read through: nothing is known, so nothing old is checked.
+        for slot in 0..slots {
+            generations.insert(wl.region.0 + slot * blocks_per_io, UNKNOWN_GENERATION);
+        }
+        learned.unreadable = slots;
+        return Ok(learned);
+    };
+    let q = paths[pi].queue.as_mut().expect("usable path has a queue");
+    let depth = wl.qd.max(32);
+    let (mut next, mut inflight, mut out) = (0u64, HashMap::new(), Vec::new());
+    while next < slots || !inflight.is_empty() {
+        while next < slots && inflight.len() < depth {
+            let lba = wl.region.0 + next * blocks_per_io;
+            let cid = q.submit(cmds::read(0, wl.nsid, lba, blocks_per_io as u32), Vec::new(), wl.block_size);
+            inflight.insert(cid, lba);
+            next += 1;
+        }
+        q.flush()?;
+        out.clear();
+        q.wait_any(&mut out)?;
+        for (cqe, data) in out.drain(..) {
+            let Some(lba) = inflight.remove(&cqe.cid) else { continue };
+            let found = if cqe.status().is_success() { unit_generation(&data, lba, lba_size) } else { None };
+            match found {
+                Some(0) => {
+                    learned.zero += 1;
+                    generations.remove(&lba);
+                }
+                Some(g) => {
+                    learned.stamped += 1;
+                    generations.insert(lba, g);
+                }
+                None => {
+                    if cqe.status().is_success() {
+                        learned.foreign += 1;
+                    } else {
+                        learned.unreadable += 1;
+                    }
+                    generations.insert(lba, UNKNOWN_GENERATION);
+                }
+            }
+        }
+    }
+    Ok(learned)
+}
+
+/// Whether the queue depth leaves room for another command.
+fn budget_left(qd: usize, paths: &[PathIo]) -> bool {
+    paths.iter().map(|p| p.inflight.len()).sum::<usize>() < qd
+}
+
 /// A path's connection failed: everything in flight on it goes to the retry list.
 fn lose_path(p: &mut PathIo, retry: &mut Vec<Op>, stall_since: &mut Option<Instant>) {
     p.queue = None;
@@ -464,7 +600,7 @@ fn complete(
     }
     if op.write {
         generations.insert(op.lba, op.generation);
-    } else if wl.verify {
+    } else if wl.verify && generations.get(&op.lba) != Some(&UNKNOWN_GENERATION) {
         let expected = generations.get(&op.lba).copied().unwrap_or(0);
         for (i, b) in data.chunks(lba_size as usize).enumerate() {
             let lba = op.lba + i as u64;

@@ -2,6 +2,11 @@
 //! Keep Alive every half KATO, reads the ANA log every 200 ms to publish the namespace's ANA state,
 //! and, when the path is lost, reconnects it every half second and hands fresh I/O queues to the
 //! workers through their mailboxes.
+//!
+//! A path is lost only when its connection fails (I/O error, timeout, protocol error). A command
+//! the controller answers with an error status shows the path is alive: a controller without ANA
+//! reporting (SPDK's nvmf_tgt unless asked for it) refuses the ANA log page, and its paths stay in
+//! use with their state unknown.
 
 use crate::load::PathShared;
 use crate::{ConnectOptions, Host, HostError, Queue};
@@ -49,6 +54,8 @@ impl PathMonitor {
             let mut admin = admin;
             let kato = Duration::from_millis(u64::from(opts.kato_ms) / 2);
             let (mut last_ka, mut last_ana, mut last_try) = (Instant::now(), Instant::now() - Duration::from_secs(1), Instant::now());
+            // Cleared when the controller refuses the ANA log: its state stays unknown (usable).
+            let mut ana_log = true;
             while !flag.load(Ordering::Relaxed) {
                 match admin.as_mut() {
                     None => {
@@ -58,8 +65,14 @@ impl PathMonitor {
                             quick.timeout = Duration::from_secs(2);
                             if let Ok(h) = Host::connect(&quick) {
                                 let (mut a, io) = h.into_parts();
-                                if let Ok(state) = ana_state(&mut a, nsid) {
-                                    shared.ana.store(state, Ordering::Release);
+                                ana_log = true;
+                                match ana_state(&mut a, nsid) {
+                                    Ok(state) => shared.ana.store(state, Ordering::Release),
+                                    Err(HostError::Status { .. }) => {
+                                        ana_log = false;
+                                        shared.ana.store(0, Ordering::Release);
+                                    }
+                                    Err(_) => {}
                                 }
                                 let mut mail = shared.mailbox.lock().expect("mailbox");
                                 for (slot, q) in mail.iter_mut().zip(io) {
@@ -75,12 +88,24 @@ impl PathMonitor {
                     }
                     Some(a) => {
                         let mut result = Ok(());
-                        if last_ana.elapsed() >= Duration::from_millis(200) {
+                        if ana_log && last_ana.elapsed() >= Duration::from_millis(200) {
                             last_ana = Instant::now();
-                            result = ana_state(a, nsid).map(|s| shared.ana.store(s, Ordering::Release));
+                            result = match ana_state(a, nsid) {
+                                Ok(s) => {
+                                    shared.ana.store(s, Ordering::Release);
+                                    Ok(())
+                                }
+                                Err(HostError::Status { .. }) => {
+                                    ana_log = false;
+                                    shared.ana.store(0, Ordering::Release);
+                                    Ok(())
+                                }
+                                Err(e) => Err(e),
+                            };
                         }
                         if result.is_ok() && opts.kato_ms > 0 && last_ka.elapsed() >= kato {
                             last_ka = Instant::now();
+                            // An error status still is an answer: only a failed connection loses the path.
                             result = a.execute(cmds::keep_alive(0), vec![], 0).map(|_| ());
                         }
                         if result.is_err() {

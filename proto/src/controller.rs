@@ -106,6 +106,8 @@ pub struct Controller {
     aec: u32,
     io_queues: u16,
     write_cache: bool,
+    /// In-capsule data its I/O queues accept (Identify IOCCSZ reports it).
+    io_in_capsule: usize,
     held_aers: VecDeque<u16>,
     queued_events: VecDeque<u32>,
     seen_ana: u64,
@@ -126,6 +128,12 @@ pub struct Controller {
 pub const MAX_IO_QUEUES: u16 = 64;
 
 impl Controller {
+    /// Sets the in-capsule data size of this controller's I/O queues (a multiple of 16), which
+    /// Identify Controller reports in IOCCSZ.
+    pub fn set_io_in_capsule(&mut self, bytes: usize) {
+        self.io_in_capsule = bytes;
+    }
+
     pub fn new(cntlid: u16, req: &ConnectRequest, view: &SubsystemView, now_ms: u64) -> Controller {
         Controller {
             cntlid,
@@ -138,6 +146,7 @@ impl Controller {
             aec: 0,
             io_queues: MAX_IO_QUEUES,
             write_cache: true,
+            io_in_capsule: identify::IO_IN_CAPSULE,
             held_aers: VecDeque::new(),
             queued_events: VecDeque::new(),
             seen_ana: view.ana_change_count,
@@ -242,7 +251,7 @@ impl Controller {
                 let cns = cmd.cdw(10) & 0xff;
                 let nsid = cmd.nsid();
                 match (cns, nvm) {
-                    (0x01, _) => data_out(identify::controller(view, self.cntlid)),
+                    (0x01, _) => data_out(identify::controller(view, self.cntlid, self.io_in_capsule)),
                     (0x00, true) => match view.namespace(nsid) {
                         Some(ns) => data_out(identify::namespace(ns)),
                         None if nsid != 0 && nsid <= view.max_namespaces => data_out(vec![0; identify::PAGE]),

@@ -8,7 +8,8 @@ pub const PAGE: usize = 4096;
 /// MDTS as a power of two of 4 KiB pages: 128 KiB per command.
 pub const MDTS: u8 = 5;
 pub const MAX_TRANSFER: usize = 4096 << MDTS;
-/// In-capsule data accepted on I/O queues: an 8 KiB write needs no R2T round trip.
+/// In-capsule data accepted on I/O queues by default: an 8 KiB write needs no R2T round trip
+/// (`[target] in_capsule_data_size` changes it).
 pub const IO_IN_CAPSULE: usize = 8192;
 /// In-capsule data accepted on the admin queue (Linux sends up to 8 KiB there).
 pub const ADMIN_IN_CAPSULE: usize = 8192;
@@ -23,8 +24,8 @@ pub const AEN_NS_ATTR: u32 = 1 << 8;
 pub const AEN_ANA_CHANGE: u32 = 1 << 11;
 pub const AEN_DISCOVERY_CHANGE: u32 = 1 << 31;
 
-/// Identify Controller (CNS 01h).
-pub fn controller(view: &SubsystemView, cntlid: u16) -> Vec<u8> {
+/// Identify Controller (CNS 01h); `io_in_capsule` is the in-capsule data the I/O queues accept.
+pub fn controller(view: &SubsystemView, cntlid: u16, io_in_capsule: usize) -> Vec<u8> {
     let mut d = vec![0u8; PAGE];
     let nvm = view.kind == SubsystemKind::Nvm;
     put16(&mut d, 0, 0x1b36); // VID/SSVID: an unassigned-in-practice software vendor id
@@ -70,7 +71,7 @@ pub fn controller(view: &SubsystemView, cntlid: u16) -> Vec<u8> {
     }
     put32(&mut d, 536, 0x1 | 1 << 20); // SGLS: SGLs supported, offsets in data block descriptors
     put_str(&mut d[768..1024], &view.nqn, 0);
-    let in_capsule = if nvm { IO_IN_CAPSULE } else { 0 };
+    let in_capsule = if nvm { io_in_capsule } else { 0 };
     put32(&mut d, 1792, ((64 + in_capsule) / 16) as u32); // IOCCSZ
     put32(&mut d, 1796, 1); // IORCSZ
     put16(&mut d, 1800, 0); // ICDOFF

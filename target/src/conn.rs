@@ -199,7 +199,17 @@ struct Inflight {
     flush_after: Option<usize>,
 }
 
+/// Transport sizes a connection offers, from `[target]` (read when it is accepted).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// In-capsule data of I/O queues (IOCCSZ).
+    pub io_in_capsule: usize,
+    /// MAXH2CDATA of ICResp.
+    pub maxh2cdata: u32,
+}
+
 pub struct Conn {
+    limits: ConnLimits,
     token: u32,
     sock: TcpStream,
     peer: SocketAddr,
@@ -228,9 +238,14 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(token: u32, sock: TcpStream, peer: SocketAddr, listener: ListenerKind) -> Conn {
-        let limits = TargetLimits { in_capsule: identify::ADMIN_IN_CAPSULE, maxh2cdata: 128 * 1024, max_transfer: identify::MAX_TRANSFER };
+    pub fn new(token: u32, sock: TcpStream, peer: SocketAddr, listener: ListenerKind, conn_limits: ConnLimits) -> Conn {
+        let limits = TargetLimits {
+            in_capsule: identify::ADMIN_IN_CAPSULE,
+            maxh2cdata: conn_limits.maxh2cdata,
+            max_transfer: identify::MAX_TRANSFER,
+        };
         Conn {
+            limits: conn_limits,
             token,
             sock,
             peer,
@@ -468,7 +483,8 @@ impl Conn {
                 }
             };
             let view = subsystem.view(listener);
-            let ctrl = Controller::new(handle.cntlid, &req, &view, ctx.now_ms);
+            let mut ctrl = Controller::new(handle.cntlid, &req, &view, ctx.now_ms);
+            ctrl.set_io_in_capsule(self.limits.io_in_capsule);
             tracing::info!(peer = %self.peer, host = %req.hostnqn, subsystem = %req.subnqn, cntlid = handle.cntlid, kato_ms = req.kato_ms, "controller created");
             let cntlid = handle.cntlid;
             let remote_host = ctx.target.config().host_is_remote(&req.hostnqn);
@@ -494,7 +510,7 @@ impl Conn {
                 return refuse(self, Status::CONNECT_INVALID_PARAMETERS, false, 42, format!("queue {} beyond those granted", req.qid));
             }
             tracing::debug!(peer = %self.peer, cntlid = handle.cntlid, qid = req.qid, "I/O queue connected");
-            self.transport.set_in_capsule(identify::IO_IN_CAPSULE);
+            self.transport.set_in_capsule(self.limits.io_in_capsule);
             let generation = handle.generation.load(Ordering::Acquire);
             let cntlid = handle.cntlid;
             self.role = Role::Io(IoQueue { subsystem, handle, generation, pairer: FusePairer::default() });

@@ -13,7 +13,7 @@
 //! the last [`CONTENDED_FOR`]: another reactor, a second site, a spinning host) does not spin at
 //! all, so that whatever it waits for can run.
 
-use crate::conn::{Conn, Ctx, ListenerKind};
+use crate::conn::{Conn, ConnLimits, Ctx, ListenerKind};
 use crate::Target;
 use crossbeam_queue::SegQueue;
 use mio::net::{TcpListener, TcpStream};
@@ -266,7 +266,9 @@ impl Reactor {
             return;
         }
         tracing::debug!(%peer, reactor = self.index, "connection accepted");
-        self.conns.insert(token, Conn::new(token, sock, peer, kind));
+        let cfg = self.target.config();
+        let limits = ConnLimits { io_in_capsule: cfg.in_capsule_data_size, maxh2cdata: cfg.max_h2c_data_size };
+        self.conns.insert(token, Conn::new(token, sock, peer, kind, limits));
     }
 
     fn accept(&mut self, listener: usize) {

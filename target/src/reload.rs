@@ -87,6 +87,10 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
     if old.metrics != new.metrics {
         p.refused.push("metrics.address".into());
     }
+    if (old.in_capsule_data_size, old.max_h2c_data_size) != (new.in_capsule_data_size, new.max_h2c_data_size) {
+        p.refused
+            .push("target.in_capsule_data_size / max_h2c_data_size (hosts size their commands by what they were told at connect)".into());
+    }
     if old.discovery != new.discovery {
         p.refused.push("target.discovery listeners".into());
     }
