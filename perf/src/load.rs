@@ -321,7 +321,7 @@ pub fn run_paths(
             let op = if let Some(op) = retry.pop() {
                 op
             } else {
-                if stop_submitting {
+                if stop_submitting || wl.max_ios.is_some_and(|m| submitted_counted >= m) {
                     break;
                 }
                 if let Some(iv) = interval {

@@ -469,6 +469,90 @@ mod tests {
         }
     }
 
+    /// A host past ICResp from a controller shaped like SPDK's, with the given MAXH2CDATA and CPDA.
+    fn host_of(d: Digests, maxh2cdata: u32, cpda: u8) -> HostTransport {
+        let mut host = HostTransport::new(d, 4096, &mut Vec::new());
+        let mut icresp = Vec::new();
+        pdu::encode_icresp(&mut icresp, cpda, d, maxh2cdata);
+        let mut ev = Vec::new();
+        host.receive(&icresp, &mut Vec::new(), &mut ev).unwrap();
+        assert_eq!(ev, vec![HostEvent::Connected]);
+        host
+    }
+
+    #[test]
+    fn r2ts_are_answered_at_once_within_maxh2cdata_and_cpda() {
+        for d in [Digests::default(), Digests { header: true, data: true }] {
+            let mut host = host_of(d, 4096, 3);
+            // Two 12 KiB writes (over the 4 KiB in-capsule size) and one of 4 KiB (in the capsule).
+            let data = |cid: u16| -> Vec<u8> { (0..12288u32).map(|i| (i as u8) ^ cid as u8).collect() };
+            let mut h2t = Vec::new();
+            host.submit(Command::new(io::WRITE, 1), data(1), 0, &mut h2t);
+            host.submit(Command::new(io::WRITE, 2), data(2), 0, &mut h2t);
+            host.submit(Command::new(io::WRITE, 3), vec![9; 4096], 0, &mut h2t);
+            let mut sgls = Vec::new();
+            let mut rest = &h2t[..];
+            while let Some((p, n)) = pdu::parse(rest, d, 1 << 20).unwrap() {
+                let Pdu::CapsuleCmd { cmd, data } = p else { panic!("{p:?}") };
+                sgls.push((cmd.sgl_type(), data.len()));
+                rest = &rest[n..];
+            }
+            assert_eq!(sgls, vec![(sgl::TRANSPORT, 0), (sgl::TRANSPORT, 0), (sgl::IN_CAPSULE, 4096)]);
+            // Both commands' R2Ts outstanding at once, the second asking for more than MAXH2CDATA.
+            let mut t2h = Vec::new();
+            pdu::encode_r2t(&mut t2h, 2, 20, 4096, 8192, d);
+            pdu::encode_r2t(&mut t2h, 1, 10, 0, 4096, d);
+            let mut out = Vec::new();
+            assert_eq!(host.receive(&t2h, &mut out, &mut Vec::new()).unwrap(), t2h.len());
+            let mut got = Vec::new();
+            let mut rest = &out[..];
+            while let Some((p, n)) = pdu::parse(rest, d, 4096).unwrap() {
+                assert_eq!(rest[3] as usize % 16, 0, "data placed at a multiple of (CPDA + 1) * 4");
+                let Pdu::H2CData { cccid, ttag, datao, data: bytes, last } = p else { panic!("{p:?}") };
+                assert!(bytes.len() <= 4096);
+                assert_eq!(bytes, &data(cccid)[datao as usize..datao as usize + bytes.len()]);
+                got.push((cccid, ttag, datao, bytes.len(), last));
+                rest = &rest[n..];
+            }
+            assert!(rest.is_empty());
+            assert_eq!(got, vec![(2, 20, 4096, 4096, false), (2, 20, 8192, 4096, true), (1, 10, 0, 4096, true)]);
+        }
+    }
+
+    #[test]
+    fn reads_end_with_success_or_with_a_capsule_and_data_may_come_in_pieces() {
+        let d = Digests::default();
+        let mut host = host_of(d, 4096, 0);
+        let payload: Vec<u8> = (0..8192u32).map(|i| (i / 7) as u8).collect();
+        host.submit(Command::new(io::READ, 5), Vec::new(), 8192, &mut Vec::new());
+        host.submit(Command::new(io::READ, 6), Vec::new(), 8192, &mut Vec::new());
+        let mut t2h = Vec::new();
+        // Command 5: three C2HData PDUs, the last without SUCCESS, then its response capsule.
+        pdu::encode_c2h_data(&mut t2h, 5, 0, &payload[..1000], false, false, d, 1);
+        pdu::encode_c2h_data(&mut t2h, 5, 1000, &payload[1000..4096], false, false, d, 1);
+        pdu::encode_c2h_data(&mut t2h, 5, 4096, &payload[4096..], true, false, d, 1);
+        // Command 6: one PDU with SUCCESS and no capsule.
+        pdu::encode_c2h_data(&mut t2h, 6, 0, &payload, true, true, d, 0);
+        // The capsule of 5 is cut: its first 3 bytes come with the rest, the others in a later read.
+        let split = t2h.len() + 3;
+        pdu::encode_capsule_resp(&mut t2h, &Completion::new(5, Status::SUCCESS), d);
+        let mut ev = Vec::new();
+        // Fed in small pieces, as a socket may hand them over.
+        let mut buf = Vec::new();
+        for chunk in t2h[..split].chunks(777) {
+            buf.extend_from_slice(chunk);
+            let used = host.receive(&buf, &mut Vec::new(), &mut ev).unwrap();
+            buf.drain(..used);
+        }
+        assert_eq!(ev, vec![HostEvent::Completed { cqe: Completion::new(6, Status::SUCCESS), data: payload.clone() }]);
+        assert_eq!(host.outstanding(), 1);
+        buf.extend_from_slice(&t2h[split..]);
+        ev.clear();
+        host.receive(&buf, &mut Vec::new(), &mut ev).unwrap();
+        assert_eq!(ev, vec![HostEvent::Completed { cqe: Completion::new(5, Status::SUCCESS), data: payload }]);
+        assert_eq!(host.outstanding(), 0);
+    }
+
     #[test]
     fn read_data_and_completion_reach_the_host() {
         let (mut host, mut tgt) = pair(Digests { header: true, data: false }, TargetLimits::default());
