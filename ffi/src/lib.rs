@@ -8,13 +8,16 @@
 //! * [`Uring`]: an io_uring instance per reactor that owns each buffer while the kernel uses it.
 //! * [`lock_exclusive`]: one owner per copy, an exclusive OFD lock on a bdev's or a metadata file.
 //! * [`pin_current_thread`] and [`eventfd`] helpers.
+//! * [`CountingAlloc`]: a global allocator that counts allocations, for tests.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod alloc_count;
 mod dmabuf;
 mod lock;
 mod shmem;
 mod uring;
 
+pub use alloc_count::CountingAlloc;
 pub use dmabuf::DmaBuf;
 pub use lock::lock_exclusive;
 pub use shmem::{OutOfRange, SharedMem};

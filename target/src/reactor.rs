@@ -9,14 +9,13 @@
 //! (its eventfd) or a message (a mio waker) arrives, so that two reactors, or a reactor and a
 //! client, can share two cores without starving each other.
 
-use crate::conn::{Conn, Ctx, ListenerKind};
+use crate::conn::{Conn, ConnMap, Ctx, ListenerKind};
 use crate::Target;
 use crossbeam_queue::SegQueue;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use nvmetro_bdev::{BdevChannel, BdevCompletion, Poller};
 use nvmetro_conf::PollMode;
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
@@ -131,7 +130,7 @@ pub struct Reactor {
     poll: Poll,
     shared: Arc<Shared>,
     target: Arc<Target>,
-    conns: HashMap<u32, Conn>,
+    conns: ConnMap,
     /// By token; a removed listener leaves None so the others keep their tokens.
     listeners: Vec<Option<(TcpListener, ListenerKind)>>,
     channels: Channels,
@@ -155,7 +154,7 @@ impl Reactor {
             poll,
             shared,
             target,
-            conns: HashMap::new(),
+            conns: ConnMap::default(),
             listeners: Vec::new(),
             channels: Channels::default(),
             pollers: Vec::new(),
@@ -298,6 +297,8 @@ impl Reactor {
                 }
             }
             let now_ms = self.target.now_ms();
+            // The clock for this step (a busy turn that found nothing keeps the one read above).
+            let mut turn = if events.is_empty() { now } else { Instant::now() };
             for ev in events.iter() {
                 let t = ev.token().0;
                 if t == WAKER.0 || t >= CHANNEL_BASE {
@@ -311,9 +312,9 @@ impl Reactor {
                 let token = t as u32;
                 if let Some(conn) = self.conns.get_mut(&token) {
                     let registry = self.poll.registry();
-                    let mut ctx = Ctx { target: &self.target, channels: &mut self.channels, registry, now_ms };
+                    let mut ctx = Ctx { target: &self.target, channels: &mut self.channels, registry, now_ms, now: turn };
                     if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-                        conn.on_readable(&mut ctx);
+                        conn.on_readable(&mut ctx, ev.is_read_closed() || ev.is_error());
                     }
                     dirty.push(token);
                 }
@@ -321,11 +322,14 @@ impl Reactor {
 
             self.completions.clear();
             work += self.channels.poll_all(&mut self.completions);
+            if !self.completions.is_empty() {
+                turn = Instant::now();
+            }
             for c in self.completions.drain(..) {
                 let token = (c.tag >> 32) as u32;
                 if let Some(conn) = self.conns.get_mut(&token) {
                     let registry = self.poll.registry();
-                    let mut ctx = Ctx { target: &self.target, channels: &mut self.channels, registry, now_ms };
+                    let mut ctx = Ctx { target: &self.target, channels: &mut self.channels, registry, now_ms, now: turn };
                     conn.on_completion(c.tag as u32, c.result, &mut ctx);
                     dirty.push(token);
                 }
@@ -335,7 +339,7 @@ impl Reactor {
                 next_tick = Instant::now() + TICK;
                 for (token, conn) in self.conns.iter_mut() {
                     let registry = self.poll.registry();
-                    let mut ctx = Ctx { target: &self.target, channels: &mut self.channels, registry, now_ms };
+                    let mut ctx = Ctx { target: &self.target, channels: &mut self.channels, registry, now_ms, now: turn };
                     conn.on_tick(&mut ctx);
                     dirty.push(*token);
                 }
@@ -351,8 +355,8 @@ impl Reactor {
                 // take (a writable event follows).
                 while conn.should_resume_reading() {
                     let registry = self.poll.registry();
-                    let mut ctx = Ctx { target: &self.target, channels: &mut self.channels, registry, now_ms };
-                    conn.on_readable(&mut ctx);
+                    let mut ctx = Ctx { target: &self.target, channels: &mut self.channels, registry, now_ms, now: turn };
+                    conn.on_readable(&mut ctx, false);
                     conn.flush();
                 }
                 if conn.finished() {
