@@ -194,6 +194,13 @@ pub trait Bdev: Send + Sync + std::fmt::Debug {
 pub trait BdevChannel: Send {
     /// Queues an operation; its completion comes from a later [`BdevChannel::poll`].
     fn submit(&mut self, tag: u64, op: BdevOp);
+    /// Queues `BdevOp::Read { offset, len }`, offering `buf` (a recycled buffer whose contents
+    /// do not matter) to hold the data: the completion's [`BdevOutput::Data`] is `buf` refilled by
+    /// channels that can read into it, or a buffer of their own (the default drops `buf`).
+    fn submit_read(&mut self, tag: u64, offset: u64, len: usize, buf: Vec<u8>) {
+        drop(buf);
+        self.submit(tag, BdevOp::Read { offset, len });
+    }
     /// Hands queued operations to the device and collects finished ones into `done`.
     fn poll(&mut self, done: &mut Vec<BdevCompletion>) -> usize;
     /// Operations submitted and not yet completed.
@@ -208,6 +215,12 @@ pub trait BdevChannel: Send {
 /// A device that completes every operation within `submit` (RAM, null).
 pub trait Synchronous: Send + Sync + 'static {
     fn execute(&self, op: BdevOp) -> Result<BdevOutput, BdevError>;
+    /// `BdevOp::Read { offset, len }` into `buf` (see [`BdevChannel::submit_read`]); the default
+    /// executes the Read and drops `buf`.
+    fn read_into(&self, offset: u64, len: usize, buf: Vec<u8>) -> Result<BdevOutput, BdevError> {
+        drop(buf);
+        self.execute(BdevOp::Read { offset, len })
+    }
 }
 
 /// The channel of a [`Synchronous`] device: completions wait in a list for the next poll.
@@ -225,6 +238,10 @@ impl<D: Synchronous> SyncChannel<D> {
 impl<D: Synchronous> BdevChannel for SyncChannel<D> {
     fn submit(&mut self, tag: u64, op: BdevOp) {
         let result = self.device.execute(op);
+        self.done.push(BdevCompletion { tag, result });
+    }
+    fn submit_read(&mut self, tag: u64, offset: u64, len: usize, buf: Vec<u8>) {
+        let result = self.device.read_into(offset, len, buf);
         self.done.push(BdevCompletion { tag, result });
     }
     fn poll(&mut self, done: &mut Vec<BdevCompletion>) -> usize {
@@ -255,6 +272,16 @@ pub(crate) mod conformance {
 
     pub fn run_to_completion(ch: &mut dyn BdevChannel, tag: u64, op: BdevOp) -> Result<BdevOutput, BdevError> {
         ch.submit(tag, op);
+        wait_for(ch, tag)
+    }
+
+    /// [`BdevChannel::submit_read`] with `buf`, run to completion.
+    pub fn read_into(ch: &mut dyn BdevChannel, tag: u64, offset: u64, len: usize, buf: Vec<u8>) -> Result<BdevOutput, BdevError> {
+        ch.submit_read(tag, offset, len, buf);
+        wait_for(ch, tag)
+    }
+
+    fn wait_for(ch: &mut dyn BdevChannel, tag: u64) -> Result<BdevOutput, BdevError> {
         let mut done = Vec::new();
         for _ in 0..1_000_000 {
             ch.poll(&mut done);
@@ -274,6 +301,11 @@ pub(crate) mod conformance {
         let run = |ch: &mut Box<dyn BdevChannel>, op| run_to_completion(ch.as_mut(), 1, op);
         assert_eq!(run(&mut ch, BdevOp::Write { offset: bs as u64, data: pattern.clone(), fua: false }), Ok(BdevOutput::Done));
         assert_eq!(run(&mut ch, BdevOp::Read { offset: bs as u64, len: bs * 2 }), Ok(BdevOutput::Data(pattern.clone())));
+        // A read offered a recycled buffer (longer, shorter, or empty) returns the same bytes.
+        for recycled in [vec![0x55; bs * 3], vec![0x55; bs], Vec::new()] {
+            assert_eq!(read_into(ch.as_mut(), 1, bs as u64, bs * 2, recycled), Ok(BdevOutput::Data(pattern.clone())));
+        }
+        assert!(matches!(read_into(ch.as_mut(), 1, size, bs, vec![0; bs]), Err(BdevError::OutOfRange { .. })));
         assert_eq!(run(&mut ch, BdevOp::Compare { offset: bs as u64, expected: pattern.clone() }), Ok(BdevOutput::Done));
         let other = vec![0xeeu8; bs * 2];
         assert_eq!(run(&mut ch, BdevOp::Compare { offset: bs as u64, expected: other.clone() }), Ok(BdevOutput::Miscompare));

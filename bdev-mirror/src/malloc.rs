@@ -61,6 +61,13 @@ impl Synchronous for MallocBdev {
             BdevOp::Flush => BdevOutput::Done,
         })
     }
+
+    fn read_into(&self, offset: u64, len: usize, mut buf: Vec<u8>) -> Result<BdevOutput, BdevError> {
+        check_range(&self.info, &BdevOp::Read { offset, len })?;
+        let oor = |e: nvmetro_ffi::OutOfRange| BdevError::OutOfRange { offset: e.offset, len: e.len as u64, size: e.size as u64 };
+        self.mem.read_into_vec(offset, len, &mut buf).map_err(oor)?;
+        Ok(BdevOutput::Data(buf))
+    }
 }
 
 impl Bdev for MallocBdev {

@@ -37,6 +37,13 @@ impl Synchronous for NullBdev {
             _ => BdevOutput::Done,
         })
     }
+
+    fn read_into(&self, offset: u64, len: usize, mut buf: Vec<u8>) -> Result<BdevOutput, BdevError> {
+        check_range(&self.info, &BdevOp::Read { offset, len })?;
+        buf.clear();
+        buf.resize(len, 0);
+        Ok(BdevOutput::Data(buf))
+    }
 }
 
 #[cfg(test)]
@@ -52,5 +59,8 @@ mod tests {
         assert_eq!(run_to_completion(ch.as_mut(), 1, w), Ok(BdevOutput::Done));
         assert_eq!(run_to_completion(ch.as_mut(), 2, BdevOp::Read { offset: 3584, len: 512 }), Ok(BdevOutput::Data(vec![0; 512])));
         assert!(run_to_completion(ch.as_mut(), 3, BdevOp::Read { offset: 3584, len: 1024 }).is_err());
+        let recycled = crate::conformance::read_into(ch.as_mut(), 4, 0, 512, vec![7; 1024]);
+        assert_eq!(recycled, Ok(BdevOutput::Data(vec![0; 512])));
+        assert!(crate::conformance::read_into(ch.as_mut(), 5, 3584, 1024, Vec::new()).is_err());
     }
 }

@@ -12,6 +12,7 @@
 //! * [`CountingAllocator`]: a global allocator that counts, for tests proving a path allocates
 //!   nothing per I/O.
 //! * [`pin_current_thread`] and [`eventfd`] helpers.
+//! * [`CountingAlloc`]: a global allocator that counts allocations, for tests.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod counting;

@@ -83,16 +83,25 @@ impl SharedMem {
 
     /// Returns `len` bytes starting at `offset` in a new vector, without zero-filling it first.
     pub fn read_to_vec(&self, offset: u64, len: usize) -> Result<Vec<u8>, OutOfRange> {
+        let mut out = Vec::new();
+        self.read_into_vec(offset, len, &mut out)?;
+        Ok(out)
+    }
+
+    /// Replaces the contents of `out` with the `len` bytes starting at `offset`, reusing its
+    /// allocation when it is large enough and never zero-filling it first.
+    pub fn read_into_vec(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> Result<(), OutOfRange> {
         let start = self.check(offset, len)?;
-        let mut out = Vec::with_capacity(len);
+        out.clear();
+        out.reserve(len);
         let _guard = self.lock(start, len, false);
-        // SAFETY: in bounds (checked) and held shared, as in `read`; `out` has capacity for `len`
-        // bytes, all of which the copy initialises before `set_len` exposes them.
+        // SAFETY: in bounds (checked) and held shared, as in `read`; `out` is empty with capacity
+        // for `len` bytes, all of which the copy initialises before `set_len` exposes them.
         unsafe {
             std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(start), out.as_mut_ptr(), len);
             out.set_len(len);
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Copies `data` into the region at `offset`.
@@ -228,6 +237,20 @@ mod tests {
         m.zero(0, 4).unwrap();
         m.read(0, &mut out[..4]).unwrap();
         assert_eq!(&out[..4], &[0; 4]);
+    }
+
+    #[test]
+    fn read_into_vec_reuses_the_buffer() {
+        let m = SharedMem::new(1 << 20, false).unwrap();
+        m.write(4096, &[5; 4096]).unwrap();
+        let mut buf = vec![0xaa; 8192];
+        let at = buf.as_ptr();
+        m.read_into_vec(4096, 4096, &mut buf).unwrap();
+        assert_eq!(buf, vec![5; 4096]);
+        assert_eq!(buf.as_ptr(), at, "no new allocation");
+        m.read_into_vec(0, 12288, &mut buf).unwrap();
+        assert_eq!((&buf[..4096], &buf[4096..8192], &buf[8192..]), (&[0; 4096][..], &[5; 4096][..], &[0; 4096][..]));
+        assert!(m.read_into_vec(1 << 20, 1, &mut buf).is_err());
     }
 
     #[test]

@@ -147,6 +147,14 @@ impl Queue {
         self.busy_poll
     }
 
+    /// The connection itself, for driving PDUs by hand (tests): nothing may be outstanding, and
+    /// the socket is left in blocking mode.
+    pub fn into_socket(self) -> Result<TcpStream, HostError> {
+        assert_eq!((self.outstanding(), self.rx_len), (0, 0), "a queue handed over mid-command");
+        self.sock.set_nonblocking(false)?;
+        Ok(self.sock)
+    }
+
     /// Queues a command (sent at the next [`Queue::flush`]); returns its command identifier.
     pub fn submit(&mut self, mut cmd: Command, write: Vec<u8>, read_len: usize) -> u16 {
         let cid = self.next_cid;

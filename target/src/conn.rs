@@ -1,9 +1,14 @@
 //! One NVMe/TCP connection (one queue) on its reactor: bytes in, PDUs through the sans-IO
 //! transport, Connect, then either the admin controller or an I/O queue whose commands become
 //! bdev operations; responses are batched into the connection's send buffer.
+//!
+//! Reads reuse their data buffers: a buffer whose C2HData went out returns to the connection's
+//! pool (at most a queue depth of them) and is offered to the next read's bdev, which fills it
+//! in place ([`BdevChannel::submit_read`](nvmetro_bdev::BdevChannel::submit_read)); the bytes are
+//! then sent from it by the same writev as the PDU headers, so a read allocates nothing.
 
 use crate::reactor::Channels;
-use crate::subsys::{ConnectRefusal, ControllerHandle, Subsystem};
+use crate::subsys::{ConnectRefusal, ControllerHandle, IoCache, Subsystem};
 use crate::Target;
 use mio::net::TcpStream;
 use nvmetro_bdev::{BdevError, BdevOp, BdevOutput};
@@ -12,11 +17,35 @@ use nvmetro_proto::identify;
 use nvmetro_proto::nvme::{admin, fctype, Command, Completion, Status};
 use nvmetro_proto::subsystem::{SubsystemView, DISCOVERY_NQN};
 use nvmetro_proto::tcp::{PduSink, TargetEvent, TargetLimits, TargetTransport};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{self, IoSlice, Read, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
+
+/// A reactor's connections by token. Tokens are small integers the reactor hands out itself, so
+/// they need no DoS-resistant hash; the reactor looks connections up several times per command.
+pub type ConnMap = HashMap<u32, Conn, BuildHasherDefault<TokenHasher>>;
+
+/// Multiplicative (Fibonacci) hashing of a `u32` token, spread to the high bits hashbrown uses.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TokenHasher(u64);
+
+impl Hasher for TokenHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = (self.0 ^ u64::from(n)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
 
 /// Which listener a connection came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +62,9 @@ pub struct Ctx<'a> {
     pub channels: &'a mut Channels,
     pub registry: &'a mio::Registry,
     pub now_ms: u64,
+    /// The reactor's clock for this step of its turn (read once per step, not per command):
+    /// commands take it as their start and completions as their end for the latency figures.
+    pub now: Instant,
 }
 
 const RX_BUFFER: usize = 512 * 1024;
@@ -42,17 +74,40 @@ const RX_BUFFER: usize = 512 * 1024;
 /// this plus what its outstanding commands return (at most queue depth x MDTS).
 pub const OUTBOX_LIMIT: usize = 4 << 20;
 
+/// Read buffers larger than this are not kept for reuse (MDTS is the largest a read needs).
+const POOLED_BUFFER: usize = identify::MAX_TRANSFER;
+
+/// Most bytes of read buffers one connection keeps for reuse.
+const POOL_BYTES: usize = 4 << 20;
+
+/// Most iovecs one writev takes.
+const IOVECS: usize = 128;
+
+/// A queued piece of the send stream.
+struct Segment {
+    bytes: Vec<u8>,
+    /// Read data (returns to the read buffer pool once sent) rather than header bytes.
+    data: bool,
+}
+
 /// The send side of a connection: header bytes accumulate in `tail`; read data is queued as its own
-/// buffer, and everything goes out with one writev per flush, so data is never copied here.
+/// buffer, and everything goes out with one writev per flush, so data is never copied here. Sent
+/// read buffers are kept (up to `pool_limit`) for the next reads.
 #[derive(Default)]
 struct Outbox {
-    segments: VecDeque<Vec<u8>>,
+    segments: VecDeque<Segment>,
     /// Bytes in `segments`, sent ones included.
     queued: usize,
     /// Bytes of the first segment already sent.
     sent: usize,
     tail: Vec<u8>,
     spare: Vec<Vec<u8>>,
+    /// Sent read buffers, for [`Outbox::take_buffer`].
+    pool: Vec<Vec<u8>>,
+    /// Most buffers `pool` keeps: the queue depth (no more reads than that are ever in flight).
+    pool_limit: usize,
+    /// Capacity of the buffers in `pool` (at most [`POOL_BYTES`]).
+    pool_bytes: usize,
 }
 
 impl PduSink for Outbox {
@@ -62,7 +117,7 @@ impl PduSink for Outbox {
     fn data(&mut self, data: Vec<u8>) {
         self.seal_tail();
         self.queued += data.len();
-        self.segments.push_back(data);
+        self.segments.push_back(Segment { bytes: data, data: true });
     }
 }
 
@@ -71,8 +126,15 @@ impl Outbox {
         if !self.tail.is_empty() {
             let fresh = self.spare.pop().unwrap_or_default();
             self.queued += self.tail.len();
-            self.segments.push_back(std::mem::replace(&mut self.tail, fresh));
+            self.segments.push_back(Segment { bytes: std::mem::replace(&mut self.tail, fresh), data: false });
         }
+    }
+
+    /// A buffer for a read's data: a sent one if any (its contents are stale), else an empty one.
+    fn take_buffer(&mut self) -> Vec<u8> {
+        let buf = self.pool.pop().unwrap_or_default();
+        self.pool_bytes -= buf.capacity();
+        buf
     }
 
     fn is_empty(&self) -> bool {
@@ -95,10 +157,10 @@ impl Outbox {
     fn flush(&mut self, sock: &mut TcpStream) -> io::Result<()> {
         self.seal_tail();
         while !self.segments.is_empty() {
-            let mut slices = [IoSlice::new(&[]); 64];
+            let mut slices = [IoSlice::new(&[]); IOVECS];
             let mut n = 0;
-            for (i, seg) in self.segments.iter().take(64).enumerate() {
-                slices[i] = IoSlice::new(if i == 0 { &seg[self.sent..] } else { seg });
+            for (i, seg) in self.segments.iter().take(IOVECS).enumerate() {
+                slices[i] = IoSlice::new(if i == 0 { &seg.bytes[self.sent..] } else { &seg.bytes });
                 n += 1;
             }
             let mut written = match sock.write_vectored(&slices[..n]) {
@@ -109,16 +171,22 @@ impl Outbox {
                 Err(e) => return Err(e),
             };
             while written > 0 {
-                let left = self.segments[0].len() - self.sent;
+                let left = self.segments[0].bytes.len() - self.sent;
                 if written < left {
                     self.sent += written;
                     break;
                 }
                 written -= left;
                 self.sent = 0;
-                let mut done = self.segments.pop_front().expect("segment");
+                let Segment { bytes: mut done, data } = self.segments.pop_front().expect("segment");
                 self.queued -= done.len();
-                if self.spare.len() < 64 && done.capacity() <= 256 * 1024 {
+                if data {
+                    let size = done.capacity();
+                    if self.pool.len() < self.pool_limit && size <= POOLED_BUFFER && self.pool_bytes + size <= POOL_BYTES {
+                        self.pool_bytes += size;
+                        self.pool.push(done);
+                    }
+                } else if self.spare.len() < 64 && done.capacity() <= 256 * 1024 {
                     done.clear();
                     self.spare.push(done);
                 }
@@ -165,6 +233,8 @@ impl AdminQueue {
 
 struct IoQueue {
     subsystem: Arc<Subsystem>,
+    /// The view through this queue's listener and the namespace table, loaded per command.
+    cache: IoCache,
     handle: Arc<ControllerHandle>,
     generation: u64,
     pairer: FusePairer,
@@ -193,7 +263,7 @@ struct Inflight {
     data: Vec<u8>,
     /// Index of the namespace in its subsystem, for the per-namespace figures.
     ns: Option<Arc<crate::subsys::NamespaceStats>>,
-    start: std::time::Instant,
+    start: Instant,
     /// Flush this bdev once the operation succeeded, before completing (the host disabled the
     /// volatile write cache and the operation has no FUA of its own).
     flush_after: Option<usize>,
@@ -305,7 +375,9 @@ impl Conn {
 
     /// Reads everything the socket has and handles every complete PDU, until the send buffer
     /// is over [`OUTBOX_LIMIT`]: then reading waits for [`Conn::should_resume_reading`].
-    pub fn on_readable(&mut self, ctx: &mut Ctx) {
+    /// `read_closed`: the readiness event said the host closed its side (or the socket failed),
+    /// which no later event repeats, so reading goes on until end of file or WouldBlock.
+    pub fn on_readable(&mut self, ctx: &mut Ctx, read_closed: bool) {
         loop {
             if self.closing.is_some() {
                 // Ending: nothing more the host sends is acted on (after a TermReq in particular).
@@ -330,18 +402,19 @@ impl Conn {
                     return self.close_with("PDU larger than the receive buffer".into(), true);
                 }
             }
-            let space = self.rx.len() - self.rx_end;
             match self.sock.read(&mut self.rx[self.rx_end..]) {
                 Ok(0) => {
                     self.close_with("host closed the connection".into(), true);
                     return;
                 }
                 Ok(n) => {
+                    let asked = self.rx.len() - self.rx_end;
                     self.rx_end += n;
                     self.process(ctx);
-                    if n < space {
-                        // A short read emptied the socket (epoll announces the next byte): no
-                        // second read that could only say EAGAIN.
+                    if n < asked && !read_closed {
+                        // A short read emptied the socket: bytes arriving from now on raise a new
+                        // readiness event (epoll(7), edge-triggered stream sockets), so the read
+                        // that would only return WouldBlock is skipped.
                         return;
                     }
                 }
@@ -513,7 +586,9 @@ impl Conn {
             self.transport.set_in_capsule(self.limits.io_in_capsule);
             let generation = handle.generation.load(Ordering::Acquire);
             let cntlid = handle.cntlid;
-            self.role = Role::Io(IoQueue { subsystem, handle, generation, pairer: FusePairer::default() });
+            let cache = subsystem.io_cache(listener);
+            self.role = Role::Io(IoQueue { subsystem, cache, handle, generation, pairer: FusePairer::default() });
+            self.out.pool_limit = req.queue_size as usize;
             self.transport.set_connected(req.queue_size);
             self.respond(Completion::new(cid, Status::SUCCESS).with_result(u64::from(cntlid)), &[]);
         }
@@ -574,7 +649,7 @@ impl Conn {
             bytes: 0,
             data: Vec::new(),
             ns: None,
-            start: std::time::Instant::now(),
+            start: ctx.now,
             flush_after: None,
         });
         for ns in namespaces.iter() {
@@ -599,20 +674,30 @@ impl Conn {
         let tag = u64::from(self.token) << 32 | u64::from(slot);
         match ctx.channels.get(bdev, ctx.target, ctx.registry) {
             Ok(ch) => ch.submit(tag, op),
-            Err(e) => {
-                tracing::error!("cannot open a channel to bdev {}: {e}", ctx.target.bdev(bdev).info().name);
-                self.on_completion(slot, Err(BdevError::Io(e.to_string())), ctx);
-            }
+            Err(e) => self.channel_failed(bdev, slot, e, ctx),
         }
+    }
+
+    /// [`Conn::submit`] of a Read, offering `buf` for its data.
+    fn submit_read(&mut self, bdev: usize, slot: u32, offset: u64, len: usize, buf: Vec<u8>, ctx: &mut Ctx) {
+        let tag = u64::from(self.token) << 32 | u64::from(slot);
+        match ctx.channels.get(bdev, ctx.target, ctx.registry) {
+            Ok(ch) => ch.submit_read(tag, offset, len, buf),
+            Err(e) => self.channel_failed(bdev, slot, e, ctx),
+        }
+    }
+
+    fn channel_failed(&mut self, bdev: usize, slot: u32, e: io::Error, ctx: &mut Ctx) {
+        tracing::error!("cannot open a channel to bdev {}: {e}", ctx.target.bdev(bdev).info().name);
+        self.on_completion(slot, Err(BdevError::Io(e.to_string())), ctx);
     }
 
     fn start_io(&mut self, cmd: Command, data: Vec<u8>, ctx: &mut Ctx) {
         let cid = cmd.cid();
-        let Role::Io(q) = &self.role else { return };
-        let subsystem = q.subsystem.clone();
-        let write_cache = q.handle.write_cache.load(Ordering::Acquire);
         let ListenerKind::Subsystems(listener) = self.listener else { return };
-        let view = subsystem.view(listener);
+        let Role::Io(q) = &mut self.role else { return };
+        let write_cache = q.handle.write_cache.load(Ordering::Acquire);
+        let view = q.cache.view(&q.subsystem, listener);
         let req = match decode_io(&view, &cmd, &data) {
             Ok(r) => r.under_write_cache(write_cache),
             Err(status) => return self.respond(Completion::new(cid, status), &[]),
@@ -620,7 +705,7 @@ impl Conn {
         // One lookup serves the bdev and the statistics. The view decode_io checked and the
         // namespace table may differ for an instant while a reload swaps them: then the
         // namespace is treated as gone.
-        let table = subsystem.namespaces();
+        let table = q.cache.namespaces();
         let ns_found = table.iter().find(|n| n.info.nsid == cmd.nsid());
         if ns_found.is_none() && !matches!(req, IoRequest::Flush { .. } | IoRequest::Hint) {
             return self.respond(Completion::new(cid, Status::INVALID_NAMESPACE), &[]);
@@ -636,7 +721,7 @@ impl Conn {
             bytes,
             data: Vec::new(),
             ns: ns_found.map(|n| n.stats.clone()),
-            start: std::time::Instant::now(),
+            start: ctx.now,
             flush_after: None,
         };
         match req {
@@ -645,7 +730,8 @@ impl Conn {
                 let bs = u64::from(ns.info.block_size);
                 let len = u64::from(blocks) * bs;
                 let slot = self.alloc(new(IoKind::Read, 1, len));
-                self.submit(ns.bdev, slot, BdevOp::Read { offset: slba * bs, len: len as usize }, ctx);
+                let buf = self.out.take_buffer();
+                self.submit_read(ns.bdev, slot, slba * bs, len as usize, buf, ctx);
             }
             IoRequest::Write { slba, fua, .. } => {
                 let ns = ns_of();
@@ -702,11 +788,11 @@ impl Conn {
     }
 
     fn start_compare_and_write(&mut self, compare: (Command, Vec<u8>), write: (Command, Vec<u8>), ctx: &mut Ctx) {
-        let Role::Io(q) = &self.role else { return };
+        let ListenerKind::Subsystems(listener) = self.listener else { return };
+        let Role::Io(q) = &mut self.role else { return };
         let subsystem = q.subsystem.clone();
         let write_cache = q.handle.write_cache.load(Ordering::Acquire);
-        let ListenerKind::Subsystems(listener) = self.listener else { return };
-        let view = subsystem.view(listener);
+        let view = q.cache.view(&subsystem, listener);
         let (ccmd, cdata) = compare;
         let (wcmd, wdata) = write;
         if let Err(status) = decode_io(&view, &ccmd, &cdata).and_then(|_| decode_io(&view, &wcmd, &wdata)) {
@@ -727,7 +813,7 @@ impl Conn {
             bytes,
             data: Vec::new(),
             ns: Some(ns.stats.clone()),
-            start: std::time::Instant::now(),
+            start: ctx.now,
             // Compare and Write has no FUA of its own: with the cache off it is flushed.
             flush_after: (!write_cache && ns.info.volatile_cache).then_some(ns.bdev),
         });
@@ -771,7 +857,7 @@ impl Conn {
             st.inflight.fetch_sub(1, Ordering::Relaxed);
             if !matches!(f.kind, IoKind::Other) {
                 let write = matches!(f.kind, IoKind::Write | IoKind::CompareAndWrite { .. });
-                st.record(write, f.bytes, f.status.is_success(), f.start.elapsed());
+                st.record(write, f.bytes, f.status.is_success(), ctx.now.saturating_duration_since(f.start));
             }
         }
         if let Role::Io(q) = &self.role {

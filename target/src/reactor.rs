@@ -13,14 +13,13 @@
 //! the last [`CONTENDED_FOR`]: another reactor, a second site, a spinning host) does not spin at
 //! all, so that whatever it waits for can run.
 
-use crate::conn::{Conn, ConnLimits, Ctx, ListenerKind};
+use crate::conn::{Conn, ConnLimits, ConnMap, Ctx, ListenerKind};
 use crate::Target;
 use crossbeam_queue::SegQueue;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use nvmetro_bdev::{BdevChannel, BdevCompletion, Poller};
 use nvmetro_conf::PollMode;
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
@@ -166,7 +165,7 @@ pub struct Reactor {
     poll: Poll,
     shared: Arc<Shared>,
     target: Arc<Target>,
-    conns: HashMap<u32, Conn>,
+    conns: ConnMap,
     /// By token; a removed listener leaves None so the others keep their tokens.
     listeners: Vec<Option<(TcpListener, ListenerKind)>>,
     channels: Channels,
@@ -196,7 +195,7 @@ impl Reactor {
             poll,
             shared,
             target,
-            conns: HashMap::new(),
+            conns: ConnMap::default(),
             listeners: Vec::new(),
             channels: Channels::default(),
             pollers: Vec::new(),
@@ -365,6 +364,8 @@ impl Reactor {
                 }
             }
             let now_ms = self.target.now_ms();
+            // The clock for this step (a busy turn that found nothing keeps the one read above).
+            let mut turn = if events.is_empty() { now } else { Instant::now() };
             for ev in events.iter() {
                 let t = ev.token().0;
                 if t == TIMER.0 {
@@ -388,9 +389,9 @@ impl Reactor {
                 let token = t as u32;
                 if let Some(conn) = self.conns.get_mut(&token) {
                     let registry = self.poll.registry();
-                    let mut ctx = Ctx { target: &self.target, channels: &mut self.channels, registry, now_ms };
+                    let mut ctx = Ctx { target: &self.target, channels: &mut self.channels, registry, now_ms, now: turn };
                     if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-                        conn.on_readable(&mut ctx);
+                        conn.on_readable(&mut ctx, ev.is_read_closed() || ev.is_error());
                     }
                     dirty.push(token);
                 }
@@ -398,11 +399,14 @@ impl Reactor {
 
             self.completions.clear();
             work += self.channels.poll_all(&mut self.completions);
+            if !self.completions.is_empty() {
+                turn = Instant::now();
+            }
             for c in self.completions.drain(..) {
                 let token = (c.tag >> 32) as u32;
                 if let Some(conn) = self.conns.get_mut(&token) {
                     let registry = self.poll.registry();
-                    let mut ctx = Ctx { target: &self.target, channels: &mut self.channels, registry, now_ms };
+                    let mut ctx = Ctx { target: &self.target, channels: &mut self.channels, registry, now_ms, now: turn };
                     conn.on_completion(c.tag as u32, c.result, &mut ctx);
                     dirty.push(token);
                 }
@@ -412,7 +416,7 @@ impl Reactor {
                 next_tick = Instant::now() + TICK;
                 for (token, conn) in self.conns.iter_mut() {
                     let registry = self.poll.registry();
-                    let mut ctx = Ctx { target: &self.target, channels: &mut self.channels, registry, now_ms };
+                    let mut ctx = Ctx { target: &self.target, channels: &mut self.channels, registry, now_ms, now: turn };
                     conn.on_tick(&mut ctx);
                     dirty.push(*token);
                 }
@@ -428,8 +432,8 @@ impl Reactor {
                 // take (a writable event follows).
                 while conn.should_resume_reading() {
                     let registry = self.poll.registry();
-                    let mut ctx = Ctx { target: &self.target, channels: &mut self.channels, registry, now_ms };
-                    conn.on_readable(&mut ctx);
+                    let mut ctx = Ctx { target: &self.target, channels: &mut self.channels, registry, now_ms, now: turn };
+                    conn.on_readable(&mut ctx, false);
                     conn.flush();
                 }
                 if conn.finished() {

@@ -1,10 +1,11 @@
 //! Subsystems at run time: their namespaces over bdevs, the view each listener gives of them
 //! (ANA states), their live controllers, and the discovery service.
 //!
-//! Views are swapped whole (arc-swap), so the I/O path reads them without a lock; the controller
+//! Views are swapped whole (arc-swap), so the I/O path reads them without a lock (an I/O queue
+//! through an [`IoCache`], which only checks for a swap); the controller
 //! registry takes a mutex, but only on Connect and controller teardown, never per I/O.
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, Cache};
 use nvmetro_conf::{Config, SubsystemConfig};
 use nvmetro_proto::subsystem::{AnaState, DiscoveryEntry, Health, NamespaceInfo, SubsystemKind, SubsystemView};
 use std::collections::HashMap;
@@ -93,7 +94,7 @@ impl NamespaceStats {
 #[derive(Debug)]
 pub struct Subsystem {
     config: ArcSwap<SubsystemConfig>,
-    namespaces: ArcSwap<Vec<Namespace>>,
+    namespaces: Arc<ArcSwap<Vec<Namespace>>>,
     /// One view per listener slot (slots only grow; see [`crate::Target::listener_slots`]).
     views: ArcSwap<Vec<Arc<ArcSwap<SubsystemView>>>>,
     controllers: Mutex<HashMap<u16, Arc<ControllerHandle>>>,
@@ -101,6 +102,36 @@ pub struct Subsystem {
     /// When each (listener, ANA group) last changed state (control path only).
     ana_changed: Mutex<HashMap<(usize, u32), std::time::SystemTime>>,
     started: Instant,
+}
+
+/// An I/O queue's copy of its listener's view and of the namespace table: a load checks that
+/// the shared value was not swapped (one atomic read) instead of taking a new reference, so it
+/// always returns what [`Subsystem::view`] and [`Subsystem::namespaces`] would.
+pub struct IoCache {
+    /// None when the listener slot did not exist yet: then every load asks the subsystem.
+    view: Option<Cache<Arc<ArcSwap<SubsystemView>>, Arc<SubsystemView>>>,
+    namespaces: Cache<Arc<ArcSwap<Vec<Namespace>>>, Arc<Vec<Namespace>>>,
+}
+
+impl std::fmt::Debug for IoCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IoCache")
+    }
+}
+
+impl IoCache {
+    /// The current view through `listener` of `subsystem` (the one this cache was made from).
+    pub fn view(&mut self, subsystem: &Subsystem, listener: usize) -> Arc<SubsystemView> {
+        match &mut self.view {
+            Some(c) => c.load().clone(),
+            None => subsystem.view(listener),
+        }
+    }
+
+    /// The current namespace table.
+    pub fn namespaces(&mut self) -> Arc<Vec<Namespace>> {
+        self.namespaces.load().clone()
+    }
 }
 
 /// Why a Connect was refused.
@@ -122,7 +153,7 @@ impl Subsystem {
         let views = listeners.iter().map(|l| Arc::new(ArcSwap::from_pointee(Self::fresh_view(&config, &namespaces, l.as_ref())))).collect();
         Subsystem {
             config: ArcSwap::from_pointee(config),
-            namespaces: ArcSwap::from_pointee(namespaces),
+            namespaces: Arc::new(ArcSwap::from_pointee(namespaces)),
             views: ArcSwap::from_pointee(views),
             controllers: Mutex::new(HashMap::new()),
             health: HealthCounters::default(),
@@ -167,6 +198,11 @@ impl Subsystem {
 
     pub fn view(&self, listener: usize) -> Arc<SubsystemView> {
         self.views.load().get(listener).map_or_else(|| Arc::new(Self::fresh_view(&self.config(), &[], None)), |v| v.load_full())
+    }
+
+    /// What an I/O queue on `listener` reads for every command, cached (see [`IoCache`]).
+    pub fn io_cache(&self, listener: usize) -> IoCache {
+        IoCache { view: self.views.load().get(listener).map(|v| Cache::new(v.clone())), namespaces: Cache::new(self.namespaces.clone()) }
     }
 
     pub fn namespace(&self, nsid: u32) -> Option<Namespace> {
