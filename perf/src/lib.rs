@@ -210,18 +210,18 @@ impl Queue {
 
     /// Collects finished commands into `out` without blocking; returns how many.
     pub fn poll(&mut self, out: &mut Vec<(Completion, Vec<u8>)>) -> Result<usize, HostError> {
-        let mut events = std::mem::take(&mut self.events);
-        let r = self.read_once(false, &mut events);
-        let n = self.collect(&mut events, out);
-        self.events = events;
-        r.map(|_| n)
+        self.read_and_collect(false, out)
     }
 
     /// Waits until bytes arrive (at most [`READ_TICK`]; busy-polling queues do not wait) and
     /// collects finished commands into `out`; returns how many (0 if the wait ended first).
     pub fn poll_wait(&mut self, out: &mut Vec<(Completion, Vec<u8>)>) -> Result<usize, HostError> {
+        self.read_and_collect(true, out)
+    }
+
+    fn read_and_collect(&mut self, wait: bool, out: &mut Vec<(Completion, Vec<u8>)>) -> Result<usize, HostError> {
         let mut events = std::mem::take(&mut self.events);
-        let r = self.read_once(true, &mut events);
+        let r = self.read_once(wait, &mut events);
         let n = self.collect(&mut events, out);
         self.events = events;
         r.map(|_| n)
