@@ -345,7 +345,9 @@ impl Reactor {
             // earliest deadline once parked.
             let now = Instant::now();
             let mut timeout = Some(Duration::ZERO);
-            if self.mode == PollMode::Adaptive {
+            // (Not after messages or pollers did work in this turn: what they handed over, such
+            // as mirror completions, is polled below before the reactor may park.)
+            if self.mode == PollMode::Adaptive && work == 0 {
                 if let Some(since) = idle_since {
                     let spin = if self.contention.contended(now) { Duration::ZERO } else { SPIN };
                     if now - since >= spin {

@@ -139,6 +139,19 @@ impl StatusReport {
 struct ChanQueue {
     done: SegQueue<BdevCompletion>,
     eventfd: OwnedFd,
+    /// The thread that last polled the channel ([`thread_tag`]): when the link runs on that same
+    /// thread (a poller on the channel's reactor) the reactor polls the queue in the same turn,
+    /// and the eventfd signal (a syscall) is skipped.
+    consumer: AtomicU64,
+}
+
+/// A number for the calling thread, unique in the process.
+fn thread_tag() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static TAG: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    TAG.with(|t| *t)
 }
 
 struct Shared {
@@ -396,7 +409,7 @@ impl Bdev for MirrorBdev {
     }
 
     fn channel(self: Arc<Self>) -> io::Result<Box<dyn BdevChannel>> {
-        let queue = Arc::new(ChanQueue { done: SegQueue::new(), eventfd: nvmetro_ffi::eventfd()? });
+        let queue = Arc::new(ChanQueue { done: SegQueue::new(), eventfd: nvmetro_ffi::eventfd()?, consumer: AtomicU64::new(thread_tag()) });
         let mut index = 0;
         self.shared.channels.rcu(|v| {
             let mut v = (**v).clone();
@@ -458,6 +471,7 @@ impl BdevChannel for MirrorChannel {
         }
         n += self.refused.len();
         done.append(&mut self.refused);
+        self.queue.consumer.store(thread_tag(), Ordering::Relaxed);
         // The eventfd is never drained: reactors watch it edge-triggered, and every signal is a
         // new edge whatever its count, so a read here would be a syscall for nothing.
         while let Some(c) = self.queue.done.pop() {
@@ -1003,11 +1017,15 @@ impl LinkThread {
             }
         }
         self.flush();
+        // Completions handed over count as work: the reactor polls its channels before it may
+        // park (and gets no signal for a channel it polls itself).
+        work |= !self.signal.is_empty();
         self.signal.sort_unstable();
         self.signal.dedup();
         let channels = self.shared.channels.load();
+        let here = thread_tag();
         for chan in self.signal.drain(..) {
-            if let Some(q) = channels.get(chan) {
+            if let Some(q) = channels.get(chan).filter(|q| q.consumer.load(Ordering::Relaxed) != here) {
                 nvmetro_ffi::eventfd_signal(&q.eventfd);
             }
         }
