@@ -1,10 +1,14 @@
 //! The mirror bdev: binds a [`MirrorCore`] to a local bdev, a TCP replication link, the metadata
 //! file, and the reactors.
 //!
-//! One link thread per mirror owns the core, the connection and a channel on the local bdev.
-//! Reactors hand it write-type operations through a lock-free queue (waking it with a mio waker
-//! when it is parked) and get completions back on a per-channel lock-free queue with an eventfd
-//! that wakes a parked reactor. Reads go straight to the local leg while it is serving.
+//! One link per mirror owns the core, the connection and a channel on the local bdev. In the
+//! target it runs as a poller on a reactor (tests may give it a thread of its own). Reactors
+//! hand it write-type operations through a lock-free queue (waking it with a mio waker when it
+//! is parked) and get completions back on a per-channel lock-free queue with an eventfd that
+//! wakes a parked reactor (not signalled when the link runs on the reactor that polls the
+//! channel). Reads go straight to the local leg while it is serving. A poller turn makes
+//! syscalls only for descriptors that turned ready, plus a look at everything on its 10 ms tick;
+//! frames leave through the two lanes of [`super::outbox`] (resync data yields to host frames).
 //!
 //! The link is a [`Transport`]: over TCP the preferred leg listens and the secondary dials it,
 //! with backoff. A new connection first proves that it knows the shared secret ([`super::auth`],
