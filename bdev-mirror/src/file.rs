@@ -250,33 +250,32 @@ impl FileChannel {
     }
 
     fn advance(&mut self, c: UringCompletion) {
-        let id = c.tag as usize;
         let buf = c.buf;
-        let Some(st) = self.ops.get_mut(id).and_then(Option::as_mut) else { return self.recycle(buf) };
-        if let Err(e) = c.result {
-            self.recycle(buf);
+        self.step(c.tag as usize, c.result, buf.as_deref());
+        self.recycle(buf);
+    }
+
+    /// The next stage of operation `id`, whose last transfer ended with `result` (`buf`: the
+    /// bytes it moved, if it moved any).
+    fn step(&mut self, id: usize, result: io::Result<usize>, buf: Option<&[u8]>) {
+        let Some(st) = self.ops.get_mut(id).and_then(Option::as_mut) else { return };
+        if let Err(e) = result {
             return self.finish(id, Err(e.into()));
         }
         let file = self.bdev.file.clone();
         let (offset, _, _) = st.lock.unwrap_or((0, 0, Mode::Shared));
         match std::mem::replace(&mut st.stage, Stage::Flush) {
             Stage::Read => {
-                let data = buf.as_ref().map(|b| b.to_vec()).unwrap_or_default();
-                self.recycle(buf);
+                let data = buf.map(<[u8]>::to_vec).unwrap_or_default();
                 self.finish(id, Ok(BdevOutput::Data(data)));
             }
             Stage::Compare(expected) => {
-                let same = buf.as_ref().is_some_and(|b| **b == *expected);
-                self.recycle(buf);
+                let same = buf.is_some_and(|b| *b == *expected);
                 self.finish(id, Ok(if same { BdevOutput::Done } else { BdevOutput::Miscompare }));
             }
             Stage::CawRead { expected, data } => {
-                let same = buf.as_ref().is_some_and(|b| **b == *expected);
-                self.recycle(buf);
-                if same {
-                    if let Some(st) = self.ops.get_mut(id).and_then(Option::as_mut) {
-                        st.stage = Stage::CawWrite;
-                    }
+                if buf.is_some_and(|b| *b == *expected) {
+                    st.stage = Stage::CawWrite;
                     let buf = self.buffer_with(&data);
                     self.push(id as u64, UringOp::Write { file, offset, buf });
                 } else {
@@ -284,14 +283,10 @@ impl FileChannel {
                 }
             }
             Stage::Write { fua: true } => {
-                self.recycle(buf);
-                if let Some(st) = self.ops.get_mut(id).and_then(Option::as_mut) {
-                    st.stage = Stage::WriteSync;
-                }
+                st.stage = Stage::WriteSync;
                 self.push(id as u64, UringOp::Fsync { file });
             }
             Stage::CawWrite | Stage::Write { .. } | Stage::WriteSync | Stage::Zero | Stage::Flush => {
-                self.recycle(buf);
                 self.finish(id, Ok(BdevOutput::Done));
             }
         }

@@ -1043,15 +1043,16 @@ impl LinkThread {
     /// Descriptors must be looked at whether or not they announced anything: an in-memory link
     /// with bytes due, a dial in progress, a handshake with bytes to write.
     fn needs_io(&self) -> bool {
-        self.conn.as_ref().is_some_and(|c| c.sock.pending())
-            || self.transport.connecting()
-            || self.pending_conns.iter().any(|p| !p.tx.is_empty() || p.sock.pending())
+        self.bytes_due_in_memory() || self.transport.connecting()
+    }
+
+    /// An in-memory link or a handshake has bytes to move now (no descriptor announces them).
+    fn bytes_due_in_memory(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.sock.pending()) || self.pending_conns.iter().any(|p| !p.tx.is_empty() || p.sock.pending())
     }
 
     fn holding(&self) -> bool {
-        self.conn.as_ref().is_some_and(|c| !c.delayed.is_empty() || c.fill_blocked || c.sock.pending())
-            || self.transport.connecting()
-            || self.pending_conns.iter().any(|p| !p.tx.is_empty() || p.sock.pending())
+        self.needs_io() || self.conn.as_ref().is_some_and(|c| !c.delayed.is_empty() || c.fill_blocked)
     }
 
     /// The link on its own thread: spin (yielding) for `settings.spin`, then sleep in epoll.
@@ -1102,9 +1103,7 @@ impl crate::Poller for LinkThread {
 
     fn next_deadline(&self) -> Option<Instant> {
         let now = Instant::now();
-        let in_memory =
-            self.conn.as_ref().is_some_and(|c| c.sock.pending()) || self.pending_conns.iter().any(|p| !p.tx.is_empty() || p.sock.pending());
-        if in_memory || self.more_events || !self.shared.inbox.is_empty() {
+        if self.bytes_due_in_memory() || self.more_events || !self.shared.inbox.is_empty() {
             return Some(now);
         }
         let mut at = self.last_tick + TICK;

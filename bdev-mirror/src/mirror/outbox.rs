@@ -71,42 +71,34 @@ impl Conn {
     pub(super) fn write_out(&mut self, now: Instant) -> Result<(), String> {
         self.fill_blocked = false;
         loop {
-            if self.bulk_sent > 0 {
-                let n = write_some(self.sock.as_mut(), &self.bulk[0][self.bulk_sent..])?;
-                if n == 0 {
+            // Between frames: host frames first, then a resync frame if the fill target allows.
+            if self.bulk_sent == 0 {
+                if !self.tx.is_empty() {
+                    let n = write_some(self.sock.as_mut(), &self.tx)?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    self.tx.drain(..n);
+                    self.last_urgent = Some(now);
+                    continue;
+                }
+                if self.bulk.is_empty() {
                     return Ok(());
                 }
-                self.bulk_sent += n;
-                if self.bulk_sent == self.bulk[0].len() {
-                    self.bulk.pop_front();
-                    self.bulk_sent = 0;
-                }
-                continue;
-            }
-            if !self.tx.is_empty() {
-                let n = write_some(self.sock.as_mut(), &self.tx)?;
-                if n == 0 {
+                let busy = self.last_urgent.is_some_and(|t| now.duration_since(t) < RESYNC_YIELD);
+                let fill = if busy { RESYNC_FILL_BUSY } else { RESYNC_FILL_IDLE };
+                if self.sock.unsent().unwrap_or(0) >= fill {
+                    self.fill_blocked = true;
                     return Ok(());
                 }
-                self.tx.drain(..n);
-                self.last_urgent = Some(now);
-                continue;
             }
-            if self.bulk.is_empty() {
-                return Ok(());
-            }
-            let busy = self.last_urgent.is_some_and(|t| now.duration_since(t) < RESYNC_YIELD);
-            let fill = if busy { RESYNC_FILL_BUSY } else { RESYNC_FILL_IDLE };
-            if self.sock.unsent().unwrap_or(0) >= fill {
-                self.fill_blocked = true;
-                return Ok(());
-            }
-            let n = write_some(self.sock.as_mut(), &self.bulk[0])?;
+            // The (rest of the) first resync frame.
+            let n = write_some(self.sock.as_mut(), &self.bulk[0][self.bulk_sent..])?;
             if n == 0 {
                 return Ok(());
             }
-            self.bulk_sent = n;
-            if n == self.bulk[0].len() {
+            self.bulk_sent += n;
+            if self.bulk_sent == self.bulk[0].len() {
                 self.bulk.pop_front();
                 self.bulk_sent = 0;
             }
