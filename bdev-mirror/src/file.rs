@@ -384,7 +384,13 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::ResourceBusy);
         assert!(e.to_string().contains(&p.display().to_string()), "{e}");
         drop(first);
-        FileBdev::open("b", &p, 4096, Some(1 << 20), false).expect("free once the first bdev is gone");
+        // A child a sibling test forks at this moment holds a copy of every descriptor until its
+        // exec closes them (close-on-exec): the lock is free once that copy is gone too.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while let Err(e) = FileBdev::open("b", &p, 4096, Some(1 << 20), false) {
+            assert!(std::time::Instant::now() < deadline, "still locked after the first bdev is gone: {e}");
+            std::thread::yield_now();
+        }
         std::fs::remove_file(p).unwrap();
     }
 
