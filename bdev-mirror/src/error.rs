@@ -681,7 +681,7 @@ mod tests {
     }
 
     fn write(offset: u64) -> BdevOp {
-        BdevOp::Write { offset, data: vec![0xab; BS], fua: false }
+        BdevOp::Write { offset, data: vec![0xab; BS].into(), fua: false }
     }
 
     fn read(offset: u64) -> BdevOp {
@@ -728,7 +728,7 @@ mod tests {
         assert_eq!(run_to_completion(ch, 4, write(8192 - 512)), Err(BdevError::NoSpace));
         assert_eq!(run_to_completion(ch, 5, write(8192)), Ok(BdevOutput::Done));
         // Overlapping the range's start is enough.
-        let big = BdevOp::Write { offset: 3584, data: vec![1; 1024], fua: false };
+        let big = BdevOp::Write { offset: 3584, data: vec![1; 1024].into(), fua: false };
         assert_eq!(run_to_completion(ch, 6, big), Err(BdevError::NoSpace));
         // Other kinds pass, and the failed writes never reached the disk.
         assert_eq!(run_to_completion(ch, 7, read(4096)), Ok(BdevOutput::Data(vec![0; BS])));

@@ -234,8 +234,8 @@ impl FileChannel {
             }
             BdevOp::Write { offset, data, fua } => {
                 let id = self.alloc(OpState { tag, stage: Stage::Write { fua }, lock });
-                let buf = self.buffer_with(&data);
-                self.push(id, UringOp::Write { file, offset, buf });
+                // Straight from the shared payload (page-aligned, so O_DIRECT takes it).
+                self.push(id, UringOp::WriteShared { file, offset, buf: data });
             }
             BdevOp::WriteZeroes { offset, len } | BdevOp::Deallocate { offset, len } => {
                 let id = self.alloc(OpState { tag, stage: Stage::Zero, lock });
@@ -363,7 +363,7 @@ mod tests {
         let mut a = b.clone().channel().unwrap();
         let mut c = b.clone().channel().unwrap();
         a.submit(1, BdevOp::CompareAndWrite { offset: 0, expected: vec![0; 4096], data: vec![1; 4096] });
-        c.submit(2, BdevOp::Write { offset: 0, data: vec![2; 4096], fua: false });
+        c.submit(2, BdevOp::Write { offset: 0, data: vec![2; 4096].into(), fua: false });
         // The write waits until the compare-and-write is complete.
         let mut done = Vec::new();
         while done.iter().filter(|d: &&BdevCompletion| d.result.is_ok()).count() < 2 {

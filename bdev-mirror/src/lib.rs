@@ -19,6 +19,7 @@ pub mod null;
 pub mod range_lock;
 
 pub use mirror::core::Access;
+pub use nvmetro_ffi::{IoBuf, IoBufMut, IoBufPool};
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -46,9 +47,11 @@ pub enum BdevOp {
         offset: u64,
         len: usize,
     },
+    /// `data` is shared, not copied: the mirror hands the same bytes to its local leg and to the
+    /// replication link.
     Write {
         offset: u64,
-        data: Vec<u8>,
+        data: IoBuf,
         fua: bool,
     },
     /// Succeeds with [`BdevOutput::Miscompare`] when the bytes differ.
@@ -299,7 +302,7 @@ pub(crate) mod conformance {
         let mut ch = bdev.clone().channel().unwrap();
         let pattern: Vec<u8> = (0..bs * 2).map(|i| (i * 7) as u8).collect();
         let run = |ch: &mut Box<dyn BdevChannel>, op| run_to_completion(ch.as_mut(), 1, op);
-        assert_eq!(run(&mut ch, BdevOp::Write { offset: bs as u64, data: pattern.clone(), fua: false }), Ok(BdevOutput::Done));
+        assert_eq!(run(&mut ch, BdevOp::Write { offset: bs as u64, data: pattern.clone().into(), fua: false }), Ok(BdevOutput::Done));
         assert_eq!(run(&mut ch, BdevOp::Read { offset: bs as u64, len: bs * 2 }), Ok(BdevOutput::Data(pattern.clone())));
         // A read offered a recycled buffer (longer, shorter, or empty) returns the same bytes.
         for recycled in [vec![0x55; bs * 3], vec![0x55; bs], Vec::new()] {

@@ -55,7 +55,7 @@ mod tests {
     fn reads_zeroes_and_checks_bounds() {
         let b = Arc::new(NullBdev::new("n", 512, 8));
         let mut ch = b.channel().unwrap();
-        let w = BdevOp::Write { offset: 0, data: vec![1; 512], fua: false };
+        let w = BdevOp::Write { offset: 0, data: vec![1; 512].into(), fua: false };
         assert_eq!(run_to_completion(ch.as_mut(), 1, w), Ok(BdevOutput::Done));
         assert_eq!(run_to_completion(ch.as_mut(), 2, BdevOp::Read { offset: 3584, len: 512 }), Ok(BdevOutput::Data(vec![0; 512])));
         assert!(run_to_completion(ch.as_mut(), 3, BdevOp::Read { offset: 3584, len: 1024 }).is_err());

@@ -73,15 +73,15 @@ fn cut_restore_and_delay_over_the_in_memory_link() {
     let mut ca = a.clone().channel().unwrap();
     let mut cb = b.clone().channel().unwrap();
 
-    assert_eq!(run(ca.as_mut(), BdevOp::Write { offset: 0, data: vec![1; 4096], fua: false }), Ok(BdevOutput::Done));
-    assert_eq!(run(cb.as_mut(), BdevOp::Write { offset: 8192, data: vec![2; 4096], fua: false }), Ok(BdevOutput::Done));
+    assert_eq!(run(ca.as_mut(), BdevOp::Write { offset: 0, data: vec![1; 4096].into(), fua: false }), Ok(BdevOutput::Done));
+    assert_eq!(run(cb.as_mut(), BdevOp::Write { offset: 8192, data: vec![2; 4096].into(), fua: false }), Ok(BdevOutput::Done));
     assert!(read_leg(&la) == read_leg(&lb), "both legs hold both writes");
 
     control.cut();
     wait("the secondary fences itself", || !b.serving());
     assert!(a.serving(), "the preferred leg keeps serving");
-    assert_eq!(run(ca.as_mut(), BdevOp::Write { offset: 1 << 20, data: vec![3; 8192], fua: false }), Ok(BdevOutput::Done));
-    assert_eq!(run(cb.as_mut(), BdevOp::Write { offset: 0, data: vec![4; 512], fua: false }), Err(BdevError::Fenced));
+    assert_eq!(run(ca.as_mut(), BdevOp::Write { offset: 1 << 20, data: vec![3; 8192].into(), fua: false }), Ok(BdevOutput::Done));
+    assert_eq!(run(cb.as_mut(), BdevOp::Write { offset: 0, data: vec![4; 512].into(), fua: false }), Err(BdevError::Fenced));
     wait("the preferred leg counts what the secondary lacks (status is published every 100 ms)", || a.status().out_of_sync_bytes > 0);
 
     control.restore();
@@ -102,7 +102,7 @@ fn an_emulated_link_delay_shows_in_write_latency() {
     wait("the secondary serves", || b.serving());
     let mut ca = a.clone().channel().unwrap();
     let t = Instant::now();
-    assert_eq!(run(ca.as_mut(), BdevOp::Write { offset: 0, data: vec![1; 4096], fua: false }), Ok(BdevOutput::Done));
+    assert_eq!(run(ca.as_mut(), BdevOp::Write { offset: 0, data: vec![1; 4096].into(), fua: false }), Ok(BdevOutput::Done));
     assert!(t.elapsed() >= Duration::from_millis(4), "a write waits one round trip: {:?}", t.elapsed());
     drop((ca, a, b));
     let _ = std::fs::remove_dir_all(dir);

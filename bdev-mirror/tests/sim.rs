@@ -503,7 +503,7 @@ impl Sim {
         self.writes.push(WriteRec { id, blocks: block..block + n, issued: self.step, acked: None, durable: false, fua, maybe_lost: false });
         let tag = id;
         self.tags.insert(tag, w);
-        self.feed(leg, Input::Host { tag, op: BdevOp::Write { offset: (block * BLOCK) as u64, data, fua } });
+        self.feed(leg, Input::Host { tag, op: BdevOp::Write { offset: (block * BLOCK) as u64, data: data.into(), fua } });
     }
 
     fn complete_local(&mut self, leg: usize) -> bool {

@@ -5,6 +5,8 @@
 //! * [`SharedMem`]: a large anonymous mapping, on 2 MiB hugepages when they are reserved, shared by
 //!   all reactors. Access goes through stripe locks taken with atomics, so two reactors can never
 //!   copy into the same bytes at once and every copy is free of data races.
+//! * [`IoBuf`], [`IoBufMut`] and [`IoBufPool`]: pooled, shared I/O buffers, so one payload serves
+//!   the local write and the replication frame without a copy and without an allocation.
 //! * [`Uring`]: an io_uring instance per reactor that owns each buffer while the kernel uses it.
 //! * [`lock_exclusive`]: one owner per copy, an exclusive OFD lock on a bdev's or a metadata file.
 //! * [`Timer`] and [`involuntary_switches`]: how a polling reactor parks precisely and notices
@@ -12,11 +14,11 @@
 //! * [`CountingAllocator`]: a global allocator that counts, for tests proving a path allocates
 //!   nothing per I/O.
 //! * [`pin_current_thread`] and [`eventfd`] helpers.
-//! * [`CountingAlloc`]: a global allocator that counts allocations, for tests.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod counting;
 mod dmabuf;
+mod iobuf;
 mod lock;
 mod sched;
 mod shmem;
@@ -24,6 +26,7 @@ mod uring;
 
 pub use counting::CountingAllocator;
 pub use dmabuf::DmaBuf;
+pub use iobuf::{IoBuf, IoBufMut, IoBufPool, IOBUF_POOLED_MAX};
 pub use lock::lock_exclusive;
 pub use sched::{involuntary_switches, Timer};
 pub use shmem::{OutOfRange, SharedMem};

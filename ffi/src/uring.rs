@@ -1,4 +1,4 @@
-use crate::DmaBuf;
+use crate::{DmaBuf, IoBuf};
 use io_uring::{opcode, squeue, types, IoUring};
 use std::fs::File;
 use std::io;
@@ -18,6 +18,13 @@ pub enum UringOp {
         file: Arc<File>,
         offset: u64,
         buf: DmaBuf,
+    },
+    /// A write from shared memory (a payload other holders still read): the ring holds its
+    /// clone until the completion, and the completion carries no buffer.
+    WriteShared {
+        file: Arc<File>,
+        offset: u64,
+        buf: IoBuf,
     },
     /// fdatasync of the whole file.
     Fsync {
@@ -44,6 +51,8 @@ struct Inflight {
     tag: u64,
     expected: usize,
     buf: Option<DmaBuf>,
+    /// Keeps a shared write's bytes alive (and, being shared, unwritable) until the kernel is done.
+    _shared: Option<IoBuf>,
     _file: Arc<File>,
 }
 
@@ -110,20 +119,25 @@ impl Uring {
             UringOp::Read { file, offset, mut buf } => {
                 let len = u32::try_from(buf.len()).map_err(|_| io::Error::other("read too large"))?;
                 let e = opcode::Read::new(types::Fd(file.as_raw_fd()), buf.as_mut_ptr(), len).offset(offset).build();
-                (e, Inflight { tag, expected: len as usize, buf: Some(buf), _file: file })
+                (e, Inflight { tag, expected: len as usize, buf: Some(buf), _shared: None, _file: file })
             }
             UringOp::Write { file, offset, buf } => {
                 let len = u32::try_from(buf.len()).map_err(|_| io::Error::other("write too large"))?;
                 let e = opcode::Write::new(types::Fd(file.as_raw_fd()), buf.as_ptr(), len).offset(offset).build();
-                (e, Inflight { tag, expected: len as usize, buf: Some(buf), _file: file })
+                (e, Inflight { tag, expected: len as usize, buf: Some(buf), _shared: None, _file: file })
+            }
+            UringOp::WriteShared { file, offset, buf } => {
+                let len = u32::try_from(buf.len()).map_err(|_| io::Error::other("write too large"))?;
+                let e = opcode::Write::new(types::Fd(file.as_raw_fd()), buf.as_ptr(), len).offset(offset).build();
+                (e, Inflight { tag, expected: len as usize, buf: None, _shared: Some(buf), _file: file })
             }
             UringOp::Fsync { file } => {
                 let e = opcode::Fsync::new(types::Fd(file.as_raw_fd())).flags(types::FsyncFlags::DATASYNC).build();
-                (e, Inflight { tag, expected: 0, buf: None, _file: file })
+                (e, Inflight { tag, expected: 0, buf: None, _shared: None, _file: file })
             }
             UringOp::Fallocate { file, offset, len, mode } => {
                 let e = opcode::Fallocate::new(types::Fd(file.as_raw_fd()), len).offset(offset).mode(mode).build();
-                (e, Inflight { tag, expected: 0, buf: None, _file: file })
+                (e, Inflight { tag, expected: 0, buf: None, _shared: None, _file: file })
             }
         };
         let slot = self.free.pop().unwrap_or_else(|| {
@@ -146,7 +160,9 @@ impl Uring {
         loop {
             // SAFETY: whatever the entry points at (a buffer and a file owned by its slot, or
             // nothing for a cancel) stays alive, unmoved (DmaBuf's heap allocation does not move
-            // with the struct), until its completion is reaped: `reap` frees a slot only on its
+            // with the struct, nor does an IoBuf's), until its completion is reaped; a shared
+            // buffer the kernel reads is not written meanwhile, since writing an IoBuf's bytes
+            // needs its only reference and the slot holds one: `reap` frees a slot only on its
             // completion, and `Drop` waits for every completion before the slots are freed (or
             // leaks them). When this push fails the entry is not in the queue and the caller
             // may free what it points at.

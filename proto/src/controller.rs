@@ -606,26 +606,32 @@ pub fn decode_io(view: &SubsystemView, cmd: &Command, data: &[u8]) -> Result<IoR
 }
 
 /// Pairs fused Compare and Write commands, which must arrive back to back on one queue.
-#[derive(Debug, Default)]
-pub struct FusePairer {
-    first: Option<(Command, Vec<u8>)>,
+#[derive(Debug)]
+pub struct FusePairer<D = Vec<u8>> {
+    first: Option<(Command, D)>,
+}
+
+impl<D> Default for FusePairer<D> {
+    fn default() -> Self {
+        FusePairer { first: None }
+    }
 }
 
 /// What the pairer made of a command.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Fused {
+pub enum Fused<D = Vec<u8>> {
     /// An ordinary command.
-    Single(Command, Vec<u8>),
+    Single(Command, D),
     /// The first half arrived; wait for the second.
     Waiting,
     /// A complete pair: compare (with its data), then write (with its data).
-    Pair { compare: (Command, Vec<u8>), write: (Command, Vec<u8>) },
+    Pair { compare: (Command, D), write: (Command, D) },
     /// Broken sequence: complete these with errors, then handle `next` (if any) normally.
-    Broken { failed: Vec<Completion>, next: Option<(Command, Vec<u8>)> },
+    Broken { failed: Vec<Completion>, next: Option<(Command, D)> },
 }
 
-impl FusePairer {
-    pub fn push(&mut self, cmd: Command, data: Vec<u8>) -> Fused {
+impl<D> FusePairer<D> {
+    pub fn push(&mut self, cmd: Command, data: D) -> Fused<D> {
         match (cmd.fuse(), self.first.take()) {
             (Fuse::Normal, None) => Fused::Single(cmd, data),
             (Fuse::First, None) => {

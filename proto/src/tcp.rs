@@ -30,6 +30,25 @@ impl PduSink for Vec<u8> {
     }
 }
 
+/// Where a target queue puts the host data it receives: a buffer pool in the daemon (so the
+/// data reaches the block device without another copy or allocation), plain vectors by default.
+pub trait DataBuffers {
+    type Buf: AsRef<[u8]> + AsMut<[u8]> + Default;
+    /// A buffer of exactly `len` bytes; its contents do not matter (every byte is overwritten).
+    fn buffer(&mut self, len: usize) -> Self::Buf;
+}
+
+/// Host data in new, zeroed vectors.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct VecBuffers;
+
+impl DataBuffers for VecBuffers {
+    type Buf = Vec<u8>;
+    fn buffer(&mut self, len: usize) -> Vec<u8> {
+        vec![0; len]
+    }
+}
+
 /// Limits a target queue enforces.
 #[derive(Debug, Clone, Copy)]
 pub struct TargetLimits {
@@ -49,9 +68,9 @@ impl Default for TargetLimits {
 
 /// What the transport hands to the controller.
 #[derive(Debug, PartialEq, Eq)]
-pub enum TargetEvent {
+pub enum TargetEvent<D = Vec<u8>> {
     /// A command with all of its host-to-controller data (empty for other commands).
-    Command { cmd: Command, data: Vec<u8> },
+    Command { cmd: Command, data: D },
     /// A command that failed at the transport (bad SGL, too long): send this completion as is.
     Reject(Completion),
 }
@@ -63,21 +82,22 @@ enum TargetState {
 }
 
 #[derive(Debug)]
-struct PendingH2C {
+struct PendingH2C<D> {
     cmd: Command,
-    buf: Vec<u8>,
+    buf: D,
     received: usize,
     window_end: usize,
 }
 
 /// The controller side of one NVMe/TCP connection.
 #[derive(Debug)]
-pub struct TargetTransport {
+pub struct TargetTransport<B: DataBuffers = VecBuffers> {
     state: TargetState,
     limits: TargetLimits,
     digests: Digests,
     hpda: u8,
-    pending: HashMap<u16, PendingH2C>,
+    buffers: B,
+    pending: HashMap<u16, PendingH2C<B::Buf>>,
     /// Most commands the host may have outstanding (the queue size once connected).
     queue_depth: u32,
     /// Commands received and not yet answered through [`TargetTransport::respond`] & co.
@@ -91,11 +111,19 @@ const CONNECT_DATA: usize = 1024;
 
 impl TargetTransport {
     pub fn new(limits: TargetLimits) -> TargetTransport {
+        TargetTransport::with_buffers(limits, VecBuffers)
+    }
+}
+
+impl<B: DataBuffers> TargetTransport<B> {
+    /// A queue whose host data lands in buffers from `buffers`.
+    pub fn with_buffers(limits: TargetLimits, buffers: B) -> TargetTransport<B> {
         TargetTransport {
             state: TargetState::AwaitIcReq,
             limits,
             digests: Digests::default(),
             hpda: 0,
+            buffers,
             pending: HashMap::new(),
             queue_depth: 1,
             outstanding: 0,
@@ -117,7 +145,7 @@ impl TargetTransport {
 
     /// Bytes of R2T buffers held for commands whose data is still coming.
     pub fn buffered_bytes(&self) -> usize {
-        self.pending.values().map(|p| p.buf.len()).sum()
+        self.pending.values().map(|p| p.buf.as_ref().len()).sum()
     }
 
     /// `n` outstanding commands end without a response (Async Event Requests a controller
@@ -145,7 +173,7 @@ impl TargetTransport {
 
     /// Consumes complete PDUs from `rx`, returns how many bytes it used. On a fatal error the
     /// TermReq (if any) has been appended to `tx` and the connection must be closed after sending.
-    pub fn receive(&mut self, rx: &[u8], tx: &mut Vec<u8>, events: &mut Vec<TargetEvent>) -> Result<usize, PduError> {
+    pub fn receive(&mut self, rx: &[u8], tx: &mut Vec<u8>, events: &mut Vec<TargetEvent<B::Buf>>) -> Result<usize, PduError> {
         let mut used = 0;
         loop {
             let max_data = self.limits.in_capsule.max(self.limits.maxh2cdata as usize);
@@ -186,14 +214,15 @@ impl TargetTransport {
                     if off != p.received || off + data.len() > p.window_end {
                         return Err(self.fail(bad(fes::DATA_OUT_OF_RANGE, 12, "H2CData outside the R2T window"), tx));
                     }
-                    p.buf[off..off + data.len()].copy_from_slice(data);
+                    p.buf.as_mut()[off..off + data.len()].copy_from_slice(data);
                     p.received += data.len();
+                    let total = p.buf.as_ref().len();
                     if p.received == p.window_end {
-                        if p.received == p.buf.len() {
+                        if p.received == total {
                             let done = self.pending.remove(&ttag).expect("present");
                             events.push(TargetEvent::Command { cmd: done.cmd, data: done.buf });
                         } else {
-                            p.window_end = (p.received + self.limits.maxh2cdata as usize).min(p.buf.len());
+                            p.window_end = (p.received + self.limits.maxh2cdata as usize).min(total);
                             let len = (p.window_end - p.received) as u32;
                             pdu::encode_r2t(tx, cccid, ttag, p.received as u32, len, self.digests);
                         }
@@ -219,7 +248,7 @@ impl TargetTransport {
         e
     }
 
-    fn on_capsule(&mut self, cmd: Command, data: &[u8], tx: &mut Vec<u8>, events: &mut Vec<TargetEvent>) {
+    fn on_capsule(&mut self, cmd: Command, data: &[u8], tx: &mut Vec<u8>, events: &mut Vec<TargetEvent<B::Buf>>) {
         let reject = |status| TargetEvent::Reject(Completion::new(cmd.cid(), status));
         let len = cmd.sgl_len() as usize;
         let dir = cmd.direction();
@@ -231,7 +260,9 @@ impl TargetTransport {
                 if len != data.len() || len > self.limits.in_capsule {
                     return events.push(reject(Status::SGL_DATA_LENGTH_INVALID));
                 }
-                events.push(TargetEvent::Command { cmd, data: data.to_vec() });
+                let mut buf = self.buffers.buffer(len);
+                buf.as_mut().copy_from_slice(data);
+                events.push(TargetEvent::Command { cmd, data: buf });
             }
             sgl::TRANSPORT => {
                 if !data.is_empty() {
@@ -256,12 +287,13 @@ impl TargetTransport {
                     }
                     let window = len.min(self.limits.maxh2cdata as usize);
                     pdu::encode_r2t(tx, cmd.cid(), ttag, 0, window as u32, self.digests);
-                    self.pending.insert(ttag, PendingH2C { cmd, buf: vec![0; len], received: 0, window_end: window });
+                    let buf = self.buffers.buffer(len);
+                    self.pending.insert(ttag, PendingH2C { cmd, buf, received: 0, window_end: window });
                 } else {
-                    events.push(TargetEvent::Command { cmd, data: Vec::new() });
+                    events.push(TargetEvent::Command { cmd, data: B::Buf::default() });
                 }
             }
-            _ if len == 0 && data.is_empty() => events.push(TargetEvent::Command { cmd, data: Vec::new() }),
+            _ if len == 0 && data.is_empty() => events.push(TargetEvent::Command { cmd, data: B::Buf::default() }),
             _ => events.push(reject(Status::SGL_DESCRIPTOR_TYPE_INVALID)),
         }
     }

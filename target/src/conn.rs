@@ -12,11 +12,12 @@ use crate::subsys::{ConnectRefusal, ControllerHandle, IoCache, Subsystem};
 use crate::Target;
 use mio::net::TcpStream;
 use nvmetro_bdev::{BdevError, BdevOp, BdevOutput};
+use nvmetro_bdev::{IoBufMut, IoBufPool};
 use nvmetro_proto::controller::{self, connect_offset, decode_io, AdminOutcome, Controller, FusePairer, Fused, IoRequest};
 use nvmetro_proto::identify;
 use nvmetro_proto::nvme::{admin, fctype, Command, Completion, Status};
 use nvmetro_proto::subsystem::{SubsystemView, DISCOVERY_NQN};
-use nvmetro_proto::tcp::{PduSink, TargetEvent, TargetLimits, TargetTransport};
+use nvmetro_proto::tcp::{DataBuffers, PduSink, TargetEvent, TargetLimits, TargetTransport};
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{self, IoSlice, Read, Write};
@@ -237,7 +238,7 @@ struct IoQueue {
     cache: IoCache,
     handle: Arc<ControllerHandle>,
     generation: u64,
-    pairer: FusePairer,
+    pairer: FusePairer<IoBufMut>,
 }
 
 #[derive(Debug)]
@@ -284,7 +285,7 @@ pub struct Conn {
     sock: TcpStream,
     peer: SocketAddr,
     listener: ListenerKind,
-    transport: TargetTransport,
+    transport: TargetTransport<QueueBuffers>,
     rx: Vec<u8>,
     rx_start: usize,
     rx_end: usize,
@@ -297,7 +298,7 @@ pub struct Conn {
     sqhd: u32,
     inflight: Vec<Option<Inflight>>,
     free_slots: Vec<u32>,
-    events: Vec<TargetEvent>,
+    events: Vec<TargetEvent<IoBufMut>>,
     /// Set when the connection must end once its send buffer is out (or at once if fatal).
     closing: Option<String>,
     fatal: bool,
@@ -305,6 +306,18 @@ pub struct Conn {
     read_paused: bool,
     /// Whether reading was ever paused (logged the first time only).
     was_paused: bool,
+}
+
+/// Host data of one queue lands in buffers from the queue's own pool (SPDK's request pool per
+/// queue pair: it grows to the queue's depth and no further), shared from there with the bdev.
+#[derive(Debug)]
+struct QueueBuffers(IoBufPool);
+
+impl DataBuffers for QueueBuffers {
+    type Buf = IoBufMut;
+    fn buffer(&mut self, len: usize) -> IoBufMut {
+        self.0.take(len)
+    }
 }
 
 impl Conn {
@@ -320,7 +333,7 @@ impl Conn {
             sock,
             peer,
             listener,
-            transport: TargetTransport::new(limits),
+            transport: TargetTransport::with_buffers(limits, QueueBuffers(IoBufPool::new())),
             rx: vec![0; RX_BUFFER],
             rx_start: 0,
             rx_end: 0,
@@ -468,7 +481,7 @@ impl Conn {
         self.transport.respond_owned(&cqe, data, self.sq_flow_disabled, &mut self.out);
     }
 
-    fn on_command(&mut self, cmd: Command, data: Vec<u8>, ctx: &mut Ctx) {
+    fn on_command(&mut self, cmd: Command, data: IoBufMut, ctx: &mut Ctx) {
         self.sqhd = (self.sqhd + 1) % self.queue_size.max(1);
         match &mut self.role {
             Role::Unconnected => self.on_connect(cmd, data, ctx),
@@ -500,7 +513,7 @@ impl Conn {
         }
     }
 
-    fn on_connect(&mut self, cmd: Command, data: Vec<u8>, ctx: &mut Ctx) {
+    fn on_connect(&mut self, cmd: Command, data: IoBufMut, ctx: &mut Ctx) {
         let cid = cmd.cid();
         let req = match controller::parse_connect(&cmd, &data) {
             Ok(r) => r,
@@ -594,7 +607,7 @@ impl Conn {
         }
     }
 
-    fn on_admin(&mut self, cmd: Command, data: Vec<u8>, ctx: &mut Ctx) {
+    fn on_admin(&mut self, cmd: Command, data: IoBufMut, ctx: &mut Ctx) {
         let Role::Admin(q) = &mut self.role else { return };
         let outcome = match q.subsystem.clone() {
             Some((subsystem, handle)) => {
@@ -692,7 +705,7 @@ impl Conn {
         self.on_completion(slot, Err(BdevError::Io(e.to_string())), ctx);
     }
 
-    fn start_io(&mut self, cmd: Command, data: Vec<u8>, ctx: &mut Ctx) {
+    fn start_io(&mut self, cmd: Command, data: IoBufMut, ctx: &mut Ctx) {
         let cid = cmd.cid();
         let ListenerKind::Subsystems(listener) = self.listener else { return };
         let Role::Io(q) = &mut self.role else { return };
@@ -740,13 +753,13 @@ impl Conn {
                 if fua {
                     ns.stats.fua_writes.fetch_add(1, Ordering::Relaxed);
                 }
-                self.submit(ns.bdev, slot, BdevOp::Write { offset: slba * bs, data, fua }, ctx);
+                self.submit(ns.bdev, slot, BdevOp::Write { offset: slba * bs, data: data.freeze(), fua }, ctx);
             }
             IoRequest::Compare { slba, .. } => {
                 let ns = ns_of();
                 let bs = u64::from(ns.info.block_size);
                 let slot = self.alloc(new(IoKind::Compare, 1, 0));
-                self.submit(ns.bdev, slot, BdevOp::Compare { offset: slba * bs, expected: data }, ctx);
+                self.submit(ns.bdev, slot, BdevOp::Compare { offset: slba * bs, expected: data.to_vec() }, ctx);
             }
             IoRequest::WriteZeroes { slba, blocks, .. } => {
                 let ns = ns_of();
@@ -787,7 +800,7 @@ impl Conn {
         }
     }
 
-    fn start_compare_and_write(&mut self, compare: (Command, Vec<u8>), write: (Command, Vec<u8>), ctx: &mut Ctx) {
+    fn start_compare_and_write(&mut self, compare: (Command, IoBufMut), write: (Command, IoBufMut), ctx: &mut Ctx) {
         let ListenerKind::Subsystems(listener) = self.listener else { return };
         let Role::Io(q) = &mut self.role else { return };
         let subsystem = q.subsystem.clone();
@@ -817,7 +830,7 @@ impl Conn {
             // Compare and Write has no FUA of its own: with the cache off it is flushed.
             flush_after: (!write_cache && ns.info.volatile_cache).then_some(ns.bdev),
         });
-        self.submit(ns.bdev, slot, BdevOp::CompareAndWrite { offset, expected: cdata, data: wdata }, ctx);
+        self.submit(ns.bdev, slot, BdevOp::CompareAndWrite { offset, expected: cdata.to_vec(), data: wdata.to_vec() }, ctx);
     }
 
     pub fn on_completion(&mut self, slot: u32, result: Result<BdevOutput, BdevError>, ctx: &mut Ctx) {

@@ -35,7 +35,7 @@ use super::transport::{LinkStream, Transport};
 use super::DiskState;
 use crate::{Bdev, BdevChannel, BdevCompletion, BdevError, BdevInfo, BdevOp};
 use arc_swap::ArcSwap;
-use crossbeam_queue::SegQueue;
+use crossbeam_queue::ArrayQueue;
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -140,8 +140,15 @@ impl StatusReport {
     }
 }
 
+/// Operations a channel may have with the link at once; more wait in the channel (backpressure).
+const CHANNEL_DEPTH: usize = 1024;
+
+/// A reactor's channel to the link: bounded, lock-free, one producer and one consumer each way.
 struct ChanQueue {
-    done: SegQueue<BdevCompletion>,
+    /// Operations for the link: (the channel's tag, operation).
+    inbox: ArrayQueue<(u64, BdevOp)>,
+    /// Completions for the channel; never fuller than `inbox` was (one per operation).
+    done: ArrayQueue<BdevCompletion>,
     eventfd: OwnedFd,
     /// The thread that last polled the channel ([`thread_tag`]): when the link runs on that same
     /// thread (a poller on the channel's reactor) the reactor polls the queue in the same turn,
@@ -159,7 +166,6 @@ fn thread_tag() -> u64 {
 }
 
 struct Shared {
-    inbox: SegQueue<(usize, u64, BdevOp)>,
     channels: ArcSwap<Vec<Arc<ChanQueue>>>,
     /// [`Access`] as a number (see [`access_code`]).
     access: AtomicU8,
@@ -274,7 +280,6 @@ impl MirrorBdev {
         let poll = Poll::new()?;
         let waker = Waker::new(poll.registry(), WAKER)?;
         let shared = Arc::new(Shared {
-            inbox: SegQueue::new(),
             channels: ArcSwap::from_pointee(Vec::new()),
             access: AtomicU8::new(access_code(core.access())),
             lease_until_ms: AtomicU64::new(core.lease_deadline_ms()),
@@ -320,6 +325,9 @@ impl MirrorBdev {
             speed: (Instant::now(), 0, 0),
             signal: Vec::new(),
             ready: Vec::new(),
+            frames: Vec::new(),
+            outputs: Vec::new(),
+            payloads: crate::IoBufPool::new(),
             events: Events::with_capacity(64),
             more_events: false,
             completions: Vec::new(),
@@ -329,7 +337,7 @@ impl MirrorBdev {
             refusals: RefusalLog { last: None, suppressed: 0 },
             last_publish: Instant::now() - Duration::from_secs(1),
         };
-        link.run_outputs(first);
+        link.run_outputs(&mut { first });
         link.publish();
         link.deliver();
         let info = BdevInfo { name: name.to_string(), ..local.info().clone() };
@@ -356,6 +364,11 @@ impl MirrorBdev {
 }
 
 impl Shared {
+    /// No channel has an operation for the link.
+    fn inbox_empty(&self) -> bool {
+        self.channels.load().iter().all(|q| q.inbox.is_empty())
+    }
+
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
@@ -413,20 +426,23 @@ impl Bdev for MirrorBdev {
     }
 
     fn channel(self: Arc<Self>) -> io::Result<Box<dyn BdevChannel>> {
-        let queue = Arc::new(ChanQueue { done: SegQueue::new(), eventfd: nvmetro_ffi::eventfd()?, consumer: AtomicU64::new(thread_tag()) });
-        let mut index = 0;
+        let queue = Arc::new(ChanQueue {
+            inbox: ArrayQueue::new(CHANNEL_DEPTH),
+            done: ArrayQueue::new(CHANNEL_DEPTH),
+            eventfd: nvmetro_ffi::eventfd()?,
+            consumer: AtomicU64::new(thread_tag()),
+        });
         self.shared.channels.rcu(|v| {
             let mut v = (**v).clone();
-            index = v.len();
             v.push(queue.clone());
             v
         });
         Ok(Box::new(MirrorChannel {
             local: self.local.clone().channel()?,
             queue,
-            index,
             shared: self.shared.clone(),
             inflight: 0,
+            waiting: std::collections::VecDeque::new(),
             refused: Vec::new(),
         }))
     }
@@ -435,10 +451,31 @@ impl Bdev for MirrorBdev {
 struct MirrorChannel {
     local: Box<dyn BdevChannel>,
     queue: Arc<ChanQueue>,
-    index: usize,
     shared: Arc<Shared>,
+    /// Operations with the link (in its inbox, being handled, or completed and not yet polled).
     inflight: usize,
+    /// Operations for the link while it has CHANNEL_DEPTH of this channel's, in order.
+    waiting: std::collections::VecDeque<(u64, BdevOp)>,
     refused: Vec<BdevCompletion>,
+}
+
+impl MirrorChannel {
+    /// Hands waiting operations to the link while its inbox has room.
+    fn hand_over(&mut self) {
+        let mut handed = false;
+        while self.inflight < CHANNEL_DEPTH {
+            let Some((tag, op)) = self.waiting.pop_front() else { break };
+            if let Err((tag, op)) = self.queue.inbox.push((tag, op)) {
+                self.waiting.push_front((tag, op));
+                break;
+            }
+            self.inflight += 1;
+            handed = true;
+        }
+        if handed && self.shared.parked.load(Ordering::SeqCst) {
+            let _ = self.shared.waker.wake();
+        }
+    }
 }
 
 impl BdevChannel for MirrorChannel {
@@ -454,11 +491,8 @@ impl BdevChannel for MirrorChannel {
             },
             // Writes, and every command of a leg serving through its peer, go to the link.
             _ => {
-                self.inflight += 1;
-                self.shared.inbox.push((self.index, tag, op));
-                if self.shared.parked.load(Ordering::SeqCst) {
-                    let _ = self.shared.waker.wake();
-                }
+                self.waiting.push_back((tag, op));
+                self.hand_over();
             }
         }
     }
@@ -483,11 +517,14 @@ impl BdevChannel for MirrorChannel {
             done.push(c);
             n += 1;
         }
+        if !self.waiting.is_empty() {
+            self.hand_over();
+        }
         n
     }
 
     fn outstanding(&self) -> usize {
-        self.local.outstanding() + self.inflight + self.refused.len()
+        self.local.outstanding() + self.inflight + self.waiting.len() + self.refused.len()
     }
 
     fn wake_fds(&self) -> Vec<RawFd> {
@@ -539,6 +576,12 @@ struct LinkThread {
     signal: Vec<usize>,
     /// Completions waiting for [`LinkThread::deliver`].
     ready: Vec<(u64, Result<crate::BdevOutput, BdevError>)>,
+    /// Frames of the last read, between parsing and handling (kept for its capacity).
+    frames: Vec<Frame>,
+    /// The core's outputs for the input being handled (kept for its capacity).
+    outputs: Vec<Output>,
+    /// Buffers for the payloads the peer sends (writes to apply, resync data).
+    payloads: crate::IoBufPool,
 }
 
 impl LinkThread {
@@ -551,9 +594,11 @@ impl LinkThread {
             return self.deliver();
         }
         self.core.observe_clock(self.shared.now_ms());
-        let mut out = Vec::new();
+        // The outputs' vector is kept for its capacity (a write's handling allocates nothing).
+        let mut out = std::mem::take(&mut self.outputs);
         self.core.handle(input, &mut out);
-        self.run_outputs(out);
+        self.run_outputs(&mut out);
+        self.outputs = out;
         // Narrower access first, completions after: a host that saw an answer never finds this
         // leg serving a read on the state before it.
         self.publish_access();
@@ -562,14 +607,20 @@ impl LinkThread {
 
     /// Hands the completions of the last input to the reactors.
     fn deliver(&mut self) {
-        for (tag, result) in std::mem::take(&mut self.ready) {
+        let mut ready = std::mem::take(&mut self.ready);
+        for (tag, result) in ready.drain(..) {
             if let Some((chan, orig)) = self.pending.remove(&tag) {
                 if let Some(q) = self.shared.channels.load().get(chan) {
-                    q.done.push(BdevCompletion { tag: orig, result });
+                    // There is room: a channel has at most CHANNEL_DEPTH operations with the link
+                    // (MirrorChannel::hand_over), each completed once.
+                    let pushed = q.done.push(BdevCompletion { tag: orig, result });
+                    assert!(pushed.is_ok(), "a mirror channel had more than {CHANNEL_DEPTH} operations with the link");
                     self.signal.push(chan);
                 }
             }
         }
+        // Kept for its capacity: delivering a completion allocates nothing.
+        self.ready = ready;
     }
 
     /// Access and lease for the reactors, at once (not at the end of the turn): a leg that just
@@ -585,8 +636,9 @@ impl LinkThread {
         self.ready.push((tag, result));
     }
 
-    fn run_outputs(&mut self, out: Vec<Output>) {
-        for o in out {
+    /// Executes (and removes) `out` in order.
+    fn run_outputs(&mut self, out: &mut Vec<Output>) {
+        for o in out.drain(..) {
             match o {
                 Output::Local { id, op } => self.local_ch.submit(id, op),
                 Output::Send(f) => {
@@ -596,7 +648,7 @@ impl LinkThread {
                     if let Some(c) = self.conn.as_mut() {
                         let resync_data = f.kind == Kind::Resync && !f.payload.is_empty();
                         if self.settings.link_delay.is_zero() && !resync_data {
-                            f.encode(&mut c.tx);
+                            c.queue(&f);
                         } else {
                             let mut bytes = Vec::with_capacity(f.payload.len() + 64);
                             f.encode(&mut bytes);
@@ -637,8 +689,8 @@ impl LinkThread {
     }
 
     /// An authenticated connection becomes the link; `early` are frame bytes that arrived with
-    /// the end of the handshake.
-    fn link_up(&mut self, mut sock: Box<dyn LinkStream>, early: &[u8]) {
+    /// the end of the handshake, `proof` the handshake bytes still to send (before any frame).
+    fn link_up(&mut self, mut sock: Box<dyn LinkStream>, early: &[u8], proof: Vec<u8>) {
         if self.broken {
             return;
         }
@@ -651,7 +703,9 @@ impl LinkThread {
         tracing::info!(mirror = %self.name, peer = %self.transport.describe(), "replication link up (authenticated)");
         let mut rx = vec![0; 4 << 20];
         rx[..early.len()].copy_from_slice(early);
-        self.conn = Some(Conn::new(sock, rx, early.len()));
+        let mut conn = Conn::new(sock, rx, early.len());
+        conn.tx = proof;
+        self.conn = Some(conn);
         self.handle(Input::LinkUp);
     }
 
@@ -739,14 +793,10 @@ impl LinkThread {
                 Ok(Some(early)) => {
                     let mut p = self.pending_conns.remove(i);
                     // Our proof may still be on its way: it goes out before any frame.
-                    let mut rest = std::mem::take(&mut p.tx);
-                    rest.extend(p.handshake.take_output());
+                    let mut proof = std::mem::take(&mut p.tx);
+                    proof.extend(p.handshake.take_output());
                     p.sock.deregister(self.poll.registry());
-                    self.link_up(p.sock, &early);
-                    if let Some(c) = self.conn.as_mut() {
-                        rest.append(&mut c.tx);
-                        c.tx = rest;
-                    }
+                    self.link_up(p.sock, &early, proof);
                     work = true;
                 }
                 Err(why) => {
@@ -800,10 +850,10 @@ impl LinkThread {
             c.last_rx = Instant::now();
             got = true;
             let mut used = 0;
-            let mut frames = Vec::new();
+            let mut frames = std::mem::take(&mut self.frames);
             let mut bad = None;
             loop {
-                match Frame::parse(&c.rx[used..c.rx_len]) {
+                match Frame::parse_into(&c.rx[used..c.rx_len], Some(&self.payloads)) {
                     Ok(Some((f, len))) => {
                         used += len;
                         frames.push(f);
@@ -818,7 +868,7 @@ impl LinkThread {
             c.rx.copy_within(used..c.rx_len, 0);
             c.rx_len -= used;
             let full = c.rx_len == c.rx.len();
-            for f in frames {
+            for f in frames.drain(..) {
                 if f.kind == Kind::Pong {
                     if let Some(t) = self.ping_sent.take() {
                         self.rtt = Some(t.elapsed());
@@ -826,6 +876,7 @@ impl LinkThread {
                 }
                 self.handle(Input::Frame(f));
             }
+            self.frames = frames;
             if let Some(e) = bad {
                 self.link_down(&format!("bad frame: {e}"));
                 return got;
@@ -879,8 +930,7 @@ impl LinkThread {
             }
         }
         if let Err(why) = c.write_out(now) {
-            c.tx.clear();
-            c.bulk.clear();
+            c.clear();
             self.link_down(&why);
         }
     }
@@ -971,12 +1021,15 @@ impl LinkThread {
             self.connect_or_accept();
             work |= self.drive_handshakes();
         }
-        while let Some((chan, tag, op)) = self.shared.inbox.pop() {
-            let t = self.next_tag;
-            self.next_tag += 1;
-            self.pending.insert(t, (chan, tag));
-            self.handle(Input::Host { tag: t, op });
-            work = true;
+        let channels = self.shared.channels.load_full();
+        for (chan, q) in channels.iter().enumerate() {
+            while let Some((tag, op)) = q.inbox.pop() {
+                let t = self.next_tag;
+                self.next_tag += 1;
+                self.pending.insert(t, (chan, tag));
+                self.handle(Input::Host { tag: t, op });
+                work = true;
+            }
         }
         if conn {
             work |= self.receive();
@@ -1063,7 +1116,7 @@ impl LinkThread {
                 _ if self.holding() => Duration::ZERO,
                 Some(t) if t.elapsed() > self.settings.spin => {
                     self.shared.parked.store(true, Ordering::SeqCst);
-                    if self.shared.inbox.is_empty() {
+                    if self.shared.inbox_empty() {
                         Duration::from_millis(10)
                     } else {
                         Duration::ZERO
@@ -1103,7 +1156,7 @@ impl crate::Poller for LinkThread {
 
     fn next_deadline(&self) -> Option<Instant> {
         let now = Instant::now();
-        if self.bytes_due_in_memory() || self.more_events || !self.shared.inbox.is_empty() {
+        if self.bytes_due_in_memory() || self.more_events || !self.shared.inbox_empty() {
             return Some(now);
         }
         let mut at = self.last_tick + TICK;

@@ -3,6 +3,7 @@
 //! CRC32C, and the payload. Parsing never panics and checks both checksums; a bad frame ends the
 //! link (it reconnects), it is never applied.
 
+use crate::{IoBuf, IoBufPool};
 use std::fmt;
 
 pub const MAGIC: u32 = 0x5244_4d4e; // "NMDR" little-endian: nvmetro mirror
@@ -123,7 +124,8 @@ pub struct Frame {
     pub len: u64,
     /// Status in acknowledgements.
     pub arg: u32,
-    pub payload: Vec<u8>,
+    /// Shared, not copied: a replicated write's frame holds the same bytes as its local write.
+    pub payload: IoBuf,
 }
 
 impl fmt::Debug for Frame {
@@ -144,11 +146,19 @@ impl fmt::Debug for Frame {
 
 impl Frame {
     pub fn new(kind: Kind, seq: u64) -> Frame {
-        Frame { kind, op: OpCode::None, flags: 0, seq, offset: 0, len: 0, arg: 0, payload: Vec::new() }
+        Frame { kind, op: OpCode::None, flags: 0, seq, offset: 0, len: 0, arg: 0, payload: IoBuf::empty() }
     }
 
+    /// The whole frame, header and payload, appended to `out` (a copy of the payload).
     pub fn encode(&self, out: &mut Vec<u8>) {
-        let mut h = [0u8; HEADER];
+        out.extend_from_slice(&self.encode_header());
+        out.extend_from_slice(&self.payload);
+    }
+
+    /// The bytes before the payload (header and payload checksum): a sender writes them and then
+    /// the payload from where it is, without copying it.
+    pub fn encode_header(&self) -> [u8; HEADER + 4] {
+        let mut h = [0u8; HEADER + 4];
         h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
         h[4] = self.kind as u8;
         h[5] = self.op as u8;
@@ -161,13 +171,18 @@ impl Frame {
         h[36..40].copy_from_slice(&plen.to_le_bytes());
         let hcrc = crc32c::crc32c(&h[..44]);
         h[44..48].copy_from_slice(&hcrc.to_le_bytes());
-        out.extend_from_slice(&h);
-        out.extend_from_slice(&crc32c::crc32c(&self.payload).to_le_bytes());
-        out.extend_from_slice(&self.payload);
+        h[HEADER..].copy_from_slice(&crc32c::crc32c(&self.payload).to_le_bytes());
+        h
     }
 
-    /// Parses one frame from the front of `buf`: `Ok(None)` until it is complete.
+    /// Parses one frame from the front of `buf`: `Ok(None)` until it is complete. The payload is
+    /// copied into memory of its own.
     pub fn parse(buf: &[u8]) -> Result<Option<(Frame, usize)>, FrameError> {
+        Frame::parse_into(buf, None)
+    }
+
+    /// [`Frame::parse`], copying the payload into a buffer from `pool` (when given).
+    pub fn parse_into(buf: &[u8], pool: Option<&IoBufPool>) -> Result<Option<(Frame, usize)>, FrameError> {
         if buf.len() < HEADER {
             return Ok(None);
         }
@@ -196,8 +211,11 @@ impl Frame {
         if crc32c::crc32c(payload) != u32at(HEADER) {
             return Err(FrameError::PayloadChecksum);
         }
-        let frame =
-            Frame { kind, op, flags: buf[6], seq: u64at(8), offset: u64at(16), len: u64at(24), arg: u32at(32), payload: payload.to_vec() };
+        let payload = match pool {
+            Some(pool) if !payload.is_empty() => pool.copy_of(payload),
+            _ => IoBuf::from(payload),
+        };
+        let frame = Frame { kind, op, flags: buf[6], seq: u64at(8), offset: u64at(16), len: u64at(24), arg: u32at(32), payload };
         Ok(Some((frame, total)))
     }
 }
@@ -273,7 +291,7 @@ mod tests {
             offset: 4096,
             len: 512,
             arg: 0,
-            payload: vec![5; 512],
+            payload: vec![5; 512].into(),
         };
         let mut b = Vec::new();
         f.encode(&mut b);

@@ -1,18 +1,32 @@
 //! The replication link's connection and its two lanes: frames of the host path and control
 //! (replication, acknowledgements, pings) go first; resync data yields to them and keeps the
 //! kernel's send queue near a fill target, so a resync leaves hosts their latency.
+//!
+//! A host-path frame's payload is not copied: its header goes into the lane's byte buffer, the
+//! payload (the same [`IoBuf`] the local leg writes from) waits beside it, and one `writev`
+//! sends headers and payloads together.
 
+use super::frame::Frame;
 use super::transport::LinkStream;
+use crate::IoBuf;
 use std::collections::VecDeque;
-use std::io;
+use std::io::{self, IoSlice};
 use std::time::{Duration, Instant};
 
 pub(super) struct Conn {
     pub(super) sock: Box<dyn LinkStream>,
     pub(super) rx: Vec<u8>,
     pub(super) rx_len: usize,
-    /// Encoded frames of the host path and control (replication, acknowledgements, pings).
+    /// Encoded frames of the host path and control (replication, acknowledgements, pings),
+    /// without their payloads (see `tx_payloads`).
     pub(super) tx: Vec<u8>,
+    /// Payloads of frames in `tx`, each with the position in the lane's byte stream (counting
+    /// from the first byte ever queued in `tx`) after which it goes out.
+    tx_payloads: VecDeque<(u64, IoBuf)>,
+    /// Bytes ever drained from the front of `tx`.
+    tx_base: u64,
+    /// Bytes of the first payload already written.
+    tx_payload_sent: usize,
     /// Resync data frames: a lane of their own that yields to `tx` (see [`Conn::write_out`]).
     pub(super) bulk: VecDeque<Vec<u8>>,
     /// Bytes of `bulk`'s first frame already written.
@@ -55,12 +69,101 @@ impl Conn {
             rx,
             rx_len,
             tx: Vec::new(),
+            tx_payloads: VecDeque::new(),
+            tx_base: 0,
+            tx_payload_sent: 0,
             bulk: VecDeque::new(),
             bulk_sent: 0,
             fill_blocked: false,
             last_urgent: None,
             delayed: VecDeque::new(),
             last_rx: Instant::now(),
+        }
+    }
+
+    /// Queues a frame on the host-path lane; its payload is shared, not copied.
+    pub(super) fn queue(&mut self, f: &Frame) {
+        self.tx.extend_from_slice(&f.encode_header());
+        if !f.payload.is_empty() {
+            self.tx_payloads.push_back((self.tx_base + self.tx.len() as u64, f.payload.clone()));
+        }
+    }
+
+    /// Whether the host-path lane has bytes to send.
+    pub(super) fn urgent(&self) -> bool {
+        !self.tx.is_empty() || !self.tx_payloads.is_empty()
+    }
+
+    /// Drops everything queued (the link is gone).
+    pub(super) fn clear(&mut self) {
+        self.tx_base += self.tx.len() as u64;
+        self.tx.clear();
+        self.tx_payloads.clear();
+        self.tx_payload_sent = 0;
+        self.bulk.clear();
+        self.bulk_sent = 0;
+    }
+
+    /// One `writev` of the host-path lane: header bytes and payloads in order. Ok(bytes written).
+    fn write_urgent(&mut self) -> Result<usize, String> {
+        const MAX_SLICES: usize = 64;
+        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+        let mut used = 0;
+        let mut pos = 0usize;
+        let mut every_payload = true;
+        for (i, (at, payload)) in self.tx_payloads.iter().enumerate() {
+            if used + 2 > MAX_SLICES {
+                every_payload = false;
+                break;
+            }
+            let at = (at - self.tx_base) as usize;
+            if at > pos {
+                slices[used] = IoSlice::new(&self.tx[pos..at]);
+                used += 1;
+                pos = at;
+            }
+            let skip = if i == 0 { self.tx_payload_sent } else { 0 };
+            slices[used] = IoSlice::new(&payload[skip..]);
+            used += 1;
+        }
+        if every_payload && used < MAX_SLICES && pos < self.tx.len() {
+            slices[used] = IoSlice::new(&self.tx[pos..]);
+            used += 1;
+        }
+        let n = loop {
+            match self.sock.write_vectored(&slices[..used]) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(format!("write: {e}")),
+            }
+        };
+        self.consume_urgent(n);
+        Ok(n)
+    }
+
+    /// Forgets the first `n` bytes of the host-path lane (written).
+    fn consume_urgent(&mut self, mut n: usize) {
+        while n > 0 {
+            let header_bytes = match self.tx_payloads.front() {
+                Some((at, _)) => (at - self.tx_base) as usize,
+                None => self.tx.len(),
+            };
+            if header_bytes > 0 {
+                let m = n.min(header_bytes);
+                self.tx.drain(..m);
+                self.tx_base += m as u64;
+                n -= m;
+                continue;
+            }
+            let Some((_, payload)) = self.tx_payloads.front() else { break };
+            let m = n.min(payload.len() - self.tx_payload_sent);
+            self.tx_payload_sent += m;
+            n -= m;
+            if self.tx_payload_sent == payload.len() {
+                self.tx_payloads.pop_front();
+                self.tx_payload_sent = 0;
+            }
         }
     }
 
@@ -73,12 +176,10 @@ impl Conn {
         loop {
             // Between frames: host frames first, then a resync frame if the fill target allows.
             if self.bulk_sent == 0 {
-                if !self.tx.is_empty() {
-                    let n = write_some(self.sock.as_mut(), &self.tx)?;
-                    if n == 0 {
+                if self.urgent() {
+                    if self.write_urgent()? == 0 {
                         return Ok(());
                     }
-                    self.tx.drain(..n);
                     self.last_urgent = Some(now);
                     continue;
                 }
@@ -172,6 +273,38 @@ mod tests {
         c.write_out(Instant::now()).unwrap();
         assert_eq!(&wire.written.lock().unwrap()[..], b"hhRRRRRRRRRRHHSSSSSSSSSS");
         assert!(c.bulk.is_empty() && c.tx.is_empty() && !c.fill_blocked);
+    }
+
+    #[test]
+    fn shared_payloads_go_out_in_order_with_their_headers_across_partial_writes() {
+        use super::super::frame::{Frame, Kind};
+        let wire = Wire::default();
+        let mut c = conn(&wire);
+        let mut frames = Vec::new();
+        for i in 0..100u8 {
+            let mut f = Frame::new(Kind::Replicate, u64::from(i));
+            if i % 3 != 0 {
+                f.payload = vec![i; 100 + usize::from(i)].into();
+            }
+            c.queue(&f);
+            frames.push(f);
+        }
+        let mut expected = Vec::new();
+        for f in &frames {
+            f.encode(&mut expected);
+        }
+        // Writes of odd sizes split headers and payloads anywhere.
+        let mut rounds = 0;
+        while c.urgent() {
+            *wire.room.lock().unwrap() = 37 + rounds % 500;
+            c.write_out(Instant::now()).unwrap();
+            rounds += 1;
+        }
+        assert_eq!(*wire.written.lock().unwrap(), expected);
+        // The lane holds no payload any more: each frame's buffer is unique again.
+        for f in frames {
+            assert!(!f.payload.is_shared());
+        }
     }
 
     #[test]

@@ -208,6 +208,11 @@ pub mod mem {
             nvmetro_ffi::eventfd_signal(&self.peer_readable);
             Ok(buf.len())
         }
+        fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+            // One message for the lot, as a socket's writev sends it.
+            let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            self.write(&all)
+        }
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }

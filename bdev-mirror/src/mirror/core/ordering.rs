@@ -2,6 +2,7 @@
 //! them once every copy the mode promises has them; frames for operations.
 
 use super::*;
+use crate::IoBuf;
 
 impl MirrorCore {
     pub(super) fn switch_role(&mut self, role: Role, out: &mut Vec<Output>) {
@@ -200,7 +201,7 @@ impl MirrorCore {
                 let o = self.ops.get_mut(&id).expect("op");
                 o.stage = Stage::Running;
                 let op = match std::mem::replace(&mut o.op, BdevOp::Flush) {
-                    BdevOp::CompareAndWrite { offset, data, .. } => BdevOp::Write { offset, data, fua: false },
+                    BdevOp::CompareAndWrite { offset, data, .. } => BdevOp::Write { offset, data: data.into(), fua: false },
                     other => other,
                 };
                 out.push(Output::Local { id, op });
@@ -263,7 +264,7 @@ impl MirrorCore {
                     o.result = Some(result);
                     o.remote_pending = true;
                     let (offset, data) = match &o.op {
-                        BdevOp::CompareAndWrite { offset, data, .. } => (*offset, data.clone()),
+                        BdevOp::CompareAndWrite { offset, data, .. } => (*offset, IoBuf::from(&data[..])),
                         _ => unreachable!("checked above"),
                     };
                     let f = op_frame(Kind::Replicate, id, &BdevOp::Write { offset, data, fua: false });
@@ -285,7 +286,7 @@ impl MirrorCore {
                 f.arg = code;
                 let read = matches!(&result, Ok(BdevOutput::Data(_)));
                 if let Ok(BdevOutput::Data(data)) = result {
-                    f.payload = data;
+                    f.payload = data.into();
                 }
                 if answer {
                     out.push(Output::Send(f));
@@ -350,7 +351,7 @@ impl MirrorCore {
                             f.op = OpCode::Write;
                             f.offset = offset + (i * chunk_len) as u64;
                             f.len = chunk.len() as u64;
-                            f.payload = chunk.to_vec();
+                            f.payload = IoBuf::from(chunk);
                             out.push(Output::Send(f));
                         }
                     }
@@ -437,7 +438,7 @@ pub(super) fn op_frame(kind: Kind, seq: u64, op: &BdevOp) -> Frame {
             f.op = OpCode::CompareAndWrite;
             f.offset = *offset;
             f.len = data.len() as u64;
-            f.payload = [expected.as_slice(), data.as_slice()].concat();
+            f.payload = [expected.as_slice(), data.as_slice()].concat().into();
         }
         BdevOp::Flush => f.op = OpCode::Flush,
         // Only forwarded (a leg serving through its peer), never replicated.
@@ -450,25 +451,25 @@ pub(super) fn op_frame(kind: Kind, seq: u64, op: &BdevOp) -> Frame {
             f.op = OpCode::Compare;
             f.offset = *offset;
             f.len = expected.len() as u64;
-            f.payload = expected.clone();
+            f.payload = IoBuf::from(&expected[..]);
         }
     }
     f
 }
 
 /// The operation a Replicate, Forward or Resync frame carries (its payload moves into it).
-pub(super) fn frame_op(mut f: Frame) -> BdevOp {
+pub(super) fn frame_op(f: Frame) -> BdevOp {
     let len = usize::try_from(f.len).unwrap_or(usize::MAX);
     match f.op {
         OpCode::Write => BdevOp::Write { offset: f.offset, data: f.payload, fua: f.flags & flags::FUA != 0 },
         OpCode::WriteZeroes => BdevOp::WriteZeroes { offset: f.offset, len: f.len },
         OpCode::Deallocate => BdevOp::Deallocate { offset: f.offset, len: f.len },
         OpCode::CompareAndWrite if f.payload.len() == 2 * len => {
-            let data = f.payload.split_off(len);
-            BdevOp::CompareAndWrite { offset: f.offset, expected: f.payload, data }
+            let (expected, data) = f.payload.split_at(len);
+            BdevOp::CompareAndWrite { offset: f.offset, expected: expected.to_vec(), data: data.to_vec() }
         }
         OpCode::Read => BdevOp::Read { offset: f.offset, len },
-        OpCode::Compare => BdevOp::Compare { offset: f.offset, expected: f.payload },
+        OpCode::Compare => BdevOp::Compare { offset: f.offset, expected: f.payload.to_vec() },
         OpCode::Flush | OpCode::None | OpCode::CompareAndWrite => BdevOp::Flush,
     }
 }

@@ -23,7 +23,7 @@ impl MirrorCore {
         };
         let mut f = Frame::new(Kind::Hello, 0);
         f.arg = arg;
-        f.payload = hello.to_payload();
+        f.payload = hello.to_payload().into();
         f
     }
 
@@ -96,7 +96,7 @@ impl MirrorCore {
             }
             self.link = LinkState::Syncing { source: false };
             let mut f = Frame::new(Kind::Bitmap, 0);
-            f.payload = self.meta.dirty.iter().flat_map(|w| w.to_le_bytes()).collect();
+            f.payload = self.meta.dirty.iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<u8>>().into();
             out.push(Output::Send(f));
         }
     }

@@ -81,7 +81,7 @@ impl MirrorCore {
                     // resync) but is confirmed, so the peer's bookkeeping moves on.
                     let result = match (&o.op, f.arg) {
                         (_, status::MISCOMPARE) => Ok(BdevOutput::Miscompare),
-                        (BdevOp::Read { .. }, _) => Ok(BdevOutput::Data(f.payload)),
+                        (BdevOp::Read { .. }, _) => Ok(BdevOutput::Data(f.payload.to_vec())),
                         _ => Ok(BdevOutput::Done),
                     };
                     let write = !o.op.reads_only();
