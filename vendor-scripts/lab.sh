@@ -47,6 +47,17 @@ setup() {
       || { tail -20 "$LAB/debootstrap.log"; exit 1; }
   fi
 
+  step "guest RDMA user space: libibverbs, librdmacm, the rxe provider (for the verbs check)"
+  if [ ! -e "$LAB/rootfs/usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so" ] \
+     || [ ! -e "$LAB/rootfs/usr/lib/x86_64-linux-gnu/librdmacm.so.1" ]; then
+    # Unpacked like the kernel below, so that a root cached by an older lab.sh gains them too.
+    local p
+    for p in libnl-3-200 libnl-route-3-200 libibverbs1 librdmacm1 ibverbs-providers ibverbs-utils; do
+      ls "$LAB"/debs/"${p}"_*.deb >/dev/null 2>&1 || (cd "$LAB/debs" && apt-get download "$p" >/dev/null 2>&1)
+      dpkg-deb --fsys-tarfile "$LAB"/debs/"${p}"_*.deb | $SUDO tar -x -C "$LAB/rootfs" --keep-directory-symlink
+    done
+  fi
+
   step "kernel: Debian's linux-image-amd64, unpacked into the guest root"
   local kpkg k
   kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')

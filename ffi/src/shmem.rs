@@ -66,6 +66,12 @@ impl SharedMem {
         self.on_hugepages
     }
 
+    /// The mapping's first byte, for registering the whole pool with an RDMA device.
+    #[cfg(feature = "rdma")]
+    pub(crate) fn base_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
     fn check(&self, offset: u64, len: usize) -> Result<usize, OutOfRange> {
         let start = usize::try_from(offset).ok().filter(|s| s.checked_add(len).is_some_and(|e| e <= self.len));
         start.ok_or(OutOfRange { offset, len, size: self.len })
