@@ -151,6 +151,12 @@ ibv_devinfo -d rxe0 | grep -E 'hca_id|state|link_layer'
 timeout 120 /mnt/share/rdma_pingpong --loopback 10.0.2.15:7471; rc=$?
 [ $rc = 0 ] && echo "CHECK rdma pingpong ok"
 echo "rdma_pingpong rc=$rc"
+echo "== RDMA: the same between two processes (the client retries until the server listens)"
+timeout 120 /mnt/share/rdma_pingpong --server 10.0.2.15:7472 > /tmp/rdma-server.txt 2>&1 & SP=$!
+timeout 120 /mnt/share/rdma_pingpong --client 10.0.2.15:7472; crc=$?
+wait $SP; src=$?
+sed 's/^/  [server process] /' /tmp/rdma-server.txt
+[ $crc = 0 ] && [ $src = 0 ] && echo "CHECK rdma pingpong between two processes ok"
 EOF
 }
 
@@ -163,6 +169,7 @@ rdma_checks() { # runs chk (defined by the caller) on the guest log
   chk "rdma: RDMA READ bytes checked" "client: RDMA READ of the server's buffer: 4096 bytes match"
   chk "rdma: wrong rkey gives an error completion" "client: WRITE with a wrong rkey failed as it must"
   chk "rdma: rdma_pingpong passed" "CHECK rdma pingpong ok"
+  chk "rdma: rdma_pingpong between two processes" "CHECK rdma pingpong between two processes ok"
 }
 
 run_rdma() {

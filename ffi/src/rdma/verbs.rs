@@ -543,7 +543,8 @@ impl CompletionQueue {
         // repr(transparent) over ibv_wc), which is all ibv_poll_cq writes.
         let rc = unsafe { sys::ibv_poll_cq(self.cq.as_ptr(), n, out.as_mut_ptr().cast()) };
         if rc < 0 {
-            return Err(RdmaError::os_code("ibv_poll_cq", -rc));
+            // ibv_poll_cq reports a failure as a negative count, without an errno.
+            return Err(RdmaError::Os { op: "ibv_poll_cq", source: std::io::Error::other(format!("returned {rc}")) });
         }
         Ok(rc as usize)
     }
