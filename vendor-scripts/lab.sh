@@ -142,12 +142,24 @@ build_rdma_check() {
   local dir
   dir=$(cd "$REPO" && cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
   cp "$dir/release/examples/rdma_pingpong" "$LAB/share/rdma_pingpong"
+  # The crate's own rdma unit tests, which take their device path only where a device exists.
+  local tbin
+  tbin=$(cd "$REPO" && cargo test -q -p nvmetro-ffi --features rdma --lib --no-run --message-format=json | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try: m = json.loads(line)
+    except ValueError: continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "nvmetro_ffi": print(m["executable"])' | tail -1)
+  cp "$tbin" "$LAB/share/ffi-rdma-tests"
   cat > "$LAB/share/job-rdma.sh" <<'EOF'
 echo "== RDMA: Soft-RoCE on eth0, then rdma_pingpong (nvmetro-ffi's verbs layer)"
 modprobe rdma_rxe && modprobe ib_uverbs && modprobe rdma_ucm && echo "CHECK rdma modules loaded"
 rdma link add rxe0 type rxe netdev eth0 && echo "CHECK rdma rxe0 link added"
 rdma link show
 ibv_devinfo -d rxe0 | grep -E 'hca_id|state|link_layer'
+timeout 120 /mnt/share/ffi-rdma-tests --test-threads=1 --nocapture rdma:: > /tmp/rdma-unit.txt 2>&1; urc=$?
+grep -E '^test |test result|rdma unit checks|panicked' /tmp/rdma-unit.txt
+[ $urc = 0 ] && grep -q 'rdma unit checks passed on device rxe0' /tmp/rdma-unit.txt && echo "CHECK rdma unit tests on rxe0 ok"
 timeout 120 /mnt/share/rdma_pingpong --loopback 10.0.2.15:7471; rc=$?
 [ $rc = 0 ] && echo "CHECK rdma pingpong ok"
 echo "rdma_pingpong rc=$rc"
@@ -163,6 +175,7 @@ EOF
 rdma_checks() { # runs chk (defined by the caller) on the guest log
   chk "rdma: rdma_rxe, ib_uverbs, rdma_ucm loaded" "CHECK rdma modules loaded"
   chk "rdma: rxe0 on eth0" "CHECK rdma rxe0 link added"
+  chk "rdma: nvmetro-ffi's rdma unit tests on the device" "CHECK rdma unit tests on rxe0 ok"
   chk "rdma: SEND/RECV both ways" "client: server buffer RemoteBuf"
   chk "rdma: RDMA WRITE bytes checked" "server: client's RDMA WRITE: 4096 bytes match"
   chk "rdma: WRITE with immediate" "server: WRITE with immediate 0xc0ffee arrived"

@@ -20,6 +20,9 @@
 //! its event channel alive and destroys its QP before its id; a memory region keeps its PD; a CQ
 //! keeps its completion channel; all keep the device list, and so the device contexts, open.
 //!
+//! * [`Device::async_fd`] and [`Device::take_async_events`]: port and queue-pair failures, and
+//!   the first message on a connection not yet seen established ([`AsyncEventKind::CommEst`]).
+//!
 //! A host without RDMA (no `rdma_rxe` link, no NIC) gets [`RdmaError::NoDevice`], whose message
 //! says how to make a Soft-RoCE device. `examples/rdma_pingpong.rs` exercises every verb between
 //! two ends over rdma_cm (the lab runs it in a guest with `rdma_rxe`).
@@ -28,9 +31,11 @@
 //! [`SharedMem`]: crate::SharedMem
 
 mod cm;
+mod events;
 mod verbs;
 
 pub use cm::{event_name, CmEvent, CmEventKind, CmHandle, CmId, ConnParam, EventChannel, QpCaps, SendFlags, SendOp};
+pub use events::{AsyncEvent, AsyncEventKind};
 pub use verbs::{
     Access, CompletionChannel, CompletionQueue, CqHandle, Device, DeviceAttributes, MemoryRegion, ProtectionDomain, RdmaMemory, RemoteBuf,
     Sge, WcError, WcOpcode, WorkCompletion,
@@ -205,5 +210,7 @@ mod tests {
         assert_eq!(cq.poll(&mut wcs).unwrap(), 0);
         cq.arm(false).unwrap();
         assert_eq!(ch.take_events(|_| ()).unwrap(), 0);
+        assert_eq!(dev.take_async_events(|e| panic!("unexpected {e:?}")).unwrap(), 0);
+        eprintln!("rdma unit checks passed on device {}", dev.name());
     }
 }

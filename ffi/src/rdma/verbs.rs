@@ -75,6 +75,9 @@ impl Device {
             // SAFETY: `ctx` is an open context whose `device` is valid while it is open, and
             // ibv_get_device_name returns a NUL-terminated string owned by the device.
             let name = unsafe { CStr::from_ptr(sys::ibv_get_device_name((*ctx.as_ptr()).device)) };
+            // SAFETY: the context is open; its async descriptor is read only by
+            // Device::take_async_events, which expects it non-blocking.
+            super::set_nonblocking(unsafe { (*ctx.as_ptr()).async_fd }, "fcntl(device async fd, O_NONBLOCK)")?;
             out.push(Device { _list: list.clone(), ctx, name: name.to_string_lossy().into_owned() });
         }
         if out.is_empty() {
@@ -444,6 +447,12 @@ unsafe impl Sync for CompletionChannel {}
 /// [`CompletionQueue::handle`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CqHandle(usize);
+
+impl CqHandle {
+    pub(crate) fn from_raw(cq: usize) -> CqHandle {
+        CqHandle(cq)
+    }
+}
 
 impl CompletionChannel {
     /// A non-blocking completion channel on `device`.
