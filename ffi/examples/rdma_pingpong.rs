@@ -146,6 +146,7 @@ fn server(addr: SocketAddr, listening: impl FnOnce(SocketAddr)) -> Res<()> {
     let devices = Device::list()?;
     let ch = EventChannel::new()?;
     let listener = CmId::new(&ch)?;
+    listener.set_reuse_addr(true)?;
     listener.listen(addr, 4)?;
     let bound = listener.local_addr().unwrap_or(addr);
     println!("server: listening on {bound}");

@@ -287,6 +287,11 @@ pub enum SendOp {
     Read(RemoteBuf),
 }
 
+// rdma_cma.h's option levels and names (anonymous enums, so not in the bindings).
+const RDMA_OPTION_ID: libc::c_int = 0;
+const RDMA_OPTION_ID_TOS: libc::c_int = 0;
+const RDMA_OPTION_ID_REUSEADDR: libc::c_int = 1;
+
 /// The resources a queue pair uses, kept alive until it is destroyed.
 struct QpParts {
     qp: NonNull<sys::ibv_qp>,
@@ -321,6 +326,38 @@ impl CmId {
 
     pub fn handle(&self) -> CmHandle {
         CmHandle(self.id.as_ptr() as usize)
+    }
+
+    /// Lets a listener bind an address whose earlier connections are still in time-wait (as
+    /// SO_REUSEADDR), so a restarted target can listen at once. Call before `listen`.
+    pub fn set_reuse_addr(&self, on: bool) -> Result<(), RdmaError> {
+        let mut v: libc::c_int = on.into();
+        self.set_option(RDMA_OPTION_ID_REUSEADDR, (&mut v as *mut libc::c_int).cast(), std::mem::size_of::<libc::c_int>())
+    }
+
+    /// The IP type of service (DSCP and ECN bits) of this id's traffic. Call before connecting.
+    pub fn set_tos(&self, tos: u8) -> Result<(), RdmaError> {
+        let mut v = tos;
+        self.set_option(RDMA_OPTION_ID_TOS, (&mut v as *mut u8).cast(), 1)
+    }
+
+    fn set_option(&self, name: libc::c_int, val: *mut libc::c_void, len: usize) -> Result<(), RdmaError> {
+        // SAFETY: the id is live and `val` points to `len` readable bytes of the type the option
+        // takes (the callers pass an int for REUSEADDR and a u8 for TOS), valid during the call.
+        if unsafe { sys::rdma_set_option(self.id.as_ptr(), RDMA_OPTION_ID, name, val, len) } != 0 {
+            return Err(os_error("rdma_set_option"));
+        }
+        Ok(())
+    }
+
+    /// Tells the connection manager that a message arrived on the queue pair before Established
+    /// was seen (on AsyncEventKind::CommEst), so the connection is completed now.
+    pub fn notify_comm_est(&self) -> Result<(), RdmaError> {
+        // SAFETY: the id is live; IBV_EVENT_COMM_EST is a valid event type.
+        if unsafe { sys::rdma_notify(self.id.as_ptr(), sys::ibv_event_type::IBV_EVENT_COMM_EST) } != 0 {
+            return Err(os_error("rdma_notify"));
+        }
+        Ok(())
     }
 
     /// Binds to `addr` (port 0: any free port) and listens; connect requests arrive as events.
