@@ -179,6 +179,7 @@ rdma_checks() { # runs chk (defined by the caller) on the guest log
   chk "rdma: SEND/RECV both ways" "client: server buffer RemoteBuf"
   chk "rdma: RDMA WRITE bytes checked" "server: client's RDMA WRITE: 4096 bytes match"
   chk "rdma: WRITE with immediate" "server: WRITE with immediate 0xc0ffee arrived"
+  chk "rdma: SEND with immediate" "client: SEND with immediate 0xd04e00 arrived"
   chk "rdma: RDMA READ bytes checked" "client: RDMA READ of the server's buffer: 4096 bytes match"
   chk "rdma: wrong rkey gives an error completion" "client: WRITE with a wrong rkey failed as it must"
   chk "rdma: rdma_pingpong passed" "CHECK rdma pingpong ok"

@@ -1,5 +1,5 @@
 //! Checks the RDMA verbs layer end to end between a server and a client over rdma_cm:
-//! SEND/RECV both ways, RDMA WRITE, WRITE with immediate, RDMA READ against the peer's
+//! SEND/RECV both ways (inline, and with immediate data), RDMA WRITE, WRITE with immediate, RDMA READ against the peer's
 //! registered buffer by its rkey (every byte checked), and an RDMA WRITE with a wrong rkey that
 //! must complete with an error status (not hang, not panic). Completions are awaited the way an
 //! adaptive reactor parks: poll, arm, poll again, then wait on the completion channel's fd.
@@ -29,6 +29,7 @@ const CHUNK: usize = 4096;
 const MSG_LEN: usize = 64;
 const SEND_SLOT: usize = 3 * MSG_LEN;
 const IMM: u32 = 0x00C0_FFEE;
+const DONE_IMM: u32 = 0xD0_4E00;
 const TIMEOUT: Duration = Duration::from_secs(20);
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
@@ -98,25 +99,34 @@ impl End {
         Ok(wc)
     }
 
-    /// Sends a message: a 4-byte tag and a remote buffer.
-    fn send(&mut self, wr_id: u64, tag: &[u8; 4], remote: RemoteBuf) -> Res<()> {
+    /// Sends a message: a 4-byte tag and a remote buffer, with immediate data if `imm` is set,
+    /// copied into the request (inline) if `inline`.
+    fn send(&mut self, wr_id: u64, tag: &[u8; 4], remote: RemoteBuf, imm: Option<u32>, inline: bool) -> Res<()> {
         let mut m = [0u8; 20];
         m[..4].copy_from_slice(tag);
         m[4..].copy_from_slice(&remote.to_bytes());
         self.msgs.write(SEND_SLOT, &m)?;
-        self.id.post_send(wr_id, SendOp::Send, &[self.msgs.sge(SEND_SLOT, m.len())?], SendFlags::SIGNALED)?;
+        let op = imm.map_or(SendOp::Send, SendOp::SendWithImm);
+        let flags = if inline { SendFlags::SIGNALED | SendFlags::INLINE } else { SendFlags::SIGNALED };
+        self.id.post_send(wr_id, op, &[self.msgs.sge(SEND_SLOT, m.len())?], flags)?;
         self.expect(WcOpcode::Send, Some(wr_id))?;
         Ok(())
     }
 
-    /// Receives a message with tag `tag` and reposts its slot.
-    fn recv(&self, tag: &[u8; 4]) -> Res<RemoteBuf> {
+    /// Receives a message with tag `tag` (and immediate data `imm`) and reposts its slot.
+    fn recv(&self, tag: &[u8; 4], imm: Option<u32>) -> Res<RemoteBuf> {
         let wc = self.expect(WcOpcode::Recv, None)?;
         let slot = wc.wr_id() as usize;
         let mut m = [0u8; 20];
         self.msgs.read(slot * MSG_LEN, &mut m)?;
-        if wc.byte_len() != 20 || &m[..4] != tag {
-            return Err(format!("{}: expected a {:?} message, got {} bytes {:?}", self.name, tag, wc.byte_len(), &m[..4]).into());
+        if wc.byte_len() != 20 || &m[..4] != tag || wc.imm_data() != imm {
+            let (n, got) = (wc.byte_len(), wc.imm_data());
+            return Err(
+                format!("{}: expected a {tag:?} message with immediate {imm:?}, got {n} bytes {:?}, {got:?}", self.name, &m[..4]).into()
+            );
+        }
+        if let Some(imm) = imm {
+            println!("{}: SEND with immediate {imm:#x} arrived", self.name);
         }
         self.id.post_recv(slot as u64, &[self.msgs.sge(slot * MSG_LEN, MSG_LEN)?])?;
         Ok(RemoteBuf::from_bytes(&m[4..]).ok_or("short remote buffer")?)
@@ -162,8 +172,8 @@ fn server(addr: SocketAddr, listening: impl FnOnce(SocketAddr)) -> Res<()> {
     end.id.accept(&ConnParam::default())?;
     expect_event(&ch, CmEventKind::Established)?;
 
-    let client_buf = end.recv(b"HELO")?;
-    end.send(100, b"BUF ", end.buf.remote(0, BUF_LEN)?)?;
+    let client_buf = end.recv(b"HELO", None)?;
+    end.send(100, b"BUF ", end.buf.remote(0, BUF_LEN)?, None, false)?;
     // The client RDMA WRITEs chunk 0, then WRITEs chunk 1 with immediate, which consumes a receive.
     let wc = end.expect(WcOpcode::RecvRdmaWithImm, None)?;
     if wc.imm_data() != Some(IMM) {
@@ -178,7 +188,7 @@ fn server(addr: SocketAddr, listening: impl FnOnce(SocketAddr)) -> Res<()> {
     let target = client_buf.offset(8 * CHUNK as u32).ok_or("client buffer too small")?;
     end.id.post_send(101, SendOp::Write(target), &[end.buf.sge(3 * CHUNK, CHUNK)?], SendFlags::SIGNALED)?;
     end.expect(WcOpcode::RdmaWrite, Some(101))?;
-    end.send(102, b"DONE", client_buf)?;
+    end.send(102, b"DONE", client_buf, Some(DONE_IMM), false)?;
     // The client ends with a bad-rkey WRITE (the QPs fail) and disconnects.
     let deadline = Instant::now() + TIMEOUT;
     loop {
@@ -216,8 +226,8 @@ fn client(addr: SocketAddr) -> Res<()> {
         }
     };
     println!("client: connected to {addr}");
-    end.send(1, b"HELO", end.buf.remote(0, BUF_LEN)?)?;
-    let server_buf = end.recv(b"BUF ")?;
+    end.send(1, b"HELO", end.buf.remote(0, BUF_LEN)?, None, true)?;
+    let server_buf = end.recv(b"BUF ", None)?;
     println!("client: server buffer {server_buf:?}");
 
     end.buf.write(0, &pattern(0xC1, CHUNK))?;
@@ -227,7 +237,7 @@ fn client(addr: SocketAddr) -> Res<()> {
     let second = server_buf.offset(CHUNK as u32).ok_or("server buffer too small")?;
     end.id.post_send(3, SendOp::WriteWithImm(second, IMM), &[end.buf.sge(CHUNK, CHUNK)?], SendFlags::SIGNALED)?;
     end.expect(WcOpcode::RdmaWrite, Some(3))?;
-    end.recv(b"DONE")?;
+    end.recv(b"DONE", Some(DONE_IMM))?;
     end.check(8 * CHUNK, &pattern(0x5E, CHUNK), "server's RDMA WRITE")?;
 
     let third = server_buf.offset(2 * CHUNK as u32).ok_or("server buffer too small")?;
