@@ -15,7 +15,7 @@
 
 use nvmetro_ffi::rdma::{
     event_name, Access, CmEvent, CmEventKind, CmId, CompletionChannel, CompletionQueue, ConnParam, Device, EventChannel, MemoryRegion,
-    ProtectionDomain, QpCaps, RdmaError, RemoteBuf, SendFlags, SendOp, WcOpcode, WorkCompletion,
+    ProtectionDomain, QpCaps, RdmaError, RecvRequest, RemoteBuf, SendFlags, SendOp, SendRequest, WcOpcode, WorkCompletion,
 };
 use nvmetro_ffi::{wait_readable, DmaBuf};
 use std::net::SocketAddr;
@@ -57,9 +57,9 @@ impl End {
         let msgs = pd.register(DmaBuf::zeroed(4 * MSG_LEN), Access::LOCAL_WRITE)?;
         id.create_qp(&pd, &cq, &cq, QpCaps { max_send_wr: 16, max_recv_wr: 16, ..QpCaps::default() })?;
         let end = End { id, cc, cq, buf, msgs, name };
-        for slot in 0..3 {
-            end.id.post_recv(slot as u64, &[end.msgs.sge(slot * MSG_LEN, MSG_LEN)?])?;
-        }
+        let slots = [end.msgs.sge(0, MSG_LEN)?, end.msgs.sge(MSG_LEN, MSG_LEN)?, end.msgs.sge(2 * MSG_LEN, MSG_LEN)?];
+        let recvs: Vec<RecvRequest<'_>> = (0..3).map(|i| RecvRequest { wr_id: i as u64, sges: &slots[i..i + 1] }).collect();
+        end.id.post_recvs(&recvs).map_err(|(n, e)| format!("{name}: posted {n} of 3 receives: {e}"))?;
         println!("{name}: device {}, QP {}, buffer {:?}", dev.name(), end.id.qp_num().unwrap_or(0), end.buf);
         Ok(end)
     }
@@ -232,10 +232,15 @@ fn client(addr: SocketAddr) -> Res<()> {
 
     end.buf.write(0, &pattern(0xC1, CHUNK))?;
     end.buf.write(CHUNK, &pattern(0xC2, CHUNK))?;
-    end.id.post_send(2, SendOp::Write(server_buf), &[end.buf.sge(0, CHUNK)?], SendFlags::SIGNALED)?;
-    end.expect(WcOpcode::RdmaWrite, Some(2))?;
+    // Both WRITEs behind one doorbell; they complete in order.
     let second = server_buf.offset(CHUNK as u32).ok_or("server buffer too small")?;
-    end.id.post_send(3, SendOp::WriteWithImm(second, IMM), &[end.buf.sge(CHUNK, CHUNK)?], SendFlags::SIGNALED)?;
+    let (first_sge, second_sge) = ([end.buf.sge(0, CHUNK)?], [end.buf.sge(CHUNK, CHUNK)?]);
+    let batch = [
+        SendRequest { wr_id: 2, op: SendOp::Write(server_buf), sges: &first_sge, flags: SendFlags::SIGNALED },
+        SendRequest { wr_id: 3, op: SendOp::WriteWithImm(second, IMM), sges: &second_sge, flags: SendFlags::SIGNALED },
+    ];
+    end.id.post_sends(&batch).map_err(|(n, e)| format!("client: posted {n} of 2 WRITEs: {e}"))?;
+    end.expect(WcOpcode::RdmaWrite, Some(2))?;
     end.expect(WcOpcode::RdmaWrite, Some(3))?;
     end.recv(b"DONE", Some(DONE_IMM))?;
     end.check(8 * CHUNK, &pattern(0x5E, CHUNK), "server's RDMA WRITE")?;

@@ -14,7 +14,8 @@
 //!   its docs for the arm-then-poll-again protocol).
 //! * [`EventChannel`]: rdma_cm events on a non-blocking descriptor; [`CmId`]: listen, resolve,
 //!   connect, accept, and its RC queue pair with [`CmId::post_send`] (SEND, SEND with immediate,
-//!   RDMA WRITE, WRITE with immediate, RDMA READ) and [`CmId::post_recv`], each with a wr_id.
+//!   RDMA WRITE, WRITE with immediate, RDMA READ) and [`CmId::post_recv`], each with a wr_id, or
+//!   a turn's worth behind one doorbell ([`CmId::post_sends`], [`CmId::post_recvs`]).
 //!
 //! Lifetimes follow the verbs' rules through `Arc`s: a CmId keeps its queue pair's PD and CQs and
 //! its event channel alive and destroys its QP before its id; a memory region keeps its PD; a CQ
@@ -32,10 +33,12 @@
 
 mod cm;
 mod events;
+mod post;
 mod verbs;
 
-pub use cm::{event_name, CmEvent, CmEventKind, CmHandle, CmId, ConnParam, EventChannel, QpCaps, SendFlags, SendOp};
+pub use cm::{event_name, CmEvent, CmEventKind, CmHandle, CmId, ConnParam, EventChannel, QpCaps};
 pub use events::{AsyncEvent, AsyncEventKind};
+pub use post::{RecvRequest, SendFlags, SendOp, SendRequest};
 pub use verbs::{
     Access, CompletionChannel, CompletionQueue, CqHandle, Device, DeviceAttributes, MemoryRegion, ProtectionDomain, RdmaMemory, RemoteBuf,
     Sge, WcError, WcOpcode, WorkCompletion,

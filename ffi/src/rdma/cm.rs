@@ -1,7 +1,7 @@
 //! The RDMA connection manager (librdmacm): a non-blocking event channel, rdma_cm ids, RC queue
 //! pairs and the work requests posted on them.
 
-use super::verbs::{CompletionQueue, Device, ProtectionDomain, RemoteBuf, Sge};
+use super::verbs::{CompletionQueue, Device, ProtectionDomain};
 use super::{os_error, RdmaError};
 use rdma_sys as sys;
 use std::ffi::CStr;
@@ -249,44 +249,6 @@ impl ConnParam<'_> {
     }
 }
 
-/// Flags of a send-queue work request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct SendFlags(u32);
-
-impl SendFlags {
-    pub const NONE: SendFlags = SendFlags(0);
-    /// Produce a completion (without it, a successful request completes silently).
-    pub const SIGNALED: SendFlags = SendFlags(sys::ibv_send_flags::IBV_SEND_SIGNALED.0);
-    /// Wake a peer that armed its CQ for solicited completions only.
-    pub const SOLICITED: SendFlags = SendFlags(sys::ibv_send_flags::IBV_SEND_SOLICITED.0);
-    /// Copy the data into the request at post time (up to QpCaps::max_inline_data).
-    pub const INLINE: SendFlags = SendFlags(sys::ibv_send_flags::IBV_SEND_INLINE.0);
-    /// Start only after earlier RDMA READs completed.
-    pub const FENCE: SendFlags = SendFlags(sys::ibv_send_flags::IBV_SEND_FENCE.0);
-}
-
-impl std::ops::BitOr for SendFlags {
-    type Output = SendFlags;
-    fn bitor(self, rhs: SendFlags) -> SendFlags {
-        SendFlags(self.0 | rhs.0)
-    }
-}
-
-/// What a send-queue work request does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SendOp {
-    /// A message into the peer's next posted receive.
-    Send,
-    /// A message with 32 bits of immediate data.
-    SendWithImm(u32),
-    /// Writes the gathered bytes into the peer's buffer.
-    Write(RemoteBuf),
-    /// As Write, then consumes a peer receive that reports the immediate data.
-    WriteWithImm(RemoteBuf, u32),
-    /// Reads the peer's buffer into the scattered local bytes.
-    Read(RemoteBuf),
-}
-
 // rdma_cma.h's option levels and names (anonymous enums, so not in the bindings).
 const RDMA_OPTION_ID: libc::c_int = 0;
 const RDMA_OPTION_ID_TOS: libc::c_int = 0;
@@ -507,78 +469,8 @@ impl CmId {
         socket_addr_of(unsafe { &(*self.id.as_ptr()).route.addr.dst_addr_union.dst_storage })
     }
 
-    fn qp(&self) -> Result<*mut sys::ibv_qp, RdmaError> {
+    pub(super) fn qp(&self) -> Result<*mut sys::ibv_qp, RdmaError> {
         self.qp.as_ref().map(|q| q.qp.as_ptr()).ok_or(RdmaError::NoQp)
-    }
-
-    /// Posts one send-queue work request gathering `sges`. Its completion (if signaled, or on
-    /// failure) carries `wr_id`. A Write, WriteWithImm or Read longer than the remote buffer is
-    /// refused here; the peer's device checks the rkey and bounds.
-    pub fn post_send(&self, wr_id: u64, op: SendOp, sges: &[Sge<'_>], flags: SendFlags) -> Result<(), RdmaError> {
-        let qp = self.qp()?;
-        let total: u64 = sges.iter().map(|s| u64::from(s.len())).sum();
-        // SAFETY: ibv_send_wr is plain data (integers, pointers, unions of those); zero is valid.
-        let mut wr: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
-        wr.wr_id = wr_id;
-        wr.sg_list = sges.as_ptr() as *mut sys::ibv_sge;
-        wr.num_sge = libc::c_int::try_from(sges.len()).map_err(|_| RdmaError::Invalid("too many scatter/gather entries"))?;
-        wr.send_flags = flags.0;
-        let remote = |r: RemoteBuf| {
-            if total > u64::from(r.len) {
-                return Err(RdmaError::Invalid("the request is longer than the remote buffer"));
-            }
-            Ok(sys::rdma_t { remote_addr: r.addr, rkey: r.rkey })
-        };
-        use sys::ibv_wr_opcode as o;
-        match op {
-            SendOp::Send => wr.opcode = o::IBV_WR_SEND,
-            SendOp::SendWithImm(imm) => {
-                wr.opcode = o::IBV_WR_SEND_WITH_IMM;
-                wr.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
-            }
-            SendOp::Write(r) => {
-                wr.opcode = o::IBV_WR_RDMA_WRITE;
-                wr.wr.rdma = remote(r)?;
-            }
-            SendOp::WriteWithImm(r, imm) => {
-                wr.opcode = o::IBV_WR_RDMA_WRITE_WITH_IMM;
-                wr.wr.rdma = remote(r)?;
-                wr.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
-            }
-            SendOp::Read(r) => {
-                wr.opcode = o::IBV_WR_RDMA_READ;
-                wr.wr.rdma = remote(r)?;
-            }
-        }
-        let mut bad: *mut sys::ibv_send_wr = std::ptr::null_mut();
-        // SAFETY: the QP is live (self.qp keeps it); `wr` and its sg_list are valid for the call.
-        // Sge is repr(transparent) over ibv_sge and is only read. Each entry names memory of a
-        // region that is alive for the borrow `'_` (so an INLINE copy reads live memory); the
-        // device reaches the rest only through its lkey, checked against the registration.
-        let rc = unsafe { sys::ibv_post_send(qp, &mut wr, &mut bad) };
-        if rc != 0 {
-            return Err(RdmaError::os_code("ibv_post_send", rc));
-        }
-        Ok(())
-    }
-
-    /// Posts one receive scattering into `sges`; its completion carries `wr_id`.
-    pub fn post_recv(&self, wr_id: u64, sges: &[Sge<'_>]) -> Result<(), RdmaError> {
-        let qp = self.qp()?;
-        let mut wr = sys::ibv_recv_wr {
-            wr_id,
-            next: std::ptr::null_mut(),
-            sg_list: sges.as_ptr() as *mut sys::ibv_sge,
-            num_sge: libc::c_int::try_from(sges.len()).map_err(|_| RdmaError::Invalid("too many scatter/gather entries"))?,
-        };
-        let mut bad: *mut sys::ibv_recv_wr = std::ptr::null_mut();
-        // SAFETY: as in post_send: the QP is live, `wr` and the entries are valid for the call,
-        // and the device writes only memory the entries' lkeys registered for local write.
-        let rc = unsafe { sys::ibv_post_recv(qp, &mut wr, &mut bad) };
-        if rc != 0 {
-            return Err(RdmaError::os_code("ibv_post_recv", rc));
-        }
-        Ok(())
     }
 }
 
