@@ -4,6 +4,7 @@
 #
 #   vendor-scripts/lab.sh setup     install host packages, build the guest root, kernel and initramfs
 #   vendor-scripts/lab.sh test      start nvmetro-tgt on 127.0.0.1, run the guest's checks, print verdicts
+#   vendor-scripts/lab.sh rdma      only the RDMA verbs check: rdma_pingpong over Soft-RoCE (rdma_rxe) in a guest
 #   vendor-scripts/lab.sh shell     boot a guest with a shell on the console (for debugging)
 #
 # The guest reaches the host's 127.0.0.1:PORT as 10.0.2.2:PORT through QEMU user networking; nothing
@@ -45,6 +46,17 @@ setup() {
     $SUDO debootstrap --variant=minbase --include=nvme-cli,fio,iproute2,kmod,busybox,util-linux \
       bookworm "$LAB/rootfs" "$MIRROR" > "$LAB/debootstrap.log" 2>&1 \
       || { tail -20 "$LAB/debootstrap.log"; exit 1; }
+  fi
+
+  step "guest RDMA user space: libibverbs, librdmacm, the rxe provider (for the verbs check)"
+  if [ ! -e "$LAB/rootfs/usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so" ] \
+     || [ ! -e "$LAB/rootfs/usr/lib/x86_64-linux-gnu/librdmacm.so.1" ]; then
+    # Unpacked like the kernel below, so that a root cached by an older lab.sh gains them too.
+    local p
+    for p in libnl-3-200 libnl-route-3-200 libibverbs1 librdmacm1 ibverbs-providers ibverbs-utils; do
+      ls "$LAB"/debs/"${p}"_*.deb >/dev/null 2>&1 || (cd "$LAB/debs" && apt-get download "$p" >/dev/null 2>&1)
+      dpkg-deb --fsys-tarfile "$LAB"/debs/"${p}"_*.deb | $SUDO tar -x -C "$LAB/rootfs" --keep-directory-symlink
+    done
   fi
 
   step "kernel: Debian's linux-image-amd64, unpacked into the guest root"
@@ -114,10 +126,87 @@ boot_guest() { # JOB LOG APPEND-EXTRA
     -netdev user,id=n0 -device virtio-net-pci,netdev=n0,romfile= < /dev/null > "$2" 2>&1 || true
 }
 
+# The RDMA verbs layer (nvmetro-ffi's `rdma` feature) against a real device: the guest's kernel
+# has Soft-RoCE, so rdma_rxe on eth0 gives an RDMA device, and rdma_pingpong runs its server and
+# client over rdma_cm on the guest's address (SEND/RECV, WRITE, WRITE with immediate, READ, a
+# wrong rkey). The host needs the rdma-core headers and libclang to build it.
+build_rdma_check() {
+  if [ ! -e /usr/include/infiniband/verbs.h ] || [ ! -e /usr/include/rdma/rdma_cma.h ] \
+     || ! ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1 || ! command -v pkg-config >/dev/null; then
+    $SUDO apt-get -o DPkg::Lock::Timeout=900 update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends \
+      libibverbs-dev librdmacm-dev libclang-dev pkg-config >> "$LAB/apt.log"
+  fi
+  step "build rdma_pingpong (nvmetro-ffi --features rdma, release)"
+  (cd "$REPO" && cargo build --release -q -p nvmetro-ffi --features rdma --example rdma_pingpong)
+  local dir
+  dir=$(cd "$REPO" && cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+  cp "$dir/release/examples/rdma_pingpong" "$LAB/share/rdma_pingpong"
+  # The crate's own rdma unit tests, which take their device path only where a device exists.
+  local tbin
+  tbin=$(cd "$REPO" && cargo test -q -p nvmetro-ffi --features rdma --lib --no-run --message-format=json | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try: m = json.loads(line)
+    except ValueError: continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "nvmetro_ffi": print(m["executable"])' | tail -1)
+  cp "$tbin" "$LAB/share/ffi-rdma-tests"
+  cat > "$LAB/share/job-rdma.sh" <<'EOF'
+echo "== RDMA: Soft-RoCE on eth0, then rdma_pingpong (nvmetro-ffi's verbs layer)"
+modprobe rdma_rxe && modprobe ib_uverbs && modprobe rdma_ucm && echo "CHECK rdma modules loaded"
+rdma link add rxe0 type rxe netdev eth0 && echo "CHECK rdma rxe0 link added"
+rdma link show
+ibv_devinfo -d rxe0 | grep -E 'hca_id|state|link_layer'
+timeout 120 /mnt/share/ffi-rdma-tests --test-threads=1 --nocapture rdma:: > /tmp/rdma-unit.txt 2>&1; urc=$?
+grep -E '^test |test result|rdma unit checks|panicked' /tmp/rdma-unit.txt
+[ $urc = 0 ] && grep -q 'rdma unit checks passed on device rxe0' /tmp/rdma-unit.txt && echo "CHECK rdma unit tests on rxe0 ok"
+timeout 120 /mnt/share/rdma_pingpong --loopback 10.0.2.15:7471; rc=$?
+[ $rc = 0 ] && echo "CHECK rdma pingpong ok"
+echo "rdma_pingpong rc=$rc"
+echo "== RDMA: the same between two processes (the client retries until the server listens)"
+timeout 120 /mnt/share/rdma_pingpong --server 10.0.2.15:7472 > /tmp/rdma-server.txt 2>&1 & SP=$!
+timeout 120 /mnt/share/rdma_pingpong --client 10.0.2.15:7472; crc=$?
+wait $SP; src=$?
+sed 's/^/  [server process] /' /tmp/rdma-server.txt
+[ $crc = 0 ] && [ $src = 0 ] && echo "CHECK rdma pingpong between two processes ok"
+EOF
+}
+
+rdma_checks() { # runs chk (defined by the caller) on the guest log
+  chk "rdma: rdma_rxe, ib_uverbs, rdma_ucm loaded" "CHECK rdma modules loaded"
+  chk "rdma: rxe0 on eth0" "CHECK rdma rxe0 link added"
+  chk "rdma: nvmetro-ffi's rdma unit tests on the device" "CHECK rdma unit tests on rxe0 ok"
+  chk "rdma: SEND/RECV both ways" "client: server buffer RemoteBuf"
+  chk "rdma: RDMA WRITE bytes checked" "server: client's RDMA WRITE: 4096 bytes match"
+  chk "rdma: WRITE with immediate" "server: WRITE with immediate 0xc0ffee arrived"
+  chk "rdma: SEND with immediate" "client: SEND with immediate 0xd04e00 arrived"
+  chk "rdma: RDMA READ bytes checked" "client: RDMA READ of the server's buffer: 4096 bytes match"
+  chk "rdma: wrong rkey gives an error completion" "client: WRITE with a wrong rkey failed as it must"
+  chk "rdma: rdma_pingpong passed" "CHECK rdma pingpong ok"
+  chk "rdma: rdma_pingpong between two processes" "CHECK rdma pingpong between two processes ok"
+}
+
+run_rdma() {
+  [ -f "$LAB/kernel.env" ] && [ -f "$LAB/initramfs.cpio.gz" ] \
+    && [ -e "$LAB/rootfs/usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so" ] || setup
+  build_rdma_check
+  step "boot the guest for the RDMA check (TCG)"
+  GUEST_TIMEOUT=${GUEST_TIMEOUT:-300} boot_guest job-rdma.sh "$LAB/guest-rdma.log" ""
+  step "guest done"
+  tr -d '\r' < "$LAB/guest-rdma.log" | grep -vE '^\s*$' | tail -60
+  local npass=0 nfail=0
+  chk() { if tr -d '\r' < "$LAB/guest-rdma.log" | grep -E -- "$2" > /dev/null; then echo "PASS $1"; npass=$((npass+1)); else echo "FAIL $1"; nfail=$((nfail+1)); fi; }
+  rdma_checks
+  echo "lab rdma: $npass passed, $nfail failed"
+  [ $nfail = 0 ]
+}
+
 run_test() {
-  [ -f "$LAB/kernel.env" ] && [ -f "$LAB/initramfs.cpio.gz" ] || setup
+  [ -f "$LAB/kernel.env" ] && [ -f "$LAB/initramfs.cpio.gz" ] \
+    && [ -e "$LAB/rootfs/usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so" ] || setup
   step "build nvmetro-tgt and nvmetro-perf (release)"
   (cd "$REPO" && cargo build --release -q -p nvmetro-tgt -p nvmetro-perf)
+  build_rdma_check
   local tgt port nqn hostnqn cfg
   tgt=$(cd "$REPO" && cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/nvmetro-tgt
   cp "$(dirname "$tgt")/nvmetro-perf" "$LAB/share/nvmetro-perf"
@@ -325,6 +414,7 @@ mkdir $C/ports/1 && echo tcp > $C/ports/1/addr_trtype && echo ipv4 > $C/ports/1/
 echo 127.0.0.1 > $C/ports/1/addr_traddr && echo 4420 > $C/ports/1/addr_trsvcid && ln -s $C/subsystems/$K $C/ports/1/subsystems/$K
 /mnt/share/nvmetro-perf --addr 127.0.0.1:4420 --nqn $K --rw randrw --bs 8k --qd 8 --time 5s --ramp 0s --verify --digest \
   && echo "CHECK nvmetro-perf verify against nvmet ok"
+sh /mnt/share/job-rdma.sh
 EOF
   step "boot the guest (TCG; a few minutes)"
   boot_guest job-host.sh "$LAB/guest.log" "lab.port=$port lab.nqn=$nqn lab.hostnqn=$hostnqn lab.pa=$pa lab.pb=$pb"
@@ -357,6 +447,7 @@ EOF
   chk "metro HA: paths go back after site A returns" "CHECK metro back to optimized and non-optimized"
   chk "metro HA: data verifies after failback" "CHECK metro data verifies after failback"
   chk "nvmetro-perf --verify against Linux nvmet" "CHECK nvmetro-perf verify against nvmet ok"
+  rdma_checks
   if kill -0 $tpid 2>/dev/null && python3 -c "import socket; socket.create_connection(('127.0.0.1',$port),1)"; then
     echo "PASS target healthy after the host left"; npass=$((npass+1))
   else echo "FAIL target healthy after the host left"; nfail=$((nfail+1)); fi
@@ -369,6 +460,7 @@ EOF
 case "${1:-test}" in
   setup) setup ;;
   test) run_test ;;
+  rdma) run_rdma ;;
   shell)
     . "$LAB/kernel.env"
     exec qemu-system-x86_64 -accel tcg -bios /usr/share/qemu/qboot.rom -m 1536 -smp 2 -nographic -no-reboot \
@@ -376,5 +468,5 @@ case "${1:-test}" in
       -virtfs local,path="$LAB/rootfs",mount_tag=rootfs,security_model=none,readonly=on,id=rootfs \
       -virtfs local,path="$LAB/share",mount_tag=share,security_model=none,id=share \
       -netdev user,id=n0 -device virtio-net-pci,netdev=n0,romfile= ;;
-  *) echo "usage: $0 setup|test|shell" >&2; exit 2 ;;
+  *) echo "usage: $0 setup|test|rdma|shell" >&2; exit 2 ;;
 esac

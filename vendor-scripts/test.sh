@@ -21,6 +21,11 @@ cargo --version
 need=()
 command -v cc >/dev/null || need+=(gcc libc6-dev)
 command -v python3 >/dev/null || need+=(python3)
+# nvmetro-ffi's `rdma` feature (RDMA verbs, rdma-sys): rdma-core headers, and libclang for bindgen.
+[ -e /usr/include/infiniband/verbs.h ] || need+=(libibverbs-dev)
+[ -e /usr/include/rdma/rdma_cma.h ] || need+=(librdmacm-dev)
+ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1 || need+=(libclang-dev)
+command -v pkg-config >/dev/null || need+=(pkg-config)
 if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
 fi
@@ -30,6 +35,7 @@ cargo fmt --all -- --check
 
 step "cargo clippy --all-targets -D warnings"
 cargo clippy -q --workspace --all-targets -- -D warnings
+cargo clippy -q -p nvmetro-ffi --features rdma --all-targets -- -D warnings
 
 step "build binaries (the end-to-end tests run them)"
 cargo build -q --workspace --bins
@@ -37,6 +43,9 @@ cargo build -q --workspace --bins
 step "cargo test"
 log=$(mktemp)
 cargo test --workspace 2>&1 | tee "$log"
+# The RDMA verbs layer's own tests (a host without RDMA checks the no-device path; the lab runs
+# rdma_pingpong on a Soft-RoCE device).
+cargo test -p nvmetro-ffi --features rdma --lib -- rdma:: 2>&1 | tee -a "$log"
 passed=$(awk '/^test result:/{for(i=1;i<=NF;i++) if($i=="passed;") s+=$(i-1)} END{print s+0}' "$log")
 failed=$(awk '/^test result:/{for(i=1;i<=NF;i++) if($i=="failed;") s+=$(i-1)} END{print s+0}' "$log")
 rm -f "$log"

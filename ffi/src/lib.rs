@@ -14,12 +14,15 @@
 //! * [`CountingAllocator`]: a global allocator that counts, for tests proving a path allocates
 //!   nothing per I/O.
 //! * [`pin_current_thread`] and [`eventfd`] helpers.
+//! * `rdma` (cargo feature `rdma`): RDMA verbs and rdma_cm for a polled reactor.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod counting;
 mod dmabuf;
 mod iobuf;
 mod lock;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 mod sched;
 mod shmem;
 mod uring;

@@ -66,6 +66,12 @@ impl SharedMem {
         self.on_hugepages
     }
 
+    /// The mapping's first byte, for registering the whole pool with an RDMA device.
+    #[cfg(feature = "rdma")]
+    pub(crate) fn base_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
     fn check(&self, offset: u64, len: usize) -> Result<usize, OutOfRange> {
         let start = usize::try_from(offset).ok().filter(|s| s.checked_add(len).is_some_and(|e| e <= self.len));
         start.ok_or(OutOfRange { offset, len, size: self.len })
@@ -129,12 +135,19 @@ impl SharedMem {
         assert_eq!(expected.len(), data.len(), "compare and write lengths differ");
         let start = self.check(offset, data.len())?;
         let _guard = self.lock(start, data.len(), true);
-        // SAFETY: in bounds and exclusively held for the whole compare-then-write.
-        let current = unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(start), data.len()) };
-        if current != expected {
-            return Ok(false);
+        // Compared through a stack copy, never a reference into the mapping: the mapping may be
+        // registered with an RDMA device (see rdma::RdmaMemory), whose DMA is outside Rust.
+        let mut chunk = [0u8; 256];
+        for (i, want) in expected.chunks(chunk.len()).enumerate() {
+            let part = &mut chunk[..want.len()];
+            // SAFETY: in bounds (checked) and exclusively held for the whole compare-then-write;
+            // `part` is a distinct stack buffer of exactly `want.len()` bytes.
+            unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(start + i * 256), part.as_mut_ptr(), want.len()) };
+            if part != want {
+                return Ok(false);
+            }
         }
-        // SAFETY: as above; `current` is not used after this point.
+        // SAFETY: in bounds and exclusively held, as above.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(start), data.len()) };
         Ok(true)
     }
@@ -234,6 +247,15 @@ mod tests {
         assert!(m.read(u64::MAX, &mut out).is_err());
         assert!(!m.compare_and_write(0, &[1; 4], &[2; 4]).unwrap());
         assert!(m.compare_and_write(0, &[0; 4], &[2; 4]).unwrap());
+        // Longer than one comparison chunk, differing only in the last byte of the third chunk.
+        m.write(8192, &[3; 700]).unwrap();
+        let mut expected = vec![3u8; 700];
+        expected[699] = 4;
+        assert!(!m.compare_and_write(8192, &expected, &[6; 700]).unwrap());
+        assert_eq!(m.read_to_vec(8192, 700).unwrap(), vec![3; 700]);
+        expected[699] = 3;
+        assert!(m.compare_and_write(8192, &expected, &[6; 700]).unwrap());
+        assert_eq!(m.read_to_vec(8192, 700).unwrap(), vec![6; 700]);
         m.zero(0, 4).unwrap();
         m.read(0, &mut out[..4]).unwrap();
         assert_eq!(&out[..4], &[0; 4]);
