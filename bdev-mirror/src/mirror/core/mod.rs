@@ -364,7 +364,8 @@ pub struct MirrorCore {
     peer: Option<Hello>,
     ops: HashMap<u64, Op>,
     next_id: u64,
-    active: Vec<u64>,
+    /// Running operations with their ranges (kept here: admission compares against every one).
+    active: Vec<(u64, Option<(u64, u64)>)>,
     waiting: VecDeque<u64>,
     /// Preferred: writes in flight per region, not yet confirmed by the peer.
     unconfirmed: HashMap<u64, u32>,

@@ -18,7 +18,7 @@ impl MirrorCore {
             o.origin = Origin::Orphan;
             if o.stage != Stage::Running || o.local_done {
                 self.ops.remove(&id);
-                self.active.retain(|x| *x != id);
+                self.active.retain(|x| x.0 != id);
                 self.waiting.retain(|x| *x != id);
             }
         }
@@ -64,11 +64,8 @@ impl MirrorCore {
     /// Whether `id` overlaps a running operation or one of `ahead` (earlier waiting ones).
     pub(super) fn conflicts<'a>(&self, id: u64, ahead: impl IntoIterator<Item = &'a u64>) -> bool {
         let Some(r) = self.ops[&id].range else { return false };
-        self.active
-            .iter()
-            .copied()
-            .chain(ahead.into_iter().copied())
-            .any(|o| self.ops.get(&o).and_then(|x| x.range).is_some_and(|x| Self::overlaps(r, x)))
+        self.active.iter().any(|(_, x)| x.is_some_and(|x| Self::overlaps(r, x)))
+            || ahead.into_iter().any(|o| self.ops.get(o).and_then(|x| x.range).is_some_and(|x| Self::overlaps(r, x)))
     }
 
     /// Starts `id` when its range is free of running and earlier waiting operations.
@@ -76,19 +73,19 @@ impl MirrorCore {
         if self.conflicts(id, &self.waiting) {
             self.waiting.push_back(id);
         } else {
-            self.active.push(id);
+            self.active.push((id, self.ops[&id].range));
             self.begin(id, out);
         }
     }
 
     pub(super) fn release(&mut self, id: u64, out: &mut Vec<Output>) {
-        self.active.retain(|x| *x != id);
+        self.active.retain(|x| x.0 != id);
         let mut still = VecDeque::new();
         while let Some(w) = self.waiting.pop_front() {
             if self.conflicts(w, &still) {
                 still.push_back(w);
             } else {
-                self.active.push(w);
+                self.active.push((w, self.ops[&w].range));
                 self.begin(w, out);
             }
         }
