@@ -14,6 +14,17 @@ use std::time::{Duration, Instant};
 const SIZE: u64 = 4 << 20;
 
 fn leg(name: &str, role: Role, transport: mem::MemTransport, dir: &std::path::Path) -> (Arc<MirrorBdev>, Arc<MallocBdev>) {
+    leg_on(name, role, transport, dir, false)
+}
+
+/// A leg whose link runs as a poller (`on_reactor`) that the test turns itself.
+fn leg_on(
+    name: &str,
+    role: Role,
+    transport: mem::MemTransport,
+    dir: &std::path::Path,
+    on_reactor: bool,
+) -> (Arc<MirrorBdev>, Arc<MallocBdev>) {
     let local = Arc::new(MallocBdev::new(name, 512, SIZE, false).unwrap());
     let settings = MirrorSettings {
         role,
@@ -28,7 +39,7 @@ fn leg(name: &str, role: Role, transport: mem::MemTransport, dir: &std::path::Pa
         spin: Duration::ZERO,
         metro: None,
     };
-    let m = MirrorBdev::start(name, local.clone(), settings, Box::new(transport), false).unwrap();
+    let m = MirrorBdev::start(name, local.clone(), settings, Box::new(transport), on_reactor).unwrap();
     (m, local)
 }
 
@@ -105,5 +116,46 @@ fn an_emulated_link_delay_shows_in_write_latency() {
     assert_eq!(run(ca.as_mut(), BdevOp::Write { offset: 0, data: vec![1; 4096].into(), fua: false }), Ok(BdevOutput::Done));
     assert!(t.elapsed() >= Duration::from_millis(4), "a write waits one round trip: {:?}", t.elapsed());
     drop((ca, a, b));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn writes_that_arrive_together_make_their_dirty_regions_durable_with_one_sync() {
+    let dir = std::env::temp_dir().join(format!("nvmetro-link-batch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ta, tb, control) = mem::pair(Duration::ZERO);
+    let (a, _) = leg_on("a", Role::Preferred, ta, &dir, true);
+    let mut link = a.take_poller().expect("the link runs as a poller");
+    let (b, _) = leg("b", Role::Secondary, tb, &dir);
+    let turn_until = |link: &mut Box<dyn nvmetro_bdev::Poller>, what: &str, f: &mut dyn FnMut() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            link.poll(true);
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    };
+    turn_until(&mut link, "the secondary serves", &mut || b.serving());
+    control.cut();
+    turn_until(&mut link, "the preferred leg serves alone", &mut || a.status().link == "Disconnected" && a.serving());
+    let before = a.status().metadata_syncs;
+
+    // 32 writes to 32 clean regions (64 KiB each), all waiting when the link next turns.
+    let mut ch = a.clone().channel().unwrap();
+    for i in 0..32u64 {
+        ch.submit(i, BdevOp::Write { offset: (16 + i) << 16, data: vec![i as u8; 4096].into(), fua: false });
+    }
+    link.poll(true);
+    let mut done = Vec::new();
+    turn_until(&mut link, "every write completed", &mut || {
+        ch.poll(&mut done);
+        done.len() == 32
+    });
+    assert!(done.iter().all(|c| c.result == Ok(BdevOutput::Done)), "{done:?}");
+    turn_until(&mut link, "the status shows the dirty regions", &mut || a.status().out_of_sync_bytes >= 32 << 16);
+    let syncs = a.status().metadata_syncs - before;
+    // One after another they would take 32 syncs, one per newly dirty region.
+    assert!(syncs <= 2, "{syncs} metadata syncs for one batch of 32 newly dirty regions");
+    drop((ch, link, a, b));
     let _ = std::fs::remove_dir_all(dir);
 }

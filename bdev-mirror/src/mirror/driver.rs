@@ -119,6 +119,8 @@ pub struct StatusReport {
     pub peer_failure: Option<String>,
     /// Seconds this leg's device has been Failed.
     pub failed_for_seconds: Option<u64>,
+    /// Metadata writes (each with its sync) since start.
+    pub metadata_syncs: u64,
 }
 
 impl StatusReport {
@@ -605,6 +607,39 @@ impl LinkThread {
         self.deliver();
     }
 
+    /// Every operation the channels sent, handled as one batch: the core sees them all before
+    /// any output runs, so the metadata they dirty is made durable with one sync, not one each
+    /// (each output still runs after the store that covers it: the first store writes the
+    /// core's state after the whole batch, and [`MetaFile::store`] skips the ones after it).
+    fn take_host_operations(&mut self) -> bool {
+        let channels = self.shared.channels.load_full();
+        let mut out = std::mem::take(&mut self.outputs);
+        let mut any = false;
+        for (chan, q) in channels.iter().enumerate() {
+            while let Some((tag, op)) = q.inbox.pop() {
+                let t = self.next_tag;
+                self.next_tag += 1;
+                self.pending.insert(t, (chan, tag));
+                if self.broken {
+                    self.complete(t, Err(BdevError::Fenced));
+                } else {
+                    if !any {
+                        self.core.observe_clock(self.shared.now_ms());
+                    }
+                    self.core.handle(Input::Host { tag: t, op }, &mut out);
+                }
+                any = true;
+            }
+        }
+        if any {
+            self.run_outputs(&mut out);
+            self.publish_access();
+            self.deliver();
+        }
+        self.outputs = out;
+        any
+    }
+
     /// Hands the completions of the last input to the reactors.
     fn deliver(&mut self) {
         let mut ready = std::mem::take(&mut self.ready);
@@ -981,6 +1016,7 @@ impl LinkThread {
             }
             .into(),
             metro: st.metro,
+            metadata_syncs: self.meta_file.syncs(),
             failed_for_seconds: st.failure.as_ref().map(&ago),
             failure: st.failure.as_ref().map(|f| format!("{f}, {} s ago", ago(f))),
             peer_failure: st.peer_failure.as_ref().map(|f| format!("{f}, {} s ago", ago(f))),
@@ -1021,16 +1057,7 @@ impl LinkThread {
             self.connect_or_accept();
             work |= self.drive_handshakes();
         }
-        let channels = self.shared.channels.load_full();
-        for (chan, q) in channels.iter().enumerate() {
-            while let Some((tag, op)) = q.inbox.pop() {
-                let t = self.next_tag;
-                self.next_tag += 1;
-                self.pending.insert(t, (chan, tag));
-                self.handle(Input::Host { tag: t, op });
-                work = true;
-            }
-        }
+        work |= self.take_host_operations();
         if conn {
             work |= self.receive();
         }

@@ -247,6 +247,11 @@ pub struct MetaFile {
     slot_len: u64,
     /// The sequence number of the newest slot on disk.
     seq: u64,
+    /// The newest slot's contents (encoded with sequence 0): storing the same again is skipped,
+    /// so several changes made durable together cost one write and one sync.
+    durable: Vec<u8>,
+    /// Writes and syncs so far.
+    syncs: u64,
 }
 
 impl MetaFile {
@@ -284,18 +289,30 @@ impl MetaFile {
             }
             None => (Meta::new(size, region_shift), 0),
         };
-        let mut mf = MetaFile { file, slot_len, seq };
+        let mut mf = MetaFile { file, slot_len, seq, durable: Vec::new(), syncs: 0 };
         mf.store(&meta)?;
         Ok((mf, meta))
     }
 
     /// Writes the slot the newest one is not, then syncs: the newest stays whole until then.
+    /// Nothing is written when the newest slot already holds `meta`.
     pub fn store(&mut self, meta: &Meta) -> io::Result<()> {
+        let image = meta.encode(0);
+        if image == self.durable {
+            return Ok(());
+        }
         let seq = self.seq + 1;
         self.file.write_all_at(&meta.encode(seq), (seq % 2) * self.slot_len)?;
         self.file.sync_data()?;
         self.seq = seq;
+        self.durable = image;
+        self.syncs += 1;
         Ok(())
+    }
+
+    /// Writes and syncs so far (each made everything before it durable).
+    pub fn syncs(&self) -> u64 {
+        self.syncs
     }
 }
 
@@ -313,6 +330,24 @@ mod tests {
         assert_eq!(g(0, 0).compare(&g(5, 0)), SyncDirection::FullFromPeer);
         assert_eq!(g(5, 0).compare(&g(0, 0)), SyncDirection::FullToPeer);
         assert_eq!(g(5, 0).compare(&g(6, 0)), SyncDirection::Unrelated);
+    }
+
+    #[test]
+    fn storing_what_is_already_durable_writes_nothing() {
+        let p = std::env::temp_dir().join(format!("nvmetro-meta-same-{}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        let (mut f, mut m) = MetaFile::open(&p, 100 << 20, 20).unwrap();
+        let opened = f.syncs();
+        f.store(&m).unwrap();
+        assert_eq!(f.syncs(), opened, "unchanged: no write, no sync");
+        assert!(m.mark(5 << 20, 1));
+        f.store(&m).unwrap();
+        f.store(&m).unwrap();
+        assert_eq!(f.syncs(), opened + 1, "one change: one sync");
+        drop(f);
+        let (_, again) = MetaFile::open(&p, 100 << 20, 20).unwrap();
+        assert_eq!(again.dirty_count(), 1, "the change is durable");
+        let _ = std::fs::remove_file(&p);
     }
 
     #[test]
