@@ -566,8 +566,8 @@ struct LinkThread {
     poll: Poll,
     transport: Box<dyn Transport>,
     conn: Option<Conn>,
-    /// Core tag -> (channel index, reactor tag).
-    pending: HashMap<u64, (usize, u64)>,
+    /// Core tag -> (channel index, reactor tag, when a write arrived).
+    pending: HashMap<u64, (usize, u64, Option<Instant>)>,
     next_tag: u64,
     settings: MirrorSettings,
     shared: Arc<Shared>,
@@ -615,11 +615,13 @@ impl LinkThread {
         let channels = self.shared.channels.load_full();
         let mut out = std::mem::take(&mut self.outputs);
         let mut any = false;
+        let now = Instant::now();
         for (chan, q) in channels.iter().enumerate() {
             while let Some((tag, op)) = q.inbox.pop() {
                 let t = self.next_tag;
                 self.next_tag += 1;
-                self.pending.insert(t, (chan, tag));
+                let write = matches!(op, BdevOp::Write { .. } | BdevOp::WriteZeroes { .. });
+                self.pending.insert(t, (chan, tag, write.then_some(now)));
                 if self.broken {
                     self.complete(t, Err(BdevError::Fenced));
                 } else {
@@ -643,8 +645,13 @@ impl LinkThread {
     /// Hands the completions of the last input to the reactors.
     fn deliver(&mut self) {
         let mut ready = std::mem::take(&mut self.ready);
+        let mut now = None;
         for (tag, result) in ready.drain(..) {
-            if let Some((chan, orig)) = self.pending.remove(&tag) {
+            if let Some((chan, orig, arrived)) = self.pending.remove(&tag) {
+                if let (Some(at), Ok(_)) = (arrived, &result) {
+                    let now = *now.get_or_insert_with(Instant::now);
+                    self.core.observe_host_write(now.duration_since(at).as_micros() as u64);
+                }
                 if let Some(q) = self.shared.channels.load().get(chan) {
                     // There is room: a channel has at most CHANNEL_DEPTH operations with the link
                     // (MirrorChannel::hand_over), each completed once.

@@ -6,6 +6,7 @@
 //!
 //! The state machine's parts: [`ordering`] (range admission, issuing and completing operations),
 //! [`wire`] (frames from the peer), [`resync`] (handshake, sync direction, resync and sweep),
+//! [`pacing`] (how fast a resync goes while hosts write),
 //! [`quorum`] (metro mode: witness, pre-election, elections) and [`failure`] (failing legs).
 //!
 //! Ordering, so both copies end byte-identical (active-active):
@@ -69,6 +70,7 @@ use std::collections::{HashMap, VecDeque};
 
 mod failure;
 mod ordering;
+mod pacing;
 mod quorum;
 mod resync;
 mod wire;
@@ -331,9 +333,6 @@ struct Op {
     parts: u32,
 }
 
-const RESYNC_WINDOW: usize = 16;
-/// Regions in flight while hosts write: the resync's reads and writes leave the devices to them.
-const RESYNC_WINDOW_BUSY: usize = 2;
 /// Host writes within this count as hosts writing.
 const HOST_ACTIVE_MS: u64 = 50;
 /// A region travels in Resync frames of at most this many bytes, so that the frames of host
@@ -435,6 +434,8 @@ pub struct MirrorCore {
     link_epoch: u64,
     /// When the last host write-type operation arrived (the resync's window shrinks meanwhile).
     last_host_ms: Option<u64>,
+    /// How many regions the resync keeps in flight while hosts write.
+    pacer: pacing::ResyncPacer,
     /// Largest Resync frame payload ([`RESYNC_CHUNK`] unless a test sets it).
     resync_chunk: usize,
     /// The longest lease this leg's Pongs granted (the peer sends its fence in each Ping): the
@@ -551,6 +552,7 @@ impl MirrorCore {
             link_epoch: 0,
             resync_chunk: RESYNC_CHUNK,
             last_host_ms: None,
+            pacer: pacing::ResyncPacer::default(),
             peer_fence_ms: 0,
         };
         (core, out)
@@ -595,6 +597,12 @@ impl MirrorCore {
     }
 
     /// How often a Failed leg retries to resync (0: only on [`Input::Resync`]).
+    /// A host write completed at this leg after `latency_us`: the resync paces itself by it.
+    pub fn observe_host_write(&mut self, latency_us: u64) {
+        let resyncing = self.link == (LinkState::Syncing { source: true });
+        self.pacer.observe(latency_us, resyncing);
+    }
+
     pub fn set_retry_ms(&mut self, ms: u64) {
         self.retry_ms = ms;
     }
@@ -835,6 +843,7 @@ impl MirrorCore {
             Input::Tick { now_ms } => {
                 self.observe_clock(now_ms);
                 let now_ms = self.last_tick_ms;
+                self.pacer.tick(now_ms);
                 let elapsed = now_ms.saturating_sub(self.prev_tick_ms);
                 self.prev_tick_ms = now_ms;
                 if self.alone_at_ms.is_some_and(|t| now_ms >= t) {

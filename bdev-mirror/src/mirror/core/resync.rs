@@ -3,10 +3,10 @@
 //! clears confirmed regions.
 //!
 //! Resync is a class of its own beside host I/O: regions travel in chunks of
-//! [`RESYNC_CHUNK`] (a host frame never waits behind a whole region), at most
-//! [`RESYNC_WINDOW_BUSY`] regions are in flight while hosts write (else [`RESYNC_WINDOW`]),
-//! `resync_rate` caps it, and the driver sends resync data on a lane that yields to host frames
-//! and keeps the socket's queue near a fill target.
+//! [`RESYNC_CHUNK`] (a host frame never waits behind a whole region), the regions in flight
+//! follow the hosts' write latency ([`super::pacing`]), `resync_rate` caps it, and the driver
+//! sends resync data on a lane that yields to host frames and keeps the socket's queue near a
+//! fill target.
 
 use super::ordering::op_frame;
 use super::*;
@@ -131,7 +131,7 @@ impl MirrorCore {
         let region_len = 1u64 << self.meta.region_shift;
         // Hosts writing: a narrow window (the rate, if set, caps it further).
         let hosts_writing = self.last_host_ms.is_some_and(|t| self.last_tick_ms.saturating_sub(t) < HOST_ACTIVE_MS);
-        let window = if hosts_writing { RESYNC_WINDOW_BUSY } else { RESYNC_WINDOW };
+        let window = self.pacer.window(hosts_writing);
         while self.resync_inflight < window && self.sync_cursor < self.to_sync.len() {
             if self.resync_rate > 0 {
                 if self.tokens < region_len.min(self.resync_rate) {
