@@ -6,7 +6,12 @@
 #     added in-process;
 #   * busy host: the split layout with a busy-polling host spinning on core 1 beside site B;
 #   * during a resync: QD1 writes at A while B, restarted after 2 s of QD32 writes without it,
-#     resyncs (and how long the resync took).
+#     resyncs (and how long the resync took);
+#   * reads: 4 KiB random reads at QD32, unreplicated and at replicated site A (served locally);
+#   * syscalls per replicated write at site A (strace -c, when strace is installed), heap
+#     allocations per replicated write and per read (the counting-allocator tests, release build);
+#   * the echo floor: `nvmetro-perf suite` (a bare loopback TCP echo with the same sizes beside
+#     each unreplicated case), unless SUITE=0.
 # Every target polls in adaptive mode; the host is nvmetro-perf on core 1 (blocking unless the
 # case says busy). Legs are files on /dev/shm (RAM), so the figures show the cost of replication.
 #
@@ -54,9 +59,9 @@ CFG
 
 wait_port() { for _ in $(seq 200); do python3 -c "import socket; socket.create_connection(('127.0.0.1',$1),1)" 2>/dev/null && return; sleep 0.05; done; echo "no listener on $1" >&2; exit 1; }
 
-perf() { # port qd json [extra flags]
+perf() { # port qd json [extra flags]; RW, BS: other than 8 KiB random writes
   local p=$1 qd=$2 out=$3; shift 3
-  "$BIN/nvmetro-perf" --addr 127.0.0.1:$p --nqn $NQN --rw randwrite --bs 8k --qd $qd --time ${T}s --ramp 1s --cores 1 -q --json "$out" "$@" \
+  "$BIN/nvmetro-perf" --addr 127.0.0.1:$p --nqn $NQN --rw ${RW:-randwrite} --bs ${BS:-8k} --qd $qd --time ${T}s --ramp 1s --cores 1 -q --json "$out" "$@" \
     || echo '{"total": {"iops": 0, "latency_us": {"p50": 0, "p99": 0}}}' > "$out"
 }
 
@@ -115,12 +120,14 @@ p0=$(port); target_cfg "$W/plain.toml" $p0 "" "1, 99" leg 0
 "$BIN/nvmetro-tgt" --config "$W/plain.toml" --log warn & PT=$!
 wait_port $p0
 perf $p0 1 "$W/plain-qd1.json"; perf $p0 32 "$W/plain-qd32.json"
+RW=randread BS=4k perf $p0 32 "$W/plain-read.json"
 spdk_perf $p0 1 "$W/spdk-plain-qd1.json"; spdk_perf $p0 32 "$W/spdk-plain-qd32.json"
 kill $PT; wait $PT 2>/dev/null || true; rm -f "$W"/plain.toml*
 
 # Both sites on core 0.
 start_pair shared 0 0
 perf $pa 1 "$W/shared-qd1.json"; perf $pa 32 "$W/shared-qd32.json"
+RW=randread BS=4k perf $pa 32 "$W/shared-read.json"
 spdk_perf $pa 1 "$W/spdk-shared-qd1.json"; spdk_perf $pa 32 "$W/spdk-shared-qd32.json"
 stop_pair shared
 
@@ -130,6 +137,13 @@ for delay in 0 75 500; do
   perf $pa 1 "$W/split$delay-qd1.json"; perf $pa 32 "$W/split$delay-qd32.json"
   if [ $delay = 0 ]; then
     perf $pa 1 "$W/busyhost-qd1.json" --busy-poll
+    if command -v strace > /dev/null; then
+      # Syscalls per replicated write at A (strace slows the site: only counts mean anything).
+      timeout 20 strace -c -f -q -p $PA -o "$W/strace.txt" & ST=$!
+      sleep 1
+      perf $pa 1 "$W/strace-qd1.json"
+      kill -INT $ST 2>/dev/null || true; wait $ST 2>/dev/null || true
+    fi
     # During a resync: B stops, A takes 2 s of writes alone, B comes back and resyncs under load.
     kill -9 $PB; wait $PB 2>/dev/null || true
     "$BIN/nvmetro-perf" --addr 127.0.0.1:$pa --nqn $NQN --rw randwrite --bs 8k --qd 32 --time 2s --ramp 0s --cores 1 -q > /dev/null
@@ -143,8 +157,16 @@ for delay in 0 75 500; do
   stop_pair split$delay
 done
 
+# Heap allocations per I/O (both sites in one process, under a counting allocator).
+if [ -z "${NVMETRO_BIN:-}" ]; then
+  cargo test --release -q -p nvmetro-tgt --test write_allocations --test read_allocations -- --nocapture > "$W/allocs.txt" 2>&1 || true
+fi
+if [ "${SUITE:-1}" != 0 ]; then
+  "$BIN/nvmetro-perf" suite --target-bin "$BIN/nvmetro-tgt" --time ${T}s --runs 1 --out "$W/suite.md" > /dev/null 2>&1 || true
+fi
+
 python3 - "$W" "$T" > "${OUT:-bench-mirror.md}" <<'PY'
-import json, sys
+import json, os, re, sys
 w, secs = sys.argv[1], sys.argv[2]
 def load(name):
     return json.load(open(f"{w}/{name}.json"))["total"]
@@ -187,7 +209,24 @@ print("| case | depth | unreplicated IOPS / p50 us | replicated IOPS / p50 / p99
 print("|---|---|---:|---:|---:|---:|---|---|")
 print("\n".join(rows))
 print(f"\nDuring a resync (B restarted after 2 s of QD32 writes at A alone): QD1 {res['iops']:.0f} IOPS, p50 {lat(res, 'p50'):.1f} us, p99 {lat(res, 'p99'):.1f} us = {100 * ratio:.0f}% of the IOPS without a resync (goal >= 80%); back in sync {resync_s} s after B restarted.\n")
-import os
+pr, sr = load("plain-read"), load("shared-read")
+raw["plain-read"], raw["shared-read"] = pr, sr
+print(f"Reads, 4 KiB random QD32: unreplicated {pr['iops']:.0f} IOPS, p50 {lat(pr, 'p50'):.1f} us; at replicated site A (both sites on core 0) {sr['iops']:.0f} IOPS, p50 {lat(sr, 'p50'):.1f} us ({100 * sr['iops'] / pr['iops'] if pr['iops'] else 0:.0f}%).\n")
+if os.path.exists(f"{w}/strace.txt"):
+    st = load("strace-qd1")
+    writes = st["iops"] * (float(secs) + 1)  # the ramp second is traced too
+    calls = {m.group(2): int(m.group(1)) for m in re.finditer(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)\s*$", open(f"{w}/strace.txt").read(), re.M)}
+    if writes and calls:
+        top = sorted(((k, v) for k, v in calls.items() if k != "total"), key=lambda kv: -kv[1])[:8]
+        print("Syscalls per replicated 8 KiB write at site A (QD1, B on core 1, strace -c -f): " + ", ".join(f"{name} {n / writes:.2f}" for name, n in top) + ".\n")
+if os.path.exists(f"{w}/allocs.txt"):
+    for line in open(f"{w}/allocs.txt"):
+        if "allocations over" in line:
+            print(f"Heap allocations (counting allocator, release build): {line.strip()}\n")
+if os.path.exists(f"{w}/suite.md"):
+    print("`nvmetro-perf suite` (unreplicated, each case beside its loopback echo floor):\n")
+    text = open(f"{w}/suite.md").read()
+    print(text.split("```json")[0].strip() + "\n")
 if os.path.exists(f"{w}/spdk-plain-qd1.json"):
     print("With SPDK's `spdk_nvme_perf` as the host (busy polling on core 1), both sites on core 0:\n")
     print("| depth | unreplicated IOPS / p50 us | replicated IOPS / p50 / p99 us | p50 added us | IOPS ratio | goal | |")
