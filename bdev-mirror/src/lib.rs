@@ -6,10 +6,14 @@
 //! * [`malloc`]: RAM, optionally on 2 MiB hugepages, shared by all reactors.
 //! * [`null`]: discards writes, reads zeroes; for measuring the target itself.
 //! * [`file`]: a file or block device through io_uring, O_DIRECT by default.
-//! * [`range_lock`]: lock-free LBA range locks (fused Compare+Write atomicity; resync later).
+//! * [`range_lock`]: lock-free LBA range locks (the file bdev's fused Compare+Write atomicity).
 //! * [`error`]: error injection over another bdev (fails, delays or drops selected commands).
 //!
-//! * [`mirror`]: two-site synchronous replication (in progress: wire format, metadata, core).
+//! * [`mirror`]: two-site synchronous replication: the sans-IO core (ordering, resync, quorum,
+//!   failing legs), its driver and link, the wire format, metadata and the witness protocol.
+//!
+//! Write payloads are [`IoBuf`]s: shared, pooled and page-aligned, so one buffer serves the
+//! local write and the replication frame.
 
 pub mod error;
 pub mod file;
