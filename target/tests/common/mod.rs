@@ -27,7 +27,11 @@ pub fn io_queue(port: u16, nqn: &str, qd: u16) -> (nvmetro_perf::Queue, TcpStrea
         }
     };
     let (admin, mut io) = host.into_parts();
-    (admin, io.remove(0).into_socket().unwrap())
+    let sock = io.remove(0).into_socket().unwrap();
+    // Blocking reads without a timeout: a loaded machine may take its time, not fail the test.
+    sock.set_nonblocking(false).unwrap();
+    sock.set_read_timeout(None).unwrap();
+    (admin, sock)
 }
 
 /// Each command (command ID 1, 2, ...) encoded as a capsule with its in-capsule data.
