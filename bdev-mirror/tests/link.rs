@@ -32,6 +32,7 @@ fn leg_on(
         meta_path: dir.join(format!("{name}.meta")),
         region_shift: 16,
         resync_rate: 0,
+        resync_latency_target: Default::default(),
         heartbeat_timeout: Duration::from_secs(3),
         retry_interval: Duration::from_secs(30),
         secret: b"link test secret".to_vec(),
@@ -156,6 +157,60 @@ fn writes_that_arrive_together_make_their_dirty_regions_durable_with_one_sync() 
     let syncs = a.status().metadata_syncs - before;
     // One after another they would take 32 syncs, one per newly dirty region.
     assert!(syncs <= 2, "{syncs} metadata syncs for one batch of 32 newly dirty regions");
+    drop((ch, link, a, b));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_channel_past_its_depth_waits_in_order_and_loses_nothing() {
+    let dir = std::env::temp_dir().join(format!("nvmetro-link-depth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ta, tb, _control) = mem::pair(Duration::ZERO);
+    let (a, la) = leg_on("a", Role::Preferred, ta, &dir, true);
+    let mut link = a.take_poller().expect("the link runs as a poller");
+    let (b, lb) = leg("b", Role::Secondary, tb, &dir);
+    let turn_until = |link: &mut Box<dyn nvmetro_bdev::Poller>, what: &str, f: &mut dyn FnMut() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !f() {
+            link.poll(true);
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        }
+    };
+    turn_until(&mut link, "the secondary serves", &mut || b.serving() && a.status().link == "Connected");
+
+    // 1,500 writes while the link does not turn: 1,024 fill the link's queue, the rest wait in
+    // the channel. They rewrite 300 blocks five times over, so a write handed over out of its
+    // turn (or lost) leaves a block with another pass's bytes.
+    const WRITES: u64 = 1500;
+    const BLOCKS: u64 = 300;
+    let mut ch = a.clone().channel().unwrap();
+    for i in 0..WRITES {
+        ch.submit(i, BdevOp::Write { offset: (i % BLOCKS) * 4096, data: vec![(i / BLOCKS + 1) as u8; 4096].into(), fua: false });
+    }
+    assert_eq!(ch.outstanding(), WRITES as usize, "every write is held, none refused");
+    let mut done = Vec::new();
+    ch.poll(&mut done);
+    assert!(done.is_empty(), "nothing completes before the link turns: {done:?}");
+    turn_until(&mut link, "every write completed", &mut || {
+        ch.poll(&mut done);
+        done.len() == WRITES as usize
+    });
+    assert!(done.iter().all(|c| c.result == Ok(BdevOutput::Done)), "{:?}", done.iter().find(|c| c.result.is_err()));
+    let mut tags: Vec<u64> = done.iter().map(|c| c.tag).collect();
+    tags.sort_unstable();
+    assert!(tags.iter().copied().eq(0..WRITES), "each write completed exactly once");
+    assert_eq!(ch.outstanding(), 0);
+
+    let image = read_leg(&la);
+    for block in 0..BLOCKS as usize {
+        let last_pass = (WRITES - 1 - block as u64) / BLOCKS + 1;
+        assert!(
+            image[block * 4096..(block + 1) * 4096].iter().all(|&x| x == last_pass as u8),
+            "block {block} holds {} rather than the last pass's {last_pass}",
+            image[block * 4096]
+        );
+    }
+    assert!(image == read_leg(&lb), "the secondary holds the same bytes");
     drop((ch, link, a, b));
     let _ = std::fs::remove_dir_all(dir);
 }

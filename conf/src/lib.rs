@@ -38,6 +38,7 @@ mod raw;
 mod units;
 mod validate;
 
+pub use nvmetro_bdev::mirror::core::ResyncLatencyTarget;
 pub use raw::*;
 pub use units::*;
 use validate::*;
@@ -190,6 +191,7 @@ pub struct MirrorConfig {
     pub peer: Option<SocketAddr>,
     pub metadata: PathBuf,
     pub resync_rate: u64,
+    pub resync_latency_target: ResyncLatencyTarget,
     pub region_shift: u32,
     pub link_delay_us: u64,
     pub heartbeat_timeout_ms: Option<u64>,
@@ -499,6 +501,24 @@ ana_states = { "2" = "non-optimized" }
         assert!(e.message.contains("must survive a restart"), "{e}");
         let e = err(&base.replace("bdev = \"m\"", "bdev = \"leg\""));
         assert!(e.message.contains("export the mirror"), "{e}");
+    }
+
+    #[test]
+    fn mirror_resync_latency_target() {
+        let base = &MIRROR[MIRROR.find("[[bdev]]").unwrap()..]
+            .replace("{DIR}/data/leg.img", "/tmp/leg")
+            .replace("{DIR}/meta/m.meta", "/tmp/m.meta");
+        let with = |v: &str| base.replace("role = \"preferred\"", &format!("role = \"preferred\"\nresync_latency_target = \"{v}\""));
+        let target = |text: &str| parse(text, "m.toml").unwrap().bdevs[1].mirror.as_ref().unwrap().resync_latency_target;
+        assert_eq!(target(base), ResyncLatencyTarget::Relative(125), "the default");
+        assert_eq!(target(&with("150%")), ResyncLatencyTarget::Relative(150));
+        assert_eq!(target(&with("2ms")), ResyncLatencyTarget::Absolute(2000));
+        assert_eq!(target(&with("off")), ResyncLatencyTarget::Off);
+        for bad in ["50%", "fast", "5us", "20s", "%"] {
+            let e = err(&with(bad));
+            assert_eq!(e.key, "bdev.resync_latency_target", "{bad}: {e}");
+            assert!(e.message.contains(bad) && e.message.contains("\"off\""), "{e}");
+        }
     }
 
     #[test]

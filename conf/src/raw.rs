@@ -98,6 +98,9 @@ pub struct BdevSection {
     pub metadata: Option<Spanned<PathBuf>>,
     /// mirror: resync speed limit per second, e.g. "200MiB" (default unlimited).
     pub resync_rate: Option<Size>,
+    /// mirror: the host write latency a resync steers to: "125%" (default) of the latency
+    /// without a resync, a fixed one such as "500us", or "off" (only `resync_rate` limits it).
+    pub resync_latency_target: Option<Spanned<String>>,
     /// mirror: dirty-tracking and resync region, a power of two (default 1MiB).
     pub region_size: Option<Spanned<Size>>,
     /// mirror: delay added to every frame this site sends, e.g. "75us" (benchmarks and tests

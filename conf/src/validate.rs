@@ -232,6 +232,16 @@ pub(crate) fn mirror_config(ctx: &Ctx, b: &BdevSection) -> Result<MirrorConfig, 
             ctx.err(d.span(), "bdev.link_delay", format!("`{}` is not a duration such as \"75us\" or \"1ms\"", d.get_ref()))
         })?,
     };
+    let resync_latency_target = match &b.resync_latency_target {
+        None => ResyncLatencyTarget::default(),
+        Some(t) => parse_latency_target(t.get_ref()).ok_or_else(|| {
+            ctx.err(
+                t.span(),
+                "bdev.resync_latency_target",
+                format!("`{}` is not a percentage from 100% to 10000% (\"150%\"), a duration from 10us to 10s (\"500us\"), or \"off\"", t.get_ref()),
+            )
+        })?,
+    };
     let heartbeat_timeout_ms = match &b.heartbeat_timeout {
         None => None,
         Some(d) => match parse_micros(d.get_ref()) {
@@ -275,8 +285,21 @@ pub(crate) fn mirror_config(ctx: &Ctx, b: &BdevSection) -> Result<MirrorConfig, 
         peer,
         metadata,
         resync_rate: b.resync_rate.map_or(0, Size::bytes),
+        resync_latency_target,
         region_shift: region.trailing_zeros(),
     })
+}
+
+/// "150%", "500us" or "off" (see [`ResyncLatencyTarget`]).
+fn parse_latency_target(s: &str) -> Option<ResyncLatencyTarget> {
+    let s = s.trim();
+    if s == "off" {
+        return Some(ResyncLatencyTarget::Off);
+    }
+    if let Some(p) = s.strip_suffix('%') {
+        return p.trim().parse().ok().filter(|p| (100..=10_000).contains(p)).map(ResyncLatencyTarget::Relative);
+    }
+    parse_micros(s).filter(|us| (10..=10_000_000).contains(us)).map(ResyncLatencyTarget::Absolute)
 }
 
 pub(crate) const ANA_STATES: [&str; 4] = ["optimized", "non-optimized", "inaccessible", "persistent-loss"];

@@ -220,6 +220,7 @@ pub(crate) fn open_bdev(
                 meta_path: m.metadata.clone(),
                 region_shift: m.region_shift,
                 resync_rate: m.resync_rate,
+                resync_latency_target: m.resync_latency_target,
                 heartbeat_timeout: heartbeat,
                 retry_interval: m.retry_interval.unwrap_or(std::time::Duration::ZERO),
                 secret: match &m.secret {
@@ -277,6 +278,7 @@ pub(crate) fn min_anatt(config: &Config) -> u8 {
 pub(crate) fn mirror_tuning(m: &nvmetro_conf::MirrorConfig, metro: bool) -> nvmetro_bdev::mirror::driver::MirrorTuning {
     nvmetro_bdev::mirror::driver::MirrorTuning {
         resync_rate: m.resync_rate,
+        resync_latency_target: m.resync_latency_target,
         link_delay: std::time::Duration::from_micros(m.link_delay_us),
         heartbeat_timeout: std::time::Duration::from_millis(m.heartbeat_timeout_ms.unwrap_or(if metro { 1000 } else { 3000 })),
         manual_failback: m.manual_failback,

@@ -141,6 +141,7 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
                     (Some(om), Some(nm)) => {
                         let same_identity = nvmetro_conf::MirrorConfig {
                             resync_rate: nm.resync_rate,
+                            resync_latency_target: nm.resync_latency_target,
                             link_delay_us: nm.link_delay_us,
                             heartbeat_timeout_ms: nm.heartbeat_timeout_ms,
                             manual_failback: nm.manual_failback,
@@ -157,6 +158,9 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
                             "resync rate {}",
                             if nm.resync_rate == 0 { "unlimited".into() } else { format!("{} B/s", nm.resync_rate) }
                         ));
+                    }
+                    if om.resync_latency_target != nm.resync_latency_target {
+                        what.push(format!("resync latency target {}", nm.resync_latency_target));
                     }
                     if om.link_delay_us != nm.link_delay_us {
                         what.push(format!("link delay {} us", nm.link_delay_us));
@@ -572,6 +576,10 @@ address = "127.0.0.1:4420"
         let p = plan(&old, &cfg(&mirror("resync_rate = \"100MiB\"\nheartbeat_timeout = \"2s\"", preferred)));
         assert!(p.refused.is_empty(), "{:?}", p.refused);
         assert!(p.changes[0].contains("resync rate") && p.changes[0].contains("heartbeat timeout"), "{:?}", p.changes);
+        let p = plan(&old, &cfg(&mirror("resync_latency_target = \"2ms\"", preferred)));
+        assert!(p.refused.is_empty(), "{:?}", p.refused);
+        assert!(p.changes[0].contains("resync latency target 2000 us"), "{:?}", p.changes);
+        assert!(p.tunings.iter().any(|(name, m)| name == "m" && m.resync_latency_target == nvmetro_conf::ResyncLatencyTarget::Absolute(2000)), "the new target goes to the running mirror");
         let p = plan(&old, &cfg(&mirror("", "role = \"secondary\"\npeer = \"127.0.0.1:7700\"")));
         assert!(p.refused.iter().any(|r| r.contains("bdev m")), "a role change is refused: {:?}", p.refused);
     }

@@ -27,7 +27,7 @@
 //! A metadata store that fails stops the batch of outputs it belongs to (nothing after it is
 //! issued, sent or completed), fences the leg for good (until a restart) and drops the link.
 
-use super::core::{Access, Input, LinkState, Metro, MirrorCore, MirrorStatus, Output, Role};
+use super::core::{Access, Input, LinkState, Metro, MirrorCore, MirrorStatus, Output, ResyncLatencyTarget, Role};
 use super::frame::{Frame, Kind};
 use super::meta::MetaFile;
 use super::outbox::{Conn, RESYNC_RECHECK};
@@ -56,6 +56,8 @@ pub struct MirrorSettings {
     pub region_shift: u32,
     /// Resync budget in bytes per second; 0 for unlimited.
     pub resync_rate: u64,
+    /// The host write latency a resync steers to.
+    pub resync_latency_target: ResyncLatencyTarget,
     pub heartbeat_timeout: Duration,
     /// Added to every frame this leg sends (emulated distance).
     pub link_delay: Duration,
@@ -82,6 +84,7 @@ pub const MAX_PENDING: usize = 8;
 pub struct MirrorTuning {
     /// Bytes per second; 0 for unlimited.
     pub resync_rate: u64,
+    pub resync_latency_target: ResyncLatencyTarget,
     pub link_delay: Duration,
     pub heartbeat_timeout: Duration,
     pub manual_failback: bool,
@@ -272,6 +275,7 @@ impl MirrorBdev {
             ^ u64::from(std::process::id());
         let (mut core, first) = MirrorCore::new(settings.role, settings.site, size, meta, seed);
         core.set_resync_rate(settings.resync_rate);
+        core.set_resync_latency_target(settings.resync_latency_target);
         core.set_lease_ms(settings.heartbeat_timeout.as_millis() as u64 / 2);
         core.set_retry_ms(settings.retry_interval.as_millis() as u64);
         if let Some(m) = &settings.metro {
@@ -588,23 +592,40 @@ struct LinkThread {
 
 impl LinkThread {
     fn handle(&mut self, input: Input) {
+        self.handle_batch(|link, out| {
+            link.feed(input, out);
+            true
+        });
+    }
+
+    /// Hands the core the inputs `feed` gives it (through [`LinkThread::feed`]), all of them
+    /// before any output runs; returns what `feed` returned (whether it gave any).
+    fn handle_batch(&mut self, feed: impl FnOnce(&mut Self, &mut Vec<Output>) -> bool) -> bool {
+        self.core.observe_clock(self.shared.now_ms());
+        // The outputs' vector is kept for its capacity (a write's handling allocates nothing).
+        let mut out = std::mem::take(&mut self.outputs);
+        let any = feed(self, &mut out);
+        if any {
+            self.run_outputs(&mut out);
+            // Narrower access first, completions after: a host that saw an answer never finds
+            // this leg serving a read on the state before it.
+            self.publish_access();
+            self.deliver();
+        }
+        self.outputs = out;
+        any
+    }
+
+    /// One input for the core, inside [`LinkThread::handle_batch`].
+    fn feed(&mut self, input: Input, out: &mut Vec<Output>) {
         if self.broken {
             // The core's state is ahead of its durable metadata: it decides nothing any more.
             if let Input::Host { tag, .. } = input {
                 self.complete(tag, Err(BdevError::Fenced));
             }
-            return self.deliver();
+            return;
         }
-        self.core.observe_clock(self.shared.now_ms());
-        // The outputs' vector is kept for its capacity (a write's handling allocates nothing).
-        let mut out = std::mem::take(&mut self.outputs);
-        self.core.handle(input, &mut out);
-        self.run_outputs(&mut out);
-        self.outputs = out;
-        // Narrower access first, completions after: a host that saw an answer never finds this
-        // leg serving a read on the state before it.
-        self.publish_access();
-        self.deliver();
+        self.core.handle(input, out);
     }
 
     /// Every operation the channels sent, handled as one batch: the core sees them all before
@@ -612,34 +633,23 @@ impl LinkThread {
     /// (each output still runs after the store that covers it: the first store writes the
     /// core's state after the whole batch, and [`MetaFile::store`] skips the ones after it).
     fn take_host_operations(&mut self) -> bool {
+        if self.shared.inbox_empty() {
+            return false;
+        }
         let channels = self.shared.channels.load_full();
-        let mut out = std::mem::take(&mut self.outputs);
-        let mut any = false;
-        let now = Instant::now();
-        for (chan, q) in channels.iter().enumerate() {
-            while let Some((tag, op)) = q.inbox.pop() {
-                let t = self.next_tag;
-                self.next_tag += 1;
-                let write = matches!(op, BdevOp::Write { .. } | BdevOp::WriteZeroes { .. });
-                self.pending.insert(t, (chan, tag, write.then_some(now)));
-                if self.broken {
-                    self.complete(t, Err(BdevError::Fenced));
-                } else {
-                    if !any {
-                        self.core.observe_clock(self.shared.now_ms());
-                    }
-                    self.core.handle(Input::Host { tag: t, op }, &mut out);
+        self.handle_batch(|link, out| {
+            let now = Instant::now();
+            for (chan, q) in channels.iter().enumerate() {
+                while let Some((tag, op)) = q.inbox.pop() {
+                    let t = link.next_tag;
+                    link.next_tag += 1;
+                    let write = matches!(op, BdevOp::Write { .. } | BdevOp::WriteZeroes { .. });
+                    link.pending.insert(t, (chan, tag, write.then_some(now)));
+                    link.feed(Input::Host { tag: t, op }, out);
                 }
-                any = true;
             }
-        }
-        if any {
-            self.run_outputs(&mut out);
-            self.publish_access();
-            self.deliver();
-        }
-        self.outputs = out;
-        any
+            true
+        })
     }
 
     /// Hands the completions of the last input to the reactors.
@@ -1080,6 +1090,7 @@ impl LinkThread {
         if self.shared.tuning_pending.swap(false, Ordering::AcqRel) {
             if let Some(t) = self.shared.tuning.lock().ok().and_then(|mut t| t.take()) {
                 self.core.set_resync_rate(t.resync_rate);
+                self.core.set_resync_latency_target(t.resync_latency_target);
                 self.settings.link_delay = t.link_delay;
                 self.settings.heartbeat_timeout = t.heartbeat_timeout;
                 if let Some(m) = self.settings.metro.as_mut() {

@@ -75,6 +75,7 @@ mod quorum;
 mod resync;
 mod wire;
 
+pub use pacing::{ResyncLatencyTarget, LATENCY_TARGET_PERCENT};
 use ordering::{code_error, error_code, frame_op};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -597,6 +598,11 @@ impl MirrorCore {
     }
 
     /// How often a Failed leg retries to resync (0: only on [`Input::Resync`]).
+    /// The host write latency a resync steers to.
+    pub fn set_resync_latency_target(&mut self, target: ResyncLatencyTarget) {
+        self.pacer.set_target(target);
+    }
+
     /// A host write completed at this leg after `latency_us`: the resync paces itself by it.
     pub fn observe_host_write(&mut self, latency_us: u64) {
         let resyncing = self.link == (LinkState::Syncing { source: true });
