@@ -52,7 +52,7 @@ rm -f "$log"
 
 step "fuzzing (${FUZZ_SECONDS:-30} s per target)"
 if ! command -v cargo-fuzz >/dev/null; then cargo install cargo-fuzz --locked -q; fi
-for t in pdu_parse target_queue link_auth mirror_frame; do
+for t in pdu_parse target_queue link_auth mirror_frame dr_frame; do
   # cargo-fuzz needs nightly-only flags; RUSTC_BOOTSTRAP lets the stable compiler accept them.
   (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run "$t" --target-dir ../build/fuzz -- \
       -max_total_time="${FUZZ_SECONDS:-30}" -print_final_stats=1 2>&1 | grep -E "stat::number_of_executed_units|Done|ERROR|panicked" ) \

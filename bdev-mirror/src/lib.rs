@@ -15,6 +15,7 @@
 //! Write payloads are [`IoBuf`]s: shared, pooled and page-aligned, so one buffer serves the
 //! local write and the replication frame.
 
+pub mod dr;
 pub mod error;
 pub mod file;
 pub mod malloc;

@@ -238,7 +238,10 @@ pub(crate) fn mirror_config(ctx: &Ctx, b: &BdevSection) -> Result<MirrorConfig, 
             ctx.err(
                 t.span(),
                 "bdev.resync_latency_target",
-                format!("`{}` is not a percentage from 100% to 10000% (\"150%\"), a duration from 10us to 10s (\"500us\"), or \"off\"", t.get_ref()),
+                format!(
+                    "`{}` is not a percentage from 100% to 10000% (\"150%\"), a duration from 10us to 10s (\"500us\"), or \"off\"",
+                    t.get_ref()
+                ),
             )
         })?,
     };

@@ -579,7 +579,10 @@ address = "127.0.0.1:4420"
         let p = plan(&old, &cfg(&mirror("resync_latency_target = \"2ms\"", preferred)));
         assert!(p.refused.is_empty(), "{:?}", p.refused);
         assert!(p.changes[0].contains("resync latency target 2000 us"), "{:?}", p.changes);
-        assert!(p.tunings.iter().any(|(name, m)| name == "m" && m.resync_latency_target == nvmetro_conf::ResyncLatencyTarget::Absolute(2000)), "the new target goes to the running mirror");
+        assert!(
+            p.tunings.iter().any(|(name, m)| name == "m" && m.resync_latency_target == nvmetro_conf::ResyncLatencyTarget::Absolute(2000)),
+            "the new target goes to the running mirror"
+        );
         let p = plan(&old, &cfg(&mirror("", "role = \"secondary\"\npeer = \"127.0.0.1:7700\"")));
         assert!(p.refused.iter().any(|r| r.contains("bdev m")), "a role change is refused: {:?}", p.refused);
     }

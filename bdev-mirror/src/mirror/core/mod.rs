@@ -75,8 +75,8 @@ mod quorum;
 mod resync;
 mod wire;
 
-pub use pacing::{ResyncLatencyTarget, LATENCY_TARGET_PERCENT};
 use ordering::{code_error, error_code, frame_op};
+pub use pacing::{ResyncLatencyTarget, LATENCY_TARGET_PERCENT};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {

@@ -1,0 +1,215 @@
+//! The DR side of a consistency group's stream, without I/O.
+//!
+//! Writes arrive in sequence order. Those of one epoch go to the members' disks as they arrive
+//! (a write that overlaps an earlier one still in flight waits for it); a write of a later epoch
+//! waits until every write before it has completed, the members are flushed and the applied
+//! sequence is persisted. Only then is that sequence acknowledged, so what the production site
+//! drops from its buffer is durable here, and a restart resumes from the persisted sequence
+//! (writes after it are sent again and applied again, which is harmless: same data, same order).
+
+use super::frame::DrFrame;
+use super::Member;
+use std::collections::VecDeque;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApplyOutput {
+    /// Write `data` at `offset` of `member`; report [`Applier::write_done`] with `id`.
+    Write { id: u64, member: Member, offset: u64, data: Vec<u8> },
+    /// Make every completed write durable on every member; report [`Applier::flush_done`].
+    Flush,
+    /// Record durably that everything through `seq` is applied; report [`Applier::persisted`].
+    Persist { seq: u64 },
+    /// Send this frame to the production site.
+    Send(DrFrame),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Writes may be issued.
+    Open,
+    /// Waiting for a flush, then for the persisted sequence.
+    Flushing,
+    Persisting,
+}
+
+#[derive(Debug)]
+pub struct Applier {
+    /// Everything through this is durable here (persisted).
+    applied: u64,
+    /// Writes received and not yet issued, in order: (seq, epoch, member, offset, data).
+    queued: VecDeque<(u64, u64, Member, u64, Vec<u8>)>,
+    /// Issued, not completed: (seq, member, offset, len).
+    in_flight: Vec<(u64, Member, u64, u64)>,
+    /// The epoch of the writes issued since the last flush.
+    epoch: Option<u64>,
+    /// The highest sequence issued.
+    issued: u64,
+    stage: Stage,
+    /// The sequence the flush in progress covers.
+    flushing: u64,
+}
+
+/// Why a frame from the production site was refused (the connection ends; what is durable stays).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ApplyError {
+    #[error("write {got} out of order: expected {expected}")]
+    OutOfOrder { expected: u64, got: u64 },
+    #[error("write {seq} goes back to epoch {epoch} after epoch {after}")]
+    EpochBackwards { seq: u64, epoch: u64, after: u64 },
+    #[error("the production site sent a {0} frame")]
+    Unexpected(&'static str),
+}
+
+impl Applier {
+    /// `applied`: the sequence persisted by the last run (0 for a new group).
+    pub fn new(applied: u64) -> Applier {
+        Applier { applied, queued: VecDeque::new(), in_flight: Vec::new(), epoch: None, issued: applied, stage: Stage::Open, flushing: 0 }
+    }
+
+    /// A new connection from the production site: say what is durable here (the production
+    /// site keeps everything after it, and sends it again); writes not yet issued are dropped,
+    /// writes issued are not applied a second time.
+    pub fn connected(&mut self, out: &mut Vec<ApplyOutput>) {
+        self.queued.clear();
+        out.push(ApplyOutput::Send(DrFrame::Hello { applied_seq: self.applied }));
+    }
+
+    /// The highest sequence persisted.
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    pub fn on_frame(&mut self, frame: DrFrame, out: &mut Vec<ApplyOutput>) -> Result<(), ApplyError> {
+        let DrFrame::Write { seq, epoch, member, offset, data } = frame else {
+            return Err(ApplyError::Unexpected(if matches!(frame, DrFrame::Ack { .. }) { "Ack" } else { "Hello" }));
+        };
+        let expected = self.last_received() + 1;
+        if seq < expected {
+            // Sent again after a reconnect, and already here.
+            return Ok(());
+        }
+        if seq != expected {
+            return Err(ApplyError::OutOfOrder { expected, got: seq });
+        }
+        let last_epoch = self.queued.back().map(|q| q.1).or(self.epoch).unwrap_or(0);
+        if epoch < last_epoch {
+            return Err(ApplyError::EpochBackwards { seq, epoch, after: last_epoch });
+        }
+        self.queued.push_back((seq, epoch, member, offset, data));
+        self.pump(out);
+        Ok(())
+    }
+
+    pub fn write_done(&mut self, id: u64, out: &mut Vec<ApplyOutput>) {
+        if let Some(i) = self.in_flight.iter().position(|w| w.0 == id) {
+            self.in_flight.swap_remove(i);
+        }
+        self.pump(out);
+    }
+
+    pub fn flush_done(&mut self, out: &mut Vec<ApplyOutput>) {
+        if self.stage == Stage::Flushing {
+            self.stage = Stage::Persisting;
+            out.push(ApplyOutput::Persist { seq: self.flushing });
+        }
+    }
+
+    pub fn persisted(&mut self, out: &mut Vec<ApplyOutput>) {
+        if self.stage == Stage::Persisting {
+            self.applied = self.flushing;
+            self.stage = Stage::Open;
+            self.epoch = None;
+            out.push(ApplyOutput::Send(DrFrame::Ack { seq: self.applied }));
+            self.pump(out);
+        }
+    }
+
+    /// The highest sequence received (issued, queued or persisted).
+    fn last_received(&self) -> u64 {
+        self.queued.back().map_or(self.issued, |q| q.0)
+    }
+
+    fn pump(&mut self, out: &mut Vec<ApplyOutput>) {
+        if self.stage != Stage::Open {
+            return;
+        }
+        while let Some(&(_, epoch, member, offset, ref data)) = self.queued.front() {
+            let len = data.len() as u64;
+            let same_epoch = self.epoch.is_none_or(|e| e == epoch);
+            let overlaps = self.in_flight.iter().any(|w| w.1 == member && w.2 < offset + len && offset < w.2 + w.3);
+            if !same_epoch || overlaps {
+                break;
+            }
+            let (seq, _, member, offset, data) = self.queued.pop_front().expect("front");
+            self.issued = seq;
+            self.epoch = Some(epoch);
+            self.in_flight.push((seq, member, offset, len));
+            out.push(ApplyOutput::Write { id: seq, member, offset, data });
+        }
+        // Flush when the epoch can go no further (the next write is of a later epoch) or when
+        // nothing more has arrived: everything issued is complete and not yet durable.
+        let next_is_later = self.queued.front().is_some_and(|q| self.epoch.is_some_and(|e| q.1 != e));
+        let idle = self.queued.is_empty();
+        if self.in_flight.is_empty() && self.issued > self.applied && (next_is_later || idle) {
+            self.stage = Stage::Flushing;
+            self.flushing = self.issued;
+            out.push(ApplyOutput::Flush);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(seq: u64, epoch: u64, member: Member, offset: u64) -> DrFrame {
+        DrFrame::Write { seq, epoch, member, offset, data: vec![seq as u8; 512] }
+    }
+
+    fn writes(out: &[ApplyOutput]) -> Vec<u64> {
+        out.iter().filter_map(|o| if let ApplyOutput::Write { id, .. } = o { Some(*id) } else { None }).collect()
+    }
+
+    #[test]
+    fn an_epoch_is_durable_and_persisted_before_the_next_one_reaches_a_disk() {
+        let mut a = Applier::new(0);
+        let mut out = Vec::new();
+        a.connected(&mut out);
+        assert_eq!(out, [ApplyOutput::Send(DrFrame::Hello { applied_seq: 0 })]);
+        out.clear();
+        for f in [w(1, 1, 0, 0), w(2, 1, 1, 0), w(3, 2, 1, 512)] {
+            a.on_frame(f, &mut out).unwrap();
+        }
+        assert_eq!(writes(&out), [1, 2], "epoch 1 goes out at once; epoch 2 waits");
+        out.clear();
+        a.write_done(2, &mut out);
+        assert!(out.is_empty(), "write 1 is still in flight: {out:?}");
+        a.write_done(1, &mut out);
+        assert_eq!(out, [ApplyOutput::Flush]);
+        out.clear();
+        a.flush_done(&mut out);
+        assert_eq!(out, [ApplyOutput::Persist { seq: 2 }]);
+        out.clear();
+        a.persisted(&mut out);
+        assert_eq!(out[0], ApplyOutput::Send(DrFrame::Ack { seq: 2 }));
+        assert_eq!(writes(&out), [3], "epoch 2 only after epoch 1 is durable and recorded");
+        assert_eq!(a.applied(), 2);
+    }
+
+    #[test]
+    fn overlapping_writes_of_one_epoch_go_in_order_and_resent_writes_are_skipped() {
+        let mut a = Applier::new(10);
+        let mut out = Vec::new();
+        a.on_frame(w(11, 1, 0, 0), &mut out).unwrap();
+        a.on_frame(w(12, 1, 0, 256), &mut out).unwrap();
+        assert_eq!(writes(&out), [11], "12 overlaps 11");
+        out.clear();
+        a.write_done(11, &mut out);
+        assert_eq!(writes(&out), [12]);
+        a.on_frame(w(11, 1, 0, 0), &mut out).unwrap();
+        assert_eq!(writes(&out), [12], "a write sent again is not applied twice");
+        assert_eq!(a.on_frame(w(14, 1, 0, 0), &mut out), Err(ApplyError::OutOfOrder { expected: 13, got: 14 }));
+        assert_eq!(a.on_frame(w(13, 0, 0, 0), &mut out), Err(ApplyError::EpochBackwards { seq: 13, epoch: 0, after: 1 }));
+        assert_eq!(a.on_frame(DrFrame::Ack { seq: 1 }, &mut out), Err(ApplyError::Unexpected("Ack")));
+    }
+}

@@ -1,0 +1,149 @@
+//! The DR stream's frames: `Write` (production to DR), `Ack` and `Hello` (DR to production).
+//!
+//! Every frame is a 40-byte header (magic, kind, member, sequence, epoch, offset, payload length,
+//! four reserved bytes) followed by the payload; integers are little-endian.
+
+use super::Member;
+use thiserror::Error;
+
+const MAGIC: u32 = 0x4E56_4452; // "NVDR"
+/// Bytes before a frame's payload.
+pub const HEADER_LEN: usize = 40;
+/// The largest payload a frame carries.
+pub const MAX_PAYLOAD: usize = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DrFrame {
+    /// One host write of the group, in the group's order.
+    Write { seq: u64, epoch: u64, member: Member, offset: u64, data: Vec<u8> },
+    /// Every write up to and including `seq` is durable at the DR site.
+    Ack { seq: u64 },
+    /// The DR site's first words on a connection: it holds everything through `applied_seq`.
+    Hello { applied_seq: u64 },
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("not a DR frame (magic {0:#010x})")]
+    Magic(u32),
+    #[error("unknown DR frame kind {0}")]
+    Kind(u8),
+    #[error("DR frame payload of {0} bytes exceeds {MAX_PAYLOAD}")]
+    TooLong(usize),
+    #[error("a {0} frame carries no payload, this one has {1} bytes")]
+    UnexpectedPayload(&'static str, usize),
+}
+
+impl DrFrame {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let (kind, member, seq, epoch, offset, data): (u8, Member, u64, u64, u64, &[u8]) = match self {
+            DrFrame::Write { seq, epoch, member, offset, data } => (1, *member, *seq, *epoch, *offset, data),
+            DrFrame::Ack { seq } => (2, 0, *seq, 0, 0, &[]),
+            DrFrame::Hello { applied_seq } => (3, 0, *applied_seq, 0, 0, &[]),
+        };
+        out.extend_from_slice(&MAGIC.to_le_bytes());
+        out.push(kind);
+        out.push(0);
+        out.extend_from_slice(&member.to_le_bytes());
+        out.extend_from_slice(&seq.to_le_bytes());
+        out.extend_from_slice(&epoch.to_le_bytes());
+        out.extend_from_slice(&offset.to_le_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        out.extend_from_slice(&[0; 4]);
+        out.extend_from_slice(data);
+    }
+
+    /// A whole frame at the start of `buf` and its length; `None` while incomplete.
+    pub fn parse(buf: &[u8]) -> Result<Option<(DrFrame, usize)>, FrameError> {
+        if buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let u64_at = |at: usize| u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"));
+        let magic = u32::from_le_bytes(buf[0..4].try_into().expect("4 bytes"));
+        if magic != MAGIC {
+            return Err(FrameError::Magic(magic));
+        }
+        let kind = buf[4];
+        let member = u16::from_le_bytes([buf[6], buf[7]]);
+        let seq = u64_at(8);
+        let epoch = u64_at(16);
+        let offset = u64_at(24);
+        let len = u32::from_le_bytes(buf[32..36].try_into().expect("4 bytes")) as usize;
+        if len > MAX_PAYLOAD {
+            return Err(FrameError::TooLong(len));
+        }
+        let frame = match kind {
+            1 => {
+                if buf.len() < HEADER_LEN + len {
+                    return Ok(None);
+                }
+                DrFrame::Write { seq, epoch, member, offset, data: buf[HEADER_LEN..HEADER_LEN + len].to_vec() }
+            }
+            2 | 3 if len > 0 => return Err(FrameError::UnexpectedPayload(if kind == 2 { "Ack" } else { "Hello" }, len)),
+            2 => DrFrame::Ack { seq },
+            3 => DrFrame::Hello { applied_seq: seq },
+            k => return Err(FrameError::Kind(k)),
+        };
+        Ok(Some((frame, HEADER_LEN + len)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn frames_round_trip_and_wait_for_their_whole_payload() {
+        let w = DrFrame::Write { seq: 7, epoch: 3, member: 2, offset: (1 << 39) - 512, data: vec![5; 4096] };
+        let mut b = Vec::new();
+        w.encode(&mut b);
+        DrFrame::Ack { seq: 9 }.encode(&mut b);
+        assert_eq!(DrFrame::parse(&b[..HEADER_LEN + 100]), Ok(None));
+        let (f, n) = DrFrame::parse(&b).unwrap().unwrap();
+        assert_eq!((f, n), (w, HEADER_LEN + 4096));
+        assert_eq!(DrFrame::parse(&b[n..]), Ok(Some((DrFrame::Ack { seq: 9 }, HEADER_LEN))));
+    }
+
+    #[test]
+    fn bad_frames_are_errors_that_say_why() {
+        let mut b = Vec::new();
+        DrFrame::Hello { applied_seq: 1 }.encode(&mut b);
+        let mut bad = b.clone();
+        bad[0] ^= 1;
+        assert!(matches!(DrFrame::parse(&bad), Err(FrameError::Magic(_))));
+        let mut bad = b.clone();
+        bad[4] = 9;
+        assert_eq!(DrFrame::parse(&bad), Err(FrameError::Kind(9)));
+        let mut bad = b.clone();
+        bad[34] = 0x20;
+        assert_eq!(DrFrame::parse(&bad), Err(FrameError::TooLong(0x20 << 16)));
+        let mut bad = b;
+        bad[32] = 1;
+        assert_eq!(DrFrame::parse(&bad), Err(FrameError::UnexpectedPayload("Hello", 1)));
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_parse_to_a_frame_an_error_or_a_wait(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            if let Ok(Some((f, n))) = DrFrame::parse(&bytes) {
+                prop_assert!(n <= bytes.len());
+                let mut again = Vec::new();
+                f.encode(&mut again);
+                prop_assert_eq!(DrFrame::parse(&again), Ok(Some((f, again.len()))));
+            }
+        }
+
+        #[test]
+        fn writes_round_trip_whole_and_never_parse_cut_short(
+            seq in any::<u64>(), epoch in any::<u64>(), member in any::<u16>(), offset in any::<u64>(),
+            data in proptest::collection::vec(any::<u8>(), 0..3000), cut in any::<prop::sample::Index>(),
+        ) {
+            let w = DrFrame::Write { seq, epoch, member, offset, data };
+            let mut b = Vec::new();
+            w.encode(&mut b);
+            prop_assert_eq!(DrFrame::parse(&b), Ok(Some((w, b.len()))));
+            prop_assert_eq!(DrFrame::parse(&b[..cut.index(b.len())]), Ok(None));
+        }
+    }
+}

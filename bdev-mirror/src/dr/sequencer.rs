@@ -1,0 +1,294 @@
+//! The production side of a consistency group's DR stream, without I/O.
+//!
+//! Every host write of any member gets the group's next sequence number and an epoch
+//! ([`super`] explains epochs). The sequencer keeps each write until the DR site acknowledges it
+//! durable, so a connection that drops loses nothing: the next one resends from what the DR site
+//! says it holds. What it keeps is bounded by `buffer_limit` bytes; in [`DrMode::Async`] a write
+//! is released to its host as soon as it is queued, and a write that finds the buffer full waits
+//! (in order) until acknowledgements make room: backpressure, never loss. In [`DrMode::Sync`]
+//! a write is released when the DR site acknowledges it.
+//!
+//! The caller reports when each released write completed to its host
+//! ([`Sequencer::host_completed`]): the next write submitted after that starts a new epoch.
+
+use super::frame::DrFrame;
+use super::{DrMode, Member};
+use std::collections::VecDeque;
+
+/// What the sequencer asks of its caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SeqOutput {
+    /// Send this frame to the DR site (only while connected).
+    Send(DrFrame),
+    /// The DR stream no longer holds back this host write (its host may get its completion once
+    /// the local legs have it too).
+    Release(u64),
+}
+
+/// How far the DR image is behind the production site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RecoveryPoint {
+    /// Host writes not yet durable at the DR site.
+    pub writes: u64,
+    pub bytes: u64,
+    /// Age of the oldest write not yet durable at the DR site (0 when none).
+    pub age_ms: u64,
+}
+
+#[derive(Debug)]
+struct Held {
+    tag: u64,
+    frame: DrFrame,
+    len: u64,
+    at_ms: u64,
+    released: bool,
+}
+
+#[derive(Debug)]
+pub struct Sequencer {
+    mode: DrMode,
+    buffer_limit: u64,
+    /// Writes sent or to send, not yet acknowledged, in sequence order.
+    held: VecDeque<Held>,
+    held_bytes: u64,
+    /// Writes that found the buffer full, in submission order: (tag, member, offset, data, when).
+    waiting: VecDeque<(u64, Member, u64, Vec<u8>, u64)>,
+    next_seq: u64,
+    epoch: u64,
+    /// A write was released to its host since the current epoch began.
+    completed_in_epoch: bool,
+    /// The highest sequence durable at the DR site.
+    acked: u64,
+    /// Connected, and the first unsent write's index in `held`.
+    connected: bool,
+    unsent: usize,
+}
+
+impl Sequencer {
+    /// `acked`: the highest sequence the DR site had made durable (0 for a new group).
+    pub fn new(mode: DrMode, buffer_limit: u64, acked: u64) -> Sequencer {
+        Sequencer {
+            mode,
+            buffer_limit: buffer_limit.max(1),
+            held: VecDeque::new(),
+            held_bytes: 0,
+            waiting: VecDeque::new(),
+            next_seq: acked + 1,
+            epoch: 1,
+            completed_in_epoch: false,
+            acked,
+            connected: false,
+            unsent: 0,
+        }
+    }
+
+    pub fn set_mode(&mut self, mode: DrMode, out: &mut Vec<SeqOutput>) {
+        self.mode = mode;
+        self.release_queued(out);
+    }
+
+    /// A host write to `member` (its data as the host sent it), at `now_ms`.
+    pub fn submit(&mut self, tag: u64, member: Member, offset: u64, data: Vec<u8>, now_ms: u64, out: &mut Vec<SeqOutput>) {
+        if !self.waiting.is_empty() || !self.has_room(data.len() as u64) {
+            self.waiting.push_back((tag, member, offset, data, now_ms));
+            return;
+        }
+        self.admit(tag, member, offset, data, now_ms, out);
+    }
+
+    /// A write this sequencer released has completed to its host: writes submitted from now on
+    /// may depend on it.
+    pub fn host_completed(&mut self, _tag: u64) {
+        self.completed_in_epoch = true;
+    }
+
+    /// The DR site holds everything through `seq` durably.
+    pub fn on_ack(&mut self, seq: u64, out: &mut Vec<SeqOutput>) {
+        while self.held.front().is_some_and(|h| frame_seq(&h.frame) <= seq) {
+            let h = self.held.pop_front().expect("front");
+            self.held_bytes -= h.len;
+            self.unsent = self.unsent.saturating_sub(1);
+            if !h.released {
+                out.push(SeqOutput::Release(h.tag));
+            }
+        }
+        self.acked = self.acked.max(seq);
+        while let Some((_, _, _, data, _)) = self.waiting.front() {
+            if !self.has_room(data.len() as u64) {
+                break;
+            }
+            let (tag, member, offset, data, at) = self.waiting.pop_front().expect("front");
+            self.admit(tag, member, offset, data, at, out);
+        }
+    }
+
+    /// A connection to the DR site said hello: it holds everything through `applied_seq`.
+    /// Everything after it is sent (again) in order.
+    pub fn connected(&mut self, applied_seq: u64, out: &mut Vec<SeqOutput>) {
+        self.on_ack(applied_seq, out);
+        self.connected = true;
+        self.unsent = 0;
+        self.send_unsent(out);
+    }
+
+    pub fn disconnected(&mut self) {
+        self.connected = false;
+        self.unsent = 0;
+    }
+
+    /// The highest sequence the DR site holds durably (to persist beside the group's metadata).
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+
+    pub fn recovery_point(&self, now_ms: u64) -> RecoveryPoint {
+        let waiting_bytes: u64 = self.waiting.iter().map(|w| w.3.len() as u64).sum();
+        let oldest = self.held.front().map(|h| h.at_ms).or(self.waiting.front().map(|w| w.4));
+        RecoveryPoint {
+            writes: (self.held.len() + self.waiting.len()) as u64,
+            bytes: self.held_bytes + waiting_bytes,
+            age_ms: oldest.map_or(0, |t| now_ms.saturating_sub(t)),
+        }
+    }
+
+    /// Bytes held for the DR site (never above the buffer limit but for one oversized write).
+    pub fn buffered_bytes(&self) -> u64 {
+        self.held_bytes
+    }
+
+    fn has_room(&self, len: u64) -> bool {
+        // A write larger than the whole buffer goes alone, when the buffer is empty.
+        self.held_bytes + len <= self.buffer_limit || self.held.is_empty()
+    }
+
+    fn admit(&mut self, tag: u64, member: Member, offset: u64, data: Vec<u8>, now_ms: u64, out: &mut Vec<SeqOutput>) {
+        if self.completed_in_epoch {
+            self.epoch += 1;
+            self.completed_in_epoch = false;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let len = data.len() as u64;
+        let released = self.mode == DrMode::Async;
+        self.held.push_back(Held {
+            tag,
+            frame: DrFrame::Write { seq, epoch: self.epoch, member, offset, data },
+            len,
+            at_ms: now_ms,
+            released,
+        });
+        self.held_bytes += len;
+        if released {
+            out.push(SeqOutput::Release(tag));
+        }
+        self.send_unsent(out);
+    }
+
+    /// Switching to async releases what sync mode held back.
+    fn release_queued(&mut self, out: &mut Vec<SeqOutput>) {
+        if self.mode == DrMode::Async {
+            for h in self.held.iter_mut().filter(|h| !h.released) {
+                h.released = true;
+                out.push(SeqOutput::Release(h.tag));
+            }
+        }
+    }
+
+    fn send_unsent(&mut self, out: &mut Vec<SeqOutput>) {
+        if !self.connected {
+            return;
+        }
+        while let Some(h) = self.held.get(self.unsent) {
+            out.push(SeqOutput::Send(h.frame.clone()));
+            self.unsent += 1;
+        }
+    }
+}
+
+fn frame_seq(f: &DrFrame) -> u64 {
+    match f {
+        DrFrame::Write { seq, .. } | DrFrame::Ack { seq } => *seq,
+        DrFrame::Hello { applied_seq } => *applied_seq,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sends(out: &[SeqOutput]) -> Vec<(u64, u64)> {
+        out.iter()
+            .filter_map(|o| match o {
+                SeqOutput::Send(DrFrame::Write { seq, epoch, .. }) => Some((*seq, *epoch)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn released(out: &[SeqOutput]) -> Vec<u64> {
+        out.iter().filter_map(|o| if let SeqOutput::Release(t) = o { Some(*t) } else { None }).collect()
+    }
+
+    #[test]
+    fn a_write_after_a_completion_starts_a_new_epoch() {
+        let mut s = Sequencer::new(DrMode::Async, 1 << 20, 0);
+        let mut out = Vec::new();
+        s.connected(0, &mut out);
+        s.submit(1, 0, 0, vec![1; 512], 0, &mut out);
+        s.submit(2, 1, 0, vec![2; 512], 0, &mut out);
+        s.host_completed(1);
+        s.submit(3, 1, 512, vec![3; 512], 0, &mut out);
+        s.submit(4, 0, 512, vec![4; 512], 0, &mut out);
+        assert_eq!(sends(&out), [(1, 1), (2, 1), (3, 2), (4, 2)]);
+        assert_eq!(released(&out), [1, 2, 3, 4], "async: released once queued");
+    }
+
+    #[test]
+    fn a_full_buffer_holds_new_writes_in_order_until_acks_make_room() {
+        let mut s = Sequencer::new(DrMode::Async, 8192, 0);
+        let mut out = Vec::new();
+        for tag in 1..=4 {
+            s.submit(tag, 0, tag * 4096, vec![0; 4096], 10, &mut out);
+        }
+        assert_eq!(released(&out), [1, 2], "two fit in 8 KiB; the others wait");
+        assert_eq!(s.buffered_bytes(), 8192);
+        assert_eq!(s.recovery_point(30), RecoveryPoint { writes: 4, bytes: 16384, age_ms: 20 });
+        out.clear();
+        s.connected(0, &mut out);
+        assert_eq!(sends(&out), [(1, 1), (2, 1)], "not connected before: sent now");
+        out.clear();
+        s.on_ack(1, &mut out);
+        assert_eq!(released(&out), [3]);
+        assert_eq!(sends(&out), [(3, 1)]);
+        out.clear();
+        s.on_ack(3, &mut out);
+        assert_eq!(released(&out), [4]);
+        assert_eq!(s.recovery_point(40).writes, 1);
+        s.on_ack(4, &mut out);
+        assert_eq!(s.recovery_point(50), RecoveryPoint::default());
+    }
+
+    #[test]
+    fn sync_mode_releases_on_the_ack_and_a_reconnect_resends_what_was_not_durable() {
+        let mut s = Sequencer::new(DrMode::Sync, 1 << 20, 41);
+        let mut out = Vec::new();
+        s.connected(41, &mut out);
+        s.submit(1, 0, 0, vec![1; 512], 0, &mut out);
+        s.submit(2, 0, 512, vec![2; 512], 0, &mut out);
+        s.submit(3, 0, 1024, vec![3; 512], 0, &mut out);
+        assert_eq!(sends(&out), [(42, 1), (43, 1), (44, 1)], "sequences go on from what the DR site holds");
+        assert!(released(&out).is_empty(), "sync: nothing released before the DR site has it");
+        out.clear();
+        s.on_ack(42, &mut out);
+        assert_eq!(released(&out), [1]);
+        s.disconnected();
+        out.clear();
+        s.connected(43, &mut out);
+        assert_eq!(released(&out), [2], "the hello acknowledges what the DR site holds");
+        assert_eq!(sends(&out), [(44, 1)], "and what it lacks goes again");
+        out.clear();
+        s.set_mode(DrMode::Async, &mut out);
+        assert_eq!(released(&out), [3], "switching to async releases what sync held back");
+        assert_eq!(s.acked(), 43);
+    }
+}
