@@ -26,6 +26,8 @@ command -v python3 >/dev/null || need+=(python3)
 [ -e /usr/include/rdma/rdma_cma.h ] || need+=(librdmacm-dev)
 ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1 || need+=(libclang-dev)
 command -v pkg-config >/dev/null || need+=(pkg-config)
+# The metrics test lints the exposition with promtool and has a real Prometheus server scrape it.
+command -v promtool >/dev/null && command -v prometheus >/dev/null || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
 fi

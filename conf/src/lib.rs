@@ -80,8 +80,15 @@ pub const MAX_IN_CAPSULE_DATA_SIZE: usize = 128 * 1024;
 /// MAXH2CDATA when `[target] max_h2c_data_size` is not set.
 pub const DEFAULT_MAX_H2C_DATA_SIZE: u32 = 128 * 1024;
 
-/// Where metrics are served when `[metrics]` names no address.
+/// Where metrics are served when `[metrics]` names no address and `[target]` no site.
 pub const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:9775";
+
+/// Where `[metrics]` without an address listens: 127.0.0.1:9775 for a target without a site,
+/// 9775 + N for site N (so two sites on one machine, as in a lab, never collide).
+pub fn default_metrics_address(site: Option<u8>) -> SocketAddr {
+    let base: SocketAddr = DEFAULT_METRICS_ADDRESS.parse().expect("valid default");
+    SocketAddr::new(base.ip(), base.port() + u16::from(site.unwrap_or(0)))
+}
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -873,6 +880,17 @@ address = "127.0.0.1:4420"
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o400)).unwrap();
         assert_eq!(parse_witness(&w, "w.toml").unwrap().secret, b"replication-secret-from-file");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_default_metrics_port_differs_per_site() {
+        let base = &MIRROR[MIRROR.find("[[bdev]]").unwrap()..]
+            .replace("{DIR}/data/leg.img", "/tmp/leg")
+            .replace("{DIR}/meta/m.meta", "/tmp/m.meta");
+        let with = |target: &str| parse(&format!("[target]\ncores = [0]\n{target}\n[metrics]\n{base}"), "m.toml").unwrap().metrics;
+        assert_eq!(with(""), Some("127.0.0.1:9775".parse().unwrap()));
+        assert_eq!(with("site = 1"), Some("127.0.0.1:9776".parse().unwrap()));
+        assert_eq!(with("site = 2"), Some("127.0.0.1:9777".parse().unwrap()));
     }
 
     #[test]

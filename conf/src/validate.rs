@@ -624,7 +624,7 @@ pub(crate) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
     }
     let metrics = match &raw.metrics {
         None => None,
-        Some(MetricsSection { address: None }) => Some(DEFAULT_METRICS_ADDRESS.parse().expect("valid default")),
+        Some(MetricsSection { address: None }) => Some(default_metrics_address(raw.target.site)),
         Some(MetricsSection { address: Some(a) }) => Some(
             a.get_ref().parse().map_err(|_| ctx.err(a.span(), "metrics.address", format!("`{}` is not an address:port", a.get_ref())))?,
         ),

@@ -1,31 +1,59 @@
-//! The Prometheus text endpoint (`[metrics]`): per namespace (and site) commands, bytes, errors,
-//! queue depth and a latency histogram; ANA state per listener with the time of its last change;
-//! controllers per host; mirror sync state and replication round trip.
+//! The metrics endpoint (`[metrics]`), in OpenMetrics text through `prometheus-client`: per
+//! namespace (and site) commands, bytes, errors, queue depth and a latency histogram; ANA state per
+//! listener with the time of its last change; controllers per host; mirror sync state, replication
+//! round trip, leg failures and refused replication connections. A collector reads the target's
+//! per-namespace statistics at every scrape.
 
 use crate::Target;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
-
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
+
+/// What a scrape that asks for OpenMetrics gets (Prometheus asks for it).
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// What any other scrape gets: Prometheus' classic text format (curl, `promtool check metrics`).
+pub const CLASSIC: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Serves `/metrics` on a listener bound before the target started (so it answers as soon as the
 /// NVMe listeners do).
 pub fn serve(listener: TcpListener, target: Arc<Target>) -> std::io::Result<SocketAddr> {
     let bound = listener.local_addr()?;
+    let registry = registry(target);
     std::thread::Builder::new().name("metrics".into()).spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
             let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(2)));
             let mut req = [0u8; 1024];
             let n = conn.read(&mut req).unwrap_or(0);
-            let ok = req[..n].starts_with(b"GET /metrics") || req[..n].starts_with(b"GET / ");
-            let (status, body) = if ok { ("200 OK", render(&target)) } else { ("404 Not Found", "try /metrics\n".to_string()) };
+            let req = String::from_utf8_lossy(&req[..n]);
+            let ok = req.starts_with("GET /metrics") || req.starts_with("GET / ");
+            let openmetrics =
+                req.to_ascii_lowercase().lines().any(|l| l.starts_with("accept:") && l.contains("application/openmetrics-text"));
+            let mut body = String::new();
+            let (status, kind) = match ok.then(|| prometheus_client::encoding::text::encode(&mut body, &registry)) {
+                Some(Ok(())) if openmetrics => ("200 OK", OPENMETRICS),
+                Some(Ok(())) => {
+                    body = classic(&body);
+                    ("200 OK", CLASSIC)
+                }
+                Some(Err(_)) => ("500 Internal Server Error", "text/plain"),
+                None => {
+                    body = "try /metrics\n".into();
+                    ("404 Not Found", "text/plain")
+                }
+            };
             let _ = write!(
                 conn,
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
         }
@@ -33,70 +61,135 @@ pub fn serve(listener: TcpListener, target: Arc<Target>) -> std::io::Result<Sock
     Ok(bound)
 }
 
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"")
+/// A registry whose one collector reads the target's statistics at every scrape.
+pub fn registry(target: Arc<Target>) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(TargetCollector(target)));
+    registry
 }
 
-/// The metrics, in Prometheus' text format.
-pub fn render(t: &Target) -> String {
-    let mut o = String::new();
+/// OpenMetrics text as the classic text format says it: a counter family is named with its
+/// `_total` (OpenMetrics names it without), and there is no `# EOF`.
+pub fn classic(openmetrics: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    for line in openmetrics.lines() {
+        if let Some(name) = line.strip_prefix("# TYPE ").and_then(|rest| rest.strip_suffix(" counter")) {
+            counters.insert(name.to_string());
+        }
+    }
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let head = ["# HELP ", "# TYPE "].into_iter().find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match head.and_then(|(p, rest)| rest.split_once(' ').filter(|(name, _)| counters.contains(*name)).map(|(n, r)| (p, n, r))) {
+            Some((prefix, name, rest)) => {
+                let _ = writeln!(out, "{prefix}{name}_total {rest}");
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+enum Value {
+    Counter(u64),
+    Gauge(f64),
+    /// Sum, count, and per-bucket counts by upper bound (the last bound is `f64::MAX`: +Inf).
+    Histogram(f64, u64, Vec<(f64, u64)>),
+}
+
+/// One family: a name (counters without their `_total`, which the encoder adds), its help, type
+/// and samples. Every family is encoded as one block under its descriptor.
+struct Family {
+    name: &'static str,
+    help: &'static str,
+    kind: MetricType,
+    samples: Vec<(Labels, Value)>,
+}
+
+impl Family {
+    fn new(name: &'static str, kind: MetricType, help: &'static str) -> Family {
+        Family { name, help, kind, samples: Vec::new() }
+    }
+
+    fn add(&mut self, labels: Labels, value: Value) {
+        self.samples.push((labels, value));
+    }
+
+    fn encode(&self, encoder: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
+        let mut family = encoder.encode_descriptor(self.name, self.help, None, self.kind)?;
+        for (labels, value) in &self.samples {
+            let mut metric = family.encode_family(labels)?;
+            match value {
+                Value::Counter(v) => ConstCounter::new(*v).encode(metric)?,
+                Value::Gauge(v) => ConstGauge::new(*v).encode(metric)?,
+                Value::Histogram(sum, count, buckets) => {
+                    metric.encode_histogram::<prometheus_client::encoding::NoLabelSet>(*sum, *count, buckets, None)?
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct TargetCollector(Arc<Target>);
+
+impl Collector for TargetCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
+        for family in families(&self.0) {
+            family.encode(&mut encoder)?;
+        }
+        Ok(())
+    }
+}
+
+fn families(t: &Target) -> Vec<Family> {
+    use MetricType::{Counter, Gauge, Histogram};
     let site = t.config().site.map_or(String::new(), |s| s.to_string());
     let r = Ordering::Relaxed;
-    let help = |o: &mut String, name: &str, kind: &str, text: &str| {
-        let _ = writeln!(o, "# HELP {name} {text}\n# TYPE {name} {kind}");
-    };
-    help(&mut o, "nvmetro_namespace_commands_total", "counter", "Completed read and write commands.");
+    let mut commands = Family::new("nvmetro_namespace_commands", Counter, "Completed read and write commands.");
+    let mut bytes = Family::new("nvmetro_namespace_bytes", Counter, "Bytes read and written.");
+    let mut durability =
+        Family::new("nvmetro_namespace_durability", Counter, "Force Unit Access writes and flushes sent to the block device.");
+    let mut errors = Family::new("nvmetro_namespace_errors", Counter, "Read and write commands that failed.");
+    let mut depth = Family::new("nvmetro_namespace_queue_depth", Gauge, "Commands in flight at the block device.");
+    let mut latency = Family::new("nvmetro_namespace_latency_seconds", Histogram, "Read and write latency inside the target.");
     for s in t.subsystems().iter() {
         for ns in s.namespaces().iter() {
             let st = &ns.stats;
-            let l = format!("subsystem=\"{}\",nsid=\"{}\",site=\"{site}\"", escape(&s.config().nqn), ns.info.nsid);
-            let _ = writeln!(o, "nvmetro_namespace_commands_total{{{l},op=\"read\"}} {}", st.reads.load(r));
-            let _ = writeln!(o, "nvmetro_namespace_commands_total{{{l},op=\"write\"}} {}", st.writes.load(r));
+            let l =
+                || -> Labels { vec![("subsystem", s.config().nqn.clone()), ("nsid", ns.info.nsid.to_string()), ("site", site.clone())] };
+            let op = |what: &str| -> Labels {
+                let mut v = l();
+                v.push(("op", what.to_string()));
+                v
+            };
+            commands.add(op("read"), Value::Counter(st.reads.load(r)));
+            commands.add(op("write"), Value::Counter(st.writes.load(r)));
+            bytes.add(op("read"), Value::Counter(st.read_bytes.load(r)));
+            bytes.add(op("write"), Value::Counter(st.write_bytes.load(r)));
+            durability.add(op("fua_write"), Value::Counter(st.fua_writes.load(r)));
+            durability.add(op("flush"), Value::Counter(st.flushes.load(r)));
+            errors.add(l(), Value::Counter(st.errors.load(r)));
+            depth.add(l(), Value::Gauge(st.inflight.load(r) as f64));
+            let bounds = crate::subsys::LATENCY_BUCKETS_US.iter().map(|us| *us as f64 / 1e6).chain([f64::MAX]);
+            let buckets: Vec<(f64, u64)> = bounds.zip(st.latency.iter().map(|c| c.load(r))).collect();
+            let count = buckets.iter().map(|b| b.1).sum();
+            latency.add(l(), Value::Histogram(st.latency_sum_ns.load(r) as f64 / 1e9, count, buckets));
         }
     }
-    help(&mut o, "nvmetro_namespace_bytes_total", "counter", "Bytes read and written.");
-    for s in t.subsystems().iter() {
-        for ns in s.namespaces().iter() {
-            let st = &ns.stats;
-            let l = format!("subsystem=\"{}\",nsid=\"{}\",site=\"{site}\"", escape(&s.config().nqn), ns.info.nsid);
-            let _ = writeln!(o, "nvmetro_namespace_bytes_total{{{l},op=\"read\"}} {}", st.read_bytes.load(r));
-            let _ = writeln!(o, "nvmetro_namespace_bytes_total{{{l},op=\"write\"}} {}", st.write_bytes.load(r));
-        }
-    }
-    help(&mut o, "nvmetro_namespace_durability_total", "counter", "Force Unit Access writes and flushes sent to the block device.");
-    for s in t.subsystems().iter() {
-        for ns in s.namespaces().iter() {
-            let st = &ns.stats;
-            let l = format!("subsystem=\"{}\",nsid=\"{}\",site=\"{site}\"", escape(&s.config().nqn), ns.info.nsid);
-            let _ = writeln!(o, "nvmetro_namespace_durability_total{{{l},op=\"fua_write\"}} {}", st.fua_writes.load(r));
-            let _ = writeln!(o, "nvmetro_namespace_durability_total{{{l},op=\"flush\"}} {}", st.flushes.load(r));
-        }
-    }
-    help(&mut o, "nvmetro_namespace_errors_total", "counter", "Read and write commands that failed.");
-    help(&mut o, "nvmetro_namespace_queue_depth", "gauge", "Commands in flight at the block device.");
-    help(&mut o, "nvmetro_namespace_latency_seconds", "histogram", "Read and write latency inside the target.");
-    for s in t.subsystems().iter() {
-        for ns in s.namespaces().iter() {
-            let st = &ns.stats;
-            let l = format!("subsystem=\"{}\",nsid=\"{}\",site=\"{site}\"", escape(&s.config().nqn), ns.info.nsid);
-            let _ = writeln!(o, "nvmetro_namespace_errors_total{{{l}}} {}", st.errors.load(r));
-            let _ = writeln!(o, "nvmetro_namespace_queue_depth{{{l}}} {}", st.inflight.load(r));
-            let mut cumulative = 0;
-            for (i, bound) in crate::subsys::LATENCY_BUCKETS_US.iter().enumerate() {
-                cumulative += st.latency[i].load(r);
-                let _ = writeln!(o, "nvmetro_namespace_latency_seconds_bucket{{{l},le=\"{}\"}} {cumulative}", *bound as f64 / 1e6);
-            }
-            cumulative += st.latency[crate::subsys::LATENCY_BUCKETS_US.len()].load(r);
-            let _ = writeln!(o, "nvmetro_namespace_latency_seconds_bucket{{{l},le=\"+Inf\"}} {cumulative}");
-            let _ = writeln!(o, "nvmetro_namespace_latency_seconds_sum{{{l}}} {}", st.latency_sum_ns.load(r) as f64 / 1e9);
-            let _ = writeln!(o, "nvmetro_namespace_latency_seconds_count{{{l}}} {cumulative}");
-        }
-    }
-    help(&mut o, "nvmetro_ana_state", "gauge", "1 for the ANA state each group is in on each listener.");
-    help(
-        &mut o,
+    let mut ana = Family::new("nvmetro_ana_state", Gauge, "1 for the ANA state each group is in on each listener.");
+    let mut ana_changed = Family::new(
         "nvmetro_ana_state_changed_timestamp_seconds",
-        "gauge",
+        Gauge,
         "When the group's state last changed on the listener (0: as configured since start).",
     );
     for s in t.subsystems().iter() {
@@ -107,115 +200,109 @@ pub fn render(t: &Target) -> String {
             }
             let view = s.view(li);
             for g in &groups {
-                let l = format!("subsystem=\"{}\",listener=\"{}\",group=\"{g}\",site=\"{site}\"", escape(&s.config().nqn), address);
-                let _ = writeln!(o, "nvmetro_ana_state{{{l},state=\"{}\"}} 1", view.ana_state(*g).name());
+                let l: Labels = vec![
+                    ("subsystem", s.config().nqn.clone()),
+                    ("listener", address.to_string()),
+                    ("group", g.to_string()),
+                    ("site", site.clone()),
+                ];
+                let mut with_state = l.clone();
+                with_state.push(("state", view.ana_state(*g).name().to_string()));
+                ana.add(with_state, Value::Gauge(1.0));
                 let when = s.ana_changed_at(li, *g).and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0.0, |d| d.as_secs_f64());
-                let _ = writeln!(o, "nvmetro_ana_state_changed_timestamp_seconds{{{l}}} {when}");
+                ana_changed.add(l, Value::Gauge(when));
             }
         }
     }
-    help(&mut o, "nvmetro_host_controllers", "gauge", "Live controllers per host.");
+    let mut hosts = Family::new("nvmetro_host_controllers", Gauge, "Live controllers per host.");
     for s in t.subsystems().iter() {
         for (host, n) in s.controllers_by_host() {
-            let _ = writeln!(o, "nvmetro_host_controllers{{subsystem=\"{}\",host=\"{}\"}} {n}", escape(&s.config().nqn), escape(&host));
+            hosts.add(vec![("subsystem", s.config().nqn.clone()), ("host", host)], Value::Gauge(n as f64));
         }
     }
-    help(&mut o, "nvmetro_mirror_out_of_sync_bytes", "gauge", "Bytes a resync would have to copy to the peer.");
-    help(&mut o, "nvmetro_mirror_synced_bytes", "gauge", "Bytes copied by the current resync.");
-    help(&mut o, "nvmetro_mirror_sync_bytes_per_second", "gauge", "Resync speed.");
-    help(&mut o, "nvmetro_mirror_replication_rtt_seconds", "gauge", "Last measured round trip to the peer.");
-    help(&mut o, "nvmetro_mirror_serving", "gauge", "1 when this leg serves host I/O.");
-    help(&mut o, "nvmetro_mirror_access", "gauge", "1 for the leg's access state (serving, serving alone, transition, fenced).");
-    help(&mut o, "nvmetro_mirror_witness_reachable", "gauge", "Metro mode: 1 when the witness answered within the last second.");
-    help(&mut o, "nvmetro_mirror_failed_seconds", "gauge", "Seconds since this leg's device failed (present only while Failed).");
-    help(&mut o, "nvmetro_mirror_peer_failed", "gauge", "1 while the peer's device is Failed.");
+    let mut out_of_sync = Family::new("nvmetro_mirror_out_of_sync_bytes", Gauge, "Bytes a resync would have to copy to the peer.");
+    let mut synced = Family::new("nvmetro_mirror_synced_bytes", Gauge, "Bytes copied by the current resync.");
+    let mut speed = Family::new("nvmetro_mirror_sync_bytes_per_second", Gauge, "Resync speed.");
+    let mut rtt = Family::new("nvmetro_mirror_replication_rtt_seconds", Gauge, "Last measured round trip to the peer.");
+    let mut serving = Family::new("nvmetro_mirror_serving", Gauge, "1 when this leg serves host I/O.");
+    let mut access =
+        Family::new("nvmetro_mirror_access", Gauge, "1 for the leg's access state (serving, serving alone, transition, fenced).");
+    let mut witness =
+        Family::new("nvmetro_mirror_witness_reachable", Gauge, "Metro mode: 1 when the witness answered within the last second.");
+    let mut failed_for =
+        Family::new("nvmetro_mirror_failed_seconds", Gauge, "Seconds since this leg's device failed (present only while Failed).");
+    let mut peer_failed = Family::new("nvmetro_mirror_peer_failed", Gauge, "1 while the peer's device is Failed.");
+    let mut leg_failures =
+        Family::new("nvmetro_mirror_leg_failures", Counter, "Times this leg's device failed I/O and was faulted, since start.");
+    let mut refusals = Family::new(
+        "nvmetro_mirror_link_refusals",
+        Counter,
+        "Replication connections refused since start (authentication failed or timed out, too many in their handshake).",
+    );
     for (_, b) in t.live_bdevs() {
         let Some(m) = b.mirror_status() else { continue };
-        let l = format!(
-            "bdev=\"{}\",role=\"{}\",link=\"{}\",disk=\"{}\",site=\"{site}\"",
-            escape(&b.info().name),
+        let l: Labels = vec![
+            ("bdev", b.info().name.clone()),
             // The role that orders now, without the explanation status adds.
-            m.role.split(' ').next().unwrap_or_default(),
-            escape(&m.link),
-            m.disk
-        );
-        let _ = writeln!(o, "nvmetro_mirror_out_of_sync_bytes{{{l}}} {}", m.out_of_sync_bytes);
-        let _ = writeln!(o, "nvmetro_mirror_synced_bytes{{{l}}} {}", m.synced_bytes);
-        let _ = writeln!(o, "nvmetro_mirror_sync_bytes_per_second{{{l}}} {}", m.sync_bytes_per_second);
+            ("role", m.role.split(' ').next().unwrap_or_default().to_string()),
+            ("link", m.link.clone()),
+            ("disk", m.disk.clone()),
+            ("site", site.clone()),
+        ];
+        out_of_sync.add(l.clone(), Value::Gauge(m.out_of_sync_bytes as f64));
+        synced.add(l.clone(), Value::Gauge(m.synced_bytes as f64));
+        speed.add(l.clone(), Value::Gauge(m.sync_bytes_per_second as f64));
         if let Some(us) = m.replication_rtt_us {
-            let _ = writeln!(o, "nvmetro_mirror_replication_rtt_seconds{{{l}}} {}", us as f64 / 1e6);
+            rtt.add(l.clone(), Value::Gauge(us as f64 / 1e6));
         }
-        let _ = writeln!(o, "nvmetro_mirror_serving{{{l}}} {}", u8::from(m.serving));
-        let _ = writeln!(o, "nvmetro_mirror_access{{{l},state=\"{}\"}} 1", m.access);
+        serving.add(l.clone(), Value::Gauge(f64::from(u8::from(m.serving))));
+        let mut with_state = l.clone();
+        with_state.push(("state", m.access.clone()));
+        access.add(with_state, Value::Gauge(1.0));
         if let Some(x) = &m.metro {
-            let _ = writeln!(o, "nvmetro_mirror_witness_reachable{{{l}}} {}", u8::from(x.witness_reachable));
+            witness.add(l.clone(), Value::Gauge(f64::from(u8::from(x.witness_reachable))));
         }
         if let Some(s) = m.failed_for_seconds {
-            let _ = writeln!(o, "nvmetro_mirror_failed_seconds{{{l}}} {s}");
+            failed_for.add(l.clone(), Value::Gauge(s as f64));
         }
-        let _ = writeln!(o, "nvmetro_mirror_peer_failed{{{l}}} {}", u8::from(m.peer_failure.is_some()));
+        peer_failed.add(l.clone(), Value::Gauge(f64::from(u8::from(m.peer_failure.is_some()))));
+        // Counters keep one series however the state labels move.
+        let name: Labels = vec![("bdev", b.info().name.clone()), ("site", site.clone())];
+        leg_failures.add(name.clone(), Value::Counter(m.leg_failures));
+        refusals.add(name, Value::Counter(m.link_refusals));
     }
-    grouped(&o)
-}
-
-/// The text format wants each family's samples right after its HELP and TYPE lines (parsers read
-/// samples under the last TYPE: interleaved families come out untyped, histograms split).
-fn grouped(text: &str) -> String {
-    let mut order: Vec<&str> = Vec::new();
-    let mut heads: std::collections::HashMap<&str, Vec<&str>> = Default::default();
-    let mut samples: std::collections::HashMap<&str, Vec<&str>> = Default::default();
-    let mut histograms = std::collections::HashSet::new();
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("# HELP ").or_else(|| line.strip_prefix("# TYPE ")) {
-            let mut words = rest.split(' ');
-            let name = words.next().unwrap_or_default();
-            if line.starts_with("# TYPE ") && words.next() == Some("histogram") {
-                histograms.insert(name);
-            }
-            if !heads.contains_key(name) {
-                order.push(name);
-            }
-            heads.entry(name).or_default().push(line);
-        } else if !line.is_empty() {
-            let metric = line.split(['{', ' ']).next().unwrap_or_default();
-            let family = ["_bucket", "_sum", "_count"]
-                .iter()
-                .filter_map(|suffix| metric.strip_suffix(suffix))
-                .find(|base| histograms.contains(base))
-                .unwrap_or(metric);
-            samples.entry(family).or_default().push(line);
-        }
-    }
-    let mut out = String::with_capacity(text.len());
-    for name in &order {
-        for line in heads.get(name).into_iter().flatten().chain(samples.get(name).into_iter().flatten()) {
-            out.push_str(line);
-            out.push('\n');
-        }
-    }
-    // Samples of a family without HELP (none today) go last.
-    for (family, lines) in &samples {
-        if !heads.contains_key(family) {
-            for line in lines {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-    }
-    out
+    vec![
+        commands,
+        bytes,
+        durability,
+        errors,
+        depth,
+        latency,
+        ana,
+        ana_changed,
+        hosts,
+        out_of_sync,
+        synced,
+        speed,
+        rtt,
+        serving,
+        access,
+        witness,
+        failed_for,
+        peer_failed,
+        leg_failures,
+        refusals,
+    ]
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
-    fn every_family_is_one_block_under_its_help_and_type() {
-        let text = "# HELP a_total A.\n# TYPE a_total counter\n# HELP h_seconds H.\n# TYPE h_seconds histogram\n\
-                    a_total{x=\"1\"} 3\nh_seconds_bucket{le=\"+Inf\"} 2\nh_seconds_sum 0.5\nh_seconds_count 2\na_total{x=\"2\"} 4\n";
-        let g = super::grouped(text);
+    fn the_classic_format_names_counters_with_their_total_and_has_no_eof() {
+        let om = "# HELP a A.\n# TYPE a counter\na_total{x=\"1\"} 3\n# HELP g G.\n# TYPE g gauge\ng 1.0\n# EOF\n";
         assert_eq!(
-            g,
-            "# HELP a_total A.\n# TYPE a_total counter\na_total{x=\"1\"} 3\na_total{x=\"2\"} 4\n\
-             # HELP h_seconds H.\n# TYPE h_seconds histogram\nh_seconds_bucket{le=\"+Inf\"} 2\nh_seconds_sum 0.5\nh_seconds_count 2\n"
+            super::classic(om),
+            "# HELP a_total A.\n# TYPE a_total counter\na_total{x=\"1\"} 3\n# HELP g G.\n# TYPE g gauge\ng 1.0\n"
         );
     }
 }

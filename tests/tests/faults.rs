@@ -229,6 +229,8 @@ fn leg_fails(preferred: bool, error: &str, recovery: Recovery) -> Figures {
     assert!(sample(&mf, "nvmetro_mirror_failed_seconds").is_some_and(|s| s >= 0.0), "{mf}");
     assert_eq!(sample(&mpe, "nvmetro_mirror_peer_failed"), Some(1.0), "{mpe}");
     assert_eq!(sample(&mpe, "nvmetro_mirror_failed_seconds"), None, "the peer's own leg did not fail");
+    assert!(sample(&mf, "nvmetro_mirror_leg_failures_total").is_some_and(|n| n >= 1.0), "the failure is counted: {mf}");
+    assert_eq!(sample(&mpe, "nvmetro_mirror_leg_failures_total"), Some(0.0), "{mpe}");
 
     // A verifying workload at the failed site, served through the peer, while the leg stays
     // failed (with a timer, its retries fail again meanwhile).

@@ -124,6 +124,10 @@ pub struct StatusReport {
     pub failed_for_seconds: Option<u64>,
     /// Metadata writes (each with its sync) since start.
     pub metadata_syncs: u64,
+    /// Times this leg's device failed (and the leg was faulted) since start.
+    pub leg_failures: u64,
+    /// Replication connections refused since start (handshake failed or timed out, too many).
+    pub link_refusals: u64,
 }
 
 impl StatusReport {
@@ -257,6 +261,7 @@ struct PendingConn {
 struct RefusalLog {
     last: Option<Instant>,
     suppressed: u64,
+    total: u64,
 }
 
 impl MirrorBdev {
@@ -340,7 +345,9 @@ impl MirrorBdev {
             last_tick: Instant::now(),
             broken: false,
             pending_conns: Vec::new(),
-            refusals: RefusalLog { last: None, suppressed: 0 },
+            refusals: RefusalLog { last: None, suppressed: 0, total: 0 },
+            leg_failures: 0,
+            was_failed: false,
             last_publish: Instant::now() - Duration::from_secs(1),
         };
         link.run_outputs(&mut { first });
@@ -563,6 +570,9 @@ struct LinkThread {
     /// Connections in their authentication handshake.
     pending_conns: Vec<PendingConn>,
     refusals: RefusalLog,
+    /// Times the local leg went Failed, and whether it was at the last publish.
+    leg_failures: u64,
+    was_failed: bool,
     name: String,
     core: MirrorCore,
     meta_file: MetaFile,
@@ -762,6 +772,7 @@ impl LinkThread {
     }
 
     fn refused(&mut self, why: &str) {
+        self.refusals.total += 1;
         let now = Instant::now();
         if self.refusals.last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
             let more = std::mem::take(&mut self.refusals.suppressed);
@@ -1004,6 +1015,11 @@ impl LinkThread {
             LinkState::Connected => "Connected".to_string(),
             LinkState::Refused(why) => format!("StandAlone ({why})"),
         };
+        let failed = st.failure.is_some();
+        if failed && !self.was_failed {
+            self.leg_failures += 1;
+        }
+        self.was_failed = failed;
         let now_ms = self.shared.now_ms();
         let ago = |f: &super::core::Failure| now_ms.saturating_sub(f.since_ms) / 1000;
         let report = StatusReport {
@@ -1034,6 +1050,8 @@ impl LinkThread {
             .into(),
             metro: st.metro,
             metadata_syncs: self.meta_file.syncs(),
+            leg_failures: self.leg_failures,
+            link_refusals: self.refusals.total,
             failed_for_seconds: st.failure.as_ref().map(&ago),
             failure: st.failure.as_ref().map(|f| format!("{f}, {} s ago", ago(f))),
             peer_failure: st.peer_failure.as_ref().map(|f| format!("{f}, {} s ago", ago(f))),
