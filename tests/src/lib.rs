@@ -359,7 +359,7 @@ address = "127.0.0.1:{{PORT}}"
 pub struct WitnessProcess {
     child: Child,
     pub addr: SocketAddr,
-    config_path: PathBuf,
+    pub config_path: PathBuf,
     dir: PathBuf,
 }
 

@@ -91,6 +91,58 @@ fn kill_a_under_load(m: &mut Metro, gens: &mut HashMap<u64, u64>, seed: u64) -> 
     r.stalls.iter().map(|s| s.duration).max().expect("the failover was measured")
 }
 
+/// `nvmetro-witness --config CONFIG status [--json]`: (success, stdout, stderr).
+fn witness_status(config: &std::path::Path, json: bool) -> (bool, String, String) {
+    let mut c = std::process::Command::new(nvmetro_tests::binary("nvmetro-witness"));
+    c.arg("--config").arg(config).arg("status");
+    if json {
+        c.arg("--json");
+    }
+    let out = c.output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// The mirror's entry in the witness's status: (authority, holder, [(site, in sync)]).
+type WitnessView = (String, Option<u64>, Vec<(u64, bool)>);
+
+fn witness_view(config: &std::path::Path) -> Option<WitnessView> {
+    let (ok, out, _) = witness_status(config, true);
+    let v: serde_json::Value = serde_json::from_str(&out).ok().filter(|_| ok)?;
+    let r = v["resources"].as_array()?.iter().find(|r| r["name"] == "m")?.clone();
+    let sites = r["sites"].as_array()?.iter().map(|s| (s["site"].as_u64().unwrap_or(0), s["in_sync"] == true)).collect();
+    Some((r["authority"].as_str()?.to_string(), r["holder"].as_u64(), sites))
+}
+
+#[test]
+fn the_witness_status_shows_the_authority_the_grant_and_each_sites_reports() {
+    let mut m = metro(false, "");
+    let config = m.w.config_path.clone();
+    wait_until("the witness saw both sites in sync", Duration::from_secs(20), || {
+        witness_view(&config).is_some_and(|(auth, holder, sites)| !auth.is_empty() && holder.is_none() && sites == [(1, true), (2, true)])
+    });
+    let (before, _, _) = witness_view(&config).unwrap();
+    let (ok, text, _) = witness_status(&config, false);
+    assert!(ok && text.contains("mirror m: authority generation") && text.contains("no grant outstanding"), "{text}");
+    assert!(text.contains("site 1: holds generation") && text.contains("site 2: holds generation"), "{text}");
+
+    // B dies: A asks the witness to serve alone, and the status shows the grant.
+    m.b.kill();
+    wait_until("the witness granted site 1", Duration::from_secs(20), || {
+        witness_view(&config).is_some_and(|(_, holder, _)| holder == Some(1))
+    });
+    let (after, _, _) = witness_view(&config).unwrap();
+    assert_ne!(before, after, "the grant moved the authority to A's new generation");
+    let (_, text, _) = witness_status(&config, false);
+    assert!(text.contains("site 1 serves alone under a grant"), "{text}");
+
+    // A status request with the wrong secret gets no answer: a clear error, not a guess.
+    let wrong = m.w.config_path.with_file_name("wrong-secret.toml");
+    std::fs::write(&wrong, std::fs::read_to_string(&config).unwrap().replace(nvmetro_tests::WITNESS_SECRET, "not-the-witness-secret"))
+        .unwrap();
+    let (ok, _, err) = witness_status(&wrong, false);
+    assert!(!ok && err.contains("no answer from the witness") && err.contains("same secret"), "{err}");
+}
+
 #[test]
 fn sigkill_of_a_site_fails_over_and_the_site_fails_back_after_its_resync() {
     let mut m = metro(false, "");

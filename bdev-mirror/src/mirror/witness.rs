@@ -19,6 +19,9 @@
 //!   in-sync report cannot undo an election the site made since (the grant's sequence number is
 //!   kept across witness restarts).
 //!
+//! * `Status` (an operator's `nvmetro-witness status`): the witness answers with what it knows,
+//!   as JSON ([`WitnessStatus`]), authenticated like every other datagram; it changes nothing.
+//!
 //! [`WitnessState`] is sans-IO; the daemon (`nvmetro-witness`) persists it after every change so
 //! that a restarted witness decides exactly as before.
 
@@ -37,6 +40,8 @@ pub const MAX_NAME: usize = 200;
 pub enum Ask {
     Report = 1,
     Acquire = 2,
+    /// What the witness knows (read-only; `resource` and `site` unused).
+    Status = 3,
 }
 
 /// What a site sends.
@@ -145,6 +150,7 @@ impl Request {
         let ask = match body.get(5) {
             Some(1) => Ask::Report,
             Some(2) => Ask::Acquire,
+            Some(3) => Ask::Status,
             _ => return Err(WitnessError::Malformed),
         };
         Ok(Request {
@@ -192,6 +198,63 @@ impl Reply {
     }
 }
 
+/// The answer to a [`Ask::Status`] request: the request's nonce and the status as JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusReply {
+    pub nonce: u64,
+    pub status: WitnessStatus,
+}
+
+const STATUS_KIND: u8 = 0x90;
+
+impl StatusReply {
+    pub fn encode(&self, secret: &[u8]) -> Vec<u8> {
+        let mut b = Vec::with_capacity(512);
+        b.extend_from_slice(MAGIC);
+        b.extend_from_slice(&[VERSION, STATUS_KIND, 0, 0]);
+        b.extend_from_slice(&self.nonce.to_le_bytes());
+        b.extend_from_slice(serde_json::to_string(&self.status).expect("plain data serialises").as_bytes());
+        let tag = sign(secret, &b);
+        b.extend_from_slice(&tag);
+        b
+    }
+
+    pub fn parse(b: &[u8], secret: &[u8]) -> Result<StatusReply, WitnessError> {
+        let body = verify(secret, b)?;
+        if body.get(5) != Some(&STATUS_KIND) {
+            return Err(WitnessError::Malformed);
+        }
+        let status = serde_json::from_slice(body.get(16..).ok_or(WitnessError::Malformed)?).map_err(|_| WitnessError::Malformed)?;
+        Ok(StatusReply { nonce: u64_at(body, 8)?, status })
+    }
+}
+
+/// What `nvmetro-witness status` shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WitnessStatus {
+    pub resources: Vec<ResourceStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceStatus {
+    pub name: String,
+    /// The generation that may be served, in hex (empty: not known yet).
+    pub authority: String,
+    /// The site granted last; none once both sites were seen in sync again.
+    pub holder: Option<u8>,
+    /// Each site's last report since the witness started.
+    pub sites: Vec<SiteStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteStatus {
+    pub site: u8,
+    /// The generation the site reported holding, in hex.
+    pub current: String,
+    pub in_sync: bool,
+    pub last_report_ms_ago: u64,
+}
+
 /// One site's last report, as the witness saw it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SiteReport {
@@ -230,7 +293,38 @@ pub struct WitnessState {
 const AGREEMENT_WINDOW_MS: u64 = 5_000;
 
 impl WitnessState {
+    /// What the witness knows at `now_ms` (its clock).
+    pub fn status(&self, now_ms: u64) -> WitnessStatus {
+        let hex = |g: u64| if g == 0 { String::new() } else { format!("{g:x}") };
+        WitnessStatus {
+            resources: self
+                .resources
+                .iter()
+                .map(|(name, r)| ResourceStatus {
+                    name: name.clone(),
+                    authority: hex(r.authority),
+                    holder: (r.holder != 0).then_some(r.holder),
+                    sites: r
+                        .sites
+                        .iter()
+                        .map(|(site, s)| SiteStatus {
+                            site: *site,
+                            current: hex(s.current),
+                            in_sync: s.in_sync,
+                            last_report_ms_ago: now_ms.saturating_sub(s.at_ms),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// A site's Report or Acquire (a Status request is answered with [`WitnessState::status`]
+    /// and changes nothing: here it is only noted).
     pub fn handle(&mut self, req: &Request, now_ms: u64) -> Reply {
+        if req.ask == Ask::Status {
+            return Reply { verdict: Verdict::Noted, nonce: req.nonce, authority: 0, holder: 0, resource: req.resource.clone() };
+        }
         let r = self.resources.entry(req.resource.clone()).or_default();
         let stale = r.sites.get(&req.site).is_some_and(|s| req.seq <= s.seq) || (req.site == r.holder && req.seq <= r.holder_seq);
         if stale {
@@ -240,6 +334,7 @@ impl WitnessState {
         r.sites.insert(req.site, SiteReport { current: req.current, in_sync: req.in_sync, seq: req.seq, at_ms: now_ms });
         let before = (r.authority, r.holder);
         let verdict = match req.ask {
+            Ask::Status => Verdict::Noted,
             Ask::Report => {
                 if req.in_sync && req.current != 0 {
                     let agreed = r
@@ -363,6 +458,24 @@ mod tests {
         assert_eq!(w.resources["m"].authority, 77, "one site alone cannot move it back");
         at(&mut w, &Request { site: 2, ..insync }, 200);
         assert_eq!(w.resources["m"].authority, 5);
+    }
+
+    #[test]
+    fn a_status_answer_tells_authority_holder_and_reports_and_is_authenticated() {
+        let mut w = WitnessState::default();
+        at(&mut w, &req(Ask::Report, 1, 7, 7, 0), 100);
+        at(&mut w, &req(Ask::Acquire, 2, 7, 7, 9), 300);
+        let st = w.status(1000);
+        assert_eq!(st.resources.len(), 1);
+        let r = &st.resources[0];
+        assert_eq!((r.name.as_str(), r.authority.as_str(), r.holder), ("m", "9", Some(2)));
+        assert_eq!(r.sites.iter().map(|s| (s.site, s.last_report_ms_ago)).collect::<Vec<_>>(), [(1, 900), (2, 700)]);
+        let reply = StatusReply { nonce: 5, status: st };
+        let b = reply.encode(b"s");
+        assert_eq!(StatusReply::parse(&b, b"s"), Ok(reply));
+        assert_eq!(StatusReply::parse(&b, b"other"), Err(WitnessError::BadTag));
+        let ask = Request { ask: Ask::Status, ..req(Ask::Report, 0, 0, 0, 0) };
+        assert_eq!(Request::parse(&ask.encode(b"s"), b"s").map(|r| r.ask), Ok(Ask::Status));
     }
 
     #[test]

@@ -4,10 +4,14 @@
 //! decision that changes its state is written to the state file (write, fsync, rename, fsync of
 //! the directory) before the reply leaves, so a restarted witness decides exactly as before. It
 //! holds no user data.
+//!
+//! `nvmetro-witness --config conf/witness.toml status [--json]` asks the running witness (over the
+//! same authenticated UDP protocol, with the config's secret) what it knows: the authority per
+//! mirror, the site that holds a grant, and each site's last report.
 
 use anyhow::Context;
 use clap::Parser;
-use nvmetro_bdev::mirror::witness::{Request, Verdict, WitnessState};
+use nvmetro_bdev::mirror::witness::{Ask, Request, StatusReply, Verdict, WitnessState, WitnessStatus};
 use std::io::Write;
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
@@ -24,6 +28,62 @@ struct Args {
     check: bool,
     #[arg(long, default_value = "info", env = "NVMETRO_LOG")]
     log: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Ask the running witness what it knows: authority per mirror, grants, the sites' last reports.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Asks the witness at `listen` (its loopback address when it listens on every address).
+fn query_status(listen: std::net::SocketAddr, secret: &[u8]) -> anyhow::Result<WitnessStatus> {
+    let mut to = listen;
+    if to.ip().is_unspecified() {
+        to.set_ip(if to.is_ipv4() { std::net::Ipv4Addr::LOCALHOST.into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+    }
+    let sock = UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).context("bind a UDP socket")?;
+    sock.set_read_timeout(Some(Duration::from_millis(700)))?;
+    let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+    let ask = Request { ask: Ask::Status, site: 0, in_sync: false, nonce, seq: 0, current: 0, bitmap: 0, next: 0, resource: String::new() };
+    let mut buf = vec![0u8; 65536];
+    for _ in 0..3 {
+        sock.send_to(&ask.encode(secret), to).with_context(|| format!("send to the witness at {to}"))?;
+        let deadline = Instant::now() + Duration::from_millis(700);
+        while Instant::now() < deadline {
+            let Ok((n, from)) = sock.recv_from(&mut buf) else { break };
+            if from != to {
+                continue;
+            }
+            match StatusReply::parse(&buf[..n], secret) {
+                Ok(r) if r.nonce == nonce => return Ok(r.status),
+                Ok(_) => {}
+                Err(e) => anyhow::bail!("the witness at {to} answered, but: {e}"),
+            }
+        }
+    }
+    anyhow::bail!("no answer from the witness at {to} (is it running? same secret?)")
+}
+
+fn print_status(listen: std::net::SocketAddr, st: &WitnessStatus) {
+    println!("witness {listen}: {} mirror(s)", st.resources.len());
+    for r in &st.resources {
+        let authority = if r.authority.is_empty() { "not known yet".to_string() } else { format!("generation {}", r.authority) };
+        let holder = r
+            .holder
+            .map_or("no grant outstanding (both sites last seen in sync)".to_string(), |s| format!("site {s} serves alone under a grant"));
+        println!("mirror {}: authority {authority}; {holder}", r.name);
+        for s in &r.sites {
+            let sync = if s.in_sync { "in sync with its peer" } else { "not in sync" };
+            println!("  site {}: holds generation {}, {sync}, last report {} ms ago", s.site, s.current, s.last_report_ms_ago);
+        }
+    }
 }
 
 fn load_state(path: &Path) -> anyhow::Result<WitnessState> {
@@ -77,6 +137,15 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let config = nvmetro_conf::load_witness(&args.config)?;
+    if let Some(Command::Status { json }) = args.command {
+        let st = query_status(config.listen, &config.secret)?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&st)?);
+        } else {
+            print_status(config.listen, &st);
+        }
+        return Ok(());
+    }
     let mut state = open_state(&config.state)?;
     let sock = UdpSocket::bind(config.listen).with_context(|| format!("bind {}", config.listen))?;
     tracing::info!(listen = %config.listen, state = %config.state.display(), resources = state.resources.len(), "witness ready");
@@ -99,6 +168,11 @@ fn main() -> anyhow::Result<()> {
                 continue;
             }
         };
+        if req.ask == Ask::Status {
+            let reply = StatusReply { nonce: req.nonce, status: state.status(epoch.elapsed().as_millis() as u64) };
+            let _ = sock.send_to(&reply.encode(&config.secret), from);
+            continue;
+        }
         let reply = state.handle(&req, epoch.elapsed().as_millis() as u64);
         if std::mem::take(&mut state.changed) {
             if let Err(e) = store_state(&config.state, &state) {
