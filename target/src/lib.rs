@@ -20,6 +20,7 @@
 //! so reactors never wait for one.
 
 pub mod conn;
+pub mod events;
 pub mod metrics;
 pub mod mgmt;
 pub mod reactor;
@@ -61,6 +62,8 @@ pub struct Target {
     /// ANA states set by an operator, by (subsystem NQN, listener address, group).
     ana_overrides: std::sync::Mutex<std::collections::HashMap<(String, std::net::SocketAddr, u32), AnaState>>,
     stop: AtomicBool,
+    /// State changes for `nvmetro events` (see [`events`]).
+    pub events: events::EventLog,
     epoch: Instant,
     discovery_cntlid: AtomicU16,
 }
@@ -354,6 +357,7 @@ pub fn start(config: Config, config_path: Option<std::path::PathBuf>) -> anyhow:
         reactors: OnceLock::new(),
         ana_overrides: Default::default(),
         stop: AtomicBool::new(false),
+        events: Default::default(),
         epoch: Instant::now(),
         discovery_cntlid: AtomicU16::new(0),
     });

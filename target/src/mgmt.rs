@@ -6,6 +6,8 @@
 //! * `nvmf_get_subsystems`: subsystems with listeners, hosts and namespaces.
 //! * `nvmf_subsystem_listener_set_ana_state`: set a listener's ANA state (SPDK's parameters).
 //! * `mirror_resync`, `mirror_failback`, `nvmetro_reload`: see each function.
+//! * `nvmetro_events`: the connection becomes an event stream ([`crate::events`]): the current
+//!   state as `exists` events, then every change, one JSON object per line, until it closes.
 //! * `bdev_error_inject` (`name`, `rules`: one fault rule or an array, replacing the rules),
 //!   `bdev_error_clear` (`name`) and `bdev_error_stats` (`name`: rules, their counters, faults
 //!   injected) for error bdevs (SPDK's `bdev_error_inject_error`, with nvmetro's rules).
@@ -35,6 +37,7 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 
 /// Serves the bound socket from a thread.
 pub fn serve(listener: UnixListener, target: Arc<Target>) -> std::io::Result<()> {
+    crate::events::watch(target.clone())?;
     std::thread::Builder::new().name("mgmt".into()).spawn(move || {
         for conn in listener.incoming() {
             let Ok(conn) = conn else { continue };
@@ -57,6 +60,7 @@ fn handle(conn: UnixStream, target: &Target) {
                 let id = req.get("id").cloned().unwrap_or(Value::Null);
                 let params = req.get("params").cloned().unwrap_or(Value::Null);
                 match req.get("method").and_then(Value::as_str) {
+                    Some("nvmetro_events") => return stream_events(out, target),
                     Some(m) => match call(target, m, &params) {
                         Ok(result) => json!({"jsonrpc": "2.0", "id": id, "result": result}),
                         Err((code, message)) => json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}}),
@@ -68,6 +72,25 @@ fn handle(conn: UnixStream, target: &Target) {
         };
         if writeln!(out, "{reply}").is_err() {
             return;
+        }
+    }
+}
+
+/// Writes the event stream to `out` until the subscriber goes away or the target stops.
+fn stream_events(mut out: UnixStream, target: &Target) {
+    let (exists, mut next) = target.events.current();
+    for e in exists {
+        if writeln!(out, "{e}").is_err() {
+            return;
+        }
+    }
+    while !target.stopping() {
+        let (events, n) = target.events.since(next, std::time::Duration::from_millis(500));
+        next = n;
+        for e in events {
+            if writeln!(out, "{e}").is_err() {
+                return;
+            }
         }
     }
 }

@@ -21,6 +21,7 @@ use crate::subsys::{Namespace, Subsystem};
 use crate::Target;
 use nvmetro_bdev::Bdev;
 use nvmetro_conf::{BdevConfig, BdevKind, Config, SubsystemConfig};
+use serde_json::json;
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -279,7 +280,9 @@ pub fn reload_from(t: &Target, dry_run: bool, candidate: Option<&std::path::Path
     if dry_run || p.changes.is_empty() {
         return Ok(Outcome { changes: p.changes, applied: false });
     }
-    apply(t, p, new)
+    let outcome = apply(t, p, new)?;
+    t.events.push("reload", &path.display().to_string(), "applied", json!({"changes": outcome.changes}));
+    Ok(outcome)
 }
 
 fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {

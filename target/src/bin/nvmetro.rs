@@ -1,7 +1,8 @@
 //! `nvmetro --config FILE status`: asks the running target (over the management socket that FILE
 //! names) for its state, and shows it. `nvmetro --config FILE rpc METHOD` prints any method's
 //! JSON result. `nvmetro --config FILE error BDEV [--set JSON | --clear]` shows or changes an
-//! error bdev's fault rules.
+//! error bdev's fault rules. `nvmetro --config FILE events [--json]` streams every state change
+//! (`status --watch` shows the status again at each one).
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -25,6 +26,17 @@ enum Cmd {
     /// Namespaces, ANA states, and for mirrors: roles, disk and link states, sync progress.
     Status {
         /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+        /// Show the status again at every state change (and every 2 s), until interrupted.
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
+    },
+    /// Stream every state change (mirror disk/link/access/role/failure, resync start, progress
+    /// and end, witness reachability, ANA changes, controllers per host, reloads), the current
+    /// state first, until interrupted.
+    Events {
+        /// One JSON object per line.
         #[arg(long)]
         json: bool,
     },
@@ -125,6 +137,110 @@ fn socket_of(path: &std::path::Path) -> anyhow::Result<PathBuf> {
     }
 }
 
+/// The target's event stream, one parsed event per message, read on a thread of its own.
+fn subscribe(socket: &PathBuf) -> anyhow::Result<std::sync::mpsc::Receiver<Value>> {
+    let mut s = UnixStream::connect(socket).with_context(|| format!("cannot reach the target at {} (is it running?)", socket.display()))?;
+    writeln!(s, "{}", json!({"jsonrpc": "2.0", "id": 1, "method": "nvmetro_events"}))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(s).lines() {
+            let Ok(line) = line else { return };
+            let Ok(e) = serde_json::from_str::<Value>(&line) else { continue };
+            if tx.send(e).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// An event as a log line: `TIME CHANGE TYPE OBJECT: OLD -> NEW`.
+fn event_line(e: &Value) -> String {
+    let secs = e["time"].as_f64().unwrap_or(0.0);
+    let when = humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(secs));
+    let what = match e["old"].as_str() {
+        Some(old) => format!("{old} -> {}", e["new"].as_str().unwrap_or("?")),
+        None => e["new"].as_str().unwrap_or("?").to_string(),
+    };
+    let detail = e.get("detail").map_or(String::new(), |d| format!("  {d}"));
+    format!(
+        "{when} {} {} {}: {what}{detail}",
+        e["change"].as_str().unwrap_or("?"),
+        e["type"].as_str().unwrap_or("?"),
+        e["object"].as_str().unwrap_or("?")
+    )
+}
+
+fn print_status(st: &Value) {
+    println!("nvmetro {} up {:.0} s", st["version"].as_str().unwrap_or("?"), st["uptime_ms"].as_f64().unwrap_or(0.0) / 1000.0);
+    for s in st["subsystems"].as_array().into_iter().flatten() {
+        println!("{}  ({} controllers)", s["nqn"].as_str().unwrap_or("?"), s["controllers"]);
+        for ns in s["namespaces"].as_array().into_iter().flatten() {
+            let ana: Vec<String> =
+                ns["ana"].as_object().into_iter().flatten().map(|(l, v)| format!("{l} {}", v.as_str().unwrap_or("?"))).collect();
+            println!(
+                "  nsid {}  bdev {}  serving {}  ANA: {}",
+                ns["nsid"],
+                ns["bdev"].as_str().unwrap_or("?"),
+                ns["serving"],
+                ana.join(", ")
+            );
+            let m = &ns["mirror"];
+            if m.is_object() {
+                println!(
+                    "    mirror: role {}  disk {}/{}  link {}  peer {}",
+                    m["role"].as_str().unwrap_or("?"),
+                    m["disk"].as_str().unwrap_or("?"),
+                    m["peer_disk"].as_str().unwrap_or("?"),
+                    m["link"].as_str().unwrap_or("?"),
+                    m["peer"].as_str().unwrap_or("?")
+                );
+                let speed = m["sync_bytes_per_second"].as_u64().unwrap_or(0);
+                println!(
+                    "    out of sync {}  synced {}  speed {}/s  ETA {}  replication RTT {}",
+                    bytes(m["out_of_sync_bytes"].as_u64().unwrap_or(0)),
+                    m["sync_percent"].as_f64().map_or("- (no resync under way)".into(), |p| format!("{p:.1}%")),
+                    bytes(speed),
+                    m["eta_seconds"].as_u64().map_or("-".into(), |s| format!("{s} s")),
+                    m["replication_rtt_us"].as_u64().map_or("-".into(), |u| format!("{u} us"))
+                );
+                if let Some(f) = m["failure"].as_str() {
+                    println!("    this leg FAILED: {f} (fenced; retries, or `nvmetro resync {}`)", ns["bdev"].as_str().unwrap_or("?"));
+                }
+                if let Some(f) = m["peer_failure"].as_str() {
+                    println!("    the peer's leg FAILED: {f} (serving without it; its regions stay dirty)");
+                }
+                let x = &m["metro"];
+                if x.is_object() {
+                    println!(
+                        "    metro: {}  ({})  witness {}  authority {} held by {}{}",
+                        m["access"].as_str().unwrap_or("?"),
+                        x["why"].as_str().unwrap_or(""),
+                        if x["witness_reachable"] == Value::Bool(true) {
+                            format!("reachable (RTT {})", x["witness_rtt_us"].as_u64().map_or("-".into(), |u| format!("{u} us")))
+                        } else {
+                            format!(
+                                "UNREACHABLE (last answer {})",
+                                x["witness_seen_ms_ago"].as_u64().map_or("never".into(), |t| format!("{t} ms ago"))
+                            )
+                        },
+                        x["witness_authority"].as_str().unwrap_or("?"),
+                        match x["witness_holder_site"].as_u64() {
+                            Some(0) | None => "both sites".to_string(),
+                            Some(s) => format!("site {s}"),
+                        },
+                        match x["pre_election"].as_str() {
+                            Some(p) if !p.is_empty() => format!("  pre-election: {p}"),
+                            _ => String::new(),
+                        }
+                    );
+                    println!("    lease: {}", x["lease"].as_str().unwrap_or("?"));
+                }
+            }
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let socket = socket_of(&args.config)?;
@@ -176,82 +292,30 @@ fn main() -> anyhow::Result<()> {
             let held = rpc(&socket, "mirror_failback", json!({"name": bdev}))?;
             println!("{bdev}: {}", if held == Value::Bool(true) { "failed back: serving again" } else { "was not waiting for a failback" });
         }
-        Cmd::Status { json } => {
-            let st = rpc(&socket, "nvmetro_status", json!({}))?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&st)?);
-                return Ok(());
+        Cmd::Status { json: true, .. } => println!("{}", serde_json::to_string_pretty(&rpc(&socket, "nvmetro_status", json!({}))?)?),
+        Cmd::Status { watch: false, .. } => print_status(&rpc(&socket, "nvmetro_status", json!({}))?),
+        Cmd::Status { watch: true, .. } => {
+            let changes = subscribe(&socket)?;
+            loop {
+                print_status(&rpc(&socket, "nvmetro_status", json!({}))?);
+                // The next change (and whatever came with it), or 2 s.
+                match changes.recv_timeout(std::time::Duration::from_secs(2)) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => bail!("the target closed the event stream"),
+                    _ => while changes.try_recv().is_ok() {},
+                }
+                println!("---");
             }
-            println!("nvmetro {} up {:.0} s", st["version"].as_str().unwrap_or("?"), st["uptime_ms"].as_f64().unwrap_or(0.0) / 1000.0);
-            for s in st["subsystems"].as_array().into_iter().flatten() {
-                println!("{}  ({} controllers)", s["nqn"].as_str().unwrap_or("?"), s["controllers"]);
-                for ns in s["namespaces"].as_array().into_iter().flatten() {
-                    let ana: Vec<String> =
-                        ns["ana"].as_object().into_iter().flatten().map(|(l, v)| format!("{l} {}", v.as_str().unwrap_or("?"))).collect();
-                    println!(
-                        "  nsid {}  bdev {}  serving {}  ANA: {}",
-                        ns["nsid"],
-                        ns["bdev"].as_str().unwrap_or("?"),
-                        ns["serving"],
-                        ana.join(", ")
-                    );
-                    let m = &ns["mirror"];
-                    if m.is_object() {
-                        println!(
-                            "    mirror: role {}  disk {}/{}  link {}  peer {}",
-                            m["role"].as_str().unwrap_or("?"),
-                            m["disk"].as_str().unwrap_or("?"),
-                            m["peer_disk"].as_str().unwrap_or("?"),
-                            m["link"].as_str().unwrap_or("?"),
-                            m["peer"].as_str().unwrap_or("?")
-                        );
-                        let speed = m["sync_bytes_per_second"].as_u64().unwrap_or(0);
-                        println!(
-                            "    out of sync {}  synced {}  speed {}/s  ETA {}  replication RTT {}",
-                            bytes(m["out_of_sync_bytes"].as_u64().unwrap_or(0)),
-                            m["sync_percent"].as_f64().map_or("- (no resync under way)".into(), |p| format!("{p:.1}%")),
-                            bytes(speed),
-                            m["eta_seconds"].as_u64().map_or("-".into(), |s| format!("{s} s")),
-                            m["replication_rtt_us"].as_u64().map_or("-".into(), |u| format!("{u} us"))
-                        );
-                        if let Some(f) = m["failure"].as_str() {
-                            println!(
-                                "    this leg FAILED: {f} (fenced; retries, or `nvmetro resync {}`)",
-                                ns["bdev"].as_str().unwrap_or("?")
-                            );
-                        }
-                        if let Some(f) = m["peer_failure"].as_str() {
-                            println!("    the peer's leg FAILED: {f} (serving without it; its regions stay dirty)");
-                        }
-                        let x = &m["metro"];
-                        if x.is_object() {
-                            println!(
-                                "    metro: {}  ({})  witness {}  authority {} held by {}{}",
-                                m["access"].as_str().unwrap_or("?"),
-                                x["why"].as_str().unwrap_or(""),
-                                if x["witness_reachable"] == Value::Bool(true) {
-                                    format!("reachable (RTT {})", x["witness_rtt_us"].as_u64().map_or("-".into(), |u| format!("{u} us")))
-                                } else {
-                                    format!(
-                                        "UNREACHABLE (last answer {})",
-                                        x["witness_seen_ms_ago"].as_u64().map_or("never".into(), |t| format!("{t} ms ago"))
-                                    )
-                                },
-                                x["witness_authority"].as_str().unwrap_or("?"),
-                                match x["witness_holder_site"].as_u64() {
-                                    Some(0) | None => "both sites".to_string(),
-                                    Some(s) => format!("site {s}"),
-                                },
-                                match x["pre_election"].as_str() {
-                                    Some(p) if !p.is_empty() => format!("  pre-election: {p}"),
-                                    _ => String::new(),
-                                }
-                            );
-                            println!("    lease: {}", x["lease"].as_str().unwrap_or("?"));
-                        }
-                    }
+        }
+        Cmd::Events { json } => {
+            let changes = subscribe(&socket)?;
+            for e in changes {
+                if json {
+                    println!("{e}");
+                } else {
+                    println!("{}", event_line(&e));
                 }
             }
+            bail!("the target closed the event stream");
         }
     }
     Ok(())
