@@ -5,7 +5,7 @@
 //! * `bdev_get_bdevs`: bdevs with block size, block count and replication state.
 //! * `nvmf_get_subsystems`: subsystems with listeners, hosts and namespaces.
 //! * `nvmf_subsystem_listener_set_ana_state`: set a listener's ANA state (SPDK's parameters).
-//! * `mirror_resync`, `mirror_failback`, `nvmetro_reload`: see each function.
+//! * `mirror_resync`, `mirror_failback`, `mirror_promote`, `nvmetro_reload`: see each function.
 //! * `nvmetro_events`: the connection becomes an event stream ([`crate::events`]): the current
 //!   state as `exists` events, then every change, one JSON object per line, until it closes.
 //! * `bdev_error_inject` (`name`, `rules`: one fault rule or an array, replacing the rules),
@@ -151,6 +151,20 @@ fn failback(t: &Target, p: &Value) -> Result<Value, (i64, String)> {
     Ok(Value::Bool(bdev.failback()))
 }
 
+/// `mirror_promote`, params `name`, `force` (must be true): the operator makes a metro leg serve
+/// alone while its peer and the witness are both lost. Returns what happened; a refusal is an
+/// error that says why.
+fn promote(t: &Target, p: &Value) -> Result<Value, (i64, String)> {
+    let name = p["name"].as_str().ok_or((-32602, "missing name".to_string()))?;
+    if p["force"] != Value::Bool(true) {
+        return Err((-32602, "a promotion is only ever forced (`force`: true): the witness decides otherwise".into()));
+    }
+    let live = t.live_bdevs();
+    let bdev = live.iter().map(|(_, b)| b).find(|b| b.info().name == name).ok_or((-32602, format!("no bdev {name}")))?;
+    let mirror = bdev.as_mirror().ok_or((-32602, format!("{name} is not a mirror")))?;
+    mirror.force_promote().map(Value::String).map_err(|why| (-32000, format!("{name}: refused: {why}")))
+}
+
 /// `mirror_resync`, params `name`: a leg whose device failed retries its resync now. Returns
 /// whether the leg was Failed.
 fn resync(t: &Target, p: &Value) -> Result<Value, (i64, String)> {
@@ -213,6 +227,7 @@ fn call(t: &Target, method: &str, params: &Value) -> Result<Value, (i64, String)
         "mirror_resync" => return resync(t, params),
         "nvmf_subsystem_listener_set_ana_state" => return set_ana_state(t, params),
         "mirror_failback" => return failback(t, params),
+        "mirror_promote" => return promote(t, params),
         "nvmetro_reload" => {
             let dry_run = params["dry_run"].as_bool().unwrap_or(false);
             let candidate = params["config"].as_str().map(std::path::Path::new);

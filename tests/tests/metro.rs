@@ -143,6 +143,58 @@ fn the_witness_status_shows_the_authority_the_grant_and_each_sites_reports() {
     assert!(!ok && err.contains("no answer from the witness") && err.contains("same secret"), "{err}");
 }
 
+/// `nvmetro promote m --force --yes` at `t`: (success, stdout + stderr).
+fn promote(t: &TargetProcess) -> (bool, String) {
+    let out = std::process::Command::new(nvmetro_tests::binary("nvmetro"))
+        .arg("--config")
+        .arg(&t.config_path)
+        .args(["promote", "m", "--force", "--yes"])
+        .output()
+        .unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn a_forced_promotion_serves_the_survivor_when_peer_and_witness_are_lost_and_resyncs_the_returning_site() {
+    let mut m = metro(false, "");
+    let (ok, out) = promote(&m.b);
+    assert!(!ok && out.contains("the peer is connected"), "refused while the sites are together: {out}");
+
+    // The witness is lost first: the sites pre-elect A (the preferred) and B defers to it.
+    m.w.kill();
+    let says = |t: &TargetProcess, what: &str| {
+        let st = nvmetro_tests::rpc(t, "nvmetro_status", serde_json::json!({})).unwrap_or_default();
+        st.to_string().contains(what)
+    };
+    wait_until("B defers to A", Duration::from_secs(20), || says(&m.b, "the peer survives a link loss"));
+    m.a.kill();
+    wait_until("B, without peer and witness, stays out", Duration::from_secs(20), || {
+        serves(&m.b) == Some(false) && says(&m.b, "the pre-elected peer survives")
+    });
+
+    // The operator forces B.
+    let (ok, out) = promote(&m.b);
+    assert!(ok && out.contains("serving alone under the new generation"), "{out}");
+    wait_until("B serves alone", Duration::from_secs(10), || serves(&m.b) == Some(true));
+    let status =
+        std::process::Command::new(nvmetro_tests::binary("nvmetro")).arg("--config").arg(&m.b.config_path).arg("status").output().unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(status.contains("FORCED by the operator"), "{status}");
+    let mut h = connect(&m.b).expect("a controller at B");
+    let marker = vec![0x5a; 4096];
+    h.write(1, 4096, marker.clone(), 512).expect("B takes writes");
+    let (ok, out) = promote(&m.b);
+    assert!(!ok && out.contains("already serves alone"), "{out}");
+
+    // A returns (the witness still lost): it descends from the generation B left, so it is
+    // resynced from B before it serves, and then holds B's writes.
+    m.a.restart();
+    wait_until("A serves again, resynced from B", Duration::from_secs(30), || serves(&m.a) == Some(true));
+    let mut ha = connect(&m.a).expect("a controller at A");
+    assert_eq!(ha.read(1, 4096, 8, 512).expect("A reads"), marker, "A holds what B wrote while forced");
+    assert_eq!(serves(&m.b), Some(true), "B serves with its peer");
+}
+
 #[test]
 fn sigkill_of_a_site_fails_over_and_the_site_fails_back_after_its_resync() {
     let mut m = metro(false, "");

@@ -188,6 +188,8 @@ struct Shared {
     status: Mutex<StatusReport>,
     /// Operator requests for the link thread (manual failback).
     failback: AtomicBool,
+    /// Operator request: a forced promotion, and where its outcome goes.
+    promote: Mutex<Option<std::sync::mpsc::Sender<Result<String, String>>>>,
     /// New settings for the link thread (taken on its next turn).
     tuning: Mutex<Option<MirrorTuning>>,
     tuning_pending: AtomicBool,
@@ -298,6 +300,7 @@ impl MirrorBdev {
             resync: AtomicBool::new(false),
             status: Mutex::new(StatusReport::default()),
             failback: AtomicBool::new(false),
+            promote: Mutex::new(None),
             tuning: Mutex::new(None),
             tuning_pending: AtomicBool::new(false),
             waker,
@@ -364,6 +367,15 @@ impl MirrorBdev {
 
     pub fn status(&self) -> StatusReport {
         self.shared.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// The operator forces this metro leg to serve alone ([`MirrorCore::force_promote`]); what
+    /// happened, or why it was refused.
+    pub fn force_promote(&self) -> Result<String, String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        *self.shared.promote.lock().map_err(|_| "the mirror's link thread is gone".to_string())? = Some(tx);
+        let _ = self.shared.waker.wake();
+        rx.recv_timeout(Duration::from_secs(5)).map_err(|_| "the mirror's link thread did not answer".to_string())?
     }
 
     /// A Failed leg retries its resync now (`nvmetro resync NAME`); returns whether the leg is
@@ -1101,6 +1113,23 @@ impl LinkThread {
         }
         if self.shared.failback.swap(false, Ordering::AcqRel) {
             self.handle(Input::Failback);
+        }
+        if let Some(tx) = self.shared.promote.lock().ok().and_then(|mut p| p.take()) {
+            let mut outcome = Err("the mirror's metadata cannot be stored: fenced until restarted".to_string());
+            if !self.broken {
+                self.handle_batch(|link, out| {
+                    outcome = link.core.force_promote(out);
+                    true
+                });
+            }
+            if self.broken && outcome.is_ok() {
+                outcome = Err("the new generation could not be stored: fenced until restarted".into());
+            }
+            match &outcome {
+                Ok(what) => tracing::error!(mirror = %self.name, "FORCED PROMOTION by the operator: {what}"),
+                Err(why) => tracing::warn!(mirror = %self.name, "forced promotion refused: {why}"),
+            }
+            let _ = tx.send(outcome);
         }
         if self.shared.resync.swap(false, Ordering::AcqRel) {
             self.handle(Input::Resync);

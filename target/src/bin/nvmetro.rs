@@ -52,6 +52,18 @@ enum Cmd {
         /// The mirror bdev's name.
         bdev: String,
     },
+    /// Metro, disaster: make this site serve alone while its peer AND the witness are both lost
+    /// (DRBD's `primary --force`). Asks for confirmation unless `--yes`.
+    Promote {
+        /// The mirror bdev's name.
+        bdev: String,
+        /// Required: this overrides the witness's protection against two writers.
+        #[arg(long)]
+        force: bool,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
     /// A mirror leg whose device failed: retry the resync from the peer now.
     Resync {
         /// The mirror bdev's name.
@@ -305,6 +317,27 @@ fn main() -> anyhow::Result<()> {
                 }
                 println!("---");
             }
+        }
+        Cmd::Promote { bdev, force, yes } => {
+            if !force {
+                bail!("`promote` needs --force: while the witness or the peer answers, they decide who serves");
+            }
+            eprintln!(
+                "Forcing {bdev} to serve alone at this site. Do this only when the other site is lost for good AND the \
+                 witness is unreachable. If the other site is in fact still serving (or served since it lost this one), \
+                 the two copies diverge and what it wrote after the split is not in this copy. This site starts a new \
+                 generation; the other site, when it returns, is resynced from here (its later writes are overwritten)."
+            );
+            if !yes {
+                eprint!("Type the mirror's name ({bdev}) to go on: ");
+                let mut answer = String::new();
+                std::io::stdin().read_line(&mut answer)?;
+                if answer.trim() != bdev {
+                    bail!("not confirmed: nothing changed");
+                }
+            }
+            let what = rpc(&socket, "mirror_promote", json!({"name": bdev, "force": true}))?;
+            println!("{bdev}: {}", what.as_str().unwrap_or("promoted"));
         }
         Cmd::Events { json } => {
             let changes = subscribe(&socket)?;

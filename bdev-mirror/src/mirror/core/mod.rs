@@ -399,6 +399,8 @@ pub struct MirrorCore {
     peer_reaches_witness: bool,
     /// Survivor: the peer deferred to this leg.
     armed: bool,
+    /// Metro mode: the operator forced this leg to serve alone (`nvmetro promote --force`).
+    forced: bool,
     failback_hold: bool,
     last_report_ms: u64,
     /// The last witness request's sequence number (grows for the site's whole life).
@@ -533,6 +535,7 @@ impl MirrorCore {
             witness_holder: 0,
             peer_reaches_witness: true,
             armed: false,
+            forced: false,
             failback_hold: false,
             last_report_ms: 0,
             witness_seq: 0,
@@ -960,5 +963,37 @@ mod tests {
         assert_eq!((d.fence_ms, d.settle_ms), (500, 600), "the default timers");
         let unsafe_timers = Metro { settle_ms: 520, ..d };
         assert!(unsafe_timers.check().is_err(), "a settle within the lease's clock margin is refused");
+    }
+
+    #[test]
+    fn a_forced_promotion_is_refused_unless_peer_and_witness_are_lost_and_the_copy_is_whole() {
+        let mut meta = Meta::new(1 << 20, 16);
+        meta.generations.current = 0x77;
+        let (mut core, _) = MirrorCore::new(Role::Secondary, 2, 1 << 20, meta, 1);
+        let mut out = Vec::new();
+        let no_metro = core.force_promote(&mut out).unwrap_err();
+        assert!(no_metro.contains("metro"), "{no_metro}");
+        core.set_metro(Metro::new("m", false, 1000), 1);
+        core.handle(Input::Tick { now_ms: 10 }, &mut out);
+        core.witness_seen_ms = Some(10);
+        let e = core.force_promote(&mut out).unwrap_err();
+        assert!(e.contains("the witness answers"), "{e}");
+        core.witness_seen_ms = None;
+        core.disk = DiskState::Inconsistent;
+        let e = core.force_promote(&mut out).unwrap_err();
+        assert!(e.contains("Inconsistent"), "{e}");
+        core.disk = DiskState::Outdated;
+        core.meta.deferred = true;
+        out.clear();
+        let ok = core.force_promote(&mut out).unwrap();
+        assert!(ok.contains("new generation"), "{ok}");
+        let g = core.meta.generations;
+        assert_ne!(g.current, 0x77, "a new generation");
+        assert_eq!(g.bitmap, 0x77, "diverged from the one the peer holds");
+        assert!(!core.meta.deferred, "the deferral is overridden");
+        assert!(out.contains(&Output::Persist), "the new generation is made durable");
+        assert_eq!(core.role, Role::Preferred, "the forced leg orders writes");
+        let again = core.force_promote(&mut out).unwrap_err();
+        assert!(again.contains("already serves alone"), "{again}");
     }
 }

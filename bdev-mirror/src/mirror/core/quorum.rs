@@ -11,6 +11,7 @@ impl MirrorCore {
         match self.quorum {
             Quorum::Starting if self.link == LinkState::Connected => {
                 self.quorum = Quorum::Peer;
+                self.forced = false;
                 self.why = "serving with the peer".into();
             }
             Quorum::Starting if now >= m.startup_grace_ms && self.link != LinkState::Handshake && !self.peer_reachable() => {
@@ -18,13 +19,16 @@ impl MirrorCore {
             }
             Quorum::Solo | Quorum::Fenced if self.link == LinkState::Connected && self.disk == DiskState::UpToDate => {
                 self.quorum = Quorum::Peer;
+                self.forced = false;
                 if !self.failback_hold {
                     self.why = "in sync with the peer".into();
                 }
             }
             Quorum::Won { at_ms } if now >= at_ms => {
                 self.quorum = Quorum::Solo;
-                self.why = if self.armed {
+                self.why = if self.forced {
+                    "serving alone: FORCED by the operator (peer and witness lost)".into()
+                } else if self.armed {
                     "serving alone: pre-elected survivor (peer and witness lost)".into()
                 } else {
                     format!("serving alone: granted by the witness (generation {:x})", self.meta.generations.current)
@@ -119,6 +123,50 @@ impl MirrorCore {
             }
             _ => {}
         }
+    }
+
+    /// The operator makes this leg serve alone (`nvmetro promote NAME --force`, DRBD's `primary
+    /// --force`): only in metro mode, only while neither the peer nor the witness answers, only
+    /// with a whole copy (UpToDate, or Outdated by the loss). The leg starts a new generation
+    /// (durable first), orders writes and serves once the peer's lease has surely run out. A
+    /// returning peer descends from the generation it left, so it is resynced from this leg
+    /// before it serves; once the witness answers again this leg's confirmation moves its
+    /// authority here. The risk: if the peer also served meanwhile (it reached the witness, or
+    /// was the pre-elected survivor), the copies diverged and the peer's writes since are lost
+    /// to this lineage. Returns what happened, or why it was refused.
+    pub fn force_promote(&mut self, out: &mut Vec<Output>) -> Result<String, String> {
+        if self.metro.is_none() {
+            return Err(
+                "forced promotion is for metro mirrors (with a witness); without one the preferred site serves alone on its own".into()
+            );
+        }
+        if self.link != LinkState::Down && !matches!(self.link, LinkState::Refused(_)) {
+            return Err(format!("the peer is connected (link {:?}): nothing to force", self.link));
+        }
+        if matches!(self.quorum, Quorum::Solo | Quorum::Won { .. }) {
+            return Err("this leg already serves alone (or is about to)".into());
+        }
+        if self.witness_reachable() {
+            return Err(
+                "the witness answers and decides who serves: a forced promotion is only for when the peer and the witness are both lost"
+                    .into(),
+            );
+        }
+        if self.meta.failed || self.meta.generations.current == 0 || !matches!(self.disk, DiskState::UpToDate | DiskState::Outdated) {
+            return Err(format!("this copy is {}: serving it would serve data that is not whole", self.disk.name()));
+        }
+        self.meta.deferred = false;
+        self.disk = DiskState::UpToDate;
+        self.diverge(out);
+        out.push(Output::Persist);
+        self.become_orderer(out);
+        self.forced = true;
+        self.quorum = Quorum::Won { at_ms: self.settle_at() };
+        self.why = "FORCED by the operator: settling".into();
+        Ok(format!(
+            "serving alone under the new generation {:x} once the peer's lease has run out; the peer is resynced from here when it returns",
+            self.meta.generations.current
+        ))
     }
 
     /// Lost the peer (or started without it): decide how to ask for the right to serve alone.
