@@ -360,7 +360,9 @@ impl WitnessState {
                 if descends && req.current != 0 {
                     if req.next != 0 {
                         r.authority = req.next;
-                    } else if r.authority == req.bitmap {
+                    } else if r.authority == req.bitmap || r.authority == 0 {
+                        // A confirmation of the lineage the site serves under (also when this
+                        // witness never knew the mirror: a later, older copy must not win it).
                         r.authority = req.current;
                     }
                     r.holder = req.site;
@@ -476,6 +478,16 @@ mod tests {
         assert_eq!(StatusReply::parse(&b, b"other"), Err(WitnessError::BadTag));
         let ask = Request { ask: Ask::Status, ..req(Ask::Report, 0, 0, 0, 0) };
         assert_eq!(Request::parse(&ask.encode(b"s"), b"s").map(|r| r.ask), Ok(Ask::Status));
+    }
+
+    #[test]
+    fn a_witness_that_never_knew_the_mirror_records_the_lineage_a_site_confirms() {
+        let mut w = WitnessState::default();
+        // A site that served alone without the witness (forced, or pre-elected) confirms
+        // generation 77, diverged from 5; a returning site with the older 5 is then denied.
+        assert_eq!(at(&mut w, &req(Ask::Acquire, 2, 77, 5, 0), 10).verdict, Verdict::Granted);
+        assert_eq!(w.resources["m"].authority, 77);
+        assert_eq!(at(&mut w, &req(Ask::Acquire, 1, 5, 0, 88), 20).verdict, Verdict::Denied);
     }
 
     #[test]
