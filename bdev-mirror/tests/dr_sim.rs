@@ -191,7 +191,7 @@ impl World {
                     let mut data = v.to_le_bytes().to_vec();
                     data.resize(BLOCK as usize, 0);
                     let mut out = Vec::new();
-                    self.seq.submit(tag, member as u16, s as u64 * BLOCK, data, 0, &mut out);
+                    self.seq.submit(tag, member as u16, s as u64 * BLOCK, data, 0, &mut out).expect("a block fits a frame");
                     self.run_seq(out);
                 }
             }
@@ -216,7 +216,9 @@ impl World {
                     let mut out = Vec::new();
                     match f {
                         DrFrame::Ack { seq } => self.seq.on_ack(seq, &mut out),
-                        DrFrame::Hello { applied_seq } => self.seq.connected(applied_seq, &mut out),
+                        DrFrame::Hello { applied_seq } => {
+                            self.seq.connected(applied_seq, &mut out).expect("the DR site holds what it acknowledged")
+                        }
                         DrFrame::Write { .. } => panic!("the DR site sent a write"),
                     }
                     self.run_seq(out);
@@ -227,7 +229,7 @@ impl World {
                 let (id, m, b, v) = self.in_flight.remove(i);
                 self.volatile.push((m, b, v));
                 let mut out = Vec::new();
-                self.app.write_done(id, &mut out);
+                self.app.write_done(id, Ok(()), &mut out).expect("the simulated disks do not fail");
                 self.run_app(out);
             }
             80..=86 => {
@@ -237,7 +239,7 @@ impl World {
                     for (m, b, v) in self.volatile.drain(..) {
                         self.durable[m][b] = v;
                     }
-                    self.app.flush_done(&mut out);
+                    self.app.flush_done(Ok(()), &mut out).expect("the simulated disks do not fail");
                 } else if let Some(seq) = self.persist.take() {
                     self.persisted = seq;
                     self.app.persisted(&mut out);

@@ -521,7 +521,7 @@ ana_states = { "2" = "non-optimized" }
         assert_eq!(target(&with("150%")), ResyncLatencyTarget::Relative(150));
         assert_eq!(target(&with("2ms")), ResyncLatencyTarget::Absolute(2000));
         assert_eq!(target(&with("off")), ResyncLatencyTarget::Off);
-        for bad in ["50%", "fast", "5us", "20s", "%"] {
+        for bad in ["50%", "fast", "5us", "20s", "%", "18446744073709552s"] {
             let e = err(&with(bad));
             assert_eq!(e.key, "bdev.resync_latency_target", "{bad}: {e}");
             assert!(e.message.contains(bad) && e.message.contains("\"off\""), "{e}");

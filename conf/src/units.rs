@@ -118,10 +118,10 @@ pub fn parse_micros(s: &str) -> Option<u64> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit())?;
     let n: u64 = s[..split].parse().ok()?;
-    Some(match &s[split..] {
-        "us" => n,
-        "ms" => n * 1000,
-        "s" => n * 1_000_000,
-        _ => return None,
-    })
+    match &s[split..] {
+        "us" => Some(n),
+        "ms" => n.checked_mul(1000),
+        "s" => n.checked_mul(1_000_000),
+        _ => None,
+    }
 }

@@ -1,5 +1,6 @@
-//! The event stream (`nvmetro events`, DRBD's `drbdsetup events2`): every change of the state an
-//! operator watches, as one JSON object per line.
+//! The event stream (`nvmetro events`, DRBD's `drbdsetup events2`): the changes of the state an
+//! operator watches, as one JSON object per line. The state is compared every [`WATCH_INTERVAL`],
+//! as often as a mirror publishes its status, so a state that lasts less may not show.
 //!
 //! A watcher thread looks at the target every [`WATCH_INTERVAL`] (the mirrors publish their
 //! status as often) and records each difference from the last look as an event: mirror disk,

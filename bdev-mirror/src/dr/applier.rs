@@ -42,6 +42,9 @@ pub struct Applier {
     in_flight: Vec<(u64, Member, u64, u64)>,
     /// The epoch of the writes issued since the last flush.
     epoch: Option<u64>,
+    /// A member's write or flush failed: the applier takes nothing more (the daemon restarts it
+    /// from the persisted sequence once the disk is back).
+    failed: Option<String>,
     /// The highest sequence issued.
     issued: u64,
     stage: Stage,
@@ -58,12 +61,23 @@ pub enum ApplyError {
     EpochBackwards { seq: u64, epoch: u64, after: u64 },
     #[error("the production site sent a {0} frame")]
     Unexpected(&'static str),
+    #[error("a member's disk failed ({0}): nothing after the last durable epoch is acknowledged")]
+    Disk(String),
 }
 
 impl Applier {
     /// `applied`: the sequence persisted by the last run (0 for a new group).
     pub fn new(applied: u64) -> Applier {
-        Applier { applied, queued: VecDeque::new(), in_flight: Vec::new(), epoch: None, issued: applied, stage: Stage::Open, flushing: 0 }
+        Applier {
+            applied,
+            queued: VecDeque::new(),
+            in_flight: Vec::new(),
+            epoch: None,
+            failed: None,
+            issued: applied,
+            stage: Stage::Open,
+            flushing: 0,
+        }
     }
 
     /// A new connection from the production site: say what is durable here (the production
@@ -80,6 +94,9 @@ impl Applier {
     }
 
     pub fn on_frame(&mut self, frame: DrFrame, out: &mut Vec<ApplyOutput>) -> Result<(), ApplyError> {
+        if let Some(why) = &self.failed {
+            return Err(ApplyError::Disk(why.clone()));
+        }
         let DrFrame::Write { seq, epoch, member, offset, data } = frame else {
             return Err(ApplyError::Unexpected(if matches!(frame, DrFrame::Ack { .. }) { "Ack" } else { "Hello" }));
         };
@@ -100,18 +117,34 @@ impl Applier {
         Ok(())
     }
 
-    pub fn write_done(&mut self, id: u64, out: &mut Vec<ApplyOutput>) {
+    /// A write issued with `id` completed; an error stops the applier (see [`ApplyError::Disk`]).
+    pub fn write_done(&mut self, id: u64, result: Result<(), String>, out: &mut Vec<ApplyOutput>) -> Result<(), ApplyError> {
+        if let Err(why) = result {
+            self.failed = Some(format!("write {id}: {why}"));
+        }
+        if let Some(why) = &self.failed {
+            return Err(ApplyError::Disk(why.clone()));
+        }
         if let Some(i) = self.in_flight.iter().position(|w| w.0 == id) {
             self.in_flight.swap_remove(i);
         }
         self.pump(out);
+        Ok(())
     }
 
-    pub fn flush_done(&mut self, out: &mut Vec<ApplyOutput>) {
+    /// The flush completed; an error stops the applier.
+    pub fn flush_done(&mut self, result: Result<(), String>, out: &mut Vec<ApplyOutput>) -> Result<(), ApplyError> {
+        if let Err(why) = result {
+            self.failed = Some(format!("flush: {why}"));
+        }
+        if let Some(why) = &self.failed {
+            return Err(ApplyError::Disk(why.clone()));
+        }
         if self.stage == Stage::Flushing {
             self.stage = Stage::Persisting;
             out.push(ApplyOutput::Persist { seq: self.flushing });
         }
+        Ok(())
     }
 
     pub fn persisted(&mut self, out: &mut Vec<ApplyOutput>) {
@@ -182,12 +215,12 @@ mod tests {
         }
         assert_eq!(writes(&out), [1, 2], "epoch 1 goes out at once; epoch 2 waits");
         out.clear();
-        a.write_done(2, &mut out);
+        a.write_done(2, Ok(()), &mut out).unwrap();
         assert!(out.is_empty(), "write 1 is still in flight: {out:?}");
-        a.write_done(1, &mut out);
+        a.write_done(1, Ok(()), &mut out).unwrap();
         assert_eq!(out, [ApplyOutput::Flush]);
         out.clear();
-        a.flush_done(&mut out);
+        a.flush_done(Ok(()), &mut out).unwrap();
         assert_eq!(out, [ApplyOutput::Persist { seq: 2 }]);
         out.clear();
         a.persisted(&mut out);
@@ -204,12 +237,17 @@ mod tests {
         a.on_frame(w(12, 1, 0, 256), &mut out).unwrap();
         assert_eq!(writes(&out), [11], "12 overlaps 11");
         out.clear();
-        a.write_done(11, &mut out);
+        a.write_done(11, Ok(()), &mut out).unwrap();
         assert_eq!(writes(&out), [12]);
         a.on_frame(w(11, 1, 0, 0), &mut out).unwrap();
         assert_eq!(writes(&out), [12], "a write sent again is not applied twice");
         assert_eq!(a.on_frame(w(14, 1, 0, 0), &mut out), Err(ApplyError::OutOfOrder { expected: 13, got: 14 }));
         assert_eq!(a.on_frame(w(13, 0, 0, 0), &mut out), Err(ApplyError::EpochBackwards { seq: 13, epoch: 0, after: 1 }));
         assert_eq!(a.on_frame(DrFrame::Ack { seq: 1 }, &mut out), Err(ApplyError::Unexpected("Ack")));
+        // A failed write: nothing more is taken, nothing more acknowledged.
+        out.clear();
+        assert!(matches!(a.write_done(12, Err("ENOSPC".into()), &mut out), Err(ApplyError::Disk(_))));
+        assert!(matches!(a.on_frame(w(13, 1, 0, 4096), &mut out), Err(ApplyError::Disk(_))));
+        assert!(!out.iter().any(|o| matches!(o, ApplyOutput::Send(DrFrame::Ack { .. }) | ApplyOutput::Persist { .. })), "{out:?}");
     }
 }

@@ -35,9 +35,13 @@ pub enum FrameError {
 }
 
 impl DrFrame {
+    /// Writes the frame; a payload is at most [`MAX_PAYLOAD`] (the sequencer refuses larger).
     pub fn encode(&self, out: &mut Vec<u8>) {
         let (kind, member, seq, epoch, offset, data): (u8, Member, u64, u64, u64, &[u8]) = match self {
-            DrFrame::Write { seq, epoch, member, offset, data } => (1, *member, *seq, *epoch, *offset, data),
+            DrFrame::Write { seq, epoch, member, offset, data } => {
+                assert!(data.len() <= MAX_PAYLOAD, "a DR frame payload of {} bytes", data.len());
+                (1, *member, *seq, *epoch, *offset, data)
+            }
             DrFrame::Ack { seq } => (2, 0, *seq, 0, 0, &[]),
             DrFrame::Hello { applied_seq } => (3, 0, *applied_seq, 0, 0, &[]),
         };

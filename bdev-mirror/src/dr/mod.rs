@@ -21,7 +21,19 @@
 //! two members, random delays, reordering and crashes that keep an arbitrary subset of writes
 //! that were not yet flushed.
 //!
-//! What exists now is the protocol core; the daemon does not run a DR stream yet.
+//! What the daemon that drives these must keep (it does not run a DR stream yet; this is the
+//! protocol core):
+//! * report [`sequencer::Sequencer::host_completed`] before the host sees the completion, and
+//!   submit overlapping writes in the order the local legs apply them (under the mirror's range
+//!   lock), or the epochs do not separate what depends on what;
+//! * persist, beside the group's metadata, the highest sequence it ever numbered (a restarted
+//!   production site must not reuse numbers: the sequencer refuses a DR site that holds more than
+//!   was numbered, [`sequencer::SeqError::DrAhead`]) and a dirty bitmap of what was released but
+//!   not acknowledged (the held buffer is memory: after a production restart the group catches up
+//!   from the bitmap);
+//! * on the DR side, persist the applied sequence at [`applier::ApplyOutput::Persist`] before
+//!   reporting it, and restart the applier from it after a disk error
+//!   ([`applier::ApplyError::Disk`]).
 
 pub mod applier;
 pub mod frame;

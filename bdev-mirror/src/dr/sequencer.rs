@@ -15,6 +15,17 @@ use super::frame::DrFrame;
 use super::{DrMode, Member};
 use std::collections::VecDeque;
 
+/// Why the sequencer refused an input.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SeqError {
+    #[error("a {0}-byte write exceeds the DR frame's {max} bytes: split it", max = super::frame::MAX_PAYLOAD)]
+    TooLarge(usize),
+    #[error("the DR site holds through {applied} but had acknowledged {acked}: its state was lost or restored; it needs a full resync")]
+    DrBehind { applied: u64, acked: u64 },
+    #[error("the DR site holds through {applied}, beyond the last write numbered here ({last}): numbers were reused after a restart; it needs a full resync")]
+    DrAhead { applied: u64, last: u64 },
+}
+
 /// What the sequencer asks of its caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SeqOutput {
@@ -87,13 +98,26 @@ impl Sequencer {
         self.release_queued(out);
     }
 
-    /// A host write to `member` (its data as the host sent it), at `now_ms`.
-    pub fn submit(&mut self, tag: u64, member: Member, offset: u64, data: Vec<u8>, now_ms: u64, out: &mut Vec<SeqOutput>) {
+    /// A host write to `member` (its data as the host sent it), at `now_ms`; at most
+    /// [`MAX_PAYLOAD`](super::frame::MAX_PAYLOAD) bytes.
+    pub fn submit(
+        &mut self,
+        tag: u64,
+        member: Member,
+        offset: u64,
+        data: Vec<u8>,
+        now_ms: u64,
+        out: &mut Vec<SeqOutput>,
+    ) -> Result<(), SeqError> {
+        if data.len() > super::frame::MAX_PAYLOAD {
+            return Err(SeqError::TooLarge(data.len()));
+        }
         if !self.waiting.is_empty() || !self.has_room(data.len() as u64) {
             self.waiting.push_back((tag, member, offset, data, now_ms));
-            return;
+            return Ok(());
         }
         self.admit(tag, member, offset, data, now_ms, out);
+        Ok(())
     }
 
     /// A write this sequencer released has completed to its host: writes submitted from now on
@@ -123,12 +147,20 @@ impl Sequencer {
     }
 
     /// A connection to the DR site said hello: it holds everything through `applied_seq`.
-    /// Everything after it is sent (again) in order.
-    pub fn connected(&mut self, applied_seq: u64, out: &mut Vec<SeqOutput>) {
+    /// Everything after it is sent (again) in order. A DR site that holds less than it
+    /// acknowledged, or more than was ever numbered here, is refused (the connection ends).
+    pub fn connected(&mut self, applied_seq: u64, out: &mut Vec<SeqOutput>) -> Result<(), SeqError> {
+        if applied_seq < self.acked {
+            return Err(SeqError::DrBehind { applied: applied_seq, acked: self.acked });
+        }
+        if applied_seq >= self.next_seq {
+            return Err(SeqError::DrAhead { applied: applied_seq, last: self.next_seq - 1 });
+        }
         self.on_ack(applied_seq, out);
         self.connected = true;
         self.unsent = 0;
         self.send_unsent(out);
+        Ok(())
     }
 
     pub fn disconnected(&mut self) {
@@ -233,12 +265,12 @@ mod tests {
     fn a_write_after_a_completion_starts_a_new_epoch() {
         let mut s = Sequencer::new(DrMode::Async, 1 << 20, 0);
         let mut out = Vec::new();
-        s.connected(0, &mut out);
-        s.submit(1, 0, 0, vec![1; 512], 0, &mut out);
-        s.submit(2, 1, 0, vec![2; 512], 0, &mut out);
+        s.connected(0, &mut out).unwrap();
+        s.submit(1, 0, 0, vec![1; 512], 0, &mut out).unwrap();
+        s.submit(2, 1, 0, vec![2; 512], 0, &mut out).unwrap();
         s.host_completed(1);
-        s.submit(3, 1, 512, vec![3; 512], 0, &mut out);
-        s.submit(4, 0, 512, vec![4; 512], 0, &mut out);
+        s.submit(3, 1, 512, vec![3; 512], 0, &mut out).unwrap();
+        s.submit(4, 0, 512, vec![4; 512], 0, &mut out).unwrap();
         assert_eq!(sends(&out), [(1, 1), (2, 1), (3, 2), (4, 2)]);
         assert_eq!(released(&out), [1, 2, 3, 4], "async: released once queued");
     }
@@ -248,13 +280,13 @@ mod tests {
         let mut s = Sequencer::new(DrMode::Async, 8192, 0);
         let mut out = Vec::new();
         for tag in 1..=4 {
-            s.submit(tag, 0, tag * 4096, vec![0; 4096], 10, &mut out);
+            s.submit(tag, 0, tag * 4096, vec![0; 4096], 10, &mut out).unwrap();
         }
         assert_eq!(released(&out), [1, 2], "two fit in 8 KiB; the others wait");
         assert_eq!(s.buffered_bytes(), 8192);
         assert_eq!(s.recovery_point(30), RecoveryPoint { writes: 4, bytes: 16384, age_ms: 20 });
         out.clear();
-        s.connected(0, &mut out);
+        s.connected(0, &mut out).unwrap();
         assert_eq!(sends(&out), [(1, 1), (2, 1)], "not connected before: sent now");
         out.clear();
         s.on_ack(1, &mut out);
@@ -272,10 +304,10 @@ mod tests {
     fn sync_mode_releases_on_the_ack_and_a_reconnect_resends_what_was_not_durable() {
         let mut s = Sequencer::new(DrMode::Sync, 1 << 20, 41);
         let mut out = Vec::new();
-        s.connected(41, &mut out);
-        s.submit(1, 0, 0, vec![1; 512], 0, &mut out);
-        s.submit(2, 0, 512, vec![2; 512], 0, &mut out);
-        s.submit(3, 0, 1024, vec![3; 512], 0, &mut out);
+        s.connected(41, &mut out).unwrap();
+        s.submit(1, 0, 0, vec![1; 512], 0, &mut out).unwrap();
+        s.submit(2, 0, 512, vec![2; 512], 0, &mut out).unwrap();
+        s.submit(3, 0, 1024, vec![3; 512], 0, &mut out).unwrap();
         assert_eq!(sends(&out), [(42, 1), (43, 1), (44, 1)], "sequences go on from what the DR site holds");
         assert!(released(&out).is_empty(), "sync: nothing released before the DR site has it");
         out.clear();
@@ -283,12 +315,19 @@ mod tests {
         assert_eq!(released(&out), [1]);
         s.disconnected();
         out.clear();
-        s.connected(43, &mut out);
+        s.connected(43, &mut out).unwrap();
         assert_eq!(released(&out), [2], "the hello acknowledges what the DR site holds");
         assert_eq!(sends(&out), [(44, 1)], "and what it lacks goes again");
         out.clear();
         s.set_mode(DrMode::Async, &mut out);
         assert_eq!(released(&out), [3], "switching to async releases what sync held back");
         assert_eq!(s.acked(), 43);
+        s.disconnected();
+        assert_eq!(s.connected(40, &mut out), Err(SeqError::DrBehind { applied: 40, acked: 43 }), "a DR site that lost state");
+        assert_eq!(s.connected(45, &mut out), Err(SeqError::DrAhead { applied: 45, last: 44 }), "numbers reused");
+        assert_eq!(
+            s.submit(9, 0, 0, vec![0; super::super::frame::MAX_PAYLOAD + 1], 0, &mut out),
+            Err(SeqError::TooLarge(super::super::frame::MAX_PAYLOAD + 1))
+        );
     }
 }

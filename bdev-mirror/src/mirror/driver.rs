@@ -373,9 +373,26 @@ impl MirrorBdev {
     /// happened, or why it was refused.
     pub fn force_promote(&self) -> Result<String, String> {
         let (tx, rx) = std::sync::mpsc::channel();
-        *self.shared.promote.lock().map_err(|_| "the mirror's link thread is gone".to_string())? = Some(tx);
+        {
+            let mut slot = self.shared.promote.lock().map_err(|_| "the mirror's link thread is gone".to_string())?;
+            if slot.is_some() {
+                return Err("another promotion request is pending".into());
+            }
+            *slot = Some(tx);
+        }
         let _ = self.shared.waker.wake();
-        rx.recv_timeout(Duration::from_secs(5)).map_err(|_| "the mirror's link thread did not answer".to_string())?
+        match rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                // Taken back if the link thread has not seen it: then nothing happened.
+                let untouched = self.shared.promote.lock().map(|mut s| s.take().is_some()).unwrap_or(false);
+                Err(if untouched {
+                    "the mirror's link thread did not answer: nothing changed".into()
+                } else {
+                    "the mirror's link thread took the request but did not answer in 5 s: see `nvmetro status`".into()
+                })
+            }
+        }
     }
 
     /// A Failed leg retries its resync now (`nvmetro resync NAME`); returns whether the leg is

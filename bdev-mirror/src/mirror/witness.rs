@@ -233,6 +233,9 @@ impl StatusReply {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WitnessStatus {
     pub resources: Vec<ResourceStatus>,
+    /// Mirrors left out of this answer (it is one datagram).
+    #[serde(default)]
+    pub left_out: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -297,6 +300,7 @@ impl WitnessState {
     pub fn status(&self, now_ms: u64) -> WitnessStatus {
         let hex = |g: u64| if g == 0 { String::new() } else { format!("{g:x}") };
         WitnessStatus {
+            left_out: 0,
             resources: self
                 .resources
                 .iter()

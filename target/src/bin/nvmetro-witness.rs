@@ -72,7 +72,10 @@ fn query_status(listen: std::net::SocketAddr, secret: &[u8]) -> anyhow::Result<W
 }
 
 fn print_status(listen: std::net::SocketAddr, st: &WitnessStatus) {
-    println!("witness {listen}: {} mirror(s)", st.resources.len());
+    println!("witness {listen}: {} mirror(s)", st.resources.len() + st.left_out);
+    if st.left_out > 0 {
+        println!("({} more not shown: the answer fits one datagram)", st.left_out);
+    }
     for r in &st.resources {
         let authority = if r.authority.is_empty() { "not known yet".to_string() } else { format!("generation {}", r.authority) };
         let holder = r
@@ -85,6 +88,9 @@ fn print_status(listen: std::net::SocketAddr, st: &WitnessStatus) {
         }
     }
 }
+
+/// The largest status answer (one UDP datagram, with room to spare).
+const MAX_STATUS_DATAGRAM: usize = 60_000;
 
 fn load_state(path: &Path) -> anyhow::Result<WitnessState> {
     match std::fs::read_to_string(path) {
@@ -169,8 +175,17 @@ fn main() -> anyhow::Result<()> {
             }
         };
         if req.ask == Ask::Status {
-            let reply = StatusReply { nonce: req.nonce, status: state.status(epoch.elapsed().as_millis() as u64) };
-            let _ = sock.send_to(&reply.encode(&config.secret), from);
+            let mut status = state.status(epoch.elapsed().as_millis() as u64);
+            // One datagram: as many mirrors as fit, and how many were left out.
+            let mut bytes = StatusReply { nonce: req.nonce, status: status.clone() }.encode(&config.secret);
+            while bytes.len() > MAX_STATUS_DATAGRAM && !status.resources.is_empty() {
+                status.resources.truncate(status.resources.len() * 3 / 4);
+                status.left_out = state.resources.len() - status.resources.len();
+                bytes = StatusReply { nonce: req.nonce, status: status.clone() }.encode(&config.secret);
+            }
+            if let Err(e) = sock.send_to(&bytes, from) {
+                tracing::warn!(%from, "status answer not sent: {e}");
+            }
             continue;
         }
         let reply = state.handle(&req, epoch.elapsed().as_millis() as u64);

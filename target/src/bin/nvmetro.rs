@@ -324,9 +324,11 @@ fn main() -> anyhow::Result<()> {
             }
             eprintln!(
                 "Forcing {bdev} to serve alone at this site. Do this only when the other site is lost for good AND the \
-                 witness is unreachable. If the other site is in fact still serving (or served since it lost this one), \
-                 the two copies diverge and what it wrote after the split is not in this copy. This site starts a new \
-                 generation; the other site, when it returns, is resynced from here (its later writes are overwritten)."
+                 witness is unreachable. If the other site is in fact still serving, or served since it lost this one, \
+                 the two copies diverge: when they meet again they refuse to resync (split brain) and one must be \
+                 discarded. Keep the other site down until `nvmetro status` here shows the witness reachable again \
+                 (it then records this site's lineage, and the other site, returning, is resynced from here). \
+                 The promotion does not survive a restart of this target: run it again if needed."
             );
             if !yes {
                 eprint!("Type the mirror's name ({bdev}) to go on: ");

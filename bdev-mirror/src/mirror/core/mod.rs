@@ -975,6 +975,13 @@ mod tests {
         assert!(no_metro.contains("metro"), "{no_metro}");
         core.set_metro(Metro::new("m", false, 1000), 1);
         core.handle(Input::Tick { now_ms: 10 }, &mut out);
+        let e = core.force_promote(&mut out).unwrap_err();
+        assert!(e.contains("just started"), "{e}");
+        core.quorum = Quorum::Fenced;
+        core.link = LinkState::Refused("SplitBrain".into());
+        let e = core.force_promote(&mut out).unwrap_err();
+        assert!(e.contains("the peer answers"), "a refused peer still answers: {e}");
+        core.link = LinkState::Down;
         core.witness_seen_ms = Some(10);
         let e = core.force_promote(&mut out).unwrap_err();
         assert!(e.contains("the witness answers"), "{e}");
@@ -986,7 +993,7 @@ mod tests {
         core.meta.deferred = true;
         out.clear();
         let ok = core.force_promote(&mut out).unwrap();
-        assert!(ok.contains("new generation"), "{ok}");
+        assert!(ok.contains("serving alone under generation"), "{ok}");
         let g = core.meta.generations;
         assert_ne!(g.current, 0x77, "a new generation");
         assert_eq!(g.bitmap, 0x77, "diverged from the one the peer holds");
@@ -995,5 +1002,17 @@ mod tests {
         assert_eq!(core.role, Role::Preferred, "the forced leg orders writes");
         let again = core.force_promote(&mut out).unwrap_err();
         assert!(again.contains("already serves alone"), "{again}");
+        // Still settling when the witness returns and says the peer holds the authority: out.
+        assert!(matches!(core.quorum, Quorum::Won { .. }));
+        let denied = crate::mirror::witness::Reply {
+            verdict: crate::mirror::witness::Verdict::Denied,
+            nonce: 0,
+            authority: 0x99,
+            holder: 1,
+            resource: "m".into(),
+        };
+        core.handle(Input::Witness(denied), &mut out);
+        assert_eq!(core.quorum, Quorum::Fenced, "a denial while settling fences the forced leg");
+        assert!(!core.serving());
     }
 }

@@ -140,11 +140,17 @@ impl MirrorCore {
                 "forced promotion is for metro mirrors (with a witness); without one the preferred site serves alone on its own".into()
             );
         }
-        if self.link != LinkState::Down && !matches!(self.link, LinkState::Refused(_)) {
-            return Err(format!("the peer is connected (link {:?}): nothing to force", self.link));
+        if self.link != LinkState::Down {
+            // Refused (split brain) included: that peer answers, and it has served alone.
+            return Err(format!("the peer answers (link {:?}): nothing to force", self.link));
         }
-        if matches!(self.quorum, Quorum::Solo | Quorum::Won { .. }) {
-            return Err("this leg already serves alone (or is about to)".into());
+        match self.quorum {
+            Quorum::Solo | Quorum::Won { .. } => return Err("this leg already serves alone (or is about to)".into()),
+            // Just started: the peer's lease and the witness are not known to be lost yet.
+            Quorum::Starting | Quorum::Peer => {
+                return Err("this leg has not yet found its peer and the witness lost (just started?): try again shortly".into())
+            }
+            Quorum::Electing { .. } | Quorum::Fenced => {}
         }
         if self.witness_reachable() {
             return Err(
@@ -164,7 +170,7 @@ impl MirrorCore {
         self.quorum = Quorum::Won { at_ms: self.settle_at() };
         self.why = "FORCED by the operator: settling".into();
         Ok(format!(
-            "serving alone under the new generation {:x} once the peer's lease has run out; the peer is resynced from here when it returns",
+            "serving alone under generation {:x} once the peer's lease has run out; a peer that returns with the older data is resynced from here, one that served meanwhile is refused (split brain)",
             self.meta.generations.current
         ))
     }
@@ -225,13 +231,16 @@ impl MirrorCore {
                 tracing::warn!("{}", self.why);
                 self.release_held(Err(BdevError::Fenced), out);
             }
-            (Quorum::Solo, Verdict::Denied) if reply.nonce == 0 && !self.peer_reachable() => {
-                // The witness says another lineage holds the authority (an operator reset it):
-                // stop, never risk two writers.
+            (Quorum::Solo | Quorum::Won { .. }, Verdict::Denied) if reply.nonce == 0 && !self.peer_reachable() => {
+                // The witness says another lineage holds the authority (the peer won it while
+                // this leg served without the witness, or an operator reset it): stop, never
+                // risk two writers; writes held while settling fail.
                 self.quorum = Quorum::Fenced;
                 self.disk = DiskState::Outdated;
+                self.forced = false;
                 self.why = format!("fenced: the witness no longer grants this site (holder: site {})", reply.holder);
                 tracing::error!("{}", self.why);
+                self.release_held(Err(BdevError::Fenced), out);
             }
             _ => {}
         }
