@@ -1,3 +1,6 @@
+//! Debugging a history: `SIM_ONE=<seed in hex>` runs only that seed of the random tests,
+//! `SIM_DEBUG=1` prints each seed and its failure plan, `SIM_TRACE=1` both legs' state as it goes.
+//!
 //! Two mirror legs driven against each other through a simulated link, with random operation
 //! orders, random completion orders, and one random failure per run (link cut, or a crash of
 //! either leg that tears its in-flight local writes). After healing, both copies must be
@@ -706,7 +709,19 @@ fn run(seed: u64) -> (usize, usize, u64) {
     let fail_at = sim.rng.below(steps);
     let heal_at = fail_at + 50 + sim.rng.below(300);
     let failure = sim.rng.below(7);
+    if std::env::var("SIM_DEBUG").is_ok() {
+        eprintln!("failure {failure} at {fail_at}, heal at {heal_at}");
+    }
     for s in 0..steps + 400 {
+        if std::env::var("SIM_TRACE").is_ok() && s % 10 == 0 {
+            let st = |l: usize| {
+                sim.legs[l]
+                    .core
+                    .as_ref()
+                    .map(|c| (c.status().link, c.status().disk, c.serving(), c.status().out_of_sync_bytes, sim.legs[l].paused.is_some()))
+            };
+            eprintln!("{s}: A {:?} | B {:?} link {}", st(0), st(1), sim.link);
+        }
         if s == fail_at {
             sim.fail(failure);
         }
@@ -916,6 +931,12 @@ fn random_histories_with_one_failure_converge_without_losing_acknowledged_writes
     let seeds = std::env::var("SIM_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(600u64);
     let mut reads = 0;
     for seed in 1..=seeds {
+        if std::env::var("SIM_ONE").is_ok_and(|one| u64::from_str_radix(&one, 16) != Ok(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15))) {
+            continue;
+        }
+        if std::env::var("SIM_DEBUG").is_ok() {
+            eprintln!("seed {:x}", seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        }
         let (i, a, r) = run(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         issued += i;
         acked += a;
