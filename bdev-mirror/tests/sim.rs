@@ -946,6 +946,15 @@ fn random_histories_with_one_failure_converge_without_losing_acknowledged_writes
     assert!(acked > issued / 4, "the runs did real work: {acked} of {issued} writes acknowledged");
 }
 
+/// A history found at 20,000 seeds: the preferred leg, paused, lost its link; resumed, it set the
+/// timer to complete the writes it held once the peer's lease ran out, and reconnected before it
+/// fired. A write replicated on the new connection during the resync was completed by that
+/// timer without the peer's answer; the peer, declared UpToDate, then served a read without it.
+#[test]
+fn a_write_sent_on_a_new_connection_waits_for_its_answer_when_the_old_connections_timer_fires() {
+    run(0x2cfa_cc7c_b728_477f);
+}
+
 #[test]
 fn preferred_serves_alone_and_secondary_fences() {
     let mut sim = Sim::new(77);

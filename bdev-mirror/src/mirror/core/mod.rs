@@ -332,6 +332,8 @@ struct Op {
     epoch: u64,
     /// A region being resynced: chunks sent whose acknowledgement has not come yet.
     parts: u32,
+    /// The connection (link epoch) its replica went out on, while it waits for that answer.
+    sent_on: Option<u64>,
 }
 
 /// Host writes within this count as hosts writing.

@@ -31,9 +31,17 @@ impl MirrorCore {
     }
 
     /// Ends the wait of writes held since the peer was lost: complete them (this leg serves
-    /// alone) or fail them (hosts retry where the data is served).
+    /// alone) or fail them (hosts retry where the data is served). A write replicated on the
+    /// connection that is up now is not one of them: it completes with its peer's answer (a
+    /// timer set when the previous connection was lost must not complete it without it).
     pub(super) fn release_held(&mut self, verdict: Result<(), BdevError>, out: &mut Vec<Output>) {
-        let held: Vec<u64> = self.ops.iter().filter(|(_, o)| o.remote_pending).map(|(id, _)| *id).collect();
+        let live = (self.link != LinkState::Down).then_some(self.link_epoch);
+        let held: Vec<u64> = self
+            .ops
+            .iter()
+            .filter(|(_, o)| o.remote_pending && (verdict.is_err() || o.sent_on.is_none() || o.sent_on != live))
+            .map(|(id, _)| *id)
+            .collect();
         for id in held {
             if let Some(o) = self.ops.get_mut(&id) {
                 o.remote_pending = false;
@@ -52,7 +60,18 @@ impl MirrorCore {
         let epoch = self.link_epoch;
         self.ops.insert(
             id,
-            Op { origin, op, range, stage: Stage::Queued, local_done: false, remote_pending: false, result: None, epoch, parts: 0 },
+            Op {
+                origin,
+                op,
+                range,
+                stage: Stage::Queued,
+                local_done: false,
+                remote_pending: false,
+                result: None,
+                epoch,
+                parts: 0,
+                sent_on: None,
+            },
         );
         id
     }
@@ -162,6 +181,7 @@ impl MirrorCore {
                 // forwarded writes (the secondary applies its own copy on ForwardDone).
                 if reachable && !caw && matches!(origin, Origin::Host(_)) {
                     o.remote_pending = true;
+                    o.sent_on = Some(self.link_epoch);
                     let f = op_frame(Kind::Replicate, id, &o.op);
                     out.push(Output::Send(f));
                 }
@@ -260,6 +280,7 @@ impl MirrorCore {
                     // The compare succeeded and the data is written here: now the peer.
                     o.result = Some(result);
                     o.remote_pending = true;
+                    o.sent_on = Some(self.link_epoch);
                     let (offset, data) = match &o.op {
                         BdevOp::CompareAndWrite { offset, data, .. } => (*offset, IoBuf::from(&data[..])),
                         _ => unreachable!("checked above"),

@@ -211,6 +211,7 @@ impl MirrorCore {
         let o = self.ops.get_mut(&id).expect("just added");
         o.stage = Stage::Running;
         o.remote_pending = true;
+        o.sent_on = Some(self.link_epoch);
         self.sweep_flush = Some(SweepFlush { id, regions, started_ms: now, local_ok: false, remote_ok: false });
         out.push(Output::Send(op_frame(Kind::Replicate, id, &BdevOp::Flush)));
         out.push(Output::Local { id, op: BdevOp::Flush });
