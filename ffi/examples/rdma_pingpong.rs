@@ -45,6 +45,9 @@ struct End {
     buf: MemoryRegion<DmaBuf>,
     msgs: MemoryRegion<DmaBuf>,
     name: &'static str,
+    /// Completions that came before the one awaited (sends and receives share the CQ, and a
+    /// peer's answer may complete before our own send's completion is polled).
+    early: std::cell::RefCell<std::collections::VecDeque<WorkCompletion>>,
 }
 
 impl End {
@@ -56,7 +59,7 @@ impl End {
         let buf = pd.register(DmaBuf::zeroed(BUF_LEN), Access::LOCAL_WRITE | Access::REMOTE_WRITE | Access::REMOTE_READ)?;
         let msgs = pd.register(DmaBuf::zeroed(4 * MSG_LEN), Access::LOCAL_WRITE)?;
         id.create_qp(&pd, &cq, &cq, QpCaps { max_send_wr: 16, max_recv_wr: 16, ..QpCaps::default() })?;
-        let end = End { id, cc, cq, buf, msgs, name };
+        let end = End { id, cc, cq, buf, msgs, name, early: Default::default() };
         let slots = [end.msgs.sge(0, MSG_LEN)?, end.msgs.sge(MSG_LEN, MSG_LEN)?, end.msgs.sge(2 * MSG_LEN, MSG_LEN)?];
         let recvs: Vec<RecvRequest<'_>> = (0..3).map(|i| RecvRequest { wr_id: i as u64, sges: &slots[i..i + 1] }).collect();
         end.id.post_recvs(&recvs).map_err(|(n, e)| format!("{name}: posted {n} of 3 receives: {e}"))?;
@@ -88,15 +91,33 @@ impl End {
     }
 
     /// The next completion, which must be a success of `opcode` (and `wr_id` for sends).
+    /// A successful completion that came early and matches is taken first; a successful one of
+    /// the other direction (a send's while a receive is awaited, or the reverse) is kept for
+    /// later; anything else is an error.
     fn expect(&self, opcode: WcOpcode, wr_id: Option<u64>) -> Res<WorkCompletion> {
-        let wc = self.completion()?;
-        if let Some(e) = wc.error() {
-            return Err(format!("{}: wr {}: {e}", self.name, wc.wr_id()).into());
+        let matches = |wc: &WorkCompletion| wc.opcode() == opcode && wr_id.is_none_or(|w| w == wc.wr_id());
+        let found = {
+            let mut early = self.early.borrow_mut();
+            early.iter().position(matches).and_then(|i| early.remove(i))
+        };
+        if let Some(wc) = found {
+            return Ok(wc);
         }
-        if wc.opcode() != opcode || wr_id.is_some_and(|w| w != wc.wr_id()) {
-            return Err(format!("{}: expected {opcode:?} (wr {wr_id:?}), got {wc:?}", self.name).into());
+        loop {
+            let wc = self.completion()?;
+            if let Some(e) = wc.error() {
+                return Err(format!("{}: wr {}: {e}", self.name, wc.wr_id()).into());
+            }
+            if matches(&wc) {
+                return Ok(wc);
+            }
+            let receive = |o: WcOpcode| matches!(o, WcOpcode::Recv | WcOpcode::RecvRdmaWithImm);
+            let other_direction = receive(wc.opcode()) != receive(opcode);
+            if !other_direction || self.early.borrow().len() >= 8 {
+                return Err(format!("{}: expected {opcode:?} (wr {wr_id:?}), got {wc:?}", self.name).into());
+            }
+            self.early.borrow_mut().push_back(wc);
         }
-        Ok(wc)
     }
 
     /// Sends a message: a 4-byte tag and a remote buffer, with immediate data if `imm` is set,
