@@ -16,18 +16,8 @@ use std::collections::{HashMap, VecDeque};
 const STREAMS: usize = 4;
 const BLOCK: u64 = 512;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+mod common;
+use common::Rng;
 
 /// Versions per (member, block): what a disk image holds.
 type Image = [[u64; STREAMS]; 2];

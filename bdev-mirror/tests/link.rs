@@ -66,6 +66,15 @@ fn wait(what: &str, f: impl Fn() -> bool) {
     }
 }
 
+/// Turns a link that runs as a poller until `f` holds (30 s at most).
+fn turn_until(link: &mut Box<dyn nvmetro_bdev::Poller>, what: &str, f: &mut dyn FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !f() {
+        link.poll(true);
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+    }
+}
+
 fn read_leg(l: &Arc<MallocBdev>) -> Vec<u8> {
     let mut c = l.clone().channel().unwrap();
     match run(c.as_mut(), BdevOp::Read { offset: 0, len: SIZE as usize }).unwrap() {
@@ -128,14 +137,6 @@ fn writes_that_arrive_together_make_their_dirty_regions_durable_with_one_sync() 
     let (a, _) = leg_on("a", Role::Preferred, ta, &dir, true);
     let mut link = a.take_poller().expect("the link runs as a poller");
     let (b, _) = leg("b", Role::Secondary, tb, &dir);
-    let turn_until = |link: &mut Box<dyn nvmetro_bdev::Poller>, what: &str, f: &mut dyn FnMut() -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !f() {
-            link.poll(true);
-            assert!(Instant::now() < deadline, "timed out waiting until {what}");
-            std::thread::sleep(Duration::from_micros(200));
-        }
-    };
     turn_until(&mut link, "the secondary serves", &mut || b.serving());
     control.cut();
     turn_until(&mut link, "the preferred leg serves alone", &mut || a.status().link == "Disconnected" && a.serving());
@@ -169,13 +170,6 @@ fn a_channel_past_its_depth_waits_in_order_and_loses_nothing() {
     let (a, la) = leg_on("a", Role::Preferred, ta, &dir, true);
     let mut link = a.take_poller().expect("the link runs as a poller");
     let (b, lb) = leg("b", Role::Secondary, tb, &dir);
-    let turn_until = |link: &mut Box<dyn nvmetro_bdev::Poller>, what: &str, f: &mut dyn FnMut() -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !f() {
-            link.poll(true);
-            assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        }
-    };
     turn_until(&mut link, "the secondary serves", &mut || b.serving() && a.status().link == "Connected");
 
     // 1,500 writes while the link does not turn: 1,024 fill the link's queue, the rest wait in

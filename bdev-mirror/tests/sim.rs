@@ -28,18 +28,8 @@ const BLOCKS: usize = 64;
 const SIZE: u64 = (BLOCK * BLOCKS) as u64;
 const REGION_SHIFT: u32 = 12; // 8 blocks per region
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+mod common;
+use common::Rng;
 
 struct Leg {
     role: Role,
