@@ -25,13 +25,25 @@ fn leg_on(
     dir: &std::path::Path,
     on_reactor: bool,
 ) -> (Arc<MirrorBdev>, Arc<MallocBdev>) {
+    leg_with(name, role, transport, dir, on_reactor, 0)
+}
+
+/// As [`leg_on`], with a resync rate cap (bytes per second; 0 for none).
+fn leg_with(
+    name: &str,
+    role: Role,
+    transport: mem::MemTransport,
+    dir: &std::path::Path,
+    on_reactor: bool,
+    resync_rate: u64,
+) -> (Arc<MirrorBdev>, Arc<MallocBdev>) {
     let local = Arc::new(MallocBdev::new(name, 512, SIZE, false).unwrap());
     let settings = MirrorSettings {
         role,
         site: if role == Role::Preferred { 1 } else { 2 },
         meta_path: dir.join(format!("{name}.meta")),
         region_shift: 16,
-        resync_rate: 0,
+        resync_rate,
         resync_latency_target: Default::default(),
         heartbeat_timeout: Duration::from_secs(3),
         retry_interval: Duration::from_secs(30),
@@ -206,5 +218,34 @@ fn a_channel_past_its_depth_waits_in_order_and_loses_nothing() {
     }
     assert!(image == read_leg(&lb), "the secondary holds the same bytes");
     drop((ch, link, a, b));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn both_legs_show_the_resync_progress() {
+    let dir = std::env::temp_dir().join(format!("nvmetro-link-progress-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ta, tb, control) = mem::pair(Duration::ZERO);
+    // 1 MiB/s: 2 MiB to copy take about two seconds.
+    let (a, _) = leg_with("a", Role::Preferred, ta, &dir, false, 1 << 20);
+    let (b, _) = leg("b", Role::Secondary, tb, &dir);
+    wait("the secondary serves", || b.serving());
+    control.cut();
+    wait("the preferred serves alone", || a.serving() && a.status().link == "Disconnected");
+    let mut ca = a.clone().channel().unwrap();
+    for i in 0..32u64 {
+        assert_eq!(run(ca.as_mut(), BdevOp::Write { offset: i << 16, data: vec![i as u8; 4096].into(), fua: false }), Ok(BdevOutput::Done));
+    }
+    control.restore();
+    wait("the secondary shows a resync under way, with its progress", || {
+        let s = b.status();
+        s.link == "SyncTarget" && s.sync_total_bytes == 32 << 16 && s.synced_bytes > 0 && s.out_of_sync_bytes < s.sync_total_bytes
+    });
+    let (sa, sb) = (a.status(), b.status());
+    assert!(sb.sync_percent().is_some_and(|p| p > 0.0 && p < 100.0), "{sb:?}");
+    assert_eq!(sa.sync_total_bytes, sb.sync_total_bytes, "both legs count the same resync");
+    wait("the resync finishes", || b.status().link == "Connected" && b.status().out_of_sync_bytes == 0);
+    assert_eq!(b.status().sync_percent(), Some(100.0));
+    drop((ca, a, b));
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -40,6 +40,9 @@ pub enum Kind {
     /// Either way: the sender's leg failed I/O and is now `Failed` (durably, and fenced);
     /// `arg`: the status code, `offset`/`len`: the byte range that failed.
     Failed = 12,
+    /// Sync source to target, once it knows what it will send: `offset` = the bytes to copy
+    /// (so the target shows the resync's progress too).
+    ResyncPlan = 13,
 }
 
 impl Kind {
@@ -57,6 +60,7 @@ impl Kind {
             10 => Kind::Bitmap,
             11 => Kind::Witness,
             12 => Kind::Failed,
+            13 => Kind::ResyncPlan,
             _ => return None,
         })
     }

@@ -723,6 +723,8 @@ impl MirrorCore {
             LinkState::Syncing { source: true } => {
                 self.to_sync[self.sync_cursor.min(self.to_sync.len())..].len() as u64 + self.resync_inflight as u64
             }
+            // The target, from the source's plan and what has arrived.
+            LinkState::Syncing { source: false } => self.sync_total.saturating_sub(self.resynced_bytes).div_ceil(region),
             _ if self.role == Role::Preferred => self.meta.dirty_count(),
             _ => 0,
         };
@@ -735,7 +737,11 @@ impl MirrorCore {
             serving: self.serving(),
             out_of_sync_bytes: (regions * region).min(self.size),
             sync_total_bytes: self.sync_total,
-            synced_bytes: self.resynced_bytes,
+            synced_bytes: if self.link == (LinkState::Syncing { source: false }) {
+                self.resynced_bytes.min(self.sync_total)
+            } else {
+                self.resynced_bytes
+            },
             access: self.access(),
             failure: self.failure.clone(),
             peer_failure: self.peer_failure.clone(),

@@ -120,6 +120,9 @@ impl MirrorCore {
         self.to_sync = (0..self.meta.regions).filter(|r| self.meta.is_dirty(*r)).collect();
         self.sync_cursor = 0;
         self.sync_total = self.to_sync.len() as u64 * (1u64 << self.meta.region_shift);
+        let mut plan = Frame::new(Kind::ResyncPlan, 0);
+        plan.offset = self.sync_total;
+        out.push(Output::Send(plan));
         self.pump_resync(out);
     }
 

@@ -8,6 +8,11 @@ impl MirrorCore {
         match f.kind {
             Kind::Witness => self.on_witness_frame(f.arg, out),
             Kind::Bitmap => self.on_peer_bitmap(&f.payload, out),
+            Kind::ResyncPlan if self.link == (LinkState::Syncing { source: false }) => {
+                self.sync_total = f.offset;
+                self.resynced_bytes = 0;
+            }
+            Kind::ResyncPlan => {}
             Kind::Hello if f.arg == HELLO_AGAIN && self.peer_reachable() => {
                 // The peer's device failed and it asks for a resync: a new handshake on this
                 // connection.
@@ -149,6 +154,8 @@ impl MirrorCore {
                 out.push(Output::Persist);
             }
             Kind::Resync => {
+                // (Counted as it arrives: the target's view of the resync's progress.)
+                self.resynced_bytes += f.len;
                 let id = self.new_op(Origin::ResyncIn(f.seq), frame_op(f));
                 self.admit(id, out);
             }
