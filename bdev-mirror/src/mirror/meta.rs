@@ -80,6 +80,9 @@ pub struct Meta {
     pub deferred: bool,
     /// This leg's device failed I/O: it is not a faithful copy until resynced from the peer.
     pub failed: bool,
+    /// A resync into this leg began and has not finished: part of it may be newer than the rest,
+    /// so it is no whole copy of anything until a resync completes.
+    pub inconsistent: bool,
     /// Which leg orders writes, once it is not the configured one (a failed preferred handed it
     /// over, an election moved it): `Some(true)` this leg, `Some(false)` the peer. A restart keeps
     /// it, so a configured preferred that handed ordering away never comes back serving alone.
@@ -98,6 +101,7 @@ impl Meta {
             written: vec![0; words],
             deferred: false,
             failed: false,
+            inconsistent: false,
             ordering: None,
         }
     }
@@ -176,7 +180,9 @@ impl Meta {
             Some(false) => 4,
             Some(true) => 12,
         };
-        b[12..16].copy_from_slice(&(u32::from(self.deferred) | u32::from(self.failed) << 1 | ordering).to_le_bytes());
+        b[12..16].copy_from_slice(
+            &(u32::from(self.deferred) | u32::from(self.failed) << 1 | ordering | u32::from(self.inconsistent) << 4).to_le_bytes(),
+        );
         b[16..24].copy_from_slice(&self.regions.to_le_bytes());
         b[24..32].copy_from_slice(&self.generations.current.to_le_bytes());
         b[32..40].copy_from_slice(&self.generations.bitmap.to_le_bytes());
@@ -225,6 +231,7 @@ impl Meta {
             written: (words..2 * words).map(word).collect(),
             deferred: flags & 1 != 0,
             failed: flags & 2 != 0,
+            inconsistent: flags & 16 != 0,
             ordering: (flags & 4 != 0).then_some(flags & 8 != 0),
         };
         Some((meta, seq))
@@ -360,6 +367,7 @@ mod tests {
         m.generations = Generations { current: 42, bitmap: 7, history: 1 };
         m.deferred = true;
         m.failed = true;
+        m.inconsistent = true;
         m.ordering = Some(false);
         f.store(&m).unwrap();
         drop(f);

@@ -499,7 +499,11 @@ impl MirrorCore {
             Some(false) => Role::Secondary,
             None => role,
         };
-        let disk = if role == Role::Preferred || meta.generations.current != 0 { DiskState::UpToDate } else { DiskState::Inconsistent };
+        let disk = if (role == Role::Preferred || meta.generations.current != 0) && !meta.inconsistent {
+            DiskState::UpToDate
+        } else {
+            DiskState::Inconsistent
+        };
         let disk = if role == Role::Secondary && disk == DiskState::UpToDate { DiskState::Outdated } else { disk };
         let disk = if meta.failed { DiskState::Failed } else { disk };
         let core = MirrorCore {
@@ -569,7 +573,7 @@ impl MirrorCore {
     /// driver uses the wall clock in microseconds).
     pub fn set_metro(&mut self, metro: Metro, seq_base: u64) {
         self.witness_seq = seq_base;
-        if self.meta.generations.current != 0 && !self.meta.failed {
+        if self.meta.generations.current != 0 && !self.meta.failed && !self.meta.inconsistent {
             // Whether this copy is current is the witness's call (its authority generation).
             self.disk = DiskState::UpToDate;
         }
@@ -1022,5 +1026,17 @@ mod tests {
         core.handle(Input::Witness(denied), &mut out);
         assert_eq!(core.quorum, Quorum::Fenced, "a denial while settling fences the forced leg");
         assert!(!core.serving());
+
+        // A leg that restarts in the middle of a resync into it is no whole copy: it says so,
+        // and cannot be forced.
+        let mut meta = Meta::new(1 << 20, 16);
+        meta.generations.current = 0x77;
+        meta.inconsistent = true;
+        let (mut torn, _) = MirrorCore::new(Role::Preferred, 1, 1 << 20, meta, 1);
+        torn.set_metro(Metro::new("m", false, 1000), 1);
+        assert_eq!(torn.disk, DiskState::Inconsistent);
+        torn.quorum = Quorum::Fenced;
+        let e = torn.force_promote(&mut out).unwrap_err();
+        assert!(e.contains("Inconsistent"), "{e}");
     }
 }

@@ -158,7 +158,11 @@ impl MirrorCore {
                     .into(),
             );
         }
-        if self.meta.failed || self.meta.generations.current == 0 || !matches!(self.disk, DiskState::UpToDate | DiskState::Outdated) {
+        if self.meta.failed
+            || self.meta.inconsistent
+            || self.meta.generations.current == 0
+            || !matches!(self.disk, DiskState::UpToDate | DiskState::Outdated)
+        {
             return Err(format!("this copy is {}: serving it would serve data that is not whole", self.disk.name()));
         }
         self.meta.deferred = false;

@@ -93,6 +93,11 @@ impl MirrorCore {
         } else {
             if dir != SyncDirection::InSync || self.meta.dirty_count() > 0 {
                 self.disk = DiskState::Inconsistent;
+                // Durable before the first chunk lands: a restart mid-resync is not a whole copy.
+                if !self.meta.inconsistent {
+                    self.meta.inconsistent = true;
+                    out.push(Output::Persist);
+                }
             }
             self.link = LinkState::Syncing { source: false };
             let mut f = Frame::new(Kind::Bitmap, 0);

@@ -137,6 +137,7 @@ impl MirrorCore {
                     if self.meta.failed { " (its device had failed)" } else { "" }
                 );
                 self.meta.failed = false;
+                self.meta.inconsistent = false;
                 self.failure = None;
                 self.meta.generations.current = f.offset;
                 self.meta.generations.bitmap = 0;
