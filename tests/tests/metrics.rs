@@ -10,14 +10,21 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-/// A GET on 127.0.0.1 (HTTP/1.0: no chunked answers); the body.
-fn get(addr: SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+/// A GET on 127.0.0.1 (HTTP/1.0: no chunked answers): the status line and the body.
+fn fetch(addr: SocketAddr, path: &str) -> std::io::Result<(String, String)> {
+    let mut s = TcpStream::connect(addr)?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
     let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    assert!(text.starts_with("HTTP/1.1 200") || text.starts_with("HTTP/1.0 200"), "GET {path}: {text}");
-    text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+    s.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    Ok((head.lines().next().unwrap_or_default().to_string(), body.to_string()))
+}
+
+/// The body of a GET that must succeed.
+fn get(addr: SocketAddr, path: &str) -> String {
+    let (status, body) = fetch(addr, path).unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    assert!(status.ends_with(" 200 OK"), "GET {path}: {status}\n{body}");
+    body
 }
 
 fn tool(name: &str) -> String {
@@ -113,8 +120,12 @@ fn the_metrics_pass_promtool_and_a_real_prometheus_scrapes_them() {
     );
     let prometheus: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let log = || std::fs::read_to_string(dir.join("log")).unwrap_or_default();
+    // Prometheus answers 503 until its storage is ready.
+    wait_until("Prometheus is ready", Duration::from_secs(60), || {
+        fetch(prometheus, "/-/ready").is_ok_and(|(st, _)| st.ends_with(" 200 OK"))
+    });
     wait_until("Prometheus stored a scrape of the target", Duration::from_secs(60), || {
-        TcpStream::connect(prometheus).is_ok() && !query(prometheus, "nvmetro_namespace_commands_total").is_empty()
+        !query(prometheus, "nvmetro_namespace_commands_total").is_empty()
     });
     let targets = get(prometheus, "/api/v1/targets");
     assert!(targets.contains("\"health\":\"up\"") && targets.contains("\"lastError\":\"\""), "{targets}\n{}", log());
