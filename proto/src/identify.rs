@@ -161,7 +161,7 @@ pub fn discovery_log(view: &SubsystemView) -> Vec<u8> {
     put64(&mut d, 8, view.discovery_log.len() as u64);
     for (i, e) in view.discovery_log.iter().enumerate() {
         let b = &mut d[1024 * (i + 1)..1024 * (i + 2)];
-        b[0] = 3; // TRTYPE: TCP
+        b[0] = if e.rdma { crate::rdma::TRTYPE_RDMA } else { crate::rdma::TRTYPE_TCP };
         b[1] = if e.ipv6 { 2 } else { 1 }; // ADRFAM
         b[2] = e.subtype;
         // TREQ: secure channel not required. (Bit 2, "SQ flow control disable supported", is left
@@ -173,7 +173,11 @@ pub fn discovery_log(view: &SubsystemView) -> Vec<u8> {
         put_str(&mut b[32..64], &e.trsvcid, b' ');
         put_str(&mut b[256..512], &e.subnqn, 0);
         put_str(&mut b[512..768], &e.traddr, b' ');
-        b[768] = 0; // TSAS.SECTYPE: none
+        if e.rdma {
+            b[768..1024].copy_from_slice(&crate::rdma::tsas());
+        } else {
+            b[768] = 0; // TSAS.SECTYPE: none
+        }
     }
     d
 }
