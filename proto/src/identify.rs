@@ -24,8 +24,9 @@ pub const AEN_NS_ATTR: u32 = 1 << 8;
 pub const AEN_ANA_CHANGE: u32 = 1 << 11;
 pub const AEN_DISCOVERY_CHANGE: u32 = 1 << 31;
 
-/// Identify Controller (CNS 01h); `io_in_capsule` is the in-capsule data the I/O queues accept.
-pub fn controller(view: &SubsystemView, cntlid: u16, io_in_capsule: usize) -> Vec<u8> {
+/// Identify Controller (CNS 01h); `io_in_capsule` is the in-capsule data the I/O queues accept;
+/// `keyed_sgls`: the controller is reached over NVMe/RDMA (SGLS bit 2, keyed SGL data blocks).
+pub fn controller(view: &SubsystemView, cntlid: u16, io_in_capsule: usize, keyed_sgls: bool) -> Vec<u8> {
     let mut d = vec![0u8; PAGE];
     let nvm = view.kind == SubsystemKind::Nvm;
     put16(&mut d, 0, 0x1b36); // VID/SSVID: an unassigned-in-practice software vendor id
@@ -69,7 +70,8 @@ pub fn controller(view: &SubsystemView, cntlid: u16, io_in_capsule: usize) -> Ve
         put16(&mut d, 532, 0xff); // ACWU: compare-and-write is atomic up to 256 blocks
         put32(&mut d, 540, view.max_namespaces); // MNAN
     }
-    put32(&mut d, 536, 0x1 | 1 << 20); // SGLS: SGLs supported, offsets in data block descriptors
+    // SGLS: SGLs supported, offsets in data block descriptors; keyed data blocks over RDMA.
+    put32(&mut d, 536, 0x1 | 1 << 20 | u32::from(keyed_sgls) << 2);
     put_str(&mut d[768..1024], &view.nqn, 0);
     let in_capsule = if nvm { io_in_capsule } else { 0 };
     put32(&mut d, 1792, ((64 + in_capsule) / 16) as u32); // IOCCSZ

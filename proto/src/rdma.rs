@@ -368,4 +368,13 @@ mod discovery_tests {
         assert_eq!(t[0], super::TRTYPE_TCP);
         assert!(t[768..1024].iter().all(|&b| b == 0));
     }
+
+    #[test]
+    fn identify_controller_advertises_keyed_sgls_only_over_rdma() {
+        let view = SubsystemView::discovery(Vec::new(), 1);
+        let sgls = |keyed| crate::nvme::le_u32(&crate::identify::controller(&view, 1, 8192, keyed), 536);
+        assert_eq!(sgls(true) & 0x4, 0x4);
+        assert_eq!(sgls(false) & 0x4, 0);
+        assert_eq!(sgls(true) & (1 << 20 | 1), 1 << 20 | 1);
+    }
 }
