@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # nvmetro's whole test suite, as CI runs it (`.ci/run` calls this):
 #   formatting, clippy -D warnings, unit + property + end-to-end tests, bounded fuzzing of the
-#   PDU parser and the target queue, and the Linux-host lab (a real Debian kernel under QEMU).
+#   PDU parser, the target queue and the NVMe/RDMA capsule decoder, and the Linux-host lab (a real Debian kernel under QEMU).
 #
 #   vendor-scripts/test.sh            everything
 #   LAB=0 vendor-scripts/test.sh      skip the lab (no QEMU)
@@ -38,6 +38,7 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -D warnings"
 cargo clippy -q --workspace --all-targets -- -D warnings
 cargo clippy -q -p nvmetro-ffi --features rdma --all-targets -- -D warnings
+cargo clippy -q -p nvmetro-tgt --features rdma --all-targets -- -D warnings
 
 step "build binaries (the end-to-end tests run them)"
 cargo build -q --workspace --bins
@@ -48,13 +49,16 @@ cargo test --workspace 2>&1 | tee "$log"
 # The RDMA verbs layer's own tests (a host without RDMA checks the no-device path; the lab runs
 # rdma_pingpong on a Soft-RoCE device).
 cargo test -p nvmetro-ffi --features rdma --lib -- rdma:: 2>&1 | tee -a "$log"
+# nvmetro-tgt with its `rdma` feature (the RDMA listener checks); its unit tests.
+cargo build -q -p nvmetro-tgt --features rdma
+cargo test -p nvmetro-tgt --features rdma --lib 2>&1 | tee -a "$log"
 passed=$(awk '/^test result:/{for(i=1;i<=NF;i++) if($i=="passed;") s+=$(i-1)} END{print s+0}' "$log")
 failed=$(awk '/^test result:/{for(i=1;i<=NF;i++) if($i=="failed;") s+=$(i-1)} END{print s+0}' "$log")
 rm -f "$log"
 
 step "fuzzing (${FUZZ_SECONDS:-30} s per target)"
 if ! command -v cargo-fuzz >/dev/null; then cargo install cargo-fuzz --locked -q; fi
-for t in pdu_parse target_queue link_auth mirror_frame dr_frame; do
+for t in pdu_parse target_queue link_auth mirror_frame dr_frame rdma_capsule; do
   # cargo-fuzz needs nightly-only flags; RUSTC_BOOTSTRAP lets the stable compiler accept them.
   (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run "$t" --target-dir ../build/fuzz -- \
       -max_total_time="${FUZZ_SECONDS:-30}" -print_final_stats=1 2>&1 | grep -E "stat::number_of_executed_units|Done|ERROR|panicked" ) \

@@ -250,6 +250,41 @@ pub struct ListenerConfig {
     pub address: SocketAddr,
     /// State per ANA group (index 0 = group 1); groups beyond the list are optimized.
     pub ana_states: BTreeMap<u32, String>,
+    pub transport: Transport,
+}
+
+/// The NVMe-oF transport a listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    #[default]
+    Tcp,
+    Rdma,
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Rdma => "rdma",
+        }
+    }
+}
+
+/// A listener asks for a transport this binary was built without.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("listener {address}: transport = \"rdma\" needs nvmetro-tgt built with the `rdma` cargo feature (cargo build --release -p nvmetro-tgt --features rdma; it needs libibverbs-dev, librdmacm-dev and libclang-dev)")]
+pub struct TransportNotBuilt {
+    pub address: SocketAddr,
+}
+
+impl Config {
+    /// Refuses listeners whose transport is not built in (`rdma_built`: the binary's `rdma` feature).
+    pub fn check_transports(&self, rdma_built: bool) -> Result<(), TransportNotBuilt> {
+        match self.listeners.iter().find(|l| l.transport == Transport::Rdma && !rdma_built) {
+            Some(l) => Err(TransportNotBuilt { address: l.address }),
+            None => Ok(()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -428,6 +463,22 @@ ana_states = { "2" = "non-optimized" }
 
     fn err(text: &str) -> ConfigError {
         parse(text, "bad.toml").unwrap_err()
+    }
+
+    #[test]
+    fn listener_transport_defaults_to_tcp_and_rdma_needs_the_feature() {
+        let c = parse(GOOD, "good.toml").unwrap();
+        assert_eq!(c.listeners[0].transport, Transport::Tcp);
+        assert_eq!(c.check_transports(false), Ok(()));
+        let rdma = GOOD.replace("address = \"127.0.0.1:4420\"", "address = \"127.0.0.1:4420\"\ntransport = \"rdma\"");
+        let c = parse(&rdma, "r.toml").unwrap();
+        assert_eq!(c.listeners[0].transport, Transport::Rdma);
+        assert_eq!(c.check_transports(true), Ok(()));
+        let e = c.check_transports(false).unwrap_err().to_string();
+        assert!(e.contains("127.0.0.1:4420") && e.contains("`rdma` cargo feature"), "{e}");
+        let bad = GOOD.replace("address = \"127.0.0.1:4420\"", "address = \"127.0.0.1:4420\"\ntransport = \"fc\"");
+        let e = err(&bad).to_string();
+        assert!(e.contains("listener.transport") && e.contains("`fc` is not a transport"), "{e}");
     }
 
     #[test]

@@ -202,6 +202,9 @@ pub struct ListenerSection {
     /// groups not named are optimized.
     #[serde(default)]
     pub ana_states: BTreeMap<String, Spanned<String>>,
+    /// `"tcp"` (the default) or `"rdma"`.
+    #[serde(default)]
+    pub transport: Option<Spanned<String>>,
 }
 
 /// The Prometheus endpoint: off unless the section is present; loopback unless told otherwise.

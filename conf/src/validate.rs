@@ -607,7 +607,15 @@ pub(crate) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
             }
             ana_states.insert(g, state.get_ref().clone());
         }
-        listeners.push(ListenerConfig { address, ana_states });
+        let transport = match &l.transport {
+            None => Transport::Tcp,
+            Some(t) => match t.get_ref().as_str() {
+                "tcp" => Transport::Tcp,
+                "rdma" => Transport::Rdma,
+                other => return Err(ctx.err(t.span(), "listener.transport", format!("`{other}` is not a transport: \"tcp\" or \"rdma\""))),
+            },
+        };
+        listeners.push(ListenerConfig { address, ana_states, transport });
     }
 
     let mut host_sites = BTreeMap::new();

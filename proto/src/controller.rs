@@ -108,6 +108,8 @@ pub struct Controller {
     write_cache: bool,
     /// In-capsule data its I/O queues accept (Identify IOCCSZ reports it).
     io_in_capsule: usize,
+    /// The host's queues are NVMe/RDMA: Identify Controller advertises keyed SGL data blocks.
+    keyed_sgls: bool,
     held_aers: VecDeque<u16>,
     queued_events: VecDeque<u32>,
     seen_ana: u64,
@@ -134,6 +136,12 @@ impl Controller {
         self.io_in_capsule = bytes;
     }
 
+    /// Marks the controller as reached over NVMe/RDMA: Identify Controller's SGLS then reports
+    /// keyed SGL data blocks (bit 2), which Linux's nvme-rdma host requires.
+    pub fn set_keyed_sgls(&mut self, on: bool) {
+        self.keyed_sgls = on;
+    }
+
     pub fn new(cntlid: u16, req: &ConnectRequest, view: &SubsystemView, now_ms: u64) -> Controller {
         Controller {
             cntlid,
@@ -147,6 +155,7 @@ impl Controller {
             io_queues: MAX_IO_QUEUES,
             write_cache: true,
             io_in_capsule: identify::IO_IN_CAPSULE,
+            keyed_sgls: false,
             held_aers: VecDeque::new(),
             queued_events: VecDeque::new(),
             seen_ana: view.ana_change_count,
@@ -251,7 +260,7 @@ impl Controller {
                 let cns = cmd.cdw(10) & 0xff;
                 let nsid = cmd.nsid();
                 match (cns, nvm) {
-                    (0x01, _) => data_out(identify::controller(view, self.cntlid, self.io_in_capsule)),
+                    (0x01, _) => data_out(identify::controller(view, self.cntlid, self.io_in_capsule, self.keyed_sgls)),
                     (0x00, true) => match view.namespace(nsid) {
                         Some(ns) => data_out(identify::namespace(ns)),
                         None if nsid != 0 && nsid <= view.max_namespaces => data_out(vec![0; identify::PAGE]),

@@ -24,8 +24,9 @@ pub const AEN_NS_ATTR: u32 = 1 << 8;
 pub const AEN_ANA_CHANGE: u32 = 1 << 11;
 pub const AEN_DISCOVERY_CHANGE: u32 = 1 << 31;
 
-/// Identify Controller (CNS 01h); `io_in_capsule` is the in-capsule data the I/O queues accept.
-pub fn controller(view: &SubsystemView, cntlid: u16, io_in_capsule: usize) -> Vec<u8> {
+/// Identify Controller (CNS 01h); `io_in_capsule` is the in-capsule data the I/O queues accept;
+/// `keyed_sgls`: the controller is reached over NVMe/RDMA (SGLS bit 2, keyed SGL data blocks).
+pub fn controller(view: &SubsystemView, cntlid: u16, io_in_capsule: usize, keyed_sgls: bool) -> Vec<u8> {
     let mut d = vec![0u8; PAGE];
     let nvm = view.kind == SubsystemKind::Nvm;
     put16(&mut d, 0, 0x1b36); // VID/SSVID: an unassigned-in-practice software vendor id
@@ -69,7 +70,8 @@ pub fn controller(view: &SubsystemView, cntlid: u16, io_in_capsule: usize) -> Ve
         put16(&mut d, 532, 0xff); // ACWU: compare-and-write is atomic up to 256 blocks
         put32(&mut d, 540, view.max_namespaces); // MNAN
     }
-    put32(&mut d, 536, 0x1 | 1 << 20); // SGLS: SGLs supported, offsets in data block descriptors
+    // SGLS: SGLs supported, offsets in data block descriptors; keyed data blocks over RDMA.
+    put32(&mut d, 536, 0x1 | 1 << 20 | u32::from(keyed_sgls) << 2);
     put_str(&mut d[768..1024], &view.nqn, 0);
     let in_capsule = if nvm { io_in_capsule } else { 0 };
     put32(&mut d, 1792, ((64 + in_capsule) / 16) as u32); // IOCCSZ
@@ -161,7 +163,7 @@ pub fn discovery_log(view: &SubsystemView) -> Vec<u8> {
     put64(&mut d, 8, view.discovery_log.len() as u64);
     for (i, e) in view.discovery_log.iter().enumerate() {
         let b = &mut d[1024 * (i + 1)..1024 * (i + 2)];
-        b[0] = 3; // TRTYPE: TCP
+        b[0] = if e.rdma { crate::rdma::TRTYPE_RDMA } else { crate::rdma::TRTYPE_TCP };
         b[1] = if e.ipv6 { 2 } else { 1 }; // ADRFAM
         b[2] = e.subtype;
         // TREQ: secure channel not required. (Bit 2, "SQ flow control disable supported", is left
@@ -173,7 +175,11 @@ pub fn discovery_log(view: &SubsystemView) -> Vec<u8> {
         put_str(&mut b[32..64], &e.trsvcid, b' ');
         put_str(&mut b[256..512], &e.subnqn, 0);
         put_str(&mut b[512..768], &e.traddr, b' ');
-        b[768] = 0; // TSAS.SECTYPE: none
+        if e.rdma {
+            b[768..1024].copy_from_slice(&crate::rdma::tsas());
+        } else {
+            b[768] = 0; // TSAS.SECTYPE: none
+        }
     }
     d
 }

@@ -3,6 +3,7 @@
 //! * [`nvme`]: commands, completions, status codes.
 //! * [`pdu`]: the NVMe/TCP PDU parser and encoders.
 //! * [`tcp`]: per-connection NVMe/TCP state machines for the target and the host.
+//! * [`rdma`]: the NVMe/RDMA binding: RDMA CM private data, SGL data plans, the RDMA TSAS.
 //! * [`subsystem`]: what a controller knows of its subsystem through one listener (namespaces,
 //!   ANA groups and their states, the discovery log).
 //! * [`identify`]: Identify data and log pages.
@@ -17,5 +18,6 @@ pub mod controller;
 pub mod identify;
 pub mod nvme;
 pub mod pdu;
+pub mod rdma;
 pub mod subsystem;
 pub mod tcp;

@@ -220,6 +220,7 @@ impl Status {
     pub const FUSED_MISSING: Status = Status(0x0a);
     pub const INVALID_NAMESPACE: Status = Status(0x0b);
     pub const COMMAND_SEQUENCE_ERROR: Status = Status(0x0c);
+    pub const DATA_SGL_LENGTH_INVALID: Status = Status(0x0d);
     pub const SGL_DATA_LENGTH_INVALID: Status = Status(0x0f);
     pub const SGL_DESCRIPTOR_TYPE_INVALID: Status = Status(0x11);
     pub const LBA_OUT_OF_RANGE: Status = Status(0x80);

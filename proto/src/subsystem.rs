@@ -78,6 +78,8 @@ pub struct DiscoveryEntry {
     pub subnqn: String,
     /// 2 = NVM subsystem, 3 = this discovery subsystem.
     pub subtype: u8,
+    /// The listener speaks NVMe/RDMA (TRTYPE 1 with the RDMA TSAS) rather than NVMe/TCP.
+    pub rdma: bool,
 }
 
 /// The well-known discovery subsystem NQN.

@@ -310,6 +310,11 @@ pub(crate) fn namespace(n: &nvmetro_conf::NamespaceConfig, index: usize, bdev: &
 /// Builds bdevs and subsystems, binds every listener, and starts one reactor per core.
 /// `config_path` is where a reload reads the config again.
 pub fn start(config: Config, config_path: Option<std::path::PathBuf>) -> anyhow::Result<Running> {
+    config.check_transports(cfg!(feature = "rdma"))?;
+    if let Some(l) = config.listeners.iter().find(|l| l.transport == nvmetro_conf::Transport::Rdma) {
+        // proto::rdma has the wire formats; the reactor's RDMA queue pairs are not built yet.
+        anyhow::bail!("listener {}: NVMe/RDMA connections are not served yet by this nvmetro-tgt (only the wire formats exist)", l.address);
+    }
     let available = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     if let Some(c) = config.cores.iter().find(|c| **c >= available) {
         anyhow::bail!("target.cores names core {c}, but this machine has {available}");

@@ -39,6 +39,7 @@ fn main() -> anyhow::Result<()> {
         }),
         None => nvmetro_conf::parse(nvmetro_conf::DEFAULT_CONFIG, "(built-in default config)")?,
     };
+    config.check_transports(cfg!(feature = "rdma"))?;
     if args.check {
         println!("configuration is valid");
         return Ok(());

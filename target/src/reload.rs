@@ -196,6 +196,12 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
     // Listeners, by address.
     for l in &new.listeners {
         match old.listeners.iter().find(|o| o.address == l.address) {
+            None if l.transport == nvmetro_conf::Transport::Rdma => {
+                p.refused.push(format!("adding listener {}: NVMe/RDMA listeners are not served yet", l.address));
+            }
+            Some(o) if o.transport != l.transport => {
+                p.refused.push(format!("listener {}: its transport cannot change on reload (remove it, reload, add it back)", l.address));
+            }
             None => {
                 p.changes.push(format!("add listener {}", l.address));
                 p.added_listeners.push(l.clone());

@@ -393,6 +393,7 @@ impl Discovery {
                 trsvcid: l.address.port().to_string(),
                 subnqn: subnqn.into(),
                 subtype,
+                rdma: l.transport == nvmetro_conf::Transport::Rdma,
             };
             for s in &config.subsystems {
                 entries.push(entry(&s.nqn, 2));
