@@ -32,6 +32,8 @@ pub fn serve(listener: TcpListener, target: Arc<Target>) -> std::io::Result<Sock
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
             let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+            // One scraper that stops reading must not hold the others up.
+            let _ = conn.set_write_timeout(Some(std::time::Duration::from_secs(2)));
             let mut req = [0u8; 1024];
             let n = conn.read(&mut req).unwrap_or(0);
             let req = String::from_utf8_lossy(&req[..n]);

@@ -78,6 +78,8 @@ fn handle(conn: UnixStream, target: &Target) {
 
 /// Writes the event stream to `out` until the subscriber goes away or the target stops.
 fn stream_events(mut out: UnixStream, target: &Target) {
+    // A subscriber that stops reading is dropped, not waited for.
+    let _ = out.set_write_timeout(Some(std::time::Duration::from_secs(10)));
     let (exists, mut next) = target.events.current();
     for e in exists {
         if writeln!(out, "{e}").is_err() {
