@@ -130,18 +130,11 @@ impl Inner {
 /// What an operator watches, now.
 fn snapshot(t: &Target) -> Snapshot {
     let mut s = Snapshot::new();
+    for a in t.ana_groups() {
+        s.insert(("ana", format!("{} {} group {}", a.subsystem.config().nqn, a.address, a.group)), a.state.name().to_string());
+    }
     for sub in t.subsystems().iter() {
         let nqn = &sub.config().nqn;
-        let groups: std::collections::BTreeSet<u32> = sub.namespaces().iter().map(|n| n.info.ana_group).collect();
-        for (li, (address, lc)) in t.listeners().iter().enumerate() {
-            if lc.is_none() {
-                continue;
-            }
-            let view = sub.view(li);
-            for g in &groups {
-                s.insert(("ana", format!("{nqn} {address} group {g}")), view.ana_state(*g).name().to_string());
-            }
-        }
         for (host, n) in sub.controllers_by_host() {
             s.insert(("controllers", format!("{nqn} {host}")), n.to_string());
         }

@@ -42,6 +42,16 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 use subsys::{Discovery, Namespace, Subsystem};
 
+/// One ANA group of a subsystem on one listener, and its state there ([`Target::ana_groups`]).
+pub struct AnaGroupView {
+    pub subsystem: Arc<Subsystem>,
+    /// The listener's slot.
+    pub listener: usize,
+    pub address: std::net::SocketAddr,
+    pub group: u32,
+    pub state: AnaState,
+}
+
 /// Everything reactors share.
 #[derive(Debug)]
 pub struct Target {
@@ -121,6 +131,26 @@ impl Target {
     pub fn listeners(&self) -> Vec<(std::net::SocketAddr, Option<nvmetro_conf::ListenerConfig>)> {
         let config = self.config();
         self.listener_slots.load().iter().map(|a| (*a, config.listeners.iter().find(|l| l.address == *a).cloned())).collect()
+    }
+
+    /// Every ANA group of every subsystem on every live listener, with its state there now (what
+    /// metrics and the event stream show).
+    pub fn ana_groups(&self) -> Vec<AnaGroupView> {
+        let mut out = Vec::new();
+        let listeners = self.listeners();
+        for s in self.subsystems().iter() {
+            let groups: std::collections::BTreeSet<u32> = s.namespaces().iter().map(|n| n.info.ana_group).collect();
+            for (li, (address, lc)) in listeners.iter().enumerate() {
+                if lc.is_none() {
+                    continue;
+                }
+                let view = s.view(li);
+                for g in &groups {
+                    out.push(AnaGroupView { subsystem: s.clone(), listener: li, address: *address, group: *g, state: view.ana_state(*g) });
+                }
+            }
+        }
+        out
     }
 
     /// Follows each namespace's bdev into ANA: a fenced mirror leg makes its group Inaccessible on

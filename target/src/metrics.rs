@@ -194,27 +194,22 @@ fn families(t: &Target) -> Vec<Family> {
         Gauge,
         "When the group's state last changed on the listener (0: as configured since start).",
     );
-    for s in t.subsystems().iter() {
-        let groups: std::collections::BTreeSet<u32> = s.namespaces().iter().map(|n| n.info.ana_group).collect();
-        for (li, (address, lc)) in t.listeners().iter().enumerate() {
-            if lc.is_none() {
-                continue;
-            }
-            let view = s.view(li);
-            for g in &groups {
-                let l: Labels = vec![
-                    ("subsystem", s.config().nqn.clone()),
-                    ("listener", address.to_string()),
-                    ("group", g.to_string()),
-                    ("site", site.clone()),
-                ];
-                let mut with_state = l.clone();
-                with_state.push(("state", view.ana_state(*g).name().to_string()));
-                ana.add(with_state, Value::Gauge(1.0));
-                let when = s.ana_changed_at(li, *g).and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0.0, |d| d.as_secs_f64());
-                ana_changed.add(l, Value::Gauge(when));
-            }
-        }
+    for a in t.ana_groups() {
+        let l: Labels = vec![
+            ("subsystem", a.subsystem.config().nqn.clone()),
+            ("listener", a.address.to_string()),
+            ("group", a.group.to_string()),
+            ("site", site.clone()),
+        ];
+        let mut with_state = l.clone();
+        with_state.push(("state", a.state.name().to_string()));
+        ana.add(with_state, Value::Gauge(1.0));
+        let when = a
+            .subsystem
+            .ana_changed_at(a.listener, a.group)
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0.0, |d| d.as_secs_f64());
+        ana_changed.add(l, Value::Gauge(when));
     }
     let mut hosts = Family::new("nvmetro_host_controllers", Gauge, "Live controllers per host.");
     for s in t.subsystems().iter() {
