@@ -49,6 +49,8 @@ pub struct RecoveryPoint {
 #[derive(Debug)]
 struct Held {
     tag: u64,
+    seq: u64,
+    /// Its Write frame.
     frame: DrFrame,
     len: u64,
     at_ms: u64,
@@ -128,7 +130,7 @@ impl Sequencer {
 
     /// The DR site holds everything through `seq` durably.
     pub fn on_ack(&mut self, seq: u64, out: &mut Vec<SeqOutput>) {
-        while self.held.front().is_some_and(|h| frame_seq(&h.frame) <= seq) {
+        while self.held.front().is_some_and(|h| h.seq <= seq) {
             let h = self.held.pop_front().expect("front");
             self.held_bytes -= h.len;
             self.unsent = self.unsent.saturating_sub(1);
@@ -204,6 +206,7 @@ impl Sequencer {
         let released = self.mode == DrMode::Async;
         self.held.push_back(Held {
             tag,
+            seq,
             frame: DrFrame::Write { seq, epoch: self.epoch, member, offset, data },
             len,
             at_ms: now_ms,
@@ -234,13 +237,6 @@ impl Sequencer {
             out.push(SeqOutput::Send(h.frame.clone()));
             self.unsent += 1;
         }
-    }
-}
-
-fn frame_seq(f: &DrFrame) -> u64 {
-    match f {
-        DrFrame::Write { seq, .. } | DrFrame::Ack { seq } => *seq,
-        DrFrame::Hello { applied_seq } => *applied_seq,
     }
 }
 

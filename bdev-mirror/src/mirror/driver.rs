@@ -349,8 +349,6 @@ impl MirrorBdev {
             broken: false,
             pending_conns: Vec::new(),
             refusals: RefusalLog { last: None, suppressed: 0, total: 0 },
-            leg_failures: 0,
-            was_failed: false,
             last_publish: Instant::now() - Duration::from_secs(1),
         };
         link.run_outputs(&mut { first });
@@ -599,9 +597,6 @@ struct LinkThread {
     /// Connections in their authentication handshake.
     pending_conns: Vec<PendingConn>,
     refusals: RefusalLog,
-    /// Times the local leg went Failed, and whether it was at the last publish.
-    leg_failures: u64,
-    was_failed: bool,
     name: String,
     core: MirrorCore,
     meta_file: MetaFile,
@@ -631,28 +626,22 @@ struct LinkThread {
 
 impl LinkThread {
     fn handle(&mut self, input: Input) {
-        self.handle_batch(|link, out| {
-            link.feed(input, out);
-            true
-        });
+        self.handle_batch(|link, out| link.feed(input, out));
     }
 
     /// Hands the core the inputs `feed` gives it (through [`LinkThread::feed`]), all of them
-    /// before any output runs; returns what `feed` returned (whether it gave any).
-    fn handle_batch(&mut self, feed: impl FnOnce(&mut Self, &mut Vec<Output>) -> bool) -> bool {
+    /// before any output runs.
+    fn handle_batch(&mut self, feed: impl FnOnce(&mut Self, &mut Vec<Output>)) {
         self.core.observe_clock(self.shared.now_ms());
         // The outputs' vector is kept for its capacity (a write's handling allocates nothing).
         let mut out = std::mem::take(&mut self.outputs);
-        let any = feed(self, &mut out);
-        if any {
-            self.run_outputs(&mut out);
-            // Narrower access first, completions after: a host that saw an answer never finds
-            // this leg serving a read on the state before it.
-            self.publish_access();
-            self.deliver();
-        }
+        feed(self, &mut out);
+        self.run_outputs(&mut out);
+        // Narrower access first, completions after: a host that saw an answer never finds this
+        // leg serving a read on the state before it.
+        self.publish_access();
+        self.deliver();
         self.outputs = out;
-        any
     }
 
     /// One input for the core, inside [`LinkThread::handle_batch`].
@@ -687,8 +676,8 @@ impl LinkThread {
                     link.feed(Input::Host { tag: t, op }, out);
                 }
             }
-            true
-        })
+        });
+        true
     }
 
     /// Hands the completions of the last input to the reactors.
@@ -1044,11 +1033,6 @@ impl LinkThread {
             LinkState::Connected => "Connected".to_string(),
             LinkState::Refused(why) => format!("StandAlone ({why})"),
         };
-        let failed = st.failure.is_some();
-        if failed && !self.was_failed {
-            self.leg_failures += 1;
-        }
-        self.was_failed = failed;
         let now_ms = self.shared.now_ms();
         let ago = |f: &super::core::Failure| now_ms.saturating_sub(f.since_ms) / 1000;
         let report = StatusReport {
@@ -1079,7 +1063,7 @@ impl LinkThread {
             .into(),
             metro: st.metro,
             metadata_syncs: self.meta_file.syncs(),
-            leg_failures: self.leg_failures,
+            leg_failures: st.leg_failures,
             link_refusals: self.refusals.total,
             failed_for_seconds: st.failure.as_ref().map(&ago),
             failure: st.failure.as_ref().map(|f| format!("{f}, {} s ago", ago(f))),
@@ -1134,10 +1118,7 @@ impl LinkThread {
         if let Some(tx) = self.shared.promote.lock().ok().and_then(|mut p| p.take()) {
             let mut outcome = Err("the mirror's metadata cannot be stored: fenced until restarted".to_string());
             if !self.broken {
-                self.handle_batch(|link, out| {
-                    outcome = link.core.force_promote(out);
-                    true
-                });
+                self.handle_batch(|link, out| outcome = link.core.force_promote(out));
             }
             if self.broken && outcome.is_ok() {
                 outcome = Err("the new generation could not be stored: fenced until restarted".into());

@@ -31,6 +31,7 @@ impl MirrorCore {
         self.why = format!("fenced: this leg's device failed: {failure}");
         tracing::error!("mirror leg failed: {failure}; fenced until a resync from the peer");
         self.failure = Some(failure);
+        self.leg_failures += 1;
         self.last_retry_ms = self.last_tick_ms;
         // The peer orders writes from now on (it takes over on our Failed frame); writes this
         // leg ordered and has not answered are answered with an error: hosts retry there.

@@ -424,6 +424,8 @@ pub struct MirrorCore {
     alone_at_ms: Option<u64>,
     /// Why this leg's device is Failed.
     failure: Option<Failure>,
+    /// Times this leg's device failed (a new [`Failure`] each), since start.
+    leg_failures: u64,
     /// Why the peer's device is Failed, as it told this leg.
     peer_failure: Option<Failure>,
     /// A Failed leg retries this often (0: only when the operator asks).
@@ -473,6 +475,8 @@ pub struct MirrorStatus {
     /// Why this leg is Failed, and since when (core clock).
     pub failure: Option<Failure>,
     pub peer_failure: Option<Failure>,
+    /// Times this leg's device failed since start.
+    pub leg_failures: u64,
 }
 
 /// How often the legs report to the witness and to each other (metro mode).
@@ -553,6 +557,7 @@ impl MirrorCore {
             last_ping_ms: 0,
             alone_at_ms: None,
             failure: None,
+            leg_failures: 0,
             peer_failure: None,
             retry_ms: 30_000,
             last_retry_ms: 0,
@@ -748,6 +753,7 @@ impl MirrorCore {
             },
             access: self.access(),
             failure: self.failure.clone(),
+            leg_failures: self.leg_failures,
             peer_failure: self.peer_failure.clone(),
             metro: self.metro.as_ref().map(|_| MetroStatus {
                 witness_reachable: self.witness_reachable(),

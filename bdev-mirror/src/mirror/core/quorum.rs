@@ -11,7 +11,6 @@ impl MirrorCore {
         match self.quorum {
             Quorum::Starting if self.link == LinkState::Connected => {
                 self.quorum = Quorum::Peer;
-                self.forced = false;
                 self.why = "serving with the peer".into();
             }
             Quorum::Starting if now >= m.startup_grace_ms && self.link != LinkState::Handshake && !self.peer_reachable() => {
