@@ -151,6 +151,12 @@ for line in sys.stdin:
     except ValueError: continue
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "nvmetro_ffi": print(m["executable"])' | tail -1)
   cp "$tbin" "$LAB/share/ffi-rdma-tests"
+  # nvmetro-tgt with NVMe/RDMA listeners, for the guest (the default build stays as it was:
+  # building it again without the feature only relinks it).
+  step "build nvmetro-tgt --features rdma (release) for the guest"
+  (cd "$REPO" && cargo build --release -q -p nvmetro-tgt --features rdma)
+  cp "$dir/release/nvmetro-tgt" "$LAB/share/nvmetro-tgt-rdma"
+  (cd "$REPO" && cargo build --release -q -p nvmetro-tgt)
   cat > "$LAB/share/job-rdma.sh" <<'EOF'
 echo "== RDMA: Soft-RoCE on eth0, then rdma_pingpong (nvmetro-ffi's verbs layer)"
 modprobe rdma_rxe && modprobe ib_uverbs && modprobe rdma_ucm && echo "CHECK rdma modules loaded"
@@ -169,6 +175,63 @@ timeout 120 /mnt/share/rdma_pingpong --client 10.0.2.15:7472; crc=$?
 wait $SP; src=$?
 sed 's/^/  [server process] /' /tmp/rdma-server.txt
 [ $crc = 0 ] && [ $src = 0 ] && echo "CHECK rdma pingpong between two processes ok"
+sh /mnt/share/job-rdma-host.sh
+EOF
+  cat > "$LAB/share/job-rdma-host.sh" <<'EOF'
+echo "== NVMe/RDMA: Linux's nvme-rdma host against nvmetro-tgt in this guest, over rxe0"
+R=nqn.2026-11.io.nvmetro:rdma; RH=nqn.2014-08.org.nvmexpress:uuid:6c0a5b8e-0d1b-4c8e-9d6a-1ab0c0ffee0d
+modprobe nvme-rdma && echo "CHECK rdma nvme-rdma loaded"
+cat > /tmp/rdma-tgt.toml <<TOML
+[target]
+cores = [0]
+poll_mode = "adaptive"
+[[bdev]]
+name = "mal0"
+kind = "malloc"
+size = "64MiB"
+[[subsystem]]
+nqn = "$R"
+serial = "NVMETRO-RDMA-1"
+allowed_hosts = ["$RH"]
+[[subsystem.namespace]]
+nsid = 1
+bdev = "mal0"
+[[listener]]
+address = "10.0.2.15:4420"
+transport = "rdma"
+TOML
+RUST_LOG=info /mnt/share/nvmetro-tgt-rdma --config /tmp/rdma-tgt.toml > /tmp/rdma-tgt.log 2>&1 & TP=$!
+for i in $(seq 100); do grep -q listening /tmp/rdma-tgt.log && break; sleep 0.2; done
+grep -q 'rdma' /tmp/rdma-tgt.log && grep -q listening /tmp/rdma-tgt.log && echo "CHECK rdma target listening"
+nvme discover -t rdma -a 10.0.2.15 -s 4420 --hostnqn=$RH > /tmp/rdma-disc.txt 2>&1; drc=$?
+cat /tmp/rdma-disc.txt
+[ $drc = 0 ] && grep -q "trtype: *rdma" /tmp/rdma-disc.txt && grep -q "subnqn: *$R" /tmp/rdma-disc.txt && echo "CHECK rdma discover ok"
+nvme connect -t rdma -a 10.0.2.15 -s 4420 -n $R --hostnqn=$RH && echo "CHECK rdma connect ok"
+sleep 2
+RD=$(nvme list | awk '/NVMETRO-RDMA-1/ {print $1}' | head -1); echo "NVMe/RDMA device: $RD"
+nvme list-subsys
+fio --name=rdma8k --filename="$RD" --rw=randwrite --bs=8k --iodepth=1 --ioengine=libaio --direct=1 \
+    --size=16m --time_based --runtime=10 --lat_percentiles=1 > /tmp/rdma-fio1.txt 2>&1 && grep -q 'err= 0' /tmp/rdma-fio1.txt && echo "CHECK rdma fio timed randwrite ok"
+echo "RDMAFIO $(grep -E 'write: IOPS=' /tmp/rdma-fio1.txt | head -1)"
+grep -E '50.00th|99.00th' /tmp/rdma-fio1.txt | head -2
+fio --name=rdmaverify --filename="$RD" --rw=randwrite --bs=8k --iodepth=8 --ioengine=libaio --direct=1 \
+    --size=16m --verify=crc32c --do_verify=1 --verify_fatal=1 > /tmp/rdma-fio2.txt 2>&1; rc=$?
+grep -E 'err=|IOPS=|verify' /tmp/rdma-fio2.txt
+[ $rc = 0 ] && grep -q 'err= 0' /tmp/rdma-fio2.txt && grep -qE 'read: IOPS=' /tmp/rdma-fio2.txt && echo "CHECK rdma fio write-then-verify crc32c ok"
+fio --name=rdmabig --filename="$RD" --offset=32m --rw=write --bs=128k --iodepth=4 --ioengine=libaio --direct=1 \
+    --size=16m --verify=crc32c --do_verify=1 --verify_fatal=1 > /tmp/rdma-fio3.txt 2>&1 && grep -q 'err= 0' /tmp/rdma-fio3.txt && echo "CHECK rdma fio 128k write-then-verify ok"
+grep -E 'err=|IOPS=' /tmp/rdma-fio3.txt
+nvme disconnect -n $R && echo "CHECK rdma disconnect ok"
+echo "== NVMe/RDMA: an unknown host and an unknown subsystem are refused"
+nvme connect -t rdma -a 10.0.2.15 -s 4420 -n $R --hostnqn=nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-00000000bad1 > /tmp/rdma-bad1.txt 2>&1 \
+  || echo "CHECK rdma unknown host refused"
+nvme connect -t rdma -a 10.0.2.15 -s 4420 -n nqn.2026-11.io.nvmetro:nosuch --hostnqn=$RH > /tmp/rdma-bad2.txt 2>&1 \
+  || echo "CHECK rdma unknown subsystem refused"
+cat /tmp/rdma-bad1.txt /tmp/rdma-bad2.txt
+kill -0 $TP && echo "CHECK rdma target alive after the refusals"
+kill -INT $TP; wait $TP
+echo "--- nvmetro-tgt (rdma) log"; tail -25 /tmp/rdma-tgt.log
+grep -q 'Connect refused' /tmp/rdma-tgt.log && echo "CHECK rdma refusals logged by the target"
 EOF
 }
 
@@ -184,6 +247,18 @@ rdma_checks() { # runs chk (defined by the caller) on the guest log
   chk "rdma: wrong rkey gives an error completion" "client: WRITE with a wrong rkey failed as it must"
   chk "rdma: rdma_pingpong passed" "CHECK rdma pingpong ok"
   chk "rdma: rdma_pingpong between two processes" "CHECK rdma pingpong between two processes ok"
+  chk "nvme-rdma: host module loaded" "CHECK rdma nvme-rdma loaded"
+  chk "nvme-rdma: nvmetro-tgt listens for NVMe/RDMA" "CHECK rdma target listening"
+  chk "nvme-rdma: nvme discover -t rdma lists the subsystem" "CHECK rdma discover ok"
+  chk "nvme-rdma: nvme connect -t rdma" "CHECK rdma connect ok"
+  chk "nvme-rdma: fio timed 8k randwrite" "CHECK rdma fio timed randwrite ok"
+  chk "nvme-rdma: fio write then verify crc32c" "CHECK rdma fio write-then-verify crc32c ok"
+  chk "nvme-rdma: fio 128k (MDTS) write then verify" "CHECK rdma fio 128k write-then-verify ok"
+  chk "nvme-rdma: nvme disconnect" "CHECK rdma disconnect ok"
+  chk "nvme-rdma: unknown host refused" "CHECK rdma unknown host refused"
+  chk "nvme-rdma: unknown subsystem refused" "CHECK rdma unknown subsystem refused"
+  chk "nvme-rdma: target alive after the refusals" "CHECK rdma target alive after the refusals"
+  chk "nvme-rdma: refusals logged" "CHECK rdma refusals logged by the target"
 }
 
 run_rdma() {

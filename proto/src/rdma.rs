@@ -180,11 +180,20 @@ pub enum DataPlan {
 /// SQE plus in-capsule data). `in_capsule`: the in-capsule data this queue accepts;
 /// `max_transfer`: the most bytes one command moves. Returns the status to fail the command with.
 pub fn plan_data(capsule: &[u8], in_capsule: usize, max_transfer: usize) -> Result<DataPlan, Status> {
-    if capsule.len() < SQE_LEN {
+    let Some(sqe) = capsule.first_chunk::<SQE_LEN>() else {
+        return Err(Status::INVALID_FIELD);
+    };
+    plan_sqe(sqe, capsule.len(), in_capsule, max_transfer)
+}
+
+/// [`plan_data`] of a capsule whose SQE was copied out: `received` bytes arrived in all (the
+/// in-capsule data stays where it landed).
+pub fn plan_sqe(sqe: &[u8; SQE_LEN], received: usize, in_capsule: usize, max_transfer: usize) -> Result<DataPlan, Status> {
+    if received < SQE_LEN {
         return Err(Status::INVALID_FIELD);
     }
-    let cmd = Command::from_bytes(&capsule[..SQE_LEN]);
-    let d = &capsule[24..40];
+    let cmd = Command::from_bytes(sqe);
+    let d = &sqe[24..40];
     let id = d[15];
     let addr = u64::from_le_bytes(d[0..8].try_into().expect("8 bytes"));
     let dir = cmd.direction();
@@ -214,7 +223,7 @@ pub fn plan_data(capsule: &[u8], in_capsule: usize, max_transfer: usize) -> Resu
             if dir != DataDirection::HostToController {
                 return Err(Status::INVALID_FIELD);
             }
-            let data = capsule.len() - SQE_LEN;
+            let data = received - SQE_LEN;
             let end = addr.checked_add(len as u64);
             if len > in_capsule || end.is_none_or(|e| e > data as u64) {
                 return Err(Status::DATA_SGL_LENGTH_INVALID);

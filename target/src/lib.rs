@@ -23,6 +23,8 @@ pub mod conn;
 pub mod events;
 pub mod metrics;
 pub mod mgmt;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod reactor;
 pub mod reload;
 pub mod subsys;
@@ -341,10 +343,6 @@ pub(crate) fn namespace(n: &nvmetro_conf::NamespaceConfig, index: usize, bdev: &
 /// `config_path` is where a reload reads the config again.
 pub fn start(config: Config, config_path: Option<std::path::PathBuf>) -> anyhow::Result<Running> {
     config.check_transports(cfg!(feature = "rdma"))?;
-    if let Some(l) = config.listeners.iter().find(|l| l.transport == nvmetro_conf::Transport::Rdma) {
-        // proto::rdma has the wire formats; the reactor's RDMA queue pairs are not built yet.
-        anyhow::bail!("listener {}: NVMe/RDMA connections are not served yet by this nvmetro-tgt (only the wire formats exist)", l.address);
-    }
     let available = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     if let Some(c) = config.cores.iter().find(|c| **c >= available) {
         anyhow::bail!("target.cores names core {c}, but this machine has {available}");
@@ -374,8 +372,16 @@ pub fn start(config: Config, config_path: Option<std::path::PathBuf>) -> anyhow:
         })
         .collect();
     let mut sockets = Vec::new();
+    #[cfg(feature = "rdma")]
+    let mut rdma_listeners = Vec::new();
     for (i, l) in config.listeners.iter().enumerate() {
-        sockets.push((bind(l.address)?, conn::ListenerKind::Subsystems(i)));
+        match l.transport {
+            nvmetro_conf::Transport::Tcp => sockets.push((bind(l.address)?, conn::ListenerKind::Subsystems(i))),
+            #[cfg(feature = "rdma")]
+            nvmetro_conf::Transport::Rdma => rdma_listeners.push((rdma::RdmaListener::bind(l.address)?, conn::ListenerKind::Subsystems(i))),
+            #[cfg(not(feature = "rdma"))]
+            nvmetro_conf::Transport::Rdma => unreachable!("check_transports refused it"),
+        }
     }
     for addr in &config.discovery {
         sockets.push((bind(*addr)?, conn::ListenerKind::DiscoveryOnly));
@@ -417,6 +423,11 @@ pub fn start(config: Config, config_path: Option<std::path::PathBuf>) -> anyhow:
     for (sock, kind) in sockets {
         tracing::info!(address = %sock.local_addr()?, ?kind, "listening");
         reactors[0].add_listener(sock, kind)?;
+    }
+    #[cfg(feature = "rdma")]
+    for (l, kind) in rdma_listeners {
+        tracing::info!(address = %l.address, ?kind, transport = "rdma", "listening");
+        reactors[0].add_rdma_listener(l, kind)?;
     }
     let threads = reactors
         .into_iter()

@@ -34,6 +34,12 @@ const WAKER: Token = Token(usize::MAX);
 const LISTENER_BASE: usize = 1 << 40;
 const CHANNEL_BASE: usize = 1 << 41;
 const POLLER_BASE: usize = 1 << 42;
+/// An RDMA listener's rdma_cm event channel, by listener.
+#[cfg(feature = "rdma")]
+const RDMA_CM_BASE: usize = 1 << 43;
+/// An RDMA device's completion channel, by device.
+#[cfg(feature = "rdma")]
+const RDMA_CC_BASE: usize = 1 << 44;
 const TIMER: Token = Token(usize::MAX - 1);
 const TICK: Duration = Duration::from_millis(100);
 /// How long an idle reactor that has its core to itself keeps polling before it parks.
@@ -177,6 +183,8 @@ pub struct Reactor {
     completions: Vec<BdevCompletion>,
     next_token: u32,
     next_reactor: usize,
+    #[cfg(feature = "rdma")]
+    rdma: crate::rdma::RdmaReactor,
 }
 
 impl Reactor {
@@ -205,6 +213,8 @@ impl Reactor {
             completions: Vec::new(),
             next_token: 1,
             next_reactor: index,
+            #[cfg(feature = "rdma")]
+            rdma: Default::default(),
         };
         Ok((reactor, handle))
     }
@@ -219,8 +229,54 @@ impl Reactor {
         Ok(())
     }
 
+    /// Takes over a bound NVMe/RDMA listener; its queue pairs are served on this reactor.
+    #[cfg(feature = "rdma")]
+    pub fn add_rdma_listener(&mut self, l: crate::rdma::RdmaListener, kind: ListenerKind) -> io::Result<()> {
+        let fd = l.fd();
+        let index = self.rdma.add_listener(l, kind);
+        self.poll.registry().register(&mut mio::unix::SourceFd(&fd), Token(RDMA_CM_BASE + index), Interest::READABLE)
+    }
+
+    /// Connect requests and connection ends on RDMA listener `index`.
+    #[cfg(feature = "rdma")]
+    fn rdma_cm_events(&mut self, index: usize, dirty: &mut Vec<u32>) {
+        use crate::rdma::CmOutcome;
+        let cfg = self.target.config();
+        let limits = ConnLimits { io_in_capsule: cfg.in_capsule_data_size, maxh2cdata: cfg.max_h2c_data_size };
+        let next = &mut self.next_token;
+        let registry = self.poll.registry();
+        let next_token = || {
+            let t = *next;
+            *next = next.wrapping_add(1).max(1);
+            t
+        };
+        let register = |port: usize, fd: RawFd| {
+            if let Err(e) = registry.register(&mut mio::unix::SourceFd(&fd), Token(RDMA_CC_BASE + port), Interest::READABLE) {
+                tracing::error!("cannot register an RDMA completion channel: {e}");
+            }
+        };
+        for outcome in self.rdma.cm_events(index, limits.io_in_capsule, next_token, register) {
+            match outcome {
+                CmOutcome::Accepted { wire, peer, token, kind } => {
+                    tracing::debug!(%peer, reactor = self.index, "RDMA connection accepted");
+                    self.conns.insert(token, Conn::rdma(token, wire, peer, kind, limits));
+                }
+                CmOutcome::Ended(token, why) => {
+                    if let Some(c) = self.conns.get_mut(&token) {
+                        c.end(why);
+                        dirty.push(token);
+                    }
+                }
+            }
+        }
+    }
+
     /// Stops accepting on the listener bound to `address` (a reload removed it).
     pub fn remove_listener(&mut self, address: SocketAddr) {
+        #[cfg(feature = "rdma")]
+        if let Some(fd) = self.rdma.remove_listener(address) {
+            let _ = self.poll.registry().deregister(&mut mio::unix::SourceFd(&fd));
+        }
         for entry in self.listeners.iter_mut() {
             if entry.as_ref().is_some_and(|(l, _)| l.local_addr().is_ok_and(|a| a == address)) {
                 if let Some((mut l, _)) = entry.take() {
@@ -374,6 +430,22 @@ impl Reactor {
                     self.timer.clear();
                     continue;
                 }
+                #[cfg(feature = "rdma")]
+                if (RDMA_CM_BASE..RDMA_CC_BASE).contains(&t) {
+                    work += 1;
+                    self.rdma_cm_events(t - RDMA_CM_BASE, &mut dirty);
+                    continue;
+                }
+                #[cfg(feature = "rdma")]
+                if (RDMA_CC_BASE..TIMER.0).contains(&t) {
+                    // Armed CQs that completed something: armed again here, polled below.
+                    for token in self.rdma.completion_events(t - RDMA_CC_BASE) {
+                        if let Some(w) = self.conns.get_mut(&token).and_then(Conn::rdma_wire) {
+                            w.arm();
+                        }
+                    }
+                    continue;
+                }
                 if (POLLER_BASE..TIMER.0).contains(&t) {
                     if let Some(ready) = self.poller_ready.get_mut(t - POLLER_BASE) {
                         *ready = true;
@@ -396,6 +468,19 @@ impl Reactor {
                         conn.on_readable(&mut ctx, ev.is_read_closed() || ev.is_error());
                     }
                     dirty.push(token);
+                }
+            }
+
+            #[cfg(feature = "rdma")]
+            for i in 0..self.rdma.tokens.len() {
+                let token = self.rdma.tokens[i];
+                if let Some(conn) = self.conns.get_mut(&token) {
+                    let registry = self.poll.registry();
+                    let mut ctx = Ctx { target: &self.target, channels: &mut self.channels, registry, now_ms, now: turn };
+                    if conn.on_rdma_completions(&mut ctx) {
+                        work += 1;
+                        dirty.push(token);
+                    }
                 }
             }
 
@@ -440,7 +525,13 @@ impl Reactor {
                 }
                 if conn.finished() {
                     let mut conn = self.conns.remove(&token).expect("present");
-                    let _ = self.poll.registry().deregister(conn.socket());
+                    if let Some(sock) = conn.socket() {
+                        let _ = self.poll.registry().deregister(sock);
+                    }
+                    #[cfg(feature = "rdma")]
+                    if let Some(w) = conn.rdma_wire() {
+                        self.rdma.forget(token, w);
+                    }
                     conn.close(&self.target);
                 }
             }

@@ -71,11 +71,12 @@ fn workload(region: (u64, u64)) -> Workload {
     Workload { region, ..nvmetro_tests::mixed_workload(5, 4, true, 7) }
 }
 
-/// One stranger's attempt of each kind, in turn, until `until`; returns how many were made.
+/// One stranger's attempt of each kind, in turn, until `until` and each kind was tried at least
+/// twice (a loaded machine makes each attempt slower); returns how many were made.
 fn strangers(link: SocketAddr, replay: Vec<u8>, until: Instant) -> u64 {
     let mut attempts = 0;
     let mut kind = 0u32;
-    while Instant::now() < until {
+    while Instant::now() < until || attempts < 10 {
         let Ok(mut s) = TcpStream::connect(link) else { continue };
         attempts += 1;
         let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
@@ -139,7 +140,6 @@ fn strangers_on_the_link_port_never_disturb_the_live_link() {
         rb.ios(),
         rb.errors
     );
-    assert!(attempts >= 10, "the strangers kept trying (each kind at least twice): {attempts}");
     assert_eq!((ra.errors, rb.errors), (0, 0), "no host I/O failed: {:?} / {:?}", ra.first_error, rb.first_error);
     assert!(ra.ios() > 0 && rb.ios() > 0);
     assert!(ra.mismatches.is_empty() && rb.mismatches.is_empty(), "verify found mismatches");

@@ -1,11 +1,8 @@
-//! One NVMe/TCP connection (one queue) on its reactor: bytes in, PDUs through the sans-IO
-//! transport, Connect, then either the admin controller or an I/O queue whose commands become
-//! bdev operations; responses are batched into the connection's send buffer.
-//!
-//! Reads reuse their data buffers: a buffer whose C2HData went out returns to the connection's
-//! pool (at most a queue depth of them) and is offered to the next read's bdev, which fills it
-//! in place ([`BdevChannel::submit_read`](nvmetro_bdev::BdevChannel::submit_read)); the bytes are
-//! then sent from it by the same writev as the PDU headers, so a read allocates nothing.
+//! One NVMe-oF queue on its reactor: Connect, then either the admin controller or an I/O queue
+//! whose commands become bdev operations. The queue logic is the same for every transport; what
+//! carries the capsules is its [`Wire`]: NVMe/TCP ([`tcp`]: PDUs through the sans-IO transport,
+//! responses batched into one writev per flush) or, with the `rdma` feature, NVMe/RDMA
+//! ([`rdma`]: capsules by SEND/RECV, host data by RDMA READ and WRITE).
 
 use crate::reactor::Channels;
 use crate::subsys::{ConnectRefusal, ControllerHandle, IoCache, Subsystem};
@@ -14,17 +11,23 @@ use mio::net::TcpStream;
 use nvmetro_bdev::{BdevError, BdevOp, BdevOutput};
 use nvmetro_bdev::{IoBufMut, IoBufPool};
 use nvmetro_proto::controller::{self, connect_offset, decode_io, AdminOutcome, Controller, FusePairer, Fused, IoRequest};
-use nvmetro_proto::identify;
 use nvmetro_proto::nvme::{admin, fctype, Command, Completion, Status};
 use nvmetro_proto::subsystem::{SubsystemView, DISCOVERY_NQN};
-use nvmetro_proto::tcp::{DataBuffers, PduSink, TargetEvent, TargetLimits, TargetTransport};
-use std::collections::{HashMap, VecDeque};
+use nvmetro_proto::tcp::{DataBuffers, TargetEvent};
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::io::{self, IoSlice, Read, Write};
+use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
+use tcp::{ReadStep, TcpWire};
+
+#[cfg(feature = "rdma")]
+pub mod rdma;
+mod tcp;
+
+pub use tcp::OUTBOX_LIMIT;
 
 /// A reactor's connections by token. Tokens are small integers the reactor hands out itself, so
 /// they need no DoS-resistant hash; the reactor looks connections up several times per command.
@@ -66,135 +69,6 @@ pub struct Ctx<'a> {
     /// The reactor's clock for this step of its turn (read once per step, not per command):
     /// commands take it as their start and completions as their end for the latency figures.
     pub now: Instant,
-}
-
-const RX_BUFFER: usize = 512 * 1024;
-
-/// A connection with this much queued to send is not read until the socket took some of it
-/// (backpressure): a host that does not read its responses cannot make the target queue more than
-/// this plus what its outstanding commands return (at most queue depth x MDTS).
-pub const OUTBOX_LIMIT: usize = 4 << 20;
-
-/// Read buffers larger than this are not kept for reuse (MDTS is the largest a read needs).
-const POOLED_BUFFER: usize = identify::MAX_TRANSFER;
-
-/// Most bytes of read buffers one connection keeps for reuse.
-const POOL_BYTES: usize = 4 << 20;
-
-/// Most iovecs one writev takes.
-const IOVECS: usize = 128;
-
-/// A queued piece of the send stream.
-struct Segment {
-    bytes: Vec<u8>,
-    /// Read data (returns to the read buffer pool once sent) rather than header bytes.
-    data: bool,
-}
-
-/// The send side of a connection: header bytes accumulate in `tail`; read data is queued as its own
-/// buffer, and everything goes out with one writev per flush, so data is never copied here. Sent
-/// read buffers are kept (up to `pool_limit`) for the next reads.
-#[derive(Default)]
-struct Outbox {
-    segments: VecDeque<Segment>,
-    /// Bytes in `segments`, sent ones included.
-    queued: usize,
-    /// Bytes of the first segment already sent.
-    sent: usize,
-    tail: Vec<u8>,
-    spare: Vec<Vec<u8>>,
-    /// Sent read buffers, for [`Outbox::take_buffer`].
-    pool: Vec<Vec<u8>>,
-    /// Most buffers `pool` keeps: the queue depth (no more reads than that are ever in flight).
-    pool_limit: usize,
-    /// Capacity of the buffers in `pool` (at most [`POOL_BYTES`]).
-    pool_bytes: usize,
-}
-
-impl PduSink for Outbox {
-    fn bytes(&mut self) -> &mut Vec<u8> {
-        &mut self.tail
-    }
-    fn data(&mut self, data: Vec<u8>) {
-        self.seal_tail();
-        self.queued += data.len();
-        self.segments.push_back(Segment { bytes: data, data: true });
-    }
-}
-
-impl Outbox {
-    fn seal_tail(&mut self) {
-        if !self.tail.is_empty() {
-            let fresh = self.spare.pop().unwrap_or_default();
-            self.queued += self.tail.len();
-            self.segments.push_back(Segment { bytes: std::mem::replace(&mut self.tail, fresh), data: false });
-        }
-    }
-
-    /// A buffer for a read's data: a sent one if any (its contents are stale), else an empty one.
-    fn take_buffer(&mut self) -> Vec<u8> {
-        let buf = self.pool.pop().unwrap_or_default();
-        self.pool_bytes -= buf.capacity();
-        buf
-    }
-
-    fn is_empty(&self) -> bool {
-        self.segments.is_empty() && self.tail.is_empty()
-    }
-
-    /// Bytes waiting to be sent.
-    fn len(&self) -> usize {
-        self.queued - self.sent + self.tail.len()
-    }
-
-    fn clear(&mut self) {
-        self.segments.clear();
-        self.queued = 0;
-        self.tail.clear();
-        self.sent = 0;
-    }
-
-    /// Writes as much as the socket takes.
-    fn flush(&mut self, sock: &mut TcpStream) -> io::Result<()> {
-        self.seal_tail();
-        while !self.segments.is_empty() {
-            let mut slices = [IoSlice::new(&[]); IOVECS];
-            let mut n = 0;
-            for (i, seg) in self.segments.iter().take(IOVECS).enumerate() {
-                slices[i] = IoSlice::new(if i == 0 { &seg.bytes[self.sent..] } else { &seg.bytes });
-                n += 1;
-            }
-            let mut written = match sock.write_vectored(&slices[..n]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(w) => w,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            while written > 0 {
-                let left = self.segments[0].bytes.len() - self.sent;
-                if written < left {
-                    self.sent += written;
-                    break;
-                }
-                written -= left;
-                self.sent = 0;
-                let Segment { bytes: mut done, data } = self.segments.pop_front().expect("segment");
-                self.queued -= done.len();
-                if data {
-                    let size = done.capacity();
-                    if self.pool.len() < self.pool_limit && size <= POOLED_BUFFER && self.pool_bytes + size <= POOL_BYTES {
-                        self.pool_bytes += size;
-                        self.pool.push(done);
-                    }
-                } else if self.spare.len() < 64 && done.capacity() <= 256 * 1024 {
-                    done.clear();
-                    self.spare.push(done);
-                }
-            }
-        }
-        Ok(())
-    }
 }
 
 enum Role {
@@ -279,17 +153,29 @@ pub struct ConnLimits {
     pub maxh2cdata: u32,
 }
 
+/// What carries a queue's capsules.
+enum Wire {
+    Tcp(TcpWire),
+    #[cfg(feature = "rdma")]
+    Rdma(Box<rdma::RdmaWire>),
+}
+
+impl Wire {
+    fn tcp(&mut self) -> Option<&mut TcpWire> {
+        match self {
+            Wire::Tcp(w) => Some(w),
+            #[cfg(feature = "rdma")]
+            Wire::Rdma(_) => None,
+        }
+    }
+}
+
 pub struct Conn {
     limits: ConnLimits,
     token: u32,
-    sock: TcpStream,
     peer: SocketAddr,
     listener: ListenerKind,
-    transport: TargetTransport<QueueBuffers>,
-    rx: Vec<u8>,
-    rx_start: usize,
-    rx_end: usize,
-    out: Outbox,
+    wire: Wire,
     role: Role,
     /// The host disabled SQ flow control at Connect: reads may end with C2HData SUCCESS.
     sq_flow_disabled: bool,
@@ -298,20 +184,15 @@ pub struct Conn {
     sqhd: u32,
     inflight: Vec<Option<Inflight>>,
     free_slots: Vec<u32>,
-    events: Vec<TargetEvent<IoBufMut>>,
     /// Set when the connection must end once its send buffer is out (or at once if fatal).
     closing: Option<String>,
     fatal: bool,
-    /// Reading stopped because the send buffer is over [`OUTBOX_LIMIT`].
-    read_paused: bool,
-    /// Whether reading was ever paused (logged the first time only).
-    was_paused: bool,
 }
 
 /// Host data of one queue lands in buffers from the queue's own pool (SPDK's request pool per
 /// queue pair: it grows to the queue's depth and no further), shared from there with the bdev.
 #[derive(Debug)]
-struct QueueBuffers(IoBufPool);
+pub(crate) struct QueueBuffers(IoBufPool);
 
 impl DataBuffers for QueueBuffers {
     type Buf = IoBufMut;
@@ -321,23 +202,19 @@ impl DataBuffers for QueueBuffers {
 }
 
 impl Conn {
+    /// A connection accepted on an NVMe/TCP listener.
     pub fn new(token: u32, sock: TcpStream, peer: SocketAddr, listener: ListenerKind, conn_limits: ConnLimits) -> Conn {
-        let limits = TargetLimits {
-            in_capsule: identify::ADMIN_IN_CAPSULE,
-            maxh2cdata: conn_limits.maxh2cdata,
-            max_transfer: identify::MAX_TRANSFER,
-        };
+        let wire = Wire::Tcp(TcpWire::new(sock, conn_limits.maxh2cdata));
+        Conn::with_wire(token, wire, peer, listener, conn_limits)
+    }
+
+    fn with_wire(token: u32, wire: Wire, peer: SocketAddr, listener: ListenerKind, limits: ConnLimits) -> Conn {
         Conn {
-            limits: conn_limits,
+            limits,
             token,
-            sock,
             peer,
             listener,
-            transport: TargetTransport::with_buffers(limits, QueueBuffers(IoBufPool::new())),
-            rx: vec![0; RX_BUFFER],
-            rx_start: 0,
-            rx_end: 0,
-            out: Outbox::default(),
+            wire,
             role: Role::Unconnected,
             sq_flow_disabled: false,
             qid: 0,
@@ -345,16 +222,53 @@ impl Conn {
             sqhd: 0,
             inflight: Vec::new(),
             free_slots: Vec::new(),
-            events: Vec::new(),
             closing: None,
             fatal: false,
-            read_paused: false,
-            was_paused: false,
         }
     }
 
-    pub fn socket(&mut self) -> &mut TcpStream {
-        &mut self.sock
+    /// A queue pair accepted on an NVMe/RDMA listener.
+    #[cfg(feature = "rdma")]
+    pub fn rdma(token: u32, wire: Box<rdma::RdmaWire>, peer: SocketAddr, listener: ListenerKind, limits: ConnLimits) -> Conn {
+        Conn::with_wire(token, Wire::Rdma(wire), peer, listener, limits)
+    }
+
+    /// The RDMA queue pair's wire, for a connection over RDMA.
+    #[cfg(feature = "rdma")]
+    pub fn rdma_wire(&mut self) -> Option<&mut rdma::RdmaWire> {
+        match &mut self.wire {
+            Wire::Rdma(w) => Some(w),
+            Wire::Tcp(_) => None,
+        }
+    }
+
+    /// Handles the RDMA queue pair's work completions: commands whose data arrived run, sent
+    /// completions free their slots. Returns whether there were any.
+    #[cfg(feature = "rdma")]
+    pub fn on_rdma_completions(&mut self, ctx: &mut Ctx) -> bool {
+        let Wire::Rdma(w) = &mut self.wire else { return false };
+        let n = w.poll();
+        let mut events = std::mem::take(&mut w.events);
+        if self.closing.is_none() {
+            self.dispatch(&mut events, ctx);
+        }
+        events.clear();
+        if let Wire::Rdma(w) = &mut self.wire {
+            w.events = events;
+            if let Some(why) = w.failed.clone() {
+                self.close_with(why, true);
+            }
+        }
+        n > 0
+    }
+
+    /// The socket to (de)register with the reactor's poll, for a TCP connection.
+    pub fn socket(&mut self) -> Option<&mut TcpStream> {
+        match &mut self.wire {
+            Wire::Tcp(w) => Some(w.socket()),
+            #[cfg(feature = "rdma")]
+            Wire::Rdma(_) => None,
+        }
     }
 
     /// Ends this connection (a reload removed its listener or its subsystem).
@@ -388,97 +302,70 @@ impl Conn {
 
     /// Reads everything the socket has and handles every complete PDU, until the send buffer
     /// is over [`OUTBOX_LIMIT`]: then reading waits for [`Conn::should_resume_reading`].
-    /// `read_closed`: the readiness event said the host closed its side (or the socket failed),
-    /// which no later event repeats, so reading goes on until end of file or WouldBlock.
+    /// `read_closed`: the readiness event said the host closed its side (or the socket failed).
     pub fn on_readable(&mut self, ctx: &mut Ctx, read_closed: bool) {
         loop {
             if self.closing.is_some() {
                 // Ending: nothing more the host sends is acted on (after a TermReq in particular).
                 return;
             }
-            let queued = self.out.len();
-            if queued >= OUTBOX_LIMIT {
-                if !self.was_paused {
-                    tracing::info!(peer = %self.peer, qid = self.qid, queued, "host is not taking its responses; not reading until they drain");
-                }
-                self.read_paused = true;
-                self.was_paused = true;
-                return;
+            let Some(w) = self.wire.tcp() else { return };
+            let step = w.read_some(self.peer, self.qid, read_closed);
+            let mut events = std::mem::take(&mut w.events);
+            self.dispatch(&mut events, ctx);
+            if let Some(w) = self.wire.tcp() {
+                w.events = events;
             }
-            self.read_paused = false;
-            if self.rx_end == self.rx.len() {
-                // Compact: move the partial PDU to the front.
-                self.rx.copy_within(self.rx_start..self.rx_end, 0);
-                self.rx_end -= self.rx_start;
-                self.rx_start = 0;
-                if self.rx_end == self.rx.len() {
-                    return self.close_with("PDU larger than the receive buffer".into(), true);
-                }
-            }
-            match self.sock.read(&mut self.rx[self.rx_end..]) {
-                Ok(0) => {
-                    self.close_with("host closed the connection".into(), true);
-                    return;
-                }
-                Ok(n) => {
-                    let asked = self.rx.len() - self.rx_end;
-                    self.rx_end += n;
-                    self.process(ctx);
-                    if n < asked && !read_closed {
-                        // A short read emptied the socket: bytes arriving from now on raise a new
-                        // readiness event (epoll(7), edge-triggered stream sockets), so the read
-                        // that would only return WouldBlock is skipped.
-                        return;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    self.close_with(format!("read error: {e}"), true);
-                    return;
-                }
+            match step {
+                ReadStep::Received { more: true } => {}
+                ReadStep::Received { more: false } | ReadStep::Stop => return,
+                ReadStep::Close(why, fatal) => return self.close_with(why, fatal),
             }
         }
     }
 
-    fn process(&mut self, ctx: &mut Ctx) {
-        let mut events = std::mem::take(&mut self.events);
-        let result = self.transport.receive(&self.rx[self.rx_start..self.rx_end], self.out.bytes(), &mut events);
-        match result {
-            Ok(used) => self.rx_start += used,
-            Err(e) => {
-                tracing::warn!(peer = %self.peer, qid = self.qid, "protocol error, closing connection: {e}");
-                self.close_with(format!("protocol error: {}", e.reason), false);
-                self.rx_start = self.rx_end;
-                // The TermReq is the last thing the host hears: the commands that came with the
-                // offending PDU are not acted on.
-                events.clear();
-            }
-        }
-        if self.rx_start == self.rx_end {
-            self.rx_start = 0;
-            self.rx_end = 0;
-        }
+    /// Handles what the transport made of the host's capsules.
+    fn dispatch(&mut self, events: &mut Vec<TargetEvent<IoBufMut>>, ctx: &mut Ctx) {
         for ev in events.drain(..) {
             match ev {
                 TargetEvent::Reject(cqe) => self.respond(cqe, &[]),
                 TargetEvent::Command { cmd, data } => self.on_command(cmd, data, ctx),
             }
         }
-        self.events = events;
     }
 
     fn respond(&mut self, mut cqe: Completion, data: &[u8]) {
         cqe.sqid = self.qid;
         cqe.sqhd = self.sqhd as u16;
-        self.transport.respond(&cqe, data, self.out.bytes());
+        match &mut self.wire {
+            Wire::Tcp(w) => w.respond(&cqe, data),
+            #[cfg(feature = "rdma")]
+            Wire::Rdma(w) => w.respond(&cqe, data),
+        }
     }
 
     /// Responds with read data handed over whole (sent from its own buffer).
     fn respond_data(&mut self, mut cqe: Completion, data: Vec<u8>) {
         cqe.sqid = self.qid;
         cqe.sqhd = self.sqhd as u16;
-        self.transport.respond_owned(&cqe, data, self.sq_flow_disabled, &mut self.out);
+        match &mut self.wire {
+            Wire::Tcp(w) => w.respond_owned(&cqe, data, self.sq_flow_disabled),
+            #[cfg(feature = "rdma")]
+            Wire::Rdma(w) => w.respond_owned(&cqe, data),
+        }
+    }
+
+    /// The queue is connected: `io_in_capsule` for an I/O queue.
+    fn wire_connected(&mut self, queue_size: u32, io_in_capsule: Option<usize>) {
+        match &mut self.wire {
+            Wire::Tcp(w) => w.connected(queue_size, io_in_capsule),
+            #[cfg(feature = "rdma")]
+            Wire::Rdma(w) => w.connected(queue_size),
+        }
+    }
+
+    fn is_rdma(&self) -> bool {
+        !matches!(self.wire, Wire::Tcp(_))
     }
 
     fn on_command(&mut self, cmd: Command, data: IoBufMut, ctx: &mut Ctx) {
@@ -542,7 +429,7 @@ impl Conn {
                 discovery_view: Some(view),
             }));
             self.queue_size = req.queue_size;
-            self.transport.set_connected(req.queue_size);
+            self.wire_connected(req.queue_size, None);
             return self.respond(Completion::new(cid, Status::SUCCESS).with_result(u64::from(cntlid)), &[]);
         }
         let ListenerKind::Subsystems(listener) = self.listener else {
@@ -557,6 +444,13 @@ impl Conn {
             ConnectRefusal::UnknownController { .. } => (Status::CONNECT_INVALID_PARAMETERS, true, connect_offset::CNTLID),
             ConnectRefusal::NotReady(_) => (Status::COMMAND_SEQUENCE_ERROR, false, 0),
         };
+        #[cfg(feature = "rdma")]
+        if let Wire::Rdma(w) = &self.wire {
+            if w.cm_qid != req.qid {
+                let why = format!("Connect names queue {} but the RDMA connection was made for queue {}", req.qid, w.cm_qid);
+                return refuse(self, Status::CONNECT_INVALID_PARAMETERS, false, 42, why);
+            }
+        }
         self.queue_size = req.queue_size;
         self.qid = req.qid;
         self.sq_flow_disabled = req.sq_flow_disabled;
@@ -571,6 +465,7 @@ impl Conn {
             let view = subsystem.view(listener);
             let mut ctrl = Controller::new(handle.cntlid, &req, &view, ctx.now_ms);
             ctrl.set_io_in_capsule(self.limits.io_in_capsule);
+            ctrl.set_keyed_sgls(self.is_rdma());
             tracing::info!(peer = %self.peer, host = %req.hostnqn, subsystem = %req.subnqn, cntlid = handle.cntlid, kato_ms = req.kato_ms, "controller created");
             let cntlid = handle.cntlid;
             let remote_host = ctx.target.config().host_is_remote(&req.hostnqn);
@@ -582,7 +477,7 @@ impl Conn {
                 subsystem: Some((subsystem, handle)),
                 discovery_view: None,
             }));
-            self.transport.set_connected(req.queue_size);
+            self.wire_connected(req.queue_size, None);
             self.respond(Completion::new(cid, Status::SUCCESS).with_result(u64::from(cntlid)), &[]);
         } else {
             let handle = match subsystem.find_controller(req.cntlid, &req.hostnqn) {
@@ -596,13 +491,11 @@ impl Conn {
                 return refuse(self, Status::CONNECT_INVALID_PARAMETERS, false, 42, format!("queue {} beyond those granted", req.qid));
             }
             tracing::debug!(peer = %self.peer, cntlid = handle.cntlid, qid = req.qid, "I/O queue connected");
-            self.transport.set_in_capsule(self.limits.io_in_capsule);
             let generation = handle.generation.load(Ordering::Acquire);
             let cntlid = handle.cntlid;
             let cache = subsystem.io_cache(listener);
             self.role = Role::Io(IoQueue { subsystem, cache, handle, generation, pairer: FusePairer::default() });
-            self.out.pool_limit = req.queue_size as usize;
-            self.transport.set_connected(req.queue_size);
+            self.wire_connected(req.queue_size, Some(self.limits.io_in_capsule));
             self.respond(Completion::new(cid, Status::SUCCESS).with_result(u64::from(cntlid)), &[]);
         }
     }
@@ -627,7 +520,9 @@ impl Conn {
         };
         let dropped = q.ctrl.take_dropped_commands();
         let shutdown = q.ctrl.take_shutdown_request();
-        self.transport.forget_commands(dropped);
+        if let Some(w) = self.wire.tcp() {
+            w.forget_commands(dropped);
+        }
         match outcome {
             AdminOutcome::Complete(cqe, out) => {
                 let len = out.len().min(cmd.sgl_len() as usize);
@@ -743,7 +638,11 @@ impl Conn {
                 let bs = u64::from(ns.info.block_size);
                 let len = u64::from(blocks) * bs;
                 let slot = self.alloc(new(IoKind::Read, 1, len));
-                let buf = self.out.take_buffer();
+                let buf = match &mut self.wire {
+                    Wire::Tcp(w) => w.take_read_buffer(),
+                    #[cfg(feature = "rdma")]
+                    Wire::Rdma(w) => w.take_read_buffer(),
+                };
                 self.submit_read(ns.bdev, slot, slba * bs, len as usize, buf, ctx);
             }
             IoRequest::Write { slba, fua, .. } => {
@@ -952,20 +851,30 @@ impl Conn {
     /// Reading was paused for backpressure and the send buffer is below the limit again: the
     /// reactor must call [`Conn::on_readable`] (the socket will not signal the unread bytes again).
     pub fn should_resume_reading(&self) -> bool {
-        self.read_paused && self.closing.is_none() && self.out.len() < OUTBOX_LIMIT
+        self.closing.is_none() && matches!(&self.wire, Wire::Tcp(w) if w.should_resume_reading())
     }
 
-    /// Sends as much of the send buffer as the socket takes.
+    /// Sends what the turn queued: one writev of the outbox (TCP); the posted work requests'
+    /// doorbell (RDMA).
     pub fn flush(&mut self) {
-        if let Err(e) = self.out.flush(&mut self.sock) {
-            self.close_with(format!("write error: {e}"), true);
-            self.out.clear();
+        let result = match &mut self.wire {
+            Wire::Tcp(w) => w.flush().map_err(|e| format!("write error: {e}")),
+            #[cfg(feature = "rdma")]
+            Wire::Rdma(w) => w.flush(),
+        };
+        if let Err(why) = result {
+            self.close_with(why, true);
         }
     }
 
     /// Whether the connection should be torn down now.
     pub fn finished(&self) -> bool {
-        self.closing.is_some() && (self.fatal || self.out.is_empty())
+        let drained = match &self.wire {
+            Wire::Tcp(w) => w.drained(),
+            #[cfg(feature = "rdma")]
+            Wire::Rdma(w) => w.drained(),
+        };
+        self.closing.is_some() && (self.fatal || drained)
     }
 
     /// Releases what the connection holds: its controller, if it was the admin queue.
@@ -983,6 +892,10 @@ impl Conn {
             Role::Io(q) => tracing::debug!(peer = %self.peer, cntlid = q.handle.cntlid, qid = self.qid, "I/O queue closed: {reason}"),
             Role::Unconnected => tracing::debug!(peer = %self.peer, "connection closed before Connect: {reason}"),
         }
-        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        match &mut self.wire {
+            Wire::Tcp(w) => w.shutdown(),
+            #[cfg(feature = "rdma")]
+            Wire::Rdma(w) => w.shutdown(),
+        }
     }
 }

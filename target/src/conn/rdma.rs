@@ -1,0 +1,417 @@
+//! The NVMe/RDMA side of a queue (NVMe-oF RDMA transport binding): command capsules arrive by
+//! RECV, host data moves by RDMA READ (writes) and RDMA WRITE (reads) against the keyed SGL
+//! descriptor of each command, and each completion leaves by SEND.
+//!
+//! One registered region per queue pair holds everything the device touches: a receive slot per
+//! capsule the queue may hold (64-byte SQE plus the in-capsule data it accepts), a send slot per
+//! completion in flight, and staging slots of one maximum transfer each for data on its way to or
+//! from the host. Staging is capped ([`STAGING`]); a command that finds none free waits for one,
+//! in order. Data is copied once between staging and the bdev's buffer: registering the bdev
+//! buffers themselves (the hugepage pool, once) is what a real RNIC would want next.
+//!
+//! A work completion with an error (a wrong rkey, a host that went away, a transport timeout)
+//! ends the queue pair with a log line naming the operation; the other queues are untouched.
+
+use super::QueueBuffers;
+use nvmetro_bdev::{IoBufMut, IoBufPool};
+use nvmetro_ffi::rdma::{
+    Access, CmHandle, CmId, CompletionChannel, CompletionQueue, ConnParam, MemoryRegion, ProtectionDomain, QpCaps, RdmaError, RecvRequest,
+    SendFlags, SendOp, WcOpcode, WorkCompletion,
+};
+use nvmetro_ffi::DmaBuf;
+use nvmetro_proto::identify;
+use nvmetro_proto::nvme::{Command, Completion};
+use nvmetro_proto::rdma::{plan_sqe, ConnectAccept, DataPlan, HostBuffer, Reject, RejectStatus, CQE_LEN, SQE_LEN};
+use nvmetro_proto::tcp::{DataBuffers, TargetEvent};
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Most staging slots (of [`identify::MAX_TRANSFER`] bytes each) one queue pair registers.
+pub const STAGING: usize = 16;
+
+/// Work completions taken per poll.
+const POLL_BATCH: usize = 32;
+
+const KIND_SHIFT: u32 = 56;
+const WR_RECV: u64 = 1;
+const WR_SEND: u64 = 2;
+const WR_READ: u64 = 3;
+const WR_WRITE: u64 = 4;
+/// A SEND's staging slot (plus one; 0: none) sits above its send slot in the wr_id.
+const STAGE_SHIFT: u32 = 20;
+
+fn wr_id(kind: u64, slot: usize) -> u64 {
+    kind << KIND_SHIFT | slot as u64
+}
+
+/// Where each part of the registered region starts.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    recv_slot: usize,
+    recvs: usize,
+    sends: usize,
+    stages: usize,
+}
+
+impl Layout {
+    fn recv(&self, slot: usize) -> usize {
+        slot * self.recv_slot
+    }
+    fn send(&self, slot: usize) -> usize {
+        self.recvs * self.recv_slot + slot * CQE_LEN
+    }
+    fn stage(&self, slot: usize) -> usize {
+        self.recvs * self.recv_slot + self.sends * CQE_LEN + slot * identify::MAX_TRANSFER
+    }
+    fn len(&self) -> usize {
+        self.stage(self.stages)
+    }
+}
+
+/// A completion waiting for a send slot (and, with data for the host, a staging slot).
+struct Response {
+    cqe: [u8; CQE_LEN],
+    data: Option<(HostBuffer, Vec<u8>)>,
+}
+
+pub struct RdmaWire {
+    // Declared first so that it drops first: destroying the QP ends the device's use of `mem`.
+    id: CmId,
+    cq: Arc<CompletionQueue>,
+    mem: MemoryRegion<DmaBuf>,
+    layout: Layout,
+    /// The queue id the host named in its connect private data (Connect must agree).
+    pub(super) cm_qid: u16,
+    in_capsule: usize,
+    buffers: QueueBuffers,
+    free_sends: Vec<usize>,
+    free_stages: Vec<usize>,
+    /// The host buffer each outstanding read-like command's data goes to, by command id.
+    host_buffers: HashMap<u16, HostBuffer>,
+    /// Write-like commands waiting for a staging slot to RDMA READ their data into.
+    waiting_reads: VecDeque<(Command, HostBuffer)>,
+    /// By staging slot: the command whose data an RDMA READ is bringing in.
+    reading: Vec<Option<(Command, usize)>>,
+    waiting_responses: VecDeque<Response>,
+    /// Read buffers handed back after their data was staged, for the next reads.
+    read_pool: Vec<Vec<u8>>,
+    read_pool_limit: usize,
+    pub(super) events: Vec<TargetEvent<IoBufMut>>,
+    wcs: Vec<WorkCompletion>,
+    /// Signaled sends not yet completed.
+    sends_in_flight: usize,
+    /// Set once a work completion failed or a post was refused: the queue pair is done.
+    pub(super) failed: Option<String>,
+    peer: SocketAddr,
+}
+
+impl RdmaWire {
+    /// Sets up a queue pair for a connect request on `id` and accepts it: `depth` capsules at
+    /// once (CRQSIZE), each with up to `in_capsule` bytes of data.
+    #[allow(clippy::too_many_arguments)]
+    pub fn accept(
+        mut id: CmId,
+        pd: &Arc<ProtectionDomain>,
+        channel: &Arc<CompletionChannel>,
+        cm_qid: u16,
+        depth: u16,
+        in_capsule: usize,
+        peer: SocketAddr,
+    ) -> Result<RdmaWire, RdmaError> {
+        let depth = usize::from(depth.max(1));
+        let layout = Layout { recv_slot: SQE_LEN + in_capsule, recvs: depth, sends: depth, stages: depth.min(STAGING) };
+        // Every SEND is signaled; WRITEs are not (their SEND completes after them); READs are.
+        let send_wrs = 2 * layout.sends + layout.stages;
+        let parts = (|| {
+            let mem = pd.register(DmaBuf::zeroed(layout.len()), Access::LOCAL_WRITE)?;
+            let cq = CompletionQueue::new(pd.device(), (send_wrs + layout.recvs) as u32, Some(channel))?;
+            let caps = QpCaps {
+                max_send_wr: send_wrs as u32,
+                max_recv_wr: layout.recvs as u32,
+                max_send_sge: 1,
+                max_recv_sge: 1,
+                max_inline_data: 0,
+            };
+            id.create_qp(pd, &cq, &cq, caps)?;
+            cq.arm(false)?;
+            Ok((mem, cq))
+        })();
+        let (mem, cq) = match parts {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = id.reject(&Reject(RejectStatus::NoResources).encode());
+                return Err(e);
+            }
+        };
+        let mut wire = RdmaWire {
+            id,
+            cq,
+            mem,
+            layout,
+            cm_qid,
+            in_capsule,
+            buffers: QueueBuffers(IoBufPool::new()),
+            free_sends: (0..layout.sends).rev().collect(),
+            free_stages: (0..layout.stages).rev().collect(),
+            host_buffers: HashMap::new(),
+            waiting_reads: VecDeque::new(),
+            reading: vec![None; layout.stages],
+            waiting_responses: VecDeque::new(),
+            read_pool: Vec::new(),
+            read_pool_limit: 0,
+            events: Vec::new(),
+            wcs: (0..POLL_BATCH).map(|_| WorkCompletion::default()).collect(),
+            sends_in_flight: 0,
+            failed: None,
+            peer,
+        };
+        let posted = (0..layout.recvs).try_for_each(|slot| wire.post_recv(slot));
+        if let Err(e) = posted {
+            let _ = wire.id.reject(&Reject(RejectStatus::NoResources).encode());
+            return Err(e);
+        }
+        let accept = ConnectAccept { crqsize: depth as u16 }.encode();
+        wire.id.accept(&ConnParam { private_data: &accept, ..ConnParam::default() })?;
+        Ok(wire)
+    }
+
+    pub fn cm_handle(&self) -> CmHandle {
+        self.id.handle()
+    }
+
+    pub fn cq(&self) -> &Arc<CompletionQueue> {
+        &self.cq
+    }
+
+    /// Asks for a completion event again (after the channel reported one for this CQ).
+    pub fn arm(&mut self) {
+        if let Err(e) = self.cq.arm(false) {
+            self.fail(format!("cannot arm the completion queue: {e}"));
+        }
+    }
+
+    fn fail(&mut self, why: String) {
+        if self.failed.is_none() {
+            tracing::warn!(peer = %self.peer, qid = self.cm_qid, "RDMA queue pair ends: {why}");
+            self.failed = Some(why);
+        }
+    }
+
+    fn post_recv(&mut self, slot: usize) -> Result<(), RdmaError> {
+        let sge = self.mem.sge(self.layout.recv(slot), self.layout.recv_slot)?;
+        self.id.post_recvs(&[RecvRequest { wr_id: wr_id(WR_RECV, slot), sges: &[sge] }]).map_err(|(_, e)| e)
+    }
+
+    /// Handles what the completion queue holds; commands whose data is here land in `events`.
+    /// Returns how many completions there were.
+    pub fn poll(&mut self) -> usize {
+        let mut total = 0;
+        loop {
+            let mut wcs = std::mem::take(&mut self.wcs);
+            let n = match self.cq.poll(&mut wcs) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.wcs = wcs;
+                    self.fail(format!("polling the completion queue: {e}"));
+                    return total;
+                }
+            };
+            for wc in &wcs[..n] {
+                self.on_completion(wc);
+            }
+            self.wcs = wcs;
+            total += n;
+            if n < POLL_BATCH {
+                return total;
+            }
+        }
+    }
+
+    fn on_completion(&mut self, wc: &WorkCompletion) {
+        let kind = wc.wr_id() >> KIND_SHIFT;
+        let slot = (wc.wr_id() & ((1 << STAGE_SHIFT) - 1)) as usize;
+        if let Some(err) = wc.error() {
+            let what = match kind {
+                WR_RECV => "a command capsule's RECV",
+                WR_SEND => "a completion's SEND",
+                WR_READ => "the RDMA READ of a command's data from the host",
+                WR_WRITE => "the RDMA WRITE of a command's data to the host",
+                _ => "a work request",
+            };
+            if !err.is_flush() {
+                self.fail(format!("{what} failed: {err}"));
+            } else if self.failed.is_none() {
+                self.fail(format!("{what} was flushed: the queue pair is in the error state"));
+            }
+            return;
+        }
+        match (kind, wc.opcode()) {
+            (WR_RECV, WcOpcode::Recv) => self.on_capsule(slot, wc.byte_len() as usize),
+            (WR_SEND, WcOpcode::Send) => {
+                self.sends_in_flight -= 1;
+                self.free_sends.push(slot);
+                let stage = (wc.wr_id() >> STAGE_SHIFT) & ((1 << (KIND_SHIFT - STAGE_SHIFT)) - 1);
+                if stage > 0 {
+                    self.free_stages.push(stage as usize - 1);
+                }
+                self.start_waiting();
+            }
+            (WR_READ, WcOpcode::RdmaRead) => self.on_data_read(slot),
+            (_, op) => self.fail(format!("unexpected work completion {op:?} for wr_id {:#x}", wc.wr_id())),
+        }
+    }
+
+    /// A command capsule arrived in receive slot `slot`.
+    fn on_capsule(&mut self, slot: usize, len: usize) {
+        let mut sqe = [0u8; SQE_LEN];
+        let off = self.layout.recv(slot);
+        if len >= SQE_LEN {
+            // In range: the slot is inside the region by construction.
+            let _ = self.mem.read(off, &mut sqe);
+        }
+        let plan = plan_sqe(&sqe, len, self.in_capsule, identify::MAX_TRANSFER);
+        let cmd = Command::from_bytes(&sqe);
+        match plan {
+            Err(status) => {
+                tracing::warn!(peer = %self.peer, qid = self.cm_qid, cid = cmd.cid(), opcode = cmd.opcode(), "bad data descriptor: {status}");
+                self.events.push(TargetEvent::Reject(Completion::new(cmd.cid(), status)));
+            }
+            Ok(DataPlan::None) => self.events.push(TargetEvent::Command { cmd, data: IoBufMut::default() }),
+            Ok(DataPlan::InCapsule { offset, len }) => {
+                let mut data = self.buffers.buffer(len);
+                let _ = self.mem.read(off + offset, &mut data[..len]);
+                self.events.push(TargetEvent::Command { cmd, data });
+            }
+            Ok(DataPlan::ReadFromHost(hb)) => {
+                self.waiting_reads.push_back((cmd, hb));
+                self.start_waiting();
+            }
+            Ok(DataPlan::WriteToHost(hb)) => {
+                self.host_buffers.insert(cmd.cid(), hb);
+                self.events.push(TargetEvent::Command { cmd, data: IoBufMut::default() });
+            }
+        }
+        // The capsule is copied out: the slot takes the next one.
+        if let Err(e) = self.post_recv(slot) {
+            self.fail(format!("cannot post a receive: {e}"));
+        }
+    }
+
+    /// The RDMA READ into staging slot `stage` completed: its command runs.
+    fn on_data_read(&mut self, stage: usize) {
+        let Some((cmd, len)) = self.reading.get_mut(stage).and_then(Option::take) else {
+            return self.fail(format!("RDMA READ completion for idle staging slot {stage}"));
+        };
+        let mut data = self.buffers.buffer(len);
+        let _ = self.mem.read(self.layout.stage(stage), &mut data[..len]);
+        self.free_stages.push(stage);
+        self.events.push(TargetEvent::Command { cmd, data });
+        self.start_waiting();
+    }
+
+    /// Starts what waited for a staging or send slot, in arrival order per kind.
+    fn start_waiting(&mut self) {
+        while self.failed.is_none() {
+            if let Some(&(cmd, hb)) = self.waiting_reads.front() {
+                if let Some(stage) = self.free_stages.pop() {
+                    self.waiting_reads.pop_front();
+                    if let Err(e) = self.post_read(stage, cmd, hb) {
+                        return self.fail(format!("cannot post an RDMA READ: {e}"));
+                    }
+                    continue;
+                }
+            }
+            let Some(r) = self.waiting_responses.front() else { return };
+            let stage_needed = r.data.is_some();
+            if self.free_sends.is_empty() || (stage_needed && self.free_stages.is_empty()) {
+                return;
+            }
+            let r = self.waiting_responses.pop_front().expect("checked");
+            if let Err(e) = self.post_response(r) {
+                return self.fail(format!("cannot post a completion: {e}"));
+            }
+        }
+    }
+
+    fn post_read(&mut self, stage: usize, cmd: Command, hb: HostBuffer) -> Result<(), RdmaError> {
+        let remote = nvmetro_ffi::rdma::RemoteBuf { addr: hb.addr, rkey: hb.key, len: hb.len };
+        let sge = self.mem.sge(self.layout.stage(stage), hb.len as usize)?;
+        self.reading[stage] = Some((cmd, hb.len as usize));
+        self.id.post_send(wr_id(WR_READ, stage), SendOp::Read(remote), &[sge], SendFlags::SIGNALED)
+    }
+
+    fn post_response(&mut self, r: Response) -> Result<(), RdmaError> {
+        let send = self.free_sends.pop().expect("caller checked");
+        let mut stage_tag = 0u64;
+        let mut returned = None;
+        if let Some((hb, data)) = r.data {
+            let stage = self.free_stages.pop().expect("caller checked");
+            let len = data.len().min(hb.len as usize).min(identify::MAX_TRANSFER);
+            self.mem.write(self.layout.stage(stage), &data[..len])?;
+            let remote = nvmetro_ffi::rdma::RemoteBuf { addr: hb.addr, rkey: hb.key, len: len as u32 };
+            let sge = self.mem.sge(self.layout.stage(stage), len)?;
+            self.id.post_send(wr_id(WR_WRITE, stage), SendOp::Write(remote), &[sge], SendFlags::NONE)?;
+            stage_tag = (stage as u64 + 1) << STAGE_SHIFT;
+            returned = Some(data);
+        }
+        self.mem.write(self.layout.send(send), &r.cqe)?;
+        let sge = self.mem.sge(self.layout.send(send), CQE_LEN)?;
+        self.id.post_send(wr_id(WR_SEND, send) | stage_tag, SendOp::Send, &[sge], SendFlags::SIGNALED)?;
+        self.sends_in_flight += 1;
+        if let Some(mut buf) = returned {
+            if self.read_pool.len() < self.read_pool_limit && buf.capacity() <= identify::MAX_TRANSFER {
+                buf.clear();
+                self.read_pool.push(buf);
+            }
+        }
+        Ok(())
+    }
+
+    fn queue_response(&mut self, cqe: &Completion, data: Option<Vec<u8>>) {
+        let mut bytes = [0u8; CQE_LEN];
+        cqe.encode(&mut bytes);
+        let hb = self.host_buffers.remove(&cqe.cid);
+        let data = match (hb, data) {
+            (Some(hb), Some(d)) if !d.is_empty() => Some((hb, d)),
+            _ => None,
+        };
+        self.waiting_responses.push_back(Response { cqe: bytes, data });
+        self.start_waiting();
+    }
+
+    pub(super) fn respond(&mut self, cqe: &Completion, data: &[u8]) {
+        let data = (!data.is_empty() && self.host_buffers.contains_key(&cqe.cid)).then(|| data.to_vec());
+        self.queue_response(cqe, data);
+    }
+
+    pub(super) fn respond_owned(&mut self, cqe: &Completion, data: Vec<u8>) {
+        self.queue_response(cqe, Some(data));
+    }
+
+    pub(super) fn take_read_buffer(&mut self) -> Vec<u8> {
+        self.read_pool.pop().unwrap_or_default()
+    }
+
+    pub(super) fn connected(&mut self, queue_size: u32) {
+        self.read_pool_limit = (queue_size as usize).min(self.layout.sends);
+    }
+
+    /// Work requests are posted as they are made, so there is nothing to push; reports a failed
+    /// queue pair so the connection ends.
+    pub(super) fn flush(&mut self) -> Result<(), String> {
+        match &self.failed {
+            Some(why) => Err(why.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Every completion is out (the host got it).
+    pub(super) fn drained(&self) -> bool {
+        self.failed.is_some() || (self.waiting_responses.is_empty() && self.sends_in_flight == 0)
+    }
+
+    pub(super) fn shutdown(&mut self) {
+        let _ = self.id.disconnect();
+    }
+}
