@@ -154,8 +154,9 @@ for line in sys.stdin:
   # nvmetro-tgt with NVMe/RDMA listeners, for the guest (the default build stays as it was:
   # building it again without the feature only relinks it).
   step "build nvmetro-tgt --features rdma (release) for the guest"
-  (cd "$REPO" && cargo build --release -q -p nvmetro-tgt --features rdma)
+  (cd "$REPO" && cargo build --release -q -p nvmetro-tgt --features rdma --bin nvmetro-tgt --example rdma_hostile_host)
   cp "$dir/release/nvmetro-tgt" "$LAB/share/nvmetro-tgt-rdma"
+  cp "$dir/release/examples/rdma_hostile_host" "$LAB/share/rdma_hostile_host"
   (cd "$REPO" && cargo build --release -q -p nvmetro-tgt)
   cat > "$LAB/share/job-rdma.sh" <<'EOF'
 echo "== RDMA: Soft-RoCE on eth0, then rdma_pingpong (nvmetro-ffi's verbs layer)"
@@ -199,6 +200,8 @@ bdev = "mal0"
 [[listener]]
 address = "10.0.2.15:4420"
 transport = "rdma"
+[[listener]]
+address = "10.0.2.15:4421"
 TOML
 RUST_LOG=info /mnt/share/nvmetro-tgt-rdma --config /tmp/rdma-tgt.toml > /tmp/rdma-tgt.log 2>&1 & TP=$!
 for i in $(seq 100); do grep -q listening /tmp/rdma-tgt.log && break; sleep 0.2; done
@@ -212,7 +215,7 @@ RD=$(nvme list | awk '/NVMETRO-RDMA-1/ {print $1}' | head -1); echo "NVMe/RDMA d
 nvme list-subsys
 fio --name=rdma8k --filename="$RD" --rw=randwrite --bs=8k --iodepth=1 --ioengine=libaio --direct=1 \
     --size=16m --time_based --runtime=10 --lat_percentiles=1 > /tmp/rdma-fio1.txt 2>&1 && grep -q 'err= 0' /tmp/rdma-fio1.txt && echo "CHECK rdma fio timed randwrite ok"
-echo "RDMAFIO $(grep -E 'write: IOPS=' /tmp/rdma-fio1.txt | head -1)"
+echo "FIGURE nvmetro-tgt NVMe/RDMA 8k randwrite QD1: $(grep -E 'write: IOPS=' /tmp/rdma-fio1.txt | head -1)"
 grep -E '50.00th|99.00th' /tmp/rdma-fio1.txt | head -2
 fio --name=rdmaverify --filename="$RD" --rw=randwrite --bs=8k --iodepth=8 --ioengine=libaio --direct=1 \
     --size=16m --verify=crc32c --do_verify=1 --verify_fatal=1 > /tmp/rdma-fio2.txt 2>&1; rc=$?
@@ -222,6 +225,25 @@ fio --name=rdmabig --filename="$RD" --offset=32m --rw=write --bs=128k --iodepth=
     --size=16m --verify=crc32c --do_verify=1 --verify_fatal=1 > /tmp/rdma-fio3.txt 2>&1 && grep -q 'err= 0' /tmp/rdma-fio3.txt && echo "CHECK rdma fio 128k write-then-verify ok"
 grep -E 'err=|IOPS=' /tmp/rdma-fio3.txt
 nvme disconnect -n $R && echo "CHECK rdma disconnect ok"
+echo "== the same target and namespace over NVMe/TCP in this guest, for the figure beside RDMA's"
+modprobe nvme-tcp
+nvme connect -t tcp -a 10.0.2.15 -s 4421 -n $R --hostnqn=$RH && sleep 2
+TD=$(nvme list | awk '/NVMETRO-RDMA-1/ {print $1}' | head -1)
+fio --name=tcp8k --filename="$TD" --rw=randwrite --bs=8k --iodepth=1 --ioengine=libaio --direct=1 \
+    --size=16m --time_based --runtime=10 --lat_percentiles=1 > /tmp/tcp-fio1.txt 2>&1
+echo "FIGURE nvmetro-tgt NVMe/TCP 8k randwrite QD1: $(grep -E 'write: IOPS=' /tmp/tcp-fio1.txt | head -1)"
+grep -E '50.00th|99.00th' /tmp/tcp-fio1.txt | head -2
+nvme disconnect -n $R
+echo "== NVMe/RDMA: a hostile host (bad private data, a too-long SGL, a wrong rkey, a host that vanishes)"
+timeout 120 /mnt/share/rdma_hostile_host 10.0.2.15:4420 $R; hrc=$?
+[ $hrc = 0 ] && echo "CHECK rdma hostile host cases ok"
+nvme connect -t rdma -a 10.0.2.15 -s 4420 -n $R --hostnqn=$RH && sleep 2
+RD=$(nvme list | awk '/NVMETRO-RDMA-1/ {print $1}' | head -1)
+# The 128k run's blocks (the TCP run above overwrote the first 16 MiB).
+fio --name=rdmabig --filename="$RD" --offset=32m --rw=write --bs=128k --iodepth=4 --ioengine=libaio --direct=1 \
+    --size=16m --verify=crc32c --verify_only --verify_fatal=1 > /tmp/rdma-fio4.txt 2>&1 && grep -q 'err= 0' /tmp/rdma-fio4.txt \
+  && echo "CHECK rdma data verifies after the hostile host"
+nvme disconnect -n $R
 echo "== NVMe/RDMA: an unknown host and an unknown subsystem are refused"
 nvme connect -t rdma -a 10.0.2.15 -s 4420 -n $R --hostnqn=nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-00000000bad1 > /tmp/rdma-bad1.txt 2>&1 \
   || echo "CHECK rdma unknown host refused"
@@ -232,6 +254,23 @@ kill -0 $TP && echo "CHECK rdma target alive after the refusals"
 kill -INT $TP; wait $TP
 echo "--- nvmetro-tgt (rdma) log"; tail -25 /tmp/rdma-tgt.log
 grep -q 'Connect refused' /tmp/rdma-tgt.log && echo "CHECK rdma refusals logged by the target"
+grep -q 'RDMA queue pair ends: the RDMA READ of a command.s data from the host failed' /tmp/rdma-tgt.log && echo "CHECK rdma wrong rkey logged by the target"
+grep -q 'NVMe/RDMA connect refused (invalid record format)' /tmp/rdma-tgt.log && echo "CHECK rdma bad private data logged by the target"
+echo "== Linux's own target, nvmet-rdma, on a RAM disk in this guest: the same fio, for comparison"
+modprobe configfs; mount -t configfs none /sys/kernel/config 2>/dev/null
+modprobe brd rd_nr=1 rd_size=65536; modprobe nvmet; modprobe nvmet-rdma
+C=/sys/kernel/config/nvmet; K=nqn.2026-11.io.nvmetro:kernel-rdma
+mkdir -p $C/subsystems/$K && echo 1 > $C/subsystems/$K/attr_allow_any_host
+mkdir -p $C/subsystems/$K/namespaces/1 && echo /dev/ram0 > $C/subsystems/$K/namespaces/1/device_path && echo 1 > $C/subsystems/$K/namespaces/1/enable
+mkdir -p $C/ports/2 && echo rdma > $C/ports/2/addr_trtype && echo ipv4 > $C/ports/2/addr_adrfam
+echo 10.0.2.15 > $C/ports/2/addr_traddr && echo 4430 > $C/ports/2/addr_trsvcid && ln -s $C/subsystems/$K $C/ports/2/subsystems/$K
+nvme connect -t rdma -a 10.0.2.15 -s 4430 -n $K && sleep 2
+KD=$(nvme list | awk '/Linux/ {print $1}' | head -1)
+fio --name=krdma8k --filename="$KD" --rw=randwrite --bs=8k --iodepth=1 --ioengine=libaio --direct=1 \
+    --size=16m --time_based --runtime=10 --lat_percentiles=1 > /tmp/krdma-fio1.txt 2>&1
+echo "FIGURE Linux nvmet-rdma 8k randwrite QD1: $(grep -E 'write: IOPS=' /tmp/krdma-fio1.txt | head -1)"
+grep -E '50.00th|99.00th' /tmp/krdma-fio1.txt | head -2
+nvme disconnect -n $K
 EOF
 }
 
@@ -259,6 +298,13 @@ rdma_checks() { # runs chk (defined by the caller) on the guest log
   chk "nvme-rdma: unknown subsystem refused" "CHECK rdma unknown subsystem refused"
   chk "nvme-rdma: target alive after the refusals" "CHECK rdma target alive after the refusals"
   chk "nvme-rdma: refusals logged" "CHECK rdma refusals logged by the target"
+  chk "nvme-rdma: hostile host: bad private data rejected with its status" "CASE bad-private-data: ok"
+  chk "nvme-rdma: hostile host: too-long SGL completed with SGL length invalid" "CASE too-long-sgl: ok"
+  chk "nvme-rdma: hostile host: wrong rkey ends only that queue pair" "CASE wrong-rkey: ok"
+  chk "nvme-rdma: hostile host: a host that vanishes mid-transfer" "CASE vanish: ok"
+  chk "nvme-rdma: data verifies after the hostile host" "CHECK rdma data verifies after the hostile host"
+  chk "nvme-rdma: wrong rkey logged" "CHECK rdma wrong rkey logged by the target"
+  chk "nvme-rdma: bad private data logged" "CHECK rdma bad private data logged by the target"
 }
 
 run_rdma() {

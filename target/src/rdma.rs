@@ -29,10 +29,14 @@ impl RdmaListener {
     /// Listens on `address`; fails with a message saying how to get an RDMA device when the
     /// address has none.
     pub fn bind(address: SocketAddr) -> anyhow::Result<RdmaListener> {
-        let channel = EventChannel::new()?;
-        let id = CmId::new(&channel)?;
-        id.set_reuse_addr(true)?;
-        id.listen(address, 1024).map_err(|e| anyhow::anyhow!("cannot listen for NVMe/RDMA on {address}: {e}"))?;
+        let listen = || {
+            let channel = EventChannel::new()?;
+            let id = CmId::new(&channel)?;
+            id.set_reuse_addr(true)?;
+            id.listen(address, 1024)?;
+            Ok::<_, nvmetro_ffi::rdma::RdmaError>((id, channel))
+        };
+        let (id, channel) = listen().map_err(|e| anyhow::anyhow!("cannot listen for NVMe/RDMA on {address}: {e}"))?;
         let address = id.local_addr().unwrap_or(address);
         Ok(RdmaListener { _id: id, channel, address })
     }

@@ -196,8 +196,8 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
     // Listeners, by address.
     for l in &new.listeners {
         match old.listeners.iter().find(|o| o.address == l.address) {
-            None if l.transport == nvmetro_conf::Transport::Rdma => {
-                p.refused.push(format!("adding listener {}: NVMe/RDMA listeners are not served yet", l.address));
+            None if l.transport == nvmetro_conf::Transport::Rdma && !cfg!(feature = "rdma") => {
+                p.refused.push(format!("adding listener {}: NVMe/RDMA needs nvmetro-tgt built with the `rdma` cargo feature", l.address));
             }
             Some(o) if o.transport != l.transport => {
                 p.refused.push(format!("listener {}: its transport cannot change on reload (remove it, reload, add it back)", l.address));
@@ -331,7 +331,14 @@ fn apply(t: &Target, p: Plan, new: Config) -> Result<Outcome, ReloadError> {
         opened.push(bdev);
     }
     let mut sockets = Vec::new();
+    #[cfg(feature = "rdma")]
+    let mut rdma_listeners = Vec::new();
     for l in &p.added_listeners {
+        #[cfg(feature = "rdma")]
+        if l.transport == nvmetro_conf::Transport::Rdma {
+            rdma_listeners.push(crate::rdma::RdmaListener::bind(l.address).map_err(|e| ReloadError::Prepare(format!("{e:#}")))?);
+            continue;
+        }
         sockets.push((l.address, crate::bind(l.address).map_err(|e| ReloadError::Prepare(format!("{e:#}")))?));
     }
     // 2. New bdevs and listener slots.
@@ -444,6 +451,22 @@ fn apply(t: &Target, p: Plan, new: Config) -> Result<Outcome, ReloadError> {
                     tracing::error!(%address, "cannot serve the new listener: {e}");
                 } else {
                     tracing::info!(%address, "listening (added by reload)");
+                }
+            }));
+        }
+    }
+    #[cfg(feature = "rdma")]
+    for l in rdma_listeners {
+        if let Some(r0) = reactors.first() {
+            let address = l.address;
+            let kind = crate::conn::ListenerKind::Subsystems(
+                t.listener_slots.load().iter().position(|a| *a == address).expect("slot added above"),
+            );
+            r0.send(Box::new(move |r| {
+                if let Err(e) = r.add_rdma_listener(l, kind) {
+                    tracing::error!(%address, "cannot serve the new NVMe/RDMA listener: {e}");
+                } else {
+                    tracing::info!(%address, transport = "rdma", "listening (added by reload)");
                 }
             }));
         }

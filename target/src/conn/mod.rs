@@ -419,7 +419,8 @@ impl Conn {
             }
             let view = ctx.target.discovery.view_for(&req.hostnqn, &ctx.target.subsystems());
             let cntlid = ctx.target.next_discovery_cntlid();
-            let ctrl = Controller::new(cntlid, &req, &view, ctx.now_ms);
+            let mut ctrl = Controller::new(cntlid, &req, &view, ctx.now_ms);
+            ctrl.set_keyed_sgls(self.is_rdma());
             tracing::info!(peer = %self.peer, host = %req.hostnqn, cntlid, "discovery controller connected");
             self.role = Role::Admin(Box::new(AdminQueue {
                 ctrl,
