@@ -259,7 +259,7 @@ impl Reactor {
             match outcome {
                 CmOutcome::Accepted { wire, peer, token, kind } => {
                     tracing::debug!(%peer, reactor = self.index, "RDMA connection accepted");
-                    self.conns.insert(token, Conn::rdma(token, wire, peer, kind, limits));
+                    self.conns.insert(token, Conn::rdma(token, *wire, peer, kind, limits));
                 }
                 CmOutcome::Ended(token, why) => {
                     if let Some(c) = self.conns.get_mut(&token) {

@@ -157,7 +157,7 @@ pub struct ConnLimits {
 enum Wire {
     Tcp(TcpWire),
     #[cfg(feature = "rdma")]
-    Rdma(Box<rdma::RdmaWire>),
+    Rdma(rdma::RdmaWire),
 }
 
 impl Wire {
@@ -229,7 +229,7 @@ impl Conn {
 
     /// A queue pair accepted on an NVMe/RDMA listener.
     #[cfg(feature = "rdma")]
-    pub fn rdma(token: u32, wire: Box<rdma::RdmaWire>, peer: SocketAddr, listener: ListenerKind, limits: ConnLimits) -> Conn {
+    pub fn rdma(token: u32, wire: rdma::RdmaWire, peer: SocketAddr, listener: ListenerKind, limits: ConnLimits) -> Conn {
         Conn::with_wire(token, Wire::Rdma(wire), peer, listener, limits)
     }
 
