@@ -184,7 +184,7 @@ R=nqn.2026-11.io.nvmetro:rdma; RH=nqn.2014-08.org.nvmexpress:uuid:6c0a5b8e-0d1b-
 modprobe nvme-rdma && echo "CHECK rdma nvme-rdma loaded"
 cat > /tmp/rdma-tgt.toml <<TOML
 [target]
-cores = [0]
+cores = [0, 1]
 poll_mode = "adaptive"
 [[bdev]]
 name = "mal0"
@@ -203,7 +203,7 @@ transport = "rdma"
 [[listener]]
 address = "10.0.2.15:4421"
 TOML
-RUST_LOG=info /mnt/share/nvmetro-tgt-rdma --config /tmp/rdma-tgt.toml > /tmp/rdma-tgt.log 2>&1 & TP=$!
+NVMETRO_LOG=info,nvmetro_tgt::reactor=debug /mnt/share/nvmetro-tgt-rdma --config /tmp/rdma-tgt.toml > /tmp/rdma-tgt.log 2>&1 & TP=$!
 for i in $(seq 100); do grep -q listening /tmp/rdma-tgt.log && break; sleep 0.2; done
 grep -q 'rdma' /tmp/rdma-tgt.log && grep -q listening /tmp/rdma-tgt.log && echo "CHECK rdma target listening"
 nvme discover -t rdma -a 10.0.2.15 -s 4420 --hostnqn=$RH > /tmp/rdma-disc.txt 2>&1; drc=$?
@@ -254,6 +254,9 @@ kill -0 $TP && echo "CHECK rdma target alive after the refusals"
 kill -INT $TP; wait $TP
 echo "--- nvmetro-tgt (rdma) log"; tail -25 /tmp/rdma-tgt.log
 grep -q 'Connect refused' /tmp/rdma-tgt.log && echo "CHECK rdma refusals logged by the target"
+grep -E 'RDMA connection accepted' /tmp/rdma-tgt.log | sed 's/.*reactor=/reactor /' | sort | uniq -c
+grep -q 'RDMA connection accepted.*reactor=0' /tmp/rdma-tgt.log && grep -q 'RDMA connection accepted.*reactor=1' /tmp/rdma-tgt.log \
+  && echo "CHECK rdma queue pairs served on both reactors"
 grep -q 'RDMA queue pair ends: the RDMA READ of a command.s data from the host failed' /tmp/rdma-tgt.log && echo "CHECK rdma wrong rkey logged by the target"
 grep -q 'NVMe/RDMA connect refused (invalid record format)' /tmp/rdma-tgt.log && echo "CHECK rdma bad private data logged by the target"
 echo "== Linux's own target, nvmet-rdma, on a RAM disk in this guest: the same fio, for comparison"
@@ -298,6 +301,7 @@ rdma_checks() { # runs chk (defined by the caller) on the guest log
   chk "nvme-rdma: unknown subsystem refused" "CHECK rdma unknown subsystem refused"
   chk "nvme-rdma: target alive after the refusals" "CHECK rdma target alive after the refusals"
   chk "nvme-rdma: refusals logged" "CHECK rdma refusals logged by the target"
+  chk "nvme-rdma: queue pairs spread over both reactors" "CHECK rdma queue pairs served on both reactors"
   chk "nvme-rdma: hostile host: bad private data rejected with its status" "CASE bad-private-data: ok"
   chk "nvme-rdma: hostile host: too-long SGL completed with SGL length invalid" "CASE too-long-sgl: ok"
   chk "nvme-rdma: hostile host: wrong rkey ends only that queue pair" "CASE wrong-rkey: ok"

@@ -34,8 +34,15 @@ pub fn serve(listener: TcpListener, target: Arc<Target>) -> std::io::Result<Sock
             let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(2)));
             // One scraper that stops reading must not hold the others up.
             let _ = conn.set_write_timeout(Some(std::time::Duration::from_secs(2)));
-            let mut req = [0u8; 1024];
-            let n = conn.read(&mut req).unwrap_or(0);
+            // The request may come in pieces: read until the end of its headers (or 4 KiB).
+            let mut req = [0u8; 4096];
+            let mut n = 0;
+            while n < req.len() && !req[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut req[n..]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(got) => n += got,
+                }
+            }
             let req = String::from_utf8_lossy(&req[..n]);
             let ok = req.starts_with("GET /metrics") || req.starts_with("GET / ");
             let openmetrics =

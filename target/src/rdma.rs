@@ -3,9 +3,10 @@
 //! ([`RdmaWire`]), and the descriptors that wake a parked reactor: each listener's rdma_cm
 //! event channel and one completion channel per RDMA device, shared by the queue pairs' CQs.
 //!
-//! A listener's queue pairs are served by the reactor that holds the listener: rdma_cm reports
-//! every event of a connection on its listener's channel, and moving a connection to another
-//! reactor's channel (rdma_migrate_id) is not done yet.
+//! Connect requests are checked on the listener's reactor and handed out round-robin, as TCP
+//! connections are: the serving reactor moves the rdma_cm id to its own event channel
+//! (rdma_migrate_id), so that the connection's later events (established, disconnected) reach
+//! it, and creates the queue pair on its own completion channel (SPDK's poll groups).
 
 use crate::conn::rdma::RdmaWire;
 use crate::conn::ListenerKind;
@@ -53,10 +54,26 @@ struct Port {
     channel: Arc<CompletionChannel>,
 }
 
-/// What happened on a listener's event channel.
+/// A checked connect request, to be accepted by the reactor that will serve it.
+pub struct Handoff {
+    id: CmId,
+    req: ConnectRequest,
+    pub kind: ListenerKind,
+}
+
+/// Where rdma_cm events are read from.
+#[derive(Debug, Clone, Copy)]
+pub enum CmSource {
+    Listener(usize),
+    /// The reactor's own channel, of the connections handed to it.
+    Own,
+}
+
+/// What happened on an event channel.
 pub enum CmOutcome {
-    /// A queue pair to serve, under `token`.
-    Accepted { wire: Box<RdmaWire>, peer: SocketAddr, token: u32, kind: ListenerKind },
+    /// A connect request whose private data is good: accept it here or hand it to another
+    /// reactor ([`RdmaReactor::accept`]).
+    Request(Handoff),
     /// The connection with this token ended (the host disconnected, the device went away).
     Ended(u32, &'static str),
 }
@@ -65,6 +82,7 @@ pub enum CmOutcome {
 #[derive(Default)]
 pub struct RdmaReactor {
     listeners: Vec<Option<(RdmaListener, ListenerKind)>>,
+    own: Option<Arc<EventChannel>>,
     devices: Option<Vec<Device>>,
     ports: Vec<Port>,
     by_id: HashMap<CmHandle, u32>,
@@ -102,80 +120,80 @@ impl RdmaReactor {
         tokens
     }
 
-    /// Takes the events of listener `index`: connect requests are checked and accepted (with
-    /// `register_port` called for a device seen for the first time, with its index), ends are
-    /// reported by token. `next_token` hands out the accepted connections' tokens.
-    pub fn cm_events(
-        &mut self,
-        index: usize,
-        io_in_capsule: usize,
-        mut next_token: impl FnMut() -> u32,
-        mut register_port: impl FnMut(usize, RawFd),
-    ) -> Vec<CmOutcome> {
+    /// The reactor's own event channel, made on first use (`register` gets its descriptor).
+    pub fn own_channel(&mut self, register: impl FnOnce(RawFd)) -> Result<Arc<EventChannel>, String> {
+        if let Some(ch) = &self.own {
+            return Ok(ch.clone());
+        }
+        let ch = EventChannel::new().map_err(|e| e.to_string())?;
+        register(ch.fd().as_raw_fd());
+        self.own = Some(ch.clone());
+        Ok(ch)
+    }
+
+    /// Takes the events of `source`: good connect requests are returned to be placed, bad ones
+    /// rejected here; ends are reported by token.
+    pub fn cm_events(&mut self, source: CmSource) -> Vec<CmOutcome> {
         let mut out = Vec::new();
         loop {
-            let Some(Some((l, kind))) = self.listeners.get(index) else { return out };
-            let kind = *kind;
-            let ev = match l.channel.get_event() {
+            let (channel, kind) = match source {
+                CmSource::Listener(i) => match self.listeners.get(i) {
+                    Some(Some((l, kind))) => (l.channel.clone(), Some(*kind)),
+                    _ => return out,
+                },
+                CmSource::Own => match &self.own {
+                    Some(ch) => (ch.clone(), None),
+                    None => return out,
+                },
+            };
+            let ev = match channel.get_event() {
                 Ok(Some(ev)) => ev,
                 Ok(None) => return out,
                 Err(e) => {
-                    tracing::warn!(address = %l.address, "rdma_cm event channel: {e}");
+                    tracing::warn!(?source, "rdma_cm event channel: {e}");
                     return out;
                 }
             };
             use nvmetro_ffi::rdma::CmEventKind as K;
-            match ev.kind {
-                K::ConnectRequest => {
-                    if let Some((wire, peer)) = self.accept(ev, io_in_capsule, &mut register_port) {
-                        let token = next_token();
-                        self.by_id.insert(wire.cm_handle(), token);
-                        self.by_cq.insert(wire.cq().handle(), token);
-                        self.tokens.push(token);
-                        out.push(CmOutcome::Accepted { wire, peer, token, kind });
-                    }
-                }
-                K::Established => {
-                    tracing::debug!(token = ?self.by_id.get(&ev.id), "RDMA connection established");
-                }
-                K::Disconnected => {
-                    if let Some(&t) = self.by_id.get(&ev.id) {
-                        out.push(CmOutcome::Ended(t, "host disconnected (RDMA)"));
-                    }
-                }
-                K::DeviceRemoval => {
-                    if let Some(&t) = self.by_id.get(&ev.id) {
-                        out.push(CmOutcome::Ended(t, "RDMA device removed"));
-                    }
-                }
+            match (ev.kind, kind) {
+                (K::ConnectRequest, Some(kind)) => out.extend(check(ev).map(|(id, req)| CmOutcome::Request(Handoff { id, req, kind }))),
+                (K::Established, _) => tracing::debug!(token = ?self.by_id.get(&ev.id), "RDMA connection established"),
+                (K::Disconnected, _) => out.extend(self.by_id.get(&ev.id).map(|&t| CmOutcome::Ended(t, "host disconnected (RDMA)"))),
+                (K::DeviceRemoval, _) => out.extend(self.by_id.get(&ev.id).map(|&t| CmOutcome::Ended(t, "RDMA device removed"))),
                 _ => {}
             }
         }
     }
 
-    fn accept(
+    /// Accepts a checked connect request on this reactor: `migrate` when it arrived on another
+    /// reactor's listener (the id moves to this reactor's channel, made through `register_cm`).
+    /// Returns the wire and the host's address, or None (refused, and logged).
+    pub fn accept(
         &mut self,
-        ev: CmEvent,
+        h: Handoff,
+        migrate: bool,
         io_in_capsule: usize,
-        register_port: &mut impl FnMut(usize, RawFd),
+        token: u32,
+        register_cm: impl FnOnce(RawFd),
+        register_port: impl FnOnce(usize, RawFd),
     ) -> Option<(Box<RdmaWire>, SocketAddr)> {
-        let id = ev.request?;
-        let peer = id.peer_addr().unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let reject = |id: &CmId, status: RejectStatus, why: String| {
-            tracing::warn!(%peer, "NVMe/RDMA connect refused ({status}): {why}");
-            let _ = id.reject(&Reject(status).encode());
+        let Handoff { mut id, req, .. } = h;
+        let peer = peer_of(&id);
+        let refuse = |id: &CmId, why: String| {
+            tracing::warn!(%peer, qid = req.qid, "NVMe/RDMA connect refused: {why}");
+            let _ = id.reject(&Reject(RejectStatus::NoResources).encode());
         };
-        let req = match ConnectRequest::parse(&ev.private_data) {
-            Ok(r) => r,
-            Err(status) => {
-                reject(&id, status, format!("private data {:02x?}", &ev.private_data[..ev.private_data.len().min(32)]));
+        if migrate {
+            let moved = self.own_channel(register_cm).and_then(|ch| id.migrate(&ch).map_err(|e| e.to_string()));
+            if let Err(e) = moved {
+                refuse(&id, format!("cannot move the connection to this reactor: {e}"));
                 return None;
             }
-        };
+        }
         let port = match self.port_for(&id, register_port) {
             Ok(p) => p,
             Err(e) => {
-                reject(&id, RejectStatus::NoResources, e);
+                refuse(&id, e);
                 return None;
             }
         };
@@ -185,6 +203,9 @@ impl RdmaReactor {
         match RdmaWire::accept(id, &p.pd, &p.channel, req.qid, depth, in_capsule, peer) {
             Ok(w) => {
                 tracing::debug!(%peer, qid = req.qid, depth, device = p.device.name(), "NVMe/RDMA queue pair accepted");
+                self.by_id.insert(w.cm_handle(), token);
+                self.by_cq.insert(w.cq().handle(), token);
+                self.tokens.push(token);
                 Some((Box::new(w), peer))
             }
             Err(e) => {
@@ -196,7 +217,7 @@ impl RdmaReactor {
 
     /// The port of the device `id` is on, made the first time (its completion channel is
     /// registered through `register_port`).
-    fn port_for(&mut self, id: &CmId, register_port: &mut impl FnMut(usize, RawFd)) -> Result<usize, String> {
+    fn port_for(&mut self, id: &CmId, register_port: impl FnOnce(usize, RawFd)) -> Result<usize, String> {
         if let Some(i) = self.ports.iter().position(|p| id.is_on(&p.device)) {
             return Ok(i);
         }
@@ -218,5 +239,23 @@ impl RdmaReactor {
         self.by_id.remove(&wire.cm_handle());
         self.by_cq.remove(&wire.cq().handle());
         self.tokens.retain(|&t| t != token);
+    }
+}
+
+fn peer_of(id: &CmId) -> SocketAddr {
+    id.peer_addr().unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+/// Checks a connect request's private data; refuses it (with the NVMe/RDMA status) if bad.
+fn check(ev: CmEvent) -> Option<(CmId, ConnectRequest)> {
+    let id = ev.request?;
+    match ConnectRequest::parse(&ev.private_data) {
+        Ok(req) => Some((id, req)),
+        Err(status) => {
+            let shown = &ev.private_data[..ev.private_data.len().min(32)];
+            tracing::warn!(peer = %peer_of(&id), "NVMe/RDMA connect refused ({status}): private data {shown:02x?}");
+            let _ = id.reject(&Reject(status).encode());
+            None
+        }
     }
 }

@@ -40,6 +40,9 @@ const RDMA_CM_BASE: usize = 1 << 43;
 /// An RDMA device's completion channel, by device.
 #[cfg(feature = "rdma")]
 const RDMA_CC_BASE: usize = 1 << 44;
+/// The reactor's own rdma_cm event channel (of the RDMA connections handed to it).
+#[cfg(feature = "rdma")]
+const RDMA_OWN_CM: usize = RDMA_CC_BASE - 1;
 const TIMER: Token = Token(usize::MAX - 1);
 const TICK: Duration = Duration::from_millis(100);
 /// How long an idle reactor that has its core to itself keeps polling before it parks.
@@ -237,29 +240,21 @@ impl Reactor {
         self.poll.registry().register(&mut mio::unix::SourceFd(&fd), Token(RDMA_CM_BASE + index), Interest::READABLE)
     }
 
-    /// Connect requests and connection ends on RDMA listener `index`.
+    /// Connect requests (handed out round-robin over the reactors) and connection ends.
     #[cfg(feature = "rdma")]
-    fn rdma_cm_events(&mut self, index: usize, dirty: &mut Vec<u32>) {
+    fn rdma_cm_events(&mut self, source: crate::rdma::CmSource, dirty: &mut Vec<u32>) {
         use crate::rdma::CmOutcome;
-        let cfg = self.target.config();
-        let limits = ConnLimits { io_in_capsule: cfg.in_capsule_data_size, maxh2cdata: cfg.max_h2c_data_size };
-        let next = &mut self.next_token;
-        let registry = self.poll.registry();
-        let next_token = || {
-            let t = *next;
-            *next = next.wrapping_add(1).max(1);
-            t
-        };
-        let register = |port: usize, fd: RawFd| {
-            if let Err(e) = registry.register(&mut mio::unix::SourceFd(&fd), Token(RDMA_CC_BASE + port), Interest::READABLE) {
-                tracing::error!("cannot register an RDMA completion channel: {e}");
-            }
-        };
-        for outcome in self.rdma.cm_events(index, limits.io_in_capsule, next_token, register) {
+        for outcome in self.rdma.cm_events(source) {
             match outcome {
-                CmOutcome::Accepted { wire, peer, token, kind } => {
-                    tracing::debug!(%peer, reactor = self.index, "RDMA connection accepted");
-                    self.conns.insert(token, Conn::rdma(token, *wire, peer, kind, limits));
+                CmOutcome::Request(h) => {
+                    let handles = self.target.reactors();
+                    self.next_reactor = (self.next_reactor + 1) % handles.len().max(1);
+                    let dest = self.next_reactor;
+                    if dest == self.index || handles.is_empty() {
+                        self.adopt_rdma(h, false);
+                    } else {
+                        handles[dest].send(Box::new(move |r: &mut Reactor| r.adopt_rdma(h, true)));
+                    }
                 }
                 CmOutcome::Ended(token, why) => {
                     if let Some(c) = self.conns.get_mut(&token) {
@@ -268,6 +263,34 @@ impl Reactor {
                     }
                 }
             }
+        }
+    }
+
+    /// Serves an RDMA connect request here (`migrate`: it came from another reactor's listener).
+    #[cfg(feature = "rdma")]
+    fn adopt_rdma(&mut self, h: crate::rdma::Handoff, migrate: bool) {
+        let cfg = self.target.config();
+        let limits = ConnLimits { io_in_capsule: cfg.in_capsule_data_size, maxh2cdata: cfg.max_h2c_data_size };
+        let token = self.next_token;
+        self.next_token = self.next_token.wrapping_add(1).max(1);
+        let registry = self.poll.registry();
+        let register = |fd: RawFd, token: usize, what: &str| {
+            if let Err(e) = registry.register(&mut mio::unix::SourceFd(&fd), Token(token), Interest::READABLE) {
+                tracing::error!("cannot register {what}: {e}");
+            }
+        };
+        let kind = h.kind;
+        let accepted = self.rdma.accept(
+            h,
+            migrate,
+            limits.io_in_capsule,
+            token,
+            |fd| register(fd, RDMA_OWN_CM, "the reactor's rdma_cm channel"),
+            |port, fd| register(fd, RDMA_CC_BASE + port, "an RDMA completion channel"),
+        );
+        if let Some((wire, peer)) = accepted {
+            tracing::debug!(%peer, reactor = self.index, "RDMA connection accepted");
+            self.conns.insert(token, Conn::rdma(token, *wire, peer, kind, limits));
         }
     }
 
@@ -433,7 +456,9 @@ impl Reactor {
                 #[cfg(feature = "rdma")]
                 if (RDMA_CM_BASE..RDMA_CC_BASE).contains(&t) {
                     work += 1;
-                    self.rdma_cm_events(t - RDMA_CM_BASE, &mut dirty);
+                    let source =
+                        if t == RDMA_OWN_CM { crate::rdma::CmSource::Own } else { crate::rdma::CmSource::Listener(t - RDMA_CM_BASE) };
+                    self.rdma_cm_events(source, &mut dirty);
                     continue;
                 }
                 #[cfg(feature = "rdma")]

@@ -13,7 +13,7 @@ use std::time::Duration;
 /// A GET on 127.0.0.1 (HTTP/1.0: no chunked answers): the status line and the body.
 fn fetch(addr: SocketAddr, path: &str) -> std::io::Result<(String, String)> {
     let mut s = TcpStream::connect(addr)?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));

@@ -322,6 +322,19 @@ impl CmId {
         Ok(())
     }
 
+    /// Moves this id to `channel`: its events from now on, and those not yet taken, are
+    /// reported there (a connection accepted by one reactor and served by another).
+    pub fn migrate(&mut self, channel: &Arc<EventChannel>) -> Result<(), RdmaError> {
+        // SAFETY: the id and both channels are live (the id holds its current channel; `channel`
+        // is borrowed); every event taken from the old channel was acknowledged when taken, as
+        // rdma_migrate_id requires.
+        if unsafe { sys::rdma_migrate_id(self.id.as_ptr(), channel.ch.as_ptr()) } != 0 {
+            return Err(os_error("rdma_migrate_id"));
+        }
+        self._channel = channel.clone();
+        Ok(())
+    }
+
     /// Binds to `addr` (port 0: any free port) and listens; connect requests arrive as events.
     pub fn listen(&self, addr: SocketAddr, backlog: i32) -> Result<(), RdmaError> {
         let (mut sa, _) = sockaddr_of(&addr);
