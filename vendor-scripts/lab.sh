@@ -157,7 +157,9 @@ for line in sys.stdin:
   (cd "$REPO" && cargo build --release -q -p nvmetro-tgt --features rdma --bin nvmetro-tgt --example rdma_hostile_host)
   cp "$dir/release/nvmetro-tgt" "$LAB/share/nvmetro-tgt-rdma"
   cp "$dir/release/examples/rdma_hostile_host" "$LAB/share/rdma_hostile_host"
-  (cd "$REPO" && cargo build --release -q -p nvmetro-tgt)
+  (cd "$REPO" && cargo build --release -q -p nvmetro-perf --features rdma --bin nvmetro-perf)
+  cp "$dir/release/nvmetro-perf" "$LAB/share/nvmetro-perf-rdma"
+  (cd "$REPO" && cargo build --release -q -p nvmetro-tgt -p nvmetro-perf)
   cat > "$LAB/share/job-rdma.sh" <<'EOF'
 echo "== RDMA: Soft-RoCE on eth0, then rdma_pingpong (nvmetro-ffi's verbs layer)"
 modprobe rdma_rxe && modprobe ib_uverbs && modprobe rdma_ucm && echo "CHECK rdma modules loaded"
@@ -197,6 +199,13 @@ allowed_hosts = ["$RH"]
 [[subsystem.namespace]]
 nsid = 1
 bdev = "mal0"
+[[bdev]]
+name = "mal1"
+kind = "malloc"
+size = "32MiB"
+[[subsystem.namespace]]
+nsid = 2
+bdev = "mal1"
 [[listener]]
 address = "10.0.2.15:4420"
 transport = "rdma"
@@ -225,6 +234,9 @@ fio --name=rdmabig --filename="$RD" --offset=32m --rw=write --bs=128k --iodepth=
     --size=16m --verify=crc32c --do_verify=1 --verify_fatal=1 > /tmp/rdma-fio3.txt 2>&1 && grep -q 'err= 0' /tmp/rdma-fio3.txt && echo "CHECK rdma fio 128k write-then-verify ok"
 grep -E 'err=|IOPS=' /tmp/rdma-fio3.txt
 nvme disconnect -n $R && echo "CHECK rdma disconnect ok"
+echo "== nvmetro-perf --transport rdma --verify against nvmetro-tgt (namespace 2, never written)"
+timeout 120 /mnt/share/nvmetro-perf-rdma --transport rdma --addr 10.0.2.15:4420 --nqn $R --hostnqn $RH --nsid 2 \
+  --rw randrw --bs 8k --qd 8 --time 5s --ramp 0s --verify --quiet && echo "CHECK nvmetro-perf rdma verify against nvmetro-tgt ok"
 echo "== the same target and namespace over NVMe/TCP in this guest, for the figure beside RDMA's"
 modprobe nvme-tcp
 nvme connect -t tcp -a 10.0.2.15 -s 4421 -n $R --hostnqn=$RH && sleep 2
@@ -261,10 +273,13 @@ grep -q 'RDMA queue pair ends: the RDMA READ of a command.s data from the host f
 grep -q 'NVMe/RDMA connect refused (invalid record format)' /tmp/rdma-tgt.log && echo "CHECK rdma bad private data logged by the target"
 echo "== Linux's own target, nvmet-rdma, on a RAM disk in this guest: the same fio, for comparison"
 modprobe configfs; mount -t configfs none /sys/kernel/config 2>/dev/null
-modprobe brd rd_nr=1 rd_size=65536; modprobe nvmet; modprobe nvmet-rdma
+modprobe nvmet; modprobe nvmet-rdma
+# A file in tmpfs of its own (buffered: tmpfs has no O_DIRECT), whatever else uses ram disks.
+truncate -s 64M /tmp/krdma.img
 C=/sys/kernel/config/nvmet; K=nqn.2026-11.io.nvmetro:kernel-rdma
 mkdir -p $C/subsystems/$K && echo 1 > $C/subsystems/$K/attr_allow_any_host
-mkdir -p $C/subsystems/$K/namespaces/1 && echo /dev/ram0 > $C/subsystems/$K/namespaces/1/device_path && echo 1 > $C/subsystems/$K/namespaces/1/enable
+mkdir -p $C/subsystems/$K/namespaces/1 && echo /tmp/krdma.img > $C/subsystems/$K/namespaces/1/device_path
+echo 1 > $C/subsystems/$K/namespaces/1/buffered_io && echo 1 > $C/subsystems/$K/namespaces/1/enable
 mkdir -p $C/ports/2 && echo rdma > $C/ports/2/addr_trtype && echo ipv4 > $C/ports/2/addr_adrfam
 echo 10.0.2.15 > $C/ports/2/addr_traddr && echo 4430 > $C/ports/2/addr_trsvcid && ln -s $C/subsystems/$K $C/ports/2/subsystems/$K
 nvme connect -t rdma -a 10.0.2.15 -s 4430 -n $K && sleep 2
@@ -274,6 +289,10 @@ fio --name=krdma8k --filename="$KD" --rw=randwrite --bs=8k --iodepth=1 --ioengin
 echo "FIGURE Linux nvmet-rdma 8k randwrite QD1: $(grep -E 'write: IOPS=' /tmp/krdma-fio1.txt | head -1)"
 grep -E '50.00th|99.00th' /tmp/krdma-fio1.txt | head -2
 nvme disconnect -n $K
+echo "== nvmetro-perf --transport rdma --verify against Linux's nvmet-rdma"
+truncate -s 0 /tmp/krdma.img; truncate -s 64M /tmp/krdma.img
+timeout 120 /mnt/share/nvmetro-perf-rdma --transport rdma --addr 10.0.2.15:4430 --nqn $K \
+  --rw randrw --bs 8k --qd 8 --time 5s --ramp 0s --verify --quiet && echo "CHECK nvmetro-perf rdma verify against nvmet-rdma ok"
 EOF
 }
 
@@ -302,6 +321,8 @@ rdma_checks() { # runs chk (defined by the caller) on the guest log
   chk "nvme-rdma: target alive after the refusals" "CHECK rdma target alive after the refusals"
   chk "nvme-rdma: refusals logged" "CHECK rdma refusals logged by the target"
   chk "nvme-rdma: queue pairs spread over both reactors" "CHECK rdma queue pairs served on both reactors"
+  chk "nvmetro-perf --transport rdma --verify against nvmetro-tgt" "CHECK nvmetro-perf rdma verify against nvmetro-tgt ok"
+  chk "nvmetro-perf --transport rdma --verify against Linux nvmet-rdma" "CHECK nvmetro-perf rdma verify against nvmet-rdma ok"
   chk "nvme-rdma: hostile host: bad private data rejected with its status" "CASE bad-private-data: ok"
   chk "nvme-rdma: hostile host: too-long SGL completed with SGL length invalid" "CASE too-long-sgl: ok"
   chk "nvme-rdma: hostile host: wrong rkey ends only that queue pair" "CASE wrong-rkey: ok"

@@ -1,13 +1,17 @@
-//! The nvmetro initiator: an NVMe/TCP host built on the sans-IO machines of `nvmetro-proto`.
+//! The nvmetro initiator: an NVMe/TCP host built on the sans-IO machines of `nvmetro-proto`,
+//! and with the `rdma` feature an NVMe/RDMA host ([`rdma`]).
 //!
 //! [`Host::connect`] performs what a Linux host does (ICReq, admin Connect, CC.EN, Identify,
-//! number of queues, I/O queue Connects). Each [`Queue`] is one TCP connection; commands are
+//! number of queues, I/O queue Connects). Each [`Queue`] is one TCP connection or RDMA queue
+//! pair; commands are
 //! submitted without waiting and completions collected with [`Queue::poll`] (busy polling) or
 //! [`Queue::wait_any`] (blocking), so a load generator can keep any queue depth in flight.
 
 pub mod echo;
 pub mod load;
 pub mod paths;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod report;
 
 use nvmetro_proto::cmds;
@@ -55,6 +59,8 @@ pub struct ConnectOptions {
     /// Ask I/O queues to run without SQ flow control (the target may then end reads with a
     /// C2HData SUCCESS flag instead of a response capsule).
     pub disable_sq_flow_control: bool,
+    /// NVMe/RDMA instead of NVMe/TCP (needs the `rdma` feature).
+    pub rdma: bool,
 }
 
 impl ConnectOptions {
@@ -71,6 +77,7 @@ impl ConnectOptions {
             busy_poll: false,
             timeout: Duration::from_secs(10),
             disable_sq_flow_control: true,
+            rdma: false,
         }
     }
 }
@@ -86,40 +93,54 @@ pub const READ_TICK: Duration = Duration::from_millis(50);
 /// so no read costs more than one system call.
 #[derive(Debug)]
 pub struct Queue {
+    link: Link,
+    next_cid: u16,
+    done: HashMap<u16, (Completion, Vec<u8>)>,
+    busy_poll: bool,
+    timeout: Duration,
+    pub qid: u16,
+}
+
+/// What carries a queue's commands.
+#[derive(Debug)]
+enum Link {
+    Tcp(Box<TcpLink>),
+    #[cfg(feature = "rdma")]
+    Rdma(Box<rdma::RdmaQueue>),
+}
+
+#[derive(Debug)]
+struct TcpLink {
     sock: TcpStream,
     transport: HostTransport,
     rx: Vec<u8>,
     rx_len: usize,
     tx: Vec<u8>,
-    next_cid: u16,
-    done: HashMap<u16, (Completion, Vec<u8>)>,
-    busy_poll: bool,
-    timeout: Duration,
     events: Vec<HostEvent>,
-    pub qid: u16,
 }
 
 impl Queue {
-    /// Opens the TCP connection and completes the ICReq/ICResp exchange.
+    /// Opens the TCP connection and completes the ICReq/ICResp exchange, or connects the RDMA
+    /// queue pair.
     pub fn open(opts: &ConnectOptions, qid: u16, in_capsule: usize) -> Result<Queue, HostError> {
+        if opts.rdma {
+            #[cfg(feature = "rdma")]
+            {
+                let depth = if qid == 0 { 32 } else { opts.queue_size };
+                let q = rdma::RdmaQueue::open(opts.addr, qid, depth, opts.timeout)?;
+                let link = Link::Rdma(Box::new(q));
+                return Ok(Queue { link, next_cid: 1, done: HashMap::new(), busy_poll: opts.busy_poll, timeout: opts.timeout, qid });
+            }
+            #[cfg(not(feature = "rdma"))]
+            return Err(HostError::Io(io::Error::other("NVMe/RDMA needs nvmetro-perf built with the `rdma` cargo feature")));
+        }
         let sock = TcpStream::connect_timeout(&opts.addr, opts.timeout).map_err(|source| HostError::Connect { addr: opts.addr, source })?;
         sock.set_nodelay(true)?;
         sock.set_read_timeout(Some(READ_TICK))?;
         let mut tx = Vec::new();
         let transport = HostTransport::new(opts.digests, in_capsule, &mut tx);
-        let mut q = Queue {
-            sock,
-            transport,
-            rx: vec![0; 1 << 20],
-            rx_len: 0,
-            tx,
-            next_cid: 1,
-            done: HashMap::new(),
-            busy_poll: false,
-            timeout: opts.timeout,
-            events: Vec::new(),
-            qid,
-        };
+        let link = Link::Tcp(Box::new(TcpLink { sock, transport, rx: vec![0; 1 << 20], rx_len: 0, tx, events: Vec::new() }));
+        let mut q = Queue { link, next_cid: 1, done: HashMap::new(), busy_poll: false, timeout: opts.timeout, qid };
         q.flush()?;
         let deadline = Instant::now() + opts.timeout;
         let mut events = Vec::new();
@@ -127,20 +148,46 @@ impl Queue {
             if Instant::now() > deadline {
                 return Err(HostError::Timeout);
             }
-            q.read_once(true, &mut events)?;
+            q.tcp()?.read_once(true, false, &mut events)?;
         }
         q.busy_poll = opts.busy_poll;
-        q.sock.set_nonblocking(opts.busy_poll)?;
+        q.tcp()?.sock.set_nonblocking(opts.busy_poll)?;
         Ok(q)
     }
 
-    pub fn outstanding(&self) -> usize {
-        self.transport.outstanding()
+    fn tcp(&mut self) -> Result<&mut TcpLink, HostError> {
+        match &mut self.link {
+            Link::Tcp(t) => Ok(t),
+            #[cfg(feature = "rdma")]
+            Link::Rdma(_) => Err(HostError::Io(io::Error::other("not a TCP queue"))),
+        }
     }
 
-    /// The socket, for waiting on several queues at once ([`nvmetro_ffi::wait_readable`]).
+    pub fn outstanding(&self) -> usize {
+        match &self.link {
+            Link::Tcp(t) => t.transport.outstanding(),
+            #[cfg(feature = "rdma")]
+            Link::Rdma(r) => r.outstanding(),
+        }
+    }
+
+    /// The socket (or RDMA completion channel), for waiting on several queues at once
+    /// ([`nvmetro_ffi::wait_readable`]).
     pub fn fd(&self) -> BorrowedFd<'_> {
-        self.sock.as_fd()
+        match &self.link {
+            Link::Tcp(t) => t.sock.as_fd(),
+            #[cfg(feature = "rdma")]
+            Link::Rdma(r) => r.fd(),
+        }
+    }
+
+    /// Lets write data of up to `bytes` ride in the command capsule (the target's IOCCSZ).
+    pub fn set_in_capsule(&mut self, bytes: usize) {
+        match &mut self.link {
+            Link::Tcp(t) => t.transport.set_in_capsule(bytes),
+            #[cfg(feature = "rdma")]
+            Link::Rdma(r) => r.set_in_capsule(bytes),
+        }
     }
 
     pub fn is_busy_poll(&self) -> bool {
@@ -149,10 +196,16 @@ impl Queue {
 
     /// The connection itself, for driving PDUs by hand (tests): nothing may be outstanding, and
     /// the socket is left in blocking mode.
-    pub fn into_socket(self) -> Result<TcpStream, HostError> {
-        assert_eq!((self.outstanding(), self.rx_len), (0, 0), "a queue handed over mid-command");
-        self.sock.set_nonblocking(false)?;
-        Ok(self.sock)
+    pub fn into_socket(mut self) -> Result<TcpStream, HostError> {
+        let outstanding = self.outstanding();
+        let t = self.tcp()?;
+        assert_eq!((outstanding, t.rx_len), (0, 0), "a queue handed over mid-command");
+        t.sock.set_nonblocking(false)?;
+        match self.link {
+            Link::Tcp(t) => Ok(t.sock),
+            #[cfg(feature = "rdma")]
+            Link::Rdma(_) => unreachable!("checked above"),
+        }
     }
 
     /// Queues a command (sent at the next [`Queue::flush`]); returns its command identifier.
@@ -163,12 +216,23 @@ impl Queue {
             self.next_cid = 1;
         }
         cmd.0[2..4].copy_from_slice(&cid.to_le_bytes());
-        self.transport.submit(cmd, write, read_len, &mut self.tx);
+        match &mut self.link {
+            Link::Tcp(t) => t.transport.submit(cmd, write, read_len, &mut t.tx),
+            #[cfg(feature = "rdma")]
+            Link::Rdma(r) => r.submit(cmd, &write, read_len),
+        }
         cid
     }
 
-    /// Sends everything queued.
+    /// Sends everything queued (an RDMA queue posts each command as it is submitted).
     pub fn flush(&mut self) -> Result<(), HostError> {
+        let Ok(t) = self.tcp() else { return Ok(()) };
+        t.flush()
+    }
+}
+
+impl TcpLink {
+    fn flush(&mut self) -> Result<(), HostError> {
         let mut off = 0;
         while off < self.tx.len() {
             match self.sock.write(&self.tx[off..]) {
@@ -186,12 +250,12 @@ impl Queue {
     /// Reads once and hands the bytes to the transport; returns the bytes read (0 when nothing was
     /// there). `wait`: on a blocking socket, block until bytes come or [`READ_TICK`] passes; on a
     /// busy-polling one, return at once either way. Without `wait` it never blocks.
-    fn read_once(&mut self, wait: bool, events: &mut Vec<HostEvent>) -> Result<usize, HostError> {
+    fn read_once(&mut self, wait: bool, busy_poll: bool, events: &mut Vec<HostEvent>) -> Result<usize, HostError> {
         if self.rx_len == self.rx.len() {
             return Err(HostError::Protocol(PduError { fes: None, fei: 0, reason: "PDU larger than the receive buffer", header: vec![] }));
         }
         let buf = &mut self.rx[self.rx_len..];
-        let r = if wait || self.busy_poll { self.sock.read(buf) } else { nvmetro_ffi::recv_nonblocking(self.sock.as_fd(), buf) };
+        let r = if wait || busy_poll { self.sock.read(buf) } else { nvmetro_ffi::recv_nonblocking(self.sock.as_fd(), buf) };
         let n = match r {
             Ok(0) => return Err(HostError::Closed),
             Ok(n) => n,
@@ -207,6 +271,32 @@ impl Queue {
         }
         Ok(n)
     }
+}
+
+impl Queue {
+    /// One look for completions: a read of the socket (blocking up to [`READ_TICK`] if `wait`,
+    /// unless busy polling) or of the completion queue (waiting on its channel likewise).
+    /// Returns (bytes or completions seen, completions collected into `out`).
+    fn fetch(&mut self, wait: bool, out: &mut Vec<(Completion, Vec<u8>)>) -> (Result<usize, HostError>, usize) {
+        let busy_poll = self.busy_poll;
+        match &mut self.link {
+            Link::Tcp(t) => {
+                let mut events = std::mem::take(&mut t.events);
+                let r = t.read_once(wait, busy_poll, &mut events);
+                let n = collect(&mut events, out);
+                t.events = events;
+                (r, n)
+            }
+            #[cfg(feature = "rdma")]
+            Link::Rdma(r) => {
+                let timeout = if wait && !busy_poll { READ_TICK } else { Duration::ZERO };
+                match r.poll_timeout(out, timeout) {
+                    Ok(n) => (Ok(n), n),
+                    Err(e) => (Err(e), 0),
+                }
+            }
+        }
+    }
 
     /// Collects finished commands into `out` without blocking; returns how many.
     pub fn poll(&mut self, out: &mut Vec<(Completion, Vec<u8>)>) -> Result<usize, HostError> {
@@ -220,21 +310,25 @@ impl Queue {
     }
 
     fn read_and_collect(&mut self, wait: bool, out: &mut Vec<(Completion, Vec<u8>)>) -> Result<usize, HostError> {
-        let mut events = std::mem::take(&mut self.events);
-        let r = self.read_once(wait, &mut events);
-        let n = self.collect(&mut events, out);
-        self.events = events;
+        let (r, n) = self.fetch(wait, out);
         r.map(|_| n)
     }
 
     /// Waits up to `timeout` for bytes (poll(2), then one non-blocking read) and collects finished
     /// commands into `out`; returns how many. Busy-polling queues do not wait.
     pub fn poll_timeout(&mut self, out: &mut Vec<(Completion, Vec<u8>)>, timeout: Duration) -> Result<usize, HostError> {
-        if !self.busy_poll && self.rx_len < self.rx.len() {
-            let mut ready = [false];
-            nvmetro_ffi::wait_readable(&[self.sock.as_fd()], timeout, &mut ready)?;
+        let busy_poll = self.busy_poll;
+        match &mut self.link {
+            Link::Tcp(t) => {
+                if !busy_poll && t.rx_len < t.rx.len() {
+                    let mut ready = [false];
+                    nvmetro_ffi::wait_readable(&[t.sock.as_fd()], timeout, &mut ready)?;
+                }
+                self.poll(out)
+            }
+            #[cfg(feature = "rdma")]
+            Link::Rdma(r) => r.poll_timeout(out, if busy_poll { Duration::ZERO } else { timeout }),
         }
-        self.poll(out)
     }
 
     /// Blocks until at least one command finishes (or the queue's timeout passes without any
@@ -242,10 +336,7 @@ impl Queue {
     pub fn wait_any(&mut self, out: &mut Vec<(Completion, Vec<u8>)>) -> Result<usize, HostError> {
         let mut quiet_since = Instant::now();
         loop {
-            let mut events = std::mem::take(&mut self.events);
-            let r = self.read_once(true, &mut events);
-            let got = self.collect(&mut events, out);
-            self.events = events;
+            let (r, got) = self.fetch(true, out);
             let read = r?;
             if got > 0 {
                 return Ok(got);
@@ -258,16 +349,6 @@ impl Queue {
         }
     }
 
-    fn collect(&mut self, events: &mut Vec<HostEvent>, out: &mut Vec<(Completion, Vec<u8>)>) -> usize {
-        let mut n = 0;
-        for ev in events.drain(..) {
-            if let HostEvent::Completed { cqe, data } = ev {
-                out.push((cqe, data));
-                n += 1;
-            }
-        }
-        n
-    }
 
     /// Submits one command and waits for it (other completions seen meanwhile are kept).
     pub fn execute(&mut self, cmd: Command, write: Vec<u8>, read_len: usize) -> Result<(Completion, Vec<u8>), HostError> {
@@ -293,6 +374,17 @@ impl Queue {
             }
         }
     }
+}
+
+fn collect(events: &mut Vec<HostEvent>, out: &mut Vec<(Completion, Vec<u8>)>) -> usize {
+    let mut n = 0;
+    for ev in events.drain(..) {
+        if let HostEvent::Completed { cqe, data } = ev {
+            out.push((cqe, data));
+            n += 1;
+        }
+    }
+    n
 }
 
 /// A connected controller: its admin queue and I/O queues.
@@ -350,7 +442,7 @@ impl Host {
                 c.0[46] |= 0x04; // CATTR: disable SQ flow control
             }
             ok("Connect (I/O queue)", q.execute(c, d, 0)?)?;
-            q.transport.set_in_capsule(in_capsule);
+            q.set_in_capsule(in_capsule);
             host.io.push(q);
         }
         Ok(host)

@@ -105,6 +105,9 @@ struct RunArgs {
     /// Header and data digests (CRC32C).
     #[arg(long)]
     digest: bool,
+    /// `tcp` (NVMe/TCP) or `rdma` (NVMe/RDMA; needs nvmetro-perf built with `--features rdma`).
+    #[arg(long, default_value = "tcp", value_parser = ["tcp", "rdma"])]
+    transport: String,
     /// Keep-alive timeout asked for at Connect, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     kato: u32,
@@ -215,6 +218,7 @@ fn run(a: &RunArgs) -> anyhow::Result<Outcome> {
         opts.busy_poll = a.busy_poll;
         opts.kato_ms = a.kato;
         opts.digests = Digests { header: a.digest, data: a.digest };
+        opts.rdma = a.transport == "rdma";
         let shared = Arc::new(PathShared::new(&format!("path{i}:{addr}"), workers));
         let (admin, io) = match Host::connect(&opts) {
             Ok(mut h) => {
@@ -507,6 +511,7 @@ fn suite(s: &SuiteArgs) -> anyhow::Result<()> {
             max_errors: 0,
             busy_poll: case.busy,
             digest: false,
+            transport: "tcp".into(),
             kato: 5000,
             json: None,
             svg: None,
