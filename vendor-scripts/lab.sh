@@ -212,59 +212,59 @@ transport = "rdma"
 [[listener]]
 address = "10.0.2.15:4421"
 TOML
-NVMETRO_LOG=info,nvmetro_tgt::reactor=debug /mnt/share/nvmetro-tgt-rdma --config /tmp/rdma-tgt.toml > /tmp/rdma-tgt.log 2>&1 & TP=$!
+NVMETRO_LOG=info,nvmetro_tgt=debug /mnt/share/nvmetro-tgt-rdma --config /tmp/rdma-tgt.toml > /tmp/rdma-tgt.log 2>&1 & TP=$!
 for i in $(seq 100); do grep -q listening /tmp/rdma-tgt.log && break; sleep 0.2; done
 grep -q 'rdma' /tmp/rdma-tgt.log && grep -q listening /tmp/rdma-tgt.log && echo "CHECK rdma target listening"
-nvme discover -t rdma -a 10.0.2.15 -s 4420 --hostnqn=$RH > /tmp/rdma-disc.txt 2>&1; drc=$?
+timeout 120 nvme discover -t rdma -a 10.0.2.15 -s 4420 --hostnqn=$RH > /tmp/rdma-disc.txt 2>&1; drc=$?
 cat /tmp/rdma-disc.txt
 [ $drc = 0 ] && grep -q "trtype: *rdma" /tmp/rdma-disc.txt && grep -q "subnqn: *$R" /tmp/rdma-disc.txt && echo "CHECK rdma discover ok"
-nvme connect -t rdma -a 10.0.2.15 -s 4420 -n $R --hostnqn=$RH && echo "CHECK rdma connect ok"
+timeout 120 nvme connect -t rdma -a 10.0.2.15 -s 4420 -n $R --hostnqn=$RH && echo "CHECK rdma connect ok"
 sleep 2
-RD=$(nvme list | awk '/NVMETRO-RDMA-1/ {print $1}' | head -1); echo "NVMe/RDMA device: $RD"
+RD=$(nvme list | awk '/NVMETRO-RDMA-1/ {print $1}' | grep 'n1$' | head -1); echo "NVMe/RDMA device: $RD"
 nvme list-subsys
-fio --name=rdma8k --filename="$RD" --rw=randwrite --bs=8k --iodepth=1 --ioengine=libaio --direct=1 \
+timeout 120 fio --name=rdma8k --filename="$RD" --rw=randwrite --bs=8k --iodepth=1 --ioengine=libaio --direct=1 \
     --size=16m --time_based --runtime=10 --lat_percentiles=1 > /tmp/rdma-fio1.txt 2>&1 && grep -q 'err= 0' /tmp/rdma-fio1.txt && echo "CHECK rdma fio timed randwrite ok"
 echo "FIGURE nvmetro-tgt NVMe/RDMA 8k randwrite QD1: $(grep -E 'write: IOPS=' /tmp/rdma-fio1.txt | head -1)"
 grep -E '50.00th|99.00th' /tmp/rdma-fio1.txt | head -2
-fio --name=rdmaverify --filename="$RD" --rw=randwrite --bs=8k --iodepth=8 --ioengine=libaio --direct=1 \
+timeout 120 fio --name=rdmaverify --filename="$RD" --rw=randwrite --bs=8k --iodepth=8 --ioengine=libaio --direct=1 \
     --size=16m --verify=crc32c --do_verify=1 --verify_fatal=1 > /tmp/rdma-fio2.txt 2>&1; rc=$?
 grep -E 'err=|IOPS=|verify' /tmp/rdma-fio2.txt
 [ $rc = 0 ] && grep -q 'err= 0' /tmp/rdma-fio2.txt && grep -qE 'read: IOPS=' /tmp/rdma-fio2.txt && echo "CHECK rdma fio write-then-verify crc32c ok"
-fio --name=rdmabig --filename="$RD" --offset=32m --rw=write --bs=128k --iodepth=4 --ioengine=libaio --direct=1 \
+timeout 120 fio --name=rdmabig --filename="$RD" --offset=32m --rw=write --bs=128k --iodepth=4 --ioengine=libaio --direct=1 \
     --size=16m --verify=crc32c --do_verify=1 --verify_fatal=1 > /tmp/rdma-fio3.txt 2>&1 && grep -q 'err= 0' /tmp/rdma-fio3.txt && echo "CHECK rdma fio 128k write-then-verify ok"
 grep -E 'err=|IOPS=' /tmp/rdma-fio3.txt
-nvme disconnect -n $R && echo "CHECK rdma disconnect ok"
+timeout 60 nvme disconnect -n $R && echo "CHECK rdma disconnect ok"
 echo "== nvmetro-perf --transport rdma --verify against nvmetro-tgt (namespace 2, never written)"
 timeout 120 /mnt/share/nvmetro-perf-rdma --transport rdma --addr 10.0.2.15:4420 --nqn $R --hostnqn $RH --nsid 2 \
   --rw randrw --bs 8k --qd 8 --time 5s --ramp 0s --verify --quiet && echo "CHECK nvmetro-perf rdma verify against nvmetro-tgt ok"
 echo "== the same target and namespace over NVMe/TCP in this guest, for the figure beside RDMA's"
 modprobe nvme-tcp
-nvme connect -t tcp -a 10.0.2.15 -s 4421 -n $R --hostnqn=$RH && sleep 2
-TD=$(nvme list | awk '/NVMETRO-RDMA-1/ {print $1}' | head -1)
-fio --name=tcp8k --filename="$TD" --rw=randwrite --bs=8k --iodepth=1 --ioengine=libaio --direct=1 \
+timeout 120 nvme connect -t tcp -a 10.0.2.15 -s 4421 -n $R --hostnqn=$RH && sleep 2
+TD=$(nvme list | awk '/NVMETRO-RDMA-1/ {print $1}' | grep 'n1$' | head -1)
+timeout 120 fio --name=tcp8k --filename="$TD" --rw=randwrite --bs=8k --iodepth=1 --ioengine=libaio --direct=1 \
     --size=16m --time_based --runtime=10 --lat_percentiles=1 > /tmp/tcp-fio1.txt 2>&1
 echo "FIGURE nvmetro-tgt NVMe/TCP 8k randwrite QD1: $(grep -E 'write: IOPS=' /tmp/tcp-fio1.txt | head -1)"
 grep -E '50.00th|99.00th' /tmp/tcp-fio1.txt | head -2
-nvme disconnect -n $R
+timeout 60 nvme disconnect -n $R
 echo "== NVMe/RDMA: a hostile host (bad private data, a too-long SGL, a wrong rkey, a host that vanishes)"
 timeout 120 /mnt/share/rdma_hostile_host 10.0.2.15:4420 $R; hrc=$?
 [ $hrc = 0 ] && echo "CHECK rdma hostile host cases ok"
-nvme connect -t rdma -a 10.0.2.15 -s 4420 -n $R --hostnqn=$RH && sleep 2
-RD=$(nvme list | awk '/NVMETRO-RDMA-1/ {print $1}' | head -1)
+timeout 120 nvme connect -t rdma -a 10.0.2.15 -s 4420 -n $R --hostnqn=$RH && sleep 2
+RD=$(nvme list | awk '/NVMETRO-RDMA-1/ {print $1}' | grep 'n1$' | head -1)
 # The 128k run's blocks (the TCP run above overwrote the first 16 MiB).
-fio --name=rdmabig --filename="$RD" --offset=32m --rw=write --bs=128k --iodepth=4 --ioengine=libaio --direct=1 \
+timeout 120 fio --name=rdmabig --filename="$RD" --offset=32m --rw=write --bs=128k --iodepth=4 --ioengine=libaio --direct=1 \
     --size=16m --verify=crc32c --verify_only --verify_fatal=1 > /tmp/rdma-fio4.txt 2>&1 && grep -q 'err= 0' /tmp/rdma-fio4.txt \
   && echo "CHECK rdma data verifies after the hostile host"
-nvme disconnect -n $R
+timeout 60 nvme disconnect -n $R
 echo "== NVMe/RDMA: an unknown host and an unknown subsystem are refused"
-nvme connect -t rdma -a 10.0.2.15 -s 4420 -n $R --hostnqn=nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-00000000bad1 > /tmp/rdma-bad1.txt 2>&1 \
+timeout 120 nvme connect -t rdma -a 10.0.2.15 -s 4420 -n $R --hostnqn=nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-00000000bad1 > /tmp/rdma-bad1.txt 2>&1 \
   || echo "CHECK rdma unknown host refused"
-nvme connect -t rdma -a 10.0.2.15 -s 4420 -n nqn.2026-11.io.nvmetro:nosuch --hostnqn=$RH > /tmp/rdma-bad2.txt 2>&1 \
+timeout 120 nvme connect -t rdma -a 10.0.2.15 -s 4420 -n nqn.2026-11.io.nvmetro:nosuch --hostnqn=$RH > /tmp/rdma-bad2.txt 2>&1 \
   || echo "CHECK rdma unknown subsystem refused"
 cat /tmp/rdma-bad1.txt /tmp/rdma-bad2.txt
 kill -0 $TP && echo "CHECK rdma target alive after the refusals"
 kill -INT $TP; wait $TP
-echo "--- nvmetro-tgt (rdma) log"; tail -25 /tmp/rdma-tgt.log
+echo "--- nvmetro-tgt (rdma) log"; grep -vE "DEBUG.*(I/O queue (connected|closed))" /tmp/rdma-tgt.log | tail -40
 grep -q 'Connect refused' /tmp/rdma-tgt.log && echo "CHECK rdma refusals logged by the target"
 grep -E 'RDMA connection accepted' /tmp/rdma-tgt.log | sed 's/.*reactor=/reactor /' | sort | uniq -c
 grep -q 'RDMA connection accepted.*reactor=0' /tmp/rdma-tgt.log && grep -q 'RDMA connection accepted.*reactor=1' /tmp/rdma-tgt.log \
@@ -282,13 +282,13 @@ mkdir -p $C/subsystems/$K/namespaces/1 && echo /tmp/krdma.img > $C/subsystems/$K
 echo 1 > $C/subsystems/$K/namespaces/1/buffered_io && echo 1 > $C/subsystems/$K/namespaces/1/enable
 mkdir -p $C/ports/2 && echo rdma > $C/ports/2/addr_trtype && echo ipv4 > $C/ports/2/addr_adrfam
 echo 10.0.2.15 > $C/ports/2/addr_traddr && echo 4430 > $C/ports/2/addr_trsvcid && ln -s $C/subsystems/$K $C/ports/2/subsystems/$K
-nvme connect -t rdma -a 10.0.2.15 -s 4430 -n $K && sleep 2
+timeout 120 nvme connect -t rdma -a 10.0.2.15 -s 4430 -n $K && sleep 2
 KD=$(nvme list | awk '/Linux/ {print $1}' | head -1)
-fio --name=krdma8k --filename="$KD" --rw=randwrite --bs=8k --iodepth=1 --ioengine=libaio --direct=1 \
+timeout 120 fio --name=krdma8k --filename="$KD" --rw=randwrite --bs=8k --iodepth=1 --ioengine=libaio --direct=1 \
     --size=16m --time_based --runtime=10 --lat_percentiles=1 > /tmp/krdma-fio1.txt 2>&1
 echo "FIGURE Linux nvmet-rdma 8k randwrite QD1: $(grep -E 'write: IOPS=' /tmp/krdma-fio1.txt | head -1)"
 grep -E '50.00th|99.00th' /tmp/krdma-fio1.txt | head -2
-nvme disconnect -n $K
+timeout 60 nvme disconnect -n $K
 echo "== nvmetro-perf --transport rdma --verify against Linux's nvmet-rdma"
 truncate -s 0 /tmp/krdma.img; truncate -s 64M /tmp/krdma.img
 timeout 120 /mnt/share/nvmetro-perf-rdma --transport rdma --addr 10.0.2.15:4430 --nqn $K \
@@ -337,7 +337,7 @@ run_rdma() {
     && [ -e "$LAB/rootfs/usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so" ] || setup
   build_rdma_check
   step "boot the guest for the RDMA check (TCG)"
-  GUEST_TIMEOUT=${GUEST_TIMEOUT:-300} boot_guest job-rdma.sh "$LAB/guest-rdma.log" ""
+  GUEST_TIMEOUT=${GUEST_TIMEOUT:-600} boot_guest job-rdma.sh "$LAB/guest-rdma.log" ""
   step "guest done"
   tr -d '\r' < "$LAB/guest-rdma.log" | grep -vE '^\s*$' | tail -60
   local npass=0 nfail=0
@@ -563,7 +563,7 @@ echo 127.0.0.1 > $C/ports/1/addr_traddr && echo 4420 > $C/ports/1/addr_trsvcid &
 sh /mnt/share/job-rdma.sh
 EOF
   step "boot the guest (TCG; a few minutes)"
-  boot_guest job-host.sh "$LAB/guest.log" "lab.port=$port lab.nqn=$nqn lab.hostnqn=$hostnqn lab.pa=$pa lab.pb=$pb"
+  GUEST_TIMEOUT=${GUEST_TIMEOUT:-1500} boot_guest job-host.sh "$LAB/guest.log" "lab.port=$port lab.nqn=$nqn lab.hostnqn=$hostnqn lab.pa=$pa lab.pb=$pb"
   kill $WATCH 2>/dev/null || true
   cat "$LAB/metro-events.log" 2>/dev/null || true
   step "guest done"

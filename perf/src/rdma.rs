@@ -164,6 +164,8 @@ impl RdmaQueue {
         let d = &mut cmd.0[24..40];
         d.fill(0);
         let mut capsule_len = SQE_LEN;
+        // Without data: a keyed descriptor of length 0, as Linux's host sends.
+        d[15] = nvmetro_proto::rdma::sgl::KEYED_ADDRESS;
         if !write.is_empty() && write.len() <= self.in_capsule {
             d[8..12].copy_from_slice(&(write.len() as u32).to_le_bytes());
             d[15] = nvmetro_proto::rdma::sgl::IN_CAPSULE;

@@ -197,6 +197,10 @@ pub fn plan_sqe(sqe: &[u8; SQE_LEN], received: usize, in_capsule: usize, max_tra
     let id = d[15];
     let addr = u64::from_le_bytes(d[0..8].try_into().expect("8 bytes"));
     let dir = cmd.direction();
+    if dir == DataDirection::None {
+        // No data moves, whatever the descriptor says (SPDK reads no SGL for these either).
+        return Ok(DataPlan::None);
+    }
     match id {
         sgl::KEYED_ADDRESS | sgl::KEYED_INVALIDATE => {
             let len = u32::from_le_bytes([d[8], d[9], d[10], 0]);
@@ -308,6 +312,8 @@ mod tests {
         assert_eq!(plan_data(&none, 8192, 131072), Ok(DataPlan::None));
         let big = keyed(io::WRITE, 0, 131073, 1, sgl::KEYED_ADDRESS);
         assert_eq!(plan_data(&big, 8192, 131072), Err(Status::SGL_DATA_LENGTH_INVALID));
+        let null_block = keyed(io::FLUSH, 0, 0, 0, 0x00);
+        assert_eq!(plan_data(&null_block, 8192, 131072), Ok(DataPlan::None), "a command without data ignores its descriptor");
         let bad = keyed(io::WRITE, 0, 512, 1, 0x5a);
         assert_eq!(plan_data(&bad, 8192, 131072), Err(Status::SGL_DESCRIPTOR_TYPE_INVALID));
         assert_eq!(plan_data(&bad[..63], 8192, 131072), Err(Status::INVALID_FIELD));

@@ -145,6 +145,16 @@ impl Host {
     }
 }
 
+/// A host whose admin queue pair is connected.
+fn connected(addr: SocketAddr, devices: &[Device]) -> Res<Host> {
+    let h = host(addr, devices)?;
+    let ev = h.connect(&private(0))?;
+    if ev.kind != CmEventKind::Established {
+        return Err(format!("connect: {}", event_name(ev.kind)).into());
+    }
+    Ok(h)
+}
+
 fn private(qid: u16) -> [u8; 32] {
     ConnectRequest { qid, hrqsize: 32, hsqsize: 31, cntlid: 0xffff }.encode()
 }
@@ -191,11 +201,7 @@ fn main() {
         Ok("rejected with status 2 (invalid record format)".into())
     });
     ok &= run_case("too-long-sgl", || {
-        let mut h = host(addr, &devices)?;
-        let ev = h.connect(&private(0))?;
-        if ev.kind != CmEventKind::Established {
-            return Err(format!("connect: {}", event_name(ev.kind)).into());
-        }
+        let mut h = connected(addr, &devices)?;
         h.send_connect(1 << 20, h.mem.rkey(), subnqn)?;
         let status = h.response_status()?;
         let want = Status::SGL_DATA_LENGTH_INVALID.0 & 0x7ff;
@@ -206,21 +212,13 @@ fn main() {
         Ok(format!("completed with status {status:#x} (SGL data block length invalid)"))
     });
     ok &= run_case("wrong-rkey", || {
-        let mut h = host(addr, &devices)?;
-        let ev = h.connect(&private(0))?;
-        if ev.kind != CmEventKind::Established {
-            return Err(format!("connect: {}", event_name(ev.kind)).into());
-        }
+        let mut h = connected(addr, &devices)?;
         h.send_connect(1024, h.mem.rkey() ^ 0x5a5a_0000, subnqn)?;
         let how = h.ended_by_target()?;
         Ok(format!("the target ended the queue pair ({how})"))
     });
     ok &= run_case("vanish", || {
-        let mut h = host(addr, &devices)?;
-        let ev = h.connect(&private(0))?;
-        if ev.kind != CmEventKind::Established {
-            return Err(format!("connect: {}", event_name(ev.kind)).into());
-        }
+        let mut h = connected(addr, &devices)?;
         h.send_connect(1024, h.mem.rkey(), subnqn)?;
         drop(h);
         Ok("queue pair destroyed with a transfer outstanding".into())
