@@ -179,6 +179,82 @@ wait $SP; src=$?
 sed 's/^/  [server process] /' /tmp/rdma-server.txt
 [ $crc = 0 ] && [ $src = 0 ] && echo "CHECK rdma pingpong between two processes ok"
 sh /mnt/share/job-rdma-host.sh
+sh /mnt/share/job-rdma-link.sh
+EOF
+  cat > "$LAB/share/job-rdma-link.sh" <<'EOF'
+echo "== metro over RDMA: two nvmetro sites in this guest replicate over rxe0 (link = \"rdma\")"
+S=nqn.2026-11.io.nvmetro:rdma-metro
+for site in a b; do
+  if [ $site = a ]; then role='role = "preferred"
+listen = "10.0.2.15:7600"'; hp=4431; range="1, 99"; else role='role = "secondary"
+peer = "10.0.2.15:7600"'; hp=4432; range="100, 199"; fi
+  cat > /tmp/rlink-$site.toml <<TOML
+[target]
+cores = [0]
+site = $([ $site = a ] && echo 1 || echo 2)
+[[bdev]]
+name = "leg"
+kind = "file"
+path = "/tmp/rlink-$site.img"
+size = "64MiB"
+[[bdev]]
+name = "m"
+kind = "mirror"
+local = "leg"
+$role
+link = "rdma"
+metadata = "/tmp/rlink-$site.meta"
+secret = "lab-rdma-link-secret-0123456789"
+[[subsystem]]
+nqn = "$S"
+allow_any_host = true
+cntlid_range = [$range]
+[[subsystem.namespace]]
+nsid = 1
+bdev = "m"
+nguid = "6e766d6574726f2d72646d612d6d6972"
+[[listener]]
+address = "10.0.2.15:$hp"
+TOML
+done
+/mnt/share/nvmetro-tgt-rdma --config /tmp/rlink-a.toml > /tmp/rlink-a.log 2>&1 & RA=$!
+/mnt/share/nvmetro-tgt-rdma --config /tmp/rlink-b.toml > /tmp/rlink-b.log 2>&1 & RB=$!
+for i in $(seq 150); do grep -q 'replication link up' /tmp/rlink-a.log && grep -q 'replication link up' /tmp/rlink-b.log && break; sleep 0.2; done
+grep -h 'replication link up' /tmp/rlink-a.log /tmp/rlink-b.log
+grep -q 'replication link up.*rdma' /tmp/rlink-b.log && echo "CHECK rdma link up between the sites"
+timeout 120 nvme connect -t tcp -a 10.0.2.15 -s 4431 -n $S && sleep 2
+MD=$(nvme list | awk '/nvmetro/ {print $1}' | head -1); echo "site A device: $MD"
+timeout 120 fio --name=rlink --filename="$MD" --rw=randwrite --bs=8k --iodepth=8 --ioengine=libaio --direct=1 --size=16m \
+    --verify=crc32c --do_verify=0 > /tmp/rlink-fio1.txt 2>&1 && grep -q 'err= 0' /tmp/rlink-fio1.txt && echo "CHECK rdma link: writes through site A ok"
+grep -E 'write: IOPS=' /tmp/rlink-fio1.txt
+timeout 60 nvme disconnect -n $S; sleep 1
+timeout 120 nvme connect -t tcp -a 10.0.2.15 -s 4432 -n $S && sleep 2
+MD=$(nvme list | awk '/nvmetro/ {print $1}' | head -1); echo "site B device: $MD"
+timeout 120 fio --name=rlink --filename="$MD" --rw=randwrite --bs=8k --iodepth=8 --ioengine=libaio --direct=1 --size=16m \
+    --verify=crc32c --verify_only --verify_fatal=1 > /tmp/rlink-fio2.txt 2>&1 && grep -q 'err= 0' /tmp/rlink-fio2.txt && echo "CHECK rdma link: site B reads what A wrote"
+timeout 60 nvme disconnect -n $S; sleep 1
+echo "== SIGKILL of site B, writes at A meanwhile, B back: resync over RDMA"
+kill -9 $RB; wait $RB 2>/dev/null
+timeout 120 nvme connect -t tcp -a 10.0.2.15 -s 4431 -n $S && sleep 2
+MD=$(nvme list | awk '/nvmetro/ {print $1}' | head -1)
+timeout 120 fio --name=rlink2 --filename="$MD" --offset=32m --rw=randwrite --bs=8k --iodepth=8 --ioengine=libaio --direct=1 --size=16m \
+    --verify=crc32c --do_verify=0 > /tmp/rlink-fio3.txt 2>&1 && grep -q 'err= 0' /tmp/rlink-fio3.txt && echo "CHECK rdma link: site A writes alone while B is down"
+timeout 60 nvme disconnect -n $S; sleep 1
+/mnt/share/nvmetro-tgt-rdma --config /tmp/rlink-b.toml > /tmp/rlink-b2.log 2>&1 & RB=$!
+for i in $(seq 300); do grep -q 'resync to the peer finished' /tmp/rlink-a.log && break; sleep 0.2; done
+grep -h 'resync to the peer' /tmp/rlink-a.log
+grep -q 'resync to the peer finished' /tmp/rlink-a.log && echo "CHECK rdma link: resync over RDMA finished"
+timeout 120 nvme connect -t tcp -a 10.0.2.15 -s 4432 -n $S && sleep 2
+MD=$(nvme list | awk '/nvmetro/ {print $1}' | head -1)
+timeout 120 fio --name=rlink2 --filename="$MD" --offset=32m --rw=randwrite --bs=8k --iodepth=8 --ioengine=libaio --direct=1 --size=16m \
+    --verify=crc32c --verify_only --verify_fatal=1 > /tmp/rlink-fio4.txt 2>&1 && grep -q 'err= 0' /tmp/rlink-fio4.txt \
+  && timeout 120 fio --name=rlink --filename="$MD" --rw=randwrite --bs=8k --iodepth=8 --ioengine=libaio --direct=1 --size=16m \
+    --verify=crc32c --verify_only --verify_fatal=1 > /tmp/rlink-fio5.txt 2>&1 && grep -q 'err= 0' /tmp/rlink-fio5.txt \
+  && echo "CHECK rdma link: site B verifies both regions after the resync"
+timeout 60 nvme disconnect -n $S
+kill -INT $RA $RB; wait $RA $RB
+echo "--- site A (rdma link) log"; tail -15 /tmp/rlink-a.log
+echo "--- site B (rdma link) log, after its restart"; tail -10 /tmp/rlink-b2.log
 EOF
   cat > "$LAB/share/job-rdma-host.sh" <<'EOF'
 echo "== NVMe/RDMA: Linux's nvme-rdma host against nvmetro-tgt in this guest, over rxe0"
@@ -323,6 +399,12 @@ rdma_checks() { # runs chk (defined by the caller) on the guest log
   chk "nvme-rdma: queue pairs spread over both reactors" "CHECK rdma queue pairs served on both reactors"
   chk "nvmetro-perf --transport rdma --verify against nvmetro-tgt" "CHECK nvmetro-perf rdma verify against nvmetro-tgt ok"
   chk "nvmetro-perf --transport rdma --verify against Linux nvmet-rdma" "CHECK nvmetro-perf rdma verify against nvmet-rdma ok"
+  chk "rdma link: the sites' replication link comes up over RDMA" "CHECK rdma link up between the sites"
+  chk "rdma link: writes through site A" "CHECK rdma link: writes through site A ok"
+  chk "rdma link: site B reads what A wrote" "CHECK rdma link: site B reads what A wrote"
+  chk "rdma link: A writes alone while B is killed" "CHECK rdma link: site A writes alone while B is down"
+  chk "rdma link: resync over RDMA after B returns" "CHECK rdma link: resync over RDMA finished"
+  chk "rdma link: B verifies both regions after the resync" "CHECK rdma link: site B verifies both regions after the resync"
   chk "nvme-rdma: hostile host: bad private data rejected with its status" "CASE bad-private-data: ok"
   chk "nvme-rdma: hostile host: too-long SGL completed with SGL length invalid" "CASE too-long-sgl: ok"
   chk "nvme-rdma: hostile host: wrong rkey ends only that queue pair" "CASE wrong-rkey: ok"

@@ -196,6 +196,8 @@ pub struct MirrorConfig {
     pub site: u8,
     pub listen: Option<SocketAddr>,
     pub peer: Option<SocketAddr>,
+    /// What carries the replication link.
+    pub link: Transport,
     pub metadata: PathBuf,
     pub resync_rate: u64,
     pub resync_latency_target: ResyncLatencyTarget,
@@ -270,18 +272,26 @@ impl Transport {
     }
 }
 
-/// A listener asks for a transport this binary was built without.
+/// A listener or a mirror's link asks for a transport this binary was built without.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("listener {address}: transport = \"rdma\" needs nvmetro-tgt built with the `rdma` cargo feature (cargo build --release -p nvmetro-tgt --features rdma; it needs libibverbs-dev, librdmacm-dev and libclang-dev)")]
+#[error("{what}: \"rdma\" needs nvmetro-tgt built with the `rdma` cargo feature (cargo build --release -p nvmetro-tgt --features rdma; it needs libibverbs-dev, librdmacm-dev and libclang-dev)")]
 pub struct TransportNotBuilt {
-    pub address: SocketAddr,
+    /// `listener ADDRESS` (its transport) or `mirror NAME` (its link).
+    pub what: String,
 }
 
 impl Config {
-    /// Refuses listeners whose transport is not built in (`rdma_built`: the binary's `rdma` feature).
+    /// Refuses listeners and mirror links whose transport is not built in (`rdma_built`: the
+    /// binary's `rdma` feature).
     pub fn check_transports(&self, rdma_built: bool) -> Result<(), TransportNotBuilt> {
-        match self.listeners.iter().find(|l| l.transport == Transport::Rdma && !rdma_built) {
-            Some(l) => Err(TransportNotBuilt { address: l.address }),
+        if rdma_built {
+            return Ok(());
+        }
+        if let Some(l) = self.listeners.iter().find(|l| l.transport == Transport::Rdma) {
+            return Err(TransportNotBuilt { what: format!("listener {} (transport)", l.address) });
+        }
+        match self.bdevs.iter().find(|b| b.mirror.as_ref().is_some_and(|m| m.link == Transport::Rdma)) {
+            Some(b) => Err(TransportNotBuilt { what: format!("mirror {} (link)", b.name) }),
             None => Ok(()),
         }
     }
@@ -818,6 +828,21 @@ bdev = "m"
 [[listener]]
 address = "127.0.0.1:4420"
 "#;
+
+    #[test]
+    fn a_mirror_link_is_tcp_unless_it_says_rdma_which_needs_the_feature() {
+        let c = parse(MIRROR, "m.toml").unwrap();
+        assert_eq!(c.bdevs[1].mirror.as_ref().unwrap().link, Transport::Tcp);
+        let rdma = MIRROR.replace("role = \"preferred\"", "role = \"preferred\"\nlink = \"rdma\"");
+        let c = parse(&rdma, "m.toml").unwrap();
+        assert_eq!(c.bdevs[1].mirror.as_ref().unwrap().link, Transport::Rdma);
+        assert_eq!(c.check_transports(true), Ok(()));
+        let e = c.check_transports(false).unwrap_err().to_string();
+        assert!(e.contains("mirror m (link)") && e.contains("`rdma` cargo feature"), "{e}");
+        let e = err(&MIRROR.replace("role = \"preferred\"", "role = \"preferred\"\nlink = \"udp\""));
+        assert_eq!((e.line, e.key.as_str()), (16, "bdev.link"), "{e}");
+        assert!(e.message.contains("`udp` is not a link transport"), "{e}");
+    }
 
     #[test]
     fn check_verifies_every_path_can_be_written() {

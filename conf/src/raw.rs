@@ -94,6 +94,9 @@ pub struct BdevSection {
     pub listen: Option<Spanned<String>>,
     /// mirror, secondary: the preferred site's link address.
     pub peer: Option<Spanned<String>>,
+    /// mirror: what carries the replication link, "tcp" (default) or "rdma" (RC queue pairs
+    /// over rdma_cm at the `listen`/`peer` addresses; both sites must say the same).
+    pub link: Option<Spanned<String>>,
     /// mirror: the metadata file (generations, dirty-region bitmap).
     pub metadata: Option<Spanned<PathBuf>>,
     /// mirror: resync speed limit per second, e.g. "200MiB" (default unlimited).

@@ -220,6 +220,14 @@ pub(crate) fn mirror_config(ctx: &Ctx, b: &BdevSection) -> Result<MirrorConfig, 
     if !preferred && peer.is_none() {
         return Err(need("peer"));
     }
+    let link = match &b.link {
+        None => Transport::Tcp,
+        Some(l) => match l.get_ref().as_str() {
+            "tcp" => Transport::Tcp,
+            "rdma" => Transport::Rdma,
+            other => return Err(ctx.err(l.span(), "bdev.link", format!("`{other}` is not a link transport: \"tcp\" or \"rdma\""))),
+        },
+    };
     let metadata = b.metadata.as_ref().ok_or_else(|| need("metadata"))?.get_ref().clone();
     let region = b.region_size.as_ref().map_or(1 << 20, |r| r.get_ref().bytes());
     if !region.is_power_of_two() || !(65536..=(64 << 20)).contains(&region) {
@@ -286,6 +294,7 @@ pub(crate) fn mirror_config(ctx: &Ctx, b: &BdevSection) -> Result<MirrorConfig, 
         site: b.site.unwrap_or(if preferred { 1 } else { 2 }),
         listen,
         peer,
+        link,
         metadata,
         resync_rate: b.resync_rate.map_or(0, Size::bytes),
         resync_latency_target,

@@ -349,7 +349,6 @@ impl Queue {
         }
     }
 
-
     /// Submits one command and waits for it (other completions seen meanwhile are kept).
     pub fn execute(&mut self, cmd: Command, write: Vec<u8>, read_len: usize) -> Result<(Completion, Vec<u8>), HostError> {
         let cid = self.submit(cmd, write, read_len);

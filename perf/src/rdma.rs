@@ -82,7 +82,8 @@ impl RdmaQueue {
         expect(CmEventKind::AddrResolved)?;
         id.resolve_route(timeout).map_err(rdma_err)?;
         expect(CmEventKind::RouteResolved)?;
-        let device = id.device_in(&devices).ok_or_else(|| rdma_err(format!("{addr}: the route is on no RDMA device of this host")))?.clone();
+        let device =
+            id.device_in(&devices).ok_or_else(|| rdma_err(format!("{addr}: the route is on no RDMA device of this host")))?.clone();
         let depth = usize::from(depth.max(2));
         let pd = ProtectionDomain::new(&device).map_err(rdma_err)?;
         let channel = CompletionChannel::new(&device).map_err(rdma_err)?;
@@ -161,6 +162,8 @@ impl RdmaQueue {
             self.free.push(slot);
             return Err(rdma_err(format!("a {len}-byte transfer is larger than MDTS")));
         }
+        // PSDT 01b: the data is described by an SGL (Linux's nvmet refuses anything else).
+        cmd.0[1] = (cmd.0[1] & 0x3f) | 0x40;
         let d = &mut cmd.0[24..40];
         d.fill(0);
         let mut capsule_len = SQE_LEN;

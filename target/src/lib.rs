@@ -240,7 +240,18 @@ pub(crate) fn open_bdev(
     Ok(match b.kind {
         BdevKind::Mirror => {
             let m = b.mirror.as_ref().context("mirror bdev without settings")?;
-            let transport = TcpTransport::new(m.listen, m.peer).with_context(|| format!("mirror {}", b.name))?;
+            let transport: Box<dyn nvmetro_bdev::mirror::transport::Transport> = match m.link {
+                nvmetro_conf::Transport::Tcp => {
+                    Box::new(TcpTransport::new(m.listen, m.peer).with_context(|| format!("mirror {}", b.name))?)
+                }
+                #[cfg(feature = "rdma")]
+                nvmetro_conf::Transport::Rdma => Box::new(
+                    nvmetro_bdev::mirror::rdma_link::RdmaTransport::new(m.listen, m.peer)
+                        .with_context(|| format!("mirror {}: the RDMA replication link", b.name))?,
+                ),
+                #[cfg(not(feature = "rdma"))]
+                nvmetro_conf::Transport::Rdma => unreachable!("check_transports refused it"),
+            };
             let heartbeat = mirror_tuning(m, witness.is_some()).heartbeat_timeout;
             let metro = witness.map(|w| {
                 let mut core = Metro::new(&b.name, m.manual_failback, heartbeat.as_millis() as u64);
@@ -276,7 +287,7 @@ pub(crate) fn open_bdev(
             };
             // The link runs as a poller on a reactor (taken in `start`).
             let leg = leg_of(&m.local).context("mirror leg not opened yet")?;
-            MirrorBdev::start(&b.name, leg, settings, Box::new(transport), true).with_context(|| format!("bdev {}", b.name))?
+            MirrorBdev::start(&b.name, leg, settings, transport, true).with_context(|| format!("bdev {}", b.name))?
         }
         BdevKind::Error => {
             let e = b.error.as_ref().context("error bdev without settings")?;

@@ -17,6 +17,8 @@ pub mod driver;
 pub mod frame;
 pub mod meta;
 mod outbox;
+#[cfg(feature = "rdma")]
+pub mod rdma_link;
 pub mod transport;
 pub mod witness;
 
