@@ -240,10 +240,12 @@ MD=$(nvme list | awk '/nvmetro/ {print $1}' | head -1)
 timeout 120 fio --name=rlink2 --filename="$MD" --offset=32m --rw=randwrite --bs=8k --iodepth=8 --ioengine=libaio --direct=1 --size=16m \
     --verify=crc32c --do_verify=0 > /tmp/rlink-fio3.txt 2>&1 && grep -q 'err= 0' /tmp/rlink-fio3.txt && echo "CHECK rdma link: site A writes alone while B is down"
 timeout 60 nvme disconnect -n $S; sleep 1
+before=$(grep -c 'resync to the peer finished' /tmp/rlink-a.log)
 /mnt/share/nvmetro-tgt-rdma --config /tmp/rlink-b.toml > /tmp/rlink-b2.log 2>&1 & RB=$!
-for i in $(seq 300); do grep -q 'resync to the peer finished' /tmp/rlink-a.log && break; sleep 0.2; done
+for i in $(seq 300); do grep -q 'resync from the peer finished' /tmp/rlink-b2.log && break; sleep 0.2; done
 grep -h 'resync to the peer' /tmp/rlink-a.log
-grep -q 'resync to the peer finished' /tmp/rlink-a.log && echo "CHECK rdma link: resync over RDMA finished"
+[ "$(grep -c 'resync to the peer finished' /tmp/rlink-a.log)" -gt "$before" ] && grep -q 'resync from the peer finished' /tmp/rlink-b2.log \
+  && echo "CHECK rdma link: resync over RDMA finished"
 timeout 120 nvme connect -t tcp -a 10.0.2.15 -s 4432 -n $S && sleep 2
 MD=$(nvme list | awk '/nvmetro/ {print $1}' | head -1)
 timeout 120 fio --name=rlink2 --filename="$MD" --offset=32m --rw=randwrite --bs=8k --iodepth=8 --ioengine=libaio --direct=1 --size=16m \
