@@ -44,6 +44,9 @@ pub struct RdmaStream {
     cq: Arc<CompletionQueue>,
     mem: MemoryRegion<DmaBuf>,
     free_sends: Vec<usize>,
+    /// Bytes of each send slot's SEND in flight, and their sum.
+    sending: [usize; SENDS],
+    unacked: usize,
     /// Received chunks not yet read through: (slot, length, bytes already read).
     rx: VecDeque<(usize, usize, usize)>,
     wcs: Vec<WorkCompletion>,
@@ -68,6 +71,8 @@ impl RdmaStream {
             cq,
             mem,
             free_sends: (0..SENDS).rev().collect(),
+            sending: [0; SENDS],
+            unacked: 0,
             rx: VecDeque::new(),
             wcs: (0..32).map(|_| WorkCompletion::default()).collect(),
             failed: None,
@@ -104,7 +109,9 @@ impl RdmaStream {
                     if let Some(e) = wc.error() {
                         self.failed.get_or_insert_with(|| format!("RDMA work request failed: {e}"));
                     } else if wc.wr_id() & WR_SEND != 0 {
-                        self.free_sends.push((wc.wr_id() & 0xffff) as usize);
+                        let slot = (wc.wr_id() & 0xffff) as usize;
+                        self.unacked -= std::mem::take(&mut self.sending[slot]);
+                        self.free_sends.push(slot);
                     } else {
                         self.rx.push_back((wc.wr_id() as usize, wc.byte_len() as usize, 0));
                     }
@@ -183,6 +190,8 @@ impl Write for RdmaStream {
             self.failed.get_or_insert_with(|| format!("cannot post a SEND: {e}"));
             return self.check().map(|()| 0);
         }
+        self.sending[slot] = n;
+        self.unacked += n;
         Ok(n)
     }
 
@@ -198,9 +207,9 @@ impl LinkStream for RdmaStream {
     fn deregister(&mut self, registry: &Registry) {
         let _ = registry.deregister(&mut mio::unix::SourceFd(&self.channel.fd().as_raw_fd()));
     }
-    /// Bytes posted and not yet acknowledged by the peer's device.
+    /// Bytes posted whose SEND has not completed (the peer's device has not acknowledged them).
     fn unsent(&self) -> Option<usize> {
-        Some((SENDS - self.free_sends.len()) * CHUNK)
+        Some(self.unacked)
     }
 }
 
