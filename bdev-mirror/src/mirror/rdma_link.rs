@@ -217,7 +217,7 @@ enum Dial {
     /// Address, then route resolution under way.
     Resolving(CmId, Instant),
     /// Connect sent; the stream is ready once established.
-    Connecting(RdmaStream, Instant),
+    Connecting(Box<RdmaStream>, Instant),
 }
 
 /// RDMA: the preferred leg listens on its rdma_cm address, the secondary dials it with
@@ -288,7 +288,7 @@ impl RdmaTransport {
                 match self.dialing.take() {
                     Some(Dial::Connecting(s, _)) if s.handle() == ev.id => {
                         self.backoff = Duration::from_millis(100);
-                        Some(s)
+                        Some(*s)
                     }
                     other => {
                         self.dialing = other;
@@ -311,7 +311,7 @@ impl RdmaTransport {
                 }
                 match RdmaStream::new(id, &self.devices) {
                     Ok(s) => match s.id.connect(&ConnParam::default()) {
-                        Ok(()) => self.dialing = Some(Dial::Connecting(s, deadline)),
+                        Ok(()) => self.dialing = Some(Dial::Connecting(Box::new(s), deadline)),
                         Err(e) => self.back_off(&e.to_string()),
                     },
                     Err(e) => self.back_off(&e),
