@@ -841,7 +841,7 @@ address = "127.0.0.1:4420"
         assert!(e.contains("mirror m (link)") && e.contains("`rdma` cargo feature"), "{e}");
         let e = err(&MIRROR.replace("role = \"preferred\"", "role = \"preferred\"\nlink = \"udp\""));
         assert_eq!((e.line, e.key.as_str()), (16, "bdev.link"), "{e}");
-        assert!(e.message.contains("`udp` is not a link transport"), "{e}");
+        assert!(e.message.contains("`udp` is not a transport"), "{e}");
     }
 
     #[test]

@@ -16,6 +16,15 @@ impl Ctx<'_> {
     }
 }
 
+/// `"tcp"` (also when not given) or `"rdma"`, for a listener's transport or a mirror's link.
+fn transport(ctx: &Ctx, value: Option<&Spanned<String>>, key: &str) -> Result<Transport, ConfigError> {
+    match value.map(|v| (v, v.get_ref().as_str())) {
+        None | Some((_, "tcp")) => Ok(Transport::Tcp),
+        Some((_, "rdma")) => Ok(Transport::Rdma),
+        Some((v, other)) => Err(ctx.err(v.span(), key, format!("`{other}` is not a transport: \"tcp\" or \"rdma\""))),
+    }
+}
+
 pub(crate) fn witness_config(ctx: &Ctx, w: &WitnessSection) -> Result<WitnessConfig, ConfigError> {
     let address = w
         .address
@@ -220,14 +229,7 @@ pub(crate) fn mirror_config(ctx: &Ctx, b: &BdevSection) -> Result<MirrorConfig, 
     if !preferred && peer.is_none() {
         return Err(need("peer"));
     }
-    let link = match &b.link {
-        None => Transport::Tcp,
-        Some(l) => match l.get_ref().as_str() {
-            "tcp" => Transport::Tcp,
-            "rdma" => Transport::Rdma,
-            other => return Err(ctx.err(l.span(), "bdev.link", format!("`{other}` is not a link transport: \"tcp\" or \"rdma\""))),
-        },
-    };
+    let link = transport(ctx, b.link.as_ref(), "bdev.link")?;
     let metadata = b.metadata.as_ref().ok_or_else(|| need("metadata"))?.get_ref().clone();
     let region = b.region_size.as_ref().map_or(1 << 20, |r| r.get_ref().bytes());
     if !region.is_power_of_two() || !(65536..=(64 << 20)).contains(&region) {
@@ -616,14 +618,7 @@ pub(crate) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
             }
             ana_states.insert(g, state.get_ref().clone());
         }
-        let transport = match &l.transport {
-            None => Transport::Tcp,
-            Some(t) => match t.get_ref().as_str() {
-                "tcp" => Transport::Tcp,
-                "rdma" => Transport::Rdma,
-                other => return Err(ctx.err(t.span(), "listener.transport", format!("`{other}` is not a transport: \"tcp\" or \"rdma\""))),
-            },
-        };
+        let transport = transport(ctx, l.transport.as_ref(), "listener.transport")?;
         listeners.push(ListenerConfig { address, ana_states, transport });
     }
 
