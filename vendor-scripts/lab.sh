@@ -235,6 +235,9 @@ timeout 120 fio --name=rlink --filename="$MD" --rw=randwrite --bs=8k --iodepth=8
 timeout 60 nvme disconnect -n $S; sleep 1
 echo "== SIGKILL of site B, writes at A meanwhile, B back: resync over RDMA"
 kill -9 $RB; wait $RB 2>/dev/null
+for i in $(seq 50); do grep -q 'replication link down' /tmp/rlink-a.log && break; sleep 0.1; done
+grep 'replication link down' /tmp/rlink-a.log
+grep -q 'replication link down.*the peer disconnected (rdma_cm)' /tmp/rlink-a.log && echo "CHECK rdma link: A learns of B's death from rdma_cm"
 timeout 120 nvme connect -t tcp -a 10.0.2.15 -s 4431 -n $S && sleep 2
 MD=$(nvme list | awk '/nvmetro/ {print $1}' | head -1)
 timeout 120 fio --name=rlink2 --filename="$MD" --offset=32m --rw=randwrite --bs=8k --iodepth=8 --ioengine=libaio --direct=1 --size=16m \
@@ -404,6 +407,7 @@ rdma_checks() { # runs chk (defined by the caller) on the guest log
   chk "rdma link: the sites' replication link comes up over RDMA" "CHECK rdma link up between the sites"
   chk "rdma link: writes through site A" "CHECK rdma link: writes through site A ok"
   chk "rdma link: site B reads what A wrote" "CHECK rdma link: site B reads what A wrote"
+  chk "rdma link: A learns of B's death at once (rdma_cm disconnect, not the heartbeat)" "CHECK rdma link: A learns of B's death from rdma_cm"
   chk "rdma link: A writes alone while B is killed" "CHECK rdma link: site A writes alone while B is down"
   chk "rdma link: resync over RDMA after B returns" "CHECK rdma link: resync over RDMA finished"
   chk "rdma link: B verifies both regions after the resync" "CHECK rdma link: site B verifies both regions after the resync"

@@ -7,9 +7,9 @@
 //! again once read through. A peer that has no receive posted makes the sender's device retry
 //! (RNR, without limit), which is the stream's backpressure. The CQ is armed whenever a read or
 //! write finds nothing to do, so its completion channel's descriptor (registered with the link
-//! thread's poll) announces the next completion. A failed work request (the peer went away, its
-//! queue pair was destroyed, the retries ran out) fails the stream: the link goes down and is
-//! dialled again, exactly as a broken TCP connection.
+//! thread's poll) announces the next completion. A failed work request (the retries ran out, the
+//! queue pair broke) or rdma_cm reporting the connection disconnected (the peer's process ended)
+//! fails the stream: the link goes down and is dialled again, exactly as a broken TCP connection.
 
 use super::auth::Side;
 use super::transport::{LinkStream, Transport};
@@ -23,7 +23,8 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 /// Bytes per SEND.
@@ -51,6 +52,9 @@ pub struct RdmaStream {
     rx: VecDeque<(usize, usize, usize)>,
     wcs: Vec<WorkCompletion>,
     failed: Option<String>,
+    /// Set by the transport when rdma_cm reports the connection disconnected (the peer's
+    /// process ended, or it disconnected): an idle queue pair would not learn it otherwise.
+    gone: Arc<AtomicBool>,
 }
 
 impl RdmaStream {
@@ -76,6 +80,7 @@ impl RdmaStream {
             rx: VecDeque::new(),
             wcs: (0..32).map(|_| WorkCompletion::default()).collect(),
             failed: None,
+            gone: Arc::new(AtomicBool::new(false)),
         };
         for slot in 0..RECVS {
             s.post_recv(slot).map_err(|e| e.to_string())?;
@@ -93,10 +98,13 @@ impl RdmaStream {
     }
 
     fn check(&self) -> io::Result<()> {
-        match &self.failed {
-            Some(why) => Err(io::Error::new(io::ErrorKind::ConnectionReset, why.clone())),
-            None => Ok(()),
+        if let Some(why) = &self.failed {
+            return Err(io::Error::new(io::ErrorKind::ConnectionReset, why.clone()));
         }
+        if self.gone.load(Ordering::Acquire) {
+            return Err(io::Error::new(io::ErrorKind::ConnectionReset, "the peer disconnected (rdma_cm)"));
+        }
+        Ok(())
     }
 
     /// Takes what completed: received chunks queue up for reading, sent ones free their slot.
@@ -231,6 +239,8 @@ pub struct RdmaTransport {
     dialing: Option<Dial>,
     /// Accepted, waiting to be established.
     accepting: Vec<RdmaStream>,
+    /// Streams handed to the link, to tell when rdma_cm reports them disconnected.
+    live: Vec<(CmHandle, Weak<AtomicBool>)>,
     next_dial: Instant,
     backoff: Duration,
 }
@@ -256,6 +266,7 @@ impl RdmaTransport {
             devices,
             dialing: None,
             accepting: Vec::new(),
+            live: Vec::new(),
             next_dial: Instant::now(),
             backoff: Duration::from_millis(100),
         })
@@ -334,7 +345,14 @@ impl RdmaTransport {
                 self.accepting.retain(|s| s.handle() != ev.id);
                 None
             }
-            // An established stream learns of its end from its flushed work requests.
+            CmEventKind::Disconnected | CmEventKind::DeviceRemoval => {
+                for (_, gone) in self.live.iter().filter(|(h, _)| *h == ev.id) {
+                    if let Some(g) = gone.upgrade() {
+                        g.store(true, Ordering::Release);
+                    }
+                }
+                None
+            }
             _ => None,
         }
     }
@@ -350,6 +368,8 @@ impl Transport for RdmaTransport {
             match self.channel.get_event() {
                 Ok(Some(ev)) => {
                     if let Some(s) = self.on_event(ev) {
+                        self.live.retain(|(_, g)| g.strong_count() > 0);
+                        self.live.push((s.handle(), Arc::downgrade(&s.gone)));
                         return Some(Box::new(s));
                     }
                 }
