@@ -189,6 +189,11 @@ impl Target {
                         // Every command crosses the link: a worse path than the peer's own.
                         Access::Remote if matches!(configured, AnaState::Optimized | AnaState::NonOptimized) => AnaState::NonOptimized,
                         Access::Remote => configured,
+                        // A planned switchover moved the sites' roles: the ordering site is
+                        // every host's best path, the other one every host's second best.
+                        Access::Leading if matches!(configured, AnaState::Optimized | AnaState::NonOptimized) => AnaState::Optimized,
+                        Access::Standby if matches!(configured, AnaState::Optimized | AnaState::NonOptimized) => AnaState::NonOptimized,
+                        Access::Leading | Access::Standby => configured,
                     };
                     if s.set_sole(li, ns.info.ana_group, access == Access::Sole) {
                         changes += 1;

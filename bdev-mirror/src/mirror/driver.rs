@@ -227,6 +227,8 @@ fn access_code(a: Access) -> u8 {
         Access::Transition => 2,
         Access::Fenced => 3,
         Access::Remote => 4,
+        Access::Leading => 5,
+        Access::Standby => 6,
     }
 }
 
@@ -236,6 +238,8 @@ fn access_of(code: u8) -> Access {
         1 => Access::Sole,
         2 => Access::Transition,
         4 => Access::Remote,
+        5 => Access::Leading,
+        6 => Access::Standby,
         _ => Access::Fenced,
     }
 }
@@ -523,8 +527,8 @@ impl BdevChannel for MirrorChannel {
         let access = access_of(self.shared.access.load(Ordering::Acquire));
         match op {
             _ if op.reads_only() && access != Access::Remote => match access {
-                Access::Serving | Access::Sole if self.shared.leased() => self.local.submit(tag, op),
-                Access::Serving | Access::Sole | Access::Transition | Access::Remote => {
+                Access::Serving | Access::Sole | Access::Leading | Access::Standby if self.shared.leased() => self.local.submit(tag, op),
+                Access::Serving | Access::Sole | Access::Leading | Access::Standby | Access::Transition | Access::Remote => {
                     self.refused.push(BdevCompletion { tag, result: Err(BdevError::Transition) })
                 }
                 Access::Fenced => self.refused.push(BdevCompletion { tag, result: Err(BdevError::Fenced) }),
@@ -1059,6 +1063,8 @@ impl LinkThread {
                 Access::Transition => "transition",
                 Access::Fenced => "fenced",
                 Access::Remote => "serving through the peer (this leg's device failed)",
+                Access::Leading => "serving, ordering writes (planned switchover: Optimized for every host)",
+                Access::Standby => "serving, the peer orders writes (planned switchover: Non-Optimized for every host)",
             }
             .into(),
             metro: st.metro,

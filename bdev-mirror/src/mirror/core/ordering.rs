@@ -24,6 +24,8 @@ impl MirrorCore {
         }
         tracing::info!("mirror leg role: {:?} -> {:?}", self.role, role);
         self.role = role;
+        // Roles changed by anything but the operator's switchover are no longer the operator's.
+        self.meta.switched = false;
         // Durable, so a restart does not bring back the old role (two legs ordering writes).
         let configured = if self.configured_preferred { Role::Preferred } else { Role::Secondary };
         self.meta.ordering = (role != configured).then_some(role == Role::Preferred);
@@ -124,6 +126,7 @@ impl MirrorCore {
         if !self.serving() {
             return out.push(Output::Complete { tag, result: Err(self.refusal()) });
         }
+        let Err(op) = self.park(tag, op) else { return };
         let id = self.new_op(Origin::Host(tag), op);
         match self.role {
             Role::Preferred => self.admit(id, out),

@@ -16,7 +16,7 @@ impl MirrorCore {
             Quorum::Starting if now >= m.startup_grace_ms && self.link != LinkState::Handshake && !self.peer_reachable() => {
                 self.elect(out);
             }
-            Quorum::Solo | Quorum::Fenced if self.link == LinkState::Connected && self.disk == DiskState::UpToDate => {
+            Quorum::Solo | Quorum::Fenced if self.link == LinkState::Connected && self.disk == DiskState::UpToDate && !self.peer_leaving => {
                 self.quorum = Quorum::Peer;
                 self.forced = false;
                 if !self.failback_hold {
@@ -34,6 +34,7 @@ impl MirrorCore {
                 };
                 tracing::warn!("{}", self.why);
                 self.release_held(Ok(()), out);
+                self.confirm_departure(out);
             }
             _ => {}
         }
@@ -207,6 +208,10 @@ impl MirrorCore {
     /// When this leg may serve alone: once the lease its last Pong could have given the peer has
     /// surely run out (module docs), and not before now.
     pub(super) fn settle_at(&self) -> u64 {
+        if self.peer_leaving {
+            // The peer stopped serving before it said it leaves: no lease of its to wait out.
+            return self.last_tick_ms;
+        }
         let own = self.metro.as_ref().map_or(lease_settle(self.lease_ms), |m| m.settle_ms);
         // The peer's fence, as its Pings said, may be longer than ours.
         let settle = own.max(lease_settle(self.peer_fence_ms));
@@ -274,6 +279,12 @@ impl MirrorCore {
         self.unconfirmed.clear();
         self.forwarded.clear();
         self.fail_forwarded(BdevError::Transition, out);
+        if self.leaving {
+            // Departed (or departing): this leg serves nothing and asks for nothing.
+            self.quorum = Quorum::Fenced;
+            self.why = "stopped: the peer took over (planned departure)".into();
+            return self.release_held(Err(BdevError::Fenced), out);
+        }
         match self.quorum {
             // Already serving alone (the peer was resyncing) or already out: nothing to decide.
             Quorum::Solo | Quorum::Won { .. } => self.release_held(Ok(()), out),

@@ -17,6 +17,7 @@ impl MirrorCore {
         let hello = Hello {
             site: self.site,
             preferred: self.configured_preferred,
+            orders: self.meta.switched && self.role == Role::Preferred,
             generations: self.meta.generations,
             disk: self.disk,
             size: self.size,
@@ -43,7 +44,15 @@ impl MirrorCore {
         }
         let dir = self.meta.generations.compare(&peer.generations);
         let source = match dir {
-            SyncDirection::InSync => self.configured_preferred,
+            // In sync, the configured preferred orders, unless a switchover gave it to one leg.
+            SyncDirection::InSync => {
+                let orders = self.meta.switched && self.role == Role::Preferred;
+                if orders != peer.orders {
+                    orders
+                } else {
+                    self.configured_preferred
+                }
+            }
             SyncDirection::ThisIsSource | SyncDirection::FullToPeer => true,
             SyncDirection::PeerIsSource | SyncDirection::FullFromPeer => false,
             SyncDirection::SplitBrain | SyncDirection::Unrelated => {
@@ -190,7 +199,12 @@ impl MirrorCore {
     /// Clears dirty bits of regions the peer has fully confirmed (preferred leg, in sync).
     pub(super) fn sweep(&mut self, out: &mut Vec<Output>) {
         // A Failed peer confirms nothing: every region stays dirty until its resync.
-        if self.role != Role::Preferred || self.link != LinkState::Connected || self.peer.is_none() || self.peer_failure.is_some() {
+        if self.role != Role::Preferred
+            || self.link != LinkState::Connected
+            || self.peer.is_none()
+            || self.peer_failure.is_some()
+            || self.handover.is_some()
+        {
             if std::mem::take(&mut self.lazy_persist) {
                 out.push(Output::Persist);
             }
