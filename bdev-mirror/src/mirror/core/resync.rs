@@ -100,7 +100,9 @@ impl MirrorCore {
             // Wait for the target's bitmap: it may have written regions this leg never saw.
             self.awaiting_bitmap = true;
         } else {
-            if dir != SyncDirection::InSync || self.meta.dirty_count() > 0 {
+            // A Failed leg is no whole copy until a resync ends, even with nothing dirty here (its
+            // failed ranges were copied to the peer while it was the source of the peer's resync).
+            if dir != SyncDirection::InSync || self.meta.dirty_count() > 0 || self.disk == DiskState::Failed {
                 self.disk = DiskState::Inconsistent;
                 // Durable before the first chunk lands: a restart mid-resync is not a whole copy.
                 if !self.meta.inconsistent {

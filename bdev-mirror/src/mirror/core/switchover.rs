@@ -155,7 +155,23 @@ impl MirrorCore {
                 tracing::warn!("planned switchover refused by the peer: {why}");
                 self.switchover_outcome = Some(Err(format!("the peer refused: {why}; nothing changed")));
             }
-            sw::HANDOVER if self.role == Role::Secondary && self.peer_reachable() => self.take_ordering(out),
+            sw::HANDOVER if self.role == Role::Secondary && self.can_take_over() => self.take_ordering(out),
+            sw::HANDOVER => {
+                // (Its device failed meanwhile, say: the peer keeps ordering, or takes it back.)
+                let mut r = frame(sw::REFUSE);
+                r.payload = format!("the peer could not take over after all ({})", self.why).into_bytes().into();
+                out.push(Output::Send(r));
+            }
+            sw::REFUSE if matches!(self.handover, Some(Handover::Handed)) => {
+                self.handover = None;
+                let why = String::from_utf8_lossy(&f.payload).into_owned();
+                if self.role == Role::Secondary && self.disk == DiskState::UpToDate && self.peer_failure.is_none() {
+                    // Nobody orders: this leg takes it back (the peer refused, so it does not).
+                    self.switch_role(Role::Preferred, out);
+                }
+                tracing::warn!("planned switchover failed at the last step: {why}");
+                self.switchover_outcome = Some(Err(format!("{why}; this site orders writes again")));
+            }
             sw::TAKEN if matches!(self.handover, Some(Handover::Handed)) => {
                 self.handover = None;
                 tracing::info!("planned switchover done: the peer orders writes");
@@ -182,7 +198,12 @@ impl MirrorCore {
     pub(super) fn advance_handover(&mut self, out: &mut Vec<Output>) {
         let broken = match &self.handover {
             Some(Handover::Handed) | None => None,
-            _ if self.role != Role::Preferred || self.disk != DiskState::UpToDate || self.link != LinkState::Connected => {
+            _ if self.role != Role::Preferred
+                || self.disk != DiskState::UpToDate
+                || self.link != LinkState::Connected
+                || self.peer_failure.is_some()
+                || self.quorum != Quorum::Peer =>
+            {
                 Some(format!("this leg's state changed meanwhile ({}); the sites' roles are as they were", self.why))
             }
             Some(Handover::Asking { since_ms }) if self.last_tick_ms.saturating_sub(*since_ms) > ASK_TIMEOUT_MS => {
@@ -208,6 +229,16 @@ impl MirrorCore {
         self.why = "serving with the peer, which orders writes (planned switchover)".into();
         // Behind the HANDOVER on the link: the peer orders them.
         self.resubmit(parked, out);
+    }
+
+    /// Whether this leg can order writes from now on (checked when the `HANDOVER` arrives).
+    fn can_take_over(&self) -> bool {
+        self.peer_reachable()
+            && self.disk == DiskState::UpToDate
+            && self.failure.is_none()
+            && self.peer_failure.is_none()
+            && !self.leaving
+            && self.quorum == Quorum::Peer
     }
 
     /// The peer handed ordering over: the writes this leg forwarded that it held start here.
