@@ -209,6 +209,18 @@ impl Target {
         changes
     }
 
+    /// A clean stop: every metro mirror leg whose peer orders writes (after a planned
+    /// switchover) stops serving and lets the peer take over without a failover stall.
+    pub fn depart_mirrors(&self) {
+        for b in self.bdevs().iter() {
+            if let Some(m) = b.as_mirror() {
+                let what = m.depart(std::time::Duration::from_secs(3));
+                tracing::info!(mirror = %b.info().name, "{what}");
+            }
+        }
+        self.refresh_ana();
+    }
+
     pub fn next_discovery_cntlid(&self) -> u16 {
         self.discovery_cntlid.fetch_add(1, Ordering::Relaxed) % 0xffef + 1
     }

@@ -190,6 +190,10 @@ struct Shared {
     failback: AtomicBool,
     /// Operator request: a forced promotion, and where its outcome goes.
     promote: Mutex<Option<std::sync::mpsc::Sender<Result<String, String>>>>,
+    /// Operator request: a planned switchover, and where its outcome goes.
+    switchover: Mutex<Option<std::sync::mpsc::Sender<Result<String, String>>>>,
+    /// A clean stop: depart (let the peer take over) and say how it went.
+    depart: Mutex<Option<std::sync::mpsc::Sender<String>>>,
     /// New settings for the link thread (taken on its next turn).
     tuning: Mutex<Option<MirrorTuning>>,
     tuning_pending: AtomicBool,
@@ -305,6 +309,8 @@ impl MirrorBdev {
             status: Mutex::new(StatusReport::default()),
             failback: AtomicBool::new(false),
             promote: Mutex::new(None),
+            switchover: Mutex::new(None),
+            depart: Mutex::new(None),
             tuning: Mutex::new(None),
             tuning_pending: AtomicBool::new(false),
             waker,
@@ -354,6 +360,9 @@ impl MirrorBdev {
             pending_conns: Vec::new(),
             refusals: RefusalLog { last: None, suppressed: 0, total: 0 },
             last_publish: Instant::now() - Duration::from_secs(1),
+            switch_reply: None,
+            depart_reply: None,
+            departed: false,
         };
         link.run_outputs(&mut { first });
         link.publish();
@@ -397,6 +406,19 @@ impl MirrorBdev {
         }
     }
 
+    /// The operator moves write ordering and the hosts' Optimized paths to the peer
+    /// ([`MirrorCore::switchover`]): what happened, or why it was refused or did not complete.
+    pub fn switchover(&self) -> Result<String, String> {
+        ask_link(&self.shared, &self.shared.switchover, SWITCHOVER_WAIT)?
+    }
+
+    /// A clean stop of a metro leg whose peer orders writes (after a switchover): it stops
+    /// serving and lets the peer take over without a failover ([`MirrorCore::leave`]); waits
+    /// at most `wait` for the peer. Returns what happened (for the log).
+    pub fn depart(&self, wait: Duration) -> String {
+        ask_link(&self.shared, &self.shared.depart, wait + Duration::from_secs(1)).unwrap_or_else(|e| e)
+    }
+
     /// A Failed leg retries its resync now (`nvmetro resync NAME`); returns whether the leg is
     /// Failed (otherwise there is nothing to retry).
     pub fn resync(&self) -> bool {
@@ -405,6 +427,33 @@ impl MirrorBdev {
         let _ = self.shared.waker.wake();
         failed
     }
+}
+
+/// How long the operator's `switchover` waits for the outcome (the peer's answers and the drain
+/// of the writes in flight take a few round trips; the core gives up on a silent peer in 5 s).
+const SWITCHOVER_WAIT: Duration = Duration::from_secs(10);
+/// How long a clean stop waits for the peer to take over before it just closes the link.
+const DEPART_WAIT: Duration = Duration::from_secs(3);
+
+/// Puts a request for the link thread in `slot` and waits up to `wait` for its answer.
+fn ask_link<T>(shared: &Shared, slot: &Mutex<Option<std::sync::mpsc::Sender<T>>>, wait: Duration) -> Result<T, String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let mut slot = slot.lock().map_err(|_| "the mirror's link thread is gone".to_string())?;
+        if slot.is_some() {
+            return Err("another such request is pending".into());
+        }
+        *slot = Some(tx);
+    }
+    let _ = shared.waker.wake();
+    rx.recv_timeout(wait).map_err(|_| {
+        // Taken back if the link thread has not seen it: then nothing happened.
+        if slot.lock().map(|mut s| s.take().is_some()).unwrap_or(false) {
+            "the mirror's link thread did not answer: nothing changed".to_string()
+        } else {
+            format!("the mirror's link thread took the request but did not answer in {} s: see `nvmetro status`", wait.as_secs())
+        }
+    })
 }
 
 impl Shared {
@@ -596,6 +645,12 @@ struct LinkThread {
     completions: Vec<BdevCompletion>,
     last_tick: Instant,
     last_publish: Instant,
+    /// Where the outcome of the switchover under way goes.
+    switch_reply: Option<std::sync::mpsc::Sender<Result<String, String>>>,
+    /// A planned departure under way: who waits, since when.
+    depart_reply: Option<(std::sync::mpsc::Sender<String>, Instant)>,
+    /// Departed: the link stays closed until this leg stops.
+    departed: bool,
     /// The metadata could not be stored: fenced until a restart.
     broken: bool,
     /// Connections in their authentication handshake.
@@ -906,6 +961,10 @@ impl LinkThread {
     }
 
     fn connect_or_accept(&mut self) {
+        if self.departed {
+            // A clean stop handed the namespace to the peer: this leg stays away.
+            return;
+        }
         if let Some(sock) = self.transport.poll_connect(self.conn.is_some() || !self.pending_conns.is_empty()) {
             self.start_handshake(sock);
         }
@@ -1138,6 +1197,7 @@ impl LinkThread {
         if self.shared.resync.swap(false, Ordering::AcqRel) {
             self.handle(Input::Resync);
         }
+        self.planned_requests();
         if self.shared.tuning_pending.swap(false, Ordering::AcqRel) {
             if let Some(t) = self.shared.tuning.lock().ok().and_then(|mut t| t.take()) {
                 self.core.set_resync_rate(t.resync_rate);
@@ -1187,6 +1247,66 @@ impl LinkThread {
             self.publish();
         }
         work
+    }
+
+    /// The operator's switchover and a clean stop's departure: started, followed, answered.
+    fn planned_requests(&mut self) {
+        if let Some(tx) = self.shared.switchover.lock().ok().and_then(|mut p| p.take()) {
+            let mut started = Err("the mirror's metadata cannot be stored: fenced until restarted".to_string());
+            if !self.broken {
+                self.handle_batch(|link, out| started = link.core.switchover(out));
+            }
+            match started {
+                Ok(()) => {
+                    tracing::info!(mirror = %self.name, "planned switchover requested by the operator");
+                    self.switch_reply = Some(tx);
+                }
+                Err(why) => {
+                    tracing::warn!(mirror = %self.name, "planned switchover refused: {why}");
+                    let _ = tx.send(Err(why));
+                }
+            }
+        }
+        if let Some(outcome) = self.core.take_switchover_outcome() {
+            if self.broken {
+                tracing::error!(mirror = %self.name, "planned switchover: the metadata could not be stored; fenced until restarted");
+            }
+            match &outcome {
+                Ok(what) => tracing::info!(mirror = %self.name, "planned switchover done: {what}"),
+                Err(why) => tracing::warn!(mirror = %self.name, "planned switchover did not complete: {why}"),
+            }
+            if let Some(tx) = self.switch_reply.take() {
+                let _ = tx.send(outcome);
+            }
+        }
+        if let Some(tx) = self.shared.depart.lock().ok().and_then(|mut p| p.take()) {
+            let mut leaving = false;
+            if !self.broken {
+                // Fenced and published (handle_batch) before the peer is told.
+                self.handle_batch(|link, _| leaving = link.core.leave());
+            }
+            if leaving {
+                self.handle_batch(|link, out| link.core.send_leave(out));
+                self.depart_reply = Some((tx, Instant::now()));
+            } else {
+                let _ = tx.send("no planned departure (the peer is not connected and in sync, or this site orders writes): the peer fails over".into());
+            }
+        }
+        if let Some((_, since)) = &self.depart_reply {
+            let (left, gone) = (self.core.left(), self.conn.is_none());
+            if left || gone || since.elapsed() > DEPART_WAIT {
+                let (tx, _) = self.depart_reply.take().expect("checked");
+                self.departed = true;
+                // The acknowledgements of the peer's last writes go out before the link closes.
+                self.flush();
+                self.link_down("planned departure: the peer took over");
+                let _ = tx.send(match (left, gone) {
+                    (true, _) => "planned departure: the peer serves alone".to_string(),
+                    (false, true) => "planned departure: the link went down before the peer confirmed; it fails over".to_string(),
+                    (false, false) => "planned departure: the peer did not confirm in time; it fails over".to_string(),
+                });
+            }
+        }
     }
 
     /// Descriptors must be looked at whether or not they announced anything: an in-memory link
