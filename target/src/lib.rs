@@ -195,7 +195,8 @@ impl Target {
                         Access::Standby if matches!(configured, AnaState::Optimized | AnaState::NonOptimized) => AnaState::NonOptimized,
                         Access::Leading | Access::Standby => configured,
                     };
-                    if s.set_sole(li, ns.info.ana_group, access == Access::Sole) {
+                    // (Alone, or leading after a switchover: not demoted for other sites' hosts.)
+                    if s.set_sole(li, ns.info.ana_group, matches!(access, Access::Sole | Access::Leading)) {
                         changes += 1;
                     }
                     if s.view(li).ana_state(ns.info.ana_group) != want {
