@@ -295,6 +295,29 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
+    fn a_hello_carries_the_switchover_role_and_switchover_frames_parse() {
+        let hello = Hello {
+            site: 2,
+            preferred: false,
+            orders: true,
+            generations: crate::mirror::meta::Generations { current: 5, bitmap: 3, history: 1 },
+            disk: crate::mirror::DiskState::UpToDate,
+            size: 1 << 20,
+        };
+        assert_eq!(Hello::from_payload(&hello.to_payload()), Some(hello));
+        // A peer from before the switchover sends 0 there: it orders by configuration only.
+        let mut old = hello.to_payload();
+        old[3] = 0;
+        assert!(!Hello::from_payload(&old).unwrap().orders);
+        let mut f = Frame::new(Kind::Switchover, 0);
+        f.arg = 2;
+        f.payload = b"why".to_vec().into();
+        let mut b = Vec::new();
+        f.encode(&mut b);
+        assert_eq!(Frame::parse(&b).unwrap(), Some((f, b.len())));
+    }
+
+    #[test]
     fn round_trip_and_damage() {
         let f = Frame {
             kind: Kind::Replicate,

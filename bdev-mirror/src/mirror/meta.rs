@@ -374,6 +374,7 @@ mod tests {
         m.failed = true;
         m.inconsistent = true;
         m.ordering = Some(false);
+        m.switched = true;
         f.store(&m).unwrap();
         drop(f);
         let (_, again) = MetaFile::open(&p, 100 << 20, 20).unwrap();
