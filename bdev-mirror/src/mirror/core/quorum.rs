@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// After a link loss, the leg that did not order writes asks the witness this much later.
+const ORDERER_HEAD_START_MS: u64 = 100;
+
 impl MirrorCore {
     /// Metro mode, every tick: reports to the witness and the peer, elections, settling.
     pub(super) fn metro_tick(&mut self, out: &mut Vec<Output>) {
@@ -199,7 +202,12 @@ impl MirrorCore {
         } else {
             let next = if self.meta.generations.bitmap == 0 { self.fresh_generation() } else { 0 };
             let nonce = self.fresh_generation();
-            self.quorum = Quorum::Electing { since_ms: now, next, nonce, last_ask_ms: 0 };
+            // The leg that ordered writes asks at once; the other gives it a head start, so that
+            // when both are alive (a partition) the witness keeps the ordering site serving, the
+            // one hosts were sent to (after a switchover: the new site). A lost orderer costs the
+            // other leg little: its settling mostly covers the head start.
+            let first_ask = if self.role == Role::Preferred { 0 } else { (now + ORDERER_HEAD_START_MS).saturating_sub(100) };
+            self.quorum = Quorum::Electing { since_ms: now, next, nonce, last_ask_ms: first_ask };
             self.pending_grant = None;
             self.why = "peer lost: asking the witness".into();
         }

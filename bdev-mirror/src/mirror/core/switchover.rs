@@ -478,6 +478,39 @@ mod tests {
     }
 
     #[test]
+    fn after_a_switchover_the_new_site_wins_a_partition_at_the_witness() {
+        let (mut a, mut b) = connected();
+        witness_answers(&mut a);
+        witness_answers(&mut b);
+        let mut oa = Vec::new();
+        a.switchover(&mut oa).unwrap();
+        pump(&mut a, &mut b, oa, Vec::new());
+        assert_eq!(b.status().role, Role::Preferred);
+        // The link is cut; both are alive and reach the witness, which answers at once.
+        let mut w = crate::mirror::witness::WitnessState::default();
+        let mut cores = [a, b];
+        for c in cores.iter_mut() {
+            c.handle(Input::LinkDown, &mut Vec::new());
+        }
+        for t in (30..1000).step_by(10) {
+            for c in cores.iter_mut() {
+                let mut out = Vec::new();
+                c.handle(Input::Tick { now_ms: t }, &mut out);
+                for o in out {
+                    if let Output::Witness(req) = o {
+                        let reply = w.handle(&req, t);
+                        c.handle(Input::Witness(reply), &mut Vec::new());
+                    }
+                }
+            }
+        }
+        let [a, b] = cores;
+        assert_eq!(b.access(), Access::Sole, "the site that orders writes since the switchover serves: {:?}", b.status());
+        assert_eq!(a.access(), Access::Fenced, "{:?}", a.status());
+        assert_eq!(w.resources["m"].holder, 2);
+    }
+
+    #[test]
     fn a_departing_leg_fences_first_and_its_peer_takes_the_witness_authority_while_connected() {
         let (mut a, mut b) = connected();
         witness_answers(&mut a);
