@@ -403,7 +403,8 @@ fn switchover(t: &TargetProcess) -> (bool, String) {
 
 /// What `nvmetro status` at `t` prints.
 fn status_text(t: &TargetProcess) -> String {
-    let out = std::process::Command::new(nvmetro_tests::binary("nvmetro")).arg("--config").arg(&t.config_path).arg("status").output().unwrap();
+    let out =
+        std::process::Command::new(nvmetro_tests::binary("nvmetro")).arg("--config").arg(&t.config_path).arg("status").output().unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 

@@ -1289,7 +1289,9 @@ impl LinkThread {
                 self.handle_batch(|link, out| link.core.send_leave(out));
                 self.depart_reply = Some((tx, Instant::now()));
             } else {
-                let _ = tx.send("no planned departure (the peer is not connected and in sync, or this site orders writes): the peer fails over".into());
+                let _ = tx.send(
+                    "no planned departure (the peer is not connected and in sync, or this site orders writes): the peer fails over".into(),
+                );
             }
         }
         if let Some((_, since)) = &self.depart_reply {

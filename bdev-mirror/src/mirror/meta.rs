@@ -185,7 +185,12 @@ impl Meta {
             Some(true) => 12,
         };
         b[12..16].copy_from_slice(
-            &(u32::from(self.deferred) | u32::from(self.failed) << 1 | ordering | u32::from(self.inconsistent) << 4 | u32::from(self.switched) << 5).to_le_bytes(),
+            &(u32::from(self.deferred)
+                | u32::from(self.failed) << 1
+                | ordering
+                | u32::from(self.inconsistent) << 4
+                | u32::from(self.switched) << 5)
+                .to_le_bytes(),
         );
         b[16..24].copy_from_slice(&self.regions.to_le_bytes());
         b[24..32].copy_from_slice(&self.generations.current.to_le_bytes());

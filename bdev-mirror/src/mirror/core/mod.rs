@@ -7,7 +7,8 @@
 //! The state machine's parts: [`ordering`] (range admission, issuing and completing operations),
 //! [`wire`] (frames from the peer), [`resync`] (handshake, sync direction, resync and sweep),
 //! [`pacing`] (how fast a resync goes while hosts write),
-//! [`quorum`] (metro mode: witness, pre-election, elections) and [`failure`] (failing legs).
+//! [`quorum`] (metro mode: witness, pre-election, elections), [`failure`] (failing legs) and
+//! [`switchover`] (metro mode: planned switchover and planned departure).
 //!
 //! Ordering, so both copies end byte-identical (active-active):
 //! * The preferred leg orders every write. Its own writes hold an exclusive range lock from issue

@@ -19,7 +19,9 @@ impl MirrorCore {
             Quorum::Starting if now >= m.startup_grace_ms && self.link != LinkState::Handshake && !self.peer_reachable() => {
                 self.elect(out);
             }
-            Quorum::Solo | Quorum::Fenced if self.link == LinkState::Connected && self.disk == DiskState::UpToDate && !self.peer_leaving => {
+            Quorum::Solo | Quorum::Fenced
+                if self.link == LinkState::Connected && self.disk == DiskState::UpToDate && !self.peer_leaving =>
+            {
                 self.quorum = Quorum::Peer;
                 self.forced = false;
                 if !self.failback_hold {

@@ -367,7 +367,7 @@ mod tests {
     /// Moves frames between the two legs (and completes local operations) until nothing is
     /// left; returns host completions (tag, success) by leg.
     fn pump(a: &mut MirrorCore, b: &mut MirrorCore, oa: Vec<Output>, ob: Vec<Output>) -> [Vec<(u64, bool)>; 2] {
-        let mut cores = [a, b];
+        let cores = [a, b];
         let mut outs = [oa, ob];
         let mut done = [Vec::new(), Vec::new()];
         loop {
@@ -527,10 +527,7 @@ mod tests {
         assert!(b.serving(), "still serving with the leaving peer while it asks the witness");
         let mut ob = Vec::new();
         b.handle(Input::Tick { now_ms: 500 }, &mut ob);
-        let req = ob
-            .iter()
-            .find_map(|o| if let Output::Witness(r) = o { Some(r.clone()) } else { None })
-            .expect("asks the witness");
+        let req = ob.iter().find_map(|o| if let Output::Witness(r) = o { Some(r.clone()) } else { None }).expect("asks the witness");
         assert_eq!(req.ask, crate::mirror::witness::Ask::Acquire);
         let mut w = crate::mirror::witness::WitnessState::default();
         let reply = w.handle(&req, 0);
