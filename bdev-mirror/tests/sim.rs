@@ -1,4 +1,5 @@
-//! Debugging a history: `SIM_ONE=<seed in hex>` runs only that seed of the random tests,
+//! Debugging a history: `SIM_ONE=<seed in hex>` runs only that seed of the random tests
+//! (`SIM_SKIP=<hex>,<hex>` skips seeds of the metro histories),
 //! `SIM_DEBUG=1` prints each seed and its failure plan, `SIM_TRACE=1` both legs' state as it goes.
 //!
 //! Two mirror legs driven against each other through a simulated link, with random operation
@@ -905,6 +906,10 @@ fn metro_histories_never_have_two_writers_nor_lose_acknowledged_writes() {
     let (mut switched, mut departed) = (0, 0);
     for seed in 1..=seeds {
         if std::env::var("SIM_ONE").is_ok_and(|one| u64::from_str_radix(&one, 16) != Ok(seed.wrapping_mul(0x2545_f491_4f6c_dd1d))) {
+            continue;
+        }
+        let hex = format!("{:x}", seed.wrapping_mul(0x2545_f491_4f6c_dd1d));
+        if std::env::var("SIM_SKIP").is_ok_and(|skip| skip.split(',').any(|s| s == hex)) {
             continue;
         }
         let (i, a, r, f, sw, d) = run_metro(seed.wrapping_mul(0x2545_f491_4f6c_dd1d));

@@ -1295,7 +1295,7 @@ impl LinkThread {
             }
         }
         if let Some((_, since)) = &self.depart_reply {
-            let (left, gone) = (self.core.left(), self.conn.is_none());
+            let (left, gone) = (self.core.peer_took_over(), self.conn.is_none() || self.core.left());
             if left || gone || since.elapsed() > DEPART_WAIT {
                 let (tx, _) = self.depart_reply.take().expect("checked");
                 self.departed = true;
@@ -1304,7 +1304,7 @@ impl LinkThread {
                 self.link_down("planned departure: the peer took over");
                 let _ = tx.send(match (left, gone) {
                     (true, _) => "planned departure: the peer serves alone".to_string(),
-                    (false, true) => "planned departure: the link went down before the peer confirmed; it fails over".to_string(),
+                    (false, true) => "planned departure: the link went down or the peer could not take over; it fails over".to_string(),
                     (false, false) => "planned departure: the peer did not confirm in time; it fails over".to_string(),
                 });
             }

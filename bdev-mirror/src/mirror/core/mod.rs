@@ -417,8 +417,9 @@ pub struct MirrorCore {
     switchover_outcome: Option<Result<String, String>>,
     /// Planned departure (a clean stop): this leg stopped serving and told its peer.
     leaving: bool,
-    /// The peer took over after this leg's departure: it may close the link.
-    left: bool,
+    /// The departure is over (the link may close): `Some(true)` the peer took over,
+    /// `Some(false)` it could not (it fails over as after any loss).
+    left: Option<bool>,
     /// The peer told, on this connection, that it stopped serving and is going away: its lease
     /// is void, so taking over needs no settling.
     peer_leaving: bool,
@@ -568,7 +569,7 @@ impl MirrorCore {
             handover: None,
             switchover_outcome: None,
             leaving: false,
-            left: false,
+            left: None,
             peer_leaving: false,
             failback_hold: false,
             last_report_ms: 0,

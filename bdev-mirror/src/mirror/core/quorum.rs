@@ -39,7 +39,6 @@ impl MirrorCore {
                 };
                 tracing::warn!("{}", self.why);
                 self.release_held(Ok(()), out);
-                self.confirm_departure(out);
             }
             _ => {}
         }
@@ -239,6 +238,15 @@ impl MirrorCore {
                 // handshake. Keep the grant for the case the connection dies without a Hello.
                 self.pending_grant = Some(next);
             }
+            (Quorum::Electing { nonce, next, .. }, Verdict::Granted) if nonce == reply.nonce && self.peer_leaving && self.peer_reachable() => {
+                // The departing peer still applies what this leg writes: the new generation
+                // starts once it has gone (writing under it now would fork the lineage should
+                // this leg fail before then, the peer holding everything under the old one).
+                if self.pending_grant.replace(next).is_none() {
+                    self.why = "the peer is stopping (planned): granted; serving alone once it has gone".into();
+                    self.confirm_departure(out);
+                }
+            }
             (Quorum::Electing { nonce, next, .. }, Verdict::Granted) if nonce == reply.nonce => {
                 self.take_grant(next, out);
             }
@@ -274,6 +282,13 @@ impl MirrorCore {
             out.push(Output::Persist);
         }
         self.become_orderer(out);
+        if self.peer_leaving {
+            // The peer stopped serving before it left: no lease of its to wait out.
+            self.quorum = Quorum::Solo;
+            self.why = format!("serving alone: the peer stopped (planned); granted generation {:x}", self.meta.generations.current);
+            tracing::info!("{}", self.why);
+            return self.release_held(Ok(()), out);
+        }
         self.quorum = Quorum::Won { at_ms: self.settle_at() };
         self.why = "granted by the witness: settling".into();
     }
@@ -293,6 +308,7 @@ impl MirrorCore {
             // Departed (or departing): this leg serves nothing and asks for nothing.
             self.quorum = Quorum::Fenced;
             self.why = "stopped: the peer took over (planned departure)".into();
+            self.left.get_or_insert(false);
             return self.release_held(Err(BdevError::Fenced), out);
         }
         match self.quorum {

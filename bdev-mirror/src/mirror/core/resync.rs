@@ -61,10 +61,17 @@ impl MirrorCore {
                 return;
             }
         };
-        // Same lineage: a Failed leg is never the source.
-        let source = match (dir, self.disk == DiskState::Failed, peer.disk == DiskState::Failed) {
+        // Same lineage: a leg that holds no whole copy (its device Failed, or a resync into it
+        // was cut short: its generations are still those of the source) is never the source.
+        let torn = |d: DiskState| matches!(d, DiskState::Failed | DiskState::Inconsistent);
+        let source = match (dir, torn(self.disk), torn(peer.disk)) {
             (SyncDirection::InSync, true, true) => {
-                self.link = LinkState::Refused("both legs' devices failed".into());
+                let why = if self.disk == DiskState::Failed && peer.disk == DiskState::Failed {
+                    "both legs' devices failed"
+                } else {
+                    "neither leg holds a whole copy (a device failed, a resync was cut short)"
+                };
+                self.link = LinkState::Refused(why.into());
                 return;
             }
             (SyncDirection::InSync, true, false) => false,

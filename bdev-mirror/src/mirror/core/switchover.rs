@@ -22,9 +22,11 @@
 //! Departure, at a clean stop of a leg that does not order writes (after a switchover): the leg
 //! stops serving (published before anything is sent), then sends `LEAVE`. Its lease is void from
 //! then on, so the peer takes the witness's authority for a new generation *while still
-//! connected* (writes keep replicating to the departing leg meanwhile, so hosts see no pause),
-//! serves alone without settling, and answers `LEAVE_OK`; only then does the departing leg close
-//! the link. The departed leg's data descends from the generation the peer left: if it returns
+//! connected* (writes keep replicating to the departing leg meanwhile, so hosts see no pause)
+//! and answers `LEAVE_OK`; the departing leg closes the link, and the peer starts the granted
+//! generation and serves alone at once, without settling. (It does not write under the new
+//! generation while the departing leg still applies its writes: should it fail then, the
+//! departing leg holds every acknowledged write under the old one, and no lineage forks.) The departed leg's data descends from the generation the peer left: if it returns
 //! it is resynced before it serves, and the witness denies it while the peer is away.
 
 use super::*;
@@ -182,12 +184,12 @@ impl MirrorCore {
             }
             sw::REFUSE if self.leaving => {
                 tracing::warn!("planned departure: the peer cannot take over now; closing the link (it fails over)");
-                self.left = true;
+                self.left = Some(false);
             }
             sw::LEAVE => self.peer_leaves(out),
             sw::LEAVE_OK if self.leaving => {
                 tracing::info!("planned departure: the peer serves alone; closing the link");
-                self.left = true;
+                self.left = Some(true);
             }
             _ => {}
         }
@@ -319,9 +321,14 @@ impl MirrorCore {
         }
     }
 
-    /// The peer serves alone after this leg's departure: the link may close.
+    /// The departure is over: the link may close ([`MirrorCore::peer_took_over`] says how).
     pub fn left(&self) -> bool {
-        self.left
+        self.left.is_some()
+    }
+
+    /// The peer serves alone after this leg's departure.
+    pub fn peer_took_over(&self) -> bool {
+        self.left == Some(true)
     }
 
     /// The peer is going away and serves nothing any more: take the witness's authority for a
@@ -343,7 +350,7 @@ impl MirrorCore {
         tracing::info!("{}", self.why);
     }
 
-    /// Settled after granted because the peer left: tell it to go.
+    /// Granted because the peer leaves: tell it to go.
     pub(super) fn confirm_departure(&mut self, out: &mut Vec<Output>) {
         if self.peer_leaving && self.peer_reachable() {
             out.push(Output::Send(frame(sw::LEAVE_OK)));
@@ -533,16 +540,17 @@ mod tests {
         let reply = w.handle(&req, 0);
         assert_eq!(reply.verdict, crate::mirror::witness::Verdict::Granted);
         b.handle(Input::Witness(reply), &mut ob);
-        b.handle(Input::Tick { now_ms: 510 }, &mut ob);
-        assert_eq!(b.access(), Access::Sole, "serves alone without settling: the peer's lease is void");
+        assert_eq!(b.meta().generations.bitmap, 0, "no new generation while the departing leg still applies writes");
         pump(&mut a, &mut b, Vec::new(), ob);
-        assert!(a.left(), "the departing leg may close the link");
+        assert!(a.left() && a.peer_took_over(), "the departing leg may close the link");
         let mut ob = Vec::new();
         b.handle(write(9), &mut ob);
         b.handle(Input::LinkDown, &mut ob);
+        assert_eq!(b.access(), Access::Sole, "serves alone without settling: the peer's lease is void");
         let done = pump(&mut a, &mut b, Vec::new(), ob);
         assert_eq!(done[1], [(9, true)], "a write in flight completes without the departed leg");
         assert_eq!(w.resources["m"].holder, 2, "the witness's authority is at site 2");
-        assert_ne!(b.meta().generations.bitmap, 0, "site 2 writes under a new generation");
+        assert_eq!(w.resources["m"].authority, b.meta().generations.current, "site 2 writes under the granted generation");
+        assert_ne!(b.meta().generations.bitmap, 0);
     }
 }
