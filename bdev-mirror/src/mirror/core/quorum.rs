@@ -238,7 +238,9 @@ impl MirrorCore {
                 // handshake. Keep the grant for the case the connection dies without a Hello.
                 self.pending_grant = Some(next);
             }
-            (Quorum::Electing { nonce, next, .. }, Verdict::Granted) if nonce == reply.nonce && self.peer_leaving && self.peer_reachable() => {
+            (Quorum::Electing { nonce, next, .. }, Verdict::Granted)
+                if nonce == reply.nonce && self.peer_leaving && self.peer_reachable() =>
+            {
                 // The departing peer still applies what this leg writes: the new generation
                 // starts once it has gone (writing under it now would fork the lineage should
                 // this leg fail before then, the peer holding everything under the old one).
