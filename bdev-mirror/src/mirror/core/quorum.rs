@@ -244,7 +244,8 @@ impl MirrorCore {
                 // The departing peer still applies what this leg writes: the new generation
                 // starts once it has gone (writing under it now would fork the lineage should
                 // this leg fail before then, the peer holding everything under the old one).
-                if self.pending_grant.replace(next).is_none() {
+                let first = self.pending_grant.replace(next).is_none();
+                if first {
                     self.why = "the peer is stopping (planned): granted; serving alone once it has gone".into();
                     self.confirm_departure(out);
                 }
