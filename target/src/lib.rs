@@ -215,7 +215,7 @@ impl Target {
     pub fn depart_mirrors(&self) {
         for b in self.bdevs().iter() {
             if let Some(m) = b.as_mirror() {
-                let what = m.depart(std::time::Duration::from_secs(3));
+                let what = m.depart();
                 tracing::info!(mirror = %b.info().name, "{what}");
             }
         }

@@ -414,9 +414,9 @@ impl MirrorBdev {
 
     /// A clean stop of a metro leg whose peer orders writes (after a switchover): it stops
     /// serving and lets the peer take over without a failover ([`MirrorCore::leave`]); waits
-    /// at most `wait` for the peer. Returns what happened (for the log).
-    pub fn depart(&self, wait: Duration) -> String {
-        ask_link(&self.shared, &self.shared.depart, wait + Duration::from_secs(1)).unwrap_or_else(|e| e)
+    /// at most [`DEPART_WAIT`] for the peer. Returns what happened (for the log).
+    pub fn depart(&self) -> String {
+        ask_link(&self.shared, &self.shared.depart, DEPART_WAIT + Duration::from_secs(1)).unwrap_or_else(|e| e)
     }
 
     /// A Failed leg retries its resync now (`nvmetro resync NAME`); returns whether the leg is
@@ -433,7 +433,7 @@ impl MirrorBdev {
 /// of the writes in flight take a few round trips; the core gives up on a silent peer in 5 s).
 const SWITCHOVER_WAIT: Duration = Duration::from_secs(10);
 /// How long a clean stop waits for the peer to take over before it just closes the link.
-const DEPART_WAIT: Duration = Duration::from_secs(3);
+pub const DEPART_WAIT: Duration = Duration::from_secs(3);
 
 /// Puts a request for the link thread in `slot` and waits up to `wait` for its answer.
 fn ask_link<T>(shared: &Shared, slot: &Mutex<Option<std::sync::mpsc::Sender<T>>>, wait: Duration) -> Result<T, String> {
