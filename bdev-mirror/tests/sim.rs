@@ -94,6 +94,9 @@ struct Sim {
     cache_lost: bool,
     /// Host writes answered with an error (hosts would retry them elsewhere).
     failed_writes: usize,
+    /// Host writes not answered yet: tag -> the leg they were sent to (a crash of that leg
+    /// drops them; every other one must be answered once the legs have settled).
+    open_writes: HashMap<u64, usize>,
 }
 
 /// Sim timers: leases of 60 steps (both modes), Failed legs retry every 150; regions resync in
@@ -188,6 +191,7 @@ impl Sim {
             remote_reads: HashMap::new(),
             cache_lost: false,
             failed_writes: 0,
+            open_writes: HashMap::new(),
         };
         for (i, out) in sim_outputs {
             sim.run_outputs(i, out);
@@ -280,6 +284,7 @@ impl Sim {
                         continue;
                     }
                     let w = self.tags.remove(&tag).expect("completion for a known write");
+                    self.open_writes.remove(&tag);
                     if result.is_err() {
                         self.failed_writes += 1;
                     }
@@ -448,6 +453,7 @@ impl Sim {
     fn crash_losing(&mut self, leg: usize, loss_percent: u64) {
         self.cut();
         self.legs[leg].failing_below = 0;
+        self.open_writes.retain(|_, l| *l != leg);
         let l = &mut self.legs[leg];
         l.core = None;
         // In-flight local operations either reached the disk whole or not at all.
@@ -521,6 +527,7 @@ impl Sim {
         self.connect();
         self.quiesce();
         self.check(seed);
+        assert!(self.open_writes.is_empty(), "seed {seed}: host writes never answered: {:?}", self.open_writes);
         (self.writes.len(), self.writes.iter().filter(|w| w.acked.is_some()).count(), self.reads)
     }
 
@@ -546,6 +553,7 @@ impl Sim {
         self.writes.push(WriteRec { id, blocks: block..block + n, issued: self.step, acked: None, durable: false, fua, maybe_lost: false });
         let tag = id;
         self.tags.insert(tag, w);
+        self.open_writes.insert(tag, leg);
         self.feed(leg, Input::Host { tag, op: BdevOp::Write { offset: (block * BLOCK) as u64, data: data.into(), fua } });
     }
 

@@ -314,7 +314,8 @@ impl MirrorCore {
                 }
                 if read {
                     // A forwarded read: no confirmation follows.
-                } else if let (Some((off, len)), true) = (o.range, code == status::OK) {
+                } else if let (Some((off, len)), true, true) = (o.range, code == status::OK, answer) {
+                    // (Only for an answer sent: a confirmation can only come on that connection.)
                     self.forwarded.insert(seq, (off, len));
                 } else if let Some((off, len)) = o.range {
                     self.unconfirm(off, len);

@@ -6,8 +6,8 @@
 //! 1. A asks B (`ASK`); B answers `READY` or `REFUSE` (with why) from its own state. Nothing
 //!    changes before the answer, so a refusal leaves everything as it was.
 //! 2. A drains: host writes arriving here are parked, writes B forwards are held unexecuted,
-//!    until every write A ordered is done at both legs (A's operations all ended, B confirmed
-//!    every forwarded write it applied). Nothing is failed: hosts only wait.
+//!    until every operation A ordered has ended (its own writes acknowledged by B, B's forwarded
+//!    ones executed here and answered). Nothing is failed: hosts only wait.
 //! 3. A records durably that B orders (and that the roles are the operator's), sends
 //!    `HANDOVER`, and forwards its parked writes to B; they travel behind the `HANDOVER`.
 //! 4. B takes ordering: the writes it had forwarded that A held (every one still waiting for an
@@ -56,13 +56,22 @@ fn frame(arg: u32) -> Frame {
 /// A switchover never waits longer than this for the peer's answer to `ASK`.
 const ASK_TIMEOUT_MS: u64 = 5_000;
 
+/// What a draining switchover holds back: host writes that arrived here, and the peer's
+/// forwarded writes (frames that came on connection `epoch`).
+#[derive(Debug, Default)]
+pub(super) struct Parked {
+    hosts: Vec<(u64, BdevOp)>,
+    forwards: Vec<Frame>,
+    epoch: u64,
+}
+
 /// Where a switchover at the ordering leg stands.
 #[derive(Debug)]
 pub(super) enum Handover {
     /// Asked the peer; serving as before.
     Asking { since_ms: u64 },
     /// Host writes parked here, the peer's forwarded writes held, until nothing is in flight.
-    Draining { parked: Vec<(u64, BdevOp)> },
+    Draining { since_ms: u64, parked: Parked },
     /// `HANDOVER` sent; waiting for `TAKEN`.
     Handed,
 }
@@ -149,7 +158,8 @@ impl MirrorCore {
             }
             sw::READY if matches!(self.handover, Some(Handover::Asking { .. })) => {
                 tracing::info!("planned switchover: the peer is ready; draining the writes in flight");
-                self.handover = Some(Handover::Draining { parked: Vec::new() });
+                let parked = Parked { epoch: self.link_epoch, ..Parked::default() };
+                self.handover = Some(Handover::Draining { since_ms: self.last_tick_ms, parked });
             }
             sw::REFUSE if matches!(self.handover, Some(Handover::Asking { .. })) => {
                 self.handover = None;
@@ -211,17 +221,24 @@ impl MirrorCore {
             Some(Handover::Asking { since_ms }) if self.last_tick_ms.saturating_sub(*since_ms) > ASK_TIMEOUT_MS => {
                 Some("the peer did not answer; nothing changed".into())
             }
+            Some(Handover::Draining { since_ms, .. }) if self.last_tick_ms.saturating_sub(*since_ms) > ASK_TIMEOUT_MS => {
+                Some("the writes in flight did not finish in time; the sites' roles are as they were".into())
+            }
             _ => None,
         };
         if let Some(why) = broken {
             let parked = self.abort_handover(&why);
             return self.resubmit(parked, out);
         }
-        if !matches!(self.handover, Some(Handover::Draining { .. })) || !self.ops.is_empty() || !self.forwarded.is_empty() {
+        // (Writes this leg executed for the peer need not be applied there yet: answered before
+        // the HANDOVER, they are ahead of every write the peer orders after it.)
+        if !matches!(self.handover, Some(Handover::Draining { .. })) || !self.ops.is_empty() {
             return;
         }
         // Drained: every write this leg ordered is done at both legs.
-        let Some(Handover::Draining { parked }) = self.handover.replace(Handover::Handed) else { unreachable!("checked") };
+        let Some(Handover::Draining { mut parked, .. }) = self.handover.replace(Handover::Handed) else { unreachable!("checked") };
+        // The peer starts these itself once it orders (they are the ones it still waits for).
+        parked.forwards.clear();
         self.switch_role(Role::Secondary, out);
         // The operator's roles, unless the switchover restored the configured ones.
         self.meta.switched = self.configured_preferred;
@@ -264,21 +281,28 @@ impl MirrorCore {
         out.push(Output::Send(frame(sw::TAKEN)));
     }
 
-    /// Ends a switchover that cannot finish: returns the host writes it had parked (the caller
-    /// resubmits them once the state they meet is settled).
-    pub(super) fn abort_handover(&mut self, why: &str) -> Vec<(u64, BdevOp)> {
+    /// Ends a switchover that cannot finish: returns what it had held back (the caller
+    /// resubmits it once the state it meets is settled).
+    pub(super) fn abort_handover(&mut self, why: &str) -> Parked {
         let parked = match self.handover.take() {
-            None => return Vec::new(),
-            Some(Handover::Draining { parked }) => parked,
-            Some(_) => Vec::new(),
+            None => return Parked::default(),
+            Some(Handover::Draining { parked, .. }) => parked,
+            Some(_) => Parked::default(),
         };
         tracing::warn!("planned switchover ended: {why}");
         self.switchover_outcome = Some(Err(format!("{why} (the switchover did not complete)")));
         parked
     }
 
-    pub(super) fn resubmit(&mut self, parked: Vec<(u64, BdevOp)>, out: &mut Vec<Output>) {
-        for (tag, op) in parked {
+    /// Host writes held back go their way now; the peer's forwarded writes too, if the
+    /// connection they came on is still up (otherwise the peer has failed them itself).
+    pub(super) fn resubmit(&mut self, parked: Parked, out: &mut Vec<Output>) {
+        if parked.epoch == self.link_epoch && self.peer_reachable() {
+            for f in parked.forwards {
+                self.on_frame(f, out);
+            }
+        }
+        for (tag, op) in parked.hosts {
             self.on_host(tag, op, out);
         }
     }
@@ -286,18 +310,24 @@ impl MirrorCore {
     /// A host write arriving while the switchover drains: parked (true) until ordering moved.
     pub(super) fn park(&mut self, tag: u64, op: BdevOp) -> Result<(), BdevOp> {
         match &mut self.handover {
-            Some(Handover::Draining { parked }) => {
-                parked.push((tag, op));
+            Some(Handover::Draining { parked, .. }) => {
+                parked.hosts.push((tag, op));
                 Ok(())
             }
             _ => Err(op),
         }
     }
 
-    /// Whether the peer's forwarded writes wait unexecuted (the peer starts them itself once it
-    /// orders).
-    pub(super) fn holding_forwards(&self) -> bool {
-        matches!(self.handover, Some(Handover::Draining { .. }))
+    /// A write the peer forwarded while the switchover drains: held unexecuted (the peer starts
+    /// it itself once it orders; if the switchover ends first, it is executed then).
+    pub(super) fn hold_forward(&mut self, f: Frame) -> Result<(), Frame> {
+        match &mut self.handover {
+            Some(Handover::Draining { parked, .. }) => {
+                parked.forwards.push(f);
+                Ok(())
+            }
+            _ => Err(f),
+        }
     }
 
     /// A clean stop (the driver, before it closes the link): a leg that serves with the peer

@@ -67,9 +67,9 @@ impl MirrorCore {
                 }
                 self.try_finish(f.seq, out);
             }
-            // A switchover drains: the peer starts these itself once it orders.
-            Kind::Forward if self.holding_forwards() => {}
             Kind::Forward => {
+                // A switchover drains: held (the peer starts it itself once it orders).
+                let Err(f) = self.hold_forward(f) else { return };
                 // Only the ordering leg, on its own UpToDate device, executes forwarded commands.
                 if !self.serving() || self.role != Role::Preferred || self.disk != DiskState::UpToDate {
                     let mut r = Frame::new(Kind::ForwardDone, f.seq);
