@@ -514,6 +514,54 @@ mod tests {
         assert!(e.contains("peer link is Down"), "{e}");
     }
 
+    /// The frames in `out` (taken out of it).
+    fn frames(out: &mut Vec<Output>) -> Vec<Frame> {
+        let (sent, rest): (Vec<Output>, Vec<Output>) = std::mem::take(out).into_iter().partition(|o| matches!(o, Output::Send(_)));
+        *out = rest;
+        sent.into_iter().filter_map(|o| if let Output::Send(f) = o { Some(f) } else { None }).collect()
+    }
+
+    #[test]
+    fn a_switchover_that_ends_while_draining_answers_everything_it_held() {
+        let (mut a, mut b) = connected();
+        witness_answers(&mut a);
+        witness_answers(&mut b);
+        // A write in flight at A (neither its local half nor the peer's answer back yet).
+        let mut oa = Vec::new();
+        a.handle(write(1), &mut oa);
+        let mut held_a = std::mem::take(&mut oa);
+        a.switchover(&mut oa).unwrap();
+        let mut ob = Vec::new();
+        for f in frames(&mut oa) {
+            b.handle(Input::Frame(f), &mut ob);
+        }
+        for f in frames(&mut ob) {
+            a.handle(Input::Frame(f), &mut oa); // READY: A drains
+        }
+        a.handle(write(3), &mut oa);
+        assert!(oa.is_empty(), "a host write is parked while draining: {oa:?}");
+        b.handle(write(2), &mut ob);
+        for f in frames(&mut ob) {
+            a.handle(Input::Frame(f), &mut oa);
+        }
+        assert!(oa.is_empty(), "the peer's forwarded write is held while draining: {oa:?}");
+        // The peer departs meanwhile: the switchover ends, with the link up.
+        assert!(b.leave());
+        b.send_leave(&mut ob);
+        for f in frames(&mut ob) {
+            a.handle(Input::Frame(f), &mut oa);
+        }
+        held_a.append(&mut oa);
+        let done = pump(&mut a, &mut b, held_a, ob);
+        let mut at_a = done[0].clone();
+        at_a.sort_unstable();
+        assert_eq!(at_a, [(1, true), (3, true)], "A's writes, parked one included, complete");
+        assert_eq!(done[1], [(2, true)], "the peer's held forwarded write is executed and answered");
+        let e = a.take_switchover_outcome().unwrap().unwrap_err();
+        assert!(e.contains("did not complete"), "{e}");
+        assert_eq!(a.status().role, Role::Preferred, "A still orders writes");
+    }
+
     #[test]
     fn after_a_switchover_the_new_site_wins_a_partition_at_the_witness() {
         let (mut a, mut b) = connected();
