@@ -26,8 +26,9 @@
 //! and answers `LEAVE_OK`; the departing leg closes the link, and the peer starts the granted
 //! generation and serves alone at once, without settling. (It does not write under the new
 //! generation while the departing leg still applies its writes: should it fail then, the
-//! departing leg holds every acknowledged write under the old one, and no lineage forks.) The departed leg's data descends from the generation the peer left: if it returns
-//! it is resynced before it serves, and the witness denies it while the peer is away.
+//! departing leg holds every acknowledged write under the old one, and no lineage forks.) The
+//! departed leg's data descends from the generation the peer left: if it returns it is resynced
+//! before it serves, and the witness denies it while the peer is away.
 
 use super::*;
 
