@@ -213,12 +213,16 @@ impl Target {
     /// A clean stop: every metro mirror leg whose peer orders writes (after a planned
     /// switchover) stops serving and lets the peer take over without a failover stall.
     pub fn depart_mirrors(&self) {
-        for b in self.bdevs().iter() {
-            if let Some(m) = b.as_mirror() {
-                let what = m.depart();
-                tracing::info!(mirror = %b.info().name, "{what}");
+        let bdevs = self.bdevs();
+        // All at once: each may wait for its peer.
+        std::thread::scope(|s| {
+            for b in bdevs.iter().filter(|b| b.as_mirror().is_some()) {
+                s.spawn(move || {
+                    let what = b.as_mirror().map(|m| m.depart()).unwrap_or_default();
+                    tracing::info!(mirror = %b.info().name, "{what}");
+                });
             }
-        }
+        });
         self.refresh_ana();
     }
 
