@@ -165,7 +165,7 @@ pub trait Bdev: Send + Sync + std::fmt::Debug {
     fn info(&self) -> &BdevInfo;
     /// Whether this device may serve host I/O now (a fenced mirror leg may not).
     fn serving(&self) -> bool {
-        matches!(self.access(), Access::Serving | Access::Sole | Access::Remote)
+        matches!(self.access(), Access::Serving | Access::Sole | Access::Remote | Access::Leading | Access::Standby)
     }
     /// How hosts should see paths to this device (a metro mirror leg may be serving alone,
     /// deciding, or fenced).

@@ -1,4 +1,5 @@
-//! Debugging a history: `SIM_ONE=<seed in hex>` runs only that seed of the random tests,
+//! Debugging a history: `SIM_ONE=<seed in hex>` runs only that seed of the random tests
+//! (`SIM_SKIP=<hex>,<hex>` skips seeds of the metro histories),
 //! `SIM_DEBUG=1` prints each seed and its failure plan, `SIM_TRACE=1` both legs' state as it goes.
 //!
 //! Two mirror legs driven against each other through a simulated link, with random operation
@@ -91,6 +92,11 @@ struct Sim {
     /// A crash lost writes from a device's volatile cache: from then on only durable writes must
     /// survive (NVMe's volatile write cache semantics).
     cache_lost: bool,
+    /// Host writes answered with an error (hosts would retry them elsewhere).
+    failed_writes: usize,
+    /// Host writes not answered yet: tag -> the leg they were sent to (a crash of that leg
+    /// drops them; every other one must be answered once the legs have settled).
+    open_writes: HashMap<u64, usize>,
 }
 
 /// Sim timers: leases of 60 steps (both modes), Failed legs retry every 150; regions resync in
@@ -184,6 +190,8 @@ impl Sim {
             flushes: HashMap::new(),
             remote_reads: HashMap::new(),
             cache_lost: false,
+            failed_writes: 0,
+            open_writes: HashMap::new(),
         };
         for (i, out) in sim_outputs {
             sim.run_outputs(i, out);
@@ -216,6 +224,36 @@ impl Sim {
         r
     }
 
+    /// The operator runs `nvmetro switchover` at `leg` (the outcome comes over the link).
+    fn switchover(&mut self, leg: usize) -> Result<(), String> {
+        if self.legs[leg].paused.is_some() {
+            return Err("paused".into());
+        }
+        let Some(core) = self.legs[leg].core.as_mut() else { return Err("down".into()) };
+        core.observe_clock(self.step);
+        let mut out = Vec::new();
+        let r = core.switchover(&mut out);
+        self.run_outputs(leg, out);
+        r
+    }
+
+    /// A clean stop of `leg` begins (the driver's departure): it fences, then tells its peer.
+    /// Returns whether it departs that way.
+    fn depart(&mut self, leg: usize) -> bool {
+        if self.legs[leg].paused.is_some() {
+            return false;
+        }
+        let Some(core) = self.legs[leg].core.as_mut() else { return false };
+        core.observe_clock(self.step);
+        if !core.leave() {
+            return false;
+        }
+        let mut out = Vec::new();
+        core.send_leave(&mut out);
+        self.run_outputs(leg, out);
+        true
+    }
+
     fn run_outputs(&mut self, leg: usize, out: Vec<Output>) {
         for o in out {
             match o {
@@ -246,6 +284,10 @@ impl Sim {
                         continue;
                     }
                     let w = self.tags.remove(&tag).expect("completion for a known write");
+                    self.open_writes.remove(&tag);
+                    if result.is_err() {
+                        self.failed_writes += 1;
+                    }
                     if result == Ok(BdevOutput::Done) {
                         self.writes[w].acked = Some(self.step);
                         self.writes[w].durable |= self.writes[w].fua;
@@ -411,6 +453,7 @@ impl Sim {
     fn crash_losing(&mut self, leg: usize, loss_percent: u64) {
         self.cut();
         self.legs[leg].failing_below = 0;
+        self.open_writes.retain(|_, l| *l != leg);
         let l = &mut self.legs[leg];
         l.core = None;
         // In-flight local operations either reached the disk whole or not at all.
@@ -484,6 +527,7 @@ impl Sim {
         self.connect();
         self.quiesce();
         self.check(seed);
+        assert!(self.open_writes.is_empty(), "seed {seed}: host writes never answered: {:?}", self.open_writes);
         (self.writes.len(), self.writes.iter().filter(|w| w.acked.is_some()).count(), self.reads)
     }
 
@@ -509,6 +553,7 @@ impl Sim {
         self.writes.push(WriteRec { id, blocks: block..block + n, issued: self.step, acked: None, durable: false, fua, maybe_lost: false });
         let tag = id;
         self.tags.insert(tag, w);
+        self.open_writes.insert(tag, leg);
         self.feed(leg, Input::Host { tag, op: BdevOp::Write { offset: (block * BLOCK) as u64, data: data.into(), fua } });
     }
 
@@ -728,8 +773,13 @@ fn run(seed: u64) -> (usize, usize, u64) {
 /// is lost, the operator may force the survivor to serve (the case `promote --force` is for,
 /// with the lost site kept away until the witness has recorded the survivor's new generation):
 /// still never two writers, and the crashed leg is resynced from the survivor when it returns.
-/// Returns (issued, acknowledged, reads checked, forced promotions).
-fn run_metro(seed: u64) -> (usize, usize, u64, usize) {
+/// The operator may also switch over (before, during or after the failure) and then stop the
+/// site that no longer orders (a planned departure).
+/// Returns (issued, acknowledged, reads checked, forced promotions, switchovers, departures).
+fn run_metro(seed: u64) -> (usize, usize, u64, usize, usize, usize) {
+    if std::env::var("SIM_DEBUG").is_ok() {
+        eprintln!("metro seed {seed:x}");
+    }
     let mut sim = Sim::new_metro(seed);
     sim.quiesce();
     let steps = 600 + sim.rng.below(900);
@@ -761,6 +811,19 @@ fn run_metro(seed: u64) -> (usize, usize, u64, usize) {
         heal_at = heal_at.max(witness_back.expect("back") + 1000 + sim.rng.below(300));
     }
     let mut forced = 0;
+    // The operator switches over (at either site; refused unless it orders and is in sync),
+    // now and then just before the failure (so it fails halfway), and may then stop the site
+    // that no longer orders (a planned departure, ended by a stop of the site).
+    let switch_at = match sim.rng.below(4) {
+        0 => None,
+        1 => Some(fail_at.saturating_sub(sim.rng.below(30))),
+        _ => Some(sim.rng.below(steps)),
+    };
+    // Mostly where it is meant to run (the leg that orders writes), sometimes at the other.
+    let switch_at_orderer = sim.rng.below(4) != 0;
+    let depart_at = switch_at.filter(|_| sim.rng.below(2) == 0).map(|s| s + 20 + sim.rng.below(200));
+    let mut departing: Option<(usize, u64)> = None;
+    let (mut switched, mut departed) = (0, 0);
     // Half the cuts come with a half-dead link that connects and passes nothing, again and again.
     let flaps = failure == 0 && sim.rng.below(2) == 0;
     for s in 0..steps + 600 {
@@ -797,6 +860,29 @@ fn run_metro(seed: u64) -> (usize, usize, u64, usize) {
             };
             eprintln!("{s}: A {:?} | B {:?} witness_up {}", st(0), st(1), sim.witness_up);
         }
+        if Some(s) == switch_at {
+            let orderer = (0..2).find(|l| sim.legs[*l].core.as_ref().is_some_and(|c| c.status().role == Role::Preferred));
+            let switch_leg = if switch_at_orderer { orderer.unwrap_or(0) } else { 1 - orderer.unwrap_or(0) };
+            let r = sim.switchover(switch_leg);
+            if std::env::var("SIM_DEBUG").is_ok() {
+                eprintln!("seed {seed:x}: switchover at leg {switch_leg} at {s}: {r:?}");
+            }
+        }
+        if Some(s) == depart_at {
+            // The site that does not order writes (if they are together) stops cleanly.
+            let leg = (0..2).find(|l| sim.legs[*l].core.as_ref().is_some_and(|c| c.status().role == Role::Secondary));
+            if let Some(leg) = leg.filter(|l| sim.depart(*l)) {
+                departing = Some((leg, s));
+            }
+        }
+        if let Some((leg, since)) = departing {
+            // The driver closes once the peer took over, or gives up waiting.
+            if sim.legs[leg].core.as_ref().is_none_or(|c| c.left()) || s > since + 300 {
+                departed += usize::from(sim.legs[leg].core.as_ref().is_some_and(|c| c.left()));
+                sim.crash(leg);
+                departing = None;
+            }
+        }
         if forcing && s == force_at {
             let survivor = 1 - crashed.expect("a crash");
             let r = sim.force(survivor);
@@ -806,9 +892,16 @@ fn run_metro(seed: u64) -> (usize, usize, u64, usize) {
             forced += usize::from(r.is_ok());
         }
         sim.random_step(s < steps);
+        for c in sim.legs.iter_mut().filter_map(|l| l.core.as_mut()) {
+            let outcome = c.take_switchover_outcome();
+            if std::env::var("SIM_DEBUG").is_ok() && outcome.is_some() {
+                eprintln!("seed {seed:x}: switchover outcome at {s}: {outcome:?}");
+            }
+            switched += usize::from(outcome.is_some_and(|r| r.is_ok()));
+        }
     }
     let (issued, acked, reads) = sim.finish(seed);
-    (issued, acked, reads, forced)
+    (issued, acked, reads, forced, switched, departed)
 }
 
 #[test]
@@ -818,19 +911,27 @@ fn metro_histories_never_have_two_writers_nor_lose_acknowledged_writes() {
     let seeds = std::env::var("SIM_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(500u64);
     let mut reads = 0;
     let mut forced = 0;
+    let (mut switched, mut departed) = (0, 0);
     for seed in 1..=seeds {
         if std::env::var("SIM_ONE").is_ok_and(|one| u64::from_str_radix(&one, 16) != Ok(seed.wrapping_mul(0x2545_f491_4f6c_dd1d))) {
             continue;
         }
-        let (i, a, r, f) = run_metro(seed.wrapping_mul(0x2545_f491_4f6c_dd1d));
+        let hex = format!("{:x}", seed.wrapping_mul(0x2545_f491_4f6c_dd1d));
+        if std::env::var("SIM_SKIP").is_ok_and(|skip| skip.split(',').any(|s| s == hex)) {
+            continue;
+        }
+        let (i, a, r, f, sw, d) = run_metro(seed.wrapping_mul(0x2545_f491_4f6c_dd1d));
         forced += f;
+        switched += sw;
+        departed += d;
         issued += i;
         acked += a;
         reads += r;
     }
     println!(
-        "metro: {seeds} histories, {issued} writes issued, {acked} acknowledged, {reads} reads checked, 0 stale, 0 lost, {forced} forced promotions"
+        "metro: {seeds} histories, {issued} writes issued, {acked} acknowledged, {reads} reads checked, 0 stale, 0 lost, {forced} forced promotions, {switched} switchovers, {departed} planned departures"
     );
+    assert!(switched > 0 && departed > 0 || seeds < 100 || std::env::var("SIM_ONE").is_ok(), "some histories switched over and departed");
     assert!(acked > issued / 5, "the runs did real work: {acked} of {issued} writes acknowledged");
     assert!(forced > 0 || seeds < 100, "some histories forced a survivor to serve");
 }
@@ -1224,4 +1325,82 @@ fn a_link_lost_during_a_resync_frees_the_regions_in_flight() {
     sim.connect();
     sim.quiesce();
     sim.check(101);
+}
+
+/// A planned switchover under load at both sites (frames and completions in random orders), then
+/// a planned departure of the old site under load: no write fails, every one is acknowledged,
+/// the new site orders and holds the witness's authority, and writes during the departure wait
+/// for no settling (the sim's settle time is 100 steps).
+#[test]
+fn a_switchover_and_a_planned_departure_under_load_fail_no_write() {
+    for seed in 0..40u64 {
+        let mut sim = Sim::new_metro(1000 + seed);
+        sim.quiesce();
+        // Until the witness has answered a report.
+        sim.run_quiet(300);
+        let switch_at = sim.rng.below(100);
+        let mut done = None;
+        for s in 0..300 {
+            if s == switch_at {
+                sim.switchover(0).expect("in sync: the switchover starts");
+            }
+            if sim.rng.below(2) == 0 {
+                let leg = sim.rng.below(2) as usize;
+                sim.host_write(leg);
+            }
+            for _ in 0..sim.rng.below(3) {
+                let leg = sim.rng.below(2) as usize;
+                sim.complete_local(leg);
+            }
+            let from = sim.rng.below(2) as usize;
+            sim.deliver(from);
+            // Every frame gets through within a few steps: the leases hold.
+            if s % 4 == 0 {
+                sim.run_quiet(1);
+            } else {
+                sim.step += 1;
+                sim.tick();
+                while sim.deliver_witness() {}
+            }
+            if let Some(r) = sim.legs[0].core.as_mut().unwrap().take_switchover_outcome() {
+                done = Some(r.expect("the switchover completes"));
+            }
+        }
+        sim.run_quiet(5);
+        assert!(done.as_ref().is_some_and(|d| d.contains("site 2 orders writes")), "seed {seed}: {done:?}");
+        assert_eq!((sim.core(0).status().role, sim.core(1).status().role), (Role::Secondary, Role::Preferred));
+        assert_eq!((sim.core(0).access(), sim.core(1).access()), (Access::Standby, Access::Leading));
+        assert_eq!(sim.failed_writes, 0, "seed {seed}: no write failed during the switchover");
+
+        // The old site stops cleanly while hosts write at the new one.
+        assert!(sim.depart(0), "the site that no longer orders departs");
+        assert!(!sim.serves_now(0));
+        let first = sim.writes.len();
+        let mut steps = 0;
+        while !sim.core(0).left() {
+            sim.host_write(1);
+            sim.run_quiet(1);
+            steps += 1;
+            assert!(steps < 50, "seed {seed}: the peer took over: {:?}", sim.core(1).status());
+        }
+        sim.crash_losing(0, 0);
+        for _ in 0..20 {
+            sim.host_write(1);
+            sim.run_quiet(1);
+        }
+        for w in &sim.writes[first..] {
+            let waited = w.acked.map(|a| a - w.issued);
+            assert!(waited.is_some_and(|t| t < 20), "seed {seed}: write {} waited {waited:?} steps", w.id);
+        }
+        assert_eq!(sim.failed_writes, 0, "seed {seed}: no write failed during the departure");
+        assert!(sim.writes.iter().all(|w| w.acked.is_some()), "seed {seed}: every write acknowledged");
+        let w = sim.witness.as_ref().unwrap();
+        assert_eq!(w.resources["m"].authority, sim.core(1).meta().generations.current, "the authority is site 2's");
+        // The old site returns: resynced from the new one, which keeps ordering.
+        sim.restart(0, 77);
+        sim.connect();
+        sim.quiesce();
+        sim.check(seed);
+        assert_eq!(sim.core(1).status().role, Role::Preferred);
+    }
 }

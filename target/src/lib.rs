@@ -191,8 +191,14 @@ impl Target {
                         // Every command crosses the link: a worse path than the peer's own.
                         Access::Remote if matches!(configured, AnaState::Optimized | AnaState::NonOptimized) => AnaState::NonOptimized,
                         Access::Remote => configured,
+                        // A planned switchover moved the sites' roles: the ordering site is
+                        // every host's best path, the other one every host's second best.
+                        Access::Leading if matches!(configured, AnaState::Optimized | AnaState::NonOptimized) => AnaState::Optimized,
+                        Access::Standby if matches!(configured, AnaState::Optimized | AnaState::NonOptimized) => AnaState::NonOptimized,
+                        Access::Leading | Access::Standby => configured,
                     };
-                    if s.set_sole(li, ns.info.ana_group, access == Access::Sole) {
+                    // (Alone, or leading after a switchover: not demoted for other sites' hosts.)
+                    if s.set_sole(li, ns.info.ana_group, matches!(access, Access::Sole | Access::Leading)) {
                         changes += 1;
                     }
                     if s.view(li).ana_state(ns.info.ana_group) != want {
@@ -204,6 +210,22 @@ impl Target {
             }
         }
         changes
+    }
+
+    /// A clean stop: every metro mirror leg whose peer orders writes (after a planned
+    /// switchover) stops serving and lets the peer take over without a failover stall.
+    pub fn depart_mirrors(&self) {
+        let bdevs = self.bdevs();
+        // All at once: each may wait for its peer.
+        std::thread::scope(|s| {
+            for b in bdevs.iter().filter(|b| b.as_mirror().is_some()) {
+                s.spawn(move || {
+                    let what = b.as_mirror().map(|m| m.depart()).unwrap_or_default();
+                    tracing::info!(mirror = %b.info().name, "{what}");
+                });
+            }
+        });
+        self.refresh_ana();
     }
 
     pub fn next_discovery_cntlid(&self) -> u16 {

@@ -85,6 +85,8 @@ fn main() -> anyhow::Result<()> {
         }
     }
     tracing::info!("stopping");
+    // Before the reactors stop (a link may run on one): the peer takes over first.
+    running.target.depart_mirrors();
     let socket = running.target.config().socket.clone();
     running.stop();
     if let Some(path) = socket {

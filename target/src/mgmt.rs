@@ -5,7 +5,8 @@
 //! * `bdev_get_bdevs`: bdevs with block size, block count and replication state.
 //! * `nvmf_get_subsystems`: subsystems with listeners, hosts and namespaces.
 //! * `nvmf_subsystem_listener_set_ana_state`: set a listener's ANA state (SPDK's parameters).
-//! * `mirror_resync`, `mirror_failback`, `mirror_promote`, `nvmetro_reload`: see each function.
+//! * `mirror_resync`, `mirror_failback`, `mirror_promote`, `mirror_switchover`, `nvmetro_reload`:
+//!   see each function.
 //! * `nvmetro_events`: the connection becomes an event stream ([`crate::events`]): the current
 //!   state as `exists` events, then every change, one JSON object per line, until it closes.
 //! * `bdev_error_inject` (`name`, `rules`: one fault rule or an array, replacing the rules),
@@ -167,6 +168,21 @@ fn promote(t: &Target, p: &Value) -> Result<Value, (i64, String)> {
     mirror.force_promote().map(Value::String).map_err(|why| (-32000, format!("{name}: refused: {why}")))
 }
 
+/// `mirror_switchover`, params `name`: planned switchover of a metro mirror, run at the site that
+/// orders writes: ordering and the hosts' Optimized paths move to the peer, no host I/O fails.
+/// Returns what happened once the peer orders; a refusal (or a switchover that could not
+/// complete) is an error that says why.
+fn switchover(t: &Target, p: &Value) -> Result<Value, (i64, String)> {
+    let name = p["name"].as_str().ok_or((-32602, "missing name".to_string()))?;
+    let live = t.live_bdevs();
+    let bdev = live.iter().map(|(_, b)| b).find(|b| b.info().name == name).ok_or((-32602, format!("no bdev {name}")))?;
+    let mirror = bdev.as_mirror().ok_or((-32602, format!("{name} is not a mirror")))?;
+    let outcome = mirror.switchover().map(Value::String).map_err(|why| (-32000, format!("{name}: switchover refused: {why}")));
+    // Hosts see the new paths now rather than at the next refresh.
+    t.refresh_ana();
+    outcome
+}
+
 /// `mirror_resync`, params `name`: a leg whose device failed retries its resync now. Returns
 /// whether the leg was Failed.
 fn resync(t: &Target, p: &Value) -> Result<Value, (i64, String)> {
@@ -230,6 +246,7 @@ fn call(t: &Target, method: &str, params: &Value) -> Result<Value, (i64, String)
         "nvmf_subsystem_listener_set_ana_state" => return set_ana_state(t, params),
         "mirror_failback" => return failback(t, params),
         "mirror_promote" => return promote(t, params),
+        "mirror_switchover" => return switchover(t, params),
         "nvmetro_reload" => {
             let dry_run = params["dry_run"].as_bool().unwrap_or(false);
             let candidate = params["config"].as_str().map(std::path::Path::new);

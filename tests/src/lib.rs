@@ -120,6 +120,14 @@ impl TargetProcess {
         let _ = self.child.wait();
     }
 
+    /// SIGTERM, as an operator stops a site, and waits until it has exited.
+    pub fn terminate(&mut self) {
+        let pid = self.child.id().to_string();
+        let sent = std::process::Command::new("kill").args(["-TERM", &pid]).status().is_ok_and(|s| s.success());
+        assert!(sent, "SIGTERM to nvmetro-tgt {pid}");
+        let _ = self.child.wait();
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }

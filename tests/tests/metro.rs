@@ -389,3 +389,149 @@ fn failover_time_benchmark() {
         );
     }
 }
+
+/// `nvmetro switchover m` at `t`: (success, stdout + stderr).
+fn switchover(t: &TargetProcess) -> (bool, String) {
+    let out = std::process::Command::new(nvmetro_tests::binary("nvmetro"))
+        .arg("--config")
+        .arg(&t.config_path)
+        .args(["switchover", "m"])
+        .output()
+        .unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// What `nvmetro status` at `t` prints.
+fn status_text(t: &TargetProcess) -> String {
+    let out =
+        std::process::Command::new(nvmetro_tests::binary("nvmetro")).arg("--config").arg(&t.config_path).arg("status").output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The host-visible pause of a run: the slowest command, or the longest time I/O stood still
+/// (failed commands until one succeeded), whichever is longer.
+fn pause_of(paths: &[PathIo], r: &JobResult) -> Duration {
+    let slowest = paths.iter().map(|p| Duration::from_nanos(p.result.latency_ns.max())).max().unwrap_or_default();
+    r.stalls.iter().map(|s| s.duration).max().unwrap_or_default().max(slowest)
+}
+
+/// A verifying load from a host of site A through both sites with `nvmetro switchover` at A
+/// 1.5 s in, then another with SIGTERM of A 1.5 s in: no command fails, B orders and serves
+/// alone with the witness's grant. Returns the host-visible pauses (switchover, stop).
+fn switch_over_then_stop_a(m: &mut Metro, gens: &mut HashMap<u64, u64>, seed: u64) -> (Duration, Duration) {
+    let witness = m.w.config_path.clone();
+    wait_until("the witness saw both sites in sync", Duration::from_secs(20), || {
+        witness_view(&witness).is_some_and(|(auth, holder, sites)| !auth.is_empty() && holder.is_none() && sites == [(1, true), (2, true)])
+    });
+    let (mut paths, monitors) = connect_paths(&[&m.a, &m.b]);
+    assert_eq!(paths[0].shared.ana.load(Ordering::Acquire), OPTIMIZED);
+    let (a, b) = (&m.a, &m.b);
+    let r = load_through(&mut paths, monitors, &workload(4, seed), gens, Duration::from_millis(1500), move || {
+        let (ok, out) = switchover(a);
+        assert!(ok && out.contains("site 2 orders writes now"), "{out}");
+        wait_until("A Non-Optimized, B Optimized", Duration::from_secs(10), || {
+            ana_of(a) == Some(NON_OPTIMIZED) && ana_of(b) == Some(OPTIMIZED)
+        });
+    });
+    let switch_pause = pause_of(&paths, &r);
+    assert!(paths[1].result.ios() > 0, "the load moved to B's path");
+    let b_status = status_text(&m.b);
+    assert!(b_status.contains("ordering writes (planned switchover"), "B orders writes:\n{b_status}");
+    let a_status = status_text(&m.a);
+    assert!(a_status.contains("the peer orders writes (planned switchover"), "A does not:\n{a_status}");
+
+    // The old site is stopped (SIGTERM) under load: it departs, B takes the witness's
+    // authority and serves alone, no command fails.
+    let (mut paths, monitors) = connect_paths(&[&m.a, &m.b]);
+    assert_eq!(paths[1].shared.ana.load(Ordering::Acquire), OPTIMIZED, "B is the host's Optimized path");
+    let a = &mut m.a;
+    let r = load_through(&mut paths, monitors, &workload(4, seed + 1), gens, Duration::from_millis(1500), move || a.terminate());
+    let stop_pause = pause_of(&paths, &r);
+    let log = m.a.log();
+    assert!(log.contains("planned departure: the peer serves alone"), "A departed cleanly:\n{log}");
+    assert_eq!(ana_of(&m.b), Some(OPTIMIZED));
+    let b_status = status_text(&m.b);
+    assert!(b_status.contains("serving alone"), "{b_status}");
+    wait_until("the witness granted B", Duration::from_secs(10), || witness_view(&witness).is_some_and(|(_, holder, _)| holder == Some(2)));
+    (switch_pause, stop_pause)
+}
+
+#[test]
+fn a_planned_switchover_moves_ordering_and_paths_and_the_old_site_then_stops_without_a_stall() {
+    let mut m = metro(false, "");
+    let (ok, out) = switchover(&m.b);
+    assert!(!ok && out.contains("does not order writes"), "refused at the site that does not order: {out}");
+    let mut gens = HashMap::new();
+    let (switch_pause, stop_pause) = switch_over_then_stop_a(&mut m, &mut gens, 31);
+    verify_at(&m.b, &mut gens);
+    eprintln!(
+        "planned switchover: host-visible pause {:.1} ms (goal <= 50 ms); SIGTERM of the old site afterwards: {:.1} ms",
+        switch_pause.as_secs_f64() * 1000.0,
+        stop_pause.as_secs_f64() * 1000.0
+    );
+    // A returns: resynced from B, which keeps ordering; the paths stay as the switchover set them.
+    m.a.restart();
+    wait_until("A serves again", Duration::from_secs(30), || serves(&m.a) == Some(true));
+    wait_until("A Non-Optimized, B Optimized after A's return", Duration::from_secs(10), || {
+        ana_of(&m.a) == Some(NON_OPTIMIZED) && ana_of(&m.b) == Some(OPTIMIZED)
+    });
+    verify_at(&m.a, &mut gens);
+}
+
+/// The host-visible pause of a planned switchover and of the old site's stop after it,
+/// measured: `vendor-scripts/bench-switchover.sh` (SWITCHOVER_RUNS, default 5). The pause is
+/// the slowest command of a verifying QD4 load (or the longest stall, if longer).
+#[test]
+#[ignore]
+fn switchover_pause_benchmark() {
+    let runs: usize = std::env::var("SWITCHOVER_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let (mut quiet, mut switches, mut stops) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..runs {
+        let mut m = metro(false, "");
+        // The same load with nothing happening: the slowest command on this machine anyway.
+        let mut gens = HashMap::new();
+        let (mut paths, monitors) = connect_paths(&[&m.a, &m.b]);
+        let r = load_through(&mut paths, monitors, &workload(4, 39), &mut gens, Duration::ZERO, || {});
+        let base = pause_of(&paths, &r);
+        let (switch, stop) = switch_over_then_stop_a(&mut m, &mut gens, 40 + 2 * i as u64);
+        eprintln!(
+            "run {}: switchover pause {:.1} ms, stop of the old site {:.1} ms (slowest command without either: {:.1} ms)",
+            i + 1,
+            ms(switch),
+            ms(stop),
+            ms(base)
+        );
+        quiet.push(base);
+        switches.push(switch);
+        stops.push(stop);
+    }
+    for (what, v) in
+        [("no event (baseline)", &mut quiet), ("planned switchover", &mut switches), ("SIGTERM of the old site after it", &mut stops)]
+    {
+        v.sort();
+        println!(
+            "{what}: host-visible pause median {:.1} ms, worst {:.1} ms, best {:.1} ms over {runs} runs (goal <= 50 ms)",
+            ms(v[runs / 2]),
+            ms(v[runs - 1]),
+            ms(v[0])
+        );
+    }
+}
+
+#[test]
+fn a_switchover_is_refused_unless_the_peer_is_connected_and_in_sync_and_then_changes_nothing() {
+    let mut m = metro(false, "");
+    m.b.kill();
+    wait_until("A serves alone", Duration::from_secs(20), || serves(&m.a) == Some(true) && ana_of(&m.a) == Some(OPTIMIZED));
+    let (ok, out) = switchover(&m.a);
+    assert!(!ok && out.contains("the peer link is Down") && out.contains("connected and in sync"), "{out}");
+    assert_eq!(serves(&m.a), Some(true), "A still serves");
+    let a_status = status_text(&m.a);
+    assert!(a_status.contains("serving alone"), "{a_status}");
+    // B returns and is resynced; once in sync the switchover is accepted.
+    m.b.restart();
+    wait_until("both serve", Duration::from_secs(30), || serves(&m.a) == Some(true) && serves(&m.b) == Some(true));
+    wait_until("the switchover is accepted", Duration::from_secs(20), || switchover(&m.a).0);
+    wait_until("B Optimized", Duration::from_secs(10), || ana_of(&m.b) == Some(OPTIMIZED));
+}

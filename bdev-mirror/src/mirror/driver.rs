@@ -46,6 +46,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+mod planned;
+pub use planned::DEPART_WAIT;
+
 /// How a mirror leg is set up.
 #[derive(Debug, Clone)]
 pub struct MirrorSettings {
@@ -190,6 +193,10 @@ struct Shared {
     failback: AtomicBool,
     /// Operator request: a forced promotion, and where its outcome goes.
     promote: Mutex<Option<std::sync::mpsc::Sender<Result<String, String>>>>,
+    /// Operator request: a planned switchover, and where its outcome goes.
+    switchover: Mutex<Option<std::sync::mpsc::Sender<Result<String, String>>>>,
+    /// A clean stop: depart (let the peer take over) and say how it went.
+    depart: Mutex<Option<std::sync::mpsc::Sender<String>>>,
     /// New settings for the link thread (taken on its next turn).
     tuning: Mutex<Option<MirrorTuning>>,
     tuning_pending: AtomicBool,
@@ -227,6 +234,8 @@ fn access_code(a: Access) -> u8 {
         Access::Transition => 2,
         Access::Fenced => 3,
         Access::Remote => 4,
+        Access::Leading => 5,
+        Access::Standby => 6,
     }
 }
 
@@ -236,6 +245,8 @@ fn access_of(code: u8) -> Access {
         1 => Access::Sole,
         2 => Access::Transition,
         4 => Access::Remote,
+        5 => Access::Leading,
+        6 => Access::Standby,
         _ => Access::Fenced,
     }
 }
@@ -301,6 +312,8 @@ impl MirrorBdev {
             status: Mutex::new(StatusReport::default()),
             failback: AtomicBool::new(false),
             promote: Mutex::new(None),
+            switchover: Mutex::new(None),
+            depart: Mutex::new(None),
             tuning: Mutex::new(None),
             tuning_pending: AtomicBool::new(false),
             waker,
@@ -350,6 +363,9 @@ impl MirrorBdev {
             pending_conns: Vec::new(),
             refusals: RefusalLog { last: None, suppressed: 0, total: 0 },
             last_publish: Instant::now() - Duration::from_secs(1),
+            switch_reply: None,
+            depart_reply: None,
+            departed: false,
         };
         link.run_outputs(&mut { first });
         link.publish();
@@ -523,8 +539,8 @@ impl BdevChannel for MirrorChannel {
         let access = access_of(self.shared.access.load(Ordering::Acquire));
         match op {
             _ if op.reads_only() && access != Access::Remote => match access {
-                Access::Serving | Access::Sole if self.shared.leased() => self.local.submit(tag, op),
-                Access::Serving | Access::Sole | Access::Transition | Access::Remote => {
+                Access::Serving | Access::Sole | Access::Leading | Access::Standby if self.shared.leased() => self.local.submit(tag, op),
+                Access::Serving | Access::Sole | Access::Leading | Access::Standby | Access::Transition | Access::Remote => {
                     self.refused.push(BdevCompletion { tag, result: Err(BdevError::Transition) })
                 }
                 Access::Fenced => self.refused.push(BdevCompletion { tag, result: Err(BdevError::Fenced) }),
@@ -592,6 +608,12 @@ struct LinkThread {
     completions: Vec<BdevCompletion>,
     last_tick: Instant,
     last_publish: Instant,
+    /// Where the outcome of the switchover under way goes.
+    switch_reply: Option<std::sync::mpsc::Sender<Result<String, String>>>,
+    /// A planned departure under way: who waits, since when.
+    depart_reply: Option<(std::sync::mpsc::Sender<String>, Instant)>,
+    /// Departed: the link stays closed until this leg stops.
+    departed: bool,
     /// The metadata could not be stored: fenced until a restart.
     broken: bool,
     /// Connections in their authentication handshake.
@@ -902,6 +924,10 @@ impl LinkThread {
     }
 
     fn connect_or_accept(&mut self) {
+        if self.departed {
+            // A clean stop handed the namespace to the peer: this leg stays away.
+            return;
+        }
         if let Some(sock) = self.transport.poll_connect(self.conn.is_some() || !self.pending_conns.is_empty()) {
             self.start_handshake(sock);
         }
@@ -1059,6 +1085,8 @@ impl LinkThread {
                 Access::Transition => "transition",
                 Access::Fenced => "fenced",
                 Access::Remote => "serving through the peer (this leg's device failed)",
+                Access::Leading => "serving, ordering writes (planned switchover: Optimized for every host)",
+                Access::Standby => "serving, the peer orders writes (planned switchover: Non-Optimized for every host)",
             }
             .into(),
             metro: st.metro,
@@ -1132,6 +1160,7 @@ impl LinkThread {
         if self.shared.resync.swap(false, Ordering::AcqRel) {
             self.handle(Input::Resync);
         }
+        self.planned_requests();
         if self.shared.tuning_pending.swap(false, Ordering::AcqRel) {
             if let Some(t) = self.shared.tuning.lock().ok().and_then(|mut t| t.take()) {
                 self.core.set_resync_rate(t.resync_rate);

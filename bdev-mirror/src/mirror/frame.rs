@@ -43,6 +43,9 @@ pub enum Kind {
     /// Sync source to target, once it knows what it will send: `offset` = the bytes to copy
     /// (so the target shows the resync's progress too).
     ResyncPlan = 13,
+    /// Metro mode, both ways: a planned switchover or a planned departure (`arg`: see
+    /// [`crate::mirror::core`]; a refusal carries its reason as the payload).
+    Switchover = 14,
 }
 
 impl Kind {
@@ -61,6 +64,7 @@ impl Kind {
             11 => Kind::Witness,
             12 => Kind::Failed,
             13 => Kind::ResyncPlan,
+            14 => Kind::Switchover,
             _ => return None,
         })
     }
@@ -247,6 +251,9 @@ pub enum FrameError {
 pub struct Hello {
     pub site: u8,
     pub preferred: bool,
+    /// This leg orders writes because an operator's switchover made it (see
+    /// [`crate::mirror::meta::Meta::switched`]): a reconnection in sync keeps it ordering.
+    pub orders: bool,
     pub generations: crate::mirror::meta::Generations,
     pub disk: crate::mirror::DiskState,
     pub size: u64,
@@ -258,6 +265,7 @@ impl Hello {
         p[0] = self.site;
         p[1] = self.preferred as u8;
         p[2] = self.disk as u8;
+        p[3] = self.orders as u8;
         p[8..16].copy_from_slice(&self.generations.current.to_le_bytes());
         p[16..24].copy_from_slice(&self.generations.bitmap.to_le_bytes());
         p[24..32].copy_from_slice(&self.generations.history.to_le_bytes());
@@ -273,6 +281,7 @@ impl Hello {
         Some(Hello {
             site: p[0],
             preferred: p[1] != 0,
+            orders: p[3] != 0,
             disk: crate::mirror::DiskState::from_u8(p[2])?,
             generations: crate::mirror::meta::Generations { current: u64at(8), bitmap: u64at(16), history: u64at(24) },
             size: u64at(32),
@@ -284,6 +293,29 @@ impl Hello {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_hello_carries_the_switchover_role_and_switchover_frames_parse() {
+        let hello = Hello {
+            site: 2,
+            preferred: false,
+            orders: true,
+            generations: crate::mirror::meta::Generations { current: 5, bitmap: 3, history: 1 },
+            disk: crate::mirror::DiskState::UpToDate,
+            size: 1 << 20,
+        };
+        assert_eq!(Hello::from_payload(&hello.to_payload()), Some(hello));
+        // A peer from before the switchover sends 0 there: it orders by configuration only.
+        let mut old = hello.to_payload();
+        old[3] = 0;
+        assert!(!Hello::from_payload(&old).unwrap().orders);
+        let mut f = Frame::new(Kind::Switchover, 0);
+        f.arg = 2;
+        f.payload = b"why".to_vec().into();
+        let mut b = Vec::new();
+        f.encode(&mut b);
+        assert_eq!(Frame::parse(&b).unwrap(), Some((f, b.len())));
+    }
 
     #[test]
     fn round_trip_and_damage() {

@@ -87,6 +87,9 @@ pub struct Meta {
     /// over, an election moved it): `Some(true)` this leg, `Some(false)` the peer. A restart keeps
     /// it, so a configured preferred that handed ordering away never comes back serving alone.
     pub ordering: Option<bool>,
+    /// The roles are the operator's (a planned switchover made them): a reconnection keeps them
+    /// and hosts' paths follow them (the ordering leg Optimized for every host).
+    pub switched: bool,
 }
 
 impl Meta {
@@ -103,6 +106,7 @@ impl Meta {
             failed: false,
             inconsistent: false,
             ordering: None,
+            switched: false,
         }
     }
 
@@ -181,7 +185,12 @@ impl Meta {
             Some(true) => 12,
         };
         b[12..16].copy_from_slice(
-            &(u32::from(self.deferred) | u32::from(self.failed) << 1 | ordering | u32::from(self.inconsistent) << 4).to_le_bytes(),
+            &(u32::from(self.deferred)
+                | u32::from(self.failed) << 1
+                | ordering
+                | u32::from(self.inconsistent) << 4
+                | u32::from(self.switched) << 5)
+                .to_le_bytes(),
         );
         b[16..24].copy_from_slice(&self.regions.to_le_bytes());
         b[24..32].copy_from_slice(&self.generations.current.to_le_bytes());
@@ -233,6 +242,7 @@ impl Meta {
             failed: flags & 2 != 0,
             inconsistent: flags & 16 != 0,
             ordering: (flags & 4 != 0).then_some(flags & 8 != 0),
+            switched: flags & 32 != 0,
         };
         Some((meta, seq))
     }
@@ -369,6 +379,7 @@ mod tests {
         m.failed = true;
         m.inconsistent = true;
         m.ordering = Some(false);
+        m.switched = true;
         f.store(&m).unwrap();
         drop(f);
         let (_, again) = MetaFile::open(&p, 100 << 20, 20).unwrap();

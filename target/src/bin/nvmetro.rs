@@ -64,6 +64,13 @@ enum Cmd {
         #[arg(long)]
         yes: bool,
     },
+    /// Metro, planned maintenance: move write ordering and the hosts' Optimized paths to the
+    /// other site, with no failed host I/O (run it at the site that orders writes). Afterwards
+    /// this site can be stopped (SIGTERM) without a failover stall.
+    Switchover {
+        /// The mirror bdev's name.
+        bdev: String,
+    },
     /// A mirror leg whose device failed: retry the resync from the peer now.
     Resync {
         /// The mirror bdev's name.
@@ -340,6 +347,10 @@ fn main() -> anyhow::Result<()> {
             }
             let what = rpc(&socket, "mirror_promote", json!({"name": bdev, "force": true}))?;
             println!("{bdev}: {}", what.as_str().unwrap_or("promoted"));
+        }
+        Cmd::Switchover { bdev } => {
+            let what = rpc(&socket, "mirror_switchover", json!({"name": bdev}))?;
+            println!("{bdev}: {}", what.as_str().unwrap_or("switched over"));
         }
         Cmd::Events { json } => {
             let changes = subscribe(&socket)?;

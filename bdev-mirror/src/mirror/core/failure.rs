@@ -35,7 +35,12 @@ impl MirrorCore {
         self.last_retry_ms = self.last_tick_ms;
         // The peer orders writes from now on (it takes over on our Failed frame); writes this
         // leg ordered and has not answered are answered with an error: hosts retry there.
-        if self.role == Role::Preferred && self.peer_reachable() && self.peer.is_some_and(|p| p.disk == DiskState::UpToDate) {
+        // (Not to a peer that is departing: it serves nothing any more.)
+        if self.role == Role::Preferred
+            && self.peer_reachable()
+            && self.peer.is_some_and(|p| p.disk == DiskState::UpToDate)
+            && !self.peer_leaving
+        {
             self.switch_role(Role::Secondary, out);
         }
         if self.metro.is_some() {
@@ -58,6 +63,13 @@ impl MirrorCore {
         self.peer_failure = Some(failure);
         if let Some(p) = self.peer.as_mut() {
             p.disk = DiskState::Failed;
+        }
+        if self.leaving {
+            // Departing: this leg serves nothing and takes nothing over (the peer may already
+            // write under the generation the witness granted it); the departure is over.
+            tracing::warn!("planned departure: the peer's device failed; closing the link");
+            self.left.get_or_insert(false);
+            return;
         }
         if self.disk != DiskState::UpToDate {
             // Neither leg is a faithful copy: nothing may be served.

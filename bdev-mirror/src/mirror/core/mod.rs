@@ -7,7 +7,8 @@
 //! The state machine's parts: [`ordering`] (range admission, issuing and completing operations),
 //! [`wire`] (frames from the peer), [`resync`] (handshake, sync direction, resync and sweep),
 //! [`pacing`] (how fast a resync goes while hosts write),
-//! [`quorum`] (metro mode: witness, pre-election, elections) and [`failure`] (failing legs).
+//! [`quorum`] (metro mode: witness, pre-election, elections), [`failure`] (failing legs) and
+//! [`switchover`] (metro mode: planned switchover and planned departure).
 //!
 //! Ordering, so both copies end byte-identical (active-active):
 //! * The preferred leg orders every write. Its own writes hold an exclusive range lock from issue
@@ -73,6 +74,7 @@ mod ordering;
 mod pacing;
 mod quorum;
 mod resync;
+mod switchover;
 mod wire;
 
 use ordering::{code_error, error_code, frame_op};
@@ -193,6 +195,12 @@ pub enum Access {
     /// This leg's device failed: it serves through its peer, every read and write going over
     /// the link (ANA Non-Optimized for every host).
     Remote,
+    /// Serving with its peer, and ordering writes since an operator's switchover moved the
+    /// sites' roles: every host's path here is Optimized.
+    Leading,
+    /// Serving with its peer, which an operator's switchover made the ordering site: every
+    /// host's path here is Non-Optimized.
+    Standby,
 }
 
 /// Where the leg stands in metro mode.
@@ -403,6 +411,18 @@ pub struct MirrorCore {
     armed: bool,
     /// Metro mode: the operator forced this leg to serve alone (`nvmetro promote --force`).
     forced: bool,
+    /// A planned switchover under way at this (ordering) leg.
+    handover: Option<switchover::Handover>,
+    /// How the last switchover asked for here ended (the driver answers the operator with it).
+    switchover_outcome: Option<Result<String, String>>,
+    /// Planned departure (a clean stop): this leg stopped serving and told its peer.
+    leaving: bool,
+    /// The departure is over (the link may close): `Some(true)` the peer took over,
+    /// `Some(false)` it could not (it fails over as after any loss).
+    left: Option<bool>,
+    /// The peer told, on this connection, that it stopped serving and is going away: its lease
+    /// is void, so taking over needs no settling.
+    peer_leaving: bool,
     failback_hold: bool,
     last_report_ms: u64,
     /// The last witness request's sequence number (grows for the site's whole life).
@@ -546,6 +566,11 @@ impl MirrorCore {
             peer_reaches_witness: true,
             armed: false,
             forced: false,
+            handover: None,
+            switchover_outcome: None,
+            leaving: false,
+            left: None,
+            peer_leaving: false,
             failback_hold: false,
             last_report_ms: 0,
             witness_seq: 0,
@@ -674,7 +699,7 @@ impl MirrorCore {
                 Role::Secondary => self.link == LinkState::Connected && self.disk == DiskState::UpToDate && leased,
             };
         }
-        if self.disk != DiskState::UpToDate || self.failback_hold {
+        if self.disk != DiskState::UpToDate || self.failback_hold || self.leaving {
             return false;
         }
         let solo = self.quorum == Quorum::Solo;
@@ -701,7 +726,12 @@ impl MirrorCore {
         }
         if self.serving() {
             let alone = self.metro.is_some() && (self.quorum == Quorum::Solo || self.peer_failure.is_some());
-            return if alone { Access::Sole } else { Access::Serving };
+            return match (alone, self.metro.is_some() && self.meta.switched, self.role) {
+                (true, _, _) => Access::Sole,
+                (false, true, Role::Preferred) => Access::Leading,
+                (false, true, Role::Secondary) => Access::Standby,
+                (false, false, _) => Access::Serving,
+            };
         }
         match (&self.metro, &self.quorum) {
             (Some(_), Quorum::Won { .. }) => Access::Transition,
@@ -831,6 +861,9 @@ impl MirrorCore {
 
     pub fn handle(&mut self, input: Input, out: &mut Vec<Output>) {
         self.dispatch(input, out);
+        if self.handover.is_some() {
+            self.advance_handover(out);
+        }
         self.ping_if_due(out);
     }
 
@@ -858,6 +891,8 @@ impl MirrorCore {
             Input::LocalDone { id, result } => self.on_local_done(id, result, out),
             Input::Frame(f) => self.on_frame(f, out),
             Input::LinkUp => {
+                let parked = self.abort_handover("the link to the peer was replaced");
+                self.peer_leaving = false;
                 // A connection is not yet a peer (a half-dead path connects and then says
                 // nothing): an election goes on until the peer's Hello arrives.
                 self.link = LinkState::Handshake;
@@ -865,8 +900,13 @@ impl MirrorCore {
                 out.push(Output::Send(self.hello_frame(0)));
                 // The first answered Ping gives the lease.
                 self.send_ping(out);
+                self.resubmit(parked, out);
             }
-            Input::LinkDown => self.on_link_down(out),
+            Input::LinkDown => {
+                let parked = self.abort_handover("the link to the peer was lost");
+                self.on_link_down(out);
+                self.resubmit(parked, out);
+            }
             Input::Tick { now_ms } => {
                 self.observe_clock(now_ms);
                 let now_ms = self.last_tick_ms;

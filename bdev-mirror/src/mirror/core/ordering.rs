@@ -24,6 +24,8 @@ impl MirrorCore {
         }
         tracing::info!("mirror leg role: {:?} -> {:?}", self.role, role);
         self.role = role;
+        // Roles changed by anything but the operator's switchover are no longer the operator's.
+        self.meta.switched = false;
         // Durable, so a restart does not bring back the old role (two legs ordering writes).
         let configured = if self.configured_preferred { Role::Preferred } else { Role::Secondary };
         self.meta.ordering = (role != configured).then_some(role == Role::Preferred);
@@ -124,6 +126,7 @@ impl MirrorCore {
         if !self.serving() {
             return out.push(Output::Complete { tag, result: Err(self.refusal()) });
         }
+        let Err(op) = self.park(tag, op) else { return };
         let id = self.new_op(Origin::Host(tag), op);
         match self.role {
             Role::Preferred => self.admit(id, out),
@@ -311,7 +314,8 @@ impl MirrorCore {
                 }
                 if read {
                     // A forwarded read: no confirmation follows.
-                } else if let (Some((off, len)), true) = (o.range, code == status::OK) {
+                } else if let (Some((off, len)), true, true) = (o.range, code == status::OK, answer) {
+                    // (Only for an answer sent: a confirmation can only come on that connection.)
                     self.forwarded.insert(seq, (off, len));
                 } else if let Some((off, len)) = o.range {
                     self.unconfirm(off, len);

@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// After a link loss, the leg that did not order writes asks the witness this much later.
+const ORDERER_HEAD_START_MS: u64 = 100;
+
 impl MirrorCore {
     /// Metro mode, every tick: reports to the witness and the peer, elections, settling.
     pub(super) fn metro_tick(&mut self, out: &mut Vec<Output>) {
@@ -16,7 +19,9 @@ impl MirrorCore {
             Quorum::Starting if now >= m.startup_grace_ms && self.link != LinkState::Handshake && !self.peer_reachable() => {
                 self.elect(out);
             }
-            Quorum::Solo | Quorum::Fenced if self.link == LinkState::Connected && self.disk == DiskState::UpToDate => {
+            Quorum::Solo | Quorum::Fenced
+                if self.link == LinkState::Connected && self.disk == DiskState::UpToDate && !self.peer_leaving =>
+            {
                 self.quorum = Quorum::Peer;
                 self.forced = false;
                 if !self.failback_hold {
@@ -198,7 +203,12 @@ impl MirrorCore {
         } else {
             let next = if self.meta.generations.bitmap == 0 { self.fresh_generation() } else { 0 };
             let nonce = self.fresh_generation();
-            self.quorum = Quorum::Electing { since_ms: now, next, nonce, last_ask_ms: 0 };
+            // The leg that ordered writes asks at once; the other gives it a head start, so that
+            // when both are alive (a partition) the witness keeps the ordering site serving, the
+            // one hosts were sent to (after a switchover: the new site). A lost orderer costs the
+            // other leg little: its settling mostly covers the head start.
+            let first_ask = if self.role == Role::Preferred { 0 } else { (now + ORDERER_HEAD_START_MS).saturating_sub(100) };
+            self.quorum = Quorum::Electing { since_ms: now, next, nonce, last_ask_ms: first_ask };
             self.pending_grant = None;
             self.why = "peer lost: asking the witness".into();
         }
@@ -207,6 +217,10 @@ impl MirrorCore {
     /// When this leg may serve alone: once the lease its last Pong could have given the peer has
     /// surely run out (module docs), and not before now.
     pub(super) fn settle_at(&self) -> u64 {
+        if self.peer_leaving {
+            // The peer stopped serving before it said it leaves: no lease of its to wait out.
+            return self.last_tick_ms;
+        }
         let own = self.metro.as_ref().map_or(lease_settle(self.lease_ms), |m| m.settle_ms);
         // The peer's fence, as its Pings said, may be longer than ours.
         let settle = own.max(lease_settle(self.peer_fence_ms));
@@ -223,6 +237,18 @@ impl MirrorCore {
                 // Our Hello went out with the old generations: diverging now would confuse the
                 // handshake. Keep the grant for the case the connection dies without a Hello.
                 self.pending_grant = Some(next);
+            }
+            (Quorum::Electing { nonce, next, .. }, Verdict::Granted)
+                if nonce == reply.nonce && self.peer_leaving && self.peer_reachable() =>
+            {
+                // The departing peer still applies what this leg writes: the new generation
+                // starts once it has gone (writing under it now would fork the lineage should
+                // this leg fail before then, the peer holding everything under the old one).
+                let first = self.pending_grant.replace(next).is_none();
+                if first {
+                    self.why = "the peer is stopping (planned): granted; serving alone once it has gone".into();
+                    self.confirm_departure(out);
+                }
             }
             (Quorum::Electing { nonce, next, .. }, Verdict::Granted) if nonce == reply.nonce => {
                 self.take_grant(next, out);
@@ -259,6 +285,13 @@ impl MirrorCore {
             out.push(Output::Persist);
         }
         self.become_orderer(out);
+        if self.peer_leaving {
+            // The peer stopped serving before it left: no lease of its to wait out.
+            self.quorum = Quorum::Solo;
+            self.why = format!("serving alone: the peer stopped (planned); granted generation {:x}", self.meta.generations.current);
+            tracing::info!("{}", self.why);
+            return self.release_held(Ok(()), out);
+        }
         self.quorum = Quorum::Won { at_ms: self.settle_at() };
         self.why = "granted by the witness: settling".into();
     }
@@ -274,6 +307,13 @@ impl MirrorCore {
         self.unconfirmed.clear();
         self.forwarded.clear();
         self.fail_forwarded(BdevError::Transition, out);
+        if self.leaving {
+            // Departed (or departing): this leg serves nothing and asks for nothing.
+            self.quorum = Quorum::Fenced;
+            self.why = "stopped: the peer took over (planned departure)".into();
+            self.left.get_or_insert(false);
+            return self.release_held(Err(BdevError::Fenced), out);
+        }
         match self.quorum {
             // Already serving alone (the peer was resyncing) or already out: nothing to decide.
             Quorum::Solo | Quorum::Won { .. } => self.release_held(Ok(()), out),

@@ -17,6 +17,7 @@ impl MirrorCore {
         let hello = Hello {
             site: self.site,
             preferred: self.configured_preferred,
+            orders: self.meta.switched && self.role == Role::Preferred,
             generations: self.meta.generations,
             disk: self.disk,
             size: self.size,
@@ -43,7 +44,15 @@ impl MirrorCore {
         }
         let dir = self.meta.generations.compare(&peer.generations);
         let source = match dir {
-            SyncDirection::InSync => self.configured_preferred,
+            // In sync, the configured preferred orders, unless a switchover gave it to one leg.
+            SyncDirection::InSync => {
+                let orders = self.meta.switched && self.role == Role::Preferred;
+                if orders != peer.orders {
+                    orders
+                } else {
+                    self.configured_preferred
+                }
+            }
             SyncDirection::ThisIsSource | SyncDirection::FullToPeer => true,
             SyncDirection::PeerIsSource | SyncDirection::FullFromPeer => false,
             SyncDirection::SplitBrain | SyncDirection::Unrelated => {
@@ -52,10 +61,17 @@ impl MirrorCore {
                 return;
             }
         };
-        // Same lineage: a Failed leg is never the source.
-        let source = match (dir, self.disk == DiskState::Failed, peer.disk == DiskState::Failed) {
+        // Same lineage: a leg that holds no whole copy (its device Failed, or a resync into it
+        // was cut short: its generations are still those of the source) is never the source.
+        let torn = |d: DiskState| matches!(d, DiskState::Failed | DiskState::Inconsistent);
+        let source = match (dir, torn(self.disk), torn(peer.disk)) {
             (SyncDirection::InSync, true, true) => {
-                self.link = LinkState::Refused("both legs' devices failed".into());
+                let why = if self.disk == DiskState::Failed && peer.disk == DiskState::Failed {
+                    "both legs' devices failed"
+                } else {
+                    "neither leg holds a whole copy (a device failed, a resync was cut short)"
+                };
+                self.link = LinkState::Refused(why.into());
                 return;
             }
             (SyncDirection::InSync, true, false) => false,
@@ -91,7 +107,9 @@ impl MirrorCore {
             // Wait for the target's bitmap: it may have written regions this leg never saw.
             self.awaiting_bitmap = true;
         } else {
-            if dir != SyncDirection::InSync || self.meta.dirty_count() > 0 {
+            // A Failed leg is no whole copy until a resync ends, even with nothing dirty here (its
+            // failed ranges were copied to the peer while it was the source of the peer's resync).
+            if dir != SyncDirection::InSync || self.meta.dirty_count() > 0 || self.disk == DiskState::Failed {
                 self.disk = DiskState::Inconsistent;
                 // Durable before the first chunk lands: a restart mid-resync is not a whole copy.
                 if !self.meta.inconsistent {
@@ -190,7 +208,12 @@ impl MirrorCore {
     /// Clears dirty bits of regions the peer has fully confirmed (preferred leg, in sync).
     pub(super) fn sweep(&mut self, out: &mut Vec<Output>) {
         // A Failed peer confirms nothing: every region stays dirty until its resync.
-        if self.role != Role::Preferred || self.link != LinkState::Connected || self.peer.is_none() || self.peer_failure.is_some() {
+        if self.role != Role::Preferred
+            || self.link != LinkState::Connected
+            || self.peer.is_none()
+            || self.peer_failure.is_some()
+            || self.handover.is_some()
+        {
             if std::mem::take(&mut self.lazy_persist) {
                 out.push(Output::Persist);
             }

@@ -7,6 +7,7 @@ impl MirrorCore {
     pub(super) fn on_frame(&mut self, f: Frame, out: &mut Vec<Output>) {
         match f.kind {
             Kind::Witness => self.on_witness_frame(f.arg, out),
+            Kind::Switchover => self.on_switchover_frame(f, out),
             Kind::Bitmap => self.on_peer_bitmap(&f.payload, out),
             Kind::ResyncPlan if self.link == (LinkState::Syncing { source: false }) => {
                 self.sync_total = f.offset;
@@ -67,6 +68,8 @@ impl MirrorCore {
                 self.try_finish(f.seq, out);
             }
             Kind::Forward => {
+                // A switchover drains: held (the peer starts it itself once it orders).
+                let Err(f) = self.hold_forward(f) else { return };
                 // Only the ordering leg, on its own UpToDate device, executes forwarded commands.
                 if !self.serving() || self.role != Role::Preferred || self.disk != DiskState::UpToDate {
                     let mut r = Frame::new(Kind::ForwardDone, f.seq);
@@ -77,7 +80,9 @@ impl MirrorCore {
                 self.admit(id, out);
             }
             Kind::ForwardDone => {
-                let Some(o) = self.ops.get_mut(&f.seq) else { return };
+                // (Not waiting for an answer: a switchover made this leg order it meanwhile, and
+                // this is the old orderer's refusal.)
+                let Some(o) = self.ops.get_mut(&f.seq).filter(|o| o.stage == Stage::Forwarded) else { return };
                 let Origin::Host(tag) = o.origin else { return };
                 let remote_only = o.op.reads_only() || self.disk == DiskState::Failed;
                 if remote_only && matches!(f.arg, status::OK | status::MISCOMPARE) {
