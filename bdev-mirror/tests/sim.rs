@@ -719,7 +719,16 @@ impl Sim {
                 if self.legs[0].disk[r.clone()] != self.legs[1].disk[r.clone()] {
                     let id = |l: usize| u64::from_le_bytes(self.legs[l].disk[r.start..r.start + 8].try_into().unwrap());
                     let w = |id: u64| self.writes.iter().find(|w| w.id == id).cloned();
-                    eprintln!("block {block}: {} {:?} vs {} {:?}", id(0), w(id(0)), id(1), w(id(1)));
+                    let leg = |l: usize| self.legs[l].disk[r.start + 8];
+                    eprintln!(
+                        "block {block}: {} (from leg {}) {:?} vs {} (from leg {}) {:?}",
+                        id(0),
+                        leg(0),
+                        w(id(0)),
+                        id(1),
+                        leg(1),
+                        w(id(1))
+                    );
                 }
             }
         }
@@ -933,7 +942,7 @@ fn metro_histories_never_have_two_writers_nor_lose_acknowledged_writes() {
     );
     assert!(switched > 0 && departed > 0 || seeds < 100 || std::env::var("SIM_ONE").is_ok(), "some histories switched over and departed");
     assert!(acked > issued / 5, "the runs did real work: {acked} of {issued} writes acknowledged");
-    assert!(forced > 0 || seeds < 100, "some histories forced a survivor to serve");
+    assert!(forced > 0 || seeds < 100 || std::env::var("SIM_ONE").is_ok(), "some histories forced a survivor to serve");
 }
 
 #[test]
@@ -1044,6 +1053,16 @@ fn random_histories_with_one_failure_converge_without_losing_acknowledged_writes
 #[test]
 fn a_write_sent_on_a_new_connection_waits_for_its_answer_when_the_old_connections_timer_fires() {
     run(0x2cfa_cc7c_b728_477f);
+}
+
+/// Found at 20,000 metro histories (present before this release): the secondary forwarded a
+/// write that waited at the preferred for the range of a write held while the peer was lost; the
+/// secondary crashed, came back, and its resync passed the region while the old forwarded write
+/// still waited. Run once the held write completed, it put on the preferred a write the secondary
+/// never got: the copies differed. A forward from an earlier connection no longer runs.
+#[test]
+fn a_write_forwarded_on_an_earlier_connection_never_runs_after_the_peer_returned() {
+    run_metro(0xaf69_4787_e945_2439);
 }
 
 #[test]

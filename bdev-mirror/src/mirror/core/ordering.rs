@@ -141,10 +141,21 @@ impl MirrorCore {
 
     /// The operation has its range: issue it.
     pub(super) fn begin(&mut self, id: u64, out: &mut Vec<Output>) {
-        let (origin, range) = {
+        let (origin, range, epoch) = {
             let o = &self.ops[&id];
-            (o.origin, o.range)
+            (o.origin, o.range, o.epoch)
         };
+        if matches!(origin, Origin::Forwarded(_)) && epoch != self.link_epoch {
+            // The peer forwarded it on an earlier connection and has answered its host since
+            // (a write forwarded on a connection that ended fails there). Run now, it would put
+            // on this leg a write the peer never gets, in a region the new connection's resync
+            // may already have passed: the copies would differ. A no-op keeps the range until
+            // the queue behind it moves on.
+            let o = self.ops.get_mut(&id).expect("op");
+            o.origin = Origin::Orphan;
+            o.stage = Stage::Running;
+            return out.push(Output::Local { id, op: BdevOp::Flush });
+        }
         match (self.role, origin) {
             (Role::Preferred, Origin::Forwarded(_)) if self.ops[&id].op.reads_only() => {
                 // A read for a peer serving through this leg: under the range lock (ordered with
