@@ -5,7 +5,8 @@
 //! * [`core`]: one leg's state machine, without I/O: ordering, loss, resync.
 //!
 //! * [`driver`]: binds a core to a local bdev, a transport, the metadata file and the reactors.
-//! * [`transport`]: how a leg reaches its peer (TCP; an in-memory pair for tests).
+//! * [`transport`]: how a leg reaches its peer (TCP; an in-memory pair for tests); with the
+//!   `rdma` feature, `rdma_link`: the same byte stream over SEND/RECV of an RC queue pair.
 //! * [`witness`]: the third-site arbiter's protocol and state.
 //!
 //! `tests/sim.rs` drives two cores against each other through a simulated link with cuts,

@@ -1,6 +1,7 @@
 //! How a mirror leg reaches its peer. The link thread only needs a byte stream it can register
-//! for readiness and a way to (re)establish it without blocking: [`TcpTransport`] today, RDMA
-//! later, and [`mem::pair`] in tests, which can cut the link and delay it.
+//! for readiness and a way to (re)establish it without blocking: [`TcpTransport`], the RDMA
+//! transport of `rdma_link` (cargo feature `rdma`), and [`mem::pair`] in tests, which can cut
+//! the link and delay it.
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Registry, Token};
