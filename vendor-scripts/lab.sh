@@ -494,6 +494,7 @@ peer = \"127.0.0.1:$link\""; lport=$pb; range="100, 199"; fi
 [target]
 cores = [0]
 site = $([ $site = a ] && echo 1 || echo 2)
+socket = "$LAB/metro-$site.sock"
 [witness]
 address = "127.0.0.1:$wport"
 secret = "lab-metro-witness-secret"
@@ -529,6 +530,8 @@ METRO
   # The guest asks for site A's death and return through files in the shared folder.
   ( while :; do
       if [ -f "$LAB/share/kill-a" ]; then rm -f "$LAB/share/kill-a"; kill -9 "$(cat "$LAB/metro-a.pid")"; echo "$(date +%T.%N) site A killed" >> "$LAB/metro-events.log"; fi
+      if [ -f "$LAB/share/switchover-a" ]; then rm -f "$LAB/share/switchover-a"
+        echo "$(date +%T.%N) nvmetro switchover m at site A: $("$(dirname "$tgt")/nvmetro" --config "$LAB/metro-a.toml" switchover m 2>&1)" >> "$LAB/metro-events.log"; fi
       if [ -f "$LAB/share/restart-a" ]; then rm -f "$LAB/share/restart-a"
         "$tgt" --config "$LAB/metro-a.toml" >> "$LAB/metro-a.log" 2>&1 & echo $! > "$LAB/metro-a.pid"; echo "$(date +%T.%N) site A restarted" >> "$LAB/metro-events.log"; fi
       if [ -f "$LAB/share/reload-add-ns" ] && [ -f "$LAB/tgt.pid" ]; then rm -f "$LAB/share/reload-add-ns"
@@ -637,7 +640,17 @@ cat /tmp/paths3.txt
 grep -q '^A live optimized' /tmp/paths3.txt && grep -q '^B live non-optimized' /tmp/paths3.txt && echo "CHECK metro back to optimized and non-optimized after A returned ($i s)"
 fio --name=metroha --filename="$MD" --rw=randwrite --bs=8k --iodepth=4 --ioengine=libaio --direct=1 --size=16m \
     --verify=crc32c --verify_only --verify_fatal=1 > /tmp/fio-ha2.txt 2>&1 && grep -q 'err= 0' /tmp/fio-ha2.txt && echo "CHECK metro data verifies after failback"
-nvme disconnect -n $M
+echo "== metro: planned switchover to site B (nvmetro switchover at A) under fio with verify"
+( sleep 6; touch /mnt/share/switchover-a; echo "asked the host to switch the mirror over to site B" ) &
+timeout 300 fio --name=metrosw --filename="$MD" --offset=32m --rw=randwrite --bs=8k --iodepth=4 --ioengine=libaio --direct=1 --size=16m \
+    --rate_iops=150 --verify=crc32c --do_verify=1 --verify_fatal=1 > /tmp/fio-sw.txt 2>&1; rc=$?
+grep -E 'err=|IOPS=|verify|clat \(msec\)|lat \(usec\)' /tmp/fio-sw.txt | head -6
+[ $rc = 0 ] && grep -q 'err= 0' /tmp/fio-sw.txt && grep -qE 'read: IOPS=' /tmp/fio-sw.txt && echo "CHECK metro fio verify through a planned switchover ok"
+for i in $(seq 60); do paths > /tmp/paths4.txt
+  grep -q '^B live optimized' /tmp/paths4.txt && grep -q '^A live non-optimized' /tmp/paths4.txt && break; sleep 1; done
+cat /tmp/paths4.txt
+grep -q '^B live optimized' /tmp/paths4.txt && grep -q '^A live non-optimized' /tmp/paths4.txt && echo "CHECK metro paths moved by the switchover (B optimized, A non-optimized)"
+timeout 60 nvme disconnect -n $M
 echo "== nvmetro-perf (our initiator) against the Linux kernel target, nvmet, on a RAM disk in the guest"
 modprobe configfs; mount -t configfs none /sys/kernel/config 2>/dev/null
 modprobe brd rd_nr=1 rd_size=65536 && modprobe nvmet && modprobe nvmet-tcp
@@ -680,6 +693,8 @@ EOF
   chk "metro HA: surviving site reports Optimized" "CHECK metro surviving site B optimized"
   chk "metro HA: paths go back after site A returns" "CHECK metro back to optimized and non-optimized"
   chk "metro HA: data verifies after failback" "CHECK metro data verifies after failback"
+  chk "metro: fio with verify through a planned switchover, zero errors" "CHECK metro fio verify through a planned switchover ok"
+  chk "metro: the switchover moves the host's Optimized path to site B" "CHECK metro paths moved by the switchover"
   chk "nvmetro-perf --verify against Linux nvmet" "CHECK nvmetro-perf verify against nvmet ok"
   rdma_checks
   if kill -0 $tpid 2>/dev/null && python3 -c "import socket; socket.create_connection(('127.0.0.1',$port),1)"; then
