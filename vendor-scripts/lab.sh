@@ -530,8 +530,13 @@ METRO
   # The guest asks for site A's death and return through files in the shared folder.
   ( while :; do
       if [ -f "$LAB/share/kill-a" ]; then rm -f "$LAB/share/kill-a"; kill -9 "$(cat "$LAB/metro-a.pid")"; echo "$(date +%T.%N) site A killed" >> "$LAB/metro-events.log"; fi
-      if [ -f "$LAB/share/switchover-a" ]; then rm -f "$LAB/share/switchover-a"
-        echo "$(date +%T.%N) nvmetro switchover m at site A: $("$(dirname "$tgt")/nvmetro" --config "$LAB/metro-a.toml" switchover m 2>&1)" >> "$LAB/metro-events.log"; fi
+      if [ -f "$LAB/share/switchover" ]; then rm -f "$LAB/share/switchover"
+        # At the site that orders writes now (after A's death and return that may be B).
+        for s in a b; do
+          out=$("$(dirname "$tgt")/nvmetro" --config "$LAB/metro-$s.toml" switchover m 2>&1) && { echo $s > "$LAB/share/switched-from"; break; }
+          echo "$(date +%T.%N) nvmetro switchover m at site $s: $out" >> "$LAB/metro-events.log"
+        done
+        echo "$(date +%T.%N) nvmetro switchover m at site $s: $out" >> "$LAB/metro-events.log"; fi
       if [ -f "$LAB/share/restart-a" ]; then rm -f "$LAB/share/restart-a"
         "$tgt" --config "$LAB/metro-a.toml" >> "$LAB/metro-a.log" 2>&1 & echo $! > "$LAB/metro-a.pid"; echo "$(date +%T.%N) site A restarted" >> "$LAB/metro-events.log"; fi
       if [ -f "$LAB/share/reload-add-ns" ] && [ -f "$LAB/tgt.pid" ]; then rm -f "$LAB/share/reload-add-ns"
@@ -640,16 +645,20 @@ cat /tmp/paths3.txt
 grep -q '^A live optimized' /tmp/paths3.txt && grep -q '^B live non-optimized' /tmp/paths3.txt && echo "CHECK metro back to optimized and non-optimized after A returned ($i s)"
 fio --name=metroha --filename="$MD" --rw=randwrite --bs=8k --iodepth=4 --ioengine=libaio --direct=1 --size=16m \
     --verify=crc32c --verify_only --verify_fatal=1 > /tmp/fio-ha2.txt 2>&1 && grep -q 'err= 0' /tmp/fio-ha2.txt && echo "CHECK metro data verifies after failback"
-echo "== metro: planned switchover to site B (nvmetro switchover at A) under fio with verify"
-( sleep 6; touch /mnt/share/switchover-a; echo "asked the host to switch the mirror over to site B" ) &
+echo "== metro: planned switchover (nvmetro switchover at the site that orders writes) under fio with verify"
+rm -f /mnt/share/switched-from
+( sleep 6; touch /mnt/share/switchover; echo "asked the host to switch the mirror over" ) &
 timeout 300 fio --name=metrosw --filename="$MD" --offset=32m --rw=randwrite --bs=8k --iodepth=4 --ioengine=libaio --direct=1 --size=16m \
     --rate_iops=150 --verify=crc32c --do_verify=1 --verify_fatal=1 > /tmp/fio-sw.txt 2>&1; rc=$?
 grep -E 'err=|IOPS=|verify|clat \(msec\)|lat \(usec\)' /tmp/fio-sw.txt | head -6
 [ $rc = 0 ] && grep -q 'err= 0' /tmp/fio-sw.txt && grep -qE 'read: IOPS=' /tmp/fio-sw.txt && echo "CHECK metro fio verify through a planned switchover ok"
+F=$(cat /mnt/share/switched-from 2>/dev/null | tr a-b A-B); T=$([ "$F" = A ] && echo B || echo A)
+echo "switched over from site ${F:-none} to site $T"
 for i in $(seq 60); do paths > /tmp/paths4.txt
-  grep -q '^B live optimized' /tmp/paths4.txt && grep -q '^A live non-optimized' /tmp/paths4.txt && break; sleep 1; done
+  grep -q "^$T live optimized" /tmp/paths4.txt && grep -q "^$F live non-optimized" /tmp/paths4.txt && break; sleep 1; done
 cat /tmp/paths4.txt
-grep -q '^B live optimized' /tmp/paths4.txt && grep -q '^A live non-optimized' /tmp/paths4.txt && echo "CHECK metro paths moved by the switchover (B optimized, A non-optimized)"
+[ -n "$F" ] && grep -q "^$T live optimized" /tmp/paths4.txt && grep -q "^$F live non-optimized" /tmp/paths4.txt \
+  && echo "CHECK metro paths follow the switchover (the new ordering site optimized, the old one non-optimized)"
 timeout 60 nvme disconnect -n $M
 echo "== nvmetro-perf (our initiator) against the Linux kernel target, nvmet, on a RAM disk in the guest"
 modprobe configfs; mount -t configfs none /sys/kernel/config 2>/dev/null
@@ -694,7 +703,7 @@ EOF
   chk "metro HA: paths go back after site A returns" "CHECK metro back to optimized and non-optimized"
   chk "metro HA: data verifies after failback" "CHECK metro data verifies after failback"
   chk "metro: fio with verify through a planned switchover, zero errors" "CHECK metro fio verify through a planned switchover ok"
-  chk "metro: the switchover moves the host's Optimized path to site B" "CHECK metro paths moved by the switchover"
+  chk "metro: the switchover succeeded and the paths follow it" "CHECK metro paths follow the switchover"
   chk "nvmetro-perf --verify against Linux nvmet" "CHECK nvmetro-perf verify against nvmet ok"
   rdma_checks
   if kill -0 $tpid 2>/dev/null && python3 -c "import socket; socket.create_connection(('127.0.0.1',$port),1)"; then
