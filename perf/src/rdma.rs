@@ -162,27 +162,19 @@ impl RdmaQueue {
             self.free.push(slot);
             return Err(rdma_err(format!("a {len}-byte transfer is larger than MDTS")));
         }
-        // PSDT 01b: the data is described by an SGL (Linux's nvmet refuses anything else).
-        cmd.0[1] = (cmd.0[1] & 0x3f) | 0x40;
-        let d = &mut cmd.0[24..40];
-        d.fill(0);
         let mut capsule_len = SQE_LEN;
-        // Without data: a keyed descriptor of length 0, as Linux's host sends.
-        d[15] = nvmetro_proto::rdma::sgl::KEYED_ADDRESS;
         if !write.is_empty() && write.len() <= self.in_capsule {
-            d[8..12].copy_from_slice(&(write.len() as u32).to_le_bytes());
-            d[15] = nvmetro_proto::rdma::sgl::IN_CAPSULE;
+            cmd.set_sgl(0, write.len() as u32, nvmetro_proto::rdma::sgl::IN_CAPSULE);
             self.mem.write(Self::capsule(slot) + SQE_LEN, write).map_err(rdma_err)?;
             capsule_len += write.len();
         } else if len > 0 {
             if !write.is_empty() {
                 self.mem.write(self.data(slot), write).map_err(rdma_err)?;
             }
-            let addr = self.mem.addr() + self.data(slot) as u64;
-            d[0..8].copy_from_slice(&addr.to_le_bytes());
-            d[8..11].copy_from_slice(&(len as u32).to_le_bytes()[..3]);
-            d[11..15].copy_from_slice(&self.mem.rkey().to_le_bytes());
-            d[15] = nvmetro_proto::rdma::sgl::KEYED_ADDRESS;
+            cmd.set_keyed_sgl(self.mem.addr() + self.data(slot) as u64, len as u32, self.mem.rkey());
+        } else {
+            // Without data: the null keyed descriptor Linux's host sends.
+            cmd.set_keyed_sgl(0, 0, 0);
         }
         self.mem.write(Self::capsule(slot), &cmd.0).map_err(rdma_err)?;
         let sge = self.mem.sge(Self::capsule(slot), capsule_len).map_err(rdma_err)?;

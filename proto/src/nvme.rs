@@ -169,6 +169,13 @@ impl Command {
         self.0[36..39].fill(0);
         self.0[39] = sgl_type;
     }
+    /// As [`Command::set_sgl`], with a keyed SGL data block (NVMe/RDMA): `len` bytes (below
+    /// 16 MiB; 0 is the null descriptor a command without data carries) of host memory at `addr`
+    /// that the target reaches under `key`.
+    pub fn set_keyed_sgl(&mut self, addr: u64, len: u32, key: u32) {
+        self.set_sgl(addr, len & 0x00ff_ffff, crate::rdma::sgl::KEYED_ADDRESS);
+        put32(&mut self.0, 35, key);
+    }
     /// Starting LBA of an NVM read/write-like command.
     pub fn slba(&self) -> u64 {
         le64(&self.0, 40)

@@ -312,6 +312,10 @@ mod tests {
         assert_eq!(plan_data(&none, 8192, 131072), Ok(DataPlan::None));
         let big = keyed(io::WRITE, 0, 131073, 1, sgl::KEYED_ADDRESS);
         assert_eq!(plan_data(&big, 8192, 131072), Err(Status::SGL_DATA_LENGTH_INVALID));
+        let mut built = Command::new(io::WRITE, 3);
+        built.set_keyed_sgl(0x2000, 8192, 0x1234_5678);
+        let want = HostBuffer { addr: 0x2000, len: 8192, key: 0x1234_5678, invalidate: false };
+        assert_eq!(plan_data(&built.0, 8192, 131072), Ok(DataPlan::ReadFromHost(want)), "set_keyed_sgl builds what plan_data reads");
         let null_block = keyed(io::FLUSH, 0, 0, 0, 0x00);
         assert_eq!(plan_data(&null_block, 8192, 131072), Ok(DataPlan::None), "a command without data ignores its descriptor");
         let bad = keyed(io::WRITE, 0, 512, 1, 0x5a);

@@ -20,7 +20,7 @@ use nvmetro_ffi::rdma::{
     ProtectionDomain, QpCaps, SendFlags, SendOp, WorkCompletion,
 };
 use nvmetro_ffi::{wait_readable, DmaBuf};
-use nvmetro_proto::nvme::{Command, Status};
+use nvmetro_proto::nvme::Status;
 use nvmetro_proto::rdma::{ConnectRequest, CQE_LEN, SQE_LEN};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -74,13 +74,8 @@ impl Host {
 
     /// Sends a Connect capsule whose keyed SGL names `len` bytes at our data buffer with `key`.
     fn send_connect(&mut self, len: u32, key: u32, subnqn: &str) -> Res<()> {
-        let (cmd, data) = nvmetro_proto::cmds::connect(7, 0, 32, 0, 0xffff, subnqn, HOSTNQN, [0x5a; 16]);
-        let mut sqe: Command = cmd;
-        let addr = self.mem.addr() + 1024;
-        sqe.0[24..32].copy_from_slice(&addr.to_le_bytes());
-        sqe.0[32..35].copy_from_slice(&len.to_le_bytes()[..3]);
-        sqe.0[35..39].copy_from_slice(&key.to_le_bytes());
-        sqe.0[39] = 0x40; // keyed SGL data block, address
+        let (mut sqe, data) = nvmetro_proto::cmds::connect(7, 0, 32, 0, 0xffff, subnqn, HOSTNQN, [0x5a; 16]);
+        sqe.set_keyed_sgl(self.mem.addr() + 1024, len, key);
         self.mem.write(1024, &data)?;
         self.mem.write(0, &sqe.0)?;
         self.id.post_send(2, SendOp::Send, &[self.mem.sge(0, SQE_LEN)?], SendFlags::SIGNALED)?;
