@@ -209,7 +209,7 @@ impl World {
                         DrFrame::Hello { applied_seq } => {
                             self.seq.connected(applied_seq, &mut out).expect("the DR site holds what it acknowledged")
                         }
-                        DrFrame::Write { .. } => panic!("the DR site sent a write"),
+                        other => panic!("the DR site sent {other:?}"),
                     }
                     self.run_seq(out);
                 }

@@ -34,10 +34,12 @@ use std::path::{Path, PathBuf};
 use toml::Spanned;
 
 /// The configuration served when `nvmetro-tgt` runs without `--config`.
+mod dr;
 mod raw;
 mod units;
 mod validate;
 
+pub use dr::*;
 pub use nvmetro_bdev::mirror::core::ResyncLatencyTarget;
 pub use raw::*;
 pub use units::*;
@@ -111,6 +113,10 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// Metro mode: every mirror consults this witness.
     pub witness: Option<WitnessConfig>,
+    /// Consistency groups this site streams to a DR site.
+    pub dr_groups: Vec<DrGroupConfig>,
+    /// Groups whose stream this site applies (a DR site).
+    pub dr_replicas: Vec<DrReplicaConfig>,
 }
 
 impl Config {

@@ -252,6 +252,10 @@ pub struct RawConfig {
     pub hosts: Vec<HostSection>,
     pub metrics: Option<MetricsSection>,
     pub witness: Option<WitnessSection>,
+    #[serde(default, rename = "dr_group")]
+    pub dr_groups: Vec<DrGroupSection>,
+    #[serde(default, rename = "dr_replica")]
+    pub dr_replicas: Vec<DrReplicaSection>,
 }
 
 /// The witness daemon's file (`conf/witness.toml`).

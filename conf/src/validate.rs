@@ -665,7 +665,10 @@ pub(crate) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
             b as u32
         }
     };
+    let (dr_groups, dr_replicas) = validate_dr(ctx, &raw, &bdevs, &subsystems)?;
     Ok(Config {
+        dr_groups,
+        dr_replicas,
         in_capsule_data_size,
         max_h2c_data_size,
         witness,

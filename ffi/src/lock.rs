@@ -21,11 +21,31 @@ fn whole_file_write_lock() -> libc::flock {
     fl
 }
 
+/// How long a lock with no holder in any process's descriptors is waited for: a process that was
+/// just killed with io_uring requests in flight releases its files only when the kernel has torn
+/// its rings down, a moment after it was reaped.
+const DYING_HOLDER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Takes an exclusive lock over the whole of `file` (which must be open for writing), or fails
-/// without waiting when another open of it holds one: the error (kind
-/// [`io::ErrorKind::ResourceBusy`]) names `path` and, where it can be found, the holder's PID.
-/// The lock lasts as long as `file` (and any descriptor duplicated from it) stays open.
+/// when another open of it holds one: the error (kind [`io::ErrorKind::ResourceBusy`]) names
+/// `path` and, where it can be found, the holder's PID. A holder that is a live process fails at
+/// once; a lock that no process's descriptor holds (a killed owner's files still being released)
+/// is waited for up to [`DYING_HOLDER_WAIT`]. The lock lasts as long as `file` (and any
+/// descriptor duplicated from it) stays open.
 pub fn lock_exclusive(file: &File, path: &Path) -> io::Result<()> {
+    let since = std::time::Instant::now();
+    loop {
+        match try_lock_exclusive(file, path) {
+            Err((_, None)) if since.elapsed() < DYING_HOLDER_WAIT => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r.map_err(|(e, _)| e),
+        }
+    }
+}
+
+/// One attempt; a busy lock's error comes with its holder's PID when one was found.
+fn try_lock_exclusive(file: &File, path: &Path) -> Result<(), (io::Error, Option<i32>)> {
     let mut fl = whole_file_write_lock();
     // SAFETY: F_OFD_SETLK reads and writes the `flock` we pass, which is valid for the call;
     // `file` keeps the descriptor open meanwhile.
@@ -35,14 +55,15 @@ pub fn lock_exclusive(file: &File, path: &Path) -> io::Result<()> {
     }
     let e = io::Error::last_os_error();
     if !matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) {
-        return Err(io::Error::new(e.kind(), format!("{}: cannot lock: {e}", path.display())));
+        return Err((io::Error::new(e.kind(), format!("{}: cannot lock: {e}", path.display())), Some(0)));
     }
-    let who = match lock_holder(file) {
+    let holder = lock_holder(file);
+    let who = match holder {
         Some(pid) if pid == std::process::id() as i32 => format!("this process (PID {pid}) already has it open"),
         Some(pid) => format!("process {pid} holds its lock"),
         None => "another process holds its lock".to_string(),
     };
-    Err(io::Error::new(io::ErrorKind::ResourceBusy, format!("{}: already in use: {who}; one owner per copy", path.display())))
+    Err((io::Error::new(io::ErrorKind::ResourceBusy, format!("{}: already in use: {who}; one owner per copy", path.display())), holder))
 }
 
 /// The PID of whoever holds a lock conflicting with ours on `file`, where it can be known.

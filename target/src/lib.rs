@@ -31,6 +31,7 @@ pub mod subsys;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
+use nvmetro_bdev::dr::{group::DrGroup, replica::DrReplica};
 use nvmetro_bdev::mirror::core::{Metro, Role};
 use nvmetro_bdev::mirror::driver::{MetroSettings, MirrorBdev, MirrorSettings};
 use nvmetro_bdev::mirror::transport::TcpTransport;
@@ -78,6 +79,9 @@ pub struct Target {
     pub events: events::EventLog,
     epoch: Instant,
     discovery_cntlid: AtomicU16,
+    /// Consistency groups streamed to a DR site, and groups applied here (fixed at start).
+    pub dr_groups: Vec<Arc<DrGroup>>,
+    pub dr_replicas: Vec<Arc<DrReplica>>,
 }
 
 impl Target {
@@ -226,6 +230,19 @@ impl Target {
             }
         });
         self.refresh_ana();
+    }
+
+    /// After the reactors stopped (no host writes any more): every DR group gives its DR site
+    /// what it buffered and records whether it stopped clean; DR replicas stop.
+    pub fn stop_dr(&self) {
+        std::thread::scope(|s| {
+            for g in &self.dr_groups {
+                s.spawn(move || g.stop());
+            }
+        });
+        for r in &self.dr_replicas {
+            r.stop();
+        }
     }
 
     pub fn next_discovery_cntlid(&self) -> u16 {
@@ -387,7 +404,8 @@ pub fn start(config: Config, config_path: Option<std::path::PathBuf>) -> anyhow:
         let leg_of = |name: &str| config.bdevs.iter().position(|x| x.name == name).and_then(|j| bdevs[j].clone());
         bdevs[i] = Some(open_bdev(b, &leg_of, config.poll_mode, config.witness.as_ref(), min_anatt(&config))?);
     }
-    let bdevs: Vec<Arc<dyn Bdev>> = bdevs.into_iter().map(|b| b.expect("every bdev opened")).collect();
+    let mut bdevs: Vec<Arc<dyn Bdev>> = bdevs.into_iter().map(|b| b.expect("every bdev opened")).collect();
+    let (dr_groups, dr_replicas) = start_dr(&config, &mut bdevs)?;
     let listeners: Vec<Option<nvmetro_conf::ListenerConfig>> = config.listeners.iter().cloned().map(Some).collect();
     let subsystems = config
         .subsystems
@@ -434,6 +452,8 @@ pub fn start(config: Config, config_path: Option<std::path::PathBuf>) -> anyhow:
         events: Default::default(),
         epoch: Instant::now(),
         discovery_cntlid: AtomicU16::new(0),
+        dr_groups,
+        dr_replicas,
     });
     let mut reactors = Vec::new();
     let mut handles = Vec::new();
@@ -467,6 +487,55 @@ pub fn start(config: Config, config_path: Option<std::path::PathBuf>) -> anyhow:
         .map(|r| std::thread::Builder::new().name(format!("reactor-{}", r.index)).spawn(move || r.run()))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Running { target, threads })
+}
+
+/// Starts the DR groups (their members then serve in place of the bdevs they wrap) and the DR
+/// replicas of `config`.
+type DrParts = (Vec<Arc<DrGroup>>, Vec<Arc<DrReplica>>);
+
+fn start_dr(config: &Config, bdevs: &mut [Arc<dyn Bdev>]) -> anyhow::Result<DrParts> {
+    // Names stay as they were: a member serves under its bdev's name.
+    let names: Vec<String> = bdevs.iter().map(|b| b.info().name.clone()).collect();
+    let index = |name: &str| names.iter().position(|b| b == name).expect("validated member");
+    let mut groups = Vec::new();
+    for g in &config.dr_groups {
+        let slots: Vec<usize> = g.members.iter().map(|m| index(m)).collect();
+        let settings = nvmetro_bdev::dr::group::DrGroupSettings {
+            name: g.name.clone(),
+            dr_site: g.dr_site,
+            mode: match g.mode {
+                nvmetro_conf::DrModeConfig::Sync => nvmetro_bdev::dr::DrMode::Sync,
+                nvmetro_conf::DrModeConfig::Async => nvmetro_bdev::dr::DrMode::Async,
+            },
+            buffer_limit: g.buffer,
+            rpo_target: g.rpo_target,
+            secret: g.secret.clone(),
+            state: g.state.clone(),
+        };
+        let group = DrGroup::start(settings, slots.iter().map(|&i| bdevs[i].clone()).collect())
+            .with_context(|| format!("DR group {} (state {})", g.name, g.state.display()))?;
+        for (slot, member) in slots.into_iter().zip(group.members()) {
+            bdevs[slot] = member;
+        }
+        tracing::info!(group = %g.name, members = ?g.members, dr_site = %g.dr_site, mode = ?g.mode, "DR group started");
+        groups.push(group);
+    }
+    let mut replicas = Vec::new();
+    for r in &config.dr_replicas {
+        let settings = nvmetro_bdev::dr::replica::DrReplicaSettings {
+            name: r.name.clone(),
+            listen: r.listen,
+            secret: r.secret.clone(),
+            state: r.state.clone(),
+        };
+        let members = r.members.iter().map(|m| bdevs[index(m)].clone()).collect();
+        replicas.push(
+            DrReplica::start(settings, members)
+                .with_context(|| format!("DR replica {} (listen {}, state {})", r.name, r.listen, r.state.display()))?,
+        );
+        tracing::info!(group = %r.name, members = ?r.members, listen = %r.listen, "DR replica listening");
+    }
+    Ok((groups, replicas))
 }
 
 pub(crate) fn bind(addr: std::net::SocketAddr) -> anyhow::Result<std::net::TcpListener> {

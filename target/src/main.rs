@@ -88,7 +88,9 @@ fn main() -> anyhow::Result<()> {
     // Before the reactors stop (a link may run on one): the peer takes over first.
     running.target.depart_mirrors();
     let socket = running.target.config().socket.clone();
+    let target = running.target.clone();
     running.stop();
+    target.stop_dr();
     if let Some(path) = socket {
         // A clean stop leaves no socket behind.
         let _ = std::fs::remove_file(path);

@@ -275,7 +275,7 @@ fn families(t: &Target) -> Vec<Family> {
         leg_failures.add(name.clone(), Value::Counter(m.leg_failures));
         refusals.add(name, Value::Counter(m.link_refusals));
     }
-    vec![
+    let mut families = vec![
         commands,
         bytes,
         durability,
@@ -296,7 +296,56 @@ fn families(t: &Target) -> Vec<Family> {
         peer_failed,
         leg_failures,
         refusals,
-    ]
+    ];
+    families.extend(dr_families(t, &site));
+    families
+}
+
+/// The recovery point of every DR group (production side) and the applied sequence of every
+/// DR replica.
+fn dr_families(t: &Target, site: &str) -> Vec<Family> {
+    use MetricType::*;
+    let mut behind_bytes = Family::new("nvmetro_dr_behind_bytes", Gauge, "Bytes of host writes not yet durable at the DR site.");
+    let mut behind_writes = Family::new("nvmetro_dr_behind_writes", Gauge, "Host writes not yet durable at the DR site.");
+    let mut behind_seconds = Family::new(
+        "nvmetro_dr_behind_seconds",
+        Gauge,
+        "Age of the oldest host write not yet durable at the DR site (the recovery point).",
+    );
+    let mut rpo_target = Family::new("nvmetro_dr_rpo_target_seconds", Gauge, "The group's recovery point objective, when set.");
+    let mut alarm = Family::new("nvmetro_dr_rpo_alarm", Gauge, "1 while the recovery point is older than its target.");
+    let mut alarms = Family::new("nvmetro_dr_rpo_alarms", Counter, "Times the recovery point went past its target, since start.");
+    let mut buffered = Family::new("nvmetro_dr_buffered_bytes", Gauge, "Bytes in the group's send buffer.");
+    let mut connected = Family::new("nvmetro_dr_connected", Gauge, "1 while the DR stream is connected.");
+    let mut copy_left =
+        Family::new("nvmetro_dr_copy_remaining_bytes", Gauge, "Bytes the full copy has yet to read (present while it runs).");
+    let mut applied = Family::new("nvmetro_dr_replica_applied_sequence", Gauge, "DR site: the last write of the stream applied durably.");
+    let mut consistent =
+        Family::new("nvmetro_dr_replica_consistent", Gauge, "DR site: 1 when the image is crash-consistent (no full copy under way).");
+    for g in &t.dr_groups {
+        let s = g.status();
+        let l: Labels = vec![("group", s.name.clone()), ("mode", s.mode.clone()), ("site", site.to_string())];
+        behind_bytes.add(l.clone(), Value::Gauge(s.behind_bytes as f64));
+        behind_writes.add(l.clone(), Value::Gauge(s.behind_writes as f64));
+        behind_seconds.add(l.clone(), Value::Gauge(s.behind_ms as f64 / 1e3));
+        if let Some(ms) = s.rpo_target_ms {
+            rpo_target.add(l.clone(), Value::Gauge(ms as f64 / 1e3));
+        }
+        alarm.add(l.clone(), Value::Gauge(f64::from(u8::from(s.rpo_alarm))));
+        alarms.add(l.clone(), Value::Counter(s.rpo_alarms));
+        buffered.add(l.clone(), Value::Gauge(s.buffered_bytes as f64));
+        connected.add(l.clone(), Value::Gauge(f64::from(u8::from(s.connected))));
+        if s.copy_total_bytes > 0 {
+            copy_left.add(l, Value::Gauge(s.copy_total_bytes.saturating_sub(s.copy_done_bytes) as f64));
+        }
+    }
+    for r in &t.dr_replicas {
+        let s = r.status();
+        let l: Labels = vec![("group", s.name.clone()), ("site", site.to_string())];
+        applied.add(l.clone(), Value::Gauge(s.applied_seq as f64));
+        consistent.add(l, Value::Gauge(f64::from(u8::from(s.consistent))));
+    }
+    vec![behind_bytes, behind_writes, behind_seconds, rpo_target, alarm, alarms, buffered, connected, copy_left, applied, consistent]
 }
 
 #[cfg(test)]

@@ -98,6 +98,40 @@ fn stream_events(mut out: UnixStream, target: &Target) {
     }
 }
 
+/// DR groups streamed from here and DR replicas applied here.
+pub fn dr_json(t: &Target) -> Value {
+    let groups: Vec<Value> = t
+        .dr_groups
+        .iter()
+        .map(|g| {
+            let s = g.status();
+            let copy = (s.copy_total_bytes > 0).then(|| {
+                let left = s.copy_total_bytes.saturating_sub(s.copy_done_bytes);
+                json!({"done_bytes": s.copy_done_bytes, "total_bytes": s.copy_total_bytes,
+                       "percent": 100.0 * s.copy_done_bytes as f64 / s.copy_total_bytes as f64,
+                       "bytes_per_second": s.copy_bytes_per_second,
+                       "eta_seconds": (s.copy_bytes_per_second > 0).then(|| left / s.copy_bytes_per_second)})
+            });
+            json!({"name": s.name, "members": s.members, "mode": s.mode, "dr_site": s.dr_site, "connected": s.connected,
+                   "state": s.state, "behind_writes": s.behind_writes, "behind_bytes": s.behind_bytes, "behind_ms": s.behind_ms,
+                   "buffered_bytes": s.buffered_bytes, "buffer_limit": s.buffer_limit, "rpo_target_ms": s.rpo_target_ms,
+                   "rpo_alarm": s.rpo_alarm, "rpo_alarms": s.rpo_alarms, "copy": copy,
+                   "acked_seq": s.acked_seq, "numbered_seq": s.numbered_seq})
+        })
+        .collect();
+    let replicas: Vec<Value> = t
+        .dr_replicas
+        .iter()
+        .map(|r| {
+            let s = r.status();
+            json!({"name": s.name, "members": s.members, "listen": s.listen, "connected": s.connected, "applied_seq": s.applied_seq,
+                   "consistent": s.consistent, "failed": s.failed, "refused_connections": s.refused_connections,
+                   "last_applied_ms_ago": s.last_applied_ago_ms})
+        })
+        .collect();
+    json!({"groups": groups, "replicas": replicas})
+}
+
 pub fn mirror_json(m: &StatusReport) -> Value {
     json!({
         "role": m.role, "disk": m.disk, "peer_disk": m.peer_disk, "link": m.link, "serving": m.serving,
@@ -282,8 +316,9 @@ fn call(t: &Target, method: &str, params: &Value) -> Result<Value, (i64, String)
                     json!({"nqn": s.config().nqn, "controllers": s.controller_count(), "namespaces": namespaces})
                 })
                 .collect();
-            json!({"version": env!("CARGO_PKG_VERSION"), "uptime_ms": t.now_ms(), "subsystems": subsystems})
+            json!({"version": env!("CARGO_PKG_VERSION"), "uptime_ms": t.now_ms(), "subsystems": subsystems, "dr": dr_json(t)})
         }
+        "dr_status" => dr_json(t),
         "bdev_get_bdevs" => Value::Array(
             t.live_bdevs()
                 .iter()

@@ -95,6 +95,9 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
     if old.discovery != new.discovery {
         p.refused.push("target.discovery listeners".into());
     }
+    if old.dr_groups != new.dr_groups || old.dr_replicas != new.dr_replicas {
+        p.refused.push("[[dr_group]] / [[dr_replica]] (a DR group is set up when the target starts)".into());
+    }
     if old.witness != new.witness {
         p.refused.push("[witness] (mirrors hold their witness for their lifetime)".into());
     }

@@ -88,6 +88,11 @@ impl Applier {
         out.push(ApplyOutput::Send(DrFrame::Hello { applied_seq: self.applied }));
     }
 
+    /// Nothing issued is outstanding and nothing waits for a flush or a store.
+    pub fn idle(&self) -> bool {
+        self.in_flight.is_empty() && self.stage == Stage::Open && self.issued == self.applied
+    }
+
     /// The highest sequence persisted.
     pub fn applied(&self) -> u64 {
         self.applied
@@ -98,7 +103,12 @@ impl Applier {
             return Err(ApplyError::Disk(why.clone()));
         }
         let DrFrame::Write { seq, epoch, member, offset, data } = frame else {
-            return Err(ApplyError::Unexpected(if matches!(frame, DrFrame::Ack { .. }) { "Ack" } else { "Hello" }));
+            return Err(ApplyError::Unexpected(match frame {
+                DrFrame::Ack { .. } => "Ack",
+                DrFrame::Hello { .. } => "Hello",
+                DrFrame::CopyDone { .. } => "CopyDone",
+                DrFrame::Rebase { .. } | DrFrame::Write { .. } => "Rebase",
+            }));
         };
         let expected = self.last_received() + 1;
         if seq < expected {

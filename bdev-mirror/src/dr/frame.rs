@@ -1,4 +1,5 @@
-//! The DR stream's frames: `Write` (production to DR), `Ack` and `Hello` (DR to production).
+//! The DR stream's frames: `Write`, `CopyDone` and `Rebase` (production to DR), `Ack` and `Hello` (DR to
+//! production).
 //!
 //! Every frame is a 40-byte header (magic, kind, member, sequence, epoch, offset, payload length,
 //! four reserved bytes) followed by the payload; integers are little-endian.
@@ -20,6 +21,13 @@ pub enum DrFrame {
     Ack { seq: u64 },
     /// The DR site's first words on a connection: it holds everything through `applied_seq`.
     Hello { applied_seq: u64 },
+    /// The full copy of every member ended with write `seq`: an image that holds it durably is
+    /// consistent (before it, it was being copied, not crash-consistent).
+    CopyDone { seq: u64 },
+    /// The stream goes on after `seq` (above anything the DR site holds): writes numbered
+    /// before a restart of the production site were lost with its send buffer, so the image is
+    /// not consistent until the full copy that follows ends (`CopyDone`).
+    Rebase { seq: u64 },
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -44,6 +52,8 @@ impl DrFrame {
             }
             DrFrame::Ack { seq } => (2, 0, *seq, 0, 0, &[]),
             DrFrame::Hello { applied_seq } => (3, 0, *applied_seq, 0, 0, &[]),
+            DrFrame::CopyDone { seq } => (4, 0, *seq, 0, 0, &[]),
+            DrFrame::Rebase { seq } => (5, 0, *seq, 0, 0, &[]),
         };
         out.extend_from_slice(&MAGIC.to_le_bytes());
         out.push(kind);
@@ -83,9 +93,11 @@ impl DrFrame {
                 }
                 DrFrame::Write { seq, epoch, member, offset, data: buf[HEADER_LEN..HEADER_LEN + len].to_vec() }
             }
-            2 | 3 if len > 0 => return Err(FrameError::UnexpectedPayload(if kind == 2 { "Ack" } else { "Hello" }, len)),
+            2..=5 if len > 0 => return Err(FrameError::UnexpectedPayload(["Ack", "Hello", "CopyDone", "Rebase"][kind as usize - 2], len)),
             2 => DrFrame::Ack { seq },
             3 => DrFrame::Hello { applied_seq: seq },
+            4 => DrFrame::CopyDone { seq },
+            5 => DrFrame::Rebase { seq },
             k => return Err(FrameError::Kind(k)),
         };
         Ok(Some((frame, HEADER_LEN + len)))
@@ -103,10 +115,12 @@ mod tests {
         let mut b = Vec::new();
         w.encode(&mut b);
         DrFrame::Ack { seq: 9 }.encode(&mut b);
+        DrFrame::CopyDone { seq: 11 }.encode(&mut b);
         assert_eq!(DrFrame::parse(&b[..HEADER_LEN + 100]), Ok(None));
         let (f, n) = DrFrame::parse(&b).unwrap().unwrap();
         assert_eq!((f, n), (w, HEADER_LEN + 4096));
         assert_eq!(DrFrame::parse(&b[n..]), Ok(Some((DrFrame::Ack { seq: 9 }, HEADER_LEN))));
+        assert_eq!(DrFrame::parse(&b[n + HEADER_LEN..]), Ok(Some((DrFrame::CopyDone { seq: 11 }, HEADER_LEN))));
     }
 
     #[test]

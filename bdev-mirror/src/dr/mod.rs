@@ -37,7 +37,12 @@
 
 pub mod applier;
 pub mod frame;
+pub mod group;
+pub mod link;
+pub mod member;
+pub mod replica;
 pub mod sequencer;
+pub mod state;
 
 /// A member of a consistency group (its index in the group's list of namespaces).
 pub type Member = u16;

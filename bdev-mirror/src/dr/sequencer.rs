@@ -170,6 +170,11 @@ impl Sequencer {
         self.unsent = 0;
     }
 
+    /// The highest sequence numbered so far (0 when none).
+    pub fn last_numbered(&self) -> u64 {
+        self.next_seq - 1
+    }
+
     /// The highest sequence the DR site holds durably (to persist beside the group's metadata).
     pub fn acked(&self) -> u64 {
         self.acked

@@ -22,6 +22,15 @@ struct Args {
 }
 
 #[derive(Subcommand, Debug)]
+enum DrCmd {
+    Status {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum Cmd {
     /// Namespaces, ANA states, and for mirrors: roles, disk and link states, sync progress.
     Status {
@@ -39,6 +48,12 @@ enum Cmd {
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
+    },
+    /// Disaster recovery: `nvmetro dr status` shows every consistency group streamed from here
+    /// (mode, connection, recovery point, full copy) and every DR replica applied here.
+    Dr {
+        #[command(subcommand)]
+        cmd: DrCmd,
     },
     /// Call a management method and print its JSON result; PARAMS is a JSON object.
     Rpc { method: String, params: Option<String> },
@@ -190,6 +205,54 @@ fn event_line(e: &Value) -> String {
     )
 }
 
+/// The DR part of the status: one block per group and per replica.
+fn print_dr(dr: &Value) {
+    for g in dr["groups"].as_array().into_iter().flatten() {
+        let ms = |v: &Value| v.as_u64().map_or("-".to_string(), |m| format!("{:.1} s", m as f64 / 1000.0));
+        println!(
+            "DR group {}  ({})  mode {}  to {}: {}",
+            g["name"].as_str().unwrap_or("?"),
+            g["members"].as_array().into_iter().flatten().filter_map(Value::as_str).collect::<Vec<_>>().join(", "),
+            g["mode"].as_str().unwrap_or("?"),
+            g["dr_site"].as_str().unwrap_or("?"),
+            g["state"].as_str().unwrap_or("?")
+        );
+        println!(
+            "  behind: {} writes, {}, {}  (RPO target {}{})  send buffer {} of {}",
+            g["behind_writes"],
+            bytes(g["behind_bytes"].as_u64().unwrap_or(0)),
+            ms(&g["behind_ms"]),
+            ms(&g["rpo_target_ms"]),
+            if g["rpo_alarm"] == Value::Bool(true) { ", EXCEEDED" } else { "" },
+            bytes(g["buffered_bytes"].as_u64().unwrap_or(0)),
+            bytes(g["buffer_limit"].as_u64().unwrap_or(0))
+        );
+        let c = &g["copy"];
+        if c.is_object() {
+            println!(
+                "  full copy: {:.1}%  ({} of {})  speed {}/s  ETA {}  (the DR image is not consistent until it ends)",
+                c["percent"].as_f64().unwrap_or(0.0),
+                bytes(c["done_bytes"].as_u64().unwrap_or(0)),
+                bytes(c["total_bytes"].as_u64().unwrap_or(0)),
+                bytes(c["bytes_per_second"].as_u64().unwrap_or(0)),
+                c["eta_seconds"].as_u64().map_or("-".into(), |s| format!("{s} s"))
+            );
+        }
+    }
+    for r in dr["replicas"].as_array().into_iter().flatten() {
+        println!(
+            "DR replica {}  ({})  listening on {}: {}  applied through write {}  image {}{}",
+            r["name"].as_str().unwrap_or("?"),
+            r["members"].as_array().into_iter().flatten().filter_map(Value::as_str).collect::<Vec<_>>().join(", "),
+            r["listen"].as_str().unwrap_or("?"),
+            if r["connected"] == Value::Bool(true) { "connected" } else { "waiting for the production site" },
+            r["applied_seq"],
+            if r["consistent"] == Value::Bool(true) { "consistent" } else { "INCONSISTENT (a full copy is under way or has not started)" },
+            r["failed"].as_str().map_or(String::new(), |f| format!("  STOPPED: {f}"))
+        );
+    }
+}
+
 fn print_status(st: &Value) {
     println!("nvmetro {} up {:.0} s", st["version"].as_str().unwrap_or("?"), st["uptime_ms"].as_f64().unwrap_or(0.0) / 1000.0);
     for s in st["subsystems"].as_array().into_iter().flatten() {
@@ -258,6 +321,7 @@ fn print_status(st: &Value) {
             }
         }
     }
+    print_dr(&st["dr"]);
 }
 
 fn main() -> anyhow::Result<()> {
@@ -311,6 +375,10 @@ fn main() -> anyhow::Result<()> {
             let held = rpc(&socket, "mirror_failback", json!({"name": bdev}))?;
             println!("{bdev}: {}", if held == Value::Bool(true) { "failed back: serving again" } else { "was not waiting for a failback" });
         }
+        Cmd::Dr { cmd: DrCmd::Status { json: true } } => {
+            println!("{}", serde_json::to_string_pretty(&rpc(&socket, "dr_status", json!({}))?)?)
+        }
+        Cmd::Dr { cmd: DrCmd::Status { json: false } } => print_dr(&rpc(&socket, "dr_status", json!({}))?),
         Cmd::Status { json: true, .. } => println!("{}", serde_json::to_string_pretty(&rpc(&socket, "nvmetro_status", json!({}))?)?),
         Cmd::Status { watch: false, .. } => print_status(&rpc(&socket, "nvmetro_status", json!({}))?),
         Cmd::Status { watch: true, .. } => {

@@ -1,0 +1,775 @@
+//! A consistency group at the production site, with I/O: its members' writes go through one
+//! [`Sequencer`] on a thread of its own, and the stream goes to the DR site over an
+//! authenticated TCP connection ([`super::link`]) that a dialer thread (re)establishes.
+//!
+//! * Reactors hand each write their member completed to the group through a bounded lock-free
+//!   queue per channel and get the release back on another, with an eventfd that wakes a
+//!   parked reactor ([`super::member`]).
+//! * A new group (no state file) first copies every member whole to the DR site, interleaved
+//!   with host writes under the same range locks; the DR image is consistent from `CopyDone`.
+//! * Durable state (`state` in the config): the highest sequence the DR site acknowledged, a
+//!   numbering reservation (written before any number past it is used, so a restart never
+//!   reuses one), whether the full copy ended, and whether the last stop was clean (everything
+//!   numbered was acknowledged). After an unclean stop the writes in the lost send buffer never
+//!   reach the DR site: the stream goes on after the reservation (`Rebase`) with a new full copy.
+//! * The recovery point (writes, bytes and age not yet durable at the DR site) is published
+//!   every 100 ms; crossing `rpo_target` logs a warning (and its end a notice) and counts.
+
+use super::frame::{DrFrame, MAX_PAYLOAD};
+use super::link::{authenticate, FramedConn};
+use super::member::DrMemberBdev;
+use super::sequencer::{SeqOutput, Sequencer};
+use super::state::StateFile;
+use super::{DrMode, Member};
+use crate::range_lock::{Mode, RangeLocks};
+use crate::{Bdev, BdevChannel, BdevCompletion, BdevOp, BdevOutput};
+use crossbeam_queue::ArrayQueue;
+use mio::{Events, Interest, Poll, Token, Waker};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Writes a channel may have with the group at once (more wait in the channel).
+const CHANNEL_DEPTH: usize = 1024;
+/// Numbers reserved durably at a time.
+const RESERVE: u64 = 1 << 16;
+/// The full copy reads this much at a time, with this many reads at once.
+const COPY_CHUNK: u64 = 1 << 20;
+const COPY_READS: usize = 4;
+/// A clean stop waits this long for the DR site to acknowledge what is buffered.
+pub const DRAIN_WAIT: Duration = Duration::from_secs(5);
+/// A DR site that was refused is dialled again after this.
+const REFUSED_RETRY: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub struct DrGroupSettings {
+    pub name: String,
+    pub dr_site: SocketAddr,
+    pub mode: DrMode,
+    /// Bytes the send buffer holds at most (short-throw).
+    pub buffer_limit: u64,
+    pub rpo_target: Option<Duration>,
+    pub secret: Vec<u8>,
+    pub state: PathBuf,
+}
+
+/// What `nvmetro status` and the metrics show of a group.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DrGroupStatus {
+    pub name: String,
+    pub members: Vec<String>,
+    pub mode: String,
+    pub dr_site: String,
+    pub connected: bool,
+    /// "replicating", "copying", "waiting for the DR site", or why the DR site was refused.
+    pub state: String,
+    pub behind_writes: u64,
+    pub behind_bytes: u64,
+    pub behind_ms: u64,
+    pub buffered_bytes: u64,
+    pub buffer_limit: u64,
+    pub rpo_target_ms: Option<u64>,
+    pub rpo_alarm: bool,
+    pub rpo_alarms: u64,
+    pub copy_done_bytes: u64,
+    pub copy_total_bytes: u64,
+    pub copy_bytes_per_second: u64,
+    pub acked_seq: u64,
+    pub numbered_seq: u64,
+}
+
+/// What a member's channel hands the group: a write its bdev completed.
+pub(super) struct Item {
+    pub chan: usize,
+    pub tag: u64,
+    pub member: Member,
+    pub offset: u64,
+    pub payload: Payload,
+}
+
+pub(super) enum Payload {
+    Data(Vec<u8>),
+    Zeros(u64),
+}
+
+pub(super) struct ChanQueue {
+    pub inbox: ArrayQueue<Item>,
+    /// Tags the group released.
+    pub done: ArrayQueue<u64>,
+    pub eventfd: OwnedFd,
+}
+
+pub struct GroupShared {
+    channels: arc_swap::ArcSwap<Vec<Arc<ChanQueue>>>,
+    waker: Waker,
+    parked: AtomicBool,
+    stop: AtomicBool,
+    status: Mutex<DrGroupStatus>,
+}
+
+impl std::fmt::Debug for GroupShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DrGroup({})", self.status.lock().map(|s| s.name.clone()).unwrap_or_default())
+    }
+}
+
+impl GroupShared {
+    pub(super) fn add_channel(&self) -> std::io::Result<(usize, Arc<ChanQueue>)> {
+        let q = Arc::new(ChanQueue {
+            inbox: ArrayQueue::new(CHANNEL_DEPTH),
+            done: ArrayQueue::new(CHANNEL_DEPTH),
+            eventfd: nvmetro_ffi::eventfd()?,
+        });
+        let mut index = 0;
+        self.channels.rcu(|v| {
+            let mut v = (**v).clone();
+            index = v.len();
+            v.push(q.clone());
+            v
+        });
+        Ok((index, q))
+    }
+
+    pub(super) fn wake(&self) {
+        if self.parked.load(Ordering::SeqCst) {
+            let _ = self.waker.wake();
+        }
+    }
+}
+
+/// A running consistency group.
+#[derive(Debug)]
+pub struct DrGroup {
+    shared: Arc<GroupShared>,
+    members: Vec<Arc<DrMemberBdev>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl DrGroup {
+    /// Starts the group over `members` (in the group's order); serve the returned member bdevs
+    /// in their place.
+    pub fn start(settings: DrGroupSettings, members: Vec<Arc<dyn Bdev>>) -> std::io::Result<Arc<DrGroup>> {
+        let poll = Poll::new()?;
+        let shared = Arc::new(GroupShared {
+            channels: arc_swap::ArcSwap::from_pointee(Vec::new()),
+            waker: Waker::new(poll.registry(), WAKER)?,
+            parked: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            status: Mutex::new(DrGroupStatus {
+                name: settings.name.clone(),
+                members: members.iter().map(|m| m.info().name.clone()).collect(),
+                ..Default::default()
+            }),
+        });
+        let wrapped: Vec<Arc<DrMemberBdev>> =
+            members.iter().enumerate().map(|(i, m)| Arc::new(DrMemberBdev::new(m.clone(), i as Member, shared.clone()))).collect();
+        let engine = Engine::new(settings, &wrapped, shared.clone(), poll)?;
+        let thread = std::thread::Builder::new().name(format!("dr-{}", engine.settings.name)).spawn(move || engine.run())?;
+        Ok(Arc::new(DrGroup { shared, members: wrapped, thread: Mutex::new(Some(thread)) }))
+    }
+
+    /// The member bdevs to serve, in the group's order.
+    pub fn members(&self) -> Vec<Arc<dyn Bdev>> {
+        self.members.iter().map(|m| m.clone() as Arc<dyn Bdev>).collect()
+    }
+
+    pub fn status(&self) -> DrGroupStatus {
+        self.shared.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Stops the group once hosts no longer write: waits up to [`DRAIN_WAIT`] for the DR site to
+    /// acknowledge what is buffered and records whether the stop was clean.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+        let _ = self.shared.waker.wake();
+        if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for DrGroup {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+const WAKER: Token = Token(0);
+const CONN: Token = Token(1);
+const MEMBERS: Token = Token(2);
+
+/// The full copy of every member, in order.
+struct Copy {
+    member: usize,
+    next: u64,
+    /// Copy reads in flight: tag -> (member, offset, len).
+    reads: HashMap<u64, (usize, u64, u64)>,
+    /// Chunks whose read failed, to read again.
+    retry: Vec<(usize, u64, u64)>,
+    done_bytes: u64,
+    total: u64,
+    /// The last copy write's sequence, once every chunk is numbered.
+    last_seq: Option<u64>,
+    speed: (Instant, u64, u64),
+}
+
+struct Engine {
+    settings: DrGroupSettings,
+    shared: Arc<GroupShared>,
+    seq: Sequencer,
+    member_ch: Vec<Box<dyn BdevChannel>>,
+    member_size: Vec<u64>,
+    locks: Vec<Arc<RangeLocks>>,
+    poll: Poll,
+    events: Events,
+    conn: Option<FramedConn>,
+    /// The DR site said hello on `conn`.
+    greeted: bool,
+    dialed: mpsc::Receiver<(std::net::TcpStream, Vec<u8>)>,
+    want_conn: Arc<AtomicBool>,
+    /// Sequencer tag -> (channel, the channel's tag, parts not yet released).
+    hosts: HashMap<u64, (usize, u64, u32)>,
+    /// Sequencer tags of host writes' parts -> their first part's tag.
+    parts: HashMap<u64, u64>,
+    next_tag: u64,
+    state: StateFile,
+    reserved: u64,
+    copy: Option<Copy>,
+    /// The full copy ended with this write (0: no copy was ever needed or it ended long ago).
+    copy_done_seq: Option<u64>,
+    copied: bool,
+    /// The next connection first tells the DR site that the stream goes on after this.
+    rebase: Option<u64>,
+    refused: Option<String>,
+    redial_at: Option<Instant>,
+    alarm: bool,
+    alarms: u64,
+    last_publish: Instant,
+    started: Instant,
+    out: Vec<SeqOutput>,
+    frames: Vec<DrFrame>,
+    completions: Vec<BdevCompletion>,
+}
+
+fn values(v: &[(&str, u64)]) -> BTreeMap<String, u64> {
+    v.iter().map(|(k, x)| (k.to_string(), *x)).collect()
+}
+
+impl Engine {
+    fn new(settings: DrGroupSettings, members: &[Arc<DrMemberBdev>], shared: Arc<GroupShared>, poll: Poll) -> std::io::Result<Engine> {
+        let state = StateFile::new(&settings.state);
+        let stored = state.load()?;
+        let get = |k: &str| stored.as_ref().and_then(|s| s.get(k).copied()).unwrap_or(0);
+        let (acked, reserved, copied, clean) = (get("acked"), get("reserved"), get("copied") == 1, get("clean") == 1);
+        let mut member_ch = Vec::new();
+        for m in members {
+            let ch = m.inner().clone().channel()?;
+            for fd in ch.wake_fds() {
+                poll.registry().register(&mut mio::unix::SourceFd(&fd), MEMBERS, Interest::READABLE)?;
+            }
+            member_ch.push(ch);
+        }
+        let member_size: Vec<u64> = members.iter().map(|m| m.info().size_bytes()).collect();
+        // After an unclean stop the numbers up to the reservation may have been used.
+        let (base, rebase, copied) = match stored {
+            None => (0, None, false),
+            Some(_) if clean => (acked, None, copied),
+            Some(_) => {
+                tracing::warn!(group = %settings.name, "DR group: the last stop was not clean; writes in its send buffer never reached the DR site: a full copy follows");
+                (reserved, Some(reserved), false)
+            }
+        };
+        let copy = (!copied).then(|| Copy {
+            member: 0,
+            next: 0,
+            reads: HashMap::new(),
+            retry: Vec::new(),
+            done_bytes: 0,
+            total: member_size.iter().sum(),
+            last_seq: None,
+            speed: (Instant::now(), 0, 0),
+        });
+        let reserved = base + RESERVE;
+        state.store(&values(&[("acked", base), ("reserved", reserved), ("copied", u64::from(copied)), ("clean", 0)]))?;
+        let want_conn = Arc::new(AtomicBool::new(true));
+        let (tx, dialed) = mpsc::channel();
+        spawn_dialer(&settings, shared.clone(), want_conn.clone(), tx)?;
+        Ok(Engine {
+            seq: Sequencer::new(settings.mode, settings.buffer_limit, base),
+            settings,
+            shared,
+            member_ch,
+            member_size,
+            locks: members.iter().map(|m| m.locks()).collect(),
+            poll,
+            events: Events::with_capacity(64),
+            conn: None,
+            greeted: false,
+            dialed,
+            want_conn,
+            hosts: HashMap::new(),
+            parts: HashMap::new(),
+            next_tag: 1,
+            state,
+            reserved,
+            copy,
+            copy_done_seq: None,
+            copied,
+            rebase,
+            refused: None,
+            redial_at: None,
+            alarm: false,
+            alarms: 0,
+            last_publish: Instant::now() - Duration::from_secs(1),
+            started: Instant::now(),
+            out: Vec::new(),
+            frames: Vec::new(),
+            completions: Vec::new(),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn persist(&mut self, clean: bool) -> std::io::Result<()> {
+        let v = values(&[
+            ("acked", self.seq.acked()),
+            ("reserved", self.reserved),
+            ("copied", u64::from(self.copied)),
+            ("clean", u64::from(clean)),
+        ]);
+        self.state.store(&v)
+    }
+
+    /// Makes sure `n` more numbers are reserved durably before they are used.
+    fn reserve(&mut self, n: u64) {
+        if self.seq.last_numbered() + n > self.reserved {
+            self.reserved = self.seq.last_numbered() + n + RESERVE;
+            if let Err(e) = self.persist(false) {
+                // Numbers past the durable reservation could be reused after a restart: stop.
+                tracing::error!(group = %self.settings.name, "cannot store the DR group's state: {e}; the group stops");
+                self.shared.stop.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    fn tag(&mut self) -> u64 {
+        let t = self.next_tag;
+        self.next_tag += 1;
+        t
+    }
+
+    fn submit(&mut self, tag: u64, member: Member, offset: u64, data: Vec<u8>) {
+        let now = self.now_ms();
+        if let Err(e) = self.seq.submit(tag, member, offset, data, now, &mut self.out) {
+            // Writes are split to the frame size before they get here.
+            unreachable!("DR sequencer refused a write: {e}");
+        }
+    }
+
+    fn take_host_writes(&mut self) -> bool {
+        let channels = self.shared.channels.load_full();
+        let mut any = false;
+        for q in channels.iter() {
+            while let Some(item) = q.inbox.pop() {
+                any = true;
+                let first = self.tag();
+                let (len, zeros) = match &item.payload {
+                    Payload::Data(d) => (d.len() as u64, false),
+                    Payload::Zeros(n) => (*n, true),
+                };
+                let chunks = len.div_ceil(MAX_PAYLOAD as u64).max(1);
+                self.reserve(chunks);
+                self.hosts.insert(first, (item.chan, item.tag, chunks as u32));
+                match item.payload {
+                    Payload::Data(d) if chunks == 1 => self.submit(first, item.member, item.offset, d),
+                    payload => {
+                        for c in 0..chunks {
+                            let at = c * MAX_PAYLOAD as u64;
+                            let n = (len - at).min(MAX_PAYLOAD as u64) as usize;
+                            let data = match (&payload, zeros) {
+                                (Payload::Data(d), _) => d[at as usize..at as usize + n].to_vec(),
+                                _ => vec![0; n],
+                            };
+                            let t = if c == 0 { first } else { self.tag() };
+                            self.parts.insert(t, first);
+                            self.submit(t, item.member, item.offset + at, data);
+                        }
+                    }
+                }
+            }
+        }
+        any
+    }
+
+    fn run_outputs(&mut self) {
+        let mut out = std::mem::take(&mut self.out);
+        let channels = self.shared.channels.load_full();
+        for o in out.drain(..) {
+            match o {
+                SeqOutput::Send(f) => {
+                    if let Some(c) = self.conn.as_mut() {
+                        c.queue(&f);
+                    }
+                }
+                SeqOutput::Release(t) => {
+                    let first = self.parts.remove(&t).unwrap_or(t);
+                    let Some(h) = self.hosts.get_mut(&first) else { continue };
+                    h.2 -= 1;
+                    if h.2 == 0 {
+                        let (chan, tag, _) = self.hosts.remove(&first).expect("present");
+                        if let Some(q) = channels.get(chan) {
+                            // Room: a channel has at most CHANNEL_DEPTH writes with the group.
+                            let _ = q.done.push(tag);
+                            nvmetro_ffi::eventfd_signal(&q.eventfd);
+                        }
+                        // Before the host can see it: what it submits next may depend on it.
+                        self.seq.host_completed(first);
+                    }
+                }
+            }
+        }
+        self.out = out;
+    }
+
+    /// Moves the full copy on: reads under the range locks, numbered as they complete.
+    fn pump_copy(&mut self) -> bool {
+        let Some(mut copy) = self.copy.take() else { return false };
+        let mut work = false;
+        // Copy data counts against the send buffer like host writes: read no more than it takes.
+        while copy.reads.len() < COPY_READS
+            && (copy.member < self.member_ch.len() || !copy.retry.is_empty())
+            && self.seq.buffered_bytes() + COPY_CHUNK * (copy.reads.len() as u64 + 1) <= self.settings.buffer_limit.max(COPY_CHUNK)
+        {
+            let (member, offset, len) = match copy.retry.last() {
+                Some(r) => *r,
+                None => {
+                    let size = self.member_size[copy.member];
+                    if copy.next >= size {
+                        copy.member += 1;
+                        copy.next = 0;
+                        continue;
+                    }
+                    (copy.member, copy.next, COPY_CHUNK.min(size - copy.next))
+                }
+            };
+            if !self.locks[member].try_lock(offset, len, Mode::Exclusive) {
+                break;
+            }
+            if copy.retry.pop().is_none() {
+                copy.next += len;
+            }
+            let t = self.tag();
+            self.member_ch[member].submit(t, BdevOp::Read { offset, len: len as usize });
+            copy.reads.insert(t, (member, offset, len));
+            work = true;
+        }
+        self.completions.clear();
+        for ch in self.member_ch.iter_mut() {
+            ch.poll(&mut self.completions);
+        }
+        let mut completions = std::mem::take(&mut self.completions);
+        for c in completions.drain(..) {
+            let Some((member, offset, len)) = copy.reads.remove(&c.tag) else { continue };
+            work = true;
+            match c.result {
+                Ok(BdevOutput::Data(d)) => {
+                    self.reserve(1);
+                    self.submit(c.tag, member as Member, offset, d);
+                    // Numbered: a host write to the range from now on comes after it.
+                    self.locks[member].unlock(offset, len, Mode::Exclusive);
+                    copy.done_bytes += len;
+                }
+                other => {
+                    self.locks[member].unlock(offset, len, Mode::Exclusive);
+                    tracing::error!(group = %self.settings.name, member, offset, "DR full copy: reading the member failed ({other:?}); reading it again");
+                    copy.retry.push((member, offset, len));
+                }
+            }
+        }
+        self.completions = completions;
+        if copy.member >= self.member_ch.len() && copy.reads.is_empty() && copy.retry.is_empty() && copy.last_seq.is_none() {
+            copy.last_seq = Some(self.seq.last_numbered());
+            tracing::info!(group = %self.settings.name, bytes = copy.done_bytes, "DR full copy: every member read and queued");
+        }
+        if let Some(last) = copy.last_seq {
+            if self.seq.acked() >= last {
+                self.copy_done_seq = Some(last);
+                self.copied = true;
+                if let Err(e) = self.persist(false) {
+                    tracing::error!(group = %self.settings.name, "cannot store the DR group's state: {e}");
+                }
+                tracing::info!(group = %self.settings.name, "DR full copy ended: the DR image is consistent");
+                self.send_copy_done();
+                return true;
+            }
+        }
+        self.copy = Some(copy);
+        work
+    }
+
+    fn send_copy_done(&mut self) {
+        if let (Some(seq), Some(c)) = (self.copy_done_seq, self.conn.as_mut()) {
+            if self.greeted {
+                c.queue(&DrFrame::CopyDone { seq });
+            }
+        }
+    }
+
+    fn conn_lost(&mut self, why: &str) {
+        if let Some(mut c) = self.conn.take() {
+            let _ = self.poll.registry().deregister(&mut c.sock);
+            tracing::warn!(group = %self.settings.name, dr_site = %self.settings.dr_site, "DR stream connection lost: {why}");
+        }
+        self.greeted = false;
+        self.seq.disconnected();
+        if self.refused.is_some() {
+            // A DR site that was refused is asked again later, not at once.
+            self.redial_at = Some(Instant::now() + REFUSED_RETRY);
+        } else {
+            self.want_conn.store(true, Ordering::Release);
+        }
+    }
+
+    fn on_frame(&mut self, f: DrFrame) -> Result<(), String> {
+        match f {
+            DrFrame::Hello { applied_seq } => {
+                if let Some(base) = self.rebase {
+                    if applied_seq > base {
+                        return Err(format!("the DR site holds through {applied_seq}, beyond what this site ever numbered ({base}): it needs a new DR image"));
+                    }
+                    if let Some(c) = self.conn.as_mut() {
+                        c.queue(&DrFrame::Rebase { seq: base });
+                    }
+                    self.rebase = None;
+                    self.greeted = true;
+                    self.seq.connected(base, &mut self.out).map_err(|e| e.to_string())?;
+                } else {
+                    self.greeted = true;
+                    self.seq.connected(applied_seq, &mut self.out).map_err(|e| e.to_string())?;
+                }
+                self.refused = None;
+                tracing::info!(group = %self.settings.name, dr_site = %self.settings.dr_site, applied_seq, "DR stream connected");
+                self.send_copy_done();
+                Ok(())
+            }
+            DrFrame::Ack { seq } if self.greeted => {
+                self.seq.on_ack(seq, &mut self.out);
+                Ok(())
+            }
+            other => Err(format!("the DR site sent {other:?} out of turn")),
+        }
+    }
+
+    fn drive_conn(&mut self) -> bool {
+        let mut work = false;
+        if let Ok((sock, early)) = self.dialed.try_recv() {
+            match FramedConn::new(sock, early) {
+                Ok(mut c) => {
+                    if self.poll.registry().register(&mut c.sock, CONN, Interest::READABLE | Interest::WRITABLE).is_ok() {
+                        self.conn = Some(c);
+                        self.greeted = false;
+                        work = true;
+                    } else {
+                        self.want_conn.store(true, Ordering::Release);
+                    }
+                }
+                Err(_) => self.want_conn.store(true, Ordering::Release),
+            }
+        }
+        let Some(c) = self.conn.as_mut() else { return work };
+        let mut frames = std::mem::take(&mut self.frames);
+        let read = c.read_frames(&mut frames);
+        work |= !frames.is_empty();
+        let mut refused = None;
+        for f in frames.drain(..) {
+            if let Err(why) = self.on_frame(f) {
+                refused = Some(why);
+                break;
+            }
+        }
+        frames.clear();
+        self.frames = frames;
+        if let Some(why) = refused {
+            tracing::error!(group = %self.settings.name, "DR site refused: {why}");
+            self.refused = Some(why);
+            self.conn_lost("refused");
+            return true;
+        }
+        if let Err(e) = read {
+            self.conn_lost(&e.to_string());
+            return true;
+        }
+        work
+    }
+
+    fn flush_conn(&mut self) {
+        if let Some(c) = self.conn.as_mut() {
+            if let Err(e) = c.flush() {
+                self.conn_lost(&format!("write: {e}"));
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        let now = self.now_ms();
+        let rp = self.seq.recovery_point(now);
+        let target_ms = self.settings.rpo_target.map(|t| t.as_millis() as u64);
+        let alarm = target_ms.is_some_and(|t| rp.age_ms > t);
+        if alarm != self.alarm {
+            self.alarm = alarm;
+            if alarm {
+                self.alarms += 1;
+                tracing::warn!(group = %self.settings.name, behind_ms = rp.age_ms, rpo_target_ms = target_ms, "DR group: the recovery point is behind its target");
+            } else {
+                tracing::info!(group = %self.settings.name, "DR group: the recovery point is within its target again");
+            }
+        }
+        let (copy_done, copy_total, speed) = match self.copy.as_mut() {
+            Some(c) => {
+                let dt = c.speed.0.elapsed();
+                if dt >= Duration::from_secs(1) {
+                    c.speed = (Instant::now(), c.done_bytes, (c.done_bytes - c.speed.1) * 1000 / dt.as_millis().max(1) as u64);
+                }
+                (c.done_bytes, c.total, c.speed.2)
+            }
+            None => (0, 0, 0),
+        };
+        let connected = self.conn.is_some() && self.greeted;
+        let state = match (&self.refused, connected, self.copy.is_some()) {
+            (Some(why), _, _) => format!("refused: {why}"),
+            (None, false, _) => "waiting for the DR site".into(),
+            (None, true, true) => "copying".into(),
+            (None, true, false) => "replicating".into(),
+        };
+        if let Ok(mut s) = self.shared.status.lock() {
+            s.mode = match self.settings.mode {
+                DrMode::Sync => "sync",
+                DrMode::Async => "async",
+            }
+            .into();
+            s.dr_site = self.settings.dr_site.to_string();
+            s.connected = connected;
+            s.state = state;
+            s.behind_writes = rp.writes;
+            s.behind_bytes = rp.bytes;
+            s.behind_ms = rp.age_ms;
+            s.buffered_bytes = self.seq.buffered_bytes();
+            s.buffer_limit = self.settings.buffer_limit;
+            s.rpo_target_ms = target_ms;
+            s.rpo_alarm = alarm;
+            s.rpo_alarms = self.alarms;
+            s.copy_done_bytes = copy_done;
+            s.copy_total_bytes = copy_total;
+            s.copy_bytes_per_second = speed;
+            s.acked_seq = self.seq.acked();
+            s.numbered_seq = self.seq.last_numbered();
+        }
+    }
+
+    fn turn(&mut self, timeout: Duration) -> bool {
+        self.shared.parked.store(!timeout.is_zero(), Ordering::SeqCst);
+        let timeout =
+            if timeout.is_zero() || self.shared.channels.load().iter().any(|q| !q.inbox.is_empty()) { Duration::ZERO } else { timeout };
+        let _ = self.poll.poll(&mut self.events, Some(timeout));
+        self.shared.parked.store(false, Ordering::SeqCst);
+        if self.redial_at.is_some_and(|t| Instant::now() >= t) {
+            self.redial_at = None;
+            self.want_conn.store(true, Ordering::Release);
+        }
+        let mut work = self.take_host_writes();
+        work |= self.drive_conn();
+        work |= self.pump_copy();
+        if self.copy.is_none() {
+            // Completions of the members' channels (none are expected without a copy).
+            self.completions.clear();
+            for ch in self.member_ch.iter_mut() {
+                ch.poll(&mut self.completions);
+            }
+        }
+        self.run_outputs();
+        self.flush_conn();
+        if self.last_publish.elapsed() >= Duration::from_millis(100) {
+            self.last_publish = Instant::now();
+            self.publish();
+        }
+        work
+    }
+
+    fn run(mut self) {
+        let mut idle = 0u32;
+        while !self.shared.stop.load(Ordering::Acquire) {
+            let timeout = if idle > 2 { Duration::from_millis(10) } else { Duration::ZERO };
+            if self.turn(timeout) {
+                idle = 0;
+            } else {
+                idle += 1;
+                if idle <= 2 {
+                    std::thread::yield_now();
+                }
+            }
+        }
+        // A clean stop: hosts write no more; give the DR site what is buffered.
+        let until = Instant::now() + DRAIN_WAIT;
+        while self.seq.acked() < self.seq.last_numbered() && Instant::now() < until {
+            self.turn(Duration::from_millis(10));
+        }
+        let clean = self.seq.acked() == self.seq.last_numbered();
+        if !clean {
+            tracing::warn!(group = %self.settings.name, behind = self.seq.last_numbered() - self.seq.acked(), "DR group stops with writes the DR site does not hold: a full copy follows the next start");
+        }
+        if let Err(e) = self.persist(clean) {
+            tracing::error!(group = %self.settings.name, "cannot store the DR group's state at stop: {e}");
+        }
+        self.want_conn.store(false, Ordering::Release);
+    }
+}
+
+/// Dials the DR site whenever the group wants a connection, with backoff (100 ms to 2 s).
+fn spawn_dialer(
+    settings: &DrGroupSettings,
+    shared: Arc<GroupShared>,
+    want: Arc<AtomicBool>,
+    tx: mpsc::Sender<(std::net::TcpStream, Vec<u8>)>,
+) -> std::io::Result<()> {
+    let (name, addr, secret) = (settings.name.clone(), settings.dr_site, settings.secret.clone());
+    std::thread::Builder::new().name(format!("dr-dial-{name}")).spawn(move || {
+        let mut backoff = Duration::from_millis(100);
+        let mut last_log: Option<Instant> = None;
+        while !shared.stop.load(Ordering::Acquire) {
+            if !want.load(Ordering::Acquire) {
+                std::thread::park_timeout(Duration::from_millis(50));
+                continue;
+            }
+            let attempt = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).and_then(|mut s| {
+                let early = authenticate(&mut s, &secret, crate::mirror::auth::Side::Dialer)?;
+                Ok((s, early))
+            });
+            match attempt {
+                Ok(conn) => {
+                    want.store(false, Ordering::Release);
+                    backoff = Duration::from_millis(100);
+                    if tx.send(conn).is_err() {
+                        return;
+                    }
+                    let _ = shared.waker.wake();
+                }
+                Err(e) => {
+                    if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        tracing::warn!(group = %name, dr_site = %addr, "cannot reach the DR site: {e}");
+                        last_log = Some(Instant::now());
+                    }
+                    std::thread::park_timeout(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    })?;
+    Ok(())
+}

@@ -1,0 +1,420 @@
+//! A consistency group at the DR site, with I/O: an acceptor thread authenticates connections
+//! from the production site ([`super::link`]); the stream's thread drives the [`Applier`] over
+//! the members' bdevs and keeps the state file: the sequence applied durably, and whether the
+//! image is consistent (a full copy, initial or after a `Rebase`, makes it inconsistent until its
+//! `CopyDone`). A newer authenticated connection replaces the current one (the production site
+//! reconnected); a connection that fails authentication is closed and counted.
+
+use super::applier::{Applier, ApplyOutput};
+use super::frame::DrFrame;
+use super::link::{authenticate, FramedConn};
+use super::state::StateFile;
+use crate::{Bdev, BdevChannel, BdevCompletion, BdevOp};
+use mio::{Events, Interest, Poll, Token, Waker};
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct DrReplicaSettings {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub secret: Vec<u8>,
+    pub state: PathBuf,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DrReplicaStatus {
+    pub name: String,
+    pub members: Vec<String>,
+    pub listen: String,
+    pub connected: bool,
+    pub applied_seq: u64,
+    pub consistent: bool,
+    /// Why the applier stopped (a member's disk failed), if it did.
+    pub failed: Option<String>,
+    pub refused_connections: u64,
+    /// Milliseconds since a write was last applied durably (none yet: `None`).
+    pub last_applied_ago_ms: Option<u64>,
+}
+
+struct Shared {
+    waker: Waker,
+    stop: AtomicBool,
+    status: Mutex<DrReplicaStatus>,
+    refused: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct DrReplica {
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DrReplica")
+    }
+}
+
+const WAKER: Token = Token(0);
+const CONN: Token = Token(1);
+const MEMBERS: Token = Token(2);
+
+impl DrReplica {
+    pub fn start(settings: DrReplicaSettings, members: Vec<Arc<dyn Bdev>>) -> std::io::Result<Arc<DrReplica>> {
+        let state = StateFile::new(&settings.state);
+        let stored = state.load()?;
+        let applied = stored.as_ref().and_then(|s| s.get("applied").copied()).unwrap_or(0);
+        // A new image is not a copy of anything until the production site's full copy ends.
+        let consistent = stored.as_ref().and_then(|s| s.get("consistent").copied()).unwrap_or(0) == 1;
+        let poll = Poll::new()?;
+        let shared = Arc::new(Shared {
+            waker: Waker::new(poll.registry(), WAKER)?,
+            stop: AtomicBool::new(false),
+            status: Mutex::new(DrReplicaStatus {
+                name: settings.name.clone(),
+                members: members.iter().map(|m| m.info().name.clone()).collect(),
+                listen: settings.listen.to_string(),
+                applied_seq: applied,
+                consistent,
+                ..Default::default()
+            }),
+            refused: AtomicU64::new(0),
+        });
+        let mut member_ch = Vec::new();
+        for m in &members {
+            let ch = m.clone().channel()?;
+            for fd in ch.wake_fds() {
+                poll.registry().register(&mut mio::unix::SourceFd(&fd), MEMBERS, Interest::READABLE)?;
+            }
+            member_ch.push(ch);
+        }
+        // mio's bind sets SO_REUSEADDR: a restarted DR site listens again at once.
+        let listener = mio::net::TcpListener::bind(settings.listen)?;
+        let (tx, accepted) = mpsc::channel();
+        let acceptor = spawn_acceptor(&settings, listener, shared.clone(), tx)?;
+        let engine = Stream {
+            name: settings.name.clone(),
+            applier: Applier::new(applied),
+            state,
+            consistent,
+            shared: shared.clone(),
+            poll,
+            events: Events::with_capacity(64),
+            member_ch,
+            conn: None,
+            accepted,
+            held: VecDeque::new(),
+            out: Vec::new(),
+            flushes: 0,
+            flush_error: None,
+            failed: None,
+            last_applied: None,
+            completions: Vec::new(),
+            frames: Vec::new(),
+        };
+        let thread = std::thread::Builder::new().name(format!("dr-replica-{}", settings.name)).spawn(move || engine.run())?;
+        Ok(Arc::new(DrReplica { shared, threads: Mutex::new(vec![thread, acceptor]) }))
+    }
+
+    pub fn status(&self) -> DrReplicaStatus {
+        let mut s = self.shared.status.lock().map(|s| s.clone()).unwrap_or_default();
+        s.refused_connections = self.shared.refused.load(Ordering::Relaxed);
+        s
+    }
+
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+        let _ = self.shared.waker.wake();
+        let threads: Vec<JoinHandle<()>> = self.threads.lock().map(|mut t| t.drain(..).collect()).unwrap_or_default();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for DrReplica {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn spawn_acceptor(
+    settings: &DrReplicaSettings,
+    listener: mio::net::TcpListener,
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<(std::net::TcpStream, Vec<u8>)>,
+) -> std::io::Result<JoinHandle<()>> {
+    let (name, secret) = (settings.name.clone(), settings.secret.clone());
+    std::thread::Builder::new().name(format!("dr-accept-{name}")).spawn(move || {
+        let mut last_log: Option<Instant> = None;
+        while !shared.stop.load(Ordering::Acquire) {
+            let (mut sock, from) = match listener.accept() {
+                Ok((s, from)) => (std::net::TcpStream::from(std::os::fd::OwnedFd::from(s)), from),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    // Nothing to wait on but the listener and the stop flag.
+                    std::thread::park_timeout(Duration::from_millis(20));
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            let _ = sock.set_nonblocking(false);
+            match authenticate(&mut sock, &secret, crate::mirror::auth::Side::Acceptor) {
+                Ok(early) => {
+                    if tx.send((sock, early)).is_err() {
+                        return;
+                    }
+                    let _ = shared.waker.wake();
+                }
+                Err(e) => {
+                    shared.refused.fetch_add(1, Ordering::Relaxed);
+                    if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        tracing::warn!(group = %name, %from, "DR stream connection refused: {e}");
+                        last_log = Some(Instant::now());
+                    }
+                }
+            }
+        }
+    })
+}
+
+struct Stream {
+    name: String,
+    applier: Applier,
+    state: StateFile,
+    consistent: bool,
+    shared: Arc<Shared>,
+    poll: Poll,
+    events: Events,
+    member_ch: Vec<Box<dyn BdevChannel>>,
+    conn: Option<FramedConn>,
+    accepted: mpsc::Receiver<(std::net::TcpStream, Vec<u8>)>,
+    /// Frames after a `Rebase` that waits for the applier to be idle.
+    held: VecDeque<DrFrame>,
+    out: Vec<ApplyOutput>,
+    /// Member flushes outstanding.
+    flushes: usize,
+    flush_error: Option<String>,
+    failed: Option<String>,
+    last_applied: Option<Instant>,
+    completions: Vec<BdevCompletion>,
+    frames: Vec<DrFrame>,
+}
+
+/// Flush tags are above every write's sequence.
+const FLUSH_TAG: u64 = 1 << 63;
+
+impl Stream {
+    fn store(&mut self) -> std::io::Result<()> {
+        let v: BTreeMap<String, u64> =
+            [("applied".to_string(), self.applier.applied()), ("consistent".to_string(), u64::from(self.consistent))].into();
+        self.state.store(&v)
+    }
+
+    fn fail(&mut self, why: String) {
+        if self.failed.is_none() {
+            tracing::error!(group = %self.name, "DR image stops taking writes: {why}");
+            self.failed = Some(why);
+        }
+        self.drop_conn("the DR image stopped taking writes");
+    }
+
+    fn drop_conn(&mut self, why: &str) {
+        if let Some(mut c) = self.conn.take() {
+            let _ = self.poll.registry().deregister(&mut c.sock);
+            tracing::warn!(group = %self.name, "DR stream connection ends: {why}");
+        }
+        self.held.clear();
+    }
+
+    fn run_outputs(&mut self) {
+        let mut out = std::mem::take(&mut self.out);
+        let mut i = 0;
+        while i < out.len() {
+            match std::mem::replace(&mut out[i], ApplyOutput::Flush) {
+                ApplyOutput::Write { id, member, offset, data } => match self.member_ch.get_mut(member as usize) {
+                    Some(ch) => ch.submit(id, BdevOp::Write { offset, data: data.into(), fua: false }),
+                    None => {
+                        self.fail(format!("the stream names member {member}, the group has {}", self.member_ch.len()));
+                    }
+                },
+                ApplyOutput::Flush => {
+                    self.flushes = self.member_ch.len();
+                    for ch in self.member_ch.iter_mut() {
+                        ch.submit(FLUSH_TAG, BdevOp::Flush);
+                    }
+                }
+                ApplyOutput::Persist { seq } => {
+                    let before = self.applier.applied();
+                    // The store covers `seq`: the applier takes it as persisted only after it.
+                    let v: BTreeMap<String, u64> =
+                        [("applied".to_string(), seq), ("consistent".to_string(), u64::from(self.consistent))].into();
+                    match self.state.store(&v) {
+                        Ok(()) => {
+                            self.applier.persisted(&mut out);
+                            self.last_applied = Some(Instant::now());
+                            debug_assert!(self.applier.applied() >= before);
+                        }
+                        Err(e) => self.fail(format!("cannot store the applied sequence: {e}")),
+                    }
+                }
+                ApplyOutput::Send(f) => {
+                    if let Some(c) = self.conn.as_mut() {
+                        c.queue(&f);
+                    }
+                }
+            }
+            i += 1;
+        }
+        out.clear();
+        self.out = out;
+    }
+
+    fn on_frame(&mut self, f: DrFrame) -> Result<(), String> {
+        if !self.held.is_empty() {
+            self.held.push_back(f);
+            return Ok(());
+        }
+        match f {
+            DrFrame::Rebase { seq } => {
+                if seq < self.applier.applied() {
+                    return Err(format!("Rebase to {seq} below the applied {}", self.applier.applied()));
+                }
+                self.held.push_back(DrFrame::Rebase { seq });
+                Ok(())
+            }
+            DrFrame::CopyDone { seq } => {
+                if self.applier.applied() >= seq && !self.consistent {
+                    self.consistent = true;
+                    self.store().map_err(|e| format!("cannot store the state: {e}"))?;
+                    tracing::info!(group = %self.name, seq, "DR full copy ended: the DR image is consistent");
+                }
+                Ok(())
+            }
+            f => self.applier.on_frame(f, &mut self.out).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// A held `Rebase` takes effect once nothing is in flight; the frames behind it follow.
+    fn release_rebase(&mut self) -> Result<(), String> {
+        if !matches!(self.held.front(), Some(DrFrame::Rebase { .. })) || !self.applier.idle() {
+            return Ok(());
+        }
+        let Some(DrFrame::Rebase { seq }) = self.held.pop_front() else { unreachable!() };
+        self.applier = Applier::new(seq);
+        self.consistent = false;
+        self.store().map_err(|e| format!("cannot store the state: {e}"))?;
+        tracing::warn!(group = %self.name, seq, "DR stream restarts after {seq}: the image is not consistent until the full copy that follows ends");
+        let held: Vec<DrFrame> = self.held.drain(..).collect();
+        for f in held {
+            self.on_frame(f)?;
+        }
+        Ok(())
+    }
+
+    fn member_completions(&mut self) -> bool {
+        self.completions.clear();
+        for ch in self.member_ch.iter_mut() {
+            ch.poll(&mut self.completions);
+        }
+        let mut completions = std::mem::take(&mut self.completions);
+        let any = !completions.is_empty();
+        for c in completions.drain(..) {
+            let result = c.result.map(|_| ()).map_err(|e| e.to_string());
+            let r = if c.tag == FLUSH_TAG {
+                if let Err(e) = result {
+                    self.flush_error = Some(e);
+                }
+                self.flushes -= 1;
+                if self.flushes > 0 {
+                    continue;
+                }
+                let result = self.flush_error.take().map_or(Ok(()), Err);
+                self.applier.flush_done(result, &mut self.out)
+            } else {
+                self.applier.write_done(c.tag, result, &mut self.out)
+            };
+            if let Err(e) = r {
+                self.fail(e.to_string());
+            }
+        }
+        self.completions = completions;
+        any
+    }
+
+    fn turn(&mut self, timeout: Duration) -> bool {
+        let _ = self.poll.poll(&mut self.events, Some(timeout));
+        let mut work = false;
+        while let Ok((sock, early)) = self.accepted.try_recv() {
+            work = true;
+            if self.failed.is_some() {
+                continue;
+            }
+            let Ok(mut c) = FramedConn::new(sock, early) else { continue };
+            if self.poll.registry().register(&mut c.sock, CONN, Interest::READABLE | Interest::WRITABLE).is_err() {
+                continue;
+            }
+            if self.conn.is_some() {
+                self.drop_conn("replaced by a newer authenticated connection");
+            }
+            tracing::info!(group = %self.name, applied = self.applier.applied(), "DR stream connected");
+            self.conn = Some(c);
+            self.applier.connected(&mut self.out);
+        }
+        work |= self.member_completions();
+        if let Some(c) = self.conn.as_mut() {
+            let mut frames = std::mem::take(&mut self.frames);
+            let read = c.read_frames(&mut frames);
+            work |= !frames.is_empty();
+            let mut refused = None;
+            for f in frames.drain(..) {
+                if let Err(why) = self.on_frame(f) {
+                    refused = Some(why);
+                    break;
+                }
+            }
+            frames.clear();
+            self.frames = frames;
+            if let Some(why) = refused {
+                tracing::error!(group = %self.name, "DR stream refused: {why}");
+                self.drop_conn("refused");
+            } else if let Err(e) = read {
+                self.drop_conn(&e.to_string());
+            }
+        }
+        if let Err(why) = self.release_rebase() {
+            self.fail(why);
+        }
+        self.run_outputs();
+        if let Some(c) = self.conn.as_mut() {
+            if let Err(e) = c.flush() {
+                self.drop_conn(&format!("write: {e}"));
+            }
+        }
+        if let Ok(mut s) = self.shared.status.lock() {
+            s.connected = self.conn.is_some();
+            s.applied_seq = self.applier.applied();
+            s.consistent = self.consistent;
+            s.failed = self.failed.clone();
+            s.last_applied_ago_ms = self.last_applied.map(|t| t.elapsed().as_millis() as u64);
+        }
+        work
+    }
+
+    fn run(mut self) {
+        let mut idle = 0u32;
+        while !self.shared.stop.load(Ordering::Acquire) {
+            let timeout = if idle > 2 { Duration::from_millis(10) } else { Duration::ZERO };
+            if self.turn(timeout) {
+                idle = 0;
+            } else {
+                idle += 1;
+            }
+        }
+    }
+}

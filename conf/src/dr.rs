@@ -1,0 +1,287 @@
+//! Disaster-recovery tables: `[[dr_group]]` at the production site (a consistency group of
+//! bdevs streamed to a DR site) and `[[dr_replica]]` at the DR site (where a group's stream is
+//! applied).
+//!
+//! ```toml
+//! [[dr_group]]
+//! name = "g1"
+//! members = ["db-data", "db-log"]   # bdevs, in the group's order (the DR site's in the same)
+//! dr_site = "10.0.3.1:7400"
+//! mode = "async"                    # "async" (short-throw, default) or "sync"
+//! buffer = "64MiB"                  # send buffer; when full, host writes wait
+//! rpo_target = "5s"                 # optional: an alarm when the DR image is older
+//! state = "/var/lib/nvmetro/g1.dr"  # sequence numbers and the full copy's progress
+//! secret_file = "/etc/nvmetro/dr.secret"
+//!
+//! [[dr_replica]]
+//! name = "g1"
+//! members = ["dr-data", "dr-log"]
+//! listen = "0.0.0.0:7400"
+//! state = "/var/lib/nvmetro/g1.applied"
+//! secret_file = "/etc/nvmetro/dr.secret"
+//! ```
+
+use super::*;
+
+/// `[[dr_group]]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrGroupSection {
+    pub name: Spanned<String>,
+    pub members: Spanned<Vec<String>>,
+    pub dr_site: Spanned<String>,
+    pub mode: Option<Spanned<String>>,
+    pub buffer: Option<Spanned<Size>>,
+    pub rpo_target: Option<Spanned<String>>,
+    pub state: Spanned<PathBuf>,
+    pub secret: Option<Spanned<String>>,
+    pub secret_file: Option<Spanned<PathBuf>>,
+}
+
+/// `[[dr_replica]]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrReplicaSection {
+    pub name: Spanned<String>,
+    pub members: Spanned<Vec<String>>,
+    pub listen: Spanned<String>,
+    pub state: Spanned<PathBuf>,
+    pub secret: Option<Spanned<String>>,
+    pub secret_file: Option<Spanned<PathBuf>>,
+}
+
+/// How a group's host writes are acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrModeConfig {
+    Sync,
+    Async,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrGroupConfig {
+    pub name: String,
+    pub members: Vec<String>,
+    pub dr_site: SocketAddr,
+    pub mode: DrModeConfig,
+    pub buffer: u64,
+    pub rpo_target: Option<std::time::Duration>,
+    pub state: PathBuf,
+    pub secret: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrReplicaConfig {
+    pub name: String,
+    pub members: Vec<String>,
+    pub listen: SocketAddr,
+    pub state: PathBuf,
+    pub secret: Vec<u8>,
+}
+
+/// The send buffer when `buffer` is not given.
+pub const DEFAULT_DR_BUFFER: u64 = 64 << 20;
+
+/// Members must be bdevs of this config, each in one group at most, and not served to hosts
+/// at a DR site (the stream writes them).
+fn members(
+    ctx: &Ctx,
+    table: &str,
+    m: &Spanned<Vec<String>>,
+    bdevs: &[BdevConfig],
+    taken: &mut HashSet<String>,
+) -> Result<Vec<String>, ConfigError> {
+    let key = format!("{table}.members");
+    if m.get_ref().is_empty() {
+        return Err(ctx.err(m.span(), &key, "a group needs at least one member bdev"));
+    }
+    for name in m.get_ref() {
+        if !bdevs.iter().any(|b| &b.name == name) {
+            return Err(ctx.err(m.span(), &key, format!("no bdev named `{name}`")));
+        }
+        if let Some(over) = bdevs.iter().find(|b| b.depends_on() == Some(name.as_str())) {
+            return Err(ctx.err(
+                m.span(),
+                &key,
+                format!(
+                    "bdev `{name}` is the base of bdev `{}`: writes through it would bypass the group; make `{}` the member",
+                    over.name, over.name
+                ),
+            ));
+        }
+        if !taken.insert(name.clone()) {
+            return Err(ctx.err(m.span(), &key, format!("bdev `{name}` is a member twice (of this group or another)")));
+        }
+    }
+    Ok(m.get_ref().clone())
+}
+
+fn name(ctx: &Ctx, table: &str, n: &Spanned<String>, names: &mut HashSet<String>) -> Result<String, ConfigError> {
+    let v = n.get_ref();
+    if v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) || !names.insert(v.clone()) {
+        return Err(ctx.err(
+            n.span(),
+            &format!("{table}.name"),
+            format!("`{v}` is empty, used twice, or not letters, digits, `-`, `_` and `.`"),
+        ));
+    }
+    Ok(v.clone())
+}
+
+fn address(ctx: &Ctx, key: &str, a: &Spanned<String>) -> Result<SocketAddr, ConfigError> {
+    a.get_ref().parse().map_err(|_| ctx.err(a.span(), key, format!("`{}` is not an address:port", a.get_ref())))
+}
+
+pub(crate) fn validate_dr(
+    ctx: &Ctx,
+    raw: &RawConfig,
+    bdevs: &[BdevConfig],
+    subsystems: &[SubsystemConfig],
+) -> Result<(Vec<DrGroupConfig>, Vec<DrReplicaConfig>), ConfigError> {
+    let mut taken = HashSet::new();
+    let mut names = HashSet::new();
+    let mut groups = Vec::new();
+    for g in &raw.dr_groups {
+        let name = name(ctx, "dr_group", &g.name, &mut names)?;
+        let members = members(ctx, "dr_group", &g.members, bdevs, &mut taken)?;
+        let mode = match g.mode.as_ref().map(|m| m.get_ref().as_str()) {
+            None | Some("async") => DrModeConfig::Async,
+            Some("sync") => DrModeConfig::Sync,
+            Some(other) => {
+                let span = g.mode.as_ref().expect("given").span();
+                return Err(ctx.err(span, "dr_group.mode", format!("`{other}` is not \"sync\" or \"async\"")));
+            }
+        };
+        let buffer = match &g.buffer {
+            None => DEFAULT_DR_BUFFER,
+            Some(b) if b.get_ref().bytes() >= 1 << 20 => b.get_ref().bytes(),
+            Some(b) => return Err(ctx.err(b.span(), "dr_group.buffer", "the send buffer needs at least 1MiB (one frame)")),
+        };
+        let rpo_target =
+            match &g.rpo_target {
+                None => None,
+                Some(t) => Some(parse_duration(t.get_ref()).filter(|d| !d.is_zero()).ok_or_else(|| {
+                    ctx.err(t.span(), "dr_group.rpo_target", format!("`{}` is not a duration such as \"5s\"", t.get_ref()))
+                })?),
+            };
+        if let Some(e) = check_parent(ctx, &g.state, "dr_group.state") {
+            return Err(e);
+        }
+        groups.push(DrGroupConfig {
+            name,
+            members,
+            dr_site: address(ctx, "dr_group.dr_site", &g.dr_site)?,
+            mode,
+            buffer,
+            rpo_target,
+            state: g.state.get_ref().clone(),
+            secret: read_secret(ctx, "dr_group.", g.secret.as_ref(), g.secret_file.as_ref(), &g.name)?,
+        });
+    }
+    let mut replicas = Vec::new();
+    for r in &raw.dr_replicas {
+        let name = name(ctx, "dr_replica", &r.name, &mut names)?;
+        let members = members(ctx, "dr_replica", &r.members, bdevs, &mut taken)?;
+        for m in &members {
+            if let Some(s) = subsystems.iter().find(|s| s.namespaces.iter().any(|n| &n.bdev == m)) {
+                return Err(ctx.err(
+                    r.members.span(),
+                    "dr_replica.members",
+                    format!("bdev `{m}` is a namespace of {}: the DR stream writes it, hosts may not", s.nqn),
+                ));
+            }
+        }
+        if let Some(e) = check_parent(ctx, &r.state, "dr_replica.state") {
+            return Err(e);
+        }
+        replicas.push(DrReplicaConfig {
+            name,
+            members,
+            listen: address(ctx, "dr_replica.listen", &r.listen)?,
+            state: r.state.get_ref().clone(),
+            secret: read_secret(ctx, "dr_replica.", r.secret.as_ref(), r.secret_file.as_ref(), &r.name)?,
+        });
+    }
+    Ok((groups, replicas))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[[bdev]]
+name = "a"
+kind = "malloc"
+size = "4MiB"
+
+[[bdev]]
+name = "b"
+kind = "malloc"
+size = "4MiB"
+
+[[bdev]]
+name = "c"
+kind = "malloc"
+size = "4MiB"
+
+[[subsystem]]
+nqn = "nqn.2026-12.io.nvmetro:dr"
+allow_any_host = true
+
+[[subsystem.namespace]]
+nsid = 1
+bdev = "a"
+
+[[listener]]
+address = "127.0.0.1:4420"
+"#;
+
+    fn group(extra: &str) -> String {
+        format!("{BASE}\n[[dr_group]]\nname = \"g1\"\nmembers = [\"a\", \"b\"]\ndr_site = \"127.0.0.1:7400\"\nstate = \"/tmp/g1.dr\"\nsecret = \"0123456789abcdef\"\n{extra}")
+    }
+
+    #[test]
+    fn a_group_parses_with_its_defaults_and_its_mistakes_name_their_keys() {
+        let c = parse(&group(""), "g.toml").unwrap();
+        let g = &c.dr_groups[0];
+        assert_eq!((g.mode, g.buffer, g.rpo_target), (DrModeConfig::Async, DEFAULT_DR_BUFFER, None));
+        assert_eq!(g.members, ["a", "b"]);
+        let c = parse(&group("mode = \"sync\"\nbuffer = \"8MiB\"\nrpo_target = \"2s\""), "g.toml").unwrap();
+        let g = &c.dr_groups[0];
+        assert_eq!((g.mode, g.buffer, g.rpo_target), (DrModeConfig::Sync, 8 << 20, Some(std::time::Duration::from_secs(2))));
+        for (extra, key) in [
+            ("mode = \"fast\"", "dr_group.mode"),
+            ("buffer = \"4KiB\"", "dr_group.buffer"),
+            ("rpo_target = \"soon\"", "dr_group.rpo_target"),
+            ("speed = 1", "dr_group.speed"),
+        ] {
+            let e = parse(&group(extra), "g.toml").unwrap_err();
+            assert_eq!(e.key, key, "{extra}: {e}");
+            assert!(e.line > 23, "{e}");
+        }
+        let e = parse(&group("").replace("[\"a\", \"b\"]", "[\"a\", \"x\"]"), "g.toml").unwrap_err();
+        assert_eq!(e.key, "dr_group.members");
+        assert!(e.message.contains("no bdev named `x`"), "{e}");
+        let e = parse(&group("").replace("/tmp/g1.dr", "/nonexistent-dir/g1.dr"), "g.toml").unwrap_err();
+        assert_eq!(e.key, "dr_group.state");
+        let e = parse(&group("").replace("127.0.0.1:7400", "far away"), "g.toml").unwrap_err();
+        assert_eq!(e.key, "dr_group.dr_site");
+        let e = parse(&group("").replace("secret = \"0123456789abcdef\"", ""), "g.toml").unwrap_err();
+        assert_eq!(e.key, "dr_group.secret");
+    }
+
+    #[test]
+    fn a_replica_may_not_serve_its_members_to_hosts_and_a_bdev_is_in_one_group() {
+        let replica = |members: &str| {
+            format!("{BASE}\n[[dr_replica]]\nname = \"g1\"\nmembers = {members}\nlisten = \"0.0.0.0:7400\"\nstate = \"/tmp/g1.applied\"\nsecret = \"0123456789abcdef\"\n")
+        };
+        let c = parse(&replica("[\"b\", \"c\"]"), "r.toml").unwrap();
+        assert_eq!(c.dr_replicas[0].members, ["b", "c"]);
+        let e = parse(&replica("[\"a\", \"c\"]"), "r.toml").unwrap_err();
+        assert_eq!(e.key, "dr_replica.members");
+        assert!(e.message.contains("namespace of nqn.2026-12.io.nvmetro:dr"), "{e}");
+        let both = format!("{}\n[[dr_replica]]\nname = \"g2\"\nmembers = [\"b\"]\nlisten = \"0.0.0.0:7401\"\nstate = \"/tmp/g2\"\nsecret = \"0123456789abcdef\"\n", group(""));
+        let e = parse(&both, "r.toml").unwrap_err();
+        assert!(e.message.contains("`b` is a member twice"), "{e}");
+    }
+}

@@ -1,0 +1,365 @@
+//! Disaster recovery at a third site: a consistency group of two namespaces at the production
+//! site streamed to a DR site, each a real `nvmetro-tgt` process, and a host on NVMe/TCP.
+//!
+//! The crash-consistency workload writes dependent pairs: a data block on namespace 1, and,
+//! once it completed, a commit record on namespace 2 naming it. At every cut (the DR site
+//! killed mid-stream, the production site killed mid-stream) the DR image must never show a
+//! commit whose data is missing.
+
+use nvmetro_perf::{ConnectOptions, Host};
+use nvmetro_tests::{rpc, wait_until, TargetProcess, HOSTNQN};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const NQN: &str = "nqn.2026-12.io.nvmetro:dr";
+const SECRET: &str = "dr-stream-secret-0123456789";
+/// Each member: 4 MiB of 512-byte blocks.
+const MEMBER: u64 = 4 << 20;
+const STREAMS: u64 = 4;
+/// Data slots per stream on namespace 1 and commit slots per stream on namespace 2.
+const DATA_SLOTS: u64 = 1000;
+const COMMIT_SLOTS: u64 = 8;
+
+fn dr_site_config() -> String {
+    format!(
+        r#"
+[target]
+cores = [0]
+socket = "{{DIR}}/mgmt.sock"
+
+[[bdev]]
+name = "ram"
+kind = "malloc"
+size = "1MiB"
+
+[[bdev]]
+name = "dr0"
+kind = "file"
+path = "{{DIR}}/dr0.img"
+size = "{MEMBER}"
+
+[[bdev]]
+name = "dr1"
+kind = "file"
+path = "{{DIR}}/dr1.img"
+size = "{MEMBER}"
+
+[[subsystem]]
+nqn = "nqn.2026-12.io.nvmetro:dr-site"
+allow_any_host = true
+
+[[subsystem.namespace]]
+nsid = 1
+bdev = "ram"
+
+[[listener]]
+address = "127.0.0.1:{{PORT}}"
+
+[[dr_replica]]
+name = "g1"
+members = ["dr0", "dr1"]
+listen = "127.0.0.1:{{PORT2}}"
+state = "{{DIR}}/g1.applied"
+secret = "{SECRET}"
+"#
+    )
+}
+
+fn production_config(dr: std::net::SocketAddr, extra: &str) -> String {
+    format!(
+        r#"
+[target]
+cores = [0]
+socket = "{{DIR}}/mgmt.sock"
+
+[[bdev]]
+name = "p0"
+kind = "file"
+path = "{{DIR}}/p0.img"
+size = "{MEMBER}"
+
+[[bdev]]
+name = "p1"
+kind = "file"
+path = "{{DIR}}/p1.img"
+size = "{MEMBER}"
+
+[[subsystem]]
+nqn = "{NQN}"
+allow_any_host = true
+
+[[subsystem.namespace]]
+nsid = 1
+bdev = "p0"
+
+[[subsystem.namespace]]
+nsid = 2
+bdev = "p1"
+
+[[listener]]
+address = "127.0.0.1:{{PORT}}"
+
+[[dr_group]]
+name = "g1"
+members = ["p0", "p1"]
+dr_site = "{dr}"
+state = "{{DIR}}/g1.dr"
+secret = "{SECRET}"
+{extra}
+"#
+    )
+}
+
+fn host(t: &TargetProcess) -> Host {
+    let mut o = ConnectOptions::new(t.addr, NQN);
+    o.hostnqn = HOSTNQN.into();
+    o.kato_ms = 0;
+    o.timeout = Duration::from_secs(20);
+    Host::connect(&o).expect("connect to the production site")
+}
+
+fn write(h: &mut Host, nsid: u32, lba: u64, data: Vec<u8>) -> bool {
+    let blocks = (data.len() / 512) as u32;
+    match h.io_cmd(0, nvmetro_proto::cmds::write(0, nsid, lba, blocks), data, 0) {
+        Ok((c, _)) => c.status().is_success(),
+        Err(_) => false,
+    }
+}
+
+/// A block holding (stream, n, extra) repeated.
+fn record(stream: u64, n: u64, extra: u64) -> Vec<u8> {
+    let mut b = Vec::with_capacity(512);
+    while b.len() < 512 {
+        b.extend_from_slice(&(stream + 1).to_le_bytes());
+        b.extend_from_slice(&n.to_le_bytes());
+        b.extend_from_slice(&extra.to_le_bytes());
+        b.extend_from_slice(&0x4e564d4554524f21u64.to_le_bytes());
+    }
+    b
+}
+
+/// (stream, n, extra) of a block, or None for a block never written (or torn).
+fn parse(b: &[u8]) -> Option<(u64, u64, u64)> {
+    let word = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    (word(0) != 0 && word(3) == 0x4e564d4554524f21 && b[..32].repeat(16) == b[..512]).then(|| (word(0) - 1, word(1), word(2)))
+}
+
+fn data_lba(stream: u64, n: u64) -> u64 {
+    stream * DATA_SLOTS + n % DATA_SLOTS
+}
+
+/// Streams of dependent pairs until `stop`: returns how many pairs completed, per stream.
+fn dependent_pairs(t: &TargetProcess, stop: Arc<AtomicBool>, done: Arc<AtomicU64>) -> Vec<std::thread::JoinHandle<u64>> {
+    (0..STREAMS)
+        .map(|s| {
+            let mut h = host(t);
+            let (stop, done) = (stop.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let lba = data_lba(s, n);
+                    if !write(&mut h, 1, lba, record(s, n, lba)) {
+                        break;
+                    }
+                    // Only after the data completed: the commit depends on it.
+                    if !write(&mut h, 2, s * COMMIT_SLOTS + n % COMMIT_SLOTS, record(s, n, lba)) {
+                        break;
+                    }
+                    n += 1;
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                n
+            })
+        })
+        .collect()
+}
+
+/// Checks an image of the group: every commit record's data is there (the same or a later
+/// write of its slot). Returns how many commits the image holds.
+fn check_image(data: &[u8], commits: &[u8], what: &str) -> usize {
+    let mut found = 0;
+    for (i, c) in commits.chunks(512).enumerate().take((STREAMS * COMMIT_SLOTS) as usize) {
+        let Some((s, n, lba)) = parse(c) else { continue };
+        assert_eq!(s, i as u64 / COMMIT_SLOTS, "{what}: commit slot {i} holds stream {s}'s record");
+        assert_eq!(lba, data_lba(s, n), "{what}: commit {s}/{n} names the wrong block");
+        let block = &data[lba as usize * 512..lba as usize * 512 + 512];
+        match parse(block) {
+            Some((ds, dn, _)) if ds == s && dn >= n => found += 1,
+            other => panic!("{what}: commit {s}/{n} is in the DR image but its data block {lba} holds {other:?}"),
+        }
+    }
+    found
+}
+
+fn dr_image(dr: &TargetProcess, what: &str) -> usize {
+    let data = std::fs::read(dr.scratch().join("dr0.img")).expect("dr0");
+    let commits = std::fs::read(dr.scratch().join("dr1.img")).expect("dr1");
+    check_image(&data, &commits, what)
+}
+
+fn dr_status(t: &TargetProcess) -> serde_json::Value {
+    rpc(t, "dr_status", serde_json::json!({})).expect("dr_status")
+}
+
+fn consistent(dr: &TargetProcess) -> bool {
+    dr_status(dr)["replicas"][0]["consistent"] == serde_json::Value::Bool(true)
+}
+
+/// Waits until the DR site holds everything the production site numbered, then compares the
+/// members byte for byte.
+fn wait_caught_up_and_compare(p: &TargetProcess, dr: &TargetProcess) {
+    wait_until("the DR site is consistent and holds every write", Duration::from_secs(60), || {
+        let g = &dr_status(p)["groups"][0];
+        consistent(dr) && g["connected"] == serde_json::Value::Bool(true) && g["behind_writes"] == 0 && g["copy"].is_null()
+    });
+    for (a, b) in [("p0.img", "dr0.img"), ("p1.img", "dr1.img")] {
+        let (x, y) = (std::fs::read(p.scratch().join(a)).expect(a), std::fs::read(dr.scratch().join(b)).expect(b));
+        assert!(x == y, "{a} and the DR site's {b} differ");
+    }
+}
+
+#[test]
+fn the_dr_image_of_a_group_never_shows_a_commit_without_its_data_at_any_cut_and_catches_up_after_a_crash() {
+    let mut dr = TargetProcess::start(&dr_site_config());
+    // Data from before the group existed reaches the DR site through the full copy.
+    let p_config = production_config(dr.addr2, "");
+    let mut p = TargetProcess::start(&p_config);
+    {
+        let mut h = host(&p);
+        assert!(write(&mut h, 1, 7000, vec![0xab; 4096]));
+    }
+    wait_caught_up_and_compare(&p, &dr);
+    assert!(dr.log().contains("the DR image is consistent"), "{}", dr.log());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let writers = dependent_pairs(&p, stop.clone(), done.clone());
+    // Cuts at the DR site: SIGKILL mid-stream, the image checked as the disk holds it, back up.
+    let mut rng = nvmetro_tests::stamped::Rng(nvmetro_tests::stamped::seed("dr_cuts"));
+    let mut commits_seen = 0;
+    for cut in 0..4 {
+        let at = done.load(Ordering::Relaxed) + 50 + rng.below(300);
+        wait_until("the host wrote more pairs", Duration::from_secs(60), || done.load(Ordering::Relaxed) >= at);
+        dr.kill();
+        commits_seen = commits_seen.max(dr_image(&dr, &format!("DR site killed, cut {cut}")));
+        dr.restart();
+    }
+    // And the production site dies mid-stream.
+    let at = done.load(Ordering::Relaxed) + 200;
+    wait_until("the host wrote more pairs", Duration::from_secs(60), || done.load(Ordering::Relaxed) >= at);
+    p.kill();
+    stop.store(true, Ordering::Relaxed);
+    let pairs: u64 = writers.into_iter().map(|w| w.join().expect("writer")).sum();
+    // Whatever reached the DR site is applied (or not) epoch by epoch.
+    wait_until("the DR site has applied what it received", Duration::from_secs(20), || {
+        dr_status(&dr)["replicas"][0]["connected"] == serde_json::Value::Bool(false)
+    });
+    dr.kill();
+    let after_crash = dr_image(&dr, "production site killed");
+    commits_seen = commits_seen.max(after_crash);
+    eprintln!("dependent pairs written: {pairs}; commits in the DR image at the cuts: up to {commits_seen}, after the production crash {after_crash}");
+    assert!(commits_seen >= STREAMS as usize, "the DR image holds commits ({commits_seen} of {pairs} pairs written)");
+
+    // The production site comes back: its lost send buffer means a new full copy.
+    dr.restart();
+    p.restart();
+    assert!(p.log().contains("the last stop was not clean"), "{}", p.log());
+    {
+        let mut h = host(&p);
+        assert!(write(&mut h, 2, 7000, vec![0xcd; 4096]));
+    }
+    wait_caught_up_and_compare(&p, &dr);
+    assert!(dr.log().contains("DR stream restarts after"), "{}", dr.log());
+    // A clean stop leaves nothing behind: the next start resumes without a copy.
+    p.terminate();
+    let state = std::fs::read_to_string(p.scratch().join("g1.dr")).expect("state");
+    assert!(state.contains("clean = 1"), "{state}");
+    let before = p.log().len();
+    p.restart();
+    {
+        let mut h = host(&p);
+        assert!(write(&mut h, 1, 100, vec![0x11; 512]));
+    }
+    wait_caught_up_and_compare(&p, &dr);
+    let log = p.log();
+    assert!(
+        !log[before..].contains("not clean") && !log[before..].contains("full copy"),
+        "a clean restart copies nothing again: {}",
+        &log[before..]
+    );
+}
+
+#[test]
+fn a_full_send_buffer_holds_host_writes_back_until_the_dr_site_returns_and_nothing_is_lost() {
+    let dr = TargetProcess::start(&dr_site_config());
+    let p = TargetProcess::start(&production_config(dr.addr2, "buffer = \"1MiB\"\nrpo_target = \"300ms\""));
+    wait_caught_up_and_compare(&p, &dr);
+    dr.signal("STOP");
+    const WRITES: u64 = 300;
+    let done = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let mut h = host(&p);
+        let done = done.clone();
+        std::thread::spawn(move || {
+            for i in 0..WRITES {
+                // 8 KiB writes: 128 fill the buffer.
+                assert!(write(&mut h, 1, (i * 16) % (MEMBER / 512 - 16), record(0, i, 0).repeat(16)), "write {i}");
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    wait_until("the send buffer is full", Duration::from_secs(30), || {
+        dr_status(&p)["groups"][0]["buffered_bytes"].as_u64().unwrap_or(0) + 8192 > 1 << 20
+    });
+    wait_until("the recovery point alarm is raised", Duration::from_secs(30), || dr_status(&p)["groups"][0]["rpo_alarm"] == true);
+    let completed = done.load(Ordering::Relaxed);
+    assert!(completed <= 128 + 1, "with the DR site stopped, {completed} writes completed past a 1 MiB buffer");
+    let g = &dr_status(&p)["groups"][0];
+    assert!(g["buffered_bytes"].as_u64().unwrap_or(u64::MAX) <= 1 << 20, "{g}");
+    dr.signal("CONT");
+    writer.join().expect("every write completes once the DR site is back");
+    assert_eq!(done.load(Ordering::Relaxed), WRITES);
+    wait_caught_up_and_compare(&p, &dr);
+    assert!(p.log().contains("the recovery point is behind its target"), "{}", p.log());
+    assert!(p.log().contains("within its target again"), "{}", p.log());
+}
+
+#[test]
+fn in_sync_mode_a_completed_write_is_already_on_the_dr_sites_disk() {
+    let dr = TargetProcess::start(&dr_site_config());
+    let p = TargetProcess::start(&production_config(dr.addr2, "mode = \"sync\""));
+    wait_caught_up_and_compare(&p, &dr);
+    let mut h = host(&p);
+    for i in 0..100u64 {
+        let lba = (i * 37) % (MEMBER / 512);
+        let data = record(1, i, lba);
+        assert!(write(&mut h, 1 + (i % 2) as u32, lba, data.clone()), "write {i}");
+        let member = dr.scratch().join(if i % 2 == 0 { "dr0.img" } else { "dr1.img" });
+        let image = std::fs::read(member).expect("DR member");
+        assert_eq!(&image[lba as usize * 512..lba as usize * 512 + 512], &data[..], "write {i} completed before the DR site held it");
+    }
+}
+
+#[test]
+fn a_stranger_and_a_wrong_secret_never_become_the_dr_stream() {
+    let dr = TargetProcess::start(&dr_site_config());
+    let wrong = TargetProcess::start(
+        &production_config(dr.addr2, "").replace(&format!("secret = \"{SECRET}\""), "secret = \"not-the-dr-secret-at-all\""),
+    );
+    // A stranger that sends garbage.
+    {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(dr.addr2).expect("connect");
+        let _ = s.write_all(&[0x55; 200]);
+    }
+    wait_until("both are refused", Duration::from_secs(30), || {
+        dr_status(&dr)["replicas"][0]["refused_connections"].as_u64().unwrap_or(0) >= 2
+    });
+    let r = &dr_status(&dr)["replicas"][0];
+    assert_eq!(r["applied_seq"], 0, "{r}");
+    assert_eq!(r["consistent"], false, "{r}");
+    let g = &dr_status(&wrong)["groups"][0];
+    assert_eq!(g["connected"], false, "{g}");
+    assert!(dr.log().contains("DR stream connection refused"), "{}", dr.log());
+}
