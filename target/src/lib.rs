@@ -511,6 +511,7 @@ fn start_dr(config: &Config, bdevs: &mut [Arc<dyn Bdev>]) -> anyhow::Result<DrPa
             rpo_target: g.rpo_target,
             secret: g.secret.clone(),
             state: g.state.clone(),
+            link_delay: g.link_delay,
         };
         let group = DrGroup::start(settings, slots.iter().map(|&i| bdevs[i].clone()).collect())
             .with_context(|| format!("DR group {} (state {})", g.name, g.state.display()))?;

@@ -363,3 +363,98 @@ fn a_stranger_and_a_wrong_secret_never_become_the_dr_stream() {
     assert_eq!(g["connected"], false, "{g}");
     assert!(dr.log().contains("DR stream connection refused"), "{}", dr.log());
 }
+
+/// DR figures: `cargo test --release -p nvmetro-tests --test dr -- --ignored --nocapture`
+/// (vendor-scripts/bench-dr.sh). Both sites are adaptive on core 0, the host (this process) runs
+/// on any core. For 0, 1 and 10 ms added to each direction of the DR link: 8 KiB random writes at
+/// QD1 for `DR_SECS` (default 4) in async and in sync mode, with the host's latency and, in async
+/// mode, the recovery point sampled every 50 ms (`DR_RATE=N`: a steady N writes/s instead of as
+/// fast as QD1 goes); then the full copy's speed on 2 × 256 MiB.
+#[test]
+#[ignore]
+fn dr_figures_benchmark() {
+    let secs: u64 = std::env::var("DR_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
+    let pct = |v: &mut Vec<f64>, p: f64| {
+        v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+        v[((v.len() - 1) as f64 * p) as usize]
+    };
+    println!("| DR link delay (each way) | mode | writes/s | host p50 | host p99 | RPO median | RPO max |");
+    println!("|---|---|---|---|---|---|---|");
+    // Each case as fast as QD1 goes, and paced at a steady 1,000 writes/s.
+    let rate: Option<u64> = std::env::var("DR_RATE").ok().and_then(|v| v.parse().ok());
+    let cases = [(0u64, "none"), (0, "async"), (0, "sync"), (1, "async"), (1, "sync"), (10, "async"), (10, "sync")];
+    for (delay_ms, mode) in cases {
+        {
+            let dr = TargetProcess::start(&dr_site_config());
+            let config = production_config(dr.addr2, &format!("mode = \"{mode}\"\nlink_delay = \"{delay_ms}ms\""));
+            // "none": the same production site without its group (the baseline).
+            let config = if mode == "none" { config[..config.find("[[dr_group]]").expect("group")].to_string() } else { config };
+            let p = TargetProcess::start(&config);
+            if mode != "none" {
+                wait_caught_up_and_compare(&p, &dr);
+            }
+            let stop = Arc::new(AtomicBool::new(false));
+            let sampler = {
+                let (stop, port) = (stop.clone(), p.scratch().clone());
+                std::thread::spawn(move || {
+                    let mut rpo = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let s = std::os::unix::net::UnixStream::connect(port.join("mgmt.sock"));
+                        if let Ok(mut s) = s {
+                            use std::io::{BufRead, Write};
+                            let _ = writeln!(s, "{}", serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "dr_status", "params": {}}));
+                            let mut line = String::new();
+                            let _ = std::io::BufReader::new(s).read_line(&mut line);
+                            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                                rpo.push(v["result"]["groups"][0]["behind_ms"].as_f64().unwrap_or(0.0));
+                            }
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    rpo
+                })
+            };
+            let mut h = host(&p);
+            let mut lat = Vec::new();
+            let mut rng = nvmetro_tests::stamped::Rng(delay_ms + 7);
+            let t0 = std::time::Instant::now();
+            let mut next = t0;
+            while t0.elapsed() < Duration::from_secs(secs) {
+                if let Some(r) = rate {
+                    // A steady load: the next write at its slot, not sooner.
+                    next += Duration::from_micros(1_000_000 / r);
+                    std::thread::sleep(next.saturating_duration_since(std::time::Instant::now()));
+                }
+                let lba = rng.below(MEMBER / 8192) * 16;
+                let at = std::time::Instant::now();
+                assert!(write(&mut h, 1, lba, vec![lba as u8; 8192]));
+                lat.push(at.elapsed().as_secs_f64() * 1e6);
+            }
+            let rate = lat.len() as f64 / t0.elapsed().as_secs_f64();
+            stop.store(true, Ordering::Relaxed);
+            let mut rpo = sampler.join().expect("sampler");
+            let (rpo_med, rpo_max) = match mode {
+                "async" if !rpo.is_empty() => (format!("{:.1} ms", pct(&mut rpo, 0.5)), format!("{:.1} ms", pct(&mut rpo, 1.0))),
+                "sync" => ("0 (sync)".into(), "0 (sync)".into()),
+                _ => ("-".into(), "-".into()),
+            };
+            println!(
+                "| {delay_ms} ms | {mode} | {rate:.0} | {:.0} µs | {:.0} µs | {rpo_med} | {rpo_max} |",
+                pct(&mut lat, 0.5),
+                pct(&mut lat, 0.99)
+            );
+        }
+    }
+    // Catch-up: a new group's full copy of 2 × 256 MiB.
+    let big = |c: String| c.replace(&format!("size = \"{MEMBER}\""), "size = \"256MiB\"");
+    let dr = TargetProcess::start(&big(dr_site_config()));
+    let t0 = std::time::Instant::now();
+    let p = TargetProcess::start(&big(production_config(dr.addr2, "")));
+    wait_until("the full copy ends", Duration::from_secs(300), || consistent(&dr));
+    let took = t0.elapsed().as_secs_f64();
+    println!(
+        "full copy of 2 x 256 MiB: {took:.2} s, {:.0} MiB/s (both sites on core 0, file bdevs on {})",
+        512.0 / took,
+        p.scratch().display()
+    );
+}

@@ -56,6 +56,8 @@ pub struct DrGroupSettings {
     pub rpo_target: Option<Duration>,
     pub secret: Vec<u8>,
     pub state: PathBuf,
+    /// Added to each direction of the stream (emulated distance, for tests and benchmarks).
+    pub link_delay: Duration,
 }
 
 /// What `nvmetro status` and the metrics show of a group.
@@ -247,6 +249,9 @@ struct Engine {
     rebase: Option<u64>,
     refused: Option<String>,
     redial_at: Option<Instant>,
+    /// Frames held back by the emulated link delay, each way.
+    tx_delayed: std::collections::VecDeque<(Instant, DrFrame)>,
+    rx_delayed: std::collections::VecDeque<(Instant, DrFrame)>,
     alarm: bool,
     alarms: u64,
     last_publish: Instant,
@@ -323,6 +328,8 @@ impl Engine {
             rebase,
             refused: None,
             redial_at: None,
+            tx_delayed: Default::default(),
+            rx_delayed: Default::default(),
             alarm: false,
             alarms: 0,
             last_publish: Instant::now() - Duration::from_secs(1),
@@ -413,11 +420,7 @@ impl Engine {
         let channels = self.shared.channels.load_full();
         for o in out.drain(..) {
             match o {
-                SeqOutput::Send(f) => {
-                    if let Some(c) = self.conn.as_mut() {
-                        c.queue(&f);
-                    }
-                }
+                SeqOutput::Send(f) => self.send(f),
                 SeqOutput::Release(t) => {
                     let first = self.parts.remove(&t).unwrap_or(t);
                     let Some(h) = self.hosts.get_mut(&first) else { continue };
@@ -515,11 +518,39 @@ impl Engine {
     }
 
     fn send_copy_done(&mut self) {
-        if let (Some(seq), Some(c)) = (self.copy_done_seq, self.conn.as_mut()) {
-            if self.greeted {
-                c.queue(&DrFrame::CopyDone { seq });
+        if let Some(seq) = self.copy_done_seq.filter(|_| self.greeted) {
+            self.send(DrFrame::CopyDone { seq });
+        }
+    }
+
+    /// A frame for the DR site, after the emulated delay if there is one.
+    fn send(&mut self, f: DrFrame) {
+        if self.conn.is_none() {
+            return;
+        }
+        if self.settings.link_delay.is_zero() && self.tx_delayed.is_empty() {
+            if let Some(c) = self.conn.as_mut() {
+                c.queue(&f);
+            }
+        } else {
+            self.tx_delayed.push_back((Instant::now() + self.settings.link_delay, f));
+        }
+    }
+
+    /// Frames whose emulated delay has passed go out.
+    fn send_due(&mut self) {
+        let now = Instant::now();
+        while self.tx_delayed.front().is_some_and(|(due, _)| *due <= now) {
+            let (_, f) = self.tx_delayed.pop_front().expect("front");
+            if let Some(c) = self.conn.as_mut() {
+                c.queue(&f);
             }
         }
+    }
+
+    /// When the next delayed frame falls due.
+    fn next_due(&self) -> Option<Instant> {
+        [self.tx_delayed.front().map(|d| d.0), self.rx_delayed.front().map(|d| d.0)].into_iter().flatten().min()
     }
 
     fn conn_lost(&mut self, why: &str) {
@@ -529,6 +560,8 @@ impl Engine {
         }
         self.greeted = false;
         self.seq.disconnected();
+        self.tx_delayed.clear();
+        self.rx_delayed.clear();
         if self.refused.is_some() {
             // A DR site that was refused is asked again later, not at once.
             self.redial_at = Some(Instant::now() + REFUSED_RETRY);
@@ -544,9 +577,7 @@ impl Engine {
                     if applied_seq > base {
                         return Err(format!("the DR site holds through {applied_seq}, beyond what this site ever numbered ({base}): it needs a new DR image"));
                     }
-                    if let Some(c) = self.conn.as_mut() {
-                        c.queue(&DrFrame::Rebase { seq: base });
-                    }
+                    self.send(DrFrame::Rebase { seq: base });
                     self.rebase = None;
                     self.greeted = true;
                     self.seq.connected(base, &mut self.out).map_err(|e| e.to_string())?;
@@ -587,6 +618,14 @@ impl Engine {
         let mut frames = std::mem::take(&mut self.frames);
         let read = c.read_frames(&mut frames);
         work |= !frames.is_empty();
+        if !self.settings.link_delay.is_zero() {
+            let due = Instant::now() + self.settings.link_delay;
+            self.rx_delayed.extend(frames.drain(..).map(|f| (due, f)));
+            let now = Instant::now();
+            while self.rx_delayed.front().is_some_and(|(at, _)| *at <= now) {
+                frames.push(self.rx_delayed.pop_front().expect("front").1);
+            }
+        }
         let mut refused = None;
         for f in frames.drain(..) {
             if let Err(why) = self.on_frame(f) {
@@ -694,6 +733,7 @@ impl Engine {
             }
         }
         self.run_outputs();
+        self.send_due();
         self.flush_conn();
         if self.last_publish.elapsed() >= Duration::from_millis(100) {
             self.last_publish = Instant::now();
@@ -705,7 +745,10 @@ impl Engine {
     fn run(mut self) {
         let mut idle = 0u32;
         while !self.shared.stop.load(Ordering::Acquire) {
-            let timeout = if idle > 2 { Duration::from_millis(10) } else { Duration::ZERO };
+            let mut timeout = if idle > 2 { Duration::from_millis(10) } else { Duration::ZERO };
+            if let Some(due) = self.next_due() {
+                timeout = timeout.min(due.saturating_duration_since(Instant::now()));
+            }
             if self.turn(timeout) {
                 idle = 0;
             } else {

@@ -8,10 +8,10 @@
 use super::applier::{Applier, ApplyOutput};
 use super::frame::DrFrame;
 use super::link::{authenticate, FramedConn};
-use super::state::StateFile;
+use super::state::RecordFile;
 use crate::{Bdev, BdevChannel, BdevCompletion, BdevOp};
 use mio::{Events, Interest, Poll, Token, Waker};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -67,11 +67,10 @@ const MEMBERS: Token = Token(2);
 
 impl DrReplica {
     pub fn start(settings: DrReplicaSettings, members: Vec<Arc<dyn Bdev>>) -> std::io::Result<Arc<DrReplica>> {
-        let state = StateFile::new(&settings.state);
-        let stored = state.load()?;
-        let applied = stored.as_ref().and_then(|s| s.get("applied").copied()).unwrap_or(0);
-        // A new image is not a copy of anything until the production site's full copy ends.
-        let consistent = stored.as_ref().and_then(|s| s.get("consistent").copied()).unwrap_or(0) == 1;
+        // A new image (all zeroes) is not a copy of anything until the production site's full
+        // copy ends.
+        let (state, [applied, consistent, ..]) = RecordFile::open(&settings.state)?;
+        let consistent = consistent == 1;
         let poll = Poll::new()?;
         let shared = Arc::new(Shared {
             waker: Waker::new(poll.registry(), WAKER)?,
@@ -103,6 +102,7 @@ impl DrReplica {
             applier: Applier::new(applied),
             state,
             consistent,
+            dirty: vec![false; members.len()],
             shared: shared.clone(),
             poll,
             events: Events::with_capacity(64),
@@ -186,8 +186,10 @@ fn spawn_acceptor(
 struct Stream {
     name: String,
     applier: Applier,
-    state: StateFile,
+    state: RecordFile,
     consistent: bool,
+    /// Members written since the last flush (only they are flushed).
+    dirty: Vec<bool>,
     shared: Arc<Shared>,
     poll: Poll,
     events: Events,
@@ -211,9 +213,7 @@ const FLUSH_TAG: u64 = 1 << 63;
 
 impl Stream {
     fn store(&mut self) -> std::io::Result<()> {
-        let v: BTreeMap<String, u64> =
-            [("applied".to_string(), self.applier.applied()), ("consistent".to_string(), u64::from(self.consistent))].into();
-        self.state.store(&v)
+        self.state.store([self.applier.applied(), u64::from(self.consistent), 0, 0])
     }
 
     fn fail(&mut self, why: String) {
@@ -238,23 +238,34 @@ impl Stream {
         while i < out.len() {
             match std::mem::replace(&mut out[i], ApplyOutput::Flush) {
                 ApplyOutput::Write { id, member, offset, data } => match self.member_ch.get_mut(member as usize) {
-                    Some(ch) => ch.submit(id, BdevOp::Write { offset, data: data.into(), fua: false }),
+                    Some(ch) => {
+                        self.dirty[member as usize] = true;
+                        ch.submit(id, BdevOp::Write { offset, data: data.into(), fua: false })
+                    }
                     None => {
                         self.fail(format!("the stream names member {member}, the group has {}", self.member_ch.len()));
                     }
                 },
                 ApplyOutput::Flush => {
-                    self.flushes = self.member_ch.len();
-                    for ch in self.member_ch.iter_mut() {
-                        ch.submit(FLUSH_TAG, BdevOp::Flush);
+                    // Only what was written since the last flush needs one; a flush of nothing
+                    // (writes that were all resends) completes at once.
+                    self.flushes = 0;
+                    for (ch, dirty) in self.member_ch.iter_mut().zip(self.dirty.iter_mut()) {
+                        if std::mem::take(dirty) {
+                            self.flushes += 1;
+                            ch.submit(FLUSH_TAG, BdevOp::Flush);
+                        }
+                    }
+                    if self.flushes == 0 {
+                        if let Err(e) = self.applier.flush_done(Ok(()), &mut out) {
+                            self.fail(e.to_string());
+                        }
                     }
                 }
                 ApplyOutput::Persist { seq } => {
                     let before = self.applier.applied();
                     // The store covers `seq`: the applier takes it as persisted only after it.
-                    let v: BTreeMap<String, u64> =
-                        [("applied".to_string(), seq), ("consistent".to_string(), u64::from(self.consistent))].into();
-                    match self.state.store(&v) {
+                    match self.state.store([seq, u64::from(self.consistent), 0, 0]) {
                         Ok(()) => {
                             self.applier.persisted(&mut out);
                             self.last_applied = Some(Instant::now());
