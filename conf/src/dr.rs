@@ -85,8 +85,9 @@ pub struct DrReplicaConfig {
 /// The send buffer when `buffer` is not given.
 pub const DEFAULT_DR_BUFFER: u64 = 64 << 20;
 
-/// Members must be bdevs of this config, each in one group at most, and not served to hosts
-/// at a DR site (the stream writes them).
+/// Members must be bdevs of this config, each in one group at most, and not the base of another
+/// bdev (writes through that one would bypass the group). At a DR site a member may be a
+/// namespace: hosts see it Inaccessible until the image is promoted.
 fn members(
     ctx: &Ctx,
     table: &str,
@@ -139,7 +140,6 @@ pub(crate) fn validate_dr(
     ctx: &Ctx,
     raw: &RawConfig,
     bdevs: &[BdevConfig],
-    subsystems: &[SubsystemConfig],
 ) -> Result<(Vec<DrGroupConfig>, Vec<DrReplicaConfig>), ConfigError> {
     let mut taken = HashSet::new();
     let mut names = HashSet::new();
@@ -201,15 +201,6 @@ pub(crate) fn validate_dr(
     for r in &raw.dr_replicas {
         let name = name(ctx, "dr_replica", &r.name, &mut names)?;
         let members = members(ctx, "dr_replica", &r.members, bdevs, &mut taken)?;
-        for m in &members {
-            if let Some(s) = subsystems.iter().find(|s| s.namespaces.iter().any(|n| &n.bdev == m)) {
-                return Err(ctx.err(
-                    r.members.span(),
-                    "dr_replica.members",
-                    format!("bdev `{m}` is a namespace of {}: the DR stream writes it, hosts may not", s.nqn),
-                ));
-            }
-        }
         if let Some(e) = check_parent(ctx, &r.state, "dr_replica.state") {
             return Err(e);
         }
@@ -299,15 +290,13 @@ address = "127.0.0.1:4420"
     }
 
     #[test]
-    fn a_replica_may_not_serve_its_members_to_hosts_and_a_bdev_is_in_one_group() {
+    fn a_replica_may_serve_its_members_and_a_bdev_is_in_one_group() {
         let replica = |members: &str| {
             format!("{BASE}\n[[dr_replica]]\nname = \"g1\"\nmembers = {members}\nlisten = \"0.0.0.0:7400\"\nstate = \"/tmp/g1.applied\"\nsecret = \"0123456789abcdef\"\n")
         };
         let c = parse(&replica("[\"b\", \"c\"]"), "r.toml").unwrap();
         assert_eq!(c.dr_replicas[0].members, ["b", "c"]);
-        let e = parse(&replica("[\"a\", \"c\"]"), "r.toml").unwrap_err();
-        assert_eq!(e.key, "dr_replica.members");
-        assert!(e.message.contains("namespace of nqn.2026-12.io.nvmetro:dr"), "{e}");
+        assert_eq!(parse(&replica("[\"a\", \"c\"]"), "r.toml").unwrap().dr_replicas[0].members, ["a", "c"], "a namespace");
         let both = format!("{}\n[[dr_replica]]\nname = \"g2\"\nmembers = [\"b\"]\nlisten = \"0.0.0.0:7401\"\nstate = \"/tmp/g2\"\nsecret = \"0123456789abcdef\"\n", group(""));
         let e = parse(&both, "r.toml").unwrap_err();
         assert!(e.message.contains("`b` is a member twice"), "{e}");

@@ -665,7 +665,7 @@ pub(crate) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
             b as u32
         }
     };
-    let (dr_groups, dr_replicas) = validate_dr(ctx, &raw, &bdevs, &subsystems)?;
+    let (dr_groups, dr_replicas) = validate_dr(ctx, &raw, &bdevs)?;
     Ok(Config {
         dr_groups,
         dr_replicas,

@@ -529,11 +529,14 @@ fn start_dr(config: &Config, bdevs: &mut [Arc<dyn Bdev>]) -> anyhow::Result<DrPa
             secret: r.secret.clone(),
             state: r.state.clone(),
         };
-        let members = r.members.iter().map(|m| bdevs[index(m)].clone()).collect();
-        replicas.push(
-            DrReplica::start(settings, members)
-                .with_context(|| format!("DR replica {} (listen {}, state {})", r.name, r.listen, r.state.display()))?,
-        );
+        let slots: Vec<usize> = r.members.iter().map(|m| index(m)).collect();
+        let replica = DrReplica::start(settings, slots.iter().map(|&i| bdevs[i].clone()).collect())
+            .with_context(|| format!("DR replica {} (listen {}, state {})", r.name, r.listen, r.state.display()))?;
+        // Hosts given these namespaces see them Inaccessible until the image is promoted.
+        for (slot, member) in slots.into_iter().zip(replica.members()) {
+            bdevs[slot] = member;
+        }
+        replicas.push(replica);
         tracing::info!(group = %r.name, members = ?r.members, listen = %r.listen, "DR replica listening");
     }
     Ok((groups, replicas))

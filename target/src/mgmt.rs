@@ -126,7 +126,7 @@ pub fn dr_json(t: &Target) -> Value {
             let s = r.status();
             json!({"name": s.name, "members": s.members, "listen": s.listen, "connected": s.connected, "applied_seq": s.applied_seq,
                    "consistent": s.consistent, "failed": s.failed, "refused_connections": s.refused_connections,
-                   "last_applied_ms_ago": s.last_applied_ago_ms})
+                   "last_applied_ms_ago": s.last_applied_ago_ms, "promoted": s.promoted})
         })
         .collect();
     json!({"groups": groups, "replicas": replicas})
@@ -213,6 +213,23 @@ fn switchover(t: &Target, p: &Value) -> Result<Value, (i64, String)> {
     let mirror = bdev.as_mirror().ok_or((-32602, format!("{name} is not a mirror")))?;
     let outcome = mirror.switchover().map(Value::String).map_err(|why| (-32000, format!("{name}: switchover refused: {why}")));
     // Hosts see the new paths now rather than at the next refresh.
+    t.refresh_ana();
+    outcome
+}
+
+/// `dr_promote`, params `group`, `force`: at the DR site, the group's image serves hosts
+/// read-write and the stream is refused from then on. Refused without `force` while the
+/// production site streams here or the image is not consistent.
+fn dr_promote(t: &Target, p: &Value) -> Result<Value, (i64, String)> {
+    let group = p["group"].as_str().ok_or((-32602, "missing group".to_string()))?;
+    let force = p["force"].as_bool().unwrap_or(false);
+    let r = t
+        .dr_replicas
+        .iter()
+        .find(|r| r.status().name == group)
+        .ok_or((-32602, format!("no DR replica {group} at this site (promote at the DR site)")))?;
+    let outcome = r.promote(force).map(Value::String).map_err(|why| (-32000, format!("{group}: {why}")));
+    // Hosts see the namespaces become accessible now rather than at the next refresh.
     t.refresh_ana();
     outcome
 }
@@ -319,6 +336,7 @@ fn call(t: &Target, method: &str, params: &Value) -> Result<Value, (i64, String)
             json!({"version": env!("CARGO_PKG_VERSION"), "uptime_ms": t.now_ms(), "subsystems": subsystems, "dr": dr_json(t)})
         }
         "dr_status" => dr_json(t),
+        "dr_promote" => return dr_promote(t, params),
         "bdev_get_bdevs" => Value::Array(
             t.live_bdevs()
                 .iter()

@@ -66,6 +66,14 @@ secret = "{SECRET}"
     )
 }
 
+/// The DR site with its members given to hosts (Inaccessible until promoted).
+fn dr_site_serving_config() -> String {
+    dr_site_config().replace(
+        "[[subsystem.namespace]]\nnsid = 1\nbdev = \"ram\"",
+        "[[subsystem.namespace]]\nnsid = 1\nbdev = \"dr0\"\n\n[[subsystem.namespace]]\nnsid = 2\nbdev = \"dr1\"",
+    )
+}
+
 fn production_config(dr: std::net::SocketAddr, extra: &str) -> String {
     format!(
         r#"
@@ -112,7 +120,11 @@ secret = "{SECRET}"
 }
 
 fn host(t: &TargetProcess) -> Host {
-    let mut o = ConnectOptions::new(t.addr, NQN);
+    host_of(t, NQN)
+}
+
+fn host_of(t: &TargetProcess, nqn: &str) -> Host {
+    let mut o = ConnectOptions::new(t.addr, nqn);
     o.hostnqn = HOSTNQN.into();
     o.kato_ms = 0;
     o.timeout = Duration::from_secs(20);
@@ -288,6 +300,64 @@ fn the_dr_image_of_a_group_never_shows_a_commit_without_its_data_at_any_cut_and_
         "a clean restart copies nothing again: {}",
         &log[before..]
     );
+}
+
+/// A member read whole through NVMe/TCP.
+fn read_member(h: &mut Host, nsid: u32) -> Vec<u8> {
+    let mut image = Vec::new();
+    for lba in (0..MEMBER / 512).step_by(256) {
+        let (c, data) = h.io_cmd(0, nvmetro_proto::cmds::read(0, nsid, lba, 256), Vec::new(), 256 * 512).expect("read");
+        assert!(c.status().is_success(), "read nsid {nsid} lba {lba}: {:?}", c.status());
+        image.extend_from_slice(&data);
+    }
+    image
+}
+
+fn promote(dr: &TargetProcess, force: bool) -> Result<serde_json::Value, String> {
+    rpc(dr, "dr_promote", serde_json::json!({"group": "g1", "force": force}))
+}
+
+#[test]
+fn a_promotion_is_refused_while_production_streams_then_serves_the_consistent_image_and_refuses_the_stream() {
+    let mut dr = TargetProcess::start(&dr_site_serving_config());
+    let mut p = TargetProcess::start(&production_config(dr.addr2, ""));
+    wait_caught_up_and_compare(&p, &dr);
+    const DR_NQN: &str = "nqn.2026-12.io.nvmetro:dr-site";
+    let mut at_dr = host_of(&dr, DR_NQN);
+    let (c, _) = at_dr.io_cmd(0, nvmetro_proto::cmds::write(0, 1, 0, 1), vec![1; 512], 0).expect("write at the DR site");
+    assert!(!c.status().is_success(), "an unpromoted DR image takes no host write");
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let writers = dependent_pairs(&p, stop.clone(), done.clone());
+    wait_until("the host wrote pairs", Duration::from_secs(60), || done.load(Ordering::Relaxed) >= 300);
+    let e = promote(&dr, false).expect_err("refused while the production site streams");
+    assert!(e.contains("streaming to this DR site now") && e.contains("--force"), "{e}");
+    // The production site is lost mid-stream; the DR image is promoted.
+    p.kill();
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.join().expect("writer");
+    }
+    wait_until("the stream is gone", Duration::from_secs(20), || dr_status(&dr)["replicas"][0]["connected"] == false);
+    let what = promote(&dr, false).expect("promoted");
+    assert!(what.as_str().unwrap_or("").contains("promoted"), "{what}");
+    // Hosts read the last consistent image through NVMe and may write.
+    let mut at_dr = host_of(&dr, DR_NQN);
+    let (data, commits) = (read_member(&mut at_dr, 1), read_member(&mut at_dr, 2));
+    let found = check_image(&data, &commits, "the promoted DR image read by a host");
+    assert!(found >= STREAMS as usize, "the promoted image holds {found} commits");
+    assert!(write(&mut at_dr, 1, 0, vec![2; 512]), "a promoted DR image takes host writes");
+    // The old production site returns: its stream is refused, and stays refused across restarts.
+    p.restart();
+    wait_until("the production site sees the promotion", Duration::from_secs(30), || {
+        dr_status(&p)["groups"][0]["state"].as_str().unwrap_or("").contains("promoted")
+    });
+    dr.restart();
+    assert_eq!(dr_status(&dr)["replicas"][0]["promoted"], true);
+    let mut at_dr = host_of(&dr, DR_NQN);
+    assert!(write(&mut at_dr, 2, 0, vec![3; 512]), "still promoted after a restart");
+    let before = read_member(&mut at_dr, 1);
+    assert_eq!(&before[..512], &[2; 512][..], "the host's write, not the stream's");
 }
 
 #[test]

@@ -107,6 +107,7 @@ impl Applier {
                 DrFrame::Ack { .. } => "Ack",
                 DrFrame::Hello { .. } => "Hello",
                 DrFrame::CopyDone { .. } => "CopyDone",
+                DrFrame::Promoted => "Promoted",
                 DrFrame::Rebase { .. } | DrFrame::Write { .. } => "Rebase",
             }));
         };

@@ -1,5 +1,5 @@
-//! The DR stream's frames: `Write`, `CopyDone` and `Rebase` (production to DR), `Ack` and `Hello` (DR to
-//! production).
+//! The DR stream's frames: `Write`, `CopyDone` and `Rebase` (production to DR), `Ack`, `Hello`
+//! and `Promoted` (DR to production).
 //!
 //! Every frame is a 40-byte header (magic, kind, member, sequence, epoch, offset, payload length,
 //! four reserved bytes) followed by the payload; integers are little-endian.
@@ -28,6 +28,8 @@ pub enum DrFrame {
     /// before a restart of the production site were lost with its send buffer, so the image is
     /// not consistent until the full copy that follows ends (`CopyDone`).
     Rebase { seq: u64 },
+    /// DR site to production: this image was promoted and serves hosts; the stream is refused.
+    Promoted,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -54,6 +56,7 @@ impl DrFrame {
             DrFrame::Hello { applied_seq } => (3, 0, *applied_seq, 0, 0, &[]),
             DrFrame::CopyDone { seq } => (4, 0, *seq, 0, 0, &[]),
             DrFrame::Rebase { seq } => (5, 0, *seq, 0, 0, &[]),
+            DrFrame::Promoted => (6, 0, 0, 0, 0, &[]),
         };
         out.extend_from_slice(&MAGIC.to_le_bytes());
         out.push(kind);
@@ -93,11 +96,14 @@ impl DrFrame {
                 }
                 DrFrame::Write { seq, epoch, member, offset, data: buf[HEADER_LEN..HEADER_LEN + len].to_vec() }
             }
-            2..=5 if len > 0 => return Err(FrameError::UnexpectedPayload(["Ack", "Hello", "CopyDone", "Rebase"][kind as usize - 2], len)),
+            2..=6 if len > 0 => {
+                return Err(FrameError::UnexpectedPayload(["Ack", "Hello", "CopyDone", "Rebase", "Promoted"][kind as usize - 2], len))
+            }
             2 => DrFrame::Ack { seq },
             3 => DrFrame::Hello { applied_seq: seq },
             4 => DrFrame::CopyDone { seq },
             5 => DrFrame::Rebase { seq },
+            6 => DrFrame::Promoted,
             k => return Err(FrameError::Kind(k)),
         };
         Ok(Some((frame, HEADER_LEN + len)))

@@ -590,6 +590,7 @@ impl Engine {
                 self.send_copy_done();
                 Ok(())
             }
+            DrFrame::Promoted => Err("the DR site's image was promoted and serves hosts: it takes no stream (reverse replication is not built: give the group a new DR image)".into()),
             DrFrame::Ack { seq } if self.greeted => {
                 self.seq.on_ack(seq, &mut self.out);
                 Ok(())

@@ -4,6 +4,11 @@
 //! image is consistent (a full copy, initial or after a `Rebase`, makes it inconsistent until its
 //! `CopyDone`). A newer authenticated connection replaces the current one (the production site
 //! reconnected); a connection that fails authentication is closed and counted.
+//!
+//! Hosts at the DR site may be given the members as namespaces: they are Inaccessible (ANA) until
+//! an operator promotes the image (`nvmetro dr promote GROUP`), which is refused while the
+//! production site streams here or the image is not consistent, unless forced. A promotion is
+//! durable before the first host write; from then on the stream is refused (`Promoted`).
 
 use super::applier::{Applier, ApplyOutput};
 use super::frame::DrFrame;
@@ -40,19 +45,81 @@ pub struct DrReplicaStatus {
     pub refused_connections: u64,
     /// Milliseconds since a write was last applied durably (none yet: `None`).
     pub last_applied_ago_ms: Option<u64>,
+    /// Promoted: the members serve hosts read-write and the stream is refused.
+    pub promoted: bool,
 }
+
+/// Where an operator request's outcome goes.
+type Reply = mpsc::Sender<Result<String, String>>;
 
 struct Shared {
     waker: Waker,
     stop: AtomicBool,
     status: Mutex<DrReplicaStatus>,
     refused: AtomicU64,
+    /// The members serve hosts (set once the promotion is durable).
+    promoted: AtomicBool,
+    /// An operator's promotion request (`force`) and where its outcome goes.
+    promote: Mutex<Option<(bool, Reply)>>,
 }
 
 #[derive(Debug)]
 pub struct DrReplica {
     shared: Arc<Shared>,
+    members: Vec<Arc<dyn Bdev>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// A member as hosts at the DR site see it: Inaccessible (every command fails as fenced) until
+/// the image is promoted, then the bdev itself.
+#[derive(Debug)]
+struct ReplicaMember {
+    inner: Arc<dyn Bdev>,
+    shared: Arc<Shared>,
+}
+
+impl Bdev for ReplicaMember {
+    fn info(&self) -> &crate::BdevInfo {
+        self.inner.info()
+    }
+    fn access(&self) -> crate::Access {
+        if self.shared.promoted.load(Ordering::Acquire) {
+            self.inner.access()
+        } else {
+            crate::Access::Fenced
+        }
+    }
+    fn channel(self: Arc<Self>) -> std::io::Result<Box<dyn BdevChannel>> {
+        Ok(Box::new(ReplicaMemberChannel { inner: self.inner.clone().channel()?, shared: self.shared.clone(), refused: Vec::new() }))
+    }
+}
+
+struct ReplicaMemberChannel {
+    inner: Box<dyn BdevChannel>,
+    shared: Arc<Shared>,
+    refused: Vec<BdevCompletion>,
+}
+
+impl BdevChannel for ReplicaMemberChannel {
+    fn submit(&mut self, tag: u64, op: BdevOp) {
+        if self.shared.promoted.load(Ordering::Acquire) {
+            self.inner.submit(tag, op)
+        } else {
+            // The stream owns the image until it is promoted.
+            self.refused.push(BdevCompletion { tag, result: Err(crate::BdevError::Fenced) })
+        }
+    }
+    fn poll(&mut self, done: &mut Vec<BdevCompletion>) -> usize {
+        let n = self.refused.len();
+        done.append(&mut self.refused);
+        n + self.inner.poll(done)
+    }
+    fn outstanding(&self) -> usize {
+        self.inner.outstanding() + self.refused.len()
+    }
+    fn wake_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.inner.wake_fds()
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -69,8 +136,8 @@ impl DrReplica {
     pub fn start(settings: DrReplicaSettings, members: Vec<Arc<dyn Bdev>>) -> std::io::Result<Arc<DrReplica>> {
         // A new image (all zeroes) is not a copy of anything until the production site's full
         // copy ends.
-        let (state, [applied, consistent, ..]) = RecordFile::open(&settings.state)?;
-        let consistent = consistent == 1;
+        let (state, [applied, consistent, promoted, _]) = RecordFile::open(&settings.state)?;
+        let (consistent, promoted) = (consistent == 1, promoted == 1);
         let poll = Poll::new()?;
         let shared = Arc::new(Shared {
             waker: Waker::new(poll.registry(), WAKER)?,
@@ -81,9 +148,12 @@ impl DrReplica {
                 listen: settings.listen.to_string(),
                 applied_seq: applied,
                 consistent,
+                promoted,
                 ..Default::default()
             }),
             refused: AtomicU64::new(0),
+            promoted: AtomicBool::new(promoted),
+            promote: Mutex::new(None),
         });
         let mut member_ch = Vec::new();
         for m in &members {
@@ -117,9 +187,33 @@ impl DrReplica {
             last_applied: None,
             completions: Vec::new(),
             frames: Vec::new(),
+            promotion: None,
         };
         let thread = std::thread::Builder::new().name(format!("dr-replica-{}", settings.name)).spawn(move || engine.run())?;
-        Ok(Arc::new(DrReplica { shared, threads: Mutex::new(vec![thread, acceptor]) }))
+        let members = members.into_iter().map(|inner| Arc::new(ReplicaMember { inner, shared: shared.clone() }) as Arc<dyn Bdev>).collect();
+        Ok(Arc::new(DrReplica { shared, members, threads: Mutex::new(vec![thread, acceptor]) }))
+    }
+
+    /// The member bdevs hosts may be given (Inaccessible until the image is promoted).
+    pub fn members(&self) -> Vec<Arc<dyn Bdev>> {
+        self.members.clone()
+    }
+
+    /// `nvmetro dr promote GROUP`: the DR image serves hosts read-write from now on and the
+    /// stream is refused. Refused (unless `force`) while the production site streams here or
+    /// while the image is not consistent; what happened, or why not.
+    pub fn promote(&self, force: bool) -> Result<String, String> {
+        let (tx, rx) = mpsc::channel();
+        {
+            let mut slot = self.shared.promote.lock().map_err(|_| "the DR replica's thread is gone".to_string())?;
+            if slot.is_some() {
+                return Err("another promotion request is pending".into());
+            }
+            *slot = Some((force, tx));
+        }
+        let _ = self.shared.waker.wake();
+        rx.recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| Err("the DR replica did not answer in 30 s: see `nvmetro dr status`".into()))
     }
 
     pub fn status(&self) -> DrReplicaStatus {
@@ -206,14 +300,65 @@ struct Stream {
     last_applied: Option<Instant>,
     completions: Vec<BdevCompletion>,
     frames: Vec<DrFrame>,
+    /// A promotion waiting for the applier to finish what it issued: who waits, what was forced.
+    promotion: Option<(Reply, String)>,
 }
 
 /// Flush tags are above every write's sequence.
 const FLUSH_TAG: u64 = 1 << 63;
 
 impl Stream {
+    fn promoted(&self) -> bool {
+        self.shared.promoted.load(Ordering::Acquire)
+    }
+
     fn store(&mut self) -> std::io::Result<()> {
-        self.state.store([self.applier.applied(), u64::from(self.consistent), 0, 0])
+        self.state.store([self.applier.applied(), u64::from(self.consistent), u64::from(self.promoted()), 0])
+    }
+
+    /// An operator's promotion: checked, then (once everything issued is applied and durable)
+    /// recorded durably before a host may write.
+    fn take_promotion(&mut self) {
+        let Some((force, reply)) = self.shared.promote.lock().ok().and_then(|mut p| p.take()) else { return };
+        if self.promoted() {
+            let _ = reply.send(Ok(format!("already promoted: serving read-write at write {}", self.applier.applied())));
+            return;
+        }
+        let mut risks = Vec::new();
+        if self.conn.is_some() {
+            risks.push("the production site is streaming to this DR site now (stop it or its group first)");
+        }
+        if !self.consistent {
+            risks.push("the DR image is not consistent (its full copy has not ended): it would serve a torn image");
+        }
+        if let Some(why) = &self.failed {
+            let _ = reply.send(Err(format!("the DR image stopped taking writes ({why}): repair the member first")));
+            return;
+        }
+        if !risks.is_empty() && !force {
+            let _ = reply.send(Err(format!("refused: {}; add --force to promote anyway", risks.join("; "))));
+            return;
+        }
+        self.drop_conn("the DR image is being promoted");
+        self.promotion = Some((reply, risks.join("; ")));
+    }
+
+    /// Completes a promotion once the applier has nothing in flight.
+    fn finish_promotion(&mut self) {
+        if self.promotion.is_none() || !self.applier.idle() {
+            return;
+        }
+        let (reply, risks) = self.promotion.take().expect("checked");
+        // Durable before the first host write: a restart must not take the stream again.
+        let applied = self.applier.applied();
+        if let Err(e) = self.state.store([applied, u64::from(self.consistent), 1, 0]) {
+            let _ = reply.send(Err(format!("cannot record the promotion: {e}; nothing changed")));
+            return;
+        }
+        self.shared.promoted.store(true, Ordering::Release);
+        let forced = if risks.is_empty() { String::new() } else { format!(" (forced: {risks})") };
+        tracing::warn!(group = %self.name, applied, "DR image PROMOTED: serving hosts read-write as of write {applied}{forced}; the stream from the production site is refused from now on");
+        let _ = reply.send(Ok(format!("promoted: the members serve hosts read-write as of write {applied}{forced}")));
     }
 
     fn fail(&mut self, why: String) {
@@ -265,7 +410,7 @@ impl Stream {
                 ApplyOutput::Persist { seq } => {
                     let before = self.applier.applied();
                     // The store covers `seq`: the applier takes it as persisted only after it.
-                    match self.state.store([seq, u64::from(self.consistent), 0, 0]) {
+                    match self.state.store([seq, u64::from(self.consistent), u64::from(self.promoted()), 0]) {
                         Ok(()) => {
                             self.applier.persisted(&mut out);
                             self.last_applied = Some(Instant::now());
@@ -367,6 +512,12 @@ impl Stream {
                 continue;
             }
             let Ok(mut c) = FramedConn::new(sock, early) else { continue };
+            if self.promoted() || self.promotion.is_some() {
+                // Tell the production site why, then close.
+                c.queue(&DrFrame::Promoted);
+                let _ = c.flush();
+                continue;
+            }
             if self.poll.registry().register(&mut c.sock, CONN, Interest::READABLE | Interest::WRITABLE).is_err() {
                 continue;
             }
@@ -401,7 +552,9 @@ impl Stream {
         if let Err(why) = self.release_rebase() {
             self.fail(why);
         }
+        self.take_promotion();
         self.run_outputs();
+        self.finish_promotion();
         if let Some(c) = self.conn.as_mut() {
             if let Err(e) = c.flush() {
                 self.drop_conn(&format!("write: {e}"));
@@ -413,6 +566,7 @@ impl Stream {
             s.consistent = self.consistent;
             s.failed = self.failed.clone();
             s.last_applied_ago_ms = self.last_applied.map(|t| t.elapsed().as_millis() as u64);
+            s.promoted = self.promoted();
         }
         work
     }

@@ -28,6 +28,19 @@ enum DrCmd {
         #[arg(long)]
         json: bool,
     },
+    /// At the DR site: the group's image serves hosts read-write (its namespaces turn from
+    /// Inaccessible to Optimized) and the stream from the production site is refused from then
+    /// on. Refused while the production site streams here or the image is not consistent.
+    Promote {
+        /// The DR group's name.
+        group: String,
+        /// Promote even while the production site streams here or the image is not consistent.
+        #[arg(long)]
+        force: bool,
+        /// Do not ask for confirmation (asked only with --force).
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -250,6 +263,9 @@ fn print_dr(dr: &Value) {
             if r["consistent"] == Value::Bool(true) { "consistent" } else { "INCONSISTENT (a full copy is under way or has not started)" },
             r["failed"].as_str().map_or(String::new(), |f| format!("  STOPPED: {f}"))
         );
+        if r["promoted"] == Value::Bool(true) {
+            println!("  PROMOTED: the members serve hosts read-write; the stream is refused");
+        }
     }
 }
 
@@ -379,6 +395,23 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&rpc(&socket, "dr_status", json!({}))?)?)
         }
         Cmd::Dr { cmd: DrCmd::Status { json: false } } => print_dr(&rpc(&socket, "dr_status", json!({}))?),
+        Cmd::Dr { cmd: DrCmd::Promote { group, force, yes } } => {
+            if force && !yes {
+                eprintln!(
+                    "Forcing the DR image of {group} to serve. If the production site still streams or serves, its writes \
+                     from now on never reach this image and the two diverge; if the image is not consistent (a full copy \
+                     was under way), hosts see a torn image. The promotion is recorded and survives restarts."
+                );
+                eprint!("Type the group's name ({group}) to go on: ");
+                let mut answer = String::new();
+                std::io::stdin().read_line(&mut answer)?;
+                if answer.trim() != group {
+                    bail!("not confirmed: nothing changed");
+                }
+            }
+            let what = rpc(&socket, "dr_promote", json!({"group": group, "force": force}))?;
+            println!("{group}: {}", what.as_str().unwrap_or("promoted"));
+        }
         Cmd::Status { json: true, .. } => println!("{}", serde_json::to_string_pretty(&rpc(&socket, "nvmetro_status", json!({}))?)?),
         Cmd::Status { watch: false, .. } => print_status(&rpc(&socket, "nvmetro_status", json!({}))?),
         Cmd::Status { watch: true, .. } => {
