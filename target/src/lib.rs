@@ -491,6 +491,19 @@ pub fn start(config: Config, config_path: Option<std::path::PathBuf>) -> anyhow:
 
 /// Starts the DR groups (their members then serve in place of the bdevs they wrap) and the DR
 /// replicas of `config`.
+/// The live-changeable part of a DR group's config.
+pub(crate) fn dr_tuning(g: &nvmetro_conf::DrGroupConfig) -> nvmetro_bdev::dr::group::DrTuning {
+    nvmetro_bdev::dr::group::DrTuning {
+        mode: match g.mode {
+            nvmetro_conf::DrModeConfig::Sync => nvmetro_bdev::dr::DrMode::Sync,
+            nvmetro_conf::DrModeConfig::Async => nvmetro_bdev::dr::DrMode::Async,
+        },
+        buffer_limit: g.buffer,
+        rpo_target: g.rpo_target,
+        link_delay: g.link_delay,
+    }
+}
+
 type DrParts = (Vec<Arc<DrGroup>>, Vec<Arc<DrReplica>>);
 
 fn start_dr(config: &Config, bdevs: &mut [Arc<dyn Bdev>]) -> anyhow::Result<DrParts> {
@@ -500,18 +513,16 @@ fn start_dr(config: &Config, bdevs: &mut [Arc<dyn Bdev>]) -> anyhow::Result<DrPa
     let mut groups = Vec::new();
     for g in &config.dr_groups {
         let slots: Vec<usize> = g.members.iter().map(|m| index(m)).collect();
+        let t = dr_tuning(g);
         let settings = nvmetro_bdev::dr::group::DrGroupSettings {
             name: g.name.clone(),
             dr_site: g.dr_site,
-            mode: match g.mode {
-                nvmetro_conf::DrModeConfig::Sync => nvmetro_bdev::dr::DrMode::Sync,
-                nvmetro_conf::DrModeConfig::Async => nvmetro_bdev::dr::DrMode::Async,
-            },
-            buffer_limit: g.buffer,
-            rpo_target: g.rpo_target,
+            mode: t.mode,
+            buffer_limit: t.buffer_limit,
+            rpo_target: t.rpo_target,
             secret: g.secret.clone(),
             state: g.state.clone(),
-            link_delay: g.link_delay,
+            link_delay: t.link_delay,
         };
         let group = DrGroup::start(settings, slots.iter().map(|&i| bdevs[i].clone()).collect())
             .with_context(|| format!("DR group {} (state {})", g.name, g.state.display()))?;

@@ -9,6 +9,8 @@
 //!   see each function.
 //! * `nvmetro_events`: the connection becomes an event stream ([`crate::events`]): the current
 //!   state as `exists` events, then every change, one JSON object per line, until it closes.
+//! * `dr_status`: DR groups streamed from here (mode, recovery point, full copy) and DR replicas
+//!   applied here; `dr_promote` (`group`, `force`): see [`dr_promote`].
 //! * `bdev_error_inject` (`name`, `rules`: one fault rule or an array, replacing the rules),
 //!   `bdev_error_clear` (`name`) and `bdev_error_stats` (`name`: rules, their counters, faults
 //!   injected) for error bdevs (SPDK's `bdev_error_inject_error`, with nvmetro's rules).

@@ -27,6 +27,41 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// DR groups: mode, buffer, RPO target and link delay change live; members, DR site, state and
+/// secret, added or removed groups, and any change to a DR replica need a restart.
+fn dr_changes(old: &Config, new: &Config, p: &mut Plan) {
+    for g in &new.dr_groups {
+        match old.dr_groups.iter().find(|o| o.name == g.name) {
+            None => p.refused.push(format!("add DR group {} (a DR group is set up when the target starts)", g.name)),
+            Some(o) if o == g => {}
+            Some(o) if o.members == g.members && o.dr_site == g.dr_site && o.state == g.state && o.secret == g.secret => {
+                let mut what = Vec::new();
+                if o.mode != g.mode {
+                    what.push(format!("mode {:?} -> {:?}", o.mode, g.mode));
+                }
+                if o.buffer != g.buffer {
+                    what.push(format!("buffer {} -> {}", o.buffer, g.buffer));
+                }
+                if o.rpo_target != g.rpo_target {
+                    what.push(format!("rpo_target {:?} -> {:?}", o.rpo_target, g.rpo_target));
+                }
+                if o.link_delay != g.link_delay {
+                    what.push(format!("link_delay {:?} -> {:?}", o.link_delay, g.link_delay));
+                }
+                p.changes.push(format!("DR group {}: {}", g.name, what.join(", ")));
+                p.dr_tunings.push(g.clone());
+            }
+            Some(_) => p.refused.push(format!("DR group {}: its members, dr_site, state or secret", g.name)),
+        }
+    }
+    for o in old.dr_groups.iter().filter(|o| !new.dr_groups.iter().any(|g| g.name == o.name)) {
+        p.refused.push(format!("remove DR group {} (a DR group is set up when the target starts)", o.name));
+    }
+    if old.dr_replicas != new.dr_replicas {
+        p.refused.push("[[dr_replica]] (a DR replica is set up when the target starts)".into());
+    }
+}
+
 /// What a reload would do.
 #[derive(Debug, Default)]
 pub struct Plan {
@@ -37,6 +72,8 @@ pub struct Plan {
     new_bdevs: Vec<BdevConfig>,
     removed_bdevs: Vec<String>,
     tunings: Vec<(String, nvmetro_conf::MirrorConfig)>,
+    /// DR groups whose mode or limits changed.
+    dr_tunings: Vec<nvmetro_conf::DrGroupConfig>,
     /// Error bdevs whose configured fault rules changed (JSON; `None`: none).
     fault_rules: Vec<(String, Option<String>)>,
     added_listeners: Vec<nvmetro_conf::ListenerConfig>,
@@ -95,9 +132,7 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
     if old.discovery != new.discovery {
         p.refused.push("target.discovery listeners".into());
     }
-    if old.dr_groups != new.dr_groups || old.dr_replicas != new.dr_replicas {
-        p.refused.push("[[dr_group]] / [[dr_replica]] (a DR group is set up when the target starts)".into());
-    }
+    dr_changes(old, new, &mut p);
     if old.witness != new.witness {
         p.refused.push("[witness] (mirrors hold their witness for their lifetime)".into());
     }
@@ -504,6 +539,11 @@ fn apply(t: &Target, p: Plan, new: Config) -> Result<Outcome, ReloadError> {
             for r in reactors {
                 r.send(Box::new(move |r| r.channels().close(slot)));
             }
+        }
+    }
+    for g in &p.dr_tunings {
+        if let Some(group) = t.dr_groups.iter().find(|x| x.status().name == g.name) {
+            group.tune(crate::dr_tuning(g));
         }
     }
     for (name, m) in &p.tunings {

@@ -528,3 +528,47 @@ fn dr_figures_benchmark() {
         p.scratch().display()
     );
 }
+
+#[test]
+fn a_reload_changes_mode_and_buffer_live_and_async_releases_what_sync_held_back() {
+    let dr = TargetProcess::start(&dr_site_config());
+    let config = production_config(dr.addr2, "mode = \"sync\"");
+    let p = TargetProcess::start(&config);
+    wait_caught_up_and_compare(&p, &dr);
+    // Sync mode with the DR site stopped: a host write waits for it.
+    dr.signal("STOP");
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let mut h = host(&p);
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let ok = write(&mut h, 1, 64, vec![9; 4096]);
+            done.store(true, Ordering::Release);
+            ok
+        })
+    };
+    wait_until("the write is held for the DR site", Duration::from_secs(20), || {
+        dr_status(&p)["groups"][0]["behind_writes"].as_u64().unwrap_or(0) >= 1
+    });
+    assert!(!done.load(Ordering::Acquire), "a sync write completed while the DR site was stopped");
+    let reload = |text: &str| {
+        let text = text
+            .replace("{PORT}", &p.addr.port().to_string())
+            .replace("{PORT2}", &p.addr2.port().to_string())
+            .replace("{DIR}", &p.scratch().display().to_string());
+        std::fs::write(&p.config_path, text).expect("config");
+        rpc(&p, "nvmetro_reload", serde_json::json!({}))
+    };
+    let out = reload(&config.replace("mode = \"sync\"", "mode = \"async\"\nbuffer = \"2MiB\"")).expect("reload");
+    assert!(out.to_string().contains("DR group g1: mode Sync -> Async, buffer"), "{out}");
+    assert!(writer.join().expect("writer"), "the held write completes once the group is async");
+    wait_until("the status shows the new mode and buffer", Duration::from_secs(10), || {
+        let g = &dr_status(&p)["groups"][0];
+        (g["mode"].as_str(), g["buffer_limit"].as_u64()) == (Some("async"), Some(2 << 20))
+    });
+    // What cannot change live is refused, and nothing changes.
+    let e = reload(&config.replace("mode = \"sync\"", "").replace(&dr.addr2.to_string(), "127.0.0.1:1")).expect_err("refused");
+    assert!(e.contains("DR group g1: its members, dr_site, state or secret"), "{e}");
+    dr.signal("CONT");
+    wait_caught_up_and_compare(&p, &dr);
+}

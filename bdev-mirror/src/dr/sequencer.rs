@@ -139,6 +139,17 @@ impl Sequencer {
             }
         }
         self.acked = self.acked.max(seq);
+        self.admit_waiting(out);
+    }
+
+    /// A new send buffer size, live: a larger one admits waiting writes at once; a smaller one
+    /// holds new writes until acknowledgements bring the buffer under it.
+    pub fn set_buffer_limit(&mut self, limit: u64, out: &mut Vec<SeqOutput>) {
+        self.buffer_limit = limit.max(1);
+        self.admit_waiting(out);
+    }
+
+    fn admit_waiting(&mut self, out: &mut Vec<SeqOutput>) {
         while let Some((_, _, _, data, _)) = self.waiting.front() {
             if !self.has_room(data.len() as u64) {
                 break;
@@ -299,6 +310,22 @@ mod tests {
         assert_eq!(s.recovery_point(40).writes, 1);
         s.on_ack(4, &mut out);
         assert_eq!(s.recovery_point(50), RecoveryPoint::default());
+    }
+
+    #[test]
+    fn a_larger_buffer_set_live_admits_the_waiting_writes() {
+        let mut s = Sequencer::new(DrMode::Async, 4096, 0);
+        let mut out = Vec::new();
+        for tag in 1..=3 {
+            s.submit(tag, 0, tag * 4096, vec![0; 4096], 0, &mut out).unwrap();
+        }
+        assert_eq!(released(&out), [1]);
+        out.clear();
+        s.set_buffer_limit(8192, &mut out);
+        assert_eq!(released(&out), [2], "room for one more");
+        out.clear();
+        s.set_buffer_limit(1 << 20, &mut out);
+        assert_eq!(released(&out), [3]);
     }
 
     #[test]

@@ -15,15 +15,20 @@
 //! * The recovery point (writes, bytes and age not yet durable at the DR site) is published
 //!   every 100 ms; crossing `rpo_target` logs a warning (and its end a notice) and counts.
 
+mod copy;
+mod dialer;
+
 use super::frame::{DrFrame, MAX_PAYLOAD};
-use super::link::{authenticate, FramedConn};
+use super::link::FramedConn;
 use super::member::DrMemberBdev;
 use super::sequencer::{SeqOutput, Sequencer};
 use super::state::StateFile;
 use super::{DrMode, Member};
 use crate::range_lock::{Mode, RangeLocks};
 use crate::{Bdev, BdevChannel, BdevCompletion, BdevOp, BdevOutput};
+use copy::Copy;
 use crossbeam_queue::ArrayQueue;
+use dialer::spawn_dialer;
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -57,6 +62,15 @@ pub struct DrGroupSettings {
     pub secret: Vec<u8>,
     pub state: PathBuf,
     /// Added to each direction of the stream (emulated distance, for tests and benchmarks).
+    pub link_delay: Duration,
+}
+
+/// The settings a running group takes without a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrTuning {
+    pub mode: DrMode,
+    pub buffer_limit: u64,
+    pub rpo_target: Option<Duration>,
     pub link_delay: Duration,
 }
 
@@ -112,6 +126,8 @@ pub struct GroupShared {
     parked: AtomicBool,
     stop: AtomicBool,
     status: Mutex<DrGroupStatus>,
+    /// New settings from a reload, taken on the thread's next turn.
+    tuning: Mutex<Option<DrTuning>>,
 }
 
 impl std::fmt::Debug for GroupShared {
@@ -162,6 +178,7 @@ impl DrGroup {
             waker: Waker::new(poll.registry(), WAKER)?,
             parked: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            tuning: Mutex::new(None),
             status: Mutex::new(DrGroupStatus {
                 name: settings.name.clone(),
                 members: members.iter().map(|m| m.info().name.clone()).collect(),
@@ -184,6 +201,15 @@ impl DrGroup {
         self.shared.status.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
+    /// Changes mode and limits live (a reload): sync to async releases what sync held back; a
+    /// larger buffer admits waiting writes; a smaller one holds new writes until it has room.
+    pub fn tune(&self, tuning: DrTuning) {
+        if let Ok(mut t) = self.shared.tuning.lock() {
+            *t = Some(tuning);
+        }
+        let _ = self.shared.waker.wake();
+    }
+
     /// Stops the group once hosts no longer write: waits up to [`DRAIN_WAIT`] for the DR site to
     /// acknowledge what is buffered and records whether the stop was clean.
     pub fn stop(&self) {
@@ -204,21 +230,6 @@ impl Drop for DrGroup {
 const WAKER: Token = Token(0);
 const CONN: Token = Token(1);
 const MEMBERS: Token = Token(2);
-
-/// The full copy of every member, in order.
-struct Copy {
-    member: usize,
-    next: u64,
-    /// Copy reads in flight: tag -> (member, offset, len).
-    reads: HashMap<u64, (usize, u64, u64)>,
-    /// Chunks whose read failed, to read again.
-    retry: Vec<(usize, u64, u64)>,
-    done_bytes: u64,
-    total: u64,
-    /// The last copy write's sequence, once every chunk is numbered.
-    last_seq: Option<u64>,
-    speed: (Instant, u64, u64),
-}
 
 struct Engine {
     settings: DrGroupSettings,
@@ -441,82 +452,6 @@ impl Engine {
         self.out = out;
     }
 
-    /// Moves the full copy on: reads under the range locks, numbered as they complete.
-    fn pump_copy(&mut self) -> bool {
-        let Some(mut copy) = self.copy.take() else { return false };
-        let mut work = false;
-        // Copy data counts against the send buffer like host writes: read no more than it takes.
-        while copy.reads.len() < COPY_READS
-            && (copy.member < self.member_ch.len() || !copy.retry.is_empty())
-            && self.seq.buffered_bytes() + COPY_CHUNK * (copy.reads.len() as u64 + 1) <= self.settings.buffer_limit.max(COPY_CHUNK)
-        {
-            let (member, offset, len) = match copy.retry.last() {
-                Some(r) => *r,
-                None => {
-                    let size = self.member_size[copy.member];
-                    if copy.next >= size {
-                        copy.member += 1;
-                        copy.next = 0;
-                        continue;
-                    }
-                    (copy.member, copy.next, COPY_CHUNK.min(size - copy.next))
-                }
-            };
-            if !self.locks[member].try_lock(offset, len, Mode::Exclusive) {
-                break;
-            }
-            if copy.retry.pop().is_none() {
-                copy.next += len;
-            }
-            let t = self.tag();
-            self.member_ch[member].submit(t, BdevOp::Read { offset, len: len as usize });
-            copy.reads.insert(t, (member, offset, len));
-            work = true;
-        }
-        self.completions.clear();
-        for ch in self.member_ch.iter_mut() {
-            ch.poll(&mut self.completions);
-        }
-        let mut completions = std::mem::take(&mut self.completions);
-        for c in completions.drain(..) {
-            let Some((member, offset, len)) = copy.reads.remove(&c.tag) else { continue };
-            work = true;
-            match c.result {
-                Ok(BdevOutput::Data(d)) => {
-                    self.reserve(1);
-                    self.submit(c.tag, member as Member, offset, d);
-                    // Numbered: a host write to the range from now on comes after it.
-                    self.locks[member].unlock(offset, len, Mode::Exclusive);
-                    copy.done_bytes += len;
-                }
-                other => {
-                    self.locks[member].unlock(offset, len, Mode::Exclusive);
-                    tracing::error!(group = %self.settings.name, member, offset, "DR full copy: reading the member failed ({other:?}); reading it again");
-                    copy.retry.push((member, offset, len));
-                }
-            }
-        }
-        self.completions = completions;
-        if copy.member >= self.member_ch.len() && copy.reads.is_empty() && copy.retry.is_empty() && copy.last_seq.is_none() {
-            copy.last_seq = Some(self.seq.last_numbered());
-            tracing::info!(group = %self.settings.name, bytes = copy.done_bytes, "DR full copy: every member read and queued");
-        }
-        if let Some(last) = copy.last_seq {
-            if self.seq.acked() >= last {
-                self.copy_done_seq = Some(last);
-                self.copied = true;
-                if let Err(e) = self.persist(false) {
-                    tracing::error!(group = %self.settings.name, "cannot store the DR group's state: {e}");
-                }
-                tracing::info!(group = %self.settings.name, "DR full copy ended: the DR image is consistent");
-                self.send_copy_done();
-                return true;
-            }
-        }
-        self.copy = Some(copy);
-        work
-    }
-
     fn send_copy_done(&mut self) {
         if let Some(seq) = self.copy_done_seq.filter(|_| self.greeted) {
             self.send(DrFrame::CopyDone { seq });
@@ -657,6 +592,18 @@ impl Engine {
         }
     }
 
+    fn retune(&mut self, t: DrTuning) {
+        tracing::info!(group = %self.settings.name, mode = ?t.mode, buffer = t.buffer_limit, rpo_target = ?t.rpo_target, link_delay = ?t.link_delay, "DR group settings changed");
+        self.settings.mode = t.mode;
+        self.settings.buffer_limit = t.buffer_limit;
+        self.settings.rpo_target = t.rpo_target;
+        self.settings.link_delay = t.link_delay;
+        self.seq.set_mode(t.mode, &mut self.out);
+        self.seq.set_buffer_limit(t.buffer_limit, &mut self.out);
+        // Shown at once.
+        self.last_publish = Instant::now() - Duration::from_secs(1);
+    }
+
     fn publish(&mut self) {
         let now = self.now_ms();
         let rp = self.seq.recovery_point(now);
@@ -723,6 +670,9 @@ impl Engine {
             self.redial_at = None;
             self.want_conn.store(true, Ordering::Release);
         }
+        if let Some(t) = self.shared.tuning.lock().ok().and_then(|mut t| t.take()) {
+            self.retune(t);
+        }
         let mut work = self.take_host_writes();
         work |= self.drive_conn();
         work |= self.pump_copy();
@@ -773,47 +723,4 @@ impl Engine {
         }
         self.want_conn.store(false, Ordering::Release);
     }
-}
-
-/// Dials the DR site whenever the group wants a connection, with backoff (100 ms to 2 s).
-fn spawn_dialer(
-    settings: &DrGroupSettings,
-    shared: Arc<GroupShared>,
-    want: Arc<AtomicBool>,
-    tx: mpsc::Sender<(std::net::TcpStream, Vec<u8>)>,
-) -> std::io::Result<()> {
-    let (name, addr, secret) = (settings.name.clone(), settings.dr_site, settings.secret.clone());
-    std::thread::Builder::new().name(format!("dr-dial-{name}")).spawn(move || {
-        let mut backoff = Duration::from_millis(100);
-        let mut last_log: Option<Instant> = None;
-        while !shared.stop.load(Ordering::Acquire) {
-            if !want.load(Ordering::Acquire) {
-                std::thread::park_timeout(Duration::from_millis(50));
-                continue;
-            }
-            let attempt = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).and_then(|mut s| {
-                let early = authenticate(&mut s, &secret, crate::mirror::auth::Side::Dialer)?;
-                Ok((s, early))
-            });
-            match attempt {
-                Ok(conn) => {
-                    want.store(false, Ordering::Release);
-                    backoff = Duration::from_millis(100);
-                    if tx.send(conn).is_err() {
-                        return;
-                    }
-                    let _ = shared.waker.wake();
-                }
-                Err(e) => {
-                    if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                        tracing::warn!(group = %name, dr_site = %addr, "cannot reach the DR site: {e}");
-                        last_log = Some(Instant::now());
-                    }
-                    std::thread::park_timeout(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
-            }
-        }
-    })?;
-    Ok(())
 }
