@@ -54,6 +54,8 @@ struct World {
     persist: Option<u64>,
     persisted: u64,
     buffer_limit: u64,
+    /// Long-throw: what the sequencer spilled, by journal position.
+    journal: HashMap<u64, Vec<u8>>,
     crashes: u64,
 }
 
@@ -66,10 +68,18 @@ impl World {
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         let mode = if rng.below(2) == 0 { DrMode::Sync } else { DrMode::Async };
         let buffer_limit = BLOCK * (1 + rng.below(6));
+        let mut seq = Sequencer::new(mode, buffer_limit, 0);
+        // A third of the async worlds are long-throw, with a journal larger than a run writes:
+        // writes spill to it, are sent from it in order, and none overflows.
+        let long_throw = mode == DrMode::Async && rng.below(3) == 0;
+        if long_throw {
+            seq.set_journal(Some(BLOCK * 10_000), &mut Vec::new());
+        }
         World {
             rng,
             mode,
-            seq: Sequencer::new(mode, buffer_limit, 0),
+            seq,
+            journal: HashMap::new(),
             app: Applier::new(0),
             streams: [Stream::Ready { commit: false }; STREAMS],
             version: [0; STREAMS],
@@ -98,6 +108,17 @@ impl World {
                         self.to_dr.push_back(f);
                     }
                 }
+                SeqOutput::Spill { at, data } => {
+                    self.journal.insert(at, data);
+                }
+                SeqOutput::SendSpilled { seq, epoch, member, offset, at, len } => {
+                    let data = self.journal[&at].clone();
+                    assert_eq!(data.len() as u64, len, "write {seq} spilled with another length");
+                    if self.connected {
+                        self.to_dr.push_back(DrFrame::Write { seq, epoch, member, offset, data });
+                    }
+                }
+                SeqOutput::Overflow { tag, .. } => panic!("write {tag} overflowed a journal sized never to fill"),
                 SeqOutput::Release(tag) => {
                     let (m, b, v) = self.writes[&tag];
                     if self.mode == DrMode::Sync {

@@ -7,8 +7,12 @@
 //! name = "g1"
 //! members = ["db-data", "db-log"]   # bdevs, in the group's order (the DR site's in the same)
 //! dr_site = "10.0.3.1:7400"
-//! mode = "async"                    # "async" (short-throw, default) or "sync"
-//! buffer = "64MiB"                  # send buffer; when full, host writes wait
+//! mode = "async"                    # "async" (short-throw, default), "long-throw" or "sync"
+//! buffer = "64MiB"                  # send buffer; when full, async host writes wait
+//! # long-throw: the buffer spills to a journal file; when that is full too, writes are tracked
+//! # by region and copied later (hosts never wait; the DR image is not consistent meanwhile)
+//! # journal = "/var/lib/nvmetro/g1.journal"   # required in long-throw
+//! # journal_size = "1GiB"
 //! rpo_target = "5s"                 # optional: an alarm when the DR image is older
 //! state = "/var/lib/nvmetro/g1.dr"  # sequence numbers and the full copy's progress
 //! secret_file = "/etc/nvmetro/dr.secret"
@@ -39,6 +43,9 @@ pub struct DrGroupSection {
     /// Added to each direction of the stream, e.g. "10ms" (tests and benchmarks emulating
     /// distance).
     pub link_delay: Option<Spanned<String>>,
+    /// Long-throw: the file the send buffer spills to, and its size (default 1GiB).
+    pub journal: Option<Spanned<PathBuf>>,
+    pub journal_size: Option<Spanned<Size>>,
 }
 
 /// `[[dr_replica]]` as written.
@@ -58,6 +65,8 @@ pub struct DrReplicaSection {
 pub enum DrModeConfig {
     Sync,
     Async,
+    /// Async, and host writes never wait: the buffer spills to the journal, then overflows.
+    LongThrow,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +80,8 @@ pub struct DrGroupConfig {
     pub state: PathBuf,
     pub secret: Vec<u8>,
     pub link_delay: std::time::Duration,
+    /// Long-throw: the journal file and its size (set exactly in long-throw mode).
+    pub journal: Option<(PathBuf, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +95,8 @@ pub struct DrReplicaConfig {
 
 /// The send buffer when `buffer` is not given.
 pub const DEFAULT_DR_BUFFER: u64 = 64 << 20;
+/// A long-throw journal's size when `journal_size` is not given.
+pub const DEFAULT_DR_JOURNAL: u64 = 1 << 30;
 
 /// Members must be bdevs of this config, each in one group at most, and not the base of another
 /// bdev (writes through that one would bypass the group). At a DR site a member may be a
@@ -159,9 +172,10 @@ pub(crate) fn validate_dr(
         let mode = match g.mode.as_ref().map(|m| m.get_ref().as_str()) {
             None | Some("async") => DrModeConfig::Async,
             Some("sync") => DrModeConfig::Sync,
+            Some("long-throw") => DrModeConfig::LongThrow,
             Some(other) => {
                 let span = g.mode.as_ref().expect("given").span();
-                return Err(ctx.err(span, "dr_group.mode", format!("`{other}` is not \"sync\" or \"async\"")));
+                return Err(ctx.err(span, "dr_group.mode", format!("`{other}` is not \"sync\", \"async\" or \"long-throw\"")));
             }
         };
         let buffer = match &g.buffer {
@@ -182,6 +196,33 @@ pub(crate) fn validate_dr(
                 .filter(|d| *d <= std::time::Duration::from_secs(1))
                 .ok_or_else(|| ctx.err(t.span(), "dr_group.link_delay", format!("`{}` is not a duration up to 1s", t.get_ref())))?,
         };
+        let journal = match (&g.journal, mode) {
+            (Some(j), DrModeConfig::LongThrow) => {
+                if let Some(e) = check_parent(ctx, j, "dr_group.journal") {
+                    return Err(e);
+                }
+                let size = match &g.journal_size {
+                    None => DEFAULT_DR_JOURNAL,
+                    Some(z) if z.get_ref().bytes() >= 1 << 20 => z.get_ref().bytes(),
+                    Some(z) => return Err(ctx.err(z.span(), "dr_group.journal_size", "the journal needs at least 1MiB")),
+                };
+                Some((j.get_ref().clone(), size))
+            }
+            (Some(j), _) => return Err(ctx.err(j.span(), "dr_group.journal", "a journal belongs to mode = \"long-throw\"")),
+            (None, DrModeConfig::LongThrow) => {
+                return Err(ctx.err(
+                    g.name.span(),
+                    "dr_group.journal",
+                    "mode = \"long-throw\" needs `journal` (the file the send buffer spills to)",
+                ))
+            }
+            (None, _) => {
+                if let Some(z) = &g.journal_size {
+                    return Err(ctx.err(z.span(), "dr_group.journal_size", "journal_size needs `journal` (and mode = \"long-throw\")"));
+                }
+                None
+            }
+        };
         if let Some(e) = check_parent(ctx, &g.state, "dr_group.state") {
             return Err(e);
         }
@@ -195,6 +236,7 @@ pub(crate) fn validate_dr(
             state: g.state.get_ref().clone(),
             secret: read_secret(ctx, "dr_group.", g.secret.as_ref(), g.secret_file.as_ref(), &g.name)?,
             link_delay,
+            journal,
         });
     }
     let mut replicas = Vec::new();
@@ -257,6 +299,11 @@ address = "127.0.0.1:4420"
         let g = &c.dr_groups[0];
         assert_eq!((g.mode, g.buffer, g.rpo_target), (DrModeConfig::Async, DEFAULT_DR_BUFFER, None));
         assert_eq!(g.members, ["a", "b"]);
+        let c = parse(&group("mode = \"long-throw\"\njournal = \"/tmp/g1.journal\""), "g.toml").unwrap();
+        assert_eq!(
+            (c.dr_groups[0].mode, c.dr_groups[0].journal.clone()),
+            (DrModeConfig::LongThrow, Some(("/tmp/g1.journal".into(), DEFAULT_DR_JOURNAL)))
+        );
         let c = parse(&group("mode = \"sync\"\nbuffer = \"8MiB\"\nrpo_target = \"2s\""), "g.toml").unwrap();
         let g = &c.dr_groups[0];
         assert_eq!((g.mode, g.buffer, g.rpo_target), (DrModeConfig::Sync, 8 << 20, Some(std::time::Duration::from_secs(2))));
@@ -266,6 +313,10 @@ address = "127.0.0.1:4420"
             ("rpo_target = \"soon\"", "dr_group.rpo_target"),
             ("speed = 1", "dr_group.speed"),
             ("link_delay = \"2s\"", "dr_group.link_delay"),
+            ("journal = \"/tmp/j\"", "dr_group.journal"),
+            ("journal_size = \"8MiB\"", "dr_group.journal_size"),
+            ("mode = \"long-throw\"\njournal = \"/tmp/j\"\njournal_size = \"4KiB\"", "dr_group.journal_size"),
+            ("mode = \"long-throw\"", "dr_group.journal"),
         ] {
             let e = parse(&group(extra), "g.toml").unwrap_err();
             assert_eq!(e.key, key, "{extra}: {e}");

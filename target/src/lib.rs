@@ -496,7 +496,7 @@ pub(crate) fn dr_tuning(g: &nvmetro_conf::DrGroupConfig) -> nvmetro_bdev::dr::gr
     nvmetro_bdev::dr::group::DrTuning {
         mode: match g.mode {
             nvmetro_conf::DrModeConfig::Sync => nvmetro_bdev::dr::DrMode::Sync,
-            nvmetro_conf::DrModeConfig::Async => nvmetro_bdev::dr::DrMode::Async,
+            nvmetro_conf::DrModeConfig::Async | nvmetro_conf::DrModeConfig::LongThrow => nvmetro_bdev::dr::DrMode::Async,
         },
         buffer_limit: g.buffer,
         rpo_target: g.rpo_target,
@@ -523,6 +523,7 @@ fn start_dr(config: &Config, bdevs: &mut [Arc<dyn Bdev>]) -> anyhow::Result<DrPa
             secret: g.secret.clone(),
             state: g.state.clone(),
             link_delay: t.link_delay,
+            journal: g.journal.clone(),
         };
         let group = DrGroup::start(settings, slots.iter().map(|&i| bdevs[i].clone()).collect())
             .with_context(|| format!("DR group {} (state {})", g.name, g.state.display()))?;

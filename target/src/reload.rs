@@ -34,7 +34,15 @@ fn dr_changes(old: &Config, new: &Config, p: &mut Plan) {
         match old.dr_groups.iter().find(|o| o.name == g.name) {
             None => p.refused.push(format!("add DR group {} (a DR group is set up when the target starts)", g.name)),
             Some(o) if o == g => {}
-            Some(o) if o.members == g.members && o.dr_site == g.dr_site && o.state == g.state && o.secret == g.secret => {
+            // Long-throw (its journal) is set up at start; sync and async switch live.
+            Some(o)
+                if o.members == g.members
+                    && o.dr_site == g.dr_site
+                    && o.state == g.state
+                    && o.secret == g.secret
+                    && o.journal == g.journal
+                    && (o.mode == nvmetro_conf::DrModeConfig::LongThrow) == (g.mode == nvmetro_conf::DrModeConfig::LongThrow) =>
+            {
                 let mut what = Vec::new();
                 if o.mode != g.mode {
                     what.push(format!("mode {:?} -> {:?}", o.mode, g.mode));
@@ -51,7 +59,7 @@ fn dr_changes(old: &Config, new: &Config, p: &mut Plan) {
                 p.changes.push(format!("DR group {}: {}", g.name, what.join(", ")));
                 p.dr_tunings.push(g.clone());
             }
-            Some(_) => p.refused.push(format!("DR group {}: its members, dr_site, state or secret", g.name)),
+            Some(_) => p.refused.push(format!("DR group {}: its members, dr_site, state, secret, or long-throw and its journal", g.name)),
         }
     }
     for o in old.dr_groups.iter().filter(|o| !new.dr_groups.iter().any(|g| g.name == o.name)) {

@@ -568,7 +568,35 @@ fn a_reload_changes_mode_and_buffer_live_and_async_releases_what_sync_held_back(
     });
     // What cannot change live is refused, and nothing changes.
     let e = reload(&config.replace("mode = \"sync\"", "").replace(&dr.addr2.to_string(), "127.0.0.1:1")).expect_err("refused");
-    assert!(e.contains("DR group g1: its members, dr_site, state or secret"), "{e}");
+    assert!(e.contains("DR group g1: its members, dr_site, state, secret"), "{e}");
     dr.signal("CONT");
     wait_caught_up_and_compare(&p, &dr);
+}
+
+#[test]
+fn long_throw_never_holds_host_writes_spills_to_the_journal_overflows_and_catches_up() {
+    let dr = TargetProcess::start(&dr_site_config());
+    let p = TargetProcess::start(&production_config(
+        dr.addr2,
+        "mode = \"long-throw\"\nbuffer = \"1MiB\"\njournal = \"{DIR}/g1.journal\"\njournal_size = \"1MiB\"",
+    ));
+    wait_caught_up_and_compare(&p, &dr);
+    // The DR site stops answering: 3 MiB of writes fill the buffer and the journal and overflow,
+    // and every one completes (short-throw would hold them at 1 MiB).
+    dr.signal("STOP");
+    let mut h = host(&p);
+    for i in 0..384u64 {
+        assert!(write(&mut h, 1 + (i % 2) as u32, (i * 16) % (MEMBER / 512 - 16), record(2, i, 0).repeat(16)), "write {i}");
+    }
+    wait_until("the group shows the journal in use and the overflow", Duration::from_secs(20), || {
+        let g = &dr_status(&p)["groups"][0];
+        g["overflows"].as_u64().unwrap_or(0) > 0 && g["journal_bytes"].as_u64().unwrap_or(0) > 0 && g["mode"] == "long-throw"
+    });
+    assert!(p.log().contains("writes are tracked by region and copied later"), "{}", p.log());
+    dr.signal("CONT");
+    // The queue drains from memory and journal, the catch-up copies what overflowed, and the
+    // image is consistent and equal again.
+    wait_caught_up_and_compare(&p, &dr);
+    assert!(dr.log().contains("the production site overflowed"), "{}", dr.log());
+    assert!(dr.log().contains("DR copy ended: the DR image is consistent"), "{}", dr.log());
 }

@@ -108,6 +108,7 @@ impl Applier {
                 DrFrame::Hello { .. } => "Hello",
                 DrFrame::CopyDone { .. } => "CopyDone",
                 DrFrame::Promoted => "Promoted",
+                DrFrame::Gap { .. } => "Gap",
                 DrFrame::Rebase { .. } | DrFrame::Write { .. } => "Rebase",
             }));
         };

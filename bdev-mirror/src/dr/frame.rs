@@ -1,4 +1,4 @@
-//! The DR stream's frames: `Write`, `CopyDone` and `Rebase` (production to DR), `Ack`, `Hello`
+//! The DR stream's frames: `Write`, `CopyDone`, `Rebase` and `Gap` (production to DR), `Ack`, `Hello`
 //! and `Promoted` (DR to production).
 //!
 //! Every frame is a 40-byte header (magic, kind, member, sequence, epoch, offset, payload length,
@@ -30,6 +30,9 @@ pub enum DrFrame {
     Rebase { seq: u64 },
     /// DR site to production: this image was promoted and serves hosts; the stream is refused.
     Promoted,
+    /// Long-throw overflow: writes after `seq` were not all numbered, so an image holding any
+    /// of them is not consistent until the catch-up copy ends (`CopyDone`).
+    Gap { seq: u64 },
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -57,6 +60,7 @@ impl DrFrame {
             DrFrame::CopyDone { seq } => (4, 0, *seq, 0, 0, &[]),
             DrFrame::Rebase { seq } => (5, 0, *seq, 0, 0, &[]),
             DrFrame::Promoted => (6, 0, 0, 0, 0, &[]),
+            DrFrame::Gap { seq } => (7, 0, *seq, 0, 0, &[]),
         };
         out.extend_from_slice(&MAGIC.to_le_bytes());
         out.push(kind);
@@ -96,14 +100,18 @@ impl DrFrame {
                 }
                 DrFrame::Write { seq, epoch, member, offset, data: buf[HEADER_LEN..HEADER_LEN + len].to_vec() }
             }
-            2..=6 if len > 0 => {
-                return Err(FrameError::UnexpectedPayload(["Ack", "Hello", "CopyDone", "Rebase", "Promoted"][kind as usize - 2], len))
+            2..=7 if len > 0 => {
+                return Err(FrameError::UnexpectedPayload(
+                    ["Ack", "Hello", "CopyDone", "Rebase", "Promoted", "Gap"][kind as usize - 2],
+                    len,
+                ))
             }
             2 => DrFrame::Ack { seq },
             3 => DrFrame::Hello { applied_seq: seq },
             4 => DrFrame::CopyDone { seq },
             5 => DrFrame::Rebase { seq },
             6 => DrFrame::Promoted,
+            7 => DrFrame::Gap { seq },
             k => return Err(FrameError::Kind(k)),
         };
         Ok(Some((frame, HEADER_LEN + len)))

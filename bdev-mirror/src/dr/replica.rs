@@ -136,7 +136,7 @@ impl DrReplica {
     pub fn start(settings: DrReplicaSettings, members: Vec<Arc<dyn Bdev>>) -> std::io::Result<Arc<DrReplica>> {
         // A new image (all zeroes) is not a copy of anything until the production site's full
         // copy ends.
-        let (state, [applied, consistent, promoted, _]) = RecordFile::open(&settings.state)?;
+        let (state, [applied, consistent, promoted, gap]) = RecordFile::open(&settings.state)?;
         let (consistent, promoted) = (consistent == 1, promoted == 1);
         let poll = Poll::new()?;
         let shared = Arc::new(Shared {
@@ -172,6 +172,7 @@ impl DrReplica {
             applier: Applier::new(applied),
             state,
             consistent,
+            gap: gap.checked_sub(1),
             dirty: vec![false; members.len()],
             shared: shared.clone(),
             poll,
@@ -282,6 +283,8 @@ struct Stream {
     applier: Applier,
     state: RecordFile,
     consistent: bool,
+    /// The production site overflowed after this write (see [`DrFrame::Gap`]).
+    gap: Option<u64>,
     /// Members written since the last flush (only they are flushed).
     dirty: Vec<bool>,
     shared: Arc<Shared>,
@@ -308,12 +311,17 @@ struct Stream {
 const FLUSH_TAG: u64 = 1 << 63;
 
 impl Stream {
+    /// The durable record: applied sequence, consistent, promoted, and the gap (+1; 0: none).
+    fn record(&self, applied: u64) -> [u64; 4] {
+        [applied, u64::from(self.consistent), u64::from(self.promoted()), self.gap.map_or(0, |g| g + 1)]
+    }
+
     fn promoted(&self) -> bool {
         self.shared.promoted.load(Ordering::Acquire)
     }
 
     fn store(&mut self) -> std::io::Result<()> {
-        self.state.store([self.applier.applied(), u64::from(self.consistent), u64::from(self.promoted()), 0])
+        self.state.store(self.record(self.applier.applied()))
     }
 
     /// An operator's promotion: checked, then (once everything issued is applied and durable)
@@ -351,7 +359,9 @@ impl Stream {
         let (reply, risks) = self.promotion.take().expect("checked");
         // Durable before the first host write: a restart must not take the stream again.
         let applied = self.applier.applied();
-        if let Err(e) = self.state.store([applied, u64::from(self.consistent), 1, 0]) {
+        let mut record = self.record(applied);
+        record[2] = 1;
+        if let Err(e) = self.state.store(record) {
             let _ = reply.send(Err(format!("cannot record the promotion: {e}; nothing changed")));
             return;
         }
@@ -409,8 +419,12 @@ impl Stream {
                 }
                 ApplyOutput::Persist { seq } => {
                     let before = self.applier.applied();
+                    if self.consistent && self.gap.is_some_and(|g| seq > g) {
+                        tracing::warn!(group = %self.name, seq, "DR image no longer consistent: it holds writes past an overflow at the production site, until the catch-up ends");
+                        self.consistent = false;
+                    }
                     // The store covers `seq`: the applier takes it as persisted only after it.
-                    match self.state.store([seq, u64::from(self.consistent), u64::from(self.promoted()), 0]) {
+                    match self.state.store(self.record(seq)) {
                         Ok(()) => {
                             self.applier.persisted(&mut out);
                             self.last_applied = Some(Instant::now());
@@ -445,10 +459,19 @@ impl Stream {
                 Ok(())
             }
             DrFrame::CopyDone { seq } => {
-                if self.applier.applied() >= seq && !self.consistent {
+                if self.applier.applied() >= seq && (!self.consistent || self.gap.is_some()) {
                     self.consistent = true;
+                    self.gap = None;
                     self.store().map_err(|e| format!("cannot store the state: {e}"))?;
-                    tracing::info!(group = %self.name, seq, "DR full copy ended: the DR image is consistent");
+                    tracing::info!(group = %self.name, seq, "DR copy ended: the DR image is consistent");
+                }
+                Ok(())
+            }
+            DrFrame::Gap { seq } => {
+                if self.gap.is_none() {
+                    self.gap = Some(seq);
+                    self.store().map_err(|e| format!("cannot store the state: {e}"))?;
+                    tracing::warn!(group = %self.name, seq, "the production site overflowed: the image stays consistent at write {seq} and is not once it holds more, until the catch-up ends");
                 }
                 Ok(())
             }

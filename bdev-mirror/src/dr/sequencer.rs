@@ -8,6 +8,13 @@
 //! (in order) until acknowledgements make room: backpressure, never loss. In [`DrMode::Sync`]
 //! a write is released when the DR site acknowledges it.
 //!
+//! Long-throw ([`Sequencer::set_journal`]): a write that finds the buffer full is queued in a
+//! journal (the caller keeps its bytes in a file at the position [`SeqOutput::Spill`] names) and
+//! released at once; when the journal is full too, the write is not numbered at all
+//! ([`SeqOutput::Overflow`]): released, its range left for the caller to copy again later. Host
+//! writes then never wait, and the DR image is not consistent past the last write numbered
+//! before the first overflow until that catch-up ends.
+//!
 //! The caller reports when each released write completed to its host
 //! ([`Sequencer::host_completed`]): the next write submitted after that starts a new epoch.
 
@@ -34,6 +41,15 @@ pub enum SeqOutput {
     /// The DR stream no longer holds back this host write (its host may get its completion once
     /// the local legs have it too).
     Release(u64),
+    /// Long-throw: keep `data` in the journal at logical position `at` (a ring of the journal's
+    /// size: `at % size`, wrapping at its end) until it is sent and acknowledged.
+    Spill { at: u64, data: Vec<u8> },
+    /// Send write `seq`, whose bytes are the `len` at journal position `at`.
+    SendSpilled { seq: u64, epoch: u64, member: Member, offset: u64, at: u64, len: u64 },
+    /// Long-throw, buffer and journal full: this write was not numbered (and is released); its
+    /// range must reach the DR site by a later copy, and an image holding any write after
+    /// `after` is not consistent until that copy ends.
+    Overflow { tag: u64, member: Member, offset: u64, len: u64, after: u64 },
 }
 
 /// How far the DR image is behind the production site.
@@ -55,6 +71,8 @@ struct Held {
     len: u64,
     at_ms: u64,
     released: bool,
+    /// Its bytes are in the journal at this position (the frame carries none).
+    spilled: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -75,6 +93,11 @@ pub struct Sequencer {
     /// Connected, and the first unsent write's index in `held`.
     connected: bool,
     unsent: usize,
+    /// Long-throw: the journal's size in bytes.
+    journal: Option<u64>,
+    /// Bytes of held writes in the journal, and the next journal position.
+    spilled_bytes: u64,
+    journal_tail: u64,
 }
 
 impl Sequencer {
@@ -92,7 +115,27 @@ impl Sequencer {
             acked,
             connected: false,
             unsent: 0,
+            journal: None,
+            spilled_bytes: 0,
+            journal_tail: 0,
         }
+    }
+
+    /// Long-throw with a journal of `size` bytes (0: overflow as soon as the buffer is full);
+    /// `None`: short-throw (writes wait for room). Writes in the journal stay there.
+    pub fn set_journal(&mut self, size: Option<u64>, out: &mut Vec<SeqOutput>) {
+        self.journal = size;
+        if size.is_some() {
+            // Nothing waits in long-throw: what waited goes to the journal or overflows.
+            for (tag, member, offset, data, at) in std::mem::take(&mut self.waiting) {
+                self.place(tag, member, offset, data, at, out);
+            }
+        }
+    }
+
+    /// Bytes of held writes in the journal.
+    pub fn spilled_bytes(&self) -> u64 {
+        self.spilled_bytes
     }
 
     pub fn set_mode(&mut self, mode: DrMode, out: &mut Vec<SeqOutput>) {
@@ -114,12 +157,35 @@ impl Sequencer {
         if data.len() > super::frame::MAX_PAYLOAD {
             return Err(SeqError::TooLarge(data.len()));
         }
-        if !self.waiting.is_empty() || !self.has_room(data.len() as u64) {
+        if self.journal.is_none() && (!self.waiting.is_empty() || !self.has_room(data.len() as u64)) {
             self.waiting.push_back((tag, member, offset, data, now_ms));
             return Ok(());
         }
-        self.admit(tag, member, offset, data, now_ms, out);
+        self.place(tag, member, offset, data, now_ms, out);
         Ok(())
+    }
+
+    /// In the buffer if it has room; otherwise (long-throw) in the journal, or overflowed.
+    fn place(&mut self, tag: u64, member: Member, offset: u64, data: Vec<u8>, now_ms: u64, out: &mut Vec<SeqOutput>) {
+        let len = data.len() as u64;
+        if self.has_room(len) {
+            return self.admit(tag, member, offset, data, now_ms, out);
+        }
+        match self.journal {
+            Some(size) if self.spilled_bytes + len <= size => {
+                let at = self.journal_tail;
+                self.journal_tail += len;
+                self.spilled_bytes += len;
+                out.push(SeqOutput::Spill { at, data });
+                self.number(tag, member, offset, Vec::new(), len, Some(at), now_ms, out);
+            }
+            Some(_) if self.mode == DrMode::Async => {
+                out.push(SeqOutput::Release(tag));
+                out.push(SeqOutput::Overflow { tag, member, offset, len, after: self.next_seq - 1 });
+            }
+            // Sync mode never releases what the DR site does not hold: it waits.
+            _ => self.waiting.push_back((tag, member, offset, data, now_ms)),
+        }
     }
 
     /// A write this sequencer released has completed to its host: writes submitted from now on
@@ -132,7 +198,10 @@ impl Sequencer {
     pub fn on_ack(&mut self, seq: u64, out: &mut Vec<SeqOutput>) {
         while self.held.front().is_some_and(|h| h.seq <= seq) {
             let h = self.held.pop_front().expect("front");
-            self.held_bytes -= h.len;
+            match h.spilled {
+                Some(_) => self.spilled_bytes -= h.len,
+                None => self.held_bytes -= h.len,
+            }
             self.unsent = self.unsent.saturating_sub(1);
             if !h.released {
                 out.push(SeqOutput::Release(h.tag));
@@ -196,7 +265,7 @@ impl Sequencer {
         let oldest = self.held.front().map(|h| h.at_ms).or(self.waiting.front().map(|w| w.4));
         RecoveryPoint {
             writes: (self.held.len() + self.waiting.len()) as u64,
-            bytes: self.held_bytes + waiting_bytes,
+            bytes: self.held_bytes + self.spilled_bytes + waiting_bytes,
             age_ms: oldest.map_or(0, |t| now_ms.saturating_sub(t)),
         }
     }
@@ -212,13 +281,31 @@ impl Sequencer {
     }
 
     fn admit(&mut self, tag: u64, member: Member, offset: u64, data: Vec<u8>, now_ms: u64, out: &mut Vec<SeqOutput>) {
+        let len = data.len() as u64;
+        self.held_bytes += len;
+        self.number(tag, member, offset, data, len, None, now_ms, out);
+    }
+
+    /// Numbers a write (its bytes in `data`, or in the journal at `spilled`) and holds it.
+    #[allow(clippy::too_many_arguments)]
+    fn number(
+        &mut self,
+        tag: u64,
+        member: Member,
+        offset: u64,
+        data: Vec<u8>,
+        len: u64,
+        spilled: Option<u64>,
+        now_ms: u64,
+        out: &mut Vec<SeqOutput>,
+    ) {
         if self.completed_in_epoch {
             self.epoch += 1;
             self.completed_in_epoch = false;
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        let len = data.len() as u64;
+        // Long-throw releases what the journal holds too: hosts never wait there.
         let released = self.mode == DrMode::Async;
         self.held.push_back(Held {
             tag,
@@ -227,8 +314,8 @@ impl Sequencer {
             len,
             at_ms: now_ms,
             released,
+            spilled,
         });
-        self.held_bytes += len;
         if released {
             out.push(SeqOutput::Release(tag));
         }
@@ -250,7 +337,12 @@ impl Sequencer {
             return;
         }
         while let Some(h) = self.held.get(self.unsent) {
-            out.push(SeqOutput::Send(h.frame.clone()));
+            match (h.spilled, &h.frame) {
+                (Some(at), DrFrame::Write { seq, epoch, member, offset, .. }) => {
+                    out.push(SeqOutput::SendSpilled { seq: *seq, epoch: *epoch, member: *member, offset: *offset, at, len: h.len })
+                }
+                _ => out.push(SeqOutput::Send(h.frame.clone())),
+            }
             self.unsent += 1;
         }
     }
@@ -310,6 +402,34 @@ mod tests {
         assert_eq!(s.recovery_point(40).writes, 1);
         s.on_ack(4, &mut out);
         assert_eq!(s.recovery_point(50), RecoveryPoint::default());
+    }
+
+    #[test]
+    fn long_throw_spills_to_the_journal_then_overflows_and_never_holds_a_host_write() {
+        let mut s = Sequencer::new(DrMode::Async, 4096, 0);
+        let mut out = Vec::new();
+        s.set_journal(Some(8192), &mut out);
+        for tag in 1..=4 {
+            s.submit(tag, 0, tag * 4096, vec![tag as u8; 4096], 0, &mut out).unwrap();
+        }
+        assert_eq!(released(&out), [1, 2, 3, 4], "nothing waits in long-throw");
+        let spills: Vec<u64> = out.iter().filter_map(|o| if let SeqOutput::Spill { at, .. } = o { Some(*at) } else { None }).collect();
+        assert_eq!(spills, [0, 4096], "writes 2 and 3 go to the journal");
+        let overflows: Vec<u64> =
+            out.iter().filter_map(|o| if let SeqOutput::Overflow { tag, .. } = o { Some(*tag) } else { None }).collect();
+        assert_eq!(overflows, [4], "write 4 finds both full");
+        assert_eq!((s.last_numbered(), s.buffered_bytes(), s.spilled_bytes()), (3, 4096, 8192));
+        out.clear();
+        s.connected(0, &mut out).unwrap();
+        assert_eq!(sends(&out), [(1, 1)]);
+        let spilled: Vec<(u64, u64)> =
+            out.iter().filter_map(|o| if let SeqOutput::SendSpilled { seq, at, .. } = o { Some((*seq, *at)) } else { None }).collect();
+        assert_eq!(spilled, [(2, 0), (3, 4096)], "journal writes are sent from the journal, in order");
+        out.clear();
+        s.on_ack(2, &mut out);
+        assert_eq!((s.buffered_bytes(), s.spilled_bytes()), (0, 4096));
+        s.submit(5, 0, 0, vec![5; 4096], 0, &mut out).unwrap();
+        assert_eq!(sends(&out), [(4, 1)], "room in the buffer again: numbered after 3, in memory");
     }
 
     #[test]

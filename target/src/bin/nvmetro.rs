@@ -240,10 +240,18 @@ fn print_dr(dr: &Value) {
             bytes(g["buffered_bytes"].as_u64().unwrap_or(0)),
             bytes(g["buffer_limit"].as_u64().unwrap_or(0))
         );
+        if let Some(limit) = g["journal_limit"].as_u64() {
+            println!(
+                "  long-throw journal {} of {}  overflows {}",
+                bytes(g["journal_bytes"].as_u64().unwrap_or(0)),
+                bytes(limit),
+                g["overflows"]
+            );
+        }
         let c = &g["copy"];
         if c.is_object() {
             println!(
-                "  full copy: {:.1}%  ({} of {})  speed {}/s  ETA {}  (the DR image is not consistent until it ends)",
+                "  copy: {:.1}%  ({} of {})  speed {}/s  ETA {}  (the DR image is not consistent until it ends)",
                 c["percent"].as_f64().unwrap_or(0.0),
                 bytes(c["done_bytes"].as_u64().unwrap_or(0)),
                 bytes(c["total_bytes"].as_u64().unwrap_or(0)),

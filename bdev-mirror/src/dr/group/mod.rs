@@ -63,6 +63,14 @@ pub struct DrGroupSettings {
     pub state: PathBuf,
     /// Added to each direction of the stream (emulated distance, for tests and benchmarks).
     pub link_delay: Duration,
+    /// Long-throw (async only): the journal file the send buffer spills to, and its size
+    /// (0: none; writes overflow as soon as the buffer is full).
+    pub journal: Option<(PathBuf, u64)>,
+}
+
+enum JournalIo<'a> {
+    Write(&'a [u8]),
+    Read(&'a mut [u8]),
 }
 
 /// The settings a running group takes without a restart.
@@ -89,6 +97,11 @@ pub struct DrGroupStatus {
     pub behind_ms: u64,
     pub buffered_bytes: u64,
     pub buffer_limit: u64,
+    /// Long-throw: bytes in the journal, and its size.
+    pub journal_bytes: u64,
+    pub journal_limit: Option<u64>,
+    /// Long-throw: writes not numbered because buffer and journal were full, since start.
+    pub overflows: u64,
     pub rpo_target_ms: Option<u64>,
     pub rpo_alarm: bool,
     pub rpo_alarms: u64,
@@ -258,6 +271,12 @@ struct Engine {
     copied: bool,
     /// The next connection first tells the DR site that the stream goes on after this.
     rebase: Option<u64>,
+    /// Long-throw: the journal file and its size.
+    journal: Option<(std::fs::File, u64)>,
+    /// Writes after this were lost to an overflow: the DR image is not consistent past it until
+    /// the catch-up copy ends.
+    gap: Option<u64>,
+    overflows: u64,
     refused: Option<String>,
     redial_at: Option<Instant>,
     /// Frames held back by the emulated link delay, each way.
@@ -300,23 +319,27 @@ impl Engine {
                 (reserved, Some(reserved), false)
             }
         };
-        let copy = (!copied).then(|| Copy {
-            member: 0,
-            next: 0,
-            reads: HashMap::new(),
-            retry: Vec::new(),
-            done_bytes: 0,
-            total: member_size.iter().sum(),
-            last_seq: None,
-            speed: (Instant::now(), 0, 0),
-        });
+        let copy = (!copied).then(|| Copy::full(&member_size));
+        let journal = match &settings.journal {
+            Some((path, size)) => {
+                let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+                nvmetro_ffi::lock_exclusive(&f, path)?;
+                Some((f, *size))
+            }
+            None => None,
+        };
         let reserved = base + RESERVE;
         state.store(&values(&[("acked", base), ("reserved", reserved), ("copied", u64::from(copied)), ("clean", 0)]))?;
         let want_conn = Arc::new(AtomicBool::new(true));
         let (tx, dialed) = mpsc::channel();
         spawn_dialer(&settings, shared.clone(), want_conn.clone(), tx)?;
+        let mut seq = Sequencer::new(settings.mode, settings.buffer_limit, base);
+        seq.set_journal(settings.journal.as_ref().map(|j| j.1), &mut Vec::new());
         Ok(Engine {
-            seq: Sequencer::new(settings.mode, settings.buffer_limit, base),
+            seq,
+            journal,
+            gap: None,
+            overflows: 0,
             settings,
             shared,
             member_ch,
@@ -447,9 +470,76 @@ impl Engine {
                         self.seq.host_completed(first);
                     }
                 }
+                SeqOutput::Spill { at, data } => {
+                    if let Err(e) = self.journal_io(at, JournalIo::Write(&data)) {
+                        // What the journal lost reaches the DR site by a copy of everything.
+                        tracing::error!(group = %self.settings.name, "DR journal write failed: {e}; the DR image is not consistent until a full copy ends");
+                        self.overflowed(self.seq.last_numbered().saturating_sub(1));
+                        for m in 0..self.member_size.len() {
+                            self.copy_again(m, 0, self.member_size[m]);
+                        }
+                    }
+                }
+                SeqOutput::SendSpilled { seq, epoch, member, offset, at, len } => {
+                    let mut data = vec![0; len as usize];
+                    match self.journal_io(at, JournalIo::Read(&mut data)) {
+                        Ok(()) => self.send(DrFrame::Write { seq, epoch, member, offset, data }),
+                        Err(e) => {
+                            // Sending it later, or anything after it, could not make the image whole.
+                            tracing::error!(group = %self.settings.name, seq, "DR journal read failed: {e}; the stream stops");
+                            self.refused = Some(format!("the journal cannot be read: {e}"));
+                            self.conn_lost("journal read failed");
+                        }
+                    }
+                }
+                SeqOutput::Overflow { member, offset, len, after, .. } => {
+                    self.overflowed(after);
+                    self.copy_again(member as usize, offset, len);
+                }
             }
         }
         self.out = out;
+    }
+
+    /// Long-throw: a write was not numbered; the DR image is inconsistent past `after` until
+    /// the catch-up copy ends.
+    fn overflowed(&mut self, after: u64) {
+        self.overflows += 1;
+        if self.gap.is_none() {
+            tracing::warn!(group = %self.settings.name, after, "DR send buffer and journal full: writes are tracked by region and copied later; the DR image is not consistent until the catch-up ends");
+            self.gap = Some(after);
+            // A restart before the catch-up ends copies everything.
+            self.copied = false;
+            if let Err(e) = self.persist(false) {
+                tracing::error!(group = %self.settings.name, "cannot store the DR group's state: {e}");
+            }
+            if self.greeted {
+                self.send(DrFrame::Gap { seq: after });
+            }
+        }
+    }
+
+    /// Reads or writes the journal ring at logical position `at`.
+    fn journal_io(&self, at: u64, io: JournalIo<'_>) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let (f, size) = self.journal.as_ref().ok_or_else(|| std::io::Error::other("no journal"))?;
+        let start = at % size;
+        let len = match &io {
+            JournalIo::Write(d) => d.len(),
+            JournalIo::Read(d) => d.len(),
+        } as u64;
+        // Wraps at the end of the ring.
+        let first = (size - start).min(len) as usize;
+        match io {
+            JournalIo::Write(d) => {
+                f.write_all_at(&d[..first], start)?;
+                f.write_all_at(&d[first..], 0)
+            }
+            JournalIo::Read(d) => {
+                f.read_exact_at(&mut d[..first], start)?;
+                f.read_exact_at(&mut d[first..], 0)
+            }
+        }
     }
 
     fn send_copy_done(&mut self) {
@@ -518,6 +608,10 @@ impl Engine {
                     self.seq.connected(base, &mut self.out).map_err(|e| e.to_string())?;
                 } else {
                     self.greeted = true;
+                    if let Some(after) = self.gap {
+                        // Before anything past it is sent again.
+                        self.send(DrFrame::Gap { seq: after });
+                    }
                     self.seq.connected(applied_seq, &mut self.out).map_err(|e| e.to_string())?;
                 }
                 self.refused = None;
@@ -629,16 +723,18 @@ impl Engine {
             None => (0, 0, 0),
         };
         let connected = self.conn.is_some() && self.greeted;
-        let state = match (&self.refused, connected, self.copy.is_some()) {
+        let state = match (&self.refused, connected, self.copy.as_ref().map(|c| c.catch_up)) {
             (Some(why), _, _) => format!("refused: {why}"),
             (None, false, _) => "waiting for the DR site".into(),
-            (None, true, true) => "copying".into(),
-            (None, true, false) => "replicating".into(),
+            (None, true, Some(false)) => "copying".into(),
+            (None, true, Some(true)) => "catching up after an overflow (the DR image is not consistent until it ends)".into(),
+            (None, true, None) => "replicating".into(),
         };
         if let Ok(mut s) = self.shared.status.lock() {
-            s.mode = match self.settings.mode {
-                DrMode::Sync => "sync",
-                DrMode::Async => "async",
+            s.mode = match (self.settings.mode, &self.journal) {
+                (DrMode::Sync, _) => "sync",
+                (DrMode::Async, Some(_)) => "long-throw",
+                (DrMode::Async, None) => "async",
             }
             .into();
             s.dr_site = self.settings.dr_site.to_string();
@@ -648,6 +744,9 @@ impl Engine {
             s.behind_bytes = rp.bytes;
             s.behind_ms = rp.age_ms;
             s.buffered_bytes = self.seq.buffered_bytes();
+            s.journal_bytes = self.seq.spilled_bytes();
+            s.journal_limit = self.journal.as_ref().map(|j| j.1);
+            s.overflows = self.overflows;
             s.buffer_limit = self.settings.buffer_limit;
             s.rpo_target_ms = target_ms;
             s.rpo_alarm = alarm;
