@@ -117,7 +117,8 @@ pub fn dr_json(t: &Target) -> Value {
             json!({"name": s.name, "members": s.members, "mode": s.mode, "dr_site": s.dr_site, "connected": s.connected,
                    "state": s.state, "behind_writes": s.behind_writes, "behind_bytes": s.behind_bytes, "behind_ms": s.behind_ms,
                    "buffered_bytes": s.buffered_bytes, "buffer_limit": s.buffer_limit,
-                   "journal_bytes": s.journal_bytes, "journal_limit": s.journal_limit, "overflows": s.overflows, "rpo_target_ms": s.rpo_target_ms,
+                   "journal_bytes": s.journal_bytes, "journal_limit": s.journal_limit, "overflows": s.overflows,
+                   "last_copy": {"read_bytes": s.last_copy_read_bytes, "sent_bytes": s.last_copy_sent_bytes}, "rpo_target_ms": s.rpo_target_ms,
                    "rpo_alarm": s.rpo_alarm, "rpo_alarms": s.rpo_alarms, "copy": copy,
                    "acked_seq": s.acked_seq, "numbered_seq": s.numbered_seq})
         })

@@ -236,13 +236,27 @@ fn the_dr_image_of_a_group_never_shows_a_commit_without_its_data_at_any_cut_and_
     let mut dr = TargetProcess::start(&dr_site_config());
     // Data from before the group existed reaches the DR site through the full copy.
     let p_config = production_config(dr.addr2, "");
-    let mut p = TargetProcess::start(&p_config);
+    let alone = &p_config[..p_config.find("[[dr_group]]").expect("group")];
+    let mut p = TargetProcess::start(alone);
     {
         let mut h = host(&p);
         assert!(write(&mut h, 1, 7000, vec![0xab; 4096]));
     }
+    // The group is added (a restart) to a namespace that holds data.
+    p.terminate();
+    let text = std::fs::read_to_string(&p.config_path).expect("config");
+    std::fs::write(
+        &p.config_path,
+        text + &p_config[p_config.find("[[dr_group]]").expect("group")..].replace("{DIR}", &p.scratch().display().to_string()),
+    )
+    .expect("config");
+    p.restart();
     wait_caught_up_and_compare(&p, &dr);
     assert!(dr.log().contains("the DR image is consistent"), "{}", dr.log());
+    // The copy compared every region (read once for its checksum) and sent only the one ever
+    // written (read again for its data).
+    let last = &dr_status(&p)["groups"][0]["last_copy"];
+    assert_eq!((last["read_bytes"].as_u64(), last["sent_bytes"].as_u64()), (Some(2 * MEMBER + (1 << 20)), Some(1 << 20)), "{last}");
 
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
@@ -283,6 +297,11 @@ fn the_dr_image_of_a_group_never_shows_a_commit_without_its_data_at_any_cut_and_
     }
     wait_caught_up_and_compare(&p, &dr);
     assert!(dr.log().contains("DR stream restarts after"), "{}", dr.log());
+    // Only what the DR image missed travelled: the pairs' regions at most, not the members.
+    let last = &dr_status(&p)["groups"][0]["last_copy"];
+    let sent = last["sent_bytes"].as_u64().unwrap_or(u64::MAX);
+    eprintln!("copy after the crash: {last}");
+    assert!(last["read_bytes"].as_u64() == Some(2 * MEMBER + sent) && sent <= 4 << 20, "{last}");
     // A clean stop leaves nothing behind: the next start resumes without a copy.
     p.terminate();
     let state = std::fs::read_to_string(p.scratch().join("g1.dr")).expect("state");

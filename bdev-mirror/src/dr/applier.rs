@@ -13,6 +13,9 @@ use std::collections::VecDeque;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApplyOutput {
+    /// Compare `len` bytes at `offset` of `member` with the production site's CRC32C `crc`;
+    /// on a difference ask for the region's data; report [`Applier::write_done`] with `id`.
+    Verify { id: u64, member: Member, offset: u64, len: u64, crc: u32 },
     /// Write `data` at `offset` of `member`; report [`Applier::write_done`] with `id`.
     Write { id: u64, member: Member, offset: u64, data: Vec<u8> },
     /// Make every completed write durable on every member; report [`Applier::flush_done`].
@@ -32,12 +35,33 @@ enum Stage {
     Persisting,
 }
 
+/// What a sequenced operation does to its range.
+#[derive(Debug)]
+enum Op {
+    Write(Vec<u8>),
+    /// A copy's checksum of the range as the production site had it.
+    Sum {
+        len: u64,
+        crc: u32,
+    },
+}
+
+impl Op {
+    fn len(&self) -> u64 {
+        match self {
+            Op::Write(d) => d.len() as u64,
+            Op::Sum { len, .. } => *len,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Applier {
     /// Everything through this is durable here (persisted).
     applied: u64,
-    /// Writes received and not yet issued, in order: (seq, epoch, member, offset, data).
-    queued: VecDeque<(u64, u64, Member, u64, Vec<u8>)>,
+    /// Writes (and checksums) received and not yet issued, in order: (seq, epoch, member,
+    /// offset, what).
+    queued: VecDeque<(u64, u64, Member, u64, Op)>,
     /// Issued, not completed: (seq, member, offset, len).
     in_flight: Vec<(u64, Member, u64, u64)>,
     /// The epoch of the writes issued since the last flush.
@@ -102,15 +126,16 @@ impl Applier {
         if let Some(why) = &self.failed {
             return Err(ApplyError::Disk(why.clone()));
         }
-        let DrFrame::Write { seq, epoch, member, offset, data } = frame else {
-            return Err(ApplyError::Unexpected(match frame {
-                DrFrame::Ack { .. } => "Ack",
-                DrFrame::Hello { .. } => "Hello",
-                DrFrame::CopyDone { .. } => "CopyDone",
-                DrFrame::Promoted => "Promoted",
-                DrFrame::Gap { .. } => "Gap",
-                DrFrame::Rebase { .. } | DrFrame::Write { .. } => "Rebase",
-            }));
+        let (seq, epoch, member, offset, op) = match frame {
+            DrFrame::Write { seq, epoch, member, offset, data } => (seq, epoch, member, offset, Op::Write(data)),
+            DrFrame::Sum { seq, epoch, member, offset, len, crc } => (seq, epoch, member, offset, Op::Sum { len, crc }),
+            DrFrame::Ack { .. } => return Err(ApplyError::Unexpected("Ack")),
+            DrFrame::Hello { .. } => return Err(ApplyError::Unexpected("Hello")),
+            DrFrame::CopyDone { .. } => return Err(ApplyError::Unexpected("CopyDone")),
+            DrFrame::Promoted => return Err(ApplyError::Unexpected("Promoted")),
+            DrFrame::Gap { .. } => return Err(ApplyError::Unexpected("Gap")),
+            DrFrame::Rebase { .. } => return Err(ApplyError::Unexpected("Rebase")),
+            DrFrame::Want { .. } => return Err(ApplyError::Unexpected("Want")),
         };
         let expected = self.last_received() + 1;
         if seq < expected {
@@ -124,7 +149,7 @@ impl Applier {
         if epoch < last_epoch {
             return Err(ApplyError::EpochBackwards { seq, epoch, after: last_epoch });
         }
-        self.queued.push_back((seq, epoch, member, offset, data));
+        self.queued.push_back((seq, epoch, member, offset, op));
         self.pump(out);
         Ok(())
     }
@@ -178,18 +203,21 @@ impl Applier {
         if self.stage != Stage::Open {
             return;
         }
-        while let Some(&(_, epoch, member, offset, ref data)) = self.queued.front() {
-            let len = data.len() as u64;
+        while let Some(&(_, epoch, member, offset, ref op)) = self.queued.front() {
+            let len = op.len();
             let same_epoch = self.epoch.is_none_or(|e| e == epoch);
             let overlaps = self.in_flight.iter().any(|w| w.1 == member && w.2 < offset + len && offset < w.2 + w.3);
             if !same_epoch || overlaps {
                 break;
             }
-            let (seq, _, member, offset, data) = self.queued.pop_front().expect("front");
+            let (seq, _, member, offset, op) = self.queued.pop_front().expect("front");
             self.issued = seq;
             self.epoch = Some(epoch);
             self.in_flight.push((seq, member, offset, len));
-            out.push(ApplyOutput::Write { id: seq, member, offset, data });
+            out.push(match op {
+                Op::Write(data) => ApplyOutput::Write { id: seq, member, offset, data },
+                Op::Sum { len, crc } => ApplyOutput::Verify { id: seq, member, offset, len, crc },
+            });
         }
         // Flush when the epoch can go no further (the next write is of a later epoch) or when
         // nothing more has arrived: everything issued is complete and not yet durable.
@@ -209,6 +237,31 @@ mod tests {
 
     fn w(seq: u64, epoch: u64, member: Member, offset: u64) -> DrFrame {
         DrFrame::Write { seq, epoch, member, offset, data: vec![seq as u8; 512] }
+    }
+
+    #[test]
+    fn a_checksum_is_compared_in_order_after_the_writes_it_overlaps() {
+        let mut a = Applier::new(0);
+        let mut out = Vec::new();
+        a.on_frame(w(1, 1, 0, 0), &mut out).unwrap();
+        a.on_frame(DrFrame::Sum { seq: 2, epoch: 1, member: 0, offset: 0, len: 4096, crc: 7 }, &mut out).unwrap();
+        a.on_frame(DrFrame::Sum { seq: 3, epoch: 1, member: 1, offset: 0, len: 4096, crc: 9 }, &mut out).unwrap();
+        let issued = |out: &[ApplyOutput]| -> Vec<u64> {
+            out.iter()
+                .filter_map(|o| match o {
+                    ApplyOutput::Write { id, .. } | ApplyOutput::Verify { id, .. } => Some(*id),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(issued(&out), [1], "the checksum over write 1 waits for it (and what follows, in order)");
+        out.clear();
+        a.write_done(1, Ok(()), &mut out).unwrap();
+        assert_eq!(issued(&out), [2, 3]);
+        assert!(out.contains(&ApplyOutput::Verify { id: 3, member: 1, offset: 0, len: 4096, crc: 9 }));
+        a.write_done(2, Ok(()), &mut out).unwrap();
+        a.write_done(3, Ok(()), &mut out).unwrap();
+        assert!(out.contains(&ApplyOutput::Flush), "an epoch of writes and checksums ends with a flush");
     }
 
     fn writes(out: &[ApplyOutput]) -> Vec<u64> {

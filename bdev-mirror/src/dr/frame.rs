@@ -1,5 +1,5 @@
-//! The DR stream's frames: `Write`, `CopyDone`, `Rebase` and `Gap` (production to DR), `Ack`, `Hello`
-//! and `Promoted` (DR to production).
+//! The DR stream's frames: `Write`, `Sum`, `CopyDone`, `Rebase` and `Gap` (production to DR),
+//! `Ack`, `Hello`, `Want` and `Promoted` (DR to production).
 //!
 //! Every frame is a 40-byte header (magic, kind, member, sequence, epoch, offset, payload length,
 //! four reserved bytes) followed by the payload; integers are little-endian.
@@ -33,6 +33,11 @@ pub enum DrFrame {
     /// Long-throw overflow: writes after `seq` were not all numbered, so an image holding any
     /// of them is not consistent until the catch-up copy ends (`CopyDone`).
     Gap { seq: u64 },
+    /// A copy's checksum (CRC32C) of `len` bytes at `offset` of `member`, in the group's order
+    /// like a write: the DR site compares its own bytes there when it gets to it.
+    Sum { seq: u64, epoch: u64, member: Member, offset: u64, len: u64, crc: u32 },
+    /// DR site to production: the range differs here (after a `Sum`): send its data.
+    Want { member: Member, offset: u64, len: u64 },
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -45,11 +50,14 @@ pub enum FrameError {
     TooLong(usize),
     #[error("a {0} frame carries no payload, this one has {1} bytes")]
     UnexpectedPayload(&'static str, usize),
+    #[error("a {0} frame carries {1} bytes, this one has {2}")]
+    PayloadLength(&'static str, usize, usize),
 }
 
 impl DrFrame {
     /// Writes the frame; a payload is at most [`MAX_PAYLOAD`] (the sequencer refuses larger).
     pub fn encode(&self, out: &mut Vec<u8>) {
+        let mut extra = [0u8; 12];
         let (kind, member, seq, epoch, offset, data): (u8, Member, u64, u64, u64, &[u8]) = match self {
             DrFrame::Write { seq, epoch, member, offset, data } => {
                 assert!(data.len() <= MAX_PAYLOAD, "a DR frame payload of {} bytes", data.len());
@@ -61,6 +69,15 @@ impl DrFrame {
             DrFrame::Rebase { seq } => (5, 0, *seq, 0, 0, &[]),
             DrFrame::Promoted => (6, 0, 0, 0, 0, &[]),
             DrFrame::Gap { seq } => (7, 0, *seq, 0, 0, &[]),
+            DrFrame::Sum { seq, epoch, member, offset, len, crc } => {
+                extra[..8].copy_from_slice(&len.to_le_bytes());
+                extra[8..].copy_from_slice(&crc.to_le_bytes());
+                (8, *member, *seq, *epoch, *offset, &extra[..])
+            }
+            DrFrame::Want { member, offset, len } => {
+                extra[..8].copy_from_slice(&len.to_le_bytes());
+                (9, *member, 0, 0, *offset, &extra[..8])
+            }
         };
         out.extend_from_slice(&MAGIC.to_le_bytes());
         out.push(kind);
@@ -112,6 +129,22 @@ impl DrFrame {
             5 => DrFrame::Rebase { seq },
             6 => DrFrame::Promoted,
             7 => DrFrame::Gap { seq },
+            8 | 9 => {
+                let want = if kind == 8 { 12 } else { 8 };
+                if len != want {
+                    return Err(FrameError::PayloadLength(if kind == 8 { "Sum" } else { "Want" }, want, len));
+                }
+                if buf.len() < HEADER_LEN + len {
+                    return Ok(None);
+                }
+                let n = u64_at(HEADER_LEN);
+                if kind == 8 {
+                    let crc = u32::from_le_bytes(buf[HEADER_LEN + 8..HEADER_LEN + 12].try_into().expect("4 bytes"));
+                    DrFrame::Sum { seq, epoch, member, offset, len: n, crc }
+                } else {
+                    DrFrame::Want { member, offset, len: n }
+                }
+            }
             k => return Err(FrameError::Kind(k)),
         };
         Ok(Some((frame, HEADER_LEN + len)))
@@ -131,6 +164,15 @@ mod tests {
         DrFrame::Ack { seq: 9 }.encode(&mut b);
         DrFrame::CopyDone { seq: 11 }.encode(&mut b);
         assert_eq!(DrFrame::parse(&b[..HEADER_LEN + 100]), Ok(None));
+        for f in [
+            DrFrame::Sum { seq: 3, epoch: 2, member: 1, offset: 1 << 20, len: 1 << 20, crc: 0xdead_beef },
+            DrFrame::Want { member: 1, offset: 4096, len: 1 << 20 },
+        ] {
+            let mut one = Vec::new();
+            f.encode(&mut one);
+            assert_eq!(DrFrame::parse(&one), Ok(Some((f.clone(), one.len()))));
+            assert_eq!(DrFrame::parse(&one[..one.len() - 1]), Ok(None));
+        }
         let (f, n) = DrFrame::parse(&b).unwrap().unwrap();
         assert_eq!((f, n), (w, HEADER_LEN + 4096));
         assert_eq!(DrFrame::parse(&b[n..]), Ok(Some((DrFrame::Ack { seq: 9 }, HEADER_LEN))));
@@ -145,8 +187,8 @@ mod tests {
         bad[0] ^= 1;
         assert!(matches!(DrFrame::parse(&bad), Err(FrameError::Magic(_))));
         let mut bad = b.clone();
-        bad[4] = 9;
-        assert_eq!(DrFrame::parse(&bad), Err(FrameError::Kind(9)));
+        bad[4] = 42;
+        assert_eq!(DrFrame::parse(&bad), Err(FrameError::Kind(42)));
         let mut bad = b.clone();
         bad[34] = 0x20;
         assert_eq!(DrFrame::parse(&bad), Err(FrameError::TooLong(0x20 << 16)));

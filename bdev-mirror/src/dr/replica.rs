@@ -138,6 +138,16 @@ impl DrReplica {
         // copy ends.
         let (state, [applied, consistent, promoted, gap]) = RecordFile::open(&settings.state)?;
         let (consistent, promoted) = (consistent == 1, promoted == 1);
+        let wants_file = super::state::StateFile::new(&settings.state.with_extension("wants"));
+        let wants: Vec<(u16, u64, u64)> = wants_file
+            .load()?
+            .unwrap_or_default()
+            .keys()
+            .filter_map(|k| {
+                let mut p = k.split('.').skip(1).map(|x| x.parse::<u64>().ok());
+                Some((u16::try_from(p.next()??).ok()?, p.next()??, p.next()??))
+            })
+            .collect();
         let poll = Poll::new()?;
         let shared = Arc::new(Shared {
             waker: Waker::new(poll.registry(), WAKER)?,
@@ -173,6 +183,9 @@ impl DrReplica {
             state,
             consistent,
             gap: gap.checked_sub(1),
+            wants,
+            wants_file,
+            verifies: Default::default(),
             dirty: vec![false; members.len()],
             shared: shared.clone(),
             poll,
@@ -285,6 +298,12 @@ struct Stream {
     consistent: bool,
     /// The production site overflowed after this write (see [`DrFrame::Gap`]).
     gap: Option<u64>,
+    /// Regions a copy's checksum found different, asked for and not yet received (durable in
+    /// `wants_file`).
+    wants: Vec<(u16, u64, u64)>,
+    wants_file: super::state::StateFile,
+    /// Checksum reads in flight: tag -> (member, offset, len, crc).
+    verifies: std::collections::HashMap<u64, (u16, u64, u64, u32)>,
     /// Members written since the last flush (only they are flushed).
     dirty: Vec<bool>,
     shared: Arc<Shared>,
@@ -314,6 +333,10 @@ impl Stream {
     /// The durable record: applied sequence, consistent, promoted, and the gap (+1; 0: none).
     fn record(&self, applied: u64) -> [u64; 4] {
         [applied, u64::from(self.consistent), u64::from(self.promoted()), self.gap.map_or(0, |g| g + 1)]
+    }
+
+    fn store_wants(&self) -> std::io::Result<()> {
+        self.wants_file.store(&self.wants.iter().map(|(m, o, l)| (format!("want.{m}.{o}.{l}"), 1)).collect())
     }
 
     fn promoted(&self) -> bool {
@@ -395,7 +418,25 @@ impl Stream {
                 ApplyOutput::Write { id, member, offset, data } => match self.member_ch.get_mut(member as usize) {
                     Some(ch) => {
                         self.dirty[member as usize] = true;
-                        ch.submit(id, BdevOp::Write { offset, data: data.into(), fua: false })
+                        let len = data.len() as u64;
+                        ch.submit(id, BdevOp::Write { offset, data: data.into(), fua: false });
+                        // The data it asked for: should this epoch not become durable, the
+                        // production site sends it again (it holds it until acknowledged).
+                        if self.wants.contains(&(member, offset, len)) {
+                            self.wants.retain(|w| *w != (member, offset, len));
+                            if let Err(e) = self.store_wants() {
+                                self.fail(format!("cannot store the regions asked for: {e}"));
+                            }
+                        }
+                    }
+                    None => {
+                        self.fail(format!("the stream names member {member}, the group has {}", self.member_ch.len()));
+                    }
+                },
+                ApplyOutput::Verify { id, member, offset, len, crc } => match self.member_ch.get_mut(member as usize) {
+                    Some(ch) => {
+                        ch.submit(id, BdevOp::Read { offset, len: len as usize });
+                        self.verifies.insert(id, (member, offset, len, crc));
                     }
                     None => {
                         self.fail(format!("the stream names member {member}, the group has {}", self.member_ch.len()));
@@ -459,7 +500,9 @@ impl Stream {
                 Ok(())
             }
             DrFrame::CopyDone { seq } => {
-                if self.applier.applied() >= seq && (!self.consistent || self.gap.is_some()) {
+                // Regions it asked for and has not received keep the image inconsistent (the
+                // production site copies them and says CopyDone again).
+                if self.applier.applied() >= seq && self.wants.is_empty() && (!self.consistent || self.gap.is_some()) {
                     self.consistent = true;
                     self.gap = None;
                     self.store().map_err(|e| format!("cannot store the state: {e}"))?;
@@ -504,6 +547,34 @@ impl Stream {
         let mut completions = std::mem::take(&mut self.completions);
         let any = !completions.is_empty();
         for c in completions.drain(..) {
+            if let Some((member, offset, len, crc)) = self.verifies.remove(&c.tag) {
+                // A copy's checksum: where this image differs, ask for the data (durably first:
+                // the answer may be lost with the connection, the request must not be).
+                let result = match c.result {
+                    Ok(crate::BdevOutput::Data(d)) => {
+                        if crc32c::crc32c(&d) != crc {
+                            self.wants.push((member, offset, len));
+                            match self.store_wants() {
+                                Ok(()) => {
+                                    if let Some(conn) = self.conn.as_mut() {
+                                        conn.queue(&DrFrame::Want { member, offset, len });
+                                    }
+                                    Ok(())
+                                }
+                                Err(e) => Err(format!("cannot store the regions asked for: {e}")),
+                            }
+                        } else {
+                            Ok(())
+                        }
+                    }
+                    Ok(_) => Err("a read returned no data".to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = self.applier.write_done(c.tag, result, &mut self.out) {
+                    self.fail(e.to_string());
+                }
+                continue;
+            }
             let result = c.result.map(|_| ()).map_err(|e| e.to_string());
             let r = if c.tag == FLUSH_TAG {
                 if let Err(e) = result {
@@ -550,6 +621,10 @@ impl Stream {
             tracing::info!(group = %self.name, applied = self.applier.applied(), "DR stream connected");
             self.conn = Some(c);
             self.applier.connected(&mut self.out);
+            // What was asked for before and may not have arrived.
+            for &(member, offset, len) in &self.wants {
+                self.out.push(ApplyOutput::Send(DrFrame::Want { member, offset, len }));
+            }
         }
         work |= self.member_completions();
         if let Some(c) = self.conn.as_mut() {

@@ -188,6 +188,29 @@ impl Sequencer {
         }
     }
 
+    /// A copy's checksum of `len` bytes at `offset` of `member`, numbered like a write (it is
+    /// compared at the DR site in the group's order) and released at once (it is no host's).
+    /// It takes no room in the buffer: the copy that sends it bounds how many are in flight.
+    pub fn submit_sum(&mut self, tag: u64, member: Member, offset: u64, len: u64, crc: u32, now_ms: u64, out: &mut Vec<SeqOutput>) {
+        if self.completed_in_epoch {
+            self.epoch += 1;
+            self.completed_in_epoch = false;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.held.push_back(Held {
+            tag,
+            seq,
+            frame: DrFrame::Sum { seq, epoch: self.epoch, member, offset, len, crc },
+            len: 0,
+            at_ms: now_ms,
+            released: true,
+            spilled: None,
+        });
+        out.push(SeqOutput::Release(tag));
+        self.send_unsent(out);
+    }
+
     /// A write this sequencer released has completed to its host: writes submitted from now on
     /// may depend on it.
     pub fn host_completed(&mut self, _tag: u64) {

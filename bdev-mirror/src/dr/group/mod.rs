@@ -102,6 +102,10 @@ pub struct DrGroupStatus {
     pub journal_limit: Option<u64>,
     /// Long-throw: writes not numbered because buffer and journal were full, since start.
     pub overflows: u64,
+    /// The last copy that ended: bytes it read, and bytes of data it sent (the rest matched by
+    /// checksum).
+    pub last_copy_read_bytes: u64,
+    pub last_copy_sent_bytes: u64,
     pub rpo_target_ms: Option<u64>,
     pub rpo_alarm: bool,
     pub rpo_alarms: u64,
@@ -277,6 +281,8 @@ struct Engine {
     /// the catch-up copy ends.
     gap: Option<u64>,
     overflows: u64,
+    /// The last copy: bytes read (compared or sent) and bytes of data sent.
+    copy_sent: (u64, u64),
     refused: Option<String>,
     redial_at: Option<Instant>,
     /// Frames held back by the emulated link delay, each way.
@@ -340,6 +346,7 @@ impl Engine {
             journal,
             gap: None,
             overflows: 0,
+            copy_sent: (0, 0),
             settings,
             shared,
             member_ch,
@@ -620,6 +627,18 @@ impl Engine {
                 Ok(())
             }
             DrFrame::Promoted => Err("the DR site's image was promoted and serves hosts: it takes no stream (reverse replication is not built: give the group a new DR image)".into()),
+            DrFrame::Want { member, offset, len } if self.greeted => {
+                if member as usize >= self.member_size.len() || offset.checked_add(len).is_none_or(|end| end > self.member_size[member as usize]) {
+                    return Err(format!("the DR site wants member {member} bytes {offset}+{len}, outside the group"));
+                }
+                if self.copy.is_none() {
+                    // A copy declared done too early (its Want came after a reconnect): the DR
+                    // site stays inconsistent until this one ends.
+                    tracing::info!(group = %self.settings.name, member, offset, "the DR site asks for a region after the copy: copying it");
+                }
+                self.copy_again(member as usize, offset, len);
+                Ok(())
+            }
             DrFrame::Ack { seq } if self.greeted => {
                 self.seq.on_ack(seq, &mut self.out);
                 Ok(())
@@ -747,6 +766,7 @@ impl Engine {
             s.journal_bytes = self.seq.spilled_bytes();
             s.journal_limit = self.journal.as_ref().map(|j| j.1);
             s.overflows = self.overflows;
+            (s.last_copy_read_bytes, s.last_copy_sent_bytes) = self.copy_sent;
             s.buffer_limit = self.settings.buffer_limit;
             s.rpo_target_ms = target_ms;
             s.rpo_alarm = alarm;
