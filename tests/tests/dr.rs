@@ -619,3 +619,58 @@ fn long_throw_never_holds_host_writes_spills_to_the_journal_overflows_and_catche
     assert!(dr.log().contains("the production site overflowed"), "{}", dr.log());
     assert!(dr.log().contains("DR copy ended: the DR image is consistent"), "{}", dr.log());
 }
+
+/// Replaces the DR tables of `t`'s config file with `tables` (placeholders already filled).
+fn with_dr_tables(t: &TargetProcess, tables: &str) {
+    let text = std::fs::read_to_string(&t.config_path).expect("config");
+    let cut = ["[[dr_group]]", "[[dr_replica]]"].iter().filter_map(|k| text.find(k)).min().unwrap_or(text.len());
+    std::fs::write(&t.config_path, format!("{}{tables}", &text[..cut])).expect("config");
+}
+
+#[test]
+fn after_a_promotion_reverse_replication_sends_the_old_production_site_only_what_differs() {
+    let mut dr = TargetProcess::start(&dr_site_serving_config());
+    let mut p = TargetProcess::start(&production_config(dr.addr2, ""));
+    {
+        let mut h = host(&p);
+        for i in 0..64u64 {
+            assert!(write(&mut h, 1 + (i % 2) as u32, i * 97, record(3, i, 0)));
+        }
+    }
+    wait_caught_up_and_compare(&p, &dr);
+    // Disaster: the production site is lost; the DR image is promoted and hosts write there.
+    p.kill();
+    wait_until("the stream is gone", Duration::from_secs(20), || dr_status(&dr)["replicas"][0]["connected"] == false);
+    promote(&dr, false).expect("promoted");
+    const DR_NQN: &str = "nqn.2026-12.io.nvmetro:dr-site";
+    {
+        let mut at_dr = host_of(&dr, DR_NQN);
+        assert!(write(&mut at_dr, 2, 3 << 11, vec![0x5a; 8192]), "a write after the promotion, in region 3 of member 1");
+    }
+    // Reverse: the promoted site streams to the old production site, which becomes the replica.
+    let dir = |t: &TargetProcess| t.scratch().display().to_string();
+    with_dr_tables(
+        &dr,
+        &format!("[[dr_group]]\nname = \"g1\"\nmembers = [\"dr0\", \"dr1\"]\ndr_site = \"{}\"\nstate = \"{}/g1.reverse\"\nsecret = \"{SECRET}\"\n", p.addr2, dir(&dr)),
+    );
+    with_dr_tables(
+        &p,
+        &format!("[[dr_replica]]\nname = \"g1\"\nmembers = [\"p0\", \"p1\"]\nlisten = \"{}\"\nstate = \"{}/g1.reverse-applied\"\nsecret = \"{SECRET}\"\n", p.addr2, dir(&p)),
+    );
+    p.restart();
+    dr.restart();
+    // The new DR site (the old production one) serves nothing until it is promoted back.
+    let mut at_p = host(&p);
+    let (c, _) = at_p.io_cmd(0, nvmetro_proto::cmds::write(0, 1, 0, 1), vec![1; 512], 0).expect("write");
+    assert!(!c.status().is_success(), "the old production site is a replica now");
+    wait_until("the reverse copy ends", Duration::from_secs(60), || {
+        let g = &dr_status(&dr)["groups"][0];
+        g["connected"] == true && g["copy"].is_null() && g["behind_writes"] == 0 && dr_status(&p)["replicas"][0]["consistent"] == true
+    });
+    for (a, b) in [("dr0.img", "p0.img"), ("dr1.img", "p1.img")] {
+        let (x, y) = (std::fs::read(dr.scratch().join(a)).expect(a), std::fs::read(p.scratch().join(b)).expect(b));
+        assert!(x == y, "{a} and the old production site's {b} differ after the reverse copy");
+    }
+    let last = &dr_status(&dr)["groups"][0]["last_copy"];
+    assert_eq!(last["sent_bytes"].as_u64(), Some(1 << 20), "only the region written after the promotion travels: {last}");
+}
