@@ -41,6 +41,14 @@ pub fn authenticate(sock: &mut TcpStream, secret: &[u8], side: Side) -> io::Resu
     }
 }
 
+/// Hands `frames` to `on_frame` in order and empties it; the first refusal stops it and is
+/// returned (the connection then ends).
+pub fn each_frame(frames: &mut Vec<DrFrame>, mut on_frame: impl FnMut(DrFrame) -> Result<(), String>) -> Option<String> {
+    let refused = frames.drain(..).try_for_each(&mut on_frame).err();
+    frames.clear();
+    refused
+}
+
 /// An authenticated connection carrying frames, non-blocking.
 pub struct FramedConn {
     pub sock: mio::net::TcpStream,

@@ -631,14 +631,7 @@ impl Stream {
             let mut frames = std::mem::take(&mut self.frames);
             let read = c.read_frames(&mut frames);
             work |= !frames.is_empty();
-            let mut refused = None;
-            for f in frames.drain(..) {
-                if let Err(why) = self.on_frame(f) {
-                    refused = Some(why);
-                    break;
-                }
-            }
-            frames.clear();
+            let refused = super::link::each_frame(&mut frames, |f| self.on_frame(f));
             self.frames = frames;
             if let Some(why) = refused {
                 tracing::error!(group = %self.name, "DR stream refused: {why}");

@@ -675,14 +675,7 @@ impl Engine {
                 frames.push(self.rx_delayed.pop_front().expect("front").1);
             }
         }
-        let mut refused = None;
-        for f in frames.drain(..) {
-            if let Err(why) = self.on_frame(f) {
-                refused = Some(why);
-                break;
-            }
-        }
-        frames.clear();
+        let refused = crate::dr::link::each_frame(&mut frames, |f| self.on_frame(f));
         self.frames = frames;
         if let Some(why) = refused {
             tracing::error!(group = %self.settings.name, "DR site refused: {why}");
