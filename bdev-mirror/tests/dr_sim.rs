@@ -144,6 +144,7 @@ impl World {
                     self.in_flight.push((id, usize::from(member), (offset / BLOCK) as usize, decode(&data)));
                 }
                 ApplyOutput::Verify { id, .. } => panic!("the simulation copies nothing, yet operation {id} is a checksum"),
+                ApplyOutput::WriteZeroes { id, .. } => panic!("the simulation writes no zeroes, yet operation {id} does"),
                 ApplyOutput::Flush => {
                     assert!(self.in_flight.is_empty(), "a flush while writes are in flight covers none of them");
                     self.flush = true;

@@ -221,13 +221,24 @@ fn consistent(dr: &TargetProcess) -> bool {
 /// Waits until the DR site holds everything the production site numbered, then compares the
 /// members byte for byte.
 fn wait_caught_up_and_compare(p: &TargetProcess, dr: &TargetProcess) {
-    wait_until("the DR site is consistent and holds every write", Duration::from_secs(60), || {
+    // The status is a snapshot (published every 100 ms): the images themselves decide.
+    let differ = || {
+        [("p0.img", "dr0.img"), ("p1.img", "dr1.img")].into_iter().find_map(|(a, b)| {
+            let (x, y) = (std::fs::read(p.scratch().join(a)).expect(a), std::fs::read(dr.scratch().join(b)).expect(b));
+            let first = x.iter().zip(&y).position(|(p, q)| p != q)?;
+            Some(format!("{a} and the DR site's {b} differ, first at byte {first}: {} vs {}", x[first], y[first]))
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
         let g = &dr_status(p)["groups"][0];
-        consistent(dr) && g["connected"] == serde_json::Value::Bool(true) && g["behind_writes"] == 0 && g["copy"].is_null()
-    });
-    for (a, b) in [("p0.img", "dr0.img"), ("p1.img", "dr1.img")] {
-        let (x, y) = (std::fs::read(p.scratch().join(a)).expect(a), std::fs::read(dr.scratch().join(b)).expect(b));
-        assert!(x == y, "{a} and the DR site's {b} differ");
+        let caught_up = consistent(dr) && g["connected"] == true && g["behind_writes"] == 0 && g["copy"].is_null();
+        let why = if caught_up { differ() } else { Some(format!("not caught up: {g}")) };
+        match why {
+            None => return,
+            Some(why) => assert!(std::time::Instant::now() < deadline, "the DR site did not catch up: {why}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -667,10 +678,54 @@ fn after_a_promotion_reverse_replication_sends_the_old_production_site_only_what
         let g = &dr_status(&dr)["groups"][0];
         g["connected"] == true && g["copy"].is_null() && g["behind_writes"] == 0 && dr_status(&p)["replicas"][0]["consistent"] == true
     });
-    for (a, b) in [("dr0.img", "p0.img"), ("dr1.img", "p1.img")] {
-        let (x, y) = (std::fs::read(dr.scratch().join(a)).expect(a), std::fs::read(p.scratch().join(b)).expect(b));
-        assert!(x == y, "{a} and the old production site's {b} differ after the reverse copy");
-    }
+    // (The status is a snapshot: the images decide.)
+    wait_until("the old production site's image equals the promoted one", Duration::from_secs(30), || {
+        [("dr0.img", "p0.img"), ("dr1.img", "p1.img")]
+            .into_iter()
+            .all(|(a, b)| std::fs::read(dr.scratch().join(a)).expect(a) == std::fs::read(p.scratch().join(b)).expect(b))
+    });
     let last = &dr_status(&dr)["groups"][0]["last_copy"];
     assert_eq!(last["sent_bytes"].as_u64(), Some(1 << 20), "only the region written after the promotion travels: {last}");
+}
+
+#[test]
+fn a_multi_range_deallocate_and_write_zeroes_reach_the_dr_site_as_small_frames_and_complete() {
+    let dr = TargetProcess::start(&dr_site_config());
+    let p = TargetProcess::start(&production_config(dr.addr2, ""));
+    let mut h = host(&p);
+    // Data in three places, then one Dataset Management command deallocating two of them (in
+    // different lock stripes) and a Write Zeroes over the third.
+    for lba in [0u64, 2048, 6000] {
+        assert!(write(&mut h, 1, lba, vec![0x77; 8 * 512]));
+    }
+    wait_caught_up_and_compare(&p, &dr);
+    let (cmd, ranges) = nvmetro_proto::cmds::deallocate(0, 1, &[(0, 8), (2048, 8)]);
+    let (c, _) = h.io_cmd(0, cmd, ranges, 0).expect("deallocate");
+    assert!(c.status().is_success(), "{:?}", c.status());
+    let (c, _) = h.io_cmd(0, nvmetro_proto::cmds::write_zeroes(0, 1, 6000, 8, false), Vec::new(), 0).expect("write zeroes");
+    assert!(c.status().is_success(), "{:?}", c.status());
+    // A write over a deallocated range afterwards: its stripe was unlocked.
+    assert!(write(&mut h, 1, 2048, vec![0x78; 512]));
+    wait_caught_up_and_compare(&p, &dr);
+    let image = std::fs::read(dr.scratch().join("dr0.img")).expect("dr0");
+    assert!(image[6000 * 512..6008 * 512].iter().all(|b| *b == 0), "the zeroes reached the DR site");
+    assert!(image[..8 * 512].iter().all(|b| *b == 0) && image[2048 * 512] == 0x78, "both ranges and the write after them");
+}
+
+#[test]
+fn a_new_group_refuses_a_dr_site_that_holds_another_stream() {
+    let dr = TargetProcess::start(&dr_site_config());
+    let mut p = TargetProcess::start(&production_config(dr.addr2, ""));
+    {
+        let mut h = host(&p);
+        assert!(write(&mut h, 1, 0, vec![1; 512]));
+    }
+    wait_caught_up_and_compare(&p, &dr);
+    // The production site loses its state (a rebuild): it must not take the DR image as its own.
+    p.terminate();
+    std::fs::remove_file(p.scratch().join("g1.dr")).expect("state");
+    p.restart();
+    wait_until("the DR site is refused", Duration::from_secs(20), || {
+        dr_status(&p)["groups"][0]["state"].as_str().unwrap_or("").contains("this group is new")
+    });
 }

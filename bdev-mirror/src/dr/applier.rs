@@ -16,6 +16,8 @@ pub enum ApplyOutput {
     /// Compare `len` bytes at `offset` of `member` with the production site's CRC32C `crc`;
     /// on a difference ask for the region's data; report [`Applier::write_done`] with `id`.
     Verify { id: u64, member: Member, offset: u64, len: u64, crc: u32 },
+    /// Write zeroes over `len` bytes at `offset` of `member`; report [`Applier::write_done`].
+    WriteZeroes { id: u64, member: Member, offset: u64, len: u64 },
     /// Write `data` at `offset` of `member`; report [`Applier::write_done`] with `id`.
     Write { id: u64, member: Member, offset: u64, data: Vec<u8> },
     /// Make every completed write durable on every member; report [`Applier::flush_done`].
@@ -44,13 +46,16 @@ enum Op {
         len: u64,
         crc: u32,
     },
+    Zero {
+        len: u64,
+    },
 }
 
 impl Op {
     fn len(&self) -> u64 {
         match self {
             Op::Write(d) => d.len() as u64,
-            Op::Sum { len, .. } => *len,
+            Op::Sum { len, .. } | Op::Zero { len } => *len,
         }
     }
 }
@@ -129,10 +134,11 @@ impl Applier {
         let (seq, epoch, member, offset, op) = match frame {
             DrFrame::Write { seq, epoch, member, offset, data } => (seq, epoch, member, offset, Op::Write(data)),
             DrFrame::Sum { seq, epoch, member, offset, len, crc } => (seq, epoch, member, offset, Op::Sum { len, crc }),
+            DrFrame::Zero { seq, epoch, member, offset, len } => (seq, epoch, member, offset, Op::Zero { len }),
             DrFrame::Ack { .. } => return Err(ApplyError::Unexpected("Ack")),
             DrFrame::Hello { .. } => return Err(ApplyError::Unexpected("Hello")),
             DrFrame::CopyDone { .. } => return Err(ApplyError::Unexpected("CopyDone")),
-            DrFrame::Promoted => return Err(ApplyError::Unexpected("Promoted")),
+            DrFrame::Promoted | DrFrame::Stopped => return Err(ApplyError::Unexpected("Promoted")),
             DrFrame::Gap { .. } => return Err(ApplyError::Unexpected("Gap")),
             DrFrame::Rebase { .. } => return Err(ApplyError::Unexpected("Rebase")),
             DrFrame::Want { .. } => return Err(ApplyError::Unexpected("Want")),
@@ -217,6 +223,7 @@ impl Applier {
             out.push(match op {
                 Op::Write(data) => ApplyOutput::Write { id: seq, member, offset, data },
                 Op::Sum { len, crc } => ApplyOutput::Verify { id: seq, member, offset, len, crc },
+                Op::Zero { len } => ApplyOutput::WriteZeroes { id: seq, member, offset, len },
             });
         }
         // Flush when the epoch can go no further (the next write is of a later epoch) or when

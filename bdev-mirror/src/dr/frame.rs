@@ -1,4 +1,4 @@
-//! The DR stream's frames: `Write`, `Sum`, `CopyDone`, `Rebase` and `Gap` (production to DR),
+//! The DR stream's frames: `Write`, `Zero`, `Sum`, `CopyDone`, `Rebase` and `Gap` (production to DR),
 //! `Ack`, `Hello`, `Want` and `Promoted` (DR to production).
 //!
 //! Every frame is a 40-byte header (magic, kind, member, sequence, epoch, offset, payload length,
@@ -38,6 +38,11 @@ pub enum DrFrame {
     Sum { seq: u64, epoch: u64, member: Member, offset: u64, len: u64, crc: u32 },
     /// DR site to production: the range differs here (after a `Sum`): send its data.
     Want { member: Member, offset: u64, len: u64 },
+    /// A host's Write Zeroes or Deallocate of `len` bytes, in the group's order like a write.
+    Zero { seq: u64, epoch: u64, member: Member, offset: u64, len: u64 },
+    /// DR site to production: its image stopped taking writes (a member's disk or its state
+    /// failed): the stream is refused until the DR site is repaired and restarted.
+    Stopped,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -68,6 +73,7 @@ impl DrFrame {
             DrFrame::CopyDone { seq } => (4, 0, *seq, 0, 0, &[]),
             DrFrame::Rebase { seq } => (5, 0, *seq, 0, 0, &[]),
             DrFrame::Promoted => (6, 0, 0, 0, 0, &[]),
+            DrFrame::Stopped => (11, 0, 0, 0, 0, &[]),
             DrFrame::Gap { seq } => (7, 0, *seq, 0, 0, &[]),
             DrFrame::Sum { seq, epoch, member, offset, len, crc } => {
                 extra[..8].copy_from_slice(&len.to_le_bytes());
@@ -77,6 +83,10 @@ impl DrFrame {
             DrFrame::Want { member, offset, len } => {
                 extra[..8].copy_from_slice(&len.to_le_bytes());
                 (9, *member, 0, 0, *offset, &extra[..8])
+            }
+            DrFrame::Zero { seq, epoch, member, offset, len } => {
+                extra[..8].copy_from_slice(&len.to_le_bytes());
+                (10, *member, *seq, *epoch, *offset, &extra[..8])
             }
         };
         out.extend_from_slice(&MAGIC.to_le_bytes());
@@ -128,21 +138,25 @@ impl DrFrame {
             4 => DrFrame::CopyDone { seq },
             5 => DrFrame::Rebase { seq },
             6 => DrFrame::Promoted,
+            11 if len > 0 => return Err(FrameError::UnexpectedPayload("Stopped", len)),
+            11 => DrFrame::Stopped,
             7 => DrFrame::Gap { seq },
-            8 | 9 => {
-                let want = if kind == 8 { 12 } else { 8 };
+            8..=10 => {
+                let (name, want) = [("Sum", 12), ("Want", 8), ("Zero", 8)][kind as usize - 8];
                 if len != want {
-                    return Err(FrameError::PayloadLength(if kind == 8 { "Sum" } else { "Want" }, want, len));
+                    return Err(FrameError::PayloadLength(name, want, len));
                 }
                 if buf.len() < HEADER_LEN + len {
                     return Ok(None);
                 }
                 let n = u64_at(HEADER_LEN);
-                if kind == 8 {
-                    let crc = u32::from_le_bytes(buf[HEADER_LEN + 8..HEADER_LEN + 12].try_into().expect("4 bytes"));
-                    DrFrame::Sum { seq, epoch, member, offset, len: n, crc }
-                } else {
-                    DrFrame::Want { member, offset, len: n }
+                match kind {
+                    8 => {
+                        let crc = u32::from_le_bytes(buf[HEADER_LEN + 8..HEADER_LEN + 12].try_into().expect("4 bytes"));
+                        DrFrame::Sum { seq, epoch, member, offset, len: n, crc }
+                    }
+                    9 => DrFrame::Want { member, offset, len: n },
+                    _ => DrFrame::Zero { seq, epoch, member, offset, len: n },
                 }
             }
             k => return Err(FrameError::Kind(k)),

@@ -1,10 +1,10 @@
 //! The DR stream's connection: TCP, authenticated by the same HMAC challenge-response as the
 //! replication link ([`crate::mirror::auth`]) before any frame, then [`DrFrame`]s both ways.
 //!
-//! The handshake runs blocking (with [`HANDSHAKE_TIMEOUT`]) on a thread of its own (the
-//! production site's dialer, the DR site's acceptor), so a slow or silent stranger never holds
-//! up the stream; the authenticated socket then becomes non-blocking and moves to the thread
-//! that owns the stream.
+//! The handshake runs blocking, within [`HANDSHAKE_TIMEOUT`] in all, off the stream's thread
+//! (the production site's dialer; at the DR site a thread per connection, a few at a time), so a
+//! slow or silent stranger never holds up the stream; the authenticated socket then becomes
+//! non-blocking and moves to the thread that owns the stream.
 
 use super::frame::{DrFrame, FrameError, HEADER_LEN, MAX_PAYLOAD};
 use crate::mirror::auth::{fresh_nonce, Handshake, Side};
@@ -18,12 +18,18 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Proves to the other end that this one knows `secret`, and checks that it does too. Returns
 /// the bytes that arrived after the handshake (the first frames).
 pub fn authenticate(sock: &mut TcpStream, secret: &[u8], side: Side) -> io::Result<Vec<u8>> {
-    sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    sock.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    // The whole handshake, not each read: a peer dribbling bytes gets no longer.
+    let deadline = std::time::Instant::now() + HANDSHAKE_TIMEOUT;
     let mut hs = Handshake::new(secret, side, fresh_nonce()?);
     let refused = |e: String| io::Error::new(io::ErrorKind::PermissionDenied, format!("authentication failed: {e}"));
     let mut buf = [0u8; 512];
     loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "no handshake within the timeout"));
+        }
+        sock.set_read_timeout(Some(left))?;
+        sock.set_write_timeout(Some(left))?;
         let tx = hs.take_output();
         sock.write_all(&tx)?;
         if hs.is_done() {

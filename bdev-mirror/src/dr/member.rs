@@ -8,12 +8,13 @@
 //! applied them, and the DR image ends with the same bytes. Reads, compares and flushes pass
 //! straight through.
 
-use super::group::{GroupShared, Item, Payload};
+use super::group::{GroupShared, Item, Payload, CHANNEL_DEPTH};
 use super::Member;
 use crate::range_lock::{Mode, RangeLocks};
 use crate::{Access, Bdev, BdevChannel, BdevCompletion, BdevInfo, BdevOp, BdevOutput};
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// A member's range locks have 4 KiB stripes, coarser on large devices (at most 2^20 stripes).
@@ -83,6 +84,7 @@ impl Bdev for DrMemberBdev {
             chan,
             queue,
             lock_wait: VecDeque::new(),
+            next_id: 1,
             writing: HashMap::new(),
             at_group: HashMap::new(),
             to_group: VecDeque::new(),
@@ -107,11 +109,15 @@ struct MemberChannel {
     queue: Arc<super::group::ChanQueue>,
     /// Writes whose range another write holds, in arrival order.
     lock_wait: VecDeque<(u64, BdevOp)>,
-    /// Tag -> (range, what to sequence) for writes at the bdev beneath.
-    writing: HashMap<u64, ((u64, u64), Pending)>,
-    /// Tag -> range of writes the group holds until it releases them.
-    at_group: HashMap<u64, (u64, u64)>,
-    /// Items for the group while its queue is full.
+    /// Writes get ids of their own: the ranges of one Dataset Management command share their
+    /// host's tag.
+    next_id: u64,
+    /// Id -> (host tag, range, what to sequence) for writes at the bdev beneath.
+    writing: HashMap<u64, (u64, (u64, u64), Pending)>,
+    /// Id -> (host tag, range) of writes handed to the group, until it releases them.
+    at_group: HashMap<u64, (u64, (u64, u64))>,
+    /// Items for the group while it holds CHANNEL_DEPTH of this channel's (its queues are that
+    /// deep: nothing is ever pushed into a full one).
     to_group: VecDeque<Item>,
 }
 
@@ -134,14 +140,21 @@ impl MemberChannel {
             BdevOp::CompareAndWrite { data, .. } => Pending::Compared(data.clone()),
             _ => Pending::Zeros(range.1),
         };
-        self.writing.insert(tag, (range, pending));
-        self.inner.submit(tag, op);
+        let id = self.next_id;
+        self.next_id += 1;
+        // Written locally and not yet numbered: a clean stop now is not clean for the DR site.
+        self.group.unsequenced.fetch_add(1, Ordering::AcqRel);
+        self.writing.insert(id, (tag, range, pending));
+        self.inner.submit(id, op);
         None
     }
 
     fn hand_to_group(&mut self) {
         let mut handed = false;
-        while let Some(item) = self.to_group.pop_front() {
+        // Those already handed over (and not yet released) bound what may be pushed.
+        let with_group = self.at_group.len() - self.to_group.len();
+        for _ in with_group..CHANNEL_DEPTH {
+            let Some(item) = self.to_group.pop_front() else { break };
             if let Err(item) = self.queue.inbox.push(item) {
                 self.to_group.push_front(item);
                 break;
@@ -151,6 +164,11 @@ impl MemberChannel {
         if handed {
             self.group.wake();
         }
+    }
+
+    fn unlock(&self, range: (u64, u64)) {
+        self.locks.unlock(range.0, range.1, Mode::Exclusive);
+        self.group.wake_lock_waiters(self.chan);
     }
 }
 
@@ -169,40 +187,50 @@ impl BdevChannel for MemberChannel {
         self.inner.poll(done);
         let mut i = first;
         while i < done.len() {
-            let Some((range, pending)) = self.writing.remove(&done[i].tag) else {
+            // Reads and flushes pass through under their host's tag.
+            let Some((tag, range, pending)) = self.writing.remove(&done[i].tag) else {
                 i += 1;
                 continue;
             };
+            let id = done[i].tag;
+            done[i].tag = tag;
             let payload = match (&done[i].result, pending) {
                 (Ok(BdevOutput::Done), Pending::Data(d)) => Some(Payload::Data(d.to_vec())),
                 (Ok(BdevOutput::Done), Pending::Compared(d)) => Some(Payload::Data(d)),
                 (Ok(BdevOutput::Done), Pending::Zeros(len)) => Some(Payload::Zeros(len)),
-                // Failed or miscompared: nothing was written, nothing to sequence.
+                // Failed or miscompared: nothing to sequence (a failed write's bytes are
+                // undefined at both sites).
                 _ => None,
             };
             match payload {
                 Some(payload) => {
-                    let c = done.swap_remove(i);
-                    self.at_group.insert(c.tag, range);
-                    self.to_group.push_back(Item { chan: self.chan, tag: c.tag, member: self.member, offset: range.0, payload });
+                    done.swap_remove(i);
+                    self.at_group.insert(id, (tag, range));
+                    self.to_group.push_back(Item { chan: self.chan, tag: id, member: self.member, offset: range.0, payload });
                 }
                 None => {
-                    self.locks.unlock(range.0, range.1, Mode::Exclusive);
+                    self.group.unsequenced.fetch_sub(1, Ordering::AcqRel);
+                    self.unlock(range);
                     i += 1;
                 }
             }
         }
-        while let Some(tag) = self.queue.done.pop() {
-            if let Some(range) = self.at_group.remove(&tag) {
-                self.locks.unlock(range.0, range.1, Mode::Exclusive);
+        while let Some(id) = self.queue.done.pop() {
+            if let Some((tag, range)) = self.at_group.remove(&id) {
+                self.unlock(range);
                 done.push(BdevCompletion { tag, result: Ok(BdevOutput::Done) });
             }
         }
+        self.queue.lock_waiters.store(false, Ordering::Release);
         for _ in 0..self.lock_wait.len() {
             let (tag, op) = self.lock_wait.pop_front().expect("counted");
             if let Some(w) = self.try_start(tag, op) {
                 self.lock_wait.push_back(w);
             }
+        }
+        if !self.lock_wait.is_empty() {
+            // Another reactor's (or the copy's) unlock signals this channel's eventfd.
+            self.queue.lock_waiters.store(true, Ordering::Release);
         }
         if !self.to_group.is_empty() {
             self.hand_to_group();

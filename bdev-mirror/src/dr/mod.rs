@@ -21,19 +21,17 @@
 //! two members, random delays, reordering and crashes that keep an arbitrary subset of writes
 //! that were not yet flushed.
 //!
-//! What the daemon that drives these must keep (it does not run a DR stream yet; this is the
-//! protocol core):
-//! * report [`sequencer::Sequencer::host_completed`] before the host sees the completion, and
-//!   submit overlapping writes in the order the local legs apply them (under the mirror's range
-//!   lock), or the epochs do not separate what depends on what;
-//! * persist, beside the group's metadata, the highest sequence it ever numbered (a restarted
-//!   production site must not reuse numbers: the sequencer refuses a DR site that holds more than
-//!   was numbered, [`sequencer::SeqError::DrAhead`]) and a dirty bitmap of what was released but
-//!   not acknowledged (the held buffer is memory: after a production restart the group catches up
-//!   from the bitmap);
-//! * on the DR side, persist the applied sequence at [`applier::ApplyOutput::Persist`] before
-//!   reporting it, and restart the applier from it after a disk error
-//!   ([`applier::ApplyError::Disk`]).
+//! The daemon's side ([`group`], [`member`], [`replica`], [`link`], [`state`]):
+//! * member bdevs report each write to the group before its host sees the completion, and keep
+//!   overlapping writes range-locked until the group numbered them, so the epochs separate what
+//!   depends on what and overlapping writes reach the DR site in the order the local copy has;
+//! * the production site keeps, durably, the acknowledged sequence, a numbering reservation
+//!   (written before any number past it is used), whether the copy ended and whether the last
+//!   stop was clean; after an unclean stop the lost send buffer is made good by a `Rebase` and a
+//!   copy that sends only the regions whose checksums differ;
+//! * the DR site records its applied sequence (in place, two slots) before acknowledging it, and
+//!   the regions it asked for before asking. A member's disk failure stops the DR image (it
+//!   answers `Stopped` until it is repaired and restarted).
 
 pub mod applier;
 pub mod frame;

@@ -128,6 +128,9 @@ impl std::fmt::Debug for Shared {
     }
 }
 
+/// Connections in their handshake at once; more are closed at once (and counted).
+const MAX_HANDSHAKES: usize = 8;
+
 const WAKER: Token = Token(0);
 const CONN: Token = Token(1);
 const MEMBERS: Token = Token(2);
@@ -260,7 +263,7 @@ fn spawn_acceptor(
 ) -> std::io::Result<JoinHandle<()>> {
     let (name, secret) = (settings.name.clone(), settings.secret.clone());
     std::thread::Builder::new().name(format!("dr-accept-{name}")).spawn(move || {
-        let mut last_log: Option<Instant> = None;
+        let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         while !shared.stop.load(Ordering::Acquire) {
             let (mut sock, from) = match listener.accept() {
                 Ok((s, from)) => (std::net::TcpStream::from(std::os::fd::OwnedFd::from(s)), from),
@@ -272,20 +275,30 @@ fn spawn_acceptor(
                 Err(_) => continue,
             };
             let _ = sock.set_nonblocking(false);
-            match authenticate(&mut sock, &secret, crate::mirror::auth::Side::Acceptor) {
-                Ok(early) => {
-                    if tx.send((sock, early)).is_err() {
-                        return;
+            // A few handshakes at once, each on its own thread: strangers cannot queue up the
+            // production site behind them.
+            if pending.load(Ordering::Acquire) >= MAX_HANDSHAKES {
+                shared.refused.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            pending.fetch_add(1, Ordering::AcqRel);
+            let (tx, secret, shared, name, mine) = (tx.clone(), secret.clone(), shared.clone(), name.clone(), pending.clone());
+            let spawned = std::thread::Builder::new().name("dr-handshake".into()).spawn(move || {
+                match authenticate(&mut sock, &secret, crate::mirror::auth::Side::Acceptor) {
+                    Ok(early) => {
+                        if tx.send((sock, early)).is_ok() {
+                            let _ = shared.waker.wake();
+                        }
                     }
-                    let _ = shared.waker.wake();
-                }
-                Err(e) => {
-                    shared.refused.fetch_add(1, Ordering::Relaxed);
-                    if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    Err(e) => {
+                        shared.refused.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(group = %name, %from, "DR stream connection refused: {e}");
-                        last_log = Some(Instant::now());
                     }
                 }
+                mine.fetch_sub(1, Ordering::AcqRel);
+            });
+            if spawned.is_err() {
+                pending.fetch_sub(1, Ordering::AcqRel);
             }
         }
     })
@@ -428,6 +441,15 @@ impl Stream {
                                 self.fail(format!("cannot store the regions asked for: {e}"));
                             }
                         }
+                    }
+                    None => {
+                        self.fail(format!("the stream names member {member}, the group has {}", self.member_ch.len()));
+                    }
+                },
+                ApplyOutput::WriteZeroes { id, member, offset, len } => match self.member_ch.get_mut(member as usize) {
+                    Some(ch) => {
+                        self.dirty[member as usize] = true;
+                        ch.submit(id, BdevOp::WriteZeroes { offset, len });
                     }
                     None => {
                         self.fail(format!("the stream names member {member}, the group has {}", self.member_ch.len()));
@@ -603,6 +625,11 @@ impl Stream {
         while let Ok((sock, early)) = self.accepted.try_recv() {
             work = true;
             if self.failed.is_some() {
+                // Say why rather than close silently (the production site would redial at once).
+                if let Ok(mut c) = FramedConn::new(sock, early) {
+                    c.queue(&DrFrame::Stopped);
+                    let _ = c.flush();
+                }
                 continue;
             }
             let Ok(mut c) = FramedConn::new(sock, early) else { continue };

@@ -133,6 +133,11 @@ impl Sequencer {
         }
     }
 
+    /// Writes submitted and not numbered yet (short-throw: waiting for room).
+    pub fn waiting_writes(&self) -> u64 {
+        self.waiting.len() as u64
+    }
+
     /// Bytes of held writes in the journal.
     pub fn spilled_bytes(&self) -> u64 {
         self.spilled_bytes
@@ -192,22 +197,27 @@ impl Sequencer {
     /// compared at the DR site in the group's order) and released at once (it is no host's).
     /// It takes no room in the buffer: the copy that sends it bounds how many are in flight.
     pub fn submit_sum(&mut self, tag: u64, member: Member, offset: u64, len: u64, crc: u32, now_ms: u64, out: &mut Vec<SeqOutput>) {
+        self.number_small(tag, |seq, epoch| DrFrame::Sum { seq, epoch, member, offset, len, crc }, true, now_ms, out);
+    }
+
+    /// A host's Write Zeroes or Deallocate of `len` bytes: numbered like a write and released
+    /// by the mode, but sent as one small frame whatever its length (it takes no room).
+    pub fn submit_zeroes(&mut self, tag: u64, member: Member, offset: u64, len: u64, now_ms: u64, out: &mut Vec<SeqOutput>) {
+        let release = self.mode == DrMode::Async;
+        self.number_small(tag, |seq, epoch| DrFrame::Zero { seq, epoch, member, offset, len }, release, now_ms, out);
+    }
+
+    fn number_small(&mut self, tag: u64, frame: impl FnOnce(u64, u64) -> DrFrame, released: bool, now_ms: u64, out: &mut Vec<SeqOutput>) {
         if self.completed_in_epoch {
             self.epoch += 1;
             self.completed_in_epoch = false;
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.held.push_back(Held {
-            tag,
-            seq,
-            frame: DrFrame::Sum { seq, epoch: self.epoch, member, offset, len, crc },
-            len: 0,
-            at_ms: now_ms,
-            released: true,
-            spilled: None,
-        });
-        out.push(SeqOutput::Release(tag));
+        self.held.push_back(Held { tag, seq, frame: frame(seq, self.epoch), len: 0, at_ms: now_ms, released, spilled: None });
+        if released {
+            out.push(SeqOutput::Release(tag));
+        }
         self.send_unsent(out);
     }
 

@@ -191,12 +191,14 @@ impl Engine {
                         let now = self.now_ms();
                         self.seq.submit_sum(c.tag, member as Member, offset, len, crc32c::crc32c(&d), now, &mut self.out);
                     }
-                    // Numbered: a host write to the range from now on comes after it.
+                    // Submitted: a host write to the range from now on comes after it.
                     self.locks[member].unlock(offset, len, Mode::Exclusive);
+                    self.shared.wake_lock_waiters(usize::MAX);
                     copy.done_bytes += len;
                 }
                 other => {
                     self.locks[member].unlock(offset, len, Mode::Exclusive);
+                    self.shared.wake_lock_waiters(usize::MAX);
                     tracing::error!(group = %self.settings.name, member, offset, "DR copy: reading the member failed ({other:?}); reading it again");
                     copy.data.mark(member, offset, len);
                 }
@@ -204,7 +206,8 @@ impl Engine {
         }
         self.completions = completions;
         // A chunk that overflowed marked its region again (in `run_outputs`, on the next turn).
-        if copy.idle() && copy.last_seq.is_none() {
+        // Every chunk numbered (none waiting for room in the buffer) before the last is known.
+        if copy.idle() && copy.last_seq.is_none() && self.seq.waiting_writes() == 0 {
             copy.last_seq = Some(self.seq.last_numbered());
             tracing::info!(group = %self.settings.name, bytes = copy.done_bytes, catch_up = copy.catch_up, "DR copy: every region read and queued");
         }

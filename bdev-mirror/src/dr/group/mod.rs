@@ -2,11 +2,14 @@
 //! [`Sequencer`] on a thread of its own, and the stream goes to the DR site over an
 //! authenticated TCP connection ([`super::link`]) that a dialer thread (re)establishes.
 //!
-//! * Reactors hand each write their member completed to the group through a bounded lock-free
-//!   queue per channel and get the release back on another, with an eventfd that wakes a
-//!   parked reactor ([`super::member`]).
-//! * A new group (no state file) first copies every member whole to the DR site, interleaved
-//!   with host writes under the same range locks; the DR image is consistent from `CopyDone`.
+//! * Reactors hand each write their member completed to the group through a lock-free queue
+//!   per channel (a channel has at most [`CHANNEL_DEPTH`] writes with the group; more wait in
+//!   the channel) and get the release back on another, with an eventfd that wakes a parked
+//!   reactor ([`super::member`]). Zeroes and deallocations travel as one small frame each.
+//! * A new group (no state file) first copies every member to the DR site, interleaved with host
+//!   writes under the same range locks, sending only the regions whose checksums differ
+//!   ([`copy`]); the DR image is consistent from `CopyDone`. A new group refuses a DR site that
+//!   already holds a stream.
 //! * Durable state (`state` in the config): the highest sequence the DR site acknowledged, a
 //!   numbering reservation (written before any number past it is used, so a restart never
 //!   reuses one), whether the full copy ended, and whether the last stop was clean (everything
@@ -40,7 +43,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Writes a channel may have with the group at once (more wait in the channel).
-const CHANNEL_DEPTH: usize = 1024;
+pub(super) const CHANNEL_DEPTH: usize = 1024;
 /// Numbers reserved durably at a time.
 const RESERVE: u64 = 1 << 16;
 /// The full copy reads this much at a time, with this many reads at once.
@@ -135,6 +138,8 @@ pub(super) struct ChanQueue {
     /// Tags the group released.
     pub done: ArrayQueue<u64>,
     pub eventfd: OwnedFd,
+    /// The channel has writes waiting for a range lock: an unlock elsewhere signals it.
+    pub lock_waiters: AtomicBool,
 }
 
 pub struct GroupShared {
@@ -143,6 +148,8 @@ pub struct GroupShared {
     parked: AtomicBool,
     stop: AtomicBool,
     status: Mutex<DrGroupStatus>,
+    /// Writes members applied locally that the group has not numbered yet.
+    pub(super) unsequenced: std::sync::atomic::AtomicU64,
     /// New settings from a reload, taken on the thread's next turn.
     tuning: Mutex<Option<DrTuning>>,
 }
@@ -159,6 +166,7 @@ impl GroupShared {
             inbox: ArrayQueue::new(CHANNEL_DEPTH),
             done: ArrayQueue::new(CHANNEL_DEPTH),
             eventfd: nvmetro_ffi::eventfd()?,
+            lock_waiters: AtomicBool::new(false),
         });
         let mut index = 0;
         self.channels.rcu(|v| {
@@ -168,6 +176,16 @@ impl GroupShared {
             v
         });
         Ok((index, q))
+    }
+
+    /// A range was unlocked: channels (other than `except`) with writes waiting for a lock look
+    /// again.
+    pub(super) fn wake_lock_waiters(&self, except: usize) {
+        for (i, q) in self.channels.load().iter().enumerate() {
+            if i != except && q.lock_waiters.swap(false, Ordering::AcqRel) {
+                nvmetro_ffi::eventfd_signal(&q.eventfd);
+            }
+        }
     }
 
     pub(super) fn wake(&self) {
@@ -195,6 +213,7 @@ impl DrGroup {
             waker: Waker::new(poll.registry(), WAKER)?,
             parked: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            unsequenced: Default::default(),
             tuning: Mutex::new(None),
             status: Mutex::new(DrGroupStatus {
                 name: settings.name.clone(),
@@ -273,8 +292,11 @@ struct Engine {
     /// The full copy ended with this write (0: no copy was ever needed or it ended long ago).
     copy_done_seq: Option<u64>,
     copied: bool,
-    /// The next connection first tells the DR site that the stream goes on after this.
+    /// Each connection first tells the DR site that the stream goes on after this, until the DR
+    /// site shows it took it (it holds a write past it).
     rebase: Option<u64>,
+    /// A new group (no state file): the DR site must be new too.
+    fresh: bool,
     /// Long-throw: the journal file and its size.
     journal: Option<(std::fs::File, u64)>,
     /// Writes after this were lost to an overflow: the DR image is not consistent past it until
@@ -307,6 +329,8 @@ impl Engine {
         let stored = state.load()?;
         let get = |k: &str| stored.as_ref().and_then(|s| s.get(k).copied()).unwrap_or(0);
         let (acked, reserved, copied, clean) = (get("acked"), get("reserved"), get("copied") == 1, get("clean") == 1);
+        let (stored_rebase, copy_done) = (get("rebase"), get("copy_done"));
+        let fresh = stored.is_none();
         let mut member_ch = Vec::new();
         for m in members {
             let ch = m.inner().clone().channel()?;
@@ -319,13 +343,15 @@ impl Engine {
         // After an unclean stop the numbers up to the reservation may have been used.
         let (base, rebase, copied) = match stored {
             None => (0, None, false),
-            Some(_) if clean => (acked, None, copied),
+            // A Rebase the DR site never confirmed is still owed.
+            Some(_) if clean => (acked, (stored_rebase > 0).then_some(stored_rebase), copied),
             Some(_) => {
                 tracing::warn!(group = %settings.name, "DR group: the last stop was not clean; writes in its send buffer never reached the DR site: a full copy follows");
                 (reserved, Some(reserved), false)
             }
         };
         let copy = (!copied).then(|| Copy::full(&member_size));
+        let copy_done_seq = (copied && copy_done > 0).then_some(copy_done);
         let journal = match &settings.journal {
             Some((path, size)) => {
                 let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
@@ -335,7 +361,14 @@ impl Engine {
             None => None,
         };
         let reserved = base + RESERVE;
-        state.store(&values(&[("acked", base), ("reserved", reserved), ("copied", u64::from(copied)), ("clean", 0)]))?;
+        state.store(&values(&[
+            ("acked", base),
+            ("reserved", reserved),
+            ("copied", u64::from(copied)),
+            ("clean", 0),
+            ("rebase", rebase.unwrap_or(0)),
+            ("copy_done", copy_done_seq.unwrap_or(0)),
+        ]))?;
         let want_conn = Arc::new(AtomicBool::new(true));
         let (tx, dialed) = mpsc::channel();
         spawn_dialer(&settings, shared.clone(), want_conn.clone(), tx)?;
@@ -364,7 +397,8 @@ impl Engine {
             state,
             reserved,
             copy,
-            copy_done_seq: None,
+            copy_done_seq,
+            fresh,
             copied,
             rebase,
             refused: None,
@@ -391,14 +425,18 @@ impl Engine {
             ("reserved", self.reserved),
             ("copied", u64::from(self.copied)),
             ("clean", u64::from(clean)),
+            ("rebase", self.rebase.unwrap_or(0)),
+            ("copy_done", self.copy_done_seq.unwrap_or(0)),
         ]);
         self.state.store(&v)
     }
 
     /// Makes sure `n` more numbers are reserved durably before they are used.
     fn reserve(&mut self, n: u64) {
-        if self.seq.last_numbered() + n > self.reserved {
-            self.reserved = self.seq.last_numbered() + n + RESERVE;
+        // Writes waiting for room are numbered later, without coming back here.
+        let upto = self.seq.last_numbered() + self.seq.waiting_writes() + n;
+        if upto > self.reserved {
+            self.reserved = upto + RESERVE;
             if let Err(e) = self.persist(false) {
                 // Numbers past the durable reservation could be reused after a restart: stop.
                 tracing::error!(group = %self.settings.name, "cannot store the DR group's state: {e}; the group stops");
@@ -427,29 +465,33 @@ impl Engine {
         for q in channels.iter() {
             while let Some(item) = q.inbox.pop() {
                 any = true;
+                self.shared.unsequenced.fetch_sub(1, Ordering::AcqRel);
                 let first = self.tag();
-                let (len, zeros) = match &item.payload {
-                    Payload::Data(d) => (d.len() as u64, false),
-                    Payload::Zeros(n) => (*n, true),
+                let data = match item.payload {
+                    Payload::Data(d) => d,
+                    Payload::Zeros(len) => {
+                        // One small frame, whatever the length (a discard of a whole device).
+                        self.reserve(1);
+                        self.hosts.insert(first, (item.chan, item.tag, 1));
+                        let now = self.now_ms();
+                        self.seq.submit_zeroes(first, item.member, item.offset, len, now, &mut self.out);
+                        continue;
+                    }
                 };
+                let len = data.len() as u64;
                 let chunks = len.div_ceil(MAX_PAYLOAD as u64).max(1);
                 self.reserve(chunks);
                 self.hosts.insert(first, (item.chan, item.tag, chunks as u32));
-                match item.payload {
-                    Payload::Data(d) if chunks == 1 => self.submit(first, item.member, item.offset, d),
-                    payload => {
-                        for c in 0..chunks {
-                            let at = c * MAX_PAYLOAD as u64;
-                            let n = (len - at).min(MAX_PAYLOAD as u64) as usize;
-                            let data = match (&payload, zeros) {
-                                (Payload::Data(d), _) => d[at as usize..at as usize + n].to_vec(),
-                                _ => vec![0; n],
-                            };
-                            let t = if c == 0 { first } else { self.tag() };
-                            self.parts.insert(t, first);
-                            self.submit(t, item.member, item.offset + at, data);
-                        }
-                    }
+                if chunks == 1 {
+                    self.submit(first, item.member, item.offset, data);
+                    continue;
+                }
+                for c in 0..chunks {
+                    let at = c * MAX_PAYLOAD as u64;
+                    let n = (len - at).min(MAX_PAYLOAD as u64) as usize;
+                    let t = if c == 0 { first } else { self.tag() };
+                    self.parts.insert(t, first);
+                    self.submit(t, item.member, item.offset + at, data[at as usize..at as usize + n].to_vec());
                 }
             }
         }
@@ -605,12 +647,20 @@ impl Engine {
     fn on_frame(&mut self, f: DrFrame) -> Result<(), String> {
         match f {
             DrFrame::Hello { applied_seq } => {
-                if let Some(base) = self.rebase {
-                    if applied_seq > base {
-                        return Err(format!("the DR site holds through {applied_seq}, beyond what this site ever numbered ({base}): it needs a new DR image"));
-                    }
-                    self.send(DrFrame::Rebase { seq: base });
+                if self.fresh && applied_seq > 0 {
+                    return Err(format!(
+                        "the DR site holds a stream (through write {applied_seq}) but this group is new (no state at {}): give it a new DR image (remove the DR site's state) or restore this site's state",
+                        self.settings.state.display()
+                    ));
+                }
+                self.fresh = false;
+                // Only the stream after the Rebase numbers past it: a DR site holding more took it.
+                if self.rebase.is_some_and(|base| applied_seq > base) {
                     self.rebase = None;
+                    let _ = self.persist(false);
+                }
+                if let Some(base) = self.rebase {
+                    self.send(DrFrame::Rebase { seq: base });
                     self.greeted = true;
                     self.seq.connected(base, &mut self.out).map_err(|e| e.to_string())?;
                 } else {
@@ -626,6 +676,7 @@ impl Engine {
                 self.send_copy_done();
                 Ok(())
             }
+            DrFrame::Stopped => Err("the DR site's image stopped taking writes (a member's disk or its state failed): repair it and restart the DR site".into()),
             DrFrame::Promoted => Err("the DR site's image was promoted and serves hosts: it takes no stream (reverse replication is not built: give the group a new DR image)".into()),
             DrFrame::Want { member, offset, len } if self.greeted => {
                 if member as usize >= self.member_size.len() || offset.checked_add(len).is_none_or(|end| end > self.member_size[member as usize]) {
@@ -637,6 +688,15 @@ impl Engine {
                     tracing::info!(group = %self.settings.name, member, offset, "the DR site asks for a region after the copy: copying it");
                 }
                 self.copy_again(member as usize, offset, len);
+                Ok(())
+            }
+            DrFrame::Ack { seq } if self.greeted && self.rebase.is_some_and(|base| seq > base) => {
+                // The DR site applied past the Rebase: it took it.
+                self.rebase = None;
+                if let Err(e) = self.persist(false) {
+                    tracing::error!(group = %self.settings.name, "cannot store the DR group's state: {e}");
+                }
+                self.seq.on_ack(seq, &mut self.out);
                 Ok(())
             }
             DrFrame::Ack { seq } if self.greeted => {
@@ -823,12 +883,15 @@ impl Engine {
         }
         // A clean stop: hosts write no more; give the DR site what is buffered.
         let until = Instant::now() + DRAIN_WAIT;
-        while self.seq.acked() < self.seq.last_numbered() && Instant::now() < until {
+        while (self.seq.acked() < self.seq.last_numbered() || self.seq.waiting_writes() > 0) && Instant::now() < until {
             self.turn(Duration::from_millis(10));
         }
-        let clean = self.seq.acked() == self.seq.last_numbered();
+        // Clean only if every write applied locally reached the DR site: none still at a
+        // member's bdev or in a queue (reactors stopped with them), none waiting for room.
+        let unsequenced = self.shared.unsequenced.load(Ordering::Acquire);
+        let clean = self.seq.acked() == self.seq.last_numbered() && self.seq.waiting_writes() == 0 && unsequenced == 0;
         if !clean {
-            tracing::warn!(group = %self.settings.name, behind = self.seq.last_numbered() - self.seq.acked(), "DR group stops with writes the DR site does not hold: a full copy follows the next start");
+            tracing::warn!(group = %self.settings.name, behind = self.seq.last_numbered() - self.seq.acked(), unsequenced, "DR group stops with writes the DR site does not hold: a copy follows the next start");
         }
         if let Err(e) = self.persist(clean) {
             tracing::error!(group = %self.settings.name, "cannot store the DR group's state at stop: {e}");
