@@ -444,21 +444,24 @@ fn in_sync_mode_a_completed_write_is_already_on_the_dr_sites_disk() {
 #[test]
 fn a_stranger_and_a_wrong_secret_never_become_the_dr_stream() {
     let dr = TargetProcess::start(&dr_site_config());
-    let wrong = TargetProcess::start(
-        &production_config(dr.addr2, "").replace(&format!("secret = \"{SECRET}\""), "secret = \"not-the-dr-secret-at-all\""),
-    );
-    // A stranger that sends garbage.
+    let refused = || dr_status(&dr)["replicas"][0]["refused_connections"].as_u64().unwrap_or(0);
+    // A stranger that sends garbage, alone first: it is refused by itself.
     {
         use std::io::Write;
         let mut s = std::net::TcpStream::connect(dr.addr2).expect("connect");
         let _ = s.write_all(&[0x55; 200]);
     }
-    wait_until("both are refused", Duration::from_secs(30), || {
-        dr_status(&dr)["replicas"][0]["refused_connections"].as_u64().unwrap_or(0) >= 2
-    });
+    wait_until("the stranger is refused", Duration::from_secs(30), || refused() >= 1);
+    // Then a production site with the wrong secret.
+    let wrong = TargetProcess::start(
+        &production_config(dr.addr2, "").replace(&format!("secret = \"{SECRET}\""), "secret = \"not-the-dr-secret-at-all\""),
+    );
+    let before = refused();
+    wait_until("the wrong secret is refused", Duration::from_secs(30), || refused() > before);
     let r = &dr_status(&dr)["replicas"][0];
     assert_eq!(r["applied_seq"], 0, "{r}");
     assert_eq!(r["consistent"], false, "{r}");
+    assert_eq!(r["connected"], false, "{r}");
     let g = &dr_status(&wrong)["groups"][0];
     assert_eq!(g["connected"], false, "{g}");
     assert!(dr.log().contains("DR stream connection refused"), "{}", dr.log());
@@ -728,4 +731,31 @@ fn a_new_group_refuses_a_dr_site_that_holds_another_stream() {
     wait_until("the DR site is refused", Duration::from_secs(20), || {
         dr_status(&p)["groups"][0]["state"].as_str().unwrap_or("").contains("this group is new")
     });
+}
+
+#[test]
+fn a_group_whose_state_cannot_be_stored_stops_its_stream_and_host_writes_go_on() {
+    let dr = TargetProcess::start(&dr_site_config());
+    let state_dir = std::env::temp_dir().join(format!("nvmetro-dr-state-{}", std::process::id()));
+    std::fs::create_dir_all(&state_dir).expect("state dir");
+    let config =
+        production_config(dr.addr2, "mode = \"long-throw\"\nbuffer = \"1MiB\"\njournal = \"{DIR}/g1.journal\"\njournal_size = \"1MiB\"")
+            .replace("{DIR}/g1.dr", &format!("{}/g1.dr", state_dir.display()));
+    let p = TargetProcess::start(&config);
+    wait_caught_up_and_compare(&p, &dr);
+    // The state's directory goes away; the DR site stops answering, so the next writes
+    // overflow, and recording that needs the state.
+    std::fs::remove_dir_all(&state_dir).expect("remove the state dir");
+    dr.signal("STOP");
+    let mut h = host(&p);
+    for i in 0..400u64 {
+        assert!(write(&mut h, 1, (i * 16) % (MEMBER / 512 - 16), vec![i as u8; 8192]), "write {i} fails");
+    }
+    wait_until("the group shows the stream stopped", Duration::from_secs(20), || {
+        dr_status(&p)["groups"][0]["state"].as_str().unwrap_or("").starts_with("STOPPED: cannot store the group's state")
+    });
+    // Host writes still complete.
+    assert!(write(&mut h, 2, 0, vec![1; 4096]));
+    assert!(p.log().contains("DR stream stopped"), "{}", p.log());
+    dr.signal("CONT");
 }

@@ -140,12 +140,18 @@ impl Engine {
 
     /// Regions whose writes reach the DR site only by a copy (an overflow, a failed journal).
     pub(super) fn copy_again(&mut self, member: usize, offset: u64, len: u64) {
+        if self.broken.is_some() {
+            return;
+        }
         if self.copied {
             // A restart before this copy ends copies everything.
             self.copied = false;
             if let Err(e) = self.persist(false) {
-                tracing::error!(group = %self.settings.name, "cannot store the DR group's state: {e}");
+                self.break_off(&format!("cannot store the group's state: {e}"));
             }
+        }
+        if self.broken.is_some() {
+            return;
         }
         let sizes = self.member_size.clone();
         self.copy.get_or_insert_with(|| Copy::catch_up(&sizes)).mark(member, offset, len);
@@ -217,7 +223,7 @@ impl Engine {
             self.copied = true;
             self.gap = None;
             if let Err(e) = self.persist(false) {
-                tracing::error!(group = %self.settings.name, "cannot store the DR group's state: {e}");
+                self.break_off(&format!("cannot store the group's state: {e}"));
             }
             tracing::info!(group = %self.settings.name, catch_up = copy.catch_up, read = copy.done_bytes, sent = copy.sent_bytes, "DR copy ended: the DR image is consistent");
             self.copy_sent = (copy.done_bytes, copy.sent_bytes);

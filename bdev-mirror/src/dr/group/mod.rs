@@ -306,6 +306,8 @@ struct Engine {
     /// The last copy: bytes read (compared or sent) and bytes of data sent.
     copy_sent: (u64, u64),
     refused: Option<String>,
+    /// The stream stopped for good (until a restart): why.
+    broken: Option<String>,
     redial_at: Option<Instant>,
     /// Frames held back by the emulated link delay, each way.
     tx_delayed: std::collections::VecDeque<(Instant, DrFrame)>,
@@ -402,6 +404,7 @@ impl Engine {
             copied,
             rebase,
             refused: None,
+            broken: None,
             redial_at: None,
             tx_delayed: Default::default(),
             rx_delayed: Default::default(),
@@ -438,11 +441,32 @@ impl Engine {
         if upto > self.reserved {
             self.reserved = upto + RESERVE;
             if let Err(e) = self.persist(false) {
-                // Numbers past the durable reservation could be reused after a restart: stop.
-                tracing::error!(group = %self.settings.name, "cannot store the DR group's state: {e}; the group stops");
-                self.shared.stop.store(true, Ordering::Release);
+                // Numbers past the durable reservation could be reused after a restart.
+                self.break_off(&format!("cannot store the group's state: {e}"));
             }
         }
+    }
+
+    /// The stream cannot go on safely (its state cannot be stored): host writes go on without
+    /// it (every one held is released, later ones at once), the DR image falls behind, and the
+    /// next start, finding the last stored state unclean, copies what differs.
+    fn break_off(&mut self, why: &str) {
+        if self.broken.is_some() {
+            return;
+        }
+        tracing::error!(group = %self.settings.name, "DR stream stopped: {why}; host writes go on without it, the DR image falls behind until a restart copies what differs");
+        self.broken = Some(why.to_string());
+        self.conn_lost("stopped");
+        self.want_conn.store(false, Ordering::Release);
+        let channels = self.shared.channels.load_full();
+        for (_, (chan, tag, _)) in self.hosts.drain() {
+            if let Some(q) = channels.get(chan) {
+                let _ = q.done.push(tag);
+                nvmetro_ffi::eventfd_signal(&q.eventfd);
+            }
+        }
+        self.parts.clear();
+        self.copy = None;
     }
 
     fn tag(&mut self) -> u64 {
@@ -466,6 +490,12 @@ impl Engine {
             while let Some(item) = q.inbox.pop() {
                 any = true;
                 self.shared.unsequenced.fetch_sub(1, Ordering::AcqRel);
+                if self.broken.is_some() {
+                    // Released at once: the stream is stopped.
+                    let _ = q.done.push(item.tag);
+                    nvmetro_ffi::eventfd_signal(&q.eventfd);
+                    continue;
+                }
                 let first = self.tag();
                 let data = match item.payload {
                     Payload::Data(d) => d,
@@ -554,15 +584,15 @@ impl Engine {
     /// the catch-up copy ends.
     fn overflowed(&mut self, after: u64) {
         self.overflows += 1;
-        if self.gap.is_none() {
+        if self.gap.is_none() && self.broken.is_none() {
             tracing::warn!(group = %self.settings.name, after, "DR send buffer and journal full: writes are tracked by region and copied later; the DR image is not consistent until the catch-up ends");
             self.gap = Some(after);
             // A restart before the catch-up ends copies everything.
             self.copied = false;
             if let Err(e) = self.persist(false) {
-                tracing::error!(group = %self.settings.name, "cannot store the DR group's state: {e}");
+                self.break_off(&format!("cannot store the group's state: {e}"));
             }
-            if self.greeted {
+            if self.greeted && self.broken.is_none() {
                 self.send(DrFrame::Gap { seq: after });
             }
         }
@@ -694,7 +724,7 @@ impl Engine {
                 // The DR site applied past the Rebase: it took it.
                 self.rebase = None;
                 if let Err(e) = self.persist(false) {
-                    tracing::error!(group = %self.settings.name, "cannot store the DR group's state: {e}");
+                    self.break_off(&format!("cannot store the group's state: {e}"));
                 }
                 self.seq.on_ack(seq, &mut self.out);
                 Ok(())
@@ -796,6 +826,9 @@ impl Engine {
         };
         let connected = self.conn.is_some() && self.greeted;
         let state = match (&self.refused, connected, self.copy.as_ref().map(|c| c.catch_up)) {
+            _ if self.broken.is_some() => {
+                format!("STOPPED: {} (host writes go on without the DR site)", self.broken.as_deref().unwrap_or(""))
+            }
             (Some(why), _, _) => format!("refused: {why}"),
             (None, false, _) => "waiting for the DR site".into(),
             (None, true, Some(false)) => "copying".into(),
@@ -838,7 +871,7 @@ impl Engine {
             if timeout.is_zero() || self.shared.channels.load().iter().any(|q| !q.inbox.is_empty()) { Duration::ZERO } else { timeout };
         let _ = self.poll.poll(&mut self.events, Some(timeout));
         self.shared.parked.store(false, Ordering::SeqCst);
-        if self.redial_at.is_some_and(|t| Instant::now() >= t) {
+        if self.redial_at.is_some_and(|t| Instant::now() >= t) && self.broken.is_none() {
             self.redial_at = None;
             self.want_conn.store(true, Ordering::Release);
         }
