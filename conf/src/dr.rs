@@ -133,6 +133,24 @@ fn members(
     Ok(m.get_ref().clone())
 }
 
+/// Whether `name` is a mirror or built on one (an error bdev over a mirror): its writes are
+/// the mirror's, so the other site's writes reach it without passing the group.
+fn over_mirror(name: &str, bdevs: &[BdevConfig]) -> bool {
+    let mut at = name;
+    // A chain is at most as long as the bdev list (validation refuses cycles).
+    for _ in 0..=bdevs.len() {
+        let Some(b) = bdevs.iter().find(|b| b.name == at) else { return false };
+        if b.kind == BdevKind::Mirror {
+            return true;
+        }
+        match b.depends_on() {
+            Some(base) => at = base,
+            None => return false,
+        }
+    }
+    false
+}
+
 fn name(ctx: &Ctx, table: &str, n: &Spanned<String>, names: &mut HashSet<String>) -> Result<String, ConfigError> {
     let v = n.get_ref();
     if v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) || !names.insert(v.clone()) {
@@ -162,11 +180,11 @@ pub(crate) fn validate_dr(
         let members = members(ctx, "dr_group", &g.members, bdevs, &mut taken)?;
         // A mirror takes writes at both sites, and those of the other site's hosts reach this
         // leg without passing the group: the DR image would silently miss them.
-        if let Some(m) = members.iter().find(|m| bdevs.iter().any(|b| &b.name == *m && b.kind == BdevKind::Mirror)) {
+        if let Some(m) = members.iter().find(|m| over_mirror(m, bdevs)) {
             return Err(ctx.err(
                 g.members.span(),
                 "dr_group.members",
-                format!("bdev `{m}` is a mirror: a DR group of a metro pair's namespaces is not supported yet (writes from the other site would bypass it)"),
+                format!("bdev `{m}` is (or is built on) a mirror: a DR group of a metro pair's namespaces is not supported yet (writes from the other site would bypass it)"),
             ));
         }
         let mode = match g.mode.as_ref().map(|m| m.get_ref().as_str()) {
@@ -337,7 +355,12 @@ address = "127.0.0.1:4420"
             group("").replace("[[subsystem]]", &format!("{leg}{mirror}[[subsystem]]")).replace("[\"a\", \"b\"]", "[\"a\", \"m\"]");
         let e = parse(&mirrored, "g.toml").unwrap_err();
         assert_eq!(e.key, "dr_group.members", "{e}");
-        assert!(e.message.contains("is a mirror"), "{e}");
+        assert!(e.message.contains("is (or is built on) a mirror"), "{e}");
+        let wrapped = group("")
+            .replace("[[subsystem]]", &format!("{leg}{mirror}[[bdev]]\nname = \"x\"\nkind = \"error\"\nbase = \"m\"\n\n[[subsystem]]"))
+            .replace("[\"a\", \"b\"]", "[\"a\", \"x\"]");
+        let e = parse(&wrapped, "g.toml").unwrap_err();
+        assert!(e.key == "dr_group.members" && e.message.contains("`x` is (or is built on) a mirror"), "an error bdev over a mirror: {e}");
     }
 
     #[test]

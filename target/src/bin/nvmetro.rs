@@ -218,6 +218,17 @@ fn event_line(e: &Value) -> String {
     )
 }
 
+/// Asks the operator to type `name` (the `what`'s name) before a risky command goes on.
+fn confirm(what: &str, name: &str) -> anyhow::Result<()> {
+    eprint!("Type the {what}'s name ({name}) to go on: ");
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    if answer.trim() != name {
+        bail!("not confirmed: nothing changed");
+    }
+    Ok(())
+}
+
 /// The DR part of the status: one block per group and per replica.
 fn print_dr(dr: &Value) {
     for g in dr["groups"].as_array().into_iter().flatten() {
@@ -410,12 +421,7 @@ fn main() -> anyhow::Result<()> {
                      from now on never reach this image and the two diverge; if the image is not consistent (a full copy \
                      was under way), hosts see a torn image. The promotion is recorded and survives restarts."
                 );
-                eprint!("Type the group's name ({group}) to go on: ");
-                let mut answer = String::new();
-                std::io::stdin().read_line(&mut answer)?;
-                if answer.trim() != group {
-                    bail!("not confirmed: nothing changed");
-                }
+                confirm("group", &group)?;
             }
             let what = rpc(&socket, "dr_promote", json!({"group": group, "force": force}))?;
             println!("{group}: {}", what.as_str().unwrap_or("promoted"));
@@ -447,12 +453,7 @@ fn main() -> anyhow::Result<()> {
                  The promotion does not survive a restart of this target: run it again if needed."
             );
             if !yes {
-                eprint!("Type the mirror's name ({bdev}) to go on: ");
-                let mut answer = String::new();
-                std::io::stdin().read_line(&mut answer)?;
-                if answer.trim() != bdev {
-                    bail!("not confirmed: nothing changed");
-                }
+                confirm("mirror", &bdev)?;
             }
             let what = rpc(&socket, "mirror_promote", json!({"name": bdev, "force": true}))?;
             println!("{bdev}: {}", what.as_str().unwrap_or("promoted"));

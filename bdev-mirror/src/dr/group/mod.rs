@@ -142,6 +142,16 @@ pub(super) struct ChanQueue {
     pub lock_waiters: AtomicBool,
 }
 
+impl ChanQueue {
+    /// Hands a write back to its channel: the group holds it no longer. There is room: a
+    /// channel has at most [`CHANNEL_DEPTH`] writes with the group.
+    pub fn release(&self, tag: u64) {
+        let pushed = self.done.push(tag);
+        debug_assert!(pushed.is_ok(), "a channel had more than {CHANNEL_DEPTH} writes with its DR group");
+        nvmetro_ffi::eventfd_signal(&self.eventfd);
+    }
+}
+
 pub struct GroupShared {
     channels: arc_swap::ArcSwap<Vec<Arc<ChanQueue>>>,
     waker: Waker,
@@ -461,8 +471,7 @@ impl Engine {
         let channels = self.shared.channels.load_full();
         for (_, (chan, tag, _)) in self.hosts.drain() {
             if let Some(q) = channels.get(chan) {
-                let _ = q.done.push(tag);
-                nvmetro_ffi::eventfd_signal(&q.eventfd);
+                q.release(tag);
             }
         }
         self.parts.clear();
@@ -492,8 +501,7 @@ impl Engine {
                 self.shared.unsequenced.fetch_sub(1, Ordering::AcqRel);
                 if self.broken.is_some() {
                     // Released at once: the stream is stopped.
-                    let _ = q.done.push(item.tag);
-                    nvmetro_ffi::eventfd_signal(&q.eventfd);
+                    q.release(item.tag);
                     continue;
                 }
                 let first = self.tag();
@@ -541,9 +549,7 @@ impl Engine {
                     if h.2 == 0 {
                         let (chan, tag, _) = self.hosts.remove(&first).expect("present");
                         if let Some(q) = channels.get(chan) {
-                            // Room: a channel has at most CHANNEL_DEPTH writes with the group.
-                            let _ = q.done.push(tag);
-                            nvmetro_ffi::eventfd_signal(&q.eventfd);
+                            q.release(tag);
                         }
                         // Before the host can see it: what it submits next may depend on it.
                         self.seq.host_completed(first);
