@@ -759,3 +759,31 @@ fn a_group_whose_state_cannot_be_stored_stops_its_stream_and_host_writes_go_on()
     assert!(p.log().contains("DR stream stopped"), "{}", p.log());
     dr.signal("CONT");
 }
+
+#[test]
+fn a_failed_local_write_is_not_streamed_and_a_failed_dr_disk_stops_the_image_with_a_reason() {
+    // Production: member p0 behind an error bdev; DR: member dr0 behind one too.
+    let errors = |c: String, base: &str, name: &str| {
+        c.replace(&format!("members = [\"{base}\""), &format!("members = [\"{name}\""))
+            .replace(&format!("bdev = \"{base}\""), &format!("bdev = \"{name}\""))
+            .replace("[[subsystem]]", &format!("[[bdev]]\nname = \"{name}\"\nkind = \"error\"\nbase = \"{base}\"\n\n[[subsystem]]"))
+    };
+    let dr = TargetProcess::start(&errors(dr_site_config(), "dr0", "flaky-dr0"));
+    let p = TargetProcess::start(&errors(production_config(dr.addr2, ""), "p0", "flaky-p0"));
+    wait_caught_up_and_compare(&p, &dr);
+    let mut h = host(&p);
+    // A write that fails locally completes with an error, is not sent, and frees its range.
+    rpc(&p, "bdev_error_inject", serde_json::json!({"name": "flaky-p0", "rules": {"op": "write", "error": "eio", "count": 1}}))
+        .expect("inject");
+    assert!(!write(&mut h, 1, 64, vec![0xee; 512]), "the injected local failure reaches the host");
+    assert!(write(&mut h, 1, 64, vec![0xef; 512]), "the range is free again");
+    wait_caught_up_and_compare(&p, &dr);
+    // The DR site's disk fails: its image stops, and the production site says why.
+    rpc(&dr, "bdev_error_inject", serde_json::json!({"name": "flaky-dr0", "rules": {"op": "write", "error": "eio"}})).expect("inject");
+    assert!(write(&mut h, 1, 128, vec![0x11; 512]));
+    wait_until("the DR image stops", Duration::from_secs(20), || dr_status(&dr)["replicas"][0]["failed"].is_string());
+    wait_until("the production site shows why", Duration::from_secs(30), || {
+        dr_status(&p)["groups"][0]["state"].as_str().unwrap_or("").contains("stopped taking writes")
+    });
+    assert!(write(&mut h, 2, 0, vec![2; 512]), "async: host writes go on while the buffer has room");
+}

@@ -89,6 +89,9 @@ impl Bdev for ReplicaMember {
             crate::Access::Fenced
         }
     }
+    fn as_error(&self) -> Option<&crate::error::ErrorBdev> {
+        self.inner.as_error()
+    }
     fn channel(self: Arc<Self>) -> std::io::Result<Box<dyn BdevChannel>> {
         Ok(Box::new(ReplicaMemberChannel { inner: self.inner.clone().channel()?, shared: self.shared.clone(), refused: Vec::new() }))
     }
