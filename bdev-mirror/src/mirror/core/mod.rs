@@ -32,9 +32,16 @@
 //!   passed since the loss (so the other leg's lease has surely run out), serves alone and
 //!   completes the held writes. Denied, it is Outdated and fences (ANA Inaccessible).
 //! * Pre-election: while connected, the legs tell each other whether they reach the witness. When
-//!   neither does, the non-survivor defers (durably) and the survivor arms: a later link loss is
-//!   then decided without the witness. The non-survivor is released only over the link, once it
-//!   reaches the witness again, so the two can never both believe they may serve.
+//!   neither does, the leg that does not order writes defers (durably, then says so) and the leg
+//!   that orders them, on that word, arms: a later link loss is then decided without the witness,
+//!   and the survivor is the site hosts were sent to (after a switchover: the new site). Each leg
+//!   decides from its own role only, so the two cannot disagree: a leg arms only on a deferral
+//!   it received while it ordered writes, and an armed leg that stops ordering disarms. While a
+//!   switchover runs nobody arms (the deferral repeats and arms the new orderer afterwards). A
+//!   deferral ends only over the link: by a release that echoes every deferral sent (the armed
+//!   leg releases once it is disarmed, when the peer reaches the witness again), or when the
+//!   deferring leg takes ordering from a peer that hands it over (never armed meanwhile). So the
+//!   two can never both believe they may serve.
 //! * The leg that was lost comes back Outdated, is resynced (the union of both legs' dirty
 //!   bitmaps) and serves again on its own (automatic failback), or after the operator says so.
 //!
@@ -75,6 +82,8 @@ mod pacing;
 mod quorum;
 mod resync;
 mod switchover;
+#[cfg(test)]
+mod testkit;
 mod wire;
 
 use ordering::{code_error, error_code, frame_op};
@@ -104,7 +113,7 @@ pub enum LinkState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Metro {
     /// The witness's name for this mirror (both sites use the same). The pre-elected survivor
-    /// (when the witness was lost first) is the configured preferred leg.
+    /// (when the witness was lost first) is the leg that orders writes then.
     pub resource: String,
     /// After a resync, wait for [`Input::Failback`] before serving again.
     pub manual_failback: bool,
@@ -235,9 +244,11 @@ const HELLO_AGAIN: u32 = 1;
 mod wit {
     pub const UNREACHABLE: u32 = 0;
     pub const REACHABLE: u32 = 1;
-    /// The sender defers to the receiver: it will not serve alone after a link loss.
+    /// The sender, which does not order writes, defers to the receiver: it will not serve alone
+    /// after a link loss (`offset`: how many deferrals it sent on this connection).
     pub const DEFER: u32 = 2;
-    /// The receiver no longer counts on the sender deferring.
+    /// The sender does not count on the receiver deferring (`offset`: the count of the last
+    /// deferral it received; a release that does not echo the receiver's count is stale).
     pub const RELEASE: u32 = 3;
 }
 
@@ -407,8 +418,12 @@ pub struct MirrorCore {
     witness_authority: u64,
     witness_holder: u8,
     peer_reaches_witness: bool,
-    /// Survivor: the peer deferred to this leg.
+    /// Survivor: the peer deferred to this leg, which orders writes (cleared when it stops).
     armed: bool,
+    /// Deferrals sent to the peer on this connection, and the count the peer's last one
+    /// carried: a release must echo every deferral sent (see `on_witness_frame`).
+    defers_sent: u64,
+    defers_seen: u64,
     /// Metro mode: the operator forced this leg to serve alone (`nvmetro promote --force`).
     forced: bool,
     /// A planned switchover under way at this (ordering) leg.
@@ -565,6 +580,8 @@ impl MirrorCore {
             witness_holder: 0,
             peer_reaches_witness: true,
             armed: false,
+            defers_sent: 0,
+            defers_seen: 0,
             forced: false,
             handover: None,
             switchover_outcome: None,
@@ -897,6 +914,8 @@ impl MirrorCore {
                 // nothing): an election goes on until the peer's Hello arrives.
                 self.link = LinkState::Handshake;
                 self.link_epoch += 1;
+                self.defers_sent = 0;
+                self.defers_seen = 0;
                 out.push(Output::Send(self.hello_frame(0)));
                 // The first answered Ping gives the lease.
                 self.send_ping(out);
