@@ -19,7 +19,8 @@
 //! retry on a serving path) and the witness decides who serves: both legs hold the same data
 //! lineage, so this is an ordinary election, whichever leg thinks it orders.
 //!
-//! Departure, at a clean stop of a leg that does not order writes (after a switchover): the leg
+//! Departure, at a clean stop of a leg that does not order writes (after a switchover; a clean
+//! stop of the ordering leg has the driver switch over first, `driver/planned.rs`): the leg
 //! stops serving (published before anything is sent), then sends `LEAVE`. Its lease is void from
 //! then on, so the peer takes the witness's authority for a new generation *while still
 //! connected* (writes keep replicating to the departing leg meanwhile, so hosts see no pause)
