@@ -70,7 +70,7 @@
 //! [`Input::Resync`]) with a new Hello on the live connection: a resync of the dirty regions makes
 //! it UpToDate again, or it fails again.
 
-use super::frame::{flags, status, Frame, Hello, Kind, OpCode};
+use super::frame::{caps, flags, status, Frame, Hello, Kind, OpCode};
 use super::meta::{Meta, SyncDirection};
 use super::DiskState;
 use crate::{BdevError, BdevOp, BdevOutput};
@@ -864,6 +864,11 @@ impl MirrorCore {
         self.random ^= self.random >> 7;
         self.random ^= self.random << 17;
         self.random | 1
+    }
+
+    /// Whether the peer's Hello on this connection advertised `cap` ([`caps`]).
+    fn peer_can(&self, cap: u8) -> bool {
+        self.peer.is_some_and(|p| p.caps & cap != 0)
     }
 
     fn peer_reachable(&self) -> bool {

@@ -145,7 +145,11 @@ impl MirrorCore {
             }
             // The peer saw every deferral this leg sent on this connection and was not armed
             // after the last: it arms again only on a new one, so the promise is not needed.
-            wit::RELEASE if self.meta.deferred && f.offset == self.defers_sent => {
+            // (An older peer echoes nothing; it releases only a leg that reaches the witness.)
+            wit::RELEASE
+                if self.meta.deferred
+                    && if self.peer_can(caps::RELEASE_ECHO) { f.offset == self.defers_sent } else { self.witness_reachable() } =>
+            {
                 self.meta.deferred = false;
                 out.push(Output::Persist);
                 tracing::info!("pre-election released: the peer does not count on this site deferring");

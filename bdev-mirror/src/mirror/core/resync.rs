@@ -17,6 +17,7 @@ impl MirrorCore {
         let hello = Hello {
             site: self.site,
             preferred: self.configured_preferred,
+            caps: caps::ALL,
             orders: self.meta.switched && self.role == Role::Preferred,
             generations: self.meta.generations,
             disk: self.disk,

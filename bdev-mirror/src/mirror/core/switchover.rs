@@ -126,6 +126,9 @@ impl MirrorCore {
                 ))
             }
         }
+        if !self.peer_can(caps::SWITCHOVER) {
+            return Err("the peer runs an older nvmetro without planned switchover (it would reset the link): upgrade it first".into());
+        }
         if self.quorum != Quorum::Peer || self.failback_hold || self.leaving || self.peer_leaving {
             return Err(format!("this leg is not simply serving with its peer ({})", self.why));
         }
@@ -561,5 +564,66 @@ mod tests {
         assert_eq!(w.resources["m"].holder, 2, "the witness's authority is at site 2");
         assert_eq!(w.resources["m"].authority, b.meta().generations.current, "site 2 writes under the granted generation");
         assert_ne!(b.meta().generations.bitmap, 0);
+    }
+}
+
+#[cfg(test)]
+mod compat_tests {
+    use super::super::testkit::*;
+    use super::super::*;
+
+    /// A and B connected, B's Hello as an older release sends it (no capability byte).
+    fn with_older_b() -> (MirrorCore, MirrorCore) {
+        let (mut a, mut b) = pair();
+        let (mut oa, mut ob) = (Vec::new(), Vec::new());
+        a.handle(Input::LinkUp, &mut oa);
+        b.handle(Input::LinkUp, &mut ob);
+        let mut from_b = frames(&mut ob);
+        for f in from_b.iter_mut().filter(|f| f.kind == Kind::Hello) {
+            let mut p = f.payload.to_vec();
+            p[4] = 0;
+            f.payload = p.into();
+        }
+        ob.extend(from_b.into_iter().map(Output::Send));
+        pump(&mut a, &mut b, oa, ob);
+        let (mut oa, mut ob) = (Vec::new(), Vec::new());
+        for t in [10, 20] {
+            a.handle(Input::Tick { now_ms: t }, &mut oa);
+            b.handle(Input::Tick { now_ms: t }, &mut ob);
+        }
+        pump(&mut a, &mut b, oa, ob);
+        assert_eq!(a.status().link, LinkState::Connected);
+        (a, b)
+    }
+
+    #[test]
+    fn an_older_peer_gets_no_switchover_frame_and_the_switchover_says_why() {
+        let (mut a, mut b) = with_older_b();
+        witness_answers(&mut a);
+        witness_answers(&mut b);
+        let mut oa = Vec::new();
+        let e = a.switchover(&mut oa).unwrap_err();
+        assert!(e.contains("older nvmetro") && e.contains("upgrade"), "{e}");
+        assert!(frames(&mut oa).iter().all(|f| f.kind != Kind::Switchover), "nothing the peer cannot parse");
+        assert_eq!(a.status().role, Role::Preferred, "nothing changed");
+        assert!(b.peer_can(caps::SWITCHOVER) && !a.peer_can(caps::SWITCHOVER), "each leg goes by its peer's Hello");
+        // Nor a LEAVE: a clean stop of a leg whose peer is older just stops (the peer fails over).
+        a.role = Role::Secondary;
+        assert!(!a.leave(), "no departure frame to an older peer");
+    }
+
+    #[test]
+    fn an_older_peers_release_counts_only_once_the_witness_answers() {
+        let (mut a, _b) = with_older_b();
+        // A, Secondary here, deferred to B; B (older) releases without an echo.
+        a.role = Role::Secondary;
+        a.meta.deferred = true;
+        let mut release = Frame::new(Kind::Witness, 0);
+        release.arg = wit::RELEASE;
+        a.handle(Input::Frame(release.clone()), &mut Vec::new());
+        assert!(a.meta.deferred, "the witness does not answer: the deferral stays");
+        witness_answers(&mut a);
+        a.handle(Input::Frame(release), &mut Vec::new());
+        assert!(!a.meta.deferred, "released as an older peer means it");
     }
 }
