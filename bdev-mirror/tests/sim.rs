@@ -611,6 +611,9 @@ impl Sim {
         let now = self.step;
         if let (Some(w), true) = (self.witness.as_mut(), self.witness_up) {
             let reply = w.handle(&req, now);
+            if std::env::var("SIM_WITNESS").is_ok() {
+                eprintln!("{now}: witness {req:?} -> {reply:?}");
+            }
             self.feed(leg, Input::Witness(reply));
         }
         true

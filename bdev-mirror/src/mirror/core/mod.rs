@@ -444,6 +444,8 @@ pub struct MirrorCore {
     witness_seq: u64,
     /// A grant that arrived while a connection was in its handshake (see `on_witness`).
     pending_grant: Option<u64>,
+    /// The generation elections from generation `.0` ask for (see `election_next`).
+    election_next: Option<(u64, u64)>,
     /// When the last tick came (resync budget and the once-a-second sweep); `last_tick_ms` is
     /// the clock, advanced before every input.
     prev_tick_ms: u64,
@@ -592,6 +594,7 @@ impl MirrorCore {
             last_report_ms: 0,
             witness_seq: 0,
             pending_grant: None,
+            election_next: None,
             prev_tick_ms: 0,
             lease_ms: DEFAULT_LEASE_MS,
             peer_lease_until_ms: 0,

@@ -230,7 +230,7 @@ impl MirrorCore {
             self.quorum = Quorum::Won { at_ms: self.settle_at() };
             self.why = "pre-elected survivor: settling".into();
         } else {
-            let next = if self.meta.generations.bitmap == 0 { self.fresh_generation() } else { 0 };
+            let next = self.election_next();
             let nonce = self.fresh_generation();
             // The leg that ordered writes asks at once; the other gives it a head start, so that
             // when both are alive (a partition) the witness keeps the ordering site serving, the
@@ -240,6 +240,26 @@ impl MirrorCore {
             self.quorum = Quorum::Electing { since_ms: now, next, nonce, last_ask_ms: first_ask };
             self.pending_grant = None;
             self.why = "peer lost: asking the witness".into();
+        }
+    }
+
+    /// The generation an election asks to write under (0: it keeps its diverged one). The same
+    /// for every election from one generation: an election that ended without taking its grant
+    /// (the peer came back) may still have won it, late datagrams included, and the witness then
+    /// denies any other successor of the generation both legs hold until their in-sync reports
+    /// heal it (asking for the same one is granted, and nobody else could have won since).
+    pub(super) fn election_next(&mut self) -> u64 {
+        let g = self.meta.generations;
+        if g.bitmap != 0 {
+            return 0;
+        }
+        match self.election_next {
+            Some((from, next)) if from == g.current => next,
+            _ => {
+                let next = self.fresh_generation();
+                self.election_next = Some((g.current, next));
+                next
+            }
         }
     }
 
@@ -470,6 +490,42 @@ mod tests {
         run_alone(&mut a, 3500, 5000);
         run_alone(&mut b, 3500, 5000);
         assert_eq!((a.access(), b.access()), (Access::Fenced, Access::Sole));
+    }
+
+    /// The first request to the witness `c` sends at a tick from `from`.
+    fn ask(c: &mut MirrorCore, from: u64) -> crate::mirror::witness::Request {
+        for t in (from..from + 1000).step_by(50) {
+            let mut out = Vec::new();
+            c.handle(Input::Tick { now_ms: t }, &mut out);
+            if let Some(r) = out.into_iter().find_map(|o| if let Output::Witness(r) = o { Some(r) } else { None }) {
+                return r;
+            }
+        }
+        panic!("no request to the witness: {:?}", c.status());
+    }
+
+    #[test]
+    fn an_election_the_peers_return_cut_short_is_asked_again_for_the_same_generation() {
+        use crate::mirror::witness::{Ask, Verdict, WitnessState};
+        let (mut a, mut b) = connected();
+        let mut w = WitnessState::default();
+        cut(&mut a, &mut b);
+        let first = ask(&mut a, 30);
+        assert_eq!(first.ask, Ask::Acquire);
+        // The witness grants it, but its answer comes after the peer is back: A never takes it.
+        assert_eq!(w.handle(&first, 30).verdict, Verdict::Granted);
+        let (mut oa, mut ob) = (Vec::new(), Vec::new());
+        a.handle(Input::LinkUp, &mut oa);
+        b.handle(Input::LinkUp, &mut ob);
+        pump(&mut a, &mut b, oa, ob);
+        assert_eq!(a.meta.generations.bitmap, 0, "the grant was not taken");
+        // Lost again before the sites' in-sync reports healed the witness: the same successor is
+        // asked for, and granted (another would be denied: nobody would serve).
+        cut(&mut a, &mut b);
+        let again = ask(&mut a, 2000);
+        assert_ne!(again.nonce, first.nonce);
+        assert_eq!(again.next, first.next, "the same successor generation");
+        assert_eq!(w.handle(&again, 2000).verdict, Verdict::Granted);
     }
 
     #[test]

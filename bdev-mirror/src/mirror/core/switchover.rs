@@ -377,7 +377,7 @@ impl MirrorCore {
             return out.push(Output::Send(r));
         }
         self.peer_leaving = true;
-        let next = if self.meta.generations.bitmap == 0 { self.fresh_generation() } else { 0 };
+        let next = self.election_next();
         let nonce = self.fresh_generation();
         // Electing while connected: still serving with the peer (its lease holds) until granted.
         self.quorum = Quorum::Electing { since_ms: self.last_tick_ms, next, nonce, last_ask_ms: 0 };
