@@ -7,8 +7,9 @@
 //! The state machine's parts: [`ordering`] (range admission, issuing and completing operations),
 //! [`wire`] (frames from the peer), [`resync`] (handshake, sync direction, resync and sweep),
 //! [`pacing`] (how fast a resync goes while hosts write),
-//! [`quorum`] (metro mode: witness, pre-election, elections), [`failure`] (failing legs) and
-//! [`switchover`] (metro mode: planned switchover and planned departure).
+//! [`quorum`] (metro mode: witness, pre-election, elections), [`metro`] (its lease timers),
+//! [`failure`] (failing legs), [`switchover`] (metro mode: planned switchover and planned
+//! departure) and [`show`] (whether a leg serves, its paths' ANA state, the status snapshot).
 //!
 //! Ordering, so both copies end byte-identical (active-active):
 //! * The preferred leg orders every write. Its own writes hold an exclusive range lock from issue
@@ -77,17 +78,22 @@ use crate::{BdevError, BdevOp, BdevOutput};
 use std::collections::{HashMap, VecDeque};
 
 mod failure;
+mod metro;
 mod ordering;
 mod pacing;
 mod quorum;
 mod resync;
+mod show;
 mod switchover;
 #[cfg(test)]
 mod testkit;
 mod wire;
 
+use metro::lease_settle;
+pub use metro::Metro;
 use ordering::{code_error, error_code, frame_op};
 pub use pacing::{ResyncLatencyTarget, LATENCY_TARGET_PERCENT};
+pub use show::{MetroStatus, MirrorStatus};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -107,72 +113,6 @@ pub enum LinkState {
     Connected,
     /// The peer was refused (split brain, unrelated data, misconfiguration).
     Refused(String),
-}
-
-/// Metro-mode settings: a witness decides who serves when the legs lose each other.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Metro {
-    /// The witness's name for this mirror (both sites use the same). The pre-elected survivor
-    /// (when the witness was lost first) is the leg that orders writes then.
-    pub resource: String,
-    /// After a resync, wait for [`Input::Failback`] before serving again.
-    pub manual_failback: bool,
-    /// Stop serving after this long without a frame from the connected peer.
-    pub fence_ms: u64,
-    /// After losing the peer, serve alone no sooner than this (must exceed the peer's `fence_ms`).
-    pub settle_ms: u64,
-    /// At start, wait this long for the peer before asking the witness.
-    pub startup_grace_ms: u64,
-    /// Report Transition (ANA Change) at most this long, then Inaccessible while undecided.
-    pub transition_ms: u64,
-}
-
-/// Clock-rate difference the lease inequality allows between two sites (10 %).
-const CLOCK_RATE_MARGIN_PERCENT: u64 = 10;
-/// Scheduling slack the lease inequality allows, in milliseconds.
-const LEASE_SLACK_MS: u64 = 25;
-
-impl Metro {
-    /// Settings for mirror `resource` with timers derived from the link's heartbeat timeout.
-    pub fn new(resource: &str, manual_failback: bool, heartbeat_ms: u64) -> Metro {
-        let mut m = Metro {
-            resource: resource.to_string(),
-            manual_failback,
-            fence_ms: 0,
-            settle_ms: 0,
-            startup_grace_ms: 0,
-            transition_ms: 10_000,
-        };
-        m.set_heartbeat(heartbeat_ms);
-        m
-    }
-
-    /// A leg's lease lasts `h/2` from a Ping its peer answered; a leg that lost its peer serves
-    /// alone only `max(h/2 + 100 ms, h/2 × 1.1 + 25 ms)` after the last Pong it sent, when the
-    /// other leg's lease has surely run out ([`Metro::check`] holds for every `h`).
-    pub fn set_heartbeat(&mut self, h: u64) {
-        self.fence_ms = h / 2;
-        self.settle_ms = (h / 2 + 100).max(lease_settle(h / 2));
-        self.startup_grace_ms = 2 * h;
-    }
-
-    /// The lease inequality (module docs): a leg that takes over waits until its peer's lease has
-    /// surely run out, even if the peer's clock runs 10 % slower.
-    pub fn check(&self) -> Result<(), String> {
-        let needed = lease_settle(self.fence_ms);
-        if self.fence_ms == 0 || self.settle_ms < needed {
-            return Err(format!(
-                "metro timers unsafe: settle {} ms must be at least fence {} ms x 1.{} + {} ms = {needed} ms",
-                self.settle_ms, self.fence_ms, CLOCK_RATE_MARGIN_PERCENT, LEASE_SLACK_MS
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// The least settle time that is safe for a lease of `fence_ms` (the module docs' inequality).
-fn lease_settle(fence_ms: u64) -> u64 {
-    fence_ms + fence_ms * CLOCK_RATE_MARGIN_PERCENT / 100 + LEASE_SLACK_MS
 }
 
 /// Why a leg's device is Failed: what failed, where, and since when.
@@ -250,22 +190,6 @@ mod wit {
     /// The sender does not count on the receiver deferring (`offset`: the count of the last
     /// deferral it received; a release that does not echo the receiver's count is stale).
     pub const RELEASE: u32 = 3;
-}
-
-/// What status displays show of the witness and the election.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct MetroStatus {
-    pub witness_reachable: bool,
-    /// Milliseconds since the witness last answered.
-    pub witness_seen_ms_ago: Option<u64>,
-    pub witness_authority: u64,
-    pub witness_holder: u8,
-    pub quorum: String,
-    /// What this leg's right to serve rests on now, and when it lapses.
-    pub lease: String,
-    pub why: String,
-    pub pre_elected: String,
-    pub failback_pending: bool,
 }
 
 #[derive(Debug)]
@@ -493,29 +417,6 @@ impl std::fmt::Debug for MirrorCore {
     }
 }
 
-/// A snapshot for status displays.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MirrorStatus {
-    /// Whether this leg orders writes now (a failover or a failed leg can move it).
-    pub role: Role,
-    /// The role the configuration gives.
-    pub configured_role: Role,
-    pub disk: DiskState,
-    pub peer_disk: Option<DiskState>,
-    pub link: LinkState,
-    pub serving: bool,
-    pub out_of_sync_bytes: u64,
-    pub sync_total_bytes: u64,
-    pub synced_bytes: u64,
-    pub access: Access,
-    pub metro: Option<MetroStatus>,
-    /// Why this leg is Failed, and since when (core clock).
-    pub failure: Option<Failure>,
-    pub peer_failure: Option<Failure>,
-    /// Times this leg's device failed since start.
-    pub leg_failures: u64,
-}
-
 /// How often the legs report to the witness and to each other (metro mode).
 const WITNESS_INTERVAL_MS: u64 = 250;
 /// The witness counts as reachable while it answered within this.
@@ -707,157 +608,6 @@ impl MirrorCore {
         }
     }
 
-    /// Whether host I/O may be served by this leg now.
-    pub fn serving(&self) -> bool {
-        let leased = self.last_tick_ms < self.peer_lease_until_ms;
-        if self.through_peer() {
-            return true;
-        }
-        if self.metro.is_none() {
-            return match self.role {
-                Role::Preferred => self.disk == DiskState::UpToDate,
-                Role::Secondary => self.link == LinkState::Connected && self.disk == DiskState::UpToDate && leased,
-            };
-        }
-        if self.disk != DiskState::UpToDate || self.failback_hold || self.leaving {
-            return false;
-        }
-        let solo = self.quorum == Quorum::Solo;
-        match self.link {
-            LinkState::Connected | LinkState::Syncing { source: true } => solo || leased,
-            _ => solo,
-        }
-    }
-
-    /// A Failed leg whose peer orders writes and holds the data: it serves every host command by
-    /// forwarding it (reads too), while its lease from the peer holds.
-    pub(super) fn through_peer(&self) -> bool {
-        self.disk == DiskState::Failed
-            && self.role == Role::Secondary
-            && self.link == LinkState::Connected
-            && self.peer.is_some_and(|p| p.disk == DiskState::UpToDate)
-            && self.last_tick_ms < self.peer_lease_until_ms
-    }
-
-    /// How hosts should see this leg's paths.
-    pub fn access(&self) -> Access {
-        if self.through_peer() {
-            return Access::Remote;
-        }
-        if self.serving() {
-            let alone = self.metro.is_some() && (self.quorum == Quorum::Solo || self.peer_failure.is_some());
-            return match (alone, self.metro.is_some() && self.meta.switched, self.role) {
-                (true, _, _) => Access::Sole,
-                (false, true, Role::Preferred) => Access::Leading,
-                (false, true, Role::Secondary) => Access::Standby,
-                (false, false, _) => Access::Serving,
-            };
-        }
-        match (&self.metro, &self.quorum) {
-            (Some(_), Quorum::Won { .. }) => Access::Transition,
-            (Some(m), Quorum::Electing { since_ms, .. }) if self.last_tick_ms.saturating_sub(*since_ms) < m.transition_ms => {
-                Access::Transition
-            }
-            _ => Access::Fenced,
-        }
-    }
-
-    /// The error host I/O gets while this leg does not serve.
-    fn refusal(&self) -> BdevError {
-        if self.access() == Access::Transition {
-            BdevError::Transition
-        } else {
-            BdevError::Fenced
-        }
-    }
-
-    pub fn status(&self) -> MirrorStatus {
-        let region = 1u64 << self.meta.region_shift;
-        // What a resync would have to copy: nothing while connected (hot regions stay marked for
-        // crash safety, but the peer has them), the rest of the sync set while syncing, and the
-        // dirty bitmap while apart or while the peer's device is Failed (connected, it gets
-        // nothing until its resync).
-        let regions = match self.link {
-            LinkState::Connected if self.peer_failure.is_none() => 0,
-            LinkState::Syncing { source: true } => {
-                self.to_sync[self.sync_cursor.min(self.to_sync.len())..].len() as u64 + self.resync_inflight as u64
-            }
-            // The target, from the source's plan and what has arrived.
-            LinkState::Syncing { source: false } => self.sync_total.saturating_sub(self.resynced_bytes).div_ceil(region),
-            _ if self.role == Role::Preferred => self.meta.dirty_count(),
-            _ => 0,
-        };
-        MirrorStatus {
-            role: self.role,
-            configured_role: if self.configured_preferred { Role::Preferred } else { Role::Secondary },
-            disk: self.disk,
-            peer_disk: self.peer.map(|p| p.disk),
-            link: self.link.clone(),
-            serving: self.serving(),
-            out_of_sync_bytes: (regions * region).min(self.size),
-            sync_total_bytes: self.sync_total,
-            synced_bytes: if self.link == (LinkState::Syncing { source: false }) {
-                self.resynced_bytes.min(self.sync_total)
-            } else {
-                self.resynced_bytes
-            },
-            access: self.access(),
-            failure: self.failure.clone(),
-            leg_failures: self.leg_failures,
-            peer_failure: self.peer_failure.clone(),
-            metro: self.metro.as_ref().map(|_| MetroStatus {
-                witness_reachable: self.witness_reachable(),
-                witness_seen_ms_ago: self.witness_seen_ms.map(|t| self.last_tick_ms.saturating_sub(t)),
-                witness_authority: self.witness_authority,
-                witness_holder: self.witness_holder,
-                quorum: match self.quorum {
-                    Quorum::Starting => "starting",
-                    Quorum::Peer => "with peer",
-                    Quorum::Electing { .. } => "electing",
-                    Quorum::Won { .. } => "won, settling",
-                    Quorum::Solo => "serving alone",
-                    Quorum::Fenced => "fenced",
-                }
-                .into(),
-                lease: self.lease(),
-                why: self.why.clone(),
-                pre_elected: if self.armed {
-                    "this site survives a link loss (witness lost)".into()
-                } else if self.meta.deferred {
-                    "the peer survives a link loss (witness lost)".into()
-                } else {
-                    String::new()
-                },
-                failback_pending: self.failback_hold,
-            }),
-        }
-    }
-
-    fn lease(&self) -> String {
-        let Some(m) = &self.metro else { return String::new() };
-        match (&self.quorum, &self.link) {
-            (Quorum::Solo, _) if self.witness_authority == self.meta.generations.current => {
-                format!("witness grant for generation {:x} (held until the peer is resynced)", self.meta.generations.current)
-            }
-            (Quorum::Solo, _) => {
-                format!("pre-election (generation {:x}; recorded at the witness when it answers)", self.meta.generations.current)
-            }
-            (_, LinkState::Connected | LinkState::Syncing { source: true }) => {
-                let now = self.last_tick_ms;
-                if now < self.peer_lease_until_ms {
-                    format!(
-                        "from the peer: lapses in {} ms unless a Ping is answered ({} ms each)",
-                        self.peer_lease_until_ms - now,
-                        m.fence_ms
-                    )
-                } else {
-                    format!("lapsed {} ms ago: no Ping answered", now - self.peer_lease_until_ms)
-                }
-            }
-            _ => "none".into(),
-        }
-    }
-
     fn witness_reachable(&self) -> bool {
         self.witness_seen_ms.is_some_and(|t| self.last_tick_ms.saturating_sub(t) <= WITNESS_ALIVE_MS)
     }
@@ -1030,86 +780,5 @@ impl MirrorCore {
             self.ops.remove(&id);
             out.push(Output::Complete { tag, result: Err(error.clone()) });
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_lease_inequality_holds_for_every_heartbeat() {
-        for h in [2, 10, 100, 500, 1000, 1500, 2000, 3000, 10_000, 60_000] {
-            let m = Metro::new("m", false, h);
-            assert_eq!(m.check(), Ok(()), "heartbeat {h} ms: {m:?}");
-            assert!(m.settle_ms >= m.fence_ms * 11 / 10 + 25);
-        }
-        let d = Metro::new("m", false, 1000);
-        assert_eq!((d.fence_ms, d.settle_ms), (500, 600), "the default timers");
-        let unsafe_timers = Metro { settle_ms: 520, ..d };
-        assert!(unsafe_timers.check().is_err(), "a settle within the lease's clock margin is refused");
-    }
-
-    #[test]
-    fn a_forced_promotion_is_refused_unless_peer_and_witness_are_lost_and_the_copy_is_whole() {
-        let mut meta = Meta::new(1 << 20, 16);
-        meta.generations.current = 0x77;
-        let (mut core, _) = MirrorCore::new(Role::Secondary, 2, 1 << 20, meta, 1);
-        let mut out = Vec::new();
-        let no_metro = core.force_promote(&mut out).unwrap_err();
-        assert!(no_metro.contains("metro"), "{no_metro}");
-        core.set_metro(Metro::new("m", false, 1000), 1);
-        core.handle(Input::Tick { now_ms: 10 }, &mut out);
-        let e = core.force_promote(&mut out).unwrap_err();
-        assert!(e.contains("just started"), "{e}");
-        core.quorum = Quorum::Fenced;
-        core.link = LinkState::Refused("SplitBrain".into());
-        let e = core.force_promote(&mut out).unwrap_err();
-        assert!(e.contains("the peer answers"), "a refused peer still answers: {e}");
-        core.link = LinkState::Down;
-        core.witness_seen_ms = Some(10);
-        let e = core.force_promote(&mut out).unwrap_err();
-        assert!(e.contains("the witness answers"), "{e}");
-        core.witness_seen_ms = None;
-        core.disk = DiskState::Inconsistent;
-        let e = core.force_promote(&mut out).unwrap_err();
-        assert!(e.contains("Inconsistent"), "{e}");
-        core.disk = DiskState::Outdated;
-        core.meta.deferred = true;
-        out.clear();
-        let ok = core.force_promote(&mut out).unwrap();
-        assert!(ok.contains("serving alone under generation"), "{ok}");
-        let g = core.meta.generations;
-        assert_ne!(g.current, 0x77, "a new generation");
-        assert_eq!(g.bitmap, 0x77, "diverged from the one the peer holds");
-        assert!(!core.meta.deferred, "the deferral is overridden");
-        assert!(out.contains(&Output::Persist), "the new generation is made durable");
-        assert_eq!(core.role, Role::Preferred, "the forced leg orders writes");
-        let again = core.force_promote(&mut out).unwrap_err();
-        assert!(again.contains("already serves alone"), "{again}");
-        // Still settling when the witness returns and says the peer holds the authority: out.
-        assert!(matches!(core.quorum, Quorum::Won { .. }));
-        let denied = crate::mirror::witness::Reply {
-            verdict: crate::mirror::witness::Verdict::Denied,
-            nonce: 0,
-            authority: 0x99,
-            holder: 1,
-            resource: "m".into(),
-        };
-        core.handle(Input::Witness(denied), &mut out);
-        assert_eq!(core.quorum, Quorum::Fenced, "a denial while settling fences the forced leg");
-        assert!(!core.serving());
-
-        // A leg that restarts in the middle of a resync into it is no whole copy: it says so,
-        // and cannot be forced.
-        let mut meta = Meta::new(1 << 20, 16);
-        meta.generations.current = 0x77;
-        meta.inconsistent = true;
-        let (mut torn, _) = MirrorCore::new(Role::Preferred, 1, 1 << 20, meta, 1);
-        torn.set_metro(Metro::new("m", false, 1000), 1);
-        assert_eq!(torn.disk, DiskState::Inconsistent);
-        torn.quorum = Quorum::Fenced;
-        let e = torn.force_promote(&mut out).unwrap_err();
-        assert!(e.contains("Inconsistent"), "{e}");
     }
 }

@@ -550,4 +550,67 @@ mod tests {
         a.switch_role(Role::Secondary, &mut out);
         assert!(!a.armed);
     }
+
+    #[test]
+    fn a_forced_promotion_is_refused_unless_peer_and_witness_are_lost_and_the_copy_is_whole() {
+        let mut meta = Meta::new(1 << 20, 16);
+        meta.generations.current = 0x77;
+        let (mut core, _) = MirrorCore::new(Role::Secondary, 2, 1 << 20, meta, 1);
+        let mut out = Vec::new();
+        let no_metro = core.force_promote(&mut out).unwrap_err();
+        assert!(no_metro.contains("metro"), "{no_metro}");
+        core.set_metro(Metro::new("m", false, 1000), 1);
+        core.handle(Input::Tick { now_ms: 10 }, &mut out);
+        let e = core.force_promote(&mut out).unwrap_err();
+        assert!(e.contains("just started"), "{e}");
+        core.quorum = Quorum::Fenced;
+        core.link = LinkState::Refused("SplitBrain".into());
+        let e = core.force_promote(&mut out).unwrap_err();
+        assert!(e.contains("the peer answers"), "a refused peer still answers: {e}");
+        core.link = LinkState::Down;
+        core.witness_seen_ms = Some(10);
+        let e = core.force_promote(&mut out).unwrap_err();
+        assert!(e.contains("the witness answers"), "{e}");
+        core.witness_seen_ms = None;
+        core.disk = DiskState::Inconsistent;
+        let e = core.force_promote(&mut out).unwrap_err();
+        assert!(e.contains("Inconsistent"), "{e}");
+        core.disk = DiskState::Outdated;
+        core.meta.deferred = true;
+        out.clear();
+        let ok = core.force_promote(&mut out).unwrap();
+        assert!(ok.contains("serving alone under generation"), "{ok}");
+        let g = core.meta.generations;
+        assert_ne!(g.current, 0x77, "a new generation");
+        assert_eq!(g.bitmap, 0x77, "diverged from the one the peer holds");
+        assert!(!core.meta.deferred, "the deferral is overridden");
+        assert!(out.contains(&Output::Persist), "the new generation is made durable");
+        assert_eq!(core.role, Role::Preferred, "the forced leg orders writes");
+        let again = core.force_promote(&mut out).unwrap_err();
+        assert!(again.contains("already serves alone"), "{again}");
+        // Still settling when the witness returns and says the peer holds the authority: out.
+        assert!(matches!(core.quorum, Quorum::Won { .. }));
+        let denied = crate::mirror::witness::Reply {
+            verdict: crate::mirror::witness::Verdict::Denied,
+            nonce: 0,
+            authority: 0x99,
+            holder: 1,
+            resource: "m".into(),
+        };
+        core.handle(Input::Witness(denied), &mut out);
+        assert_eq!(core.quorum, Quorum::Fenced, "a denial while settling fences the forced leg");
+        assert!(!core.serving());
+
+        // A leg that restarts in the middle of a resync into it is no whole copy: it says so,
+        // and cannot be forced.
+        let mut meta = Meta::new(1 << 20, 16);
+        meta.generations.current = 0x77;
+        meta.inconsistent = true;
+        let (mut torn, _) = MirrorCore::new(Role::Preferred, 1, 1 << 20, meta, 1);
+        torn.set_metro(Metro::new("m", false, 1000), 1);
+        assert_eq!(torn.disk, DiskState::Inconsistent);
+        torn.quorum = Quorum::Fenced;
+        let e = torn.force_promote(&mut out).unwrap_err();
+        assert!(e.contains("Inconsistent"), "{e}");
+    }
 }
