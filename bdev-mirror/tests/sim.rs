@@ -1,6 +1,9 @@
 //! Debugging a history: `SIM_ONE=<seed in hex>` runs only that seed of the random tests
 //! (`SIM_SKIP=<hex>,<hex>` skips seeds of the metro histories),
-//! `SIM_DEBUG=1` prints each seed and its failure plan, `SIM_TRACE=1` both legs' state as it goes.
+//! `SIM_DEBUG=1` prints each seed and its failure plan, `SIM_TRACE=1` both legs' state as it goes
+//! (every 50 steps; every step with `SIM_TRACE_ALL=1`) and each crash, `SIM_WITNESS=1` every
+//! request the witness answers. A failing metro history prints its `SIM_ONE`. (Histories are
+//! not quite reproducible: the core iterates hash maps, so a rare one may need a few runs.)
 //!
 //! Two mirror legs driven against each other through a simulated link, with random operation
 //! orders, random completion orders, and one random failure per run (link cut, or a crash of
@@ -451,7 +454,13 @@ impl Sim {
 
     /// A crash in which each block not yet on the media is lost with `loss_percent` chance.
     fn crash_losing(&mut self, leg: usize, loss_percent: u64) {
+        if std::env::var("SIM_TRACE").is_ok() {
+            eprintln!("{}: crash of leg {leg}: {:?}", self.step, self.legs[leg].core.as_ref().map(|c| (c.status(), c.meta().deferred)));
+        }
         self.cut();
+        if std::env::var("SIM_TRACE").is_ok() {
+            eprintln!("{}: crash of leg {leg}: durable {:?}", self.step, self.legs[leg].durable.generations);
+        }
         self.legs[leg].failing_below = 0;
         self.open_writes.retain(|_, l| *l != leg);
         let l = &mut self.legs[leg];
@@ -847,6 +856,10 @@ fn run_metro(seed: u64) -> (usize, usize, u64, usize, usize, usize, usize) {
     let switch_at_orderer = sim.rng.below(4) != 0;
     let depart_at = switch_at.filter(|_| sim.rng.below(2) == 0).map(|s| s + 20 + sim.rng.below(200));
     let mut departing: Option<(usize, u64)> = None;
+    // A clean stop of the site that orders writes: the driver switches over first, then departs
+    // (or, refused or broken, just stops).
+    let stop_orderer_at = (sim.rng.below(4) == 0).then(|| sim.rng.below(steps));
+    let mut stopping: Option<(usize, u64)> = None;
     let (mut switched, mut departed) = (0, 0);
     let mut pre_elected_secondary = 0;
     // Half the cuts come with a half-dead link that connects and passes nothing, again and again.
@@ -879,7 +892,7 @@ fn run_metro(seed: u64) -> (usize, usize, u64, usize, usize, usize, usize) {
         if s == heal_at {
             sim.heal(seed);
         }
-        if std::env::var("SIM_TRACE").is_ok() && s % 50 == 0 {
+        if std::env::var("SIM_TRACE").is_ok() && (s % 50 == 0 || std::env::var("SIM_TRACE_ALL").is_ok()) {
             let st = |l: usize| {
                 sim.legs[l].core.as_ref().map(|c| {
                     (
@@ -888,6 +901,8 @@ fn run_metro(seed: u64) -> (usize, usize, u64, usize, usize, usize, usize) {
                         c.meta().generations.current % 1000,
                         c.meta().generations.bitmap % 1000,
                         c.status().metro.map(|m| m.why),
+                        c.status().role,
+                        c.meta().ordering,
                     )
                 })
             };
@@ -908,6 +923,22 @@ fn run_metro(seed: u64) -> (usize, usize, u64, usize, usize, usize, usize) {
                 departing = Some((leg, s));
             }
         }
+        if Some(s) == stop_orderer_at && departing.is_none() {
+            let orderer = (0..2).find(|l| sim.legs[*l].core.as_ref().is_some_and(|c| c.status().role == Role::Preferred));
+            if let Some(leg) = orderer {
+                match sim.switchover(leg) {
+                    Ok(()) => stopping = Some((leg, s)),
+                    Err(_) => sim.crash(leg),
+                }
+            }
+        }
+        if let Some((leg, since)) = stopping {
+            // (The driver's bound on the switchover, in sim steps.)
+            if sim.legs[leg].core.is_none() || s > since + 600 {
+                sim.crash(leg);
+                stopping = None;
+            }
+        }
         if let Some((leg, since)) = departing {
             // The driver closes once the peer took over, or gives up waiting.
             if sim.legs[leg].core.as_ref().is_none_or(|c| c.left()) || s > since + 300 {
@@ -925,12 +956,20 @@ fn run_metro(seed: u64) -> (usize, usize, u64, usize, usize, usize, usize) {
             forced += usize::from(r.is_ok());
         }
         sim.random_step(s < steps);
-        for c in sim.legs.iter_mut().filter_map(|l| l.core.as_mut()) {
-            let outcome = c.take_switchover_outcome();
-            if std::env::var("SIM_DEBUG").is_ok() && outcome.is_some() {
-                eprintln!("seed {seed:x}: switchover outcome at {s}: {outcome:?}");
+        for leg in 0..2 {
+            let Some(outcome) = sim.legs[leg].core.as_mut().and_then(|c| c.take_switchover_outcome()) else { continue };
+            if std::env::var("SIM_DEBUG").is_ok() {
+                eprintln!("seed {seed:x}: switchover outcome at leg {leg} at {s}: {outcome:?}");
             }
-            switched += usize::from(outcome.is_some_and(|r| r.is_ok()));
+            switched += usize::from(outcome.is_ok());
+            if stopping.is_some_and(|(l, _)| l == leg) {
+                stopping = None;
+                if departing.is_none() && sim.depart(leg) {
+                    departing = Some((leg, s));
+                } else {
+                    sim.crash(leg);
+                }
+            }
         }
     }
     let (issued, acked, reads) = sim.finish(seed);

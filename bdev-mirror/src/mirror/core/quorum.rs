@@ -363,6 +363,18 @@ impl MirrorCore {
             self.left.get_or_insert(false);
             return self.release_held(Err(BdevError::Fenced), out);
         }
+        if was == LinkState::Connected
+            && self.disk == DiskState::UpToDate
+            && !self.peer_leaving
+            && matches!(self.quorum, Quorum::Solo | Quorum::Won { .. } | Quorum::Fenced)
+        {
+            // In sync and connected, the peer served on this leg's leases even if the tick that
+            // records it (metro_tick) has not come yet: serving on alone under the old grant
+            // would write under a generation the witness never heard of while it grants the
+            // peer, which holds the authority's generation too.
+            self.quorum = Quorum::Peer;
+            self.forced = false;
+        }
         match self.quorum {
             // Already serving alone (the peer was resyncing) or already out: nothing to decide.
             Quorum::Solo | Quorum::Won { .. } => self.release_held(Ok(()), out),
@@ -526,6 +538,20 @@ mod tests {
         assert_ne!(again.nonce, first.nonce);
         assert_eq!(again.next, first.next, "the same successor generation");
         assert_eq!(w.handle(&again, 2000).verdict, Verdict::Granted);
+    }
+
+    #[test]
+    fn a_leg_serving_alone_whose_peer_just_came_in_sync_asks_the_witness_when_the_link_goes_again() {
+        let (mut a, mut b) = connected();
+        // The resync into B ended; the tick that records A serving with its peer has not come.
+        a.quorum = Quorum::Solo;
+        let g = a.meta.generations;
+        cut(&mut a, &mut b);
+        assert!(matches!(a.quorum, Quorum::Electing { .. }), "{:?}", a.status().metro);
+        let mut out = Vec::new();
+        a.handle(write(7), &mut out);
+        assert_eq!(a.meta.generations, g, "no write under a generation the witness never granted");
+        assert!(!a.serving());
     }
 
     #[test]
