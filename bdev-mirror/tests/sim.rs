@@ -797,8 +797,9 @@ fn run(seed: u64) -> (usize, usize, u64) {
 /// The operator may also switch over (before, during or after the failure) and then stop the
 /// site that no longer orders (a planned departure).
 /// Returns (issued, acknowledged, reads checked, forced promotions, switchovers, departures,
-/// failures met by a pre-elected survivor that is the configured secondary).
-fn run_metro(seed: u64) -> (usize, usize, u64, usize, usize, usize, usize) {
+/// failures met by a pre-elected survivor that is the configured secondary, clean stops of the
+/// ordering site that switched over and departed).
+fn run_metro(seed: u64) -> (usize, usize, u64, usize, usize, usize, usize, usize) {
     if std::env::var("SIM_DEBUG").is_ok() {
         eprintln!("metro seed {seed:x}");
     }
@@ -862,6 +863,7 @@ fn run_metro(seed: u64) -> (usize, usize, u64, usize, usize, usize, usize) {
     let mut stopping: Option<(usize, u64)> = None;
     let (mut switched, mut departed) = (0, 0);
     let mut pre_elected_secondary = 0;
+    let mut orderer_stops = 0;
     // Half the cuts come with a half-dead link that connects and passes nothing, again and again.
     let flaps = failure == 0 && sim.rng.below(2) == 0;
     for s in 0..steps + 600 {
@@ -965,6 +967,7 @@ fn run_metro(seed: u64) -> (usize, usize, u64, usize, usize, usize, usize) {
             if stopping.is_some_and(|(l, _)| l == leg) {
                 stopping = None;
                 if departing.is_none() && sim.depart(leg) {
+                    orderer_stops += 1;
                     departing = Some((leg, s));
                 } else {
                     sim.crash(leg);
@@ -973,7 +976,7 @@ fn run_metro(seed: u64) -> (usize, usize, u64, usize, usize, usize, usize) {
         }
     }
     let (issued, acked, reads) = sim.finish(seed);
-    (issued, acked, reads, forced, switched, departed, pre_elected_secondary)
+    (issued, acked, reads, forced, switched, departed, pre_elected_secondary, orderer_stops)
 }
 
 #[test]
@@ -985,6 +988,7 @@ fn metro_histories_never_have_two_writers_nor_lose_acknowledged_writes() {
     let mut forced = 0;
     let (mut switched, mut departed) = (0, 0);
     let mut pre_elected = 0;
+    let mut orderer_stops = 0;
     for seed in 1..=seeds {
         if std::env::var("SIM_ONE").is_ok_and(|one| u64::from_str_radix(&one, 16) != Ok(seed.wrapping_mul(0x2545_f491_4f6c_dd1d))) {
             continue;
@@ -993,11 +997,13 @@ fn metro_histories_never_have_two_writers_nor_lose_acknowledged_writes() {
         if std::env::var("SIM_SKIP").is_ok_and(|skip| skip.split(',').any(|s| s == hex)) {
             continue;
         }
-        let (i, a, r, f, sw, d, p) = std::panic::catch_unwind(|| run_metro(seed.wrapping_mul(0x2545_f491_4f6c_dd1d))).unwrap_or_else(|e| {
-            eprintln!("failing history: SIM_ONE={hex} (among SIM_SEEDS={seeds})");
-            std::panic::resume_unwind(e)
-        });
+        let (i, a, r, f, sw, d, p, o) =
+            std::panic::catch_unwind(|| run_metro(seed.wrapping_mul(0x2545_f491_4f6c_dd1d))).unwrap_or_else(|e| {
+                eprintln!("failing history: SIM_ONE={hex} (among SIM_SEEDS={seeds})");
+                std::panic::resume_unwind(e)
+            });
         pre_elected += p;
+        orderer_stops += o;
         forced += f;
         switched += sw;
         departed += d;
@@ -1006,7 +1012,11 @@ fn metro_histories_never_have_two_writers_nor_lose_acknowledged_writes() {
         reads += r;
     }
     println!(
-        "metro: {seeds} histories, {issued} writes issued, {acked} acknowledged, {reads} reads checked, 0 stale, 0 lost, {forced} forced promotions, {switched} switchovers, {departed} planned departures, {pre_elected} failures met by a pre-elected survivor that switched over to order writes"
+        "metro: {seeds} histories, {issued} writes issued, {acked} acknowledged, {reads} reads checked, 0 stale, 0 lost, {forced} forced promotions, {switched} switchovers, {departed} planned departures, {pre_elected} failures met by a pre-elected survivor that switched over to order writes, {orderer_stops} clean stops of the ordering site by a switchover and a departure"
+    );
+    assert!(
+        orderer_stops > 0 || seeds < 100 || std::env::var("SIM_ONE").is_ok(),
+        "some clean stops of the ordering site switched over first"
     );
     assert!(
         pre_elected > 0 || seeds < 100 || std::env::var("SIM_ONE").is_ok(),
