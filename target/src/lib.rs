@@ -216,17 +216,26 @@ impl Target {
         changes
     }
 
-    /// A clean stop: every metro mirror leg whose peer orders writes (after a planned
-    /// switchover) stops serving and lets the peer take over without a failover stall.
+    /// A clean stop: every metro mirror leg lets its peer take over without a failover stall
+    /// (one that orders writes switches over to the peer first, then each stops serving).
     pub fn depart_mirrors(&self) {
         let bdevs = self.bdevs();
         // All at once: each may wait for its peer.
         std::thread::scope(|s| {
-            for b in bdevs.iter().filter(|b| b.as_mirror().is_some()) {
-                s.spawn(move || {
-                    let what = b.as_mirror().map(|m| m.depart()).unwrap_or_default();
-                    tracing::info!(mirror = %b.info().name, "{what}");
-                });
+            let departures: Vec<_> = bdevs
+                .iter()
+                .filter(|b| b.as_mirror().is_some())
+                .map(|b| {
+                    s.spawn(move || {
+                        let what = b.as_mirror().map(|m| m.depart()).unwrap_or_default();
+                        tracing::info!(mirror = %b.info().name, "{what}");
+                    })
+                })
+                .collect();
+            // Hosts follow a switchover's new Optimized site while the departures go on.
+            while !departures.iter().all(|d| d.is_finished()) {
+                self.refresh_ana();
+                std::thread::sleep(std::time::Duration::from_millis(20));
             }
         });
         self.refresh_ana();

@@ -143,6 +143,20 @@ fn the_witness_status_shows_the_authority_the_grant_and_each_sites_reports() {
     assert!(!ok && err.contains("no answer from the witness") && err.contains("same secret"), "{err}");
 }
 
+/// Whether the management status at `t` mentions `what`.
+fn status_says(t: &TargetProcess, what: &str) -> bool {
+    let st = nvmetro_tests::rpc(t, "nvmetro_status", serde_json::json!({})).unwrap_or_default();
+    st.to_string().contains(what)
+}
+
+/// Until the witness has heard both sites report in sync (a switchover needs its answers).
+fn wait_for_witness_in_sync(m: &Metro) {
+    let witness = m.w.config_path.clone();
+    wait_until("the witness saw both sites in sync", Duration::from_secs(20), || {
+        witness_view(&witness).is_some_and(|(auth, holder, sites)| !auth.is_empty() && holder.is_none() && sites == [(1, true), (2, true)])
+    });
+}
+
 /// `nvmetro promote m --force --yes` at `t`: (success, stdout + stderr).
 fn promote(t: &TargetProcess) -> (bool, String) {
     let out = std::process::Command::new(nvmetro_tests::binary("nvmetro"))
@@ -162,10 +176,7 @@ fn a_forced_promotion_serves_the_survivor_when_peer_and_witness_are_lost_and_res
 
     // The witness is lost first: the sites pre-elect A (the preferred) and B defers to it.
     m.w.kill();
-    let says = |t: &TargetProcess, what: &str| {
-        let st = nvmetro_tests::rpc(t, "nvmetro_status", serde_json::json!({})).unwrap_or_default();
-        st.to_string().contains(what)
-    };
+    let says = status_says;
     wait_until("B defers to A", Duration::from_secs(20), || says(&m.b, "the peer survives a link loss"));
     m.a.kill();
     wait_until("B, without peer and witness, stays out", Duration::from_secs(20), || {
@@ -534,4 +545,84 @@ fn a_switchover_is_refused_unless_the_peer_is_connected_and_in_sync_and_then_cha
     wait_until("both serve", Duration::from_secs(30), || serves(&m.a) == Some(true) && serves(&m.b) == Some(true));
     wait_until("the switchover is accepted", Duration::from_secs(20), || switchover(&m.a).0);
     wait_until("B Optimized", Duration::from_secs(10), || ana_of(&m.b) == Some(OPTIMIZED));
+}
+
+#[test]
+fn after_a_switchover_the_witness_then_the_link_is_lost_and_the_ordering_site_survives() {
+    let mut m = metro(true, "");
+    wait_for_witness_in_sync(&m);
+    let (ok, out) = switchover(&m.a);
+    assert!(ok && out.contains("site 2 orders writes now"), "{out}");
+    wait_until("B Optimized", Duration::from_secs(10), || ana_of(&m.b) == Some(OPTIMIZED));
+    let mut gens = HashMap::new();
+    let (mut paths, monitors) = connect_paths(&[&m.a, &m.b]);
+    let r = run_paths(&mut paths, &workload(1, 61), 512, &mut gens, 0, None).unwrap();
+    monitors.into_iter().for_each(PathMonitor::stop);
+    assert_eq!(r.errors, 0, "{:?}", r.first_error);
+
+    // The witness is lost first: the sites pre-elect B, which orders writes, and A defers.
+    m.w.kill();
+    wait_until("B is the pre-elected survivor and A defers", Duration::from_secs(20), || {
+        status_says(&m.b, "this site survives a link loss") && status_says(&m.a, "the peer survives a link loss")
+    });
+    m.proxy.as_ref().unwrap().cut();
+    wait_until("A fences", Duration::from_secs(10), || write_status(&m.a) == Some(Status::ANA_INACCESSIBLE));
+    wait_until("B serves alone", Duration::from_secs(10), || serves(&m.b) == Some(true));
+    assert!(status_says(&m.b, "pre-elected survivor"), "{}", status_text(&m.b));
+    assert_eq!(ana_of(&m.b), Some(OPTIMIZED));
+    let (mut paths, monitors) = connect_paths(&[&m.b]);
+    let r = run_paths(&mut paths, &workload(1, 62), 512, &mut gens, 0, None).unwrap();
+    monitors.into_iter().for_each(PathMonitor::stop);
+    assert_eq!(r.errors, 0, "B serves alone: {:?}", r.first_error);
+    assert_eq!(write_status(&m.a), Some(Status::ANA_INACCESSIBLE), "A stays fenced");
+
+    // The witness and the link return: A is resynced from B and holds everything B took.
+    m.w.restart();
+    m.proxy.as_ref().unwrap().restore();
+    wait_until("A serves after its resync", Duration::from_secs(30), || serves(&m.a) == Some(true));
+    verify_at(&m.a, &mut gens);
+}
+
+/// A verifying load through both sites while the site that orders writes (A, the configured
+/// preferred) is stopped with SIGTERM.
+#[test]
+fn a_clean_stop_of_the_ordering_site_switches_over_first_and_fails_no_command() {
+    let mut m = metro(false, "");
+    wait_for_witness_in_sync(&m);
+    let mut gens = HashMap::new();
+    let (mut paths, monitors) = connect_paths(&[&m.a, &m.b]);
+    assert_eq!(paths[0].shared.ana.load(Ordering::Acquire), OPTIMIZED, "A orders writes: the host's Optimized path");
+    let a = &mut m.a;
+    load_through(&mut paths, monitors, &workload(4, 63), &mut gens, Duration::from_millis(1500), move || a.terminate());
+    assert!(paths[1].result.ios() > 0, "the load moved to B's path");
+    let log = m.a.log();
+    assert!(log.contains("clean stop: this site orders writes; switching over to the peer first"), "{log}");
+    assert!(log.contains("planned switchover done") && log.contains("planned departure: the peer serves alone"), "{log}");
+    assert_eq!(ana_of(&m.b), Some(OPTIMIZED));
+    let b_status = status_text(&m.b);
+    assert!(b_status.contains("serving alone"), "{b_status}");
+    assert!(status_says(&m.b, "the peer stopped (planned)"), "B took over from a departure, not by a failover:\n{b_status}");
+    let witness = m.w.config_path.clone();
+    wait_until("the witness granted B", Duration::from_secs(10), || witness_view(&witness).is_some_and(|(_, holder, _)| holder == Some(2)));
+    verify_at(&m.b, &mut gens);
+
+    // A returns: resynced from B, which keeps ordering.
+    m.a.restart();
+    wait_until("A serves again", Duration::from_secs(30), || serves(&m.a) == Some(true));
+    wait_until("A Non-Optimized, B Optimized after A's return", Duration::from_secs(10), || {
+        ana_of(&m.a) == Some(NON_OPTIMIZED) && ana_of(&m.b) == Some(OPTIMIZED)
+    });
+    verify_at(&m.a, &mut gens);
+}
+
+#[test]
+fn a_clean_stop_of_the_ordering_site_without_the_witness_says_why_it_does_not_switch_over() {
+    let mut m = metro(false, "");
+    wait_for_witness_in_sync(&m);
+    m.w.kill();
+    wait_until("the sites miss the witness", Duration::from_secs(20), || status_says(&m.b, "the peer survives a link loss"));
+    m.a.terminate();
+    let log = m.a.log();
+    assert!(log.contains("clean stop: no switchover to the peer first (the witness does not answer"), "{log}");
+    assert!(!log.contains("planned departure: the peer serves alone"), "{log}");
 }

@@ -365,6 +365,7 @@ impl MirrorBdev {
             last_publish: Instant::now() - Duration::from_secs(1),
             switch_reply: None,
             depart_reply: None,
+            stop_switch: None,
             departed: false,
         };
         link.run_outputs(&mut { first });
@@ -612,6 +613,8 @@ struct LinkThread {
     switch_reply: Option<std::sync::mpsc::Sender<Result<String, String>>>,
     /// A planned departure under way: who waits, since when.
     depart_reply: Option<(std::sync::mpsc::Sender<String>, Instant)>,
+    /// A clean stop of the ordering leg switching over first: who waits for the departure after.
+    stop_switch: Option<(std::sync::mpsc::Sender<String>, Instant)>,
     /// Departed: the link stays closed until this leg stops.
     departed: bool,
     /// The metadata could not be stored: fenced until a restart.

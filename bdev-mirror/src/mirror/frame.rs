@@ -246,11 +246,25 @@ pub enum FrameError {
     Reserved,
 }
 
+/// What a site's software understands beyond the first release's protocol, advertised in its
+/// Hello (byte 4, zero from older sites): a leg sends a peer only what the peer understands (an
+/// older site resets the link on an unknown frame kind).
+pub mod caps {
+    /// [`super::Kind::Switchover`] frames: planned switchover and planned departure.
+    pub const SWITCHOVER: u8 = 1;
+    /// Pre-election deferrals carry their count and releases echo it (see `mirror::core`).
+    pub const RELEASE_ECHO: u8 = 2;
+    /// Everything this build understands.
+    pub const ALL: u8 = SWITCHOVER | RELEASE_ECHO;
+}
+
 /// The Hello payload: who a site is and what its data descends from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hello {
     pub site: u8,
     pub preferred: bool,
+    /// [`caps`] the sender understands.
+    pub caps: u8,
     /// This leg orders writes because an operator's switchover made it (see
     /// [`crate::mirror::meta::Meta::switched`]): a reconnection in sync keeps it ordering.
     pub orders: bool,
@@ -266,6 +280,7 @@ impl Hello {
         p[1] = self.preferred as u8;
         p[2] = self.disk as u8;
         p[3] = self.orders as u8;
+        p[4] = self.caps;
         p[8..16].copy_from_slice(&self.generations.current.to_le_bytes());
         p[16..24].copy_from_slice(&self.generations.bitmap.to_le_bytes());
         p[24..32].copy_from_slice(&self.generations.history.to_le_bytes());
@@ -282,6 +297,7 @@ impl Hello {
             site: p[0],
             preferred: p[1] != 0,
             orders: p[3] != 0,
+            caps: p[4],
             disk: crate::mirror::DiskState::from_u8(p[2])?,
             generations: crate::mirror::meta::Generations { current: u64at(8), bitmap: u64at(16), history: u64at(24) },
             size: u64at(32),
@@ -300,6 +316,7 @@ mod tests {
             site: 2,
             preferred: false,
             orders: true,
+            caps: caps::ALL,
             generations: crate::mirror::meta::Generations { current: 5, bitmap: 3, history: 1 },
             disk: crate::mirror::DiskState::UpToDate,
             size: 1 << 20,
@@ -308,7 +325,10 @@ mod tests {
         // A peer from before the switchover sends 0 there: it orders by configuration only.
         let mut old = hello.to_payload();
         old[3] = 0;
-        assert!(!Hello::from_payload(&old).unwrap().orders);
+        old[4] = 0;
+        let old = Hello::from_payload(&old).unwrap();
+        assert!(!old.orders);
+        assert_eq!(old.caps, 0, "an older peer advertises nothing: it gets no Switchover frame");
         let mut f = Frame::new(Kind::Switchover, 0);
         f.arg = 2;
         f.payload = b"why".to_vec().into();

@@ -7,8 +7,9 @@
 //! The state machine's parts: [`ordering`] (range admission, issuing and completing operations),
 //! [`wire`] (frames from the peer), [`resync`] (handshake, sync direction, resync and sweep),
 //! [`pacing`] (how fast a resync goes while hosts write),
-//! [`quorum`] (metro mode: witness, pre-election, elections), [`failure`] (failing legs) and
-//! [`switchover`] (metro mode: planned switchover and planned departure).
+//! [`quorum`] (metro mode: witness, pre-election, elections), [`metro`] (its lease timers),
+//! [`failure`] (failing legs), [`switchover`] (metro mode: planned switchover and planned
+//! departure) and [`show`] (whether a leg serves, its paths' ANA state, the status snapshot).
 //!
 //! Ordering, so both copies end byte-identical (active-active):
 //! * The preferred leg orders every write. Its own writes hold an exclusive range lock from issue
@@ -32,9 +33,16 @@
 //!   passed since the loss (so the other leg's lease has surely run out), serves alone and
 //!   completes the held writes. Denied, it is Outdated and fences (ANA Inaccessible).
 //! * Pre-election: while connected, the legs tell each other whether they reach the witness. When
-//!   neither does, the non-survivor defers (durably) and the survivor arms: a later link loss is
-//!   then decided without the witness. The non-survivor is released only over the link, once it
-//!   reaches the witness again, so the two can never both believe they may serve.
+//!   neither does, the leg that does not order writes defers (durably, then says so) and the leg
+//!   that orders them, on that word, arms: a later link loss is then decided without the witness,
+//!   and the survivor is the site hosts were sent to (after a switchover: the new site). Each leg
+//!   decides from its own role only, so the two cannot disagree: a leg arms only on a deferral
+//!   it received while it ordered writes, and an armed leg that stops ordering disarms. While a
+//!   switchover runs nobody arms (the deferral repeats and arms the new orderer afterwards). A
+//!   deferral ends only over the link: by a release that echoes every deferral sent (the armed
+//!   leg releases once it is disarmed, when the peer reaches the witness again), or when the
+//!   deferring leg takes ordering from a peer that hands it over (never armed meanwhile). So the
+//!   two can never both believe they may serve.
 //! * The leg that was lost comes back Outdated, is resynced (the union of both legs' dirty
 //!   bitmaps) and serves again on its own (automatic failback), or after the operator says so.
 //!
@@ -63,22 +71,29 @@
 //! [`Input::Resync`]) with a new Hello on the live connection: a resync of the dirty regions makes
 //! it UpToDate again, or it fails again.
 
-use super::frame::{flags, status, Frame, Hello, Kind, OpCode};
+use super::frame::{caps, flags, status, Frame, Hello, Kind, OpCode};
 use super::meta::{Meta, SyncDirection};
 use super::DiskState;
 use crate::{BdevError, BdevOp, BdevOutput};
 use std::collections::{HashMap, VecDeque};
 
 mod failure;
+mod metro;
 mod ordering;
 mod pacing;
 mod quorum;
 mod resync;
+mod show;
 mod switchover;
+#[cfg(test)]
+mod testkit;
 mod wire;
 
+use metro::lease_settle;
+pub use metro::Metro;
 use ordering::{code_error, error_code, frame_op};
 pub use pacing::{ResyncLatencyTarget, LATENCY_TARGET_PERCENT};
+pub use show::{MetroStatus, MirrorStatus};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -98,72 +113,6 @@ pub enum LinkState {
     Connected,
     /// The peer was refused (split brain, unrelated data, misconfiguration).
     Refused(String),
-}
-
-/// Metro-mode settings: a witness decides who serves when the legs lose each other.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Metro {
-    /// The witness's name for this mirror (both sites use the same). The pre-elected survivor
-    /// (when the witness was lost first) is the configured preferred leg.
-    pub resource: String,
-    /// After a resync, wait for [`Input::Failback`] before serving again.
-    pub manual_failback: bool,
-    /// Stop serving after this long without a frame from the connected peer.
-    pub fence_ms: u64,
-    /// After losing the peer, serve alone no sooner than this (must exceed the peer's `fence_ms`).
-    pub settle_ms: u64,
-    /// At start, wait this long for the peer before asking the witness.
-    pub startup_grace_ms: u64,
-    /// Report Transition (ANA Change) at most this long, then Inaccessible while undecided.
-    pub transition_ms: u64,
-}
-
-/// Clock-rate difference the lease inequality allows between two sites (10 %).
-const CLOCK_RATE_MARGIN_PERCENT: u64 = 10;
-/// Scheduling slack the lease inequality allows, in milliseconds.
-const LEASE_SLACK_MS: u64 = 25;
-
-impl Metro {
-    /// Settings for mirror `resource` with timers derived from the link's heartbeat timeout.
-    pub fn new(resource: &str, manual_failback: bool, heartbeat_ms: u64) -> Metro {
-        let mut m = Metro {
-            resource: resource.to_string(),
-            manual_failback,
-            fence_ms: 0,
-            settle_ms: 0,
-            startup_grace_ms: 0,
-            transition_ms: 10_000,
-        };
-        m.set_heartbeat(heartbeat_ms);
-        m
-    }
-
-    /// A leg's lease lasts `h/2` from a Ping its peer answered; a leg that lost its peer serves
-    /// alone only `max(h/2 + 100 ms, h/2 × 1.1 + 25 ms)` after the last Pong it sent, when the
-    /// other leg's lease has surely run out ([`Metro::check`] holds for every `h`).
-    pub fn set_heartbeat(&mut self, h: u64) {
-        self.fence_ms = h / 2;
-        self.settle_ms = (h / 2 + 100).max(lease_settle(h / 2));
-        self.startup_grace_ms = 2 * h;
-    }
-
-    /// The lease inequality (module docs): a leg that takes over waits until its peer's lease has
-    /// surely run out, even if the peer's clock runs 10 % slower.
-    pub fn check(&self) -> Result<(), String> {
-        let needed = lease_settle(self.fence_ms);
-        if self.fence_ms == 0 || self.settle_ms < needed {
-            return Err(format!(
-                "metro timers unsafe: settle {} ms must be at least fence {} ms x 1.{} + {} ms = {needed} ms",
-                self.settle_ms, self.fence_ms, CLOCK_RATE_MARGIN_PERCENT, LEASE_SLACK_MS
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// The least settle time that is safe for a lease of `fence_ms` (the module docs' inequality).
-fn lease_settle(fence_ms: u64) -> u64 {
-    fence_ms + fence_ms * CLOCK_RATE_MARGIN_PERCENT / 100 + LEASE_SLACK_MS
 }
 
 /// Why a leg's device is Failed: what failed, where, and since when.
@@ -235,26 +184,12 @@ const HELLO_AGAIN: u32 = 1;
 mod wit {
     pub const UNREACHABLE: u32 = 0;
     pub const REACHABLE: u32 = 1;
-    /// The sender defers to the receiver: it will not serve alone after a link loss.
+    /// The sender, which does not order writes, defers to the receiver: it will not serve alone
+    /// after a link loss (`offset`: how many deferrals it sent on this connection).
     pub const DEFER: u32 = 2;
-    /// The receiver no longer counts on the sender deferring.
+    /// The sender does not count on the receiver deferring (`offset`: the count of the last
+    /// deferral it received; a release that does not echo the receiver's count is stale).
     pub const RELEASE: u32 = 3;
-}
-
-/// What status displays show of the witness and the election.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct MetroStatus {
-    pub witness_reachable: bool,
-    /// Milliseconds since the witness last answered.
-    pub witness_seen_ms_ago: Option<u64>,
-    pub witness_authority: u64,
-    pub witness_holder: u8,
-    pub quorum: String,
-    /// What this leg's right to serve rests on now, and when it lapses.
-    pub lease: String,
-    pub why: String,
-    pub pre_elected: String,
-    pub failback_pending: bool,
 }
 
 #[derive(Debug)]
@@ -407,8 +342,12 @@ pub struct MirrorCore {
     witness_authority: u64,
     witness_holder: u8,
     peer_reaches_witness: bool,
-    /// Survivor: the peer deferred to this leg.
+    /// Survivor: the peer deferred to this leg, which orders writes (cleared when it stops).
     armed: bool,
+    /// Deferrals sent to the peer on this connection, and the count the peer's last one
+    /// carried: a release must echo every deferral sent (see `on_witness_frame`).
+    defers_sent: u64,
+    defers_seen: u64,
     /// Metro mode: the operator forced this leg to serve alone (`nvmetro promote --force`).
     forced: bool,
     /// A planned switchover under way at this (ordering) leg.
@@ -429,6 +368,8 @@ pub struct MirrorCore {
     witness_seq: u64,
     /// A grant that arrived while a connection was in its handshake (see `on_witness`).
     pending_grant: Option<u64>,
+    /// The generation elections from generation `.0` ask for (see `election_next`).
+    election_next: Option<(u64, u64)>,
     /// When the last tick came (resync budget and the once-a-second sweep); `last_tick_ms` is
     /// the clock, advanced before every input.
     prev_tick_ms: u64,
@@ -474,29 +415,6 @@ impl std::fmt::Debug for MirrorCore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "MirrorCore({:?} {:?} {:?} {} ops)", self.role, self.disk, self.link, self.ops.len())
     }
-}
-
-/// A snapshot for status displays.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MirrorStatus {
-    /// Whether this leg orders writes now (a failover or a failed leg can move it).
-    pub role: Role,
-    /// The role the configuration gives.
-    pub configured_role: Role,
-    pub disk: DiskState,
-    pub peer_disk: Option<DiskState>,
-    pub link: LinkState,
-    pub serving: bool,
-    pub out_of_sync_bytes: u64,
-    pub sync_total_bytes: u64,
-    pub synced_bytes: u64,
-    pub access: Access,
-    pub metro: Option<MetroStatus>,
-    /// Why this leg is Failed, and since when (core clock).
-    pub failure: Option<Failure>,
-    pub peer_failure: Option<Failure>,
-    /// Times this leg's device failed since start.
-    pub leg_failures: u64,
 }
 
 /// How often the legs report to the witness and to each other (metro mode).
@@ -565,6 +483,8 @@ impl MirrorCore {
             witness_holder: 0,
             peer_reaches_witness: true,
             armed: false,
+            defers_sent: 0,
+            defers_seen: 0,
             forced: false,
             handover: None,
             switchover_outcome: None,
@@ -575,6 +495,7 @@ impl MirrorCore {
             last_report_ms: 0,
             witness_seq: 0,
             pending_grant: None,
+            election_next: None,
             prev_tick_ms: 0,
             lease_ms: DEFAULT_LEASE_MS,
             peer_lease_until_ms: 0,
@@ -687,157 +608,6 @@ impl MirrorCore {
         }
     }
 
-    /// Whether host I/O may be served by this leg now.
-    pub fn serving(&self) -> bool {
-        let leased = self.last_tick_ms < self.peer_lease_until_ms;
-        if self.through_peer() {
-            return true;
-        }
-        if self.metro.is_none() {
-            return match self.role {
-                Role::Preferred => self.disk == DiskState::UpToDate,
-                Role::Secondary => self.link == LinkState::Connected && self.disk == DiskState::UpToDate && leased,
-            };
-        }
-        if self.disk != DiskState::UpToDate || self.failback_hold || self.leaving {
-            return false;
-        }
-        let solo = self.quorum == Quorum::Solo;
-        match self.link {
-            LinkState::Connected | LinkState::Syncing { source: true } => solo || leased,
-            _ => solo,
-        }
-    }
-
-    /// A Failed leg whose peer orders writes and holds the data: it serves every host command by
-    /// forwarding it (reads too), while its lease from the peer holds.
-    pub(super) fn through_peer(&self) -> bool {
-        self.disk == DiskState::Failed
-            && self.role == Role::Secondary
-            && self.link == LinkState::Connected
-            && self.peer.is_some_and(|p| p.disk == DiskState::UpToDate)
-            && self.last_tick_ms < self.peer_lease_until_ms
-    }
-
-    /// How hosts should see this leg's paths.
-    pub fn access(&self) -> Access {
-        if self.through_peer() {
-            return Access::Remote;
-        }
-        if self.serving() {
-            let alone = self.metro.is_some() && (self.quorum == Quorum::Solo || self.peer_failure.is_some());
-            return match (alone, self.metro.is_some() && self.meta.switched, self.role) {
-                (true, _, _) => Access::Sole,
-                (false, true, Role::Preferred) => Access::Leading,
-                (false, true, Role::Secondary) => Access::Standby,
-                (false, false, _) => Access::Serving,
-            };
-        }
-        match (&self.metro, &self.quorum) {
-            (Some(_), Quorum::Won { .. }) => Access::Transition,
-            (Some(m), Quorum::Electing { since_ms, .. }) if self.last_tick_ms.saturating_sub(*since_ms) < m.transition_ms => {
-                Access::Transition
-            }
-            _ => Access::Fenced,
-        }
-    }
-
-    /// The error host I/O gets while this leg does not serve.
-    fn refusal(&self) -> BdevError {
-        if self.access() == Access::Transition {
-            BdevError::Transition
-        } else {
-            BdevError::Fenced
-        }
-    }
-
-    pub fn status(&self) -> MirrorStatus {
-        let region = 1u64 << self.meta.region_shift;
-        // What a resync would have to copy: nothing while connected (hot regions stay marked for
-        // crash safety, but the peer has them), the rest of the sync set while syncing, and the
-        // dirty bitmap while apart or while the peer's device is Failed (connected, it gets
-        // nothing until its resync).
-        let regions = match self.link {
-            LinkState::Connected if self.peer_failure.is_none() => 0,
-            LinkState::Syncing { source: true } => {
-                self.to_sync[self.sync_cursor.min(self.to_sync.len())..].len() as u64 + self.resync_inflight as u64
-            }
-            // The target, from the source's plan and what has arrived.
-            LinkState::Syncing { source: false } => self.sync_total.saturating_sub(self.resynced_bytes).div_ceil(region),
-            _ if self.role == Role::Preferred => self.meta.dirty_count(),
-            _ => 0,
-        };
-        MirrorStatus {
-            role: self.role,
-            configured_role: if self.configured_preferred { Role::Preferred } else { Role::Secondary },
-            disk: self.disk,
-            peer_disk: self.peer.map(|p| p.disk),
-            link: self.link.clone(),
-            serving: self.serving(),
-            out_of_sync_bytes: (regions * region).min(self.size),
-            sync_total_bytes: self.sync_total,
-            synced_bytes: if self.link == (LinkState::Syncing { source: false }) {
-                self.resynced_bytes.min(self.sync_total)
-            } else {
-                self.resynced_bytes
-            },
-            access: self.access(),
-            failure: self.failure.clone(),
-            leg_failures: self.leg_failures,
-            peer_failure: self.peer_failure.clone(),
-            metro: self.metro.as_ref().map(|_| MetroStatus {
-                witness_reachable: self.witness_reachable(),
-                witness_seen_ms_ago: self.witness_seen_ms.map(|t| self.last_tick_ms.saturating_sub(t)),
-                witness_authority: self.witness_authority,
-                witness_holder: self.witness_holder,
-                quorum: match self.quorum {
-                    Quorum::Starting => "starting",
-                    Quorum::Peer => "with peer",
-                    Quorum::Electing { .. } => "electing",
-                    Quorum::Won { .. } => "won, settling",
-                    Quorum::Solo => "serving alone",
-                    Quorum::Fenced => "fenced",
-                }
-                .into(),
-                lease: self.lease(),
-                why: self.why.clone(),
-                pre_elected: if self.armed {
-                    "this site survives a link loss (witness lost)".into()
-                } else if self.meta.deferred {
-                    "the peer survives a link loss (witness lost)".into()
-                } else {
-                    String::new()
-                },
-                failback_pending: self.failback_hold,
-            }),
-        }
-    }
-
-    fn lease(&self) -> String {
-        let Some(m) = &self.metro else { return String::new() };
-        match (&self.quorum, &self.link) {
-            (Quorum::Solo, _) if self.witness_authority == self.meta.generations.current => {
-                format!("witness grant for generation {:x} (held until the peer is resynced)", self.meta.generations.current)
-            }
-            (Quorum::Solo, _) => {
-                format!("pre-election (generation {:x}; recorded at the witness when it answers)", self.meta.generations.current)
-            }
-            (_, LinkState::Connected | LinkState::Syncing { source: true }) => {
-                let now = self.last_tick_ms;
-                if now < self.peer_lease_until_ms {
-                    format!(
-                        "from the peer: lapses in {} ms unless a Ping is answered ({} ms each)",
-                        self.peer_lease_until_ms - now,
-                        m.fence_ms
-                    )
-                } else {
-                    format!("lapsed {} ms ago: no Ping answered", now - self.peer_lease_until_ms)
-                }
-            }
-            _ => "none".into(),
-        }
-    }
-
     fn witness_reachable(&self) -> bool {
         self.witness_seen_ms.is_some_and(|t| self.last_tick_ms.saturating_sub(t) <= WITNESS_ALIVE_MS)
     }
@@ -847,6 +617,11 @@ impl MirrorCore {
         self.random ^= self.random >> 7;
         self.random ^= self.random << 17;
         self.random | 1
+    }
+
+    /// Whether the peer's Hello on this connection advertised `cap` ([`caps`]).
+    fn peer_can(&self, cap: u8) -> bool {
+        self.peer.is_some_and(|p| p.caps & cap != 0)
     }
 
     fn peer_reachable(&self) -> bool {
@@ -897,6 +672,8 @@ impl MirrorCore {
                 // nothing): an election goes on until the peer's Hello arrives.
                 self.link = LinkState::Handshake;
                 self.link_epoch += 1;
+                self.defers_sent = 0;
+                self.defers_seen = 0;
                 out.push(Output::Send(self.hello_frame(0)));
                 // The first answered Ping gives the lease.
                 self.send_ping(out);
@@ -1003,86 +780,5 @@ impl MirrorCore {
             self.ops.remove(&id);
             out.push(Output::Complete { tag, result: Err(error.clone()) });
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_lease_inequality_holds_for_every_heartbeat() {
-        for h in [2, 10, 100, 500, 1000, 1500, 2000, 3000, 10_000, 60_000] {
-            let m = Metro::new("m", false, h);
-            assert_eq!(m.check(), Ok(()), "heartbeat {h} ms: {m:?}");
-            assert!(m.settle_ms >= m.fence_ms * 11 / 10 + 25);
-        }
-        let d = Metro::new("m", false, 1000);
-        assert_eq!((d.fence_ms, d.settle_ms), (500, 600), "the default timers");
-        let unsafe_timers = Metro { settle_ms: 520, ..d };
-        assert!(unsafe_timers.check().is_err(), "a settle within the lease's clock margin is refused");
-    }
-
-    #[test]
-    fn a_forced_promotion_is_refused_unless_peer_and_witness_are_lost_and_the_copy_is_whole() {
-        let mut meta = Meta::new(1 << 20, 16);
-        meta.generations.current = 0x77;
-        let (mut core, _) = MirrorCore::new(Role::Secondary, 2, 1 << 20, meta, 1);
-        let mut out = Vec::new();
-        let no_metro = core.force_promote(&mut out).unwrap_err();
-        assert!(no_metro.contains("metro"), "{no_metro}");
-        core.set_metro(Metro::new("m", false, 1000), 1);
-        core.handle(Input::Tick { now_ms: 10 }, &mut out);
-        let e = core.force_promote(&mut out).unwrap_err();
-        assert!(e.contains("just started"), "{e}");
-        core.quorum = Quorum::Fenced;
-        core.link = LinkState::Refused("SplitBrain".into());
-        let e = core.force_promote(&mut out).unwrap_err();
-        assert!(e.contains("the peer answers"), "a refused peer still answers: {e}");
-        core.link = LinkState::Down;
-        core.witness_seen_ms = Some(10);
-        let e = core.force_promote(&mut out).unwrap_err();
-        assert!(e.contains("the witness answers"), "{e}");
-        core.witness_seen_ms = None;
-        core.disk = DiskState::Inconsistent;
-        let e = core.force_promote(&mut out).unwrap_err();
-        assert!(e.contains("Inconsistent"), "{e}");
-        core.disk = DiskState::Outdated;
-        core.meta.deferred = true;
-        out.clear();
-        let ok = core.force_promote(&mut out).unwrap();
-        assert!(ok.contains("serving alone under generation"), "{ok}");
-        let g = core.meta.generations;
-        assert_ne!(g.current, 0x77, "a new generation");
-        assert_eq!(g.bitmap, 0x77, "diverged from the one the peer holds");
-        assert!(!core.meta.deferred, "the deferral is overridden");
-        assert!(out.contains(&Output::Persist), "the new generation is made durable");
-        assert_eq!(core.role, Role::Preferred, "the forced leg orders writes");
-        let again = core.force_promote(&mut out).unwrap_err();
-        assert!(again.contains("already serves alone"), "{again}");
-        // Still settling when the witness returns and says the peer holds the authority: out.
-        assert!(matches!(core.quorum, Quorum::Won { .. }));
-        let denied = crate::mirror::witness::Reply {
-            verdict: crate::mirror::witness::Verdict::Denied,
-            nonce: 0,
-            authority: 0x99,
-            holder: 1,
-            resource: "m".into(),
-        };
-        core.handle(Input::Witness(denied), &mut out);
-        assert_eq!(core.quorum, Quorum::Fenced, "a denial while settling fences the forced leg");
-        assert!(!core.serving());
-
-        // A leg that restarts in the middle of a resync into it is no whole copy: it says so,
-        // and cannot be forced.
-        let mut meta = Meta::new(1 << 20, 16);
-        meta.generations.current = 0x77;
-        meta.inconsistent = true;
-        let (mut torn, _) = MirrorCore::new(Role::Preferred, 1, 1 << 20, meta, 1);
-        torn.set_metro(Metro::new("m", false, 1000), 1);
-        assert_eq!(torn.disk, DiskState::Inconsistent);
-        torn.quorum = Quorum::Fenced;
-        let e = torn.force_promote(&mut out).unwrap_err();
-        assert!(e.contains("Inconsistent"), "{e}");
     }
 }

@@ -24,6 +24,11 @@ impl MirrorCore {
         }
         tracing::info!("mirror leg role: {:?} -> {:?}", self.role, role);
         self.role = role;
+        if role == Role::Secondary {
+            // Only the ordering leg survives by pre-election; its peer's deferral stays until
+            // released over the link.
+            self.armed = false;
+        }
         // Roles changed by anything but the operator's switchover are no longer the operator's.
         self.meta.switched = false;
         // Durable, so a restart does not bring back the old role (two legs ordering writes).

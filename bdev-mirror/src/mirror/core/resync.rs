@@ -17,6 +17,7 @@ impl MirrorCore {
         let hello = Hello {
             site: self.site,
             preferred: self.configured_preferred,
+            caps: caps::ALL,
             orders: self.meta.switched && self.role == Role::Preferred,
             generations: self.meta.generations,
             disk: self.disk,
@@ -42,7 +43,18 @@ impl MirrorCore {
             self.link = LinkState::Refused("both legs have the same role; exactly one must be preferred".into());
             return;
         }
-        let dir = self.meta.generations.compare(&peer.generations);
+        let (mine, theirs) = (self.meta.generations, peer.generations);
+        let dir = match mine.compare(&theirs) {
+            // A resync whose end the target never saw: the source moved the target's generation
+            // to its history; the target, torn (Inconsistent, durably), still holds it.
+            SyncDirection::Unrelated if peer.disk == DiskState::Inconsistent && mine.history != 0 && mine.history == theirs.current => {
+                SyncDirection::ThisIsSource
+            }
+            SyncDirection::Unrelated if self.disk == DiskState::Inconsistent && theirs.history != 0 && theirs.history == mine.current => {
+                SyncDirection::PeerIsSource
+            }
+            dir => dir,
+        };
         let source = match dir {
             // In sync, the configured preferred orders, unless a switchover gave it to one leg.
             SyncDirection::InSync => {
@@ -191,7 +203,11 @@ impl MirrorCore {
             let mut f = Frame::new(Kind::Resync, 0);
             f.offset = self.meta.generations.current;
             out.push(Output::Send(f));
-            self.meta.generations.bitmap = 0;
+            // Kept as history: should the peer never see this last frame (a crash, a cut), it
+            // returns torn with the generation it had, which only this tells apart from unrelated
+            // data (see `on_hello`).
+            let g = &mut self.meta.generations;
+            g.history = std::mem::take(&mut g.bitmap);
             self.link = LinkState::Connected;
             if self.disk == DiskState::Outdated {
                 // Outdated only by a lost election in the same lineage: both copies now match.
@@ -266,5 +282,38 @@ impl MirrorCore {
         if cleared {
             out.push(Output::Persist);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testkit::*;
+    use super::*;
+
+    #[test]
+    fn a_target_that_missed_the_end_of_its_resync_is_resynced_again_not_refused() {
+        // A finished a resync into B (B's generation moved to A's history); B never saw the
+        // last frame and restarts torn, with its old generation.
+        let mut ma = Meta::new(1 << 20, 16);
+        ma.generations = crate::mirror::meta::Generations { current: 0x99, bitmap: 0, history: 0x77 };
+        let mut mb = Meta::new(1 << 20, 16);
+        mb.generations.current = 0x77;
+        mb.inconsistent = true;
+        let (mut a, _) = MirrorCore::new(Role::Preferred, 1, 1 << 20, ma, 1);
+        let (mut b, _) = MirrorCore::new(Role::Secondary, 2, 1 << 20, mb, 2);
+        assert_eq!(b.disk, DiskState::Inconsistent);
+        let (mut oa, mut ob) = (Vec::new(), Vec::new());
+        a.handle(Input::LinkUp, &mut oa);
+        b.handle(Input::LinkUp, &mut ob);
+        pump(&mut a, &mut b, oa, ob);
+        let (mut oa, mut ob) = (Vec::new(), Vec::new());
+        for t in [10, 20, 1100, 1200] {
+            a.handle(Input::Tick { now_ms: t }, &mut oa);
+            b.handle(Input::Tick { now_ms: t }, &mut ob);
+        }
+        pump(&mut a, &mut b, oa, ob);
+        assert_eq!((a.status().link, b.status().link), (LinkState::Connected, LinkState::Connected));
+        assert_eq!(b.disk, DiskState::UpToDate, "resynced from A");
+        assert_eq!(b.meta.generations.current, 0x99);
     }
 }

@@ -19,7 +19,8 @@
 //! retry on a serving path) and the witness decides who serves: both legs hold the same data
 //! lineage, so this is an ordinary election, whichever leg thinks it orders.
 //!
-//! Departure, at a clean stop of a leg that does not order writes (after a switchover): the leg
+//! Departure, at a clean stop of a leg that does not order writes (after a switchover; a clean
+//! stop of the ordering leg has the driver switch over first, `driver/planned.rs`): the leg
 //! stops serving (published before anything is sent), then sends `LEAVE`. Its lease is void from
 //! then on, so the peer takes the witness's authority for a new generation *while still
 //! connected* (writes keep replicating to the departing leg meanwhile, so hosts see no pause)
@@ -124,6 +125,9 @@ impl MirrorCore {
                     p.map_or("unknown", |p| if self.peer_failure.is_some() { "Failed" } else { p.disk.name() })
                 ))
             }
+        }
+        if !self.peer_can(caps::SWITCHOVER) {
+            return Err("the peer runs an older nvmetro without planned switchover (it would reset the link): upgrade it first".into());
         }
         if self.quorum != Quorum::Peer || self.failback_hold || self.leaving || self.peer_leaving {
             return Err(format!("this leg is not simply serving with its peer ({})", self.why));
@@ -267,7 +271,8 @@ impl MirrorCore {
         self.role = Role::Preferred;
         self.meta.ordering = (!self.configured_preferred).then_some(true);
         self.meta.switched = !self.configured_preferred;
-        // The peer checked we had not deferred; it is not armed (it would have refused).
+        // A deferral made while the peer was handing over is void: the peer never arms while a
+        // switchover runs (nor starts one while armed) and, Secondary from now on, never will.
         self.meta.deferred = false;
         out.push(Output::Persist);
         let mut held: Vec<u64> = self.ops.iter().filter(|(_, o)| o.stage == Stage::Forwarded).map(|(id, _)| *id).collect();
@@ -372,7 +377,7 @@ impl MirrorCore {
             return out.push(Output::Send(r));
         }
         self.peer_leaving = true;
-        let next = if self.meta.generations.bitmap == 0 { self.fresh_generation() } else { 0 };
+        let next = self.election_next();
         let nonce = self.fresh_generation();
         // Electing while connected: still serving with the peer (its lease holds) until granted.
         self.quorum = Quorum::Electing { since_ms: self.last_tick_ms, next, nonce, last_ask_ms: 0 };
@@ -391,73 +396,8 @@ impl MirrorCore {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testkit::*;
     use super::super::*;
-
-    fn pair() -> (MirrorCore, MirrorCore) {
-        let (mut a, out_a) = MirrorCore::new(Role::Preferred, 1, 1 << 20, Meta::new(1 << 20, 16), 1);
-        let (mut b, _) = MirrorCore::new(Role::Secondary, 2, 1 << 20, Meta::new(1 << 20, 16), 2);
-        a.set_metro(Metro::new("m", false, 1000), 1);
-        b.set_metro(Metro::new("m", false, 1000), 1);
-        drop(out_a);
-        (a, b)
-    }
-
-    /// Moves frames between the two legs (and completes local operations) until nothing is
-    /// left; returns host completions (tag, success) by leg.
-    fn pump(a: &mut MirrorCore, b: &mut MirrorCore, oa: Vec<Output>, ob: Vec<Output>) -> [Vec<(u64, bool)>; 2] {
-        let cores = [a, b];
-        let mut outs = [oa, ob];
-        let mut done = [Vec::new(), Vec::new()];
-        loop {
-            let mut any = false;
-            for from in 0..2 {
-                for o in std::mem::take(&mut outs[from]) {
-                    any = true;
-                    let mut next = Vec::new();
-                    match o {
-                        Output::Send(f) => {
-                            cores[1 - from].handle(Input::Frame(f), &mut next);
-                            outs[1 - from].extend(next);
-                        }
-                        Output::Local { id, op } => {
-                            let result = Ok(if op.reads_only() { BdevOutput::Data(vec![0; 512]) } else { BdevOutput::Done });
-                            cores[from].handle(Input::LocalDone { id, result }, &mut next);
-                            outs[from].extend(next);
-                        }
-                        Output::Complete { tag, result } => done[from].push((tag, result.is_ok())),
-                        Output::Witness(_) | Output::Persist => {}
-                    }
-                }
-            }
-            if !any {
-                return done;
-            }
-        }
-    }
-
-    fn connected() -> (MirrorCore, MirrorCore) {
-        let (mut a, mut b) = pair();
-        let (mut oa, mut ob) = (Vec::new(), Vec::new());
-        a.handle(Input::LinkUp, &mut oa);
-        b.handle(Input::LinkUp, &mut ob);
-        pump(&mut a, &mut b, oa, ob);
-        let (mut oa, mut ob) = (Vec::new(), Vec::new());
-        for t in [10, 20] {
-            a.handle(Input::Tick { now_ms: t }, &mut oa);
-            b.handle(Input::Tick { now_ms: t }, &mut ob);
-        }
-        pump(&mut a, &mut b, oa, ob);
-        assert_eq!((a.status().link, b.status().link), (LinkState::Connected, LinkState::Connected));
-        (a, b)
-    }
-
-    fn witness_answers(c: &mut MirrorCore) {
-        c.witness_seen_ms = Some(c.last_tick_ms);
-    }
-
-    fn write(tag: u64) -> Input {
-        Input::Host { tag, op: BdevOp::Write { offset: 0, data: vec![tag as u8; 512].into(), fua: false } }
-    }
 
     #[test]
     fn a_switchover_moves_ordering_without_failing_a_write_and_is_refused_unless_in_sync() {
@@ -513,13 +453,6 @@ mod tests {
         witness_answers(&mut b);
         let e = b.switchover(&mut ob).unwrap_err();
         assert!(e.contains("peer link is Down"), "{e}");
-    }
-
-    /// The frames in `out` (taken out of it).
-    fn frames(out: &mut Vec<Output>) -> Vec<Frame> {
-        let (sent, rest): (Vec<Output>, Vec<Output>) = std::mem::take(out).into_iter().partition(|o| matches!(o, Output::Send(_)));
-        *out = rest;
-        sent.into_iter().filter_map(|o| if let Output::Send(f) = o { Some(f) } else { None }).collect()
     }
 
     #[test]
@@ -631,5 +564,66 @@ mod tests {
         assert_eq!(w.resources["m"].holder, 2, "the witness's authority is at site 2");
         assert_eq!(w.resources["m"].authority, b.meta().generations.current, "site 2 writes under the granted generation");
         assert_ne!(b.meta().generations.bitmap, 0);
+    }
+}
+
+#[cfg(test)]
+mod compat_tests {
+    use super::super::testkit::*;
+    use super::super::*;
+
+    /// A and B connected, B's Hello as an older release sends it (no capability byte).
+    fn with_older_b() -> (MirrorCore, MirrorCore) {
+        let (mut a, mut b) = pair();
+        let (mut oa, mut ob) = (Vec::new(), Vec::new());
+        a.handle(Input::LinkUp, &mut oa);
+        b.handle(Input::LinkUp, &mut ob);
+        let mut from_b = frames(&mut ob);
+        for f in from_b.iter_mut().filter(|f| f.kind == Kind::Hello) {
+            let mut p = f.payload.to_vec();
+            p[4] = 0;
+            f.payload = p.into();
+        }
+        ob.extend(from_b.into_iter().map(Output::Send));
+        pump(&mut a, &mut b, oa, ob);
+        let (mut oa, mut ob) = (Vec::new(), Vec::new());
+        for t in [10, 20] {
+            a.handle(Input::Tick { now_ms: t }, &mut oa);
+            b.handle(Input::Tick { now_ms: t }, &mut ob);
+        }
+        pump(&mut a, &mut b, oa, ob);
+        assert_eq!(a.status().link, LinkState::Connected);
+        (a, b)
+    }
+
+    #[test]
+    fn an_older_peer_gets_no_switchover_frame_and_the_switchover_says_why() {
+        let (mut a, mut b) = with_older_b();
+        witness_answers(&mut a);
+        witness_answers(&mut b);
+        let mut oa = Vec::new();
+        let e = a.switchover(&mut oa).unwrap_err();
+        assert!(e.contains("older nvmetro") && e.contains("upgrade"), "{e}");
+        assert!(frames(&mut oa).iter().all(|f| f.kind != Kind::Switchover), "nothing the peer cannot parse");
+        assert_eq!(a.status().role, Role::Preferred, "nothing changed");
+        assert!(b.peer_can(caps::SWITCHOVER) && !a.peer_can(caps::SWITCHOVER), "each leg goes by its peer's Hello");
+        // Nor a LEAVE: a clean stop of a leg whose peer is older just stops (the peer fails over).
+        a.role = Role::Secondary;
+        assert!(!a.leave(), "no departure frame to an older peer");
+    }
+
+    #[test]
+    fn an_older_peers_release_counts_only_once_the_witness_answers() {
+        let (mut a, _b) = with_older_b();
+        // A, Secondary here, deferred to B; B (older) releases without an echo.
+        a.role = Role::Secondary;
+        a.meta.deferred = true;
+        let mut release = Frame::new(Kind::Witness, 0);
+        release.arg = wit::RELEASE;
+        a.handle(Input::Frame(release.clone()), &mut Vec::new());
+        assert!(a.meta.deferred, "the witness does not answer: the deferral stays");
+        witness_answers(&mut a);
+        a.handle(Input::Frame(release), &mut Vec::new());
+        assert!(!a.meta.deferred, "released as an older peer means it");
     }
 }

@@ -6,7 +6,7 @@ use super::*;
 impl MirrorCore {
     pub(super) fn on_frame(&mut self, f: Frame, out: &mut Vec<Output>) {
         match f.kind {
-            Kind::Witness => self.on_witness_frame(f.arg, out),
+            Kind::Witness => self.on_witness_frame(&f, out),
             Kind::Switchover => self.on_switchover_frame(f, out),
             Kind::Bitmap => self.on_peer_bitmap(&f.payload, out),
             Kind::ResyncPlan if self.link == (LinkState::Syncing { source: false }) => {

@@ -4,6 +4,7 @@
 //! core has decided.
 
 use super::{LinkThread, MirrorBdev, Shared};
+use crate::mirror::core::Role;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,10 @@ use std::time::{Duration, Instant};
 const SWITCHOVER_WAIT: Duration = Duration::from_secs(10);
 /// How long a clean stop waits for the peer to take over before it just closes the link.
 pub const DEPART_WAIT: Duration = Duration::from_secs(3);
+/// A clean stop of the leg that orders writes first switches over to the peer, for at most this
+/// long (a switchover takes a few round trips; the core ends one whose peer is silent or whose
+/// drain stalls within this), then departs as a leg that does not order.
+pub const STOP_SWITCHOVER_WAIT: Duration = SWITCHOVER_WAIT;
 
 /// Puts a request for the link thread in `slot` and waits up to `wait` for its answer.
 fn ask_link<T>(shared: &Shared, slot: &Mutex<Option<std::sync::mpsc::Sender<T>>>, wait: Duration) -> Result<T, String> {
@@ -42,12 +47,14 @@ impl MirrorBdev {
         ask_link(&self.shared, &self.shared.switchover, SWITCHOVER_WAIT)?
     }
 
-    /// A clean stop of a metro leg whose peer orders writes (after a switchover): it stops
-    /// serving and lets the peer take over without a failover
-    /// ([`crate::mirror::core::MirrorCore::leave`]); waits at most [`DEPART_WAIT`] for the peer.
+    /// A clean stop of a metro leg: one that orders writes first switches over to its peer (at
+    /// most [`STOP_SWITCHOVER_WAIT`]); then, as a leg whose peer orders writes, it stops serving
+    /// and lets the peer take over without a failover
+    /// ([`crate::mirror::core::MirrorCore::leave`]), waiting at most [`DEPART_WAIT`] for it.
     /// Returns what happened (for the log).
     pub fn depart(&self) -> String {
-        ask_link(&self.shared, &self.shared.depart, DEPART_WAIT + Duration::from_secs(1)).unwrap_or_else(|e| e)
+        let wait = STOP_SWITCHOVER_WAIT + DEPART_WAIT + Duration::from_secs(1);
+        ask_link(&self.shared, &self.shared.depart, wait).unwrap_or_else(|e| e)
     }
 }
 
@@ -78,23 +85,43 @@ impl LinkThread {
                 Ok(what) => tracing::info!(mirror = %self.name, "planned switchover done: {what}"),
                 Err(why) => tracing::warn!(mirror = %self.name, "planned switchover did not complete: {why}"),
             }
+            if let Some((tx, _)) = self.stop_switch.take() {
+                if let Err(why) = &outcome {
+                    tracing::warn!(mirror = %self.name, "clean stop: the switchover to the peer did not complete ({why}); the peer fails over");
+                }
+                self.start_departure(tx);
+            }
             if let Some(tx) = self.switch_reply.take() {
                 let _ = tx.send(outcome);
             }
         }
+        if self.stop_switch.as_ref().is_some_and(|(_, since)| since.elapsed() > STOP_SWITCHOVER_WAIT) {
+            let (tx, _) = self.stop_switch.take().expect("checked");
+            tracing::warn!(
+                mirror = %self.name,
+                "clean stop: the switchover to the peer did not end in {} s; the peer fails over",
+                STOP_SWITCHOVER_WAIT.as_secs()
+            );
+            self.start_departure(tx);
+        }
         if let Some(tx) = self.shared.depart.lock().ok().and_then(|mut p| p.take()) {
-            let mut leaving = false;
-            if !self.broken {
-                // Fenced and published (handle_batch) before the peer is told.
-                self.handle_batch(|link, _| leaving = link.core.leave());
-            }
-            if leaving {
-                self.handle_batch(|link, out| link.core.send_leave(out));
-                self.depart_reply = Some((tx, Instant::now()));
+            let st = self.core.status();
+            if !self.broken && st.metro.is_some() && st.role == Role::Preferred {
+                // Hosts then only wait for the drain of the writes in flight, not for a failover.
+                let mut started = Ok(());
+                self.handle_batch(|link, out| started = link.core.switchover(out));
+                match started {
+                    Ok(()) => {
+                        tracing::info!(mirror = %self.name, "clean stop: this site orders writes; switching over to the peer first");
+                        self.stop_switch = Some((tx, Instant::now()));
+                    }
+                    Err(why) => {
+                        tracing::warn!(mirror = %self.name, "clean stop: no switchover to the peer first ({why}); the peer fails over");
+                        self.start_departure(tx);
+                    }
+                }
             } else {
-                let _ = tx.send(
-                    "no planned departure (the peer is not connected and in sync, or this site orders writes): the peer fails over".into(),
-                );
+                self.start_departure(tx);
             }
         }
         if let Some((_, since)) = &self.depart_reply {
@@ -111,6 +138,23 @@ impl LinkThread {
                     (false, false) => "planned departure: the peer did not confirm in time; it fails over".to_string(),
                 });
             }
+        }
+    }
+
+    /// A clean stop of a leg that does not order writes (now): it fences, then tells the peer.
+    fn start_departure(&mut self, tx: std::sync::mpsc::Sender<String>) {
+        let mut leaving = false;
+        if !self.broken {
+            // Fenced and published (handle_batch) before the peer is told.
+            self.handle_batch(|link, _| leaving = link.core.leave());
+        }
+        if leaving {
+            self.handle_batch(|link, out| link.core.send_leave(out));
+            self.depart_reply = Some((tx, Instant::now()));
+        } else {
+            let _ = tx.send(
+                "no planned departure (the peer is not connected and in sync, or this site orders writes): the peer fails over".into(),
+            );
         }
     }
 }
