@@ -229,7 +229,7 @@ impl World {
                     let mut out = Vec::new();
                     match f {
                         DrFrame::Ack { seq } => self.seq.on_ack(seq, &mut out),
-                        DrFrame::Hello { applied_seq } => {
+                        DrFrame::Hello { applied_seq, .. } => {
                             self.seq.connected(applied_seq, &mut out).expect("the DR site holds what it acknowledged")
                         }
                         other => panic!("the DR site sent {other:?}"),
@@ -262,7 +262,7 @@ impl World {
             87..=89 if !self.connected => {
                 self.connected = true;
                 let mut out = Vec::new();
-                self.app.connected(&mut out);
+                self.app.connected(0, &mut out);
                 self.run_app(out);
             }
             90 if submitting => self.cut(),

@@ -82,6 +82,9 @@ pub struct DrGroupConfig {
     pub link_delay: std::time::Duration,
     /// Long-throw: the journal file and its size (set exactly in long-throw mode).
     pub journal: Option<(PathBuf, u64)>,
+    /// Every member is a mirror: the group wraps each mirror's local leg at both metro sites,
+    /// and the site that orders the writes feeds the DR site.
+    pub follows_metro: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,10 +136,12 @@ fn members(
     Ok(m.get_ref().clone())
 }
 
-/// Whether `name` is a mirror or built on one (an error bdev over a mirror): its writes are
-/// the mirror's, so the other site's writes reach it without passing the group.
+/// Whether `name` is built on a mirror (an error bdev over a mirror): the group cannot wrap
+/// the mirror's leg beneath it, and the other site's writes would reach the leg without
+/// passing the group.
 fn over_mirror(name: &str, bdevs: &[BdevConfig]) -> bool {
-    let mut at = name;
+    let Some(b) = bdevs.iter().find(|b| b.name == name) else { return false };
+    let Some(mut at) = b.depends_on().filter(|_| b.kind != BdevKind::Mirror) else { return false };
     // A chain is at most as long as the bdev list (validation refuses cycles).
     for _ in 0..=bdevs.len() {
         let Some(b) = bdevs.iter().find(|b| b.name == at) else { return false };
@@ -178,13 +183,24 @@ pub(crate) fn validate_dr(
     for g in &raw.dr_groups {
         let name = name(ctx, "dr_group", &g.name, &mut names)?;
         let members = members(ctx, "dr_group", &g.members, bdevs, &mut taken)?;
-        // A mirror takes writes at both sites, and those of the other site's hosts reach this
-        // leg without passing the group: the DR image would silently miss them.
+        // A mirror takes writes at both sites: the group wraps its leg, which every write
+        // reaches. Over anything built on a mirror the other site's writes would bypass it.
         if let Some(m) = members.iter().find(|m| over_mirror(m, bdevs)) {
             return Err(ctx.err(
                 g.members.span(),
                 "dr_group.members",
-                format!("bdev `{m}` is (or is built on) a mirror: a DR group of a metro pair's namespaces is not supported yet (writes from the other site would bypass it)"),
+                format!(
+                    "bdev `{m}` is built on a mirror: make the mirror itself the member (the group then wraps its local leg at both sites)"
+                ),
+            ));
+        }
+        let is_mirror = |m: &String| bdevs.iter().any(|b| &b.name == m && b.kind == BdevKind::Mirror);
+        let follows_metro = members.iter().any(is_mirror);
+        if follows_metro && !members.iter().all(is_mirror) {
+            return Err(ctx.err(
+                g.members.span(),
+                "dr_group.members",
+                "a group's members are all mirrors (fed by the site that orders their writes) or none is",
             ));
         }
         let mode = match g.mode.as_ref().map(|m| m.get_ref().as_str()) {
@@ -255,6 +271,7 @@ pub(crate) fn validate_dr(
             secret: read_secret(ctx, "dr_group.", g.secret.as_ref(), g.secret_file.as_ref(), &g.name)?,
             link_delay,
             journal,
+            follows_metro,
         });
     }
     let mut replicas = Vec::new();
@@ -355,12 +372,16 @@ address = "127.0.0.1:4420"
             group("").replace("[[subsystem]]", &format!("{leg}{mirror}[[subsystem]]")).replace("[\"a\", \"b\"]", "[\"a\", \"m\"]");
         let e = parse(&mirrored, "g.toml").unwrap_err();
         assert_eq!(e.key, "dr_group.members", "{e}");
-        assert!(e.message.contains("is (or is built on) a mirror"), "{e}");
+        assert!(e.message.contains("all mirrors") && e.message.contains("or none"), "a mirror beside a plain bdev: {e}");
+        let only_mirrors = group("").replace("[[subsystem]]", &format!("{leg}{mirror}[[subsystem]]")).replace("[\"a\", \"b\"]", "[\"m\"]");
+        let c = parse(&only_mirrors, "g.toml").unwrap();
+        assert!(c.dr_groups[0].follows_metro, "a group of mirrors follows the metro");
+        assert!(!parse(&group(""), "g.toml").unwrap().dr_groups[0].follows_metro);
         let wrapped = group("")
             .replace("[[subsystem]]", &format!("{leg}{mirror}[[bdev]]\nname = \"x\"\nkind = \"error\"\nbase = \"m\"\n\n[[subsystem]]"))
             .replace("[\"a\", \"b\"]", "[\"a\", \"x\"]");
         let e = parse(&wrapped, "g.toml").unwrap_err();
-        assert!(e.key == "dr_group.members" && e.message.contains("`x` is (or is built on) a mirror"), "an error bdev over a mirror: {e}");
+        assert!(e.key == "dr_group.members" && e.message.contains("`x` is built on a mirror"), "an error bdev over a mirror: {e}");
     }
 
     #[test]

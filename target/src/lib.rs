@@ -408,13 +408,39 @@ pub fn start(config: Config, config_path: Option<std::path::PathBuf>) -> anyhow:
     }
     // Each bdev after the one it is built on (a mirror's local leg, an error bdev's base).
     let mut bdevs: Vec<Option<Arc<dyn Bdev>>> = vec![None; config.bdevs.len()];
+    let position = |name: &str| config.bdevs.iter().position(|x| x.name == name);
+    // DR groups over mirrors wrap each mirror's local leg before the mirror opens on it.
+    let mut metro_groups = Vec::new();
+    for g in config.dr_groups.iter().filter(|g| g.follows_metro) {
+        let builder = DrGroup::builder(dr_group_settings(g), g.members.len()).with_context(|| format!("DR group {}", g.name))?;
+        metro_groups.push((g, builder));
+    }
     for i in config.open_order() {
         let b = &config.bdevs[i];
-        let leg_of = |name: &str| config.bdevs.iter().position(|x| x.name == name).and_then(|j| bdevs[j].clone());
+        if let Some(m) = b.mirror.as_ref().filter(|_| b.kind == BdevKind::Mirror) {
+            for (g, builder) in metro_groups.iter_mut() {
+                if let (Some(k), Some(leg)) = (g.members.iter().position(|x| *x == b.name), position(&m.local)) {
+                    let opened = bdevs[leg].clone().context("mirror leg not opened yet")?;
+                    bdevs[leg] = Some(builder.wrap(k, opened));
+                }
+            }
+        }
+        let leg_of = |name: &str| position(name).and_then(|j| bdevs[j].clone());
         bdevs[i] = Some(open_bdev(b, &leg_of, config.poll_mode, config.witness.as_ref(), min_anatt(&config))?);
     }
     let mut bdevs: Vec<Arc<dyn Bdev>> = bdevs.into_iter().map(|b| b.expect("every bdev opened")).collect();
-    let (dr_groups, dr_replicas) = start_dr(&config, &mut bdevs)?;
+    let mut followers = Vec::new();
+    for (g, builder) in metro_groups {
+        let mirrors: Vec<Arc<dyn Bdev>> = g.members.iter().map(|m| bdevs[position(m).expect("validated member")].clone()).collect();
+        // Only the site that orders every member's writes (and serves) feeds the DR site.
+        let active: nvmetro_bdev::dr::group::ActiveCheck =
+            Arc::new(move || mirrors.iter().all(|m| m.as_mirror().is_some_and(|m| m.feeds_dr())));
+        let group = builder.start_with(Some(active)).with_context(|| format!("DR group {} (state {})", g.name, g.state.display()))?;
+        tracing::info!(group = %g.name, members = ?g.members, dr_site = %g.dr_site, mode = ?g.mode, "DR group started over the mirrors' legs (fed while this site orders their writes)");
+        followers.push(group);
+    }
+    let (mut dr_groups, dr_replicas) = start_dr(&config, &mut bdevs)?;
+    dr_groups.extend(followers);
     let listeners: Vec<Option<nvmetro_conf::ListenerConfig>> = config.listeners.iter().cloned().map(Some).collect();
     let subsystems = config
         .subsystems
@@ -515,26 +541,31 @@ pub(crate) fn dr_tuning(g: &nvmetro_conf::DrGroupConfig) -> nvmetro_bdev::dr::gr
 
 type DrParts = (Vec<Arc<DrGroup>>, Vec<Arc<DrReplica>>);
 
+fn dr_group_settings(g: &nvmetro_conf::DrGroupConfig) -> nvmetro_bdev::dr::group::DrGroupSettings {
+    let t = dr_tuning(g);
+    nvmetro_bdev::dr::group::DrGroupSettings {
+        name: g.name.clone(),
+        dr_site: g.dr_site,
+        mode: t.mode,
+        buffer_limit: t.buffer_limit,
+        rpo_target: t.rpo_target,
+        secret: g.secret.clone(),
+        state: g.state.clone(),
+        link_delay: t.link_delay,
+        journal: g.journal.clone(),
+        follows_metro: g.follows_metro,
+    }
+}
+
+/// Starts the DR groups not over mirrors (wrapping their member bdevs) and the DR replicas.
 fn start_dr(config: &Config, bdevs: &mut [Arc<dyn Bdev>]) -> anyhow::Result<DrParts> {
     // Names stay as they were: a member serves under its bdev's name.
     let names: Vec<String> = bdevs.iter().map(|b| b.info().name.clone()).collect();
     let index = |name: &str| names.iter().position(|b| b == name).expect("validated member");
     let mut groups = Vec::new();
-    for g in &config.dr_groups {
+    for g in config.dr_groups.iter().filter(|g| !g.follows_metro) {
         let slots: Vec<usize> = g.members.iter().map(|m| index(m)).collect();
-        let t = dr_tuning(g);
-        let settings = nvmetro_bdev::dr::group::DrGroupSettings {
-            name: g.name.clone(),
-            dr_site: g.dr_site,
-            mode: t.mode,
-            buffer_limit: t.buffer_limit,
-            rpo_target: t.rpo_target,
-            secret: g.secret.clone(),
-            state: g.state.clone(),
-            link_delay: t.link_delay,
-            journal: g.journal.clone(),
-        };
-        let group = DrGroup::start(settings, slots.iter().map(|&i| bdevs[i].clone()).collect())
+        let group = DrGroup::start(dr_group_settings(g), slots.iter().map(|&i| bdevs[i].clone()).collect())
             .with_context(|| format!("DR group {} (state {})", g.name, g.state.display()))?;
         for (slot, member) in slots.into_iter().zip(group.members()) {
             bdevs[slot] = member;

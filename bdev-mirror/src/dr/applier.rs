@@ -112,9 +112,10 @@ impl Applier {
     /// A new connection from the production site: say what is durable here (the production
     /// site keeps everything after it, and sends it again); writes not yet issued are dropped,
     /// writes issued are not applied a second time.
-    pub fn connected(&mut self, out: &mut Vec<ApplyOutput>) {
+    /// `producer` names whose stream the image holds (0: none named yet).
+    pub fn connected(&mut self, producer: u64, out: &mut Vec<ApplyOutput>) {
         self.queued.clear();
-        out.push(ApplyOutput::Send(DrFrame::Hello { applied_seq: self.applied }));
+        out.push(ApplyOutput::Send(DrFrame::Hello { applied_seq: self.applied, producer }));
     }
 
     /// Nothing issued is outstanding and nothing waits for a flush or a store.
@@ -142,6 +143,7 @@ impl Applier {
             DrFrame::Stopped => return Err(ApplyError::Unexpected("Stopped")),
             DrFrame::Gap { .. } => return Err(ApplyError::Unexpected("Gap")),
             DrFrame::Rebase { .. } => return Err(ApplyError::Unexpected("Rebase")),
+            DrFrame::Resume { .. } => return Err(ApplyError::Unexpected("Resume")),
             DrFrame::Want { .. } => return Err(ApplyError::Unexpected("Want")),
         };
         let expected = self.last_received() + 1;
@@ -280,8 +282,8 @@ mod tests {
     fn an_epoch_is_durable_and_persisted_before_the_next_one_reaches_a_disk() {
         let mut a = Applier::new(0);
         let mut out = Vec::new();
-        a.connected(&mut out);
-        assert_eq!(out, [ApplyOutput::Send(DrFrame::Hello { applied_seq: 0 })]);
+        a.connected(0, &mut out);
+        assert_eq!(out, [ApplyOutput::Send(DrFrame::Hello { applied_seq: 0, producer: 0 })]);
         out.clear();
         for f in [w(1, 1, 0, 0), w(2, 1, 1, 0), w(3, 2, 1, 512)] {
             a.on_frame(f, &mut out).unwrap();

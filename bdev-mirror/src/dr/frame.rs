@@ -1,5 +1,5 @@
-//! The DR stream's frames: `Write`, `Zero`, `Sum`, `CopyDone`, `Rebase` and `Gap` (production to DR),
-//! `Ack`, `Hello`, `Want` and `Promoted` (DR to production).
+//! The DR stream's frames: `Resume`, `Write`, `Zero`, `Sum`, `CopyDone`, `Rebase` and `Gap`
+//! (production to DR), `Ack`, `Hello`, `Want`, `Promoted` and `Stopped` (DR to production).
 //!
 //! Every frame is a 40-byte header (magic, kind, member, sequence, epoch, offset, payload length,
 //! four reserved bytes) followed by the payload; integers are little-endian.
@@ -19,15 +19,20 @@ pub enum DrFrame {
     Write { seq: u64, epoch: u64, member: Member, offset: u64, data: Vec<u8> },
     /// Every write up to and including `seq` is durable at the DR site.
     Ack { seq: u64 },
-    /// The DR site's first words on a connection: it holds everything through `applied_seq`.
-    Hello { applied_seq: u64 },
+    /// The DR site's first words on a connection: it holds everything through `applied_seq`,
+    /// of the stream of producer `producer` (0: none named yet).
+    Hello { applied_seq: u64, producer: u64 },
+    /// The production site's answer to a `Hello` naming it: its stream goes on.
+    Resume { producer: u64 },
     /// The full copy of every member ended with write `seq`: an image that holds it durably is
     /// consistent (before it, it was being copied, not crash-consistent).
     CopyDone { seq: u64 },
     /// The stream goes on after `seq` (above anything the DR site holds): writes numbered
     /// before a restart of the production site were lost with its send buffer, so the image is
-    /// not consistent until the full copy that follows ends (`CopyDone`).
-    Rebase { seq: u64 },
+    /// not consistent until the full copy that follows ends (`CopyDone`). Also how a producer
+    /// takes the stream over from another (the other site of a metro pair after a failover):
+    /// from then on the DR site takes the stream of `producer` only.
+    Rebase { seq: u64, producer: u64 },
     /// DR site to production: this image was promoted and serves hosts; the stream is refused.
     Promoted,
     /// Long-throw overflow: writes after `seq` were not all numbered, so an image holding any
@@ -69,9 +74,10 @@ impl DrFrame {
                 (1, *member, *seq, *epoch, *offset, data)
             }
             DrFrame::Ack { seq } => (2, 0, *seq, 0, 0, &[]),
-            DrFrame::Hello { applied_seq } => (3, 0, *applied_seq, 0, 0, &[]),
+            DrFrame::Hello { applied_seq, producer } => (3, 0, *applied_seq, *producer, 0, &[]),
+            DrFrame::Resume { producer } => (12, 0, 0, *producer, 0, &[]),
             DrFrame::CopyDone { seq } => (4, 0, *seq, 0, 0, &[]),
-            DrFrame::Rebase { seq } => (5, 0, *seq, 0, 0, &[]),
+            DrFrame::Rebase { seq, producer } => (5, 0, *seq, *producer, 0, &[]),
             DrFrame::Promoted => (6, 0, 0, 0, 0, &[]),
             DrFrame::Stopped => (11, 0, 0, 0, 0, &[]),
             DrFrame::Gap { seq } => (7, 0, *seq, 0, 0, &[]),
@@ -134,12 +140,14 @@ impl DrFrame {
                 ))
             }
             2 => DrFrame::Ack { seq },
-            3 => DrFrame::Hello { applied_seq: seq },
+            3 => DrFrame::Hello { applied_seq: seq, producer: epoch },
             4 => DrFrame::CopyDone { seq },
-            5 => DrFrame::Rebase { seq },
+            5 => DrFrame::Rebase { seq, producer: epoch },
             6 => DrFrame::Promoted,
             11 if len > 0 => return Err(FrameError::UnexpectedPayload("Stopped", len)),
             11 => DrFrame::Stopped,
+            12 if len > 0 => return Err(FrameError::UnexpectedPayload("Resume", len)),
+            12 => DrFrame::Resume { producer: epoch },
             7 => DrFrame::Gap { seq },
             8..=10 => {
                 let (name, want) = [("Sum", 12), ("Want", 8), ("Zero", 8)][kind as usize - 8];
@@ -181,6 +189,9 @@ mod tests {
         for f in [
             DrFrame::Sum { seq: 3, epoch: 2, member: 1, offset: 1 << 20, len: 1 << 20, crc: 0xdead_beef },
             DrFrame::Want { member: 1, offset: 4096, len: 1 << 20 },
+            DrFrame::Hello { applied_seq: 7, producer: 0x1234_5678_9abc },
+            DrFrame::Resume { producer: 99 },
+            DrFrame::Rebase { seq: 70, producer: u64::MAX },
         ] {
             let mut one = Vec::new();
             f.encode(&mut one);
@@ -196,7 +207,7 @@ mod tests {
     #[test]
     fn bad_frames_are_errors_that_say_why() {
         let mut b = Vec::new();
-        DrFrame::Hello { applied_seq: 1 }.encode(&mut b);
+        DrFrame::Hello { applied_seq: 1, producer: 2 }.encode(&mut b);
         let mut bad = b.clone();
         bad[0] ^= 1;
         assert!(matches!(DrFrame::parse(&bad), Err(FrameError::Magic(_))));

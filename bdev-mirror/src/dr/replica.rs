@@ -5,6 +5,12 @@
 //! `CopyDone`). A newer authenticated connection replaces the current one (the production site
 //! reconnected); a connection that fails authentication is closed and counted.
 //!
+//! The image holds the stream of one producer (a group's id at the production site, kept in the
+//! state): a connection names itself with `Resume` (its stream goes on) or `Rebase` (the stream
+//! goes on after a sequence, with a copy; how the other site of a metro pair takes the stream
+//! over after a failover). Once a `Rebase` of another producer took effect, the old producer's
+//! `Resume` is refused: a site that lost its metro role never streams stale writes here.
+//!
 //! Hosts at the DR site may be given the members as namespaces: they are Inaccessible (ANA) until
 //! an operator promotes the image (`nvmetro dr promote GROUP`), which is refused while the
 //! production site streams here or the image is not consistent, unless forced. A promotion is
@@ -142,7 +148,7 @@ impl DrReplica {
     pub fn start(settings: DrReplicaSettings, members: Vec<Arc<dyn Bdev>>) -> std::io::Result<Arc<DrReplica>> {
         // A new image (all zeroes) is not a copy of anything until the production site's full
         // copy ends.
-        let (state, [applied, consistent, promoted, gap]) = RecordFile::open(&settings.state)?;
+        let (state, [applied, consistent, promoted, gap, producer]) = RecordFile::open(&settings.state)?;
         let (consistent, promoted) = (consistent == 1, promoted == 1);
         let wants_file = super::state::StateFile::new(&settings.state.with_extension("wants"));
         let wants: Vec<(u16, u64, u64)> = wants_file
@@ -186,6 +192,8 @@ impl DrReplica {
         let engine = Stream {
             name: settings.name.clone(),
             applier: Applier::new(applied),
+            producer,
+            conn_producer: None,
             state,
             consistent,
             gap: gap.checked_sub(1),
@@ -310,6 +318,10 @@ fn spawn_acceptor(
 struct Stream {
     name: String,
     applier: Applier,
+    /// Whose stream the image holds (0: none named yet).
+    producer: u64,
+    /// The producer the current connection named (by `Resume` or `Rebase`).
+    conn_producer: Option<u64>,
     state: RecordFile,
     consistent: bool,
     /// The production site overflowed after this write (see [`DrFrame::Gap`]).
@@ -346,9 +358,10 @@ struct Stream {
 const FLUSH_TAG: u64 = 1 << 63;
 
 impl Stream {
-    /// The durable record: applied sequence, consistent, promoted, and the gap (+1; 0: none).
-    fn record(&self, applied: u64) -> [u64; 4] {
-        [applied, u64::from(self.consistent), u64::from(self.promoted()), self.gap.map_or(0, |g| g + 1)]
+    /// The durable record: applied sequence, consistent, promoted, the gap (+1; 0: none) and
+    /// the producer.
+    fn record(&self, applied: u64) -> [u64; super::state::RECORD_VALUES] {
+        [applied, u64::from(self.consistent), u64::from(self.promoted()), self.gap.map_or(0, |g| g + 1), self.producer]
     }
 
     fn store_wants(&self) -> std::io::Result<()> {
@@ -424,6 +437,7 @@ impl Stream {
             tracing::warn!(group = %self.name, "DR stream connection ends: {why}");
         }
         self.held.clear();
+        self.conn_producer = None;
     }
 
     fn run_outputs(&mut self) {
@@ -517,13 +531,32 @@ impl Stream {
             return Ok(());
         }
         match f {
-            DrFrame::Rebase { seq } => {
-                if seq < self.applier.applied() {
-                    return Err(format!("Rebase to {seq} below the applied {}", self.applier.applied()));
+            DrFrame::Resume { producer } => {
+                if self.producer != 0 && producer != self.producer {
+                    return Err(format!(
+                        "producer {producer:#x} resumes a stream that producer {:#x} took over (the other site of the metro pair streams here now)",
+                        self.producer
+                    ));
                 }
-                self.held.push_back(DrFrame::Rebase { seq });
+                if self.producer == 0 {
+                    // An image from before producers were named: the first to resume owns it.
+                    self.producer = producer;
+                    self.store().map_err(|e| format!("cannot store the state: {e}"))?;
+                }
+                self.conn_producer = Some(producer);
                 Ok(())
             }
+            DrFrame::Rebase { seq, producer } => {
+                // Another producer (the other metro site) takes over from whatever this image
+                // applied by the time the Rebase takes effect: its copy sends what differs.
+                if seq < self.applier.applied() && producer == self.producer {
+                    return Err(format!("Rebase to {seq} below the applied {}", self.applier.applied()));
+                }
+                self.conn_producer = Some(producer);
+                self.held.push_back(DrFrame::Rebase { seq, producer });
+                Ok(())
+            }
+            f if self.conn_producer.is_none() => Err(format!("{f:?} before the production site named its stream (Resume or Rebase)")),
             DrFrame::CopyDone { seq } => {
                 // Regions it asked for and has not received keep the image inconsistent (the
                 // production site copies them and says CopyDone again).
@@ -552,9 +585,15 @@ impl Stream {
         if !matches!(self.held.front(), Some(DrFrame::Rebase { .. })) || !self.applier.idle() {
             return Ok(());
         }
-        let Some(DrFrame::Rebase { seq }) = self.held.pop_front() else { unreachable!() };
+        let Some(DrFrame::Rebase { seq, producer }) = self.held.pop_front() else { unreachable!() };
         self.applier = Applier::new(seq);
         self.consistent = false;
+        if self.producer == 0 {
+            self.producer = producer;
+        } else if producer != self.producer {
+            tracing::warn!(group = %self.name, seq, from = format!("{:#x}", self.producer), to = format!("{producer:#x}"), "DR stream taken over by another producer (the other site of a metro pair): the old one is refused from now on");
+            self.producer = producer;
+        }
         self.store().map_err(|e| format!("cannot store the state: {e}"))?;
         tracing::warn!(group = %self.name, seq, "DR stream restarts after {seq}: the image is not consistent until the full copy that follows ends");
         let held: Vec<DrFrame> = self.held.drain(..).collect();
@@ -650,7 +689,7 @@ impl Stream {
             }
             tracing::info!(group = %self.name, applied = self.applier.applied(), "DR stream connected");
             self.conn = Some(c);
-            self.applier.connected(&mut self.out);
+            self.applier.connected(self.producer, &mut self.out);
             // What was asked for before and may not have arrived.
             for &(member, offset, len) in &self.wants {
                 self.out.push(ApplyOutput::Send(DrFrame::Want { member, offset, len }));

@@ -92,6 +92,8 @@ pub struct Sequencer {
     acked: u64,
     /// Connected, and the first unsent write's index in `held`.
     connected: bool,
+    /// A connection saw this sequencer's numbers (they can no longer change).
+    ever_connected: bool,
     unsent: usize,
     /// Long-throw: the journal's size in bytes.
     journal: Option<u64>,
@@ -115,6 +117,7 @@ impl Sequencer {
             acked,
             connected: false,
             unsent: 0,
+            ever_connected: false,
             journal: None,
             spilled_bytes: 0,
             journal_tail: 0,
@@ -273,9 +276,31 @@ impl Sequencer {
         }
         self.on_ack(applied_seq, out);
         self.connected = true;
+        self.ever_connected = true;
         self.unsent = 0;
         self.send_unsent(out);
         Ok(())
+    }
+
+    /// Moves every number given so far to go on after `base` instead of after the last
+    /// acknowledged one: a stream taken over continues after what the DR site holds, and the
+    /// writes numbered while it was not yet connected keep their order. Refused (false) once a
+    /// connection has seen the numbers, or for a `base` below the acknowledged sequence (none);
+    /// otherwise how far every number moved.
+    pub fn renumber_after(&mut self, base: u64) -> Option<u64> {
+        if self.ever_connected || base < self.acked {
+            return None;
+        }
+        let delta = base - self.acked;
+        self.acked = base;
+        self.next_seq += delta;
+        for h in self.held.iter_mut() {
+            h.seq += delta;
+            if let DrFrame::Write { seq, .. } | DrFrame::Sum { seq, .. } | DrFrame::Zero { seq, .. } = &mut h.frame {
+                *seq += delta;
+            }
+        }
+        Some(delta)
     }
 
     pub fn disconnected(&mut self) {
@@ -396,6 +421,29 @@ mod tests {
 
     fn released(out: &[SeqOutput]) -> Vec<u64> {
         out.iter().filter_map(|o| if let SeqOutput::Release(t) = o { Some(*t) } else { None }).collect()
+    }
+
+    #[test]
+    fn numbers_given_before_any_connection_move_after_a_taken_over_base_and_never_after() {
+        let mut s = Sequencer::new(DrMode::Async, 1 << 20, 100);
+        let mut out = Vec::new();
+        s.submit(1, 0, 0, vec![1; 512], 0, &mut out).unwrap();
+        s.submit_sum(2, 0, 4096, 4096, 7, 0, &mut out);
+        assert_eq!(s.renumber_after(99), None, "below the acknowledged sequence");
+        assert_eq!(s.renumber_after(5000), Some(4900));
+        assert_eq!((s.acked(), s.last_numbered()), (5000, 5002));
+        out.clear();
+        s.connected(5000, &mut out).unwrap();
+        let seqs: Vec<u64> = out
+            .iter()
+            .filter_map(|o| match o {
+                SeqOutput::Send(DrFrame::Write { seq, .. } | DrFrame::Sum { seq, .. }) => Some(*seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seqs, [5001, 5002], "in their order, after the new base");
+        assert_eq!(s.renumber_after(9000), None, "a connection saw the numbers");
+        assert_eq!(s.last_numbered(), 5002);
     }
 
     #[test]

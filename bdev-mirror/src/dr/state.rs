@@ -81,10 +81,12 @@ pub struct RecordFile {
     counter: u64,
 }
 
-const RECORD_MAGIC: &[u8; 8] = b"NVDRREC1";
+const RECORD_MAGIC: &[u8; 8] = b"NVDRREC2";
+/// Records written before the producer was recorded: four values (the fifth reads as 0).
+const RECORD_MAGIC_V1: &[u8; 8] = b"NVDRREC1";
 const SLOT: u64 = 4096;
 /// Values per record.
-pub const RECORD_VALUES: usize = 4;
+pub const RECORD_VALUES: usize = 5;
 
 impl RecordFile {
     /// Opens (creating) the file and returns the last record (zeroes for a new file).
@@ -94,8 +96,17 @@ impl RecordFile {
         nvmetro_ffi::lock_exclusive(&file, path)?;
         let mut best: Option<(u64, [u64; RECORD_VALUES])> = None;
         for slot in 0..2 {
-            let mut buf = [0u8; 8 + 8 + 8 * RECORD_VALUES + 4];
-            if file.read_exact_at(&mut buf, slot * SLOT).is_err() || &buf[..8] != RECORD_MAGIC {
+            let mut full = [0u8; 8 + 8 + 8 * RECORD_VALUES + 4];
+            if file.read_exact_at(&mut full[..8], slot * SLOT).is_err() {
+                continue;
+            }
+            let values_in_slot = match &full[..8] {
+                m if m == RECORD_MAGIC => RECORD_VALUES,
+                m if m == RECORD_MAGIC_V1 => 4,
+                _ => continue,
+            };
+            let buf = &mut full[..8 + 8 + 8 * values_in_slot + 4];
+            if file.read_exact_at(buf, slot * SLOT).is_err() {
                 continue;
             }
             let body = buf.len() - 4;
@@ -105,7 +116,7 @@ impl RecordFile {
             }
             let word = |i: usize| u64::from_le_bytes(buf[8 + 8 * i..16 + 8 * i].try_into().expect("8 bytes"));
             let counter = word(0);
-            let values = std::array::from_fn(|i| word(i + 1));
+            let values = std::array::from_fn(|i| if i < values_in_slot { word(i + 1) } else { 0 });
             if best.is_none_or(|(c, _)| counter > c) {
                 best = Some((counter, values));
             }
@@ -149,19 +160,40 @@ mod record_tests {
         {
             let (mut r, v) = RecordFile::open(&path).unwrap();
             assert_eq!(v, [0; RECORD_VALUES]);
-            r.store([5, 1, 0, 0]).unwrap();
-            r.store([9, 1, 0, 0]).unwrap();
+            r.store([5, 1, 0, 0, 3]).unwrap();
+            r.store([9, 1, 0, 0, 3]).unwrap();
         }
         {
             let (mut r, v) = RecordFile::open(&path).unwrap();
-            assert_eq!(v, [9, 1, 0, 0]);
-            r.store([12, 0, 0, 0]).unwrap();
+            assert_eq!(v, [9, 1, 0, 0, 3]);
+            r.store([12, 0, 0, 0, 3]).unwrap();
         }
         // Tear the newest slot (counter 3 lives in slot 1): the one before it is loaded.
         let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         f.write_all_at(&[0xff; 8], SLOT + 16).unwrap();
         drop(f);
-        assert_eq!(RecordFile::open(&path).unwrap().1, [9, 1, 0, 0]);
+        assert_eq!(RecordFile::open(&path).unwrap().1, [9, 1, 0, 0, 3]);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_record_from_before_the_producer_was_kept_loads_with_no_producer() {
+        use std::os::unix::fs::FileExt;
+        let path = std::env::temp_dir().join(format!("nvmetro-dr-record-v1-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let mut slot = Vec::new();
+        slot.extend_from_slice(RECORD_MAGIC_V1);
+        for v in [1u64, 40, 1, 0, 0] {
+            slot.extend_from_slice(&v.to_le_bytes());
+        }
+        let crc = crc32c::crc32c(&slot);
+        slot.extend_from_slice(&crc.to_le_bytes());
+        std::fs::File::create(&path).unwrap().write_all_at(&slot, SLOT).unwrap();
+        let (mut r, v) = RecordFile::open(&path).unwrap();
+        assert_eq!(v, [40, 1, 0, 0, 0]);
+        r.store([41, 1, 0, 0, 7]).unwrap();
+        drop(r);
+        assert_eq!(RecordFile::open(&path).unwrap().1, [41, 1, 0, 0, 7]);
         std::fs::remove_file(&path).unwrap();
     }
 }

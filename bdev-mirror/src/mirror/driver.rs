@@ -181,6 +181,8 @@ struct Shared {
     channels: ArcSwap<Vec<Arc<ChanQueue>>>,
     /// [`Access`] as a number (see [`access_code`]).
     access: AtomicU8,
+    /// This leg orders writes ([`MirrorCore::orders_writes`]).
+    orders: AtomicBool,
     /// Host I/O may be served until then (milliseconds since `started`; see
     /// [`MirrorCore::lease_deadline_ms`]).
     lease_until_ms: AtomicU64,
@@ -306,6 +308,7 @@ impl MirrorBdev {
         let shared = Arc::new(Shared {
             channels: ArcSwap::from_pointee(Vec::new()),
             access: AtomicU8::new(access_code(core.access())),
+            orders: AtomicBool::new(false),
             lease_until_ms: AtomicU64::new(core.lease_deadline_ms()),
             started: Instant::now(),
             resync: AtomicBool::new(false),
@@ -408,6 +411,14 @@ impl MirrorBdev {
                 })
             }
         }
+    }
+
+    /// This site sees every write first and serves with a live lease: the site whose writes
+    /// feed a DR group over the mirror (see [`crate::dr::group`]).
+    pub fn feeds_dr(&self) -> bool {
+        self.shared.orders.load(Ordering::Acquire)
+            && matches!(self.access(), Access::Serving | Access::Sole | Access::Leading)
+            && self.shared.leased()
     }
 
     /// A Failed leg retries its resync now (`nvmetro resync NAME`); returns whether the leg is
@@ -734,6 +745,7 @@ impl LinkThread {
         let (access, lease) = if self.broken { (Access::Fenced, 0) } else { (self.core.access(), self.core.lease_deadline_ms()) };
         self.shared.lease_until_ms.store(lease, Ordering::Release);
         self.shared.access.store(access_code(access), Ordering::Release);
+        self.shared.orders.store(!self.broken && self.core.orders_writes(), Ordering::Release);
     }
 
     /// A host operation's completion, delivered by [`LinkThread::deliver`].

@@ -76,13 +76,13 @@ pub(super) struct Copy {
     /// Regions to compare by checksum first (the full copy).
     sums: Regions,
     /// Copy reads in flight: tag -> (member, offset, len, for data rather than a checksum).
-    reads: HashMap<u64, (usize, u64, u64, bool)>,
+    pub(super) reads: HashMap<u64, (usize, u64, u64, bool)>,
     pub(super) done_bytes: u64,
     pub(super) total: u64,
     /// Bytes of data the copy sent (the rest was found equal by checksum).
     pub(super) sent_bytes: u64,
     /// The last copy write's sequence, once every region is numbered.
-    last_seq: Option<u64>,
+    pub(super) last_seq: Option<u64>,
     pub(super) speed: (Instant, u64, u64),
     /// A catch-up after an overflow, not a full copy.
     pub(super) catch_up: bool,

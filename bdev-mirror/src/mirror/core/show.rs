@@ -74,6 +74,11 @@ impl MirrorCore {
             && self.last_tick_ms < self.peer_lease_until_ms
     }
 
+    /// This leg orders writes (every write reaches its device first).
+    pub fn orders_writes(&self) -> bool {
+        self.role == Role::Preferred
+    }
+
     /// How hosts should see this leg's paths.
     pub fn access(&self) -> Access {
         if self.through_peer() {
