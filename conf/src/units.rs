@@ -125,3 +125,35 @@ pub fn parse_micros(s: &str) -> Option<u64> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1GiB"), Some(1 << 30));
+        assert_eq!(parse_size("4k"), Some(4096));
+        assert_eq!(parse_size("12"), Some(12));
+        assert_eq!(parse_size("1X"), None);
+        assert_eq!(parse_size("99999999999999T"), None);
+    }
+
+    #[test]
+    fn durations() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("0s"), Some(Duration::ZERO));
+        assert_eq!(parse_duration("0"), Some(Duration::ZERO));
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1h 30m 15s"), Some(Duration::from_secs(5415)));
+        assert_eq!(parse_duration("2 days"), None, "the unit follows the number");
+        assert_eq!(parse_duration("2days"), Some(Duration::from_secs(172_800)));
+        assert_eq!(parse_duration("75us"), Some(Duration::from_micros(75)));
+        assert_eq!(parse_duration("10"), None, "a unit is needed");
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration(""), None);
+        assert_eq!(parse_duration("1.5s"), None);
+    }
+}

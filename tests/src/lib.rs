@@ -363,6 +363,14 @@ address = "127.0.0.1:{{PORT}}"
     )
 }
 
+/// Options connecting the test host ([`HOSTNQN`]) to [`SUBNQN`] at `t`, the subsystem of
+/// [`basic_config`].
+pub fn basic_options(t: &TargetProcess) -> nvmetro_perf::ConnectOptions {
+    let mut o = nvmetro_perf::ConnectOptions::new(t.addr, SUBNQN);
+    o.hostnqn = HOSTNQN.into();
+    o
+}
+
 /// A running `nvmetro-witness` on a free UDP port of 127.0.0.1, its state in a scratch dir.
 pub struct WitnessProcess {
     child: Child,
