@@ -564,3 +564,9 @@ pub fn rpc(t: &TargetProcess, method: &str, params: serde_json::Value) -> Result
         None => Ok(reply["result"].clone()),
     }
 }
+
+/// `nvmetro switchover m` at `t` (the metro mirror of [`site`]): (success, stdout + stderr).
+pub fn switchover(t: &TargetProcess) -> (bool, String) {
+    let out = Command::new(binary("nvmetro")).arg("--config").arg(&t.config_path).args(["switchover", "m"]).output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}

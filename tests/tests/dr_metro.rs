@@ -1,11 +1,12 @@
 //! Disaster recovery over a metro pair: both metro sites run the DR group over the mirror (it
 //! wraps each site's leg), the site that orders the writes feeds a third site, and after a
 //! failover the survivor takes the stream over (a `Rebase`, then a copy that compares every
-//! region and sends only what differs). Five processes: two metro sites, the witness, the DR
+//! region and sends only what differs), and so does the old site when a planned switchover
+//! gives it the ordering back. Five processes: two metro sites, the witness, the DR
 //! site, and the test as the host.
 
 use nvmetro_perf::{ConnectOptions, Host};
-use nvmetro_tests::{rpc, serves, site, wait_until, TargetProcess, WitnessProcess, HOSTNQN, METRO_NQN};
+use nvmetro_tests::{rpc, serves, site, switchover, wait_until, TargetProcess, WitnessProcess, HOSTNQN, METRO_NQN};
 use std::time::{Duration, Instant};
 
 const SECRET: &str = "dr-metro-stream-secret-0123456789";
@@ -123,7 +124,7 @@ fn dump_logs(sites: &[(&str, &TargetProcess)]) {
 }
 
 #[test]
-fn the_dr_stream_follows_the_metro_through_a_failover_and_sends_only_what_differs() {
+fn the_dr_stream_follows_the_ordering_site_through_a_failover_and_a_switchover_sending_only_what_differs() {
     let _serial = nvmetro_tests::ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dr = TargetProcess::start(&dr_site_config());
     let w = WitnessProcess::start();
@@ -175,4 +176,23 @@ fn the_dr_stream_follows_the_metro_through_a_failover_and_sends_only_what_differ
     dump_logs(&[("a", &a), ("b", &b), ("dr", &dr)]);
     wait_caught_up_and_compare(&b, &dr, "with site A back");
     assert_eq!(dr.log().matches("taken over by another producer").count(), 1, "A took nothing back: {}", dr.log());
+
+    // The operator moves the ordering back to A (a planned switchover at B): A takes the
+    // stream over and B stands by; the DR image follows A's leg.
+    wait_until("the switchover to A is accepted", Duration::from_secs(30), || switchover(&b).0);
+    wait_until("site B stands by", Duration::from_secs(30), || {
+        let g = group(&b);
+        g["state"].as_str().is_some_and(|s| s.starts_with("standing by")) && g["connected"] == false
+    });
+    write_stamped(&a, 0xa4, 100, 13000);
+    write_stamped(&b, 0xb4, 100, 17000);
+    dump_logs(&[("a", &a), ("b", &b), ("dr", &dr)]);
+    wait_caught_up_and_compare(&a, &dr, "after the switchover back, fed by site A");
+    let last = &group(&a)["last_copy"];
+    eprintln!(
+        "switchover copy: read {} MiB, sent {} KiB",
+        last["read_bytes"].as_u64().unwrap_or(0) >> 20,
+        last["sent_bytes"].as_u64().unwrap_or(0) >> 10
+    );
+    assert_eq!(dr.log().matches("taken over by another producer").count(), 2, "one takeover per change of the ordering site: {}", dr.log());
 }

@@ -7,7 +7,7 @@ use nvmetro_perf::load::{run_paths, JobResult, PathIo, PathShared, Pattern, Work
 use nvmetro_perf::paths::{ana_state, PathMonitor};
 use nvmetro_perf::{ConnectOptions, Host};
 use nvmetro_proto::nvme::Status;
-use nvmetro_tests::{connect, metro, serves, wait_until, Metro, TargetProcess, HOSTNQN, HOST_B, METRO_NQN as NQN};
+use nvmetro_tests::{connect, metro, serves, switchover, wait_until, Metro, TargetProcess, HOSTNQN, HOST_B, METRO_NQN as NQN};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -399,17 +399,6 @@ fn failover_time_benchmark() {
             ms(stalls[0])
         );
     }
-}
-
-/// `nvmetro switchover m` at `t`: (success, stdout + stderr).
-fn switchover(t: &TargetProcess) -> (bool, String) {
-    let out = std::process::Command::new(nvmetro_tests::binary("nvmetro"))
-        .arg("--config")
-        .arg(&t.config_path)
-        .args(["switchover", "m"])
-        .output()
-        .unwrap();
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
 /// What `nvmetro status` at `t` prints.
