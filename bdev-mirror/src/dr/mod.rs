@@ -32,6 +32,10 @@
 //! * the DR site records its applied sequence (in place, two slots) before acknowledging it, and
 //!   the regions it asked for before asking. A member's disk failure stops the DR image (it
 //!   answers `Stopped` until it is repaired and restarted).
+//! * over metro mirrors the group runs at both sites, each wrapping its own leg: the site that
+//!   orders the writes feeds the DR site, the other stands by; each site's stream has a producer
+//!   id, and when the ordering moves the new site takes the stream over (`Rebase` naming it, then
+//!   a checksum copy), after which the DR site refuses the old producer's `Resume`.
 
 pub mod applier;
 pub mod frame;
