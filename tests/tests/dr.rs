@@ -760,14 +760,43 @@ fn a_group_whose_state_cannot_be_stored_stops_its_stream_and_host_writes_go_on()
     dr.signal("CONT");
 }
 
+/// `config` with the first member `base` (and its namespace) behind an error bdev `name`
+/// starting with `rules`.
+fn behind_error_bdev(config: String, base: &str, name: &str, rules: Option<&str>) -> String {
+    let rules = rules.map(|r| format!("rules = '{r}'\n")).unwrap_or_default();
+    config
+        .replace(&format!("members = [\"{base}\""), &format!("members = [\"{name}\""))
+        .replace(&format!("bdev = \"{base}\""), &format!("bdev = \"{name}\""))
+        .replace("[[subsystem]]", &format!("[[bdev]]\nname = \"{name}\"\nkind = \"error\"\nbase = \"{base}\"\n{rules}\n[[subsystem]]"))
+}
+
+#[test]
+fn a_copy_read_that_fails_is_read_again_and_the_image_still_ends_consistent_and_equal() {
+    // The new group's full copy reads p0 through an error bdev that fails its first 3 reads.
+    let dr = TargetProcess::start(&dr_site_config());
+    let p = TargetProcess::start(&behind_error_bdev(
+        production_config(dr.addr2, ""),
+        "p0",
+        "flaky-p0",
+        Some(r#"[{"op":"read","error":"eio","count":3}]"#),
+    ));
+    {
+        let mut h = host(&p);
+        assert!(write(&mut h, 1, 4096, vec![0x5a; 8192]));
+    }
+    wait_caught_up_and_compare(&p, &dr);
+    let stats = rpc(&p, "bdev_error_stats", serde_json::json!({"name": "flaky-p0"})).expect("stats");
+    assert_eq!(stats["injected"]["errors"].as_u64(), Some(3), "the copy's reads met the faults: {stats}");
+    assert_eq!(p.log().matches("reading the member failed").count(), 3, "{}", p.log());
+    // The regions whose checksum read failed were read again and sent whole.
+    let last = &dr_status(&p)["groups"][0]["last_copy"];
+    assert!(last["sent_bytes"].as_u64().is_some_and(|s| s >= 1 << 20), "{last}");
+}
+
 #[test]
 fn a_failed_local_write_is_not_streamed_and_a_failed_dr_disk_stops_the_image_with_a_reason() {
     // Production: member p0 behind an error bdev; DR: member dr0 behind one too.
-    let errors = |c: String, base: &str, name: &str| {
-        c.replace(&format!("members = [\"{base}\""), &format!("members = [\"{name}\""))
-            .replace(&format!("bdev = \"{base}\""), &format!("bdev = \"{name}\""))
-            .replace("[[subsystem]]", &format!("[[bdev]]\nname = \"{name}\"\nkind = \"error\"\nbase = \"{base}\"\n\n[[subsystem]]"))
-    };
+    let errors = |c: String, base: &str, name: &str| behind_error_bdev(c, base, name, None);
     let dr = TargetProcess::start(&errors(dr_site_config(), "dr0", "flaky-dr0"));
     let p = TargetProcess::start(&errors(production_config(dr.addr2, ""), "p0", "flaky-p0"));
     wait_caught_up_and_compare(&p, &dr);
