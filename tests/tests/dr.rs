@@ -634,6 +634,30 @@ fn long_throw_never_holds_host_writes_spills_to_the_journal_overflows_and_catche
     assert!(dr.log().contains("DR copy ended: the DR image is consistent"), "{}", dr.log());
 }
 
+#[test]
+fn a_journal_on_a_full_disk_fails_its_writes_and_a_full_copy_makes_the_image_whole() {
+    // The journal is /dev/full: every spill fails with ENOSPC (reads give zeroes).
+    let dr = TargetProcess::start(&dr_site_config());
+    let p = TargetProcess::start(&production_config(
+        dr.addr2,
+        "mode = \"long-throw\"\nbuffer = \"1MiB\"\njournal = \"/dev/full\"\njournal_size = \"1MiB\"",
+    ));
+    wait_caught_up_and_compare(&p, &dr);
+    dr.signal("STOP");
+    let mut h = host(&p);
+    for i in 0..256u64 {
+        assert!(
+            write(&mut h, 1 + (i % 2) as u32, (i * 16) % (MEMBER / 512 - 16), record(4, i, 0).repeat(16)),
+            "write {i}: hosts never wait"
+        );
+    }
+    wait_until("the journal write fails", Duration::from_secs(20), || p.log().contains("DR journal write failed"));
+    dr.signal("CONT");
+    // What the journal lost comes by the full copy; until it ends the image is not consistent.
+    wait_caught_up_and_compare(&p, &dr);
+    assert!(dr.log().contains("the production site overflowed"), "{}", dr.log());
+}
+
 /// Replaces the DR tables of `t`'s config file with `tables` (placeholders already filled).
 fn with_dr_tables(t: &TargetProcess, tables: &str) {
     let text = std::fs::read_to_string(&t.config_path).expect("config");

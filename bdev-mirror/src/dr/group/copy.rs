@@ -134,7 +134,8 @@ impl Engine {
     /// Room for one more copy read: copy data counts against the buffer (and the journal) as
     /// host writes do.
     fn copy_room(&self, reads: usize) -> bool {
-        let limit = (self.settings.buffer_limit + self.journal.as_ref().map_or(0, |j| j.1)).max(COPY_CHUNK);
+        let journal = self.journal.as_ref().filter(|_| !self.journal_off).map_or(0, |j| j.1);
+        let limit = (self.settings.buffer_limit + journal).max(COPY_CHUNK);
         self.seq.buffered_bytes() + self.seq.spilled_bytes() + COPY_CHUNK * (reads as u64 + 1) <= limit
     }
 

@@ -370,6 +370,10 @@ struct Engine {
     behind: bool,
     /// Long-throw: the journal file and its size.
     journal: Option<(std::fs::File, u64)>,
+    /// A journal write failed: nothing more is spilled until a restart.
+    journal_off: bool,
+    /// Journal positions whose write failed (sent as zeroes; a full copy follows).
+    journal_lost: std::collections::HashSet<u64>,
     /// Writes after this were lost to an overflow: the DR image is not consistent past it until
     /// the catch-up copy ends.
     gap: Option<u64>,
@@ -462,6 +466,8 @@ impl Engine {
         Ok(Engine {
             seq,
             journal,
+            journal_off: false,
+            journal_lost: Default::default(),
             gap: None,
             overflows: 0,
             copy_sent: (0, 0),
@@ -740,13 +746,24 @@ impl Engine {
                 }
                 SeqOutput::Spill { at, data } => {
                     if let Err(e) = self.journal_io(at, JournalIo::Write(&data)) {
-                        // What the journal lost reaches the DR site by a copy of everything.
-                        tracing::error!(group = %self.settings.name, "DR journal write failed: {e}; the DR image is not consistent until a full copy ends");
+                        // What the journal lost reaches the DR site by a copy of everything; no
+                        // more is spilled (the copy's own chunks would fail the same way).
+                        if !self.journal_off {
+                            tracing::error!(group = %self.settings.name, "DR journal write failed: {e}; the journal is not used until a restart (writes past the buffer are tracked by region), and the DR image is not consistent until a full copy ends");
+                            self.journal_off = true;
+                            self.seq.set_journal(Some(0), &mut Vec::new());
+                        }
+                        self.journal_lost.insert(at);
                         self.overflowed(self.seq.last_numbered().saturating_sub(1));
                         for m in 0..self.member_size.len() {
                             self.copy_again(m, 0, self.member_size[m]);
                         }
                     }
+                }
+                SeqOutput::SendSpilled { seq, epoch, member, offset, at, len } if self.journal_lost.remove(&at) => {
+                    // Its bytes never reached the journal: the image is inconsistent past the gap
+                    // before it until the full copy rewrites the region, so zeroes stand in.
+                    self.send(DrFrame::Write { seq, epoch, member, offset, data: vec![0; len as usize] });
                 }
                 SeqOutput::SendSpilled { seq, epoch, member, offset, at, len } => {
                     let mut data = vec![0; len as usize];
@@ -1057,7 +1074,7 @@ impl Engine {
             s.behind_ms = rp.age_ms;
             s.buffered_bytes = self.seq.buffered_bytes();
             s.journal_bytes = self.seq.spilled_bytes();
-            s.journal_limit = self.journal.as_ref().map(|j| j.1);
+            s.journal_limit = self.journal.as_ref().map(|j| if self.journal_off { 0 } else { j.1 });
             s.overflows = self.overflows;
             (s.last_copy_read_bytes, s.last_copy_sent_bytes) = self.copy_sent;
             s.buffer_limit = self.settings.buffer_limit;
