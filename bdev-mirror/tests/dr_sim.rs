@@ -108,7 +108,7 @@ impl World {
                         self.to_dr.push_back(f);
                     }
                 }
-                SeqOutput::Spill { at, data } => {
+                SeqOutput::Spill { at, data, .. } => {
                     self.journal.insert(at, data);
                 }
                 SeqOutput::SendSpilled { seq, epoch, member, offset, at, len } => {

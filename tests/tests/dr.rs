@@ -658,6 +658,31 @@ fn a_journal_on_a_full_disk_fails_its_writes_and_a_full_copy_makes_the_image_who
     assert!(dr.log().contains("the production site overflowed"), "{}", dr.log());
 }
 
+#[test]
+fn a_journal_entry_that_cannot_be_read_goes_by_the_full_copy_and_the_stream_goes_on() {
+    let mut dr = TargetProcess::start(&dr_site_config());
+    let p = TargetProcess::start(&production_config(
+        dr.addr2,
+        "mode = \"long-throw\"\nbuffer = \"1MiB\"\njournal = \"{DIR}/g1.journal\"\njournal_size = \"2MiB\"",
+    ));
+    wait_caught_up_and_compare(&p, &dr);
+    // The DR site goes away: what does not fit the buffer waits in the journal, unsent.
+    dr.kill();
+    let mut h = host(&p);
+    for i in 0..160u64 {
+        assert!(write(&mut h, 1 + (i % 2) as u32, (i * 16) % (MEMBER / 512 - 16), record(5, i, 0).repeat(16)), "write {i}");
+    }
+    wait_until("the journal holds writes", Duration::from_secs(20), || {
+        dr_status(&p)["groups"][0]["journal_bytes"].as_u64().unwrap_or(0) > 0
+    });
+    // The journal's bytes are gone (its file cut to nothing) before they are sent.
+    std::fs::OpenOptions::new().write(true).open(p.scratch().join("g1.journal")).expect("journal").set_len(0).expect("truncate");
+    dr.restart();
+    wait_until("the journal read fails", Duration::from_secs(20), || p.log().contains("DR journal read failed"));
+    wait_caught_up_and_compare(&p, &dr);
+    assert!(!p.log().contains("the stream stops"), "{}", p.log());
+}
+
 /// Replaces the DR tables of `t`'s config file with `tables` (placeholders already filled).
 fn with_dr_tables(t: &TargetProcess, tables: &str) {
     let text = std::fs::read_to_string(&t.config_path).expect("config");

@@ -569,7 +569,8 @@ impl Stream {
                 Ok(())
             }
             DrFrame::Gap { seq } => {
-                if self.gap.is_none() {
+                // A later Gap may name an earlier write (a journal entry found lost when sent).
+                if self.gap.is_none_or(|g| seq < g) {
                     self.gap = Some(seq);
                     self.store().map_err(|e| format!("cannot store the state: {e}"))?;
                     tracing::warn!(group = %self.name, seq, "the production site overflowed: the image stays consistent at write {seq} and is not once it holds more, until the catch-up ends");

@@ -42,8 +42,9 @@ pub enum SeqOutput {
     /// the local legs have it too).
     Release(u64),
     /// Long-throw: keep `data` in the journal at logical position `at` (a ring of the journal's
-    /// size: `at % size`, wrapping at its end) until it is sent and acknowledged.
-    Spill { at: u64, data: Vec<u8> },
+    /// size: `at % size`, wrapping at its end) until it is sent and acknowledged; it is write
+    /// `seq`.
+    Spill { seq: u64, at: u64, data: Vec<u8> },
     /// Send write `seq`, whose bytes are the `len` at journal position `at`.
     SendSpilled { seq: u64, epoch: u64, member: Member, offset: u64, at: u64, len: u64 },
     /// Long-throw, buffer and journal full: this write was not numbered (and is released); its
@@ -184,7 +185,7 @@ impl Sequencer {
                 let at = self.journal_tail;
                 self.journal_tail += len;
                 self.spilled_bytes += len;
-                out.push(SeqOutput::Spill { at, data });
+                out.push(SeqOutput::Spill { seq: self.next_seq, at, data });
                 self.number(tag, member, offset, Vec::new(), len, Some(at), now_ms, out);
             }
             Some(_) if self.mode == DrMode::Async => {

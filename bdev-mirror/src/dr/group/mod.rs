@@ -744,38 +744,23 @@ impl Engine {
                         self.seq.host_completed(first);
                     }
                 }
-                SeqOutput::Spill { at, data } => {
+                SeqOutput::Spill { seq, at, data } => {
                     if let Err(e) = self.journal_io(at, JournalIo::Write(&data)) {
-                        // What the journal lost reaches the DR site by a copy of everything; no
-                        // more is spilled (the copy's own chunks would fail the same way).
-                        if !self.journal_off {
-                            tracing::error!(group = %self.settings.name, "DR journal write failed: {e}; the journal is not used until a restart (writes past the buffer are tracked by region), and the DR image is not consistent until a full copy ends");
-                            self.journal_off = true;
-                            self.seq.set_journal(Some(0), &mut Vec::new());
-                        }
+                        self.journal_failed(seq, &format!("DR journal write failed: {e}"));
                         self.journal_lost.insert(at);
-                        self.overflowed(self.seq.last_numbered().saturating_sub(1));
-                        for m in 0..self.member_size.len() {
-                            self.copy_again(m, 0, self.member_size[m]);
-                        }
                     }
-                }
-                SeqOutput::SendSpilled { seq, epoch, member, offset, at, len } if self.journal_lost.remove(&at) => {
-                    // Its bytes never reached the journal: the image is inconsistent past the gap
-                    // before it until the full copy rewrites the region, so zeroes stand in.
-                    self.send(DrFrame::Write { seq, epoch, member, offset, data: vec![0; len as usize] });
                 }
                 SeqOutput::SendSpilled { seq, epoch, member, offset, at, len } => {
                     let mut data = vec![0; len as usize];
-                    match self.journal_io(at, JournalIo::Read(&mut data)) {
-                        Ok(()) => self.send(DrFrame::Write { seq, epoch, member, offset, data }),
-                        Err(e) => {
-                            // Sending it later, or anything after it, could not make the image whole.
-                            tracing::error!(group = %self.settings.name, seq, "DR journal read failed: {e}; the stream stops");
-                            self.refused = Some(format!("the journal cannot be read: {e}"));
-                            self.conn_lost("journal read failed");
+                    if !self.journal_lost.remove(&at) {
+                        if let Err(e) = self.journal_io(at, JournalIo::Read(&mut data)) {
+                            self.journal_failed(seq, &format!("DR journal read failed: {e}"));
+                            data.fill(0);
                         }
                     }
+                    // A lost entry goes as zeroes: the image is not consistent past the write
+                    // before it until the full copy rewrites its region.
+                    self.send(DrFrame::Write { seq, epoch, member, offset, data });
                 }
                 SeqOutput::Overflow { member, offset, len, after, .. } => {
                     self.overflowed(after);
@@ -790,17 +775,35 @@ impl Engine {
     /// the catch-up copy ends.
     fn overflowed(&mut self, after: u64) {
         self.overflows += 1;
-        if self.gap.is_none() && self.broken.is_none() {
+        if self.broken.is_some() || self.gap.is_some_and(|g| g <= after) {
+            return;
+        }
+        if self.gap.is_none() {
             tracing::warn!(group = %self.settings.name, after, "DR send buffer and journal full: writes are tracked by region and copied later; the DR image is not consistent until the catch-up ends");
-            self.gap = Some(after);
-            // A restart before the catch-up ends copies everything.
-            self.copied = false;
-            if let Err(e) = self.persist(false) {
-                self.break_off(&format!("cannot store the group's state: {e}"));
-            }
-            if self.greeted && self.broken.is_none() {
-                self.send(DrFrame::Gap { seq: after });
-            }
+        }
+        self.gap = Some(after);
+        // A restart before the catch-up ends copies everything.
+        self.copied = false;
+        if let Err(e) = self.persist(false) {
+            self.break_off(&format!("cannot store the group's state: {e}"));
+        }
+        if self.greeted && self.broken.is_none() {
+            self.send(DrFrame::Gap { seq: after });
+        }
+    }
+
+    /// Long-throw: write `seq`'s journal entry was lost (its write or read failed). The DR image
+    /// is not consistent past the write before it until a full copy ends, and nothing more is
+    /// spilled until a restart (the copy's own chunks would fail the same way).
+    fn journal_failed(&mut self, seq: u64, why: &str) {
+        if !self.journal_off {
+            tracing::error!(group = %self.settings.name, seq, "{why}; the journal is not used until a restart (writes past the buffer are tracked by region), and the DR image is not consistent until a full copy ends");
+            self.journal_off = true;
+            self.seq.set_journal(Some(0), &mut Vec::new());
+        }
+        self.overflowed(seq - 1);
+        for m in 0..self.member_size.len() {
+            self.copy_again(m, 0, self.member_size[m]);
         }
     }
 
