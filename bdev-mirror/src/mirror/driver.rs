@@ -28,10 +28,10 @@
 //! issued, sent or completed), fences the leg for good (until a restart) and drops the link.
 //!
 //! This file holds the state the link shares with the reactors, the bdev, and the link thread:
-//! feeding the core, running its outputs, and the loop. The rest is in submodules: [`settings`]
-//! (how a leg is set up and tuned), [`channel`] (the reactors' channels and their queues to the
-//! link), [`link`] (the replication connections: handshakes, receiving, flushing), [`status`]
-//! (what the link publishes for the reactors and the operator) and [`planned`] (switchover and
+//! feeding the core, running its outputs, and the loop. The rest is in submodules: `settings`
+//! (how a leg is set up and tuned), `channel` (the reactors' channels and their queues to the
+//! link), `link` (the replication connections: handshakes, receiving, flushing), `status`
+//! (what the link publishes for the reactors and the operator) and `planned` (switchover and
 //! departure).
 
 use super::core::{Access, Input, MirrorCore, Output};

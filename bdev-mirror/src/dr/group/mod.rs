@@ -31,10 +31,10 @@
 //!   until that copy ends.
 //!
 //! This file holds the group's API, its shared state and the engine's state and loop (host
-//! writes into the sequencer, its outputs); the rest of the engine is in submodules: [`conn`]
-//! (the connection to the DR site and its frames), [`copy`] (full and catch-up copies),
-//! [`journal`] (long-throw journal and overflows), [`metro`] (over metro mirrors: standing by,
-//! taking over), [`status`] (what `nvmetro status` shows) and [`dialer`] (the dialer thread).
+//! writes into the sequencer, its outputs); the rest of the engine is in submodules: `conn`
+//! (the connection to the DR site and its frames), `copy` (full and catch-up copies),
+//! `journal` (long-throw journal and overflows), `metro` (over metro mirrors: standing by,
+//! taking over), `status` (what `nvmetro status` shows) and `dialer` (the dialer thread).
 
 mod conn;
 mod copy;

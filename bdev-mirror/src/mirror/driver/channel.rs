@@ -131,7 +131,7 @@ impl LinkThread {
     /// Every operation the channels sent, handled as one batch: the core sees them all before
     /// any output runs, so the metadata they dirty is made durable with one sync, not one each
     /// (each output still runs after the store that covers it: the first store writes the
-    /// core's state after the whole batch, and [`MetaFile::store`] skips the ones after it).
+    /// core's state after the whole batch, and [`MetaFile::store`](crate::mirror::meta::MetaFile::store) skips the ones after it).
     pub(super) fn take_host_operations(&mut self) -> bool {
         if self.shared.inbox_empty() {
             return false;
