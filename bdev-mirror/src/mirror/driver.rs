@@ -26,156 +26,44 @@
 //!
 //! A metadata store that fails stops the batch of outputs it belongs to (nothing after it is
 //! issued, sent or completed), fences the leg for good (until a restart) and drops the link.
+//!
+//! This file holds the state the link shares with the reactors, the bdev, and the link thread:
+//! feeding the core, running its outputs, and the loop. The rest is in submodules: `settings`
+//! (how a leg is set up and tuned), `channel` (the reactors' channels and their queues to the
+//! link), `link` (the replication connections: handshakes, receiving, flushing), `status`
+//! (what the link publishes for the reactors and the operator) and `planned` (switchover and
+//! departure).
 
-use super::core::{Access, Input, LinkState, Metro, MirrorCore, MirrorStatus, Output, ResyncLatencyTarget, Role};
+use super::core::{Access, Input, MirrorCore, Output};
 use super::frame::{Frame, Kind};
 use super::meta::MetaFile;
 use super::outbox::{Conn, RESYNC_RECHECK};
-use super::transport::{LinkStream, Transport};
+use super::transport::Transport;
 use super::DiskState;
-use crate::{Bdev, BdevChannel, BdevCompletion, BdevError, BdevInfo, BdevOp};
+use crate::{Bdev, BdevChannel, BdevCompletion, BdevError, BdevInfo};
 use arc_swap::ArcSwap;
 use crossbeam_queue::ArrayQueue;
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::path::PathBuf;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+mod channel;
+mod link;
 mod planned;
+mod settings;
+mod status;
+use channel::{thread_tag, ChanQueue, MirrorChannel, CHANNEL_DEPTH};
+use link::{PendingConn, RefusalLog};
+pub use link::{AUTH_TIMEOUT, MAX_PENDING};
 pub use planned::DEPART_WAIT;
-
-/// How a mirror leg is set up.
-#[derive(Debug, Clone)]
-pub struct MirrorSettings {
-    pub role: Role,
-    pub site: u8,
-    pub meta_path: PathBuf,
-    /// Regions of `1 << region_shift` bytes (dirty tracking and resync unit).
-    pub region_shift: u32,
-    /// Resync budget in bytes per second; 0 for unlimited.
-    pub resync_rate: u64,
-    /// The host write latency a resync steers to.
-    pub resync_latency_target: ResyncLatencyTarget,
-    pub heartbeat_timeout: Duration,
-    /// Added to every frame this leg sends (emulated distance).
-    pub link_delay: Duration,
-    /// How long the idle link thread keeps polling (yielding the CPU between turns) before it
-    /// sleeps in epoll; zero sleeps at once, which leaves the cores to reactors on small machines.
-    pub spin: Duration,
-    /// Metro mode: a witness decides who serves alone.
-    pub metro: Option<MetroSettings>,
-    /// How often a leg whose device failed retries to resync (zero: only `nvmetro resync`).
-    pub retry_interval: Duration,
-    /// The replication link's shared secret (both sites the same). Empty: connections still
-    /// make the handshake (a stray or garbled connection never becomes the link), but anyone
-    /// who speaks the protocol passes it.
-    pub secret: Vec<u8>,
-}
-
-/// A connection must finish the authentication handshake within this.
-pub const AUTH_TIMEOUT: Duration = Duration::from_secs(3);
-/// Connections in their handshake at once; a newer one closes the oldest.
-pub const MAX_PENDING: usize = 8;
-
-/// The replication settings a running mirror takes without a restart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MirrorTuning {
-    /// Bytes per second; 0 for unlimited.
-    pub resync_rate: u64,
-    pub resync_latency_target: ResyncLatencyTarget,
-    pub link_delay: Duration,
-    pub heartbeat_timeout: Duration,
-    pub manual_failback: bool,
-}
-
-/// A metro leg's witness and timers.
-#[derive(Debug, Clone)]
-pub struct MetroSettings {
-    pub witness: std::net::SocketAddr,
-    pub secret: Vec<u8>,
-    pub core: Metro,
-}
-
-/// What `nvmetro status` shows of a mirror.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct StatusReport {
-    pub role: String,
-    pub disk: String,
-    pub peer_disk: String,
-    pub link: String,
-    pub serving: bool,
-    pub out_of_sync_bytes: u64,
-    pub sync_total_bytes: u64,
-    pub synced_bytes: u64,
-    pub sync_bytes_per_second: u64,
-    pub replication_rtt_us: Option<u64>,
-    pub peer: String,
-    /// "serving", "serving alone", "transition" or "fenced".
-    pub access: String,
-    pub metro: Option<super::core::MetroStatus>,
-    pub witness_rtt_us: Option<u64>,
-    /// Why this leg's device is Failed (what, where, for how long).
-    pub failure: Option<String>,
-    /// Why the peer's device is Failed, as it reported.
-    pub peer_failure: Option<String>,
-    /// Seconds this leg's device has been Failed.
-    pub failed_for_seconds: Option<u64>,
-    /// Metadata writes (each with its sync) since start.
-    pub metadata_syncs: u64,
-    /// Times this leg's device failed (and the leg was faulted) since start.
-    pub leg_failures: u64,
-    /// Replication connections refused since start (handshake failed or timed out, too many).
-    pub link_refusals: u64,
-}
-
-impl StatusReport {
-    /// Percentage of the current resync done: 100 when in sync, none while out of sync with no
-    /// resync under way (disconnected, or the peer Failed).
-    pub fn sync_percent(&self) -> Option<f64> {
-        if self.out_of_sync_bytes == 0 {
-            Some(100.0)
-        } else if self.sync_total_bytes == 0 || !self.link.starts_with("Sync") {
-            None
-        } else {
-            Some(100.0 * self.synced_bytes as f64 / self.sync_total_bytes as f64)
-        }
-    }
-
-    /// Seconds left at the current resync speed.
-    pub fn eta_seconds(&self) -> Option<u64> {
-        (self.out_of_sync_bytes > 0 && self.sync_bytes_per_second > 0).then(|| self.out_of_sync_bytes / self.sync_bytes_per_second)
-    }
-}
-
-/// Operations a channel may have with the link at once; more wait in the channel (backpressure).
-const CHANNEL_DEPTH: usize = 1024;
-
-/// A reactor's channel to the link: bounded, lock-free, one producer and one consumer each way.
-struct ChanQueue {
-    /// Operations for the link: (the channel's tag, operation).
-    inbox: ArrayQueue<(u64, BdevOp)>,
-    /// Completions for the channel; never fuller than `inbox` was (one per operation).
-    done: ArrayQueue<BdevCompletion>,
-    eventfd: OwnedFd,
-    /// The thread that last polled the channel ([`thread_tag`]): when the link runs on that same
-    /// thread (a poller on the channel's reactor) the reactor polls the queue in the same turn,
-    /// and the eventfd signal (a syscall) is skipped.
-    consumer: AtomicU64,
-}
-
-/// A number for the calling thread, unique in the process.
-fn thread_tag() -> u64 {
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    thread_local! {
-        static TAG: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
-    }
-    TAG.with(|t| *t)
-}
+pub use settings::{MetroSettings, MirrorSettings, MirrorTuning};
+pub use status::StatusReport;
+use status::{access_code, access_of};
 
 struct Shared {
     channels: ArcSwap<Vec<Arc<ChanQueue>>>,
@@ -229,30 +117,6 @@ impl std::fmt::Debug for Shared {
     }
 }
 
-fn access_code(a: Access) -> u8 {
-    match a {
-        Access::Serving => 0,
-        Access::Sole => 1,
-        Access::Transition => 2,
-        Access::Fenced => 3,
-        Access::Remote => 4,
-        Access::Leading => 5,
-        Access::Standby => 6,
-    }
-}
-
-fn access_of(code: u8) -> Access {
-    match code {
-        0 => Access::Serving,
-        1 => Access::Sole,
-        2 => Access::Transition,
-        4 => Access::Remote,
-        5 => Access::Leading,
-        6 => Access::Standby,
-        _ => Access::Fenced,
-    }
-}
-
 const WAKER: Token = Token(0);
 const LISTENER: Token = Token(1);
 const CONN: Token = Token(2);
@@ -262,22 +126,6 @@ const PENDING: Token = Token(5);
 /// How often the link thread ticks the core (timers, resync budget) and looks at every
 /// descriptor whether or not it announced anything.
 const TICK: Duration = Duration::from_millis(10);
-
-/// A connection proving itself (see [`super::auth`]).
-struct PendingConn {
-    sock: Box<dyn LinkStream>,
-    handshake: super::auth::Handshake,
-    /// Handshake bytes not yet written.
-    tx: Vec<u8>,
-    since: Instant,
-}
-
-/// Log lines about refused connections: at most one a second, with a count of the rest.
-struct RefusalLog {
-    last: Option<Instant>,
-    suppressed: u64,
-    total: u64,
-}
 
 impl MirrorBdev {
     /// Opens the metadata and starts the link: on its own thread, or (`on_reactor`) as a poller
@@ -364,7 +212,7 @@ impl MirrorBdev {
             last_tick: Instant::now(),
             broken: false,
             pending_conns: Vec::new(),
-            refusals: RefusalLog { last: None, suppressed: 0, total: 0 },
+            refusals: RefusalLog::new(),
             last_publish: Instant::now() - Duration::from_secs(1),
             switch_reply: None,
             depart_reply: None,
@@ -505,100 +353,7 @@ impl Bdev for MirrorBdev {
             v.push(queue.clone());
             v
         });
-        Ok(Box::new(MirrorChannel {
-            local: self.local.clone().channel()?,
-            queue,
-            shared: self.shared.clone(),
-            inflight: 0,
-            waiting: std::collections::VecDeque::new(),
-            refused: Vec::new(),
-        }))
-    }
-}
-
-struct MirrorChannel {
-    local: Box<dyn BdevChannel>,
-    queue: Arc<ChanQueue>,
-    shared: Arc<Shared>,
-    /// Operations with the link (in its inbox, being handled, or completed and not yet polled).
-    inflight: usize,
-    /// Operations for the link while it has CHANNEL_DEPTH of this channel's, in order.
-    waiting: std::collections::VecDeque<(u64, BdevOp)>,
-    refused: Vec<BdevCompletion>,
-}
-
-impl MirrorChannel {
-    /// Hands waiting operations to the link while its inbox has room.
-    fn hand_over(&mut self) {
-        let mut handed = false;
-        while self.inflight < CHANNEL_DEPTH {
-            let Some((tag, op)) = self.waiting.pop_front() else { break };
-            if let Err((tag, op)) = self.queue.inbox.push((tag, op)) {
-                self.waiting.push_front((tag, op));
-                break;
-            }
-            self.inflight += 1;
-            handed = true;
-        }
-        if handed && self.shared.parked.load(Ordering::SeqCst) {
-            let _ = self.shared.waker.wake();
-        }
-    }
-}
-
-impl BdevChannel for MirrorChannel {
-    fn submit(&mut self, tag: u64, op: BdevOp) {
-        let access = access_of(self.shared.access.load(Ordering::Acquire));
-        match op {
-            _ if op.reads_only() && access != Access::Remote => match access {
-                Access::Serving | Access::Sole | Access::Leading | Access::Standby if self.shared.leased() => self.local.submit(tag, op),
-                Access::Serving | Access::Sole | Access::Leading | Access::Standby | Access::Transition | Access::Remote => {
-                    self.refused.push(BdevCompletion { tag, result: Err(BdevError::Transition) })
-                }
-                Access::Fenced => self.refused.push(BdevCompletion { tag, result: Err(BdevError::Fenced) }),
-            },
-            // Writes, and every command of a leg serving through its peer, go to the link.
-            _ => {
-                self.waiting.push_back((tag, op));
-                self.hand_over();
-            }
-        }
-    }
-
-    fn poll(&mut self, done: &mut Vec<BdevCompletion>) -> usize {
-        let first = done.len();
-        let mut n = self.local.poll(done);
-        // Reads completed by the local leg: answered only while the lease still holds (the data
-        // may be stale once the peer could have taken over).
-        if n > 0 && !self.shared.leased() {
-            for c in &mut done[first..] {
-                c.result = Err(BdevError::Transition);
-            }
-        }
-        n += self.refused.len();
-        done.append(&mut self.refused);
-        self.queue.consumer.store(thread_tag(), Ordering::Relaxed);
-        // The eventfd is never drained: reactors watch it edge-triggered, and every signal is a
-        // new edge whatever its count, so a read here would be a syscall for nothing.
-        while let Some(c) = self.queue.done.pop() {
-            self.inflight -= 1;
-            done.push(c);
-            n += 1;
-        }
-        if !self.waiting.is_empty() {
-            self.hand_over();
-        }
-        n
-    }
-
-    fn outstanding(&self) -> usize {
-        self.local.outstanding() + self.inflight + self.waiting.len() + self.refused.len()
-    }
-
-    fn wake_fds(&self) -> Vec<RawFd> {
-        let mut v = self.local.wake_fds();
-        v.push(self.queue.eventfd.as_raw_fd());
-        v
+        Ok(Box::new(MirrorChannel::new(self.local.clone().channel()?, queue, self.shared.clone())))
     }
 }
 
@@ -692,62 +447,6 @@ impl LinkThread {
         self.core.handle(input, out);
     }
 
-    /// Every operation the channels sent, handled as one batch: the core sees them all before
-    /// any output runs, so the metadata they dirty is made durable with one sync, not one each
-    /// (each output still runs after the store that covers it: the first store writes the
-    /// core's state after the whole batch, and [`MetaFile::store`] skips the ones after it).
-    fn take_host_operations(&mut self) -> bool {
-        if self.shared.inbox_empty() {
-            return false;
-        }
-        let channels = self.shared.channels.load_full();
-        self.handle_batch(|link, out| {
-            let now = Instant::now();
-            for (chan, q) in channels.iter().enumerate() {
-                while let Some((tag, op)) = q.inbox.pop() {
-                    let t = link.next_tag;
-                    link.next_tag += 1;
-                    let write = matches!(op, BdevOp::Write { .. } | BdevOp::WriteZeroes { .. });
-                    link.pending.insert(t, (chan, tag, write.then_some(now)));
-                    link.feed(Input::Host { tag: t, op }, out);
-                }
-            }
-        });
-        true
-    }
-
-    /// Hands the completions of the last input to the reactors.
-    fn deliver(&mut self) {
-        let mut ready = std::mem::take(&mut self.ready);
-        let mut now = None;
-        for (tag, result) in ready.drain(..) {
-            if let Some((chan, orig, arrived)) = self.pending.remove(&tag) {
-                if let (Some(at), Ok(_)) = (arrived, &result) {
-                    let now = *now.get_or_insert_with(Instant::now);
-                    self.core.observe_host_write(now.duration_since(at).as_micros() as u64);
-                }
-                if let Some(q) = self.shared.channels.load().get(chan) {
-                    // There is room: a channel has at most CHANNEL_DEPTH operations with the link
-                    // (MirrorChannel::hand_over), each completed once.
-                    let pushed = q.done.push(BdevCompletion { tag: orig, result });
-                    assert!(pushed.is_ok(), "a mirror channel had more than {CHANNEL_DEPTH} operations with the link");
-                    self.signal.push(chan);
-                }
-            }
-        }
-        // Kept for its capacity: delivering a completion allocates nothing.
-        self.ready = ready;
-    }
-
-    /// Access and lease for the reactors, at once (not at the end of the turn): a leg that just
-    /// fenced itself must not serve one more read while its answers leave.
-    fn publish_access(&mut self) {
-        let (access, lease) = if self.broken { (Access::Fenced, 0) } else { (self.core.access(), self.core.lease_deadline_ms()) };
-        self.shared.lease_until_ms.store(lease, Ordering::Release);
-        self.shared.access.store(access_code(access), Ordering::Release);
-        self.shared.orders.store(!self.broken && self.core.orders_writes(), Ordering::Release);
-    }
-
     /// A host operation's completion, delivered by [`LinkThread::deliver`].
     fn complete(&mut self, tag: u64, result: Result<crate::BdevOutput, BdevError>) {
         self.ready.push((tag, result));
@@ -802,318 +501,6 @@ impl LinkThread {
                     }
                 }
             }
-        }
-    }
-
-    /// An authenticated connection becomes the link; `early` are frame bytes that arrived with
-    /// the end of the handshake, `proof` the handshake bytes still to send (before any frame).
-    fn link_up(&mut self, mut sock: Box<dyn LinkStream>, early: &[u8], proof: Vec<u8>) {
-        if self.broken {
-            return;
-        }
-        if self.conn.is_some() {
-            self.link_down("replaced by the peer's new, authenticated connection");
-        }
-        if sock.register(self.poll.registry(), CONN).is_err() {
-            return;
-        }
-        tracing::info!(mirror = %self.name, peer = %self.transport.describe(), "replication link up (authenticated)");
-        let mut rx = vec![0; 4 << 20];
-        rx[..early.len()].copy_from_slice(early);
-        let mut conn = Conn::new(sock, rx, early.len());
-        conn.tx = proof;
-        self.conn = Some(conn);
-        self.handle(Input::LinkUp);
-    }
-
-    fn refused(&mut self, why: &str) {
-        self.refusals.total += 1;
-        let now = Instant::now();
-        if self.refusals.last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
-            let more = std::mem::take(&mut self.refusals.suppressed);
-            let more = if more > 0 { format!(" ({more} more refused in the last second)") } else { String::new() };
-            tracing::warn!(mirror = %self.name, "replication connection refused: {why}{more}");
-            self.refusals.last = Some(now);
-        } else {
-            self.refusals.suppressed += 1;
-        }
-    }
-
-    /// A new connection starts its handshake (the live link, if any, is not touched).
-    fn start_handshake(&mut self, mut sock: Box<dyn LinkStream>) {
-        let nonce = match super::auth::fresh_nonce() {
-            Ok(n) => n,
-            Err(e) => return self.refused(&format!("no randomness for a nonce: {e}")),
-        };
-        if sock.register(self.poll.registry(), PENDING).is_err() {
-            return;
-        }
-        if self.pending_conns.len() >= MAX_PENDING {
-            let mut oldest = self.pending_conns.remove(0);
-            oldest.sock.deregister(self.poll.registry());
-            self.refused("too many connections in their handshake: closed the oldest");
-        }
-        let mut handshake = super::auth::Handshake::new(&self.settings.secret, self.transport.side(), nonce);
-        let tx = handshake.take_output();
-        self.pending_conns.push(PendingConn { sock, handshake, tx, since: Instant::now() });
-    }
-
-    /// Moves every handshake on; promotes the first that completes to the link.
-    fn drive_handshakes(&mut self) -> bool {
-        let mut work = false;
-        let mut i = 0;
-        while i < self.pending_conns.len() {
-            let p = &mut self.pending_conns[i];
-            let mut outcome: Result<Option<Vec<u8>>, String> = Ok(None);
-            // Write what the handshake has to say.
-            while !p.tx.is_empty() {
-                match p.sock.write(&p.tx) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        p.tx.drain(..n);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        outcome = Err(format!("write: {e}"));
-                        break;
-                    }
-                }
-            }
-            let mut buf = [0u8; 4096];
-            while outcome == Ok(None) {
-                match p.sock.read(&mut buf) {
-                    Ok(0) => {
-                        outcome = Err(p.handshake.on_eof().err().map_or("closed".to_string(), |e| e.to_string()));
-                    }
-                    Ok(n) => {
-                        work = true;
-                        match p.handshake.on_bytes(&buf[..n]) {
-                            Ok(progress) => {
-                                p.tx.extend(p.handshake.take_output());
-                                if progress.done {
-                                    outcome = Ok(Some(buf[progress.consumed..n].to_vec()));
-                                }
-                            }
-                            Err(e) => outcome = Err(e.to_string()),
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => outcome = Err(format!("read: {e}")),
-                }
-            }
-            if outcome == Ok(None) && p.since.elapsed() > AUTH_TIMEOUT {
-                outcome = Err("no handshake within the timeout".into());
-            }
-            match outcome {
-                Ok(None) => i += 1,
-                Ok(Some(early)) => {
-                    let mut p = self.pending_conns.remove(i);
-                    // Our proof may still be on its way: it goes out before any frame.
-                    let mut proof = std::mem::take(&mut p.tx);
-                    proof.extend(p.handshake.take_output());
-                    p.sock.deregister(self.poll.registry());
-                    self.link_up(p.sock, &early, proof);
-                    work = true;
-                }
-                Err(why) => {
-                    let mut p = self.pending_conns.remove(i);
-                    p.sock.deregister(self.poll.registry());
-                    self.transport.failed();
-                    self.refused(&why);
-                }
-            }
-        }
-        work
-    }
-
-    fn link_down(&mut self, why: &str) {
-        if let Some(mut c) = self.conn.take() {
-            c.sock.deregister(self.poll.registry());
-            tracing::warn!(mirror = %self.name, "replication link down: {why}");
-            self.ping_sent = None;
-            self.handle(Input::LinkDown);
-            self.transport.failed();
-        }
-    }
-
-    fn connect_or_accept(&mut self) {
-        if self.departed {
-            // A clean stop handed the namespace to the peer: this leg stays away.
-            return;
-        }
-        if let Some(sock) = self.transport.poll_connect(self.conn.is_some() || !self.pending_conns.is_empty()) {
-            self.start_handshake(sock);
-        }
-    }
-
-    /// Reads and handles everything the peer sent; returns whether anything arrived. Frames are
-    /// handled as they complete, so the receive buffer only ever holds one partial frame.
-    fn receive(&mut self) -> bool {
-        let mut got = false;
-        loop {
-            let Some(c) = self.conn.as_mut() else { return got };
-            let space = c.rx.len() - c.rx_len;
-            let n = match c.sock.read(&mut c.rx[c.rx_len..]) {
-                Ok(0) => {
-                    self.link_down("peer closed the link");
-                    return got;
-                }
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return got,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    self.link_down(&format!("read: {e}"));
-                    return got;
-                }
-            };
-            c.rx_len += n;
-            c.last_rx = Instant::now();
-            got = true;
-            let mut used = 0;
-            let mut frames = std::mem::take(&mut self.frames);
-            let mut bad = None;
-            loop {
-                match Frame::parse_into(&c.rx[used..c.rx_len], Some(&self.payloads)) {
-                    Ok(Some((f, len))) => {
-                        used += len;
-                        frames.push(f);
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        bad = Some(e);
-                        break;
-                    }
-                }
-            }
-            c.rx.copy_within(used..c.rx_len, 0);
-            c.rx_len -= used;
-            let full = c.rx_len == c.rx.len();
-            for f in frames.drain(..) {
-                if f.kind == Kind::Pong {
-                    if let Some(t) = self.ping_sent.take() {
-                        self.rtt = Some(t.elapsed());
-                    }
-                }
-                self.handle(Input::Frame(f));
-            }
-            self.frames = frames;
-            if let Some(e) = bad {
-                self.link_down(&format!("bad frame: {e}"));
-                return got;
-            }
-            if full {
-                self.link_down("frame larger than the receive buffer");
-                return got;
-            }
-            if n < space {
-                // A short read emptied the socket: the next byte brings a new readiness edge
-                // (and the tick looks anyway), so no read that would only say EAGAIN.
-                return got;
-            }
-        }
-    }
-
-    /// Hands the witness's answers to the core; datagrams that fail authentication are dropped.
-    fn receive_witness(&mut self) -> bool {
-        let mut got = false;
-        let mut buf = [0u8; 512];
-        loop {
-            let Some(w) = self.witness.as_mut() else { return got };
-            let n = match w.sock.recv_from(&mut buf) {
-                Ok((n, from)) if from == w.addr => n,
-                Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return got,
-            };
-            match super::witness::Reply::parse(&buf[..n], &w.secret) {
-                Ok(reply) => {
-                    if let Some(t) = w.sent.take() {
-                        w.rtt = Some(t.elapsed());
-                    }
-                    got = true;
-                    self.handle(Input::Witness(reply));
-                }
-                Err(e) => tracing::warn!(mirror = %self.name, "witness reply dropped: {e}"),
-            }
-        }
-    }
-
-    fn flush(&mut self) {
-        let Some(c) = self.conn.as_mut() else { return };
-        let now = Instant::now();
-        while c.delayed.front().is_some_and(|(due, _, _)| *due <= now) {
-            let (_, bytes, resync_data) = c.delayed.pop_front().expect("front");
-            if resync_data {
-                c.bulk.push_back(bytes);
-            } else {
-                c.tx.extend_from_slice(&bytes);
-            }
-        }
-        if let Err(why) = c.write_out(now) {
-            c.clear();
-            self.link_down(&why);
-        }
-    }
-
-    fn publish(&mut self) {
-        let st: MirrorStatus = self.core.status();
-        self.publish_access();
-        let now = Instant::now();
-        if now.duration_since(self.speed.0) >= Duration::from_secs(1) {
-            let secs = now.duration_since(self.speed.0).as_secs_f64();
-            let delta = st.synced_bytes.saturating_sub(self.speed.1);
-            self.speed = (now, st.synced_bytes, (delta as f64 / secs) as u64);
-        }
-        let link = match &st.link {
-            LinkState::Down => "Disconnected".to_string(),
-            LinkState::Handshake => "Connecting".to_string(),
-            LinkState::Syncing { source: true } => "SyncSource".to_string(),
-            LinkState::Syncing { source: false } => "SyncTarget".to_string(),
-            LinkState::Connected => "Connected".to_string(),
-            LinkState::Refused(why) => format!("StandAlone ({why})"),
-        };
-        let now_ms = self.shared.now_ms();
-        let ago = |f: &super::core::Failure| now_ms.saturating_sub(f.since_ms) / 1000;
-        let report = StatusReport {
-            role: match (st.role, st.configured_role) {
-                (Role::Preferred, Role::Preferred) => "Preferred".into(),
-                (Role::Secondary, Role::Secondary) => "Secondary".into(),
-                (Role::Preferred, Role::Secondary) => "Preferred (orders writes; configured secondary)".into(),
-                (Role::Secondary, Role::Preferred) => "Secondary (the peer orders writes; configured preferred)".into(),
-            },
-            disk: st.disk.name().into(),
-            peer_disk: st.peer_disk.map_or("DUnknown", DiskState::name).into(),
-            link,
-            serving: st.serving,
-            out_of_sync_bytes: st.out_of_sync_bytes,
-            sync_total_bytes: st.sync_total_bytes,
-            synced_bytes: st.synced_bytes,
-            sync_bytes_per_second: self.speed.2,
-            replication_rtt_us: self.rtt.map(|d| d.as_micros() as u64),
-            peer: self.transport.describe(),
-            witness_rtt_us: self.witness.as_ref().and_then(|w| w.rtt).map(|d| d.as_micros() as u64),
-            access: match st.access {
-                Access::Serving => "serving",
-                Access::Sole => "serving alone",
-                Access::Transition => "transition",
-                Access::Fenced => "fenced",
-                Access::Remote => "serving through the peer (this leg's device failed)",
-                Access::Leading => "serving, ordering writes (planned switchover: Optimized for every host)",
-                Access::Standby => "serving, the peer orders writes (planned switchover: Non-Optimized for every host)",
-            }
-            .into(),
-            metro: st.metro,
-            metadata_syncs: self.meta_file.syncs(),
-            leg_failures: st.leg_failures,
-            link_refusals: self.refusals.total,
-            failed_for_seconds: st.failure.as_ref().map(&ago),
-            failure: st.failure.as_ref().map(|f| format!("{f}, {} s ago", ago(f))),
-            peer_failure: st.peer_failure.as_ref().map(|f| format!("{f}, {} s ago", ago(f))),
-        };
-        if let Ok(mut s) = self.shared.status.lock() {
-            *s = report;
         }
     }
 

@@ -29,9 +29,19 @@
 //!   every region by checksum and sends only what differs, so the writes the old site streamed
 //!   but this one never got are replaced by this site's data. The DR image is not consistent
 //!   until that copy ends.
+//!
+//! This file holds the group's API, its shared state and the engine's state and loop (host
+//! writes into the sequencer, its outputs); the rest of the engine is in submodules: `conn`
+//! (the connection to the DR site and its frames), `copy` (full and catch-up copies),
+//! `journal` (long-throw journal and overflows), `metro` (over metro mirrors: standing by,
+//! taking over), `status` (what `nvmetro status` shows) and `dialer` (the dialer thread).
 
+mod conn;
 mod copy;
 mod dialer;
+mod journal;
+mod metro;
+mod status;
 
 use super::frame::{DrFrame, MAX_PAYLOAD};
 use super::link::FramedConn;
@@ -44,6 +54,7 @@ use crate::{Bdev, BdevChannel, BdevCompletion, BdevOp, BdevOutput};
 use copy::Copy;
 use crossbeam_queue::ArrayQueue;
 use dialer::spawn_dialer;
+use journal::JournalIo;
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -54,6 +65,8 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub use status::DrGroupStatus;
+
 /// Writes a channel may have with the group at once (more wait in the channel).
 pub(super) const CHANNEL_DEPTH: usize = 1024;
 /// Numbers reserved durably at a time.
@@ -63,8 +76,6 @@ const COPY_CHUNK: u64 = 1 << 20;
 const COPY_READS: usize = 4;
 /// A clean stop waits this long for the DR site to acknowledge what is buffered.
 pub const DRAIN_WAIT: Duration = Duration::from_secs(5);
-/// A DR site that was refused is dialled again after this.
-const REFUSED_RETRY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct DrGroupSettings {
@@ -90,11 +101,6 @@ pub struct DrGroupSettings {
 /// every member and serves).
 pub type ActiveCheck = Arc<dyn Fn() -> bool + Send + Sync>;
 
-enum JournalIo<'a> {
-    Write(&'a [u8]),
-    Read(&'a mut [u8]),
-}
-
 /// The settings a running group takes without a restart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DrTuning {
@@ -102,40 +108,6 @@ pub struct DrTuning {
     pub buffer_limit: u64,
     pub rpo_target: Option<Duration>,
     pub link_delay: Duration,
-}
-
-/// What `nvmetro status` and the metrics show of a group.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DrGroupStatus {
-    pub name: String,
-    pub members: Vec<String>,
-    pub mode: String,
-    pub dr_site: String,
-    pub connected: bool,
-    /// "replicating", "copying", "waiting for the DR site", or why the DR site was refused.
-    pub state: String,
-    pub behind_writes: u64,
-    pub behind_bytes: u64,
-    pub behind_ms: u64,
-    pub buffered_bytes: u64,
-    pub buffer_limit: u64,
-    /// Long-throw: bytes in the journal, and its size.
-    pub journal_bytes: u64,
-    pub journal_limit: Option<u64>,
-    /// Long-throw: writes not numbered because buffer and journal were full, since start.
-    pub overflows: u64,
-    /// The last copy that ended: bytes it read, and bytes of data it sent (the rest matched by
-    /// checksum).
-    pub last_copy_read_bytes: u64,
-    pub last_copy_sent_bytes: u64,
-    pub rpo_target_ms: Option<u64>,
-    pub rpo_alarm: bool,
-    pub rpo_alarms: u64,
-    pub copy_done_bytes: u64,
-    pub copy_total_bytes: u64,
-    pub copy_bytes_per_second: u64,
-    pub acked_seq: u64,
-    pub numbered_seq: u64,
 }
 
 /// What a member's channel hands the group: a write its bdev completed.
@@ -586,84 +558,6 @@ impl Engine {
         self.seq = seq;
     }
 
-    /// Over metro mirrors: this site no longer orders every member's writes (or no longer
-    /// serves): the other site feeds the DR site. Writes pass unnumbered from now on, so the
-    /// next time this site feeds it, it starts with a `Rebase` and a copy (recorded first).
-    fn stand_by(&mut self) {
-        tracing::info!(group = %self.settings.name, "DR group stands by: this site does not order every member's writes; the other metro site feeds the DR site");
-        self.standby = true;
-        self.conn_lost("standing by");
-        self.want_conn.store(false, Ordering::Release);
-        self.redial_at = None;
-        self.release_held();
-        self.drop_copy();
-        self.fall_behind();
-    }
-
-    /// Writes pass unnumbered (standing by): the stream goes on after what may have been
-    /// numbered, with a copy (recorded before the first such write passes).
-    fn fall_behind(&mut self) {
-        if self.behind {
-            return;
-        }
-        self.behind = true;
-        let base = self.reserved;
-        self.new_sequencer(base);
-        self.reserved = base + RESERVE;
-        self.rebase = Some(base);
-        self.copied = false;
-        self.copy_done_seq = None;
-        self.gap = None;
-        if let Err(e) = self.persist(false) {
-            self.break_off(&format!("cannot store the group's state: {e}"));
-        }
-    }
-
-    /// This site feeds the DR site (again): a copy follows the `Rebase` if writes passed while
-    /// it stood by (a site that starts and feeds at once goes on where it stopped).
-    fn become_active(&mut self) {
-        tracing::info!(group = %self.settings.name, "DR group active: this site orders every member's writes and feeds the DR site");
-        self.standby = false;
-        self.behind = false;
-        self.refused = None;
-        if !self.copied && self.copy.is_none() {
-            self.copy = Some(Copy::full(&self.member_size));
-        }
-        self.want_conn.store(true, Ordering::Release);
-    }
-
-    /// The DR site holds another producer's stream (the other metro site fed it): go on after
-    /// what it holds with a copy that sends what differs, and name this group's stream there.
-    fn take_over(&mut self, applied: u64, from: u64) -> Result<(), String> {
-        let base = applied.max(self.reserved);
-        tracing::warn!(group = %self.settings.name, from = format!("{from:#x}"), base, "DR group takes the stream over from the other metro site: a copy compares every region and sends what differs; the DR image is not consistent until it ends");
-        // What was numbered since this site became active was never sent: it goes on after
-        // the base, in its order, and so does the copy already under way.
-        match self.seq.renumber_after(base) {
-            Some(delta) => {
-                // The copy ends once the DR site acknowledged its last region, renumbered too.
-                if let Some(last) = self.copy.as_mut().and_then(|c| c.last_seq.as_mut()) {
-                    *last += delta;
-                }
-            }
-            None => {
-                self.release_held();
-                self.drop_copy();
-                self.new_sequencer(base);
-            }
-        }
-        if self.copy.as_ref().is_none_or(|c| c.catch_up) {
-            self.drop_copy();
-            self.copy = Some(Copy::full(&self.member_size));
-        }
-        self.reserved = self.seq.last_numbered() + self.seq.waiting_writes() + RESERVE;
-        self.rebase = Some(base);
-        self.copied = false;
-        self.copy_done_seq = None;
-        self.gap = None;
-        self.persist(false).map_err(|e| format!("cannot store the group's state: {e}"))
-    }
-
     fn tag(&mut self) -> u64 {
         let t = self.next_tag;
         self.next_tag += 1;
@@ -771,249 +665,6 @@ impl Engine {
         self.out = out;
     }
 
-    /// Long-throw: a write was not numbered; the DR image is inconsistent past `after` until
-    /// the catch-up copy ends.
-    fn overflowed(&mut self, after: u64) {
-        self.overflows += 1;
-        if self.broken.is_some() || self.gap.is_some_and(|g| g <= after) {
-            return;
-        }
-        if self.gap.is_none() {
-            tracing::warn!(group = %self.settings.name, after, "DR send buffer and journal full: writes are tracked by region and copied later; the DR image is not consistent until the catch-up ends");
-        }
-        self.gap = Some(after);
-        // A restart before the catch-up ends copies everything.
-        self.copied = false;
-        if let Err(e) = self.persist(false) {
-            self.break_off(&format!("cannot store the group's state: {e}"));
-        }
-        if self.greeted && self.broken.is_none() {
-            self.send(DrFrame::Gap { seq: after });
-        }
-    }
-
-    /// Long-throw: write `seq`'s journal entry was lost (its write or read failed). The DR image
-    /// is not consistent past the write before it until a full copy ends, and nothing more is
-    /// spilled until a restart (the copy's own chunks would fail the same way).
-    fn journal_failed(&mut self, seq: u64, why: &str) {
-        if !self.journal_off {
-            tracing::error!(group = %self.settings.name, seq, "{why}; the journal is not used until a restart (writes past the buffer are tracked by region), and the DR image is not consistent until a full copy ends");
-            self.journal_off = true;
-            self.seq.set_journal(Some(0), &mut Vec::new());
-        }
-        self.overflowed(seq - 1);
-        for m in 0..self.member_size.len() {
-            self.copy_again(m, 0, self.member_size[m]);
-        }
-    }
-
-    /// Reads or writes the journal ring at logical position `at`.
-    fn journal_io(&self, at: u64, io: JournalIo<'_>) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        let (f, size) = self.journal.as_ref().ok_or_else(|| std::io::Error::other("no journal"))?;
-        let start = at % size;
-        let len = match &io {
-            JournalIo::Write(d) => d.len(),
-            JournalIo::Read(d) => d.len(),
-        } as u64;
-        // Wraps at the end of the ring.
-        let first = (size - start).min(len) as usize;
-        match io {
-            JournalIo::Write(d) => {
-                f.write_all_at(&d[..first], start)?;
-                f.write_all_at(&d[first..], 0)
-            }
-            JournalIo::Read(d) => {
-                f.read_exact_at(&mut d[..first], start)?;
-                f.read_exact_at(&mut d[first..], 0)
-            }
-        }
-    }
-
-    fn send_copy_done(&mut self) {
-        if let Some(seq) = self.copy_done_seq.filter(|_| self.greeted) {
-            self.send(DrFrame::CopyDone { seq });
-        }
-    }
-
-    /// A frame for the DR site, after the emulated delay if there is one.
-    fn send(&mut self, f: DrFrame) {
-        if self.conn.is_none() {
-            return;
-        }
-        if self.settings.link_delay.is_zero() && self.tx_delayed.is_empty() {
-            if let Some(c) = self.conn.as_mut() {
-                c.queue(&f);
-            }
-        } else {
-            self.tx_delayed.push_back((Instant::now() + self.settings.link_delay, f));
-        }
-    }
-
-    /// Frames whose emulated delay has passed go out.
-    fn send_due(&mut self) {
-        let now = Instant::now();
-        while self.tx_delayed.front().is_some_and(|(due, _)| *due <= now) {
-            let (_, f) = self.tx_delayed.pop_front().expect("front");
-            if let Some(c) = self.conn.as_mut() {
-                c.queue(&f);
-            }
-        }
-    }
-
-    /// When the next delayed frame falls due.
-    fn next_due(&self) -> Option<Instant> {
-        [self.tx_delayed.front().map(|d| d.0), self.rx_delayed.front().map(|d| d.0)].into_iter().flatten().min()
-    }
-
-    fn conn_lost(&mut self, why: &str) {
-        if let Some(mut c) = self.conn.take() {
-            let _ = self.poll.registry().deregister(&mut c.sock);
-            tracing::warn!(group = %self.settings.name, dr_site = %self.settings.dr_site, "DR stream connection lost: {why}");
-        }
-        self.greeted = false;
-        self.seq.disconnected();
-        self.tx_delayed.clear();
-        self.rx_delayed.clear();
-        if self.refused.is_some() {
-            // A DR site that was refused is asked again later, not at once.
-            self.redial_at = Some(Instant::now() + REFUSED_RETRY);
-        } else {
-            self.want_conn.store(true, Ordering::Release);
-        }
-    }
-
-    fn on_frame(&mut self, f: DrFrame) -> Result<(), String> {
-        match f {
-            DrFrame::Hello { applied_seq, producer } => {
-                let other = producer != 0 && producer != self.producer;
-                if self.settings.follows_metro {
-                    if other || (self.fresh && applied_seq > 0) {
-                        self.take_over(applied_seq, producer)?;
-                    }
-                } else if self.fresh && applied_seq > 0 {
-                    return Err(format!(
-                        "the DR site holds a stream (through write {applied_seq}) but this group is new (no state at {}): give it a new DR image (remove the DR site's state) or restore this site's state",
-                        self.settings.state.display()
-                    ));
-                } else if other {
-                    return Err(format!(
-                        "the DR site holds the stream of another production site (producer {producer:#x}; this group is {:#x}): give this group a new DR image, or restore its state",
-                        self.producer
-                    ));
-                }
-                self.fresh = false;
-                // Only the stream after the Rebase numbers past it: a DR site holding more took it.
-                if self.rebase.is_some_and(|base| applied_seq > base) {
-                    self.rebase = None;
-                    let _ = self.persist(false);
-                }
-                if let Some(base) = self.rebase {
-                    self.send(DrFrame::Rebase { seq: base, producer: self.producer });
-                    self.greeted = true;
-                    self.seq.connected(base, &mut self.out).map_err(|e| e.to_string())?;
-                } else {
-                    self.send(DrFrame::Resume { producer: self.producer });
-                    self.greeted = true;
-                    if let Some(after) = self.gap {
-                        // Before anything past it is sent again.
-                        self.send(DrFrame::Gap { seq: after });
-                    }
-                    self.seq.connected(applied_seq, &mut self.out).map_err(|e| e.to_string())?;
-                }
-                self.refused = None;
-                tracing::info!(group = %self.settings.name, dr_site = %self.settings.dr_site, applied_seq, "DR stream connected");
-                self.send_copy_done();
-                Ok(())
-            }
-            DrFrame::Stopped => Err("the DR site's image stopped taking writes (a member's disk or its state failed): repair it and restart the DR site".into()),
-            DrFrame::Promoted => Err("the DR site's image was promoted and serves hosts: it takes no stream (reverse replication is not built: give the group a new DR image)".into()),
-            DrFrame::Want { member, offset, len } if self.greeted => {
-                if member as usize >= self.member_size.len() || offset.checked_add(len).is_none_or(|end| end > self.member_size[member as usize]) {
-                    return Err(format!("the DR site wants member {member} bytes {offset}+{len}, outside the group"));
-                }
-                if self.copy.is_none() {
-                    // A copy declared done too early (its Want came after a reconnect): the DR
-                    // site stays inconsistent until this one ends.
-                    tracing::info!(group = %self.settings.name, member, offset, "the DR site asks for a region after the copy: copying it");
-                }
-                self.copy_again(member as usize, offset, len);
-                Ok(())
-            }
-            DrFrame::Ack { seq } if self.greeted && self.rebase.is_some_and(|base| seq > base) => {
-                // The DR site applied past the Rebase: it took it.
-                self.rebase = None;
-                if let Err(e) = self.persist(false) {
-                    self.break_off(&format!("cannot store the group's state: {e}"));
-                }
-                self.seq.on_ack(seq, &mut self.out);
-                Ok(())
-            }
-            DrFrame::Ack { seq } if self.greeted => {
-                self.seq.on_ack(seq, &mut self.out);
-                Ok(())
-            }
-            // Asked on a connection before this one's Hello reached the DR site: it asks again.
-            DrFrame::Want { .. } => Ok(()),
-            other => Err(format!("the DR site sent {other:?} out of turn")),
-        }
-    }
-
-    fn drive_conn(&mut self) -> bool {
-        let mut work = false;
-        if let Ok((sock, early)) = self.dialed.try_recv() {
-            if self.standby || self.broken.is_some() {
-                // Dialed before this site stood by (or stopped): the other site feeds it.
-                return true;
-            }
-            match FramedConn::new(sock, early) {
-                Ok(mut c) => {
-                    if self.poll.registry().register(&mut c.sock, CONN, Interest::READABLE | Interest::WRITABLE).is_ok() {
-                        self.conn = Some(c);
-                        self.greeted = false;
-                        work = true;
-                    } else {
-                        self.want_conn.store(true, Ordering::Release);
-                    }
-                }
-                Err(_) => self.want_conn.store(true, Ordering::Release),
-            }
-        }
-        let Some(c) = self.conn.as_mut() else { return work };
-        let mut frames = std::mem::take(&mut self.frames);
-        let read = c.read_frames(&mut frames);
-        work |= !frames.is_empty();
-        if !self.settings.link_delay.is_zero() {
-            let due = Instant::now() + self.settings.link_delay;
-            self.rx_delayed.extend(frames.drain(..).map(|f| (due, f)));
-            let now = Instant::now();
-            while self.rx_delayed.front().is_some_and(|(at, _)| *at <= now) {
-                frames.push(self.rx_delayed.pop_front().expect("front").1);
-            }
-        }
-        let refused = crate::dr::link::each_frame(&mut frames, |f| self.on_frame(f));
-        self.frames = frames;
-        if let Some(why) = refused {
-            tracing::error!(group = %self.settings.name, "DR site refused: {why}");
-            self.refused = Some(why);
-            self.conn_lost("refused");
-            return true;
-        }
-        if let Err(e) = read {
-            self.conn_lost(&e.to_string());
-            return true;
-        }
-        work
-    }
-
-    fn flush_conn(&mut self) {
-        if let Some(c) = self.conn.as_mut() {
-            if let Err(e) = c.flush() {
-                self.conn_lost(&format!("write: {e}"));
-            }
-        }
-    }
-
     fn retune(&mut self, t: DrTuning) {
         tracing::info!(group = %self.settings.name, mode = ?t.mode, buffer = t.buffer_limit, rpo_target = ?t.rpo_target, link_delay = ?t.link_delay, "DR group settings changed");
         self.settings.mode = t.mode;
@@ -1024,72 +675,6 @@ impl Engine {
         self.seq.set_buffer_limit(t.buffer_limit, &mut self.out);
         // Shown at once.
         self.last_publish = Instant::now() - Duration::from_secs(1);
-    }
-
-    fn publish(&mut self) {
-        let now = self.now_ms();
-        let rp = self.seq.recovery_point(now);
-        let target_ms = self.settings.rpo_target.map(|t| t.as_millis() as u64);
-        let alarm = target_ms.is_some_and(|t| rp.age_ms > t);
-        if alarm != self.alarm {
-            self.alarm = alarm;
-            if alarm {
-                self.alarms += 1;
-                tracing::warn!(group = %self.settings.name, behind_ms = rp.age_ms, rpo_target_ms = target_ms, "DR group: the recovery point is behind its target");
-            } else {
-                tracing::info!(group = %self.settings.name, "DR group: the recovery point is within its target again");
-            }
-        }
-        let (copy_done, copy_total, speed) = match self.copy.as_mut() {
-            Some(c) => {
-                let dt = c.speed.0.elapsed();
-                if dt >= Duration::from_secs(1) {
-                    c.speed = (Instant::now(), c.done_bytes, (c.done_bytes - c.speed.1) * 1000 / dt.as_millis().max(1) as u64);
-                }
-                (c.done_bytes, c.total, c.speed.2)
-            }
-            None => (0, 0, 0),
-        };
-        let connected = self.conn.is_some() && self.greeted;
-        let state = match (&self.refused, connected, self.copy.as_ref().map(|c| c.catch_up)) {
-            _ if self.broken.is_some() => {
-                format!("STOPPED: {} (host writes go on without the DR site)", self.broken.as_deref().unwrap_or(""))
-            }
-            _ if self.standby => "standing by (the other metro site feeds the DR site)".into(),
-            (Some(why), _, _) => format!("refused: {why}"),
-            (None, false, _) => "waiting for the DR site".into(),
-            (None, true, Some(false)) => "copying".into(),
-            (None, true, Some(true)) => "catching up after an overflow (the DR image is not consistent until it ends)".into(),
-            (None, true, None) => "replicating".into(),
-        };
-        if let Ok(mut s) = self.shared.status.lock() {
-            s.mode = match (self.settings.mode, &self.journal) {
-                (DrMode::Sync, _) => "sync",
-                (DrMode::Async, Some(_)) => "long-throw",
-                (DrMode::Async, None) => "async",
-            }
-            .into();
-            s.dr_site = self.settings.dr_site.to_string();
-            s.connected = connected;
-            s.state = state;
-            s.behind_writes = rp.writes;
-            s.behind_bytes = rp.bytes;
-            s.behind_ms = rp.age_ms;
-            s.buffered_bytes = self.seq.buffered_bytes();
-            s.journal_bytes = self.seq.spilled_bytes();
-            s.journal_limit = self.journal.as_ref().map(|j| if self.journal_off { 0 } else { j.1 });
-            s.overflows = self.overflows;
-            (s.last_copy_read_bytes, s.last_copy_sent_bytes) = self.copy_sent;
-            s.buffer_limit = self.settings.buffer_limit;
-            s.rpo_target_ms = target_ms;
-            s.rpo_alarm = alarm;
-            s.rpo_alarms = self.alarms;
-            s.copy_done_bytes = copy_done;
-            s.copy_total_bytes = copy_total;
-            s.copy_bytes_per_second = speed;
-            s.acked_seq = self.seq.acked();
-            s.numbered_seq = self.seq.last_numbered();
-        }
     }
 
     fn turn(&mut self, timeout: Duration) -> bool {
