@@ -10,7 +10,8 @@
 //! * `nvmetro_events`: the connection becomes an event stream ([`crate::events`]): the current
 //!   state as `exists` events, then every change, one JSON object per line, until it closes.
 //! * `dr_status`: DR groups streamed from here (mode, recovery point, full copy) and DR replicas
-//!   applied here; `dr_promote` (`group`, `force`): see [`dr_promote`].
+//!   applied here; `dr_promote` (`group`, `force`): see [`dr_promote`]; `dr_test` (`group`,
+//!   `action`: `start` or `stop`): see [`dr_test`].
 //! * `bdev_error_inject` (`name`, `rules`: one fault rule or an array, replacing the rules),
 //!   `bdev_error_clear` (`name`) and `bdev_error_stats` (`name`: rules, their counters, faults
 //!   injected) for error bdevs (SPDK's `bdev_error_inject_error`, with nvmetro's rules).
@@ -130,7 +131,8 @@ pub fn dr_json(t: &Target) -> Value {
             let s = r.status();
             json!({"name": s.name, "members": s.members, "listen": s.listen, "connected": s.connected, "applied_seq": s.applied_seq,
                    "consistent": s.consistent, "failed": s.failed, "refused_connections": s.refused_connections,
-                   "last_applied_ms_ago": s.last_applied_ago_ms, "promoted": s.promoted})
+                   "last_applied_ms_ago": s.last_applied_ago_ms, "promoted": s.promoted,
+                   "test_view": s.test_view_since.map(|since| json!({"since_seq": since, "held_bytes": s.test_view_held_bytes}))})
         })
         .collect();
     json!({"groups": groups, "replicas": replicas})
@@ -217,6 +219,26 @@ fn switchover(t: &Target, p: &Value) -> Result<Value, (i64, String)> {
     let mirror = bdev.as_mirror().ok_or((-32602, format!("{name} is not a mirror")))?;
     let outcome = mirror.switchover().map(Value::String).map_err(|why| (-32000, format!("{name}: switchover refused: {why}")));
     // Hosts see the new paths now rather than at the next refresh.
+    t.refresh_ana();
+    outcome
+}
+
+/// `dr_test`, params `group`, `action` (`start` or `stop`): at the DR site, opens a writable
+/// point-in-time view of the group's image for hosts here while the stream keeps being applied,
+/// or discards it.
+fn dr_test(t: &Target, p: &Value) -> Result<Value, (i64, String)> {
+    let group = p["group"].as_str().ok_or((-32602, "missing group".to_string()))?;
+    let open = match p["action"].as_str() {
+        Some("start") => true,
+        Some("stop") => false,
+        _ => return Err((-32602, "action is `start` or `stop`".to_string())),
+    };
+    let r = t
+        .dr_replicas
+        .iter()
+        .find(|r| r.status().name == group)
+        .ok_or((-32602, format!("no DR replica {group} at this site (a DR test runs at the DR site)")))?;
+    let outcome = r.test_view(open).map(Value::String).map_err(|why| (-32000, format!("{group}: {why}")));
     t.refresh_ana();
     outcome
 }
@@ -341,6 +363,7 @@ fn call(t: &Target, method: &str, params: &Value) -> Result<Value, (i64, String)
         }
         "dr_status" => dr_json(t),
         "dr_promote" => return dr_promote(t, params),
+        "dr_test" => return dr_test(t, params),
         "bdev_get_bdevs" => Value::Array(
             t.live_bdevs()
                 .iter()

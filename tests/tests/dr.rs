@@ -390,6 +390,90 @@ fn a_promotion_is_refused_while_production_streams_then_serves_the_consistent_im
     assert_eq!(&before[..512], &[2; 512][..], "the host's write, not the stream's");
 }
 
+fn dr_test(dr: &TargetProcess, action: &str) -> Result<serde_json::Value, String> {
+    rpc(dr, "dr_test", serde_json::json!({"group": "g1", "action": action}))
+}
+
+/// `len` bytes of `byte` written at `lba` of both production namespaces, in 64 KiB commands.
+fn fill(h: &mut Host, lba: u64, len: u64, byte: u8) {
+    for nsid in [1, 2] {
+        for at in (0..len).step_by(64 << 10) {
+            assert!(write(h, nsid, lba + at / 512, vec![byte; (64 << 10).min(len - at) as usize]), "nsid {nsid} at {at}");
+        }
+    }
+}
+
+#[test]
+fn a_dr_test_view_is_a_writable_point_in_time_image_while_the_stream_keeps_arriving_and_leaves_no_trace() {
+    const DR_NQN: &str = "nqn.2026-12.io.nvmetro:dr-site";
+    let dr = TargetProcess::start(&dr_site_serving_config());
+    let p = TargetProcess::start(&production_config(dr.addr2, ""));
+    let mut h = host(&p);
+    fill(&mut h, 0, 1 << 20, 0xa1);
+    wait_caught_up_and_compare(&p, &dr);
+    let pit = [std::fs::read(p.scratch().join("p0.img")).expect("p0"), std::fs::read(p.scratch().join("p1.img")).expect("p1")];
+    let e = dr_test(&dr, "stop").expect_err("nothing to discard");
+    assert!(e.contains("no DR test view is open"), "{e}");
+
+    let what = dr_test(&dr, "start").expect("a test view opens while the stream is connected");
+    assert!(what.as_str().unwrap_or("").contains("test view open"), "{what}");
+    let e = dr_test(&dr, "start").expect_err("one view at a time");
+    assert!(e.contains("open already"), "{e}");
+    let e = promote(&dr, true).expect_err("no promotion over an open test");
+    assert!(e.contains("discard it first"), "{e}");
+    let mut at_dr = host_of(&dr, DR_NQN);
+    assert_eq!([read_member(&mut at_dr, 1), read_member(&mut at_dr, 2)], pit, "the view is the image as it was");
+
+    // The production site overwrites what the view shows and more; the stream is applied (the
+    // image follows the production site), the view does not change.
+    // A reader at the DR site checks the view all along, as the stream's writes land.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (stop, pit, addr) = (stop.clone(), pit.clone(), dr.addr);
+        std::thread::spawn(move || {
+            let mut o = ConnectOptions::new(addr, DR_NQN);
+            o.hostnqn = HOSTNQN.into();
+            o.kato_ms = 0;
+            let mut h = Host::connect(&o).expect("connect to the DR site");
+            let mut rounds = 0;
+            while !stop.load(Ordering::Relaxed) || rounds == 0 {
+                assert_eq!([read_member(&mut h, 1), read_member(&mut h, 2)], pit, "round {rounds}: the view changed under the stream");
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    fill(&mut h, 1024, 2 << 20, 0xb2);
+    wait_caught_up_and_compare(&p, &dr);
+    stop.store(true, Ordering::Relaxed);
+    let rounds = reader.join().expect("the view never changed while the stream was applied");
+    eprintln!("the view was read whole {rounds} times while the stream was applied");
+    assert_eq!([read_member(&mut at_dr, 1), read_member(&mut at_dr, 2)], pit, "the view kept the image's bytes the stream overwrote");
+    let view = &dr_status(&dr)["replicas"][0]["test_view"];
+    assert!(view["held_bytes"].as_u64().is_some_and(|b| b >= 2 * (2 << 20)), "it holds what the stream overwrote: {view}");
+
+    // The DR test's host writes into the view: it reads its own writes, the image never sees
+    // them, and the stream's later writes there do not reach the view.
+    assert!(write(&mut at_dr, 1, 8, vec![0xc3; 4096]), "the view takes host writes");
+    assert!(write(&mut at_dr, 2, 4096, vec![0xc4; 8192]));
+    fill(&mut h, 0, 8192, 0xd5);
+    wait_caught_up_and_compare(&p, &dr);
+    let mut expected = pit.clone();
+    expected[0][8 * 512..8 * 512 + 4096].fill(0xc3);
+    expected[1][4096 * 512..4096 * 512 + 8192].fill(0xc4);
+    assert_eq!([read_member(&mut at_dr, 1), read_member(&mut at_dr, 2)], expected, "the view: its own writes over the image as it was");
+
+    // Discarded: the namespaces are Inaccessible again, the store is gone, the image is the
+    // production site's (the test left no trace) and the stream goes on.
+    let what = dr_test(&dr, "stop").expect("discarded");
+    assert!(what.as_str().unwrap_or("").contains("discarded"), "{what}");
+    assert!(!write(&mut at_dr, 1, 0, vec![1; 512]), "no view, no host writes");
+    assert!(!dr.scratch().join("g1.view0").exists() && !dr.scratch().join("g1.view1").exists(), "the view's stores are removed");
+    fill(&mut h, 2048, 4096, 0xe6);
+    wait_caught_up_and_compare(&p, &dr);
+    assert!(dr_status(&dr)["replicas"][0]["test_view"].is_null());
+}
+
 #[test]
 fn a_full_send_buffer_holds_host_writes_back_until_the_dr_site_returns_and_nothing_is_lost() {
     let dr = TargetProcess::start(&dr_site_config());

@@ -45,6 +45,7 @@ pub mod member;
 pub mod replica;
 pub mod sequencer;
 pub mod state;
+pub mod test_view;
 
 /// A member of a consistency group (its index in the group's list of namespaces).
 pub type Member = u16;

@@ -15,12 +15,19 @@
 //! an operator promotes the image (`nvmetro dr promote GROUP`), which is refused while the
 //! production site streams here or the image is not consistent, unless forced. A promotion is
 //! durable before the first host write; from then on the stream is refused (`Promoted`).
+//!
+//! A DR test (`nvmetro dr test GROUP start`) gives those hosts a writable point-in-time view of
+//! the image instead ([`super::test_view`]) while the stream keeps being applied: before the
+//! stream first overwrites a block of the image, the block's bytes are kept in the view's store.
+//! `... stop` discards the view; the image never saw the test's writes.
 
 use super::applier::{Applier, ApplyOutput};
 use super::frame::DrFrame;
 use super::link::{authenticate, FramedConn};
 use super::state::RecordFile;
+use super::test_view::TestView;
 use crate::{Bdev, BdevChannel, BdevCompletion, BdevOp};
+use arc_swap::ArcSwapOption;
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -53,6 +60,11 @@ pub struct DrReplicaStatus {
     pub last_applied_ago_ms: Option<u64>,
     /// Promoted: the members serve hosts read-write and the stream is refused.
     pub promoted: bool,
+    /// A DR test's view is open, taken at this applied sequence.
+    pub test_view_since: Option<u64>,
+    /// Bytes the test view holds (kept from the image before the stream overwrote them, or
+    /// written by the test's hosts).
+    pub test_view_held_bytes: u64,
 }
 
 /// Where an operator request's outcome goes.
@@ -67,6 +79,10 @@ struct Shared {
     promoted: AtomicBool,
     /// An operator's promotion request (`force`) and where its outcome goes.
     promote: Mutex<Option<(bool, Reply)>>,
+    /// The DR test's view hosts are served from, while one is open.
+    view: ArcSwapOption<TestView>,
+    /// An operator's request to open (true) or discard the test view, and where its outcome goes.
+    test: Mutex<Option<(bool, Reply)>>,
 }
 
 #[derive(Debug)]
@@ -77,10 +93,11 @@ pub struct DrReplica {
 }
 
 /// A member as hosts at the DR site see it: Inaccessible (every command fails as fenced) until
-/// the image is promoted, then the bdev itself.
+/// the image is promoted, then the bdev itself; while a DR test is open, its view.
 #[derive(Debug)]
 struct ReplicaMember {
     inner: Arc<dyn Bdev>,
+    member: usize,
     shared: Arc<Shared>,
 }
 
@@ -89,7 +106,7 @@ impl Bdev for ReplicaMember {
         self.inner.info()
     }
     fn access(&self) -> crate::Access {
-        if self.shared.promoted.load(Ordering::Acquire) {
+        if self.shared.promoted.load(Ordering::Acquire) || self.shared.view.load().is_some() {
             self.inner.access()
         } else {
             crate::Access::Fenced
@@ -99,32 +116,113 @@ impl Bdev for ReplicaMember {
         self.inner.as_error()
     }
     fn channel(self: Arc<Self>) -> std::io::Result<Box<dyn BdevChannel>> {
-        Ok(Box::new(ReplicaMemberChannel { inner: self.inner.clone().channel()?, shared: self.shared.clone(), refused: Vec::new() }))
+        Ok(Box::new(ReplicaMemberChannel {
+            inner: self.inner.clone().channel()?,
+            member: self.member,
+            shared: self.shared.clone(),
+            local: Vec::new(),
+            view_reads: Default::default(),
+        }))
     }
+}
+
+type BdevResult = Result<crate::BdevOutput, crate::BdevError>;
+
+/// A read of the image that a test view completes: what the host asked.
+enum ViewRead {
+    Read,
+    Compare(Vec<u8>),
+    CompareAndWrite(Vec<u8>, Vec<u8>),
 }
 
 struct ReplicaMemberChannel {
     inner: Box<dyn BdevChannel>,
+    member: usize,
     shared: Arc<Shared>,
-    refused: Vec<BdevCompletion>,
+    /// Completed here (refused, or done in the test view's store).
+    local: Vec<BdevCompletion>,
+    /// Reads of the image under way for the test view: tag -> (the view, offset, what for).
+    view_reads: std::collections::HashMap<u64, (Arc<TestView>, u64, ViewRead)>,
+}
+
+impl ReplicaMemberChannel {
+    fn submit_to_view(&mut self, view: Arc<TestView>, tag: u64, op: BdevOp) {
+        let m = &view.members[self.member];
+        let io = |r: std::io::Result<()>| r.map(|()| crate::BdevOutput::Done).map_err(crate::BdevError::from);
+        let result = match op {
+            BdevOp::Read { offset, len } => {
+                self.inner.submit(tag, BdevOp::Read { offset, len });
+                self.view_reads.insert(tag, (view, offset, ViewRead::Read));
+                return;
+            }
+            BdevOp::Compare { offset, expected } => {
+                self.inner.submit(tag, BdevOp::Read { offset, len: expected.len() });
+                self.view_reads.insert(tag, (view, offset, ViewRead::Compare(expected)));
+                return;
+            }
+            BdevOp::CompareAndWrite { offset, expected, data } => {
+                self.inner.submit(tag, BdevOp::Read { offset, len: expected.len() });
+                self.view_reads.insert(tag, (view, offset, ViewRead::CompareAndWrite(expected, data)));
+                return;
+            }
+            BdevOp::Write { offset, data, .. } => io(m.write(offset, &data)),
+            BdevOp::WriteZeroes { offset, len } | BdevOp::Deallocate { offset, len } => io(m.write_zeroes(offset, len)),
+            // The view is discarded afterwards: nothing of it needs to be durable.
+            BdevOp::Flush => Ok(crate::BdevOutput::Done),
+        };
+        self.local.push(BdevCompletion { tag, result });
+    }
+
+    /// The image's bytes read for the view, overlaid with what the view holds.
+    fn finish_view_read(&self, view: &TestView, offset: u64, what: ViewRead, read: BdevResult) -> BdevResult {
+        let m = &view.members[self.member];
+        let crate::BdevOutput::Data(mut data) = read? else { return Err(crate::BdevError::Io("a read returned no data".into())) };
+        match what {
+            ViewRead::Read => {
+                m.overlay(offset, &mut data)?;
+                Ok(crate::BdevOutput::Data(data))
+            }
+            ViewRead::Compare(expected) => {
+                m.overlay(offset, &mut data)?;
+                Ok(if data == expected { crate::BdevOutput::Done } else { crate::BdevOutput::Miscompare })
+            }
+            ViewRead::CompareAndWrite(expected, new) => Ok(if m.compare_and_write(offset, data, &expected, &new)? {
+                crate::BdevOutput::Done
+            } else {
+                crate::BdevOutput::Miscompare
+            }),
+        }
+    }
 }
 
 impl BdevChannel for ReplicaMemberChannel {
     fn submit(&mut self, tag: u64, op: BdevOp) {
         if self.shared.promoted.load(Ordering::Acquire) {
-            self.inner.submit(tag, op)
-        } else {
+            return self.inner.submit(tag, op);
+        }
+        match self.shared.view.load_full() {
+            Some(view) => self.submit_to_view(view, tag, op),
             // The stream owns the image until it is promoted.
-            self.refused.push(BdevCompletion { tag, result: Err(crate::BdevError::Fenced) })
+            None => self.local.push(BdevCompletion { tag, result: Err(crate::BdevError::Fenced) }),
         }
     }
     fn poll(&mut self, done: &mut Vec<BdevCompletion>) -> usize {
-        let n = self.refused.len();
-        done.append(&mut self.refused);
-        n + self.inner.poll(done)
+        let n = self.local.len();
+        done.append(&mut self.local);
+        let first = done.len();
+        let m = self.inner.poll(done);
+        if !self.view_reads.is_empty() {
+            for c in done[first..].iter_mut() {
+                if let Some((view, offset, what)) = self.view_reads.remove(&c.tag) {
+                    let read = std::mem::replace(&mut c.result, Ok(crate::BdevOutput::Done));
+                    c.result = self.finish_view_read(&view, offset, what, read);
+                }
+            }
+        }
+        n + m
     }
     fn outstanding(&self) -> usize {
-        self.inner.outstanding() + self.refused.len()
+        self.inner.outstanding() + self.local.len()
     }
     fn wake_fds(&self) -> Vec<std::os::fd::RawFd> {
         self.inner.wake_fds()
@@ -135,6 +233,11 @@ impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "DrReplica")
     }
+}
+
+/// Where member `i`'s test view keeps its blocks: beside the replica's state.
+fn view_store(state: &std::path::Path, i: usize) -> PathBuf {
+    state.with_extension(format!("view{i}"))
 }
 
 /// Connections in their handshake at once; more are closed at once (and counted).
@@ -176,7 +279,11 @@ impl DrReplica {
             refused: AtomicU64::new(0),
             promoted: AtomicBool::new(promoted),
             promote: Mutex::new(None),
+            view: ArcSwapOption::empty(),
+            test: Mutex::new(None),
         });
+        // A test view does not survive a restart.
+        super::test_view::remove_stale_stores(|i| view_store(&settings.state, i), members.len());
         let mut member_ch = Vec::new();
         for m in &members {
             let ch = m.clone().channel()?;
@@ -216,9 +323,18 @@ impl DrReplica {
             completions: Vec::new(),
             frames: Vec::new(),
             promotion: None,
+            geometry: members.iter().map(|m| (m.info().size_bytes(), m.info().block_size)).collect(),
+            view_state: settings.state.clone(),
+            keeping: Default::default(),
+            next_keep: 0,
+            test_open: None,
         };
         let thread = std::thread::Builder::new().name(format!("dr-replica-{}", settings.name)).spawn(move || engine.run())?;
-        let members = members.into_iter().map(|inner| Arc::new(ReplicaMember { inner, shared: shared.clone() }) as Arc<dyn Bdev>).collect();
+        let members = members
+            .into_iter()
+            .enumerate()
+            .map(|(member, inner)| Arc::new(ReplicaMember { inner, member, shared: shared.clone() }) as Arc<dyn Bdev>)
+            .collect();
         Ok(Arc::new(DrReplica { shared, members, threads: Mutex::new(vec![thread, acceptor]) }))
     }
 
@@ -238,6 +354,23 @@ impl DrReplica {
                 return Err("another promotion request is pending".into());
             }
             *slot = Some((force, tx));
+        }
+        let _ = self.shared.waker.wake();
+        rx.recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| Err("the DR replica did not answer in 30 s: see `nvmetro dr status`".into()))
+    }
+
+    /// `nvmetro dr test GROUP start|stop`: opens a writable point-in-time view of the image for
+    /// the DR site's hosts while the stream keeps arriving, or discards it; what happened, or
+    /// why not.
+    pub fn test_view(&self, open: bool) -> Result<String, String> {
+        let (tx, rx) = mpsc::channel();
+        {
+            let mut slot = self.shared.test.lock().map_err(|_| "the DR replica's thread is gone".to_string())?;
+            if slot.is_some() {
+                return Err("another DR test request is pending".into());
+            }
+            *slot = Some((open, tx));
         }
         let _ = self.shared.waker.wake();
         rx.recv_timeout(Duration::from_secs(30))
@@ -352,7 +485,34 @@ struct Stream {
     frames: Vec<DrFrame>,
     /// A promotion waiting for the applier to finish what it issued: who waits, what was forced.
     promotion: Option<(Reply, String)>,
+    /// Each member's size in bytes and block size (for a test view).
+    geometry: Vec<(u64, u32)>,
+    /// The state file's path (test views keep their stores beside it).
+    view_state: PathBuf,
+    /// Writes of the stream waiting for the test view to keep the image's bytes first: the
+    /// read's tag -> the write.
+    keeping: std::collections::HashMap<u64, Keep>,
+    next_keep: u64,
+    /// A test view to open once the applier is idle (no frame is taken meanwhile): who waits.
+    test_open: Option<Reply>,
 }
+
+/// A write of the stream held until the test view kept the image's bytes it overwrites.
+struct Keep {
+    view: Arc<TestView>,
+    member: usize,
+    id: u64,
+    op: BdevOp,
+    /// The range being read now, and those to read after it.
+    reading: (u64, u64),
+    rest: VecDeque<(u64, u64)>,
+}
+
+/// The image's bytes a test view keeps at a time, before a write of the stream.
+const KEEP_CHUNK: u64 = 1 << 20;
+/// Tags of the reads that keep the image's bytes for a test view (below [`FLUSH_TAG`], above
+/// every write's sequence).
+const KEEP_TAG: u64 = 1 << 62;
 
 /// Flush tags are above every write's sequence.
 const FLUSH_TAG: u64 = 1 << 63;
@@ -395,6 +555,13 @@ impl Stream {
             let _ = reply.send(Err(format!("the DR image stopped taking writes ({why}): repair the member first")));
             return;
         }
+        if let Some(v) = self.shared.view.load_full() {
+            let _ = reply.send(Err(format!(
+                "a DR test's view is open (taken at write {}): discard it first (`nvmetro dr test GROUP stop`)",
+                v.since
+            )));
+            return;
+        }
         if !risks.is_empty() && !force {
             let _ = reply.send(Err(format!("refused: {}; add --force to promote anyway", risks.join("; "))));
             return;
@@ -423,6 +590,124 @@ impl Stream {
         let _ = reply.send(Ok(format!("promoted: the members serve hosts read-write as of write {applied}{forced}")));
     }
 
+    /// Submits a write of the stream; while a test view is open, only once the view kept the
+    /// image's bytes it overwrites.
+    fn submit_write(&mut self, member: usize, id: u64, op: BdevOp) {
+        if let (Some(view), Some((offset, len))) = (self.shared.view.load_full(), op.range()) {
+            let mut rest: VecDeque<(u64, u64)> = VecDeque::new();
+            for (mut at, mut n) in view.members[member].unheld(offset, len) {
+                while n > 0 {
+                    let step = n.min(KEEP_CHUNK);
+                    rest.push_back((at, step));
+                    (at, n) = (at + step, n - step);
+                }
+            }
+            if let Some(reading) = rest.pop_front() {
+                return self.keep_next(Keep { view, member, id, op, reading, rest });
+            }
+        }
+        self.member_ch[member].submit(id, op);
+    }
+
+    fn keep_next(&mut self, k: Keep) {
+        let tag = KEEP_TAG | self.next_keep;
+        self.next_keep += 1;
+        self.member_ch[k.member].submit(tag, BdevOp::Read { offset: k.reading.0, len: k.reading.1 as usize });
+        self.keeping.insert(tag, k);
+    }
+
+    /// The image's bytes a test view keeps were read: kept, then the next range or the write.
+    fn kept(&mut self, mut k: Keep, read: BdevResult) {
+        let current = self.shared.view.load_full().is_some_and(|v| Arc::ptr_eq(&v, &k.view));
+        if current {
+            let kept = match read {
+                Ok(crate::BdevOutput::Data(d)) => k.view.members[k.member].keep(k.reading.0, &d).map_err(|e| e.to_string()),
+                Ok(_) => Err("a read returned no data".into()),
+                Err(e) => Err(e.to_string()),
+            };
+            match kept {
+                Err(e) => {
+                    // The stream goes on; a view that cannot be kept is no view.
+                    self.discard_view(&format!("the image's bytes could not be kept for it ({e})"));
+                }
+                Ok(()) => {
+                    if let Some(next) = k.rest.pop_front() {
+                        k.reading = next;
+                        return self.keep_next(k);
+                    }
+                }
+            }
+        }
+        self.member_ch[k.member].submit(k.id, k.op);
+    }
+
+    fn discard_view(&mut self, why: &str) {
+        if let Some(v) = self.shared.view.swap(None) {
+            tracing::error!(group = %self.name, since = v.since, "DR test view discarded: {why}; the stream goes on, the members are Inaccessible again");
+        }
+    }
+
+    /// An operator's DR test request: opening waits for the applier to be idle (no frame is
+    /// taken meanwhile), so the view is an image the production site could have had.
+    fn take_test(&mut self) {
+        let Some((open, reply)) = self.shared.test.lock().ok().and_then(|mut t| t.take()) else { return };
+        if !open {
+            let outcome = match self.shared.view.swap(None) {
+                Some(v) => {
+                    let held = v.held_bytes();
+                    tracing::warn!(group = %self.name, since = v.since, held, "DR test view discarded: the members are Inaccessible again");
+                    Ok(format!(
+                        "test view discarded (taken at write {}, it held {held} bytes); the members are Inaccessible again",
+                        v.since
+                    ))
+                }
+                None => Err("no DR test view is open".to_string()),
+            };
+            let _ = reply.send(outcome);
+            return;
+        }
+        let refusal = if self.promoted() || self.promotion.is_some() {
+            Some("the image is promoted: its members serve hosts already".to_string())
+        } else if let Some(v) = self.shared.view.load_full() {
+            Some(format!("a test view is open already (taken at write {})", v.since))
+        } else if let Some(why) = &self.failed {
+            Some(format!("the DR image stopped taking writes ({why})"))
+        } else if !self.consistent {
+            Some("the DR image is not consistent (a copy or catch-up is under way): a view of it would be torn; open it once `nvmetro dr status` shows it consistent".to_string())
+        } else if self.test_open.is_some() {
+            Some("a test view is being opened".to_string())
+        } else {
+            None
+        };
+        match refusal {
+            Some(why) => {
+                let _ = reply.send(Err(format!("refused: {why}")));
+            }
+            None => self.test_open = Some(reply),
+        }
+    }
+
+    fn finish_test_open(&mut self) {
+        if self.test_open.is_none() || !self.applier.idle() {
+            return;
+        }
+        let reply = self.test_open.take().expect("checked");
+        let since = self.applier.applied();
+        let state = self.view_state.clone();
+        match TestView::open(since, &self.geometry, |i| view_store(&state, i)) {
+            Ok(v) => {
+                self.shared.view.store(Some(Arc::new(v)));
+                tracing::warn!(group = %self.name, since, "DR test view open: hosts here read and write a point-in-time image as of write {since}; the stream keeps being applied");
+                let _ = reply.send(Ok(format!(
+                    "test view open as of write {since}: the members serve hosts read-write; the stream keeps being applied; `nvmetro dr test GROUP stop` discards it"
+                )));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(format!("cannot create the test view's store beside {}: {e}", state.display())));
+            }
+        }
+    }
+
     fn fail(&mut self, why: String) {
         if self.failed.is_none() {
             tracing::error!(group = %self.name, "DR image stops taking writes: {why}");
@@ -445,11 +730,11 @@ impl Stream {
         let mut i = 0;
         while i < out.len() {
             match std::mem::replace(&mut out[i], ApplyOutput::Flush) {
-                ApplyOutput::Write { id, member, offset, data } => match self.member_ch.get_mut(member as usize) {
-                    Some(ch) => {
+                ApplyOutput::Write { id, member, offset, data } => match self.member_ch.get(member as usize) {
+                    Some(_) => {
                         self.dirty[member as usize] = true;
                         let len = data.len() as u64;
-                        ch.submit(id, BdevOp::Write { offset, data: data.into(), fua: false });
+                        self.submit_write(member as usize, id, BdevOp::Write { offset, data: data.into(), fua: false });
                         // The data it asked for: should this epoch not become durable, the
                         // production site sends it again (it holds it until acknowledged).
                         if self.wants.contains(&(member, offset, len)) {
@@ -463,10 +748,10 @@ impl Stream {
                         self.fail(format!("the stream names member {member}, the group has {}", self.member_ch.len()));
                     }
                 },
-                ApplyOutput::WriteZeroes { id, member, offset, len } => match self.member_ch.get_mut(member as usize) {
-                    Some(ch) => {
+                ApplyOutput::WriteZeroes { id, member, offset, len } => match self.member_ch.get(member as usize) {
+                    Some(_) => {
                         self.dirty[member as usize] = true;
-                        ch.submit(id, BdevOp::WriteZeroes { offset, len });
+                        self.submit_write(member as usize, id, BdevOp::WriteZeroes { offset, len });
                     }
                     None => {
                         self.fail(format!("the stream names member {member}, the group has {}", self.member_ch.len()));
@@ -612,6 +897,10 @@ impl Stream {
         let mut completions = std::mem::take(&mut self.completions);
         let any = !completions.is_empty();
         for c in completions.drain(..) {
+            if let Some(k) = self.keeping.remove(&c.tag) {
+                self.kept(k, c.result);
+                continue;
+            }
             if let Some((member, offset, len, crc)) = self.verifies.remove(&c.tag) {
                 // A copy's checksum: where this image differs, ask for the data (durably first:
                 // the answer may be lost with the connection, the request must not be).
@@ -697,7 +986,7 @@ impl Stream {
             }
         }
         work |= self.member_completions();
-        if let Some(c) = self.conn.as_mut() {
+        if let Some(c) = self.conn.as_mut().filter(|_| self.test_open.is_none()) {
             let mut frames = std::mem::take(&mut self.frames);
             let read = c.read_frames(&mut frames);
             work |= !frames.is_empty();
@@ -714,8 +1003,10 @@ impl Stream {
             self.fail(why);
         }
         self.take_promotion();
+        self.take_test();
         self.run_outputs();
         self.finish_promotion();
+        self.finish_test_open();
         if let Some(c) = self.conn.as_mut() {
             if let Err(e) = c.flush() {
                 self.drop_conn(&format!("write: {e}"));
@@ -728,6 +1019,9 @@ impl Stream {
             s.failed = self.failed.clone();
             s.last_applied_ago_ms = self.last_applied.map(|t| t.elapsed().as_millis() as u64);
             s.promoted = self.promoted();
+            let view = self.shared.view.load();
+            s.test_view_since = view.as_ref().map(|v| v.since);
+            s.test_view_held_bytes = view.as_ref().map_or(0, |v| v.held_bytes());
         }
         work
     }

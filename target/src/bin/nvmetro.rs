@@ -41,6 +41,15 @@ enum DrCmd {
         #[arg(long)]
         yes: bool,
     },
+    /// At the DR site, a DR test that does not stop replication: `start` gives the site's hosts
+    /// a writable point-in-time view of the group's image (its namespaces turn Optimized) while
+    /// the stream keeps being applied; `stop` discards the view and everything written to it.
+    Test {
+        /// The DR group's name.
+        group: String,
+        #[arg(value_parser = ["start", "stop"])]
+        action: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -285,6 +294,13 @@ fn print_dr(dr: &Value) {
         if r["promoted"] == Value::Bool(true) {
             println!("  PROMOTED: the members serve hosts read-write; the stream is refused");
         }
+        if let Some(v) = r["test_view"].as_object() {
+            println!(
+                "  DR TEST: hosts here use a writable view as of write {} ({} held); the stream keeps being applied",
+                v["since_seq"],
+                bytes(v["held_bytes"].as_u64().unwrap_or(0))
+            );
+        }
     }
 }
 
@@ -414,6 +430,10 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&rpc(&socket, "dr_status", json!({}))?)?)
         }
         Cmd::Dr { cmd: DrCmd::Status { json: false } } => print_dr(&rpc(&socket, "dr_status", json!({}))?),
+        Cmd::Dr { cmd: DrCmd::Test { group, action } } => {
+            let what = rpc(&socket, "dr_test", json!({"group": group, "action": action}))?;
+            println!("{group}: {}", what.as_str().unwrap_or("done"));
+        }
         Cmd::Dr { cmd: DrCmd::Promote { group, force, yes } } => {
             if force && !yes {
                 eprintln!(
