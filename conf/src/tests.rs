@@ -538,3 +538,14 @@ fn the_default_metrics_port_differs_per_site() {
     assert_eq!(with("site = 1"), Some("127.0.0.1:9776".parse().unwrap()));
     assert_eq!(with("site = 2"), Some("127.0.0.1:9777".parse().unwrap()));
 }
+
+#[test]
+fn a_subsystem_without_namespaces_yet_is_valid_and_a_gap_in_ana_groups_is_not() {
+    let empty =
+        "[[subsystem]]\nnqn = \"nqn.2026-11.io.nvmetro:empty\"\nallow_any_host = true\n\n[[listener]]\naddress = \"127.0.0.1:4420\"\n";
+    let c = parse(empty, "e.toml").expect("a subsystem whose namespaces come later (a reload adds them)");
+    assert!(c.subsystems[0].namespaces.is_empty());
+    let gap = GOOD.replace("ana_group = 2", "ana_group = 3");
+    let e = parse(&gap, "g.toml").unwrap_err();
+    assert!(e.message.contains("group 2 is unused"), "{e}");
+}

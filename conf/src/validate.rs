@@ -569,8 +569,9 @@ pub(crate) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
             namespaces.push(NamespaceConfig { nsid, bdev: bdev.clone(), nguid, eui64, uuid, ana_group: group });
         }
         namespaces.sort_by_key(|n| n.nsid);
+        // A subsystem without namespaces (yet) reports one empty ANA group.
         let ana_groups = groups.iter().copied().max().unwrap_or(1);
-        if let Some(gap) = (1..=ana_groups).find(|g| !groups.contains(g)) {
+        if let Some(gap) = (1..=ana_groups).find(|g| !groups.is_empty() && !groups.contains(g)) {
             return Err(ctx.err(
                 s.nqn.span(),
                 "subsystem.namespace.ana_group",

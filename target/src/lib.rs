@@ -80,8 +80,9 @@ pub struct Target {
     epoch: Instant,
     discovery_cntlid: AtomicU16,
     /// Consistency groups streamed to a DR site, and groups applied here (fixed at start).
-    pub dr_groups: Vec<Arc<DrGroup>>,
-    pub dr_replicas: Vec<Arc<DrReplica>>,
+    /// DR groups streamed from here and DR replicas applied here (a reload adds and removes).
+    pub dr_groups: ArcSwap<Vec<Arc<DrGroup>>>,
+    pub dr_replicas: ArcSwap<Vec<Arc<DrReplica>>>,
 }
 
 impl Target {
@@ -244,12 +245,13 @@ impl Target {
     /// After the reactors stopped (no host writes any more): every DR group gives its DR site
     /// what it buffered and records whether it stopped clean; DR replicas stop.
     pub fn stop_dr(&self) {
+        let groups = self.dr_groups.load_full();
         std::thread::scope(|s| {
-            for g in &self.dr_groups {
+            for g in groups.iter() {
                 s.spawn(move || g.stop());
             }
         });
-        for r in &self.dr_replicas {
+        for r in self.dr_replicas.load().iter() {
             r.stop();
         }
     }
@@ -487,8 +489,8 @@ pub fn start(config: Config, config_path: Option<std::path::PathBuf>) -> anyhow:
         events: Default::default(),
         epoch: Instant::now(),
         discovery_cntlid: AtomicU16::new(0),
-        dr_groups,
-        dr_replicas,
+        dr_groups: ArcSwap::from_pointee(dr_groups),
+        dr_replicas: ArcSwap::from_pointee(dr_replicas),
     });
     let mut reactors = Vec::new();
     let mut handles = Vec::new();
@@ -541,7 +543,7 @@ pub(crate) fn dr_tuning(g: &nvmetro_conf::DrGroupConfig) -> nvmetro_bdev::dr::gr
 
 type DrParts = (Vec<Arc<DrGroup>>, Vec<Arc<DrReplica>>);
 
-fn dr_group_settings(g: &nvmetro_conf::DrGroupConfig) -> nvmetro_bdev::dr::group::DrGroupSettings {
+pub(crate) fn dr_group_settings(g: &nvmetro_conf::DrGroupConfig) -> nvmetro_bdev::dr::group::DrGroupSettings {
     let t = dr_tuning(g);
     nvmetro_bdev::dr::group::DrGroupSettings {
         name: g.name.clone(),
@@ -554,6 +556,15 @@ fn dr_group_settings(g: &nvmetro_conf::DrGroupConfig) -> nvmetro_bdev::dr::group
         link_delay: t.link_delay,
         journal: g.journal.clone(),
         follows_metro: g.follows_metro,
+    }
+}
+
+pub(crate) fn dr_replica_settings(r: &nvmetro_conf::DrReplicaConfig) -> nvmetro_bdev::dr::replica::DrReplicaSettings {
+    nvmetro_bdev::dr::replica::DrReplicaSettings {
+        name: r.name.clone(),
+        listen: r.listen,
+        secret: r.secret.clone(),
+        state: r.state.clone(),
     }
 }
 
@@ -575,12 +586,7 @@ fn start_dr(config: &Config, bdevs: &mut [Arc<dyn Bdev>]) -> anyhow::Result<DrPa
     }
     let mut replicas = Vec::new();
     for r in &config.dr_replicas {
-        let settings = nvmetro_bdev::dr::replica::DrReplicaSettings {
-            name: r.name.clone(),
-            listen: r.listen,
-            secret: r.secret.clone(),
-            state: r.state.clone(),
-        };
+        let settings = dr_replica_settings(r);
         let slots: Vec<usize> = r.members.iter().map(|m| index(m)).collect();
         let replica = DrReplica::start(settings, slots.iter().map(|&i| bdevs[i].clone()).collect())
             .with_context(|| format!("DR replica {} (listen {}, state {})", r.name, r.listen, r.state.display()))?;

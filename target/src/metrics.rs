@@ -322,7 +322,7 @@ fn dr_families(t: &Target, site: &str) -> Vec<Family> {
     let mut applied = Family::new("nvmetro_dr_replica_applied_sequence", Gauge, "DR site: the last write of the stream applied durably.");
     let mut consistent =
         Family::new("nvmetro_dr_replica_consistent", Gauge, "DR site: 1 when the image is crash-consistent (no full copy under way).");
-    for g in &t.dr_groups {
+    for g in t.dr_groups.load().iter() {
         let s = g.status();
         let l: Labels = vec![("group", s.name.clone()), ("mode", s.mode.clone()), ("site", site.to_string())];
         behind_bytes.add(l.clone(), Value::Gauge(s.behind_bytes as f64));
@@ -339,7 +339,7 @@ fn dr_families(t: &Target, site: &str) -> Vec<Family> {
             copy_left.add(l, Value::Gauge(s.copy_total_bytes.saturating_sub(s.copy_done_bytes) as f64));
         }
     }
-    for r in &t.dr_replicas {
+    for r in t.dr_replicas.load().iter() {
         let s = r.status();
         let l: Labels = vec![("group", s.name.clone()), ("site", site.to_string())];
         applied.add(l.clone(), Value::Gauge(s.applied_seq as f64));

@@ -105,6 +105,7 @@ fn stream_events(mut out: UnixStream, target: &Target) {
 pub fn dr_json(t: &Target) -> Value {
     let groups: Vec<Value> = t
         .dr_groups
+        .load()
         .iter()
         .map(|g| {
             let s = g.status();
@@ -126,6 +127,7 @@ pub fn dr_json(t: &Target) -> Value {
         .collect();
     let replicas: Vec<Value> = t
         .dr_replicas
+        .load()
         .iter()
         .map(|r| {
             let s = r.status();
@@ -235,8 +237,10 @@ fn dr_test(t: &Target, p: &Value) -> Result<Value, (i64, String)> {
     };
     let r = t
         .dr_replicas
+        .load()
         .iter()
         .find(|r| r.status().name == group)
+        .cloned()
         .ok_or((-32602, format!("no DR replica {group} at this site (a DR test runs at the DR site)")))?;
     let outcome = r.test_view(open).map(Value::String).map_err(|why| (-32000, format!("{group}: {why}")));
     t.refresh_ana();
@@ -251,8 +255,10 @@ fn dr_promote(t: &Target, p: &Value) -> Result<Value, (i64, String)> {
     let force = p["force"].as_bool().unwrap_or(false);
     let r = t
         .dr_replicas
+        .load()
         .iter()
         .find(|r| r.status().name == group)
+        .cloned()
         .ok_or((-32602, format!("no DR replica {group} at this site (promote at the DR site)")))?;
     let outcome = r.promote(force).map(Value::String).map_err(|why| (-32000, format!("{group}: {why}")));
     // Hosts see the namespaces become accessible now rather than at the next refresh.

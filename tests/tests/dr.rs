@@ -690,6 +690,77 @@ fn a_reload_changes_mode_and_buffer_live_and_async_releases_what_sync_held_back(
     wait_caught_up_and_compare(&p, &dr);
 }
 
+/// Writes `text` (its placeholders filled for `t`) as `t`'s config file and reloads it.
+fn reload_with(t: &TargetProcess, text: &str) -> Result<serde_json::Value, String> {
+    let text = text
+        .replace("{PORT}", &t.addr.port().to_string())
+        .replace("{PORT2}", &t.addr2.port().to_string())
+        .replace("{DIR}", &t.scratch().display().to_string());
+    std::fs::write(&t.config_path, text).expect("config");
+    rpc(t, "nvmetro_reload", serde_json::json!({}))
+}
+
+#[test]
+fn a_reload_adds_and_removes_groups_and_replicas_over_bdevs_no_host_used_and_refuses_the_rest() {
+    let full_dr = dr_site_config();
+    let bare_dr = full_dr[..full_dr.find("[[dr_replica]]").expect("replica")].to_string();
+    let dr = TargetProcess::start(&bare_dr);
+    let full_p = production_config(dr.addr2, "");
+    let namespaces = "[[subsystem.namespace]]\nnsid = 1\nbdev = \"p0\"\n\n[[subsystem.namespace]]\nnsid = 2\nbdev = \"p1\"\n";
+    assert!(full_p.contains(namespaces));
+    let no_group = full_p[..full_p.find("[[dr_group]]").expect("group")].to_string();
+    let bare_p = no_group.replace(namespaces, "");
+    let p = TargetProcess::start(&bare_p);
+
+    // The DR site gets its replica; the production site its group, with the namespaces over its
+    // members in the same reload (no host wrote them before the group saw it).
+    let out = reload_with(&dr, &full_dr).expect("replica added");
+    assert!(out.to_string().contains("add DR replica g1"), "{out}");
+    let out = reload_with(&p, &full_p).expect("group added");
+    assert!(out.to_string().contains("add DR group g1 over p0, p1"), "{out}");
+    let mut h = host(&p);
+    fill(&mut h, 0, 64 << 10, 0x71);
+    wait_caught_up_and_compare(&p, &dr);
+
+    // Refused, nothing changed: the group removed while its namespaces stay.
+    let e = reload_with(&p, &no_group).expect_err("refused");
+    assert!(e.contains("remove DR group g1: its members still serve"), "{e}");
+    fill(&mut h, 128, 64 << 10, 0x72);
+    wait_caught_up_and_compare(&p, &dr);
+    drop(h);
+
+    // Removed with its namespaces: it gives the DR site what it buffered and stops clean.
+    let out = reload_with(&p, &bare_p).expect("group removed");
+    assert!(out.to_string().contains("remove DR group g1"), "{out}");
+    assert_eq!(dr_status(&p)["groups"], serde_json::json!([]));
+    // Served without the group (hosts write what it never sees), the group cannot be added back
+    // over the namespaces; removed and added again, it compares every region and sends what
+    // differs.
+    reload_with(&p, &no_group).expect("namespaces without the group");
+    let mut h = host(&p);
+    fill(&mut h, 256, 64 << 10, 0x73);
+    drop(h);
+    let e = reload_with(&p, &full_p).expect_err("refused");
+    assert!(e.contains("add DR group g1: its members serve"), "{e}");
+    reload_with(&p, &bare_p).expect("namespaces removed");
+    let out = reload_with(&p, &full_p).expect("group added again");
+    assert!(out.to_string().contains("add DR group g1"), "{out}");
+    let mut h = host(&p);
+    wait_caught_up_and_compare(&p, &dr);
+    assert_eq!(p.log().matches("DR copy ended").count(), 2, "the group added again copied: {}", p.log());
+    let last = &dr_status(&p)["groups"][0]["last_copy"];
+    assert_eq!(last["sent_bytes"].as_u64(), Some(2 << 20), "only the region of each member written without the group: {last}");
+
+    // The DR site's replica is removed: the production site waits for it; back, the stream goes on.
+    let out = reload_with(&dr, &bare_dr).expect("replica removed");
+    assert!(out.to_string().contains("remove DR replica g1"), "{out}");
+    wait_until("the production site waits for the DR site", Duration::from_secs(20), || dr_status(&p)["groups"][0]["connected"] == false);
+    fill(&mut h, 384, 64 << 10, 0x74);
+    reload_with(&dr, &full_dr).expect("replica added again");
+    wait_caught_up_and_compare(&p, &dr);
+    assert_eq!(p.log().matches("DR copy ended").count(), 2, "the stream resumed without a copy: {}", p.log());
+}
+
 #[test]
 fn long_throw_never_holds_host_writes_spills_to_the_journal_overflows_and_catches_up() {
     let dr = TargetProcess::start(&dr_site_config());

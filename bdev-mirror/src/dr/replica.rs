@@ -89,6 +89,7 @@ struct Shared {
 pub struct DrReplica {
     shared: Arc<Shared>,
     members: Vec<Arc<dyn Bdev>>,
+    inner_members: Vec<Arc<dyn Bdev>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -330,17 +331,23 @@ impl DrReplica {
             test_open: None,
         };
         let thread = std::thread::Builder::new().name(format!("dr-replica-{}", settings.name)).spawn(move || engine.run())?;
+        let inner_members = members.clone();
         let members = members
             .into_iter()
             .enumerate()
             .map(|(member, inner)| Arc::new(ReplicaMember { inner, member, shared: shared.clone() }) as Arc<dyn Bdev>)
             .collect();
-        Ok(Arc::new(DrReplica { shared, members, threads: Mutex::new(vec![thread, acceptor]) }))
+        Ok(Arc::new(DrReplica { shared, members, inner_members, threads: Mutex::new(vec![thread, acceptor]) }))
     }
 
     /// The member bdevs hosts may be given (Inaccessible until the image is promoted).
     pub fn members(&self) -> Vec<Arc<dyn Bdev>> {
         self.members.clone()
+    }
+
+    /// The bdevs the members wrap (served again in their place when the replica is removed).
+    pub fn inner_members(&self) -> Vec<Arc<dyn Bdev>> {
+        self.inner_members.clone()
     }
 
     /// `nvmetro dr promote GROUP`: the DR image serves hosts read-write from now on and the

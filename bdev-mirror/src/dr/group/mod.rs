@@ -148,6 +148,9 @@ pub struct GroupShared {
     waker: Waker,
     parked: AtomicBool,
     stop: AtomicBool,
+    /// Stopping because the group is removed (a reload): its members may be written without it
+    /// before it is added again, so that start compares every region.
+    removed: AtomicBool,
     status: Mutex<DrGroupStatus>,
     /// Writes members applied locally that the group has not numbered yet.
     pub(super) unsequenced: std::sync::atomic::AtomicU64,
@@ -256,6 +259,7 @@ impl DrGroup {
             waker: Waker::new(poll.registry(), WAKER)?,
             parked: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
             unsequenced: Default::default(),
             tuning: Mutex::new(None),
             status: Mutex::new(DrGroupStatus { name: settings.name.clone(), ..Default::default() }),
@@ -266,6 +270,12 @@ impl DrGroup {
     /// The member bdevs to serve, in the group's order.
     pub fn members(&self) -> Vec<Arc<dyn Bdev>> {
         self.members.iter().map(|m| m.clone() as Arc<dyn Bdev>).collect()
+    }
+
+    /// The bdevs the members wrap, in the group's order (served again in their place when the
+    /// group is removed).
+    pub fn inner_members(&self) -> Vec<Arc<dyn Bdev>> {
+        self.members.iter().map(|m| m.inner().clone()).collect()
     }
 
     pub fn status(&self) -> DrGroupStatus {
@@ -279,6 +289,13 @@ impl DrGroup {
             *t = Some(tuning);
         }
         let _ = self.shared.waker.wake();
+    }
+
+    /// Stops the group for good (a reload removed it): as [`DrGroup::stop`], and a later start
+    /// over the same state compares every region with the DR site's.
+    pub fn remove(&self) {
+        self.shared.removed.store(true, Ordering::Release);
+        self.stop();
     }
 
     /// Stops the group once hosts no longer write: waits up to [`DRAIN_WAIT`] for the DR site to
@@ -747,6 +764,10 @@ impl Engine {
         let clean = self.seq.acked() == self.seq.last_numbered() && self.seq.waiting_writes() == 0 && unsequenced == 0;
         if !clean {
             tracing::warn!(group = %self.settings.name, behind = self.seq.last_numbered() - self.seq.acked(), unsequenced, "DR group stops with writes the DR site does not hold: a copy follows the next start");
+        }
+        if self.shared.removed.load(Ordering::Acquire) && self.copied {
+            tracing::info!(group = %self.settings.name, "DR group removed: if it is added again, its first copy compares every region (its members may be written without it meanwhile)");
+            self.copied = false;
         }
         if let Err(e) = self.persist(clean) {
             tracing::error!(group = %self.settings.name, "cannot store the DR group's state at stop: {e}");
