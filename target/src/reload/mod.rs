@@ -14,8 +14,13 @@
 //! 4. removed listeners stop accepting; removed bdevs are released once drained; ANA states,
 //!    host sites and the discovery log follow the new config.
 //!
+//! DR groups and replicas (`dr`) are started in step 1 and serve in their members' places in
+//! step 2; those removed stop in step 4, after their namespaces drained.
+//!
 //! What cannot change live is refused up front (the whole reload is then refused, with the
 //! reason), so a reload is all or nothing.
+
+mod dr;
 
 use crate::subsys::{Namespace, Subsystem};
 use crate::Target;
@@ -26,128 +31,6 @@ use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// The namespaces of `config` served by bdev `name`, described.
-fn namespaces_over(config: &Config, name: &str) -> Vec<String> {
-    config
-        .subsystems
-        .iter()
-        .flat_map(|s| s.namespaces.iter().filter(|n| n.bdev == name).map(move |n| format!("{} nsid {}", s.nqn, n.nsid)))
-        .collect()
-}
-
-/// DR groups: mode, buffer, RPO target and link delay change live. A group or a replica is
-/// added when no namespace the running config has is served by its members (new bdevs, or bdevs
-/// no host uses: namespaces over them may come in the same reload), so every host write is
-/// sequenced, or refused until promotion, from the first; one is removed when none of the new
-/// config's namespaces is served by its members (they may go in the same reload). Groups over
-/// metro mirrors, and changes to a group's members, DR site, state, secret or long-throw journal
-/// or to a replica need a restart (or a removal and an addition, in two reloads).
-fn dr_changes(old: &Config, new: &Config, p: &mut Plan) {
-    p.old_dr = (old.dr_groups.clone(), old.dr_replicas.clone());
-    let busy_in =
-        |config: &Config, members: &[String]| -> Vec<String> { members.iter().flat_map(|m| namespaces_over(config, m)).collect() };
-    for g in &new.dr_groups {
-        match old.dr_groups.iter().find(|o| o.name == g.name) {
-            None if g.follows_metro => {
-                p.refused.push(format!("add DR group {} (a DR group over metro mirrors is set up when the target starts)", g.name))
-            }
-            None => match busy_in(old, &g.members)[..] {
-                [] => {
-                    p.changes.push(format!("add DR group {} over {} (streamed to {})", g.name, g.members.join(", "), g.dr_site));
-                    p.added_dr_groups.push(g.clone());
-                }
-                ref busy => p.refused.push(format!(
-                    "add DR group {}: its members serve {} now, whose writes so far the group never saw (add it over bdevs no namespace serves yet, or restart)",
-                    g.name,
-                    busy.join(", ")
-                )),
-            },
-            Some(o) if o == g => {}
-            // Long-throw (its journal) is set up at start; sync and async switch live.
-            Some(o)
-                if o.members == g.members
-                    && o.dr_site == g.dr_site
-                    && o.state == g.state
-                    && o.secret == g.secret
-                    && o.journal == g.journal
-                    && (o.mode == nvmetro_conf::DrModeConfig::LongThrow) == (g.mode == nvmetro_conf::DrModeConfig::LongThrow) =>
-            {
-                let mut what = Vec::new();
-                if o.mode != g.mode {
-                    what.push(format!("mode {:?} -> {:?}", o.mode, g.mode));
-                }
-                if o.buffer != g.buffer {
-                    what.push(format!("buffer {} -> {}", o.buffer, g.buffer));
-                }
-                if o.rpo_target != g.rpo_target {
-                    what.push(format!("rpo_target {:?} -> {:?}", o.rpo_target, g.rpo_target));
-                }
-                if o.link_delay != g.link_delay {
-                    what.push(format!("link_delay {:?} -> {:?}", o.link_delay, g.link_delay));
-                }
-                p.changes.push(format!("DR group {}: {}", g.name, what.join(", ")));
-                p.dr_tunings.push(g.clone());
-            }
-            Some(_) => p.refused.push(format!(
-                "DR group {}: its members, dr_site, state, secret, or long-throw and its journal (remove the group in one reload and add it in the next, or restart)",
-                g.name
-            )),
-        }
-    }
-    for o in old.dr_groups.iter().filter(|o| !new.dr_groups.iter().any(|g| g.name == o.name)) {
-        match busy_in(new, &o.members)[..] {
-            _ if o.follows_metro => {
-                p.refused.push(format!("remove DR group {} (a DR group over metro mirrors is set up when the target starts)", o.name))
-            }
-            [] => {
-                p.changes.push(format!(
-                    "remove DR group {} (it gives its DR site what it buffered, then stops; added again, it compares every region first)",
-                    o.name
-                ));
-                p.removed_dr_groups.push(o.name.clone());
-            }
-            ref busy => p.refused.push(format!(
-                "remove DR group {}: its members still serve {} (remove those namespaces in the same reload, or restart)",
-                o.name,
-                busy.join(", ")
-            )),
-        }
-    }
-    for r in &new.dr_replicas {
-        match old.dr_replicas.iter().find(|o| o.name == r.name) {
-            None => match busy_in(old, &r.members)[..] {
-                [] => {
-                    p.changes.push(format!("add DR replica {} over {} (listening on {})", r.name, r.members.join(", "), r.listen));
-                    p.added_dr_replicas.push(r.clone());
-                }
-                ref busy => p.refused.push(format!(
-                    "add DR replica {}: its members serve {} now (hosts there could have written the image; add it over bdevs no namespace serves yet, or restart)",
-                    r.name,
-                    busy.join(", ")
-                )),
-            },
-            Some(o) if o == r => {}
-            Some(_) => p.refused.push(format!(
-                "DR replica {}: its settings (remove it in one reload and add it in the next, or restart)",
-                r.name
-            )),
-        }
-    }
-    for o in old.dr_replicas.iter().filter(|o| !new.dr_replicas.iter().any(|r| r.name == o.name)) {
-        match busy_in(new, &o.members)[..] {
-            [] => {
-                p.changes.push(format!("remove DR replica {} (its stream ends; its image stays as applied)", o.name));
-                p.removed_dr_replicas.push(o.name.clone());
-            }
-            ref busy => p.refused.push(format!(
-                "remove DR replica {}: its members still serve {} (remove those namespaces in the same reload, or restart)",
-                o.name,
-                busy.join(", ")
-            )),
-        }
-    }
-}
 
 /// What a reload would do.
 #[derive(Debug, Default)]
@@ -225,7 +108,7 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
     if old.discovery != new.discovery {
         p.refused.push("target.discovery listeners".into());
     }
-    dr_changes(old, new, &mut p);
+    dr::dr_changes(old, new, &mut p);
     if old.witness != new.witness {
         p.refused.push("[witness] (mirrors hold their witness for their lifetime)".into());
     }
@@ -473,33 +356,7 @@ fn apply(t: &Target, p: Plan, new: Config) -> Result<Outcome, ReloadError> {
         sockets.push((l.address, crate::bind(l.address).map_err(|e| ReloadError::Prepare(format!("{e:#}")))?));
     }
     // DR groups and replicas added: started over their members (new bdevs or unused ones).
-    let bdev_named = |name: &str| {
-        opened
-            .iter()
-            .find(|x| x.info().name == name)
-            .cloned()
-            .or_else(|| live.iter().rev().find(|(_, x)| x.info().name == name).map(|(_, x)| x.clone()))
-    };
-    let members_of = |what: &str, names: &[String]| {
-        names
-            .iter()
-            .map(|m| bdev_named(m).ok_or_else(|| ReloadError::Prepare(format!("{what}: member {m} is not a bdev"))))
-            .collect::<Result<Vec<_>, _>>()
-    };
-    let mut new_groups = Vec::new();
-    for g in &p.added_dr_groups {
-        let what = format!("DR group {}", g.name);
-        let group = nvmetro_bdev::dr::group::DrGroup::start(crate::dr_group_settings(g), members_of(&what, &g.members)?)
-            .map_err(|e| ReloadError::Prepare(format!("{what} (state {}): {e}", g.state.display())))?;
-        new_groups.push((g.members.clone(), group));
-    }
-    let mut new_replicas = Vec::new();
-    for r in &p.added_dr_replicas {
-        let what = format!("DR replica {}", r.name);
-        let replica = nvmetro_bdev::dr::replica::DrReplica::start(crate::dr_replica_settings(r), members_of(&what, &r.members)?)
-            .map_err(|e| ReloadError::Prepare(format!("{what} (listen {}, state {}): {e}", r.listen, r.state.display())))?;
-        new_replicas.push((r.members.clone(), replica));
-    }
+    let added_dr = dr::start_added(&p, &opened, &live)?;
     // 2. New bdevs and listener slots.
     let reactors = t.reactors();
     if !opened.is_empty() {
@@ -519,20 +376,7 @@ fn apply(t: &Target, p: Plan, new: Config) -> Result<Outcome, ReloadError> {
         }
     }
     // DR members serve in their bdevs' places (no namespace served those yet).
-    for (names, group) in &new_groups {
-        serve_in_place(t, reactors, names, group.members());
-        tracing::info!(group = %group.status().name, members = ?names, "DR group started (added by reload)");
-    }
-    for (names, replica) in &new_replicas {
-        serve_in_place(t, reactors, names, replica.members());
-        tracing::info!(group = %replica.status().name, members = ?names, "DR replica listening (added by reload)");
-    }
-    if !new_groups.is_empty() {
-        t.dr_groups.rcu(|v| v.iter().cloned().chain(new_groups.iter().map(|(_, g)| g.clone())).collect::<Vec<_>>());
-    }
-    if !new_replicas.is_empty() {
-        t.dr_replicas.rcu(|v| v.iter().cloned().chain(new_replicas.iter().map(|(_, r)| r.clone())).collect::<Vec<_>>());
-    }
+    dr::serve_added(t, reactors, added_dr);
     for l in &p.added_listeners {
         // An address removed by an earlier reload comes back in its old slot (its views kept).
         if !t.listener_slots.load().contains(&l.address) {
@@ -654,7 +498,7 @@ fn apply(t: &Target, p: Plan, new: Config) -> Result<Outcome, ReloadError> {
             r.send(Box::new(move |r| r.end_connections(|c| c.serves(&nqn), "subsystem removed by a reload")));
         }
     }
-    for address in p.removed_listeners {
+    for &address in &p.removed_listeners {
         let slot = t.listener_slots.load().iter().position(|a| *a == address);
         if let Some(r0) = reactors.first() {
             r0.send(Box::new(move |r| r.remove_listener(address)));
@@ -666,23 +510,7 @@ fn apply(t: &Target, p: Plan, new: Config) -> Result<Outcome, ReloadError> {
     }
     // DR groups and replicas removed (no namespace serves their members any more): the bdevs
     // they wrap serve in their places again (before a removed bdev's slot is retired).
-    let old_config = &p.old_dr;
-    for name in &p.removed_dr_groups {
-        let Some(group) = t.dr_groups.load().iter().find(|g| g.status().name == *name).cloned() else { continue };
-        t.dr_groups.rcu(|v| v.iter().filter(|g| !Arc::ptr_eq(g, &group)).cloned().collect::<Vec<_>>());
-        group.remove();
-        let names = old_config.0.iter().find(|g| g.name == *name).map(|g| g.members.clone()).unwrap_or_default();
-        serve_in_place(t, reactors, &names, group.inner_members());
-        tracing::info!(group = %name, "DR group stopped (removed by reload)");
-    }
-    for name in &p.removed_dr_replicas {
-        let Some(replica) = t.dr_replicas.load().iter().find(|r| r.status().name == *name).cloned() else { continue };
-        t.dr_replicas.rcu(|v| v.iter().filter(|r| !Arc::ptr_eq(r, &replica)).cloned().collect::<Vec<_>>());
-        replica.stop();
-        let names = old_config.1.iter().find(|r| r.name == *name).map(|r| r.members.clone()).unwrap_or_default();
-        serve_in_place(t, reactors, &names, replica.inner_members());
-        tracing::info!(group = %name, "DR replica stopped (removed by reload)");
-    }
+    dr::stop_removed(t, reactors, &p);
     for name in &p.removed_bdevs {
         if let Some(slot) = t.bdevs().iter().rposition(|b| b.info().name == *name) {
             let retired: Arc<dyn Bdev> = Arc::new(Retired(t.bdev(slot).info().clone()));
@@ -725,22 +553,6 @@ fn apply(t: &Target, p: Plan, new: Config) -> Result<Outcome, ReloadError> {
         tracing::info!("reload: {c}");
     }
     Ok(Outcome { changes: p.changes, applied: true })
-}
-
-/// Puts each of `bdevs` in the slot of the bdev named as it is in `names` (a DR member in its
-/// bdev's place, or the bdev back in its member's); reactors reopen the slot's channel.
-fn serve_in_place(t: &Target, reactors: &[crate::reactor::ReactorHandle], names: &[String], bdevs: Vec<Arc<dyn Bdev>>) {
-    for (name, bdev) in names.iter().zip(bdevs) {
-        let Some(slot) = t.bdevs().iter().rposition(|b| b.info().name == *name) else { continue };
-        t.bdevs.rcu(|v| {
-            let mut v = (**v).clone();
-            v[slot] = bdev.clone();
-            v
-        });
-        for r in reactors {
-            r.send(Box::new(move |r| r.channels().close(slot)));
-        }
-    }
 }
 
 /// What a removed bdev's slot holds once its namespaces drained: the device itself is released
