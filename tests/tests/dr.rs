@@ -938,6 +938,29 @@ fn a_new_group_refuses_a_dr_site_that_holds_another_stream() {
 }
 
 #[test]
+fn a_second_production_site_with_the_right_secret_never_becomes_the_stream_and_the_first_goes_on() {
+    let dr = TargetProcess::start(&dr_site_config());
+    let p = TargetProcess::start(&production_config(dr.addr2, ""));
+    let mut h = host(&p);
+    fill(&mut h, 0, 64 << 10, 0x81);
+    wait_caught_up_and_compare(&p, &dr);
+    // A second site is configured with the same group, DR site and secret (a copied config).
+    let other = TargetProcess::start(&production_config(dr.addr2, ""));
+    {
+        let mut h2 = host(&other);
+        assert!(write(&mut h2, 1, 64, vec![0x99; 4096]), "the other site serves its own hosts");
+    }
+    wait_until("the second site is refused", Duration::from_secs(20), || {
+        dr_status(&other)["groups"][0]["state"].as_str().unwrap_or("").contains("this group is new")
+    });
+    // The first site's stream goes on (it reconnects if the newer connection displaced it), and
+    // the DR image stays the first site's, byte for byte.
+    fill(&mut h, 256, 64 << 10, 0x82);
+    wait_caught_up_and_compare(&p, &dr);
+    assert!(!dr.log().contains("taken over by another producer"), "{}", dr.log());
+}
+
+#[test]
 fn a_group_whose_state_cannot_be_stored_stops_its_stream_and_host_writes_go_on() {
     let dr = TargetProcess::start(&dr_site_config());
     let state_dir = std::env::temp_dir().join(format!("nvmetro-dr-state-{}", std::process::id()));
