@@ -20,6 +20,15 @@
 //! the image instead ([`super::test_view`]) while the stream keeps being applied: before the
 //! stream first overwrites a block of the image, the block's bytes are kept in the view's store.
 //! `... stop` discards the view; the image never saw the test's writes.
+//!
+//! Here: the replica, its acceptor and the stream's thread (frames, the applier's outputs, the
+//! members' completions). `host`: the members as the DR site's hosts see them; `keep`: writes
+//! of the stream held until a view kept what they overwrite; `operator`: promotion and the DR
+//! test's view, run on the stream's thread.
+
+mod host;
+mod keep;
+mod operator;
 
 use super::applier::{Applier, ApplyOutput};
 use super::frame::DrFrame;
@@ -28,6 +37,8 @@ use super::state::RecordFile;
 use super::test_view::TestView;
 use crate::{Bdev, BdevChannel, BdevCompletion, BdevOp};
 use arc_swap::ArcSwapOption;
+use host::ReplicaMember;
+use keep::Keep;
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -91,143 +102,6 @@ pub struct DrReplica {
     members: Vec<Arc<dyn Bdev>>,
     inner_members: Vec<Arc<dyn Bdev>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
-}
-
-/// A member as hosts at the DR site see it: Inaccessible (every command fails as fenced) until
-/// the image is promoted, then the bdev itself; while a DR test is open, its view.
-#[derive(Debug)]
-struct ReplicaMember {
-    inner: Arc<dyn Bdev>,
-    member: usize,
-    shared: Arc<Shared>,
-}
-
-impl Bdev for ReplicaMember {
-    fn info(&self) -> &crate::BdevInfo {
-        self.inner.info()
-    }
-    fn access(&self) -> crate::Access {
-        if self.shared.promoted.load(Ordering::Acquire) || self.shared.view.load().is_some() {
-            self.inner.access()
-        } else {
-            crate::Access::Fenced
-        }
-    }
-    fn as_error(&self) -> Option<&crate::error::ErrorBdev> {
-        self.inner.as_error()
-    }
-    fn channel(self: Arc<Self>) -> std::io::Result<Box<dyn BdevChannel>> {
-        Ok(Box::new(ReplicaMemberChannel {
-            inner: self.inner.clone().channel()?,
-            member: self.member,
-            shared: self.shared.clone(),
-            local: Vec::new(),
-            view_reads: Default::default(),
-        }))
-    }
-}
-
-type BdevResult = Result<crate::BdevOutput, crate::BdevError>;
-
-/// A read of the image that a test view completes: what the host asked.
-enum ViewRead {
-    Read,
-    Compare(Vec<u8>),
-    CompareAndWrite(Vec<u8>, Vec<u8>),
-}
-
-struct ReplicaMemberChannel {
-    inner: Box<dyn BdevChannel>,
-    member: usize,
-    shared: Arc<Shared>,
-    /// Completed here (refused, or done in the test view's store).
-    local: Vec<BdevCompletion>,
-    /// Reads of the image under way for the test view: tag -> (the view, offset, what for).
-    view_reads: std::collections::HashMap<u64, (Arc<TestView>, u64, ViewRead)>,
-}
-
-impl ReplicaMemberChannel {
-    fn submit_to_view(&mut self, view: Arc<TestView>, tag: u64, op: BdevOp) {
-        let m = &view.members[self.member];
-        let io = |r: std::io::Result<()>| r.map(|()| crate::BdevOutput::Done).map_err(crate::BdevError::from);
-        let result = match op {
-            BdevOp::Read { offset, len } => {
-                self.inner.submit(tag, BdevOp::Read { offset, len });
-                self.view_reads.insert(tag, (view, offset, ViewRead::Read));
-                return;
-            }
-            BdevOp::Compare { offset, expected } => {
-                self.inner.submit(tag, BdevOp::Read { offset, len: expected.len() });
-                self.view_reads.insert(tag, (view, offset, ViewRead::Compare(expected)));
-                return;
-            }
-            BdevOp::CompareAndWrite { offset, expected, data } => {
-                self.inner.submit(tag, BdevOp::Read { offset, len: expected.len() });
-                self.view_reads.insert(tag, (view, offset, ViewRead::CompareAndWrite(expected, data)));
-                return;
-            }
-            BdevOp::Write { offset, data, .. } => io(m.write(offset, &data)),
-            BdevOp::WriteZeroes { offset, len } | BdevOp::Deallocate { offset, len } => io(m.write_zeroes(offset, len)),
-            // The view is discarded afterwards: nothing of it needs to be durable.
-            BdevOp::Flush => Ok(crate::BdevOutput::Done),
-        };
-        self.local.push(BdevCompletion { tag, result });
-    }
-
-    /// The image's bytes read for the view, overlaid with what the view holds.
-    fn finish_view_read(&self, view: &TestView, offset: u64, what: ViewRead, read: BdevResult) -> BdevResult {
-        let m = &view.members[self.member];
-        let crate::BdevOutput::Data(mut data) = read? else { return Err(crate::BdevError::Io("a read returned no data".into())) };
-        match what {
-            ViewRead::Read => {
-                m.overlay(offset, &mut data)?;
-                Ok(crate::BdevOutput::Data(data))
-            }
-            ViewRead::Compare(expected) => {
-                m.overlay(offset, &mut data)?;
-                Ok(if data == expected { crate::BdevOutput::Done } else { crate::BdevOutput::Miscompare })
-            }
-            ViewRead::CompareAndWrite(expected, new) => Ok(if m.compare_and_write(offset, data, &expected, &new)? {
-                crate::BdevOutput::Done
-            } else {
-                crate::BdevOutput::Miscompare
-            }),
-        }
-    }
-}
-
-impl BdevChannel for ReplicaMemberChannel {
-    fn submit(&mut self, tag: u64, op: BdevOp) {
-        if self.shared.promoted.load(Ordering::Acquire) {
-            return self.inner.submit(tag, op);
-        }
-        match self.shared.view.load_full() {
-            Some(view) => self.submit_to_view(view, tag, op),
-            // The stream owns the image until it is promoted.
-            None => self.local.push(BdevCompletion { tag, result: Err(crate::BdevError::Fenced) }),
-        }
-    }
-    fn poll(&mut self, done: &mut Vec<BdevCompletion>) -> usize {
-        let n = self.local.len();
-        done.append(&mut self.local);
-        let first = done.len();
-        let m = self.inner.poll(done);
-        if !self.view_reads.is_empty() {
-            for c in done[first..].iter_mut() {
-                if let Some((view, offset, what)) = self.view_reads.remove(&c.tag) {
-                    let read = std::mem::replace(&mut c.result, Ok(crate::BdevOutput::Done));
-                    c.result = self.finish_view_read(&view, offset, what, read);
-                }
-            }
-        }
-        n + m
-    }
-    fn outstanding(&self) -> usize {
-        self.inner.outstanding() + self.local.len()
-    }
-    fn wake_fds(&self) -> Vec<std::os::fd::RawFd> {
-        self.inner.wake_fds()
-    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -504,23 +378,6 @@ struct Stream {
     test_open: Option<Reply>,
 }
 
-/// A write of the stream held until the test view kept the image's bytes it overwrites.
-struct Keep {
-    view: Arc<TestView>,
-    member: usize,
-    id: u64,
-    op: BdevOp,
-    /// The range being read now, and those to read after it.
-    reading: (u64, u64),
-    rest: VecDeque<(u64, u64)>,
-}
-
-/// The image's bytes a test view keeps at a time, before a write of the stream.
-const KEEP_CHUNK: u64 = 1 << 20;
-/// Tags of the reads that keep the image's bytes for a test view (below [`FLUSH_TAG`], above
-/// every write's sequence).
-const KEEP_TAG: u64 = 1 << 62;
-
 /// Flush tags are above every write's sequence.
 const FLUSH_TAG: u64 = 1 << 63;
 
@@ -541,178 +398,6 @@ impl Stream {
 
     fn store(&mut self) -> std::io::Result<()> {
         self.state.store(self.record(self.applier.applied()))
-    }
-
-    /// An operator's promotion: checked, then (once everything issued is applied and durable)
-    /// recorded durably before a host may write.
-    fn take_promotion(&mut self) {
-        let Some((force, reply)) = self.shared.promote.lock().ok().and_then(|mut p| p.take()) else { return };
-        if self.promoted() {
-            let _ = reply.send(Ok(format!("already promoted: serving read-write at write {}", self.applier.applied())));
-            return;
-        }
-        let mut risks = Vec::new();
-        if self.conn.is_some() {
-            risks.push("the production site is streaming to this DR site now (stop it or its group first)");
-        }
-        if !self.consistent {
-            risks.push("the DR image is not consistent (its full copy has not ended): it would serve a torn image");
-        }
-        if let Some(why) = &self.failed {
-            let _ = reply.send(Err(format!("the DR image stopped taking writes ({why}): repair the member first")));
-            return;
-        }
-        if let Some(v) = self.shared.view.load_full() {
-            let _ = reply.send(Err(format!(
-                "a DR test's view is open (taken at write {}): discard it first (`nvmetro dr test GROUP stop`)",
-                v.since
-            )));
-            return;
-        }
-        if !risks.is_empty() && !force {
-            let _ = reply.send(Err(format!("refused: {}; add --force to promote anyway", risks.join("; "))));
-            return;
-        }
-        self.drop_conn("the DR image is being promoted");
-        self.promotion = Some((reply, risks.join("; ")));
-    }
-
-    /// Completes a promotion once the applier has nothing in flight.
-    fn finish_promotion(&mut self) {
-        if self.promotion.is_none() || !self.applier.idle() {
-            return;
-        }
-        let (reply, risks) = self.promotion.take().expect("checked");
-        // Durable before the first host write: a restart must not take the stream again.
-        let applied = self.applier.applied();
-        let mut record = self.record(applied);
-        record[2] = 1;
-        if let Err(e) = self.state.store(record) {
-            let _ = reply.send(Err(format!("cannot record the promotion: {e}; nothing changed")));
-            return;
-        }
-        self.shared.promoted.store(true, Ordering::Release);
-        let forced = if risks.is_empty() { String::new() } else { format!(" (forced: {risks})") };
-        tracing::warn!(group = %self.name, applied, "DR image PROMOTED: serving hosts read-write as of write {applied}{forced}; the stream from the production site is refused from now on");
-        let _ = reply.send(Ok(format!("promoted: the members serve hosts read-write as of write {applied}{forced}")));
-    }
-
-    /// Submits a write of the stream; while a test view is open, only once the view kept the
-    /// image's bytes it overwrites.
-    fn submit_write(&mut self, member: usize, id: u64, op: BdevOp) {
-        if let (Some(view), Some((offset, len))) = (self.shared.view.load_full(), op.range()) {
-            let mut rest: VecDeque<(u64, u64)> = VecDeque::new();
-            for (mut at, mut n) in view.members[member].unheld(offset, len) {
-                while n > 0 {
-                    let step = n.min(KEEP_CHUNK);
-                    rest.push_back((at, step));
-                    (at, n) = (at + step, n - step);
-                }
-            }
-            if let Some(reading) = rest.pop_front() {
-                return self.keep_next(Keep { view, member, id, op, reading, rest });
-            }
-        }
-        self.member_ch[member].submit(id, op);
-    }
-
-    fn keep_next(&mut self, k: Keep) {
-        let tag = KEEP_TAG | self.next_keep;
-        self.next_keep += 1;
-        self.member_ch[k.member].submit(tag, BdevOp::Read { offset: k.reading.0, len: k.reading.1 as usize });
-        self.keeping.insert(tag, k);
-    }
-
-    /// The image's bytes a test view keeps were read: kept, then the next range or the write.
-    fn kept(&mut self, mut k: Keep, read: BdevResult) {
-        let current = self.shared.view.load_full().is_some_and(|v| Arc::ptr_eq(&v, &k.view));
-        if current {
-            let kept = match read {
-                Ok(crate::BdevOutput::Data(d)) => k.view.members[k.member].keep(k.reading.0, &d).map_err(|e| e.to_string()),
-                Ok(_) => Err("a read returned no data".into()),
-                Err(e) => Err(e.to_string()),
-            };
-            match kept {
-                Err(e) => {
-                    // The stream goes on; a view that cannot be kept is no view.
-                    self.discard_view(&format!("the image's bytes could not be kept for it ({e})"));
-                }
-                Ok(()) => {
-                    if let Some(next) = k.rest.pop_front() {
-                        k.reading = next;
-                        return self.keep_next(k);
-                    }
-                }
-            }
-        }
-        self.member_ch[k.member].submit(k.id, k.op);
-    }
-
-    fn discard_view(&mut self, why: &str) {
-        if let Some(v) = self.shared.view.swap(None) {
-            tracing::error!(group = %self.name, since = v.since, "DR test view discarded: {why}; the stream goes on, the members are Inaccessible again");
-        }
-    }
-
-    /// An operator's DR test request: opening waits for the applier to be idle (no frame is
-    /// taken meanwhile), so the view is an image the production site could have had.
-    fn take_test(&mut self) {
-        let Some((open, reply)) = self.shared.test.lock().ok().and_then(|mut t| t.take()) else { return };
-        if !open {
-            let outcome = match self.shared.view.swap(None) {
-                Some(v) => {
-                    let held = v.held_bytes();
-                    tracing::warn!(group = %self.name, since = v.since, held, "DR test view discarded: the members are Inaccessible again");
-                    Ok(format!(
-                        "test view discarded (taken at write {}, it held {held} bytes); the members are Inaccessible again",
-                        v.since
-                    ))
-                }
-                None => Err("no DR test view is open".to_string()),
-            };
-            let _ = reply.send(outcome);
-            return;
-        }
-        let refusal = if self.promoted() || self.promotion.is_some() {
-            Some("the image is promoted: its members serve hosts already".to_string())
-        } else if let Some(v) = self.shared.view.load_full() {
-            Some(format!("a test view is open already (taken at write {})", v.since))
-        } else if let Some(why) = &self.failed {
-            Some(format!("the DR image stopped taking writes ({why})"))
-        } else if !self.consistent {
-            Some("the DR image is not consistent (a copy or catch-up is under way): a view of it would be torn; open it once `nvmetro dr status` shows it consistent".to_string())
-        } else if self.test_open.is_some() {
-            Some("a test view is being opened".to_string())
-        } else {
-            None
-        };
-        match refusal {
-            Some(why) => {
-                let _ = reply.send(Err(format!("refused: {why}")));
-            }
-            None => self.test_open = Some(reply),
-        }
-    }
-
-    fn finish_test_open(&mut self) {
-        if self.test_open.is_none() || !self.applier.idle() {
-            return;
-        }
-        let reply = self.test_open.take().expect("checked");
-        let since = self.applier.applied();
-        let state = self.view_state.clone();
-        match TestView::open(since, &self.geometry, |i| view_store(&state, i)) {
-            Ok(v) => {
-                self.shared.view.store(Some(Arc::new(v)));
-                tracing::warn!(group = %self.name, since, "DR test view open: hosts here read and write a point-in-time image as of write {since}; the stream keeps being applied");
-                let _ = reply.send(Ok(format!(
-                    "test view open as of write {since}: the members serve hosts read-write; the stream keeps being applied; `nvmetro dr test GROUP stop` discards it"
-                )));
-            }
-            Err(e) => {
-                let _ = reply.send(Err(format!("cannot create the test view's store beside {}: {e}", state.display())));
-            }
-        }
     }
 
     fn fail(&mut self, why: String) {
