@@ -134,7 +134,8 @@ pub fn dr_json(t: &Target) -> Value {
             json!({"name": s.name, "members": s.members, "listen": s.listen, "connected": s.connected, "applied_seq": s.applied_seq,
                    "consistent": s.consistent, "failed": s.failed, "refused_connections": s.refused_connections,
                    "last_applied_ms_ago": s.last_applied_ago_ms, "promoted": s.promoted,
-                   "test_view": s.test_view_since.map(|since| json!({"since_seq": since, "held_bytes": s.test_view_held_bytes}))})
+                   "test_view": s.test_view_since.map(|since| json!({"since_seq": since, "held_bytes": s.test_view_held_bytes})),
+                   "last_consistent": s.rollback_since.map(|since| json!({"since_seq": since, "kept_bytes": s.rollback_bytes}))})
         })
         .collect();
     json!({"groups": groups, "replicas": replicas})

@@ -475,6 +475,44 @@ fn a_dr_test_view_is_a_writable_point_in_time_image_while_the_stream_keeps_arriv
 }
 
 #[test]
+fn a_promotion_during_a_copy_rolls_the_image_back_to_its_last_consistent_state_even_after_a_crash() {
+    let mut dr = TargetProcess::start(&dr_site_config());
+    let mut p = TargetProcess::start(&production_config(dr.addr2, ""));
+    let mut h = host(&p);
+    fill(&mut h, 0, 256 << 10, 0xa1);
+    wait_caught_up_and_compare(&p, &dr);
+    drop(h);
+    // The production site crashes; the DR image, consistent, is what it last applied.
+    p.kill();
+    wait_until("the stream is gone", Duration::from_secs(20), || dr_status(&dr)["replicas"][0]["connected"] == false);
+    let dir = dr.scratch().clone();
+    let image = || [std::fs::read(dir.join("dr0.img")).expect("dr0"), std::fs::read(dir.join("dr1.img")).expect("dr1")];
+    let last_consistent = image();
+    assert_eq!(dr_status(&dr)["replicas"][0]["consistent"], true);
+    // It comes back over a slow link (1 s each way): a Rebase and a copy, during which its new
+    // writes overwrite the DR image (not consistent until the copy ends).
+    let text = std::fs::read_to_string(&p.config_path).expect("config");
+    std::fs::write(&p.config_path, text.replace("[[dr_group]]\n", "[[dr_group]]\nlink_delay = \"1s\"\n")).expect("config");
+    p.restart();
+    let mut h = host(&p);
+    fill(&mut h, 64, 512 << 10, 0xb2);
+    wait_until("the DR image holds new writes over its last consistent state", Duration::from_secs(30), || {
+        let r = &dr_status(&dr)["replicas"][0];
+        r["consistent"] == false && r["last_consistent"]["kept_bytes"].as_u64().unwrap_or(0) > 0
+    });
+    // The production site is lost again before the copy ends, and the DR site crashes too.
+    p.kill();
+    assert_ne!(image(), last_consistent, "the copy overwrote the image");
+    dr.kill();
+    dr.restart();
+    assert_eq!(dr_status(&dr)["replicas"][0]["consistent"], false);
+    let what = promote(&dr, false).expect("promoted without --force: the last consistent state was kept");
+    assert!(what.as_str().unwrap_or("").contains("rolled back to the last consistent image"), "{what}");
+    assert!(image() == last_consistent, "the promoted image is the last consistent one, byte for byte");
+    assert!(!dir.join("g1.rollback").exists(), "the kept state goes once promoted");
+}
+
+#[test]
 fn a_full_send_buffer_holds_host_writes_back_until_the_dr_site_returns_and_nothing_is_lost() {
     let dr = TargetProcess::start(&dr_site_config());
     let p = TargetProcess::start(&production_config(dr.addr2, "buffer = \"1MiB\"\nrpo_target = \"300ms\""));
@@ -787,6 +825,9 @@ fn long_throw_never_holds_host_writes_spills_to_the_journal_overflows_and_catche
     wait_caught_up_and_compare(&p, &dr);
     assert!(dr.log().contains("the production site overflowed"), "{}", dr.log());
     assert!(dr.log().contains("DR copy ended: the DR image is consistent"), "{}", dr.log());
+    // Past the overflow the last consistent image was kept, and dropped once consistent again.
+    assert!(dr.log().contains("keeping its last consistent state"), "{}", dr.log());
+    assert!(!dr.scratch().join("g1.rollback").exists());
 }
 
 #[test]

@@ -43,6 +43,7 @@ pub mod group;
 pub mod link;
 pub mod member;
 pub mod replica;
+pub mod rollback;
 pub mod sequencer;
 pub mod state;
 pub mod test_view;

@@ -294,6 +294,13 @@ fn print_dr(dr: &Value) {
         if r["promoted"] == Value::Bool(true) {
             println!("  PROMOTED: the members serve hosts read-write; the stream is refused");
         }
+        if let Some(v) = r["last_consistent"].as_object() {
+            println!(
+                "  last consistent image kept (write {}, {} of it overwritten so far): a promotion rolls back to it",
+                v["since_seq"],
+                bytes(v["kept_bytes"].as_u64().unwrap_or(0))
+            );
+        }
         if let Some(v) = r["test_view"].as_object() {
             println!(
                 "  DR TEST: hosts here use a writable view as of write {} ({} held); the stream keeps being applied",

@@ -1,12 +1,14 @@
-//! Writes of the stream that wait until the image's bytes they overwrite are kept: for a DR
-//! test's view, read first (in chunks) and kept in its store, then the write is submitted.
+//! Writes of the stream that wait until the image's bytes they overwrite are kept, read first
+//! (in chunks): for a DR test's view (in its store) and, while the image is not consistent, for
+//! the rollback log that keeps the last consistent image (durably before the write).
 
 use super::host::BdevResult;
 use super::*;
 
-/// A write of the stream held until the test view kept the image's bytes it overwrites.
+/// A write of the stream held until the image's bytes it overwrites are kept (for the test view
+/// and the rollback log, whichever needs them).
 pub(super) struct Keep {
-    view: Arc<TestView>,
+    view: Option<Arc<TestView>>,
     member: usize,
     id: u64,
     op: BdevOp,
@@ -15,30 +17,70 @@ pub(super) struct Keep {
     rest: VecDeque<(u64, u64)>,
 }
 
-/// The image's bytes a test view keeps at a time, before a write of the stream.
+/// The image's bytes kept at a time, before a write of the stream.
 const KEEP_CHUNK: u64 = 1 << 20;
-/// Tags of the reads that keep the image's bytes for a test view (below [`FLUSH_TAG`], above
-/// every write's sequence).
+/// Tags of the reads that keep the image's bytes (below [`FLUSH_TAG`], above every write's
+/// sequence and the rollback's tags).
 const KEEP_TAG: u64 = 1 << 62;
 
+/// Byte ranges merged where they overlap or touch, in order.
+fn merged(mut runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    runs.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (o, l) in runs {
+        match out.last_mut() {
+            Some((po, pl)) if *po + *pl >= o => *pl = (*pl).max(o + l - *po),
+            _ => out.push((o, l)),
+        }
+    }
+    out
+}
+
 impl Stream {
-    /// Submits a write of the stream; while a test view is open, only once the view kept the
-    /// image's bytes it overwrites.
+    /// Submits a write of the stream: while a test view is open or the last consistent image is
+    /// kept, only once the image's bytes it overwrites are kept.
     pub(super) fn submit_write(&mut self, member: usize, id: u64, op: BdevOp) {
-        if let (Some(view), Some((offset, len))) = (self.shared.view.load_full(), op.range()) {
-            let mut rest: VecDeque<(u64, u64)> = VecDeque::new();
-            for (mut at, mut n) in view.members[member].unheld(offset, len) {
-                while n > 0 {
-                    let step = n.min(KEEP_CHUNK);
-                    rest.push_back((at, step));
-                    (at, n) = (at + step, n - step);
-                }
-            }
-            if let Some(reading) = rest.pop_front() {
-                return self.keep_next(Keep { view, member, id, op, reading, rest });
+        let Some((offset, len)) = op.range() else { return self.member_ch[member].submit(id, op) };
+        // The first write past an overflow ends the consistent image: it is kept from now on.
+        if self.consistent && self.rollback.is_none() && self.gap.is_some_and(|g| id > g) {
+            let since = self.gap.expect("checked");
+            self.start_rollback(since, true);
+        }
+        let view = self.shared.view.load_full();
+        let mut runs = view.as_ref().map(|v| v.members[member].unheld(offset, len)).unwrap_or_default();
+        if let Some(log) = &self.rollback {
+            runs.extend(log.unheld(member, offset, len));
+        }
+        let mut rest: VecDeque<(u64, u64)> = VecDeque::new();
+        for (mut at, mut n) in merged(runs) {
+            while n > 0 {
+                let step = n.min(KEEP_CHUNK);
+                rest.push_back((at, step));
+                (at, n) = (at + step, n - step);
             }
         }
-        self.member_ch[member].submit(id, op);
+        match rest.pop_front() {
+            Some(reading) => self.keep_next(Keep { view, member, id, op, reading, rest }),
+            None => self.member_ch[member].submit(id, op),
+        }
+    }
+
+    /// Starts keeping the image as it is now, consistent at `since` (before anything makes it
+    /// inconsistent); without the log a promotion needs `--force` until the image is consistent.
+    pub(super) fn start_rollback(&mut self, since: u64, at_gap: bool) {
+        if self.promoted() {
+            return;
+        }
+        match super::super::rollback::RollbackLog::create(rollback_path(&self.view_state), since, &self.geometry) {
+            Ok(log) => {
+                tracing::info!(group = %self.name, since, "DR image: keeping its last consistent state (as of write {since}) while it is not consistent");
+                self.rollback = Some(log);
+                self.rollback_gap = at_gap.then_some(since);
+            }
+            Err(e) => {
+                tracing::error!(group = %self.name, "cannot keep the last consistent DR image ({e}): until the image is consistent again, a promotion needs --force")
+            }
+        }
     }
 
     fn keep_next(&mut self, k: Keep) {
@@ -48,28 +90,40 @@ impl Stream {
         self.keeping.insert(tag, k);
     }
 
-    /// The image's bytes a test view keeps were read: kept, then the next range or the write.
+    /// The image's bytes were read: kept (durably in the rollback log, in the view's store),
+    /// then the next range or the write.
     pub(super) fn kept(&mut self, mut k: Keep, read: BdevResult) {
-        let current = self.shared.view.load_full().is_some_and(|v| Arc::ptr_eq(&v, &k.view));
-        if current {
-            let kept = match read {
-                Ok(crate::BdevOutput::Data(d)) => k.view.members[k.member].keep(k.reading.0, &d).map_err(|e| e.to_string()),
-                Ok(_) => Err("a read returned no data".into()),
-                Err(e) => Err(e.to_string()),
-            };
-            match kept {
-                Err(e) => {
-                    // The stream goes on; a view that cannot be kept is no view.
-                    self.discard_view(&format!("the image's bytes could not be kept for it ({e})"));
-                }
-                Ok(()) => {
-                    if let Some(next) = k.rest.pop_front() {
-                        k.reading = next;
-                        return self.keep_next(k);
-                    }
+        let data = match read {
+            Ok(crate::BdevOutput::Data(d)) => Ok(d),
+            Ok(_) => Err("a read returned no data".to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Some(log) = self.rollback.as_mut() {
+            if let Err(e) = data.as_ref().map_err(|e| e.clone()).and_then(|d| log.keep(k.member, k.reading.0, d).map_err(|e| e.to_string()))
+            {
+                tracing::error!(group = %self.name, "cannot keep the last consistent DR image ({e}): until the image is consistent again, a promotion needs --force");
+                if let Some(log) = self.rollback.take() {
+                    log.remove();
                 }
             }
         }
+        if let Some(view) = k.view.clone().filter(|v| self.shared.view.load_full().is_some_and(|c| Arc::ptr_eq(&c, v))) {
+            if let Err(e) =
+                data.as_ref().map_err(|e| e.clone()).and_then(|d| view.members[k.member].keep(k.reading.0, d).map_err(|e| e.to_string()))
+            {
+                // The stream goes on; a view that cannot be kept is no view.
+                self.discard_view(&format!("the image's bytes could not be kept for it ({e})"));
+            }
+        }
+        if let Some(next) = k.rest.pop_front() {
+            k.reading = next;
+            return self.keep_next(k);
+        }
         self.member_ch[k.member].submit(k.id, k.op);
     }
+}
+
+/// Where the last consistent image is kept: beside the replica's state.
+pub(super) fn rollback_path(state: &std::path::Path) -> PathBuf {
+    state.with_extension("rollback")
 }

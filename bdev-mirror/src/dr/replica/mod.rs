@@ -76,6 +76,10 @@ pub struct DrReplicaStatus {
     /// Bytes the test view holds (kept from the image before the stream overwrote them, or
     /// written by the test's hosts).
     pub test_view_held_bytes: u64,
+    /// While the image is not consistent: the applied sequence of the last consistent image
+    /// kept (a promotion rolls back to it), and the bytes kept.
+    pub rollback_since: Option<u64>,
+    pub rollback_bytes: u64,
 }
 
 /// Where an operator request's outcome goes.
@@ -128,6 +132,18 @@ impl DrReplica {
         // copy ends.
         let (state, [applied, consistent, promoted, gap, producer]) = RecordFile::open(&settings.state)?;
         let (consistent, promoted) = (consistent == 1, promoted == 1);
+        let geometry: Vec<(u64, u32)> = members.iter().map(|m| (m.info().size_bytes(), m.info().block_size)).collect();
+        // The last consistent image, kept while the image is not consistent.
+        let rollback = match (consistent || promoted, super::rollback::RollbackLog::open(keep::rollback_path(&settings.state), &geometry)?)
+        {
+            (false, log) => log,
+            (true, Some(log)) => {
+                // Consistent (or promoted) was recorded; removing the log did not happen.
+                log.remove();
+                None
+            }
+            (true, None) => None,
+        };
         let wants_file = super::state::StateFile::new(&settings.state.with_extension("wants"));
         let wants: Vec<(u16, u64, u64)> = wants_file
             .load()?
@@ -198,11 +214,14 @@ impl DrReplica {
             completions: Vec::new(),
             frames: Vec::new(),
             promotion: None,
-            geometry: members.iter().map(|m| (m.info().size_bytes(), m.info().block_size)).collect(),
+            geometry,
             view_state: settings.state.clone(),
             keeping: Default::default(),
             next_keep: 0,
             test_open: None,
+            rollback_gap: rollback.as_ref().map(|r| r.since).filter(|_| gap > 0),
+            rollback,
+            rollback_io: None,
         };
         let thread = std::thread::Builder::new().name(format!("dr-replica-{}", settings.name)).spawn(move || engine.run())?;
         let inner_members = members.clone();
@@ -376,6 +395,13 @@ struct Stream {
     next_keep: u64,
     /// A test view to open once the applier is idle (no frame is taken meanwhile): who waits.
     test_open: Option<Reply>,
+    /// While the image is not consistent: the last consistent image's bytes it overwrote.
+    rollback: Option<super::rollback::RollbackLog>,
+    /// The rollback log keeps the image as of this gap (none: as of before a `Rebase`, in the
+    /// numbering before it).
+    rollback_gap: Option<u64>,
+    /// A promotion's rollback to the last consistent image, under way.
+    rollback_io: Option<operator::RollbackIo>,
 }
 
 /// Flush tags are above every write's sequence.
@@ -542,12 +568,22 @@ impl Stream {
                     self.gap = None;
                     self.store().map_err(|e| format!("cannot store the state: {e}"))?;
                     tracing::info!(group = %self.name, seq, "DR copy ended: the DR image is consistent");
+                    if let Some(log) = self.rollback.take() {
+                        log.remove();
+                    }
                 }
                 Ok(())
             }
             DrFrame::Gap { seq } => {
                 // A later Gap may name an earlier write (a journal entry found lost when sent).
                 if self.gap.is_none_or(|g| seq < g) {
+                    if self.rollback.is_some() && self.rollback_gap.is_some_and(|g| g > seq) {
+                        // What it kept is past the new gap: not a consistent image.
+                        tracing::warn!(group = %self.name, seq, "the last consistent DR image kept is past an earlier gap: it is dropped; until the image is consistent again, a promotion needs --force");
+                        if let Some(log) = self.rollback.take() {
+                            log.remove();
+                        }
+                    }
                     self.gap = Some(seq);
                     self.store().map_err(|e| format!("cannot store the state: {e}"))?;
                     tracing::warn!(group = %self.name, seq, "the production site overflowed: the image stays consistent at write {seq} and is not once it holds more, until the catch-up ends");
@@ -564,6 +600,10 @@ impl Stream {
             return Ok(());
         }
         let Some(DrFrame::Rebase { seq, producer }) = self.held.pop_front() else { unreachable!() };
+        if self.consistent && self.rollback.is_none() {
+            // The copy that follows overwrites the consistent image: keep it first.
+            self.start_rollback(self.applier.applied(), false);
+        }
         self.applier = Applier::new(seq);
         self.consistent = false;
         if self.producer == 0 {
@@ -591,6 +631,10 @@ impl Stream {
         for c in completions.drain(..) {
             if let Some(k) = self.keeping.remove(&c.tag) {
                 self.kept(k, c.result);
+                continue;
+            }
+            if operator::is_rollback_tag(c.tag) {
+                self.rollback_done(c.tag, c.result);
                 continue;
             }
             if let Some((member, offset, len, crc)) = self.verifies.remove(&c.tag) {
@@ -714,6 +758,8 @@ impl Stream {
             let view = self.shared.view.load();
             s.test_view_since = view.as_ref().map(|v| v.since);
             s.test_view_held_bytes = view.as_ref().map_or(0, |v| v.held_bytes());
+            s.rollback_since = self.rollback.as_ref().map(|r| r.since);
+            s.rollback_bytes = self.rollback.as_ref().map_or(0, |r| r.kept_bytes());
         }
         work
     }
