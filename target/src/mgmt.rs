@@ -226,6 +226,16 @@ fn switchover(t: &Target, p: &Value) -> Result<Value, (i64, String)> {
     outcome
 }
 
+/// The DR replica of `group` at this site.
+fn dr_replica(t: &Target, group: &str, hint: &str) -> Result<Arc<nvmetro_bdev::dr::replica::DrReplica>, (i64, String)> {
+    t.dr_replicas
+        .load()
+        .iter()
+        .find(|r| r.status().name == group)
+        .cloned()
+        .ok_or((-32602, format!("no DR replica {group} at this site ({hint})")))
+}
+
 /// `dr_test`, params `group`, `action` (`start` or `stop`): at the DR site, opens a writable
 /// point-in-time view of the group's image for hosts here while the stream keeps being applied,
 /// or discards it.
@@ -236,13 +246,7 @@ fn dr_test(t: &Target, p: &Value) -> Result<Value, (i64, String)> {
         Some("stop") => false,
         _ => return Err((-32602, "action is `start` or `stop`".to_string())),
     };
-    let r = t
-        .dr_replicas
-        .load()
-        .iter()
-        .find(|r| r.status().name == group)
-        .cloned()
-        .ok_or((-32602, format!("no DR replica {group} at this site (a DR test runs at the DR site)")))?;
+    let r = dr_replica(t, group, "a DR test runs at the DR site")?;
     let outcome = r.test_view(open).map(Value::String).map_err(|why| (-32000, format!("{group}: {why}")));
     t.refresh_ana();
     outcome
@@ -254,13 +258,7 @@ fn dr_test(t: &Target, p: &Value) -> Result<Value, (i64, String)> {
 fn dr_promote(t: &Target, p: &Value) -> Result<Value, (i64, String)> {
     let group = p["group"].as_str().ok_or((-32602, "missing group".to_string()))?;
     let force = p["force"].as_bool().unwrap_or(false);
-    let r = t
-        .dr_replicas
-        .load()
-        .iter()
-        .find(|r| r.status().name == group)
-        .cloned()
-        .ok_or((-32602, format!("no DR replica {group} at this site (promote at the DR site)")))?;
+    let r = dr_replica(t, group, "promote at the DR site")?;
     let outcome = r.promote(force).map(Value::String).map_err(|why| (-32000, format!("{group}: {why}")));
     // Hosts see the namespaces become accessible now rather than at the next refresh.
     t.refresh_ana();

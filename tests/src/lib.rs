@@ -570,3 +570,20 @@ pub fn switchover(t: &TargetProcess) -> (bool, String) {
     let out = Command::new(binary("nvmetro")).arg("--config").arg(&t.config_path).args(["switchover", "m"]).output().unwrap();
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
+
+/// A DR site's config: replica `g1` over file bdevs `members` (name, size in bytes) at
+/// `{DIR}/NAME.img`, listening on `{PORT2}` with `secret`; its subsystem
+/// `nqn.2026-12.io.nvmetro:dr-site` serves a small malloc bdev `ram` as namespace 1.
+pub fn dr_site_toml(members: &[(&str, u64)], secret: &str) -> String {
+    let bdevs: String = members
+        .iter()
+        .map(|(name, size)| format!("[[bdev]]\nname = \"{name}\"\nkind = \"file\"\npath = \"{{DIR}}/{name}.img\"\nsize = \"{size}\"\n\n"))
+        .collect();
+    let names = members.iter().map(|(n, _)| format!("\"{n}\"")).collect::<Vec<_>>().join(", ");
+    format!(
+        "[target]\ncores = [0]\nsocket = \"{{DIR}}/mgmt.sock\"\n\n[[bdev]]\nname = \"ram\"\nkind = \"malloc\"\nsize = \"1MiB\"\n\n{bdevs}\
+         [[subsystem]]\nnqn = \"nqn.2026-12.io.nvmetro:dr-site\"\nallow_any_host = true\n\n[[subsystem.namespace]]\nnsid = 1\nbdev = \"ram\"\n\n\
+         [[listener]]\naddress = \"127.0.0.1:{{PORT}}\"\n\n[[dr_replica]]\nname = \"g1\"\nmembers = [{names}]\nlisten = \"127.0.0.1:{{PORT2}}\"\n\
+         state = \"{{DIR}}/g1.applied\"\nsecret = \"{secret}\"\n"
+    )
+}

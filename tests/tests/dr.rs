@@ -22,48 +22,7 @@ const DATA_SLOTS: u64 = 1000;
 const COMMIT_SLOTS: u64 = 8;
 
 fn dr_site_config() -> String {
-    format!(
-        r#"
-[target]
-cores = [0]
-socket = "{{DIR}}/mgmt.sock"
-
-[[bdev]]
-name = "ram"
-kind = "malloc"
-size = "1MiB"
-
-[[bdev]]
-name = "dr0"
-kind = "file"
-path = "{{DIR}}/dr0.img"
-size = "{MEMBER}"
-
-[[bdev]]
-name = "dr1"
-kind = "file"
-path = "{{DIR}}/dr1.img"
-size = "{MEMBER}"
-
-[[subsystem]]
-nqn = "nqn.2026-12.io.nvmetro:dr-site"
-allow_any_host = true
-
-[[subsystem.namespace]]
-nsid = 1
-bdev = "ram"
-
-[[listener]]
-address = "127.0.0.1:{{PORT}}"
-
-[[dr_replica]]
-name = "g1"
-members = ["dr0", "dr1"]
-listen = "127.0.0.1:{{PORT2}}"
-state = "{{DIR}}/g1.applied"
-secret = "{SECRET}"
-"#
-    )
+    nvmetro_tests::dr_site_toml(&[("dr0", MEMBER), ("dr1", MEMBER)], SECRET)
 }
 
 /// The DR site with its members given to hosts (Inaccessible until promoted).

@@ -14,42 +14,7 @@ const SECRET: &str = "dr-metro-stream-secret-0123456789";
 const MEMBER: u64 = 32 << 20;
 
 fn dr_site_config() -> String {
-    format!(
-        r#"
-[target]
-cores = [0]
-socket = "{{DIR}}/mgmt.sock"
-
-[[bdev]]
-name = "ram"
-kind = "malloc"
-size = "1MiB"
-
-[[bdev]]
-name = "dr0"
-kind = "file"
-path = "{{DIR}}/dr0.img"
-size = "{MEMBER}"
-
-[[subsystem]]
-nqn = "nqn.2026-12.io.nvmetro:dr-site"
-allow_any_host = true
-
-[[subsystem.namespace]]
-nsid = 1
-bdev = "ram"
-
-[[listener]]
-address = "127.0.0.1:{{PORT}}"
-
-[[dr_replica]]
-name = "g1"
-members = ["dr0"]
-listen = "127.0.0.1:{{PORT2}}"
-state = "{{DIR}}/g1.applied"
-secret = "{SECRET}"
-"#
-    )
+    nvmetro_tests::dr_site_toml(&[("dr0", MEMBER)], SECRET)
 }
 
 /// Metro site `n` with the DR group over its mirror, its link to the DR site `link_delay` long.

@@ -247,13 +247,18 @@ impl DrReplica {
     /// stream is refused. Refused (unless `force`) while the production site streams here or
     /// while the image is not consistent; what happened, or why not.
     pub fn promote(&self, force: bool) -> Result<String, String> {
+        self.ask(&self.shared.promote, force, "a promotion")
+    }
+
+    /// Hands an operator's request to the stream's thread and waits for its outcome.
+    fn ask(&self, slot: &Mutex<Option<(bool, Reply)>>, request: bool, what: &str) -> Result<String, String> {
         let (tx, rx) = mpsc::channel();
         {
-            let mut slot = self.shared.promote.lock().map_err(|_| "the DR replica's thread is gone".to_string())?;
+            let mut slot = slot.lock().map_err(|_| "the DR replica's thread is gone".to_string())?;
             if slot.is_some() {
-                return Err("another promotion request is pending".into());
+                return Err(format!("another request for {what} is pending"));
             }
-            *slot = Some((force, tx));
+            *slot = Some((request, tx));
         }
         let _ = self.shared.waker.wake();
         rx.recv_timeout(Duration::from_secs(30))
@@ -264,17 +269,7 @@ impl DrReplica {
     /// the DR site's hosts while the stream keeps arriving, or discards it; what happened, or
     /// why not.
     pub fn test_view(&self, open: bool) -> Result<String, String> {
-        let (tx, rx) = mpsc::channel();
-        {
-            let mut slot = self.shared.test.lock().map_err(|_| "the DR replica's thread is gone".to_string())?;
-            if slot.is_some() {
-                return Err("another DR test request is pending".into());
-            }
-            *slot = Some((open, tx));
-        }
-        let _ = self.shared.waker.wake();
-        rx.recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| Err("the DR replica did not answer in 30 s: see `nvmetro dr status`".into()))
+        self.ask(&self.shared.test, open, "a DR test")
     }
 
     pub fn status(&self) -> DrReplicaStatus {
