@@ -14,6 +14,7 @@
 //! # journal = "/var/lib/nvmetro/g1.journal"   # required in long-throw
 //! # journal_size = "1GiB"
 //! rpo_target = "5s"                 # optional: an alarm when the DR image is older
+//! copy_rate = "200MiB"              # optional: bytes a copy reads per second at most
 //! state = "/var/lib/nvmetro/g1.dr"  # sequence numbers and the full copy's progress
 //! secret_file = "/etc/nvmetro/dr.secret"
 //!
@@ -43,6 +44,8 @@ pub struct DrGroupSection {
     /// Added to each direction of the stream, e.g. "10ms" (tests and benchmarks emulating
     /// distance).
     pub link_delay: Option<Spanned<String>>,
+    /// Bytes per second a copy (initial, after a restart or takeover, catch-up) reads at most.
+    pub copy_rate: Option<Spanned<Size>>,
     /// Long-throw: the file the send buffer spills to, and its size (default 1GiB).
     pub journal: Option<Spanned<PathBuf>>,
     pub journal_size: Option<Spanned<Size>>,
@@ -80,6 +83,8 @@ pub struct DrGroupConfig {
     pub state: PathBuf,
     pub secret: Vec<u8>,
     pub link_delay: std::time::Duration,
+    /// Bytes per second a copy reads at most (none: as fast as the buffer lets it).
+    pub copy_rate: Option<u64>,
     /// Long-throw: the journal file and its size (set exactly in long-throw mode).
     pub journal: Option<(PathBuf, u64)>,
     /// Every member is a mirror: the group wraps each mirror's local leg at both metro sites,
@@ -230,6 +235,11 @@ pub(crate) fn validate_dr(
                 .filter(|d| *d <= std::time::Duration::from_secs(1))
                 .ok_or_else(|| ctx.err(t.span(), "dr_group.link_delay", format!("`{}` is not a duration up to 1s", t.get_ref())))?,
         };
+        let copy_rate = match &g.copy_rate {
+            None => None,
+            Some(r) if r.get_ref().bytes() >= 1 << 20 => Some(r.get_ref().bytes()),
+            Some(r) => return Err(ctx.err(r.span(), "dr_group.copy_rate", "a copy reads at least 1MiB a second (one region)")),
+        };
         let journal = match (&g.journal, mode) {
             (Some(j), DrModeConfig::LongThrow) => {
                 if let Some(e) = check_parent(ctx, j, "dr_group.journal") {
@@ -270,6 +280,7 @@ pub(crate) fn validate_dr(
             state: g.state.get_ref().clone(),
             secret: read_secret(ctx, "dr_group.", g.secret.as_ref(), g.secret_file.as_ref(), &g.name)?,
             link_delay,
+            copy_rate,
             journal,
             follows_metro,
         });

@@ -19,6 +19,7 @@
 
 mod counting;
 mod dmabuf;
+mod hole;
 mod iobuf;
 mod lock;
 #[cfg(feature = "rdma")]
@@ -29,6 +30,7 @@ mod uring;
 
 pub use counting::CountingAllocator;
 pub use dmabuf::DmaBuf;
+pub use hole::punch_hole;
 pub use iobuf::{IoBuf, IoBufMut, IoBufPool, IOBUF_POOLED_MAX};
 pub use lock::lock_exclusive;
 pub use sched::{involuntary_switches, Timer};

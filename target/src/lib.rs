@@ -538,6 +538,7 @@ pub(crate) fn dr_tuning(g: &nvmetro_conf::DrGroupConfig) -> nvmetro_bdev::dr::gr
         buffer_limit: g.buffer,
         rpo_target: g.rpo_target,
         link_delay: g.link_delay,
+        copy_rate: g.copy_rate,
     }
 }
 
@@ -554,6 +555,7 @@ pub(crate) fn dr_group_settings(g: &nvmetro_conf::DrGroupConfig) -> nvmetro_bdev
         secret: g.secret.clone(),
         state: g.state.clone(),
         link_delay: t.link_delay,
+        copy_rate: t.copy_rate,
         journal: g.journal.clone(),
         follows_metro: g.follows_metro,
     }

@@ -719,9 +719,13 @@ fn a_reload_adds_and_removes_groups_and_replicas_over_bdevs_no_host_used_and_ref
     fill(&mut h, 0, 64 << 10, 0x71);
     wait_caught_up_and_compare(&p, &dr);
 
-    // Refused, nothing changed: the group removed while its namespaces stay.
+    // Refused, nothing changed: the group removed while its namespaces stay; another group
+    // over the same bdevs in the same reload (its wrapper goes only once the namespaces drained).
     let e = reload_with(&p, &no_group).expect_err("refused");
     assert!(e.contains("remove DR group g1: its members still serve"), "{e}");
+    let renamed = bare_p.clone() + &full_p[full_p.find("[[dr_group]]").expect("group")..].replace("name = \"g1\"", "name = \"g2\"");
+    let e = reload_with(&p, &renamed).expect_err("refused");
+    assert!(e.contains("add DR group g2: bdev p0 is a member of DR group g1 now"), "{e}");
     fill(&mut h, 128, 64 << 10, 0x72);
     wait_caught_up_and_compare(&p, &dr);
     drop(h);
@@ -745,6 +749,9 @@ fn a_reload_adds_and_removes_groups_and_replicas_over_bdevs_no_host_used_and_ref
     let mut h = host(&p);
     wait_caught_up_and_compare(&p, &dr);
     assert_eq!(p.log().matches("DR copy ended").count(), 2, "the group added again copied: {}", p.log());
+    // And it restarted the stream (a Rebase at what the DR site held): the DR image was not
+    // consistent while the copy sent what was written without the group.
+    assert_eq!(dr.log().matches("DR stream restarts after").count(), 1, "{}", dr.log());
     let last = &dr_status(&p)["groups"][0]["last_copy"];
     assert_eq!(last["sent_bytes"].as_u64(), Some(2 << 20), "only the region of each member written without the group: {last}");
 
@@ -756,6 +763,33 @@ fn a_reload_adds_and_removes_groups_and_replicas_over_bdevs_no_host_used_and_ref
     reload_with(&dr, &full_dr).expect("replica added again");
     wait_caught_up_and_compare(&p, &dr);
     assert_eq!(p.log().matches("DR copy ended").count(), 2, "the stream resumed without a copy: {}", p.log());
+}
+
+#[test]
+fn removing_a_sync_group_whose_dr_site_is_gone_completes_the_writes_it_holds() {
+    let dr = TargetProcess::start(&dr_site_config());
+    let full_p = production_config(dr.addr2, "mode = \"sync\"");
+    let namespaces = "[[subsystem.namespace]]\nnsid = 1\nbdev = \"p0\"\n\n[[subsystem.namespace]]\nnsid = 2\nbdev = \"p1\"\n";
+    let bare_p = full_p[..full_p.find("[[dr_group]]").expect("group")].replace(namespaces, "");
+    let p = TargetProcess::start(&full_p);
+    wait_caught_up_and_compare(&p, &dr);
+    // The DR site stops answering: a sync write waits for it.
+    dr.signal("STOP");
+    let (done, completed) = std::sync::mpsc::channel();
+    {
+        let mut h = host(&p);
+        std::thread::spawn(move || done.send(write(&mut h, 1, 0, vec![9; 4096])));
+    }
+    wait_until("the group holds the write", Duration::from_secs(20), || {
+        dr_status(&p)["groups"][0]["behind_writes"].as_u64().unwrap_or(0) >= 1
+    });
+    // The operator removes the group (and its namespaces): the write it held completes.
+    let out = reload_with(&p, &bare_p).expect("group removed");
+    assert!(out.to_string().contains("remove DR group g1"), "{out}");
+    let ok = completed.recv_timeout(Duration::from_secs(60)).expect("the held write completes once the group is gone");
+    assert!(ok, "and succeeds (it is on the local disk)");
+    assert_eq!(std::fs::read(p.scratch().join("p0.img")).expect("p0")[..4096], [9; 4096]);
+    dr.signal("CONT");
 }
 
 #[test]

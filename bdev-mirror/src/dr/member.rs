@@ -150,6 +150,14 @@ impl MemberChannel {
     }
 
     fn hand_to_group(&mut self) {
+        if self.group.gone.load(Ordering::Acquire) {
+            // Nobody takes them any more: they are released here (completed on the next poll).
+            for item in self.to_group.drain(..) {
+                self.group.unsequenced.fetch_sub(1, Ordering::AcqRel);
+                self.queue.release(item.tag);
+            }
+            return;
+        }
         let mut handed = false;
         // Those already handed over (and not yet released) bound what may be pushed.
         let with_group = self.at_group.len() - self.to_group.len();
@@ -163,6 +171,13 @@ impl MemberChannel {
         }
         if handed {
             self.group.wake();
+        }
+        if self.group.gone.load(Ordering::SeqCst) {
+            // Pushed as the group's thread ended, after its last look at the inbox.
+            while let Some(item) = self.queue.inbox.pop() {
+                self.group.unsequenced.fetch_sub(1, Ordering::AcqRel);
+                self.queue.release(item.tag);
+            }
         }
     }
 
@@ -203,6 +218,12 @@ impl BdevChannel for MemberChannel {
                 _ => None,
             };
             match payload {
+                // The group is gone (removed by a reload): the write completes without it.
+                Some(_) if self.group.gone.load(Ordering::Acquire) => {
+                    self.group.unsequenced.fetch_sub(1, Ordering::AcqRel);
+                    self.unlock(range);
+                    i += 1;
+                }
                 Some(payload) => {
                     done.swap_remove(i);
                     self.at_group.insert(id, (tag, range));

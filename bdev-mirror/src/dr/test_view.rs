@@ -144,15 +144,18 @@ impl ViewMember {
         Ok(())
     }
 
-    /// A host's Write Zeroes or Deallocate in the view.
+    /// A host's Write Zeroes or Deallocate in the view: the store's blocks become a hole (no
+    /// I/O, however long the range), or zeroes are written where the file system has no holes.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        let zeroes = vec![0u8; ZERO_CHUNK.min(len as usize)];
         let mut held = self.held();
-        let mut at = offset;
-        while at < offset + len {
-            let n = (offset + len - at).min(ZERO_CHUNK as u64) as usize;
-            self.store.write_all_at(&zeroes[..n], at)?;
-            at += n as u64;
+        if nvmetro_ffi::punch_hole(&self.store, offset, len).is_err() {
+            let zeroes = vec![0u8; ZERO_CHUNK.min(len as usize)];
+            let mut at = offset;
+            while at < offset + len {
+                let n = (offset + len - at).min(ZERO_CHUNK as u64) as usize;
+                self.store.write_all_at(&zeroes[..n], at)?;
+                at += n as u64;
+            }
         }
         let range = self.blocks(&held, offset, len);
         self.mark(&mut held, range);
@@ -237,6 +240,12 @@ mod tests {
         let mut read = vec![0; 4096];
         m.overlay(4096, &mut read).unwrap();
         assert_eq!(read, [2; 4096]);
+        // A host's deallocation in the view: zeroes there (a hole in the store), the image
+        // unchanged beneath.
+        m.write_zeroes(5 * 4096, 2 * 4096).unwrap();
+        let mut read = vec![0xff; 2 * 4096];
+        m.overlay(5 * 4096, &mut read).unwrap();
+        assert_eq!(read, vec![0; 2 * 4096], "blocks 5 and 6 read as zeroes in the view");
         let path = m.path().to_path_buf();
         drop(m);
         assert!(!path.exists(), "the store goes with the view");

@@ -30,11 +30,33 @@ pub(super) fn dr_changes(old: &Config, new: &Config, p: &mut Plan) {
     p.old_dr = (old.dr_groups.clone(), old.dr_replicas.clone());
     let busy_in =
         |config: &Config, members: &[String]| -> Vec<String> { members.iter().flat_map(|m| namespaces_over(config, m)).collect() };
+    // A bdev a running group or replica wraps (even one this reload removes) is not free yet:
+    // its wrapper goes back only after the namespaces drained.
+    let held_now = |members: &[String]| -> Option<String> {
+        members.iter().find_map(|m| {
+            old.dr_groups
+                .iter()
+                .filter(|o| o.members.contains(m))
+                .map(|o| format!("bdev {m} is a member of DR group {} now", o.name))
+                .chain(
+                    old.dr_replicas
+                        .iter()
+                        .filter(|o| o.members.contains(m))
+                        .map(|o| format!("bdev {m} is a member of DR replica {} now", o.name)),
+                )
+                .next()
+        })
+    };
     for g in &new.dr_groups {
         match old.dr_groups.iter().find(|o| o.name == g.name) {
             None if g.follows_metro => {
                 p.refused.push(format!("add DR group {} (a DR group over metro mirrors is set up when the target starts)", g.name))
             }
+            None if held_now(&g.members).is_some() || old.dr_groups.iter().any(|o| o.state == g.state) => p.refused.push(format!(
+                "add DR group {}: {} (remove that one in one reload, add this one in the next)",
+                g.name,
+                held_now(&g.members).unwrap_or_else(|| format!("its state {} is another group's", g.state.display()))
+            )),
             None => match busy_in(old, &g.members)[..] {
                 [] => {
                     p.changes.push(format!("add DR group {} over {} (streamed to {})", g.name, g.members.join(", "), g.dr_site));
@@ -69,6 +91,9 @@ pub(super) fn dr_changes(old: &Config, new: &Config, p: &mut Plan) {
                 if o.link_delay != g.link_delay {
                     what.push(format!("link_delay {:?} -> {:?}", o.link_delay, g.link_delay));
                 }
+                if o.copy_rate != g.copy_rate {
+                    what.push(format!("copy_rate {:?} -> {:?}", o.copy_rate, g.copy_rate));
+                }
                 p.changes.push(format!("DR group {}: {}", g.name, what.join(", ")));
                 p.dr_tunings.push(g.clone());
             }
@@ -99,6 +124,11 @@ pub(super) fn dr_changes(old: &Config, new: &Config, p: &mut Plan) {
     }
     for r in &new.dr_replicas {
         match old.dr_replicas.iter().find(|o| o.name == r.name) {
+            None if held_now(&r.members).is_some() || old.dr_replicas.iter().any(|o| o.state == r.state) => p.refused.push(format!(
+                "add DR replica {}: {} (remove that one in one reload, add this one in the next)",
+                r.name,
+                held_now(&r.members).unwrap_or_else(|| format!("its state {} is another replica's", r.state.display()))
+            )),
             None => match busy_in(old, &r.members)[..] {
                 [] => {
                     p.changes.push(format!("add DR replica {} over {} (listening on {})", r.name, r.members.join(", "), r.listen));
@@ -191,16 +221,21 @@ pub(super) fn serve_added(t: &Target, reactors: &[crate::reactor::ReactorHandle]
     }
 }
 
-/// Stops the groups and replicas the plan removes (no namespace serves their members any more);
-/// the bdevs they wrap serve in their places again.
-pub(super) fn stop_removed(t: &Target, reactors: &[crate::reactor::ReactorHandle], p: &Plan) {
+/// What a reload removed: the members' names and the bdevs they wrap.
+pub(super) type Removed = Vec<(Vec<String>, Vec<Arc<dyn Bdev>>)>;
+
+/// Stops the groups and replicas the plan removes (no namespace of the new config serves their
+/// members; those retired may still drain): a stopped group completes what it held, and its
+/// members pass writes straight through.
+pub(super) fn stop_removed(t: &Target, p: &Plan) -> Removed {
     let (old_groups, old_replicas) = &p.old_dr;
+    let mut removed = Vec::new();
     for name in &p.removed_dr_groups {
         let Some(group) = t.dr_groups.load().iter().find(|g| g.status().name == *name).cloned() else { continue };
         t.dr_groups.rcu(|v| v.iter().filter(|g| !Arc::ptr_eq(g, &group)).cloned().collect::<Vec<_>>());
         group.remove();
         let names = old_groups.iter().find(|g| g.name == *name).map(|g| g.members.clone()).unwrap_or_default();
-        serve_in_place(t, reactors, &names, group.inner_members());
+        removed.push((names, group.inner_members()));
         tracing::info!(group = %name, "DR group stopped (removed by reload)");
     }
     for name in &p.removed_dr_replicas {
@@ -208,8 +243,17 @@ pub(super) fn stop_removed(t: &Target, reactors: &[crate::reactor::ReactorHandle
         t.dr_replicas.rcu(|v| v.iter().filter(|r| !Arc::ptr_eq(r, &replica)).cloned().collect::<Vec<_>>());
         replica.stop();
         let names = old_replicas.iter().find(|r| r.name == *name).map(|r| r.members.clone()).unwrap_or_default();
-        serve_in_place(t, reactors, &names, replica.inner_members());
+        removed.push((names, replica.inner_members()));
         tracing::info!(group = %name, "DR replica stopped (removed by reload)");
+    }
+    removed
+}
+
+/// Once the retired namespaces drained: the bdevs removed groups and replicas wrapped serve in
+/// their places again.
+pub(super) fn serve_removed(t: &Target, reactors: &[crate::reactor::ReactorHandle], removed: Removed) {
+    for (names, bdevs) in removed {
+        serve_in_place(t, reactors, &names, bdevs);
     }
 }
 

@@ -490,6 +490,9 @@ fn apply(t: &Target, p: Plan, new: Config) -> Result<Outcome, ReloadError> {
         }
     }
     // 4. What goes away, after its I/O drained.
+    // Removed DR groups stop first: a write they hold (a sync group whose DR site is gone)
+    // completes once they are gone, so the drain does not wait for it.
+    let removed_dr = dr::stop_removed(t, &p);
     drain(&retired_namespaces);
     for s in &removed_subsystems {
         s.remove_all_controllers();
@@ -510,7 +513,7 @@ fn apply(t: &Target, p: Plan, new: Config) -> Result<Outcome, ReloadError> {
     }
     // DR groups and replicas removed (no namespace serves their members any more): the bdevs
     // they wrap serve in their places again (before a removed bdev's slot is retired).
-    dr::stop_removed(t, reactors, &p);
+    dr::serve_removed(t, reactors, removed_dr);
     for name in &p.removed_bdevs {
         if let Some(slot) = t.bdevs().iter().rposition(|b| b.info().name == *name) {
             let retired: Arc<dyn Bdev> = Arc::new(Retired(t.bdev(slot).info().clone()));

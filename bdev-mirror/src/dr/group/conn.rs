@@ -7,6 +7,8 @@ use super::*;
 
 /// A DR site that was refused is dialled again after this.
 const REFUSED_RETRY: Duration = Duration::from_secs(5);
+/// A connection that lasts less than this is redialed only after as long.
+const SHORT_CONNECTION: Duration = Duration::from_secs(1);
 
 impl Engine {
     pub(super) fn send_copy_done(&mut self) {
@@ -50,6 +52,9 @@ impl Engine {
             let _ = self.poll.registry().deregister(&mut c.sock);
             tracing::warn!(group = %self.settings.name, dr_site = %self.settings.dr_site, "DR stream connection lost: {why}");
         }
+        // A connection the DR site ends at once (it drops what it cannot take) is not redialed
+        // in a loop.
+        let short = self.conn_started.take().is_some_and(|t| t.elapsed() < SHORT_CONNECTION);
         self.greeted = false;
         self.seq.disconnected();
         self.tx_delayed.clear();
@@ -57,6 +62,8 @@ impl Engine {
         if self.refused.is_some() {
             // A DR site that was refused is asked again later, not at once.
             self.redial_at = Some(Instant::now() + REFUSED_RETRY);
+        } else if short {
+            self.redial_at = Some(Instant::now() + SHORT_CONNECTION);
         } else {
             self.want_conn.store(true, Ordering::Release);
         }
@@ -68,6 +75,10 @@ impl Engine {
                 let other = producer != 0 && producer != self.producer;
                 if self.settings.follows_metro {
                     if other || (self.fresh && applied_seq > 0) {
+                        // Asked again now: a site that just lost the ordering never takes over.
+                        if !self.active.as_ref().is_none_or(|f| f()) {
+                            return Err("this site no longer orders the writes: the other metro site feeds the DR site".into());
+                        }
                         self.take_over(applied_seq, producer)?;
                     }
                 } else if self.fresh && applied_seq > 0 {
@@ -149,6 +160,7 @@ impl Engine {
                 Ok(mut c) => {
                     if self.poll.registry().register(&mut c.sock, CONN, Interest::READABLE | Interest::WRITABLE).is_ok() {
                         self.conn = Some(c);
+                        self.conn_started = Some(Instant::now());
                         self.greeted = false;
                         work = true;
                     } else {

@@ -139,6 +139,18 @@ impl Engine {
         self.seq.buffered_bytes() + self.seq.spilled_bytes() + COPY_CHUNK * (reads as u64 + 1) <= limit
     }
 
+    /// Whether `copy_rate` lets another region's read start now (and takes its bytes): a token
+    /// bucket holding at most one region, so a copy that waited does not burst.
+    fn copy_rate_allows(&mut self) -> bool {
+        let Some(rate) = self.settings.copy_rate else { return true };
+        let now = Instant::now();
+        let (at, tokens) = self.copy_tokens;
+        let tokens = (tokens + now.duration_since(at).as_secs_f64() * rate as f64).min(COPY_CHUNK as f64);
+        let allowed = tokens >= COPY_CHUNK as f64;
+        self.copy_tokens = (now, if allowed { tokens - COPY_CHUNK as f64 } else { tokens });
+        allowed
+    }
+
     /// Regions whose writes reach the DR site only by a copy (an overflow, a failed journal).
     pub(super) fn copy_again(&mut self, member: usize, offset: u64, len: u64) {
         if self.broken.is_some() {
@@ -166,8 +178,12 @@ impl Engine {
             let Some((member, region, data)) = copy.next() else { break };
             let offset = region as u64 * COPY_CHUNK;
             let len = COPY_CHUNK.min(self.member_size[member] - offset);
-            if !self.locks[member].try_lock(offset, len, Mode::Exclusive) {
-                // A host write holds it: later, the same way.
+            let locked = self.locks[member].try_lock(offset, len, Mode::Exclusive);
+            if !locked || !self.copy_rate_allows() {
+                if locked {
+                    self.locks[member].unlock(offset, len, Mode::Exclusive);
+                }
+                // A host write holds it, or over the copy rate: later, the same way.
                 if data {
                     copy.data.mark(member, offset, len);
                 } else {

@@ -89,6 +89,8 @@ pub struct DrGroupSettings {
     pub state: PathBuf,
     /// Added to each direction of the stream (emulated distance, for tests and benchmarks).
     pub link_delay: Duration,
+    /// Bytes per second a copy reads at most (none: as fast as the send buffer lets it).
+    pub copy_rate: Option<u64>,
     /// Long-throw (async only): the journal file the send buffer spills to, and its size
     /// (0: none; writes overflow as soon as the buffer is full).
     pub journal: Option<(PathBuf, u64)>,
@@ -108,6 +110,7 @@ pub struct DrTuning {
     pub buffer_limit: u64,
     pub rpo_target: Option<Duration>,
     pub link_delay: Duration,
+    pub copy_rate: Option<u64>,
 }
 
 /// What a member's channel hands the group: a write its bdev completed.
@@ -151,6 +154,8 @@ pub struct GroupShared {
     /// Stopping because the group is removed (a reload): its members may be written without it
     /// before it is added again, so that start compares every region.
     removed: AtomicBool,
+    /// The group's thread ended: member channels complete writes without it.
+    pub(super) gone: AtomicBool,
     status: Mutex<DrGroupStatus>,
     /// Writes members applied locally that the group has not numbered yet.
     pub(super) unsequenced: std::sync::atomic::AtomicU64,
@@ -260,6 +265,7 @@ impl DrGroup {
             parked: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             removed: AtomicBool::new(false),
+            gone: AtomicBool::new(false),
             unsequenced: Default::default(),
             tuning: Mutex::new(None),
             status: Mutex::new(DrGroupStatus { name: settings.name.clone(), ..Default::default() }),
@@ -331,6 +337,8 @@ struct Engine {
     conn: Option<FramedConn>,
     /// The DR site said hello on `conn`.
     greeted: bool,
+    /// When `conn` was set up.
+    conn_started: Option<Instant>,
     dialed: mpsc::Receiver<(std::net::TcpStream, Vec<u8>)>,
     want_conn: Arc<AtomicBool>,
     /// Sequencer tag -> (channel, the channel's tag, parts not yet released).
@@ -369,6 +377,8 @@ struct Engine {
     overflows: u64,
     /// The last copy: bytes read (compared or sent) and bytes of data sent.
     copy_sent: (u64, u64),
+    /// `copy_rate`'s token bucket: when it was last filled, and the bytes it holds.
+    copy_tokens: (Instant, f64),
     refused: Option<String>,
     /// The stream stopped for good (until a restart): why.
     broken: Option<String>,
@@ -460,6 +470,7 @@ impl Engine {
             gap: None,
             overflows: 0,
             copy_sent: (0, 0),
+            copy_tokens: (Instant::now(), COPY_CHUNK as f64),
             settings,
             shared,
             member_ch,
@@ -469,6 +480,7 @@ impl Engine {
             events: Events::with_capacity(64),
             conn: None,
             greeted: false,
+            conn_started: None,
             dialed,
             want_conn,
             hosts: HashMap::new(),
@@ -571,8 +583,12 @@ impl Engine {
     /// A fresh sequencer numbering after `base` (what the old one held is dropped).
     fn new_sequencer(&mut self, base: u64) {
         let mut seq = Sequencer::new(self.settings.mode, self.settings.buffer_limit, base);
-        seq.set_journal(self.settings.journal.as_ref().map(|j| j.1), &mut Vec::new());
+        // A journal retired by a failure stays retired (until a restart).
+        let journal = self.settings.journal.as_ref().map(|j| if self.journal_off { 0 } else { j.1 });
+        seq.set_journal(journal, &mut Vec::new());
         self.seq = seq;
+        // Positions of the old sequencer's journal mean nothing to the new one.
+        self.journal_lost.clear();
     }
 
     fn tag(&mut self) -> u64 {
@@ -683,11 +699,12 @@ impl Engine {
     }
 
     fn retune(&mut self, t: DrTuning) {
-        tracing::info!(group = %self.settings.name, mode = ?t.mode, buffer = t.buffer_limit, rpo_target = ?t.rpo_target, link_delay = ?t.link_delay, "DR group settings changed");
+        tracing::info!(group = %self.settings.name, mode = ?t.mode, buffer = t.buffer_limit, rpo_target = ?t.rpo_target, link_delay = ?t.link_delay, copy_rate = ?t.copy_rate, "DR group settings changed");
         self.settings.mode = t.mode;
         self.settings.buffer_limit = t.buffer_limit;
         self.settings.rpo_target = t.rpo_target;
         self.settings.link_delay = t.link_delay;
+        self.settings.copy_rate = t.copy_rate;
         self.seq.set_mode(t.mode, &mut self.out);
         self.seq.set_buffer_limit(t.buffer_limit, &mut self.out);
         // Shown at once.
@@ -765,14 +782,28 @@ impl Engine {
         if !clean {
             tracing::warn!(group = %self.settings.name, behind = self.seq.last_numbered() - self.seq.acked(), unsequenced, "DR group stops with writes the DR site does not hold: a copy follows the next start");
         }
-        if self.shared.removed.load(Ordering::Acquire) && self.copied {
-            tracing::info!(group = %self.settings.name, "DR group removed: if it is added again, its first copy compares every region (its members may be written without it meanwhile)");
+        if self.shared.removed.load(Ordering::Acquire) && clean {
+            // Added again, it first names a Rebase at what the DR site holds: the DR image is
+            // not consistent while the copy that follows sends what was written without it.
+            tracing::info!(group = %self.settings.name, "DR group removed: if it is added again, it restarts the stream after what the DR site holds and compares every region first (its members may be written without it meanwhile)");
             self.copied = false;
+            self.rebase = Some(self.seq.acked());
         }
         if let Err(e) = self.persist(clean) {
             tracing::error!(group = %self.settings.name, "cannot store the DR group's state at stop: {e}");
         }
         self.want_conn.store(false, Ordering::Release);
+        // Writes still held (the DR site never acknowledged them in time) or queued complete now,
+        // and from now on the members pass writes straight through (a removed group).
+        self.shared.gone.store(true, Ordering::SeqCst);
+        self.release_held();
+        for q in self.shared.channels.load().iter() {
+            while let Some(item) = q.inbox.pop() {
+                self.shared.unsequenced.fetch_sub(1, Ordering::AcqRel);
+                q.release(item.tag);
+            }
+            nvmetro_ffi::eventfd_signal(&q.eventfd);
+        }
     }
 }
 

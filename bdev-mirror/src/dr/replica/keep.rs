@@ -19,6 +19,9 @@ pub(super) struct Keep {
 
 /// The image's bytes kept at a time, before a write of the stream.
 const KEEP_CHUNK: u64 = 1 << 20;
+/// The most one write of the stream may have kept before it (larger: the view or the rollback
+/// log is given up rather than the stream stalled).
+const KEEP_LIMIT: u64 = 1 << 30;
 /// Tags of the reads that keep the image's bytes (below [`FLUSH_TAG`], above every write's
 /// sequence and the rollback's tags).
 const KEEP_TAG: u64 = 1 << 62;
@@ -46,10 +49,23 @@ impl Stream {
             let since = self.gap.expect("checked");
             self.start_rollback(since, true);
         }
-        let view = self.shared.view.load_full();
+        let mut view = self.shared.view.load_full();
         let mut runs = view.as_ref().map(|v| v.members[member].unheld(offset, len)).unwrap_or_default();
+        if runs.iter().map(|r| r.1).sum::<u64>() > KEEP_LIMIT {
+            // A deallocation of a whole device, say: keeping it would stall the stream.
+            self.discard_view(&format!("the stream overwrites {len} bytes at once, more than a view keeps for one write"));
+            (view, runs) = (None, Vec::new());
+        }
         if let Some(log) = &self.rollback {
-            runs.extend(log.unheld(member, offset, len));
+            let more = log.unheld(member, offset, len);
+            if more.iter().map(|r| r.1).sum::<u64>() > KEEP_LIMIT {
+                tracing::error!(group = %self.name, len, "the stream overwrites more at once than the last consistent image keeps for one write: it is dropped; until the image is consistent again, a promotion needs --force");
+                if let Some(log) = self.rollback.take() {
+                    log.remove();
+                }
+            } else {
+                runs.extend(more);
+            }
         }
         let mut rest: VecDeque<(u64, u64)> = VecDeque::new();
         for (mut at, mut n) in merged(runs) {

@@ -202,6 +202,12 @@ impl Stream {
             return;
         }
         let reply = self.test_open.take().expect("checked");
+        // Checked again: the epoch it waited for may have passed a gap or a Rebase.
+        if !self.consistent || self.failed.is_some() || self.promoted() || self.promotion.is_some() {
+            let _ =
+                reply.send(Err("refused: the DR image stopped being consistent (or was promoted) while the view was being opened".into()));
+            return;
+        }
         let since = self.applier.applied();
         let state = self.view_state.clone();
         match TestView::open(since, &self.geometry, |i| view_store(&state, i)) {
