@@ -340,6 +340,14 @@ address = "127.0.0.1:4420"
     }
 
     #[test]
+    fn copy_rate_is_bytes_a_second_of_at_least_one_region() {
+        assert_eq!(parse(&group(""), "g.toml").unwrap().dr_groups[0].copy_rate, None, "unlimited by default");
+        assert_eq!(parse(&group("copy_rate = \"200MiB\""), "g.toml").unwrap().dr_groups[0].copy_rate, Some(200 << 20));
+        let e = parse(&group("copy_rate = \"64KiB\""), "g.toml").unwrap_err();
+        assert!(e.message.contains("dr_group.copy_rate") || e.to_string().contains("dr_group.copy_rate"), "{e}");
+    }
+
+    #[test]
     fn a_group_parses_with_its_defaults_and_its_mistakes_name_their_keys() {
         let c = parse(&group(""), "g.toml").unwrap();
         let g = &c.dr_groups[0];

@@ -793,6 +793,28 @@ fn removing_a_sync_group_whose_dr_site_is_gone_completes_the_writes_it_holds() {
 }
 
 #[test]
+fn copy_rate_caps_what_a_copy_reads_per_second_and_a_reload_lifts_it() {
+    let dr = TargetProcess::start(&dr_site_config());
+    let since = std::time::Instant::now();
+    let config = production_config(dr.addr2, "copy_rate = \"2MiB\"");
+    let p = TargetProcess::start(&config);
+    // The new group's copy reads 2 x 4 MiB at 2 MiB a second at most (one region may go at once).
+    let mut seen = 0;
+    wait_until("the copy read 3 MiB", Duration::from_secs(60), || {
+        let done = dr_status(&p)["groups"][0]["copy"]["done_bytes"].as_u64().unwrap_or(0);
+        // One region at once, then 2 MiB a second; one region of slack for a read under way.
+        let cap = (1 << 20) as f64 * (2.0 + 2.0 * since.elapsed().as_secs_f64());
+        assert!(done as f64 <= cap, "read {done} bytes {:?} after the start, over the copy rate", since.elapsed());
+        seen = seen.max(done);
+        done >= 3 << 20
+    });
+    let out = reload_with(&p, &config.replace("copy_rate = \"2MiB\"", "")).expect("reload");
+    assert!(out.to_string().contains("copy_rate Some(2097152) -> None"), "{out}");
+    wait_caught_up_and_compare(&p, &dr);
+    assert!(seen >= 3 << 20);
+}
+
+#[test]
 fn long_throw_never_holds_host_writes_spills_to_the_journal_overflows_and_catches_up() {
     let dr = TargetProcess::start(&dr_site_config());
     let p = TargetProcess::start(&production_config(
