@@ -6,6 +6,8 @@
 
 pub mod stamped;
 
+pub mod dr;
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command};
