@@ -372,3 +372,51 @@ fn after_a_promotion_reverse_replication_sends_the_old_production_site_only_what
     let last = &dr_status(&dr)["groups"][0]["last_copy"];
     assert_eq!(last["sent_bytes"].as_u64(), Some(1 << 20), "only the region written after the promotion travels: {last}");
 }
+
+/// What keeping the last consistent image costs a copy (`cargo test --release -p nvmetro-tests
+/// --test dr_ops rollback_cost_benchmark -- --ignored --nocapture`): the same 2 x 256 MiB sent
+/// whole into an empty DR image (never consistent: nothing kept) and over a consistent one
+/// (every block kept in the rollback log first). Both sites adaptive on core 0.
+#[test]
+#[ignore]
+fn rollback_cost_benchmark() {
+    const BIG: &str = "256MiB";
+    let big = |c: String| c.replace(&format!("size = \"{MEMBER}\""), &format!("size = \"{BIG}\""));
+    let dr = TargetProcess::start(&big(dr_site_config()));
+    let full = big(production_config(dr.addr2, ""));
+    let alone = full[..full.find("[[dr_group]]").expect("group")].to_string();
+    let mut p = TargetProcess::start(&alone);
+    let bytes = 256u64 << 20;
+    let mut h = host(&p);
+    fill(&mut h, 0, bytes, 0x3c);
+    drop(h);
+    p.terminate();
+    let timed = |what: &str| {
+        let t = std::time::Instant::now();
+        wait_until(what, Duration::from_secs(600), || {
+            let r = &dr_status(&dr)["replicas"][0];
+            r["consistent"] == true && dr_status(&dr)["replicas"][0]["connected"] == true
+        });
+        t.elapsed()
+    };
+    // Into the empty image: nothing is kept.
+    std::fs::write(&p.config_path, full.replace("{DIR}", &p.scratch().display().to_string()).replace("{PORT}", &p.addr.port().to_string()))
+        .expect("config");
+    p.restart();
+    let plain = timed("the first copy ends");
+    // Over the consistent image: the production site's bytes change while it is down, and it
+    // comes back unclean (a Rebase and a copy of all of it); every block is kept first.
+    p.kill();
+    for f in ["p0.img", "p1.img"] {
+        std::fs::write(p.scratch().join(f), vec![0xd7; bytes as usize]).expect("rewrite");
+    }
+    p.restart();
+    wait_until("the copy started", Duration::from_secs(60), || dr_status(&dr)["replicas"][0]["consistent"] == false);
+    let kept = timed("the second copy ends");
+    let mib = 2.0 * bytes as f64 / (1 << 20) as f64;
+    println!("| copy of 2 x {BIG}, all of it sent | time | MiB/s |");
+    println!("|---|---|---|");
+    println!("| into an empty DR image (nothing kept) | {:.2} s | {:.0} |", plain.as_secs_f64(), mib / plain.as_secs_f64());
+    println!("| over a consistent image (each block kept first) | {:.2} s | {:.0} |", kept.as_secs_f64(), mib / kept.as_secs_f64());
+    println!("ratio: {:.2}x the time", kept.as_secs_f64() / plain.as_secs_f64());
+}
