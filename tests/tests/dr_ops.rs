@@ -67,6 +67,10 @@ fn a_dr_test_view_is_a_writable_point_in_time_image_while_the_stream_keeps_arriv
 
     let what = dr_test(&dr, "start").expect("a test view opens while the stream is connected");
     assert!(what.as_str().unwrap_or("").contains("test view open"), "{what}");
+    let stores = || {
+        std::fs::read_dir(dr.scratch()).expect("dir").flatten().filter(|e| e.file_name().to_string_lossy().starts_with("g1.view")).count()
+    };
+    assert_eq!(stores(), 2, "one store per member while the view is open");
     let e = dr_test(&dr, "start").expect_err("one view at a time");
     assert!(e.contains("open already"), "{e}");
     let e = promote(&dr, true).expect_err("no promotion over an open test");
@@ -118,7 +122,7 @@ fn a_dr_test_view_is_a_writable_point_in_time_image_while_the_stream_keeps_arriv
     let what = dr_test(&dr, "stop").expect("discarded");
     assert!(what.as_str().unwrap_or("").contains("discarded"), "{what}");
     assert!(!write(&mut at_dr, 1, 0, vec![1; 512]), "no view, no host writes");
-    assert!(!dr.scratch().join("g1.view0").exists() && !dr.scratch().join("g1.view1").exists(), "the view's stores are removed");
+    assert_eq!(stores(), 0, "the view's stores are removed");
     fill(&mut h, 2048, 4096, 0xe6);
     wait_caught_up_and_compare(&p, &dr);
     assert!(dr_status(&dr)["replicas"][0]["test_view"].is_null());

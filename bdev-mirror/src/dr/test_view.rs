@@ -47,10 +47,20 @@ impl TestView {
     }
 }
 
-/// Removes the store files a view left (a DR site stopped with a view open).
-pub fn remove_stale_stores(store_path: impl Fn(usize) -> PathBuf, members: usize) {
-    for i in 0..members {
-        let _ = std::fs::remove_file(store_path(i));
+/// Where member `i`'s store of the `n`th view opened since the start goes, beside `state`: a
+/// name of its own, so a discarded view still read by a host never shares its file with the next.
+pub fn store_path(state: &Path, i: usize, n: u64) -> PathBuf {
+    state.with_extension(format!("view{i}.{n}"))
+}
+
+/// Removes the store files views left beside `state` (a DR site stopped with a view open).
+pub fn remove_stale_stores(state: &Path) {
+    let (Some(dir), Some(stem)) = (state.parent(), state.file_stem().and_then(|s| s.to_str())) else { return };
+    let prefix = format!("{stem}.view");
+    for entry in std::fs::read_dir(if dir.as_os_str().is_empty() { Path::new(".") } else { dir }).into_iter().flatten().flatten() {
+        if entry.file_name().to_str().is_some_and(|n| n.starts_with(&prefix)) {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
 }
 

@@ -114,11 +114,6 @@ impl std::fmt::Debug for Shared {
     }
 }
 
-/// Where member `i`'s test view keeps its blocks: beside the replica's state.
-fn view_store(state: &std::path::Path, i: usize) -> PathBuf {
-    state.with_extension(format!("view{i}"))
-}
-
 /// Connections in their handshake at once; more are closed at once (and counted).
 const MAX_HANDSHAKES: usize = 8;
 
@@ -174,7 +169,7 @@ impl DrReplica {
             test: Mutex::new(None),
         });
         // A test view does not survive a restart.
-        super::test_view::remove_stale_stores(|i| view_store(&settings.state, i), members.len());
+        super::test_view::remove_stale_stores(&settings.state);
         let mut member_ch = Vec::new();
         for m in &members {
             let ch = m.clone().channel()?;
@@ -219,6 +214,7 @@ impl DrReplica {
             keeping: Default::default(),
             next_keep: 0,
             test_open: None,
+            views_opened: 0,
             rollback_gap: rollback.as_ref().map(|r| r.since).filter(|_| gap > 0),
             rollback,
             rollback_io: None,
@@ -390,6 +386,8 @@ struct Stream {
     next_keep: u64,
     /// A test view to open once the applier is idle (no frame is taken meanwhile): who waits.
     test_open: Option<Reply>,
+    /// Test views opened since the start (each one's stores have names of their own).
+    views_opened: u64,
     /// While the image is not consistent: the last consistent image's bytes it overwrote.
     rollback: Option<super::rollback::RollbackLog>,
     /// The rollback log keeps the image as of this gap (none: as of before a `Rebase`, in the

@@ -210,7 +210,9 @@ impl Stream {
         }
         let since = self.applier.applied();
         let state = self.view_state.clone();
-        match TestView::open(since, &self.geometry, |i| view_store(&state, i)) {
+        self.views_opened += 1;
+        let n = self.views_opened;
+        match TestView::open(since, &self.geometry, |i| super::super::test_view::store_path(&state, i, n)) {
             Ok(v) => {
                 self.shared.view.store(Some(Arc::new(v)));
                 tracing::warn!(group = %self.name, since, "DR test view open: hosts here read and write a point-in-time image as of write {since}; the stream keeps being applied");
