@@ -10,6 +10,7 @@
 //! record is durable before its block is overwritten, so a record torn by a crash was never
 //! needed: opening stops at the first record that does not check, and appends go on from there.
 
+use super::test_view::{block_runs, block_span};
 use fixedbitset::FixedBitSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -120,9 +121,8 @@ impl RollbackLog {
 
     fn mark(&mut self, k: Kept) {
         let (block, held) = &mut self.held[k.member];
-        let first = (k.offset / *block) as usize;
-        let end = ((k.offset + k.len).div_ceil(*block) as usize).min(held.len());
-        held.insert_range(first.min(end)..end);
+        let range = block_span(held, *block, k.offset, k.len);
+        held.insert_range(range);
         self.kept_bytes += k.len;
         self.kept.push(k);
     }
@@ -130,17 +130,7 @@ impl RollbackLog {
     /// The byte ranges (whole blocks) of `offset..offset + len` of `member` not kept yet.
     pub fn unheld(&self, member: usize, offset: u64, len: u64) -> Vec<(u64, u64)> {
         let Some((block, held)) = self.held.get(member) else { return Vec::new() };
-        let first = ((offset / block) as usize).min(held.len());
-        let end = ((offset + len).div_ceil(*block) as usize).min(held.len());
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for b in (first..end).filter(|b| !held.contains(*b)) {
-            let at = b as u64 * block;
-            match runs.last_mut() {
-                Some((o, l)) if *o + *l == at => *l += block,
-                _ => runs.push((at, *block)),
-            }
-        }
-        runs
+        block_runs(held, *block, block_span(held, *block, offset, len), false)
     }
 
     /// Keeps the image's bytes `data` (read at `offset` of `member`, block aligned) of every

@@ -47,6 +47,26 @@ impl TestView {
     }
 }
 
+/// The blocks of `block` bytes that `offset..offset + len` touches, within `held`'s blocks.
+pub(super) fn block_span(held: &FixedBitSet, block: u64, offset: u64, len: u64) -> std::ops::Range<usize> {
+    let first = (offset / block) as usize;
+    let end = (offset + len).div_ceil(block) as usize;
+    first.min(held.len())..end.min(held.len())
+}
+
+/// Runs of consecutive blocks in `range` whose bit in `held` is `set`, as byte ranges.
+pub(super) fn block_runs(held: &FixedBitSet, block: u64, range: std::ops::Range<usize>, set: bool) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for b in range.filter(|b| held.contains(*b) == set) {
+        let at = b as u64 * block;
+        match runs.last_mut() {
+            Some((o, l)) if *o + *l == at => *l += block,
+            _ => runs.push((at, block)),
+        }
+    }
+    runs
+}
+
 /// Where member `i`'s store of the `n`th view opened since the start goes, beside `state`: a
 /// name of its own, so a discarded view still read by a host never shares its file with the next.
 pub fn store_path(state: &Path, i: usize, n: u64) -> PathBuf {
@@ -96,25 +116,12 @@ impl ViewMember {
 
     /// The blocks `offset..offset + len` touches (whole blocks, within the member).
     fn blocks(&self, held: &FixedBitSet, offset: u64, len: u64) -> std::ops::Range<usize> {
-        let first = (offset / self.block) as usize;
-        let end = (offset + len).div_ceil(self.block) as usize;
-        first.min(held.len())..end.min(held.len())
+        block_span(held, self.block, offset, len)
     }
 
     /// Runs of consecutive blocks in `range` whose bit is `set`, as byte ranges.
     fn runs(&self, held: &FixedBitSet, range: std::ops::Range<usize>, set: bool) -> Vec<(u64, u64)> {
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for b in range {
-            if held.contains(b) != set {
-                continue;
-            }
-            let at = b as u64 * self.block;
-            match runs.last_mut() {
-                Some((o, l)) if *o + *l == at => *l += self.block,
-                _ => runs.push((at, self.block)),
-            }
-        }
-        runs
+        block_runs(held, self.block, range, set)
     }
 
     fn mark(&self, held: &mut FixedBitSet, range: std::ops::Range<usize>) {

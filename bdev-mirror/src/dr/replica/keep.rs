@@ -59,10 +59,7 @@ impl Stream {
         if let Some(log) = &self.rollback {
             let more = log.unheld(member, offset, len);
             if more.iter().map(|r| r.1).sum::<u64>() > KEEP_LIMIT {
-                tracing::error!(group = %self.name, len, "the stream overwrites more at once than the last consistent image keeps for one write: it is dropped; until the image is consistent again, a promotion needs --force");
-                if let Some(log) = self.rollback.take() {
-                    log.remove();
-                }
+                self.drop_rollback(&format!("the stream overwrites {len} bytes at once, more than it keeps for one write"));
             } else {
                 runs.extend(more);
             }
@@ -99,6 +96,15 @@ impl Stream {
         }
     }
 
+    /// The last consistent image can no longer be kept (why): its log goes, and until the image
+    /// is consistent again a promotion needs `--force`.
+    pub(super) fn drop_rollback(&mut self, why: &str) {
+        if let Some(log) = self.rollback.take() {
+            tracing::error!(group = %self.name, since = log.since, "the last consistent DR image is no longer kept: {why}; until the image is consistent again, a promotion needs --force");
+            log.remove();
+        }
+    }
+
     fn keep_next(&mut self, k: Keep) {
         let tag = KEEP_TAG | self.next_keep;
         self.next_keep += 1;
@@ -117,10 +123,7 @@ impl Stream {
         if let Some(log) = self.rollback.as_mut() {
             if let Err(e) = data.as_ref().map_err(|e| e.clone()).and_then(|d| log.keep(k.member, k.reading.0, d).map_err(|e| e.to_string()))
             {
-                tracing::error!(group = %self.name, "cannot keep the last consistent DR image ({e}): until the image is consistent again, a promotion needs --force");
-                if let Some(log) = self.rollback.take() {
-                    log.remove();
-                }
+                self.drop_rollback(&format!("its bytes could not be kept ({e})"));
             }
         }
         if let Some(view) = k.view.clone().filter(|v| self.shared.view.load_full().is_some_and(|c| Arc::ptr_eq(&c, v))) {

@@ -570,12 +570,9 @@ impl Stream {
             DrFrame::Gap { seq } => {
                 // A later Gap may name an earlier write (a journal entry found lost when sent).
                 if self.gap.is_none_or(|g| seq < g) {
-                    if self.rollback.is_some() && self.rollback_gap.is_some_and(|g| g > seq) {
+                    if self.rollback_gap.is_some_and(|g| g > seq) {
                         // What it kept is past the new gap: not a consistent image.
-                        tracing::warn!(group = %self.name, seq, "the last consistent DR image kept is past an earlier gap: it is dropped; until the image is consistent again, a promotion needs --force");
-                        if let Some(log) = self.rollback.take() {
-                            log.remove();
-                        }
+                        self.drop_rollback(&format!("what it kept is past an earlier gap (write {seq})"));
                     }
                     self.gap = Some(seq);
                     self.store().map_err(|e| format!("cannot store the state: {e}"))?;
