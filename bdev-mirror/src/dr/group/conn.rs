@@ -76,7 +76,7 @@ impl Engine {
                 if self.settings.follows_metro {
                     if other || (self.fresh && applied_seq > 0) {
                         // Asked again now: a site that just lost the ordering never takes over.
-                        if !self.active.as_ref().is_none_or(|f| f()) {
+                        if !self.feeds_now() {
                             return Err("this site no longer orders the writes: the other metro site feeds the DR site".into());
                         }
                         self.take_over(applied_seq, producer)?;

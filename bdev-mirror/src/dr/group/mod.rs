@@ -513,6 +513,11 @@ impl Engine {
         })
     }
 
+    /// Whether this site feeds the DR site now (over metro mirrors: it orders the writes).
+    fn feeds_now(&self) -> bool {
+        self.active.as_ref().is_none_or(|f| f())
+    }
+
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
@@ -605,7 +610,7 @@ impl Engine {
             self.retune(t);
         }
         if self.broken.is_none() {
-            let active = self.active.as_ref().is_none_or(|f| f());
+            let active = self.feeds_now();
             if !active && !self.standby {
                 self.stand_by();
             } else if active && self.standby {
