@@ -20,7 +20,7 @@
 //! read at both legs throughout: no read may return data older than an acknowledged write.
 
 use nvmetro_bdev::mirror::core::{Access, Input, LinkState, Metro, MirrorCore, Output, Role};
-use nvmetro_bdev::mirror::frame::Frame;
+use nvmetro_bdev::mirror::frame::{Frame, Kind, OpCode};
 use nvmetro_bdev::mirror::meta::Meta;
 use nvmetro_bdev::mirror::witness::WitnessState;
 use nvmetro_bdev::mirror::DiskState;
@@ -66,6 +66,24 @@ struct WriteRec {
     maybe_lost: bool,
 }
 
+/// Frames a multi-lane link may deliver out of their order among themselves: replicated writes
+/// (not flushes: a flush covers what was sent before it) and their acknowledgements (not a
+/// forwarded write's confirmation, `arg` 1: let it overtake acknowledgements and the metro
+/// history `a6d375dabffd64c3` leaves a resync waiting for good).
+fn lane_frame(f: &Frame) -> bool {
+    match f.kind {
+        Kind::Replicate => !matches!(f.op, OpCode::Flush | OpCode::None),
+        Kind::ReplicateAck => f.arg != 1,
+        _ => false,
+    }
+}
+
+thread_local! {
+    /// Frames delivered ahead of an earlier lane frame on this thread (a lanes test checks that
+    /// its histories reordered).
+    static OVERTAKEN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 /// Steps of silence after which a leg's driver drops the link (the heartbeat timeout).
 const HEARTBEAT: u64 = 120;
 
@@ -85,6 +103,9 @@ struct Sim {
     witness_wire: Vec<(usize, nvmetro_bdev::mirror::witness::Request)>,
     /// A half-dead link: connected, but nothing gets through.
     mute: bool,
+    /// The link has several lanes (connections): replicated writes and their acknowledgements
+    /// may overtake each other, never a control frame nor a frame sent before one.
+    lanes: bool,
     /// When each leg last received a frame (for the heartbeat).
     last_rx: [u64; 2],
     reads: u64,
@@ -188,6 +209,7 @@ impl Sim {
             witness_up: true,
             witness_wire: Vec::new(),
             mute: false,
+            lanes: false,
             last_rx: [0; 2],
             reads: 0,
             flushes: HashMap::new(),
@@ -602,7 +624,14 @@ impl Sim {
         if self.legs[1 - from].paused.is_some() {
             return false;
         }
-        let Some(f) = self.wire[from].pop_front() else { return false };
+        // Over lanes, any frame of the leading run of lane frames may arrive first (what the
+        // barrier counts of `mirror::lanes` allow).
+        let run = if self.lanes { self.wire[from].iter().take_while(|f| lane_frame(f)).count() } else { 0 };
+        let pick = if run > 1 { self.rng.below(run as u64) as usize } else { 0 };
+        if pick > 0 {
+            OVERTAKEN.with(|n| n.set(n.get() + 1));
+        }
+        let Some(f) = self.wire[from].remove(pick) else { return false };
         self.last_rx[1 - from] = self.step;
         self.feed(1 - from, Input::Frame(f));
         true
@@ -758,8 +787,9 @@ impl Sim {
     }
 }
 
-fn run(seed: u64) -> (usize, usize, u64) {
+fn run(seed: u64, lanes: bool) -> (usize, usize, u64) {
     let mut sim = Sim::new(seed);
+    sim.lanes = lanes;
     sim.quiesce();
     let steps = 400 + sim.rng.below(800);
     let fail_at = sim.rng.below(steps);
@@ -799,11 +829,12 @@ fn run(seed: u64) -> (usize, usize, u64) {
 /// Returns (issued, acknowledged, reads checked, forced promotions, switchovers, departures,
 /// failures met by a pre-elected survivor that is the configured secondary, clean stops of the
 /// ordering site that switched over and departed).
-fn run_metro(seed: u64) -> (usize, usize, u64, usize, usize, usize, usize, usize) {
+fn run_metro(seed: u64, lanes: bool) -> (usize, usize, u64, usize, usize, usize, usize, usize) {
     if std::env::var("SIM_DEBUG").is_ok() {
         eprintln!("metro seed {seed:x}");
     }
     let mut sim = Sim::new_metro(seed);
+    sim.lanes = lanes;
     sim.quiesce();
     // A quarter of the histories lose the witness long enough before the failure for the legs
     // to pre-elect a survivor (at least 1200 steps: its answers count for 1000).
@@ -981,6 +1012,17 @@ fn run_metro(seed: u64) -> (usize, usize, u64, usize, usize, usize, usize, usize
 
 #[test]
 fn metro_histories_never_have_two_writers_nor_lose_acknowledged_writes() {
+    metro_histories(false);
+}
+
+/// The same histories over a link of several lanes: replicated writes and their
+/// acknowledgements overtake each other (the core needs no FIFO among them).
+#[test]
+fn metro_histories_over_lanes_never_have_two_writers_nor_lose_acknowledged_writes() {
+    metro_histories(true);
+}
+
+fn metro_histories(lanes: bool) {
     let (mut issued, mut acked) = (0, 0);
     // SIM_SEEDS=N soaks longer.
     let seeds = std::env::var("SIM_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(500u64);
@@ -997,9 +1039,9 @@ fn metro_histories_never_have_two_writers_nor_lose_acknowledged_writes() {
         if std::env::var("SIM_SKIP").is_ok_and(|skip| skip.split(',').any(|s| s == hex)) {
             continue;
         }
-        let (i, a, r, f, sw, d, p, o) =
-            std::panic::catch_unwind(|| run_metro(seed.wrapping_mul(0x2545_f491_4f6c_dd1d))).unwrap_or_else(|e| {
-                eprintln!("failing history: SIM_ONE={hex} (among SIM_SEEDS={seeds})");
+        let (i, a, r, f, sw, d, p, o) = std::panic::catch_unwind(|| run_metro(seed.wrapping_mul(0x2545_f491_4f6c_dd1d), lanes))
+            .unwrap_or_else(|e| {
+                eprintln!("failing history: SIM_ONE={hex} (among SIM_SEEDS={seeds}, lanes: {lanes})");
                 std::panic::resume_unwind(e)
             });
         pre_elected += p;
@@ -1012,7 +1054,8 @@ fn metro_histories_never_have_two_writers_nor_lose_acknowledged_writes() {
         reads += r;
     }
     println!(
-        "metro: {seeds} histories, {issued} writes issued, {acked} acknowledged, {reads} reads checked, 0 stale, 0 lost, {forced} forced promotions, {switched} switchovers, {departed} planned departures, {pre_elected} failures met by a pre-elected survivor that switched over to order writes, {orderer_stops} clean stops of the ordering site by a switchover and a departure"
+        "metro{}: {seeds} histories, {issued} writes issued, {acked} acknowledged, {reads} reads checked, 0 stale, 0 lost, {forced} forced promotions, {switched} switchovers, {departed} planned departures, {pre_elected} failures met by a pre-elected survivor that switched over to order writes, {orderer_stops} clean stops of the ordering site by a switchover and a departure",
+        if lanes { " over lanes" } else { "" }
     );
     assert!(
         orderer_stops > 0 || seeds < 100 || std::env::var("SIM_ONE").is_ok(),
@@ -1025,6 +1068,18 @@ fn metro_histories_never_have_two_writers_nor_lose_acknowledged_writes() {
     assert!(switched > 0 && departed > 0 || seeds < 100 || std::env::var("SIM_ONE").is_ok(), "some histories switched over and departed");
     assert!(acked > issued / 5, "the runs did real work: {acked} of {issued} writes acknowledged");
     assert!(forced > 0 || seeds < 100 || std::env::var("SIM_ONE").is_ok(), "some histories forced a survivor to serve");
+    check_overtaking(lanes, seeds);
+}
+
+/// Over lanes, frames did overtake each other (and never otherwise).
+fn check_overtaking(lanes: bool, seeds: u64) {
+    let overtaken = OVERTAKEN.with(|n| n.get());
+    if lanes {
+        println!("{overtaken} frames overtook an earlier replicated write or acknowledgement");
+        assert!(overtaken > seeds || std::env::var("SIM_ONE").is_ok(), "the lanes reordered frames: {overtaken}");
+    } else {
+        assert_eq!(overtaken, 0);
+    }
 }
 
 #[test]
@@ -1144,6 +1199,16 @@ fn metro_pre_election_decides_a_link_loss_after_the_witness_was_lost() {
 
 #[test]
 fn random_histories_with_one_failure_converge_without_losing_acknowledged_writes() {
+    random_histories(false);
+}
+
+/// The same histories over a link of several lanes.
+#[test]
+fn random_histories_over_lanes_converge_without_losing_acknowledged_writes() {
+    random_histories(true);
+}
+
+fn random_histories(lanes: bool) {
     let (mut issued, mut acked) = (0, 0);
     let seeds = std::env::var("SIM_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(600u64);
     let mut reads = 0;
@@ -1154,13 +1219,17 @@ fn random_histories_with_one_failure_converge_without_losing_acknowledged_writes
         if std::env::var("SIM_DEBUG").is_ok() {
             eprintln!("seed {:x}", seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         }
-        let (i, a, r) = run(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let (i, a, r) = run(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), lanes);
         issued += i;
         acked += a;
         reads += r;
     }
-    println!("two legs: {seeds} histories, {issued} writes issued, {acked} acknowledged, {reads} reads checked, 0 stale, 0 lost");
+    println!(
+        "two legs{}: {seeds} histories, {issued} writes issued, {acked} acknowledged, {reads} reads checked, 0 stale, 0 lost",
+        if lanes { " over lanes" } else { "" }
+    );
     assert!(acked > issued / 4, "the runs did real work: {acked} of {issued} writes acknowledged");
+    check_overtaking(lanes, seeds);
 }
 
 /// A history found at 20,000 seeds: the preferred leg, paused, lost its link; resumed, it set the
@@ -1169,7 +1238,7 @@ fn random_histories_with_one_failure_converge_without_losing_acknowledged_writes
 /// timer without the peer's answer; the peer, declared UpToDate, then served a read without it.
 #[test]
 fn a_write_sent_on_a_new_connection_waits_for_its_answer_when_the_old_connections_timer_fires() {
-    run(0x2cfa_cc7c_b728_477f);
+    run(0x2cfa_cc7c_b728_477f, false);
 }
 
 /// Found at 20,000 metro histories (present before this release): the secondary forwarded a
@@ -1179,7 +1248,7 @@ fn a_write_sent_on_a_new_connection_waits_for_its_answer_when_the_old_connection
 /// never got: the copies differed. A forward from an earlier connection no longer runs.
 #[test]
 fn a_write_forwarded_on_an_earlier_connection_never_runs_after_the_peer_returned() {
-    run_metro(0xaf69_4787_e945_2439);
+    run_metro(0xaf69_4787_e945_2439, false);
 }
 
 #[test]
