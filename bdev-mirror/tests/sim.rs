@@ -20,7 +20,8 @@
 //! read at both legs throughout: no read may return data older than an acknowledged write.
 
 use nvmetro_bdev::mirror::core::{Access, Input, LinkState, Metro, MirrorCore, Output, Role};
-use nvmetro_bdev::mirror::frame::{Frame, Kind, OpCode};
+use nvmetro_bdev::mirror::frame::Frame;
+use nvmetro_bdev::mirror::lanes::Class;
 use nvmetro_bdev::mirror::meta::Meta;
 use nvmetro_bdev::mirror::witness::WitnessState;
 use nvmetro_bdev::mirror::DiskState;
@@ -64,18 +65,6 @@ struct WriteRec {
     fua: bool,
     /// Not durable when a device lost its cache: a later Flush cannot bring it back.
     maybe_lost: bool,
-}
-
-/// Frames a multi-lane link may deliver out of their order among themselves: replicated writes
-/// (not flushes: a flush covers what was sent before it) and their acknowledgements (not a
-/// forwarded write's confirmation, `arg` 1: let it overtake acknowledgements and the metro
-/// history `a6d375dabffd64c3` leaves a resync waiting for good).
-fn lane_frame(f: &Frame) -> bool {
-    match f.kind {
-        Kind::Replicate => !matches!(f.op, OpCode::Flush | OpCode::None),
-        Kind::ReplicateAck => f.arg != 1,
-        _ => false,
-    }
 }
 
 thread_local! {
@@ -626,7 +615,7 @@ impl Sim {
         }
         // Over lanes, any frame of the leading run of lane frames may arrive first (what the
         // barrier counts of `mirror::lanes` allow).
-        let run = if self.lanes { self.wire[from].iter().take_while(|f| lane_frame(f)).count() } else { 0 };
+        let run = if self.lanes { self.wire[from].iter().take_while(|f| Class::of(f) == Class::Data).count() } else { 0 };
         let pick = if run > 1 { self.rng.below(run as u64) as usize } else { 0 };
         if pick > 0 {
             OVERTAKEN.with(|n| n.set(n.get() + 1));

@@ -1,5 +1,6 @@
 //! The replication link's wire format: a 48-byte header (magic, kind, operation, flags, sequence
-//! number, offset, 64-bit length, status, payload length, CRC32C of the header), the payload's
+//! number, offset, 64-bit length, status, payload length, lane barrier count, CRC32C of the
+//! header), the payload's
 //! CRC32C, and the payload. Parsing never panics and checks both checksums; a bad frame ends the
 //! link (it reconnects), it is never applied.
 
@@ -132,6 +133,9 @@ pub struct Frame {
     pub len: u64,
     /// Status in acknowledgements.
     pub arg: u32,
+    /// On a link of several lanes, the count of frames of the other class sent before this one
+    /// (see [`super::lanes`]); zero otherwise.
+    pub barrier: u32,
     /// Shared, not copied: a replicated write's frame holds the same bytes as its local write.
     pub payload: IoBuf,
 }
@@ -154,7 +158,7 @@ impl fmt::Debug for Frame {
 
 impl Frame {
     pub fn new(kind: Kind, seq: u64) -> Frame {
-        Frame { kind, op: OpCode::None, flags: 0, seq, offset: 0, len: 0, arg: 0, payload: IoBuf::empty() }
+        Frame { kind, op: OpCode::None, flags: 0, seq, offset: 0, len: 0, arg: 0, barrier: 0, payload: IoBuf::empty() }
     }
 
     /// The whole frame, header and payload, appended to `out` (a copy of the payload).
@@ -177,6 +181,7 @@ impl Frame {
         h[32..36].copy_from_slice(&self.arg.to_le_bytes());
         let plen = self.payload.len() as u32;
         h[36..40].copy_from_slice(&plen.to_le_bytes());
+        h[40..44].copy_from_slice(&self.barrier.to_le_bytes());
         let hcrc = crc32c::crc32c(&h[..44]);
         h[44..48].copy_from_slice(&hcrc.to_le_bytes());
         h[HEADER..].copy_from_slice(&crc32c::crc32c(&self.payload).to_le_bytes());
@@ -202,7 +207,7 @@ impl Frame {
         if crc32c::crc32c(&buf[..44]) != u32at(44) {
             return Err(FrameError::HeaderChecksum);
         }
-        if buf[7] != 0 || buf[40..44] != [0; 4] {
+        if buf[7] != 0 {
             return Err(FrameError::Reserved);
         }
         let kind = Kind::from_u8(buf[4]).ok_or(FrameError::UnknownKind(buf[4]))?;
@@ -223,7 +228,17 @@ impl Frame {
             Some(pool) if !payload.is_empty() => pool.copy_of(payload),
             _ => IoBuf::from(payload),
         };
-        let frame = Frame { kind, op, flags: buf[6], seq: u64at(8), offset: u64at(16), len: u64at(24), arg: u32at(32), payload };
+        let frame = Frame {
+            kind,
+            op,
+            flags: buf[6],
+            seq: u64at(8),
+            offset: u64at(16),
+            len: u64at(24),
+            arg: u32at(32),
+            barrier: u32at(40),
+            payload,
+        };
         Ok(Some((frame, total)))
     }
 }
@@ -242,7 +257,7 @@ pub enum FrameError {
     UnknownOp(u8),
     #[error("payload of {0} bytes is over the limit")]
     TooLarge(usize),
-    #[error("reserved header bytes are not zero")]
+    #[error("reserved header byte is not zero")]
     Reserved,
 }
 
@@ -347,6 +362,7 @@ mod tests {
             offset: 4096,
             len: 512,
             arg: 0,
+            barrier: 0xfeed_0001,
             payload: vec![5; 512].into(),
         };
         let mut b = Vec::new();

@@ -3,6 +3,8 @@
 //! * [`frame`]: the replication link's wire format.
 //! * [`meta`]: persistent generations and dirty/written region bitmaps.
 //! * [`core`]: one leg's state machine, without I/O: ordering, loss, resync.
+//! * [`lanes`]: a link of several connections, without I/O: each frame's lane and barrier
+//!   count, and the order in which the receiver hands frames to the core.
 //!
 //! * [`driver`]: binds a core to a local bdev, a transport, the metadata file and the reactors.
 //! * [`transport`]: how a leg reaches its peer (TCP; an in-memory pair for tests); with the
@@ -16,6 +18,7 @@ pub mod auth;
 pub mod core;
 pub mod driver;
 pub mod frame;
+pub mod lanes;
 pub mod meta;
 mod outbox;
 #[cfg(feature = "rdma")]
