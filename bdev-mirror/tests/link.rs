@@ -25,17 +25,18 @@ fn leg_on(
     dir: &std::path::Path,
     on_reactor: bool,
 ) -> (Arc<MirrorBdev>, Arc<MallocBdev>) {
-    leg_with(name, role, transport, dir, on_reactor, 0)
+    leg_with(name, role, transport, dir, on_reactor, 0, 1)
 }
 
-/// As [`leg_on`], with a resync rate cap (bytes per second; 0 for none).
+/// As [`leg_on`], with a resync rate cap (bytes per second; 0 for none) and the link's lanes.
 fn leg_with(
     name: &str,
     role: Role,
-    transport: mem::MemTransport,
+    transport: impl nvmetro_bdev::mirror::transport::Transport + 'static,
     dir: &std::path::Path,
     on_reactor: bool,
     resync_rate: u64,
+    lanes: usize,
 ) -> (Arc<MirrorBdev>, Arc<MallocBdev>) {
     let local = Arc::new(MallocBdev::new(name, 512, SIZE, false).unwrap());
     let settings = MirrorSettings {
@@ -51,6 +52,7 @@ fn leg_with(
         link_delay: Duration::ZERO,
         spin: Duration::ZERO,
         metro: None,
+        lanes,
     };
     let m = MirrorBdev::start(name, local.clone(), settings, Box::new(transport), on_reactor).unwrap();
     (m, local)
@@ -227,7 +229,7 @@ fn both_legs_show_the_resync_progress() {
     std::fs::create_dir_all(&dir).unwrap();
     let (ta, tb, control) = mem::pair(Duration::ZERO);
     // 1 MiB/s: 2 MiB to copy take about two seconds.
-    let (a, _) = leg_with("a", Role::Preferred, ta, &dir, false, 1 << 20);
+    let (a, _) = leg_with("a", Role::Preferred, ta, &dir, false, 1 << 20, 1);
     let (b, _) = leg("b", Role::Secondary, tb, &dir);
     wait("the secondary serves", || b.serving());
     control.cut();
@@ -248,5 +250,236 @@ fn both_legs_show_the_resync_progress() {
     wait("the resync finishes", || b.status().link == "Connected" && b.status().out_of_sync_bytes == 0);
     assert_eq!(b.status().sync_percent(), Some(100.0));
     drop((ca, a, b));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Writes from both legs, 4 KiB each, at distinct offsets; the legs then hold the same bytes.
+fn write_from_both(ca: &mut dyn BdevChannel, cb: &mut dyn BdevChannel, round: u8) {
+    for i in 0..48u64 {
+        let (ch, off): (&mut dyn BdevChannel, u64) = if i % 2 == 0 { (&mut *ca, i << 12) } else { (&mut *cb, i << 12) };
+        assert_eq!(run(ch, BdevOp::Write { offset: off, data: vec![round ^ i as u8; 4096].into(), fua: false }), Ok(BdevOutput::Done));
+    }
+}
+
+#[test]
+fn a_link_of_three_lanes_carries_writes_on_every_lane_and_a_broken_lane_takes_it_down_until_it_is_whole() {
+    let dir = std::env::temp_dir().join(format!("nvmetro-link-lanes-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ta, tb, control) = mem::pair(Duration::ZERO);
+    let (a, la) = leg_with("a", Role::Preferred, ta, &dir, false, 0, 3);
+    let (b, lb) = leg_with("b", Role::Secondary, tb, &dir, false, 0, 3);
+    wait("three lanes up at both legs", || a.status().lanes_up == 3 && b.status().lanes_up == 3 && b.serving());
+    assert_eq!((a.status().lanes_wanted, b.status().lanes_wanted), (3, 3));
+    let ups = a.status().link_ups;
+    let before = control.connections();
+    assert_eq!(before.len(), 3, "one connection per lane");
+    let mut ca = a.clone().channel().unwrap();
+    let mut cb = b.clone().channel().unwrap();
+    write_from_both(ca.as_mut(), cb.as_mut(), 1);
+    let after = control.connections();
+    for lane in 0..3 {
+        // 48 writes of 4 KiB, a third of the replicated ones per lane at least.
+        assert!(after[lane] - before[lane] >= 4 * 4096, "lane {lane} carried replicated writes: {before:?} -> {after:?}");
+    }
+    assert!(read_leg(&la) == read_leg(&lb), "both legs hold every write");
+
+    // One lane breaks: the whole link goes down, comes back with its three lanes, and what was
+    // written meanwhile reaches the other leg.
+    control.break_connection(2);
+    assert_eq!(run(ca.as_mut(), BdevOp::Write { offset: 1 << 20, data: vec![7; 8192].into(), fua: false }), Ok(BdevOutput::Done));
+    wait("the link came up again with three lanes", || {
+        let s = a.status();
+        s.link_ups > ups && s.lanes_up == 3 && b.status().lanes_up == 3 && b.serving() && s.out_of_sync_bytes == 0
+    });
+    write_from_both(ca.as_mut(), cb.as_mut(), 2);
+    assert!(read_leg(&la) == read_leg(&lb), "both legs hold every write after the lane broke");
+    drop((ca, cb, a, b));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_link_takes_the_smaller_number_of_lanes_of_its_two_ends() {
+    for (lanes_a, lanes_b, expect) in [(2, 4, 2), (3, 1, 1), (1, 3, 1)] {
+        let dir = std::env::temp_dir().join(format!("nvmetro-link-lanes-{lanes_a}-{lanes_b}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (ta, tb, control) = mem::pair(Duration::ZERO);
+        let (a, la) = leg_with("a", Role::Preferred, ta, &dir, false, 0, lanes_a);
+        let (b, lb) = leg_with("b", Role::Secondary, tb, &dir, false, 0, lanes_b);
+        wait("the link is up and agreed", || {
+            let (sa, sb) = (a.status(), b.status());
+            b.serving() && sa.lanes_wanted == expect && sb.lanes_wanted == expect && sa.lanes_up == expect && sb.lanes_up == expect
+        });
+        let mut ca = a.clone().channel().unwrap();
+        let mut cb = b.clone().channel().unwrap();
+        write_from_both(ca.as_mut(), cb.as_mut(), 3);
+        assert!(read_leg(&la) == read_leg(&lb));
+        assert_eq!(control.connections().len(), expect, "{lanes_a} and {lanes_b} lanes");
+        drop((ca, cb, a, b));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// A free TCP port on the loopback address.
+fn free_port() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// Authenticates to `addr` as a dialer with `secret`, then sends `first`: returns the stream.
+fn authenticated_stranger(addr: std::net::SocketAddr, secret: &[u8], first: &nvmetro_bdev::mirror::frame::Frame) -> std::net::TcpStream {
+    use nvmetro_bdev::mirror::auth::{fresh_nonce, Handshake, Side};
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut hs = Handshake::new(secret, Side::Dialer, fresh_nonce().unwrap());
+    let mut buf = [0u8; 4096];
+    while !hs.is_done() {
+        s.write_all(&hs.take_output()).unwrap();
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the acceptor closed the handshake");
+        hs.on_bytes(&buf[..n]).unwrap();
+    }
+    s.write_all(&hs.take_output()).unwrap();
+    let mut bytes = Vec::new();
+    first.encode(&mut bytes);
+    s.write_all(&bytes).unwrap();
+    s
+}
+
+#[test]
+fn over_tcp_lanes_join_only_their_own_link_and_a_stranger_lane_is_refused_without_touching_it() {
+    use nvmetro_bdev::mirror::frame::{Frame, Kind};
+    use nvmetro_bdev::mirror::transport::TcpTransport;
+    use std::io::Read;
+    let dir = std::env::temp_dir().join(format!("nvmetro-link-lanes-tcp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let addr = free_port();
+    let (a, la) = leg_with("a", Role::Preferred, TcpTransport::new(Some(addr), None).unwrap(), &dir, false, 0, 2);
+    let (b, lb) = leg_with("b", Role::Secondary, TcpTransport::new(None, Some(addr)).unwrap(), &dir, false, 0, 2);
+    wait("two lanes up", || a.status().lanes_up == 2 && b.status().lanes_up == 2 && b.serving());
+    let (ups, refusals) = (a.status().link_ups, a.status().link_refusals);
+    // Someone who knows the secret but not the link's session; then a lane past the link's two.
+    for (arg, session) in [(1u32, 12345u64), (5, 0)] {
+        let mut lane = Frame::new(Kind::Lane, session);
+        lane.arg = arg;
+        let mut s = authenticated_stranger(addr, b"link test secret", &lane);
+        let mut buf = [0u8; 256];
+        let closed = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break true,
+                Ok(_) => continue,
+                Err(e) => break e.kind() == std::io::ErrorKind::ConnectionReset,
+            }
+        };
+        assert!(closed, "the stranger's lane is closed");
+    }
+    wait("both refusals are counted", || a.status().link_refusals >= refusals + 2);
+    let (sa, sb) = (a.status(), b.status());
+    assert_eq!((sa.link_ups, sa.lanes_up, sb.lanes_up), (ups, 2, 2), "the link was not touched");
+    let mut ca = a.clone().channel().unwrap();
+    let mut cb = b.clone().channel().unwrap();
+    write_from_both(ca.as_mut(), cb.as_mut(), 4);
+    assert!(read_leg(&la) == read_leg(&lb));
+    drop((ca, cb, a, b));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Reads frames from `s` until one of `kind` arrives.
+fn read_until(s: &mut std::net::TcpStream, kind: nvmetro_bdev::mirror::frame::Kind) -> nvmetro_bdev::mirror::frame::Frame {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        while let Some((f, n)) = nvmetro_bdev::mirror::frame::Frame::parse(&bytes).unwrap() {
+            bytes.drain(..n);
+            if f.kind == kind {
+                return f;
+            }
+        }
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before a {kind:?} frame");
+        bytes.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Whether the peer closes `s` (it reads nothing else within a second).
+fn closed_by_peer(s: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// The test dials a leg as its peer would: a Hello makes the link, the leg names the session,
+/// and lanes join only when they name it, each after the lanes before it.
+#[test]
+fn a_lane_joins_only_the_link_whose_session_it_names_and_after_the_lanes_before_it() {
+    use nvmetro_bdev::mirror::frame::{caps, Frame, Hello, Kind};
+    use nvmetro_bdev::mirror::transport::TcpTransport;
+    let dir = std::env::temp_dir().join(format!("nvmetro-link-lanes-session-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let addr = free_port();
+    let secret = b"link test secret";
+    let (a, _) = leg_with("a", Role::Preferred, TcpTransport::new(Some(addr), None).unwrap(), &dir, false, 0, 3);
+    let mut hello = Frame::new(Kind::Hello, 0);
+    hello.payload = Hello {
+        site: 2,
+        preferred: false,
+        caps: caps::ALL,
+        orders: false,
+        generations: Default::default(),
+        disk: nvmetro_bdev::mirror::DiskState::Inconsistent,
+        size: SIZE,
+    }
+    .to_payload()
+    .into();
+    let mut lane0 = authenticated_stranger(addr, secret, &hello);
+    let announce = read_until(&mut lane0, Kind::Lane);
+    assert_eq!((announce.arg, announce.offset), (0, 3), "lane 0 announces three lanes");
+    let session = announce.seq;
+    // The test's peer keeps the link alive (the leg's heartbeat timeout is 3 s).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pinger = {
+        let (mut s, stop) = (lane0.try_clone().unwrap(), stop.clone());
+        std::thread::spawn(move || {
+            use std::io::Write;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut bytes = Vec::new();
+                Frame::new(Kind::Ping, 0).encode(&mut bytes);
+                if s.write_all(&bytes).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    let join = |k: u32, session: u64| {
+        let mut f = Frame::new(Kind::Lane, session);
+        f.arg = k;
+        authenticated_stranger(addr, secret, &f)
+    };
+    let refusals = a.status().link_refusals;
+    let mut wrong = join(1, session ^ 1);
+    assert!(closed_by_peer(&mut wrong), "a lane naming another session is closed");
+    // Lane 2 before lane 1: it waits for lane 1, then joins.
+    let mut lane2 = join(2, session);
+    assert!(!closed_by_peer(&mut lane2), "an early lane waits");
+    assert_eq!(a.status().lanes_up, 1);
+    let mut lane1 = join(1, session);
+    wait("lanes 1 and 2 joined", || a.status().lanes_up == 3);
+    assert!(!closed_by_peer(&mut lane1) && !closed_by_peer(&mut lane2));
+    let mut again = join(1, session);
+    assert!(closed_by_peer(&mut again), "a lane already up is not taken twice");
+    wait("the refusals are counted", || a.status().link_refusals == refusals + 2);
+    assert_eq!(a.status().link_ups, 1, "the link stayed the one lane 0 made");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    pinger.join().unwrap();
+    drop((lane0, lane1, lane2, a));
     let _ = std::fs::remove_dir_all(dir);
 }

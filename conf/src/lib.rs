@@ -204,6 +204,8 @@ pub struct MirrorConfig {
     pub peer: Option<SocketAddr>,
     /// What carries the replication link.
     pub link: Transport,
+    /// Connections the replication link is made of (1 to 16).
+    pub lanes: usize,
     pub metadata: PathBuf,
     pub resync_rate: u64,
     pub resync_latency_target: ResyncLatencyTarget,

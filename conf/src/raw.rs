@@ -97,6 +97,10 @@ pub struct BdevSection {
     /// mirror: what carries the replication link, "tcp" (default) or "rdma" (RC queue pairs
     /// over rdma_cm at the `listen`/`peer` addresses; both sites must say the same).
     pub link: Option<Spanned<String>>,
+    /// mirror: connections (TCP) or RC queue pairs (RDMA) the replication link is made of
+    /// (default 1, at most 16); the link takes the smaller number of the two sites'. Replicated
+    /// writes and their acknowledgements spread over them; everything else keeps to the first.
+    pub lanes: Option<Spanned<u32>>,
     /// mirror: the metadata file (generations, dirty-region bitmap).
     pub metadata: Option<Spanned<PathBuf>>,
     /// mirror: resync speed limit per second, e.g. "200MiB" (default unlimited).

@@ -416,6 +416,21 @@ fn a_mirror_link_is_tcp_unless_it_says_rdma_which_needs_the_feature() {
 }
 
 #[test]
+fn a_mirror_link_has_one_lane_unless_it_says_more_up_to_16() {
+    let c = parse(MIRROR, "m.toml").unwrap();
+    assert_eq!(c.bdevs[1].mirror.as_ref().unwrap().lanes, 1);
+    let c = parse(&MIRROR.replace("role = \"preferred\"", "role = \"preferred\"\nlanes = 4"), "m.toml").unwrap();
+    assert_eq!(c.bdevs[1].mirror.as_ref().unwrap().lanes, 4);
+    for bad in ["0", "17"] {
+        let e = err(&MIRROR.replace("role = \"preferred\"", &format!("role = \"preferred\"\nlanes = {bad}")));
+        assert_eq!((e.line, e.key.as_str()), (16, "bdev.lanes"), "{e}");
+        assert!(e.message.contains(&format!("{bad} lanes: from 1 to 16")), "{e}");
+    }
+    let e = err(&MIRROR.replace("size = \"64MiB\"", "size = \"64MiB\"\nlanes = 2"));
+    assert!(e.message.contains("belong to mirror bdevs"), "{e}");
+}
+
+#[test]
 fn check_verifies_every_path_can_be_written() {
     let dir = scratch("check");
     let file = dir.join("target.toml");

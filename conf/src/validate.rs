@@ -230,6 +230,11 @@ pub(crate) fn mirror_config(ctx: &Ctx, b: &BdevSection) -> Result<MirrorConfig, 
         return Err(need("peer"));
     }
     let link = transport(ctx, b.link.as_ref(), "bdev.link")?;
+    let lanes = match &b.lanes {
+        None => 1,
+        Some(n) if (1..=16).contains(n.get_ref()) => *n.get_ref() as usize,
+        Some(n) => return Err(ctx.err(n.span(), "bdev.lanes", format!("{} lanes: from 1 to 16", n.get_ref()))),
+    };
     let metadata = b.metadata.as_ref().ok_or_else(|| need("metadata"))?.get_ref().clone();
     let region = b.region_size.as_ref().map_or(1 << 20, |r| r.get_ref().bytes());
     if !region.is_power_of_two() || !(65536..=(64 << 20)).contains(&region) {
@@ -297,6 +302,7 @@ pub(crate) fn mirror_config(ctx: &Ctx, b: &BdevSection) -> Result<MirrorConfig, 
         listen,
         peer,
         link,
+        lanes,
         metadata,
         resync_rate: b.resync_rate.map_or(0, Size::bytes),
         resync_latency_target,
@@ -357,12 +363,13 @@ pub(crate) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
             || b.heartbeat_timeout.is_some()
             || b.secret.is_some()
             || b.secret_file.is_some()
+            || b.lanes.is_some()
             || b.retry_interval.is_some();
         if b.kind != BdevKind::Mirror && mirror_keys {
             return Err(ctx.err(
                 b.name.span(),
                 "bdev",
-                format!("bdev `{name}`: local/role/listen/peer/metadata/secret/retry_interval belong to mirror bdevs"),
+                format!("bdev `{name}`: local/role/listen/peer/metadata/secret/retry_interval/lanes belong to mirror bdevs"),
             ));
         }
         if b.kind != BdevKind::Error && (b.base.is_some() || b.rules.is_some()) {

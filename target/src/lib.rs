@@ -334,6 +334,7 @@ pub(crate) fn open_bdev(
                     nvmetro_conf::PollMode::Busy => std::time::Duration::from_millis(1),
                     nvmetro_conf::PollMode::Adaptive => std::time::Duration::ZERO,
                 },
+                lanes: m.lanes,
             };
             // The link runs as a poller on a reactor (taken in `start`).
             let leg = leg_of(&m.local).context("mirror leg not opened yet")?;

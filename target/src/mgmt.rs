@@ -147,6 +147,7 @@ pub fn mirror_json(m: &StatusReport) -> Value {
         "peer": m.peer, "out_of_sync_bytes": m.out_of_sync_bytes, "sync_percent": m.sync_percent(),
         "sync_bytes_per_second": m.sync_bytes_per_second, "eta_seconds": m.eta_seconds(),
         "replication_rtt_us": m.replication_rtt_us, "access": m.access,
+        "lanes_up": m.lanes_up, "lanes": m.lanes_wanted, "link_ups": m.link_ups,
         "failure": m.failure, "peer_failure": m.peer_failure,
         "metro": m.metro.as_ref().map(|x| json!({
             "witness_reachable": x.witness_reachable, "witness_seen_ms_ago": x.witness_seen_ms_ago,

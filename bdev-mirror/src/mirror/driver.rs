@@ -53,11 +53,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 mod channel;
+mod lanes;
 mod link;
 mod planned;
 mod settings;
 mod status;
 use channel::{thread_tag, ChanQueue, MirrorChannel, CHANNEL_DEPTH};
+use lanes::LaneLink;
+pub use lanes::MAX_LANES;
 use link::{PendingConn, RefusalLog};
 pub use link::{AUTH_TIMEOUT, MAX_PENDING};
 pub use planned::DEPART_WAIT;
@@ -193,7 +196,9 @@ impl MirrorBdev {
             local_ch,
             poll,
             transport,
-            conn: None,
+            conns: Vec::new(),
+            lanes: LaneLink::new(),
+            link_ups: 0,
             pending: HashMap::new(),
             next_tag: 1,
             settings,
@@ -394,7 +399,11 @@ struct LinkThread {
     local_ch: Box<dyn BdevChannel>,
     poll: Poll,
     transport: Box<dyn Transport>,
-    conn: Option<Conn>,
+    /// The link's connections, lane 0 first (none: the link is down).
+    conns: Vec<Conn>,
+    lanes: LaneLink,
+    /// Times the link came up.
+    link_ups: u64,
     /// Core tag -> (channel index, reactor tag, when a write arrived).
     pending: HashMap<u64, (usize, u64, Option<Instant>)>,
     next_tag: u64,
@@ -457,11 +466,13 @@ impl LinkThread {
         for o in out.drain(..) {
             match o {
                 Output::Local { id, op } => self.local_ch.submit(id, op),
-                Output::Send(f) => {
+                Output::Send(mut f) => {
                     if f.kind == Kind::Ping {
                         self.ping_sent = Some(Instant::now());
                     }
-                    if let Some(c) = self.conn.as_mut() {
+                    if !self.conns.is_empty() {
+                        let lane = self.lanes.tx.send(&mut f);
+                        let c = &mut self.conns[lane];
                         let resync_data = f.kind == Kind::Resync && !f.payload.is_empty();
                         if self.settings.link_delay.is_zero() && !resync_data {
                             c.queue(&f);
@@ -590,9 +601,13 @@ impl LinkThread {
             self.last_tick = now;
             self.handle(Input::Tick { now_ms: self.shared.now_ms() });
             // (The core pings the peer; its answers keep the lease.)
-            if self.conn.as_ref().is_some_and(|c| c.last_rx.elapsed() > self.settings.heartbeat_timeout) {
+            if self.conns.first().is_some_and(|c| c.last_rx.elapsed() > self.settings.heartbeat_timeout) {
                 self.link_down("peer silent past the heartbeat timeout");
             }
+            if self.lanes.held_since().is_some_and(|t| t.elapsed() > self.settings.heartbeat_timeout) {
+                self.link_down("a lane is stuck: frames waited past the heartbeat timeout for frames sent before them");
+            }
+            self.dial_lanes();
         }
         self.flush();
         // Completions handed over count as work: the reactor polls its channels before it may
@@ -622,11 +637,11 @@ impl LinkThread {
 
     /// An in-memory link or a handshake has bytes to move now (no descriptor announces them).
     fn bytes_due_in_memory(&self) -> bool {
-        self.conn.as_ref().is_some_and(|c| c.sock.pending()) || self.pending_conns.iter().any(|p| !p.tx.is_empty() || p.sock.pending())
+        self.conns.iter().any(|c| c.sock.pending() || c.rx_fresh) || self.pending_conns.iter().any(|p| !p.tx.is_empty() || p.sock.pending())
     }
 
     fn holding(&self) -> bool {
-        self.needs_io() || self.conn.as_ref().is_some_and(|c| !c.delayed.is_empty() || c.fill_blocked)
+        self.needs_io() || self.conns.iter().any(|c| !c.delayed.is_empty() || c.fill_blocked)
     }
 
     /// The link on its own thread: spin (yielding) for `settings.spin`, then sleep in epoll.
@@ -681,10 +696,10 @@ impl crate::Poller for LinkThread {
             return Some(now);
         }
         let mut at = self.last_tick + TICK;
-        if let Some((due, _, _)) = self.conn.as_ref().and_then(|c| c.delayed.front()) {
+        for (due, _, _) in self.conns.iter().filter_map(|c| c.delayed.front()) {
             at = at.min(*due);
         }
-        if self.conn.as_ref().is_some_and(|c| c.fill_blocked) {
+        if self.conns.iter().any(|c| c.fill_blocked) {
             at = at.min(now + RESYNC_RECHECK);
         }
         if self.transport.connecting() {

@@ -47,6 +47,11 @@ pub enum Kind {
     /// Metro mode, both ways: a planned switchover or a planned departure (`arg`: see
     /// [`crate::mirror::core`]; a refusal carries its reason as the payload).
     Switchover = 14,
+    /// Driver to driver on a link of several lanes (see [`crate::mirror::lanes`]; never reaches
+    /// the core, not counted in barriers): `arg` 0, on lane 0, announces the lanes the sender
+    /// wants (`offset`) and, from the acceptor, the link's session (`seq`); `arg` k > 0 is the
+    /// first frame on lane k and names the session it joins.
+    Lane = 15,
 }
 
 impl Kind {
@@ -66,6 +71,7 @@ impl Kind {
             12 => Kind::Failed,
             13 => Kind::ResyncPlan,
             14 => Kind::Switchover,
+            15 => Kind::Lane,
             _ => return None,
         })
     }
@@ -269,8 +275,11 @@ pub mod caps {
     pub const SWITCHOVER: u8 = 1;
     /// Pre-election deferrals carry their count and releases echo it (see `mirror::core`).
     pub const RELEASE_ECHO: u8 = 2;
+    /// Barrier counts in frames, [`super::Kind::Lane`] frames, and links of several lanes
+    /// ([`crate::mirror::lanes`]).
+    pub const LANES: u8 = 4;
     /// Everything this build understands.
-    pub const ALL: u8 = SWITCHOVER | RELEASE_ECHO;
+    pub const ALL: u8 = SWITCHOVER | RELEASE_ECHO | LANES;
 }
 
 /// The Hello payload: who a site is and what its data descends from.

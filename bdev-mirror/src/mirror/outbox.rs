@@ -17,6 +17,8 @@ pub(super) struct Conn {
     pub(super) sock: Box<dyn LinkStream>,
     pub(super) rx: Vec<u8>,
     pub(super) rx_len: usize,
+    /// `rx` holds bytes that came with the handshake and were not parsed yet.
+    pub(super) rx_fresh: bool,
     /// Encoded frames of the host path and control (replication, acknowledgements, pings),
     /// without their payloads (see `tx_payloads`).
     pub(super) tx: Vec<u8>,
@@ -68,6 +70,7 @@ impl Conn {
             sock,
             rx,
             rx_len,
+            rx_fresh: rx_len > 0,
             tx: Vec::new(),
             tx_payloads: VecDeque::new(),
             tx_base: 0,

@@ -243,6 +243,8 @@ pub struct RdmaTransport {
     live: Vec<(CmHandle, Weak<AtomicBool>)>,
     next_dial: Instant,
     backoff: Duration,
+    /// Dial although connected: a lane (its own RC queue pair).
+    lane_wanted: bool,
 }
 
 impl RdmaTransport {
@@ -269,6 +271,7 @@ impl RdmaTransport {
             live: Vec::new(),
             next_dial: Instant::now(),
             backoff: Duration::from_millis(100),
+            lane_wanted: false,
         })
     }
 
@@ -387,11 +390,14 @@ impl Transport for RdmaTransport {
         if expired {
             self.back_off("no answer within 2 s");
         }
-        if !connected && self.dialing.is_none() && Instant::now() >= self.next_dial {
+        if (!connected || self.lane_wanted) && self.dialing.is_none() && Instant::now() >= self.next_dial {
             if let Some(peer) = self.peer {
                 let dial = CmId::new(&self.channel).and_then(|id| id.resolve_addr(None, peer, Duration::from_millis(500)).map(|()| id));
                 match dial {
-                    Ok(id) => self.dialing = Some(Dial::Resolving(id, Instant::now() + Duration::from_secs(2))),
+                    Ok(id) => {
+                        self.lane_wanted = false;
+                        self.dialing = Some(Dial::Resolving(id, Instant::now() + Duration::from_secs(2)));
+                    }
                     Err(e) => self.back_off(&e.to_string()),
                 }
             }
@@ -402,6 +408,11 @@ impl Transport for RdmaTransport {
     fn failed(&mut self) {
         self.next_dial = Instant::now() + self.backoff;
         self.backoff = (self.backoff * 2).min(Duration::from_secs(2));
+    }
+
+    fn want_lane(&mut self) -> bool {
+        self.lane_wanted = self.peer.is_some();
+        self.lane_wanted
     }
 
     fn connecting(&self) -> bool {

@@ -32,6 +32,12 @@ pub trait Transport: Send {
     fn poll_connect(&mut self, connected: bool) -> Option<Box<dyn LinkStream>>;
     /// The current connection failed: back off before the next attempt.
     fn failed(&mut self);
+    /// A dialer dials one more connection although it is connected (a lane of the link, see
+    /// [`super::lanes`]); it comes out of `poll_connect` as any connection does. False: this
+    /// end does not dial, or the transport has one connection per link.
+    fn want_lane(&mut self) -> bool {
+        false
+    }
     /// A connection attempt is under way that no readiness event will announce.
     fn connecting(&self) -> bool;
     /// The peer's address, for status displays.
@@ -61,6 +67,8 @@ pub struct TcpTransport {
     dialing: Option<(TcpStream, Instant)>,
     next_dial: Instant,
     backoff: Duration,
+    /// Dial although connected: a lane.
+    lane_wanted: bool,
 }
 
 impl TcpTransport {
@@ -73,7 +81,14 @@ impl TcpTransport {
             }
             None => None,
         };
-        Ok(TcpTransport { listener, peer, dialing: None, next_dial: Instant::now(), backoff: Duration::from_millis(100) })
+        Ok(TcpTransport {
+            listener,
+            peer,
+            dialing: None,
+            next_dial: Instant::now(),
+            backoff: Duration::from_millis(100),
+            lane_wanted: false,
+        })
     }
 
     fn back_off(&mut self) {
@@ -115,10 +130,13 @@ impl Transport for TcpTransport {
                 _ => self.back_off(),
             }
         }
-        if !connected && Instant::now() >= self.next_dial {
+        if (!connected || self.lane_wanted) && Instant::now() >= self.next_dial {
             if let Some(peer) = self.peer {
                 match TcpStream::connect(peer) {
-                    Ok(s) => self.dialing = Some((s, Instant::now() + Duration::from_millis(500))),
+                    Ok(s) => {
+                        self.lane_wanted = false;
+                        self.dialing = Some((s, Instant::now() + Duration::from_millis(500)));
+                    }
                     Err(_) => self.back_off(),
                 }
             }
@@ -128,6 +146,11 @@ impl Transport for TcpTransport {
 
     fn failed(&mut self) {
         self.back_off();
+    }
+
+    fn want_lane(&mut self) -> bool {
+        self.lane_wanted = self.peer.is_some();
+        self.lane_wanted
     }
 
     fn connecting(&self) -> bool {
@@ -155,6 +178,7 @@ impl Transport for TcpTransport {
 pub mod mem {
     use super::*;
     use crossbeam_queue::SegQueue;
+    use std::collections::VecDeque;
     use std::os::fd::{AsRawFd, OwnedFd};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
@@ -168,6 +192,8 @@ pub mod mem {
         readable: Arc<OwnedFd>,
         peer_readable: Arc<OwnedFd>,
         alive: Arc<AtomicBool>,
+        /// Bytes written on this end (the pair's count, shared with the link's control).
+        sent: Arc<std::sync::atomic::AtomicU64>,
         delay: Duration,
         /// A chunk taken from `rx` that is not due yet.
         early: Option<(Instant, Vec<u8>)>,
@@ -206,6 +232,7 @@ pub mod mem {
                 return Err(io::ErrorKind::BrokenPipe.into());
             }
             self.tx.push((Instant::now() + self.delay, buf.to_vec()));
+            self.sent.fetch_add(buf.len() as u64, Ordering::Relaxed);
             nvmetro_ffi::eventfd_signal(&self.peer_readable);
             Ok(buf.len())
         }
@@ -234,16 +261,19 @@ pub mod mem {
     struct State {
         cut: bool,
         delay: Duration,
-        /// Kills the current pair of streams.
-        alive: Arc<AtomicBool>,
-        /// Ends of a new pair, not yet taken by their side.
-        waiting: [Option<MemStream>; 2],
+        /// One flag per pair of streams alive now (a link's lanes), the first first: clearing
+        /// one kills that pair. Beside it, the bytes written on the pair, both ways.
+        alive: Vec<(Arc<AtomicBool>, Arc<std::sync::atomic::AtomicU64>)>,
+        /// Ends of new pairs, not yet taken by their side.
+        waiting: [VecDeque<MemStream>; 2],
     }
 
     /// One leg's end of the in-memory link.
     pub struct MemTransport {
         side: usize,
         state: Arc<Mutex<State>>,
+        /// Dial although connected: a lane.
+        lane_wanted: bool,
     }
 
     /// Cuts and restores an in-memory link.
@@ -259,18 +289,38 @@ pub mod mem {
         pub fn cut(&self) {
             let mut s = self.state.lock().expect("mem link");
             s.cut = true;
-            s.alive.store(false, Ordering::Release);
-            s.waiting = [None, None];
+            for (a, _) in s.alive.drain(..) {
+                a.store(false, Ordering::Release);
+            }
+            s.waiting = Default::default();
         }
         pub fn restore(&self) {
             self.state.lock().expect("mem link").cut = false;
+        }
+        /// Bytes written on each pair of streams alive now, both ways, the first made first (a
+        /// link of several lanes has one pair per lane).
+        pub fn connections(&self) -> Vec<u64> {
+            let s = self.state.lock().expect("mem link");
+            s.alive.iter().filter(|(a, _)| a.load(Ordering::Acquire)).map(|(_, n)| n.load(Ordering::Relaxed)).collect()
+        }
+        /// Breaks the `i`-th pair of streams alive (0: the first made), new ones may follow.
+        pub fn break_connection(&self, i: usize) {
+            let mut s = self.state.lock().expect("mem link");
+            s.alive.retain(|(a, _)| a.load(Ordering::Acquire));
+            if i < s.alive.len() {
+                s.alive.remove(i).0.store(false, Ordering::Release);
+            }
         }
     }
 
     /// A link between two legs, each frame delayed by `delay` one way.
     pub fn pair(delay: Duration) -> (MemTransport, MemTransport, MemLinkControl) {
-        let state = Arc::new(Mutex::new(State { cut: false, delay, alive: Arc::new(AtomicBool::new(false)), waiting: [None, None] }));
-        (MemTransport { side: 0, state: state.clone() }, MemTransport { side: 1, state: state.clone() }, MemLinkControl { state })
+        let state = Arc::new(Mutex::new(State { cut: false, delay, alive: Vec::new(), waiting: Default::default() }));
+        (
+            MemTransport { side: 0, state: state.clone(), lane_wanted: false },
+            MemTransport { side: 1, state: state.clone(), lane_wanted: false },
+            MemLinkControl { state },
+        )
     }
 
     impl Transport for MemTransport {
@@ -280,15 +330,21 @@ pub mod mem {
 
         fn poll_connect(&mut self, connected: bool) -> Option<Box<dyn LinkStream>> {
             let mut s = self.state.lock().expect("mem link");
-            if let Some(end) = s.waiting[self.side].take() {
+            if let Some(end) = s.waiting[self.side].pop_front() {
                 return Some(Box::new(end));
             }
-            if connected || s.cut {
+            if (connected && !self.lane_wanted) || s.cut {
                 return None;
             }
-            // A new pair replaces (and kills) whatever pair existed.
-            s.alive.store(false, Ordering::Release);
+            if !connected {
+                // A new link's first pair kills whatever pairs existed.
+                for (a, _) in s.alive.drain(..) {
+                    a.store(false, Ordering::Release);
+                }
+            }
+            self.lane_wanted = false;
             let alive = Arc::new(AtomicBool::new(true));
+            let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
             let (ab, ba): (Pipe, Pipe) = Default::default();
             let fds = [Arc::new(nvmetro_ffi::eventfd().ok()?), Arc::new(nvmetro_ffi::eventfd().ok()?)];
             let end = |i: usize| MemStream {
@@ -298,13 +354,19 @@ pub mod mem {
                 readable: fds[i].clone(),
                 peer_readable: fds[1 - i].clone(),
                 alive: alive.clone(),
+                sent: sent.clone(),
                 delay: s.delay,
                 early: None,
             };
             let (mine, theirs) = (end(self.side), end(1 - self.side));
-            s.waiting[1 - self.side] = Some(theirs);
-            s.alive = alive;
+            s.waiting[1 - self.side].push_back(theirs);
+            s.alive.push((alive, sent));
             Some(Box::new(mine))
+        }
+
+        fn want_lane(&mut self) -> bool {
+            self.lane_wanted = self.side == 1;
+            self.lane_wanted
         }
 
         fn failed(&mut self) {}

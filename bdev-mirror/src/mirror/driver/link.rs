@@ -1,12 +1,14 @@
 //! The replication link's connections on the link thread: dialling or accepting through the
 //! [`crate::mirror::transport::Transport`], the authentication handshake of each new connection
 //! ([`PendingConn`], refusals logged through [`RefusalLog`], the limits [`AUTH_TIMEOUT`] and
-//! [`MAX_PENDING`]), the link going up and down, receiving frames (and the witness's replies)
-//! and flushing what the outbox holds.
+//! [`MAX_PENDING`]), the link going up and down, and the witness's replies. At the acceptor an
+//! authenticated connection's first frame says whether it is a new link or a lane of the live
+//! one (see `lanes`, which also receives and flushes).
 
+use super::lanes::FirstFrame;
 use super::{LinkThread, CONN, PENDING};
+use crate::mirror::auth::Side;
 use crate::mirror::core::Input;
-use crate::mirror::frame::{Frame, Kind};
 use crate::mirror::outbox::Conn;
 use crate::mirror::transport::LinkStream;
 use std::io::{self, Read, Write};
@@ -24,6 +26,19 @@ pub(super) struct PendingConn {
     /// Handshake bytes not yet written.
     pub(super) tx: Vec<u8>,
     since: Instant,
+    /// At the acceptor, once authenticated: the bytes after the handshake, until they hold the
+    /// first frame.
+    authed: Option<Vec<u8>>,
+}
+
+/// Where a connection's handshake stands after a turn.
+enum Outcome {
+    Wait,
+    Refused(String),
+    /// A new link, with the frame bytes that came after the handshake.
+    Link(Vec<u8>),
+    /// Lane `k` of the live link.
+    Lane(Vec<u8>, usize),
 }
 
 /// Log lines about refused connections: at most one a second, with a count of the rest.
@@ -46,7 +61,7 @@ impl LinkThread {
         if self.broken {
             return;
         }
-        if self.conn.is_some() {
+        if !self.conns.is_empty() {
             self.link_down("replaced by the peer's new, authenticated connection");
         }
         if sock.register(self.poll.registry(), CONN).is_err() {
@@ -57,7 +72,9 @@ impl LinkThread {
         rx[..early.len()].copy_from_slice(early);
         let mut conn = Conn::new(sock, rx, early.len());
         conn.tx = proof;
-        self.conn = Some(conn);
+        self.conns.push(conn);
+        self.link_ups += 1;
+        self.lanes_reset();
         self.handle(Input::LinkUp);
     }
 
@@ -90,16 +107,16 @@ impl LinkThread {
         }
         let mut handshake = crate::mirror::auth::Handshake::new(&self.settings.secret, self.transport.side(), nonce);
         let tx = handshake.take_output();
-        self.pending_conns.push(PendingConn { sock, handshake, tx, since: Instant::now() });
+        self.pending_conns.push(PendingConn { sock, handshake, tx, since: Instant::now(), authed: None });
     }
 
-    /// Moves every handshake on; promotes the first that completes to the link.
+    /// Moves every handshake on; promotes those that complete to the link or one of its lanes.
     pub(super) fn drive_handshakes(&mut self) -> bool {
         let mut work = false;
         let mut i = 0;
         while i < self.pending_conns.len() {
             let p = &mut self.pending_conns[i];
-            let mut outcome: Result<Option<Vec<u8>>, String> = Ok(None);
+            let mut outcome = Outcome::Wait;
             // Write what the handshake has to say.
             while !p.tx.is_empty() {
                 match p.sock.write(&p.tx) {
@@ -110,51 +127,86 @@ impl LinkThread {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => {
-                        outcome = Err(format!("write: {e}"));
+                        outcome = Outcome::Refused(format!("write: {e}"));
                         break;
                     }
                 }
             }
             let mut buf = [0u8; 4096];
-            while outcome == Ok(None) {
+            while matches!(outcome, Outcome::Wait) {
                 match p.sock.read(&mut buf) {
+                    Ok(0) if p.authed.is_some() => outcome = Outcome::Refused("closed before its first frame".into()),
                     Ok(0) => {
-                        outcome = Err(p.handshake.on_eof().err().map_or("closed".to_string(), |e| e.to_string()));
+                        outcome = Outcome::Refused(p.handshake.on_eof().err().map_or("closed".to_string(), |e| e.to_string()));
                     }
                     Ok(n) => {
                         work = true;
+                        if let Some(bytes) = p.authed.as_mut() {
+                            bytes.extend_from_slice(&buf[..n]);
+                            continue;
+                        }
                         match p.handshake.on_bytes(&buf[..n]) {
                             Ok(progress) => {
                                 p.tx.extend(p.handshake.take_output());
                                 if progress.done {
-                                    outcome = Ok(Some(buf[progress.consumed..n].to_vec()));
+                                    let early = buf[progress.consumed..n].to_vec();
+                                    match p.handshake.side() {
+                                        // The first frame tells a new link from a lane.
+                                        Side::Acceptor => p.authed = Some(early),
+                                        Side::Dialer => outcome = Outcome::Link(early),
+                                    }
                                 }
                             }
-                            Err(e) => outcome = Err(e.to_string()),
+                            Err(e) => outcome = Outcome::Refused(e.to_string()),
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => outcome = Err(format!("read: {e}")),
+                    Err(e) => outcome = Outcome::Refused(format!("read: {e}")),
                 }
             }
-            if outcome == Ok(None) && p.since.elapsed() > AUTH_TIMEOUT {
-                outcome = Err("no handshake within the timeout".into());
+            let p = &self.pending_conns[i];
+            if let (Outcome::Wait, Some(bytes)) = (&outcome, p.authed.as_ref()) {
+                outcome = match self.first_frame(bytes) {
+                    FirstFrame::Incomplete | FirstFrame::Early => Outcome::Wait,
+                    FirstFrame::Link => Outcome::Link(bytes.clone()),
+                    FirstFrame::Lane(k) => Outcome::Lane(bytes.clone(), k),
+                    FirstFrame::Refused(why) => Outcome::Refused(why),
+                };
+            }
+            // At the dialer, a connection that completes while the link is up is the lane it
+            // dialled.
+            if let Outcome::Link(early) = &outcome {
+                if p.handshake.side() == Side::Dialer && !self.conns.is_empty() && self.lanes.dial_since.is_some() {
+                    outcome = Outcome::Lane(early.clone(), self.conns.len());
+                }
+            }
+            if matches!(outcome, Outcome::Wait) && p.since.elapsed() > AUTH_TIMEOUT {
+                outcome = Outcome::Refused(if p.authed.is_some() {
+                    "no first frame (or its lane never came next) within the timeout".into()
+                } else {
+                    "no handshake within the timeout".into()
+                });
             }
             match outcome {
-                Ok(None) => i += 1,
-                Ok(Some(early)) => {
-                    let mut p = self.pending_conns.remove(i);
-                    // Our proof may still be on its way: it goes out before any frame.
-                    let mut proof = std::mem::take(&mut p.tx);
-                    proof.extend(p.handshake.take_output());
-                    p.sock.deregister(self.poll.registry());
-                    self.link_up(p.sock, &early, proof);
+                Outcome::Wait => i += 1,
+                Outcome::Link(early) => {
+                    let (sock, proof) = self.take_authenticated(i);
+                    self.link_up(sock, &early, proof);
                     work = true;
                 }
-                Err(why) => {
+                Outcome::Lane(early, k) => {
+                    let (sock, proof) = self.take_authenticated(i);
+                    self.join_lane(sock, &early, proof, k);
+                    work = true;
+                }
+                Outcome::Refused(why) => {
                     let mut p = self.pending_conns.remove(i);
                     p.sock.deregister(self.poll.registry());
+                    if p.handshake.side() == Side::Dialer && !self.conns.is_empty() {
+                        // A lane that did not come up is dialled again later.
+                        self.lanes.dial_since = None;
+                    }
                     self.transport.failed();
                     self.refused(&why);
                 }
@@ -163,14 +215,33 @@ impl LinkThread {
         work
     }
 
+    /// Takes an authenticated connection out of the handshakes: its socket and the handshake
+    /// bytes still to send (before any frame).
+    fn take_authenticated(&mut self, i: usize) -> (Box<dyn LinkStream>, Vec<u8>) {
+        let mut p = self.pending_conns.remove(i);
+        let mut proof = std::mem::take(&mut p.tx);
+        proof.extend(p.handshake.take_output());
+        p.sock.deregister(self.poll.registry());
+        (p.sock, proof)
+    }
+
     pub(super) fn link_down(&mut self, why: &str) {
-        if let Some(mut c) = self.conn.take() {
-            c.sock.deregister(self.poll.registry());
-            tracing::warn!(mirror = %self.name, "replication link down: {why}");
-            self.ping_sent = None;
-            self.handle(Input::LinkDown);
-            self.transport.failed();
+        if self.conns.is_empty() {
+            return;
         }
+        for mut c in self.conns.drain(..) {
+            c.sock.deregister(self.poll.registry());
+        }
+        if self.transport.side() == Side::Dialer {
+            // Lanes being dialled were for this link.
+            for mut p in self.pending_conns.drain(..) {
+                p.sock.deregister(self.poll.registry());
+            }
+        }
+        tracing::warn!(mirror = %self.name, "replication link down: {why}");
+        self.ping_sent = None;
+        self.handle(Input::LinkDown);
+        self.transport.failed();
     }
 
     pub(super) fn connect_or_accept(&mut self) {
@@ -178,75 +249,8 @@ impl LinkThread {
             // A clean stop handed the namespace to the peer: this leg stays away.
             return;
         }
-        if let Some(sock) = self.transport.poll_connect(self.conn.is_some() || !self.pending_conns.is_empty()) {
+        if let Some(sock) = self.transport.poll_connect(!self.conns.is_empty() || !self.pending_conns.is_empty()) {
             self.start_handshake(sock);
-        }
-    }
-
-    /// Reads and handles everything the peer sent; returns whether anything arrived. Frames are
-    /// handled as they complete, so the receive buffer only ever holds one partial frame.
-    pub(super) fn receive(&mut self) -> bool {
-        let mut got = false;
-        loop {
-            let Some(c) = self.conn.as_mut() else { return got };
-            let space = c.rx.len() - c.rx_len;
-            let n = match c.sock.read(&mut c.rx[c.rx_len..]) {
-                Ok(0) => {
-                    self.link_down("peer closed the link");
-                    return got;
-                }
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return got,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    self.link_down(&format!("read: {e}"));
-                    return got;
-                }
-            };
-            c.rx_len += n;
-            c.last_rx = Instant::now();
-            got = true;
-            let mut used = 0;
-            let mut frames = std::mem::take(&mut self.frames);
-            let mut bad = None;
-            loop {
-                match Frame::parse_into(&c.rx[used..c.rx_len], Some(&self.payloads)) {
-                    Ok(Some((f, len))) => {
-                        used += len;
-                        frames.push(f);
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        bad = Some(e);
-                        break;
-                    }
-                }
-            }
-            c.rx.copy_within(used..c.rx_len, 0);
-            c.rx_len -= used;
-            let full = c.rx_len == c.rx.len();
-            for f in frames.drain(..) {
-                if f.kind == Kind::Pong {
-                    if let Some(t) = self.ping_sent.take() {
-                        self.rtt = Some(t.elapsed());
-                    }
-                }
-                self.handle(Input::Frame(f));
-            }
-            self.frames = frames;
-            if let Some(e) = bad {
-                self.link_down(&format!("bad frame: {e}"));
-                return got;
-            }
-            if full {
-                self.link_down("frame larger than the receive buffer");
-                return got;
-            }
-            if n < space {
-                // A short read emptied the socket: the next byte brings a new readiness edge
-                // (and the tick looks anyway), so no read that would only say EAGAIN.
-                return got;
-            }
         }
     }
 
@@ -272,23 +276,6 @@ impl LinkThread {
                 }
                 Err(e) => tracing::warn!(mirror = %self.name, "witness reply dropped: {e}"),
             }
-        }
-    }
-
-    pub(super) fn flush(&mut self) {
-        let Some(c) = self.conn.as_mut() else { return };
-        let now = Instant::now();
-        while c.delayed.front().is_some_and(|(due, _, _)| *due <= now) {
-            let (_, bytes, resync_data) = c.delayed.pop_front().expect("front");
-            if resync_data {
-                c.bulk.push_back(bytes);
-            } else {
-                c.tx.extend_from_slice(&bytes);
-            }
-        }
-        if let Err(why) = c.write_out(now) {
-            c.clear();
-            self.link_down(&why);
         }
     }
 }

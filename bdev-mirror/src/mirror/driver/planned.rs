@@ -125,7 +125,7 @@ impl LinkThread {
             }
         }
         if let Some((_, since)) = &self.depart_reply {
-            let (left, gone) = (self.core.peer_took_over(), self.conn.is_none() || self.core.left());
+            let (left, gone) = (self.core.peer_took_over(), self.conns.is_empty() || self.core.left());
             if left || gone || since.elapsed() > DEPART_WAIT {
                 let (tx, _) = self.depart_reply.take().expect("checked");
                 self.departed = true;

@@ -31,6 +31,9 @@ pub struct MirrorSettings {
     /// make the handshake (a stray or garbled connection never becomes the link), but anyone
     /// who speaks the protocol passes it.
     pub secret: Vec<u8>,
+    /// Connections the link is made of (see [`crate::mirror::lanes`]); 1 is one connection,
+    /// as before lanes. A link uses what both ends configured, at most.
+    pub lanes: usize,
 }
 
 /// The replication settings a running mirror takes without a restart.

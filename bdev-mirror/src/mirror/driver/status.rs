@@ -38,6 +38,11 @@ pub struct StatusReport {
     pub leg_failures: u64,
     /// Replication connections refused since start (handshake failed or timed out, too many).
     pub link_refusals: u64,
+    /// Connections the link is made of now (0: down), and how many it takes.
+    pub lanes_up: usize,
+    pub lanes_wanted: usize,
+    /// Times the link came up since start (a link that flaps counts up).
+    pub link_ups: u64,
 }
 
 impl StatusReport {
@@ -144,6 +149,9 @@ impl LinkThread {
             metadata_syncs: self.meta_file.syncs(),
             leg_failures: st.leg_failures,
             link_refusals: self.refusals.total,
+            lanes_up: self.lanes_up(),
+            lanes_wanted: self.lanes.wanted,
+            link_ups: self.link_ups,
             failed_for_seconds: st.failure.as_ref().map(&ago),
             failure: st.failure.as_ref().map(|f| format!("{f}, {} s ago", ago(f))),
             peer_failure: st.peer_failure.as_ref().map(|f| format!("{f}, {} s ago", ago(f))),

@@ -1,0 +1,339 @@
+//! The link's lanes on the link thread: several connections to the peer carry one link
+//! ([`crate::mirror::lanes`] says which frame takes which lane and in which order the receiver
+//! hands them to the core).
+//!
+//! Lane 0 is the connection that came up first; it carries the Hellos. Once an end has the
+//! peer's Hello (and the peer understands lanes), it announces on lane 0 how many lanes it
+//! takes (the link takes the smaller number); the acceptor's announcement also names the link's
+//! session (a random number). The dialer then dials the other lanes one at a time; each proves
+//! the shared secret as every connection does, and its first frame names the lane and the
+//! session, so a lane only ever joins the link it was dialled for (the acceptor closes any other,
+//! and keeps one that came early until the lanes before it have joined). A lane that fails takes
+//! the whole link down, as a broken connection always has; lanes that cannot be dialled leave the
+//! link working on those it has. A frame held for another lane past the heartbeat timeout means
+//! a lane is stuck: the link goes down too.
+
+use super::{LinkThread, CONN};
+use crate::mirror::core::Input;
+use crate::mirror::frame::{caps, Frame, Hello, Kind};
+use crate::mirror::lanes::{LaneReceiver, LaneSender};
+use crate::mirror::outbox::Conn;
+use crate::mirror::transport::LinkStream;
+use std::io::{self, Read};
+use std::time::Instant;
+
+/// Most lanes a link has (the configuration's bound).
+pub const MAX_LANES: usize = 16;
+
+/// The state of the link's lanes while it is up.
+pub(super) struct LaneLink {
+    pub(super) tx: LaneSender,
+    pub(super) rx: LaneReceiver,
+    /// The acceptor's name for this link (a lane joins only the link it names).
+    pub(super) session: u64,
+    /// Lanes both ends take (at the dialer: once the acceptor announced its number).
+    pub(super) wanted: usize,
+    /// The peer's Hello on this link has been seen.
+    hello_seen: bool,
+    /// A lane is being dialled (since then).
+    pub(super) dial_since: Option<Instant>,
+    /// Frames have waited for another lane since then.
+    held_since: Option<Instant>,
+}
+
+impl LaneLink {
+    pub(super) fn new() -> LaneLink {
+        LaneLink {
+            tx: LaneSender::new(1),
+            rx: LaneReceiver::new(1),
+            session: 0,
+            wanted: 1,
+            hello_seen: false,
+            dial_since: None,
+            held_since: None,
+        }
+    }
+
+    /// Frames have waited for another lane since this instant.
+    pub(super) fn held_since(&self) -> Option<Instant> {
+        self.held_since
+    }
+}
+
+/// What an authenticated connection's first frame makes of it at the acceptor.
+pub(super) enum FirstFrame {
+    /// Not complete yet.
+    Incomplete,
+    /// A new link (lane 0).
+    Link,
+    /// Lane `k` of the live link.
+    Lane(usize),
+    /// A lane that joins after lanes still missing: it waits.
+    Early,
+    Refused(String),
+}
+
+impl LinkThread {
+    /// The lanes of a link that came up now.
+    pub(super) fn lanes_reset(&mut self) {
+        self.lanes = LaneLink::new();
+        if self.transport.side() == crate::mirror::auth::Side::Acceptor {
+            let nonce = crate::mirror::auth::fresh_nonce().unwrap_or_default();
+            self.lanes.session = u64::from_le_bytes(nonce[..8].try_into().expect("8 bytes")) | 1;
+            self.lanes.wanted = self.settings.lanes.clamp(1, MAX_LANES);
+        }
+    }
+
+    /// Lanes up now.
+    pub(super) fn lanes_up(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// At the acceptor: what the first frame of an authenticated connection (`bytes`, after
+    /// its handshake) makes of it.
+    pub(super) fn first_frame(&self, bytes: &[u8]) -> FirstFrame {
+        let f = match Frame::parse(bytes) {
+            Ok(Some((f, _))) => f,
+            Ok(None) => return FirstFrame::Incomplete,
+            Err(e) => return FirstFrame::Refused(format!("bad first frame: {e}")),
+        };
+        if f.kind != Kind::Lane {
+            return FirstFrame::Link;
+        }
+        let k = f.arg as usize;
+        if self.conns.is_empty() || f.seq != self.lanes.session {
+            return FirstFrame::Refused(format!("a lane (#{k}) for a link that is not this one's"));
+        }
+        if k == 0 || k >= self.lanes.wanted {
+            return FirstFrame::Refused(format!("lane #{k}: this link takes {} lanes", self.lanes.wanted));
+        }
+        match k.cmp(&self.conns.len()) {
+            std::cmp::Ordering::Equal => FirstFrame::Lane(k),
+            std::cmp::Ordering::Greater => FirstFrame::Early,
+            std::cmp::Ordering::Less => FirstFrame::Refused(format!("lane #{k} is already up")),
+        }
+    }
+
+    /// An authenticated connection becomes lane `k` of the live link. At the acceptor `early`
+    /// starts with its first (Lane) frame, which is dropped; the dialer names the lane first.
+    pub(super) fn join_lane(&mut self, mut sock: Box<dyn LinkStream>, early: &[u8], proof: Vec<u8>, k: usize) {
+        if sock.register(self.poll.registry(), CONN).is_err() {
+            return self.link_down("a new lane could not be registered");
+        }
+        let mut rx = vec![0; 4 << 20];
+        let skip = match Frame::parse(early) {
+            Ok(Some((f, n))) if f.kind == Kind::Lane => n,
+            _ => 0,
+        };
+        let early = &early[skip..];
+        rx[..early.len()].copy_from_slice(early);
+        let mut conn = Conn::new(sock, rx, early.len());
+        conn.tx = proof;
+        if self.transport.side() == crate::mirror::auth::Side::Dialer {
+            let mut join = Frame::new(Kind::Lane, self.lanes.session);
+            join.arg = k as u32;
+            conn.queue(&join);
+            self.lanes.dial_since = None;
+        }
+        self.conns.push(conn);
+        self.lanes.tx.set_lanes(self.conns.len());
+        self.lanes.rx.set_lanes(self.conns.len());
+        tracing::info!(mirror = %self.name, "replication lane {k} up ({} of {})", self.conns.len(), self.lanes.wanted);
+    }
+
+    /// At the dialer: asks the transport for the next lane when one is missing.
+    pub(super) fn dial_lanes(&mut self) {
+        if self.conns.is_empty() || self.conns.len() >= self.lanes.wanted || !self.pending_conns.is_empty() {
+            return;
+        }
+        // A dial that came to nothing (refused, timed out) is tried again.
+        if self.lanes.dial_since.is_some_and(|t| t.elapsed() < super::AUTH_TIMEOUT * 2) {
+            return;
+        }
+        self.lanes.dial_since = self.transport.want_lane().then(Instant::now);
+    }
+
+    /// The peer's Hello: a peer that understands lanes counts its frames, and so do we; the
+    /// acceptor announces its lanes and names the link.
+    fn on_peer_hello(&mut self, f: &Frame) {
+        if self.lanes.hello_seen {
+            return;
+        }
+        self.lanes.hello_seen = true;
+        if Hello::from_payload(&f.payload).is_none_or(|h| h.caps & caps::LANES == 0) {
+            return;
+        }
+        self.lanes.tx.start_stamping();
+        self.lanes.rx.start_checking();
+        let acceptor = self.transport.side() == crate::mirror::auth::Side::Acceptor;
+        if acceptor {
+            self.lanes.rx.set_lanes(self.lanes.wanted);
+        }
+        // Both ends say how many lanes they take; the acceptor names the link too.
+        let mut announce = Frame::new(Kind::Lane, if acceptor { self.lanes.session } else { 0 });
+        announce.offset = self.settings.lanes.clamp(1, MAX_LANES) as u64;
+        if let Some(c) = self.conns.first_mut() {
+            c.queue(&announce);
+        }
+    }
+
+    /// A Lane frame on a live lane: only the peer's announcement, on lane 0.
+    fn on_lane_frame(&mut self, lane: usize, f: &Frame) -> Result<(), String> {
+        if lane != 0 || f.arg != 0 {
+            return Err(format!("unexpected lane frame (lane #{} on lane {lane})", f.arg));
+        }
+        if self.transport.side() == crate::mirror::auth::Side::Dialer {
+            self.lanes.session = f.seq;
+        }
+        self.lanes.wanted = (f.offset as usize).min(self.settings.lanes).clamp(1, MAX_LANES);
+        Ok(())
+    }
+
+    /// Reads and handles everything the peer sent, on every lane; returns whether anything
+    /// arrived. Frames go to the core as soon as the barrier counts let them.
+    pub(super) fn receive(&mut self) -> bool {
+        let mut got = false;
+        // Lanes a short read emptied: the next byte brings a new readiness edge.
+        let mut drained = 0u32;
+        loop {
+            let mut progress = false;
+            let mut lane = 0;
+            while lane < self.conns.len() {
+                if drained & (1 << lane) == 0 && self.lanes.rx.wants(lane) {
+                    match self.read_lane(lane) {
+                        Ok((read, empty)) => {
+                            progress |= read;
+                            if empty {
+                                drained |= 1 << lane;
+                            }
+                        }
+                        Err(why) => {
+                            self.link_down(&why);
+                            return got;
+                        }
+                    }
+                }
+                if !self.hand_on() {
+                    return got;
+                }
+                lane += 1;
+            }
+            got |= progress;
+            if !progress {
+                return got;
+            }
+        }
+    }
+
+    /// One read of `lane`, its complete frames parsed and taken by the lanes' receiver:
+    /// Ok((bytes arrived, the socket is empty now)).
+    fn read_lane(&mut self, lane: usize) -> Result<(bool, bool), String> {
+        let c = &mut self.conns[lane];
+        let space = c.rx.len() - c.rx_len;
+        let n = loop {
+            match c.sock.read(&mut c.rx[c.rx_len..]) {
+                Ok(0) => return Err(if lane == 0 { "peer closed the link".into() } else { format!("peer closed lane {lane}") }),
+                Ok(n) => break n,
+                // Bytes that came with the handshake are parsed even when nothing new arrived.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && c.rx_fresh => break 0,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((false, true)),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(format!("read: {e}")),
+            }
+        };
+        c.rx_len += n;
+        c.rx_fresh = false;
+        c.last_rx = Instant::now();
+        let mut used = 0;
+        let mut frames = std::mem::take(&mut self.frames);
+        let mut bad = None;
+        loop {
+            match Frame::parse_into(&c.rx[used..c.rx_len], Some(&self.payloads)) {
+                Ok(Some((f, len))) => {
+                    used += len;
+                    frames.push(f);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    bad = Some(format!("bad frame: {e}"));
+                    break;
+                }
+            }
+        }
+        c.rx.copy_within(used..c.rx_len, 0);
+        c.rx_len -= used;
+        if bad.is_none() && c.rx_len == c.rx.len() {
+            bad = Some("frame larger than the receive buffer".into());
+        }
+        for f in frames.drain(..) {
+            if bad.is_some() {
+                break;
+            }
+            match f.kind {
+                Kind::Lane => {
+                    if let Err(why) = self.on_lane_frame(lane, &f) {
+                        bad = Some(why);
+                    }
+                    continue;
+                }
+                Kind::Hello => self.on_peer_hello(&f),
+                Kind::Pong => {
+                    if let Some(t) = self.ping_sent.take() {
+                        self.rtt = Some(t.elapsed());
+                    }
+                }
+                _ => {}
+            }
+            if let Err(e) = self.lanes.rx.push(lane, f) {
+                bad = Some(e.to_string());
+            }
+        }
+        self.frames = frames;
+        match bad {
+            Some(why) => Err(why),
+            None => Ok((true, n < space || n == 0)),
+        }
+    }
+
+    /// Hands the core every frame the barrier counts let go; false if the link went down.
+    fn hand_on(&mut self) -> bool {
+        while let Some(f) = self.lanes.rx.pop() {
+            self.handle(Input::Frame(f));
+            if self.conns.is_empty() {
+                return false;
+            }
+        }
+        self.lanes.held_since = match (self.lanes.rx.holding(), self.lanes.held_since) {
+            (0, _) => None,
+            (_, Some(t)) => Some(t),
+            (_, None) => Some(Instant::now()),
+        };
+        true
+    }
+
+    /// Writes what every lane's outbox holds (emulated delay first).
+    pub(super) fn flush(&mut self) {
+        let now = Instant::now();
+        let mut failed = None;
+        for c in &mut self.conns {
+            while c.delayed.front().is_some_and(|(due, _, _)| *due <= now) {
+                let (_, bytes, resync_data) = c.delayed.pop_front().expect("front");
+                if resync_data {
+                    c.bulk.push_back(bytes);
+                } else {
+                    c.tx.extend_from_slice(&bytes);
+                }
+            }
+            if let Err(why) = c.write_out(now) {
+                failed = Some(why);
+                break;
+            }
+        }
+        if let Some(why) = failed {
+            for c in &mut self.conns {
+                c.clear();
+            }
+            self.link_down(&why);
+        }
+    }
+}
