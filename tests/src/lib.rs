@@ -552,6 +552,13 @@ pub fn with_error_leg(config: String) -> String {
         .replace("[[bdev]]\nname = \"m\"", "[[bdev]]\nname = \"flaky\"\nkind = \"error\"\nbase = \"leg\"\n\n[[bdev]]\nname = \"m\"")
 }
 
+/// What `nvmetro status` says of the mirror under the first namespace of the first subsystem
+/// (the site's config has `socket = "{DIR}/mgmt.sock"`).
+pub fn mirror_status(t: &TargetProcess) -> serde_json::Value {
+    let st = rpc(t, "nvmetro_status", serde_json::json!({})).unwrap();
+    st["subsystems"][0]["namespaces"][0]["mirror"].clone()
+}
+
 /// One JSON-RPC call on a site's management socket (`{DIR}/mgmt.sock`); the result, or the
 /// error's message.
 pub fn rpc(t: &TargetProcess, method: &str, params: serde_json::Value) -> Result<serde_json::Value, String> {

@@ -13,7 +13,7 @@ use nvmetro_perf::load::{run_paths, JobResult, Pattern, Workload};
 use nvmetro_perf::paths::{ana_state, PathMonitor};
 use nvmetro_perf::{ConnectOptions, Host};
 use nvmetro_proto::nvme::Status;
-use nvmetro_tests::{free_port, rpc, with_error_leg, TargetProcess, HOSTNQN};
+use nvmetro_tests::{free_port, mirror_status, rpc, with_error_leg, TargetProcess, HOSTNQN};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -35,11 +35,6 @@ fn site_config(preferred: bool, link: u16, retry: &str) -> String {
 }
 
 /// The mirror's status at `t` (nvmetro_status → namespace 1 → mirror).
-fn mirror_status(t: &TargetProcess) -> Value {
-    let st = rpc(t, "nvmetro_status", json!({})).unwrap();
-    st["subsystems"][0]["namespaces"][0]["mirror"].clone()
-}
-
 /// The metrics page of `t`.
 fn metrics(t: &TargetProcess) -> String {
     let mut s = TcpStream::connect(t.addr2).unwrap();
