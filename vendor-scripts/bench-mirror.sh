@@ -5,6 +5,8 @@
 #   * split: site A on core 0, site B on core 1, with 0, 150 us and 1 ms of link round trip
 #     added in-process;
 #   * busy host: the split layout with a busy-polling host spinning on core 1 beside site B;
+#   * lanes: the shared and split layouts again over a link of LANES (default 3) connections
+#     (LANES=1 repeats them with one: the run's own noise);
 #   * during a resync: QD1 writes at A while B, restarted after 2 s of QD32 writes without it,
 #     resyncs (and how long the resync took);
 #   * reads: 4 KiB random reads at QD32, unreplicated and at replicated site A (served locally);
@@ -82,11 +84,11 @@ print(json.dumps({"total": {"iops": float(iops.group(1)) if iops else 0, "latenc
 PY
 }
 
-mirror_section() { # role link-port meta delay
+mirror_section() { # role link-port meta delay [lanes]
   local end="peer = \"127.0.0.1:$2\""
   [ "$1" = preferred ] && end="listen = \"127.0.0.1:$2\""
-  printf '[[bdev]]\nname = "m"\nkind = "mirror"\nlocal = "leg"\nrole = "%s"\n%s\nmetadata = "%s"\nsecret = "bench-mirror-secret-0123"\n%s\n' \
-    "$1" "$end" "$3" "$([ "$4" -gt 0 ] && echo "link_delay = \"${4}us\"")"
+  printf '[[bdev]]\nname = "m"\nkind = "mirror"\nlocal = "leg"\nrole = "%s"\n%s\nmetadata = "%s"\nsecret = "bench-mirror-secret-0123"\n%s\n%s\n' \
+    "$1" "$end" "$3" "$([ "${5:-1}" -gt 1 ] && echo "lanes = $5")" "$([ "$4" -gt 0 ] && echo "link_delay = \"${4}us\"")"
 }
 
 in_sync() { # config: the leg and its peer UpToDate and connected
@@ -102,11 +104,11 @@ wait_sync() { # config -> prints seconds until in sync
   echo "nan"
 }
 
-start_pair() { # name core-of-B delay -> sets PA PB pa pb
-  local name=$1 bcore=$2 delay=$3 link
+start_pair() { # name core-of-B delay [lanes] -> sets PA PB pa pb
+  local name=$1 bcore=$2 delay=$3 lanes=${4:-1} link
   link=$(port); pa=$(port); pb=$(port)
-  target_cfg "$W/$name-a.toml" $pa "$(mirror_section preferred $link "$W/$name-a.meta" $delay)" "1, 99" m 0
-  target_cfg "$W/$name-b.toml" $pb "$(mirror_section secondary $link "$W/$name-b.meta" $delay)" "100, 199" m $bcore
+  target_cfg "$W/$name-a.toml" $pa "$(mirror_section preferred $link "$W/$name-a.meta" $delay $lanes)" "1, 99" m 0
+  target_cfg "$W/$name-b.toml" $pb "$(mirror_section secondary $link "$W/$name-b.meta" $delay $lanes)" "100, 199" m $bcore
   "$BIN/nvmetro-tgt" --config "$W/$name-a.toml" --log warn & PA=$!
   "$BIN/nvmetro-tgt" --config "$W/$name-b.toml" --log warn & PB=$!
   wait_port $pa; wait_port $pb
@@ -157,6 +159,15 @@ for delay in 0 75 500; do
   stop_pair split$delay
 done
 
+# The same layouts over a link of several lanes.
+LANES=${LANES:-3}
+start_pair lanes-shared 0 0 $LANES
+perf $pa 1 "$W/lanes-shared-qd1.json"; perf $pa 32 "$W/lanes-shared-qd32.json"
+stop_pair lanes-shared
+start_pair lanes-split 1 0 $LANES
+perf $pa 1 "$W/lanes-split-qd1.json"; perf $pa 32 "$W/lanes-split-qd32.json"
+stop_pair lanes-split
+
 # Heap allocations per I/O (both sites in one process, under a counting allocator).
 if [ -z "${NVMETRO_BIN:-}" ]; then
   cargo test --release -q -p nvmetro-tgt --test write_allocations --test read_allocations -- --nocapture > "$W/allocs.txt" 2>&1 || true
@@ -197,6 +208,12 @@ for d in (0, 75, 500):
     for qd in (1, 32):
         r = load(f"split{d}-qd{qd}"); raw[f"split{d}-qd{qd}"] = r
         row(f"B on core 1, +{2 * d} us RTT", qd, r, 2 * d, f"split{qd}")
+lanes = os.environ.get("LANES", "3")
+for layout, name, one in (("both sites on core 0", "shared", "shared"), ("B on core 1", "split", "split0")):
+    for qd in (1, 32):
+        r = load(f"lanes-{name}-qd{qd}"); raw[f"lanes-{name}-qd{qd}"] = r
+        one_lane = raw[f"{one}-qd{qd}"]
+        row(f"{layout}, {lanes} lanes", qd, r, 0, f"vs 1 lane: {r['iops'] / one_lane['iops'] if one_lane['iops'] else 0:.2f}x IOPS, p50 {lat(r, 'p50') - lat(one_lane, 'p50'):+.1f} us")
 split1 = load("split0-qd1")
 busy = load("busyhost-qd1"); raw["busyhost-qd1"] = busy
 row("B on core 1 beside a busy-polling host", 1, busy, 0, f"p50 <= 2 x {lat(split1, 'p50'):.1f} (blocking host)")

@@ -36,6 +36,7 @@
 
 use super::core::{Access, Input, MirrorCore, Output};
 use super::frame::{Frame, Kind};
+use super::lanes::Class;
 use super::meta::MetaFile;
 use super::outbox::{Conn, RESYNC_RECHECK};
 use super::transport::Transport;
@@ -473,7 +474,7 @@ impl LinkThread {
                     if !self.conns.is_empty() {
                         let lane = self.lanes.tx.send(&mut f);
                         let c = &mut self.conns[lane];
-                        let resync_data = f.kind == Kind::Resync && !f.payload.is_empty();
+                        let resync_data = Class::of(&f) == Class::Bulk;
                         if self.settings.link_delay.is_zero() && !resync_data {
                             c.queue(&f);
                         } else {

@@ -20,6 +20,11 @@
 //! handed on is always at the front of its lane with its count met: the receiver never waits
 //! on itself, only on bytes still on their way.
 //!
+//! Resync data is a third class, *bulk*: it keeps to lane 0's own queue, which yields to every
+//! other frame (see [`super::outbox`]), so frames sent after it overtake it, as they do on a
+//! single connection. It is not counted and never waits (the region it copies is range-locked
+//! at the sync source until the target acknowledged it).
+//!
 //! Both ends count every frame from the moment the link (lane 0) comes up. A sender writes the
 //! count into its frames only once the peer's Hello said it understands lanes
 //! ([`super::frame::caps::LANES`]): an older peer requires those bytes to be zero, and the frames
@@ -37,8 +42,10 @@ pub const HOLD_PER_LANE: usize = 4096;
 pub enum Class {
     /// A replicated write or its acknowledgement: any lane, overtakes others of its class.
     Data,
-    /// Everything else: lane 0, in order with everything.
+    /// Everything else but resync data: lane 0, in order with everything.
     Control,
+    /// Resync data: lane 0's yielding queue, not counted, never held.
+    Bulk,
 }
 
 impl Class {
@@ -46,9 +53,10 @@ impl Class {
         match f.kind {
             // A flush covers the writes sent before it.
             Kind::Replicate if !matches!(f.op, OpCode::Flush | OpCode::None) => Class::Data,
-            // `arg` 1 confirms a forwarded write: the secondary's bookkeeping of the forwarded
-            // range depends on its order with the acknowledgements around it.
+            // `arg` 1 confirms a forwarded write; it keeps its order with everything (the
+            // simulation finds no history that needs it, but it is rare and costs nothing).
             Kind::ReplicateAck if f.arg != 1 => Class::Data,
+            Kind::Resync if !f.payload.is_empty() => Class::Bulk,
             _ => Class::Control,
         }
     }
@@ -105,6 +113,7 @@ impl LaneSender {
                 self.control_sent = self.control_sent.wrapping_add(1);
                 (self.data_sent, 0)
             }
+            Class::Bulk => (0, 0),
         };
         f.barrier = if self.stamping { count } else { 0 };
         lane
@@ -113,8 +122,8 @@ impl LaneSender {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LaneError {
-    #[error("a control frame ({0:?}) arrived on lane {1}: control frames use lane 0")]
-    ControlOffLane0(Kind, usize),
+    #[error("a control or resync frame ({0:?}) arrived on lane {1}: those use lane 0")]
+    OffLane0(Kind, usize),
     #[error("a frame arrived on lane {0}, but the link has {1}")]
     NoSuchLane(usize, usize),
 }
@@ -160,8 +169,8 @@ impl LaneReceiver {
     pub fn push(&mut self, lane: usize, f: Frame) -> Result<(), LaneError> {
         let lanes = self.held.len();
         let q = self.held.get_mut(lane).ok_or(LaneError::NoSuchLane(lane, lanes))?;
-        if lane != 0 && Class::of(&f) == Class::Control {
-            return Err(LaneError::ControlOffLane0(f.kind, lane));
+        if lane != 0 && Class::of(&f) != Class::Data {
+            return Err(LaneError::OffLane0(f.kind, lane));
         }
         q.push_back(f);
         Ok(())
@@ -176,6 +185,7 @@ impl LaneReceiver {
                     || match Class::of(f) {
                         Class::Data => reached(control_seen, f.barrier),
                         Class::Control => reached(data_seen, f.barrier),
+                        Class::Bulk => true,
                     }
             })
         })?;
@@ -183,6 +193,7 @@ impl LaneReceiver {
         match Class::of(&f) {
             Class::Data => self.data_seen = self.data_seen.wrapping_add(1),
             Class::Control => self.control_seen = self.control_seen.wrapping_add(1),
+            Class::Bulk => {}
         }
         Some(f)
     }
@@ -203,31 +214,50 @@ mod tests {
         Frame::new(Kind::Ping, seq)
     }
 
-    /// Sends `frames` (true: data) over `lanes` lanes, the first `unstamped` before the peer's
-    /// Hello; delivers them lane by lane in the order `picks` chooses; returns the indexes in the
-    /// order the receiver handed them on.
-    fn deliver(frames: &[bool], lanes: usize, unstamped: usize, picks: &[u8]) -> Vec<u64> {
+    /// A frame of class `class` (0 data, 1 control, 2 resync data) with its index in `offset`
+    /// (data frames spread over lanes by `seq`).
+    fn frame(class: u8, i: usize) -> Frame {
+        let mut f = match class {
+            0 => data(i as u64),
+            1 => control(i as u64),
+            _ => {
+                let mut f = Frame::new(Kind::Resync, i as u64);
+                f.op = OpCode::Write;
+                f.payload = vec![1; 8].into();
+                f
+            }
+        };
+        f.offset = i as u64;
+        f
+    }
+
+    /// Sends `frames` over `lanes` lanes, the first `unstamped` before the peer's Hello;
+    /// delivers them lane by lane in the order `picks` chooses (resync data from lane 0's
+    /// yielding queue, which anything may overtake); returns the indexes in the order the
+    /// receiver handed them on.
+    fn deliver(frames: &[u8], lanes: usize, unstamped: usize, picks: &[u8]) -> Vec<u64> {
         let mut tx = LaneSender::new(1);
         let mut rx = LaneReceiver::new(lanes);
-        let mut wire: Vec<VecDeque<Frame>> = (0..lanes).map(|_| VecDeque::new()).collect();
-        for (i, &is_data) in frames.iter().enumerate() {
+        // One queue per lane, then lane 0's bulk queue.
+        let mut wire: Vec<VecDeque<Frame>> = (0..=lanes).map(|_| VecDeque::new()).collect();
+        for (i, &class) in frames.iter().enumerate() {
             if i == unstamped {
                 tx.start_stamping();
                 tx.set_lanes(lanes);
                 rx.start_checking();
             }
-            let mut f = if is_data { data(i as u64) } else { control(i as u64) };
-            // The frame's index rides in `offset` (data frames spread over lanes by `seq`).
-            f.offset = i as u64;
+            let mut f = frame(class, i);
             let lane = tx.send(&mut f);
-            wire[lane].push_back(f);
+            let queue = if Class::of(&f) == Class::Bulk { lanes } else { lane };
+            wire[queue].push_back(f);
         }
         let mut out = Vec::new();
         let mut picks = picks.iter().cycle();
         while wire.iter().any(|w| !w.is_empty()) {
-            let ready: Vec<usize> = (0..lanes).filter(|&l| !wire[l].is_empty()).collect();
-            let lane = ready[usize::from(*picks.next().expect("cycle")) % ready.len()];
-            rx.push(lane, wire[lane].pop_front().expect("front")).unwrap();
+            let ready: Vec<usize> = (0..=lanes).filter(|&l| !wire[l].is_empty()).collect();
+            let queue = ready[usize::from(*picks.next().expect("cycle")) % ready.len()];
+            let lane = if queue == lanes { 0 } else { queue };
+            rx.push(lane, wire[queue].pop_front().expect("front")).unwrap();
             while let Some(f) = rx.pop() {
                 out.push(f.offset);
             }
@@ -239,10 +269,10 @@ mod tests {
     proptest! {
         /// Whatever the lanes' timing, the receiver hands on every frame once, and no frame
         /// passes one of the other class (nor a control frame another control frame) sent
-        /// before it.
+        /// before it; resync data keeps its own order.
         #[test]
         fn frames_pass_only_frames_of_their_own_data_class(
-            frames in proptest::collection::vec(any::<bool>(), 1..200),
+            frames in proptest::collection::vec(0u8..3, 1..200),
             lanes in 1usize..5,
             unstamped in 0usize..8,
             picks in proptest::collection::vec(any::<u8>(), 1..64),
@@ -257,7 +287,13 @@ mod tests {
             }
             for j in 0..frames.len() {
                 for i in 0..j {
-                    if !(frames[i] && frames[j]) {
+                    let ordered = match (frames[i], frames[j]) {
+                        (0, 0) => false,
+                        (2, 2) => true,
+                        (2, _) | (_, 2) => false,
+                        _ => true,
+                    };
+                    if ordered {
                         prop_assert!(position[i] < position[j], "frame {} overtook {} ({:?})", j, i, frames);
                     }
                 }
@@ -268,11 +304,21 @@ mod tests {
     #[test]
     fn data_frames_do_overtake_each_other() {
         // Lane 1 delivers first: its data frame is handed on before lane 0's.
-        let out = deliver(&[true, true], 2, 0, &[1, 0]);
+        let out = deliver(&[0, 0], 2, 0, &[1, 0]);
         assert_eq!(out, vec![1, 0]);
         // A control frame sent ahead of both goes first; then data frame 2 overtakes 1.
-        let out = deliver(&[false, true, true], 2, 0, &[0]);
+        let out = deliver(&[1, 0, 0], 2, 0, &[0]);
         assert_eq!(out, vec![0, 2, 1]);
+    }
+
+    #[test]
+    fn resync_data_is_overtaken_without_holding_anything() {
+        // A resync chunk, then a control frame and a data frame that overtake it: both go on
+        // at once, and so does the chunk when it arrives.
+        let out = deliver(&[2, 1, 0], 2, 0, &[0]);
+        assert_eq!(out, vec![1, 2, 0]);
+        let mut rx = LaneReceiver::new(2);
+        assert_eq!(rx.push(1, frame(2, 0)), Err(LaneError::OffLane0(Kind::Resync, 1)));
     }
 
     #[test]
@@ -308,7 +354,7 @@ mod tests {
     #[test]
     fn a_control_frame_off_lane_0_and_an_unknown_lane_are_errors() {
         let mut rx = LaneReceiver::new(2);
-        assert_eq!(rx.push(1, control(1)), Err(LaneError::ControlOffLane0(Kind::Ping, 1)));
+        assert_eq!(rx.push(1, control(1)), Err(LaneError::OffLane0(Kind::Ping, 1)));
         assert_eq!(rx.push(2, data(1)), Err(LaneError::NoSuchLane(2, 2)));
         rx.set_lanes(3);
         assert_eq!(rx.push(2, data(1)), Ok(()));
@@ -358,6 +404,7 @@ mod tests {
         assert_eq!(Class::of(&data(1)), Class::Data);
         assert_eq!(Class::of(&Frame::new(Kind::ReplicateAck, 1)), Class::Data);
         assert_eq!(Class::of(&failed_ack), Class::Data);
+        assert_eq!(Class::of(&frame(2, 0)), Class::Bulk);
         for f in [flush, confirm, control(1), Frame::new(Kind::Hello, 0), Frame::new(Kind::Resync, 0), Frame::new(Kind::Forward, 0)] {
             assert_eq!(Class::of(&f), Class::Control, "{f:?}");
         }

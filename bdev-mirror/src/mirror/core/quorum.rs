@@ -384,7 +384,10 @@ impl MirrorCore {
                     self.take_grant(next, out);
                 }
             }
-            Quorum::Fenced => {}
+            // Fenced, this leg cannot complete alone the writes it replicated: the peer's
+            // answers are lost with the link, so they fail (hosts retry them where the data is
+            // served; their regions stay dirty here).
+            Quorum::Fenced => self.release_held(Err(BdevError::Fenced), out),
             Quorum::Starting | Quorum::Peer => {
                 if matches!(was, LinkState::Syncing { source: false }) && self.disk == DiskState::UpToDate {
                     self.disk = DiskState::Inconsistent;
