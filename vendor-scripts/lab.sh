@@ -203,6 +203,7 @@ kind = "mirror"
 local = "leg"
 $role
 link = "rdma"
+lanes = 2
 metadata = "/tmp/rlink-$site.meta"
 secret = "lab-rdma-link-secret-0123456789"
 [[subsystem]]
@@ -222,6 +223,10 @@ done
 for i in $(seq 150); do grep -q 'replication link up' /tmp/rlink-a.log && grep -q 'replication link up' /tmp/rlink-b.log && break; sleep 0.2; done
 grep -h 'replication link up' /tmp/rlink-a.log /tmp/rlink-b.log
 grep -q 'replication link up.*rdma' /tmp/rlink-b.log && echo "CHECK rdma link up between the sites"
+for i in $(seq 150); do grep -q 'replication lane 1 up (2 of 2)' /tmp/rlink-a.log && grep -q 'replication lane 1 up (2 of 2)' /tmp/rlink-b.log && break; sleep 0.2; done
+grep -h 'replication lane' /tmp/rlink-a.log /tmp/rlink-b.log
+grep -q 'replication lane 1 up (2 of 2)' /tmp/rlink-a.log && grep -q 'replication lane 1 up (2 of 2)' /tmp/rlink-b.log \
+  && echo "CHECK rdma link: two lanes (RC queue pairs) up at both sites"
 timeout 120 nvme connect -t tcp -a 10.0.2.15 -s 4431 -n $S && sleep 2
 MD=$(nvme list | awk '/nvmetro/ {print $1}' | head -1); echo "site A device: $MD"
 timeout 120 fio --name=rlink --filename="$MD" --rw=randwrite --bs=8k --iodepth=8 --ioengine=libaio --direct=1 --size=16m \

@@ -116,11 +116,15 @@ fn writes_at_either_site_read_back_identically_at_both() {
 
 #[test]
 fn sigkill_of_the_secondary_mid_write_loses_nothing() {
-    let (a, mut b) = pair();
+    let (a, b) = pair();
     let _ = wait_serving(&b);
-    let ha = wait_serving(&a);
-    // A verifying workload on A; B dies in the middle of it.
-    let (_admin, mut io) = ha.into_parts();
+    kill_the_secondary_mid_write(&a, b, |_| {});
+}
+
+/// A verifying workload on A; B dies in the middle of it; `restarted` runs once B is back.
+/// B resyncs, and then both sites hold every acknowledged write.
+fn kill_the_secondary_mid_write(a: &TargetProcess, mut b: TargetProcess, restarted: impl FnOnce(&TargetProcess)) {
+    let (_admin, mut io) = wait_serving(a).into_parts();
     let mut path = PathIo::single(io.remove(0));
     let killer = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(700));
@@ -132,12 +136,11 @@ fn sigkill_of_the_secondary_mid_write_loses_nothing() {
     let mut b = killer.join().unwrap();
     assert_eq!(r.errors, 0, "the preferred site kept serving: {:?}", r.first_error);
     assert!(r.mismatches.is_empty());
-    // B returns, resyncs, and then holds every acknowledged write.
     b.restart();
-    let hb = wait_serving(&b);
-    let n = verify_all(hb, &mut gens);
+    restarted(&b);
+    let n = verify_all(wait_serving(&b), &mut gens);
     assert!(n >= 2048, "read back the whole region: {n}");
-    verify_all(wait_serving(&a), &mut gens);
+    verify_all(wait_serving(a), &mut gens);
 }
 
 /// Waits until both sites show `lanes` lanes up on a connected link.
@@ -161,7 +164,7 @@ fn over_three_lanes_both_sites_agree_and_a_sigkill_of_the_secondary_loses_nothin
     let link = free_port();
     let site = |preferred| nvmetro_tests::mirror_site_config(NQN, preferred, link, "socket = \"{DIR}/mgmt.sock\"", "lanes = 3");
     let a = TargetProcess::start(&site(true));
-    let mut b = TargetProcess::start(&site(false));
+    let b = TargetProcess::start(&site(false));
     wait_lanes(&a, &b, 3);
     let ups = mirror_status(&a)["link_ups"].as_u64().unwrap();
     let run = |h: Host, seed: u64| {
@@ -179,23 +182,7 @@ fn over_three_lanes_both_sites_agree_and_a_sigkill_of_the_secondary_loses_nothin
     let (da, db) = (connect(&a).unwrap().read(1, 0, 256, 512).unwrap(), connect(&b).unwrap().read(1, 0, 256, 512).unwrap());
     assert!(da == db, "the two copies differ after concurrent writes at both sites over three lanes");
     assert_eq!(mirror_status(&a)["link_ups"], ups, "the link stayed up");
-
-    let (_admin, mut io) = wait_serving(&a).into_parts();
-    let mut path = PathIo::single(io.remove(0));
-    let killer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(700));
-        b.kill();
-        b
-    });
-    let mut gens = HashMap::new();
-    let r = load::run(&mut path, &workload(30, 2, true), 512, &mut gens).unwrap();
-    let mut b = killer.join().unwrap();
-    assert_eq!(r.errors, 0, "the preferred site kept serving: {:?}", r.first_error);
-    b.restart();
-    wait_lanes(&a, &b, 3);
-    let n = verify_all(wait_serving(&b), &mut gens);
-    assert!(n >= 2048, "read back the whole region: {n}");
-    verify_all(wait_serving(&a), &mut gens);
+    kill_the_secondary_mid_write(&a, b, |b| wait_lanes(&a, b, 3));
 }
 
 #[test]

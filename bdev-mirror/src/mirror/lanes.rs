@@ -321,13 +321,19 @@ mod tests {
         assert_eq!(rx.push(1, frame(2, 0)), Err(LaneError::OffLane0(Kind::Resync, 1)));
     }
 
-    #[test]
-    fn the_counts_wrap() {
+    /// A sender and a receiver on `lanes` lanes, both past the Hellos (counting).
+    fn counting_pair(lanes: usize) -> (LaneSender, LaneReceiver) {
         let mut tx = LaneSender::new(1);
         tx.start_stamping();
-        tx.set_lanes(2);
-        let mut rx = LaneReceiver::new(2);
+        tx.set_lanes(lanes);
+        let mut rx = LaneReceiver::new(lanes);
         rx.start_checking();
+        (tx, rx)
+    }
+
+    #[test]
+    fn the_counts_wrap() {
+        let (mut tx, mut rx) = counting_pair(2);
         (tx.data_sent, tx.control_sent) = (u32::MAX - 1, u32::MAX);
         (rx.data_seen, rx.control_seen) = (u32::MAX - 1, u32::MAX);
         let mut sent = Vec::new();
@@ -362,11 +368,7 @@ mod tests {
 
     #[test]
     fn a_lane_full_of_held_frames_is_not_read() {
-        let mut tx = LaneSender::new(1);
-        tx.start_stamping();
-        tx.set_lanes(2);
-        let mut rx = LaneReceiver::new(2);
-        rx.start_checking();
+        let (mut tx, mut rx) = counting_pair(2);
         // A data frame on lane 1, then control frames behind it on lane 0.
         let mut first = data(1);
         assert_eq!(tx.send(&mut first), 1);
