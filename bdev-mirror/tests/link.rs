@@ -483,3 +483,48 @@ fn a_lane_joins_only_the_link_whose_session_it_names_and_after_the_lanes_before_
     drop((lane0, lane1, lane2, a));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Over TCP with two lanes, a resync runs while hosts write at the sync source: resync data
+/// yields to host frames on lane 0 (they overtake it), and nothing waits for it, so the link
+/// stays up through the resync (frames held past the heartbeat would take it down).
+#[test]
+fn over_lanes_a_resync_under_host_writes_keeps_the_link_up() {
+    use nvmetro_bdev::mirror::transport::TcpTransport;
+    let dir = std::env::temp_dir().join(format!("nvmetro-link-lanes-resync-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let addr = free_port();
+    let (a, la) = leg_with("a", Role::Preferred, TcpTransport::new(Some(addr), None).unwrap(), &dir, false, 0, 2);
+    let (mut b, _) = leg_with("b", Role::Secondary, TcpTransport::new(None, Some(addr)).unwrap(), &dir, false, 0, 2);
+    wait("two lanes up", || a.status().lanes_up == 2 && b.serving());
+    // B goes away; A takes writes over the whole device alone.
+    drop(b);
+    wait("A serves alone", || a.status().link == "Disconnected");
+    let mut ca = a.clone().channel().unwrap();
+    for i in 0..(SIZE >> 16) {
+        assert_eq!(
+            run(ca.as_mut(), BdevOp::Write { offset: i << 16, data: vec![i as u8; 65536].into(), fua: false }),
+            Ok(BdevOutput::Done)
+        );
+    }
+    // B returns (its leg empty: everything is resynced) while A keeps writing.
+    let (b2, lb) = leg_with("b", Role::Secondary, TcpTransport::new(None, Some(addr)).unwrap(), &dir, false, 0, 2);
+    b = b2;
+    wait("the link is back", || a.status().lanes_up >= 1 && a.status().link != "Disconnected");
+    let ups = a.status().link_ups;
+    let mut writes = 0u64;
+    while a.status().out_of_sync_bytes > 0 || a.status().link != "Connected" {
+        let off = (writes * 7919 % (SIZE >> 12)) << 12;
+        assert_eq!(
+            run(ca.as_mut(), BdevOp::Write { offset: off, data: vec![writes as u8; 4096].into(), fua: false }),
+            Ok(BdevOutput::Done)
+        );
+        writes += 1;
+        assert!(writes < 1_000_000, "the resync never finished");
+    }
+    assert!(writes > 10, "hosts wrote during the resync: {writes}");
+    assert_eq!(a.status().link_ups, ups, "the link stayed up through the resync");
+    wait("B serves", || b.serving());
+    assert!(read_leg(&la) == read_leg(&lb), "the legs are identical");
+    drop((ca, a, b));
+    let _ = std::fs::remove_dir_all(dir);
+}
