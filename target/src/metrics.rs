@@ -243,6 +243,8 @@ fn families(t: &Target) -> Vec<Family> {
         Counter,
         "Replication connections refused since start (authentication failed or timed out, too many in their handshake).",
     );
+    let mut lanes = Family::new("nvmetro_mirror_lanes_up", Gauge, "Connections (lanes) the replication link is made of now.");
+    let mut link_ups = Family::new("nvmetro_mirror_link_ups", Counter, "Times the replication link came up since start.");
     for (_, b) in t.live_bdevs() {
         let Some(m) = b.mirror_status() else { continue };
         let l: Labels = vec![
@@ -273,7 +275,9 @@ fn families(t: &Target) -> Vec<Family> {
         // Counters keep one series however the state labels move.
         let name: Labels = vec![("bdev", b.info().name.clone()), ("site", site.clone())];
         leg_failures.add(name.clone(), Value::Counter(m.leg_failures));
-        refusals.add(name, Value::Counter(m.link_refusals));
+        refusals.add(name.clone(), Value::Counter(m.link_refusals));
+        link_ups.add(name.clone(), Value::Counter(m.link_ups));
+        lanes.add(name, Value::Gauge(m.lanes_up as f64));
     }
     let mut families = vec![
         commands,
@@ -296,6 +300,8 @@ fn families(t: &Target) -> Vec<Family> {
         peer_failed,
         leg_failures,
         refusals,
+        link_ups,
+        lanes,
     ];
     families.extend(dr_families(t, &site));
     families

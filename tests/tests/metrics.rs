@@ -76,6 +76,12 @@ fn the_metrics_pass_promtool_and_a_real_prometheus_scrapes_them() {
     };
     wait_until("the stranger is refused and counted", Duration::from_secs(20), || refused(&get(metrics, "/metrics")) >= 1.0);
     drop(stranger);
+    // The link (one lane) came up once, and the stranger did not touch it.
+    let body = get(metrics, "/metrics");
+    let value = |name: &str| {
+        body.lines().find(|l| l.starts_with(&format!("{name}{{bdev=\"m\""))).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    assert_eq!((value("nvmetro_mirror_lanes_up"), value("nvmetro_mirror_link_ups_total")), (Some(1.0), Some(1.0)), "{body}");
 
     // Without an Accept header for OpenMetrics: the classic text format, as promtool reads it.
     let body = get(metrics, "/metrics");
