@@ -226,7 +226,7 @@ grep -q 'replication link up.*rdma' /tmp/rlink-b.log && echo "CHECK rdma link up
 for i in $(seq 150); do grep -q 'replication lane 1 up (2 of 2)' /tmp/rlink-a.log && grep -q 'replication lane 1 up (2 of 2)' /tmp/rlink-b.log && break; sleep 0.2; done
 grep -h 'replication lane' /tmp/rlink-a.log /tmp/rlink-b.log
 grep -q 'replication lane 1 up (2 of 2)' /tmp/rlink-a.log && grep -q 'replication lane 1 up (2 of 2)' /tmp/rlink-b.log \
-  && echo "CHECK rdma link: two lanes (RC queue pairs) up at both sites"
+  && echo "CHECK rdma link: two lanes up at both sites"
 timeout 120 nvme connect -t tcp -a 10.0.2.15 -s 4431 -n $S && sleep 2
 MD=$(nvme list | awk '/nvmetro/ {print $1}' | head -1); echo "site A device: $MD"
 timeout 120 fio --name=rlink --filename="$MD" --rw=randwrite --bs=8k --iodepth=8 --ioengine=libaio --direct=1 --size=16m \
@@ -254,6 +254,8 @@ for i in $(seq 300); do grep -q 'resync from the peer finished' /tmp/rlink-b2.lo
 grep -h 'resync to the peer' /tmp/rlink-a.log
 [ "$(grep -c 'resync to the peer finished' /tmp/rlink-a.log)" -gt "$before" ] && grep -q 'resync from the peer finished' /tmp/rlink-b2.log \
   && echo "CHECK rdma link: resync over RDMA finished"
+for i in $(seq 100); do grep -q 'replication lane 1 up (2 of 2)' /tmp/rlink-b2.log && break; sleep 0.2; done
+grep -q 'replication lane 1 up (2 of 2)' /tmp/rlink-b2.log && echo "CHECK rdma link: two lanes again after B's restart"
 timeout 120 nvme connect -t tcp -a 10.0.2.15 -s 4432 -n $S && sleep 2
 MD=$(nvme list | awk '/nvmetro/ {print $1}' | head -1)
 timeout 120 fio --name=rlink2 --filename="$MD" --offset=32m --rw=randwrite --bs=8k --iodepth=8 --ioengine=libaio --direct=1 --size=16m \
@@ -410,6 +412,8 @@ rdma_checks() { # runs chk (defined by the caller) on the guest log
   chk "nvmetro-perf --transport rdma --verify against nvmetro-tgt" "CHECK nvmetro-perf rdma verify against nvmetro-tgt ok"
   chk "nvmetro-perf --transport rdma --verify against Linux nvmet-rdma" "CHECK nvmetro-perf rdma verify against nvmet-rdma ok"
   chk "rdma link: the sites' replication link comes up over RDMA" "CHECK rdma link up between the sites"
+  chk "rdma link: two lanes (RC queue pairs) up at both sites" "CHECK rdma link: two lanes up at both sites"
+  chk "rdma link: two lanes again after B's restart" "CHECK rdma link: two lanes again after B's restart"
   chk "rdma link: writes through site A" "CHECK rdma link: writes through site A ok"
   chk "rdma link: site B reads what A wrote" "CHECK rdma link: site B reads what A wrote"
   chk "rdma link: A learns of B's death at once (rdma_cm disconnect, not the heartbeat)" "CHECK rdma link: A learns of B's death from rdma_cm"
