@@ -25,20 +25,36 @@ fn leg_on(
     dir: &std::path::Path,
     on_reactor: bool,
 ) -> (Arc<MirrorBdev>, Arc<MallocBdev>) {
-    leg_with(name, role, transport, dir, on_reactor, 0, 1)
+    leg_with(name, role, transport, dir, Shape { on_reactor, ..Shape::default() })
 }
 
-/// As [`leg_on`], with a resync rate cap (bytes per second; 0 for none) and the link's lanes.
+/// How a test leg is made beyond its name, role and link.
+#[derive(Clone, Copy)]
+struct Shape {
+    /// The link runs as a poller that the test turns itself.
+    on_reactor: bool,
+    /// Resync rate cap, bytes per second (0: none).
+    resync_rate: u64,
+    lanes: usize,
+    size: u64,
+}
+
+impl Default for Shape {
+    fn default() -> Shape {
+        Shape { on_reactor: false, resync_rate: 0, lanes: 1, size: SIZE }
+    }
+}
+
+/// A leg of the given [`Shape`].
 fn leg_with(
     name: &str,
     role: Role,
     transport: impl nvmetro_bdev::mirror::transport::Transport + 'static,
     dir: &std::path::Path,
-    on_reactor: bool,
-    resync_rate: u64,
-    lanes: usize,
+    shape: Shape,
 ) -> (Arc<MirrorBdev>, Arc<MallocBdev>) {
-    let local = Arc::new(MallocBdev::new(name, 512, SIZE, false).unwrap());
+    let Shape { on_reactor, resync_rate, lanes, size } = shape;
+    let local = Arc::new(MallocBdev::new(name, 512, size, false).unwrap());
     let settings = MirrorSettings {
         role,
         site: if role == Role::Preferred { 1 } else { 2 },
@@ -91,7 +107,7 @@ fn turn_until(link: &mut Box<dyn nvmetro_bdev::Poller>, what: &str, f: &mut dyn 
 
 fn read_leg(l: &Arc<MallocBdev>) -> Vec<u8> {
     let mut c = l.clone().channel().unwrap();
-    match run(c.as_mut(), BdevOp::Read { offset: 0, len: SIZE as usize }).unwrap() {
+    match run(c.as_mut(), BdevOp::Read { offset: 0, len: l.info().size_bytes() as usize }).unwrap() {
         BdevOutput::Data(d) => d,
         other => panic!("{other:?}"),
     }
@@ -229,7 +245,7 @@ fn both_legs_show_the_resync_progress() {
     std::fs::create_dir_all(&dir).unwrap();
     let (ta, tb, control) = mem::pair(Duration::ZERO);
     // 1 MiB/s: 2 MiB to copy take about two seconds.
-    let (a, _) = leg_with("a", Role::Preferred, ta, &dir, false, 1 << 20, 1);
+    let (a, _) = leg_with("a", Role::Preferred, ta, &dir, Shape { resync_rate: 1 << 20, ..Shape::default() });
     let (b, _) = leg("b", Role::Secondary, tb, &dir);
     wait("the secondary serves", || b.serving());
     control.cut();
@@ -266,8 +282,8 @@ fn a_link_of_three_lanes_carries_writes_on_every_lane_and_a_broken_lane_takes_it
     let dir = std::env::temp_dir().join(format!("nvmetro-link-lanes-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (ta, tb, control) = mem::pair(Duration::ZERO);
-    let (a, la) = leg_with("a", Role::Preferred, ta, &dir, false, 0, 3);
-    let (b, lb) = leg_with("b", Role::Secondary, tb, &dir, false, 0, 3);
+    let (a, la) = leg_with("a", Role::Preferred, ta, &dir, Shape { lanes: 3, ..Shape::default() });
+    let (b, lb) = leg_with("b", Role::Secondary, tb, &dir, Shape { lanes: 3, ..Shape::default() });
     wait("three lanes up at both legs", || a.status().lanes_up == 3 && b.status().lanes_up == 3 && b.serving());
     assert_eq!((a.status().lanes_wanted, b.status().lanes_wanted), (3, 3));
     let ups = a.status().link_ups;
@@ -303,8 +319,8 @@ fn a_link_takes_the_smaller_number_of_lanes_of_its_two_ends() {
         let dir = std::env::temp_dir().join(format!("nvmetro-link-lanes-{lanes_a}-{lanes_b}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let (ta, tb, control) = mem::pair(Duration::ZERO);
-        let (a, la) = leg_with("a", Role::Preferred, ta, &dir, false, 0, lanes_a);
-        let (b, lb) = leg_with("b", Role::Secondary, tb, &dir, false, 0, lanes_b);
+        let (a, la) = leg_with("a", Role::Preferred, ta, &dir, Shape { lanes: lanes_a, ..Shape::default() });
+        let (b, lb) = leg_with("b", Role::Secondary, tb, &dir, Shape { lanes: lanes_b, ..Shape::default() });
         wait("the link is up and agreed", || {
             let (sa, sb) = (a.status(), b.status());
             b.serving() && sa.lanes_wanted == expect && sb.lanes_wanted == expect && sa.lanes_up == expect && sb.lanes_up == expect
@@ -353,8 +369,10 @@ fn over_tcp_lanes_join_only_their_own_link_and_a_stranger_lane_is_refused_withou
     let dir = std::env::temp_dir().join(format!("nvmetro-link-lanes-tcp-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let addr = free_port();
-    let (a, la) = leg_with("a", Role::Preferred, TcpTransport::new(Some(addr), None).unwrap(), &dir, false, 0, 2);
-    let (b, lb) = leg_with("b", Role::Secondary, TcpTransport::new(None, Some(addr)).unwrap(), &dir, false, 0, 2);
+    let (a, la) =
+        leg_with("a", Role::Preferred, TcpTransport::new(Some(addr), None).unwrap(), &dir, Shape { lanes: 2, ..Shape::default() });
+    let (b, lb) =
+        leg_with("b", Role::Secondary, TcpTransport::new(None, Some(addr)).unwrap(), &dir, Shape { lanes: 2, ..Shape::default() });
     wait("two lanes up", || a.status().lanes_up == 2 && b.status().lanes_up == 2 && b.serving());
     let (ups, refusals) = (a.status().link_ups, a.status().link_refusals);
     // Someone who knows the secret but not the link's session; then a lane past the link's two.
@@ -426,7 +444,7 @@ fn a_lane_joins_only_the_link_whose_session_it_names_and_after_the_lanes_before_
     std::fs::create_dir_all(&dir).unwrap();
     let addr = free_port();
     let secret = b"link test secret";
-    let (a, _) = leg_with("a", Role::Preferred, TcpTransport::new(Some(addr), None).unwrap(), &dir, false, 0, 3);
+    let (a, _) = leg_with("a", Role::Preferred, TcpTransport::new(Some(addr), None).unwrap(), &dir, Shape { lanes: 3, ..Shape::default() });
     let mut hello = Frame::new(Kind::Hello, 0);
     hello.payload = Hello {
         site: 2,
@@ -485,35 +503,36 @@ fn a_lane_joins_only_the_link_whose_session_it_names_and_after_the_lanes_before_
 }
 
 /// Over TCP with two lanes, a resync runs while hosts write at the sync source: resync data
-/// yields to host frames on lane 0 (they overtake it), and nothing waits for it, so the link
-/// stays up through the resync (frames held past the heartbeat would take it down).
+/// yields to host frames on lane 0 (they overtake it in the outbox), and nothing counted may
+/// wait for it there (a frame counting it ahead of it in lane 0 would wait for good), so the
+/// link stays up through the resync and the legs end identical.
 #[test]
 fn over_lanes_a_resync_under_host_writes_keeps_the_link_up() {
     use nvmetro_bdev::mirror::transport::TcpTransport;
     let dir = std::env::temp_dir().join(format!("nvmetro-link-lanes-resync-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let addr = free_port();
-    let (a, la) = leg_with("a", Role::Preferred, TcpTransport::new(Some(addr), None).unwrap(), &dir, false, 0, 2);
-    let (mut b, _) = leg_with("b", Role::Secondary, TcpTransport::new(None, Some(addr)).unwrap(), &dir, false, 0, 2);
+    let shape = Shape { lanes: 2, size: 128 << 20, ..Shape::default() };
+    let (a, la) = leg_with("a", Role::Preferred, TcpTransport::new(Some(addr), None).unwrap(), &dir, shape);
+    let (b, _) = leg_with("b", Role::Secondary, TcpTransport::new(None, Some(addr)).unwrap(), &dir, shape);
     wait("two lanes up", || a.status().lanes_up == 2 && b.serving());
     // B goes away; A takes writes over the whole device alone.
     drop(b);
     wait("A serves alone", || a.status().link == "Disconnected");
     let mut ca = a.clone().channel().unwrap();
-    for i in 0..(SIZE >> 16) {
+    for i in 0..(shape.size >> 16) {
         assert_eq!(
             run(ca.as_mut(), BdevOp::Write { offset: i << 16, data: vec![i as u8; 65536].into(), fua: false }),
             Ok(BdevOutput::Done)
         );
     }
-    // B returns (its leg empty: everything is resynced) while A keeps writing.
-    let (b2, lb) = leg_with("b", Role::Secondary, TcpTransport::new(None, Some(addr)).unwrap(), &dir, false, 0, 2);
-    b = b2;
+    // B returns (its leg empty; every region is dirty at A) while A keeps writing.
+    let (b, lb) = leg_with("b", Role::Secondary, TcpTransport::new(None, Some(addr)).unwrap(), &dir, shape);
     wait("the link is back", || a.status().lanes_up >= 1 && a.status().link != "Disconnected");
     let ups = a.status().link_ups;
     let mut writes = 0u64;
     while a.status().out_of_sync_bytes > 0 || a.status().link != "Connected" {
-        let off = (writes * 7919 % (SIZE >> 12)) << 12;
+        let off = (writes * 7919 % (shape.size >> 12)) << 12;
         assert_eq!(
             run(ca.as_mut(), BdevOp::Write { offset: off, data: vec![writes as u8; 4096].into(), fua: false }),
             Ok(BdevOutput::Done)
@@ -521,10 +540,59 @@ fn over_lanes_a_resync_under_host_writes_keeps_the_link_up() {
         writes += 1;
         assert!(writes < 1_000_000, "the resync never finished");
     }
-    assert!(writes > 10, "hosts wrote during the resync: {writes}");
+    assert!(writes > 100, "hosts wrote during the resync: {writes}");
     assert_eq!(a.status().link_ups, ups, "the link stayed up through the resync");
     wait("B serves", || b.serving());
     assert!(read_leg(&la) == read_leg(&lb), "the legs are identical");
     drop((ca, a, b));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A peer of an earlier release (its Hello advertises no lanes) gets what it understands: no
+/// Lane frame and no barrier counts (it requires header bytes 40..44 to be zero).
+#[test]
+fn a_peer_without_lanes_gets_neither_lane_frames_nor_barrier_counts() {
+    use nvmetro_bdev::mirror::frame::{caps, Frame, Hello, Kind};
+    use nvmetro_bdev::mirror::transport::TcpTransport;
+    use std::io::{Read, Write};
+    let dir = std::env::temp_dir().join(format!("nvmetro-link-lanes-old-peer-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let addr = free_port();
+    let (a, _) = leg_with("a", Role::Preferred, TcpTransport::new(Some(addr), None).unwrap(), &dir, Shape { lanes: 4, ..Shape::default() });
+    let mut hello = Frame::new(Kind::Hello, 0);
+    hello.payload = Hello {
+        site: 2,
+        preferred: false,
+        caps: caps::SWITCHOVER | caps::RELEASE_ECHO,
+        orders: false,
+        generations: Default::default(),
+        disk: nvmetro_bdev::mirror::DiskState::Inconsistent,
+        size: SIZE,
+    }
+    .to_payload()
+    .into();
+    let mut s = authenticated_stranger(addr, b"link test secret", &hello);
+    // Pings (as the earlier release sends them) until a few have been answered.
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 4096];
+    let (mut frames, mut pongs) = (Vec::new(), 0);
+    while pongs < 3 {
+        let mut ping = Vec::new();
+        Frame::new(Kind::Ping, 0).encode(&mut ping);
+        s.write_all(&ping).unwrap();
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the leg closed the link");
+        bytes.extend_from_slice(&buf[..n]);
+        while let Some((f, n)) = Frame::parse(&bytes).unwrap() {
+            bytes.drain(..n);
+            pongs += usize::from(f.kind == Kind::Pong);
+            frames.push(f);
+        }
+    }
+    assert!(frames.iter().any(|f| f.kind == Kind::Hello), "{frames:?}");
+    assert!(frames.iter().all(|f| f.kind != Kind::Lane && f.barrier == 0), "{frames:?}");
+    // (Status is published every 100 ms.)
+    wait("the link shows one lane", || a.status().lanes_up == 1 && a.status().lanes_wanted == 1);
+    drop((s, a));
     let _ = std::fs::remove_dir_all(dir);
 }

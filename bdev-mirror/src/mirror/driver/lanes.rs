@@ -161,6 +161,8 @@ impl LinkThread {
         }
         self.lanes.hello_seen = true;
         if Hello::from_payload(&f.payload).is_none_or(|h| h.caps & caps::LANES == 0) {
+            // A peer of an earlier release: one connection, frames as it knows them.
+            self.lanes.wanted = 1;
             return;
         }
         self.lanes.tx.start_stamping();
