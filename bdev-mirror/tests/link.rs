@@ -105,6 +105,13 @@ fn turn_until(link: &mut Box<dyn nvmetro_bdev::Poller>, what: &str, f: &mut dyn 
     }
 }
 
+/// A fresh scratch directory for one test's metadata files.
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("nvmetro-link-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 fn read_leg(l: &Arc<MallocBdev>) -> Vec<u8> {
     let mut c = l.clone().channel().unwrap();
     match run(c.as_mut(), BdevOp::Read { offset: 0, len: l.info().size_bytes() as usize }).unwrap() {
@@ -115,8 +122,7 @@ fn read_leg(l: &Arc<MallocBdev>) -> Vec<u8> {
 
 #[test]
 fn cut_restore_and_delay_over_the_in_memory_link() {
-    let dir = std::env::temp_dir().join(format!("nvmetro-link-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("cut");
     let (ta, tb, control) = mem::pair(Duration::ZERO);
     let (a, la) = leg("a", Role::Preferred, ta, &dir);
     let (b, lb) = leg("b", Role::Secondary, tb, &dir);
@@ -145,8 +151,7 @@ fn cut_restore_and_delay_over_the_in_memory_link() {
 
 #[test]
 fn an_emulated_link_delay_shows_in_write_latency() {
-    let dir = std::env::temp_dir().join(format!("nvmetro-link-delay-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("delay");
     let (ta, tb, _control) = mem::pair(Duration::from_millis(2));
     let (a, _) = leg("a", Role::Preferred, ta, &dir);
     let (b, _) = leg("b", Role::Secondary, tb, &dir);
@@ -161,8 +166,7 @@ fn an_emulated_link_delay_shows_in_write_latency() {
 
 #[test]
 fn writes_that_arrive_together_make_their_dirty_regions_durable_with_one_sync() {
-    let dir = std::env::temp_dir().join(format!("nvmetro-link-batch-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("batch");
     let (ta, tb, control) = mem::pair(Duration::ZERO);
     let (a, _) = leg_on("a", Role::Preferred, ta, &dir, true);
     let mut link = a.take_poller().expect("the link runs as a poller");
@@ -194,8 +198,7 @@ fn writes_that_arrive_together_make_their_dirty_regions_durable_with_one_sync() 
 
 #[test]
 fn a_channel_past_its_depth_waits_in_order_and_loses_nothing() {
-    let dir = std::env::temp_dir().join(format!("nvmetro-link-depth-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("depth");
     let (ta, tb, _control) = mem::pair(Duration::ZERO);
     let (a, la) = leg_on("a", Role::Preferred, ta, &dir, true);
     let mut link = a.take_poller().expect("the link runs as a poller");
@@ -241,8 +244,7 @@ fn a_channel_past_its_depth_waits_in_order_and_loses_nothing() {
 
 #[test]
 fn both_legs_show_the_resync_progress() {
-    let dir = std::env::temp_dir().join(format!("nvmetro-link-progress-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("progress");
     let (ta, tb, control) = mem::pair(Duration::ZERO);
     // 1 MiB/s: 2 MiB to copy take about two seconds.
     let (a, _) = leg_with("a", Role::Preferred, ta, &dir, Shape { resync_rate: 1 << 20, ..Shape::default() });
@@ -279,8 +281,7 @@ fn write_from_both(ca: &mut dyn BdevChannel, cb: &mut dyn BdevChannel, round: u8
 
 #[test]
 fn a_link_of_three_lanes_carries_writes_on_every_lane_and_a_broken_lane_takes_it_down_until_it_is_whole() {
-    let dir = std::env::temp_dir().join(format!("nvmetro-link-lanes-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("lanes");
     let (ta, tb, control) = mem::pair(Duration::ZERO);
     let (a, la) = leg_with("a", Role::Preferred, ta, &dir, Shape { lanes: 3, ..Shape::default() });
     let (b, lb) = leg_with("b", Role::Secondary, tb, &dir, Shape { lanes: 3, ..Shape::default() });
@@ -316,8 +317,7 @@ fn a_link_of_three_lanes_carries_writes_on_every_lane_and_a_broken_lane_takes_it
 #[test]
 fn a_link_takes_the_smaller_number_of_lanes_of_its_two_ends() {
     for (lanes_a, lanes_b, expect) in [(2, 4, 2), (3, 1, 1), (1, 3, 1)] {
-        let dir = std::env::temp_dir().join(format!("nvmetro-link-lanes-{lanes_a}-{lanes_b}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch(&format!("lanes-{lanes_a}-{lanes_b}"));
         let (ta, tb, control) = mem::pair(Duration::ZERO);
         let (a, la) = leg_with("a", Role::Preferred, ta, &dir, Shape { lanes: lanes_a, ..Shape::default() });
         let (b, lb) = leg_with("b", Role::Secondary, tb, &dir, Shape { lanes: lanes_b, ..Shape::default() });
@@ -366,8 +366,7 @@ fn over_tcp_lanes_join_only_their_own_link_and_a_stranger_lane_is_refused_withou
     use nvmetro_bdev::mirror::frame::{Frame, Kind};
     use nvmetro_bdev::mirror::transport::TcpTransport;
     use std::io::Read;
-    let dir = std::env::temp_dir().join(format!("nvmetro-link-lanes-tcp-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("lanes-tcp");
     let addr = free_port();
     let (a, la) =
         leg_with("a", Role::Preferred, TcpTransport::new(Some(addr), None).unwrap(), &dir, Shape { lanes: 2, ..Shape::default() });
@@ -399,6 +398,23 @@ fn over_tcp_lanes_join_only_their_own_link_and_a_stranger_lane_is_refused_withou
     assert!(read_leg(&la) == read_leg(&lb));
     drop((ca, cb, a, b));
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The Hello a fresh secondary site sends, advertising `caps`.
+fn peer_hello(caps: u8) -> nvmetro_bdev::mirror::frame::Frame {
+    use nvmetro_bdev::mirror::frame::{Frame, Hello, Kind};
+    let mut hello = Frame::new(Kind::Hello, 0);
+    let fresh = Hello {
+        site: 2,
+        preferred: false,
+        caps,
+        orders: false,
+        generations: Default::default(),
+        disk: nvmetro_bdev::mirror::DiskState::Inconsistent,
+        size: SIZE,
+    };
+    hello.payload = fresh.to_payload().into();
+    hello
 }
 
 /// Reads frames from `s` until one of `kind` arrives.
@@ -438,25 +454,13 @@ fn closed_by_peer(s: &mut std::net::TcpStream) -> bool {
 /// and lanes join only when they name it, each after the lanes before it.
 #[test]
 fn a_lane_joins_only_the_link_whose_session_it_names_and_after_the_lanes_before_it() {
-    use nvmetro_bdev::mirror::frame::{caps, Frame, Hello, Kind};
+    use nvmetro_bdev::mirror::frame::{caps, Frame, Kind};
     use nvmetro_bdev::mirror::transport::TcpTransport;
-    let dir = std::env::temp_dir().join(format!("nvmetro-link-lanes-session-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("lanes-session");
     let addr = free_port();
     let secret = b"link test secret";
     let (a, _) = leg_with("a", Role::Preferred, TcpTransport::new(Some(addr), None).unwrap(), &dir, Shape { lanes: 3, ..Shape::default() });
-    let mut hello = Frame::new(Kind::Hello, 0);
-    hello.payload = Hello {
-        site: 2,
-        preferred: false,
-        caps: caps::ALL,
-        orders: false,
-        generations: Default::default(),
-        disk: nvmetro_bdev::mirror::DiskState::Inconsistent,
-        size: SIZE,
-    }
-    .to_payload()
-    .into();
+    let hello = peer_hello(caps::ALL);
     let mut lane0 = authenticated_stranger(addr, secret, &hello);
     let announce = read_until(&mut lane0, Kind::Lane);
     assert_eq!((announce.arg, announce.offset), (0, 3), "lane 0 announces three lanes");
@@ -509,8 +513,7 @@ fn a_lane_joins_only_the_link_whose_session_it_names_and_after_the_lanes_before_
 #[test]
 fn over_lanes_a_resync_under_host_writes_keeps_the_link_up() {
     use nvmetro_bdev::mirror::transport::TcpTransport;
-    let dir = std::env::temp_dir().join(format!("nvmetro-link-lanes-resync-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("lanes-resync");
     let addr = free_port();
     let shape = Shape { lanes: 2, size: 128 << 20, ..Shape::default() };
     let (a, la) = leg_with("a", Role::Preferred, TcpTransport::new(Some(addr), None).unwrap(), &dir, shape);
@@ -552,25 +555,13 @@ fn over_lanes_a_resync_under_host_writes_keeps_the_link_up() {
 /// Lane frame and no barrier counts (it requires header bytes 40..44 to be zero).
 #[test]
 fn a_peer_without_lanes_gets_neither_lane_frames_nor_barrier_counts() {
-    use nvmetro_bdev::mirror::frame::{caps, Frame, Hello, Kind};
+    use nvmetro_bdev::mirror::frame::{caps, Frame, Kind};
     use nvmetro_bdev::mirror::transport::TcpTransport;
     use std::io::{Read, Write};
-    let dir = std::env::temp_dir().join(format!("nvmetro-link-lanes-old-peer-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("lanes-old-peer");
     let addr = free_port();
     let (a, _) = leg_with("a", Role::Preferred, TcpTransport::new(Some(addr), None).unwrap(), &dir, Shape { lanes: 4, ..Shape::default() });
-    let mut hello = Frame::new(Kind::Hello, 0);
-    hello.payload = Hello {
-        site: 2,
-        preferred: false,
-        caps: caps::SWITCHOVER | caps::RELEASE_ECHO,
-        orders: false,
-        generations: Default::default(),
-        disk: nvmetro_bdev::mirror::DiskState::Inconsistent,
-        size: SIZE,
-    }
-    .to_payload()
-    .into();
+    let hello = peer_hello(caps::SWITCHOVER | caps::RELEASE_ECHO);
     let mut s = authenticated_stranger(addr, b"link test secret", &hello);
     // Pings (as the earlier release sends them) until a few have been answered.
     let mut bytes = Vec::new();
