@@ -96,10 +96,6 @@ impl LaneSender {
         }
     }
 
-    pub fn lanes(&self) -> usize {
-        self.lanes
-    }
-
     /// Stamps `f` and returns its lane: control frames on lane 0, data frames spread by their
     /// sequence number (a write and its acknowledgement take the same lane).
     pub fn send(&mut self, f: &mut Frame) -> usize {

@@ -66,8 +66,11 @@ pub(super) enum FirstFrame {
     Incomplete,
     /// A new link (lane 0).
     Link,
-    /// Lane `k` of the live link.
-    Lane(usize),
+    /// Lane `k` of the live link; its first frame is `len` bytes long.
+    Lane {
+        k: usize,
+        len: usize,
+    },
     /// A lane that joins after lanes still missing: it waits.
     Early,
     Refused(String),
@@ -92,8 +95,8 @@ impl LinkThread {
     /// At the acceptor: what the first frame of an authenticated connection (`bytes`, after
     /// its handshake) makes of it.
     pub(super) fn first_frame(&self, bytes: &[u8]) -> FirstFrame {
-        let f = match Frame::parse(bytes) {
-            Ok(Some((f, _))) => f,
+        let (f, len) = match Frame::parse(bytes) {
+            Ok(Some(parsed)) => parsed,
             Ok(None) => return FirstFrame::Incomplete,
             Err(e) => return FirstFrame::Refused(format!("bad first frame: {e}")),
         };
@@ -108,24 +111,20 @@ impl LinkThread {
             return FirstFrame::Refused(format!("lane #{k}: this link takes {} lanes", self.lanes.wanted));
         }
         match k.cmp(&self.conns.len()) {
-            std::cmp::Ordering::Equal => FirstFrame::Lane(k),
+            std::cmp::Ordering::Equal => FirstFrame::Lane { k, len },
             std::cmp::Ordering::Greater => FirstFrame::Early,
             std::cmp::Ordering::Less => FirstFrame::Refused(format!("lane #{k} is already up")),
         }
     }
 
-    /// An authenticated connection becomes lane `k` of the live link. At the acceptor `early`
-    /// starts with its first (Lane) frame, which is dropped; the dialer names the lane first.
+    /// An authenticated connection becomes lane `k` of the live link; `early` are the frame
+    /// bytes that came after its handshake (at the acceptor, after its first, Lane, frame). The
+    /// dialer names the lane first.
     pub(super) fn join_lane(&mut self, mut sock: Box<dyn LinkStream>, early: &[u8], proof: Vec<u8>, k: usize) {
         if sock.register(self.poll.registry(), CONN).is_err() {
             return self.link_down("a new lane could not be registered");
         }
         let mut rx = vec![0; 4 << 20];
-        let skip = match Frame::parse(early) {
-            Ok(Some((f, n))) if f.kind == Kind::Lane => n,
-            _ => 0,
-        };
-        let early = &early[skip..];
         rx[..early.len()].copy_from_slice(early);
         let mut conn = Conn::new(sock, rx, early.len());
         conn.tx = proof;

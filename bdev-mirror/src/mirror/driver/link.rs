@@ -37,7 +37,7 @@ enum Outcome {
     Refused(String),
     /// A new link, with the frame bytes that came after the handshake.
     Link(Vec<u8>),
-    /// Lane `k` of the live link.
+    /// Lane `k` of the live link, with the frame bytes after its naming.
     Lane(Vec<u8>, usize),
 }
 
@@ -153,6 +153,11 @@ impl LinkThread {
                                     match p.handshake.side() {
                                         // The first frame tells a new link from a lane.
                                         Side::Acceptor => p.authed = Some(early),
+                                        // While the link is up, the dialer's connection is the
+                                        // lane it dialled.
+                                        Side::Dialer if !self.conns.is_empty() && self.lanes.dial_since.is_some() => {
+                                            outcome = Outcome::Lane(early, self.conns.len());
+                                        }
                                         Side::Dialer => outcome = Outcome::Link(early),
                                     }
                                 }
@@ -170,16 +175,9 @@ impl LinkThread {
                 outcome = match self.first_frame(bytes) {
                     FirstFrame::Incomplete | FirstFrame::Early => Outcome::Wait,
                     FirstFrame::Link => Outcome::Link(bytes.clone()),
-                    FirstFrame::Lane(k) => Outcome::Lane(bytes.clone(), k),
+                    FirstFrame::Lane { k, len } => Outcome::Lane(bytes[len..].to_vec(), k),
                     FirstFrame::Refused(why) => Outcome::Refused(why),
                 };
-            }
-            // At the dialer, a connection that completes while the link is up is the lane it
-            // dialled.
-            if let Outcome::Link(early) = &outcome {
-                if p.handshake.side() == Side::Dialer && !self.conns.is_empty() && self.lanes.dial_since.is_some() {
-                    outcome = Outcome::Lane(early.clone(), self.conns.len());
-                }
             }
             if matches!(outcome, Outcome::Wait) && p.since.elapsed() > AUTH_TIMEOUT {
                 outcome = Outcome::Refused(if p.authed.is_some() {
