@@ -435,6 +435,42 @@ fn read_until(s: &mut std::net::TcpStream, kind: nvmetro_bdev::mirror::frame::Ki
     }
 }
 
+/// A test's peer keeping its link alive with a Ping every 200 ms on lane 0 (the leg's heartbeat
+/// timeout is 3 s), until dropped.
+struct KeepAlive {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl KeepAlive {
+    fn start(lane0: &std::net::TcpStream) -> KeepAlive {
+        use nvmetro_bdev::mirror::frame::{Frame, Kind};
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (mut s, flag) = (lane0.try_clone().unwrap(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            use std::io::Write;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut bytes = Vec::new();
+                Frame::new(Kind::Ping, 0).encode(&mut bytes);
+                if s.write_all(&bytes).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        KeepAlive { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for KeepAlive {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Whether the peer closes `s` (it reads nothing else within a second).
 fn closed_by_peer(s: &mut std::net::TcpStream) -> bool {
     use std::io::Read;
@@ -465,22 +501,7 @@ fn a_lane_joins_only_the_link_whose_session_it_names_and_after_the_lanes_before_
     let announce = read_until(&mut lane0, Kind::Lane);
     assert_eq!((announce.arg, announce.offset), (0, 3), "lane 0 announces three lanes");
     let session = announce.seq;
-    // The test's peer keeps the link alive (the leg's heartbeat timeout is 3 s).
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let pinger = {
-        let (mut s, stop) = (lane0.try_clone().unwrap(), stop.clone());
-        std::thread::spawn(move || {
-            use std::io::Write;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let mut bytes = Vec::new();
-                Frame::new(Kind::Ping, 0).encode(&mut bytes);
-                if s.write_all(&bytes).is_err() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        })
-    };
+    let pinger = KeepAlive::start(&lane0);
     let join = |k: u32, session: u64| {
         let mut f = Frame::new(Kind::Lane, session);
         f.arg = k;
@@ -500,8 +521,7 @@ fn a_lane_joins_only_the_link_whose_session_it_names_and_after_the_lanes_before_
     assert!(closed_by_peer(&mut again), "a lane already up is not taken twice");
     wait("the refusals are counted", || a.status().link_refusals == refusals + 2);
     assert_eq!(a.status().link_ups, 1, "the link stayed the one lane 0 made");
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    pinger.join().unwrap();
+    drop(pinger);
     drop((lane0, lane1, lane2, a));
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -585,5 +605,156 @@ fn a_peer_without_lanes_gets_neither_lane_frames_nor_barrier_counts() {
     // (Status is published every 100 ms.)
     wait("the link shows one lane", || a.status().lanes_up == 1 && a.status().lanes_wanted == 1);
     drop((s, a));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A peer that breaks the lane rules on a live link of two lanes loses the link, and the leg's
+/// status says why: a control frame on lane 1 (control takes lane 0), bytes on lane 1 that are
+/// no frame, and a data frame on lane 1 that counts control frames the peer never sends (it waits
+/// for them past the heartbeat timeout while lane 0 stays busy with pings: a stuck lane).
+#[test]
+fn a_peer_that_breaks_the_lane_rules_loses_the_link_and_status_says_why() {
+    use nvmetro_bdev::mirror::frame::{caps, Frame, Kind};
+    use nvmetro_bdev::mirror::transport::TcpTransport;
+    use std::io::Write;
+    let dir = scratch("lanes-rules");
+    let addr = free_port();
+    let secret = b"link test secret";
+    let (a, _) = leg_with("a", Role::Preferred, TcpTransport::new(Some(addr), None).unwrap(), &dir, Shape { lanes: 2, ..Shape::default() });
+    let encoded = |f: Frame| {
+        let mut bytes = Vec::new();
+        f.encode(&mut bytes);
+        bytes
+    };
+    let mut ack = Frame::new(Kind::ReplicateAck, 1);
+    ack.barrier = 1_000_000;
+    let cases = [
+        ("a control frame on lane 1", encoded(Frame::new(Kind::Ping, 0)), "those use lane 0"),
+        ("bytes that are no frame", vec![0xa5; 256], "bad frame"),
+        ("a data frame counting control frames never sent", encoded(ack), "a lane is stuck"),
+    ];
+    for (i, (what, bytes, why)) in cases.into_iter().enumerate() {
+        let mut lane0 = authenticated_stranger(addr, secret, &peer_hello(caps::ALL));
+        let session = read_until(&mut lane0, Kind::Lane).seq;
+        let pinger = KeepAlive::start(&lane0);
+        let mut join = Frame::new(Kind::Lane, session);
+        join.arg = 1;
+        let mut lane1 = authenticated_stranger(addr, secret, &join);
+        wait("lane 1 joined", || a.status().lanes_up == 2);
+        assert_eq!(a.status().link_ups, i as u64 + 1, "{what}: a new link");
+        lane1.write_all(&bytes).unwrap();
+        // The stuck lane takes the heartbeat timeout (3 s) to be noticed; the status is
+        // published every 100 ms.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while a.status().lanes_up != 0 {
+            assert!(Instant::now() < deadline, "{what}: the link stayed up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (reason, _) = a.status().last_link_down.expect("a reason");
+        assert!(reason.contains(why), "{what}: {reason}");
+        assert!(closed_by_peer(&mut lane0) && closed_by_peer(&mut lane1), "{what}: both lanes are closed");
+        drop(pinger);
+    }
+    drop(a);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A TCP forwarder between a dialing leg and the leg it dials that refuses or swallows the
+/// connections after the first, as told: the extra lanes' dials fail at the TCP level (the port
+/// is closed) or hang in their handshake (accepted, never answered).
+struct Gate {
+    addr: std::net::SocketAddr,
+    /// 0: forward, 1: refuse (port closed), 2: accept and say nothing, 3: forward one, then
+    /// refuse.
+    mode: Arc<std::sync::atomic::AtomicU8>,
+    swallowed: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Gate {
+    fn start(to: std::net::SocketAddr) -> Gate {
+        use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+        let addr = free_port();
+        let mode = Arc::new(AtomicU8::new(3));
+        let swallowed = Arc::new(AtomicUsize::new(0));
+        let (m, sw) = (mode.clone(), swallowed.clone());
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            loop {
+                if m.load(Ordering::Relaxed) == 1 {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                // Bound only while not refusing, so a dial meanwhile finds the port closed.
+                let Ok(l) = std::net::TcpListener::bind(addr) else { return };
+                l.set_nonblocking(true).unwrap();
+                while m.load(Ordering::Relaxed) != 1 {
+                    let Ok((inbound, _)) = l.accept() else {
+                        std::thread::sleep(Duration::from_millis(2));
+                        continue;
+                    };
+                    if m.load(Ordering::Relaxed) == 2 {
+                        sw.fetch_add(1, Ordering::Relaxed);
+                        held.push(inbound);
+                        continue;
+                    }
+                    let _ = m.compare_exchange(3, 1, Ordering::Relaxed, Ordering::Relaxed);
+                    inbound.set_nonblocking(false).unwrap();
+                    let outbound = std::net::TcpStream::connect(to).unwrap();
+                    for (mut from, mut into) in [(inbound.try_clone().unwrap(), outbound.try_clone().unwrap()), (outbound, inbound)] {
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut into);
+                            let _ = into.shutdown(std::net::Shutdown::Both);
+                        });
+                    }
+                }
+            }
+        });
+        Gate { addr, mode, swallowed }
+    }
+
+    fn set(&self, mode: u8) {
+        self.mode.store(mode, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The secondary's dials of a second lane fail: first the port is closed, then the connection is
+/// accepted but never answers its handshake. The link works on the lane it has meanwhile (writes
+/// reach both legs), and once dials go through again the second lane joins.
+#[test]
+fn a_lane_that_cannot_be_dialled_leaves_the_link_on_its_first_lane_until_a_dial_succeeds() {
+    use nvmetro_bdev::mirror::transport::TcpTransport;
+    use std::sync::atomic::Ordering;
+    let dir = scratch("lanes-dial");
+    let addr = free_port();
+    let gate = Gate::start(addr);
+    let shape = Shape { lanes: 2, ..Shape::default() };
+    let (a, la) = leg_with("a", Role::Preferred, TcpTransport::new(Some(addr), None).unwrap(), &dir, shape);
+    // The first connection goes through; every later one finds the port closed.
+    let (b, lb) = leg_with("b", Role::Secondary, TcpTransport::new(None, Some(gate.addr)).unwrap(), &dir, shape);
+    wait("the link is up and B serves", || a.status().lanes_up == 1 && b.status().lanes_wanted == 2 && b.serving());
+    let mut ca = a.clone().channel().unwrap();
+    let mut cb = b.clone().channel().unwrap();
+    write_from_both(ca.as_mut(), cb.as_mut(), 5);
+    assert!(read_leg(&la) == read_leg(&lb), "writes replicate over the one lane");
+    // A dial that hangs in its handshake (tried again after twice the handshake timeout).
+    gate.set(2);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while gate.swallowed.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "B dialled no lane");
+        write_from_both(ca.as_mut(), cb.as_mut(), 6);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (sa, sb) = (a.status(), b.status());
+    assert_eq!((sa.lanes_up, sb.lanes_up, sa.link_ups), (1, 1, 1), "the link kept its lane");
+    gate.set(0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while a.status().lanes_up != 2 || b.status().lanes_up != 2 {
+        assert!(Instant::now() < deadline, "the second lane never joined: {:?}", b.status());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(a.status().link_ups, 1, "the same link, now of two lanes");
+    write_from_both(ca.as_mut(), cb.as_mut(), 7);
+    assert!(read_leg(&la) == read_leg(&lb));
+    drop((ca, cb, a, b));
     let _ = std::fs::remove_dir_all(dir);
 }

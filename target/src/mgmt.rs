@@ -148,6 +148,7 @@ pub fn mirror_json(m: &StatusReport) -> Value {
         "sync_bytes_per_second": m.sync_bytes_per_second, "eta_seconds": m.eta_seconds(),
         "replication_rtt_us": m.replication_rtt_us, "access": m.access,
         "lanes_up": m.lanes_up, "lanes": m.lanes_wanted, "link_ups": m.link_ups,
+        "last_link_down": m.last_link_down.as_ref().map(|(why, ago)| json!({"why": why, "seconds_ago": ago})),
         "failure": m.failure, "peer_failure": m.peer_failure,
         "metro": m.metro.as_ref().map(|x| json!({
             "witness_reachable": x.witness_reachable, "witness_seen_ms_ago": x.witness_seen_ms_ago,

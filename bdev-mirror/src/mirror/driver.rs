@@ -200,6 +200,7 @@ impl MirrorBdev {
             conns: Vec::new(),
             lanes: LaneLink::new(),
             link_ups: 0,
+            last_down: None,
             pending: HashMap::new(),
             next_tag: 1,
             settings,
@@ -405,6 +406,8 @@ struct LinkThread {
     lanes: LaneLink,
     /// Times the link came up.
     link_ups: u64,
+    /// Why the link last went down, and when.
+    last_down: Option<(String, Instant)>,
     /// Core tag -> (channel index, reactor tag, when a write arrived).
     pending: HashMap<u64, (usize, u64, Option<Instant>)>,
     next_tag: u64,

@@ -346,6 +346,14 @@ fn print_status(st: &Value) {
                     m["eta_seconds"].as_u64().map_or("-".into(), |s| format!("{s} s")),
                     m["replication_rtt_us"].as_u64().map_or("-".into(), |u| format!("{u} us"))
                 );
+                if let Some(d) = m["last_link_down"].as_object() {
+                    println!(
+                        "    link last down {} s ago: {}  (up {} times since start)",
+                        d["seconds_ago"],
+                        d["why"].as_str().unwrap_or("?"),
+                        m["link_ups"]
+                    );
+                }
                 if let Some(f) = m["failure"].as_str() {
                     println!("    this leg FAILED: {f} (fenced; retries, or `nvmetro resync {}`)", ns["bdev"].as_str().unwrap_or("?"));
                 }

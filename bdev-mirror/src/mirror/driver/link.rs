@@ -237,6 +237,7 @@ impl LinkThread {
             }
         }
         tracing::warn!(mirror = %self.name, "replication link down: {why}");
+        self.last_down = Some((why.to_string(), Instant::now()));
         self.ping_sent = None;
         self.handle(Input::LinkDown);
         self.transport.failed();

@@ -43,6 +43,9 @@ pub struct StatusReport {
     pub lanes_wanted: usize,
     /// Times the link came up since start (a link that flaps counts up).
     pub link_ups: u64,
+    /// Why the link last went down (a lane broke, the peer broke the lane rules, silence past
+    /// the heartbeat, ...), and how many seconds ago.
+    pub last_link_down: Option<(String, u64)>,
 }
 
 impl StatusReport {
@@ -152,6 +155,7 @@ impl LinkThread {
             lanes_up: self.lanes_up(),
             lanes_wanted: self.lanes.wanted,
             link_ups: self.link_ups,
+            last_link_down: self.last_down.as_ref().map(|(why, at)| (why.clone(), now.duration_since(*at).as_secs())),
             failed_for_seconds: st.failure.as_ref().map(&ago),
             failure: st.failure.as_ref().map(|f| format!("{f}, {} s ago", ago(f))),
             peer_failure: st.peer_failure.as_ref().map(|f| format!("{f}, {} s ago", ago(f))),
