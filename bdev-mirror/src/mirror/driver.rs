@@ -36,7 +36,6 @@
 
 use super::core::{Access, Input, MirrorCore, Output};
 use super::frame::{Frame, Kind};
-use super::lanes::Class;
 use super::meta::MetaFile;
 use super::outbox::{Conn, RESYNC_RECHECK};
 use super::transport::Transport;
@@ -476,19 +475,7 @@ impl LinkThread {
                     }
                     if !self.conns.is_empty() {
                         let lane = self.lanes.tx.send(&mut f);
-                        let c = &mut self.conns[lane];
-                        let resync_data = Class::of(&f) == Class::Bulk;
-                        if self.settings.link_delay.is_zero() && !resync_data {
-                            c.queue(&f);
-                        } else {
-                            let mut bytes = Vec::with_capacity(f.payload.len() + 64);
-                            f.encode(&mut bytes);
-                            if self.settings.link_delay.is_zero() {
-                                c.bulk.push_back(bytes);
-                            } else {
-                                c.delayed.push_back((Instant::now() + self.settings.link_delay, bytes, resync_data));
-                            }
-                        }
+                        self.conns[lane].queue_frame(&f, self.settings.link_delay, Instant::now());
                     }
                 }
                 Output::Complete { tag, result } => self.complete(tag, result),

@@ -8,9 +8,9 @@
 
 use super::frame::Frame;
 use super::transport::LinkStream;
-use crate::IoBuf;
+use crate::{IoBuf, IoBufPool};
 use std::collections::VecDeque;
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, Read};
 use std::time::{Duration, Instant};
 
 pub(super) struct Conn {
@@ -89,6 +89,82 @@ impl Conn {
         self.tx.extend_from_slice(&f.encode_header());
         if !f.payload.is_empty() {
             self.tx_payloads.push_back((self.tx_base + self.tx.len() as u64, f.payload.clone()));
+        }
+    }
+
+    /// Queues a frame as the link sends it: host-path frames by reference, resync data in the
+    /// yielding lane, and both behind an emulated `delay` when there is one.
+    pub(super) fn queue_frame(&mut self, f: &Frame, delay: Duration, now: Instant) {
+        let resync_data = super::lanes::Class::of(f) == super::lanes::Class::Bulk;
+        if delay.is_zero() && !resync_data {
+            return self.queue(f);
+        }
+        let mut bytes = Vec::with_capacity(f.payload.len() + 64);
+        f.encode(&mut bytes);
+        if delay.is_zero() {
+            self.bulk.push_back(bytes);
+        } else {
+            self.delayed.push_back((now + delay, bytes, resync_data));
+        }
+    }
+
+    /// Frames whose emulated delay is over join their lanes.
+    pub(super) fn release_due(&mut self, now: Instant) {
+        while self.delayed.front().is_some_and(|(due, _, _)| *due <= now) {
+            let (_, bytes, resync_data) = self.delayed.pop_front().expect("front");
+            if resync_data {
+                self.bulk.push_back(bytes);
+            } else {
+                self.tx.extend_from_slice(&bytes);
+            }
+        }
+    }
+
+    /// One read of the socket, its complete frames parsed into `frames` (payloads from `pool`):
+    /// Ok((bytes arrived, the socket is empty now)). `lane` names the connection in errors.
+    pub(super) fn read_frames(&mut self, lane: usize, pool: &IoBufPool, frames: &mut Vec<Frame>) -> Result<(bool, bool), String> {
+        let space = self.rx.len() - self.rx_len;
+        let n = loop {
+            match self.sock.read(&mut self.rx[self.rx_len..]) {
+                Ok(0) => return Err(if lane == 0 { "peer closed the link".into() } else { format!("peer closed lane {lane}") }),
+                Ok(n) => break n,
+                // Bytes that came with the handshake are parsed even when nothing new arrived.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && self.rx_fresh => break 0,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((false, true)),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(format!("read: {e}")),
+            }
+        };
+        self.rx_len += n;
+        self.rx_fresh = false;
+        self.last_rx = Instant::now();
+        let mut used = 0;
+        let mut bad = None;
+        loop {
+            match Frame::parse_into(&self.rx[used..self.rx_len], Some(pool)) {
+                Ok(Some((f, len))) => {
+                    used += len;
+                    frames.push(f);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    bad = Some(format!("bad frame: {e}"));
+                    break;
+                }
+            }
+        }
+        self.rx.copy_within(used..self.rx_len, 0);
+        self.rx_len -= used;
+        if bad.is_none() && self.rx_len == self.rx.len() {
+            bad = Some("frame larger than the receive buffer".into());
+        }
+        match bad {
+            // Frames before the bad bytes are dropped with the link.
+            Some(why) => {
+                frames.clear();
+                Err(why)
+            }
+            None => Ok((true, n < space || n == 0)),
         }
     }
 

@@ -19,7 +19,6 @@ use crate::mirror::frame::{caps, Frame, Hello, Kind};
 use crate::mirror::lanes::{LaneReceiver, LaneSender};
 use crate::mirror::outbox::Conn;
 use crate::mirror::transport::LinkStream;
-use std::io::{self, Read};
 use std::time::Instant;
 
 /// Most lanes a link has (the configuration's bound).
@@ -229,71 +228,32 @@ impl LinkThread {
     /// One read of `lane`, its complete frames parsed and taken by the lanes' receiver:
     /// Ok((bytes arrived, the socket is empty now)).
     fn read_lane(&mut self, lane: usize) -> Result<(bool, bool), String> {
-        let c = &mut self.conns[lane];
-        let space = c.rx.len() - c.rx_len;
-        let n = loop {
-            match c.sock.read(&mut c.rx[c.rx_len..]) {
-                Ok(0) => return Err(if lane == 0 { "peer closed the link".into() } else { format!("peer closed lane {lane}") }),
-                Ok(n) => break n,
-                // Bytes that came with the handshake are parsed even when nothing new arrived.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && c.rx_fresh => break 0,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((false, true)),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(format!("read: {e}")),
-            }
-        };
-        c.rx_len += n;
-        c.rx_fresh = false;
-        c.last_rx = Instant::now();
-        let mut used = 0;
         let mut frames = std::mem::take(&mut self.frames);
-        let mut bad = None;
-        loop {
-            match Frame::parse_into(&c.rx[used..c.rx_len], Some(&self.payloads)) {
-                Ok(Some((f, len))) => {
-                    used += len;
-                    frames.push(f);
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    bad = Some(format!("bad frame: {e}"));
-                    break;
-                }
-            }
-        }
-        c.rx.copy_within(used..c.rx_len, 0);
-        c.rx_len -= used;
-        if bad.is_none() && c.rx_len == c.rx.len() {
-            bad = Some("frame larger than the receive buffer".into());
-        }
+        let read = self.conns[lane].read_frames(lane, &self.payloads, &mut frames);
+        let mut taken = Ok(());
         for f in frames.drain(..) {
-            if bad.is_some() {
-                break;
-            }
-            match f.kind {
-                Kind::Lane => {
-                    if let Err(why) = self.on_lane_frame(lane, &f) {
-                        bad = Some(why);
-                    }
-                    continue;
-                }
-                Kind::Hello => self.on_peer_hello(&f),
-                Kind::Pong => {
-                    if let Some(t) = self.ping_sent.take() {
-                        self.rtt = Some(t.elapsed());
-                    }
-                }
-                _ => {}
-            }
-            if let Err(e) = self.lanes.rx.push(lane, f) {
-                bad = Some(e.to_string());
+            if taken.is_ok() {
+                taken = self.take_frame(lane, f);
             }
         }
         self.frames = frames;
-        match bad {
-            Some(why) => Err(why),
-            None => Ok((true, n < space || n == 0)),
+        taken?;
+        read
+    }
+
+    /// A frame that arrived on `lane`, for the lanes' receiver (Lane frames are the driver's).
+    fn take_frame(&mut self, lane: usize, f: Frame) -> Result<(), String> {
+        match f.kind {
+            Kind::Lane => return self.on_lane_frame(lane, &f),
+            Kind::Hello => self.on_peer_hello(&f),
+            Kind::Pong => {
+                if let Some(t) = self.ping_sent.take() {
+                    self.rtt = Some(t.elapsed());
+                }
+            }
+            _ => {}
         }
+        self.lanes.rx.push(lane, f).map_err(|e| e.to_string())
     }
 
     /// Hands the core every frame the barrier counts let go; false if the link went down.
@@ -317,14 +277,7 @@ impl LinkThread {
         let now = Instant::now();
         let mut failed = None;
         for c in &mut self.conns {
-            while c.delayed.front().is_some_and(|(due, _, _)| *due <= now) {
-                let (_, bytes, resync_data) = c.delayed.pop_front().expect("front");
-                if resync_data {
-                    c.bulk.push_back(bytes);
-                } else {
-                    c.tx.extend_from_slice(&bytes);
-                }
-            }
+            c.release_due(now);
             if let Err(why) = c.write_out(now) {
                 failed = Some(why);
                 break;
