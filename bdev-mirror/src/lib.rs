@@ -182,6 +182,12 @@ pub trait Bdev: Send + Sync + std::fmt::Debug {
     fn take_poller(&self) -> Option<Box<dyn Poller>> {
         None
     }
+    /// Pollers that spread the device's work over further reactors (a mirror's lanes), each on
+    /// a reactor other than [`Bdev::take_poller`]'s; handed out once. The device works without
+    /// them: their work then stays with its main poller.
+    fn take_helper_pollers(&self) -> Vec<Box<dyn Poller>> {
+        Vec::new()
+    }
     /// Replication state, for devices that have one.
     /// The mirror behind this bdev, for mirror-only operations (resync).
     fn as_mirror(&self) -> Option<&mirror::driver::MirrorBdev> {

@@ -758,3 +758,83 @@ fn a_lane_that_cannot_be_dialled_leaves_the_link_on_its_first_lane_until_a_dial_
     drop((ca, cb, a, b));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A reactor of the test's own on a thread: turns `p` until `stop`, and when a turn finds
+/// nothing, parks in epoll on the poller's descriptors until one turns ready or its deadline
+/// (as the target's reactors do).
+fn reactor(mut p: Box<dyn nvmetro_bdev::Poller>, stop: Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut poll = mio::Poll::new().unwrap();
+        for (i, fd) in p.wake_fds().into_iter().enumerate() {
+            poll.registry().register(&mut mio::unix::SourceFd(&fd), mio::Token(i), mio::Interest::READABLE).unwrap();
+        }
+        let mut events = mio::Events::with_capacity(8);
+        let mut busy = true;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let wait = if busy {
+                Duration::ZERO
+            } else {
+                p.parking(true);
+                let due = p.next_deadline().map_or(Duration::from_millis(10), |d| d.saturating_duration_since(Instant::now()));
+                due.min(Duration::from_millis(10))
+            };
+            let _ = poll.poll(&mut events, Some(wait));
+            if !busy {
+                p.parking(false);
+            }
+            busy = p.poll(!events.is_empty());
+        }
+    })
+}
+
+/// Lanes 1 and 2 of a three-lane link run on reactors of their own at both legs (their
+/// workers write and read the connections and check the frames; the link thread keeps the core
+/// and lane 0): writes from both legs reach both, over every lane; a broken lane on a worker
+/// takes the link down, and it comes back with its lanes on their reactors again.
+#[test]
+fn lanes_on_reactors_of_their_own_carry_writes_and_a_broken_one_takes_the_link_down_until_it_is_whole() {
+    let dir = scratch("lanes-reactors");
+    let (ta, tb, control) = mem::pair(Duration::ZERO);
+    let shape = Shape { on_reactor: true, lanes: 3, ..Shape::default() };
+    let (a, la) = leg_with("a", Role::Preferred, ta, &dir, shape);
+    let (b, lb) = leg_with("b", Role::Secondary, tb, &dir, shape);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for m in [&a, &b] {
+        threads.push(reactor(m.take_poller().expect("the link"), stop.clone()));
+        let helpers = m.take_helper_pollers();
+        assert_eq!(helpers.len(), 2, "a worker per lane past the first");
+        assert!(m.take_helper_pollers().is_empty(), "handed out once");
+        threads.extend(helpers.into_iter().map(|h| reactor(h, stop.clone())));
+    }
+    let whole = |ups: u64| {
+        [&a, &b].iter().all(|m| {
+            let s = m.status();
+            s.link_ups > ups && s.lanes_up == 3 && s.lanes_on_reactors == 2 && s.out_of_sync_bytes == 0
+        }) && b.serving()
+    };
+    wait("three lanes, two of them on reactors of their own, at both legs", || whole(0));
+    let before = control.connections();
+    let mut ca = a.clone().channel().unwrap();
+    let mut cb = b.clone().channel().unwrap();
+    write_from_both(ca.as_mut(), cb.as_mut(), 1);
+    let after = control.connections();
+    for lane in 0..3 {
+        assert!(after[lane] - before[lane] >= 4 * 4096, "lane {lane} carried replicated writes: {before:?} -> {after:?}");
+    }
+    assert!(read_leg(&la) == read_leg(&lb), "both legs hold every write");
+
+    let ups = a.status().link_ups;
+    control.break_connection(2);
+    assert_eq!(run(ca.as_mut(), BdevOp::Write { offset: 1 << 20, data: vec![7; 8192].into(), fua: false }), Ok(BdevOutput::Done));
+    wait("the link came up again with its lanes on their reactors", || whole(ups));
+    assert!(a.status().last_link_down.is_some_and(|(why, _)| why.contains("lane 2")), "{:?}", a.status().last_link_down);
+    write_from_both(ca.as_mut(), cb.as_mut(), 2);
+    assert!(read_leg(&la) == read_leg(&lb), "both legs hold every write after the lane broke");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    drop((ca, cb, a, b));
+    let _ = std::fs::remove_dir_all(dir);
+}

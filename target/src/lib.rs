@@ -508,6 +508,9 @@ pub fn start(config: Config, config_path: Option<std::path::PathBuf>) -> anyhow:
     for b in target.bdevs().iter() {
         if let Some(p) = b.take_poller() {
             reactors[next].add_poller(p)?;
+            for (i, helper) in helpers_of(b.as_ref(), n) {
+                reactors[helper_reactor(next, i, n)].add_poller(helper)?;
+            }
             next = (next + n - 1) % n;
         }
     }
@@ -525,6 +528,21 @@ pub fn start(config: Config, config_path: Option<std::path::PathBuf>) -> anyhow:
         .map(|r| std::thread::Builder::new().name(format!("reactor-{}", r.index)).spawn(move || r.run()))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Running { target, threads })
+}
+
+/// A bdev's helper pollers (a mirror's lanes), numbered, when there are other reactors than
+/// its main poller's to run them; with one reactor their work stays with the main poller.
+pub(crate) fn helpers_of(b: &dyn nvmetro_bdev::Bdev, reactors: usize) -> Vec<(usize, Box<dyn nvmetro_bdev::Poller>)> {
+    if reactors < 2 {
+        return Vec::new();
+    }
+    b.take_helper_pollers().into_iter().enumerate().collect()
+}
+
+/// The reactor of helper `i` of a bdev whose main poller runs on reactor `main`: round-robin
+/// over the others.
+pub(crate) fn helper_reactor(main: usize, i: usize, reactors: usize) -> usize {
+    (main + 1 + i % (reactors - 1)) % reactors
 }
 
 /// Starts the DR groups (their members then serve in place of the bdevs they wrap) and the DR

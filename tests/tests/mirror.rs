@@ -148,12 +148,16 @@ fn kill_the_secondary_mid_write(a: &TargetProcess, mut b: TargetProcess, restart
     verify_all(wait_serving(a), &mut gens);
 }
 
-/// Waits until both sites show `lanes` lanes up on a connected link.
-fn wait_lanes(a: &TargetProcess, b: &TargetProcess, lanes: u64) {
+/// Waits until both sites show `lanes` lanes up on a connected link, `on_reactors` of them
+/// driven by reactors other than the link's.
+fn wait_lanes(a: &TargetProcess, b: &TargetProcess, lanes: u64, on_reactors: u64) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (ma, mb) = (mirror_status(a), mirror_status(b));
-        if [&ma, &mb].iter().all(|m| m["lanes_up"] == lanes && m["lanes"] == lanes && m["link"] == "Connected") {
+        if [&ma, &mb]
+            .iter()
+            .all(|m| m["lanes_up"] == lanes && m["lanes"] == lanes && m["lanes_on_reactors"] == on_reactors && m["link"] == "Connected")
+        {
             return;
         }
         assert!(Instant::now() < deadline, "the link never had {lanes} lanes: {ma} {mb}");
@@ -161,23 +165,27 @@ fn wait_lanes(a: &TargetProcess, b: &TargetProcess, lanes: u64) {
     }
 }
 
-/// Over a link of three lanes (three TCP connections between the processes): concurrent
-/// writes at both sites leave identical copies, and a SIGKILL of the secondary mid-write, its
-/// restart and the resync lose no acknowledged write; the link comes back with its three lanes.
+/// Over a link of three lanes (three TCP connections between the processes, each site with two
+/// reactors: the link on one, the workers of lanes 1 and 2 on the other): concurrent writes at
+/// both sites leave identical copies, and a SIGKILL of the secondary mid-write, its restart and
+/// the resync lose no acknowledged write; the link comes back with its three lanes.
 #[test]
 fn over_three_lanes_both_sites_agree_and_a_sigkill_of_the_secondary_loses_nothing() {
     let link = free_port();
-    let site = |preferred| nvmetro_tests::mirror_site_config(NQN, preferred, link, "socket = \"{DIR}/mgmt.sock\"", "lanes = 3");
+    let site = |preferred| {
+        nvmetro_tests::mirror_site_config(NQN, preferred, link, "socket = \"{DIR}/mgmt.sock\"", "lanes = 3")
+            .replace("cores = [0]", "cores = [0, 1]")
+    };
     let a = TargetProcess::start(&site(true));
     let b = TargetProcess::start(&site(false));
-    wait_lanes(&a, &b, 3);
+    wait_lanes(&a, &b, 3, 2);
     let ups = mirror_status(&a)["link_ups"].as_u64().unwrap();
     // Past the region the verifying workload below checks (it expects what it did not write to
     // be zeroes).
     both_sites_write_the_same_blocks(&a, &b, 20_000);
     assert_eq!(mirror_status(&a)["link_ups"], ups, "the link stayed up");
     assert!(mirror_status(&a)["last_link_down"].is_null(), "the link has not been down");
-    kill_the_secondary_mid_write(&a, b, |b| wait_lanes(&a, b, 3));
+    kill_the_secondary_mid_write(&a, b, |b| wait_lanes(&a, b, 3, 2));
     // Status says why the link went down: B's connections closed under its SIGKILL.
     let down = &mirror_status(&a)["last_link_down"];
     assert!(down["why"].as_str().is_some_and(|w| w.contains("closed") || w.contains("reset")), "{down}");

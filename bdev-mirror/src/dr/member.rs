@@ -65,6 +65,9 @@ impl Bdev for DrMemberBdev {
     fn take_poller(&self) -> Option<Box<dyn crate::Poller>> {
         self.inner.take_poller()
     }
+    fn take_helper_pollers(&self) -> Vec<Box<dyn crate::Poller>> {
+        self.inner.take_helper_pollers()
+    }
     fn as_mirror(&self) -> Option<&crate::mirror::driver::MirrorBdev> {
         self.inner.as_mirror()
     }

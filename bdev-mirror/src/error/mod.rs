@@ -87,6 +87,9 @@ impl Bdev for ErrorBdev {
     fn take_poller(&self) -> Option<Box<dyn Poller>> {
         self.inner.take_poller()
     }
+    fn take_helper_pollers(&self) -> Vec<Box<dyn Poller>> {
+        self.inner.take_helper_pollers()
+    }
     fn mirror_status(&self) -> Option<crate::mirror::driver::StatusReport> {
         self.inner.mirror_status()
     }

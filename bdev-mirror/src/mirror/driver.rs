@@ -37,7 +37,7 @@
 use super::core::{Access, Input, MirrorCore, Output};
 use super::frame::{Frame, Kind};
 use super::meta::MetaFile;
-use super::outbox::{Conn, RESYNC_RECHECK};
+use super::outbox::RESYNC_RECHECK;
 use super::transport::Transport;
 use super::DiskState;
 use crate::{Bdev, BdevChannel, BdevCompletion, BdevError, BdevInfo};
@@ -58,15 +58,17 @@ mod link;
 mod planned;
 mod settings;
 mod status;
+mod worker;
 use channel::{thread_tag, ChanQueue, MirrorChannel, CHANNEL_DEPTH};
-use lanes::LaneLink;
 pub use lanes::MAX_LANES;
+use lanes::{Lane, LaneLink};
 use link::{PendingConn, RefusalLog};
 pub use link::{AUTH_TIMEOUT, MAX_PENDING};
 pub use planned::DEPART_WAIT;
 pub use settings::{MetroSettings, MirrorSettings, MirrorTuning};
 pub use status::StatusReport;
 use status::{access_code, access_of};
+use worker::{LanePort, LaneWorker};
 
 struct Shared {
     channels: ArcSwap<Vec<Arc<ChanQueue>>>,
@@ -106,6 +108,8 @@ pub struct MirrorBdev {
     thread: Mutex<Option<JoinHandle<()>>>,
     /// The link, until a reactor takes it (control path only).
     poller: Mutex<Option<LinkThread>>,
+    /// Workers for the link's lanes 1.., until reactors take them.
+    helpers: Mutex<Vec<LaneWorker>>,
 }
 
 impl std::fmt::Debug for LinkThread {
@@ -197,6 +201,10 @@ impl MirrorBdev {
             poll,
             transport,
             conns: Vec::new(),
+            ports: Vec::new(),
+            port_overflow: Vec::new(),
+            ports_sent: 0,
+            epoch: 0,
             lanes: LaneLink::new(),
             link_ups: 0,
             last_down: None,
@@ -225,6 +233,14 @@ impl MirrorBdev {
             stop_switch: None,
             departed: false,
         };
+        // A worker per lane past the first, for reactors to take (lane k: port k - 1).
+        let mut helpers = Vec::new();
+        for _ in 1..link.settings.lanes.clamp(1, MAX_LANES) {
+            let (worker, port) = LaneWorker::new(shared.clone(), link.payloads.clone(), link.settings.link_delay)?;
+            link.ports.push(port);
+            link.port_overflow.push(std::collections::VecDeque::new());
+            helpers.push(worker);
+        }
         link.run_outputs(&mut { first });
         link.publish();
         link.deliver();
@@ -234,7 +250,8 @@ impl MirrorBdev {
         } else {
             (Some(std::thread::Builder::new().name(format!("mirror-{name}")).spawn(move || link.run())?), None)
         };
-        Ok(Arc::new(MirrorBdev { info, local, shared, thread: Mutex::new(thread), poller: Mutex::new(poller) }))
+        let helpers = Mutex::new(if on_reactor { helpers } else { Vec::new() });
+        Ok(Arc::new(MirrorBdev { info, local, shared, thread: Mutex::new(thread), poller: Mutex::new(poller), helpers }))
     }
 
     pub fn status(&self) -> StatusReport {
@@ -347,6 +364,11 @@ impl Bdev for MirrorBdev {
         self.poller.lock().ok()?.take().map(|l| Box::new(l) as Box<dyn crate::Poller>)
     }
 
+    fn take_helper_pollers(&self) -> Vec<Box<dyn crate::Poller>> {
+        let workers = self.helpers.lock().map(|mut h| std::mem::take(&mut *h)).unwrap_or_default();
+        workers.into_iter().map(|w| Box::new(w) as Box<dyn crate::Poller>).collect()
+    }
+
     fn channel(self: Arc<Self>) -> io::Result<Box<dyn BdevChannel>> {
         let queue = Arc::new(ChanQueue {
             inbox: ArrayQueue::new(CHANNEL_DEPTH),
@@ -400,8 +422,16 @@ struct LinkThread {
     local_ch: Box<dyn BdevChannel>,
     poll: Poll,
     transport: Box<dyn Transport>,
-    /// The link's connections, lane 0 first (none: the link is down).
-    conns: Vec<Conn>,
+    /// The link's lanes, lane 0 first (none: the link is down).
+    conns: Vec<Lane>,
+    /// The workers that can drive lanes 1.. on reactors of their own (lane k: `ports[k - 1]`).
+    ports: Vec<Arc<LanePort>>,
+    /// Frames for a port whose queue was full, in order.
+    port_overflow: Vec<std::collections::VecDeque<Frame>>,
+    /// Ports that were sent frames in this turn (a bit each).
+    ports_sent: u32,
+    /// Counts the links that went down: a worker drops a connection of an older epoch.
+    epoch: u64,
     lanes: LaneLink,
     /// Times the link came up.
     link_ups: u64,
@@ -475,7 +505,13 @@ impl LinkThread {
                     }
                     if !self.conns.is_empty() {
                         let lane = self.lanes.tx.send(&mut f);
-                        self.conns[lane].queue_frame(&f, self.settings.link_delay, Instant::now());
+                        match &mut self.conns[lane] {
+                            Lane::Here(c) => c.queue_frame(&f, self.settings.link_delay, Instant::now()),
+                            Lane::Reactor(i) => {
+                                let i = *i;
+                                self.send_on_port(i, f);
+                            }
+                        }
                     }
                 }
                 Output::Complete { tag, result } => self.complete(tag, result),
@@ -533,6 +569,8 @@ impl LinkThread {
         if look_everywhere(self) {
             (conn, witness, accept) = (true, true, true);
         }
+        // Workers on other reactors announce frames and failures by waking the link.
+        conn |= self.ports_have_news();
         if accept {
             self.connect_or_accept();
             work |= self.drive_handshakes();
@@ -570,6 +608,9 @@ impl LinkThread {
                 self.core.set_resync_rate(t.resync_rate);
                 self.core.set_resync_latency_target(t.resync_latency_target);
                 self.settings.link_delay = t.link_delay;
+                for port in &self.ports {
+                    port.set_delay(t.link_delay);
+                }
                 self.settings.heartbeat_timeout = t.heartbeat_timeout;
                 if let Some(m) = self.settings.metro.as_mut() {
                     m.core.manual_failback = t.manual_failback;
@@ -592,7 +633,7 @@ impl LinkThread {
             self.last_tick = now;
             self.handle(Input::Tick { now_ms: self.shared.now_ms() });
             // (The core pings the peer; its answers keep the lease.)
-            if self.conns.first().is_some_and(|c| c.last_rx.elapsed() > self.settings.heartbeat_timeout) {
+            if self.conns.first().and_then(Lane::here_ref).is_some_and(|c| c.last_rx.elapsed() > self.settings.heartbeat_timeout) {
                 self.link_down("peer silent past the heartbeat timeout");
             }
             if self.lanes.held_since().is_some_and(|t| t.elapsed() > self.settings.heartbeat_timeout) {
@@ -628,11 +669,11 @@ impl LinkThread {
 
     /// An in-memory link or a handshake has bytes to move now (no descriptor announces them).
     fn bytes_due_in_memory(&self) -> bool {
-        self.conns.iter().any(|c| c.sock.pending() || c.rx_fresh) || self.pending_conns.iter().any(|p| !p.tx.is_empty() || p.sock.pending())
+        self.here().any(|c| c.sock.pending() || c.rx_fresh) || self.pending_conns.iter().any(|p| !p.tx.is_empty() || p.sock.pending())
     }
 
     fn holding(&self) -> bool {
-        self.needs_io() || self.conns.iter().any(|c| !c.delayed.is_empty() || c.fill_blocked)
+        self.needs_io() || self.here().any(|c| !c.delayed.is_empty() || c.fill_blocked)
     }
 
     /// The link on its own thread: spin (yielding) for `settings.spin`, then sleep in epoll.
@@ -643,7 +684,7 @@ impl LinkThread {
                 _ if self.holding() => Duration::ZERO,
                 Some(t) if t.elapsed() > self.settings.spin => {
                     self.shared.parked.store(true, Ordering::SeqCst);
-                    if self.shared.inbox_empty() {
+                    if self.shared.inbox_empty() && !self.ports_have_news() {
                         Duration::from_millis(10)
                     } else {
                         Duration::ZERO
@@ -683,14 +724,14 @@ impl crate::Poller for LinkThread {
 
     fn next_deadline(&self) -> Option<Instant> {
         let now = Instant::now();
-        if self.bytes_due_in_memory() || self.more_events || !self.shared.inbox_empty() {
+        if self.bytes_due_in_memory() || self.more_events || !self.shared.inbox_empty() || self.ports_have_news() {
             return Some(now);
         }
         let mut at = self.last_tick + TICK;
-        for (due, _, _) in self.conns.iter().filter_map(|c| c.delayed.front()) {
+        for (due, _, _) in self.here().filter_map(|c| c.delayed.front()) {
             at = at.min(*due);
         }
-        if self.conns.iter().any(|c| c.fill_blocked) {
+        if self.here().any(|c| c.fill_blocked) {
             at = at.min(now + RESYNC_RECHECK);
         }
         if self.transport.connecting() {

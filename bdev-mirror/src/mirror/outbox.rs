@@ -132,7 +132,8 @@ impl Conn {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && self.rx_fresh => break 0,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((false, true)),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(format!("read: {e}")),
+                Err(e) if lane == 0 => return Err(format!("read: {e}")),
+                Err(e) => return Err(format!("lane {lane}: read: {e}")),
             }
         };
         self.rx_len += n;

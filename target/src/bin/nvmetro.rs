@@ -328,14 +328,18 @@ fn print_status(st: &Value) {
             let m = &ns["mirror"];
             if m.is_object() {
                 println!(
-                    "    mirror: role {}  disk {}/{}  link {}  peer {}  lanes {}/{}",
+                    "    mirror: role {}  disk {}/{}  link {}  peer {}  lanes {}/{}{}",
                     m["role"].as_str().unwrap_or("?"),
                     m["disk"].as_str().unwrap_or("?"),
                     m["peer_disk"].as_str().unwrap_or("?"),
                     m["link"].as_str().unwrap_or("?"),
                     m["peer"].as_str().unwrap_or("?"),
                     m["lanes_up"].as_u64().unwrap_or(0),
-                    m["lanes"].as_u64().unwrap_or(1)
+                    m["lanes"].as_u64().unwrap_or(1),
+                    match m["lanes_on_reactors"].as_u64().unwrap_or(0) {
+                        0 => String::new(),
+                        n => format!(" ({n} on reactors of their own)"),
+                    }
                 );
                 let speed = m["sync_bytes_per_second"].as_u64().unwrap_or(0);
                 println!(

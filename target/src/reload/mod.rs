@@ -365,13 +365,24 @@ fn apply(t: &Target, p: Plan, new: Config) -> Result<Outcome, ReloadError> {
             v.extend(opened.iter().cloned());
             v
         });
+        let n = reactors.len().max(1);
         for (i, b) in opened.iter().enumerate() {
-            if let (Some(poller), Some(r)) = (b.take_poller(), reactors.get((reactors.len() - 1 + i) % reactors.len().max(1))) {
+            let main = (n - 1 + i) % n;
+            if let (Some(poller), Some(r)) = (b.take_poller(), reactors.get(main)) {
                 r.send(Box::new(move |r| {
                     if let Err(e) = r.add_poller(poller) {
                         tracing::error!("cannot run a new bdev's poller: {e}");
                     }
                 }));
+                for (h, helper) in crate::helpers_of(b.as_ref(), reactors.len()) {
+                    if let Some(r) = reactors.get(crate::helper_reactor(main, h, n)) {
+                        r.send(Box::new(move |r| {
+                            if let Err(e) = r.add_poller(helper) {
+                                tracing::error!("cannot run a new bdev's helper poller: {e}");
+                            }
+                        }));
+                    }
+                }
             }
         }
     }

@@ -24,6 +24,30 @@ use std::time::Instant;
 /// Most lanes a link has (the configuration's bound).
 pub const MAX_LANES: usize = 16;
 
+/// One lane of the link.
+pub(super) enum Lane {
+    /// Driven by the link thread (boxed: a lane on a reactor is a number).
+    Here(Box<Conn>),
+    /// Driven by the worker behind port `i` on a reactor of its own ([`super::worker`]).
+    Reactor(usize),
+}
+
+impl Lane {
+    pub(super) fn here_ref(&self) -> Option<&Conn> {
+        match self {
+            Lane::Here(c) => Some(c),
+            Lane::Reactor(_) => None,
+        }
+    }
+
+    pub(super) fn here(&mut self) -> Option<&mut Conn> {
+        match self {
+            Lane::Here(c) => Some(c),
+            Lane::Reactor(_) => None,
+        }
+    }
+}
+
 /// The state of the link's lanes while it is up.
 pub(super) struct LaneLink {
     pub(super) tx: LaneSender,
@@ -91,6 +115,55 @@ impl LinkThread {
         self.conns.len()
     }
 
+    /// Lanes up now that workers on other reactors drive.
+    pub(super) fn lanes_on_reactors(&self) -> usize {
+        self.conns.iter().filter(|l| matches!(l, Lane::Reactor(_))).count()
+    }
+
+    /// The lanes the link thread drives itself.
+    pub(super) fn here(&self) -> impl Iterator<Item = &Conn> {
+        self.conns.iter().filter_map(Lane::here_ref)
+    }
+
+    /// Queues `f` for the worker behind port `i` (in order behind frames that found its queue
+    /// full); the worker is woken once per turn ([`LinkThread::kick_ports`]).
+    pub(super) fn send_on_port(&mut self, i: usize, f: Frame) {
+        let overflow = &mut self.port_overflow[i];
+        if !overflow.is_empty() {
+            overflow.push_back(f);
+        } else if let Err(f) = self.ports[i].send(self.epoch, f) {
+            overflow.push_back(f);
+        }
+        self.ports_sent |= 1 << i;
+    }
+
+    /// Wakes the workers that were sent frames, after moving what waited into their queues.
+    pub(super) fn kick_ports(&mut self) {
+        for (i, port) in self.ports.iter().enumerate() {
+            let overflow = &mut self.port_overflow[i];
+            while let Some(f) = overflow.pop_front() {
+                if let Err(f) = port.send(self.epoch, f) {
+                    overflow.push_front(f);
+                    break;
+                }
+            }
+            if self.ports_sent & (1 << i) != 0 {
+                port.sent();
+            }
+            if !overflow.is_empty() {
+                // Sent again next turn.
+                self.ports_sent |= 1 << i;
+            } else {
+                self.ports_sent &= !(1 << i);
+            }
+        }
+    }
+
+    /// Whether a worker has frames or a failure for the link, or frames wait for a worker.
+    pub(super) fn ports_have_news(&self) -> bool {
+        self.ports_sent != 0 || self.ports.iter().any(|p| p.has_news())
+    }
+
     /// At the acceptor: what the first frame of an authenticated connection (`bytes`, after
     /// its handshake) makes of it.
     pub(super) fn first_frame(&self, bytes: &[u8]) -> FirstFrame {
@@ -120,7 +193,9 @@ impl LinkThread {
     /// bytes that came after its handshake (at the acceptor, after its first, Lane, frame). The
     /// dialer names the lane first.
     pub(super) fn join_lane(&mut self, mut sock: Box<dyn LinkStream>, early: &[u8], proof: Vec<u8>, k: usize) {
-        if sock.register(self.poll.registry(), CONN).is_err() {
+        // Lane k goes to the worker of port k - 1 if a reactor runs it.
+        let port = k.checked_sub(1).filter(|&i| self.ports.get(i).is_some_and(|p| p.running()));
+        if port.is_none() && sock.register(self.poll.registry(), CONN).is_err() {
             return self.link_down("a new lane could not be registered");
         }
         let mut rx = vec![0; 4 << 20];
@@ -133,10 +208,20 @@ impl LinkThread {
             conn.queue(&join);
             self.lanes.dial_since = None;
         }
-        self.conns.push(conn);
+        let on = match port {
+            Some(i) => {
+                self.ports[i].hand_over(self.epoch, k, conn);
+                self.conns.push(Lane::Reactor(i));
+                " on a reactor of its own"
+            }
+            None => {
+                self.conns.push(Lane::Here(Box::new(conn)));
+                ""
+            }
+        };
         self.lanes.tx.set_lanes(self.conns.len());
         self.lanes.rx.set_lanes(self.conns.len());
-        tracing::info!(mirror = %self.name, "replication lane {k} up ({} of {})", self.conns.len(), self.lanes.wanted);
+        tracing::info!(mirror = %self.name, "replication lane {k} up{on} ({} of {})", self.conns.len(), self.lanes.wanted);
     }
 
     /// At the dialer: asks the transport for the next lane when one is missing.
@@ -172,7 +257,7 @@ impl LinkThread {
         // Both ends say how many lanes they take; the acceptor names the link too.
         let mut announce = Frame::new(Kind::Lane, if acceptor { self.lanes.session } else { 0 });
         announce.offset = self.settings.lanes.clamp(1, MAX_LANES) as u64;
-        if let Some(c) = self.conns.first_mut() {
+        if let Some(c) = self.conns.first_mut().and_then(Lane::here) {
             c.queue(&announce);
         }
     }
@@ -200,7 +285,11 @@ impl LinkThread {
             let mut lane = 0;
             while lane < self.conns.len() {
                 if drained & (1 << lane) == 0 && self.lanes.rx.wants(lane) {
-                    match self.read_lane(lane) {
+                    let read = match self.conns[lane] {
+                        Lane::Here(_) => self.read_lane(lane),
+                        Lane::Reactor(i) => self.read_port(lane, i),
+                    };
+                    match read {
                         Ok((read, empty)) => {
                             progress |= read;
                             if empty {
@@ -229,7 +318,8 @@ impl LinkThread {
     /// Ok((bytes arrived, the socket is empty now)).
     fn read_lane(&mut self, lane: usize) -> Result<(bool, bool), String> {
         let mut frames = std::mem::take(&mut self.frames);
-        let read = self.conns[lane].read_frames(lane, &self.payloads, &mut frames);
+        let Some(c) = self.conns[lane].here() else { return Ok((false, true)) };
+        let read = c.read_frames(lane, &self.payloads, &mut frames);
         let mut taken = Ok(());
         for f in frames.drain(..) {
             if taken.is_ok() {
@@ -239,6 +329,21 @@ impl LinkThread {
         self.frames = frames;
         taken?;
         read
+    }
+
+    /// Takes what the worker behind port `i` read from `lane` while the receiver wants it:
+    /// Ok((frames arrived, nothing more is there)). Its failure takes the link down.
+    fn read_port(&mut self, lane: usize, i: usize) -> Result<(bool, bool), String> {
+        if let Some(why) = self.ports[i].failure(self.epoch) {
+            return Err(why);
+        }
+        let mut got = false;
+        while self.lanes.rx.wants(lane) {
+            let Some(f) = self.ports[i].receive(self.epoch) else { return Ok((got, true)) };
+            got = true;
+            self.take_frame(lane, f)?;
+        }
+        Ok((got, false))
     }
 
     /// A frame that arrived on `lane`, for the lanes' receiver (Lane frames are the driver's).
@@ -274,17 +379,18 @@ impl LinkThread {
 
     /// Writes what every lane's outbox holds (emulated delay first).
     pub(super) fn flush(&mut self) {
+        self.kick_ports();
         let now = Instant::now();
         let mut failed = None;
-        for c in &mut self.conns {
+        for (lane, c) in self.conns.iter_mut().enumerate().filter_map(|(k, l)| Some((k, l.here()?))) {
             c.release_due(now);
             if let Err(why) = c.write_out(now) {
-                failed = Some(why);
+                failed = Some(if lane == 0 { why } else { format!("lane {lane}: {why}") });
                 break;
             }
         }
         if let Some(why) = failed {
-            for c in &mut self.conns {
+            for c in self.conns.iter_mut().filter_map(Lane::here) {
                 c.clear();
             }
             self.link_down(&why);

@@ -5,7 +5,7 @@
 //! authenticated connection's first frame says whether it is a new link or a lane of the live
 //! one (see `lanes`, which also receives and flushes).
 
-use super::lanes::FirstFrame;
+use super::lanes::{FirstFrame, Lane};
 use super::{LinkThread, CONN, PENDING};
 use crate::mirror::auth::Side;
 use crate::mirror::core::Input;
@@ -72,7 +72,7 @@ impl LinkThread {
         rx[..early.len()].copy_from_slice(early);
         let mut conn = Conn::new(sock, rx, early.len());
         conn.tx = proof;
-        self.conns.push(conn);
+        self.conns.push(Lane::Here(Box::new(conn)));
         self.link_ups += 1;
         self.lanes_reset();
         self.handle(Input::LinkUp);
@@ -227,8 +227,16 @@ impl LinkThread {
         if self.conns.is_empty() {
             return;
         }
-        for mut c in self.conns.drain(..) {
-            c.sock.deregister(self.poll.registry());
+        for lane in self.conns.drain(..) {
+            if let Lane::Here(mut c) = lane {
+                c.sock.deregister(self.poll.registry());
+            }
+        }
+        // Lanes on reactors of their own go down with the link.
+        self.epoch += 1;
+        for (port, overflow) in self.ports.iter().zip(&mut self.port_overflow) {
+            port.new_epoch(self.epoch);
+            overflow.clear();
         }
         if self.transport.side() == Side::Dialer {
             // Lanes being dialled were for this link.

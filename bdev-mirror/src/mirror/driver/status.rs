@@ -41,6 +41,8 @@ pub struct StatusReport {
     /// Connections the link is made of now (0: down), and how many it takes.
     pub lanes_up: usize,
     pub lanes_wanted: usize,
+    /// Lanes up that workers on reactors other than the link's drive.
+    pub lanes_on_reactors: usize,
     /// Times the link came up since start (a link that flaps counts up).
     pub link_ups: u64,
     /// Why the link last went down (a lane broke, the peer broke the lane rules, silence past
@@ -154,6 +156,7 @@ impl LinkThread {
             link_refusals: self.refusals.total,
             lanes_up: self.lanes_up(),
             lanes_wanted: self.lanes.wanted,
+            lanes_on_reactors: self.lanes_on_reactors(),
             link_ups: self.link_ups,
             last_link_down: self.last_down.as_ref().map(|(why, at)| (why.clone(), now.duration_since(*at).as_secs())),
             failed_for_seconds: st.failure.as_ref().map(&ago),
