@@ -762,7 +762,16 @@ fn a_lane_that_cannot_be_dialled_leaves_the_link_on_its_first_lane_until_a_dial_
 /// A reactor of the test's own on a thread: turns `p` until `stop`, and when a turn finds
 /// nothing, parks in epoll on the poller's descriptors until one turns ready or its deadline
 /// (as the target's reactors do).
-fn reactor(mut p: Box<dyn nvmetro_bdev::Poller>, stop: Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHandle<()> {
+fn reactor(p: Box<dyn nvmetro_bdev::Poller>, stop: Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHandle<()> {
+    reactor_with(p, stop, || false)
+}
+
+/// [`reactor`], also running `work` on every turn (whether it did something).
+fn reactor_with(
+    mut p: Box<dyn nvmetro_bdev::Poller>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    mut work: impl FnMut() -> bool + Send + 'static,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut poll = mio::Poll::new().unwrap();
         for (i, fd) in p.wake_fds().into_iter().enumerate() {
@@ -782,7 +791,7 @@ fn reactor(mut p: Box<dyn nvmetro_bdev::Poller>, stop: Arc<std::sync::atomic::At
             if !busy {
                 p.parking(false);
             }
-            busy = p.poll(!events.is_empty());
+            busy = p.poll(!events.is_empty()) | work();
         }
     })
 }
@@ -836,5 +845,64 @@ fn lanes_on_reactors_of_their_own_carry_writes_and_a_broken_one_takes_the_link_d
         t.join().unwrap();
     }
     drop((ca, cb, a, b));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A write takes the lane its reactor drives: a channel polled on the thread of lane 1's worker
+/// sends every replicated write (and gets every acknowledgement) by lane 1, none by lane 2.
+#[test]
+fn a_write_takes_the_lane_that_its_reactor_drives() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = scratch("lanes-affinity");
+    let (ta, tb, control) = mem::pair(Duration::ZERO);
+    let shape = Shape { on_reactor: true, lanes: 3, ..Shape::default() };
+    let (a, la) = leg_with("a", Role::Preferred, ta, &dir, shape);
+    let (b, lb) = leg_with("b", Role::Secondary, tb, &dir, shape);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = vec![reactor(b.take_poller().unwrap(), stop.clone()), reactor(a.take_poller().unwrap(), stop.clone())];
+    threads.extend(b.take_helper_pollers().into_iter().map(|h| reactor(h, stop.clone())));
+    let mut helpers = a.take_helper_pollers();
+    let lane2 = helpers.pop().unwrap();
+    let lane1 = helpers.pop().unwrap();
+    threads.push(reactor(lane2, stop.clone()));
+    // Lane 1's worker shares its thread with a channel that writes, one write at a time.
+    let go = Arc::new(AtomicBool::new(false));
+    let (results, done) = std::sync::mpsc::channel();
+    let mut ch = a.clone().channel().unwrap();
+    let (mut next, mut inflight, mut polled) = (0u64, false, false);
+    let started = go.clone();
+    threads.push(reactor_with(lane1, stop.clone(), move || {
+        let mut completed = Vec::new();
+        ch.poll(&mut completed);
+        for c in completed {
+            inflight = false;
+            results.send(c.result).unwrap();
+        }
+        // (Polled once on this thread first: that is how a channel's reactor is known.)
+        if polled && started.load(Ordering::Relaxed) && !inflight && next < 64 {
+            ch.submit(next, BdevOp::Write { offset: next << 12, data: vec![next as u8 | 1; 4096].into(), fua: false });
+            next += 1;
+            inflight = true;
+        }
+        polled = true;
+        true
+    }));
+    wait("three lanes, two on reactors of their own, at both legs", || {
+        [&a, &b].iter().all(|m| m.status().lanes_on_reactors == 2 && m.status().out_of_sync_bytes == 0) && b.serving()
+    });
+    let before = control.connections();
+    go.store(true, Ordering::Relaxed);
+    for _ in 0..64 {
+        assert_eq!(done.recv_timeout(Duration::from_secs(10)).expect("a write completes"), Ok(BdevOutput::Done));
+    }
+    let after = control.connections();
+    assert!(after[1] - before[1] >= 64 * 4096, "lane 1 carried every write: {before:?} -> {after:?}");
+    assert!(after[2] - before[2] < 4096, "lane 2 carried none: {before:?} -> {after:?}");
+    assert!(read_leg(&la) == read_leg(&lb), "both legs hold every write");
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    drop((a, b));
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -504,7 +504,8 @@ impl LinkThread {
                         self.ping_sent = Some(Instant::now());
                     }
                     if !self.conns.is_empty() {
-                        let lane = self.lanes.tx.send(&mut f);
+                        let hint = self.lanes.hinted(f.seq);
+                        let lane = self.lanes.tx.send_on(&mut f, hint);
                         match &mut self.conns[lane] {
                             Lane::Here(c) => c.queue_frame(&f, self.settings.link_delay, Instant::now()),
                             Lane::Reactor(i) => {

@@ -99,11 +99,18 @@ impl LaneSender {
     /// Stamps `f` and returns its lane: control frames on lane 0, data frames spread by their
     /// sequence number (a write and its acknowledgement take the same lane).
     pub fn send(&mut self, f: &mut Frame) -> usize {
+        self.send_on(f, None)
+    }
+
+    /// [`LaneSender::send`], with a data frame on lane `hint` when the link has it (any lane
+    /// is correct for a data frame: the driver picks the one the submitting reactor drives).
+    pub fn send_on(&mut self, f: &mut Frame, hint: Option<usize>) -> usize {
         // Each class counts the other's frames sent before it.
         let (count, lane) = match Class::of(f) {
             Class::Data => {
                 self.data_sent = self.data_sent.wrapping_add(1);
-                (self.control_sent, (f.seq % self.lanes as u64) as usize)
+                let lane = hint.filter(|&l| l < self.lanes).unwrap_or((f.seq % self.lanes as u64) as usize);
+                (self.control_sent, lane)
             }
             Class::Control => {
                 self.control_sent = self.control_sent.wrapping_add(1);
@@ -243,7 +250,9 @@ mod tests {
                 rx.start_checking();
             }
             let mut f = frame(class, i);
-            let lane = tx.send(&mut f);
+            // Sometimes (picks from 128) a lane chosen by the caller, or one the link lacks.
+            let pick = picks[i % picks.len()];
+            let lane = tx.send_on(&mut f, (pick >= 128).then_some(usize::from(pick) % (lanes + 1)));
             let queue = if Class::of(&f) == Class::Bulk { lanes } else { lane };
             wire[queue].push_back(f);
         }

@@ -4,7 +4,8 @@
 //! operations as one batch, delivering their completions).
 
 use super::{access_of, LinkThread, Shared};
-use crate::mirror::core::{Access, Input};
+use crate::mirror::core::{Access, Input, Output};
+use crate::mirror::frame::Kind;
 use crate::{BdevChannel, BdevCompletion, BdevError, BdevOp};
 use crossbeam_queue::ArrayQueue;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -145,7 +146,18 @@ impl LinkThread {
                     link.next_tag += 1;
                     let write = matches!(op, BdevOp::Write { .. } | BdevOp::WriteZeroes { .. });
                     link.pending.insert(t, (chan, tag, write.then_some(now)));
+                    let first = out.len();
                     link.feed(Input::Host { tag: t, op }, out);
+                    // Its replicated frames take the lane its reactor drives.
+                    for o in &out[first..] {
+                        if let Output::Send(f) = o {
+                            if f.kind == Kind::Replicate {
+                                if let Some(lane) = link.lane_of_channel(chan, f.seq) {
+                                    link.lanes.hint(f.seq, lane);
+                                }
+                            }
+                        }
+                    }
                 }
             }
         });

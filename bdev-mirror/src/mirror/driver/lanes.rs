@@ -48,6 +48,9 @@ impl Lane {
     }
 }
 
+/// Remembered lane choices for data frames, by sequence number (see [`LaneLink::hint`]).
+const HINTS: usize = 4096;
+
 /// The state of the link's lanes while it is up.
 pub(super) struct LaneLink {
     pub(super) tx: LaneSender,
@@ -62,6 +65,10 @@ pub(super) struct LaneLink {
     pub(super) dial_since: Option<Instant>,
     /// Frames have waited for another lane since then.
     held_since: Option<Instant>,
+    /// By sequence number modulo [`HINTS`]: the lane (plus one) for the data frames of that
+    /// write, chosen by the reactor it came from or the lane it arrived on; 0: none. A slot
+    /// reused or stale only sends a frame by another lane, which is as correct.
+    hints: Box<[u8; HINTS]>,
 }
 
 impl LaneLink {
@@ -74,7 +81,18 @@ impl LaneLink {
             hello_seen: false,
             dial_since: None,
             held_since: None,
+            hints: Box::new([0; HINTS]),
         }
+    }
+
+    /// Data frames of write `seq` take `lane`.
+    pub(super) fn hint(&mut self, seq: u64, lane: usize) {
+        self.hints[(seq % HINTS as u64) as usize] = lane as u8 + 1;
+    }
+
+    /// The lane data frames of write `seq` take, if one was chosen.
+    pub(super) fn hinted(&self, seq: u64) -> Option<usize> {
+        usize::from(self.hints[(seq % HINTS as u64) as usize]).checked_sub(1)
     }
 
     /// Frames have waited for another lane since this instant.
@@ -356,9 +374,27 @@ impl LinkThread {
                     self.rtt = Some(t.elapsed());
                 }
             }
+            // Its acknowledgement goes back on the lane it came by.
+            Kind::Replicate => self.lanes.hint(f.seq, lane),
             _ => {}
         }
         self.lanes.rx.push(lane, f).map_err(|e| e.to_string())
+    }
+
+    /// The lane for data frames of channel `chan`'s writes: one a worker on that channel's
+    /// reactor drives (several: by `seq`), lane 0 when the channel is on the link's own
+    /// reactor; none (spread by sequence number) when the link has no lane on a worker.
+    pub(super) fn lane_of_channel(&self, chan: usize, seq: u64) -> Option<usize> {
+        if self.lanes_on_reactors() == 0 {
+            return None;
+        }
+        let reactor = self.shared.channels.load().get(chan)?.consumer.load(std::sync::atomic::Ordering::Relaxed);
+        if reactor == super::thread_tag() {
+            return Some(0);
+        }
+        let mine = |k: &usize| matches!(self.conns[*k], Lane::Reactor(i) if self.ports[i].reactor() == reactor);
+        let n = (1..self.conns.len()).filter(mine).count();
+        (n > 0).then(|| (1..self.conns.len()).filter(mine).nth((seq % n as u64) as usize)).flatten()
     }
 
     /// Hands the core every frame the barrier counts let go; false if the link went down.

@@ -49,6 +49,8 @@ pub(super) struct LanePort {
     parked: AtomicBool,
     /// A reactor runs the worker.
     running: AtomicBool,
+    /// Which ([`super::channel::thread_tag`] of its thread; 0: none yet).
+    reactor: AtomicU64,
     /// The emulated link delay, in nanoseconds (changed by a reload).
     delay_ns: AtomicU64,
 }
@@ -57,6 +59,11 @@ impl LanePort {
     /// Whether a reactor runs this port's worker (only then is it handed a lane).
     pub(super) fn running(&self) -> bool {
         self.running.load(Ordering::Acquire)
+    }
+
+    /// The reactor that runs the worker ([`super::channel::thread_tag`]; 0: none yet).
+    pub(super) fn reactor(&self) -> u64 {
+        self.reactor.load(Ordering::Relaxed)
     }
 
     fn wake_worker(&self) {
@@ -159,6 +166,7 @@ impl LaneWorker {
             waker,
             parked: AtomicBool::new(false),
             running: AtomicBool::new(false),
+            reactor: AtomicU64::new(0),
             delay_ns: AtomicU64::new(delay.as_nanos() as u64),
         });
         let worker = LaneWorker {
@@ -276,7 +284,10 @@ impl LaneWorker {
 
 impl crate::Poller for LaneWorker {
     fn poll(&mut self, ready: bool) -> bool {
-        self.port.running.store(true, Ordering::Release);
+        if !self.port.running.load(Ordering::Relaxed) {
+            self.port.reactor.store(super::channel::thread_tag(), Ordering::Relaxed);
+            self.port.running.store(true, Ordering::Release);
+        }
         let now = Instant::now();
         let tick = now.duration_since(self.last_tick) >= TICK;
         if tick {
