@@ -7,6 +7,9 @@
 #   * busy host: the split layout with a busy-polling host spinning on core 1 beside site B;
 #   * lanes: the shared and split layouts again over a link of LANES (default 3) connections
 #     (LANES=1 repeats them with one: the run's own noise);
+#   * lanes on reactors: both sites with two reactors (cores 0 and 1; the link on one, the
+#     workers of lanes 1.. on the other) over LANES lanes, beside the split layout over as many
+#     lanes, each at QD1 and at QD32 as two connections of QD16;
 #   * during a resync: QD1 writes at A while B, restarted after 2 s of QD32 writes without it,
 #     resyncs (and how long the resync took);
 #   * reads: 4 KiB random reads at QD32, unreplicated and at replicated site A (served locally);
@@ -104,11 +107,11 @@ wait_sync() { # config -> prints seconds until in sync
   echo "nan"
 }
 
-start_pair() { # name core-of-B delay [lanes] -> sets PA PB pa pb
-  local name=$1 bcore=$2 delay=$3 lanes=${4:-1} link
+start_pair() { # name cores-of-B delay [lanes [cores-of-A]] -> sets PA PB pa pb
+  local name=$1 bcore=$2 delay=$3 lanes=${4:-1} acore=${5:-0} link
   link=$(port); pa=$(port); pb=$(port)
-  target_cfg "$W/$name-a.toml" $pa "$(mirror_section preferred $link "$W/$name-a.meta" $delay $lanes)" "1, 99" m 0
-  target_cfg "$W/$name-b.toml" $pb "$(mirror_section secondary $link "$W/$name-b.meta" $delay $lanes)" "100, 199" m $bcore
+  target_cfg "$W/$name-a.toml" $pa "$(mirror_section preferred $link "$W/$name-a.meta" $delay $lanes)" "1, 99" m "$acore"
+  target_cfg "$W/$name-b.toml" $pb "$(mirror_section secondary $link "$W/$name-b.meta" $delay $lanes)" "100, 199" m "$bcore"
   "$BIN/nvmetro-tgt" --config "$W/$name-a.toml" --log warn & PA=$!
   "$BIN/nvmetro-tgt" --config "$W/$name-b.toml" --log warn & PB=$!
   wait_port $pa; wait_port $pb
@@ -166,7 +169,13 @@ perf $pa 1 "$W/lanes-shared-qd1.json"; perf $pa 32 "$W/lanes-shared-qd32.json"
 stop_pair lanes-shared
 start_pair lanes-split 1 0 $LANES
 perf $pa 1 "$W/lanes-split-qd1.json"; perf $pa 32 "$W/lanes-split-qd32.json"
+perf $pa 16 "$W/lanes-split-2x16.json" --connections 2
 stop_pair lanes-split
+# Lanes on reactors of their own: both sites on two reactors.
+start_pair lanes-reactors "1, 0" 0 $LANES "0, 1"
+perf $pa 1 "$W/lanes-reactors-qd1.json"; perf $pa 16 "$W/lanes-reactors-2x16.json" --connections 2
+"$BIN/nvmetro" --config "$W/lanes-reactors-a.toml" rpc nvmetro_status > "$W/lanes-reactors-status.json" 2>/dev/null || true
+stop_pair lanes-reactors
 
 # Heap allocations per I/O (both sites in one process, under a counting allocator).
 if [ -z "${NVMETRO_BIN:-}" ]; then
@@ -214,6 +223,17 @@ for layout, name, one in (("both sites on core 0", "shared", "shared"), ("B on c
         r = load(f"lanes-{name}-qd{qd}"); raw[f"lanes-{name}-qd{qd}"] = r
         one_lane = raw[f"{one}-qd{qd}"]
         row(f"{layout}, {lanes} lanes", qd, r, 0, f"vs 1 lane: {r['iops'] / one_lane['iops'] if one_lane['iops'] else 0:.2f}x IOPS, p50 {lat(r, 'p50') - lat(one_lane, 'p50'):+.1f} us")
+ls1, ls2 = load("lanes-split-qd1"), load("lanes-split-2x16")
+lr1, lr2 = load("lanes-reactors-qd1"), load("lanes-reactors-2x16")
+raw.update({"lanes-split-2x16": ls2, "lanes-reactors-qd1": lr1, "lanes-reactors-2x16": lr2})
+on = "?"
+try:
+    m = json.load(open(f"{w}/lanes-reactors-status.json"))["subsystems"][0]["namespaces"][0]["mirror"]
+    on = f"{m['lanes_on_reactors']} of {m['lanes_up']}"
+except Exception:
+    pass
+row(f"both sites on 2 reactors, {lanes} lanes ({on} on reactors of their own)", 1, lr1, 0, f"vs A core 0 / B core 1 over {lanes} lanes: {lr1['iops'] / ls1['iops'] if ls1['iops'] else 0:.2f}x IOPS, p50 {lat(lr1, 'p50') - lat(ls1, 'p50'):+.1f} us")
+row(f"both sites on 2 reactors, {lanes} lanes, 2 connections x QD16", 32, lr2, 0, f"vs A core 0 / B core 1 over {lanes} lanes, same load: {lr2['iops'] / ls2['iops'] if ls2['iops'] else 0:.2f}x IOPS ({ls2['iops']:.0f})")
 split1 = load("split0-qd1")
 busy = load("busyhost-qd1"); raw["busyhost-qd1"] = busy
 row("B on core 1 beside a busy-polling host", 1, busy, 0, f"p50 <= 2 x {lat(split1, 'p50'):.1f} (blocking host)")

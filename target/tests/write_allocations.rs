@@ -31,7 +31,14 @@ fn direct_works(dir: &std::path::Path) -> bool {
     ok
 }
 
-fn site(dir: &std::path::Path, preferred: bool, port: u16, link: u16) -> nvmetro_conf::Config {
+/// How both sites run: their reactors' cores and the link's lanes.
+#[derive(Clone, Copy)]
+struct Layout {
+    cores: &'static str,
+    lanes: usize,
+}
+
+fn site(dir: &std::path::Path, preferred: bool, port: u16, link: u16, layout: Layout) -> nvmetro_conf::Config {
     let (role, cntlids) = if preferred {
         (format!("role = \"preferred\"\nlisten = \"127.0.0.1:{link}\""), "[1, 99]")
     } else {
@@ -40,10 +47,11 @@ fn site(dir: &std::path::Path, preferred: bool, port: u16, link: u16) -> nvmetro
     let name = if preferred { "a" } else { "b" };
     let dir = dir.display();
     let direct = direct_works(std::path::Path::new(&dir.to_string()));
+    let Layout { cores, lanes } = layout;
     let text = format!(
         r#"
 [target]
-cores = [0]
+cores = [{cores}]
 poll_mode = "adaptive"
 
 [[bdev]]
@@ -61,6 +69,7 @@ local = "leg"
 metadata = "{dir}/{name}.meta"
 region_size = "256KiB"
 secret = "write allocations test"
+lanes = {lanes}
 
 [[subsystem]]
 nqn = "{NQN}"
@@ -80,14 +89,31 @@ address = "127.0.0.1:{port}"
 
 #[test]
 fn steady_state_replicated_writes_allocate_nothing_at_either_site() {
-    let dir = std::env::temp_dir().join(format!("nvmetro-write-allocs-{}", std::process::id()));
+    replicated_writes_allocate_nothing("one-reactor", Layout { cores: "0", lanes: 1 }, 0);
+}
+
+/// Each site on two reactors: the link on one, the workers of lanes 1 and 2 on the other, where
+/// the host's I/O queue is too (connections go round-robin, the admin queue first), so its
+/// writes take those lanes.
+#[test]
+fn steady_state_replicated_writes_over_lanes_on_reactors_allocate_nothing_at_either_site() {
+    replicated_writes_allocate_nothing("lanes-on-reactors", Layout { cores: "0, 1", lanes: 3 }, 2);
+}
+
+/// Mirror status of the one mirror a site runs.
+fn mirror_status(site: &nvmetro_tgt::Running) -> nvmetro_bdev::mirror::driver::StatusReport {
+    site.target.bdevs().iter().find_map(|b| b.mirror_status()).expect("a mirror")
+}
+
+fn replicated_writes_allocate_nothing(name: &str, layout: Layout, lanes_on_reactors: usize) {
+    let dir = std::env::temp_dir().join(format!("nvmetro-write-allocs-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (port_a, link) = (free_port(), free_port());
-    let a = nvmetro_tgt::start(site(&dir, true, port_a, link), None).expect("site A starts");
+    let a = nvmetro_tgt::start(site(&dir, true, port_a, link, layout), None).expect("site A starts");
     // Site A's own connections take ephemeral ports meanwhile: one may be the port B was to
     // listen on, and then B gets another.
     let b = (0..5)
-        .find_map(|_| match nvmetro_tgt::start(site(&dir, false, free_port(), link), None) {
+        .find_map(|_| match nvmetro_tgt::start(site(&dir, false, free_port(), link, layout), None) {
             Ok(b) => Some(b),
             Err(e) if format!("{e:#}").contains("Address already in use") => None,
             Err(e) => panic!("site B starts: {e:#}"),
@@ -97,6 +123,11 @@ fn steady_state_replicated_writes_allocate_nothing_at_either_site() {
     // The preferred site serves once its peer is connected and in sync; until then the
     // connect is retried.
     let (_admin, mut sock) = common::io_queue(port_a, NQN, QD);
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while [&a, &b].iter().any(|s| mirror_status(s).lanes_on_reactors != lanes_on_reactors) {
+        assert!(Instant::now() < deadline, "lanes on reactors: {:?}", mirror_status(&a));
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 
     // One pre-encoded 8 KiB in-capsule write per command ID, each at its own LBA.
     let capsules = common::capsules((1..=QD).map(|cid| {
@@ -110,6 +141,9 @@ fn steady_state_replicated_writes_allocate_nothing_at_either_site() {
     }
     // Warm-up: every pool and buffer on the path, at both sites, grows to its steady size.
     common::drive(&mut sock, &capsules, &mut rx, 10_000);
+    // (Status is published every 100 ms: this one counts all the warm-up.)
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let by_reactors = mirror_status(&a).frames_sent_by_reactors;
     let before = nvmetro_ffi::CountingAllocator::allocations();
     let started = Instant::now();
     const WRITES: usize = 20_000;
@@ -123,8 +157,14 @@ fn steady_state_replicated_writes_allocate_nothing_at_either_site() {
     let idle = nvmetro_ffi::CountingAllocator::allocations() - before_idle;
     let per_write = allocations.saturating_sub(idle) as f64 / WRITES as f64;
     eprintln!(
-        "{allocations} allocations over {WRITES} replicated writes in {busy:?}; {idle} in as long idle; {per_write:.4} per write beyond the timers'"
+        "{name}: {allocations} allocations over {WRITES} replicated writes in {busy:?}; {idle} in as long idle; {per_write:.4} per write beyond the timers'"
     );
+    if lanes_on_reactors > 0 {
+        // (Status is published every 100 ms.)
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let sent = mirror_status(&a).frames_sent_by_reactors - by_reactors;
+        assert!(sent >= WRITES as u64 * 9 / 10, "the writes took the lanes on reactors: {sent} frames of {WRITES}");
+    }
     // One allocation per write would be 1.0; one per 31 (a segmented queue's blocks) 0.03.
     assert!(per_write < 0.01, "{allocations} allocations over {WRITES} replicated writes ({idle} in as long idle)");
     drop(sock);

@@ -43,6 +43,8 @@ pub struct StatusReport {
     pub lanes_wanted: usize,
     /// Lanes up that workers on reactors other than the link's drive.
     pub lanes_on_reactors: usize,
+    /// Frames those workers sent since start.
+    pub frames_sent_by_reactors: u64,
     /// Times the link came up since start (a link that flaps counts up).
     pub link_ups: u64,
     /// Why the link last went down (a lane broke, the peer broke the lane rules, silence past
@@ -157,6 +159,7 @@ impl LinkThread {
             lanes_up: self.lanes_up(),
             lanes_wanted: self.lanes.wanted,
             lanes_on_reactors: self.lanes_on_reactors(),
+            frames_sent_by_reactors: self.ports.iter().map(|p| p.frames_sent()).sum(),
             link_ups: self.link_ups,
             last_link_down: self.last_down.as_ref().map(|(why, at)| (why.clone(), now.duration_since(*at).as_secs())),
             failed_for_seconds: st.failure.as_ref().map(&ago),

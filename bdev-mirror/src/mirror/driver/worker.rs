@@ -53,12 +53,19 @@ pub(super) struct LanePort {
     reactor: AtomicU64,
     /// The emulated link delay, in nanoseconds (changed by a reload).
     delay_ns: AtomicU64,
+    /// Frames the worker sent since start.
+    frames_sent: AtomicU64,
 }
 
 impl LanePort {
     /// Whether a reactor runs this port's worker (only then is it handed a lane).
     pub(super) fn running(&self) -> bool {
         self.running.load(Ordering::Acquire)
+    }
+
+    /// Frames the worker sent since start.
+    pub(super) fn frames_sent(&self) -> u64 {
+        self.frames_sent.load(Ordering::Relaxed)
     }
 
     /// The reactor that runs the worker ([`super::channel::thread_tag`]; 0: none yet).
@@ -139,6 +146,9 @@ pub struct LaneWorker {
     conn: Option<(u64, usize, Conn)>,
     /// Frames read but not yet taken by the link (its queue was full).
     backlog: VecDeque<Frame>,
+    /// The socket may hold more than was read (reading stopped at the backlog's bound): no
+    /// new readiness edge announces it.
+    unread: bool,
     frames: Vec<Frame>,
     payloads: IoBufPool,
     last_tick: Instant,
@@ -168,6 +178,7 @@ impl LaneWorker {
             running: AtomicBool::new(false),
             reactor: AtomicU64::new(0),
             delay_ns: AtomicU64::new(delay.as_nanos() as u64),
+            frames_sent: AtomicU64::new(0),
         });
         let worker = LaneWorker {
             port: port.clone(),
@@ -176,6 +187,7 @@ impl LaneWorker {
             events: Events::with_capacity(8),
             conn: None,
             backlog: VecDeque::new(),
+            unread: false,
             frames: Vec::new(),
             payloads,
             last_tick: Instant::now(),
@@ -195,6 +207,7 @@ impl LaneWorker {
             c.sock.deregister(self.poll.registry());
         }
         self.backlog.clear();
+        self.unread = false;
     }
 
     /// Takes a connection the link handed over; false if there was none.
@@ -226,10 +239,9 @@ impl LaneWorker {
     /// Frames the link queued: onto the connection they are for (frames of an older link
     /// are dropped with it).
     fn take_frames(&mut self, now: Instant) -> bool {
-        let mut any = false;
+        let mut sent = 0;
         let delay = Duration::from_nanos(self.port.delay_ns.load(Ordering::Relaxed));
         while let Some((epoch, f)) = self.port.to_peer.pop() {
-            any = true;
             if self.conn.as_ref().is_none_or(|c| c.0 != epoch) {
                 // The link hands a connection over before it queues frames for it.
                 self.take_handoff();
@@ -237,10 +249,14 @@ impl LaneWorker {
             if let Some((e, _, c)) = self.conn.as_mut() {
                 if *e == epoch {
                     c.queue_frame(&f, delay, now);
+                    sent += 1;
                 }
             }
         }
-        any
+        if sent > 0 {
+            self.port.frames_sent.fetch_add(sent, Ordering::Relaxed);
+        }
+        sent > 0
     }
 
     /// Reads what the peer sent while the link has room for it, and hands it on.
@@ -248,7 +264,8 @@ impl LaneWorker {
         let mut work = false;
         let Some((epoch, lane, c)) = self.conn.as_mut() else { return Ok(false) };
         let (epoch, lane) = (*epoch, *lane);
-        if self.backlog.is_empty() && (readable || c.rx_fresh || c.sock.pending()) {
+        if self.backlog.is_empty() && (readable || self.unread || c.rx_fresh || c.sock.pending()) {
+            self.unread = false;
             let mut frames = std::mem::take(&mut self.frames);
             loop {
                 let read = c.read_frames(lane, &self.payloads, &mut frames);
@@ -261,7 +278,11 @@ impl LaneWorker {
                     }
                 };
                 work |= got;
-                if empty || !got || self.backlog.len() >= PORT_DEPTH {
+                if empty || !got {
+                    break;
+                }
+                if self.backlog.len() >= PORT_DEPTH {
+                    self.unread = true;
                     break;
                 }
             }
@@ -338,7 +359,7 @@ impl crate::Poller for LaneWorker {
             return Some(now);
         }
         let (epoch, _, c) = self.conn.as_ref()?;
-        if *epoch != p.epoch.load(Ordering::Acquire) || c.sock.pending() || c.rx_fresh {
+        if *epoch != p.epoch.load(Ordering::Acquire) || c.sock.pending() || c.rx_fresh || (self.unread && self.backlog.is_empty()) {
             return Some(now);
         }
         let mut at = self.last_tick + TICK;
