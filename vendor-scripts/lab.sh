@@ -190,7 +190,7 @@ listen = "10.0.2.15:7600"'; hp=4431; range="1, 99"; else role='role = "secondary
 peer = "10.0.2.15:7600"'; hp=4432; range="100, 199"; fi
   cat > /tmp/rlink-$site.toml <<TOML
 [target]
-cores = [0]
+cores = [0, 1]
 site = $([ $site = a ] && echo 1 || echo 2)
 [[bdev]]
 name = "leg"
@@ -223,10 +223,10 @@ done
 for i in $(seq 150); do grep -q 'replication link up' /tmp/rlink-a.log && grep -q 'replication link up' /tmp/rlink-b.log && break; sleep 0.2; done
 grep -h 'replication link up' /tmp/rlink-a.log /tmp/rlink-b.log
 grep -q 'replication link up.*rdma' /tmp/rlink-b.log && echo "CHECK rdma link up between the sites"
-for i in $(seq 150); do grep -q 'replication lane 1 up (2 of 2)' /tmp/rlink-a.log && grep -q 'replication lane 1 up (2 of 2)' /tmp/rlink-b.log && break; sleep 0.2; done
+for i in $(seq 150); do grep -q 'replication lane 1 up on a reactor of its own (2 of 2)' /tmp/rlink-a.log && grep -q 'replication lane 1 up on a reactor of its own (2 of 2)' /tmp/rlink-b.log && break; sleep 0.2; done
 grep -h 'replication lane' /tmp/rlink-a.log /tmp/rlink-b.log
-grep -q 'replication lane 1 up (2 of 2)' /tmp/rlink-a.log && grep -q 'replication lane 1 up (2 of 2)' /tmp/rlink-b.log \
-  && echo "CHECK rdma link: two lanes up at both sites"
+grep -q 'replication lane 1 up on a reactor of its own (2 of 2)' /tmp/rlink-a.log && grep -q 'replication lane 1 up on a reactor of its own (2 of 2)' /tmp/rlink-b.log \
+  && echo "CHECK rdma link: two lanes up at both sites, lane 1 on its own reactor"
 timeout 120 nvme connect -t tcp -a 10.0.2.15 -s 4431 -n $S && sleep 2
 MD=$(nvme list | awk '/nvmetro/ {print $1}' | head -1); echo "site A device: $MD"
 timeout 120 fio --name=rlink --filename="$MD" --rw=randwrite --bs=8k --iodepth=8 --ioengine=libaio --direct=1 --size=16m \
@@ -254,8 +254,8 @@ for i in $(seq 300); do grep -q 'resync from the peer finished' /tmp/rlink-b2.lo
 grep -h 'resync to the peer' /tmp/rlink-a.log
 [ "$(grep -c 'resync to the peer finished' /tmp/rlink-a.log)" -gt "$before" ] && grep -q 'resync from the peer finished' /tmp/rlink-b2.log \
   && echo "CHECK rdma link: resync over RDMA finished"
-for i in $(seq 100); do grep -q 'replication lane 1 up (2 of 2)' /tmp/rlink-b2.log && break; sleep 0.2; done
-grep -q 'replication lane 1 up (2 of 2)' /tmp/rlink-b2.log && echo "CHECK rdma link: two lanes again after B's restart"
+for i in $(seq 100); do grep -q 'replication lane 1 up on a reactor of its own (2 of 2)' /tmp/rlink-b2.log && break; sleep 0.2; done
+grep -q 'replication lane 1 up on a reactor of its own (2 of 2)' /tmp/rlink-b2.log && echo "CHECK rdma link: two lanes again after B's restart"
 timeout 120 nvme connect -t tcp -a 10.0.2.15 -s 4432 -n $S && sleep 2
 MD=$(nvme list | awk '/nvmetro/ {print $1}' | head -1)
 timeout 120 fio --name=rlink2 --filename="$MD" --offset=32m --rw=randwrite --bs=8k --iodepth=8 --ioengine=libaio --direct=1 --size=16m \
@@ -412,7 +412,7 @@ rdma_checks() { # runs chk (defined by the caller) on the guest log
   chk "nvmetro-perf --transport rdma --verify against nvmetro-tgt" "CHECK nvmetro-perf rdma verify against nvmetro-tgt ok"
   chk "nvmetro-perf --transport rdma --verify against Linux nvmet-rdma" "CHECK nvmetro-perf rdma verify against nvmet-rdma ok"
   chk "rdma link: the sites' replication link comes up over RDMA" "CHECK rdma link up between the sites"
-  chk "rdma link: two lanes (RC queue pairs) up at both sites" "CHECK rdma link: two lanes up at both sites"
+  chk "rdma link: two lanes (RC queue pairs) up at both sites, lane 1 driven by the second reactor" "CHECK rdma link: two lanes up at both sites, lane 1 on its own reactor"
   chk "rdma link: two lanes again after B's restart" "CHECK rdma link: two lanes again after B's restart"
   chk "rdma link: writes through site A" "CHECK rdma link: writes through site A ok"
   chk "rdma link: site B reads what A wrote" "CHECK rdma link: site B reads what A wrote"

@@ -245,6 +245,11 @@ fn families(t: &Target) -> Vec<Family> {
     );
     let mut lanes = Family::new("nvmetro_mirror_lanes_up", Gauge, "Connections (lanes) the replication link is made of now.");
     let mut link_ups = Family::new("nvmetro_mirror_link_ups", Counter, "Times the replication link came up since start.");
+    let mut on_reactors = Family::new(
+        "nvmetro_mirror_lanes_on_reactors",
+        Gauge,
+        "Lanes of the replication link that reactors other than the link's drive now.",
+    );
     for (_, b) in t.live_bdevs() {
         let Some(m) = b.mirror_status() else { continue };
         let l: Labels = vec![
@@ -277,7 +282,8 @@ fn families(t: &Target) -> Vec<Family> {
         leg_failures.add(name.clone(), Value::Counter(m.leg_failures));
         refusals.add(name.clone(), Value::Counter(m.link_refusals));
         link_ups.add(name.clone(), Value::Counter(m.link_ups));
-        lanes.add(name, Value::Gauge(m.lanes_up as f64));
+        lanes.add(name.clone(), Value::Gauge(m.lanes_up as f64));
+        on_reactors.add(name, Value::Gauge(m.lanes_on_reactors as f64));
     }
     let mut families = vec![
         commands,
@@ -302,6 +308,7 @@ fn families(t: &Target) -> Vec<Family> {
         refusals,
         link_ups,
         lanes,
+        on_reactors,
     ];
     families.extend(dr_families(t, &site));
     families

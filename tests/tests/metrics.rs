@@ -82,6 +82,7 @@ fn the_metrics_pass_promtool_and_a_real_prometheus_scrapes_them() {
         body.lines().find(|l| l.starts_with(&format!("{name}{{bdev=\"m\""))).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
     };
     assert_eq!((value("nvmetro_mirror_lanes_up"), value("nvmetro_mirror_link_ups_total")), (Some(1.0), Some(1.0)), "{body}");
+    assert_eq!(value("nvmetro_mirror_lanes_on_reactors"), Some(0.0), "one lane: none on other reactors: {body}");
 
     // Without an Accept header for OpenMetrics: the classic text format, as promtool reads it.
     let body = get(metrics, "/metrics");
