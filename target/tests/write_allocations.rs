@@ -122,12 +122,17 @@ fn replicated_writes_allocate_nothing(name: &str, layout: Layout, lanes_on_react
 
     // The preferred site serves once its peer is connected and in sync; until then the
     // connect is retried.
-    let (_admin, mut sock) = common::io_queue(port_a, NQN, QD);
-    let deadline = Instant::now() + std::time::Duration::from_secs(10);
-    while [&a, &b].iter().any(|s| mirror_status(s).lanes_on_reactors != lanes_on_reactors) {
+    // Serving and in sync before the host connects: its first try makes the connections, and
+    // round-robin puts the admin queue on reactor 1 (the link's) and the I/O queue on reactor 0.
+    let deadline = Instant::now() + std::time::Duration::from_secs(20);
+    while [&a, &b].iter().any(|s| {
+        let m = mirror_status(s);
+        m.lanes_on_reactors != lanes_on_reactors || !m.serving || m.out_of_sync_bytes > 0
+    }) {
         assert!(Instant::now() < deadline, "lanes on reactors: {:?}", mirror_status(&a));
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+    let (_admin, mut sock) = common::io_queue(port_a, NQN, QD);
 
     // One pre-encoded 8 KiB in-capsule write per command ID, each at its own LBA.
     let capsules = common::capsules((1..=QD).map(|cid| {

@@ -641,6 +641,8 @@ impl LinkThread {
                 self.link_down("a lane is stuck: frames waited past the heartbeat timeout for frames sent before them");
             }
             self.dial_lanes();
+            self.move_lanes_to_reactors();
+            self.discard_stale_ports();
         }
         self.flush();
         // Completions handed over count as work: the reactor polls its channels before it may
@@ -721,6 +723,8 @@ impl crate::Poller for LinkThread {
 
     fn parking(&mut self, parked: bool) {
         self.shared.parked.store(parked, Ordering::SeqCst);
+        // Before next_deadline's loads: a push after them sees `parked` and wakes the link.
+        std::sync::atomic::fence(Ordering::SeqCst);
     }
 
     fn next_deadline(&self) -> Option<Instant> {

@@ -177,9 +177,39 @@ impl LinkThread {
         }
     }
 
-    /// Whether a worker has frames or a failure for the link, or frames wait for a worker.
+    /// Whether a worker of a live lane has frames the receiver takes now or a failure for the
+    /// link, or frames wait for a worker.
     pub(super) fn ports_have_news(&self) -> bool {
-        self.ports_sent != 0 || self.ports.iter().any(|p| p.has_news())
+        self.ports_sent != 0
+            || self.conns.iter().enumerate().any(|(k, l)| matches!(l, Lane::Reactor(i) if self.ports[*i].has_news(self.lanes.rx.wants(k))))
+    }
+
+    /// Ports of no live lane: what their workers left behind is dropped (a failure or frames
+    /// of a link that is gone would otherwise look like news for good).
+    pub(super) fn discard_stale_ports(&mut self) {
+        for (i, port) in self.ports.iter().enumerate() {
+            let live = matches!(self.conns.get(i + 1), Some(Lane::Reactor(j)) if *j == i);
+            if !live {
+                port.discard_stale();
+            }
+        }
+    }
+
+    /// Lanes that joined before a reactor ran their worker (at start, or after a reload) move to
+    /// it once it runs: the connection, with what it has queued and half-read, changes hands
+    /// between frames, so the lane stays in order.
+    pub(super) fn move_lanes_to_reactors(&mut self) {
+        for k in 1..self.conns.len() {
+            let i = k - 1;
+            if !matches!(self.conns[k], Lane::Here(_)) || !self.ports.get(i).is_some_and(|p| p.running()) {
+                continue;
+            }
+            if let Lane::Here(mut c) = std::mem::replace(&mut self.conns[k], Lane::Reactor(i)) {
+                c.sock.deregister(self.poll.registry());
+                self.ports[i].hand_over(self.epoch, k, *c);
+                tracing::info!(mirror = %self.name, "replication lane {k} moved to a reactor of its own");
+            }
+        }
     }
 
     /// At the acceptor: what the first frame of an authenticated connection (`bytes`, after
@@ -352,16 +382,17 @@ impl LinkThread {
     /// Takes what the worker behind port `i` read from `lane` while the receiver wants it:
     /// Ok((frames arrived, nothing more is there)). Its failure takes the link down.
     fn read_port(&mut self, lane: usize, i: usize) -> Result<(bool, bool), String> {
-        if let Some(why) = self.ports[i].failure(self.epoch) {
-            return Err(why);
-        }
         let mut got = false;
+        // Frames the worker read before its connection failed go first, as on the link thread.
         while self.lanes.rx.wants(lane) {
-            let Some(f) = self.ports[i].receive(self.epoch) else { return Ok((got, true)) };
+            let Some(f) = self.ports[i].receive(self.epoch) else { break };
             got = true;
             self.take_frame(lane, f)?;
         }
-        Ok((got, false))
+        if let Some(why) = self.ports[i].failure(self.epoch) {
+            return Err(why);
+        }
+        Ok((got, self.lanes.rx.wants(lane)))
     }
 
     /// A frame that arrived on `lane`, for the lanes' receiver (Lane frames are the driver's).

@@ -92,7 +92,7 @@ impl LanePort {
     /// At the link: the link went down (it is in `epoch` now); the worker drops its connection.
     pub(super) fn new_epoch(&self, epoch: u64) {
         self.epoch.store(epoch, Ordering::Release);
-        while self.from_peer.pop().is_some() {}
+        self.discard_stale();
         self.wake_worker();
     }
 
@@ -121,9 +121,21 @@ impl LanePort {
         }
     }
 
-    /// At the link: whether frames or a failure wait for it.
-    pub(super) fn has_news(&self) -> bool {
-        !self.from_peer.is_empty() || self.failed.load(Ordering::Acquire)
+    /// At the link: whether a failure waits for it, or frames (`frames_wanted`: the lane's
+    /// receiver takes frames now; a held lane's frames wait without news).
+    pub(super) fn has_news(&self, frames_wanted: bool) -> bool {
+        (frames_wanted && !self.from_peer.is_empty()) || self.failed.load(Ordering::Acquire)
+    }
+
+    /// At the link: drops what a worker of no live lane left (frames and a failure of a link
+    /// that is gone).
+    pub(super) fn discard_stale(&self) {
+        if self.failed.swap(false, Ordering::AcqRel) {
+            if let Ok(mut f) = self.failure.lock() {
+                *f = None;
+            }
+        }
+        while self.from_peer.pop().is_some() {}
     }
 
     /// At the link: why the worker's connection of `epoch` failed, if it did.
@@ -264,6 +276,10 @@ impl LaneWorker {
         let mut work = false;
         let Some((epoch, lane, c)) = self.conn.as_mut() else { return Ok(false) };
         let (epoch, lane) = (*epoch, *lane);
+        if readable && !self.backlog.is_empty() {
+            // The edge is taken now; the bytes it announced are read once the backlog is gone.
+            self.unread = true;
+        }
         if self.backlog.is_empty() && (readable || self.unread || c.rx_fresh || c.sock.pending()) {
             self.unread = false;
             let mut frames = std::mem::take(&mut self.frames);
@@ -350,6 +366,8 @@ impl crate::Poller for LaneWorker {
 
     fn parking(&mut self, parked: bool) {
         self.port.parked.store(parked, Ordering::SeqCst);
+        // Before next_deadline's loads: a push after them sees `parked` and wakes us.
+        fence(Ordering::SeqCst);
     }
 
     fn next_deadline(&self) -> Option<Instant> {
