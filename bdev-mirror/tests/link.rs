@@ -759,41 +759,78 @@ fn a_lane_that_cannot_be_dialled_leaves_the_link_on_its_first_lane_until_a_dial_
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// A reactor of the test's own on a thread: turns `p` until `stop`, and when a turn finds
-/// nothing, parks in epoll on the poller's descriptors until one turns ready or its deadline
-/// (as the target's reactors do).
-fn reactor(p: Box<dyn nvmetro_bdev::Poller>, stop: Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHandle<()> {
-    reactor_with(p, stop, || false)
+/// Reactors of the test's own, a thread each, until dropped: each turns its poller, and when a
+/// turn finds nothing, parks in epoll on the poller's descriptors until one turns ready or its
+/// deadline (as the target's reactors do).
+struct Reactors {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
-/// [`reactor`], also running `work` on every turn (whether it did something).
-fn reactor_with(
-    mut p: Box<dyn nvmetro_bdev::Poller>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    mut work: impl FnMut() -> bool + Send + 'static,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut poll = mio::Poll::new().unwrap();
-        for (i, fd) in p.wake_fds().into_iter().enumerate() {
-            poll.registry().register(&mut mio::unix::SourceFd(&fd), mio::Token(i), mio::Interest::READABLE).unwrap();
-        }
-        let mut events = mio::Events::with_capacity(8);
-        let mut busy = true;
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            let wait = if busy {
-                Duration::ZERO
-            } else {
-                p.parking(true);
-                let due = p.next_deadline().map_or(Duration::from_millis(10), |d| d.saturating_duration_since(Instant::now()));
-                due.min(Duration::from_millis(10))
-            };
-            let _ = poll.poll(&mut events, Some(wait));
-            if !busy {
-                p.parking(false);
+impl Reactors {
+    fn new() -> Reactors {
+        Reactors { stop: Arc::new(std::sync::atomic::AtomicBool::new(false)), threads: Vec::new() }
+    }
+
+    fn run(&mut self, p: Box<dyn nvmetro_bdev::Poller>) {
+        self.run_with(p, || false);
+    }
+
+    /// Runs `p`, and `work` on every turn of its reactor (returning whether it did something).
+    fn run_with(&mut self, mut p: Box<dyn nvmetro_bdev::Poller>, mut work: impl FnMut() -> bool + Send + 'static) {
+        let stop = self.stop.clone();
+        self.threads.push(std::thread::spawn(move || {
+            let mut poll = mio::Poll::new().unwrap();
+            for (i, fd) in p.wake_fds().into_iter().enumerate() {
+                poll.registry().register(&mut mio::unix::SourceFd(&fd), mio::Token(i), mio::Interest::READABLE).unwrap();
             }
-            busy = p.poll(!events.is_empty()) | work();
+            let mut events = mio::Events::with_capacity(8);
+            let mut busy = true;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let wait = if busy {
+                    Duration::ZERO
+                } else {
+                    p.parking(true);
+                    let due = p.next_deadline().map_or(Duration::from_millis(10), |d| d.saturating_duration_since(Instant::now()));
+                    due.min(Duration::from_millis(10))
+                };
+                let _ = poll.poll(&mut events, Some(wait));
+                if !busy {
+                    p.parking(false);
+                }
+                busy = p.poll(!events.is_empty()) | work();
+            }
+        }));
+    }
+
+    /// Runs every helper poller (lane worker) of `m`.
+    fn run_helpers(&mut self, m: &MirrorBdev) {
+        for h in m.take_helper_pollers() {
+            self.run(h);
         }
-    })
+    }
+}
+
+impl Drop for Reactors {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Two legs of a three-lane link over the in-memory transport whose links run as pollers (for
+/// the test's reactors): (scratch dir, link control, (A, its leg), (B, its leg)).
+type ReactorLegs = (std::path::PathBuf, mem::MemLinkControl, (Arc<MirrorBdev>, Arc<MallocBdev>), (Arc<MirrorBdev>, Arc<MallocBdev>));
+
+fn reactor_legs(name: &str) -> ReactorLegs {
+    let dir = scratch(name);
+    let (ta, tb, control) = mem::pair(Duration::ZERO);
+    let shape = Shape { on_reactor: true, lanes: 3, ..Shape::default() };
+    let a = leg_with("a", Role::Preferred, ta, &dir, shape);
+    let b = leg_with("b", Role::Secondary, tb, &dir, shape);
+    (dir, control, a, b)
 }
 
 /// Lanes 1 and 2 of a three-lane link run on reactors of their own at both legs (their
@@ -802,19 +839,16 @@ fn reactor_with(
 /// takes the link down, and it comes back with its lanes on their reactors again.
 #[test]
 fn lanes_on_reactors_of_their_own_carry_writes_and_a_broken_one_takes_the_link_down_until_it_is_whole() {
-    let dir = scratch("lanes-reactors");
-    let (ta, tb, control) = mem::pair(Duration::ZERO);
-    let shape = Shape { on_reactor: true, lanes: 3, ..Shape::default() };
-    let (a, la) = leg_with("a", Role::Preferred, ta, &dir, shape);
-    let (b, lb) = leg_with("b", Role::Secondary, tb, &dir, shape);
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut threads = Vec::new();
+    let (dir, control, (a, la), (b, lb)) = reactor_legs("lanes-reactors");
+    let mut reactors = Reactors::new();
     for m in [&a, &b] {
-        threads.push(reactor(m.take_poller().expect("the link"), stop.clone()));
+        reactors.run(m.take_poller().expect("the link"));
         let helpers = m.take_helper_pollers();
         assert_eq!(helpers.len(), 2, "a worker per lane past the first");
         assert!(m.take_helper_pollers().is_empty(), "handed out once");
-        threads.extend(helpers.into_iter().map(|h| reactor(h, stop.clone())));
+        for h in helpers {
+            reactors.run(h);
+        }
     }
     let whole = |ups: u64| {
         [&a, &b].iter().all(|m| {
@@ -842,10 +876,7 @@ fn lanes_on_reactors_of_their_own_carry_writes_and_a_broken_one_takes_the_link_d
     assert!(reasons.iter().flatten().any(|(why, _)| why.contains("lane 2")), "{reasons:?}");
     write_from_both(ca.as_mut(), cb.as_mut(), 2);
     assert!(read_leg(&la) == read_leg(&lb), "both legs hold every write after the lane broke");
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for t in threads {
-        t.join().unwrap();
-    }
+    drop(reactors);
     drop((ca, cb, a, b));
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -855,25 +886,22 @@ fn lanes_on_reactors_of_their_own_carry_writes_and_a_broken_one_takes_the_link_d
 #[test]
 fn a_write_takes_the_lane_that_its_reactor_drives() {
     use std::sync::atomic::{AtomicBool, Ordering};
-    let dir = scratch("lanes-affinity");
-    let (ta, tb, control) = mem::pair(Duration::ZERO);
-    let shape = Shape { on_reactor: true, lanes: 3, ..Shape::default() };
-    let (a, la) = leg_with("a", Role::Preferred, ta, &dir, shape);
-    let (b, lb) = leg_with("b", Role::Secondary, tb, &dir, shape);
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut threads = vec![reactor(b.take_poller().unwrap(), stop.clone()), reactor(a.take_poller().unwrap(), stop.clone())];
-    threads.extend(b.take_helper_pollers().into_iter().map(|h| reactor(h, stop.clone())));
+    let (dir, control, (a, la), (b, lb)) = reactor_legs("lanes-affinity");
+    let mut reactors = Reactors::new();
+    reactors.run(b.take_poller().unwrap());
+    reactors.run(a.take_poller().unwrap());
+    reactors.run_helpers(&b);
     let mut helpers = a.take_helper_pollers();
     let lane2 = helpers.pop().unwrap();
     let lane1 = helpers.pop().unwrap();
-    threads.push(reactor(lane2, stop.clone()));
+    reactors.run(lane2);
     // Lane 1's worker shares its thread with a channel that writes, one write at a time.
     let go = Arc::new(AtomicBool::new(false));
     let (results, done) = std::sync::mpsc::channel();
     let mut ch = a.clone().channel().unwrap();
     let (mut next, mut inflight, mut polled) = (0u64, false, false);
     let started = go.clone();
-    threads.push(reactor_with(lane1, stop.clone(), move || {
+    reactors.run_with(lane1, move || {
         let mut completed = Vec::new();
         ch.poll(&mut completed);
         for c in completed {
@@ -888,7 +916,7 @@ fn a_write_takes_the_lane_that_its_reactor_drives() {
         }
         polled = true;
         true
-    }));
+    });
     wait("three lanes, two on reactors of their own, at both legs", || {
         [&a, &b].iter().all(|m| m.status().lanes_on_reactors == 2 && m.status().out_of_sync_bytes == 0) && b.serving()
     });
@@ -901,10 +929,7 @@ fn a_write_takes_the_lane_that_its_reactor_drives() {
     assert!(after[1] - before[1] >= 64 * 4096, "lane 1 carried every write: {before:?} -> {after:?}");
     assert!(after[2] - before[2] < 4096, "lane 2 carried none: {before:?} -> {after:?}");
     assert!(read_leg(&la) == read_leg(&lb), "both legs hold every write");
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join().unwrap();
-    }
+    drop(reactors);
     drop((a, b));
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -914,13 +939,10 @@ fn a_write_takes_the_lane_that_its_reactor_drives() {
 /// every lane, and both legs end identical.
 #[test]
 fn lanes_that_joined_before_their_reactors_ran_move_to_them_without_the_link_going_down() {
-    let dir = scratch("lanes-move");
-    let (ta, tb, control) = mem::pair(Duration::ZERO);
-    let shape = Shape { on_reactor: true, lanes: 3, ..Shape::default() };
-    let (a, la) = leg_with("a", Role::Preferred, ta, &dir, shape);
-    let (b, lb) = leg_with("b", Role::Secondary, tb, &dir, shape);
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut threads = vec![reactor(a.take_poller().unwrap(), stop.clone()), reactor(b.take_poller().unwrap(), stop.clone())];
+    let (dir, control, (a, la), (b, lb)) = reactor_legs("lanes-move");
+    let mut reactors = Reactors::new();
+    reactors.run(a.take_poller().unwrap());
+    reactors.run(b.take_poller().unwrap());
     wait("three lanes on the link threads", || {
         [&a, &b].iter().all(|m| m.status().lanes_up == 3 && m.status().lanes_on_reactors == 0) && b.serving()
     });
@@ -928,9 +950,8 @@ fn lanes_that_joined_before_their_reactors_ran_move_to_them_without_the_link_goi
     let mut cb = b.clone().channel().unwrap();
     write_from_both(ca.as_mut(), cb.as_mut(), 1);
     let ups = (a.status().link_ups, b.status().link_ups);
-    for m in [&a, &b] {
-        threads.extend(m.take_helper_pollers().into_iter().map(|h| reactor(h, stop.clone())));
-    }
+    reactors.run_helpers(&a);
+    reactors.run_helpers(&b);
     wait("the lanes moved to their reactors", || [&a, &b].iter().all(|m| m.status().lanes_on_reactors == 2));
     let before = control.connections();
     write_from_both(ca.as_mut(), cb.as_mut(), 2);
@@ -941,10 +962,7 @@ fn lanes_that_joined_before_their_reactors_ran_move_to_them_without_the_link_goi
     assert_eq!((a.status().link_ups, b.status().link_ups), ups, "the link stayed up");
     assert!(read_leg(&la) == read_leg(&lb), "both legs hold every write");
     wait("the status counts the frames the workers sent", || a.status().frames_sent_by_reactors > 0);
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for t in threads {
-        t.join().unwrap();
-    }
+    drop(reactors);
     drop((ca, cb, a, b));
     let _ = std::fs::remove_dir_all(dir);
 }
