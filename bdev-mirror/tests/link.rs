@@ -966,3 +966,41 @@ fn lanes_that_joined_before_their_reactors_ran_move_to_them_without_the_link_goi
     drop((ca, cb, a, b));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// When the peer goes away, every lane fails at once: the workers report their lanes' failures
+/// while (or after) the link takes itself down. Those reports belong to a link that is gone, and
+/// the link's poller must come to rest through the outage (sleep until its next tick) rather
+/// than count them as work for good.
+#[test]
+fn through_an_outage_the_link_of_lanes_on_reactors_comes_to_rest() {
+    let (dir, control, (a, _), (b, _)) = reactor_legs("lanes-outage");
+    let mut link = a.take_poller().unwrap();
+    let mut reactors = Reactors::new();
+    reactors.run(b.take_poller().unwrap());
+    reactors.run_helpers(&a);
+    reactors.run_helpers(&b);
+    turn_until(&mut link, "three lanes, two on reactors of their own, at both legs", &mut || {
+        [&a, &b].iter().all(|m| m.status().lanes_on_reactors == 2 && m.status().out_of_sync_bytes == 0) && b.serving()
+    });
+    // No new connection from now on; every lane breaks.
+    control.cut();
+    for _ in 0..3 {
+        control.break_connection(0);
+    }
+    turn_until(&mut link, "A's link is down", &mut || a.status().lanes_up == 0);
+    // Each worker notices by its next tick (10 ms) at the latest; the link must then rest.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut resting = 0;
+    while resting < 20 {
+        assert!(Instant::now() < deadline, "the link kept finding work with no lane up");
+        link.poll(true);
+        link.parking(true);
+        let due = link.next_deadline();
+        link.parking(false);
+        resting = if due.is_some_and(|d| d > Instant::now()) { resting + 1 } else { 0 };
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    drop(reactors);
+    drop((link, a, b));
+    let _ = std::fs::remove_dir_all(dir);
+}
