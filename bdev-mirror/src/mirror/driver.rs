@@ -233,9 +233,10 @@ impl MirrorBdev {
             stop_switch: None,
             departed: false,
         };
-        // A worker per lane past the first, for reactors to take (lane k: port k - 1).
+        // On reactors: a worker per lane past the first, for other reactors to take (lane k:
+        // port k - 1). A link on a thread of its own drives every lane itself.
         let mut helpers = Vec::new();
-        for _ in 1..link.settings.lanes.clamp(1, MAX_LANES) {
+        for _ in 1..if on_reactor { link.settings.lanes.clamp(1, MAX_LANES) } else { 1 } {
             let (worker, port) = LaneWorker::new(shared.clone(), link.payloads.clone(), link.settings.link_delay)?;
             link.ports.push(port);
             link.port_overflow.push(std::collections::VecDeque::new());
@@ -250,8 +251,14 @@ impl MirrorBdev {
         } else {
             (Some(std::thread::Builder::new().name(format!("mirror-{name}")).spawn(move || link.run())?), None)
         };
-        let helpers = Mutex::new(if on_reactor { helpers } else { Vec::new() });
-        Ok(Arc::new(MirrorBdev { info, local, shared, thread: Mutex::new(thread), poller: Mutex::new(poller), helpers }))
+        Ok(Arc::new(MirrorBdev {
+            info,
+            local,
+            shared,
+            thread: Mutex::new(thread),
+            poller: Mutex::new(poller),
+            helpers: Mutex::new(helpers),
+        }))
     }
 
     pub fn status(&self) -> StatusReport {

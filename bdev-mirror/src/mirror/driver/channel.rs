@@ -152,7 +152,7 @@ impl LinkThread {
                     for o in &out[first..] {
                         if let Output::Send(f) = o {
                             if f.kind == Kind::Replicate {
-                                if let Some(lane) = link.lane_of_channel(chan, f.seq) {
+                                if let Some(lane) = link.lane_of_reactor(q.consumer.load(Ordering::Relaxed), f.seq) {
                                     link.lanes.hint(f.seq, lane);
                                 }
                             }

@@ -196,20 +196,27 @@ impl LinkThread {
     }
 
     /// Lanes that joined before a reactor ran their worker (at start, or after a reload) move to
-    /// it once it runs: the connection, with what it has queued and half-read, changes hands
-    /// between frames, so the lane stays in order.
+    /// it once it runs.
     pub(super) fn move_lanes_to_reactors(&mut self) {
         for k in 1..self.conns.len() {
-            let i = k - 1;
-            if !matches!(self.conns[k], Lane::Here(_)) || !self.ports.get(i).is_some_and(|p| p.running()) {
-                continue;
-            }
-            if let Lane::Here(mut c) = std::mem::replace(&mut self.conns[k], Lane::Reactor(i)) {
-                c.sock.deregister(self.poll.registry());
-                self.ports[i].hand_over(self.epoch, k, *c);
+            if self.lane_to_worker(k) {
                 tracing::info!(mirror = %self.name, "replication lane {k} moved to a reactor of its own");
             }
         }
+    }
+
+    /// Hands lane `k`, driven here, to the worker of port `k - 1` if a reactor runs it: the
+    /// connection, with what it has queued and half-read, changes hands between frames, so the
+    /// lane stays in order. Whether it did.
+    fn lane_to_worker(&mut self, k: usize) -> bool {
+        let i = k.wrapping_sub(1);
+        if !matches!(self.conns.get(k), Some(Lane::Here(_))) || !self.ports.get(i).is_some_and(|p| p.running()) {
+            return false;
+        }
+        let Lane::Here(mut c) = std::mem::replace(&mut self.conns[k], Lane::Reactor(i)) else { return false };
+        c.sock.deregister(self.poll.registry());
+        self.ports[i].hand_over(self.epoch, k, *c);
+        true
     }
 
     /// At the acceptor: what the first frame of an authenticated connection (`bytes`, after
@@ -241,9 +248,7 @@ impl LinkThread {
     /// bytes that came after its handshake (at the acceptor, after its first, Lane, frame). The
     /// dialer names the lane first.
     pub(super) fn join_lane(&mut self, mut sock: Box<dyn LinkStream>, early: &[u8], proof: Vec<u8>, k: usize) {
-        // Lane k goes to the worker of port k - 1 if a reactor runs it.
-        let port = k.checked_sub(1).filter(|&i| self.ports.get(i).is_some_and(|p| p.running()));
-        if port.is_none() && sock.register(self.poll.registry(), CONN).is_err() {
+        if sock.register(self.poll.registry(), CONN).is_err() {
             return self.link_down("a new lane could not be registered");
         }
         let mut rx = vec![0; 4 << 20];
@@ -256,17 +261,8 @@ impl LinkThread {
             conn.queue(&join);
             self.lanes.dial_since = None;
         }
-        let on = match port {
-            Some(i) => {
-                self.ports[i].hand_over(self.epoch, k, conn);
-                self.conns.push(Lane::Reactor(i));
-                " on a reactor of its own"
-            }
-            None => {
-                self.conns.push(Lane::Here(Box::new(conn)));
-                ""
-            }
-        };
+        self.conns.push(Lane::Here(Box::new(conn)));
+        let on = if self.lane_to_worker(k) { " on a reactor of its own" } else { "" };
         self.lanes.tx.set_lanes(self.conns.len());
         self.lanes.rx.set_lanes(self.conns.len());
         tracing::info!(mirror = %self.name, "replication lane {k} up{on} ({} of {})", self.conns.len(), self.lanes.wanted);
@@ -412,14 +408,14 @@ impl LinkThread {
         self.lanes.rx.push(lane, f).map_err(|e| e.to_string())
     }
 
-    /// The lane for data frames of channel `chan`'s writes: one a worker on that channel's
-    /// reactor drives (several: by `seq`), lane 0 when the channel is on the link's own
-    /// reactor; none (spread by sequence number) when the link has no lane on a worker.
-    pub(super) fn lane_of_channel(&self, chan: usize, seq: u64) -> Option<usize> {
+    /// The lane for data frames of writes submitted on `reactor` (a channel's consumer,
+    /// [`super::thread_tag`]): one a worker on that reactor drives (several: by `seq`), lane 0
+    /// on the link's own reactor; none (spread by sequence number) when the link has no lane on
+    /// a worker.
+    pub(super) fn lane_of_reactor(&self, reactor: u64, seq: u64) -> Option<usize> {
         if self.lanes_on_reactors() == 0 {
             return None;
         }
-        let reactor = self.shared.channels.load().get(chan)?.consumer.load(std::sync::atomic::Ordering::Relaxed);
         if reactor == super::thread_tag() {
             return Some(0);
         }
