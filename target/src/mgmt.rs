@@ -147,7 +147,8 @@ pub fn mirror_json(m: &StatusReport) -> Value {
         "peer": m.peer, "out_of_sync_bytes": m.out_of_sync_bytes, "sync_percent": m.sync_percent(),
         "sync_bytes_per_second": m.sync_bytes_per_second, "eta_seconds": m.eta_seconds(),
         "replication_rtt_us": m.replication_rtt_us, "access": m.access,
-        "lanes_up": m.lanes_up, "lanes": m.lanes_wanted, "lanes_on_reactors": m.lanes_on_reactors, "link_ups": m.link_ups,
+        "lanes_up": m.lanes_up, "lanes": m.lanes_wanted, "lanes_on_reactors": m.lanes_on_reactors,
+        "frames_sent_by_reactors": m.frames_sent_by_reactors, "link_ups": m.link_ups,
         "last_link_down": m.last_link_down.as_ref().map(|(why, ago)| json!({"why": why, "seconds_ago": ago})),
         "failure": m.failure, "peer_failure": m.peer_failure,
         "metro": m.metro.as_ref().map(|x| json!({

@@ -185,6 +185,7 @@ fn over_three_lanes_both_sites_agree_and_a_sigkill_of_the_secondary_loses_nothin
     both_sites_write_the_same_blocks(&a, &b, 20_000);
     assert_eq!(mirror_status(&a)["link_ups"], ups, "the link stayed up");
     assert!(mirror_status(&a)["last_link_down"].is_null(), "the link has not been down");
+    assert!(mirror_status(&a)["frames_sent_by_reactors"].as_u64().is_some_and(|n| n > 0), "the workers sent the writes' frames");
     kill_the_secondary_mid_write(&a, b, |b| wait_lanes(&a, b, 3, 2));
     // Status says why the link went down: B's connections closed under its SIGKILL.
     let down = &mirror_status(&a)["last_link_down"];
