@@ -1,7 +1,9 @@
 //! Checks the RDMA verbs layer end to end between a server and a client over rdma_cm:
 //! SEND/RECV both ways (inline, and with immediate data), RDMA WRITE, WRITE with immediate, RDMA READ against the peer's
-//! registered buffer by its rkey (every byte checked), and an RDMA WRITE with a wrong rkey that
-//! must complete with an error status (not hang, not panic). Completions are awaited the way an
+//! registered buffer by its rkey (every byte checked), RDMA READs straight into buffers of a
+//! registered pool (zero copy: a read is completed only by its own completion, and a read dropped
+//! in flight keeps its buffer until the queue pair is destroyed), and an RDMA WRITE with a wrong
+//! rkey that must complete with an error status (not hang, not panic). Completions are awaited the way an
 //! adaptive reactor parks: poll, arm, poll again, then wait on the completion channel's fd.
 //!
 //! ```sh
@@ -15,7 +17,8 @@
 
 use nvmetro_ffi::rdma::{
     event_name, Access, CmEvent, CmEventKind, CmId, CompletionChannel, CompletionQueue, ConnParam, Device, EventChannel, MemoryRegion,
-    ProtectionDomain, QpCaps, RdmaError, RecvRequest, RemoteBuf, SendFlags, SendOp, SendRequest, WcOpcode, WorkCompletion,
+    PostedBuffer, ProtectionDomain, QpCaps, RdmaError, RecvRequest, RegisteredPool, RemoteBuf, SendFlags, SendOp, SendRequest, WcOpcode,
+    WorkCompletion, ZERO_COPY_WR_ID,
 };
 use nvmetro_ffi::{wait_readable, DmaBuf};
 use std::net::SocketAddr;
@@ -44,6 +47,7 @@ struct End {
     cq: Arc<CompletionQueue>,
     buf: MemoryRegion<DmaBuf>,
     msgs: MemoryRegion<DmaBuf>,
+    pd: Arc<ProtectionDomain>,
     name: &'static str,
     /// Completions that came before the one awaited (sends and receives share the CQ, and a
     /// peer's answer may complete before our own send's completion is polled).
@@ -59,7 +63,7 @@ impl End {
         let buf = pd.register(DmaBuf::zeroed(BUF_LEN), Access::LOCAL_WRITE | Access::REMOTE_WRITE | Access::REMOTE_READ)?;
         let msgs = pd.register(DmaBuf::zeroed(4 * MSG_LEN), Access::LOCAL_WRITE)?;
         id.create_qp(&pd, &cq, &cq, QpCaps { max_send_wr: 16, max_recv_wr: 16, ..QpCaps::default() })?;
-        let end = End { id, cc, cq, buf, msgs, name, early: Default::default() };
+        let end = End { id, cc, cq, buf, msgs, pd, name, early: Default::default() };
         let slots = [end.msgs.sge(0, MSG_LEN)?, end.msgs.sge(MSG_LEN, MSG_LEN)?, end.msgs.sge(2 * MSG_LEN, MSG_LEN)?];
         let recvs: Vec<RecvRequest<'_>> = (0..3).map(|i| RecvRequest { wr_id: i as u64, sges: &slots[i..i + 1] }).collect();
         end.id.post_recvs(&recvs).map_err(|(n, e)| format!("{name}: posted {n} of 3 receives: {e}"))?;
@@ -272,6 +276,8 @@ fn client(addr: SocketAddr) -> Res<()> {
     println!("client: RDMA READ of {} bytes", wc.byte_len());
     end.check(4 * CHUNK, &pattern(0x53, CHUNK), "RDMA READ of the server's buffer")?;
 
+    let pool = zero_copy_reads(&end, third)?;
+
     // A request longer than the remote buffer is refused before it reaches the device.
     let tail = server_buf.offset(BUF_LEN as u32 - 8).ok_or("server buffer too small")?;
     match end.id.post_send(5, SendOp::Read(tail), &[end.buf.sge(0, 64)?], SendFlags::SIGNALED) {
@@ -287,9 +293,77 @@ fn client(addr: SocketAddr) -> Res<()> {
         return Err(format!("client: error completion for wr {}, expected 6", wc.wr_id()).into());
     }
     println!("client: WRITE with a wrong rkey failed as it must: {err} (remote access error: {})", err.is_remote_access());
+    // A zero-copy read on the failed queue pair is refused, or flushed: either way the buffer
+    // comes back with the error.
+    let buf = pool.take(CHUNK).ok_or("client: no idle zero-copy buffer")?;
+    match end.id.post_read_into(&pool, buf, third) {
+        Err((_buf, e)) => println!("client: zero-copy READ on the failed queue pair refused: {e}"),
+        Ok(posted) => {
+            let wc = end.completion()?;
+            let (_buf, err) = posted.complete(&wc).map_err(|p| format!("client: {p:?} given another completion: {wc:?}"))?;
+            let err = err.ok_or("client: a zero-copy READ on a failed queue pair succeeded")?;
+            println!("client: zero-copy READ on the failed queue pair completed with an error: {err}");
+        }
+    }
     end.id.disconnect()?;
     let _ = ch.wait_event(Duration::from_secs(5))?; // Disconnected, or nothing: either is fine here
+    // The buffer of the read dropped in flight comes back only once the queue pair is gone.
+    let total = pool.size() / CHUNK;
+    if pool.idle() != total - 1 {
+        return Err(format!("client: {} of {total} zero-copy buffers idle before the QP is destroyed, expected {}", pool.idle(), total - 1).into());
+    }
+    drop(end);
+    if pool.idle() != total {
+        return Err(format!("client: {} of {total} zero-copy buffers idle after the QP was destroyed", pool.idle()).into());
+    }
+    println!("client: the buffer of the read dropped in flight came back when the queue pair was destroyed");
     Ok(())
+}
+
+/// RDMA READs straight into buffers of a registered pool: the data lands in the buffer, a read
+/// is completed only by its own completion, requests that would break the pool's rules are
+/// refused, and a read dropped in flight keeps its buffer out of the pool (checked at the end).
+fn zero_copy_reads(end: &End, remote: RemoteBuf) -> Res<RegisteredPool> {
+    let pool = RegisteredPool::new(&end.pd, &[(CHUNK, 4)], true)?;
+    println!("client: {pool:?}");
+    let read = |len: usize| -> Res<PostedBuffer> {
+        let mut buf = pool.take(CHUNK).ok_or("client: no idle zero-copy buffer")?;
+        buf.set_len(len);
+        Ok(end.id.post_read_into(&pool, buf, remote).map_err(|(_, e)| e)?)
+    };
+    let (a, b) = (read(CHUNK)?, read(CHUNK / 2)?);
+    let wc_a = end.expect(WcOpcode::RdmaRead, Some(a.wr_id()))?;
+    let wc_b = end.expect(WcOpcode::RdmaRead, Some(b.wr_id()))?;
+    let a = match a.complete(&wc_b) {
+        Err(a) => a,
+        Ok(_) => return Err("client: a zero-copy read took another read's completion".into()),
+    };
+    let (got_a, err) = a.complete(&wc_a).map_err(|_| "client: a zero-copy read refused its own completion")?;
+    let (got_b, _) = b.complete(&wc_b).map_err(|_| "client: a zero-copy read refused its own completion")?;
+    let want = pattern(0x53, CHUNK);
+    if err.is_some() || got_a[..] != want[..] || got_b[..] != want[..CHUNK / 2] {
+        return Err(format!("client: zero-copy READs brought the wrong bytes ({err:?})").into());
+    }
+    println!("client: zero-copy RDMA READs of {} and {} bytes match", got_a.len(), got_b.len());
+    drop((got_a, got_b));
+    // A buffer from elsewhere, and a wr_id of the reserved kind, are refused before the device.
+    match end.id.post_read_into(&pool, nvmetro_ffi::IoBufMut::unpooled(CHUNK), remote) {
+        Err((_, RdmaError::Invalid(m))) => println!("client: a buffer of no registered pool refused: {m}"),
+        other => return Err(format!("client: a buffer of no registered pool was not refused: {other:?}").into()),
+    }
+    match end.id.post_send(ZERO_COPY_WR_ID | 7, SendOp::Read(remote), &[end.buf.sge(0, 64)?], SendFlags::SIGNALED) {
+        Err(RdmaError::Invalid(m)) => println!("client: a reserved wr_id refused: {m}"),
+        other => return Err(format!("client: a reserved wr_id was not refused: {other:?}").into()),
+    }
+    // Dropped in flight: its buffer stays with the queue pair.
+    let c = read(CHUNK)?;
+    let c_wr = c.wr_id();
+    drop(c);
+    end.expect(WcOpcode::RdmaRead, Some(c_wr))?;
+    if pool.idle() != 3 {
+        return Err(format!("client: {} zero-copy buffers idle after a read was dropped in flight, expected 3", pool.idle()).into());
+    }
+    Ok(pool)
 }
 
 fn main() {

@@ -6,13 +6,19 @@
 //!
 //! The memory is a [`DmaBuf`] (page-aligned), so an O_DIRECT write goes straight from it.
 //! Mutation needs the only reference: an [`IoBufMut`] is never shared, and an [`IoBuf`] becomes
-//! one again only through [`IoBuf::try_unique`] when no clone is left. No `unsafe` is needed:
-//! uniqueness is `Arc`'s own count.
+//! one again only through [`IoBuf::try_unique`] when no clone is left: uniqueness is `Arc`'s own
+//! count.
+//!
+//! A pool can also be carved out of one fixed arena of memory ([`IoBufPool::over_arena`]; the
+//! RDMA zero-copy pool, registered with a device once). Such a pool never allocates: its
+//! buffers are the arena's slots, handed out by [`IoBufPool::take_idle`] and returned when
+//! dropped, on any thread; the arena lives until its pool and the last of its buffers are gone.
 
 use crate::dmabuf::{DmaBuf, DMA_ALIGN};
 use crossbeam_queue::ArrayQueue;
 use std::fmt;
 use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
 use std::sync::{Arc, Weak};
 
 /// Size classes: 4 KiB, 8 KiB, ... 128 KiB (larger buffers are not pooled).
@@ -22,19 +28,79 @@ pub const IOBUF_POOLED_MAX: usize = DMA_ALIGN << (CLASSES - 1);
 /// Memory a pool keeps per size class while its buffers are idle.
 const KEEP_BYTES_PER_CLASS: usize = 16 << 20;
 
+/// Memory that a pool carves into buffers ([`IoBufPool::over_arena`]).
+///
+/// # Safety
+///
+/// `base()` must point to `size()` bytes, initialised and valid for reads and writes, at a fixed
+/// address for as long as the value lives. Nothing but the buffers of the pool built over it may
+/// touch those bytes, except a device writing a buffer's bytes while that buffer is owned, out
+/// of every Rust reference's reach, by the operation the device performs (an RDMA READ posted
+/// with [`crate::rdma::CmId::post_read_into`]).
+pub(crate) unsafe trait Arena: Send + Sync {
+    fn base(&self) -> NonNull<u8>;
+    fn size(&self) -> usize;
+}
+
+/// A buffer's bytes: its own heap allocation, or one slot of an arena.
+enum Memory {
+    Heap(DmaBuf),
+    Lent { arena: Arc<dyn Arena>, offset: usize, cap: usize, len: usize },
+}
+
+impl Memory {
+    fn capacity(&self) -> usize {
+        match self {
+            Memory::Heap(b) => b.capacity(),
+            Memory::Lent { cap, .. } => *cap,
+        }
+    }
+
+    fn set_len(&mut self, new: usize) {
+        match self {
+            Memory::Heap(b) => b.set_len(new),
+            Memory::Lent { cap, len, .. } => {
+                assert!(new <= *cap, "IoBufMut::set_len beyond capacity");
+                *len = new;
+            }
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Memory::Heap(b) => b,
+            // SAFETY: the slot [offset, offset + cap) lies inside the arena (checked when the
+            // pool was built), which the Arc keeps mapped; each slot is made once, so this
+            // buffer alone reaches these bytes, and while a device writes them the buffer is
+            // owned by the posted operation, so no reference made here can exist then.
+            Memory::Lent { arena, offset, len, .. } => unsafe { std::slice::from_raw_parts(arena.base().as_ptr().add(*offset), *len) },
+        }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            Memory::Heap(b) => b,
+            // SAFETY: as in `bytes`; `&mut self` comes through the buffer's only reference.
+            Memory::Lent { arena, offset, len, .. } => unsafe { std::slice::from_raw_parts_mut(arena.base().as_ptr().add(*offset), *len) },
+        }
+    }
+}
+
 struct Slot {
-    buf: DmaBuf,
+    mem: Memory,
     /// The pool it returns to (none for a buffer made outside any pool).
     home: Weak<PoolInner>,
 }
 
 struct PoolInner {
     classes: Vec<ArrayQueue<Arc<Slot>>>,
+    /// Whether `take` may allocate when a class is empty (not for a pool over an arena).
+    grows: bool,
 }
 
 impl PoolInner {
     fn give_back(&self, slot: Arc<Slot>) {
-        if let Some(class) = class_of(slot.buf.capacity()) {
+        if let Some(class) = class_of(slot.mem.capacity()) {
             // A full class drops the buffer: the pool keeps a bounded amount of idle memory.
             let _ = self.classes[class].push(slot);
         }
@@ -71,25 +137,52 @@ impl fmt::Debug for IoBufPool {
 impl IoBufPool {
     pub fn new() -> IoBufPool {
         let classes = (0..CLASSES).map(|c| ArrayQueue::new((KEEP_BYTES_PER_CLASS / (DMA_ALIGN << c)).max(1))).collect();
-        IoBufPool { inner: Arc::new(PoolInner { classes }) }
+        IoBufPool { inner: Arc::new(PoolInner { classes, grows: true }) }
+    }
+
+    /// A pool whose buffers are `arena`'s slots, laid out from its start: `count` slots of
+    /// `size` bytes for each `(size, count)` of `slots` (sizes are size classes: 4 KiB times a
+    /// power of two, at most [`IOBUF_POOLED_MAX`]). Its `take` allocates when no slot of a
+    /// large enough class is idle; `take_idle` never does.
+    pub(crate) fn over_arena(arena: Arc<dyn Arena>, slots: &[(usize, usize)]) -> IoBufPool {
+        let mut per_class = [0usize; CLASSES];
+        for &(size, count) in slots {
+            let class = class_of(size).filter(|&c| DMA_ALIGN << c == size).expect("arena slots are whole size classes");
+            per_class[class] += count;
+        }
+        let classes = per_class.iter().map(|&n| ArrayQueue::new(n.max(1))).collect();
+        let inner = Arc::new(PoolInner { classes, grows: false });
+        let mut offset = 0;
+        for &(size, count) in slots {
+            for _ in 0..count {
+                assert!(offset + size <= arena.size(), "arena slots beyond the arena");
+                let mem = Memory::Lent { arena: arena.clone(), offset, cap: size, len: size };
+                inner.give_back(Arc::new(Slot { mem, home: Arc::downgrade(&inner) }));
+                offset += size;
+            }
+        }
+        IoBufPool { inner }
     }
 
     /// A buffer of `len` bytes; its contents are whatever an earlier user left (callers fill
     /// it). From the pool when one is idle, else newly allocated (and zeroed).
     pub fn take(&self, len: usize) -> IoBufMut {
-        let Some(class) = class_of(len) else { return IoBufMut::unpooled(len) };
-        let slot = match self.inner.classes[class].pop() {
-            Some(mut slot) => {
-                Arc::get_mut(&mut slot).expect("an idle pooled buffer has no other holder").buf.set_len(len);
-                slot
-            }
-            None => {
-                let mut buf = DmaBuf::zeroed(DMA_ALIGN << class);
-                buf.set_len(len);
-                Arc::new(Slot { buf, home: Arc::downgrade(&self.inner) })
-            }
-        };
-        IoBufMut { slot: Some(slot) }
+        if let Some(b) = self.take_idle(len) {
+            return b;
+        }
+        let Some(class) = class_of(len).filter(|_| self.inner.grows) else { return IoBufMut::unpooled(len) };
+        let mut buf = DmaBuf::zeroed(DMA_ALIGN << class);
+        buf.set_len(len);
+        IoBufMut { slot: Some(Arc::new(Slot { mem: Memory::Heap(buf), home: Arc::downgrade(&self.inner) })) }
+    }
+
+    /// An idle buffer of `len` bytes (of the smallest class holding `len` that has one), or
+    /// None: never allocates.
+    pub fn take_idle(&self, len: usize) -> Option<IoBufMut> {
+        let first = class_of(len)?;
+        let mut slot = self.inner.classes[first..].iter().find_map(ArrayQueue::pop)?;
+        Arc::get_mut(&mut slot).expect("an idle pooled buffer has no other holder").mem.set_len(len);
+        Some(IoBufMut { slot: Some(slot) })
     }
 
     /// A buffer holding a copy of `data`.
@@ -116,23 +209,30 @@ pub struct IoBufMut {
 impl IoBufMut {
     /// A zeroed buffer that belongs to no pool (tests, control paths).
     pub fn unpooled(len: usize) -> IoBufMut {
-        IoBufMut { slot: Some(Arc::new(Slot { buf: DmaBuf::zeroed(len), home: Weak::new() })) }
+        IoBufMut { slot: Some(Arc::new(Slot { mem: Memory::Heap(DmaBuf::zeroed(len)), home: Weak::new() })) }
     }
 
-    fn buf_mut(&mut self) -> Option<&mut DmaBuf> {
-        self.slot.as_mut().map(|s| &mut Arc::get_mut(s).expect("an IoBufMut is never shared").buf)
+    fn mem_mut(&mut self) -> Option<&mut Memory> {
+        self.slot.as_mut().map(|s| &mut Arc::get_mut(s).expect("an IoBufMut is never shared").mem)
+    }
+
+    /// Where the bytes are, for a device to write them: (first byte, length).
+    #[cfg(feature = "rdma")]
+    pub(crate) fn raw_parts(&mut self) -> (*mut u8, usize) {
+        let b = self.as_mut();
+        (b.as_mut_ptr(), b.len())
     }
 
     /// Changes the length within the buffer's capacity.
     pub fn set_len(&mut self, len: usize) {
-        match self.buf_mut() {
-            Some(b) => b.set_len(len),
+        match self.mem_mut() {
+            Some(m) => m.set_len(len),
             None => assert_eq!(len, 0, "IoBufMut::set_len beyond capacity"),
         }
     }
 
     pub fn capacity(&self) -> usize {
-        self.slot.as_ref().map_or(0, |s| s.buf.capacity())
+        self.slot.as_ref().map_or(0, |s| s.mem.capacity())
     }
 
     /// The buffer, shareable from now on.
@@ -144,14 +244,14 @@ impl IoBufMut {
 impl Deref for IoBufMut {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        self.slot.as_ref().map_or(&[], |s| &s.buf)
+        self.slot.as_ref().map_or(&[], |s| s.mem.bytes())
     }
 }
 
 impl DerefMut for IoBufMut {
     fn deref_mut(&mut self) -> &mut [u8] {
-        match self.buf_mut() {
-            Some(b) => b,
+        match self.mem_mut() {
+            Some(m) => m.bytes_mut(),
             None => &mut [],
         }
     }
@@ -235,7 +335,7 @@ impl Drop for IoBuf {
 impl Deref for IoBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        self.slot.as_ref().map_or(&[], |s| &s.buf)
+        self.slot.as_ref().map_or(&[], |s| s.mem.bytes())
     }
 }
 
@@ -346,6 +446,65 @@ mod tests {
         assert_eq!(class_of(4097), Some(1));
         assert_eq!(class_of(IOBUF_POOLED_MAX), Some(CLASSES - 1));
         assert_eq!(class_of(IOBUF_POOLED_MAX + 1), None);
+    }
+
+    /// An arena on the heap, counting its drops.
+    struct HeapArena(DmaBuf, Arc<std::sync::atomic::AtomicUsize>);
+
+    // SAFETY: the DmaBuf's allocation is fixed and initialised; the tests reach it only through
+    // the pool's buffers.
+    unsafe impl Arena for HeapArena {
+        fn base(&self) -> NonNull<u8> {
+            NonNull::new(self.0.as_ptr().cast_mut()).expect("an allocation")
+        }
+        fn size(&self) -> usize {
+            self.0.len()
+        }
+    }
+
+    impl Drop for HeapArena {
+        fn drop(&mut self) {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_pool_over_an_arena_hands_out_its_slots_and_never_allocates() {
+        let dropped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let arena = Arc::new(HeapArena(DmaBuf::zeroed(4 * 8192 + 2 * 32768), dropped.clone()));
+        let base = arena.0.as_ptr() as usize;
+        let pool = IoBufPool::over_arena(arena, &[(8192, 4), (32768, 2)]);
+        drop(pool.take_idle(IOBUF_POOLED_MAX + 1).map(|_| panic!("no class holds that")));
+        assert_eq!(pool.idle(), 6);
+        // Small requests take the small class first, then spill into the larger one.
+        let mut taken: Vec<IoBufMut> = (0..6).map(|i| pool.take_idle(4096 + i).expect("a slot is idle")).collect();
+        assert!(pool.take_idle(1).is_none(), "every slot is out");
+        let mut addrs: Vec<(usize, usize)> = taken.iter().map(|b| (b.as_ptr() as usize - base, b.capacity())).collect();
+        addrs.sort();
+        assert_eq!(addrs, vec![(0, 8192), (8192, 8192), (16384, 8192), (24576, 8192), (32768, 32768), (65536, 32768)]);
+        assert_eq!(taken[5].len(), 4101);
+        // Slots do not overlap: each keeps what was written into it.
+        for (i, b) in taken.iter_mut().enumerate() {
+            b.fill(i as u8);
+        }
+        for (i, b) in taken.iter().enumerate() {
+            assert!(b.iter().all(|&x| x == i as u8));
+        }
+        // take on an empty arena pool falls back to memory of its own, which never joins it.
+        let extra = pool.take(4096);
+        assert!(!(base..base + 98304).contains(&(extra.as_ptr() as usize)));
+        drop(extra);
+        assert_eq!(pool.idle(), 0);
+        // Buffers come back from another thread, through their frozen clones.
+        let frozen: Vec<IoBuf> = taken.drain(..).map(IoBufMut::freeze).collect();
+        std::thread::spawn(move || drop(frozen)).join().unwrap();
+        assert_eq!(pool.idle(), 6);
+        let held = pool.take_idle(32768).expect("a large slot");
+        assert_eq!(held.capacity(), 32768);
+        drop(pool);
+        assert_eq!(dropped.load(std::sync::atomic::Ordering::SeqCst), 0, "a buffer still holds the arena");
+        drop(held);
+        assert_eq!(dropped.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[test]

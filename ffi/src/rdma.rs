@@ -21,6 +21,10 @@
 //! its event channel alive and destroys its QP before its id; a memory region keeps its PD; a CQ
 //! keeps its completion channel; all keep the device list, and so the device contexts, open.
 //!
+//! * [`RegisteredPool`]: I/O buffers ([`IoBufMut`]) in memory registered once, on hugepages
+//!   when reserved; [`CmId::post_read_into`] RDMA READs a peer's data straight into one and
+//!   [`CmId::post_recv_into`] receives a message's tail into one; the [`PostedBuffer`] each
+//!   returns owns the buffer until that request's own completion.
 //! * [`Device::async_fd`] and [`Device::take_async_events`]: port and queue-pair failures, and
 //!   the first message on a connection not yet seen established ([`AsyncEventKind::CommEst`]).
 //!
@@ -30,11 +34,13 @@
 //!
 //! [`DmaBuf`]: crate::DmaBuf
 //! [`SharedMem`]: crate::SharedMem
+//! [`IoBufMut`]: crate::IoBufMut
 
 mod cm;
 mod events;
 mod post;
 mod verbs;
+mod zerocopy;
 
 pub use cm::{event_name, CmEvent, CmEventKind, CmHandle, CmId, ConnParam, EventChannel, QpCaps};
 pub use events::{AsyncEvent, AsyncEventKind};
@@ -43,6 +49,7 @@ pub use verbs::{
     Access, CompletionChannel, CompletionQueue, CqHandle, Device, DeviceAttributes, MemoryRegion, ProtectionDomain, RdmaMemory, RemoteBuf,
     Sge, WcError, WcOpcode, WorkCompletion,
 };
+pub use zerocopy::{PostedBuffer, RegisteredPool, ZERO_COPY_WR_ID};
 
 use std::io;
 use std::net::SocketAddr;
@@ -207,6 +214,13 @@ mod tests {
         assert_eq!(mr.remote(0, 8192).unwrap().rkey, mr.rkey());
         let buf = mr.into_inner().unwrap();
         assert_eq!(&buf[4096..4099], b"abc");
+        assert!(matches!(RegisteredPool::new(&pd, &[(6000, 2)], false), Err(RdmaError::Invalid(_))));
+        let zc = RegisteredPool::new(&pd, &[(16384, 2), (131072, 1)], false).unwrap();
+        assert_eq!((zc.size(), zc.idle(), zc.on_hugepages()), (163840, 3, false));
+        let taken: Vec<_> = (0..3).map(|_| zc.take(8192).expect("an idle buffer")).collect();
+        assert!(zc.take(1).is_none());
+        drop(taken);
+        assert_eq!(zc.idle(), 3);
         let ch = CompletionChannel::new(dev).unwrap();
         let cq = CompletionQueue::new(dev, 16, Some(&ch)).unwrap();
         let mut wcs: [WorkCompletion; 4] = Default::default();

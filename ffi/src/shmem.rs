@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 const STRIPE_SHIFT: u32 = 16; // 64 KiB stripes: an 8 KiB I/O touches one, rarely two
 const WRITER: u32 = u32::MAX;
-const HUGEPAGE: usize = 2 << 20;
+pub(crate) const HUGEPAGE: usize = 2 << 20;
 
 /// Error for a request outside the mapping.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -196,7 +196,7 @@ impl Drop for StripeGuard<'_> {
     }
 }
 
-fn map(len: usize, extra_flags: libc::c_int) -> io::Result<NonNull<u8>> {
+pub(crate) fn map(len: usize, extra_flags: libc::c_int) -> io::Result<NonNull<u8>> {
     // SAFETY: an anonymous private mapping with no address hint; the result is checked.
     let p = unsafe {
         libc::mmap(

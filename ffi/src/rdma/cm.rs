@@ -2,6 +2,7 @@
 //! pairs and the work requests posted on them.
 
 use super::verbs::{CompletionQueue, Device, ProtectionDomain};
+use super::zerocopy::HeldBuffers;
 use super::{os_error, RdmaError};
 use rdma_sys as sys;
 use std::ffi::CStr;
@@ -257,7 +258,9 @@ const RDMA_OPTION_ID_REUSEADDR: libc::c_int = 1;
 /// The resources a queue pair uses, kept alive until it is destroyed.
 struct QpParts {
     qp: NonNull<sys::ibv_qp>,
-    _pd: Arc<ProtectionDomain>,
+    /// Buffers of zero-copy reads dropped before completing, released once the QP is destroyed.
+    held: Arc<HeldBuffers>,
+    pd: Arc<ProtectionDomain>,
     _send_cq: Arc<CompletionQueue>,
     _recv_cq: Arc<CompletionQueue>,
 }
@@ -420,7 +423,7 @@ impl CmId {
         }
         // SAFETY: rdma_create_qp succeeded, so id->qp is the new QP.
         let qp = NonNull::new(unsafe { (*self.id.as_ptr()).qp }).ok_or(RdmaError::Invalid("rdma_create_qp left no QP"))?;
-        self.qp = Some(QpParts { qp, _pd: pd.clone(), _send_cq: send_cq.clone(), _recv_cq: recv_cq.clone() });
+        self.qp = Some(QpParts { qp, held: Arc::default(), pd: pd.clone(), _send_cq: send_cq.clone(), _recv_cq: recv_cq.clone() });
         Ok(())
     }
 
@@ -485,6 +488,11 @@ impl CmId {
     pub(super) fn qp(&self) -> Result<*mut sys::ibv_qp, RdmaError> {
         self.qp.as_ref().map(|q| q.qp.as_ptr()).ok_or(RdmaError::NoQp)
     }
+
+    /// The QP, its PD and where it keeps the buffers of reads dropped in flight.
+    pub(super) fn qp_for_reads(&self) -> Result<(*mut sys::ibv_qp, &Arc<ProtectionDomain>, &Arc<HeldBuffers>), RdmaError> {
+        self.qp.as_ref().map(|q| (q.qp.as_ptr(), &q.pd, &q.held)).ok_or(RdmaError::NoQp)
+    }
 }
 
 impl Drop for CmId {
@@ -493,6 +501,10 @@ impl Drop for CmId {
             // SAFETY: the QP was made by rdma_create_qp on this id and is destroyed once, before
             // its PD and CQs (held in self.qp, dropped after this body).
             unsafe { sys::rdma_destroy_qp(self.id.as_ptr()) };
+            // The device no longer reaches the buffers of reads that never completed.
+            if let Some(q) = &self.qp {
+                q.held.release();
+            }
         }
         // SAFETY: the id is live and destroyed once, after its QP; every event about it was
         // acknowledged in get_event, so this does not wait; the channel outlives it (its Arc is

@@ -3,6 +3,7 @@
 
 use super::cm::CmId;
 use super::verbs::{RemoteBuf, Sge};
+use super::zerocopy::ZERO_COPY_WR_ID;
 use super::RdmaError;
 use rdma_sys as sys;
 
@@ -63,6 +64,13 @@ pub struct RecvRequest<'a> {
 /// Requests linked per doorbell in a batch (on the stack: 16 × 128 bytes).
 const CHAIN: usize = 16;
 
+fn check_wr_id(wr_id: u64) -> Result<(), RdmaError> {
+    if wr_id & ZERO_COPY_WR_ID != 0 {
+        return Err(RdmaError::Invalid("wr_ids with bit 63 set are reserved for zero-copy reads"));
+    }
+    Ok(())
+}
+
 fn num_sge(sges: &[Sge<'_>]) -> Result<libc::c_int, RdmaError> {
     libc::c_int::try_from(sges.len()).map_err(|_| RdmaError::Invalid("too many scatter/gather entries"))
 }
@@ -74,6 +82,7 @@ fn zeroed_send_wr() -> sys::ibv_send_wr {
 
 /// Fills `wr` (zeroed) for `r`; refuses a transfer longer than its remote buffer.
 fn fill_send(wr: &mut sys::ibv_send_wr, r: &SendRequest<'_>) -> Result<(), RdmaError> {
+    check_wr_id(r.wr_id)?;
     let total: u64 = r.sges.iter().map(|s| u64::from(s.len())).sum();
     wr.wr_id = r.wr_id;
     wr.sg_list = r.sges.as_ptr() as *mut sys::ibv_sge;
@@ -170,6 +179,7 @@ impl CmId {
             let empty = sys::ibv_recv_wr { wr_id: 0, next: std::ptr::null_mut(), sg_list: std::ptr::null_mut(), num_sge: 0 };
             let mut wrs = [empty; CHAIN];
             for (wr, r) in wrs.iter_mut().zip(chunk) {
+                check_wr_id(r.wr_id).map_err(|e| (done, e))?;
                 wr.wr_id = r.wr_id;
                 wr.sg_list = r.sges.as_ptr() as *mut sys::ibv_sge;
                 wr.num_sge = num_sge(r.sges).map_err(|e| (done, e))?;
@@ -221,5 +231,8 @@ mod tests {
         let mut wr = zeroed_send_wr();
         fill_send(&mut wr, &SendRequest { wr_id: 1, op: SendOp::Read(remote), sges: &[], flags: SendFlags::NONE }).unwrap();
         assert_eq!(wr.opcode, sys::ibv_wr_opcode::IBV_WR_RDMA_READ);
+        // No request may carry a zero-copy read's wr_id, or its completion could free the buffer.
+        let forged = SendRequest { wr_id: ZERO_COPY_WR_ID | 1, op: SendOp::Send, sges: &[], flags: SendFlags::NONE };
+        assert!(matches!(fill_send(&mut zeroed_send_wr(), &forged), Err(RdmaError::Invalid(m)) if m.contains("reserved")));
     }
 }

@@ -369,6 +369,9 @@ pub struct Sge<'a> {
 }
 
 impl Sge<'_> {
+    pub(super) fn raw(&self) -> sys::ibv_sge {
+        self.raw
+    }
     pub fn addr(&self) -> u64 {
         self.raw.addr
     }
