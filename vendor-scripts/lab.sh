@@ -299,7 +299,19 @@ address = "10.0.2.15:4420"
 transport = "rdma"
 [[listener]]
 address = "10.0.2.15:4421"
+[metrics]
+address = "127.0.0.1:9464"
 TOML
+# Host data bytes of the NVMe/RDMA queue pairs (from_host zero_copy, from_host copied, to_host copied).
+rdma_data() {
+  python3 -c 'import sys, urllib.request
+m = urllib.request.urlopen("http://127.0.0.1:%s/metrics" % sys.argv[1]).read().decode()
+v = {}
+for l in m.splitlines():
+    if l.startswith("nvmetro_rdma_host_data_bytes"):
+        v[(l.split("direction=\"")[1].split("\"")[0], l.split("path=\"")[1].split("\"")[0])] = int(float(l.split()[-1]))
+print(v.get(("from_host", "zero_copy"), -1), v.get(("from_host", "copied"), -1), v.get(("to_host", "copied"), -1))' "$1"
+}
 NVMETRO_LOG=info,nvmetro_tgt=debug /mnt/share/nvmetro-tgt-rdma --config /tmp/rdma-tgt.toml > /tmp/rdma-tgt.log 2>&1 & TP=$!
 for i in $(seq 100); do grep -q listening /tmp/rdma-tgt.log && break; sleep 0.2; done
 grep -q 'rdma' /tmp/rdma-tgt.log && grep -q listening /tmp/rdma-tgt.log && echo "CHECK rdma target listening"
@@ -321,10 +333,36 @@ grep -E 'err=|IOPS=|verify' /tmp/rdma-fio2.txt
 timeout 120 fio --name=rdmabig --filename="$RD" --offset=32m --rw=write --bs=128k --iodepth=4 --ioengine=libaio --direct=1 \
     --size=16m --verify=crc32c --do_verify=1 --verify_fatal=1 > /tmp/rdma-fio3.txt 2>&1 && grep -q 'err= 0' /tmp/rdma-fio3.txt && echo "CHECK rdma fio 128k write-then-verify ok"
 grep -E 'err=|IOPS=' /tmp/rdma-fio3.txt
+set -- $(rdma_data 9464); echo "FIGURE nvmetro-tgt NVMe/RDMA host data so far: from the host $1 bytes zero-copy, $2 copied; to the host $3 copied"
+# Every write above came in-capsule (8k) or by RDMA READ (128k): all of it must have landed uncopied
+# but for writes that found the queue pair's pool empty.
+[ "$1" -gt 0 ] && [ "$2" -ge 0 ] && [ "$(( $1 * 10 ))" -ge "$(( ($1 + $2) * 9 ))" ] && [ "$3" -gt 0 ] \
+  && echo "CHECK rdma write data lands in registered buffers without a copy"
+grep -m1 'zero-copy pool' /tmp/rdma-tgt.log
 timeout 60 nvme disconnect -n $R && echo "CHECK rdma disconnect ok"
 echo "== nvmetro-perf --transport rdma --verify against nvmetro-tgt (namespace 2, never written)"
 timeout 120 /mnt/share/nvmetro-perf-rdma --transport rdma --addr 10.0.2.15:4420 --nqn $R --hostnqn $RH --nsid 2 \
   --rw randrw --bs 8k --qd 8 --time 5s --ramp 0s --verify --quiet && echo "CHECK nvmetro-perf rdma verify against nvmetro-tgt ok"
+echo "== the copy path: a second target with rdma_zero_copy = false, the same checks (fio crc32c verify, nvmetro-perf --verify)"
+sed -e 's/^poll_mode = "adaptive"/poll_mode = "adaptive"\nrdma_zero_copy = false/' -e 's/:4420"/:4422"/' -e 's/:4421"/:4423"/' \
+    -e 's/127.0.0.1:9464/127.0.0.1:9465/' /tmp/rdma-tgt.toml > /tmp/rdma-copy.toml
+/mnt/share/nvmetro-tgt-rdma --config /tmp/rdma-copy.toml > /tmp/rdma-copy.log 2>&1 & CP=$!
+for i in $(seq 100); do grep -q listening /tmp/rdma-copy.log && break; sleep 0.2; done
+timeout 120 nvme connect -t rdma -a 10.0.2.15 -s 4422 -n $R --hostnqn=$RH && sleep 2
+CD=$(nvme list | awk '/NVMETRO-RDMA-1/ {print $1}' | grep 'n1$' | head -1)
+timeout 120 fio --name=copy8k --filename="$CD" --rw=randwrite --bs=8k --iodepth=1 --ioengine=libaio --direct=1 \
+    --size=16m --time_based --runtime=10 --lat_percentiles=1 > /tmp/copy-fio1.txt 2>&1
+echo "FIGURE nvmetro-tgt NVMe/RDMA 8k randwrite QD1, rdma_zero_copy = false: $(grep -E 'write: IOPS=' /tmp/copy-fio1.txt | head -1)"
+grep -E '50.00th|99.00th' /tmp/copy-fio1.txt | head -2
+timeout 120 fio --name=copybig --filename="$CD" --rw=write --bs=128k --iodepth=4 --ioengine=libaio --direct=1 \
+    --size=16m --verify=crc32c --do_verify=1 --verify_fatal=1 > /tmp/copy-fio2.txt 2>&1; crc=$?
+timeout 60 nvme disconnect -n $R
+timeout 120 /mnt/share/nvmetro-perf-rdma --transport rdma --addr 10.0.2.15:4422 --nqn $R --hostnqn $RH --nsid 2 \
+  --rw randrw --bs 8k --qd 8 --time 5s --ramp 0s --verify --quiet; prc=$?
+set -- $(rdma_data 9465); echo "FIGURE rdma_zero_copy = false: from the host $1 bytes zero-copy, $2 copied; to the host $3 copied"
+[ $crc = 0 ] && grep -q 'err= 0' /tmp/copy-fio2.txt && [ $prc = 0 ] && [ "$1" = 0 ] && [ "$2" -gt 0 ] \
+  && echo "CHECK rdma copy path (zero copy off) verifies, and copies every byte"
+kill -INT $CP; wait $CP
 echo "== the same target and namespace over NVMe/TCP in this guest, for the figure beside RDMA's"
 modprobe nvme-tcp
 timeout 120 nvme connect -t tcp -a 10.0.2.15 -s 4421 -n $R --hostnqn=$RH && sleep 2
@@ -403,6 +441,10 @@ rdma_checks() { # runs chk (defined by the caller) on the guest log
   chk "nvme-rdma: fio timed 8k randwrite" "CHECK rdma fio timed randwrite ok"
   chk "nvme-rdma: fio write then verify crc32c" "CHECK rdma fio write-then-verify crc32c ok"
   chk "nvme-rdma: fio 128k (MDTS) write then verify" "CHECK rdma fio 128k write-then-verify ok"
+  chk "nvme-rdma: write data lands in registered buffers uncopied (metrics)" "CHECK rdma write data lands in registered buffers without a copy"
+  chk "nvme-rdma: the copy path (rdma_zero_copy = false) verifies" "CHECK rdma copy path (zero copy off) verifies, and copies every byte"
+  chk "rdma: zero-copy READs into a registered pool" "client: zero-copy RDMA READs of 4096 and 2048 bytes match"
+  chk "rdma: a zero-copy read dropped in flight keeps its buffer until its QP is destroyed" "client: the buffer of the read dropped in flight came back"
   chk "nvme-rdma: nvme disconnect" "CHECK rdma disconnect ok"
   chk "nvme-rdma: unknown host refused" "CHECK rdma unknown host refused"
   chk "nvme-rdma: unknown subsystem refused" "CHECK rdma unknown subsystem refused"

@@ -31,6 +31,9 @@ pub struct TargetSection {
     /// The largest H2CData PDU a host may send (ICResp MAXH2CDATA), so the window of one R2T.
     /// 128 KiB unless set.
     pub max_h2c_data_size: Option<Spanned<Size>>,
+    /// NVMe/RDMA write data lands in buffers registered once per I/O queue pair, which the bdev
+    /// writes from (no copy). True unless set.
+    pub rdma_zero_copy: Option<bool>,
 }
 
 fn default_cores() -> Spanned<Vec<usize>> {
@@ -50,6 +53,7 @@ impl Default for TargetSection {
             site: None,
             in_capsule_data_size: None,
             max_h2c_data_size: None,
+            rdma_zero_copy: None,
         }
     }
 }

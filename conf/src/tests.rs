@@ -84,6 +84,9 @@ fn transport_sizes_default_and_are_validated() {
     let c = parse(&with("in_capsule_data_size = \"4KiB\"\nmax_h2c_data_size = \"8KiB\""), "t.toml").unwrap();
     assert_eq!((c.in_capsule_data_size, c.max_h2c_data_size), (4096, 8192));
     assert_eq!(parse(&with("in_capsule_data_size = 0"), "t.toml").unwrap().in_capsule_data_size, 0);
+    assert!(c.rdma_zero_copy, "zero copy is on unless turned off");
+    assert!(!parse(&with("rdma_zero_copy = false"), "t.toml").unwrap().rdma_zero_copy);
+    assert!(parse(&with("rdma_zero_copy = \"no\""), "t.toml").is_err());
     for (bad, key) in [
         ("in_capsule_data_size = 4100", "target.in_capsule_data_size"),
         ("in_capsule_data_size = \"1MiB\"", "target.in_capsule_data_size"),

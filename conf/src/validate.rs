@@ -679,6 +679,7 @@ pub(crate) fn validate(raw: RawConfig, ctx: &Ctx) -> Result<Config, ConfigError>
         dr_replicas,
         in_capsule_data_size,
         max_h2c_data_size,
+        rdma_zero_copy: raw.target.rdma_zero_copy.unwrap_or(true),
         witness,
         metrics,
         cores,

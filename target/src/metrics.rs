@@ -311,7 +311,33 @@ fn families(t: &Target) -> Vec<Family> {
         on_reactors,
     ];
     families.extend(dr_families(t, &site));
+    families.push(rdma_data_family(t, &site));
     families
+}
+
+/// Host data of the NVMe/RDMA queue pairs, summed over the reactors, by direction and by whether
+/// it was copied between staging and the bdev's buffers.
+fn rdma_data_family(t: &Target, site: &str) -> Family {
+    let mut data = Family::new(
+        "nvmetro_rdma_host_data_bytes",
+        MetricType::Counter,
+        "NVMe/RDMA host data, by direction, placed straight in the bdev's buffers (zero_copy) or copied once.",
+    );
+    let r = Ordering::Relaxed;
+    let (mut zero_copy_in, mut copied_in, mut copied_out) = (0, 0, 0);
+    for h in t.reactors() {
+        let d = h.rdma_data();
+        zero_copy_in += d.from_host_zero_copy.load(r);
+        copied_in += d.from_host_copied.load(r);
+        copied_out += d.to_host_copied.load(r);
+    }
+    for (direction, path, bytes) in
+        [("from_host", "zero_copy", zero_copy_in), ("from_host", "copied", copied_in), ("to_host", "copied", copied_out)]
+    {
+        let labels = vec![("direction", direction.to_string()), ("path", path.to_string()), ("site", site.to_string())];
+        data.add(labels, Value::Counter(bytes));
+    }
+    data
 }
 
 /// The recovery point of every DR group (production side) and the applied sequence of every

@@ -172,8 +172,9 @@ impl RdmaReactor {
         &mut self,
         h: Handoff,
         migrate: bool,
-        io_in_capsule: usize,
+        limits: crate::conn::ConnLimits,
         token: u32,
+        stats: &Arc<crate::reactor::RdmaDataStats>,
         register_cm: impl FnOnce(RawFd),
         register_port: impl FnOnce(usize, RawFd),
     ) -> Option<(Box<RdmaWire>, SocketAddr)> {
@@ -197,10 +198,11 @@ impl RdmaReactor {
                 return None;
             }
         };
-        let in_capsule = if req.qid == 0 { identify::ADMIN_IN_CAPSULE } else { io_in_capsule };
+        let in_capsule = if req.qid == 0 { identify::ADMIN_IN_CAPSULE } else { limits.io_in_capsule };
+        let zero_copy = req.qid > 0 && limits.rdma_zero_copy;
         let depth = req.target_recv_depth();
         let p = &self.ports[port];
-        match RdmaWire::accept(id, &p.pd, &p.channel, req.qid, depth, in_capsule, peer) {
+        match RdmaWire::accept(id, &p.pd, &p.channel, req.qid, depth, in_capsule, zero_copy, peer, stats.clone()) {
             Ok(w) => {
                 tracing::debug!(%peer, qid = req.qid, depth, device = p.device.name(), "NVMe/RDMA queue pair accepted");
                 self.by_id.insert(w.cm_handle(), token);

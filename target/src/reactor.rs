@@ -23,7 +23,7 @@ use nvmetro_conf::PollMode;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -58,6 +58,25 @@ struct Shared {
     queue: SegQueue<Message>,
     parked: AtomicBool,
     waker: Waker,
+    rdma_data: Arc<RdmaDataStats>,
+}
+
+/// Host data a reactor's NVMe/RDMA queue pairs moved, by whether it was copied between the
+/// queue pair's registered staging memory and the bdev's buffers. Written by that reactor only;
+/// the metrics sum the reactors'.
+#[derive(Debug, Default)]
+pub struct RdmaDataStats {
+    /// Write data that landed by RDMA READ or RECV straight in the buffer the bdev writes from.
+    pub from_host_zero_copy: AtomicU64,
+    pub from_host_copied: AtomicU64,
+    pub to_host_copied: AtomicU64,
+}
+
+impl RdmaDataStats {
+    /// Adds to one counter (only this reactor writes it: no read-modify-write race).
+    pub fn add(counter: &AtomicU64, bytes: usize) {
+        counter.store(counter.load(Ordering::Relaxed) + bytes as u64, Ordering::Relaxed);
+    }
 }
 
 /// Whether the reactor shares its core: the scheduler switched it out involuntarily lately.
@@ -99,6 +118,10 @@ impl std::fmt::Debug for ReactorHandle {
 }
 
 impl ReactorHandle {
+    pub fn rdma_data(&self) -> &RdmaDataStats {
+        &self.shared.rdma_data
+    }
+
     pub fn send(&self, msg: Message) {
         self.shared.queue.push(msg);
         // Pairs with the reactor's store before it parks: either it sees the message, or we see
@@ -194,7 +217,7 @@ impl Reactor {
     pub fn new(index: usize, core: usize, target: Arc<Target>) -> io::Result<(Reactor, ReactorHandle)> {
         let poll = Poll::new()?;
         let waker = Waker::new(poll.registry(), WAKER)?;
-        let shared = Arc::new(Shared { queue: SegQueue::new(), parked: AtomicBool::new(false), waker });
+        let shared = Arc::new(Shared { queue: SegQueue::new(), parked: AtomicBool::new(false), waker, rdma_data: Arc::default() });
         let handle = ReactorHandle { index, core, shared: shared.clone() };
         let mode = target.config().poll_mode;
         let timer = nvmetro_ffi::Timer::new()?;
@@ -270,7 +293,8 @@ impl Reactor {
     #[cfg(feature = "rdma")]
     fn adopt_rdma(&mut self, h: crate::rdma::Handoff, migrate: bool) {
         let cfg = self.target.config();
-        let limits = ConnLimits { io_in_capsule: cfg.in_capsule_data_size, maxh2cdata: cfg.max_h2c_data_size };
+        let limits =
+            ConnLimits { io_in_capsule: cfg.in_capsule_data_size, maxh2cdata: cfg.max_h2c_data_size, rdma_zero_copy: cfg.rdma_zero_copy };
         let token = self.next_token;
         self.next_token = self.next_token.wrapping_add(1).max(1);
         let registry = self.poll.registry();
@@ -283,8 +307,9 @@ impl Reactor {
         let accepted = self.rdma.accept(
             h,
             migrate,
-            limits.io_in_capsule,
+            limits,
             token,
+            &self.shared.rdma_data,
             |fd| register(fd, RDMA_OWN_CM, "the reactor's rdma_cm channel"),
             |port, fd| register(fd, RDMA_CC_BASE + port, "an RDMA completion channel"),
         );
@@ -345,7 +370,8 @@ impl Reactor {
         }
         tracing::debug!(%peer, reactor = self.index, "connection accepted");
         let cfg = self.target.config();
-        let limits = ConnLimits { io_in_capsule: cfg.in_capsule_data_size, maxh2cdata: cfg.max_h2c_data_size };
+        let limits =
+            ConnLimits { io_in_capsule: cfg.in_capsule_data_size, maxh2cdata: cfg.max_h2c_data_size, rdma_zero_copy: cfg.rdma_zero_copy };
         self.conns.insert(token, Conn::new(token, sock, peer, kind, limits));
     }
 

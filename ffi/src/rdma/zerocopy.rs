@@ -99,9 +99,9 @@ impl RegisteredPool {
         if slots.iter().any(|&(s, _)| !s.is_power_of_two() || !(4096..=crate::IOBUF_POOLED_MAX).contains(&s)) {
             return Err(RdmaError::Invalid("registered pool buffers are 4 KiB times a power of two, at most 128 KiB"));
         }
-        let huge = hugepages.then(|| size.next_multiple_of(crate::shmem::HUGEPAGE)).and_then(|len| {
-            crate::shmem::map(len, libc::MAP_HUGETLB).ok().map(|p| (p, len, true))
-        });
+        let huge = hugepages
+            .then(|| size.next_multiple_of(crate::shmem::HUGEPAGE))
+            .and_then(|len| crate::shmem::map(len, libc::MAP_HUGETLB).ok().map(|p| (p, len, true)));
         let (ptr, map_len, on_hugepages) = match huge {
             Some(m) => m,
             None => (crate::shmem::map(size, 0).map_err(|source| RdmaError::Os { op: "mmap", source })?, size, false),

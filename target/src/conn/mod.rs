@@ -155,9 +155,14 @@ pub struct ConnLimits {
     pub io_in_capsule: usize,
     /// MAXH2CDATA of ICResp.
     pub maxh2cdata: u32,
+    /// NVMe/RDMA I/O queue pairs register a pool for write data to land in uncopied.
+    pub rdma_zero_copy: bool,
 }
 
 /// What carries a queue's capsules.
+// One wire per connection, held in place in its Conn: a box would cost every TCP command an
+// indirection to save a few hundred bytes per connection.
+#[allow(clippy::large_enum_variant)]
 enum Wire {
     Tcp(TcpWire),
     #[cfg(feature = "rdma")]

@@ -2,21 +2,29 @@
 //! RECV, host data moves by RDMA READ (writes) and RDMA WRITE (reads) against the keyed SGL
 //! descriptor of each command, and each completion leaves by SEND.
 //!
-//! One registered region per queue pair holds everything the device touches: a receive slot per
-//! capsule the queue may hold (64-byte SQE plus the in-capsule data it accepts), a send slot per
-//! completion in flight, and staging slots of one maximum transfer each for data on its way to or
-//! from the host. Staging is capped ([`STAGING`]); a command that finds none free waits for one,
-//! in order. Data is copied once between staging and the bdev's buffer: registering the bdev
-//! buffers themselves (the hugepage pool, once) is what a real RNIC would want next.
+//! One registered region per queue pair holds the device's fixed working memory: a receive slot
+//! per capsule the queue may hold (64-byte SQE plus the in-capsule data it accepts), a send slot
+//! per completion in flight, and staging slots of one maximum transfer each for data on its way
+//! to or from the host. Staging is capped ([`STAGING`]); a command that finds none free waits for
+//! one, in order.
+//!
+//! Write data moves without a copy: each I/O queue pair also registers, once, a pool of I/O
+//! buffers (`RegisteredPool`, on hugepages when reserved) sized to its depth. A receive scatters
+//! the capsule's SQE into its slot and its in-capsule data into a pool buffer, and an RDMA READ
+//! of a write's data lands in one; that buffer is what the bdev writes from and the replication
+//! frame carries. When the pool has no buffer free (its buffers are still held by writes in
+//! flight) the receive takes its whole slot and the read a staging slot, and the data is copied
+//! once, as read data always is (the bdev read path fills buffers of its own).
 //!
 //! A work completion with an error (a wrong rkey, a host that went away, a transport timeout)
 //! ends the queue pair with a log line naming the operation; the other queues are untouched.
 
 use super::QueueBuffers;
+use crate::reactor::RdmaDataStats;
 use nvmetro_bdev::{IoBufMut, IoBufPool};
 use nvmetro_ffi::rdma::{
-    Access, CmHandle, CmId, CompletionChannel, CompletionQueue, ConnParam, MemoryRegion, ProtectionDomain, QpCaps, RdmaError, RecvRequest,
-    SendFlags, SendOp, WcOpcode, WorkCompletion,
+    Access, CmHandle, CmId, CompletionChannel, CompletionQueue, ConnParam, MemoryRegion, PostedBuffer, ProtectionDomain, QpCaps, RdmaError,
+    RecvRequest, RegisteredPool, SendFlags, SendOp, WcError, WcOpcode, WorkCompletion, ZERO_COPY_WR_ID,
 };
 use nvmetro_ffi::DmaBuf;
 use nvmetro_proto::identify;
@@ -30,6 +38,12 @@ use std::sync::Arc;
 /// Most staging slots (of [`identify::MAX_TRANSFER`] bytes each) one queue pair registers.
 pub const STAGING: usize = 16;
 
+/// Pool buffers per capsule the queue holds, for in-capsule data: one posted with each receive,
+/// one held by the write it carried.
+const ZERO_COPY_PER_CAPSULE: usize = 2;
+/// Pool buffers of one maximum transfer, for write data the host leaves for an RDMA READ.
+const ZERO_COPY_TRANSFERS: usize = 8;
+
 /// Work completions taken per poll.
 const POLL_BATCH: usize = 32;
 
@@ -40,6 +54,30 @@ const WR_READ: u64 = 3;
 const WR_WRITE: u64 = 4;
 /// A SEND's staging slot (plus one; 0: none) sits above its send slot in the wr_id.
 const STAGE_SHIFT: u32 = 20;
+
+const RECV_WHAT: &str = "a command capsule's RECV";
+const READ_WHAT: &str = "the RDMA READ of a command's data from the host";
+
+/// The registered pool of an I/O queue pair of `depth` capsules, or None (logged) when it cannot
+/// be registered (the memory lock limit, say): the queue pair then copies through staging.
+fn zero_copy_pool(pd: &Arc<ProtectionDomain>, depth: usize, in_capsule: usize, peer: SocketAddr, qid: u16) -> Option<RegisteredPool> {
+    let capsule_class =
+        (in_capsule > 0).then(|| in_capsule.next_power_of_two().max(identify::PAGE)).filter(|&c| c <= identify::MAX_TRANSFER);
+    let mut slots = vec![(identify::MAX_TRANSFER, ZERO_COPY_TRANSFERS)];
+    if let Some(c) = capsule_class {
+        slots.insert(0, (c, depth * ZERO_COPY_PER_CAPSULE));
+    }
+    match RegisteredPool::new(pd, &slots, true) {
+        Ok(pool) => {
+            tracing::debug!(%peer, qid, "zero-copy pool: {pool:?}");
+            Some(pool)
+        }
+        Err(e) => {
+            tracing::warn!(%peer, qid, "no zero-copy pool for this queue pair, its write data is copied once: {e}");
+            None
+        }
+    }
+}
 
 fn wr_id(kind: u64, slot: usize) -> u64 {
     kind << KIND_SHIFT | slot as u64
@@ -104,11 +142,21 @@ pub struct RdmaWire {
     /// Set once a work completion failed or a post was refused: the queue pair is done.
     pub(super) failed: Option<String>,
     peer: SocketAddr,
+    /// Registered buffers the host's write data lands in (I/O queues; None when it could not be
+    /// registered).
+    zero_copy: Option<RegisteredPool>,
+    /// Receives posted into pool buffers, in the order posted (they complete in that order),
+    /// with their receive slots.
+    zero_copy_recvs: VecDeque<(PostedBuffer, usize)>,
+    /// RDMA READs posted into pool buffers, with their commands.
+    zero_copy_reads: VecDeque<(PostedBuffer, Command)>,
+    stats: Arc<RdmaDataStats>,
 }
 
 impl RdmaWire {
     /// Sets up a queue pair for a connect request on `id` and accepts it: `depth` capsules at
-    /// once (CRQSIZE), each with up to `in_capsule` bytes of data.
+    /// once (CRQSIZE), each with up to `in_capsule` bytes of data; with `zero_copy`, write data
+    /// lands in a registered pool.
     #[allow(clippy::too_many_arguments)]
     pub fn accept(
         mut id: CmId,
@@ -117,9 +165,12 @@ impl RdmaWire {
         cm_qid: u16,
         depth: u16,
         in_capsule: usize,
+        zero_copy: bool,
         peer: SocketAddr,
+        stats: Arc<RdmaDataStats>,
     ) -> Result<RdmaWire, RdmaError> {
         let depth = usize::from(depth.max(1));
+        let zero_copy = zero_copy.then(|| zero_copy_pool(pd, depth, in_capsule, peer, cm_qid)).flatten();
         let layout = Layout { recv_slot: SQE_LEN + in_capsule, recvs: depth, sends: depth, stages: depth.min(STAGING) };
         // Every SEND is signaled; WRITEs are not (their SEND completes after them); READs are.
         let send_wrs = 2 * layout.sends + layout.stages;
@@ -130,7 +181,7 @@ impl RdmaWire {
                 max_send_wr: send_wrs as u32,
                 max_recv_wr: layout.recvs as u32,
                 max_send_sge: 1,
-                max_recv_sge: 1,
+                max_recv_sge: 2,
                 max_inline_data: 0,
             };
             id.create_qp(pd, &cq, &cq, caps)?;
@@ -165,6 +216,10 @@ impl RdmaWire {
             sends_in_flight: 0,
             failed: None,
             peer,
+            zero_copy,
+            zero_copy_recvs: VecDeque::with_capacity(layout.recvs),
+            zero_copy_reads: VecDeque::with_capacity(ZERO_COPY_TRANSFERS),
+            stats,
         };
         let posted = (0..layout.recvs).try_for_each(|slot| wire.post_recv(slot));
         if let Err(e) = posted {
@@ -198,7 +253,17 @@ impl RdmaWire {
         }
     }
 
+    /// Posts receive slot `slot`: its SQE part and a pool buffer for in-capsule data, or the
+    /// whole slot when the pool has none free.
     fn post_recv(&mut self, slot: usize) -> Result<(), RdmaError> {
+        if let Some(pool) = self.zero_copy.as_ref().filter(|_| self.in_capsule > 0) {
+            if let Some(buf) = pool.take(self.in_capsule) {
+                let head = self.mem.sge(self.layout.recv(slot), SQE_LEN)?;
+                let posted = self.id.post_recv_into(pool, head, buf).map_err(|(_, e)| e)?;
+                self.zero_copy_recvs.push_back((posted, slot));
+                return Ok(());
+            }
+        }
         let sge = self.mem.sge(self.layout.recv(slot), self.layout.recv_slot)?;
         self.id.post_recvs(&[RecvRequest { wr_id: wr_id(WR_RECV, slot), sges: &[sge] }]).map_err(|(_, e)| e)
     }
@@ -229,25 +294,23 @@ impl RdmaWire {
     }
 
     fn on_completion(&mut self, wc: &WorkCompletion) {
+        if wc.wr_id() & ZERO_COPY_WR_ID != 0 {
+            return self.on_zero_copy(wc);
+        }
         let kind = wc.wr_id() >> KIND_SHIFT;
         let slot = (wc.wr_id() & ((1 << STAGE_SHIFT) - 1)) as usize;
         if let Some(err) = wc.error() {
             let what = match kind {
-                WR_RECV => "a command capsule's RECV",
+                WR_RECV => RECV_WHAT,
                 WR_SEND => "a completion's SEND",
-                WR_READ => "the RDMA READ of a command's data from the host",
+                WR_READ => READ_WHAT,
                 WR_WRITE => "the RDMA WRITE of a command's data to the host",
                 _ => "a work request",
             };
-            if !err.is_flush() {
-                self.fail(format!("{what} failed: {err}"));
-            } else if self.failed.is_none() {
-                self.fail(format!("{what} was flushed: the queue pair is in the error state"));
-            }
-            return;
+            return self.request_failed(what, err);
         }
         match (kind, wc.opcode()) {
-            (WR_RECV, WcOpcode::Recv) => self.on_capsule(slot, wc.byte_len() as usize),
+            (WR_RECV, WcOpcode::Recv) => self.on_capsule(slot, wc.byte_len() as usize, None),
             (WR_SEND, WcOpcode::Send) => {
                 self.sends_in_flight -= 1;
                 self.free_sends.push(slot);
@@ -262,8 +325,41 @@ impl RdmaWire {
         }
     }
 
-    /// A command capsule arrived in receive slot `slot`.
-    fn on_capsule(&mut self, slot: usize, len: usize) {
+    fn request_failed(&mut self, what: &str, err: WcError) {
+        if !err.is_flush() {
+            self.fail(format!("{what} failed: {err}"));
+        } else if self.failed.is_none() {
+            self.fail(format!("{what} was flushed: the queue pair is in the error state"));
+        }
+    }
+
+    /// A receive or an RDMA READ into a pool buffer completed.
+    fn on_zero_copy(&mut self, wc: &WorkCompletion) {
+        // Each kind completes in the order posted, so the match is the first one of its queue.
+        if let Some(i) = self.zero_copy_recvs.iter().position(|(p, _)| p.is_completed_by(wc)) {
+            let (posted, slot) = self.zero_copy_recvs.remove(i).expect("found above");
+            let (buf, err) = posted.complete(wc).unwrap_or_else(|_| unreachable!("matched above"));
+            match err {
+                Some(err) => self.request_failed(RECV_WHAT, err),
+                None => self.on_capsule(slot, wc.byte_len() as usize, Some(buf)),
+            }
+        } else if let Some(i) = self.zero_copy_reads.iter().position(|(p, _)| p.is_completed_by(wc)) {
+            let (posted, cmd) = self.zero_copy_reads.remove(i).expect("found above");
+            let (data, err) = posted.complete(wc).unwrap_or_else(|_| unreachable!("matched above"));
+            if let Some(err) = err {
+                return self.request_failed(READ_WHAT, err);
+            }
+            RdmaDataStats::add(&self.stats.from_host_zero_copy, data.len());
+            self.events.push(TargetEvent::Command { cmd, data });
+            self.start_waiting();
+        } else {
+            self.fail(format!("a completion for no zero-copy request of this queue pair (wr_id {:#x})", wc.wr_id()));
+        }
+    }
+
+    /// A command capsule arrived in receive slot `slot`, its in-capsule data in `tail` when
+    /// the receive had a pool buffer (else in the slot, after the SQE).
+    fn on_capsule(&mut self, slot: usize, len: usize, tail: Option<IoBufMut>) {
         let mut sqe = [0u8; SQE_LEN];
         let off = self.layout.recv(slot);
         if len >= SQE_LEN {
@@ -279,8 +375,27 @@ impl RdmaWire {
             }
             Ok(DataPlan::None) => self.events.push(TargetEvent::Command { cmd, data: IoBufMut::default() }),
             Ok(DataPlan::InCapsule { offset, len }) => {
-                let mut data = self.buffers.buffer(len);
-                let _ = self.mem.read(off + offset, &mut data[..len]);
+                let data = match tail {
+                    Some(mut buf) if offset == SQE_LEN => {
+                        // plan_sqe checked offset + len against what arrived, all in the buffer.
+                        buf.set_len(len);
+                        RdmaDataStats::add(&self.stats.from_host_zero_copy, len);
+                        buf
+                    }
+                    Some(buf) => {
+                        // Data placed after a gap in the capsule: copied to a buffer of its own.
+                        let mut data = self.buffers.buffer(len);
+                        data.copy_from_slice(&buf[offset - SQE_LEN..][..len]);
+                        RdmaDataStats::add(&self.stats.from_host_copied, len);
+                        data
+                    }
+                    None => {
+                        let mut data = self.buffers.buffer(len);
+                        let _ = self.mem.read(off + offset, &mut data[..len]);
+                        RdmaDataStats::add(&self.stats.from_host_copied, len);
+                        data
+                    }
+                };
                 self.events.push(TargetEvent::Command { cmd, data });
             }
             Ok(DataPlan::ReadFromHost(hb)) => {
@@ -305,6 +420,7 @@ impl RdmaWire {
         };
         let mut data = self.buffers.buffer(len);
         let _ = self.mem.read(self.layout.stage(stage), &mut data[..len]);
+        RdmaDataStats::add(&self.stats.from_host_copied, len);
         self.free_stages.push(stage);
         self.events.push(TargetEvent::Command { cmd, data });
         self.start_waiting();
@@ -314,12 +430,13 @@ impl RdmaWire {
     fn start_waiting(&mut self) {
         while self.failed.is_none() {
             if let Some(&(cmd, hb)) = self.waiting_reads.front() {
-                if let Some(stage) = self.free_stages.pop() {
-                    self.waiting_reads.pop_front();
-                    if let Err(e) = self.post_read(stage, cmd, hb) {
-                        return self.fail(format!("cannot post an RDMA READ: {e}"));
+                match self.start_read(cmd, hb) {
+                    Ok(true) => {
+                        self.waiting_reads.pop_front();
+                        continue;
                     }
-                    continue;
+                    Ok(false) => {}
+                    Err(e) => return self.fail(format!("cannot post an RDMA READ: {e}")),
                 }
             }
             let Some(r) = self.waiting_responses.front() else { return };
@@ -332,6 +449,22 @@ impl RdmaWire {
                 return self.fail(format!("cannot post a completion: {e}"));
             }
         }
+    }
+
+    /// RDMA READs a write's data into a pool buffer, or else a staging slot; false when
+    /// neither is free.
+    fn start_read(&mut self, cmd: Command, hb: HostBuffer) -> Result<bool, RdmaError> {
+        let remote = nvmetro_ffi::rdma::RemoteBuf { addr: hb.addr, rkey: hb.key, len: hb.len };
+        if let Some(pool) = self.zero_copy.as_ref().filter(|_| hb.len > 0) {
+            if let Some(buf) = pool.take(hb.len as usize) {
+                let posted = self.id.post_read_into(pool, buf, remote).map_err(|(_, e)| e)?;
+                self.zero_copy_reads.push_back((posted, cmd));
+                return Ok(true);
+            }
+        }
+        let Some(stage) = self.free_stages.pop() else { return Ok(false) };
+        self.post_read(stage, cmd, hb)?;
+        Ok(true)
     }
 
     fn post_read(&mut self, stage: usize, cmd: Command, hb: HostBuffer) -> Result<(), RdmaError> {
@@ -349,6 +482,7 @@ impl RdmaWire {
             let stage = self.free_stages.pop().expect("caller checked");
             let len = data.len().min(hb.len as usize).min(identify::MAX_TRANSFER);
             self.mem.write(self.layout.stage(stage), &data[..len])?;
+            RdmaDataStats::add(&self.stats.to_host_copied, len);
             let remote = nvmetro_ffi::rdma::RemoteBuf { addr: hb.addr, rkey: hb.key, len: len as u32 };
             let sge = self.mem.sge(self.layout.stage(stage), len)?;
             self.id.post_send(wr_id(WR_WRITE, stage), SendOp::Write(remote), &[sge], SendFlags::NONE)?;

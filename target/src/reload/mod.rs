@@ -105,6 +105,14 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
         p.refused
             .push("target.in_capsule_data_size / max_h2c_data_size (hosts size their commands by what they were told at connect)".into());
     }
+    if old.rdma_zero_copy != new.rdma_zero_copy {
+        let onoff = |b: bool| if b { "on" } else { "off" };
+        p.changes.push(format!(
+            "NVMe/RDMA zero copy {} -> {} (for queue pairs that connect from now on)",
+            onoff(old.rdma_zero_copy),
+            onoff(new.rdma_zero_copy)
+        ));
+    }
     if old.discovery != new.discovery {
         p.refused.push("target.discovery listeners".into());
     }
