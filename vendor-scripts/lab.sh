@@ -312,6 +312,8 @@ for l in m.splitlines():
         v[(l.split("direction=\"")[1].split("\"")[0], l.split("path=\"")[1].split("\"")[0])] = int(float(l.split()[-1]))
 print(v.get(("from_host", "zero_copy"), -1), v.get(("from_host", "copied"), -1), v.get(("to_host", "copied"), -1))' "$1"
 }
+# Hugepages for the queue pairs' registered pools (3 MiB each: two 2 MiB pages).
+echo 16 > /proc/sys/vm/nr_hugepages; echo "hugepages reserved: $(cat /proc/sys/vm/nr_hugepages)"
 NVMETRO_LOG=info,nvmetro_tgt=debug /mnt/share/nvmetro-tgt-rdma --config /tmp/rdma-tgt.toml > /tmp/rdma-tgt.log 2>&1 & TP=$!
 for i in $(seq 100); do grep -q listening /tmp/rdma-tgt.log && break; sleep 0.2; done
 grep -q 'rdma' /tmp/rdma-tgt.log && grep -q listening /tmp/rdma-tgt.log && echo "CHECK rdma target listening"
@@ -339,6 +341,7 @@ set -- $(rdma_data 9464); echo "FIGURE nvmetro-tgt NVMe/RDMA host data so far: f
 [ "$1" -gt 0 ] && [ "$2" -ge 0 ] && [ "$(( $1 * 10 ))" -ge "$(( ($1 + $2) * 9 ))" ] && [ "$3" -gt 0 ] \
   && echo "CHECK rdma write data lands in registered buffers without a copy"
 grep -m1 'zero-copy pool' /tmp/rdma-tgt.log
+grep -q 'zero-copy pool: RegisteredPool(3145728 bytes on hugepages' /tmp/rdma-tgt.log && echo "CHECK rdma zero-copy pools registered on hugepages"
 timeout 60 nvme disconnect -n $R && echo "CHECK rdma disconnect ok"
 echo "== nvmetro-perf --transport rdma --verify against nvmetro-tgt (namespace 2, never written)"
 timeout 120 /mnt/share/nvmetro-perf-rdma --transport rdma --addr 10.0.2.15:4420 --nqn $R --hostnqn $RH --nsid 2 \
@@ -361,7 +364,7 @@ timeout 120 /mnt/share/nvmetro-perf-rdma --transport rdma --addr 10.0.2.15:4422 
   --rw randrw --bs 8k --qd 8 --time 5s --ramp 0s --verify --quiet; prc=$?
 set -- $(rdma_data 9465); echo "FIGURE rdma_zero_copy = false: from the host $1 bytes zero-copy, $2 copied; to the host $3 copied"
 [ $crc = 0 ] && grep -q 'err= 0' /tmp/copy-fio2.txt && [ $prc = 0 ] && [ "$1" = 0 ] && [ "$2" -gt 0 ] \
-  && echo "CHECK rdma copy path (zero copy off) verifies, and copies every byte"
+  && echo "CHECK rdma copy path with zero copy off verifies, and copies every byte"
 kill -INT $CP; wait $CP
 echo "== the same target and namespace over NVMe/TCP in this guest, for the figure beside RDMA's"
 modprobe nvme-tcp
@@ -442,7 +445,8 @@ rdma_checks() { # runs chk (defined by the caller) on the guest log
   chk "nvme-rdma: fio write then verify crc32c" "CHECK rdma fio write-then-verify crc32c ok"
   chk "nvme-rdma: fio 128k (MDTS) write then verify" "CHECK rdma fio 128k write-then-verify ok"
   chk "nvme-rdma: write data lands in registered buffers uncopied (metrics)" "CHECK rdma write data lands in registered buffers without a copy"
-  chk "nvme-rdma: the copy path (rdma_zero_copy = false) verifies" "CHECK rdma copy path (zero copy off) verifies, and copies every byte"
+  chk "nvme-rdma: the pools are registered on hugepages" "CHECK rdma zero-copy pools registered on hugepages"
+  chk "nvme-rdma: the copy path (rdma_zero_copy = false) verifies" "CHECK rdma copy path with zero copy off verifies, and copies every byte"
   chk "rdma: zero-copy READs into a registered pool" "client: zero-copy RDMA READs of 4096 and 2048 bytes match"
   chk "rdma: a zero-copy read dropped in flight keeps its buffer until its QP is destroyed" "client: the buffer of the read dropped in flight came back"
   chk "nvme-rdma: nvme disconnect" "CHECK rdma disconnect ok"
