@@ -302,7 +302,8 @@ address = "10.0.2.15:4421"
 [metrics]
 address = "127.0.0.1:9464"
 TOML
-# Host data bytes of the NVMe/RDMA queue pairs (from_host zero_copy, from_host copied, to_host copied).
+# Host data bytes of the NVMe/RDMA queue pairs: from the host zero_copy and copied, to the host
+# zero_copy and copied.
 rdma_data() {
   python3 -c 'import sys, urllib.request
 m = urllib.request.urlopen("http://127.0.0.1:%s/metrics" % sys.argv[1]).read().decode()
@@ -310,7 +311,7 @@ v = {}
 for l in m.splitlines():
     if l.startswith("nvmetro_rdma_host_data_bytes"):
         v[(l.split("direction=\"")[1].split("\"")[0], l.split("path=\"")[1].split("\"")[0])] = int(float(l.split()[-1]))
-print(v.get(("from_host", "zero_copy"), -1), v.get(("from_host", "copied"), -1), v.get(("to_host", "copied"), -1))' "$1"
+print(*(v.get(k, -1) for k in [("from_host", "zero_copy"), ("from_host", "copied"), ("to_host", "zero_copy"), ("to_host", "copied")]))' "$1"
 }
 # Hugepages for the queue pairs' registered pools (3 MiB each: two 2 MiB pages).
 echo 16 > /proc/sys/vm/nr_hugepages; echo "hugepages reserved: $(cat /proc/sys/vm/nr_hugepages)"
@@ -335,11 +336,14 @@ grep -E 'err=|IOPS=|verify' /tmp/rdma-fio2.txt
 timeout 120 fio --name=rdmabig --filename="$RD" --offset=32m --rw=write --bs=128k --iodepth=4 --ioengine=libaio --direct=1 \
     --size=16m --verify=crc32c --do_verify=1 --verify_fatal=1 > /tmp/rdma-fio3.txt 2>&1 && grep -q 'err= 0' /tmp/rdma-fio3.txt && echo "CHECK rdma fio 128k write-then-verify ok"
 grep -E 'err=|IOPS=' /tmp/rdma-fio3.txt
-set -- $(rdma_data 9464); echo "FIGURE nvmetro-tgt NVMe/RDMA host data so far: from the host $1 bytes zero-copy, $2 copied; to the host $3 copied"
-# Every write above came in-capsule (8k) or by RDMA READ (128k): all of it must have landed uncopied
-# but for writes that found the queue pair's pool empty.
-[ "$1" -gt 0 ] && [ "$2" -ge 0 ] && [ "$(( $1 * 10 ))" -ge "$(( ($1 + $2) * 9 ))" ] && [ "$3" -gt 0 ] \
+set -- $(rdma_data 9464); echo "FIGURE nvmetro-tgt NVMe/RDMA host data so far: from the host $1 bytes zero-copy, $2 copied; to the host $3 zero-copy, $4 copied"
+# Every write above came in-capsule (8k) or by RDMA READ (128k), every read went by RDMA WRITE: all
+# of it must have moved uncopied but for commands that found the queue pair's pool empty (and the
+# admin queue's, which has no pool).
+[ "$1" -gt 0 ] && [ "$2" -ge 0 ] && [ "$(( $1 * 10 ))" -ge "$(( ($1 + $2) * 9 ))" ] \
   && echo "CHECK rdma write data lands in registered buffers without a copy"
+[ "$3" -gt 0 ] && [ "$4" -ge 0 ] && [ "$(( $3 * 10 ))" -ge "$(( ($3 + $4) * 9 ))" ] \
+  && echo "CHECK rdma read data goes to the host from the buffer the bdev read into"
 grep -m1 'zero-copy pool' /tmp/rdma-tgt.log
 grep -q 'zero-copy pool: RegisteredPool(3145728 bytes on hugepages' /tmp/rdma-tgt.log && echo "CHECK rdma zero-copy pools registered on hugepages"
 timeout 60 nvme disconnect -n $R && echo "CHECK rdma disconnect ok"
@@ -362,8 +366,8 @@ timeout 120 fio --name=copybig --filename="$CD" --rw=write --bs=128k --iodepth=4
 timeout 60 nvme disconnect -n $R
 timeout 120 /mnt/share/nvmetro-perf-rdma --transport rdma --addr 10.0.2.15:4422 --nqn $R --hostnqn $RH --nsid 2 \
   --rw randrw --bs 8k --qd 8 --time 5s --ramp 0s --verify --quiet; prc=$?
-set -- $(rdma_data 9465); echo "FIGURE rdma_zero_copy = false: from the host $1 bytes zero-copy, $2 copied; to the host $3 copied"
-[ $crc = 0 ] && grep -q 'err= 0' /tmp/copy-fio2.txt && [ $prc = 0 ] && [ "$1" = 0 ] && [ "$2" -gt 0 ] \
+set -- $(rdma_data 9465); echo "FIGURE rdma_zero_copy = false: from the host $1 bytes zero-copy, $2 copied; to the host $3 zero-copy, $4 copied"
+[ $crc = 0 ] && grep -q 'err= 0' /tmp/copy-fio2.txt && [ $prc = 0 ] && [ "$1" = 0 ] && [ "$2" -gt 0 ] && [ "$3" = 0 ] && [ "$4" -gt 0 ] \
   && echo "CHECK rdma copy path with zero copy off verifies, and copies every byte"
 kill -INT $CP; wait $CP
 echo "== the same target and namespace over NVMe/TCP in this guest, for the figure beside RDMA's"
@@ -445,6 +449,7 @@ rdma_checks() { # runs chk (defined by the caller) on the guest log
   chk "nvme-rdma: fio write then verify crc32c" "CHECK rdma fio write-then-verify crc32c ok"
   chk "nvme-rdma: fio 128k (MDTS) write then verify" "CHECK rdma fio 128k write-then-verify ok"
   chk "nvme-rdma: write data lands in registered buffers uncopied (metrics)" "CHECK rdma write data lands in registered buffers without a copy"
+  chk "nvme-rdma: read data goes to the host from the bdev's buffer uncopied (metrics)" "CHECK rdma read data goes to the host from the buffer the bdev read into"
   chk "nvme-rdma: the pools are registered on hugepages" "CHECK rdma zero-copy pools registered on hugepages"
   chk "nvme-rdma: the copy path (rdma_zero_copy = false) verifies" "CHECK rdma copy path with zero copy off verifies, and copies every byte"
   chk "rdma: zero-copy READs into a registered pool" "client: zero-copy RDMA READs of 4096 and 2048 bytes match"

@@ -4,7 +4,7 @@
 //! range is busy waits in the channel's queue and is retried on the next poll.
 
 use crate::range_lock::{Mode, RangeLocks};
-use crate::{check_range, Bdev, BdevChannel, BdevCompletion, BdevError, BdevInfo, BdevOp, BdevOutput};
+use crate::{check_range, Bdev, BdevChannel, BdevCompletion, BdevError, BdevInfo, BdevOp, BdevOutput, IoBufMut};
 use nvmetro_ffi::{DmaBuf, Uring, UringCompletion, UringOp};
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -250,6 +250,11 @@ impl FileChannel {
     }
 
     fn advance(&mut self, c: UringCompletion) {
+        if let Some(into) = c.into {
+            // A read into the caller's buffer: done in one step.
+            let result = c.result.map(|_| BdevOutput::Buffer(into.freeze())).map_err(BdevError::from);
+            return self.finish(c.tag as usize, result);
+        }
         let buf = c.buf;
         self.step(c.tag as usize, c.result, buf.as_deref());
         self.recycle(buf);
@@ -294,6 +299,21 @@ impl FileChannel {
 }
 
 impl BdevChannel for FileChannel {
+    fn submit_read_buf(&mut self, tag: u64, offset: u64, len: usize, mut buf: IoBufMut) {
+        let op = BdevOp::Read { offset, len };
+        if !self.waiting.is_empty() || buf.capacity() < len {
+            // Behind operations waiting for their range, as a plain read (the queue holds ops).
+            return self.waiting.push_back((tag, op));
+        }
+        if let Err(e) = check_range(&self.bdev.info, &op) {
+            return self.done.push(BdevCompletion { tag, result: Err(e) });
+        }
+        buf.set_len(len);
+        let id = self.alloc(OpState { tag, stage: Stage::Read, lock: None });
+        let file = self.bdev.file.clone();
+        self.push(id, UringOp::ReadInto { file, offset, buf });
+    }
+
     fn submit(&mut self, tag: u64, op: BdevOp) {
         if self.waiting.is_empty() {
             if let Some(busy) = self.start(tag, op) {

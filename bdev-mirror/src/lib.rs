@@ -106,6 +106,8 @@ impl BdevOp {
 pub enum BdevOutput {
     Done,
     Data(Vec<u8>),
+    /// A read's data in the buffer offered with [`BdevChannel::submit_read_buf`].
+    Buffer(IoBuf),
     Miscompare,
 }
 
@@ -215,6 +217,14 @@ pub trait BdevChannel: Send {
         drop(buf);
         self.submit(tag, BdevOp::Read { offset, len });
     }
+    /// Queues `BdevOp::Read { offset, len }` into `buf` (capacity at least `len`; a buffer
+    /// the transport can send from without a copy, such as registered RDMA memory): channels
+    /// that can read into it complete with [`BdevOutput::Buffer`] holding it, the others (the
+    /// default drops `buf`) with [`BdevOutput::Data`].
+    fn submit_read_buf(&mut self, tag: u64, offset: u64, len: usize, buf: IoBufMut) {
+        drop(buf);
+        self.submit(tag, BdevOp::Read { offset, len });
+    }
     /// Hands queued operations to the device and collects finished ones into `done`.
     fn poll(&mut self, done: &mut Vec<BdevCompletion>) -> usize;
     /// Operations submitted and not yet completed.
@@ -232,6 +242,12 @@ pub trait Synchronous: Send + Sync + 'static {
     /// `BdevOp::Read { offset, len }` into `buf` (see [`BdevChannel::submit_read`]); the default
     /// executes the Read and drops `buf`.
     fn read_into(&self, offset: u64, len: usize, buf: Vec<u8>) -> Result<BdevOutput, BdevError> {
+        drop(buf);
+        self.execute(BdevOp::Read { offset, len })
+    }
+    /// `BdevOp::Read { offset, len }` into `buf` (see [`BdevChannel::submit_read_buf`]); the
+    /// default executes the Read and drops `buf`.
+    fn read_into_buf(&self, offset: u64, len: usize, buf: IoBufMut) -> Result<BdevOutput, BdevError> {
         drop(buf);
         self.execute(BdevOp::Read { offset, len })
     }
@@ -256,6 +272,13 @@ impl<D: Synchronous> BdevChannel for SyncChannel<D> {
     }
     fn submit_read(&mut self, tag: u64, offset: u64, len: usize, buf: Vec<u8>) {
         let result = self.device.read_into(offset, len, buf);
+        self.done.push(BdevCompletion { tag, result });
+    }
+    fn submit_read_buf(&mut self, tag: u64, offset: u64, len: usize, buf: IoBufMut) {
+        if buf.capacity() < len {
+            return self.submit(tag, BdevOp::Read { offset, len });
+        }
+        let result = self.device.read_into_buf(offset, len, buf);
         self.done.push(BdevCompletion { tag, result });
     }
     fn poll(&mut self, done: &mut Vec<BdevCompletion>) -> usize {
@@ -295,6 +318,19 @@ pub(crate) mod conformance {
         wait_for(ch, tag)
     }
 
+    /// [`BdevChannel::submit_read_buf`] with `buf`, run to completion; the data, whichever
+    /// way it came, and whether it came in `buf` (its first byte's address).
+    pub fn read_into_buf(ch: &mut dyn BdevChannel, tag: u64, offset: u64, len: usize, buf: IoBufMut) -> (Result<Vec<u8>, BdevError>, bool) {
+        let addr = buf.as_ptr();
+        ch.submit_read_buf(tag, offset, len, buf);
+        match wait_for(ch, tag) {
+            Ok(BdevOutput::Buffer(b)) => (Ok(b.to_vec()), b.as_ptr() == addr),
+            Ok(BdevOutput::Data(d)) => (Ok(d), false),
+            Ok(other) => panic!("a read completed with {other:?}"),
+            Err(e) => (Err(e), false),
+        }
+    }
+
     fn wait_for(ch: &mut dyn BdevChannel, tag: u64) -> Result<BdevOutput, BdevError> {
         let mut done = Vec::new();
         for _ in 0..1_000_000 {
@@ -308,6 +344,7 @@ pub(crate) mod conformance {
     }
 
     pub fn check(bdev: Arc<dyn Bdev>) {
+        check_reads_into(bdev.clone(), true);
         let bs = bdev.info().block_size as usize;
         let size = bdev.info().size_bytes();
         let mut ch = bdev.clone().channel().unwrap();
@@ -337,6 +374,29 @@ pub(crate) mod conformance {
         assert_eq!(run(&mut ch, BdevOp::Read { offset: bs as u64, len: bs * 2 }), Ok(BdevOutput::Data(vec![0; bs * 2])));
         assert_eq!(run(&mut ch, BdevOp::Flush), Ok(BdevOutput::Done));
         assert!(matches!(run(&mut ch, BdevOp::Read { offset: size, len: bs }), Err(BdevError::OutOfRange { .. })));
+        assert_eq!(ch.outstanding(), 0);
+    }
+
+    /// Reads into an offered buffer return the same bytes as reads, in that buffer when
+    /// `in_place` (the device reads into it), and a read past the end fails either way.
+    pub fn check_reads_into(bdev: Arc<dyn Bdev>, in_place: bool) {
+        let bs = bdev.info().block_size as usize;
+        let size = bdev.info().size_bytes();
+        let mut ch = bdev.clone().channel().unwrap();
+        let pattern: Vec<u8> = (0..bs * 2).map(|i| (i * 11 + 3) as u8).collect();
+        assert_eq!(
+            run_to_completion(ch.as_mut(), 1, BdevOp::Write { offset: 0, data: pattern.clone().into(), fua: false }),
+            Ok(BdevOutput::Done)
+        );
+        let pool = IoBufPool::new();
+        // A buffer with stale bytes and a longer capacity: only `len` bytes come back.
+        let mut stale = pool.take(bs * 4);
+        stale.fill(0x5a);
+        let (got, placed) = read_into_buf(ch.as_mut(), 2, 0, bs * 2, stale);
+        assert_eq!(got, Ok(pattern.clone()));
+        assert_eq!(placed, in_place, "read in the offered buffer");
+        let (got, _) = read_into_buf(ch.as_mut(), 3, size, bs, pool.take(bs));
+        assert!(matches!(got, Err(BdevError::OutOfRange { .. })), "{got:?}");
         assert_eq!(ch.outstanding(), 0);
     }
 }

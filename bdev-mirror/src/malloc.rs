@@ -2,7 +2,7 @@
 //! complete within `submit`; the stripe locks of [`SharedMem`] keep concurrent copies apart and
 //! make Compare+Write atomic.
 
-use crate::{check_range, Bdev, BdevChannel, BdevError, BdevInfo, BdevOp, BdevOutput, SyncChannel, Synchronous};
+use crate::{check_range, Bdev, BdevChannel, BdevError, BdevInfo, BdevOp, BdevOutput, IoBufMut, SyncChannel, Synchronous};
 use nvmetro_ffi::SharedMem;
 use std::sync::Arc;
 
@@ -67,6 +67,14 @@ impl Synchronous for MallocBdev {
         let oor = |e: nvmetro_ffi::OutOfRange| BdevError::OutOfRange { offset: e.offset, len: e.len as u64, size: e.size as u64 };
         self.mem.read_into_vec(offset, len, &mut buf).map_err(oor)?;
         Ok(BdevOutput::Data(buf))
+    }
+
+    fn read_into_buf(&self, offset: u64, len: usize, mut buf: IoBufMut) -> Result<BdevOutput, BdevError> {
+        check_range(&self.info, &BdevOp::Read { offset, len })?;
+        let oor = |e: nvmetro_ffi::OutOfRange| BdevError::OutOfRange { offset: e.offset, len: e.len as u64, size: e.size as u64 };
+        buf.set_len(len);
+        self.mem.read(offset, &mut buf).map_err(oor)?;
+        Ok(BdevOutput::Buffer(buf.freeze()))
     }
 }
 

@@ -1,6 +1,6 @@
 //! The null device: writes vanish, reads return zeroes, everything completes at once.
 
-use crate::{check_range, Bdev, BdevChannel, BdevError, BdevInfo, BdevOp, BdevOutput, SyncChannel, Synchronous};
+use crate::{check_range, Bdev, BdevChannel, BdevError, BdevInfo, BdevOp, BdevOutput, IoBufMut, SyncChannel, Synchronous};
 use std::sync::Arc;
 
 #[derive(Debug)]
@@ -44,12 +44,31 @@ impl Synchronous for NullBdev {
         buf.resize(len, 0);
         Ok(BdevOutput::Data(buf))
     }
+
+    fn read_into_buf(&self, offset: u64, len: usize, mut buf: IoBufMut) -> Result<BdevOutput, BdevError> {
+        check_range(&self.info, &BdevOp::Read { offset, len })?;
+        buf.set_len(len);
+        buf.fill(0);
+        Ok(BdevOutput::Buffer(buf.freeze()))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::conformance::run_to_completion;
+
+    #[test]
+    fn reads_zeroes_into_an_offered_buffer() {
+        let b: Arc<dyn crate::Bdev> = Arc::new(NullBdev::new("n", 512, 8));
+        let mut ch = b.channel().unwrap();
+        let mut stale = crate::IoBufPool::new().take(4096);
+        stale.fill(9);
+        let (got, in_place) = crate::conformance::read_into_buf(ch.as_mut(), 1, 512, 1024, stale);
+        assert_eq!((got, in_place), (Ok(vec![0; 1024]), true));
+        let (got, _) = crate::conformance::read_into_buf(ch.as_mut(), 2, 3584, 1024, crate::IoBufPool::new().take(1024));
+        assert!(matches!(got, Err(BdevError::OutOfRange { .. })));
+    }
 
     #[test]
     fn reads_zeroes_and_checks_bounds() {

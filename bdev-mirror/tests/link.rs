@@ -88,6 +88,29 @@ fn run(ch: &mut dyn BdevChannel, op: BdevOp) -> Result<BdevOutput, BdevError> {
     }
 }
 
+/// A read offered a buffer (as an RDMA queue pair offers its registered ones): the data, and
+/// whether it came in that buffer.
+fn read_buf(ch: &mut dyn BdevChannel, offset: u64, len: usize) -> (Result<Vec<u8>, BdevError>, bool) {
+    let buf = nvmetro_bdev::IoBufPool::new().take(len);
+    let addr = buf.as_ptr();
+    ch.submit_read_buf(8, offset, len, buf);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut done = Vec::new();
+    loop {
+        ch.poll(&mut done);
+        if let Some(c) = done.pop() {
+            return match c.result {
+                Ok(BdevOutput::Buffer(b)) => (Ok(b.to_vec()), b.as_ptr() == addr),
+                Ok(BdevOutput::Data(d)) => (Ok(d), false),
+                Ok(other) => panic!("a read completed with {other:?}"),
+                Err(e) => (Err(e), false),
+            };
+        }
+        assert!(Instant::now() < deadline, "read never completed");
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
 fn wait(what: &str, f: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !f() {
@@ -133,9 +156,14 @@ fn cut_restore_and_delay_over_the_in_memory_link() {
     assert_eq!(run(ca.as_mut(), BdevOp::Write { offset: 0, data: vec![1; 4096].into(), fua: false }), Ok(BdevOutput::Done));
     assert_eq!(run(cb.as_mut(), BdevOp::Write { offset: 8192, data: vec![2; 4096].into(), fua: false }), Ok(BdevOutput::Done));
     assert!(read_leg(&la) == read_leg(&lb), "both legs hold both writes");
+    // A read offered a buffer is read by the local leg into it, at either site.
+    assert_eq!(read_buf(ca.as_mut(), 8192, 4096), (Ok(vec![2; 4096]), true));
+    assert_eq!(read_buf(cb.as_mut(), 0, 4096), (Ok(vec![1; 4096]), true));
 
     control.cut();
     wait("the secondary fences itself", || !b.serving());
+    assert_eq!(read_buf(cb.as_mut(), 0, 4096), (Err(BdevError::Fenced), false), "a fenced leg serves no read, into a buffer or not");
+    assert_eq!(read_buf(ca.as_mut(), 0, 4096), (Ok(vec![1; 4096]), true));
     assert!(a.serving(), "the preferred leg keeps serving");
     assert_eq!(run(ca.as_mut(), BdevOp::Write { offset: 1 << 20, data: vec![3; 8192].into(), fua: false }), Ok(BdevOutput::Done));
     assert_eq!(run(cb.as_mut(), BdevOp::Write { offset: 0, data: vec![4; 512].into(), fua: false }), Err(BdevError::Fenced));

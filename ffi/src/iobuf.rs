@@ -34,9 +34,9 @@ const KEEP_BYTES_PER_CLASS: usize = 16 << 20;
 ///
 /// `base()` must point to `size()` bytes, initialised and valid for reads and writes, at a fixed
 /// address for as long as the value lives. Nothing but the buffers of the pool built over it may
-/// touch those bytes, except a device writing a buffer's bytes while that buffer is owned, out
-/// of every Rust reference's reach, by the operation the device performs (an RDMA READ posted
-/// with [`crate::rdma::CmId::post_read_into`]).
+/// touch those bytes, except a device or the kernel writing a buffer's bytes while that buffer
+/// is owned, out of every Rust reference's reach, by the operation performing the write (an RDMA
+/// READ or RECV posted with `CmId::post_read_into` or `post_recv_into`, an io_uring read).
 #[cfg_attr(not(feature = "rdma"), allow(dead_code))] // only the RDMA pool builds arenas
 pub(crate) unsafe trait Arena: Send + Sync {
     fn base(&self) -> NonNull<u8>;

@@ -49,7 +49,7 @@ pub use verbs::{
     Access, CompletionChannel, CompletionQueue, CqHandle, Device, DeviceAttributes, MemoryRegion, ProtectionDomain, RdmaMemory, RemoteBuf,
     Sge, WcError, WcOpcode, WorkCompletion,
 };
-pub use zerocopy::{PostedBuffer, RegisteredPool, ZERO_COPY_WR_ID};
+pub use zerocopy::{Held, HeldBuf, Posted, PostedBuffer, PostedWrite, RegisteredPool, ZERO_COPY_WR_ID};
 
 use std::io;
 use std::net::SocketAddr;

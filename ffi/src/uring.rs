@@ -1,4 +1,4 @@
-use crate::{DmaBuf, IoBuf};
+use crate::{DmaBuf, IoBuf, IoBufMut};
 use io_uring::{opcode, squeue, types, IoUring};
 use std::fs::File;
 use std::io;
@@ -13,6 +13,13 @@ pub enum UringOp {
         file: Arc<File>,
         offset: u64,
         buf: DmaBuf,
+    },
+    /// A read into a pooled buffer offered by the caller (one it can send from uncopied); the
+    /// completion gives it back in `into`.
+    ReadInto {
+        file: Arc<File>,
+        offset: u64,
+        buf: IoBufMut,
     },
     Write {
         file: Arc<File>,
@@ -45,12 +52,15 @@ pub struct UringCompletion {
     pub tag: u64,
     pub result: io::Result<usize>,
     pub buf: Option<DmaBuf>,
+    /// The buffer of a [`UringOp::ReadInto`].
+    pub into: Option<IoBufMut>,
 }
 
 struct Inflight {
     tag: u64,
     expected: usize,
     buf: Option<DmaBuf>,
+    into: Option<IoBufMut>,
     /// Keeps a shared write's bytes alive (and, being shared, unwritable) until the kernel is done.
     _shared: Option<IoBuf>,
     _file: Arc<File>,
@@ -119,25 +129,30 @@ impl Uring {
             UringOp::Read { file, offset, mut buf } => {
                 let len = u32::try_from(buf.len()).map_err(|_| io::Error::other("read too large"))?;
                 let e = opcode::Read::new(types::Fd(file.as_raw_fd()), buf.as_mut_ptr(), len).offset(offset).build();
-                (e, Inflight { tag, expected: len as usize, buf: Some(buf), _shared: None, _file: file })
+                (e, Inflight { tag, expected: len as usize, buf: Some(buf), into: None, _shared: None, _file: file })
+            }
+            UringOp::ReadInto { file, offset, mut buf } => {
+                let len = u32::try_from(buf.len()).map_err(|_| io::Error::other("read too large"))?;
+                let e = opcode::Read::new(types::Fd(file.as_raw_fd()), buf.as_mut_ptr(), len).offset(offset).build();
+                (e, Inflight { tag, expected: len as usize, buf: None, into: Some(buf), _shared: None, _file: file })
             }
             UringOp::Write { file, offset, buf } => {
                 let len = u32::try_from(buf.len()).map_err(|_| io::Error::other("write too large"))?;
                 let e = opcode::Write::new(types::Fd(file.as_raw_fd()), buf.as_ptr(), len).offset(offset).build();
-                (e, Inflight { tag, expected: len as usize, buf: Some(buf), _shared: None, _file: file })
+                (e, Inflight { tag, expected: len as usize, buf: Some(buf), into: None, _shared: None, _file: file })
             }
             UringOp::WriteShared { file, offset, buf } => {
                 let len = u32::try_from(buf.len()).map_err(|_| io::Error::other("write too large"))?;
                 let e = opcode::Write::new(types::Fd(file.as_raw_fd()), buf.as_ptr(), len).offset(offset).build();
-                (e, Inflight { tag, expected: len as usize, buf: None, _shared: Some(buf), _file: file })
+                (e, Inflight { tag, expected: len as usize, buf: None, into: None, _shared: Some(buf), _file: file })
             }
             UringOp::Fsync { file } => {
                 let e = opcode::Fsync::new(types::Fd(file.as_raw_fd())).flags(types::FsyncFlags::DATASYNC).build();
-                (e, Inflight { tag, expected: 0, buf: None, _shared: None, _file: file })
+                (e, Inflight { tag, expected: 0, buf: None, into: None, _shared: None, _file: file })
             }
             UringOp::Fallocate { file, offset, len, mode } => {
                 let e = opcode::Fallocate::new(types::Fd(file.as_raw_fd()), len).offset(offset).mode(mode).build();
-                (e, Inflight { tag, expected: 0, buf: None, _shared: None, _file: file })
+                (e, Inflight { tag, expected: 0, buf: None, into: None, _shared: None, _file: file })
             }
         };
         let slot = self.free.pop().unwrap_or_else(|| {
@@ -160,7 +175,9 @@ impl Uring {
         loop {
             // SAFETY: whatever the entry points at (a buffer and a file owned by its slot, or
             // nothing for a cancel) stays alive, unmoved (DmaBuf's heap allocation does not move
-            // with the struct, nor does an IoBuf's), until its completion is reaped; a shared
+            // with the struct, nor do an IoBuf's or IoBufMut's bytes), until its completion is
+            // reaped; a buffer the kernel writes is owned by the slot alone (an IoBufMut is never
+            // shared), so no reference reaches it meanwhile; a shared
             // buffer the kernel reads is not written meanwhile, since writing an IoBuf's bytes
             // needs its only reference and the slot holds one: `reap` frees a slot only on its
             // completion, and `Drop` waits for every completion before the slots are freed (or
@@ -205,7 +222,7 @@ impl Uring {
             } else {
                 Ok(res as usize)
             };
-            out.push(UringCompletion { tag: done.tag, result, buf: done.buf });
+            out.push(UringCompletion { tag: done.tag, result, buf: done.buf, into: done.into });
             n += 1;
         }
         n

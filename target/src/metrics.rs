@@ -324,16 +324,20 @@ fn rdma_data_family(t: &Target, site: &str) -> Family {
         "NVMe/RDMA host data, by direction, placed straight in the bdev's buffers (zero_copy) or copied once.",
     );
     let r = Ordering::Relaxed;
-    let (mut zero_copy_in, mut copied_in, mut copied_out) = (0, 0, 0);
+    let (mut zero_copy_in, mut copied_in, mut zero_copy_out, mut copied_out) = (0, 0, 0, 0);
     for h in t.reactors() {
         let d = h.rdma_data();
         zero_copy_in += d.from_host_zero_copy.load(r);
         copied_in += d.from_host_copied.load(r);
+        zero_copy_out += d.to_host_zero_copy.load(r);
         copied_out += d.to_host_copied.load(r);
     }
-    for (direction, path, bytes) in
-        [("from_host", "zero_copy", zero_copy_in), ("from_host", "copied", copied_in), ("to_host", "copied", copied_out)]
-    {
+    for (direction, path, bytes) in [
+        ("from_host", "zero_copy", zero_copy_in),
+        ("from_host", "copied", copied_in),
+        ("to_host", "zero_copy", zero_copy_out),
+        ("to_host", "copied", copied_out),
+    ] {
         let labels = vec![("direction", direction.to_string()), ("path", path.to_string()), ("site", site.to_string())];
         data.add(labels, Value::Counter(bytes));
     }

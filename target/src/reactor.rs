@@ -69,6 +69,8 @@ pub struct RdmaDataStats {
     /// Write data that landed by RDMA READ or RECV straight in the buffer the bdev writes from.
     pub from_host_zero_copy: AtomicU64,
     pub from_host_copied: AtomicU64,
+    /// Read data sent by RDMA WRITE straight from the buffer the bdev read into.
+    pub to_host_zero_copy: AtomicU64,
     pub to_host_copied: AtomicU64,
 }
 

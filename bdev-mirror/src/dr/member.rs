@@ -191,6 +191,10 @@ impl MemberChannel {
 }
 
 impl BdevChannel for MemberChannel {
+    fn submit_read_buf(&mut self, tag: u64, offset: u64, len: usize, buf: crate::IoBufMut) {
+        self.inner.submit_read_buf(tag, offset, len, buf);
+    }
+
     fn submit(&mut self, tag: u64, op: BdevOp) {
         if write_range(&op).is_none() {
             return self.inner.submit(tag, op);

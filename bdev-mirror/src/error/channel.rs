@@ -33,20 +33,18 @@ impl ErrorChannel {
         Ok(ErrorChannel { inner, control, size, ready: Vec::new(), held: Vec::new(), delayed: HashMap::new(), dropped: 0, alarm })
     }
 
-    fn hold(&mut self, deadline: Instant, c: BdevCompletion) {
-        self.alarm.arm(deadline);
-        self.held.push((deadline, c));
-    }
-}
-
-impl BdevChannel for ErrorChannel {
-    fn submit(&mut self, tag: u64, op: BdevOp) {
-        match self.control.decide(&op) {
-            Action::Pass => self.inner.submit(tag, op),
+    /// Runs what the rules decided for `op`; a read offered `buf` passes it on.
+    fn apply(&mut self, tag: u64, op: BdevOp, action: Action, buf: Option<crate::IoBufMut>) {
+        let pass = |inner: &mut Box<dyn BdevChannel>, op: BdevOp| match (op, buf) {
+            (BdevOp::Read { offset, len }, Some(buf)) => inner.submit_read_buf(tag, offset, len, buf),
+            (op, _) => inner.submit(tag, op),
+        };
+        match action {
+            Action::Pass => pass(&mut self.inner, op),
             Action::Drop => self.dropped += 1,
             Action::Delay(d) => {
                 self.delayed.insert(tag, Instant::now() + d);
-                self.inner.submit(tag, op);
+                pass(&mut self.inner, op);
             }
             Action::Fail(mut e, delay) => {
                 if let BdevError::OutOfRange { offset, len, size } = &mut e {
@@ -60,6 +58,24 @@ impl BdevChannel for ErrorChannel {
                 }
             }
         }
+    }
+
+    fn hold(&mut self, deadline: Instant, c: BdevCompletion) {
+        self.alarm.arm(deadline);
+        self.held.push((deadline, c));
+    }
+}
+
+impl BdevChannel for ErrorChannel {
+    fn submit_read_buf(&mut self, tag: u64, offset: u64, len: usize, buf: crate::IoBufMut) {
+        let op = BdevOp::Read { offset, len };
+        let action = self.control.decide(&op);
+        self.apply(tag, op, action, Some(buf));
+    }
+
+    fn submit(&mut self, tag: u64, op: BdevOp) {
+        let action = self.control.decide(&op);
+        self.apply(tag, op, action, None);
     }
 
     fn poll(&mut self, done: &mut Vec<BdevCompletion>) -> usize {

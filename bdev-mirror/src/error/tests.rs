@@ -23,6 +23,25 @@ fn read(offset: u64) -> BdevOp {
     BdevOp::Read { offset, len: BS }
 }
 
+#[test]
+fn reads_into_an_offered_buffer_pass_fail_and_wait_by_the_rules() {
+    let dev = device();
+    crate::conformance::check_reads_into(dev.clone(), true);
+    let mut ch = dev.clone().channel().unwrap();
+    let pool = crate::IoBufPool::new();
+    dev.control().set(vec![FaultRule { count: Some(1), ..FaultRule::fail(OpKind::Read, BdevError::Io("EIO".into())) }]).unwrap();
+    let (got, _) = crate::conformance::read_into_buf(ch.as_mut(), 1, 8192, BS, pool.take(BS));
+    assert_eq!(got, Err(BdevError::Io("EIO".into())), "the rule fires on a read offered a buffer");
+    let (got, in_place) = crate::conformance::read_into_buf(ch.as_mut(), 2, 8192, BS, pool.take(BS));
+    assert_eq!((got, in_place), (Ok(vec![0; BS]), true), "once spent, the rule lets reads through to the device");
+    dev.control().set(vec![FaultRule { ops: OpKind::Read, delay: Some(Duration::from_millis(20)), ..FaultRule::default() }]).unwrap();
+    let start = Instant::now();
+    let (got, in_place) = crate::conformance::read_into_buf(ch.as_mut(), 3, 8192, BS, pool.take(BS));
+    assert_eq!((got, in_place), (Ok(vec![0; BS]), true));
+    assert!(start.elapsed() >= Duration::from_millis(20), "a delayed read waits its delay");
+    assert_eq!(ch.outstanding(), 0);
+}
+
 /// Polls until `tag` completes or `limit` passes.
 fn wait_for(ch: &mut dyn BdevChannel, tag: u64, limit: Duration) -> Option<BdevCompletion> {
     let until = Instant::now() + limit;

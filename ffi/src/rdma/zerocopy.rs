@@ -1,11 +1,12 @@
 //! Host data without a copy: a pool of I/O buffers carved out of memory registered with a
-//! device once ([`RegisteredPool`], on 2 MiB hugepages when they are reserved), and RDMA READs
-//! and RECVs straight into one of its buffers ([`CmId::post_read_into`],
-//! [`CmId::post_recv_into`]).
+//! device once ([`RegisteredPool`], on 2 MiB hugepages when they are reserved), RDMA READs and
+//! RECVs straight into one of its buffers ([`CmId::post_read_into`], [`CmId::post_recv_into`])
+//! and RDMA WRITEs straight from one ([`CmId::post_write_from`]).
 //!
 //! The buffers are ordinary [`IoBufMut`]s: filled, frozen and shared with the local write and the
 //! replication frame like any other, and back in the pool when the last holder drops them. The
-//! device may write a buffer only while a [`PostedBuffer`] owns it, which gives it back only for
+//! device may write a buffer only while a [`PostedBuffer`] owns it (and reads one a
+//! [`PostedWrite`] holds a clone of, so nobody writes it meanwhile), which gives it back only for
 //! its own work completion: matched by queue pair and by a wr_id that no other request carries
 //! (taken from a process-wide 62-bit counter, so never repeated; `post_send` and `post_recv`
 //! refuse wr_ids with [`ZERO_COPY_WR_ID`] set). A request dropped before its completion came
@@ -19,7 +20,7 @@ use super::cm::CmId;
 use super::verbs::{ProtectionDomain, RemoteBuf, Sge, WcError, WorkCompletion};
 use super::{os_error, RdmaError};
 use crate::iobuf::Arena;
-use crate::{IoBufMut, IoBufPool};
+use crate::{IoBuf, IoBufMut, IoBufPool};
 use rdma_sys as sys;
 use std::fmt;
 use std::ptr::NonNull;
@@ -146,6 +147,10 @@ impl RegisteredPool {
     /// The device address and length of `buf`'s bytes, if they are this pool's.
     fn locate(&self, buf: &mut IoBufMut) -> Option<(u64, u32)> {
         let (ptr, len) = buf.raw_parts();
+        self.locate_bytes(ptr, len)
+    }
+
+    fn locate_bytes(&self, ptr: *const u8, len: usize) -> Option<(u64, u32)> {
         let base = self.arena.ptr.as_ptr() as usize;
         let start = (ptr as usize).checked_sub(base)?;
         (len > 0 && start + len <= self.arena.size).then_some(())?;
@@ -160,14 +165,44 @@ impl fmt::Debug for RegisteredPool {
     }
 }
 
+/// A buffer a request in flight holds: one the device writes, or one it reads.
+pub enum Held {
+    Filling(IoBufMut),
+    Sending(IoBuf),
+}
+
+/// The buffer types a [`Posted`] request holds.
+pub trait HeldBuf: Sized + sealed::Sealed {
+    #[doc(hidden)]
+    fn into_held(self) -> Held;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for crate::IoBufMut {}
+    impl Sealed for crate::IoBuf {}
+}
+
+impl HeldBuf for IoBufMut {
+    fn into_held(self) -> Held {
+        Held::Filling(self)
+    }
+}
+
+impl HeldBuf for IoBuf {
+    fn into_held(self) -> Held {
+        Held::Sending(self)
+    }
+}
+
 /// Buffers of requests dropped before their completion, kept until the queue pair is destroyed.
 #[derive(Default)]
 pub(super) struct HeldBuffers {
-    inner: Mutex<(bool, Vec<IoBufMut>)>,
+    inner: Mutex<(bool, Vec<Held>)>,
 }
 
 impl HeldBuffers {
-    fn keep(&self, buf: IoBufMut) {
+    fn keep(&self, buf: Held) {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if !g.0 {
             g.1.push(buf);
@@ -191,16 +226,22 @@ impl HeldBuffers {
     }
 }
 
-/// An RDMA READ or a RECV in flight into a buffer of a [`RegisteredPool`]: owns the buffer until
-/// its work completion comes ([`PostedBuffer::complete`]).
-pub struct PostedBuffer {
-    buf: Option<IoBufMut>,
+/// A request in flight on a buffer of a [`RegisteredPool`]: holds the buffer until its work
+/// completion comes ([`Posted::complete`]).
+pub struct Posted<B: HeldBuf> {
+    buf: Option<B>,
     wr_id: u64,
     qp_num: u32,
     held: Arc<HeldBuffers>,
 }
 
-impl PostedBuffer {
+/// An RDMA READ or a RECV into a pool buffer, which it owns until its completion.
+pub type PostedBuffer = Posted<IoBufMut>;
+/// An RDMA WRITE from a pool buffer, which it holds (a clone, so nobody can write it) until its
+/// completion.
+pub type PostedWrite = Posted<IoBuf>;
+
+impl<B: HeldBuf> Posted<B> {
     /// The wr_id its completion carries (it has [`ZERO_COPY_WR_ID`] set).
     pub fn wr_id(&self) -> u64 {
         self.wr_id
@@ -213,7 +254,7 @@ impl PostedBuffer {
 
     /// The buffer back, with the error if the request failed (its bytes are then unspecified),
     /// for this request's own completion; any other completion gives the request back.
-    pub fn complete(mut self, wc: &WorkCompletion) -> Result<(IoBufMut, Option<WcError>), PostedBuffer> {
+    pub fn complete(mut self, wc: &WorkCompletion) -> Result<(B, Option<WcError>), Posted<B>> {
         if !self.is_completed_by(wc) {
             return Err(self);
         }
@@ -227,17 +268,17 @@ impl PostedBuffer {
     }
 }
 
-impl Drop for PostedBuffer {
+impl<B: HeldBuf> Drop for Posted<B> {
     fn drop(&mut self) {
         if let Some(buf) = self.buf.take() {
-            self.held.keep(buf);
+            self.held.keep(buf.into_held());
         }
     }
 }
 
-impl fmt::Debug for PostedBuffer {
+impl<B: HeldBuf> fmt::Debug for Posted<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PostedBuffer(wr {:#x}, qp {}, {} bytes)", self.wr_id, self.qp_num, self.buf.as_ref().map_or(0, |b| b.len()))
+        write!(f, "Posted(wr {:#x}, qp {})", self.wr_id, self.qp_num)
     }
 }
 
@@ -254,6 +295,46 @@ impl CmId {
     /// counts both). On failure the buffer comes back with the error.
     pub fn post_recv_into(&self, pool: &RegisteredPool, head: Sge<'_>, buf: IoBufMut) -> Result<PostedBuffer, (IoBufMut, RdmaError)> {
         self.post_into(pool, buf, None, Some(head))
+    }
+
+    /// RDMA WRITEs all of `buf`, which must come from `pool`, into `remote`; the write is
+    /// signaled, and holds `buf` (unwritable while it does) until its completion.
+    pub fn post_write_from(&self, pool: &RegisteredPool, buf: IoBuf, remote: RemoteBuf) -> Result<PostedWrite, (IoBuf, RdmaError)> {
+        let (qp, pd, held) = match self.qp_for_reads() {
+            Ok(parts) => parts,
+            Err(e) => return Err((buf, e)),
+        };
+        if !Arc::ptr_eq(pd, &pool.arena.pd) {
+            return Err((buf, RdmaError::Invalid("the pool is registered with another protection domain than the queue pair's")));
+        }
+        let Some((addr, len)) = pool.locate_bytes(buf.as_ptr(), buf.len()) else {
+            return Err((buf, RdmaError::Invalid("the buffer is empty or not one of the pool's")));
+        };
+        if len > remote.len {
+            return Err((buf, RdmaError::Invalid("the request is longer than the remote buffer")));
+        }
+        let wr_id = unique_wr_id();
+        let mut sge = sys::ibv_sge { addr, length: len, lkey: pool.arena.lkey };
+        // SAFETY: ibv_send_wr is plain data; all-zero is valid.
+        let mut wr: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
+        wr.wr_id = wr_id;
+        wr.sg_list = &mut sge;
+        wr.num_sge = 1;
+        wr.opcode = sys::ibv_wr_opcode::IBV_WR_RDMA_WRITE;
+        wr.send_flags = sys::ibv_send_flags::IBV_SEND_SIGNALED.0;
+        wr.wr.rdma = sys::rdma_t { remote_addr: remote.addr, rkey: remote.rkey };
+        let mut bad: *mut sys::ibv_send_wr = std::ptr::null_mut();
+        // SAFETY: the QP is live and on the pool's PD; `wr` and its entry are valid for the
+        // call. The entry names `len` bytes of `buf` inside the registered arena (checked),
+        // which the device only reads; the PostedWrite made below holds a clone of `buf`, so its
+        // bytes stay mapped and, being shared, unwritten until this request's completion or the
+        // QP's destruction.
+        let rc = unsafe { sys::ibv_post_send(qp, &mut wr, &mut bad) };
+        if rc != 0 {
+            return Err((buf, RdmaError::os_code("ibv_post_send", rc)));
+        }
+        let qp_num = self.qp_num().expect("the queue pair exists");
+        Ok(Posted { buf: Some(buf), wr_id, qp_num, held: held.clone() })
     }
 
     fn post_into(
@@ -317,6 +398,6 @@ impl CmId {
             return Err((buf, RdmaError::os_code(op, rc)));
         }
         let qp_num = self.qp_num().expect("the queue pair exists");
-        Ok(PostedBuffer { buf: Some(buf), wr_id, qp_num, held: held.clone() })
+        Ok(Posted { buf: Some(buf), wr_id, qp_num, held: held.clone() })
     }
 }

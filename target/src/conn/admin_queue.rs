@@ -3,6 +3,7 @@
 //! events, and an I/O queue noticing that its controller went away.
 
 use super::{Conn, Ctx, Inflight, IoKind, ListenerKind, Role};
+use nvmetro_bdev::IoBuf;
 use nvmetro_bdev::{BdevOp, IoBufMut};
 use nvmetro_proto::controller::AdminOutcome;
 use nvmetro_proto::nvme::{admin, fctype, Command, Status};
@@ -66,6 +67,7 @@ impl Conn {
             status: Status::SUCCESS,
             bytes: 0,
             data: Vec::new(),
+            buffer: IoBuf::empty(),
             ns: None,
             start: ctx.now,
             flush_after: None,

@@ -3,7 +3,7 @@
 //! completions: bdev errors as NVMe statuses, statistics, the response.
 
 use super::{Conn, Ctx, Inflight, IoKind, ListenerKind, Role, Wire};
-use nvmetro_bdev::{BdevError, BdevOp, BdevOutput, IoBufMut};
+use nvmetro_bdev::{BdevError, BdevOp, BdevOutput, IoBuf, IoBufMut};
 use nvmetro_proto::controller::{decode_io, IoRequest};
 use nvmetro_proto::nvme::{Command, Completion, Status};
 use std::io;
@@ -35,6 +35,15 @@ impl Conn {
         let tag = u64::from(self.token) << 32 | u64::from(slot);
         match ctx.channels.get(bdev, ctx.target, ctx.registry) {
             Ok(ch) => ch.submit_read(tag, offset, len, buf),
+            Err(e) => self.channel_failed(bdev, slot, e, ctx),
+        }
+    }
+
+    /// [`Conn::submit`] of a Read into `buf`, a buffer the wire sends from uncopied.
+    fn submit_read_buf(&mut self, bdev: usize, slot: u32, offset: u64, len: usize, buf: IoBufMut, ctx: &mut Ctx) {
+        let tag = u64::from(self.token) << 32 | u64::from(slot);
+        match ctx.channels.get(bdev, ctx.target, ctx.registry) {
+            Ok(ch) => ch.submit_read_buf(tag, offset, len, buf),
             Err(e) => self.channel_failed(bdev, slot, e, ctx),
         }
     }
@@ -72,6 +81,7 @@ impl Conn {
             status: Status::SUCCESS,
             bytes,
             data: Vec::new(),
+            buffer: IoBuf::empty(),
             ns: ns_found.map(|n| n.stats.clone()),
             start: ctx.now,
             flush_after: None,
@@ -82,6 +92,14 @@ impl Conn {
                 let bs = u64::from(ns.info.block_size);
                 let len = u64::from(blocks) * bs;
                 let slot = self.alloc(new(IoKind::Read, 1, len));
+                let registered = match &mut self.wire {
+                    Wire::Tcp(_) => None,
+                    #[cfg(feature = "rdma")]
+                    Wire::Rdma(w) => w.registered_buffer(len as usize),
+                };
+                if let Some(buf) = registered {
+                    return self.submit_read_buf(ns.bdev, slot, slba * bs, len as usize, buf, ctx);
+                }
                 let buf = match &mut self.wire {
                     Wire::Tcp(w) => w.take_read_buffer(),
                     #[cfg(feature = "rdma")]
@@ -168,6 +186,7 @@ impl Conn {
             status: Status::SUCCESS,
             bytes,
             data: Vec::new(),
+            buffer: IoBuf::empty(),
             ns: Some(ns.stats.clone()),
             start: ctx.now,
             // Compare and Write has no FUA of its own: with the cache off it is flushed.
@@ -180,6 +199,7 @@ impl Conn {
         let Some(Some(f)) = self.inflight.get_mut(slot as usize) else { return };
         match result {
             Ok(BdevOutput::Data(d)) => f.data = d,
+            Ok(BdevOutput::Buffer(b)) => f.buffer = b,
             Ok(BdevOutput::Done) => {}
             Ok(BdevOutput::Miscompare) => f.status = Status::COMPARE_FAILURE,
             Err(e) => {
@@ -248,6 +268,7 @@ impl Conn {
                 self.respond(Completion::new(f.cid, f.status), &[]);
                 self.respond(Completion::new(write_cid, write_status), &[]);
             }
+            _ if f.status.is_success() && !f.buffer.is_empty() => self.respond_buffer(Completion::new(f.cid, f.status), f.buffer),
             _ if f.status.is_success() && !f.data.is_empty() => self.respond_data(Completion::new(f.cid, f.status), f.data),
             _ => self.respond(Completion::new(f.cid, f.status), &[]),
         }

@@ -12,7 +12,7 @@ use crate::reactor::Channels;
 use crate::subsys::{ControllerHandle, IoCache, Subsystem};
 use crate::Target;
 use mio::net::TcpStream;
-use nvmetro_bdev::{IoBufMut, IoBufPool};
+use nvmetro_bdev::{IoBuf, IoBufMut, IoBufPool};
 use nvmetro_proto::controller::{Controller, FusePairer, Fused};
 use nvmetro_proto::nvme::{admin, fctype, Command, Completion, Status};
 use nvmetro_proto::subsystem::SubsystemView;
@@ -140,6 +140,8 @@ struct Inflight {
     status: Status,
     bytes: u64,
     data: Vec<u8>,
+    /// A read's data in a buffer the transport sends from uncopied (registered RDMA memory).
+    buffer: IoBuf,
     /// Index of the namespace in its subsystem, for the per-namespace figures.
     ns: Option<Arc<crate::subsys::NamespaceStats>>,
     start: Instant,
@@ -361,6 +363,17 @@ impl Conn {
             Wire::Tcp(w) => w.respond_owned(&cqe, data, self.sq_flow_disabled),
             #[cfg(feature = "rdma")]
             Wire::Rdma(w) => w.respond_owned(&cqe, data),
+        }
+    }
+
+    /// Responds with read data in a buffer of the wire's registered pool (sent uncopied).
+    fn respond_buffer(&mut self, mut cqe: Completion, data: IoBuf) {
+        cqe.sqid = self.qid;
+        cqe.sqhd = self.sqhd as u16;
+        match &mut self.wire {
+            Wire::Tcp(w) => w.respond_owned(&cqe, data.to_vec(), self.sq_flow_disabled),
+            #[cfg(feature = "rdma")]
+            Wire::Rdma(w) => w.respond_registered(&cqe, data),
         }
     }
 

@@ -21,10 +21,10 @@
 
 use super::QueueBuffers;
 use crate::reactor::RdmaDataStats;
-use nvmetro_bdev::{IoBufMut, IoBufPool};
+use nvmetro_bdev::{IoBuf, IoBufMut, IoBufPool};
 use nvmetro_ffi::rdma::{
-    Access, CmHandle, CmId, CompletionChannel, CompletionQueue, ConnParam, MemoryRegion, PostedBuffer, ProtectionDomain, QpCaps, RdmaError,
-    RecvRequest, RegisteredPool, SendFlags, SendOp, WcError, WcOpcode, WorkCompletion, ZERO_COPY_WR_ID,
+    Access, CmHandle, CmId, CompletionChannel, CompletionQueue, ConnParam, MemoryRegion, PostedBuffer, PostedWrite, ProtectionDomain,
+    QpCaps, RdmaError, RecvRequest, RegisteredPool, SendFlags, SendOp, WcError, WcOpcode, WorkCompletion, ZERO_COPY_WR_ID,
 };
 use nvmetro_ffi::DmaBuf;
 use nvmetro_proto::identify;
@@ -57,6 +57,7 @@ const STAGE_SHIFT: u32 = 20;
 
 const RECV_WHAT: &str = "a command capsule's RECV";
 const READ_WHAT: &str = "the RDMA READ of a command's data from the host";
+const WRITE_WHAT: &str = "the RDMA WRITE of a command's data to the host";
 
 /// The registered pool of an I/O queue pair of `depth` capsules, or None (logged) when it cannot
 /// be registered (the memory lock limit, say): the queue pair then copies through staging.
@@ -107,10 +108,16 @@ impl Layout {
     }
 }
 
-/// A completion waiting for a send slot (and, with data for the host, a staging slot).
+/// A completion waiting for a send slot (and, with data copied for the host, a staging slot).
 struct Response {
     cqe: [u8; CQE_LEN],
-    data: Option<(HostBuffer, Vec<u8>)>,
+    data: Option<(HostBuffer, ReadData)>,
+}
+
+/// Read data for the host: copied to a staging slot, or written from its registered buffer.
+enum ReadData {
+    Copied(Vec<u8>),
+    Registered(IoBuf),
 }
 
 pub struct RdmaWire {
@@ -150,6 +157,8 @@ pub struct RdmaWire {
     zero_copy_recvs: VecDeque<(PostedBuffer, usize)>,
     /// RDMA READs posted into pool buffers, with their commands.
     zero_copy_reads: VecDeque<(PostedBuffer, Command)>,
+    /// RDMA WRITEs of read data posted from pool buffers.
+    zero_copy_writes: VecDeque<PostedWrite>,
     stats: Arc<RdmaDataStats>,
 }
 
@@ -219,6 +228,7 @@ impl RdmaWire {
             zero_copy,
             zero_copy_recvs: VecDeque::with_capacity(layout.recvs),
             zero_copy_reads: VecDeque::with_capacity(ZERO_COPY_TRANSFERS),
+            zero_copy_writes: VecDeque::with_capacity(layout.sends),
             stats,
         };
         let posted = (0..layout.recvs).try_for_each(|slot| wire.post_recv(slot));
@@ -304,7 +314,7 @@ impl RdmaWire {
                 WR_RECV => RECV_WHAT,
                 WR_SEND => "a completion's SEND",
                 WR_READ => READ_WHAT,
-                WR_WRITE => "the RDMA WRITE of a command's data to the host",
+                WR_WRITE => WRITE_WHAT,
                 _ => "a work request",
             };
             return self.request_failed(what, err);
@@ -352,6 +362,12 @@ impl RdmaWire {
             RdmaDataStats::add(&self.stats.from_host_zero_copy, data.len());
             self.events.push(TargetEvent::Command { cmd, data });
             self.start_waiting();
+        } else if let Some(i) = self.zero_copy_writes.iter().position(|p| p.is_completed_by(wc)) {
+            let posted = self.zero_copy_writes.remove(i).expect("found above");
+            let (_sent, err) = posted.complete(wc).unwrap_or_else(|_| unreachable!("matched above"));
+            if let Some(err) = err {
+                self.request_failed(WRITE_WHAT, err);
+            }
         } else {
             self.fail(format!("a completion for no zero-copy request of this queue pair (wr_id {:#x})", wc.wr_id()));
         }
@@ -440,7 +456,7 @@ impl RdmaWire {
                 }
             }
             let Some(r) = self.waiting_responses.front() else { return };
-            let stage_needed = r.data.is_some();
+            let stage_needed = matches!(r.data, Some((_, ReadData::Copied(_))));
             if self.free_sends.is_empty() || (stage_needed && self.free_stages.is_empty()) {
                 return;
             }
@@ -478,16 +494,27 @@ impl RdmaWire {
         let send = self.free_sends.pop().expect("caller checked");
         let mut stage_tag = 0u64;
         let mut returned = None;
-        if let Some((hb, data)) = r.data {
-            let stage = self.free_stages.pop().expect("caller checked");
-            let len = data.len().min(hb.len as usize).min(identify::MAX_TRANSFER);
-            self.mem.write(self.layout.stage(stage), &data[..len])?;
-            RdmaDataStats::add(&self.stats.to_host_copied, len);
-            let remote = nvmetro_ffi::rdma::RemoteBuf { addr: hb.addr, rkey: hb.key, len: len as u32 };
-            let sge = self.mem.sge(self.layout.stage(stage), len)?;
-            self.id.post_send(wr_id(WR_WRITE, stage), SendOp::Write(remote), &[sge], SendFlags::NONE)?;
-            stage_tag = (stage as u64 + 1) << STAGE_SHIFT;
-            returned = Some(data);
+        match r.data {
+            Some((hb, ReadData::Registered(data))) => {
+                let remote = nvmetro_ffi::rdma::RemoteBuf { addr: hb.addr, rkey: hb.key, len: hb.len };
+                let pool = self.zero_copy.as_ref().expect("registered read data comes from the pool");
+                let len = data.len();
+                let posted = self.id.post_write_from(pool, data, remote).map_err(|(_, e)| e)?;
+                self.zero_copy_writes.push_back(posted);
+                RdmaDataStats::add(&self.stats.to_host_zero_copy, len);
+            }
+            Some((hb, ReadData::Copied(data))) => {
+                let stage = self.free_stages.pop().expect("caller checked");
+                let len = data.len().min(hb.len as usize).min(identify::MAX_TRANSFER);
+                self.mem.write(self.layout.stage(stage), &data[..len])?;
+                RdmaDataStats::add(&self.stats.to_host_copied, len);
+                let remote = nvmetro_ffi::rdma::RemoteBuf { addr: hb.addr, rkey: hb.key, len: len as u32 };
+                let sge = self.mem.sge(self.layout.stage(stage), len)?;
+                self.id.post_send(wr_id(WR_WRITE, stage), SendOp::Write(remote), &[sge], SendFlags::NONE)?;
+                stage_tag = (stage as u64 + 1) << STAGE_SHIFT;
+                returned = Some(data);
+            }
+            None => {}
         }
         self.mem.write(self.layout.send(send), &r.cqe)?;
         let sge = self.mem.sge(self.layout.send(send), CQE_LEN)?;
@@ -502,12 +529,15 @@ impl RdmaWire {
         Ok(())
     }
 
-    fn queue_response(&mut self, cqe: &Completion, data: Option<Vec<u8>>) {
+    fn queue_response(&mut self, cqe: &Completion, data: Option<ReadData>) {
         let mut bytes = [0u8; CQE_LEN];
         cqe.encode(&mut bytes);
         let hb = self.host_buffers.remove(&cqe.cid);
         let data = match (hb, data) {
-            (Some(hb), Some(d)) if !d.is_empty() => Some((hb, d)),
+            (Some(hb), Some(ReadData::Copied(d))) if !d.is_empty() => Some((hb, ReadData::Copied(d))),
+            // Longer than the host's buffer (never, for a read the host sized): copied, and cut.
+            (Some(hb), Some(ReadData::Registered(b))) if b.len() > hb.len as usize => Some((hb, ReadData::Copied(b.to_vec()))),
+            (Some(hb), Some(ReadData::Registered(b))) if !b.is_empty() => Some((hb, ReadData::Registered(b))),
             _ => None,
         };
         self.waiting_responses.push_back(Response { cqe: bytes, data });
@@ -515,12 +545,23 @@ impl RdmaWire {
     }
 
     pub(super) fn respond(&mut self, cqe: &Completion, data: &[u8]) {
-        let data = (!data.is_empty() && self.host_buffers.contains_key(&cqe.cid)).then(|| data.to_vec());
+        let data = (!data.is_empty() && self.host_buffers.contains_key(&cqe.cid)).then(|| ReadData::Copied(data.to_vec()));
         self.queue_response(cqe, data);
     }
 
     pub(super) fn respond_owned(&mut self, cqe: &Completion, data: Vec<u8>) {
-        self.queue_response(cqe, Some(data));
+        self.queue_response(cqe, Some(ReadData::Copied(data)));
+    }
+
+    /// Responds with read data in a buffer of this queue pair's pool (see [`Self::registered_buffer`]).
+    pub(super) fn respond_registered(&mut self, cqe: &Completion, data: IoBuf) {
+        self.queue_response(cqe, Some(ReadData::Registered(data)));
+    }
+
+    /// A buffer of the pool for a read's `len` bytes of data, which the bdev may read into and
+    /// the data then goes to the host from, uncopied; None without a pool or a free buffer.
+    pub(super) fn registered_buffer(&mut self, len: usize) -> Option<IoBufMut> {
+        self.zero_copy.as_ref().filter(|_| len > 0).and_then(|pool| pool.take(len))
     }
 
     pub(super) fn take_read_buffer(&mut self) -> Vec<u8> {

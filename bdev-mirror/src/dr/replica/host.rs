@@ -108,6 +108,13 @@ impl ReplicaMemberChannel {
 }
 
 impl BdevChannel for ReplicaMemberChannel {
+    fn submit_read_buf(&mut self, tag: u64, offset: u64, len: usize, buf: crate::IoBufMut) {
+        if self.shared.promoted.load(Ordering::Acquire) {
+            return self.inner.submit_read_buf(tag, offset, len, buf);
+        }
+        self.submit(tag, BdevOp::Read { offset, len });
+    }
+
     fn submit(&mut self, tag: u64, op: BdevOp) {
         if self.shared.promoted.load(Ordering::Acquire) {
             return self.inner.submit(tag, op);

@@ -73,6 +73,17 @@ impl MirrorChannel {
 }
 
 impl BdevChannel for MirrorChannel {
+    /// A read the local leg serves (under the lease) fills `buf`; any other goes as a Read.
+    fn submit_read_buf(&mut self, tag: u64, offset: u64, len: usize, buf: crate::IoBufMut) {
+        let access = access_of(self.shared.access.load(Ordering::Acquire));
+        let local = matches!(access, Access::Serving | Access::Sole | Access::Leading | Access::Standby) && self.shared.leased();
+        if local {
+            self.local.submit_read_buf(tag, offset, len, buf);
+        } else {
+            self.submit(tag, BdevOp::Read { offset, len });
+        }
+    }
+
     fn submit(&mut self, tag: u64, op: BdevOp) {
         let access = access_of(self.shared.access.load(Ordering::Acquire));
         match op {
