@@ -313,7 +313,8 @@ fn client(addr: SocketAddr) -> Res<()> {
     }
     end.id.disconnect()?;
     let _ = ch.wait_event(Duration::from_secs(5))?; // Disconnected, or nothing: either is fine here
-                                                    // The buffer of the read dropped in flight comes back only once the queue pair is gone.
+
+    // The buffer of the read dropped in flight comes back only once the queue pair is gone.
     let total = pool.size() / CHUNK;
     if pool.idle() != total - 1 {
         return Err(format!(

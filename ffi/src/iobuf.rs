@@ -4,7 +4,8 @@
 //! frame in the link's send queue) holds a clone of the same memory. When the last holder drops
 //! it, the memory goes back to the pool it came from, so steady-state I/O allocates nothing.
 //!
-//! The memory is a [`DmaBuf`] (page-aligned), so an O_DIRECT write goes straight from it.
+//! The memory is a [`DmaBuf`] (page-aligned), or a page-aligned slot of an arena (below), so an
+//! O_DIRECT write goes straight from it.
 //! Mutation needs the only reference: an [`IoBufMut`] is never shared, and an [`IoBuf`] becomes
 //! one again only through [`IoBuf::try_unique`] when no clone is left: uniqueness is `Arc`'s own
 //! count.
@@ -46,7 +47,14 @@ pub(crate) unsafe trait Arena: Send + Sync {
 /// A buffer's bytes: its own heap allocation, or one slot of an arena.
 enum Memory {
     Heap(DmaBuf),
-    Lent { arena: Arc<dyn Arena>, offset: usize, cap: usize, len: usize },
+    Lent {
+        arena: Arc<dyn Arena>,
+        offset: usize,
+        cap: usize,
+        len: usize,
+    },
+    /// Moved out: a slot being dropped that handed its memory on.
+    Gone,
 }
 
 impl Memory {
@@ -54,6 +62,7 @@ impl Memory {
         match self {
             Memory::Heap(b) => b.capacity(),
             Memory::Lent { cap, .. } => *cap,
+            Memory::Gone => 0,
         }
     }
 
@@ -64,6 +73,7 @@ impl Memory {
                 assert!(new <= *cap, "IoBufMut::set_len beyond capacity");
                 *len = new;
             }
+            Memory::Gone => assert_eq!(new, 0, "IoBufMut::set_len beyond capacity"),
         }
     }
 
@@ -75,6 +85,7 @@ impl Memory {
             // buffer alone reaches these bytes, and while a device writes them the buffer is
             // owned by the posted operation, so no reference made here can exist then.
             Memory::Lent { arena, offset, len, .. } => unsafe { std::slice::from_raw_parts(arena.base().as_ptr().add(*offset), *len) },
+            Memory::Gone => &[],
         }
     }
 
@@ -83,6 +94,7 @@ impl Memory {
             Memory::Heap(b) => b,
             // SAFETY: as in `bytes`; `&mut self` comes through the buffer's only reference.
             Memory::Lent { arena, offset, len, .. } => unsafe { std::slice::from_raw_parts_mut(arena.base().as_ptr().add(*offset), *len) },
+            Memory::Gone => &mut [],
         }
     }
 }
@@ -93,6 +105,26 @@ struct Slot {
     home: Weak<PoolInner>,
 }
 
+impl Drop for Slot {
+    /// Reached for a pooled slot only when no holder handed it back: the last two clones of an
+    /// [`IoBuf`] dropped at the same instant on two threads, each seeing the other. Heap memory
+    /// is then freed (an allocation later), but an arena's slot is its pool's for good: it goes
+    /// back in a new handle.
+    fn drop(&mut self) {
+        if !matches!(self.mem, Memory::Lent { .. }) {
+            return;
+        }
+        let Some(home) = self.home.upgrade() else { return };
+        let mem = std::mem::replace(&mut self.mem, Memory::Gone);
+        if let Some(mut refused) = home.give_back(Arc::new(Slot { mem, home: self.home.clone() })) {
+            // No room (never, for an arena's classes are sized to its slots): dropped for good.
+            if let Some(s) = Arc::get_mut(&mut refused) {
+                s.home = Weak::new();
+            }
+        }
+    }
+}
+
 struct PoolInner {
     classes: Vec<ArrayQueue<Arc<Slot>>>,
     /// Whether `take` may allocate when a class is empty (not for a pool over an arena).
@@ -100,10 +132,12 @@ struct PoolInner {
 }
 
 impl PoolInner {
-    fn give_back(&self, slot: Arc<Slot>) {
-        if let Some(class) = class_of(slot.mem.capacity()) {
-            // A full class drops the buffer: the pool keeps a bounded amount of idle memory.
-            let _ = self.classes[class].push(slot);
+    /// Keeps `slot` idle; gives it back when its class is full (the pool keeps a bounded
+    /// amount of idle memory), for the caller to drop.
+    fn give_back(&self, slot: Arc<Slot>) -> Option<Arc<Slot>> {
+        match class_of(slot.mem.capacity()) {
+            Some(class) => self.classes[class].push(slot).err(),
+            None => Some(slot),
         }
     }
 }
@@ -159,7 +193,8 @@ impl IoBufPool {
             for _ in 0..count {
                 assert!(offset + size <= arena.size(), "arena slots beyond the arena");
                 let mem = Memory::Lent { arena: arena.clone(), offset, cap: size, len: size };
-                inner.give_back(Arc::new(Slot { mem, home: Arc::downgrade(&inner) }));
+                let refused = inner.give_back(Arc::new(Slot { mem, home: Arc::downgrade(&inner) }));
+                assert!(refused.is_none(), "each class holds all of its slots");
                 offset += size;
             }
         }
@@ -178,11 +213,13 @@ impl IoBufPool {
         IoBufMut { slot: Some(Arc::new(Slot { mem: Memory::Heap(buf), home: Arc::downgrade(&self.inner) })) }
     }
 
-    /// An idle buffer of `len` bytes (of the smallest class holding `len` that has one), or
-    /// None: never allocates.
+    /// An idle buffer of `len` bytes, or None: never allocates. A pool over an arena takes one
+    /// of the smallest class holding `len` that has one idle; others only of `len`'s own class
+    /// (a small buffer taking a large idle one would make the next large request allocate).
     pub fn take_idle(&self, len: usize) -> Option<IoBufMut> {
         let first = class_of(len)?;
-        let mut slot = self.inner.classes[first..].iter().find_map(ArrayQueue::pop)?;
+        let last = if self.inner.grows { first } else { CLASSES - 1 };
+        let mut slot = self.inner.classes[first..=last].iter().find_map(ArrayQueue::pop)?;
         Arc::get_mut(&mut slot).expect("an idle pooled buffer has no other holder").mem.set_len(len);
         Some(IoBufMut { slot: Some(slot) })
     }
@@ -275,7 +312,7 @@ impl Drop for IoBufMut {
     fn drop(&mut self) {
         if let Some(slot) = self.slot.take() {
             if let Some(home) = slot.home.upgrade() {
-                home.give_back(slot);
+                drop(home.give_back(slot));
             }
         }
     }
@@ -323,11 +360,11 @@ impl Drop for IoBuf {
     fn drop(&mut self) {
         if let Some(slot) = self.slot.take() {
             // The last holder returns the memory. Two holders dropping at the same instant on
-            // two threads may both see the other: then the memory is freed, not pooled, which
-            // costs an allocation later and nothing else.
+            // two threads may both see the other: then the slot's own drop gives an arena's
+            // memory back, and heap memory is freed (see there).
             if Arc::strong_count(&slot) == 1 {
                 if let Some(home) = slot.home.upgrade() {
-                    home.give_back(slot);
+                    drop(home.give_back(slot));
                 }
             }
         }
@@ -435,6 +472,14 @@ mod tests {
     }
 
     #[test]
+    fn a_heap_pool_takes_only_its_own_class() {
+        let pool = IoBufPool::new();
+        drop(pool.take(IOBUF_POOLED_MAX));
+        assert!(pool.take_idle(4096).is_none(), "a small request leaves the large buffer idle");
+        assert!(pool.take_idle(IOBUF_POOLED_MAX).is_some());
+    }
+
+    #[test]
     fn sizes_beyond_the_classes_and_the_empty_buffer_stay_out_of_the_pool() {
         let pool = IoBufPool::new();
         drop(pool.take(IOBUF_POOLED_MAX + 1).freeze());
@@ -501,6 +546,13 @@ mod tests {
         let frozen: Vec<IoBuf> = taken.drain(..).map(IoBufMut::freeze).collect();
         std::thread::spawn(move || drop(frozen)).join().unwrap();
         assert_eq!(pool.idle(), 6);
+        // The last two clones dropping at once on two threads, each seeing the other, skip the
+        // hand-back; the slot itself still goes back.
+        let mut a = pool.take_idle(8192).expect("a slot").freeze();
+        let mut b = a.clone();
+        let (sa, sb) = (a.slot.take(), b.slot.take());
+        drop((sa, sb, a, b));
+        assert_eq!(pool.idle(), 6, "an arena slot is never lost");
         let held = pool.take_idle(32768).expect("a large slot");
         assert_eq!(held.capacity(), 32768);
         drop(pool);

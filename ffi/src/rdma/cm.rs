@@ -258,7 +258,7 @@ const RDMA_OPTION_ID_REUSEADDR: libc::c_int = 1;
 /// The resources a queue pair uses, kept alive until it is destroyed.
 struct QpParts {
     qp: NonNull<sys::ibv_qp>,
-    /// Buffers of zero-copy reads dropped before completing, released once the QP is destroyed.
+    /// Buffers of zero-copy requests dropped before completing, released once the QP is destroyed.
     held: Arc<HeldBuffers>,
     pd: Arc<ProtectionDomain>,
     _send_cq: Arc<CompletionQueue>,
@@ -497,13 +497,20 @@ impl CmId {
 
 impl Drop for CmId {
     fn drop(&mut self) {
-        if self.qp.is_some() {
+        if let Some(q) = &self.qp {
+            // What rdma_destroy_qp does (this id's CQs are the caller's, so it has none of its
+            // own to destroy), keeping the result, which rdma_destroy_qp drops.
             // SAFETY: the QP was made by rdma_create_qp on this id and is destroyed once, before
-            // its PD and CQs (held in self.qp, dropped after this body).
-            unsafe { sys::rdma_destroy_qp(self.id.as_ptr()) };
-            // The device no longer reaches the buffers of reads that never completed.
-            if let Some(q) = &self.qp {
+            // its PD and CQs (held in self.qp, dropped after this body); id->qp is cleared so
+            // that rdma_destroy_id does not see it again.
+            let rc = unsafe { sys::ibv_destroy_qp(q.qp.as_ptr()) };
+            if rc == 0 {
+                // SAFETY: the id is live; its qp field is plain data librdmacm reads.
+                unsafe { (*self.id.as_ptr()).qp = std::ptr::null_mut() };
+                // The device no longer reaches the buffers of requests that never completed.
                 q.held.release();
+            } else {
+                q.held.leak();
             }
         }
         // SAFETY: the id is live and destroyed once, after its QP; every event about it was

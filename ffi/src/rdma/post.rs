@@ -66,7 +66,7 @@ const CHAIN: usize = 16;
 
 fn check_wr_id(wr_id: u64) -> Result<(), RdmaError> {
     if wr_id & ZERO_COPY_WR_ID != 0 {
-        return Err(RdmaError::Invalid("wr_ids with bit 63 set are reserved for zero-copy reads"));
+        return Err(RdmaError::Invalid("wr_ids with bit 63 set are reserved for zero-copy requests"));
     }
     Ok(())
 }

@@ -93,7 +93,8 @@ impl RegisteredPool {
     /// (sizes are 4 KiB times a power of two, at most 128 KiB), on hugepages when `hugepages`
     /// is set and enough are free.
     pub fn new(pd: &Arc<ProtectionDomain>, slots: &[(usize, usize)], hugepages: bool) -> Result<RegisteredPool, RdmaError> {
-        let size: usize = slots.iter().map(|&(s, n)| s * n).sum();
+        let size = slots.iter().try_fold(0usize, |sum, &(s, n)| s.checked_mul(n).and_then(|b| sum.checked_add(b)));
+        let size = size.ok_or(RdmaError::Invalid("a registered pool that large cannot be mapped"))?;
         if size == 0 {
             return Err(RdmaError::Invalid("a registered pool needs at least one buffer"));
         }
@@ -198,16 +199,19 @@ impl HeldBuf for IoBuf {
 /// Buffers of requests dropped before their completion, kept until the queue pair is destroyed.
 #[derive(Default)]
 pub(super) struct HeldBuffers {
-    inner: Mutex<(bool, Vec<Held>)>,
+    /// (the queue pair is gone, the buffers kept, leak instead of release)
+    inner: Mutex<(bool, Vec<Held>, bool)>,
 }
 
 impl HeldBuffers {
     fn keep(&self, buf: Held) {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if !g.0 {
+        if g.2 {
+            std::mem::forget(buf);
+        } else if !g.0 {
             g.1.push(buf);
         }
-        // else: the QP is gone, so the device cannot write the buffer: it goes back now.
+        // else: the QP is gone, so the device cannot reach the buffer: it goes back now.
     }
 
     /// The queue pair was destroyed: the kept buffers go back to their pools.
@@ -220,9 +224,13 @@ impl HeldBuffers {
         drop(kept);
     }
 
-    /// Buffers kept now (for tests).
-    fn len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).1.len()
+    /// The queue pair could not be destroyed: the device may still reach the kept buffers, and
+    /// any dropped later, so they are leaked rather than reused.
+    pub(super) fn leak(&self) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 = true;
+        std::mem::forget(std::mem::take(&mut g.1));
+        g.2 = true;
     }
 }
 
@@ -260,11 +268,6 @@ impl<B: HeldBuf> Posted<B> {
         }
         let buf = self.buf.take().expect("a posted request owns its buffer until it completes");
         Ok((buf, wc.error()))
-    }
-
-    /// Buffers its queue pair keeps for requests dropped before completing (for tests).
-    pub fn held_by_queue_pair(&self) -> usize {
-        self.held.len()
     }
 }
 
@@ -313,6 +316,7 @@ impl CmId {
         if len > remote.len {
             return Err((buf, RdmaError::Invalid("the request is longer than the remote buffer")));
         }
+        let qp_num = self.qp_num().expect("the queue pair exists");
         let wr_id = unique_wr_id();
         let mut sge = sys::ibv_sge { addr, length: len, lkey: pool.arena.lkey };
         // SAFETY: ibv_send_wr is plain data; all-zero is valid.
@@ -333,7 +337,6 @@ impl CmId {
         if rc != 0 {
             return Err((buf, RdmaError::os_code("ibv_post_send", rc)));
         }
-        let qp_num = self.qp_num().expect("the queue pair exists");
         Ok(Posted { buf: Some(buf), wr_id, qp_num, held: held.clone() })
     }
 
@@ -357,6 +360,7 @@ impl CmId {
         if remote.is_some_and(|r| len > r.len) {
             return Err((buf, RdmaError::Invalid("the request is longer than the remote buffer")));
         }
+        let qp_num = self.qp_num().expect("the queue pair exists");
         let wr_id = unique_wr_id();
         let mine = sys::ibv_sge { addr, length: len, lkey: pool.arena.lkey };
         let mut sges = [mine, mine];
@@ -397,7 +401,6 @@ impl CmId {
             let op = if remote.is_some() { "ibv_post_send" } else { "ibv_post_recv" };
             return Err((buf, RdmaError::os_code(op, rc)));
         }
-        let qp_num = self.qp_num().expect("the queue pair exists");
         Ok(Posted { buf: Some(buf), wr_id, qp_num, held: held.clone() })
     }
 }
