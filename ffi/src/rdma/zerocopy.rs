@@ -145,6 +145,11 @@ impl RegisteredPool {
         self.arena.on_hugepages
     }
 
+    /// Whether `buf`'s bytes are this pool's.
+    pub fn contains(&self, buf: &IoBuf) -> bool {
+        self.locate_bytes(buf.as_ptr(), buf.len()).is_some()
+    }
+
     /// The device address and length of `buf`'s bytes, if they are this pool's.
     fn locate(&self, buf: &mut IoBufMut) -> Option<(u64, u32)> {
         let (ptr, len) = buf.raw_parts();

@@ -38,8 +38,8 @@ use std::sync::Arc;
 /// Most staging slots (of [`identify::MAX_TRANSFER`] bytes each) one queue pair registers.
 pub const STAGING: usize = 16;
 
-/// Pool buffers per capsule the queue holds, for in-capsule data: one posted with each receive,
-/// one held by the write it carried.
+/// Pool buffers per capsule the queue holds: one posted with each receive for its in-capsule
+/// data, one for the command it carried (its write data, or read data on its way to the host).
 const ZERO_COPY_PER_CAPSULE: usize = 2;
 /// Pool buffers of one maximum transfer, for write data the host leaves for an RDMA READ.
 const ZERO_COPY_TRANSFERS: usize = 8;
@@ -537,7 +537,11 @@ impl RdmaWire {
             (Some(hb), Some(ReadData::Copied(d))) if !d.is_empty() => Some((hb, ReadData::Copied(d))),
             // Longer than the host's buffer (never, for a read the host sized): copied, and cut.
             (Some(hb), Some(ReadData::Registered(b))) if b.len() > hb.len as usize => Some((hb, ReadData::Copied(b.to_vec()))),
-            (Some(hb), Some(ReadData::Registered(b))) if !b.is_empty() => Some((hb, ReadData::Registered(b))),
+            (Some(hb), Some(ReadData::Registered(b))) if self.zero_copy.as_ref().is_some_and(|p| p.contains(&b)) => {
+                Some((hb, ReadData::Registered(b)))
+            }
+            // Not this queue pair's memory (a bdev that answered with a buffer of its own).
+            (Some(hb), Some(ReadData::Registered(b))) if !b.is_empty() => Some((hb, ReadData::Copied(b.to_vec()))),
             _ => None,
         };
         self.waiting_responses.push_back(Response { cqe: bytes, data });
