@@ -315,6 +315,15 @@ print(*(v.get(k, -1) for k in [("from_host", "zero_copy"), ("from_host", "copied
 }
 # Hugepages for the queue pairs' registered pools (3 MiB each: two 2 MiB pages).
 echo 16 > /proc/sys/vm/nr_hugepages; echo "hugepages reserved: $(cat /proc/sys/vm/nr_hugepages)"
+# A timed 8k randwrite at QD1 on device $2, printed as the FIGURE named $3 (fio's output in
+# /tmp/$1.txt); fails as fio does.
+fio_qd1() {
+  timeout 120 fio --name="$1" --filename="$2" --rw=randwrite --bs=8k --iodepth=1 --ioengine=libaio --direct=1 \
+      --size=16m --time_based --runtime=10 --lat_percentiles=1 > "/tmp/$1.txt" 2>&1; r=$?
+  echo "FIGURE $3: $(grep -E 'write: IOPS=' "/tmp/$1.txt" | head -1)"
+  grep -E '50.00th|99.00th' "/tmp/$1.txt" | head -2
+  return $r
+}
 NVMETRO_LOG=info,nvmetro_tgt=debug /mnt/share/nvmetro-tgt-rdma --config /tmp/rdma-tgt.toml > /tmp/rdma-tgt.log 2>&1 & TP=$!
 for i in $(seq 100); do grep -q listening /tmp/rdma-tgt.log && break; sleep 0.2; done
 grep -q 'rdma' /tmp/rdma-tgt.log && grep -q listening /tmp/rdma-tgt.log && echo "CHECK rdma target listening"
@@ -325,10 +334,7 @@ timeout 120 nvme connect -t rdma -a 10.0.2.15 -s 4420 -n $R --hostnqn=$RH && ech
 sleep 2
 RD=$(nvme list | awk '/NVMETRO-RDMA-1/ {print $1}' | grep 'n1$' | head -1); echo "NVMe/RDMA device: $RD"
 nvme list-subsys
-timeout 120 fio --name=rdma8k --filename="$RD" --rw=randwrite --bs=8k --iodepth=1 --ioengine=libaio --direct=1 \
-    --size=16m --time_based --runtime=10 --lat_percentiles=1 > /tmp/rdma-fio1.txt 2>&1 && grep -q 'err= 0' /tmp/rdma-fio1.txt && echo "CHECK rdma fio timed randwrite ok"
-echo "FIGURE nvmetro-tgt NVMe/RDMA 8k randwrite QD1: $(grep -E 'write: IOPS=' /tmp/rdma-fio1.txt | head -1)"
-grep -E '50.00th|99.00th' /tmp/rdma-fio1.txt | head -2
+fio_qd1 rdma-fio1 "$RD" "nvmetro-tgt NVMe/RDMA 8k randwrite QD1" && grep -q 'err= 0' /tmp/rdma-fio1.txt && echo "CHECK rdma fio timed randwrite ok"
 timeout 120 fio --name=rdmaverify --filename="$RD" --rw=randwrite --bs=8k --iodepth=8 --ioengine=libaio --direct=1 \
     --size=16m --verify=crc32c --do_verify=1 --verify_fatal=1 > /tmp/rdma-fio2.txt 2>&1; rc=$?
 grep -E 'err=|IOPS=|verify' /tmp/rdma-fio2.txt
@@ -357,10 +363,7 @@ sed -e 's/^poll_mode = "adaptive"/poll_mode = "adaptive"\nrdma_zero_copy = false
 for i in $(seq 100); do grep -q listening /tmp/rdma-copy.log && break; sleep 0.2; done
 timeout 120 nvme connect -t rdma -a 10.0.2.15 -s 4422 -n $R --hostnqn=$RH && sleep 2
 CD=$(nvme list | awk '/NVMETRO-RDMA-1/ {print $1}' | grep 'n1$' | head -1)
-timeout 120 fio --name=copy8k --filename="$CD" --rw=randwrite --bs=8k --iodepth=1 --ioengine=libaio --direct=1 \
-    --size=16m --time_based --runtime=10 --lat_percentiles=1 > /tmp/copy-fio1.txt 2>&1
-echo "FIGURE nvmetro-tgt NVMe/RDMA 8k randwrite QD1, rdma_zero_copy = false: $(grep -E 'write: IOPS=' /tmp/copy-fio1.txt | head -1)"
-grep -E '50.00th|99.00th' /tmp/copy-fio1.txt | head -2
+fio_qd1 copy-fio1 "$CD" "nvmetro-tgt NVMe/RDMA 8k randwrite QD1, rdma_zero_copy = false"
 timeout 120 fio --name=copybig --filename="$CD" --rw=write --bs=128k --iodepth=4 --ioengine=libaio --direct=1 \
     --size=16m --verify=crc32c --do_verify=1 --verify_fatal=1 > /tmp/copy-fio2.txt 2>&1; crc=$?
 timeout 60 nvme disconnect -n $R
@@ -374,10 +377,7 @@ echo "== the same target and namespace over NVMe/TCP in this guest, for the figu
 modprobe nvme-tcp
 timeout 120 nvme connect -t tcp -a 10.0.2.15 -s 4421 -n $R --hostnqn=$RH && sleep 2
 TD=$(nvme list | awk '/NVMETRO-RDMA-1/ {print $1}' | grep 'n1$' | head -1)
-timeout 120 fio --name=tcp8k --filename="$TD" --rw=randwrite --bs=8k --iodepth=1 --ioengine=libaio --direct=1 \
-    --size=16m --time_based --runtime=10 --lat_percentiles=1 > /tmp/tcp-fio1.txt 2>&1
-echo "FIGURE nvmetro-tgt NVMe/TCP 8k randwrite QD1: $(grep -E 'write: IOPS=' /tmp/tcp-fio1.txt | head -1)"
-grep -E '50.00th|99.00th' /tmp/tcp-fio1.txt | head -2
+fio_qd1 tcp-fio1 "$TD" "nvmetro-tgt NVMe/TCP 8k randwrite QD1"
 timeout 60 nvme disconnect -n $R
 echo "== NVMe/RDMA: a hostile host (bad private data, a too-long SGL, a wrong rkey, a host that vanishes)"
 timeout 120 /mnt/share/rdma_hostile_host 10.0.2.15:4420 $R; hrc=$?
@@ -417,10 +417,7 @@ mkdir -p $C/ports/2 && echo rdma > $C/ports/2/addr_trtype && echo ipv4 > $C/port
 echo 10.0.2.15 > $C/ports/2/addr_traddr && echo 4430 > $C/ports/2/addr_trsvcid && ln -s $C/subsystems/$K $C/ports/2/subsystems/$K
 timeout 120 nvme connect -t rdma -a 10.0.2.15 -s 4430 -n $K && sleep 2
 KD=$(nvme list | awk '/Linux/ {print $1}' | head -1)
-timeout 120 fio --name=krdma8k --filename="$KD" --rw=randwrite --bs=8k --iodepth=1 --ioengine=libaio --direct=1 \
-    --size=16m --time_based --runtime=10 --lat_percentiles=1 > /tmp/krdma-fio1.txt 2>&1
-echo "FIGURE Linux nvmet-rdma 8k randwrite QD1: $(grep -E 'write: IOPS=' /tmp/krdma-fio1.txt | head -1)"
-grep -E '50.00th|99.00th' /tmp/krdma-fio1.txt | head -2
+fio_qd1 krdma-fio1 "$KD" "Linux nvmet-rdma 8k randwrite QD1"
 timeout 60 nvme disconnect -n $K
 echo "== nvmetro-perf --transport rdma --verify against Linux's nvmet-rdma"
 truncate -s 0 /tmp/krdma.img; truncate -s 64M /tmp/krdma.img

@@ -106,10 +106,11 @@ struct Slot {
 }
 
 impl Drop for Slot {
-    /// Reached for a pooled slot only when no holder handed it back: the last two clones of an
-    /// [`IoBuf`] dropped at the same instant on two threads, each seeing the other. Heap memory
-    /// is then freed (an allocation later), but an arena's slot is its pool's for good: it goes
-    /// back in a new handle.
+    /// Runs when a slot is freed rather than kept idle: its pool is gone, or refused it (a full
+    /// class), or no holder handed it back (the last two clones of an [`IoBuf`] dropped at the
+    /// same instant on two threads, each seeing the other). Heap memory is then freed (in the
+    /// last case an allocation later), but an arena's slot is its pool's for good: while the
+    /// pool lives it goes back in a new handle.
     fn drop(&mut self) {
         if !matches!(self.mem, Memory::Lent { .. }) {
             return;

@@ -27,7 +27,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// Work request ids with this bit set belong to [`PostedBuffer`]s: `post_send` and `post_recv`
+/// Work request ids with this bit set belong to [`Posted`] requests: `post_send` and `post_recv`
 /// refuse them, so no other completion can be taken for one of theirs.
 pub const ZERO_COPY_WR_ID: u64 = 1 << 63;
 
@@ -56,8 +56,9 @@ unsafe impl Send for RegisteredArena {}
 unsafe impl Sync for RegisteredArena {}
 
 // SAFETY: the anonymous mapping is zero-filled (initialised), fixed, and unmapped only in Drop;
-// it is registered for local writes only, so the one writer besides the buffers is the device
-// serving a request posted by `post_read_into` or `post_recv_into`, which owns the buffer it targets meanwhile.
+// it is registered for local writes only, so the writers besides the buffers' owners are the
+// device serving a request posted by `post_read_into` or `post_recv_into` and the kernel serving
+// an io_uring read (`UringOp::ReadInto`), each owning the buffer it writes meanwhile.
 unsafe impl Arena for RegisteredArena {
     fn base(&self) -> NonNull<u8> {
         self.ptr

@@ -8,13 +8,14 @@
 //! to or from the host. Staging is capped ([`STAGING`]); a command that finds none free waits for
 //! one, in order.
 //!
-//! Write data moves without a copy: each I/O queue pair also registers, once, a pool of I/O
+//! Host data moves without a copy: each I/O queue pair also registers, once, a pool of I/O
 //! buffers (`RegisteredPool`, on hugepages when reserved) sized to its depth. A receive scatters
 //! the capsule's SQE into its slot and its in-capsule data into a pool buffer, and an RDMA READ
 //! of a write's data lands in one; that buffer is what the bdev writes from and the replication
-//! frame carries. When the pool has no buffer free (its buffers are still held by writes in
-//! flight) the receive takes its whole slot and the read a staging slot, and the data is copied
-//! once, as read data always is (the bdev read path fills buffers of its own).
+//! frame carries. A read offers the bdev a pool buffer to read into (`registered_buffer`), and
+//! its data goes to the host by RDMA WRITE from it. When the pool has no buffer free (they are
+//! held by commands in flight), or the bdev answers with data of its own, the data goes through
+//! a staging slot (or the whole receive slot) and is copied once.
 //!
 //! A work completion with an error (a wrong rkey, a host that went away, a transport timeout)
 //! ends the queue pair with a log line naming the operation; the other queues are untouched.
@@ -74,7 +75,7 @@ fn zero_copy_pool(pd: &Arc<ProtectionDomain>, depth: usize, in_capsule: usize, p
             Some(pool)
         }
         Err(e) => {
-            tracing::warn!(%peer, qid, "no zero-copy pool for this queue pair, its write data is copied once: {e}");
+            tracing::warn!(%peer, qid, "no zero-copy pool for this queue pair, its host data is copied once: {e}");
             None
         }
     }
@@ -149,8 +150,8 @@ pub struct RdmaWire {
     /// Set once a work completion failed or a post was refused: the queue pair is done.
     pub(super) failed: Option<String>,
     peer: SocketAddr,
-    /// Registered buffers the host's write data lands in (I/O queues; None when it could not be
-    /// registered).
+    /// Registered buffers the host's data lands in and leaves from (I/O queues; None when it
+    /// could not be registered).
     zero_copy: Option<RegisteredPool>,
     /// Receives posted into pool buffers, in the order posted (they complete in that order),
     /// with their receive slots.
@@ -181,8 +182,12 @@ impl RdmaWire {
         let depth = usize::from(depth.max(1));
         let zero_copy = zero_copy.then(|| zero_copy_pool(pd, depth, in_capsule, peer, cm_qid)).flatten();
         let layout = Layout { recv_slot: SQE_LEN + in_capsule, recvs: depth, sends: depth, stages: depth.min(STAGING) };
-        // Every SEND is signaled; WRITEs are not (their SEND completes after them); READs are.
-        let send_wrs = 2 * layout.sends + layout.stages;
+        // Every SEND is signaled, and so are READs and a pool buffer's WRITE; a staged WRITE is
+        // not (its SEND completes after it). A send slot is freed only when its SEND's completion
+        // is polled, so at most `sends` SENDs and as many WRITEs are queued, plus a READ per
+        // command whose data is being fetched (at most one per capsule, `recvs`); the staged
+        // READs are among those.
+        let send_wrs = 2 * layout.sends + layout.recvs;
         let parts = (|| {
             let mem = pd.register(DmaBuf::zeroed(layout.len()), Access::LOCAL_WRITE)?;
             let cq = CompletionQueue::new(pd.device(), (send_wrs + layout.recvs) as u32, Some(channel))?;
@@ -343,7 +348,7 @@ impl RdmaWire {
         }
     }
 
-    /// A receive or an RDMA READ into a pool buffer completed.
+    /// A receive or an RDMA READ into a pool buffer, or an RDMA WRITE from one, completed.
     fn on_zero_copy(&mut self, wc: &WorkCompletion) {
         // Each kind completes in the order posted, so the match is the first one of its queue.
         if let Some(i) = self.zero_copy_recvs.iter().position(|(p, _)| p.is_completed_by(wc)) {
