@@ -42,6 +42,8 @@ pub const STAGING: usize = 16;
 /// Pool buffers per capsule the queue holds: one posted with each receive for its in-capsule
 /// data, one for the command it carried (its write data, or read data on its way to the host).
 const ZERO_COPY_PER_CAPSULE: usize = 2;
+/// The most memory a pool's in-capsule buffers take (a queue of 128 KiB capsules gets 32).
+const ZERO_COPY_CAPSULE_BYTES: usize = 4 << 20;
 /// Pool buffers of one maximum transfer, for write data the host leaves for an RDMA READ.
 const ZERO_COPY_TRANSFERS: usize = 8;
 
@@ -62,13 +64,21 @@ const WRITE_WHAT: &str = "the RDMA WRITE of a command's data to the host";
 
 /// The registered pool of an I/O queue pair of `depth` capsules, or None (logged) when it cannot
 /// be registered (the memory lock limit, say): the queue pair then copies through staging.
-fn zero_copy_pool(pd: &Arc<ProtectionDomain>, depth: usize, in_capsule: usize, peer: SocketAddr, qid: u16) -> Option<RegisteredPool> {
-    let capsule_class =
-        (in_capsule > 0).then(|| in_capsule.next_power_of_two().max(identify::PAGE)).filter(|&c| c <= identify::MAX_TRANSFER);
+/// The buffers of an I/O queue pair's pool, as (size, count): per capsule of `depth`, two of the
+/// in-capsule size (at most [`ZERO_COPY_CAPSULE_BYTES`] of them), and the transfers.
+fn pool_slots(depth: usize, in_capsule: usize) -> Vec<(usize, usize)> {
     let mut slots = vec![(identify::MAX_TRANSFER, ZERO_COPY_TRANSFERS)];
-    if let Some(c) = capsule_class {
-        slots.insert(0, (c, depth * ZERO_COPY_PER_CAPSULE));
+    let capsule_class = (in_capsule > 0).then(|| in_capsule.next_power_of_two().max(identify::PAGE));
+    if let Some(c) = capsule_class.filter(|&c| c <= identify::MAX_TRANSFER) {
+        slots.insert(0, (c, (depth * ZERO_COPY_PER_CAPSULE).min(ZERO_COPY_CAPSULE_BYTES / c)));
     }
+    slots
+}
+
+/// The registered pool of an I/O queue pair of `depth` capsules, or None (logged) when it cannot
+/// be registered (the memory lock limit, say): the queue pair then copies through staging.
+fn zero_copy_pool(pd: &Arc<ProtectionDomain>, depth: usize, in_capsule: usize, peer: SocketAddr, qid: u16) -> Option<RegisteredPool> {
+    let slots = pool_slots(depth, in_capsule);
     match RegisteredPool::new(pd, &slots, true) {
         Ok(pool) => {
             tracing::debug!(%peer, qid, "zero-copy pool: {pool:?}");
@@ -597,5 +607,23 @@ impl RdmaWire {
 
     pub(super) fn shutdown(&mut self) {
         let _ = self.id.disconnect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pool_is_sized_to_its_depth_and_bounded() {
+        // The default: 256 buffers of 8 KiB and 8 of 128 KiB, 3 MiB (two hugepages).
+        let default = pool_slots(128, identify::IO_IN_CAPSULE);
+        assert_eq!(default, vec![(8192, 256), (identify::MAX_TRANSFER, ZERO_COPY_TRANSFERS)]);
+        assert_eq!(default.iter().map(|(s, n)| s * n).sum::<usize>(), 3 << 20);
+        // In-capsule sizes round up to a class; large ones are bounded in bytes, not by depth.
+        assert_eq!(pool_slots(32, 4000)[0], (4096, 64));
+        assert_eq!(pool_slots(128, 128 << 10)[0], (128 << 10, 32));
+        // No in-capsule data: only the transfers.
+        assert_eq!(pool_slots(128, 0), vec![(identify::MAX_TRANSFER, ZERO_COPY_TRANSFERS)]);
     }
 }
