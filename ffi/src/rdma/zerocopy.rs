@@ -151,12 +151,6 @@ impl RegisteredPool {
         self.locate_bytes(buf.as_ptr(), buf.len()).is_some()
     }
 
-    /// The device address and length of `buf`'s bytes, if they are this pool's.
-    fn locate(&self, buf: &mut IoBufMut) -> Option<(u64, u32)> {
-        let (ptr, len) = buf.raw_parts();
-        self.locate_bytes(ptr, len)
-    }
-
     fn locate_bytes(&self, ptr: *const u8, len: usize) -> Option<(u64, u32)> {
         let base = self.arena.ptr.as_ptr() as usize;
         let start = (ptr as usize).checked_sub(base)?;
@@ -180,8 +174,14 @@ pub enum Held {
 
 /// The buffer types a [`Posted`] request holds.
 pub trait HeldBuf: Sized + sealed::Sealed {
+    /// Whether the buffer has one owner, so that a device may write it (not a shared one).
+    #[doc(hidden)]
+    const EXCLUSIVE: bool;
     #[doc(hidden)]
     fn into_held(self) -> Held;
+    /// Its bytes: (first, length); for a writer, taken through the only reference.
+    #[doc(hidden)]
+    fn bytes(&mut self) -> (*const u8, usize);
 }
 
 mod sealed {
@@ -191,15 +191,35 @@ mod sealed {
 }
 
 impl HeldBuf for IoBufMut {
+    const EXCLUSIVE: bool = true;
     fn into_held(self) -> Held {
         Held::Filling(self)
+    }
+    fn bytes(&mut self) -> (*const u8, usize) {
+        let (ptr, len) = self.raw_parts();
+        (ptr, len)
     }
 }
 
 impl HeldBuf for IoBuf {
+    const EXCLUSIVE: bool = false;
     fn into_held(self) -> Held {
         Held::Sending(self)
     }
+    fn bytes(&mut self) -> (*const u8, usize) {
+        (self.as_ptr(), self.len())
+    }
+}
+
+/// What a request posted on a pool buffer does with it.
+#[derive(Clone, Copy)]
+enum PoolOp<'a> {
+    /// RDMA READ from the peer into the buffer.
+    Read(RemoteBuf),
+    /// RDMA WRITE of the buffer to the peer.
+    Write(RemoteBuf),
+    /// RECV of a message: its head into an ordinary region's bytes, the rest into the buffer.
+    Recv(Sge<'a>),
 }
 
 /// Buffers of requests dropped before their completion, kept until the queue pair is destroyed.
@@ -296,63 +316,25 @@ impl CmId {
     /// (set its length first); the read is signaled. On failure the buffer comes back with the
     /// error.
     pub fn post_read_into(&self, pool: &RegisteredPool, buf: IoBufMut, remote: RemoteBuf) -> Result<PostedBuffer, (IoBufMut, RdmaError)> {
-        self.post_into(pool, buf, Some(remote), None)
+        self.post_on_pool(pool, buf, PoolOp::Read(remote))
     }
 
     /// Posts a RECV that scatters a message first into `head` (bytes of an ordinary region)
     /// and the rest into `buf`, which must come from `pool` (the completion's byte length
     /// counts both). On failure the buffer comes back with the error.
     pub fn post_recv_into(&self, pool: &RegisteredPool, head: Sge<'_>, buf: IoBufMut) -> Result<PostedBuffer, (IoBufMut, RdmaError)> {
-        self.post_into(pool, buf, None, Some(head))
+        self.post_on_pool(pool, buf, PoolOp::Recv(head))
     }
 
     /// RDMA WRITEs all of `buf`, which must come from `pool`, into `remote`; the write is
     /// signaled, and holds `buf` (unwritable while it does) until its completion.
     pub fn post_write_from(&self, pool: &RegisteredPool, buf: IoBuf, remote: RemoteBuf) -> Result<PostedWrite, (IoBuf, RdmaError)> {
-        let (qp, pd, held) = match self.qp_for_reads() {
-            Ok(parts) => parts,
-            Err(e) => return Err((buf, e)),
-        };
-        if !Arc::ptr_eq(pd, &pool.arena.pd) {
-            return Err((buf, RdmaError::Invalid("the pool is registered with another protection domain than the queue pair's")));
-        }
-        let Some((addr, len)) = pool.locate_bytes(buf.as_ptr(), buf.len()) else {
-            return Err((buf, RdmaError::Invalid("the buffer is empty or not one of the pool's")));
-        };
-        if len > remote.len {
-            return Err((buf, RdmaError::Invalid("the request is longer than the remote buffer")));
-        }
-        let qp_num = self.qp_num().expect("the queue pair exists");
-        let wr_id = unique_wr_id();
-        let mut sge = sys::ibv_sge { addr, length: len, lkey: pool.arena.lkey };
-        // SAFETY: ibv_send_wr is plain data; all-zero is valid.
-        let mut wr: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
-        wr.wr_id = wr_id;
-        wr.sg_list = &mut sge;
-        wr.num_sge = 1;
-        wr.opcode = sys::ibv_wr_opcode::IBV_WR_RDMA_WRITE;
-        wr.send_flags = sys::ibv_send_flags::IBV_SEND_SIGNALED.0;
-        wr.wr.rdma = sys::rdma_t { remote_addr: remote.addr, rkey: remote.rkey };
-        let mut bad: *mut sys::ibv_send_wr = std::ptr::null_mut();
-        // SAFETY: the QP is live and on the pool's PD; `wr` and its entry are valid for the
-        // call. The entry names `len` bytes of `buf` inside the registered arena (checked),
-        // which the device only reads; the PostedWrite made below holds a clone of `buf`, so its
-        // bytes stay mapped and, being shared, unwritten until this request's completion or the
-        // QP's destruction.
-        let rc = unsafe { sys::ibv_post_send(qp, &mut wr, &mut bad) };
-        if rc != 0 {
-            return Err((buf, RdmaError::os_code("ibv_post_send", rc)));
-        }
-        Ok(Posted { buf: Some(buf), wr_id, qp_num, held: held.clone() })
+        self.post_on_pool(pool, buf, PoolOp::Write(remote))
     }
 
-    fn post_into(
-        &self,
-        pool: &RegisteredPool,
-        mut buf: IoBufMut,
-        remote: Option<RemoteBuf>,
-        head: Option<Sge<'_>>,
-    ) -> Result<PostedBuffer, (IoBufMut, RdmaError)> {
+    /// Posts `op` on `buf`, a buffer of `pool`, signaled; the returned request holds `buf` until
+    /// its completion.
+    fn post_on_pool<B: HeldBuf>(&self, pool: &RegisteredPool, mut buf: B, op: PoolOp<'_>) -> Result<Posted<B>, (B, RdmaError)> {
         let (qp, pd, held) = match self.qp_for_reads() {
             Ok(parts) => parts,
             Err(e) => return Err((buf, e)),
@@ -360,52 +342,53 @@ impl CmId {
         if !Arc::ptr_eq(pd, &pool.arena.pd) {
             return Err((buf, RdmaError::Invalid("the pool is registered with another protection domain than the queue pair's")));
         }
-        let Some((addr, len)) = pool.locate(&mut buf) else {
+        if !matches!(op, PoolOp::Write(_)) && !B::EXCLUSIVE {
+            return Err((buf, RdmaError::Invalid("a device may write only a buffer with one owner")));
+        }
+        let (ptr, len) = buf.bytes();
+        let Some((addr, len)) = pool.locate_bytes(ptr, len) else {
             return Err((buf, RdmaError::Invalid("the buffer is empty or not one of the pool's")));
         };
-        if remote.is_some_and(|r| len > r.len) {
+        if matches!(op, PoolOp::Read(r) | PoolOp::Write(r) if len > r.len) {
             return Err((buf, RdmaError::Invalid("the request is longer than the remote buffer")));
         }
         let qp_num = self.qp_num().expect("the queue pair exists");
         let wr_id = unique_wr_id();
         let mine = sys::ibv_sge { addr, length: len, lkey: pool.arena.lkey };
-        let mut sges = [mine, mine];
-        let num_sge = match head {
-            Some(h) => {
-                sges[0] = h.raw();
-                2
-            }
-            None => 1,
-        };
-        let rc = match remote {
-            Some(remote) => {
+        let (rc, verb) = match op {
+            PoolOp::Read(remote) | PoolOp::Write(remote) => {
+                let mut sge = mine;
                 // SAFETY: ibv_send_wr is plain data; all-zero is valid.
                 let mut wr: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
                 wr.wr_id = wr_id;
-                wr.sg_list = sges.as_mut_ptr();
-                wr.num_sge = num_sge;
-                wr.opcode = sys::ibv_wr_opcode::IBV_WR_RDMA_READ;
+                wr.sg_list = &mut sge;
+                wr.num_sge = 1;
+                wr.opcode = match op {
+                    PoolOp::Read(_) => sys::ibv_wr_opcode::IBV_WR_RDMA_READ,
+                    _ => sys::ibv_wr_opcode::IBV_WR_RDMA_WRITE,
+                };
                 wr.send_flags = sys::ibv_send_flags::IBV_SEND_SIGNALED.0;
                 wr.wr.rdma = sys::rdma_t { remote_addr: remote.addr, rkey: remote.rkey };
                 let mut bad: *mut sys::ibv_send_wr = std::ptr::null_mut();
-                // SAFETY: the QP is live (self keeps it) and on the pool's PD; `wr` and its
-                // entries are valid for the call. The pool's entry names `len` bytes of `buf`,
-                // inside the registered arena (checked), which the PostedBuffer made below owns,
-                // out of every reference's reach, until this request's own completion or the
-                // QP's destruction.
-                unsafe { sys::ibv_post_send(qp, &mut wr, &mut bad) }
+                // SAFETY: the QP is live (self keeps it) and on the pool's PD; `wr` and its entry
+                // are valid for the call. The entry names `len` bytes of `buf`, inside the
+                // registered arena (checked), and the Posted made below holds `buf` until this
+                // request's own completion or the QP's destruction: a READ writes them while
+                // that buffer has one owner (checked), out of every reference's reach; a WRITE
+                // only reads them, and a shared buffer held here stays mapped and unwritten.
+                (unsafe { sys::ibv_post_send(qp, &mut wr, &mut bad) }, "ibv_post_send")
             }
-            None => {
-                let mut wr = sys::ibv_recv_wr { wr_id, next: std::ptr::null_mut(), sg_list: sges.as_mut_ptr(), num_sge };
+            PoolOp::Recv(head) => {
+                let mut sges = [head.raw(), mine];
+                let mut wr = sys::ibv_recv_wr { wr_id, next: std::ptr::null_mut(), sg_list: sges.as_mut_ptr(), num_sge: 2 };
                 let mut bad: *mut sys::ibv_recv_wr = std::ptr::null_mut();
-                // SAFETY: as for the read; the head entry names bytes of a live region (borrowed
+                // SAFETY: as for a READ; the head entry names bytes of a live region (borrowed
                 // for the call), which the device may write at any time by that region's rules.
-                unsafe { sys::ibv_post_recv(qp, &mut wr, &mut bad) }
+                (unsafe { sys::ibv_post_recv(qp, &mut wr, &mut bad) }, "ibv_post_recv")
             }
         };
         if rc != 0 {
-            let op = if remote.is_some() { "ibv_post_send" } else { "ibv_post_recv" };
-            return Err((buf, RdmaError::os_code(op, rc)));
+            return Err((buf, RdmaError::os_code(verb, rc)));
         }
         Ok(Posted { buf: Some(buf), wr_id, qp_num, held: held.clone() })
     }
