@@ -861,6 +861,11 @@ fn reactor_legs(name: &str) -> ReactorLegs {
     (dir, control, a, b)
 }
 
+/// Both legs have two lanes on reactors of their own and are in sync, and the secondary serves.
+fn settled_on_reactors(a: &MirrorBdev, b: &MirrorBdev) -> bool {
+    [a, b].iter().all(|m| m.status().lanes_on_reactors == 2 && m.status().out_of_sync_bytes == 0) && b.serving()
+}
+
 /// Lanes 1 and 2 of a three-lane link run on reactors of their own at both legs (their
 /// workers write and read the connections and check the frames; the link thread keeps the core
 /// and lane 0): writes from both legs reach both, over every lane; a broken lane on a worker
@@ -945,9 +950,7 @@ fn a_write_takes_the_lane_that_its_reactor_drives() {
         polled = true;
         true
     });
-    wait("three lanes, two on reactors of their own, at both legs", || {
-        [&a, &b].iter().all(|m| m.status().lanes_on_reactors == 2 && m.status().out_of_sync_bytes == 0) && b.serving()
-    });
+    wait("three lanes, two on reactors of their own, at both legs", || settled_on_reactors(&a, &b));
     let before = control.connections();
     go.store(true, Ordering::Relaxed);
     for _ in 0..64 {
@@ -1007,9 +1010,7 @@ fn through_an_outage_the_link_of_lanes_on_reactors_comes_to_rest() {
     reactors.run(b.take_poller().unwrap());
     reactors.run_helpers(&a);
     reactors.run_helpers(&b);
-    turn_until(&mut link, "three lanes, two on reactors of their own, at both legs", &mut || {
-        [&a, &b].iter().all(|m| m.status().lanes_on_reactors == 2 && m.status().out_of_sync_bytes == 0) && b.serving()
-    });
+    turn_until(&mut link, "three lanes, two on reactors of their own, at both legs", &mut || settled_on_reactors(&a, &b));
     // No new connection from now on; every lane breaks.
     control.cut();
     for _ in 0..3 {

@@ -107,7 +107,8 @@ pub struct Config {
     pub in_capsule_data_size: usize,
     /// MAXH2CDATA offered in ICResp, in bytes.
     pub max_h2c_data_size: u32,
-    /// Whether NVMe/RDMA I/O queue pairs register buffers for write data to land in uncopied.
+    /// Whether NVMe/RDMA I/O queue pairs register buffers that host data lands in and leaves
+    /// from uncopied.
     pub rdma_zero_copy: bool,
     /// Home site of each host NQN that has one.
     pub host_sites: BTreeMap<String, u8>,

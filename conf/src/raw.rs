@@ -31,8 +31,8 @@ pub struct TargetSection {
     /// The largest H2CData PDU a host may send (ICResp MAXH2CDATA), so the window of one R2T.
     /// 128 KiB unless set.
     pub max_h2c_data_size: Option<Spanned<Size>>,
-    /// NVMe/RDMA write data lands in buffers registered once per I/O queue pair, which the bdev
-    /// writes from (no copy). True unless set.
+    /// NVMe/RDMA host data lands in and leaves from buffers registered once per I/O queue pair,
+    /// which the bdev writes from and reads into (no copy). True unless set.
     pub rdma_zero_copy: Option<bool>,
 }
 

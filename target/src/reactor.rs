@@ -295,8 +295,7 @@ impl Reactor {
     #[cfg(feature = "rdma")]
     fn adopt_rdma(&mut self, h: crate::rdma::Handoff, migrate: bool) {
         let cfg = self.target.config();
-        let limits =
-            ConnLimits { io_in_capsule: cfg.in_capsule_data_size, maxh2cdata: cfg.max_h2c_data_size, rdma_zero_copy: cfg.rdma_zero_copy };
+        let limits = ConnLimits::of(&cfg);
         let token = self.next_token;
         self.next_token = self.next_token.wrapping_add(1).max(1);
         let registry = self.poll.registry();
@@ -372,8 +371,7 @@ impl Reactor {
         }
         tracing::debug!(%peer, reactor = self.index, "connection accepted");
         let cfg = self.target.config();
-        let limits =
-            ConnLimits { io_in_capsule: cfg.in_capsule_data_size, maxh2cdata: cfg.max_h2c_data_size, rdma_zero_copy: cfg.rdma_zero_copy };
+        let limits = ConnLimits::of(&cfg);
         self.conns.insert(token, Conn::new(token, sock, peer, kind, limits));
     }
 

@@ -64,6 +64,15 @@ fn write_some(sock: &mut dyn LinkStream, bytes: &[u8]) -> Result<usize, String> 
     }
 }
 
+/// `why`, naming lane `lane` unless it is lane 0 (the link itself).
+fn on_lane(lane: usize, why: String) -> String {
+    if lane == 0 {
+        why
+    } else {
+        format!("lane {lane}: {why}")
+    }
+}
+
 impl Conn {
     pub(super) fn new(sock: Box<dyn LinkStream>, rx: Vec<u8>, rx_len: usize) -> Conn {
         Conn {
@@ -108,8 +117,15 @@ impl Conn {
         }
     }
 
+    /// Sends what lane `lane` has due: frames whose emulated delay is over join the outbox, and
+    /// the outbox is written. Errors name the lane (lane 0 is the link itself).
+    pub(super) fn send_due(&mut self, lane: usize, now: Instant) -> Result<(), String> {
+        self.release_due(now);
+        self.write_out(now).map_err(|why| on_lane(lane, why))
+    }
+
     /// Frames whose emulated delay is over join their lanes.
-    pub(super) fn release_due(&mut self, now: Instant) {
+    fn release_due(&mut self, now: Instant) {
         while self.delayed.front().is_some_and(|(due, _, _)| *due <= now) {
             let (_, bytes, resync_data) = self.delayed.pop_front().expect("front");
             if resync_data {
@@ -132,8 +148,7 @@ impl Conn {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && self.rx_fresh => break 0,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((false, true)),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if lane == 0 => return Err(format!("read: {e}")),
-                Err(e) => return Err(format!("lane {lane}: read: {e}")),
+                Err(e) => return Err(on_lane(lane, format!("read: {e}"))),
             }
         };
         self.rx_len += n;

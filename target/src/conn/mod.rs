@@ -157,8 +157,15 @@ pub struct ConnLimits {
     pub io_in_capsule: usize,
     /// MAXH2CDATA of ICResp.
     pub maxh2cdata: u32,
-    /// NVMe/RDMA I/O queue pairs register a pool for write data to land in uncopied.
+    /// NVMe/RDMA I/O queue pairs register a pool that host data lands in and leaves from uncopied.
     pub rdma_zero_copy: bool,
+}
+
+impl ConnLimits {
+    /// What `[target]` of `cfg` offers a connection accepted now.
+    pub fn of(cfg: &nvmetro_conf::Config) -> ConnLimits {
+        ConnLimits { io_in_capsule: cfg.in_capsule_data_size, maxh2cdata: cfg.max_h2c_data_size, rdma_zero_copy: cfg.rdma_zero_copy }
+    }
 }
 
 /// What carries a queue's capsules.

@@ -376,19 +376,18 @@ fn apply(t: &Target, p: Plan, new: Config) -> Result<Outcome, ReloadError> {
         let n = reactors.len().max(1);
         for (i, b) in opened.iter().enumerate() {
             let main = (n - 1 + i) % n;
-            if let (Some(poller), Some(r)) = (b.take_poller(), reactors.get(main)) {
+            let run = |r: &crate::reactor::ReactorHandle, poller: Box<dyn nvmetro_bdev::Poller>, what: &'static str| {
                 r.send(Box::new(move |r| {
                     if let Err(e) = r.add_poller(poller) {
-                        tracing::error!("cannot run a new bdev's poller: {e}");
+                        tracing::error!("cannot run a new bdev's {what}: {e}");
                     }
-                }));
+                }))
+            };
+            if let (Some(poller), Some(r)) = (b.take_poller(), reactors.get(main)) {
+                run(r, poller, "poller");
                 for (h, helper) in crate::helpers_of(b.as_ref(), reactors.len()) {
                     if let Some(r) = reactors.get(crate::helper_reactor(main, h, n)) {
-                        r.send(Box::new(move |r| {
-                            if let Err(e) = r.add_poller(helper) {
-                                tracing::error!("cannot run a new bdev's helper poller: {e}");
-                            }
-                        }));
+                        run(r, helper, "helper poller");
                     }
                 }
             }

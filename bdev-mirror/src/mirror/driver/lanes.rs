@@ -446,9 +446,8 @@ impl LinkThread {
         let now = Instant::now();
         let mut failed = None;
         for (lane, c) in self.conns.iter_mut().enumerate().filter_map(|(k, l)| Some((k, l.here()?))) {
-            c.release_due(now);
-            if let Err(why) = c.write_out(now) {
-                failed = Some(if lane == 0 { why } else { format!("lane {lane}: {why}") });
+            if let Err(why) = c.send_due(lane, now) {
+                failed = Some(why);
                 break;
             }
         }

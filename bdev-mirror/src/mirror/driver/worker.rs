@@ -345,9 +345,7 @@ impl crate::Poller for LaneWorker {
         }
         work |= self.take_frames(now);
         let Some((_, lane, c)) = self.conn.as_mut() else { return work };
-        c.release_due(now);
-        if let Err(why) = c.write_out(now) {
-            let why = format!("lane {lane}: {why}");
+        if let Err(why) = c.send_due(*lane, now) {
             self.fail(why);
             return true;
         }
